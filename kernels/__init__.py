@@ -1,0 +1,9 @@
+"""Array-in/array-out compute kernels of classreg (installed as ``classreg.kernels``).
+
+Nothing here knows about images, transforms or solvers: arrays in numpy axis order, spacing as plain numbers.
+Every kernel has a numpy reference implementation (the test oracle), a numba CPU path and a numba.cuda GPU path,
+chosen by :func:`classreg.kernels._backend.resolve_backend` from the array type (``backend=`` overrides).
+"""
+from ._backend import BACKENDS, HAVE_NUMBA, get_array_module, resolve_backend
+
+__all__ = ["BACKENDS", "HAVE_NUMBA", "get_array_module", "resolve_backend"]

@@ -1,0 +1,116 @@
+"""Backend selection shared by every kernel: numpy reference, numba CPU, numba.cuda GPU.
+
+Rules (DESIGN.md, "Backend"):
+
+* ``backend=None`` (the default of every public kernel) picks from the arrays: a CuPy array selects ``"cuda"``;
+  otherwise ``"numba"`` when numba imports, else ``"numpy"``.  ``"numpy"`` is the plain reference (the test oracle).
+* Setting the environment variable ``CLASSREG_BACKEND=numpy`` forces the reference path everywhere (debugging).
+* numba and cupy are optional: nothing here imports them at module import time beyond a cheap ``find_spec``.
+* Under numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) the ``"cuda"`` backend accepts numpy arrays, so GPU
+  kernels are exercised without a GPU.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import numpy as np
+
+__all__ = [
+    "BACKENDS",
+    "HAVE_NUMBA",
+    "cuda_simulator",
+    "get_array_module",
+    "is_cupy_array",
+    "njit",
+    "resolve_backend",
+    "gpu_launch",
+]
+
+BACKENDS = ("numpy", "numba", "cuda")
+
+HAVE_NUMBA = importlib.util.find_spec("numba") is not None
+
+
+def cuda_simulator() -> bool:
+    """True when numba's CUDA simulator is switched on for this process."""
+    return os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
+
+
+def is_cupy_array(a) -> bool:
+    """True for a ``cupy.ndarray`` (checked without importing cupy)."""
+    return type(a).__module__.split(".")[0] == "cupy"
+
+
+def get_array_module(*arrays):
+    """``cupy`` if any argument is a CuPy array, else ``numpy`` (the ``cupy.get_array_module`` rule)."""
+    for a in arrays:
+        if is_cupy_array(a):
+            import cupy
+
+            return cupy
+    return np
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_usable() -> bool:
+    if not HAVE_NUMBA:
+        return False
+    if cuda_simulator():
+        return True
+    try:
+        from numba import cuda
+
+        return bool(cuda.is_available())
+    except Exception:  # pragma: no cover - depends on the machine
+        return False
+
+
+def resolve_backend(backend, *arrays) -> str:
+    """Return the backend name to use for ``arrays``.
+
+    Parameters
+    ----------
+    backend : {None, "auto", "numpy", "numba", "cuda"}
+        ``None``/``"auto"`` choose from the array types and what is installed.
+    """
+    forced = os.environ.get("CLASSREG_BACKEND", "").strip().lower()
+    if backend in (None, "auto"):
+        if any(is_cupy_array(a) for a in arrays):
+            return "cuda"
+        if forced in BACKENDS and forced != "cuda":
+            return forced
+        return "numba" if HAVE_NUMBA else "numpy"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    if backend == "numba" and not HAVE_NUMBA:
+        raise ValueError("backend='numba' requested but numba is not installed (pip install numba)")
+    if backend == "cuda" and not _cuda_usable():
+        raise ValueError(
+            "backend='cuda' requested but no CUDA device is usable (install the 'gpu' extra on a machine "
+            "with an NVIDIA GPU, or set NUMBA_ENABLE_CUDASIM=1 to run the simulator)"
+        )
+    if backend != "cuda" and any(is_cupy_array(a) for a in arrays):
+        raise TypeError(f"backend={backend!r} needs host (numpy) arrays, got a CuPy array")
+    return backend
+
+
+def njit(*args, **kwargs):
+    """``numba.njit`` with ``cache=True`` by default; must only be called when numba is installed.
+
+    Kernel modules decorate their numba paths lazily (inside a ``functools.cache``d builder), so that
+    importing ``classreg.kernels`` never needs numba.
+    """
+    import numba
+
+    kwargs.setdefault("cache", True)
+    return numba.njit(*args, **kwargs)
+
+
+def gpu_launch(n: int, threads: int = 256):
+    """1-D launch configuration ``(blocks, threads)`` covering ``n`` work items."""
+    if cuda_simulator():
+        threads = min(threads, 32)
+    blocks = max(1, (int(n) + threads - 1) // threads)
+    return blocks, threads
