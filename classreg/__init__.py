@@ -1,0 +1,30 @@
+"""classreg: classical, optimisation-based image and point-cloud registration.
+
+Conventions (docs/conventions.md): arrays are indexed like numpy (``data[z, y, x]``); physical points are
+(x, y[, z]) in mm in the ITK/LPS world; a registration transform maps fixed-image points to moving-image points
+(the pull-back used to resample the moving image); every length a user sets is in mm.
+"""
+from ._version import __version__
+from .image import Image
+from .io import load, save
+from .progress import Event, StopRegistration
+from .resample import resample
+from .result import Result, load_result
+from .transforms import Affine, Chain, DisplacementField, Transform, load_transform
+
+__all__ = [
+    "__version__",
+    "Image",
+    "load",
+    "save",
+    "Transform",
+    "Affine",
+    "DisplacementField",
+    "Chain",
+    "load_transform",
+    "resample",
+    "Result",
+    "load_result",
+    "Event",
+    "StopRegistration",
+]

@@ -1,0 +1,487 @@
+"""Spatial transforms in physical space: :class:`Affine`, :class:`DisplacementField`, :class:`Chain`.
+
+Direction convention (as in ITK and elastix): a registration transform maps **fixed-image physical points to
+moving-image physical points** — the pull-back used to resample the moving image onto the fixed grid.  Points are
+(x, y[, z]) in mm in the ITK/LPS world, arrays of shape (N, ndim).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ._checks import as_float_tuple, check_ndim
+from .image import Image, _points
+from .io import atomic_output, image_extension, load, save, _check_readable
+
+__all__ = ["Transform", "Affine", "DisplacementField", "Chain", "load_transform", "TRANSFORM_EXTENSIONS"]
+
+#: Extensions of ITK transform files (read/written through SimpleITK).
+TRANSFORM_EXTENSIONS = (".tfm", ".txt", ".mat", ".h5", ".hdf5")
+
+
+class Transform:
+    """Base class: a map from fixed-image physical points to moving-image physical points."""
+
+    ndim: int
+
+    def map_points(self, points) -> np.ndarray:  # pragma: no cover - abstract
+        """Map physical points (N, ndim), (x, y[, z]) mm, from fixed space to moving space."""
+        raise NotImplementedError
+
+    def inverse(self) -> "Transform":  # pragma: no cover - abstract
+        """The transform mapping moving-space points back to fixed space."""
+        raise NotImplementedError
+
+    def to_sitk(self):  # pragma: no cover - abstract
+        """The equivalent ``SimpleITK.Transform``."""
+        raise NotImplementedError
+
+    def save(self, path) -> Path:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def compose(self, other: "Transform") -> "Transform":
+        """``self ∘ other``: the transform ``x ↦ self(other(x))`` (``other`` is applied first)."""
+        if not isinstance(other, Transform):
+            raise TypeError(f"other must be a classreg Transform, got {type(other).__name__}")
+        if other.ndim != self.ndim:
+            raise ValueError(f"cannot compose a {self.ndim}-D transform with a {other.ndim}-D one")
+        return Chain([other, self])
+
+    def _check_points(self, points) -> np.ndarray:
+        return _points(points, self.ndim, "points")
+
+
+def _check_ndim_from(value, name) -> int:
+    return check_ndim(int(value), name)
+
+
+class Affine(Transform):
+    """Affine transform ``x ↦ A (x − c) + c + t``, exactly ITK's ``AffineTransform`` (and its Euler/similarity kin).
+
+    Parameters
+    ----------
+    matrix : array_like, shape (ndim, ndim)
+        The linear part A, acting on physical (x, y[, z]) vectors.
+    translation : float or array_like, shape (ndim,)
+        t in mm. Default 0.
+    center : float or array_like, shape (ndim,)
+        Centre of rotation c in mm. Default 0. It changes the parametrisation, not the map, for a given offset.
+    """
+
+    def __init__(self, matrix, translation=0.0, center=0.0):
+        a = np.array(matrix, dtype=float)
+        if a.ndim != 2 or a.shape[0] != a.shape[1]:
+            raise ValueError(f"matrix must be square (ndim, ndim), got shape {a.shape}")
+        self.ndim = _check_ndim_from(a.shape[0], "matrix")
+        if not np.all(np.isfinite(a)):
+            raise ValueError("matrix must be finite")
+        if abs(np.linalg.det(a)) < 1e-12:
+            raise ValueError("matrix is singular; an affine registration transform must be invertible")
+        a.setflags(write=False)
+        self._matrix = a
+        self._translation = np.array(as_float_tuple(translation, self.ndim, "translation"))
+        self._center = np.array(as_float_tuple(center, self.ndim, "center"))
+        self._translation.setflags(write=False)
+        self._center.setflags(write=False)
+
+    # -- constructors ----------------------------------------------------------------------------------------
+    @classmethod
+    def identity(cls, ndim: int) -> "Affine":
+        return cls(np.eye(_check_ndim_from(ndim, "ndim")))
+
+    @classmethod
+    def from_translation(cls, translation) -> "Affine":
+        """Pure translation by ``translation`` (mm, x first)."""
+        t = np.asarray(translation, dtype=float).ravel()
+        return cls(np.eye(_check_ndim_from(t.size, "translation")), t)
+
+    @classmethod
+    def euler(cls, angles, *, translation=0.0, center=0.0) -> "Affine":
+        """Rigid transform from Euler angles in radians, as ITK's ``Euler2DTransform`` / ``Euler3DTransform``.
+
+        2-D: one angle (counter-clockwise from x towards y). 3-D: (θx, θy, θz) with ITK's default composition
+        R = Rz · Rx · Ry (``ComputeZYX`` off).
+        """
+        return cls(rotation_matrix(angles), translation, center)
+
+    @classmethod
+    def rigid(cls, rotation, *, translation=0.0, center=0.0) -> "Affine":
+        """Rigid transform from a rotation matrix (checked orthonormal with det +1) or Euler angles (radians)."""
+        r = _rotation(rotation)
+        return cls(r, translation, center)
+
+    @classmethod
+    def similarity(cls, scale, rotation, *, translation=0.0, center=0.0) -> "Affine":
+        """Similarity transform ``x ↦ s R (x − c) + c + t`` (isotropic scale ``s`` > 0)."""
+        s = float(scale)
+        if not np.isfinite(s) or s <= 0:
+            raise ValueError(f"scale must be a positive number, got {scale!r}")
+        return cls(s * _rotation(rotation), translation, center)
+
+    @classmethod
+    def from_homogeneous(cls, matrix) -> "Affine":
+        """From an (ndim+1, ndim+1) homogeneous matrix acting on physical (x, y[, z], 1)."""
+        h = np.asarray(matrix, dtype=float)
+        if h.ndim != 2 or h.shape[0] != h.shape[1] or h.shape[0] not in (3, 4):
+            raise ValueError(f"matrix must be 3x3 (2-D) or 4x4 (3-D) homogeneous, got shape {h.shape}")
+        if not np.allclose(h[-1], np.eye(h.shape[0])[-1]):
+            raise ValueError("the last row of a homogeneous affine matrix must be (0, ..., 0, 1)")
+        n = h.shape[0] - 1
+        return cls(h[:n, :n], h[:n, n])
+
+    # -- properties ------------------------------------------------------------------------------------------
+    @property
+    def matrix(self) -> np.ndarray:
+        return self._matrix
+
+    @property
+    def translation(self) -> np.ndarray:
+        return self._translation
+
+    @property
+    def center(self) -> np.ndarray:
+        return self._center
+
+    @property
+    def offset(self) -> np.ndarray:
+        """o in ``x ↦ A x + o`` (ITK's ``GetOffset``)."""
+        return self._center + self._translation - self._matrix @ self._center
+
+    @property
+    def homogeneous(self) -> np.ndarray:
+        """(ndim+1, ndim+1) homogeneous matrix of the map."""
+        h = np.eye(self.ndim + 1)
+        h[: self.ndim, : self.ndim] = self._matrix
+        h[: self.ndim, self.ndim] = self.offset
+        return h
+
+    # -- operations ------------------------------------------------------------------------------------------
+    def map_points(self, points) -> np.ndarray:
+        """Map physical points (N, ndim) from fixed space to moving space: ``A (x − c) + c + t``."""
+        p = self._check_points(points)
+        return (p - self._center) @ self._matrix.T + self._center + self._translation
+
+    def inverse(self) -> "Affine":
+        """Exact inverse ``y ↦ A⁻¹ (y − c − t) + c`` (same centre)."""
+        ainv = np.linalg.inv(self._matrix)
+        return Affine(ainv, -ainv @ self._translation, self._center)
+
+    def compose(self, other: Transform) -> Transform:
+        """``self ∘ other``; two affines compose exactly into one :class:`Affine` (centre of ``other``)."""
+        if isinstance(other, Affine):
+            if other.ndim != self.ndim:
+                raise ValueError(f"cannot compose a {self.ndim}-D transform with a {other.ndim}-D one")
+            h = self.homogeneous @ other.homogeneous
+            c = other.center
+            a = h[: self.ndim, : self.ndim]
+            t = h[: self.ndim, self.ndim] + a @ c - c
+            return Affine(a, t, c)
+        return super().compose(other)
+
+    def to_sitk(self):
+        import SimpleITK as sitk
+
+        tx = sitk.AffineTransform(self.ndim)
+        tx.SetMatrix(tuple(self._matrix.ravel()))
+        tx.SetCenter(tuple(self._center))
+        tx.SetTranslation(tuple(self._translation))
+        return tx
+
+    def save(self, path) -> Path:
+        """Write an ITK transform file (.tfm/.txt text, .mat binary, .h5), readable by SimpleITK, ANTs, elastix."""
+        return _write_sitk_transform(self.to_sitk(), path)
+
+    def __repr__(self) -> str:
+        return (
+            f"Affine(matrix={self._matrix.round(6).tolist()}, translation={self._translation.round(6).tolist()}, "
+            f"center={self._center.round(6).tolist()})"
+        )
+
+
+class DisplacementField(Transform):
+    """Dense displacement field ``x ↦ x + u(x)`` on its own grid (an ITK ``DisplacementFieldTransform``).
+
+    Parameters
+    ----------
+    image : Image
+        Vector image with data shape ``(*spatial, ndim)``: component k is the displacement along physical axis
+        x, y, z (k = 0, 1, 2) in mm — exactly what SimpleITK gives for an ITK displacement field. ``u`` is
+        interpolated linearly between voxel centres; outside the grid (beyond half a voxel) ``u = 0``, as in ITK.
+    inverse : DisplacementField, optional
+        A known inverse (e.g. from a diffeomorphic solver); then :meth:`inverse` costs nothing.
+    """
+
+    def __init__(self, image: Image, *, inverse: "DisplacementField | None" = None, inversion_error=None):
+        if not isinstance(image, Image):
+            raise TypeError(f"image must be a classreg.Image (vector), got {type(image).__name__}")
+        if not image.is_vector or image.ncomponents != image.ndim:
+            raise ValueError(
+                f"image must be a vector image with {image.ndim} components (displacement in mm along x, y[, z]); "
+                f"got {image!r}"
+            )
+        if image.dtype.kind != "f":
+            image = image.astype(np.float64)
+        self.ndim = image.ndim
+        self._image = image
+        if inverse is not None and not isinstance(inverse, DisplacementField):
+            raise TypeError("inverse must be a DisplacementField")
+        self._inverse = inverse
+        self.inversion_error = inversion_error
+
+    @classmethod
+    def from_array(cls, displacement, reference: Image, **kwargs) -> "DisplacementField":
+        """Field on ``reference``'s grid from an array ``(*reference.shape, ndim)`` of (x, y[, z]) mm components."""
+        return cls(reference.like(displacement, vector=True), **kwargs)
+
+    @classmethod
+    def identity(cls, reference: Image, dtype=np.float32) -> "DisplacementField":
+        return cls.from_array(np.zeros((*reference.shape, reference.ndim), dtype=dtype), reference)
+
+    @property
+    def image(self) -> Image:
+        return self._image
+
+    @property
+    def displacement(self):
+        """Displacement array ``(*spatial, ndim)``, components (x, y[, z]) in mm."""
+        return self._image.data
+
+    def displacement_array_frame(self):
+        """Displacement with components along the array axes (z, y[, x]) in mm (the layout of ``classreg.kernels``)."""
+        return world_to_array_vectors(self._image.data, self._image)
+
+    @classmethod
+    def from_array_frame(cls, displacement, reference: Image, **kwargs) -> "DisplacementField":
+        """Inverse of :meth:`displacement_array_frame`: components along array axes (mm) → a field."""
+        return cls.from_array(array_to_world_vectors(displacement, reference), reference, **kwargs)
+
+    def map_points(self, points) -> np.ndarray:
+        """Map physical points (N, ndim) from fixed space to moving space: ``x + u(x)``."""
+        from .kernels.warp import interpolate
+
+        p = self._check_points(points)
+        idx = self._image.world_to_index(p)
+        u = interpolate(self._image.numpy(), idx, order=1, mode="itk", cval=0.0)
+        return p + np.asarray(u, dtype=float)
+
+    def inverse(self, *, max_iter: int = 50, tol: float = 1e-3) -> "DisplacementField":
+        """The inverse field on the same grid.
+
+        The stored inverse if the field came with one; otherwise fixed-point iteration w ← −u∘(id + w)
+        (Chen et al. 2008), stopping when the largest residual |w + u∘(id + w)| ≤ ``tol`` voxels. The returned
+        field's ``inversion_error`` holds ``{"max_error", "mean_error"}`` in voxels and the iteration count.
+        """
+        if self._inverse is not None:
+            return self._inverse
+        from .kernels.fields import invert
+
+        u = self.displacement_array_frame()
+        w, info = invert(u, spacing=self._image.spacing_array_order, max_iter=max_iter, tol=tol)
+        inv = DisplacementField.from_array_frame(w, self._image, inverse=self, inversion_error=dict(info))
+        return inv
+
+    def to_sitk(self):
+        import SimpleITK as sitk
+
+        img = self._image.astype(np.float64).to_sitk()
+        return sitk.DisplacementFieldTransform(img)
+
+    def save(self, path) -> Path:
+        """Write the field as an ITK displacement-field image (.nii.gz, .mha, .nrrd; float64 vectors, mm)."""
+        ext = _ext(path)
+        if ext in TRANSFORM_EXTENSIONS:
+            raise ValueError(
+                f"path {str(path)!r}: save a DisplacementField as an image (.nii.gz, .mha, .nrrd), "
+                "or wrap it in a Chain to write an ITK .h5 composite"
+            )
+        return save(self._image.astype(np.float64), path)
+
+    def __repr__(self) -> str:
+        return f"DisplacementField({self._image!r})"
+
+
+class Chain(Transform):
+    """Several transforms applied in list order: ``Chain([t1, t2])`` maps ``x ↦ t2(t1(x))``.
+
+    The first transform is applied first to the fixed-image points (e.g. ``[deformable, prealign_affine]`` for a
+    deformable registration done after an affine one).
+    """
+
+    def __init__(self, transforms):
+        ts = []
+        for t in transforms:
+            if isinstance(t, Chain):
+                ts.extend(t.transforms)
+            elif isinstance(t, Transform):
+                ts.append(t)
+            else:
+                raise TypeError(f"transforms must be classreg Transforms, got {type(t).__name__}")
+        if not ts:
+            raise ValueError("transforms must not be empty")
+        dims = {t.ndim for t in ts}
+        if len(dims) != 1:
+            raise ValueError(f"all transforms of a Chain must have the same dimension, got {sorted(dims)}")
+        self.ndim = dims.pop()
+        self._transforms = tuple(ts)
+
+    @property
+    def transforms(self) -> tuple:
+        return self._transforms
+
+    def map_points(self, points) -> np.ndarray:
+        p = self._check_points(points)
+        for t in self._transforms:
+            p = t.map_points(p)
+        return p
+
+    def inverse(self) -> "Chain":
+        return Chain([t.inverse() for t in reversed(self._transforms)])
+
+    def simplified(self) -> Transform:
+        """Merge consecutive affines; a chain of affines becomes one :class:`Affine`."""
+        out = []
+        for t in self._transforms:
+            if out and isinstance(t, Affine) and isinstance(out[-1], Affine):
+                out[-1] = t.compose(out[-1])
+            else:
+                out.append(t)
+        return out[0] if len(out) == 1 else Chain(out)
+
+    def to_sitk(self):
+        import SimpleITK as sitk
+
+        # ITK's CompositeTransform applies its *last* added transform first.
+        ct = sitk.CompositeTransform(self.ndim)
+        for t in reversed(self._transforms):
+            ct.AddTransform(t.to_sitk())
+        return ct
+
+    def save(self, path) -> Path:
+        """Write an ITK composite transform (.h5; .tfm/.txt only if every part is affine)."""
+        ext = _ext(path)
+        if ext not in (".h5", ".hdf5") and not all(isinstance(t, Affine) for t in self._transforms):
+            raise ValueError(f"path {str(path)!r}: a Chain holding a displacement field must be saved as .h5")
+        return _write_sitk_transform(self.to_sitk(), path)
+
+    def __repr__(self) -> str:
+        return "Chain([" + ", ".join(type(t).__name__ for t in self._transforms) + "])"
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def rotation_matrix(angles) -> np.ndarray:
+    """Rotation matrix from Euler angles in radians with ITK's conventions (see :meth:`Affine.euler`)."""
+    a = np.atleast_1d(np.asarray(angles, dtype=float)).ravel()
+    if a.size == 1:
+        c, s = np.cos(a[0]), np.sin(a[0])
+        return np.array([[c, -s], [s, c]])
+    if a.size == 3:
+        cx, cy, cz = np.cos(a)
+        sx, sy, sz = np.sin(a)
+        rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+        ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+        rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+        return rz @ rx @ ry
+    raise ValueError(f"angles must hold 1 (2-D) or 3 (3-D) Euler angles in radians, got {a.size}")
+
+
+def _rotation(rotation) -> np.ndarray:
+    r = np.asarray(rotation, dtype=float)
+    if r.ndim == 2:
+        if r.shape not in ((2, 2), (3, 3)):
+            raise ValueError(f"rotation must be a 2x2 or 3x3 matrix, got shape {r.shape}")
+        if not np.allclose(r.T @ r, np.eye(r.shape[0]), atol=1e-6) or np.linalg.det(r) < 0:
+            raise ValueError("rotation must be a proper rotation matrix (orthonormal, det = +1)")
+        return r
+    return rotation_matrix(r)
+
+
+def world_to_array_vectors(vectors, grid: Image):
+    """Vector components (x, y[, z]) in the world → components along the array axes of ``grid`` (z, y[, x])."""
+    r = (grid.direction_matrix.T)[::-1]  # (array axis k) <- world
+    xp_vectors = vectors
+    return _apply_matrix(xp_vectors, r)
+
+
+def array_to_world_vectors(vectors, grid: Image):
+    """Inverse of :func:`world_to_array_vectors`."""
+    r = grid.direction_matrix[:, ::-1]  # world <- array axis
+    return _apply_matrix(vectors, r)
+
+
+def _apply_matrix(vectors, m):
+    from .kernels._backend import get_array_module
+
+    xp = get_array_module(vectors)
+    if np.allclose(m, np.eye(len(m))[::-1]) or np.allclose(m, np.eye(len(m))):
+        perm = [int(np.argmax(np.abs(row))) for row in m]
+        return xp.ascontiguousarray(vectors[..., perm])
+    mm = xp.asarray(m, dtype=vectors.dtype)
+    return xp.ascontiguousarray(vectors @ mm.T)
+
+
+def _ext(path) -> str:
+    name = Path(os.fspath(path)).name.lower()
+    for ext in TRANSFORM_EXTENSIONS:
+        if name.endswith(ext):
+            return ext
+    return image_extension(path)
+
+
+def _write_sitk_transform(tx, path) -> Path:
+    import SimpleITK as sitk
+
+    ext = _ext(path)
+    if ext not in TRANSFORM_EXTENSIONS:
+        raise ValueError(f"path {str(path)!r}: an affine/composite transform is written as {TRANSFORM_EXTENSIONS}")
+    with atomic_output(path) as tmp:
+        sitk.WriteTransform(tx, str(tmp))
+    return Path(path)
+
+
+def from_sitk_transform(tx) -> Transform:
+    """Convert a ``SimpleITK.Transform`` (affine family, translation, displacement field, composite)."""
+    import SimpleITK as sitk
+
+    name = tx.GetName()
+    n = tx.GetDimension()
+    if name == "CompositeTransform":
+        ct = sitk.CompositeTransform(tx)
+        parts = [from_sitk_transform(ct.GetNthTransform(i)) for i in range(ct.GetNumberOfTransforms())]
+        return Chain(list(reversed(parts))) if len(parts) > 1 else parts[0]
+    if name == "DisplacementFieldTransform":
+        field = sitk.DisplacementFieldTransform(tx).GetDisplacementField()
+        return DisplacementField(Image.from_sitk(field))
+    if name == "IdentityTransform":
+        return Affine.identity(n)
+    fixed = tx.GetFixedParameters()
+    center = np.asarray(fixed[:n], dtype=float) if len(fixed) >= n and name != "TranslationTransform" else np.zeros(n)
+    base = np.asarray(tx.TransformPoint(tuple(center)))
+    a = np.stack([np.asarray(tx.TransformPoint(tuple(center + e))) - base for e in np.eye(n)], axis=1)
+    aff = Affine(a, base - center, center)
+    probe = center + np.linspace(-37.0, 53.0, n)
+    if not np.allclose(aff.map_points(probe)[0], tx.TransformPoint(tuple(probe)), atol=1e-6):
+        raise ValueError(f"unsupported ITK transform type {name!r}: classreg reads affine-family, displacement-field "
+                         "and composite transforms")
+    return aff
+
+
+def load_transform(path) -> Transform:
+    """Read a transform: ITK transform files (.tfm, .txt, .mat, .h5) or a displacement-field image.
+
+    Displacement-field images (.nii.gz, .mha, .nrrd with ndim vector components in mm) give a
+    :class:`DisplacementField`; ITK composites give a :class:`Chain` (in application order).
+    """
+    import SimpleITK as sitk
+
+    p = _check_readable(path)
+    ext = _ext(p)
+    if ext in TRANSFORM_EXTENSIONS:
+        try:
+            tx = sitk.ReadTransform(str(p))
+        except RuntimeError as exc:
+            raise ValueError(f"path {str(p)!r}: not a readable ITK transform file ({str(exc).strip().splitlines()[-1]})") from None
+        return from_sitk_transform(tx)
+    img = load(p)
+    return DisplacementField(img)

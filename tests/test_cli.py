@@ -1,0 +1,26 @@
+import json
+import subprocess
+import sys
+
+from classreg.cli import main
+
+
+def test_help_and_version(capsys):
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert "usage: classreg" in out and "info" in out
+
+
+def test_info_reports_versions_and_backends(capsys):
+    assert main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["versions"]["numpy"] and info["backends"]["numpy"] is True
+    assert info["backends"]["gpu"] in (True, False)
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "backends:" in out and "numba" in out and "GPU" in out
+
+
+def test_console_entry_point_runs():
+    proc = subprocess.run([sys.executable, "-m", "classreg", "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.startswith("classreg ")

@@ -1,0 +1,47 @@
+"""``pip install .`` and ``pip install -e .`` must both provide ``classreg.kernels`` (kernels/ is mapped by
+``package_dir``; setuptools' auto-discovery would miss it, pypa/setuptools#4248)."""
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(not (ROOT / "setup.cfg").is_file(), reason="needs the source tree")
+
+
+def _pip(*args, cwd):
+    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--ignore-installed",
+           "--quiet", *args]
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def _import_from(site_dir, cwd):
+    # -S: no site processing, so only `site_dir` (and numpy's folder, for the dependencies) is visible; the
+    # .pth files of an editable install are processed by site.addsitedir.
+    deps = str(Path(np.__file__).resolve().parents[1])
+    code = ("import sys, site; sys.path.append(%r); site.addsitedir(%r); import classreg, classreg.kernels as k; "
+            "from classreg.kernels import _backend; print(k.__file__)" % (deps, str(site_dir)))
+    proc = subprocess.run([sys.executable, "-S", "-c", code], cwd=cwd, capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert proc.returncode == 0, proc.stderr
+    return Path(proc.stdout.strip())
+
+
+def test_regular_install_provides_classreg_kernels(tmp_path):
+    target = tmp_path / "site"
+    _pip("--target", str(target), str(ROOT), cwd=tmp_path)
+    where = _import_from(target, tmp_path)
+    assert where == target / "classreg" / "kernels" / "__init__.py"
+
+
+def test_editable_install_provides_classreg_kernels(tmp_path):
+    prefix = tmp_path / "prefix"
+    _pip("--prefix", str(prefix), "-e", str(ROOT), cwd=tmp_path)
+    site_dir = Path(sysconfig.get_path("purelib", vars={"base": str(prefix), "platbase": str(prefix)}))
+    where = _import_from(site_dir, tmp_path)
+    assert where.resolve() == (ROOT / "kernels" / "__init__.py").resolve()
