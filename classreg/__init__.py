@@ -4,6 +4,7 @@ Conventions (docs/conventions.md): arrays are indexed like numpy (``data[z, y, x
 (x, y[, z]) in mm in the ITK/LPS world; a registration transform maps fixed-image points to moving-image points
 (the pull-back used to resample the moving image); every length a user sets is in mm.
 """
+from . import evaluate, metrics
 from ._version import __version__
 from .image import Image
 from .io import load, save
@@ -14,6 +15,8 @@ from .transforms import Affine, Chain, DisplacementField, Transform, load_transf
 
 __all__ = [
     "__version__",
+    "evaluate",
+    "metrics",
     "Image",
     "load",
     "save",

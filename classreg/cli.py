@@ -42,6 +42,11 @@ def _cmd_info(args) -> int:
     return 0
 
 
+#: Modules that add a ``classreg register <solver>`` sub-command through ``add_cli(subparsers)``; each sub-command
+#: sets ``func(args) -> int`` as its default.
+SOLVER_CLIS: tuple[str, ...] = ()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="classreg",
@@ -53,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="versions, backends found (numba, cupy, GPU) and thread count")
     info.add_argument("--json", action="store_true", help="print machine-readable JSON")
     info.set_defaults(func=_cmd_info)
+    if SOLVER_CLIS:
+        import importlib
+
+        reg = sub.add_parser("register", help="register a pair (images or point sets) with one of the solvers")
+        solvers = reg.add_subparsers(dest="solver", metavar="SOLVER")
+        for mod in SOLVER_CLIS:
+            importlib.import_module(mod).add_cli(solvers)
     return p
 
 
