@@ -96,3 +96,44 @@ def test_mhd_header_references_final_data_file(tmp_path, rng):
     header = (tmp_path / "vol.mhd").read_text()
     assert "ElementDataFile = vol." in header
     np.testing.assert_array_equal(cr.load(tmp_path / "vol.mhd").data, img.data)
+
+
+def _itk(name):
+    from classreg.data import DataNotFoundError, itk_example
+
+    try:
+        return itk_example(name)
+    except DataNotFoundError as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.mark.parametrize("name", ["BrainProtonDensitySliceBorder20DirectionPlus30.mhd",
+                                  "BrainProtonDensitySliceBorder20DirectionPlus30.nhdr",
+                                  "RatLungSlice1.mha", "KmeansTest_T1UCharRaw.nii.gz"])
+def test_real_itk_files_read_like_simpleitk(name):
+    path = _itk(name)
+    ours = cr.load(path)
+    ref = sitk.ReadImage(str(path))
+    np.testing.assert_array_equal(ours.data, sitk.GetArrayFromImage(ref))
+    assert (ours.spacing, ours.origin, ours.direction) == (ref.GetSpacing(), ref.GetOrigin(), ref.GetDirection())
+
+
+def test_real_oblique_slice_resamples_like_simpleitk():
+    """ITK ships the PD slice with a +30° direction: resampling it onto the axis-aligned slice's grid."""
+    oblique = cr.load(_itk("BrainProtonDensitySliceBorder20DirectionPlus30.mhd"), dtype=np.float32)
+    plain = cr.load(_itk("BrainProtonDensitySliceBorder20.mhd"), dtype=np.float32)
+    assert not np.allclose(oblique.direction, plain.direction)
+    ours = cr.resample(oblique, reference=plain).data
+    ref = sitk.GetArrayFromImage(sitk.Resample(oblique.to_sitk(), plain.to_sitk(), sitk.Transform(), sitk.sitkLinear,
+                                               0.0, sitk.sitkFloat32))
+    assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_missing_optional_data_says_what_to_install(monkeypatch):
+    from classreg import data
+
+    monkeypatch.setattr(data, "ITK_EXAMPLES_DIRS", ())
+    with pytest.raises(data.DataNotFoundError, match="insighttoolkit5-examples"):
+        data.itk_example("RatLungSlice1.mha")
+    with pytest.raises(ValueError, match="kind"):
+        data.mni152_file("pd")

@@ -1,0 +1,70 @@
+"""Locate the real data that ships inside installed packages (nothing is downloaded).
+
+* ITK's example images from Debian's ``insighttoolkit5-examples`` (``apt-get install insighttoolkit5-examples``):
+  2-D T1/PD brain slices, rat lung slices, the 3-D T1 subject ``KmeansTest_T1UCharRaw.nii.gz`` and its masks.
+* nilearn's MNI152 2009a template (T1, GM and WM probability maps; ``pip install nilearn``) and fsaverage5 surfaces.
+* dipy's sample files (``t1_coronal_slice.npy``, ``circle.npy``, ``C.npy``; ``pip install dipy``).
+
+Each function returns a path (or data) or raises :class:`DataNotFoundError` (a ``FileNotFoundError``) saying what to
+install. Tests use it to skip cleanly when optional data is missing.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+__all__ = ["DataNotFoundError", "itk_example", "mni152_file", "dipy_file"]
+
+ITK_EXAMPLES_DIRS = (
+    Path(os.environ.get("CLASSREG_ITK_EXAMPLES", "/nonexistent")),
+    Path("/usr/share/doc/insighttoolkit5-examples/examples/Data"),
+    Path("/usr/share/doc/insighttoolkit4-examples/examples/Data"),
+)
+
+
+class DataNotFoundError(FileNotFoundError):
+    """Optional data is not installed; the message says how to install it."""
+
+
+def itk_example(name: str) -> Path:
+    """Path of a file in ITK's examples/Data folder (Debian package ``insighttoolkit5-examples``)."""
+    for d in ITK_EXAMPLES_DIRS:
+        p = d / name
+        if p.is_file():
+            return p
+    raise DataNotFoundError(
+        f"ITK example file {name!r} not found; install Debian's insighttoolkit5-examples "
+        "(apt-get install insighttoolkit5-examples) or set CLASSREG_ITK_EXAMPLES to its examples/Data folder"
+    )
+
+
+_MNI = {
+    "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+    "gm": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
+    "wm": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz",
+}
+
+
+def mni152_file(kind: str = "t1") -> Path:
+    """Path of nilearn's shipped 1 mm MNI152 2009a template file: ``kind`` in {"t1", "gm", "wm"}."""
+    if kind not in _MNI:
+        raise ValueError(f"kind must be one of {sorted(_MNI)}, got {kind!r}")
+    spec = importlib.util.find_spec("nilearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataNotFoundError("nilearn is not installed (pip install nilearn); it ships the MNI152 template")
+    p = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / _MNI[kind]
+    if not p.is_file():
+        raise DataNotFoundError(f"{p} is missing from the nilearn installation")
+    return p
+
+
+def dipy_file(name: str) -> Path:
+    """Path of a file shipped in ``dipy/data/files`` (e.g. ``t1_coronal_slice.npy``, ``circle.npy``, ``C.npy``)."""
+    spec = importlib.util.find_spec("dipy")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataNotFoundError("dipy is not installed (pip install dipy); it ships the sample slices")
+    p = Path(list(spec.submodule_search_locations)[0]) / "data" / "files" / name
+    if not p.is_file():
+        raise DataNotFoundError(f"{p} is missing from the dipy installation")
+    return p
