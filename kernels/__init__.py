@@ -7,3 +7,7 @@ chosen by :func:`classreg.kernels._backend.resolve_backend` from the array type 
 from ._backend import BACKENDS, HAVE_NUMBA, get_array_module, resolve_backend
 
 __all__ = ["BACKENDS", "HAVE_NUMBA", "get_array_module", "resolve_backend"]
+from .warp import interpolate, warp  # noqa: E402
+from .fields import compose, expmap, invert  # noqa: E402
+
+__all__ += ["warp", "interpolate", "compose", "expmap", "invert"]
