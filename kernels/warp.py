@@ -111,27 +111,6 @@ def _near_axis(c, n, mode):
     return jc, (jc == j) | (mode != 0), ok
 
 
-def _lin_axis(c, n, mode):
-    """Linear neighbours along one axis: ``(j0, j1, t, valid0, valid1, ok)``.
-
-    ``c`` is clamped to ``[-2, n + 1]`` (mode "zero") or ``[0, n - 1]`` (the other modes: clamping the coordinate
-    equals clamping the two neighbours); ``j0 = floor(c)``, ``j1 = j0 + 1`` clamped to the grid, ``t`` the weight of
-    ``j1``; ``valid* = False`` marks a neighbour outside the grid (mode "zero"), ``ok = False`` a point that is cval.
-    """
-    ok = _inside(c, n, mode)
-    c = c if ok else 0.0
-    lo = -2.0 if mode == 0 else 0.0
-    hi = n + 1.0 if mode == 0 else n - 1.0
-    c = c if c > lo else lo
-    c = c if c < hi else hi
-    f = math.floor(c)
-    t = c - f
-    j = int(f)
-    j0 = _clampi(j, n)
-    j1 = _clampi(j + 1, n)
-    return j0, j1, t, (j0 == j) | (mode != 0), (j1 == j + 1) | (mode != 0), ok
-
-
 def _cub_axis(c, n, mode):
     """Cubic B-spline neighbours along one axis: ``(j0..j3, valid0..valid3, w0..w3, ok)``.
 
@@ -179,35 +158,113 @@ def _near3_value(img, c0, c1, c2, ch, mode, cval):
 
 
 def _lin2_value(img, c0, c1, ch, mode, cval):
-    a0, b0, t0, va0, vb0, ok0 = _lin_axis(c0, img.shape[0], mode)
-    a1, b1, t1, va1, vb1, ok1 = _lin_axis(c1, img.shape[1], mode)
-    s0 = 1.0 - t0
-    s1 = 1.0 - t1
-    v = s0 * (s1 * _pick2(img, a0, a1, ch, va0 & va1, cval) + t1 * _pick2(img, a0, b1, ch, va0 & vb1, cval)) + t0 * (
-        s1 * _pick2(img, b0, a1, ch, vb0 & va1, cval) + t1 * _pick2(img, b0, b1, ch, vb0 & vb1, cval)
-    )
-    return v if (ok0 & ok1) else cval
+    # Written flat (no tuple-returning helper calls) so that the CPU loop over the last axis vectorises; the
+    # arithmetic is that of the numpy reference ``_axis_numpy`` (order 1), in the same order.
+    s0 = img.shape[0]
+    s1 = img.shape[1]
+    ok = (c0 == c0) & (c1 == c1)
+    ok = ok & ((mode != 2) | ((c0 >= -0.5) & (c0 < s0 - 0.5) & (c1 >= -0.5) & (c1 < s1 - 0.5)))
+    lo = -2.0 if mode == 0 else 0.0
+    hi0 = s0 + 1.0 if mode == 0 else s0 - 1.0
+    hi1 = s1 + 1.0 if mode == 0 else s1 - 1.0
+    c0 = c0 if ok else 0.0
+    c1 = c1 if ok else 0.0
+    c0 = c0 if c0 > lo else lo
+    c0 = c0 if c0 < hi0 else hi0
+    c1 = c1 if c1 > lo else lo
+    c1 = c1 if c1 < hi1 else hi1
+    f0 = math.floor(c0)
+    f1 = math.floor(c1)
+    t0 = c0 - f0
+    t1 = c1 - f1
+    j0 = int(f0)
+    j1 = int(f1)
+    a0 = _clampi(j0, s0)
+    b0 = _clampi(j0 + 1, s0)
+    a1 = _clampi(j1, s1)
+    b1 = _clampi(j1 + 1, s1)
+    va0 = (a0 == j0) | (mode != 0)
+    vb0 = (b0 == j0 + 1) | (mode != 0)
+    va1 = (a1 == j1) | (mode != 0)
+    vb1 = (b1 == j1 + 1) | (mode != 0)
+    v00 = img[a0, a1, ch]
+    v01 = img[a0, b1, ch]
+    v10 = img[b0, a1, ch]
+    v11 = img[b0, b1, ch]
+    v00 = v00 if (va0 & va1) else cval
+    v01 = v01 if (va0 & vb1) else cval
+    v10 = v10 if (vb0 & va1) else cval
+    v11 = v11 if (vb0 & vb1) else cval
+    s0w = 1.0 - t0
+    s1w = 1.0 - t1
+    v = s0w * (s1w * v00 + t1 * v01) + t0 * (s1w * v10 + t1 * v11)
+    return v if ok else cval
 
 
 def _lin3_value(img, c0, c1, c2, ch, mode, cval):
-    a0, b0, t0, va0, vb0, ok0 = _lin_axis(c0, img.shape[0], mode)
-    a1, b1, t1, va1, vb1, ok1 = _lin_axis(c1, img.shape[1], mode)
-    a2, b2, t2, va2, vb2, ok2 = _lin_axis(c2, img.shape[2], mode)
-    s0 = 1.0 - t0
-    s1 = 1.0 - t1
-    s2 = 1.0 - t2
-    v0 = s1 * (
-        s2 * _pick3(img, a0, a1, a2, ch, va0 & va1 & va2, cval) + t2 * _pick3(img, a0, a1, b2, ch, va0 & va1 & vb2, cval)
-    ) + t1 * (
-        s2 * _pick3(img, a0, b1, a2, ch, va0 & vb1 & va2, cval) + t2 * _pick3(img, a0, b1, b2, ch, va0 & vb1 & vb2, cval)
-    )
-    v1 = s1 * (
-        s2 * _pick3(img, b0, a1, a2, ch, vb0 & va1 & va2, cval) + t2 * _pick3(img, b0, a1, b2, ch, vb0 & va1 & vb2, cval)
-    ) + t1 * (
-        s2 * _pick3(img, b0, b1, a2, ch, vb0 & vb1 & va2, cval) + t2 * _pick3(img, b0, b1, b2, ch, vb0 & vb1 & vb2, cval)
-    )
-    v = s0 * v0 + t0 * v1
-    return v if (ok0 & ok1 & ok2) else cval
+    # Flat like ``_lin2_value`` (vectorises on the CPU); same arithmetic as the numpy reference.
+    s0 = img.shape[0]
+    s1 = img.shape[1]
+    s2 = img.shape[2]
+    ok = (c0 == c0) & (c1 == c1) & (c2 == c2)
+    ok = ok & ((mode != 2) | ((c0 >= -0.5) & (c0 < s0 - 0.5) & (c1 >= -0.5) & (c1 < s1 - 0.5)
+                             & (c2 >= -0.5) & (c2 < s2 - 0.5)))
+    lo = -2.0 if mode == 0 else 0.0
+    hi0 = s0 + 1.0 if mode == 0 else s0 - 1.0
+    hi1 = s1 + 1.0 if mode == 0 else s1 - 1.0
+    hi2 = s2 + 1.0 if mode == 0 else s2 - 1.0
+    c0 = c0 if ok else 0.0
+    c1 = c1 if ok else 0.0
+    c2 = c2 if ok else 0.0
+    c0 = c0 if c0 > lo else lo
+    c0 = c0 if c0 < hi0 else hi0
+    c1 = c1 if c1 > lo else lo
+    c1 = c1 if c1 < hi1 else hi1
+    c2 = c2 if c2 > lo else lo
+    c2 = c2 if c2 < hi2 else hi2
+    f0 = math.floor(c0)
+    f1 = math.floor(c1)
+    f2 = math.floor(c2)
+    t0 = c0 - f0
+    t1 = c1 - f1
+    t2 = c2 - f2
+    j0 = int(f0)
+    j1 = int(f1)
+    j2 = int(f2)
+    a0 = _clampi(j0, s0)
+    b0 = _clampi(j0 + 1, s0)
+    a1 = _clampi(j1, s1)
+    b1 = _clampi(j1 + 1, s1)
+    a2 = _clampi(j2, s2)
+    b2 = _clampi(j2 + 1, s2)
+    va0 = (a0 == j0) | (mode != 0)
+    vb0 = (b0 == j0 + 1) | (mode != 0)
+    va1 = (a1 == j1) | (mode != 0)
+    vb1 = (b1 == j1 + 1) | (mode != 0)
+    va2 = (a2 == j2) | (mode != 0)
+    vb2 = (b2 == j2 + 1) | (mode != 0)
+    v000 = img[a0, a1, a2, ch]
+    v001 = img[a0, a1, b2, ch]
+    v010 = img[a0, b1, a2, ch]
+    v011 = img[a0, b1, b2, ch]
+    v100 = img[b0, a1, a2, ch]
+    v101 = img[b0, a1, b2, ch]
+    v110 = img[b0, b1, a2, ch]
+    v111 = img[b0, b1, b2, ch]
+    v000 = v000 if (va0 & va1 & va2) else cval
+    v001 = v001 if (va0 & va1 & vb2) else cval
+    v010 = v010 if (va0 & vb1 & va2) else cval
+    v011 = v011 if (va0 & vb1 & vb2) else cval
+    v100 = v100 if (vb0 & va1 & va2) else cval
+    v101 = v101 if (vb0 & va1 & vb2) else cval
+    v110 = v110 if (vb0 & vb1 & va2) else cval
+    v111 = v111 if (vb0 & vb1 & vb2) else cval
+    s1w = 1.0 - t1
+    s2w = 1.0 - t2
+    r0 = s1w * (s2w * v000 + t2 * v001) + t1 * (s2w * v010 + t2 * v011)
+    r1 = s1w * (s2w * v100 + t2 * v101) + t1 * (s2w * v110 + t2 * v111)
+    v = (1.0 - t0) * r0 + t0 * r1
+    return v if ok else cval
 
 
 def _cub_row2(img, i0, vi, k0, k1, k2, k3, u0, u1, u2, u3, w0, w1, w2, w3, ch, cval):
@@ -323,7 +380,6 @@ _BODIES = (
     _bspline3_weights,
     _inside,
     _near_axis,
-    _lin_axis,
     _cub_axis,
     _pick2,
     _pick3,
@@ -352,7 +408,6 @@ _CPU_INLINE = frozenset(
         "_clampi",
         "_inside",
         "_near_axis",
-        "_lin_axis",
         "_pick2",
         "_pick3",
         "_near2_value",
@@ -573,7 +628,7 @@ def _cuda_kernels():
 
 
 def _axis_numpy(c, n, order, mode):
-    """Vectorised ``_near_axis`` / ``_lin_axis`` / ``_cub_axis``: (index arrays, validity arrays, weights, ok)."""
+    """Vectorised ``_near_axis`` / linear / ``_cub_axis``: (index arrays, validity arrays, weights, ok)."""
     ok = c == c
     if mode == _ITK:
         ok &= (c >= -0.5) & (c < n - 0.5)
