@@ -11,3 +11,19 @@ from .warp import interpolate, warp  # noqa: E402
 from .fields import compose, expmap, invert  # noqa: E402
 
 __all__ += ["warp", "interpolate", "compose", "expmap", "invert"]
+from .smooth import FourierOperator, gaussian, gaussian_kernel_operator, sobolev_operator  # noqa: E402
+from .fft import CachedCorrelator, correlation_shifts, cross_correlate  # noqa: E402
+from .diff import (  # noqa: E402
+    curl,
+    divergence,
+    gradient,
+    jacobian_determinant,
+    jacobian_matrix,
+    lie_bracket,
+    poisson_dirichlet,
+)
+
+__all__ += ["FourierOperator", "gaussian", "gaussian_kernel_operator", "sobolev_operator"]
+__all__ += ["CachedCorrelator", "correlation_shifts", "cross_correlate"]
+__all__ += ["curl", "divergence", "gradient", "jacobian_determinant", "jacobian_matrix", "lie_bracket"]
+__all__ += ["poisson_dirichlet"]
