@@ -11,6 +11,10 @@ from .io import load, save
 from .progress import Event, StopRegistration
 from .resample import resample
 from .result import Result, load_result
+from .solvers.demons import register_demons
+from .solvers.bcpd import (PointDeformation, PointDeformationInverse, label_surface_points,
+                           label_transition_matrix, load_point_deformation, points_displacement_field,
+                           register_points)
 from .transforms import Affine, Chain, DisplacementField, Transform, load_transform
 
 __all__ = [
@@ -28,6 +32,14 @@ __all__ = [
     "resample",
     "Result",
     "load_result",
+    "register_demons",
     "Event",
     "StopRegistration",
+    "register_points",
+    "PointDeformation",
+    "PointDeformationInverse",
+    "points_displacement_field",
+    "label_surface_points",
+    "label_transition_matrix",
+    "load_point_deformation",
 ]

@@ -44,7 +44,7 @@ def _cmd_info(args) -> int:
 
 #: Modules that add a ``classreg register <solver>`` sub-command through ``add_cli(subparsers)``; each sub-command
 #: sets ``func(args) -> int`` as its default.
-SOLVER_CLIS: tuple[str, ...] = ()
+SOLVER_CLIS: tuple[str, ...] = ("classreg.solvers.bcpd",)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -68,3 +68,20 @@ def dipy_file(name: str) -> Path:
     if not p.is_file():
         raise DataNotFoundError(f"{p} is missing from the dipy installation")
     return p
+
+
+def mni152(kind: str = "t1", *, resolution: float = 2.0):
+    """nilearn's MNI152 2009a template as an :class:`~classreg.Image` (float32), at ``resolution`` mm.
+
+    The shipped 1 mm file is read with SimpleITK (LPS geometry) and, for ``resolution`` > 1, smoothed with σ =
+    resolution/2 mm and shrunk by the pyramid's downsampling (ITK shrink grid).
+    """
+    import numpy as np
+
+    from .io import load
+    from .pyramid import downsample
+
+    img = load(mni152_file(kind), dtype=np.float32)
+    if resolution <= 1.0:
+        return img
+    return downsample(img, float(resolution), 0.5 * float(resolution))

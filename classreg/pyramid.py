@@ -174,7 +174,8 @@ def multiresolution(fixed: Image, moving: Image, step, *, shrink_factors=(4, 2, 
     Returns
     -------
     state : dict
-        The final state (on the finest fixed grid).
+        The final state, its grid arrays resampled onto ``fixed``'s own grid if the last level run was coarser
+        (a schedule ending above shrink 1, or a stop requested by a callback).
     stopped : bool
         True if a callback raised :class:`StopRegistration`.
     """
@@ -196,11 +197,21 @@ def multiresolution(fixed: Image, moving: Image, step, *, shrink_factors=(4, 2, 
             new = transfer(state, previous.fixed, fl)
             state.clear()
             state.update(new)
+        previous = level
         try:
             progress.emit("level_start", level=k, extra={"shrink": f, "sigma_mm": sigma, "shape": fl.shape})
             step(level, state, progress)
             progress.emit("level_end", level=k)
         except StopRegistration:
-            return state, True
-        previous = level
-    return state, False
+            return _to_input_grid(state, previous.fixed, fixed, transfer), True
+    return _to_input_grid(state, previous.fixed, fixed, transfer), False
+
+
+def _to_input_grid(state, level_fixed: Image, fixed: Image, transfer):
+    """The state on ``fixed``'s own grid (after a stop at a coarse level, or a schedule ending above shrink 1)."""
+    if level_fixed.same_grid(fixed):
+        return state
+    new = transfer(state, level_fixed, fixed)
+    state.clear()
+    state.update(new)
+    return state

@@ -46,6 +46,9 @@ class Result:
         Seconds per phase (``total`` at least).
     reference : Image or None
         The fixed image (its grid is the output grid of :meth:`apply`).
+    extras : dict
+        Solver-specific arrays (e.g. the velocity of each demons piece, an LDDMM initial momentum); saved in
+        ``extras.npz``.
     """
 
     transform: Transform
@@ -58,6 +61,7 @@ class Result:
     metrics: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
     reference: Image | None = None
+    extras: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if not isinstance(self.transform, Transform):
@@ -104,6 +108,8 @@ class Result:
         if warped and self.warped is not None:
             save(self.warped, d / "warped.nii.gz")
             files["warped"] = "warped.nii.gz"
+        if self.extras:
+            files["extras"] = _save_extras(d / "extras.npz", self.extras)
         _write_text(d / "params.json", json.dumps(_jsonable(self.params), indent=2, sort_keys=True))
         _write_history(d / "history.csv", self.history)
         files["params"] = "params.json"
@@ -138,6 +144,7 @@ def load_result(directory) -> Result:
     warped = load(d / files["warped"]) if "warped" in files else None
     params = json.loads((d / files["params"]).read_text())
     history = _read_history(d / files["history"])
+    extras = _load_extras(d / files["extras"]) if "extras" in files else {}
     ref = meta.get("reference")
     reference = None
     if ref is not None:
@@ -145,7 +152,7 @@ def load_result(directory) -> Result:
             np.zeros(ref["shape"], dtype=np.uint8), ref["spacing"], ref["origin"], ref["direction"])
     return Result(transform=transform, inverse=inverse, warped=warped, history=history,
                   converged=meta["converged"], stop_reason=meta["stop_reason"], params=params,
-                  metrics=meta["metrics"], timings=meta["timings"], reference=reference)
+                  metrics=meta["metrics"], timings=meta["timings"], reference=reference, extras=extras)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -156,10 +163,39 @@ def _save_transform(t: Transform, stem: Path) -> str:
         name = stem.name + ".nii.gz"
     elif isinstance(t, Chain):
         name = stem.name + (".tfm" if all(isinstance(p, Affine) for p in t.transforms) else ".h5")
-    else:  # pragma: no cover - future transform types
-        raise TypeError(f"cannot save a {type(t).__name__}")
+    elif getattr(t, "file_suffix", None):  # solver-defined transforms (see transforms.register_transform_format)
+        name = stem.name + t.file_suffix
+    else:
+        raise TypeError(f"cannot save a {type(t).__name__}: it defines no file format")
     t.save(stem.parent / name)
     return name
+
+
+def _save_extras(path: Path, extras: dict) -> str:
+    """Arrays and lists of arrays go to one .npz (a list ``k`` is stored as ``k__0``, ``k__1``, ...)."""
+    arrays = {}
+    for key, value in extras.items():
+        if isinstance(value, (list, tuple)):
+            for i, a in enumerate(value):
+                arrays[f"{key}__{i}"] = np.asarray(a)
+        else:
+            arrays[key] = np.asarray(value)
+    with atomic_output(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, **arrays)
+    return path.name
+
+
+def _load_extras(path: Path) -> dict:
+    out: dict = {}
+    with np.load(path) as z:
+        for key in z.files:
+            if "__" in key:
+                base, idx = key.rsplit("__", 1)
+                out.setdefault(base, {})[int(idx)] = z[key]
+            else:
+                out[key] = z[key]
+    return {k: [v[i] for i in sorted(v)] if isinstance(v, dict) else v for k, v in out.items()}
 
 
 def _geometry(img: Image | None):

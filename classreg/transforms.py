@@ -15,7 +15,8 @@ from ._checks import as_float_tuple, check_ndim
 from .image import Image, _points
 from .io import atomic_output, image_extension, load, save, _check_readable
 
-__all__ = ["Transform", "Affine", "DisplacementField", "Chain", "load_transform", "TRANSFORM_EXTENSIONS"]
+__all__ = ["Transform", "Affine", "DisplacementField", "Chain", "load_transform", "TRANSFORM_EXTENSIONS",
+           "register_transform_format"]
 
 #: Extensions of ITK transform files (read/written through SimpleITK).
 TRANSFORM_EXTENSIONS = (".tfm", ".txt", ".mat", ".h5", ".hdf5")
@@ -467,6 +468,16 @@ def from_sitk_transform(tx) -> Transform:
     return aff
 
 
+#: Extra transform file formats: suffix -> loader(path), registered by modules that define their own Transform
+#: subclasses (e.g. BCPD point deformations, ``.npz``). Such classes set ``file_suffix`` and implement ``save``.
+_EXTRA_FORMATS: dict = {}
+
+
+def register_transform_format(suffix: str, loader) -> None:
+    """Let :func:`load_transform` read files ending in ``suffix`` with ``loader(path) -> Transform``."""
+    _EXTRA_FORMATS[suffix.lower()] = loader
+
+
 def load_transform(path) -> Transform:
     """Read a transform: ITK transform files (.tfm, .txt, .mat, .h5) or a displacement-field image.
 
@@ -476,6 +487,9 @@ def load_transform(path) -> Transform:
     import SimpleITK as sitk
 
     p = _check_readable(path)
+    for suffix, loader in _EXTRA_FORMATS.items():
+        if p.name.lower().endswith(suffix):
+            return loader(p)
     ext = _ext(p)
     if ext in TRANSFORM_EXTENSIONS:
         try:

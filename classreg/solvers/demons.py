@@ -1,0 +1,439 @@
+"""``register_demons``: symmetric log-domain diffeomorphic demons, with large deformations as a broken geodesic.
+
+Inner solver (one "piece"): the symmetric log-domain demons of Vercauteren et al. (MICCAI 2008): the
+transformation is ``exp(v)`` for a stationary velocity field ``v``; each iteration computes the ESM demons force
+forward (moving towards fixed) and backward (fixed towards moving, through ``exp(-v)``), adds them to ``v`` with the
+Baker-Campbell-Hausdorff approximation ``Z(v, u) ≈ v + u (+ ½[v, u] + 1/12 [v, [v, u]])`` and smooths ``v``
+("diffusion-like" regularisation; ``update_sigma`` adds "fluid-like" smoothing of the update).
+
+Outer loop (the broken geodesic of METHODS.md §3): up to ``max_pieces`` stationary-velocity pieces, each registering
+the moving image warped by the composition of the previous pieces (resampled once from the original image), until a
+piece no longer lowers the energy. The registration metric is the path length ``Σ_i ‖v_i‖``.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+
+from .._checks import keyword_choice
+from ..backend import thread_count, versions
+from ..image import Image, as_mask
+from ..progress import Progress, StopRegistration
+from ..pyramid import default_sigmas, multiresolution
+from ..result import Result
+from ..transforms import Affine, Chain, DisplacementField, Transform
+
+__all__ = ["register_demons"]
+
+_METRICS = ("ssd", "lncc")
+
+
+def register_demons(fixed: Image, moving: Image, *, init: Transform | None = None, metric: str = "ssd",
+                    shrink_factors=(4, 2, 1), smoothing_sigmas=None, iterations=(60, 40, 20),
+                    velocity_sigma: float | None = None, update_sigma: float = 0.0, max_step: float | None = None,
+                    bch_terms: int = 2, symmetric: bool = True, max_pieces: int = 5, piece_tol: float = 0.01,
+                    tol: float = 1e-3, lncc_radius: float | None = None, intensity: str = "match",
+                    fixed_mask=None, moving_mask=None,
+                    dtype=np.float32, seed: int = 0, progress: bool = False, callback=None,
+                    backend=None) -> Result:
+    """Register ``moving`` to ``fixed`` with symmetric log-domain diffeomorphic demons and broken geodesics.
+
+    Parameters
+    ----------
+    fixed, moving : Image
+        2-D or 3-D scalar images in physical space (any grids, spacings and orientations).
+    init : Affine or Chain, optional
+        Initial fixed → moving transform (e.g. the result of ``register_rigid``); the deformation is estimated on
+        top of it, ``T = init ∘ exp(v_1) ∘ … ∘ exp(v_N)``.
+    metric : {"ssd", "lncc"}
+        "ssd": the ESM demons force of Vercauteren et al. 2008 (eq. 8) on intensities scaled to [0, 1];
+        "lncc": the gradient of local normalised correlation (ANTs "CC", window radius ``lncc_radius`` mm),
+        scaled so that its largest step is ``max_step`` — for pairs whose intensities differ locally.
+    shrink_factors, smoothing_sigmas, iterations
+        The pyramid (coarsest first): shrink factors relative to the smallest spacing, Gaussian σ in mm
+        (default: half the shrink factor in voxels), iteration cap per level.
+    velocity_sigma : float, optional
+        σ (mm) of the Gaussian smoothing of the velocity after each update ("diffusion-like"); default 1.5 ×
+        the smallest spacing (ITK LogDomainDemons: 1.5 voxels). Like ``update_sigma`` and ``max_step`` it is given
+        at full resolution and scales with the level's shrink factor (constant in voxels, as in ITK and ANTs).
+    update_sigma : float
+        σ (mm) of the "fluid-like" smoothing of each update (0 = none, ITK's default).
+    max_step : float, optional
+        Largest update length (mm); default 2 × the smallest spacing (ITK LogDomainDemons: 2 voxels).
+    bch_terms : {2, 3, 4}
+        Terms of the BCH approximation: 2 → ``v + u``; 3 adds ``½[v, u]``; 4 adds ``1/12 [v, [v, u]]``.
+    symmetric : bool
+        Symmetric forward/backward update ``v ← ½ (Z(v, u_f) − Z(−v, u_b))`` (Vercauteren 2008 §3); False uses the
+        forward force only.
+    max_pieces : int
+        Maximal number of stationary-velocity pieces of the broken geodesic (1 = plain log-demons).
+    piece_tol : float
+        A further piece is kept only if it lowers the energy by more than this fraction.
+    tol : float
+        A level ends when the energy changed by less than ``tol`` × its first value over the last 5 iterations.
+    lncc_radius : float, optional
+        LNCC window radius in mm (default 2 × the smallest spacing... at the level's resolution).
+    intensity : {"match", "joint"}
+        How intensities are made comparable before the SSD force: "match" (default) maps the moving image's
+        histogram onto the fixed one (SimpleITK ``HistogramMatching``, 1024 levels, 7 match points, thresholded at
+        the mean, as in ITK's demons examples), then both are scaled by the fixed image's robust range (0.5-99.5
+        percentiles) to [0, 1]; "joint" only applies that common scaling (images already on one intensity scale).
+    fixed_mask, moving_mask : Image or array, optional
+        Forces are computed only inside the fixed mask and where the warped moving mask is set (every level).
+    dtype : {numpy.float32, numpy.float64}
+        Working precision.
+    seed : int
+        Recorded for reproducibility (the algorithm is deterministic).
+    progress : bool
+        Show a tqdm bar.
+    callback : callable, optional
+        Receives :class:`classreg.Event` objects; raise :class:`classreg.StopRegistration` to stop early.
+    backend : {None, "numpy", "numba", "cuda"}
+        Kernel implementation (default: from the data; numba on the CPU when installed).
+
+    Returns
+    -------
+    Result
+        ``transform`` (fixed → moving: ``Chain([field, init])`` or the field), ``inverse`` (from ``exp(−v)``, no
+        numerical inversion), ``warped``, per-iteration ``history`` (piece, level, iteration, metric, step),
+        ``metrics`` with ``path_length`` (Σ‖v_i‖, mm·mm^{d/2}: the L² norm ``sqrt(Σ_x |v(x)|² Π h)``),
+        ``ssd_before``/``ssd_after`` (normalised intensities), ``pieces``; ``extras["velocities"]`` (array-frame
+        velocity per piece, mm).
+
+    References
+    ----------
+    T. Vercauteren, X. Pennec, A. Perchant, N. Ayache, "Symmetric log-domain diffeomorphic registration: a
+    demons-based approach", MICCAI 2008 (eqs. 5-8). H. Lombaert et al., "Diffeomorphic log demons" (MATLAB).
+    The broken-geodesic extension: WBIR 2022 (METHODS.md §3, eqs. 1-2).
+    """
+    t_start = time.perf_counter()
+    _check_pair(fixed, moving)
+    keyword_choice(metric, _METRICS, "metric")
+    keyword_choice(intensity, ("match", "joint"), "intensity")
+    keyword_choice(bch_terms, (2, 3, 4), "bch_terms")
+    if init is not None and not isinstance(init, (Affine, Chain)):
+        raise TypeError(f"init must be an Affine or a Chain of affines, got {type(init).__name__}")
+    if init is not None and isinstance(init, Chain):
+        init = init.simplified()
+        if not isinstance(init, Affine):
+            raise TypeError("init must reduce to an affine transform (a Chain of Affine)")
+    if init is not None and init.ndim != fixed.ndim:
+        raise ValueError(f"init is {init.ndim}-D but the images are {fixed.ndim}-D")
+    if int(max_pieces) < 1:
+        raise ValueError(f"max_pieces must be >= 1, got {max_pieces!r}")
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float32, np.float64):
+        raise ValueError(f"dtype must be float32 or float64, got {dtype}")
+    h_min = min(fixed.spacing)
+    velocity_sigma = 1.5 * h_min if velocity_sigma is None else float(velocity_sigma)
+    max_step = 2.0 * h_min if max_step is None else float(max_step)
+    lncc_radius = 2.0 * h_min if lncc_radius is None else float(lncc_radius)
+    for name, val in (("velocity_sigma", velocity_sigma), ("update_sigma", update_sigma)):
+        if not math.isfinite(val) or val < 0:
+            raise ValueError(f"{name} must be a finite number >= 0 (mm), got {val!r}")
+    if not math.isfinite(max_step) or max_step <= 0:
+        raise ValueError(f"max_step must be a positive length in mm, got {max_step!r}")
+    fmask = as_mask(fixed_mask, fixed, "fixed_mask")
+    as_mask(moving_mask, moving, "moving_mask")
+    init = init if init is not None else Affine.identity(fixed.ndim)
+
+    fixed_n, moving_n = _normalise(fixed, moving, fmask, intensity, dtype)
+    mmask_img = None if moving_mask is None else moving.like(np.asarray(as_mask(moving_mask, moving, "moving_mask"),
+                                                                          dtype=dtype))
+    schedule = dict(shrink_factors=tuple(shrink_factors),
+                    smoothing_sigmas=(default_sigmas(shrink_factors, fixed.spacing) if smoothing_sigmas is None
+                                      else tuple(smoothing_sigmas)),
+                    iterations=tuple(iterations) if np.ndim(iterations) else (int(iterations),) * len(shrink_factors))
+    opts = dict(metric=metric, velocity_sigma=velocity_sigma, update_sigma=float(update_sigma), max_step=max_step,
+                bch_terms=int(bch_terms), symmetric=bool(symmetric), tol=float(tol), lncc_radius=lncc_radius,
+                h_min=h_min, backend=backend)
+    prog = Progress("demons", callback=callback, progress=progress,
+                    total=int(max_pieces) * int(sum(schedule["iterations"])))
+    ref = fixed_n
+    n = fixed.ndim
+    h = np.asarray(fixed.spacing_array_order)
+    phi = np.zeros((*fixed.shape, n), dtype=dtype)  # array-frame displacement of Φ (fixed grid), mm
+    phi_inv = np.zeros_like(phi)
+    velocities = []
+    path_length = 0.0
+    from ..kernels.fields import compose, expmap
+
+    def warp_moving(disp):
+        return _warp_through(moving_n, ref, init, disp, backend)
+
+    energy0 = _energy(fixed_n.data, warp_moving(phi), fmask)
+    energy = energy0
+    stop_reason = f"reached max_pieces={max_pieces}"
+    converged = True
+    stopped = False
+    try:
+        prog.emit("start", metric=energy0, extra={"pieces": int(max_pieces)})
+        for piece in range(1, int(max_pieces) + 1):
+            # S_{i-1}: the original moving image through Φ_{i-1} (and init), resampled once, on the fixed grid
+            s_prev = ref.like(warp_moving(phi))
+            s_mask = None
+            if mmask_img is not None:
+                s_mask = ref.like((_warp_through(mmask_img, ref, init, phi, backend) > 0.5).astype(dtype))
+            state, stopped, level_energy = _one_piece(fixed_n, s_prev, fmask, s_mask, schedule, opts, prog, piece,
+                                                      dtype)
+            v = state.get("v")
+            if v is None:
+                break
+            e_v, _ = expmap(v, spacing=h, backend=backend)
+            e_minus, _ = expmap(-v, spacing=h, backend=backend)
+            new_phi = compose(phi, e_v, spacing=h, backend=backend)          # Φ_i = Φ_{i-1} ∘ exp(v_i)
+            new_inv = compose(e_minus, phi_inv, spacing=h, backend=backend)  # Φ_i⁻¹ = exp(−v_i) ∘ Φ_{i-1}⁻¹
+            new_energy = _energy(fixed_n.data, warp_moving(new_phi), fmask)
+            if piece > 1 and new_energy > energy * (1.0 - piece_tol):
+                stop_reason = (f"piece {piece} lowered the energy by less than piece_tol={piece_tol} "
+                               f"({energy:.4g} -> {new_energy:.4g}); kept {piece - 1} piece(s)")
+                break
+            phi, phi_inv, energy = new_phi.astype(dtype), new_inv.astype(dtype), new_energy
+            velocities.append(np.asarray(v))
+            path_length += _v_norm(v, h)
+            if stopped:
+                stop_reason = "stopped by callback"
+                converged = False
+                break
+        if not stopped:
+            prog.emit("done", metric=energy, extra={"pieces": len(velocities), "path_length": path_length})
+    except StopRegistration:
+        stop_reason, converged = "stopped by callback", False
+    finally:
+        prog.close()
+
+    field = DisplacementField.from_array_frame(phi, fixed)
+    field_inv = DisplacementField.from_array_frame(phi_inv, fixed, inverse=field)
+    field = DisplacementField(field.image, inverse=field_inv)
+    is_identity = np.allclose(init.homogeneous, np.eye(n + 1))
+    transform = field if is_identity else Chain([field, init])
+    inverse = field_inv if is_identity else Chain([init.inverse(), field_inv])
+    from ..resample import resample
+
+    warped = resample(moving, transform, reference=fixed)
+    timings = {"total": time.perf_counter() - t_start}
+    params = dict(metric=metric, shrink_factors=schedule["shrink_factors"],
+                  smoothing_sigmas=schedule["smoothing_sigmas"], iterations=schedule["iterations"],
+                  velocity_sigma=velocity_sigma, update_sigma=float(update_sigma), max_step=max_step,
+                  bch_terms=int(bch_terms), symmetric=bool(symmetric), max_pieces=int(max_pieces),
+                  piece_tol=float(piece_tol), tol=float(tol), lncc_radius=lncc_radius, intensity=intensity,
+                  dtype=str(dtype), seed=seed,
+                  init=init.homogeneous.tolist(), backend=_backend_name(backend), threads=thread_count(),
+                  versions=versions(), masks={"fixed": fixed_mask is not None, "moving": moving_mask is not None})
+    metrics = dict(path_length=path_length, pieces=len(velocities), ssd_before=energy0, ssd_after=energy,
+                   piece_norms=[_v_norm(v, h) for v in velocities])
+    return Result(transform=transform, inverse=inverse, warped=warped, history=prog.history, converged=converged,
+                  stop_reason=stop_reason, params=params, metrics=metrics, timings=timings, reference=fixed,
+                  extras={"velocities": velocities})
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _backend_name(backend):
+    from ..kernels._backend import resolve_backend
+
+    return resolve_backend(backend)
+
+
+def _check_pair(fixed, moving):
+    for name, img in (("fixed", fixed), ("moving", moving)):
+        if not isinstance(img, Image):
+            raise TypeError(f"{name} must be a classreg.Image, got {type(img).__name__}")
+        if img.is_vector:
+            raise ValueError(f"{name} must be a scalar image, got {img.ncomponents} components")
+    if fixed.ndim != moving.ndim:
+        raise ValueError(f"dimension mismatch: fixed is {fixed.ndim}-D, moving is {moving.ndim}-D")
+
+
+def _normalise(fixed: Image, moving: Image, fmask, intensity: str, dtype):
+    """Both images on one intensity scale: [0, 1] by the fixed image's 0.5-99.5 percentiles (inside its mask),
+    after histogram matching of the moving image when ``intensity == "match"``."""
+    f = np.asarray(fixed.numpy(), dtype=np.float64)
+    m = np.asarray(moving.numpy(), dtype=np.float64)
+    for name, a in (("fixed", f), ("moving", m)):
+        if a.max() <= a.min():
+            raise ValueError(f"{name} is a constant image; there is nothing to register")
+    if intensity == "match":
+        import SimpleITK as sitk
+
+        matched = sitk.HistogramMatching(moving.astype(np.float32).to_sitk(), fixed.astype(np.float32).to_sitk(),
+                                         numberOfHistogramLevels=1024, numberOfMatchPoints=7,
+                                         thresholdAtMeanIntensity=True)
+        m = sitk.GetArrayFromImage(matched).astype(np.float64)
+    sample = f[np.asarray(fmask)] if fmask is not None else f
+    lo, hi = np.percentile(sample, [0.5, 99.5])
+    if hi <= lo:
+        lo, hi = float(sample.min()), float(sample.max())
+    if hi <= lo:
+        raise ValueError("fixed is constant inside fixed_mask; there is nothing to register")
+    scale = 1.0 / (hi - lo)
+    return (fixed.like(((f - lo) * scale).astype(dtype)), moving.like(((m - lo) * scale).astype(dtype)))
+
+
+def _index_map(moving: Image, reference: Image, init: Affine):
+    """matrix, offset, disp_matrix taking (reference index i, array-frame displacement d in mm) to the moving index of
+    ``init(x_i + d)``."""
+    n = reference.ndim
+    left = moving.inverse_affine @ init.homogeneous
+    total = left @ reference.affine
+    disp_matrix = left[:n, :n] @ reference.direction_matrix[:, ::-1]
+    return total[:n, :n], total[:n, n], disp_matrix
+
+
+def _warp_through(image: Image, reference: Image, init: Affine, disp, backend, *, cval=0.0):
+    from ..kernels.warp import warp
+
+    m, off, dm = _index_map(image, reference, init)
+    return warp(image.data, disp, matrix=m, offset=off, disp_matrix=dm, out_shape=reference.shape, order=1,
+                mode="itk", cval=cval, backend=backend)
+
+
+def _energy(f, w, mask) -> float:
+    d = (np.asarray(f, dtype=np.float64) - np.asarray(w, dtype=np.float64))
+    if mask is not None:
+        d = d[np.asarray(mask)]
+    return float(np.mean(d * d))
+
+
+def _v_norm(v, h) -> float:
+    """L² norm of a velocity field in mm: ``sqrt(Σ_x |v(x)|² Π h)``."""
+    return float(np.sqrt(np.sum(np.asarray(v, dtype=np.float64) ** 2) * float(np.prod(h))))
+
+
+def _one_piece(fixed: Image, moving: Image, fmask, mmask, schedule, opts, prog, piece, dtype):
+    """One stationary-velocity piece: multi-resolution symmetric log-demons of ``moving`` (on the fixed grid)."""
+    n = fixed.ndim
+    best = {}
+
+    def step(level, state, progress):
+        _level_step(level, state, progress, opts, piece, dtype, best)
+
+    state, stopped = multiresolution(fixed, moving, step, fixed_mask=fmask,
+                                     moving_mask=None if mmask is None else mmask.data, progress=prog,
+                                     backend=opts["backend"], **schedule)
+    return state, stopped, best.get("energy")
+
+
+def _level_step(level, state, progress, opts, piece, dtype, best):
+    from ..kernels.diff import gradient, lie_bracket
+    from ..kernels.fields import expmap
+    from ..kernels.smooth import gaussian
+    from ..kernels.warp import warp
+    from ..metrics import lncc
+
+    backend = opts["backend"]
+    F = np.asarray(level.fixed.data, dtype=dtype)
+    M = np.asarray(level.moving.data, dtype=dtype)  # on the fixed grid (shape equal at every level)
+    n = F.ndim
+    h = tuple(level.fixed.spacing_array_order)
+    scale = float(level.shrink)
+    sig_v = opts["velocity_sigma"] * scale
+    sig_u = opts["update_sigma"] * scale
+    max_step = opts["max_step"] * scale
+    lncc_radius = max(opts["lncc_radius"] * scale, max(h))
+    fmask = level.fixed_mask
+    mmask = level.moving_mask
+    v = state.get("v")
+    if v is None or v.shape[:n] != F.shape:
+        v = np.zeros((*F.shape, n), dtype=dtype)
+    grad_F = gradient(F, spacing=h, backend=backend)
+    n2 = max_step * max_step
+    energies = []
+    best_v, best_e = v, math.inf
+    for it in range(level.iterations):
+        e_v, _ = expmap(v, spacing=h, backend=backend)
+        Mw = warp(M, e_v / np.asarray(h, dtype=dtype), order=1, mode="itk", cval=0.0, backend=backend)
+        inside = warp(np.ones_like(M), e_v / np.asarray(h, dtype=dtype), order=1, mode="itk", cval=0.0,
+                      backend=backend) > 0.999
+        valid = inside if fmask is None else (inside & fmask)
+        if mmask is not None:
+            mw = warp(mmask.astype(dtype), e_v / np.asarray(h, dtype=dtype), order=1, mode="itk", cval=0.0,
+                      backend=backend)
+            valid &= mw > 0.5
+        diff = F - Mw
+        sel = diff[valid] if fmask is not None or mmask is not None else diff
+        energy = float(np.mean(np.asarray(sel, dtype=np.float64) ** 2))
+        energies.append(energy)
+        if energy < best_e:
+            best_e, best_v = energy, v
+        grad_Mw = gradient(Mw, spacing=h, backend=backend)
+        u_f = _force(F, Mw, grad_F, grad_Mw, valid, n2, opts["metric"], lncc_radius, h, max_step, dtype)
+        if opts["symmetric"]:
+            e_m, _ = expmap(-v, spacing=h, backend=backend)
+            Fw = warp(F, e_m / np.asarray(h, dtype=dtype), order=1, mode="itk", cval=0.0, backend=backend)
+            inside_b = warp(np.ones_like(F), e_m / np.asarray(h, dtype=dtype), order=1, mode="itk", cval=0.0,
+                            backend=backend) > 0.999
+            valid_b = inside_b if mmask is None else (inside_b & mmask)
+            if fmask is not None:
+                fw = warp(fmask.astype(dtype), e_m / np.asarray(h, dtype=dtype), order=1, mode="itk", cval=0.0,
+                          backend=backend)
+                valid_b &= fw > 0.5
+            grad_M = state.get("_grad_M")
+            if grad_M is None or grad_M.shape[:n] != M.shape:
+                grad_M = gradient(M, spacing=h, backend=backend)
+                state["_grad_M"] = grad_M
+            grad_Fw = gradient(Fw, spacing=h, backend=backend)
+            u_b = _force(M, Fw, grad_M, grad_Fw, valid_b, n2, opts["metric"], lncc_radius, h, max_step, dtype)
+        if sig_u > 0:
+            u_f = gaussian(u_f, sig_u, spacing=h, ndim=n, backend=backend)
+            if opts["symmetric"]:
+                u_b = gaussian(u_b, sig_u, spacing=h, ndim=n, backend=backend)
+        z_f = _bch(v, u_f, opts["bch_terms"], h, backend)
+        if opts["symmetric"]:
+            z_b = _bch(-v, u_b, opts["bch_terms"], h, backend)
+            v_new = 0.5 * (z_f - z_b)
+        else:
+            v_new = z_f
+        if sig_v > 0:
+            v_new = gaussian(v_new, sig_v, spacing=h, ndim=n, backend=backend)
+        step_len = float(np.sqrt(np.max(np.sum((v_new - v).astype(np.float64) ** 2, axis=-1))))
+        v = v_new.astype(dtype, copy=False)
+        state["v"] = v
+        progress.emit("iteration", level=level.index, iteration=it, metric=energy, step=step_len, piece=piece)
+        if len(energies) > 5 and abs(energies[-6] - energies[-1]) < opts["tol"] * energies[0]:
+            break
+    # evaluate the last update too, then keep the best velocity of the level (Lombaert)
+    e_v, _ = expmap(v, spacing=h, backend=backend)
+    Mw = warp(M, e_v / np.asarray(h, dtype=dtype), order=1, mode="itk", cval=0.0, backend=backend)
+    d = F - Mw
+    last = float(np.mean(np.asarray(d[fmask] if fmask is not None else d, dtype=np.float64) ** 2))
+    if last <= best_e:
+        best_e, best_v = last, v
+    state["v"] = best_v
+    state.pop("_grad_M", None)
+    best["energy"] = best_e
+
+
+def _force(F, Mw, grad_F, grad_Mw, valid, n2, metric, lncc_radius, h, max_step, dtype):
+    """Demons update u (array frame, mm) moving Mw towards F: ``Mw∘(id+u) ≈ F``."""
+    if metric == "ssd":
+        # ESM force (Vercauteren 2008 eq. 8; ITK ESMDemonsRegistrationFunction): u = 2 d g / (|g|² + d²/N)
+        d = (F - Mw).astype(dtype, copy=False)
+        g = grad_F + grad_Mw
+        den = np.sum(g * g, axis=-1) + d * d / n2
+        ok = valid & (np.abs(d) >= 1e-3) & (den >= 1e-9)
+        scale = np.where(ok, 2.0 * d / np.where(ok, den, 1.0), 0.0).astype(dtype)
+        return g * scale[..., None]
+    from ..metrics import lncc
+
+    _, dcost = lncc(F, Mw, radius=lncc_radius, spacing=h, gradient=True)
+    u = -(dcost[..., None] * grad_Mw)
+    u[~valid] = 0.0
+    norm = float(np.sqrt(np.max(np.sum(u.astype(np.float64) ** 2, axis=-1))))
+    if norm > 0:
+        u *= max_step / norm
+    return u.astype(dtype, copy=False)
+
+
+def _bch(v, u, terms, h, backend):
+    """Baker-Campbell-Hausdorff: log(exp(v)∘exp(u)) ≈ v + u (+ ½[v,u] + 1/12 [v,[v,u]]), Vercauteren 2008 eq. 5."""
+    if terms == 2:
+        return v + u
+    from ..kernels.diff import lie_bracket
+
+    vu = lie_bracket(v, u, spacing=h, backend=backend)
+    z = v + u + 0.5 * vu
+    if terms == 4:
+        z = z + lie_bracket(v, vu, spacing=h, backend=backend) / 12.0
+    return z

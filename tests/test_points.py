@@ -1,0 +1,416 @@
+"""register_points: BCPD / multi-organ BCPD (METHODS.md §4), its kernels, transforms, helpers and CLI."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import classreg
+from classreg import Image, StopRegistration, register_points
+from classreg.kernels import _backend
+from classreg.kernels import points as kp
+from classreg.solvers import bcpd
+from classreg.transforms import Affine, rotation_matrix
+
+# ------------------------------------------------------------------------------------------------ phantoms
+# Four organ-like ellipsoids (centre, radii in mm) packed with 5-10 mm gaps, as in an abdomen.
+ORGANS = [
+    (np.array([-32.0, 0.0, 0.0]), np.array([30.0, 22.0, 18.0])),
+    (np.array([18.0, 8.0, 0.0]), np.array([16.0, 14.0, 14.0])),
+    (np.array([0.0, -30.0, 3.0]), np.array([14.0, 10.0, 16.0])),
+    (np.array([-8.0, 20.0, 24.0]), np.array([16.0, 12.0, 10.0])),
+]
+# independent motion per organ: neighbours slide past each other by up to 20 mm
+TRANSLATIONS = np.array([[0.0, 10.0, 0.0], [0.0, -10.0, 2.0], [8.0, 0.0, -6.0], [-6.0, -4.0, 8.0]])
+
+
+def _ellipsoid_surface(k, n, rng):
+    c, r = ORGANS[k]
+    i = np.arange(n) + 0.5
+    phi = np.arccos(1 - 2 * i / n)
+    th = np.pi * (1 + 5**0.5) * i + rng.uniform(0, 2 * np.pi)
+    u = np.stack([np.cos(th) * np.sin(phi), np.sin(th) * np.sin(phi), np.cos(phi)], 1)
+    u = u + rng.normal(scale=0.02, size=u.shape)
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    return c + u * r
+
+
+def _motions(rng):
+    out = []
+    for k, (c, _) in enumerate(ORGANS):
+        R = rotation_matrix(rng.uniform(-1, 1, 3) * np.radians(8))
+        cen = c + rng.normal(scale=10, size=(6, 3))
+        amp = rng.normal(scale=1.5, size=(6, 3))
+        out.append((R, TRANSLATIONS[k], c, cen, amp))
+    return out
+
+
+def _warp(p, cen, amp):
+    return (np.exp(-((p[:, None, :] - cen[None]) ** 2).sum(-1) / (2 * 15.0**2))) @ amp
+
+
+def _apply_motion(p, lab, mots):
+    out = np.empty_like(p)
+    for k, (R, t, c, cen, amp) in enumerate(mots):
+        m = lab == k
+        q = p[m] + _warp(p[m], cen, amp)  # smooth deformation of the organ, then its own rigid motion
+        out[m] = (q - c) @ R.T + c + t
+    return out
+
+
+def _inside_target_organ(q, k, mots, margin=1.0):
+    R, t, c, cen, amp = mots[k]
+    base = (q - c - t) @ R + c
+    p = base.copy()
+    for _ in range(30):  # invert the smooth warp by fixed-point iteration
+        p = base - _warp(p, cen, amp)
+    r = ORGANS[k][1]
+    return np.linalg.norm((p - c) / r, axis=1) < 1 - margin / r.max()
+
+
+def make_organs():
+    """The synthetic four-organ case (fixed seed); also used by benchmarks/points.py."""
+    rng = np.random.default_rng(0)
+    mots = _motions(rng)
+    ns, nt = 200, 220
+    Y = np.concatenate([_ellipsoid_surface(k, ns, rng) for k in range(4)])
+    ly = np.repeat(np.arange(4), ns)
+    X0 = np.concatenate([_ellipsoid_surface(k, nt, rng) for k in range(4)])  # different samples of the surfaces
+    lx = np.repeat(np.arange(4), nt)
+    X = _apply_motion(X0, lx, mots)
+    lm, llm = [], []
+    for k, (c, r) in enumerate(ORGANS):  # held-out landmarks inside the organs
+        u = rng.normal(size=(25, 3))
+        u /= np.linalg.norm(u, axis=1, keepdims=True)
+        lm.append(c + u * r * rng.uniform(0.2, 0.8, (25, 1)))
+        llm.append(np.full(25, k))
+    lm, llm = np.concatenate(lm), np.concatenate(llm)
+    lx_bad = lx.copy()
+    bad = rng.choice(len(lx), len(lx) // 10, replace=False)
+    lx_bad[bad] = (lx[bad] + rng.integers(1, 4, len(bad))) % 4
+    return dict(Y=Y, ly=ly, X=X, lx=lx, lx_bad=lx_bad, lm=lm, llm=llm, lm_t=_apply_motion(lm, llm, mots), mots=mots)
+
+
+@pytest.fixture(scope="module")
+def organs():
+    return make_organs()
+
+
+MO_KW = dict(deformation=100.0, bandwidth=30.0, max_iter=200, tol=1e-3)
+
+
+def _tre(res, o, labels=True):
+    pred = res.inverse.map_points(o["lm"], o["llm"] if labels else None)
+    return float(np.linalg.norm(pred - o["lm_t"], axis=1).mean())
+
+
+def _interpenetration(res, o):
+    W = res.apply_points(o["Y"])
+    return max(float(_inside_target_organ(W[o["ly"] == a], b, o["mots"]).mean())
+               for a in range(4) for b in range(4) if a != b)
+
+
+# ------------------------------------------------------------------------------------------------ tests
+def test_multi_organ_beats_bcpd_and_recovers_from_label_noise(organs):
+    o = organs
+    before = float(np.linalg.norm(o["lm"] - o["lm_t"], axis=1).mean())
+    plain = register_points(o["Y"], o["X"], **MO_KW)
+    omc = register_points(o["Y"], o["X"], source_labels=o["ly"], target_labels=o["lx"], coherence="organ", **MO_KW)
+    tre_plain, tre_omc = _tre(plain, o, labels=False), _tre(omc, o)
+    assert omc.params["method"] == "OMC-MO-BCPD" and plain.params["method"] == "BCPD"
+    assert tre_omc < 0.3 * before
+    assert tre_omc <= 0.7 * tre_plain, (tre_omc, tre_plain)
+    assert _interpenetration(omc, o) <= 0.01
+    # 10 % of the target labels corrupted: U = Id is misled, a matching U recovers
+    noisy_id = register_points(o["Y"], o["X"], source_labels=o["ly"], target_labels=o["lx_bad"], **MO_KW)
+    noisy_u = register_points(o["Y"], o["X"], source_labels=o["ly"], target_labels=o["lx_bad"],
+                              label_transition=bcpd.label_transition_matrix(4, 0.1), **MO_KW)
+    tre_id, tre_u = _tre(noisy_id, o), _tre(noisy_u, o)
+    assert tre_u <= 1.2 * tre_omc, (tre_u, tre_omc)
+    assert tre_id > tre_u
+    assert noisy_u.params["label_transition"][0][1] == pytest.approx(0.1 / 3)
+
+
+def test_similarity_mode_recovers_known_similarity():
+    rng = np.random.default_rng(1)
+    Y = rng.normal(size=(200, 3)) * 20 + 40
+    R = rotation_matrix([0.2, -0.3, 0.4])
+    s, t = 1.1, np.array([5.0, -3.0, 2.0])
+    X = (s * Y @ R.T + t)[rng.permutation(200)]
+    res = register_points(Y, X, mode="similarity", tol=1e-9, max_iter=300)
+    f = res.inverse
+    assert np.linalg.norm(f.matrix - s * R) / np.linalg.norm(s * R) < 1e-3
+    assert np.linalg.norm(f.translation - t) / np.linalg.norm(t) < 1e-3
+    assert res.metrics["scale"] == pytest.approx(s, rel=1e-3)
+    assert res.converged
+    np.testing.assert_allclose(res.apply_points(Y), s * Y @ R.T + t, atol=1e-3)
+    # target -> source (the fixed -> moving pull-back) is the inverse
+    np.testing.assert_allclose(res.transform.map_points(s * Y @ R.T + t), Y, atol=1e-3)
+    rig = register_points(Y, (Y @ R.T + t)[::-1], mode="rigid", tol=1e-9, max_iter=300)
+    assert np.abs(rig.inverse.matrix - R).max() < 1e-3 and rig.metrics["scale"] == 1.0
+
+
+def test_2d_and_history_and_params():
+    rng = np.random.default_rng(2)
+    Y = rng.uniform(-30, 30, size=(120, 2))
+    X = Y @ rotation_matrix(0.1).T + [2.0, 1.0] + 0.5 * np.sin(Y / 15.0)
+    res = register_points(Y, X, max_iter=60, min_iter=5, tol=1e-3)
+    assert res.history and {"sigma", "scale", "n_hat", "sigma_change"} <= set(res.history[0])
+    assert res.history[-1]["sigma"] < res.history[0]["sigma"]
+    for key in ("deformation_mm2", "bandwidth_mm", "tol_mm", "seed", "backend", "rank", "gamma", "omega", "kappa",
+                "lambda_convention", "sigma_init_mm", "versions", "threads"):
+        assert key in res.params
+    assert np.linalg.norm(res.apply_points(Y) - X, axis=1).mean() < 0.5
+
+
+def test_deterministic_bitwise():
+    rng = np.random.default_rng(3)
+    Y = rng.normal(size=(300, 3)) * 10
+    X = Y * 1.02 + np.sin(Y / 8.0) + 1.0
+    kw = dict(max_iter=40, min_iter=40, rank=30, lowrank="nystrom", nystrom_samples=100, seed=7)
+    a = register_points(Y, X, **kw)
+    b = register_points(Y, X, **kw)
+    assert np.array_equal(a.apply_points(Y), b.apply_points(Y))
+    assert [h["sigma"] for h in a.history] == [h["sigma"] for h in b.history]
+    c = register_points(Y, X, **dict(kw, seed=8))
+    assert not np.array_equal(a.apply_points(Y), c.apply_points(Y))
+
+
+@pytest.mark.skipif(not _backend.HAVE_NUMBA, reason="numba not installed")
+@pytest.mark.parametrize("labelled", [False, True])
+@pytest.mark.parametrize("truncation", [0.0, 1e-12])
+def test_estep_numba_matches_numpy_reference(labelled, truncation):
+    rng = np.random.default_rng(4)
+    x, y = rng.normal(size=(300, 3)), rng.normal(size=(250, 3))
+    lx = ly = U = None
+    if labelled:
+        lx, ly = rng.integers(0, 3, 300), rng.integers(0, 3, 250)
+        U = np.full((3, 3), 0.05) + 0.85 * np.eye(3)
+        U[2, 0] = 0.0
+    ox, oy = kp.spatial_order(x, lx), kp.spatial_order(y, ly)
+    x, y = x[ox], y[oy]
+    if labelled:
+        lx, ly = lx[ox], ly[oy]
+    b = rng.uniform(0.5, 1.0, 250) / 250
+    for sigma2 in (2.0, 0.05):
+        ref = kp.estep(x, y, b, sigma2, 1e-3, lx=lx, ly=ly, U=U, truncation=truncation, backend="numpy",
+                       block_bytes=50_000)
+        fast = kp.estep(x, y, b, sigma2, 1e-3, lx=lx, ly=ly, U=U, truncation=truncation, backend="numba", block=32)
+        for r_, f_ in zip(ref, fast):
+            np.testing.assert_allclose(f_, r_, rtol=1e-10, atol=1e-13)
+
+
+def test_kernel_apply_numba_matches_numpy():
+    rng = np.random.default_rng(5)
+    q, z, c = rng.normal(size=(90, 3)), rng.normal(size=(70, 3)), rng.normal(size=(70, 3))
+    lq, lz = rng.integers(0, 2, 90), rng.integers(0, 2, 70)
+    amp = np.array([[2.0, 0.5], [0.5, 1.0]])
+    den = np.array([[2.0, 3.0], [3.0, 4.5]])
+    a = kp.kernel_apply(q, lq, z, lz, c, amp, den, backend="numpy", block_bytes=10_000)
+    if _backend.HAVE_NUMBA:
+        np.testing.assert_allclose(kp.kernel_apply(q, lq, z, lz, c, amp, den, backend="numba"), a, rtol=1e-12)
+    np.testing.assert_allclose(a, kp.kernel_matrix(q, lq, z, lz, amp, den) @ c, rtol=1e-12)
+
+
+def test_woodbury_lowrank_update_equals_full_rank():
+    rng = np.random.default_rng(6)
+    m = 60
+    y = rng.normal(size=(m, 3))
+    G = np.exp(-((y[:, None] - y[None]) ** 2).sum(-1) / 2.0) * 3.0
+    lam, Q = np.linalg.eigh(G)
+    keep = lam > 1e-12 * lam.max()
+    full = dict(kind="full", G=G, idx=np.arange(m))
+    low = dict(kind="eigsh", Q=Q[:, keep], lam=lam[keep], K=int(keep.sum()), idx=np.arange(m))
+    E, nu = rng.normal(size=(m, 3)), rng.uniform(0.1, 2.0, m)
+    nu[:5] = 1e-20  # floored responsibilities
+    for cv in (1e-3, 0.3, 5.0):
+        v1, s1, _ = bcpd._v_update(full, E, nu, cv, True)
+        v2, s2, _ = bcpd._v_update(low, E, nu, cv, True)
+        np.testing.assert_allclose(v2, v1, rtol=1e-6, atol=1e-9 * np.abs(v1).max())
+        np.testing.assert_allclose(s2, s1, rtol=1e-6, atol=1e-9 * s1.max())
+
+
+def test_lowrank_registration_matches_full_rank():
+    rng = np.random.default_rng(7)
+    Y = rng.normal(size=(150, 3)) * 15
+    X = Y + 3.0 * np.sin(Y / 20.0) + 1.0
+    kw = dict(max_iter=50, min_iter=50, bandwidth=40.0)
+    full = register_points(Y, X, rank="full", **kw)
+    low = register_points(Y, X, rank=100, lowrank="eigsh", **kw)
+    nys = register_points(Y, X, rank=100, lowrank="nystrom", nystrom_samples=150, **kw)
+    ref = full.apply_points(Y)
+    assert np.abs(low.apply_points(Y) - ref).max() < 1e-3
+    assert np.abs(nys.apply_points(Y) - ref).max() < 1e-3
+    assert low.metrics["interpolation_error_mm"]["max"] < 1e-3
+    assert nys.metrics["interpolation_error_mm"]["max"] < 1e-3
+
+
+def test_fsaverage5_pial_to_white():
+    nilearn = pytest.importorskip("nilearn")  # noqa: F841
+    from nilearn import datasets, surface
+
+    fs = datasets.fetch_surf_fsaverage("fsaverage5")
+    pial = surface.load_surf_mesh(fs["pial_left"])[0]
+    white = surface.load_surf_mesh(fs["white_left"])[0]
+    idx = np.sort(np.random.default_rng(0).choice(len(pial), 2000, replace=False))
+    P, W = np.asarray(pial[idx], float), np.asarray(white[idx], float)
+    before = np.linalg.norm(P - W, axis=1).mean()
+    res = register_points(P, W, deformation=10.0, bandwidth=5.0, rank=400, max_iter=150, tol=1e-3)
+    err = np.linalg.norm(res.apply_points(P) - W, axis=1).mean()
+    assert before > 2.0
+    assert err < 1.5, err
+
+
+@pytest.mark.parametrize("case", ["nan", "shape", "dims", "empty", "labels_len", "labels_one", "label_extra",
+                                  "mode", "coherence", "U", "budget"])
+def test_bad_inputs_raise(case):
+    rng = np.random.default_rng(8)
+    Y, X = rng.normal(size=(20, 3)), rng.normal(size=(25, 3))
+    ly, lx = np.zeros(20, int), np.zeros(25, int)
+    kw = {}
+    if case == "nan":
+        Y[3, 1] = np.nan
+        match = "source contains 1 point"
+    elif case == "shape":
+        Y = Y.ravel()
+        match = "source must have shape"
+    elif case == "dims":
+        X = X[:, :2]
+        match = "same dimension"
+    elif case == "empty":
+        X = X[:0]
+        match = "target is empty"
+    elif case == "labels_len":
+        kw = dict(source_labels=ly[:-1], target_labels=lx)
+        match = "source_labels must have one label per source point"
+    elif case == "labels_one":
+        kw = dict(source_labels=ly)
+        match = "both source_labels and target_labels"
+    elif case == "label_extra":
+        lx[0] = 5
+        kw = dict(source_labels=ly, target_labels=lx)
+        match = "target_labels contain"
+    elif case == "mode":
+        kw = dict(mode="affine")
+        match = "mode must be"
+    elif case == "coherence":
+        kw = dict(coherence="organs")
+        match = "coherence must be"
+    elif case == "U":
+        kw = dict(source_labels=ly, target_labels=lx, label_transition=np.ones((2, 2)))
+        match = "label_transition must be"
+    else:
+        kw = dict(rank="full", memory_budget_mb=0.001)
+        match = "memory_budget_mb"
+    with pytest.raises(ValueError, match=match):
+        register_points(Y, X, **kw)
+
+
+def test_pd_guard_for_non_psd_multi_organ_kernel():
+    rng = np.random.default_rng(9)
+    Y = np.concatenate([rng.normal(size=(40, 3)), rng.normal(size=(40, 3)) + [1.5, 0, 0]])
+    ly = np.repeat([0, 1], 40)
+    kw = dict(source_labels=ly, target_labels=ly, coherence=np.array([[1.0, 0.99], [0.99, 1.0]]),
+              bandwidth={0: 0.3, 1: 6.0}, max_iter=3, min_iter=0, rank="full")
+    with pytest.raises(ValueError, match="not positive semi-definite"):
+        register_points(Y, Y + 0.1, pd_guard="raise", **kw)
+    res = register_points(Y, Y + 0.1, pd_guard="jitter", **kw)
+    assert res.params["jitter_mm2"] > 0
+
+
+def test_callback_stop_and_progress_events():
+    rng = np.random.default_rng(10)
+    Y = rng.normal(size=(50, 3)) * 5
+    seen = []
+
+    def cb(ev):
+        seen.append(ev.stage)
+        if ev.stage == "iteration" and ev.iteration == 3:
+            raise StopRegistration
+
+    res = register_points(Y, Y + 1.0, callback=cb, max_iter=50)
+    assert res.stop_reason == "stopped by callback" and not res.converged
+    assert len(res.history) == 3 and seen[:2] == ["start", "level_start"] and seen.count("iteration") == 3
+
+
+def test_dense_field_and_result_apply_warp_source_image_into_target_space():
+    # similarity-only registration of two point sets; the dense field of result.transform (target -> source)
+    # must resample a source-space image exactly like the known affine pull-back
+    rng = np.random.default_rng(11)
+    Y = rng.uniform(0, 40, size=(150, 3))
+    R = rotation_matrix([0.0, 0.0, 0.15])
+    t = np.array([2.0, -1.0, 0.5])
+    X = Y @ R.T + t
+    grid = Image(np.zeros((12, 14, 16), np.float32), spacing=(3.0, 3.0, 3.0))
+    res = register_points(Y, X, mode="similarity", tol=1e-9, max_iter=200, reference=grid)
+    img = Image(rng.normal(size=(12, 14, 16)).astype(np.float32), spacing=(3.0, 3.0, 3.0))
+    pull = Affine(R, t).inverse()  # target -> source
+    expect = classreg.resample(img, pull, reference=grid)
+    np.testing.assert_allclose(res.apply(img).data, expect.data, atol=1e-3)
+    field = classreg.points_displacement_field(res.transform, grid)
+    np.testing.assert_allclose(classreg.resample(img, field, reference=grid).data, expect.data, atol=1e-3)
+
+
+def test_nonrigid_inverse_and_labels_and_save(tmp_path):
+    rng = np.random.default_rng(12)
+    Y = np.concatenate([rng.normal(size=(80, 3)) * 8, rng.normal(size=(80, 3)) * 8 + [30, 0, 0]])
+    ly = np.repeat([3, 7], 80)  # arbitrary label values
+    X = Y + np.where(ly[:, None] == 3, [2.0, 0, 0], [-2.0, 1.0, 0])
+    res = register_points(Y, X, source_labels=ly, target_labels=ly, max_iter=80, tol=1e-3)
+    f = res.inverse
+    moved = f.map_points(Y, ly)
+    np.testing.assert_allclose(moved, res.apply_points(Y), atol=1e-8)  # nearest-source labels = own labels
+    back = res.transform.map_points(moved)
+    assert np.abs(back - Y).max() < 1e-3 and res.metrics["inversion_error_mm"]["max_error"] < 1e-3
+    with pytest.raises(ValueError, match="not one of the registration's organ labels"):
+        f.map_points(Y[:2], [3, 4])
+    path = f.save(tmp_path / "t.npz")
+    g = classreg.load_point_deformation(path)
+    np.testing.assert_array_equal(g.map_points(Y, ly), moved)
+
+
+def test_label_surface_points_from_label_map():
+    pytest.importorskip("skimage")
+    z, y, x = np.mgrid[:30, :32, :34]
+    lab = np.zeros((30, 32, 34), np.uint8)
+    lab[((x - 10) / 6.0) ** 2 + ((y - 16) / 8.0) ** 2 + ((z - 15) / 7.0) ** 2 < 1] = 1
+    lab[((x - 24) / 6.0) ** 2 + ((y - 16) / 6.0) ** 2 + ((z - 15) / 6.0) ** 2 < 1] = 2
+    img = Image(lab, spacing=(2.0, 1.5, 1.0), origin=(10.0, -5.0, 3.0))
+    pts, labs = classreg.label_surface_points(img, n_points=150, seed=0)
+    assert pts.shape == (300, 3) and set(labs.tolist()) == {1, 2}
+    # organ 2 is a 12 x 9 x 6 mm-radius ellipsoid centred at index (24, 16, 15) -> world (58, 19, 18)
+    c = np.array([10 + 2 * 24, -5 + 1.5 * 16, 3 + 1.0 * 15])
+    rho = np.linalg.norm((pts[labs == 2] - c) / [12.0, 9.0, 6.0], axis=1)
+    assert np.all(np.abs(rho - 1) < 0.25)
+
+
+def test_read_points_and_cli(tmp_path):
+    from classreg.cli import main
+
+    rng = np.random.default_rng(13)
+    Y = rng.normal(size=(60, 3)) * 10
+    X = Y + [1.0, 2.0, -1.0]
+    np.savetxt(tmp_path / "y.txt", Y, delimiter="\t")
+    np.savetxt(tmp_path / "x.csv", np.column_stack([X, np.zeros(60)]), delimiter=",", header="x,y,z,label")
+    pts, lab = bcpd.read_points(tmp_path / "x.csv")
+    assert pts.shape == (60, 3) and lab is not None
+    np.save(tmp_path / "x.npy", X)
+    out = tmp_path / "out"
+    rc = main(["register", "points", str(tmp_path / "y.txt"), str(tmp_path / "x.npy"), "-o", str(out),
+               "--max-iter", "40", "--min-iter", "5", "-q"])
+    assert rc == 0
+    moved = np.loadtxt(out / "moved_source.txt")
+    assert np.abs(moved - X).max() < 0.05
+    assert (out / "params.json").is_file() and (out / "history.csv").is_file() and (out / "transform.npz").is_file()
+    assert main(["register", "points", str(tmp_path / "nope.txt"), str(tmp_path / "x.npy"), "-o", str(out)]) == 1
+
+
+def test_result_save_and_load_round_trip_point_deformation(tmp_path):
+    rng = np.random.default_rng(3)
+    src = rng.normal(size=(120, 3)) * 10
+    tgt = src @ rotation_matrix([0.0, 0.0, 0.1]).T + [1.0, 2.0, 0.5]
+    res = register_points(src, tgt, max_iter=40)
+    res.save(tmp_path / "out")
+    back = classreg.load_result(tmp_path / "out")
+    assert type(back.transform) is type(res.transform) and type(back.inverse) is type(res.inverse)
+    np.testing.assert_allclose(back.apply_points(src), res.apply_points(src), atol=1e-9)
+    np.testing.assert_allclose(back.transform.map_points(tgt[:10]), res.transform.map_points(tgt[:10]), atol=1e-6)
