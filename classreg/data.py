@@ -85,3 +85,46 @@ def mni152(kind: str = "t1", *, resolution: float = 2.0):
     if resolution <= 1.0:
         return img
     return downsample(img, float(resolution), 0.5 * float(resolution))
+
+
+def brain_pair_3d(*, resolution: float = 2.0) -> dict:
+    """The real 3-D inter-subject pair that installs offline.
+
+    fixed: nilearn's MNI152 2009a T1 template at ``resolution`` mm, tissue labels 1/2/3 = CSF/GM/WM from
+    argmax(1 − gm − wm, gm, wm) inside the template's brain (T1 > 0). moving: the real T1 subject of ITK's examples
+    (``KmeansTest_T1UCharRaw.nii.gz``, 2 × 2 × 3 mm) skull-stripped with its shipped mask
+    (``KmeansTest_T1RawSkullStrip``), labels from the shipped preliminary k-means segmentation (4/5/6 →
+    CSF/GM/WM = 1/2/3; noisy). Returns a dict with ``fixed``, ``moving``, ``fixed_labels``, ``moving_labels``,
+    ``fixed_mask``, ``moving_mask`` (Images) and ``provenance`` (text).
+    """
+    import numpy as np
+
+    from .io import load
+
+    fixed = mni152("t1", resolution=resolution)
+    gm = mni152("gm", resolution=resolution).data / 255.0  # the shipped probability maps are stored as 0-255
+    wm = mni152("wm", resolution=resolution).data / 255.0
+    brain = fixed.data > 0.02 * float(fixed.data.max())
+    lab = np.argmax(np.stack([1.0 - gm - wm, gm, wm]), axis=0).astype(np.uint8) + 1
+    fixed_labels = fixed.like(np.where(brain, lab, 0).astype(np.uint8))
+    t1 = load(itk_example("KmeansTest_T1UCharRaw.nii.gz"), dtype=np.float32)
+    strip = load(itk_example("KmeansTest_T1RawSkullStrip.nii.gz")).data > 0
+    seg = load(itk_example("KmeansTest_T1KmeansPrelimSegmentation.nii.gz")).data
+    moving = t1.like(np.where(strip, t1.data, 0.0).astype(np.float32))
+    mlab = np.zeros(seg.shape, np.uint8)
+    for src, dst in ((4, 1), (5, 2), (6, 3)):
+        mlab[(seg == src) & strip] = dst
+    return {
+        "fixed": fixed,
+        "moving": moving,
+        "fixed_labels": fixed_labels,
+        "moving_labels": t1.like(mlab),
+        "fixed_mask": fixed.like(brain.astype(np.uint8)),
+        "moving_mask": t1.like(strip.astype(np.uint8)),
+        "provenance": (
+            f"fixed: nilearn {mni152_file('t1').name} (MNI152 2009a, shipped in the nilearn package), {resolution} mm; "
+            f"moving: ITK examples (Debian insighttoolkit5-examples) {itk_example('KmeansTest_T1UCharRaw.nii.gz')} "
+            "skull-stripped with KmeansTest_T1RawSkullStrip.nii.gz; labels CSF/GM/WM from nilearn GM/WM maps and "
+            "KmeansTest_T1KmeansPrelimSegmentation.nii.gz (4/5/6)"
+        ),
+    }

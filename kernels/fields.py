@@ -45,10 +45,10 @@ def _dtype(*arrays):
 
 
 def _voxel_norm(u, h, xp):
-    """Per-voxel Euclidean norm of ``u / spacing`` (float64)."""
+    """Per-voxel Euclidean norm of ``u / spacing`` (in the field's own precision: it only picks a squaring count)."""
     acc = None
     for k in range(u.shape[-1]):
-        comp = u[..., k].astype(np.float64) / float(h[k])
+        comp = u[..., k] * u.dtype.type(1.0 / float(h[k])) if u.dtype.kind == "f" else u[..., k] / float(h[k])
         acc = comp * comp if acc is None else acc + comp * comp
     return xp.sqrt(acc)
 

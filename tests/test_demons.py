@@ -137,7 +137,7 @@ def test_mni152_known_deformation_3d():
 
     try:
         fixed = mni152("t1", resolution=2.0)
-        brain = (mni152("gm", resolution=2.0).data + mni152("wm", resolution=2.0).data) > 0.5
+        brain = (mni152("gm", resolution=2.0).data + mni152("wm", resolution=2.0).data) > 0.5 * 255  # maps are 0-255
     except DataNotFoundError as exc:
         pytest.skip(str(exc))
     rng = np.random.default_rng(0)
@@ -151,3 +151,35 @@ def test_mni152_known_deformation_3d():
     epe = np.linalg.norm(r.transform.map_points(pts) - truth.map_points(pts), axis=1)
     assert epe.mean() < 1.0
     assert evaluate.jacobian_stats(r.transform)["min_det"] > 0
+
+
+def test_cli_register_demons_writes_outputs(tmp_path, rng):
+    pytest.importorskip("matplotlib")
+    from classreg.cli import main
+
+    fixed, moving, _ = _known_pair(rng, shape=(40, 44))
+    cr.save(fixed, tmp_path / "f.nii.gz")
+    cr.save(moving, tmp_path / "m.nii.gz")
+    rc = main(["register", "demons", str(tmp_path / "f.nii.gz"), str(tmp_path / "m.nii.gz"), "-o",
+               str(tmp_path / "out"), "--max-pieces", "2", "--quiet"])
+    assert rc == 0
+    names = {p.name for p in (tmp_path / "out").iterdir()}
+    assert {"qc.png", "warped.nii.gz", "transform.nii.gz", "inverse.nii.gz", "params.json", "history.csv",
+            "result.json", "extras.npz"} <= names
+    back = cr.load_result(tmp_path / "out")
+    assert len(back.extras["velocities"]) == back.metrics["pieces"]
+    assert main(["register", "demons", str(tmp_path / "f.nii.gz"), str(tmp_path / "missing.nii.gz"), "-o",
+                 str(tmp_path / "o2")]) == 1
+
+
+def test_demo_2d_runs_on_shipped_data(tmp_path):
+    pytest.importorskip("matplotlib")
+    from classreg.data import DataNotFoundError
+    from classreg.demo import run_demo
+
+    try:
+        s = run_demo(tmp_path / "demo", prefer_3d=False, progress=False, max_pieces=2)
+    except DataNotFoundError as exc:
+        pytest.skip(str(exc))
+    assert s["case"] == "2-D inter-subject" and (tmp_path / "demo" / "qc.png").is_file()
+    assert s["ncc_demons"] > s["ncc_affine"] and s["percent_det_j_nonpositive"] == 0.0

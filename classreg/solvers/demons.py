@@ -70,7 +70,9 @@ def register_demons(fixed: Image, moving: Image, *, init: Transform | None = Non
     max_pieces : int
         Maximal number of stationary-velocity pieces of the broken geodesic (1 = plain log-demons).
     piece_tol : float
-        A further piece is kept only if it lowers the energy by more than this fraction.
+        A further piece is kept only if it lowers the energy by more than this fraction. A piece whose composition
+        with the previous ones would fold the map on the grid (central-difference det J ≤ 0) is halved, up to three
+        times, and otherwise dropped (the run then stops), so the result is always a diffeomorphism on the grid.
     tol : float
         A level ends when the energy changed by less than ``tol`` × its first value over the last 5 iterations.
     lncc_radius : float, optional
@@ -158,6 +160,7 @@ def register_demons(fixed: Image, moving: Image, *, init: Transform | None = Non
     phi_inv = np.zeros_like(phi)
     velocities = []
     path_length = 0.0
+    from ..kernels.diff import jacobian_determinant
     from ..kernels.fields import compose, expmap
 
     def warp_moving(disp):
@@ -181,9 +184,19 @@ def register_demons(fixed: Image, moving: Image, *, init: Transform | None = Non
             v = state.get("v")
             if v is None:
                 break
-            e_v, _ = expmap(v, spacing=h, backend=backend)
+            # Φ_i = Φ_{i-1} ∘ exp(v_i); the piece is halved (at most 3 times) if the composed map would fold on the
+            # grid (det J ≤ 0 by central differences): the broken geodesic stays a diffeomorphism.
+            for _ in range(4):
+                e_v, _ = expmap(v, spacing=h, backend=backend)
+                new_phi = compose(phi, e_v, spacing=h, backend=backend)
+                min_det = float(np.min(jacobian_determinant(new_phi, spacing=h, backend=backend)))
+                if min_det > 0:
+                    break
+                v = 0.5 * v
+            if min_det <= 0:
+                stop_reason = f"piece {piece} would fold the map (min det J {min_det:.3g}); kept {piece - 1} piece(s)"
+                break
             e_minus, _ = expmap(-v, spacing=h, backend=backend)
-            new_phi = compose(phi, e_v, spacing=h, backend=backend)          # Φ_i = Φ_{i-1} ∘ exp(v_i)
             new_inv = compose(e_minus, phi_inv, spacing=h, backend=backend)  # Φ_i⁻¹ = exp(−v_i) ∘ Φ_{i-1}⁻¹
             new_energy = _energy(fixed_n.data, warp_moving(new_phi), fmask)
             if piece > 1 and new_energy > energy * (1.0 - piece_tol):
@@ -316,114 +329,114 @@ def _one_piece(fixed: Image, moving: Image, fmask, mmask, schedule, opts, prog, 
 
 
 def _level_step(level, state, progress, opts, piece, dtype, best):
-    from ..kernels.diff import gradient, lie_bracket
+    """Iterate symmetric log-demons on one pyramid level; keeps ``state["v"]`` (array frame, mm) current."""
+    from ..kernels.diff import gradient
     from ..kernels.fields import expmap
     from ..kernels.smooth import gaussian
-    from ..kernels.warp import warp
-    from ..metrics import lncc
 
     backend = opts["backend"]
     F = np.asarray(level.fixed.data, dtype=dtype)
-    M = np.asarray(level.moving.data, dtype=dtype)  # on the fixed grid (shape equal at every level)
+    M = np.asarray(level.moving.data, dtype=dtype)  # the moving image on the fixed grid (same shape)
     n = F.ndim
     h = tuple(level.fixed.spacing_array_order)
     scale = float(level.shrink)
     sig_v = opts["velocity_sigma"] * scale
     sig_u = opts["update_sigma"] * scale
     max_step = opts["max_step"] * scale
-    lncc_radius = max(opts["lncc_radius"] * scale, max(h))
     fmask = level.fixed_mask
     mmask = level.moving_mask
     v = state.get("v")
     if v is None or v.shape[:n] != F.shape:
         v = np.zeros((*F.shape, n), dtype=dtype)
-    grad_F = gradient(F, spacing=h, backend=backend)
-    n2 = max_step * max_step
+    side = dict(F=F, M=M, gF=gradient(F, spacing=h, backend=backend), h=h, max_step=max_step, fmask=fmask,
+                mmask=mmask, metric=opts["metric"], lncc_radius=max(opts["lncc_radius"] * scale, max(h)),
+                backend=backend, gM=gradient(M, spacing=h, backend=backend) if opts["symmetric"] else None)
     energies = []
     best_v, best_e = v, math.inf
     for it in range(level.iterations):
         e_v, _ = expmap(v, spacing=h, backend=backend)
-        Mw = warp(M, e_v / np.asarray(h, dtype=dtype), order=1, mode="itk", cval=0.0, backend=backend)
-        inside = warp(np.ones_like(M), e_v / np.asarray(h, dtype=dtype), order=1, mode="itk", cval=0.0,
-                      backend=backend) > 0.999
-        valid = inside if fmask is None else (inside & fmask)
-        if mmask is not None:
-            mw = warp(mmask.astype(dtype), e_v / np.asarray(h, dtype=dtype), order=1, mode="itk", cval=0.0,
-                      backend=backend)
-            valid &= mw > 0.5
-        diff = F - Mw
-        sel = diff[valid] if fmask is not None or mmask is not None else diff
-        energy = float(np.mean(np.asarray(sel, dtype=np.float64) ** 2))
+        u_f, energy, step = _force(side, e_v, forward=True)
         energies.append(energy)
         if energy < best_e:
             best_e, best_v = energy, v
-        grad_Mw = gradient(Mw, spacing=h, backend=backend)
-        u_f = _force(F, Mw, grad_F, grad_Mw, valid, n2, opts["metric"], lncc_radius, h, max_step, dtype)
-        if opts["symmetric"]:
-            e_m, _ = expmap(-v, spacing=h, backend=backend)
-            Fw = warp(F, e_m / np.asarray(h, dtype=dtype), order=1, mode="itk", cval=0.0, backend=backend)
-            inside_b = warp(np.ones_like(F), e_m / np.asarray(h, dtype=dtype), order=1, mode="itk", cval=0.0,
-                            backend=backend) > 0.999
-            valid_b = inside_b if mmask is None else (inside_b & mmask)
-            if fmask is not None:
-                fw = warp(fmask.astype(dtype), e_m / np.asarray(h, dtype=dtype), order=1, mode="itk", cval=0.0,
-                          backend=backend)
-                valid_b &= fw > 0.5
-            grad_M = state.get("_grad_M")
-            if grad_M is None or grad_M.shape[:n] != M.shape:
-                grad_M = gradient(M, spacing=h, backend=backend)
-                state["_grad_M"] = grad_M
-            grad_Fw = gradient(Fw, spacing=h, backend=backend)
-            u_b = _force(M, Fw, grad_M, grad_Fw, valid_b, n2, opts["metric"], lncc_radius, h, max_step, dtype)
         if sig_u > 0:
             u_f = gaussian(u_f, sig_u, spacing=h, ndim=n, backend=backend)
-            if opts["symmetric"]:
-                u_b = gaussian(u_b, sig_u, spacing=h, ndim=n, backend=backend)
-        z_f = _bch(v, u_f, opts["bch_terms"], h, backend)
+        z = _bch(v, u_f, opts["bch_terms"], h, backend)
         if opts["symmetric"]:
-            z_b = _bch(-v, u_b, opts["bch_terms"], h, backend)
-            v_new = 0.5 * (z_f - z_b)
-        else:
-            v_new = z_f
+            e_m, _ = expmap(-v, spacing=h, backend=backend)
+            u_b, _, _ = _force(side, e_m, forward=False)
+            if sig_u > 0:
+                u_b = gaussian(u_b, sig_u, spacing=h, ndim=n, backend=backend)
+            z -= _bch(-v, u_b, opts["bch_terms"], h, backend)
+            z *= 0.5
         if sig_v > 0:
-            v_new = gaussian(v_new, sig_v, spacing=h, ndim=n, backend=backend)
-        step_len = float(np.sqrt(np.max(np.sum((v_new - v).astype(np.float64) ** 2, axis=-1))))
-        v = v_new.astype(dtype, copy=False)
+            z = gaussian(z, sig_v, spacing=h, ndim=n, backend=backend)
+        v = z.astype(dtype, copy=False)
         state["v"] = v
-        progress.emit("iteration", level=level.index, iteration=it, metric=energy, step=step_len, piece=piece)
+        progress.emit("iteration", level=level.index, iteration=it, metric=energy, step=step, piece=piece)
         if len(energies) > 5 and abs(energies[-6] - energies[-1]) < opts["tol"] * energies[0]:
             break
-    # evaluate the last update too, then keep the best velocity of the level (Lombaert)
+    # the last update is evaluated too; the level keeps its best velocity (Lombaert's rule)
     e_v, _ = expmap(v, spacing=h, backend=backend)
-    Mw = warp(M, e_v / np.asarray(h, dtype=dtype), order=1, mode="itk", cval=0.0, backend=backend)
-    d = F - Mw
-    last = float(np.mean(np.asarray(d[fmask] if fmask is not None else d, dtype=np.float64) ** 2))
+    last = _force(side, e_v, forward=True)[1]
     if last <= best_e:
         best_e, best_v = last, v
     state["v"] = best_v
-    state.pop("_grad_M", None)
     best["energy"] = best_e
 
 
-def _force(F, Mw, grad_F, grad_Mw, valid, n2, metric, lncc_radius, h, max_step, dtype):
-    """Demons update u (array frame, mm) moving Mw towards F: ``Mw∘(id+u) ≈ F``."""
-    if metric == "ssd":
-        # ESM force (Vercauteren 2008 eq. 8; ITK ESMDemonsRegistrationFunction): u = 2 d g / (|g|² + d²/N)
-        d = (F - Mw).astype(dtype, copy=False)
-        g = grad_F + grad_Mw
-        den = np.sum(g * g, axis=-1) + d * d / n2
-        ok = valid & (np.abs(d) >= 1e-3) & (den >= 1e-9)
-        scale = np.where(ok, 2.0 * d / np.where(ok, den, 1.0), 0.0).astype(dtype)
-        return g * scale[..., None]
+def _force(side, disp, *, forward):
+    """Update moving ``M∘(id+disp)`` towards ``F`` (forward) or ``F∘(id+disp)`` towards ``M`` (backward).
+
+    Returns ``(u, energy, step)``: the update (array frame, mm), the mean squared difference over the valid voxels
+    before the update, and the largest update length (mm).
+    """
+    from ..kernels.demons import esm_force
+    from ..kernels.diff import gradient
+    from ..kernels.warp import warp
+
+    h, backend = side["h"], side["backend"]
+    inv_h = np.diag(1.0 / np.asarray(h))
+    if forward:
+        target, source, g_target, own_mask, other_mask = side["F"], side["M"], side["gF"], side["fmask"], side["mmask"]
+    else:
+        target, source, g_target, own_mask, other_mask = side["M"], side["F"], side["gM"], side["mmask"], side["fmask"]
+    warped = warp(source, disp, disp_matrix=inv_h, order=1, mode="itk", cval=0.0, backend=backend)
+    other_valid = None
+    if other_mask is not None:
+        other_valid = warp(other_mask.astype(target.dtype), disp, disp_matrix=inv_h, order=1, mode="itk", cval=0.0,
+                           backend=backend) > 0.5
+    g_warped = gradient(warped, spacing=h, backend=backend)
+    if side["metric"] == "ssd":
+        u, ssd, count, step = esm_force(target, warped, g_target, g_warped, disp, spacing=h,
+                                        max_step=side["max_step"], mask=own_mask, moving_valid=other_valid,
+                                        backend=backend)
+        return u, ssd / max(count, 1), step
+    return _lncc_force(target, warped, g_warped, disp, own_mask, other_valid, side)
+
+
+def _lncc_force(target, warped, g_warped, disp, own_mask, other_valid, side):
+    """Gradient step on local NCC (ANTs "CC"), scaled so that its longest vector is ``max_step``."""
     from ..metrics import lncc
 
-    _, dcost = lncc(F, Mw, radius=lncc_radius, spacing=h, gradient=True)
-    u = -(dcost[..., None] * grad_Mw)
+    h = side["h"]
+    n = target.ndim
+    idx = np.indices(target.shape, dtype=np.float64)
+    valid = np.ones(target.shape, bool)
+    for k in range(n):
+        x = idx[k] + disp[..., k] / h[k]
+        valid &= (x >= -0.5) & (x < target.shape[k] - 0.5)
+    if own_mask is not None:
+        valid &= own_mask
+    if other_valid is not None:
+        valid &= other_valid
+    value, dcost = lncc(target, warped, radius=side["lncc_radius"], spacing=h, mask=valid, gradient=True)
+    u = -(dcost[..., None] * g_warped)
     u[~valid] = 0.0
     norm = float(np.sqrt(np.max(np.sum(u.astype(np.float64) ** 2, axis=-1))))
     if norm > 0:
-        u *= max_step / norm
-    return u.astype(dtype, copy=False)
+        u *= side["max_step"] / norm
+    return u.astype(target.dtype, copy=False), float(value), min(norm, side["max_step"]) if norm else 0.0
 
 
 def _bch(v, u, terms, h, backend):
@@ -437,3 +450,60 @@ def _bch(v, u, terms, h, backend):
     if terms == 4:
         z = z + lie_bracket(v, vu, spacing=h, backend=backend) / 12.0
     return z
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def add_cli(subparsers) -> None:
+    """``classreg register demons FIXED MOVING -o OUT``."""
+    p = subparsers.add_parser("demons", help="symmetric log-domain demons with broken geodesics",
+                              description="Register MOVING to FIXED with register_demons and write the warped "
+                                          "image, transforms, params.json, history.csv and a QC PNG into OUT.")
+    p.add_argument("fixed", help="fixed image (.nii[.gz], .mha, .mhd, .nrrd, .png)")
+    p.add_argument("moving", help="moving image")
+    p.add_argument("-o", "--out", required=True, help="output folder (created)")
+    p.add_argument("--init", help="initial fixed→moving affine (ITK .tfm/.txt/.mat/.h5)")
+    p.add_argument("--fixed-mask", help="fixed-image mask")
+    p.add_argument("--moving-mask", help="moving-image mask")
+    p.add_argument("--metric", choices=_METRICS, default="ssd")
+    p.add_argument("--shrink", type=float, nargs="+", default=[4, 2, 1], help="shrink factors, coarsest first")
+    p.add_argument("--iterations", type=int, nargs="+", default=[60, 40, 20], help="iterations per level")
+    p.add_argument("--velocity-sigma", type=float, help="velocity smoothing σ in mm (default 1.5 × spacing)")
+    p.add_argument("--update-sigma", type=float, default=0.0, help="update smoothing σ in mm")
+    p.add_argument("--max-step", type=float, help="largest update in mm (default 2 × spacing)")
+    p.add_argument("--max-pieces", type=int, default=5, help="pieces of the broken geodesic")
+    p.add_argument("--intensity", choices=("match", "joint"), default="match")
+    p.add_argument("--no-qc", action="store_true", help="do not write qc.png")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cli_run)
+
+
+def _cli_run(args) -> int:
+    from pathlib import Path
+
+    from ..io import load
+    from ..transforms import load_transform
+
+    fixed = load(args.fixed)
+    moving = load(args.moving)
+    init = load_transform(args.init) if args.init else None
+    fmask = load(args.fixed_mask) if args.fixed_mask else None
+    mmask = load(args.moving_mask) if args.moving_mask else None
+    if len(args.iterations) != len(args.shrink):
+        raise ValueError(f"--iterations needs {len(args.shrink)} numbers (one per --shrink level)")
+    res = register_demons(fixed, moving, init=init, metric=args.metric, shrink_factors=tuple(args.shrink),
+                          iterations=tuple(args.iterations), velocity_sigma=args.velocity_sigma,
+                          update_sigma=args.update_sigma, max_step=args.max_step, max_pieces=args.max_pieces,
+                          intensity=args.intensity, fixed_mask=fmask, moving_mask=mmask, progress=not args.quiet)
+    out = Path(args.out)
+    res.save(out)
+    if not args.no_qc:
+        try:
+            from ..qc import qc_figure
+
+            qc_figure(res, moving, out / "qc.png", title=f"demons: {Path(args.moving).name} → {Path(args.fixed).name}")
+        except ImportError as exc:
+            print(f"classreg: note: {exc}; no qc.png written")
+    m = res.metrics
+    print(f"demons: {m['pieces']} piece(s), SSD {m['ssd_before']:.4g} → {m['ssd_after']:.4g}, path length "
+          f"{m['path_length']:.4g}, {res.timings['total']:.1f} s; {res.stop_reason}. Wrote {out}/")
+    return 0
