@@ -2,7 +2,6 @@ import warnings
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 
 import classreg as cr
 import classreg.image as image_mod

@@ -4,7 +4,7 @@ import SimpleITK as sitk
 
 import classreg as cr
 from classreg.transforms import from_sitk_transform, rotation_matrix
-from phantoms import oblique_direction, oblique_image, smooth_field
+from phantoms import oblique_image, smooth_field
 
 
 def _sitk_points(tx, pts):

@@ -665,7 +665,6 @@ def register_points(source, target, *, source_labels=None, target_labels=None, m
     sig_m2 = np.zeros(M)
     sum_xx = N * (y**2).sum() + M * (x**2).sum() - 2.0 * y.sum(0) @ x.sum(0)
     sigma2 = gamma**2 * max(sum_xx, 0.0) / (M * N * D)
-    sigma2_init = sigma2
     if not sigma2 > 0:
         raise ValueError("source and target are single identical points; nothing to register")
     span = x.max(0) - x.min(0)

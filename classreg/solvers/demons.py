@@ -23,7 +23,8 @@ from ..image import Image, as_mask
 from ..progress import Progress, StopRegistration
 from ..pyramid import default_sigmas, multiresolution
 from ..result import Result
-from ..transforms import Affine, Chain, DisplacementField, Transform
+from ..transforms import Chain, DisplacementField, Transform
+from ._common import backend_name, check_init, check_pair, normalise_intensities, warp_through
 
 __all__ = ["register_demons"]
 
@@ -111,18 +112,11 @@ def register_demons(fixed: Image, moving: Image, *, init: Transform | None = Non
     The broken-geodesic extension: WBIR 2022 (METHODS.md §3, eqs. 1-2).
     """
     t_start = time.perf_counter()
-    _check_pair(fixed, moving)
+    check_pair(fixed, moving)
     keyword_choice(metric, _METRICS, "metric")
     keyword_choice(intensity, ("match", "joint"), "intensity")
     keyword_choice(bch_terms, (2, 3, 4), "bch_terms")
-    if init is not None and not isinstance(init, (Affine, Chain)):
-        raise TypeError(f"init must be an Affine or a Chain of affines, got {type(init).__name__}")
-    if init is not None and isinstance(init, Chain):
-        init = init.simplified()
-        if not isinstance(init, Affine):
-            raise TypeError("init must reduce to an affine transform (a Chain of Affine)")
-    if init is not None and init.ndim != fixed.ndim:
-        raise ValueError(f"init is {init.ndim}-D but the images are {fixed.ndim}-D")
+    init = check_init(init, fixed.ndim)
     if int(max_pieces) < 1:
         raise ValueError(f"max_pieces must be >= 1, got {max_pieces!r}")
     dtype = np.dtype(dtype)
@@ -139,9 +133,8 @@ def register_demons(fixed: Image, moving: Image, *, init: Transform | None = Non
         raise ValueError(f"max_step must be a positive length in mm, got {max_step!r}")
     fmask = as_mask(fixed_mask, fixed, "fixed_mask")
     as_mask(moving_mask, moving, "moving_mask")
-    init = init if init is not None else Affine.identity(fixed.ndim)
 
-    fixed_n, moving_n = _normalise(fixed, moving, fmask, intensity, dtype)
+    fixed_n, moving_n = normalise_intensities(fixed, moving, fmask, intensity, dtype)
     mmask_img = None if moving_mask is None else moving.like(np.asarray(as_mask(moving_mask, moving, "moving_mask"),
                                                                           dtype=dtype))
     schedule = dict(shrink_factors=tuple(shrink_factors),
@@ -164,7 +157,7 @@ def register_demons(fixed: Image, moving: Image, *, init: Transform | None = Non
     from ..kernels.fields import compose, expmap
 
     def warp_moving(disp):
-        return _warp_through(moving_n, ref, init, disp, backend)
+        return warp_through(moving_n, ref, init, disp, backend)
 
     energy0 = _energy(fixed_n.data, warp_moving(phi), fmask)
     energy = energy0
@@ -178,7 +171,7 @@ def register_demons(fixed: Image, moving: Image, *, init: Transform | None = Non
             s_prev = ref.like(warp_moving(phi))
             s_mask = None
             if mmask_img is not None:
-                s_mask = ref.like((_warp_through(mmask_img, ref, init, phi, backend) > 0.5).astype(dtype))
+                s_mask = ref.like((warp_through(mmask_img, ref, init, phi, backend) > 0.5).astype(dtype))
             state, stopped, level_energy = _one_piece(fixed_n, s_prev, fmask, s_mask, schedule, opts, prog, piece,
                                                       dtype)
             v = state.get("v")
@@ -233,7 +226,7 @@ def register_demons(fixed: Image, moving: Image, *, init: Transform | None = Non
                   bch_terms=int(bch_terms), symmetric=bool(symmetric), max_pieces=int(max_pieces),
                   piece_tol=float(piece_tol), tol=float(tol), lncc_radius=lncc_radius, intensity=intensity,
                   dtype=str(dtype), seed=seed,
-                  init=init.homogeneous.tolist(), backend=_backend_name(backend), threads=thread_count(),
+                  init=init.homogeneous.tolist(), backend=backend_name(backend), threads=thread_count(),
                   versions=versions(), masks={"fixed": fixed_mask is not None, "moving": moving_mask is not None})
     metrics = dict(path_length=path_length, pieces=len(velocities), ssd_before=energy0, ssd_after=energy,
                    piece_norms=[_v_norm(v, h) for v in velocities])
@@ -243,65 +236,6 @@ def register_demons(fixed: Image, moving: Image, *, init: Transform | None = Non
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _backend_name(backend):
-    from ..kernels._backend import resolve_backend
-
-    return resolve_backend(backend)
-
-
-def _check_pair(fixed, moving):
-    for name, img in (("fixed", fixed), ("moving", moving)):
-        if not isinstance(img, Image):
-            raise TypeError(f"{name} must be a classreg.Image, got {type(img).__name__}")
-        if img.is_vector:
-            raise ValueError(f"{name} must be a scalar image, got {img.ncomponents} components")
-    if fixed.ndim != moving.ndim:
-        raise ValueError(f"dimension mismatch: fixed is {fixed.ndim}-D, moving is {moving.ndim}-D")
-
-
-def _normalise(fixed: Image, moving: Image, fmask, intensity: str, dtype):
-    """Both images on one intensity scale: [0, 1] by the fixed image's 0.5-99.5 percentiles (inside its mask),
-    after histogram matching of the moving image when ``intensity == "match"``."""
-    f = np.asarray(fixed.numpy(), dtype=np.float64)
-    m = np.asarray(moving.numpy(), dtype=np.float64)
-    for name, a in (("fixed", f), ("moving", m)):
-        if a.max() <= a.min():
-            raise ValueError(f"{name} is a constant image; there is nothing to register")
-    if intensity == "match":
-        import SimpleITK as sitk
-
-        matched = sitk.HistogramMatching(moving.astype(np.float32).to_sitk(), fixed.astype(np.float32).to_sitk(),
-                                         numberOfHistogramLevels=1024, numberOfMatchPoints=7,
-                                         thresholdAtMeanIntensity=True)
-        m = sitk.GetArrayFromImage(matched).astype(np.float64)
-    sample = f[np.asarray(fmask)] if fmask is not None else f
-    lo, hi = np.percentile(sample, [0.5, 99.5])
-    if hi <= lo:
-        lo, hi = float(sample.min()), float(sample.max())
-    if hi <= lo:
-        raise ValueError("fixed is constant inside fixed_mask; there is nothing to register")
-    scale = 1.0 / (hi - lo)
-    return (fixed.like(((f - lo) * scale).astype(dtype)), moving.like(((m - lo) * scale).astype(dtype)))
-
-
-def _index_map(moving: Image, reference: Image, init: Affine):
-    """matrix, offset, disp_matrix taking (reference index i, array-frame displacement d in mm) to the moving index of
-    ``init(x_i + d)``."""
-    n = reference.ndim
-    left = moving.inverse_affine @ init.homogeneous
-    total = left @ reference.affine
-    disp_matrix = left[:n, :n] @ reference.direction_matrix[:, ::-1]
-    return total[:n, :n], total[:n, n], disp_matrix
-
-
-def _warp_through(image: Image, reference: Image, init: Affine, disp, backend, *, cval=0.0):
-    from ..kernels.warp import warp
-
-    m, off, dm = _index_map(image, reference, init)
-    return warp(image.data, disp, matrix=m, offset=off, disp_matrix=dm, out_shape=reference.shape, order=1,
-                mode="itk", cval=cval, backend=backend)
-
-
 def _energy(f, w, mask) -> float:
     d = (np.asarray(f, dtype=np.float64) - np.asarray(w, dtype=np.float64))
     if mask is not None:
@@ -316,7 +250,6 @@ def _v_norm(v, h) -> float:
 
 def _one_piece(fixed: Image, moving: Image, fmask, mmask, schedule, opts, prog, piece, dtype):
     """One stationary-velocity piece: multi-resolution symmetric log-demons of ``moving`` (on the fixed grid)."""
-    n = fixed.ndim
     best = {}
 
     def step(level, state, progress):
