@@ -12,6 +12,8 @@ from .progress import Event, StopRegistration
 from .resample import resample
 from .result import Result, load_result
 from .solvers.demons import register_demons
+from .solvers.lddmm import register_lddmm
+from .solvers.rigid import register_rigid
 from .solvers.bcpd import (PointDeformation, PointDeformationInverse, label_surface_points,
                            label_transition_matrix, load_point_deformation, points_displacement_field,
                            register_points)
@@ -33,6 +35,8 @@ __all__ = [
     "Result",
     "load_result",
     "register_demons",
+    "register_lddmm",
+    "register_rigid",
     "Event",
     "StopRegistration",
     "register_points",

@@ -44,7 +44,8 @@ def _cmd_info(args) -> int:
 
 #: Modules that add a ``classreg register <solver>`` sub-command through ``add_cli(subparsers)``; each sub-command
 #: sets ``func(args) -> int`` as its default.
-SOLVER_CLIS: tuple[str, ...] = ("classreg.solvers.demons", "classreg.solvers.bcpd")
+SOLVER_CLIS: tuple[str, ...] = ("classreg.solvers.demons", "classreg.solvers.bcpd", "classreg.solvers.rigid",
+                               "classreg.solvers.lddmm")
 
 
 def _cmd_demo(args) -> int:

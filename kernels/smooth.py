@@ -181,87 +181,95 @@ def _cuda_kernel(fn, **deps):
     return cuda.jit(_rebind(fn, cuda=cuda, **deps))
 
 
+# Templates of the numba CPU passes: module-level functions (numba caches them on disk; a closure over compiled
+# helpers would get a new cache key in every process). `prange` and `_bidx` are rebound when compiling.
+prange = range
+_bidx = None
+
+
+def _gauss_rows(src, dst, w, mode, n, inner, blk):
+    # filter along axis 1 of an (outer, n, inner) array seen as 2-D (outer, n * inner) rows, for small `inner`
+    # (inner = 1: the contiguous last axis). Each row is copied into a padded buffer (so the pass may run in
+    # place), then all taps run over contiguous slices of the flattened row; blocks of rows per thread.
+    nrows = src.shape[0]
+    r = w.shape[0] // 2
+    m = n * inner
+    nblk = (nrows + blk - 1) // blk
+    for b in prange(nblk):
+        buf = np.empty((n + 2 * r) * inner, dtype=src.dtype)
+        for row in range(b * blk, min(nrows, b * blk + blk)):
+            s = src[row]
+            bc = buf[r * inner : r * inner + m]
+            for x in range(m):  # interior: one contiguous copy
+                bc[x] = s[x]
+            for t in range(r):  # the 2r boundary samples
+                jl = _bidx(t - r, n, mode)
+                jr = _bidx(n + t, n, mode)
+                bl = buf[t * inner : (t + 1) * inner]
+                br = buf[(n + r + t) * inner : (n + r + t + 1) * inner]
+                for c in range(inner):
+                    bl[c] = s[jl * inner + c] if jl >= 0 else 0
+                    br[c] = s[jr * inner + c] if jr >= 0 else 0
+            d = dst[row]
+            w0 = w[r]
+            bc = buf[r * inner : r * inner + m]
+            for x in range(m):
+                d[x] = w0 * bc[x]
+            for t in range(1, r + 1):
+                wt = w[r + t]
+                # slices keep every loop index provably >= 0, so LLVM vectorises (no wraparound checks)
+                bm = buf[(r - t) * inner : (r - t) * inner + m]
+                bp = buf[(r + t) * inner : (r + t) * inner + m]
+                for x in range(m):
+                    d[x] += wt * (bm[x] + bp[x])
+
+
+
+def _gauss_cols(src, dst, w, mode, cw):
+    # filter along axis 1 of a 3-D (outer, n, inner) view with large `inner`: each task gathers an (n + 2r, cw)
+    # column block (boundary rows included) into a contiguous buffer -- this avoids the cache-set conflicts of
+    # reading 2r + 1 rows that are a large power-of-two-ish stride apart -- then filters it row by row.
+    nout, n, inner = src.shape
+    r = w.shape[0] // 2
+    nch = (inner + cw - 1) // cw
+    for task in prange(nout * nch):
+        o = task // nch
+        c0 = (task - o * nch) * cw
+        c1 = min(inner, c0 + cw)
+        m = c1 - c0
+        buf = np.empty((n + 2 * r, m), dtype=src.dtype)
+        for t in range(n + 2 * r):
+            j = _bidx(t - r, n, mode)
+            bt = buf[t]
+            if j >= 0:
+                sj = src[o, j, c0:c1]
+                for c in range(m):
+                    bt[c] = sj[c]
+            else:
+                for c in range(m):
+                    bt[c] = 0
+        w0 = w[r]
+        for x in range(n):
+            d = dst[o, x, c0:c1]
+            b0 = buf[x + r]
+            for c in range(m):
+                d[c] = w0 * b0[c]
+            for t in range(1, r + 1):
+                wt = w[r + t]
+                bm = buf[x + r - t]
+                bp = buf[x + r + t]
+                for c in range(m):
+                    d[c] += wt * (bm[c] + bp[c])
+
+
+
 @functools.cache
 def _numba_gaussian():
     import numba
 
-    njit = _backend.njit
-    bidx = njit(inline="always")(_boundary_index)
-
-    @njit(parallel=True)
-    def rows(src, dst, w, mode, n, inner, blk):
-        # filter along axis 1 of an (outer, n, inner) array seen as 2-D (outer, n * inner) rows, for small `inner`
-        # (inner = 1: the contiguous last axis). Each row is copied into a padded buffer (so the pass may run in
-        # place), then all taps run over contiguous slices of the flattened row; blocks of rows per thread.
-        nrows = src.shape[0]
-        r = w.shape[0] // 2
-        m = n * inner
-        nblk = (nrows + blk - 1) // blk
-        for b in numba.prange(nblk):
-            buf = np.empty((n + 2 * r) * inner, dtype=src.dtype)
-            for row in range(b * blk, min(nrows, b * blk + blk)):
-                s = src[row]
-                bc = buf[r * inner : r * inner + m]
-                for x in range(m):  # interior: one contiguous copy
-                    bc[x] = s[x]
-                for t in range(r):  # the 2r boundary samples
-                    jl = bidx(t - r, n, mode)
-                    jr = bidx(n + t, n, mode)
-                    bl = buf[t * inner : (t + 1) * inner]
-                    br = buf[(n + r + t) * inner : (n + r + t + 1) * inner]
-                    for c in range(inner):
-                        bl[c] = s[jl * inner + c] if jl >= 0 else 0
-                        br[c] = s[jr * inner + c] if jr >= 0 else 0
-                d = dst[row]
-                w0 = w[r]
-                bc = buf[r * inner : r * inner + m]
-                for x in range(m):
-                    d[x] = w0 * bc[x]
-                for t in range(1, r + 1):
-                    wt = w[r + t]
-                    # slices keep every loop index provably >= 0, so LLVM vectorises (no wraparound checks)
-                    bm = buf[(r - t) * inner : (r - t) * inner + m]
-                    bp = buf[(r + t) * inner : (r + t) * inner + m]
-                    for x in range(m):
-                        d[x] += wt * (bm[x] + bp[x])
-
-    @njit(parallel=True)
-    def cols(src, dst, w, mode, cw):
-        # filter along axis 1 of a 3-D (outer, n, inner) view with large `inner`: each task gathers an (n + 2r, cw)
-        # column block (boundary rows included) into a contiguous buffer -- this avoids the cache-set conflicts of
-        # reading 2r + 1 rows that are a large power-of-two-ish stride apart -- then filters it row by row.
-        nout, n, inner = src.shape
-        r = w.shape[0] // 2
-        nch = (inner + cw - 1) // cw
-        for task in numba.prange(nout * nch):
-            o = task // nch
-            c0 = (task - o * nch) * cw
-            c1 = min(inner, c0 + cw)
-            m = c1 - c0
-            buf = np.empty((n + 2 * r, m), dtype=src.dtype)
-            for t in range(n + 2 * r):
-                j = bidx(t - r, n, mode)
-                bt = buf[t]
-                if j >= 0:
-                    sj = src[o, j, c0:c1]
-                    for c in range(m):
-                        bt[c] = sj[c]
-                else:
-                    for c in range(m):
-                        bt[c] = 0
-            w0 = w[r]
-            for x in range(n):
-                d = dst[o, x, c0:c1]
-                b0 = buf[x + r]
-                for c in range(m):
-                    d[c] = w0 * b0[c]
-                for t in range(1, r + 1):
-                    wt = w[r + t]
-                    bm = buf[x + r - t]
-                    bp = buf[x + r + t]
-                    for c in range(m):
-                        d[c] += wt * (bm[c] + bp[c])
-
+    bidx = _backend.njit(inline="always")(_boundary_index)
+    rows = _numba_compile(_gauss_rows, parallel=True, prange=numba.prange, _bidx=bidx)
+    cols = _numba_compile(_gauss_cols, parallel=True, prange=numba.prange, _bidx=bidx)
     return rows, cols
 
 

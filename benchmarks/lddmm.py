@@ -1,0 +1,234 @@
+"""register_lddmm benchmark: a 2-D growth toy (weighted-metamorphosis setting) with a QC PNG, and nilearn's MNI152
+at 2 mm against a known smooth deformation of itself, next to register_demons and ANTs SyN (when antspyx is
+installed) in the same run.
+
+    NUMBA_NUM_THREADS=1 ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=1 python -m benchmarks.lddmm [--cases toy2d mni]
+        [--no-ants] [--out DIR]
+
+Writes ``lddmm-<date>.json`` / ``.md`` and ``lddmm-toy2d-qc.png`` into benchmarks/results/ (or ``--out``).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+import classreg as cr
+from classreg import evaluate
+
+from ._common import RESULTS, markdown_table, peak_rss_mb, write_outputs
+
+
+# ---------------------------------------------------------------------------------------------- data
+def growth_toy(n=128, spacing=1.0):
+    """Source: a small triangle surrounded by four ovals; target: the triangle grown ×1.7 and the ovals pushed
+    outwards (the synthetic setting of the weighted-metamorphosis paper, at 128² instead of 300²)."""
+    yy, xx = (np.indices((n, n)).astype(float) - (n - 1) / 2.0) / (n / 2.0)  # [-1, 1]
+
+    def triangle(s):
+        # equilateral triangle of "radius" s centred at 0
+        a = np.zeros_like(xx, dtype=bool)
+        inside = np.ones_like(a)
+        for k in range(3):
+            th = np.pi / 2 + 2 * np.pi * k / 3
+            inside &= (xx * np.cos(th) + yy * np.sin(th)) >= -s / 2
+        return inside.astype(float)
+
+    def ovals(push):
+        out = np.zeros_like(xx)
+        for cy, cx in ((0.0, 0.55), (0.0, -0.55), (0.55, 0.0), (-0.55, 0.0)):
+            r = np.hypot(cy, cx)
+            cy2, cx2 = cy * (r + push) / r, cx * (r + push) / r
+            ry, rx = (0.10, 0.16) if cy == 0 else (0.16, 0.10)
+            out += (((yy - cy2) / ry) ** 2 + ((xx - cx2) / rx) ** 2 < 1).astype(float)
+        return out
+
+    def img(s, push):
+        return ndimage.gaussian_filter(triangle(s) + 0.6 * ovals(push), 1.0).astype(np.float32)
+
+    sp = (spacing, spacing)
+    return cr.Image(img(0.55, 0.13), sp), cr.Image(img(0.32, 0.0), sp)  # fixed (target), moving (source)
+
+
+def mni_known_deformation(amplitude=4.0, seed=0):
+    """MNI152 2009a at 2 mm (fixed) and the same template warped by a smooth random field (moving), with the GM/WM
+    probability maps warped alike; returns fixed, moving, the true fixed→moving field and the tissue maps."""
+    from classreg.data import mni152
+
+    fixed = mni152("t1", resolution=2.0)
+    gm, wm = mni152("gm", resolution=2.0), mni152("wm", resolution=2.0)
+    rng = np.random.default_rng(seed)
+    shape = fixed.shape
+    u = np.stack([ndimage.gaussian_filter(rng.normal(size=shape), 5.0) for _ in shape], -1)
+    u *= amplitude / np.abs(u).max()
+    psi = cr.DisplacementField.from_array_frame(u.astype(np.float32), fixed)
+    moving = cr.resample(fixed, psi, reference=fixed, interpolation="bspline")
+    gm_m = cr.resample(gm, psi, reference=fixed)
+    wm_m = cr.resample(wm, psi, reference=fixed)
+    return fixed, moving, psi, (gm, wm), (gm_m, wm_m)
+
+
+def _labels(gm, wm):
+    g, w = np.asarray(gm.data), np.asarray(wm.data)
+    lab = np.zeros(g.shape, np.uint8)
+    lab[(g > 0.5) & (g >= w)] = 1
+    lab[(w > 0.5) & (w > g)] = 2
+    return lab
+
+
+# ---------------------------------------------------------------------------------------------- QC
+def qc_png(path, fixed, moving, res, title):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # matplotlib is optional (bench extra)
+        return None
+    from classreg.kernels.diff import jacobian_determinant
+
+    u = res.transform.displacement_array_frame()
+    h = fixed.spacing_array_order
+    det = jacobian_determinant(u, spacing=h)
+    fig, ax = plt.subplots(2, 3, figsize=(12, 8))
+    for a, (img, t) in zip(ax[0], ((moving.data, "source (moving)"), (fixed.data, "target (fixed)"),
+                                   (res.warped.data, "source ∘ φ₁⁻¹ (LDDMM)"))):
+        a.imshow(img, cmap="gray")
+        a.set_title(t)
+    traj = res.extras.get("trajectory_images")
+    if traj:
+        mid = traj[len(traj) // 2]
+        ax[1, 0].imshow(mid, cmap="gray")
+        ax[1, 0].set_title("geodesic at t = 1/2")
+    ax[1, 1].imshow(res.warped.data, cmap="gray")
+    step = max(1, fixed.shape[0] // 32)
+    yy, xx = np.indices(fixed.shape).astype(float)
+    gy, gx = yy + u[..., 0] / h[0], xx + u[..., 1] / h[1]
+    for i in range(0, fixed.shape[0], step):
+        ax[1, 1].plot(gx[i, :], gy[i, :], "r-", lw=0.5)
+    for j in range(0, fixed.shape[1], step):
+        ax[1, 1].plot(gx[:, j], gy[:, j], "r-", lw=0.5)
+    ax[1, 1].set_title("φ₁⁻¹ grid (pull-back)")
+    im = ax[1, 2].imshow(det, cmap="RdBu_r", vmin=0, vmax=2)
+    ax[1, 2].set_title(f"det Dφ₁⁻¹ (min {det.min():.2f})")
+    fig.colorbar(im, ax=ax[1, 2], fraction=0.046)
+    for a in ax.ravel():
+        a.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return str(path)
+
+
+# ---------------------------------------------------------------------------------------------- cases
+def run_toy(out_dir):
+    fixed, moving = growth_toy()
+    # warm-up (numba compile / cache load) on a tiny problem, untimed
+    cr.register_lddmm(*growth_toy(24), shrink_factors=(1,), iterations=(2,))
+    t0 = time.perf_counter()
+    res = cr.register_lddmm(fixed, moving, data_sigma=0.02, return_trajectory=True)
+    wall = time.perf_counter() - t0
+    stats = evaluate.jacobian_stats(res.transform)
+    png = qc_png(Path(out_dir) / "lddmm-toy2d-qc.png", fixed, moving, res,
+                 f"LDDMM growth toy: SSD {res.metrics['ssd_before']:.4f} → {res.metrics['ssd_after']:.4f}, "
+                 f"geodesic length {res.metrics['geodesic_length']:.1f}, {wall:.1f} s")
+    return [dict(case="toy2d 128² (growth)", method="register_lddmm", wall_s=wall,
+                 ssd_before=res.metrics["ssd_before"], ssd_after=res.metrics["ssd_after"],
+                 geodesic_length=res.metrics["geodesic_length"], min_det=stats["min_det"],
+                 det_nonpositive=stats["num_nonpositive"], inverse_error_voxels=res.metrics["inverse_error_voxels"],
+                 iterations=res.metrics["iterations"], evaluations=res.metrics["evaluations"], qc_png=png)]
+
+
+def _endpoint_error(transform, psi, mask):
+    est, _ = evaluate.dense_displacement(transform, psi.image)
+    true = np.asarray(psi.image.data)
+    err = np.linalg.norm(est - true, axis=-1)
+    return float(err[mask].mean())
+
+
+def run_mni(out_dir, use_ants=True):
+    fixed, moving, psi, tissues_f, tissues_m = mni_known_deformation()
+    lab_f = _labels(*tissues_f)
+    brain = lab_f > 0
+    rows = []
+
+    def score(name, wall, transform, warped, extra=None):
+        gm_w = cr.resample(tissues_m[0], transform, reference=fixed)
+        wm_w = cr.resample(tissues_m[1], transform, reference=fixed)
+        d = evaluate.dice(lab_f, _labels(gm_w, wm_w), labels=[1, 2])
+        stats = evaluate.jacobian_stats(transform, reference=fixed)
+        ssd_b = float(np.mean((fixed.data - moving.data)[brain] ** 2))
+        ssd_a = float(np.mean((fixed.data - np.asarray(warped.data))[brain] ** 2))
+        row = dict(case="MNI152 2 mm, known 4 mm field", method=name, wall_s=wall, dice_gm=d[1], dice_wm=d[2],
+                   epe_mm=_endpoint_error(transform, psi, brain), ssd_ratio=ssd_a / ssd_b,
+                   min_det=stats["min_det"], det_nonpositive=stats["num_nonpositive"])
+        row.update(extra or {})
+        rows.append(row)
+
+    d0 = evaluate.dice(lab_f, _labels(*tissues_m), labels=[1, 2])
+    rows.append(dict(case="MNI152 2 mm, known 4 mm field", method="(none)", wall_s=0.0, dice_gm=d0[1],
+                     dice_wm=d0[2], epe_mm=float(np.linalg.norm(np.asarray(psi.image.data), axis=-1)[brain].mean()),
+                     ssd_ratio=1.0))
+    cr.register_lddmm(*growth_toy(24), shrink_factors=(1,), iterations=(2,))  # warm-up
+    t0 = time.perf_counter()
+    res = cr.register_lddmm(fixed, moving)
+    wall = time.perf_counter() - t0
+    score("register_lddmm", wall, res.transform, res.warped,
+          dict(geodesic_length=res.metrics["geodesic_length"], iterations=res.metrics["iterations"],
+               evaluations=res.metrics["evaluations"], inverse_error_voxels=res.metrics["inverse_error_voxels"]))
+    t0 = time.perf_counter()
+    dem = cr.register_demons(fixed, moving)
+    score("register_demons", time.perf_counter() - t0, dem.transform, dem.warped)
+    if use_ants:
+        try:
+            import ants
+        except ImportError:
+            ants = None
+        if ants is not None:
+            with tempfile.TemporaryDirectory() as tmp:
+                cr.save(fixed, Path(tmp) / "f.nii.gz")
+                cr.save(moving, Path(tmp) / "m.nii.gz")
+                f_a, m_a = ants.image_read(str(Path(tmp) / "f.nii.gz")), ants.image_read(str(Path(tmp) / "m.nii.gz"))
+                t0 = time.perf_counter()
+                reg = ants.registration(f_a, m_a, type_of_transform="SyNOnly", initial_transform="identity")
+                wall = time.perf_counter() - t0
+                field = cr.load_transform(reg["fwdtransforms"][0])
+                warped_path = Path(tmp) / "w.nii.gz"
+                ants.image_write(reg["warpedmovout"], str(warped_path))
+                score("ANTs SyNOnly (antspyx)", wall, field, cr.load(warped_path))
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cases", nargs="+", default=["toy2d", "mni"], choices=["toy2d", "mni"])
+    p.add_argument("--no-ants", action="store_true")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    out = Path(args.out) if args.out else RESULTS
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    if "toy2d" in args.cases:
+        rows += run_toy(out)
+    if "mni" in args.cases:
+        rows += run_mni(out, use_ants=not args.no_ants)
+    cols = [("case", "case"), ("method", "method"), ("wall_s", "wall (s)"), ("ssd_before", "SSD before"),
+            ("ssd_after", "SSD after"), ("ssd_ratio", "SSD after/before"), ("dice_gm", "Dice GM"),
+            ("dice_wm", "Dice WM"), ("epe_mm", "mean EPE (mm)"), ("geodesic_length", "geodesic length"),
+            ("min_det", "min det J"), ("det_nonpositive", "det J ≤ 0 (voxels)"), ("iterations", "L-BFGS its")]
+    cols = [c for c in cols if any(c[0] in r for r in rows)]
+    table = markdown_table(rows, cols)
+    env = {k: os.environ.get(k) for k in ("NUMBA_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS")}
+    jpath, mpath = write_outputs("lddmm", {"rows": rows, "env": env, "peak_rss_mb": peak_rss_mb()}, table, out)
+    print(table)
+    print(f"wrote {jpath} and {mpath}")
+
+
+if __name__ == "__main__":
+    main()

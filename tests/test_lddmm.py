@@ -1,0 +1,282 @@
+"""register_lddmm: adjoint gradient, geodesic property, recovery of a shot target, outputs, determinism, errors."""
+import numpy as np
+import pytest
+from conftest import backend_params
+from scipy import ndimage
+
+import classreg as cr
+from classreg import evaluate
+from classreg.kernels.adjoint import gradient_transpose, sample_linear, splat_linear
+from classreg.kernels.diff import gradient
+from classreg.solvers.lddmm import GeodesicShooting, LNCCTerm, SSDTerm, kernel_operator
+
+_CPU = [p for p in backend_params() if p.id != "cuda"]
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _smooth(shape, rng, s):
+    a = ndimage.gaussian_filter(rng.normal(size=shape), s)
+    return (a - a.min()) / (a.max() - a.min())
+
+
+def _phantom(shape, h, smooth=2.5):
+    """An ellipsoid and a smaller brighter blob, smoothed; plus a P₀ window vanishing near the border."""
+    nd = len(shape)
+    c = np.indices(shape) * np.asarray(h, dtype=float).reshape((nd,) + (1,) * nd)
+    ext = np.asarray(shape) * np.asarray(h)
+    r2 = sum(((c[i] - ext[i] / 2) / (0.3 * ext[i])) ** 2 for i in range(nd))
+    blob = sum((c[i] - f * ext[i]) ** 2 for i, f in zip(range(nd), (0.3, 0.7, 0.5))) < (0.12 * ext[0]) ** 2
+    img = ndimage.gaussian_filter((r2 < 1).astype(float), smooth) + 0.5 * ndimage.gaussian_filter(
+        blob.astype(float), smooth)
+    return img / img.max(), np.exp(-(r2 ** 4) / 2)
+
+
+def _shot_pair(shape=(48, 48), h=(1.5, 1.25), kernel_sigma=5.0, n_steps=20, max_disp=3.0, seed=0):
+    I0, win = _phantom(shape, h)
+    P0 = ndimage.gaussian_filter(np.random.default_rng(seed).normal(size=shape), 2.0) * win
+    op = kernel_operator(shape, h, kernel_sigma=kernel_sigma)
+    sh = GeodesicShooting(I0, h, op, n_steps)
+    P0 *= max_disp / np.abs(sh.forward(P0).u[-1] * np.asarray(h)).max()
+    return I0, P0, sh
+
+
+def _fd_check(sh, data, P0, rng, n_dir=4, eps=1e-5):
+    _, g, _, _ = sh.energy_and_gradient(P0, data)
+    errs = []
+    for _ in range(n_dir):
+        d = rng.normal(size=P0.shape)
+        fd = (sh.energy(P0 + eps * d, data)[0] - sh.energy(P0 - eps * d, data)[0]) / (2 * eps)
+        an = float(np.sum(g * d))
+        errs.append(abs(fd - an) / abs(an))
+    return max(errs)
+
+
+# ------------------------------------------------------------------------------------------------ kernels
+@pytest.mark.parametrize("backend", _CPU)
+@pytest.mark.parametrize("nd", [2, 3])
+def test_sample_splat_parity_derivative_and_adjoint(backend, nd):
+    rng = np.random.default_rng(nd)
+    shape = (7, 9, 6)[:nd]
+    img = rng.normal(size=shape + (2,))
+    pts = rng.uniform(-1.5, np.asarray(shape) + 0.5, size=(5, 4, nd))
+    v, g = sample_linear(img, pts, gradient=True, backend=backend)
+    v0, g0 = sample_linear(img, pts, gradient=True, backend="numpy")
+    np.testing.assert_allclose(v, v0, atol=1e-12)
+    np.testing.assert_allclose(g, g0, atol=1e-12)
+    for a in range(nd):  # exact derivative of the interpolant w.r.t. the sample position
+        d = np.zeros(nd)
+        d[a] = 1e-6
+        fd = (sample_linear(img, pts + d, backend=backend) - sample_linear(img, pts - d, backend=backend)) / 2e-6
+        np.testing.assert_allclose(fd, g[..., a], atol=1e-7)
+    w = rng.normal(size=(5, 4, 2))
+    s = splat_linear(w, pts, shape, backend=backend)
+    np.testing.assert_allclose(s, splat_linear(w, pts, shape, backend="numpy"), atol=1e-12)
+    assert abs(np.sum(sample_linear(img, pts, backend=backend) * w) - np.sum(img * s)) < 1e-10
+    # integer points reproduce the samples exactly (also the last one)
+    grid = np.stack(np.indices(shape), -1).astype(float)
+    np.testing.assert_array_equal(sample_linear(img, grid, backend=backend), img)
+    # float32 stays float32
+    assert sample_linear(img.astype(np.float32), pts.astype(np.float32), backend=backend).dtype == np.float32
+
+
+def test_gradient_transpose_is_exact():
+    rng = np.random.default_rng(0)
+    for shape, h in (((7, 9), (0.7, 1.3)), ((5, 6, 4), (1.0, 2.0, 0.5)), ((2, 5), (1.0, 1.0))):
+        f = rng.normal(size=shape)
+        g = rng.normal(size=shape + (len(shape),))
+        lhs = np.sum(gradient(f, spacing=h, backend="numpy") * g)
+        assert abs(lhs - np.sum(f * gradient_transpose(g, spacing=h))) < 1e-10
+    with pytest.raises(ValueError, match="shape"):
+        gradient_transpose(np.zeros((4, 4, 3)))
+    with pytest.raises(ValueError, match="backend"):
+        sample_linear(np.zeros((4, 4)), np.zeros((2, 2)), backend="cuda")
+
+
+# ------------------------------------------------------------------------------------------------ gradient check
+@pytest.mark.parametrize("nd", [2, 3])
+@pytest.mark.parametrize("backend", _CPU)
+def test_adjoint_gradient_matches_finite_differences(nd, backend):
+    rng = np.random.default_rng(1)
+    shape = (20, 18) if nd == 2 else (10, 12, 11)
+    h = (1.2, 0.9) if nd == 2 else (1.5, 1.0, 1.2)
+    I0, J = _smooth(shape, rng, 2.0), _smooth(shape, rng, 2.0)
+    sh = GeodesicShooting(I0, h, kernel_operator(shape, h, kernel_sigma=2.0), 8, backend=backend)
+    data = SSDTerm(J, 0.01, np.prod(h), fixed_weight=(_smooth(shape, rng, 3) > 0.3).astype(float),
+                   backend=backend)
+    P0 = ndimage.gaussian_filter(rng.normal(size=shape), 1.0) * 60.0  # displacements of ~1-2 voxels
+    assert np.abs(sh.forward(P0).u[-1]).max() > 0.5
+    assert _fd_check(sh, data, P0, rng) <= 1e-4
+
+
+@pytest.mark.parametrize("case", ["lncc", "sobolev", "moving_mask", "source"])
+def test_adjoint_gradient_variants(case):
+    """LNCC data term, Sobolev kernel, differentiated moving mask, and the intensity source of §2 (metamorphosis)."""
+    rng = np.random.default_rng(2)
+    nd = 3 if case == "source" else 2
+    shape = (20, 18) if nd == 2 else (9, 10, 8)
+    h = (1.2, 0.9) if nd == 2 else (1.5, 1.0, 1.2)
+    I0, J = _smooth(shape, rng, 2.0), _smooth(shape, rng, 2.0)
+    kern = dict(kernel="sobolev", alpha=1.0, order=2) if case == "sobolev" else dict(kernel_sigma=2.0)
+    src = dict(source_mu=0.3, source_weights=_smooth(shape, rng, 3.0)) if case == "source" else {}
+    sh = GeodesicShooting(I0, h, kernel_operator(shape, h, **kern), 6, **src)
+    if case == "lncc":
+        data = LNCCTerm(J, 0.01, np.prod(h), radius=2.0, spacing=h)
+    else:
+        data = SSDTerm(J, 0.01, np.prod(h), moving_weight=_smooth(shape, rng, 3.0) if case == "moving_mask" else None)
+    P0 = ndimage.gaussian_filter(rng.normal(size=shape), 1.0) * 40.0
+    assert _fd_check(sh, data, P0, rng, n_dir=3) <= 1e-4
+
+
+# ------------------------------------------------------------------------------------------------ geodesic property
+def test_shooting_conserves_the_velocity_norm():
+    _, P0, sh = _shot_pair()
+    norms = np.asarray(sh.velocity_norms(P0))
+    assert len(norms) == sh.n + 1
+    assert (norms.max() - norms.min()) / norms[0] < 0.02
+    assert norms[0] == pytest.approx(sh.geodesic_length(P0), rel=1e-9)
+
+
+def test_registration_recovers_a_shot_target_and_its_geodesic_length():
+    h = (1.5, 1.25)
+    I0, P0, sh = _shot_pair(h=h, n_steps=10)
+    J = sh.forward(P0).I1
+    length = sh.geodesic_length(P0)
+    fixed, moving = cr.Image(J.astype(np.float32), h[::-1]), cr.Image(I0.astype(np.float32), h[::-1])
+    r = cr.register_lddmm(fixed, moving, kernel_sigma=5.0, data_sigma=5e-4, n_steps=10, shrink_factors=(2, 1),
+                          iterations=(30, 120), tol=1e-10, dtype=np.float64)
+    assert r.metrics["ssd_after"] < 0.01 * r.metrics["ssd_before"]
+    assert r.metrics["geodesic_length"] == pytest.approx(length, rel=0.05)
+    assert r.metrics["min_det"] > 0
+    assert {h_["level"] for h_ in r.history} == {0, 1}
+    # φ₁ and φ₁⁻¹ both come from the flow: inverse consistent to interpolation accuracy, no fixed-point inversion
+    assert r.transform.inverse() is r.inverse
+    assert r.metrics["inverse_error_voxels"] < 0.2
+    ic = evaluate.inverse_consistency(r.transform, r.inverse, reference=fixed)
+    assert ic["mean_voxels"] < 0.05
+    assert evaluate.jacobian_stats(r.transform)["num_nonpositive"] == 0
+    assert r.extras["P0"].shape == fixed.shape
+
+
+# ------------------------------------------------------------------------------------------------ solver behaviour
+def _growth_pair(shape=(48, 48), spacing=(1.0, 1.0)):
+    """A disc that grows and pushes two neighbours away (the weighted-metamorphosis toy, small)."""
+    yy, xx = np.indices(shape).astype(float)
+    cy, cx = shape[0] / 2, shape[1] / 2
+
+    def img(r, push):
+        a = ((yy - cy) ** 2 + (xx - cx) ** 2 < r * r).astype(float)
+        a += 0.6 * (((yy - cy) ** 2 / 9 + (xx - cx + 14 + push) ** 2 / 16) < 1)
+        a += 0.6 * (((yy - cy) ** 2 / 9 + (xx - cx - 14 - push) ** 2 / 16) < 1)
+        return ndimage.gaussian_filter(a, 1.0).astype(np.float32)
+
+    return cr.Image(img(8.0, 3.0), spacing), cr.Image(img(5.0, 0.0), spacing)
+
+
+def test_growth_toy_registers_without_folding():
+    fixed, moving = _growth_pair()
+    r = cr.register_lddmm(fixed, moving, shrink_factors=(2, 1), iterations=(20, 20), data_sigma=0.02)
+    assert r.metrics["ssd_after"] < 0.15 * r.metrics["ssd_before"]
+    stats = evaluate.jacobian_stats(r.transform)
+    assert stats["min_det"] > 0 and r.metrics["min_det"] > 0
+    assert stats["min_det"] < 0.8 and stats["max_det"] > 1.2  # a large deformation: compression and expansion
+    assert r.warped.shape == fixed.shape and r.warped.spacing == fixed.spacing
+
+
+def test_3d_anisotropic_with_init_and_masks():
+    h = (1.0, 1.5, 1.2)  # x, y, z
+    I0, _ = _phantom((14, 16, 18), h[::-1], smooth=1.5)
+    fixed = cr.Image(I0.astype(np.float32), h, origin=(3.0, -2.0, 5.0))
+    shift = cr.Affine(np.eye(3), translation=(1.5, -1.0, 0.8))
+    moving = cr.resample(fixed, shift.inverse(), reference=fixed)  # moving(x) = fixed(x - t)
+    mask = np.ones(fixed.shape, bool)
+    mask[:2] = False
+    r0 = cr.register_lddmm(fixed, moving, init=shift, shrink_factors=(1,), iterations=(5,), fixed_mask=mask,
+                           moving_mask=np.ones(moving.shape, bool))
+    assert isinstance(r0.transform, cr.Chain) and isinstance(r0.inverse, cr.Chain)
+    assert r0.metrics["ssd_before"] < 0.05 * cr.register_lddmm(fixed, moving, shrink_factors=(1,),
+                                                                 iterations=(0,)).metrics["ssd_before"]
+    r = cr.register_lddmm(fixed, moving, shrink_factors=(2, 1), iterations=(10, 10), kernel="sobolev",
+                          return_trajectory=True)
+    assert r.metrics["ssd_after"] < 0.6 * r.metrics["ssd_before"]
+    assert r.metrics["min_det"] > 0
+    traj_i, traj_v = r.extras["trajectory_images"], r.extras["trajectory_velocities"]
+    assert len(traj_i) == len(traj_v) == r.params["n_steps"] + 1
+    assert traj_v[0].shape == fixed.shape + (3,)
+    np.testing.assert_allclose(traj_i[0], moving.data, atol=1e-5)
+
+
+def test_params_history_progress_and_callback_stop(tmp_path):
+    fixed, moving = _growth_pair((24, 24))
+    events = []
+
+    def cb(ev):
+        events.append(ev)
+        if ev.stage == "iteration" and ev.iteration == 2:
+            raise cr.StopRegistration
+
+    r = cr.register_lddmm(fixed, moving, shrink_factors=(1,), iterations=(10,), callback=cb, seed=5)
+    assert not r.converged and r.stop_reason == "stopped by callback"
+    assert [e.stage for e in events][:2] == ["start", "level_start"]
+    assert sum(e.stage == "iteration" for e in events) == 3
+    for key in ("kernel", "kernel_sigma", "data_sigma", "n_steps", "shrink_factors", "smoothing_sigmas",
+                "iterations", "tol", "metric", "intensity", "dtype", "seed", "init", "backend", "threads",
+                "versions", "masks", "optimizer"):
+        assert key in r.params, key
+    assert r.params["seed"] == 5
+    assert r.metrics["geodesic_length"] > 0
+    out = r.save(tmp_path / "res")
+    back = cr.load_result(out)
+    np.testing.assert_allclose(back.extras["P0"], r.extras["P0"])
+
+
+def test_deterministic_on_cpu():
+    fixed, moving = _growth_pair((24, 24))
+    kw = dict(shrink_factors=(2, 1), iterations=(4, 4))
+    a = cr.register_lddmm(fixed, moving, **kw)
+    b = cr.register_lddmm(fixed, moving, **kw)
+    np.testing.assert_array_equal(a.extras["P0"], b.extras["P0"])
+    np.testing.assert_array_equal(a.transform.displacement, b.transform.displacement)
+
+
+def test_bad_input_errors():
+    fixed, moving = _growth_pair((16, 16))
+    with pytest.raises(TypeError, match="fixed must be a classreg.Image"):
+        cr.register_lddmm(np.zeros((8, 8)), moving)
+    with pytest.raises(ValueError, match="dimension mismatch"):
+        cr.register_lddmm(fixed, cr.Image(np.ones((8, 8, 8), np.float32), (1, 1, 1)))
+    with pytest.raises(ValueError, match="metric"):
+        cr.register_lddmm(fixed, moving, metric="mi")
+    with pytest.raises(ValueError, match="kernel"):
+        cr.register_lddmm(fixed, moving, kernel="cauchy")
+    with pytest.raises(ValueError, match="kernel_sigma"):
+        cr.register_lddmm(fixed, moving, kernel_sigma=-1.0)
+    with pytest.raises(ValueError, match="data_sigma"):
+        cr.register_lddmm(fixed, moving, data_sigma=0.0)
+    with pytest.raises(ValueError, match="n_steps"):
+        cr.register_lddmm(fixed, moving, n_steps=0)
+    with pytest.raises(ValueError, match="constant"):
+        cr.register_lddmm(fixed, fixed.like(np.ones(fixed.shape, np.float32)))
+    with pytest.raises(ValueError, match="fixed_mask is empty"):
+        cr.register_lddmm(fixed, moving, fixed_mask=np.zeros(fixed.shape, bool))
+    with pytest.raises(TypeError, match="init"):
+        cr.register_lddmm(fixed, moving, init="identity")
+    with pytest.raises(ValueError, match="dtype"):
+        cr.register_lddmm(fixed, moving, dtype=np.int32)
+    with pytest.raises(ValueError, match="at least 4 voxels"):
+        cr.register_lddmm(cr.Image(np.random.rand(3, 8).astype(np.float32), (1, 1)), moving)
+    with pytest.raises(ValueError, match="NaN|finite"):
+        cr.register_lddmm(fixed, moving.like(np.full(moving.shape, np.nan, np.float32)))
+
+
+def test_cli_register_lddmm(tmp_path):
+    from classreg.cli import main
+
+    fixed, moving = _growth_pair((24, 24))
+    cr.save(fixed, tmp_path / "f.nii.gz")
+    cr.save(moving, tmp_path / "m.nii.gz")
+    rc = main(["register", "lddmm", str(tmp_path / "f.nii.gz"), str(tmp_path / "m.nii.gz"), "-o",
+               str(tmp_path / "out"), "--shrink-factors", "1", "--iterations", "3", "-q"])
+    assert rc == 0
+    res = cr.load_result(tmp_path / "out")
+    assert "P0" in res.extras and res.metrics["geodesic_length"] >= 0
+    assert isinstance(res.transform, cr.DisplacementField)
