@@ -32,7 +32,7 @@ _METRICS = ("ssd", "lncc")
 
 
 def register_demons(fixed: Image, moving: Image, *, init: Transform | None = None, metric: str = "ssd",
-                    shrink_factors=(4, 2, 1), smoothing_sigmas=None, iterations=(60, 40, 20),
+                    shrink_factors=(4, 2, 1), smoothing_sigmas=None, iterations=(15, 10, 5),
                     velocity_sigma: float | None = None, update_sigma: float = 0.0, max_step: float | None = None,
                     bch_terms: int = 2, symmetric: bool = True, max_pieces: int = 5, piece_tol: float = 0.01,
                     tol: float = 1e-3, lncc_radius: float | None = None, intensity: str = "match",
@@ -54,7 +54,9 @@ def register_demons(fixed: Image, moving: Image, *, init: Transform | None = Non
         scaled so that its largest step is ``max_step`` — for pairs whose intensities differ locally.
     shrink_factors, smoothing_sigmas, iterations
         The pyramid (coarsest first): shrink factors relative to the smallest spacing, Gaussian σ in mm
-        (default: half the shrink factor in voxels), iteration cap per level.
+        (default: half the shrink factor in voxels), iteration cap per level (default 15, 10, 5: ITK
+        LogDomainDemons'; per piece — measured on the 3-D inter-subject benchmark pair, 60/40/20 gave the same Dice
+        in 2.5× the time).
     velocity_sigma : float, optional
         σ (mm) of the Gaussian smoothing of the velocity after each update ("diffusion-like"); default 1.5 ×
         the smallest spacing (ITK LogDomainDemons: 1.5 voxels). Like ``update_sigma`` and ``max_step`` it is given
@@ -399,7 +401,7 @@ def add_cli(subparsers) -> None:
     p.add_argument("--moving-mask", help="moving-image mask")
     p.add_argument("--metric", choices=_METRICS, default="ssd")
     p.add_argument("--shrink", type=float, nargs="+", default=[4, 2, 1], help="shrink factors, coarsest first")
-    p.add_argument("--iterations", type=int, nargs="+", default=[60, 40, 20], help="iterations per level")
+    p.add_argument("--iterations", type=int, nargs="+", default=[15, 10, 5], help="iterations per level")
     p.add_argument("--velocity-sigma", type=float, help="velocity smoothing σ in mm (default 1.5 × spacing)")
     p.add_argument("--update-sigma", type=float, default=0.0, help="update smoothing σ in mm")
     p.add_argument("--max-step", type=float, help="largest update in mm (default 2 × spacing)")
