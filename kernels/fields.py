@@ -8,6 +8,7 @@ element-wise on the array module of the inputs.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -94,7 +95,47 @@ def compose(u, v, *, spacing=1.0, order=1, mode="border", backend=None):
     return w
 
 
-def expmap(v, *, spacing=1.0, n_squarings=None, max_squarings=20, backend=None):
+def _max_voxel_norm_cpu(v, inv_h):
+    """Largest per-voxel Euclidean norm of ``v * inv_h`` over a (N, ndim) array (template for numba; per-block
+    maxima combined in a fixed order, so the result does not depend on the thread count)."""
+    n = v.shape[0]
+    nd = v.shape[1]
+    nblk = (n + 65535) // 65536
+    part = np.zeros(nblk)
+    for b in prange(nblk):
+        mx = 0.0
+        for p in range(b * 65536, min(n, b * 65536 + 65536)):
+            acc = 0.0
+            for k in range(nd):
+                c = v[p, k] * inv_h[k]
+                acc += c * c
+            mx = acc if acc > mx else mx
+        part[b] = mx
+    return math.sqrt(part.max()) if nblk else 0.0
+
+
+prange = range
+
+
+@functools.cache
+def _numba_max_norm():
+    import types
+
+    import numba
+
+    ns = dict(globals())
+    ns["prange"] = numba.prange
+    f = _max_voxel_norm_cpu
+    return _backend.njit(parallel=True)(types.FunctionType(f.__code__, ns, f.__name__))
+
+
+def _max_voxel_norm(v, h, xp, backend):
+    if xp is np and _backend.resolve_backend(backend, v) == "numba":
+        return float(_numba_max_norm()(np.ascontiguousarray(v).reshape(-1, v.shape[-1]), 1.0 / np.asarray(h)))
+    return float(xp.max(_voxel_norm(v, h, xp)))
+
+
+def expmap(v, *, spacing=1.0, n_squarings=None, max_squarings=20, max_voxel_norm=0.5, backend=None):
     """Exponential of a stationary velocity field by scaling and squaring.
 
     Parameters
@@ -108,6 +149,9 @@ def expmap(v, *, spacing=1.0, n_squarings=None, max_squarings=20, backend=None):
         (Euclidean norm per voxel), capped at ``max_squarings``.
     max_squarings : int
         Upper bound of the automatic choice.
+    max_voxel_norm : float
+        The automatic choice makes ``max |v / spacing| / 2**n`` at most this (voxels); 0.5 is Lombaert's rule. A
+        solver may use a coarser value where only an approximate map is needed (e.g. inside an iteration).
     backend : {None, "numpy", "numba", "cuda"}
         Implementation of the resampling.
 
@@ -135,11 +179,11 @@ def expmap(v, *, spacing=1.0, n_squarings=None, max_squarings=20, backend=None):
     if isinstance(max_squarings, bool) or not isinstance(max_squarings, (int, np.integer)) or max_squarings < 0:
         raise ValueError(f"max_squarings must be a non-negative int, got {max_squarings!r}")
     if n_squarings is None:
-        vmax = float(xp.max(_voxel_norm(v, h, xp)))
+        vmax = _max_voxel_norm(v, h, xp, backend)
         if not math.isfinite(vmax):
             raise ValueError("v must be finite")
         n = 0
-        while n < max_squarings and vmax / 2.0**n > 0.5:
+        while n < max_squarings and vmax / 2.0**n > max_voxel_norm:
             n += 1
     else:
         if isinstance(n_squarings, bool) or not isinstance(n_squarings, (int, np.integer)) or n_squarings < 0:

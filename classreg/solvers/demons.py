@@ -29,6 +29,10 @@ from ._common import backend_name, check_init, check_pair, normalise_intensities
 __all__ = ["register_demons"]
 
 _METRICS = ("ssd", "lncc")
+#: Scaling-and-squaring accuracy inside the iterations (voxels; the force only needs an approximate map — measured
+#: on the 3-D inter-subject benchmark pair: same Dice as 0.5 with 20% less time). Each piece's final exp(±v) uses
+#: Lombaert's 0.5.
+_ITER_EXP_STEP = 1.0
 
 
 def register_demons(fixed: Image, moving: Image, *, init: Transform | None = None, metric: str = "ssd",
@@ -289,7 +293,7 @@ def _level_step(level, state, progress, opts, piece, dtype, best):
     energies = []
     best_v, best_e = v, math.inf
     for it in range(level.iterations):
-        e_v, _ = expmap(v, spacing=h, backend=backend)
+        e_v, _ = expmap(v, spacing=h, max_voxel_norm=_ITER_EXP_STEP, backend=backend)
         u_f, energy, step = _force(side, e_v, forward=True)
         energies.append(energy)
         if energy < best_e:
@@ -298,7 +302,7 @@ def _level_step(level, state, progress, opts, piece, dtype, best):
             u_f = gaussian(u_f, sig_u, spacing=h, ndim=n, backend=backend)
         z = _bch(v, u_f, opts["bch_terms"], h, backend)
         if opts["symmetric"]:
-            e_m, _ = expmap(-v, spacing=h, backend=backend)
+            e_m, _ = expmap(-v, spacing=h, max_voxel_norm=_ITER_EXP_STEP, backend=backend)
             u_b, _, _ = _force(side, e_m, forward=False)
             if sig_u > 0:
                 u_b = gaussian(u_b, sig_u, spacing=h, ndim=n, backend=backend)
@@ -312,7 +316,7 @@ def _level_step(level, state, progress, opts, piece, dtype, best):
         if len(energies) > 5 and abs(energies[-6] - energies[-1]) < opts["tol"] * energies[0]:
             break
     # the last update is evaluated too; the level keeps its best velocity (Lombaert's rule)
-    e_v, _ = expmap(v, spacing=h, backend=backend)
+    e_v, _ = expmap(v, spacing=h, max_voxel_norm=_ITER_EXP_STEP, backend=backend)
     last = _force(side, e_v, forward=True)[1]
     if last <= best_e:
         best_e, best_v = last, v
