@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "insighttoolkit5-examples), or a 2-D real pair when that is absent: affine "
                                       "pre-alignment, then register_demons; prints Dice/NCC before and after and "
                                       "writes the outputs and a QC PNG.")
-    demo.add_argument("-o", "--out", default="classreg-demo", help="output folder (default ./classreg-demo)")
+    demo.add_argument("-o", "--output", dest="out", default="classreg-demo", help="output folder (default ./classreg-demo)")
     demo.add_argument("--2d", dest="two_d", action="store_true", help="use the 2-D pair")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(func=_cmd_demo)

@@ -399,7 +399,7 @@ def add_cli(subparsers) -> None:
                                           "image, transforms, params.json, history.csv and a QC PNG into OUT.")
     p.add_argument("fixed", help="fixed image (.nii[.gz], .mha, .mhd, .nrrd, .png)")
     p.add_argument("moving", help="moving image")
-    p.add_argument("-o", "--out", required=True, help="output folder (created)")
+    p.add_argument("-o", "--output", dest="out", required=True, help="output folder (created)")
     p.add_argument("--init", help="initial fixed→moving affine (ITK .tfm/.txt/.mat/.h5)")
     p.add_argument("--fixed-mask", help="fixed-image mask")
     p.add_argument("--moving-mask", help="moving-image mask")
