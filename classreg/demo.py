@@ -125,7 +125,7 @@ def run_demo(out_dir, *, prefer_3d: bool = True, progress: bool = True, max_piec
     try:
         from .qc import qc_figure
 
-        qc = qc_figure(res, moving, out / "qc.png", title="classreg demo: demons after affine")
+        qc = qc_figure(res, moving, out / "qc.png", fixed=fixed, title="classreg demo: demons after affine")
     except ImportError as exc:
         logger.warning("no QC figure: %s", exc)
     summary = {

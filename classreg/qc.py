@@ -20,11 +20,14 @@ def _slice(a: np.ndarray, ndim: int):
     return a[a.shape[0] // 2] if ndim == 3 else a
 
 
-def qc_figure(result, moving: Image, path, *, title: str | None = None, checker: int = 8) -> Path:
+def qc_figure(result, moving: Image, path, *, fixed: Image | None = None, title: str | None = None,
+              checker: int = 8) -> Path:
     """Write a PNG with six panels for ``result`` (a :class:`~classreg.Result` of an image registration).
 
     Panels: fixed; moving resampled onto the fixed grid by the initial (non-deformable) part, or as is; warped;
-    a checkerboard of fixed and warped; the deformation grid; the Jacobian determinant (det J ≤ 0 in red).
+    a checkerboard of fixed and warped; the deformation grid and the Jacobian determinant (det J ≤ 0 in red) of the
+    deformable part (the leading displacement field of a ``Chain``). ``fixed`` defaults to ``result.reference``
+    (pass it for a result read back by :func:`classreg.load_result`, which keeps only the fixed grid).
     """
     try:
         import matplotlib
@@ -37,12 +40,20 @@ def qc_figure(result, moving: Image, path, *, title: str | None = None, checker:
     from .kernels.diff import jacobian_determinant
     from .resample import resample
 
-    fixed = result.reference
+    from .transforms import Chain, DisplacementField
+
+    fixed = result.reference if fixed is None else fixed
     n = fixed.ndim
+    # split "deformable first, then the initial (affine) part": the grid and det J show the deformable part only
+    t = result.transform
+    initial = None
+    if isinstance(t, Chain) and isinstance(t.transforms[0], DisplacementField):
+        rest = t.transforms[1:]
+        t, initial = t.transforms[0], (rest[0] if len(rest) == 1 else Chain(rest))
     f = _slice(fixed.numpy().astype(float), n)
-    m = _slice(resample(moving, reference=fixed).numpy().astype(float), n)
+    m = _slice(resample(moving, initial, reference=fixed).numpy().astype(float), n)
     w = _slice((result.warped if result.warped is not None else result.apply(moving)).numpy().astype(float), n)
-    u, _ = dense_displacement(result.transform, fixed)
+    u, _ = dense_displacement(t, fixed)
     det = _slice(np.asarray(jacobian_determinant(u, spacing=fixed.spacing_array_order)), n)
     u2 = _slice(u, n)[..., -2:] / np.asarray(fixed.spacing_array_order[-2:])  # in-plane, voxels
     rng_f = np.percentile(f, [1, 99])
@@ -54,7 +65,8 @@ def qc_figure(result, moving: Image, path, *, title: str | None = None, checker:
     cb = ((yy // checker + xx // checker) % 2).astype(bool)
     checkerboard = np.where(cb, norm(f), norm(w))
     fig, axes = plt.subplots(2, 3, figsize=(12, 8.5))
-    for ax, img, name in zip(axes[0], (f, m, w), ("fixed", "moving (on fixed grid)", "warped moving")):
+    m_name = "moving after the initial transform" if initial is not None else "moving (on the fixed grid)"
+    for ax, img, name in zip(axes[0], (f, m, w), ("fixed", m_name, "warped moving")):
         ax.imshow(norm(img), cmap="gray", origin="lower")
         ax.set_title(name)
     axes[1, 0].imshow(checkerboard, cmap="gray", origin="lower")

@@ -148,8 +148,8 @@ def load_result(directory) -> Result:
     ref = meta.get("reference")
     reference = None
     if ref is not None:
-        reference = warped if warped is not None and list(warped.shape) == ref["shape"] else Image(
-            np.zeros(ref["shape"], dtype=np.uint8), ref["spacing"], ref["origin"], ref["direction"])
+        # geometry only: the fixed image's data is not saved (its grid is what apply() needs)
+        reference = Image(np.zeros(ref["shape"], dtype=np.uint8), ref["spacing"], ref["origin"], ref["direction"])
     return Result(transform=transform, inverse=inverse, warped=warped, history=history,
                   converged=meta["converged"], stop_reason=meta["stop_reason"], params=params,
                   metrics=meta["metrics"], timings=meta["timings"], reference=reference, extras=extras)

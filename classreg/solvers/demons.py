@@ -439,7 +439,8 @@ def _cli_run(args) -> int:
         try:
             from ..qc import qc_figure
 
-            qc_figure(res, moving, out / "qc.png", title=f"demons: {Path(args.moving).name} → {Path(args.fixed).name}")
+            qc_figure(res, moving, out / "qc.png", fixed=fixed,
+                      title=f"demons: {Path(args.moving).name} → {Path(args.fixed).name}")
         except ImportError as exc:
             print(f"classreg: note: {exc}; no qc.png written")
     m = res.metrics
