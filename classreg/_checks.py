@@ -8,8 +8,9 @@ import numpy as np
 from .kernels._backend import get_array_module
 
 
-def as_float_tuple(value, ndim: int, name: str) -> tuple:
-    """``value`` (scalar or sequence of length ``ndim``) as a tuple of finite floats."""
+def as_float_tuple(value, ndim: int, name: str, *, axes: str = "x first") -> tuple:
+    """``value`` (scalar or sequence of length ``ndim``) as a tuple of finite floats; ``axes`` names the order in
+    error messages ("x first" for SimpleITK-ordered geometry, "array-axis order" for kernel-side lengths)."""
     if isinstance(value, numbers.Number):
         out = (float(value),) * ndim
     else:
@@ -18,16 +19,17 @@ def as_float_tuple(value, ndim: int, name: str) -> tuple:
         except (TypeError, ValueError) as exc:
             raise TypeError(f"{name} must be a number or a sequence of {ndim} numbers, got {value!r}") from exc
         if len(out) != ndim:
-            raise ValueError(f"{name} must have {ndim} entries (one per spatial axis, x first), got {len(out)}: {value!r}")
+            raise ValueError(f"{name} must have {ndim} entries (one per spatial axis, {axes}), got {len(out)}: {value!r}")
     if not all(np.isfinite(out)):
         raise ValueError(f"{name} must be finite, got {out}")
     return out
 
 
-def check_spacing(spacing, ndim: int, name: str = "spacing") -> tuple:
-    out = as_float_tuple(spacing, ndim, name)
+def check_spacing(spacing, ndim: int, name: str = "spacing", *, axes: str = "x first") -> tuple:
+    """Strictly positive finite lengths in mm (a spacing, a window radius), one per axis."""
+    out = as_float_tuple(spacing, ndim, name, axes=axes)
     if any(h <= 0 for h in out):
-        raise ValueError(f"{name} must be strictly positive (mm per voxel, x first), got {out}")
+        raise ValueError(f"{name} must be strictly positive (mm, {axes}), got {out}")
     return out
 
 

@@ -50,6 +50,8 @@ from __future__ import annotations
 import numbers
 
 import numpy as np
+
+from ._checks import check_spacing
 from scipy import ndimage
 
 __all__ = [
@@ -129,22 +131,7 @@ def _prepare(fixed, moving, mask):
 
 
 def _check_spacing(spacing, ndim: int) -> tuple:
-    if isinstance(spacing, numbers.Number):
-        out = (float(spacing),) * ndim
-    else:
-        try:
-            out = tuple(float(v) for v in np.asarray(spacing, dtype=float).ravel())
-        except (TypeError, ValueError) as exc:
-            raise ValueError(
-                f"spacing must be a number or {ndim} numbers (mm per voxel, array-axis order), got {spacing!r}"
-            ) from exc
-        if len(out) != ndim:
-            raise ValueError(
-                f"spacing must have {ndim} entries (mm per voxel in array-axis order), got {len(out)}: {spacing!r}"
-            )
-    if not all(np.isfinite(h) and h > 0 for h in out):
-        raise ValueError(f"spacing must be finite and strictly positive (mm per voxel), got {out}")
-    return out
+    return check_spacing(spacing, ndim, "spacing", axes="array-axis order")
 
 
 def _finish(value, grad, gradient: bool, out_dtype):
@@ -251,17 +238,7 @@ def ncc(fixed, moving, *, mask=None, gradient=False, spacing=1.0):
 
 
 def _window_radius(radius, spacing, ndim):
-    if isinstance(radius, numbers.Number):
-        rad = (float(radius),) * ndim
-    else:
-        try:
-            rad = tuple(float(v) for v in np.asarray(radius, dtype=float).ravel())
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"radius must be a number of mm (or {ndim} numbers), got {radius!r}") from exc
-        if len(rad) != ndim:
-            raise ValueError(f"radius must have {ndim} entries (mm, array-axis order), got {len(rad)}: {radius!r}")
-    if not all(np.isfinite(r) and r > 0 for r in rad):
-        raise ValueError(f"radius must be finite and strictly positive (mm), got {rad}")
+    rad = check_spacing(radius, ndim, "radius", axes="array-axis order")
     return tuple(max(1, int(round(r / h))) for r, h in zip(rad, spacing))
 
 

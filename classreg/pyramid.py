@@ -125,7 +125,8 @@ def transfer_state(state: dict, coarse: Image, fine: Image, *, backend=None) -> 
     return out
 
 
-def _check_schedule(shrink_factors, smoothing_sigmas, iterations, spacing):
+def check_shrink_factors(shrink_factors) -> tuple:
+    """Pyramid shrink factors: numbers >= 1, coarsest first, never increasing."""
     try:
         shrink = tuple(float(f) for f in shrink_factors)
     except TypeError:
@@ -134,6 +135,11 @@ def _check_schedule(shrink_factors, smoothing_sigmas, iterations, spacing):
         raise ValueError(f"shrink_factors must be numbers >= 1 (coarsest first), got {shrink_factors!r}")
     if any(b > a for a, b in zip(shrink, shrink[1:])):
         raise ValueError(f"shrink_factors must not increase from one level to the next, got {shrink_factors!r}")
+    return shrink
+
+
+def _check_schedule(shrink_factors, smoothing_sigmas, iterations, spacing):
+    shrink = check_shrink_factors(shrink_factors)
     sig = default_sigmas(shrink, spacing) if smoothing_sigmas is None else tuple(float(s) for s in smoothing_sigmas)
     if len(sig) != len(shrink) or any(not math.isfinite(s) or s < 0 for s in sig):
         raise ValueError(f"smoothing_sigmas must be {len(shrink)} numbers >= 0 (mm), got {smoothing_sigmas!r}")

@@ -37,6 +37,7 @@ import numpy as np
 from ..backend import thread_count, versions
 from ..image import Image, as_mask
 from ..progress import Progress, StopRegistration
+from ..pyramid import check_shrink_factors
 from ..result import Result
 from ..transforms import Affine, rotation_matrix
 from ._common import check_pair
@@ -547,12 +548,7 @@ def register_rigid(fixed: Image, moving: Image, *, fixed_mask=None, moving_mask=
     t_start = time.perf_counter()
     check_pair(fixed, moving)
     n = fixed.ndim
-    try:
-        shrink = tuple(float(f) for f in shrink_factors)
-    except TypeError:
-        raise TypeError(f"shrink_factors must be a sequence of numbers, got {shrink_factors!r}") from None
-    if not shrink or any(not math.isfinite(f) or f < 1 for f in shrink):
-        raise ValueError(f"shrink_factors must be numbers >= 1 (coarsest first), got {shrink_factors!r}")
+    shrink = check_shrink_factors(shrink_factors)
     nl = len(shrink)
     sigmas = _seq(smoothing_sigmas, nl, "smoothing_sigmas", float, minimum=0.0)
     samples = _seq(samples, nl, "samples", int, minimum=0, allow_scalar=False)
