@@ -59,15 +59,6 @@ def speed(sides_2d=(16, 32, 64), sides_3d=(16,)):
     return rows
 
 
-def _gray(img):
-    import classreg as cr
-
-    d = img.numpy()
-    if img.is_vector:
-        d = d[..., 0]
-    return cr.Image(np.ascontiguousarray(d, dtype=np.float32), img.spacing, img.origin, img.direction)
-
-
 def _corners(img):
     sh = img.shape
     idx = np.array(np.meshgrid(*[(0, s - 1) for s in sh], indexing="ij")).reshape(len(sh), -1).T
@@ -99,10 +90,10 @@ def _sitk_mi_rigid(fixed, moving):
 
 def trials_2d(n, seed=2022, paper=False):
     import classreg as cr
-    from classreg.data import itk_example
+    from classreg.data import itk_example_image
 
-    fixed = _gray(cr.load(itk_example("BrainT1SliceBorder20.png"), dtype=np.float32))
-    pd = _gray(cr.load(itk_example("BrainProtonDensitySliceBorder20.png"), dtype=np.float32))
+    fixed = itk_example_image("BrainT1SliceBorder20.png", dtype=np.float32)
+    pd = itk_example_image("BrainProtonDensitySliceBorder20.png", dtype=np.float32)
     c = fixed.index_to_world(np.array([[(s - 1) / 2.0 for s in fixed.shape]]))[0]
     corners = _corners(fixed)
     methods = {"CSNGF short (360/200/60/0)": lambda f, m: cr.register_rigid(f, m, **SHORT_2D).transform.map_points}

@@ -14,7 +14,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-__all__ = ["DataNotFoundError", "itk_example", "mni152_file", "dipy_file"]
+__all__ = ["DataNotFoundError", "itk_example", "itk_example_image", "mni152_file", "dipy_file"]
 
 ITK_EXAMPLES_DIRS = (
     Path(os.environ.get("CLASSREG_ITK_EXAMPLES", "/nonexistent")),
@@ -37,6 +37,23 @@ def itk_example(name: str) -> Path:
         f"ITK example file {name!r} not found; install Debian's insighttoolkit5-examples "
         "(apt-get install insighttoolkit5-examples) or set CLASSREG_ITK_EXAMPLES to its examples/Data folder"
     )
+
+
+def itk_example_image(name: str, dtype=None):
+    """An ITK example image as an :class:`~classreg.Image`; grey-level PNGs stored as RGB (e.g.
+    ``BrainT1SliceBorder20.png``, whose three channels are equal) become scalar images."""
+    import numpy as np
+
+    from .image import Image
+    from .io import load
+
+    img = load(itk_example(name), dtype=dtype)
+    if img.is_vector:
+        d = img.numpy()
+        if not all(np.array_equal(d[..., 0], d[..., k]) for k in range(1, d.shape[-1])):
+            raise ValueError(f"{name} is a colour image; pick a channel from classreg.load() instead")
+        img = Image(np.ascontiguousarray(d[..., 0]), img.spacing, img.origin, img.direction)
+    return img
 
 
 _MNI = {

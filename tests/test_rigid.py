@@ -20,22 +20,16 @@ TINY = dict(shrink_factors=(2, 1), samples=(24, 8), perturbation=(5,), keep=(3,)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def _gray(img):
-    d = img.numpy()
-    if img.is_vector:
-        d = d[..., 0]
-    return cr.Image(np.ascontiguousarray(d, dtype=np.float32), img.spacing, img.origin, img.direction)
-
 
 def _itk_pair():
-    from classreg.data import itk_example
+    from classreg.data import itk_example_image
 
     try:
-        fixed = cr.load(itk_example("BrainT1SliceBorder20.png"), dtype=np.float32)
-        pd = cr.load(itk_example("BrainProtonDensitySliceBorder20.png"), dtype=np.float32)
+        fixed = itk_example_image("BrainT1SliceBorder20.png", dtype=np.float32)
+        pd = itk_example_image("BrainProtonDensitySliceBorder20.png", dtype=np.float32)
     except DataNotFoundError as exc:
         pytest.skip(str(exc))
-    return _gray(fixed), _gray(pd)
+    return fixed, pd
 
 
 def _centre(img):

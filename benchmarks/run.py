@@ -1,0 +1,501 @@
+"""Side-by-side benchmark harness: classreg's solvers against ANTs, elastix, SimpleITK, DIPY, FireANTs and probreg.
+
+    python -m benchmarks.run [--cases CASE ...] [--tools TOOL ...] [--threads 2] [--repeat 2] [--quick]
+                             [--out DIR] [--docs PATH | --no-docs]
+
+Every (case, tool, repeat) runs in its own worker process with the same thread settings (``NUMBA_NUM_THREADS``,
+``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS``, ``OMP_NUM_THREADS``, BLAS threads, ``torch.set_num_threads``; elastix
+``-threads``), one after another, so tools never compete for the cores. Only the registration call is timed (for the
+elastix CLI: the elastix process, including start-up and file I/O); classreg's first-call JIT/cache load happens in
+an untimed warm-up on a tiny pair and is reported separately. Peak memory is the worker's VmHWM right after the
+registration call (includes the Python and library baseline, reported as ``rss_before``).
+
+Every tool's output is turned into a classreg transform (``benchmarks.tools``), and every metric is computed by
+``classreg.evaluate`` on that transform, identically for all tools: Dice and HD95 per label, NCC, % det J ≤ 0,
+NDV/NDA and SDlogJ (inside the evaluation mask, away from voxels whose sample left the moving image), endpoint error
+where the truth is known; TRE for rigid cases; correspondence error and Chamfer distance for point sets. Each metric
+is the median over ``--repeat`` runs. Ratios (classreg time / peer time, quality differences) are computed pairwise
+per case.
+
+Writes ``benchmarks/results/<UTC date>.json`` (all runs, versions, machine, threads, seeds) and ``.md``, and with
+``--docs`` (default for full runs: docs/benchmarks.md) the markdown page with the tables and a figure next to it.
+``--quick`` runs small cases with classreg and the cheap peers in a couple of minutes (the test suite runs it).
+A peer that is not installed is skipped with a note, never a failure.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import importlib.metadata
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .cases import CASES, QUICK_CASES, build_case, load_case
+from .tools import TOOLS
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+DOCS = ROOT / "docs" / "benchmarks.md"
+#: the peers ``--quick`` runs next to classreg (each a few seconds on the quick cases)
+QUICK_PEERS = ("sitk_diffeo_demons", "sitk_euler_mi", "probreg_cpd")
+SEED = 0  # every classreg solver and ANTs (random_seed=1) run with fixed seeds; the cases use seed 0
+
+
+# =============================================================================================== worker
+def _worker(tool: str, case_dir: Path, result: Path, threads: int, quick: bool, rep: int) -> int:
+    """Run one tool once on one built case; write its output (transform as a dense field / mapped points) and a JSON
+    record next to ``result``."""
+    from . import tools as T
+
+    case = load_case(case_dir)
+    rss_before = T.status_mb("VmRSS")
+    out = TOOLS[tool].run(case, threads, quick)
+    rec = {"tool": tool, "case": case["info"]["name"], "repeat": rep, "seconds": out["seconds"],
+           "first_call_s": out.get("first_call_s"), "params": out.get("params", {}),
+           "rss_before_mb": rss_before, "peak_rss_mb": T.PEAKS[-1] if T.PEAKS else T.status_mb("VmHWM")}
+    stem = result.with_suffix("")
+    if "mapped" in out:
+        np.save(f"{stem}-points.npy", np.asarray(out["mapped"], dtype=np.float64))
+        rec["points"] = f"{stem}-points.npy"
+    else:
+        import classreg as cr
+        from classreg.evaluate import dense_displacement
+
+        fixed = case["fixed"]
+        tx = out["transform"]
+        if not (isinstance(tx, cr.DisplacementField) and tx.image.same_grid(fixed)):
+            u, _ = dense_displacement(tx, fixed)
+            tx = cr.DisplacementField.from_array_frame(u, fixed)
+        tx.save(f"{stem}-field.nii.gz")
+        rec["field"] = f"{stem}-field.nii.gz"
+        valid = out.get("valid")
+        if valid is not None:
+            np.save(f"{stem}-valid.npy", np.asarray(valid, bool))
+            rec["valid"] = f"{stem}-valid.npy"
+    result.write_text(json.dumps(rec, default=float))
+    return 0
+
+
+# =============================================================================================== evaluation
+def _median(values):
+    vals = [v for v in values if isinstance(v, (int, float)) and v is not None and np.isfinite(v)]
+    return statistics.median(vals) if vals else None
+
+
+def evaluate_before(case) -> dict:
+    """The metrics of the identity (after the shared affine pre-alignment for deformable cases)."""
+    import classreg as cr
+
+    info = case["info"]
+    if info["kind"] == "points":
+        return evaluate_points(case, case["source"])
+    ident = cr.DisplacementField.identity(case["fixed"])
+    if info["kind"] == "rigid":
+        return evaluate_rigid(case, cr.Affine.identity(case["fixed"].ndim))
+    return evaluate_image(case, ident, None, jacobian=False)
+
+
+def evaluate_image(case, field, valid, *, jacobian: bool = True) -> dict:
+    import classreg as cr
+    from classreg import evaluate as ev
+    from scipy import ndimage
+
+    fixed, moving = case["fixed"], case["moving"]
+    flab, mlab = case["fixed_labels"], case["moving_labels"]
+    mask = case["mask"].data > 0
+    warped_lab = cr.resample(mlab, field, reference=fixed, interpolation="label")
+    labels = [int(v) for v in np.unique(flab.data) if v != 0]
+    dice = ev.dice(flab, warped_lab, labels=labels)
+    hd = ev.hd95(flab, warped_lab, labels=labels)
+    warped = cr.resample(moving, field, reference=fixed)
+    out = {"dice": {str(k): float(v) for k, v in dice.items()}, "mean_dice": float(np.nanmean(list(dice.values()))),
+           "hd95_mm": {str(k): float(v) for k, v in hd.items()},
+           "mean_hd95_mm": float(np.nanmean([v for v in hd.values() if np.isfinite(v)] or [np.nan])),
+           "ncc": float(-cr.metrics.ncc(fixed.data, warped.data, mask=mask))}
+    if jacobian:
+        jm = mask.copy()
+        if valid is not None:  # away from voxels whose sample left the moving image (2 voxels)
+            jm &= ndimage.binary_erosion(valid, iterations=2)
+            out["percent_outside"] = float(100.0 * (~valid[mask]).mean())
+        jac = ev.jacobian_stats(field, mask=jm)
+        out.update(percent_det_nonpositive=jac["percent_nonpositive"], min_det=jac["min_det"],
+                   max_det=jac["max_det"], sdlogj=jac["sdlogj_l2r"],
+                   ndv_percent=jac.get("ndv_percent", jac.get("nda_percent")))
+    if "truth" in case:
+        pts = fixed.grid_points()[mask]
+        e = np.linalg.norm(field.map_points(pts) - case["truth"].map_points(pts), axis=1)
+        out.update(epe_mm=float(e.mean()), epe_p95_mm=float(np.percentile(e, 95)))
+    return out
+
+
+def evaluate_rigid(case, transform) -> dict:
+    fixed = case["fixed"]
+    pts = fixed.grid_points()[case["mask"].data > 0]
+    e = np.linalg.norm(transform.map_points(pts) - case["truth"].map_points(pts), axis=1)
+    return {"tre_mm": float(e.mean()), "tre_p95_mm": float(np.percentile(e, 95)), "success": bool(e.mean() < 2.0)}
+
+
+def evaluate_points(case, mapped) -> dict:
+    from scipy.spatial import cKDTree
+
+    tgt = case["target"]
+    if not np.all(np.isfinite(mapped)):
+        return {"corr_err_mm": None, "note": "non-finite output"}
+    e = np.linalg.norm(mapped - tgt, axis=1)
+    return {"corr_err_mm": float(e.mean()), "corr_err_p95_mm": float(np.percentile(e, 95)),
+            "chamfer_mm": float(cKDTree(tgt).query(mapped)[0].mean())}
+
+
+def evaluate_run(case, rec) -> dict:
+    import classreg as cr
+
+    kind = case["info"]["kind"]
+    if kind == "points":
+        return evaluate_points(case, np.load(rec["points"]))
+    field = cr.load_transform(rec["field"])
+    if kind == "rigid":
+        return evaluate_rigid(case, field)
+    valid = np.load(rec["valid"]) if rec.get("valid") else None
+    return evaluate_image(case, field, valid)
+
+
+# =============================================================================================== reporting
+#: the headline quality number per case kind: (key, label, higher is better)
+QUALITY = {"deformable": ("mean_dice", "mean Dice", True), "rigid": ("tre_mm", "TRE mm", False),
+           "points": ("corr_err_mm", "corr. error mm", False)}
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    """classreg tool vs every peer on the same case: time ratio and quality difference (plus EPE when known)."""
+    out = []
+    for case in dict.fromkeys(r["case"] for r in rows):
+        rs = [r for r in rows if r["case"] == case and r.get("seconds")]
+        key = QUALITY[rs[0]["kind"]][0] if rs else None
+        for c in (r for r in rs if TOOLS[r["tool"]].classreg):
+            for p in (r for r in rs if not TOOLS[r["tool"]].classreg):
+                row = {"case": case, "classreg": c["tool"], "peer": p["tool"],
+                       "time_ratio": c["seconds"] / p["seconds"], "metric": QUALITY[c["kind"]][1]}
+                if c.get(key) is not None and p.get(key) is not None:
+                    row["quality_diff"] = c[key] - p[key]
+                if c.get("epe_mm") is not None and p.get("epe_mm") is not None:
+                    row["epe_diff_mm"] = c["epe_mm"] - p["epe_mm"]
+                if c.get("peak_rss_mb") and p.get("peak_rss_mb"):
+                    row["memory_ratio"] = c["peak_rss_mb"] / p["peak_rss_mb"]
+                out.append(row)
+    return out
+
+
+def _fmt(v, digits=3):
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        if not np.isfinite(v):
+            return "nan"
+        return f"{v:.{digits}g}" if abs(v) < 1000 else f"{v:.0f}"
+    return str(v)
+
+
+def _table(rows, columns):
+    head = "| " + " | ".join(h for _, h in columns) + " |"
+    sep = "|" + "|".join("---" for _ in columns) + "|"
+    return "\n".join([head, sep] + ["| " + " | ".join(_fmt(r.get(k)) for k, _ in columns) + " |" for r in rows])
+
+
+_COLUMNS = {
+    "deformable": [("label", "tool"), ("mean_dice", "mean Dice"), ("dice_str", "Dice per label"),
+                   ("mean_hd95_mm", "HD95 mm"), ("epe_mm", "EPE mm"), ("ncc", "NCC"),
+                   ("percent_det_nonpositive", "% det J ≤ 0"), ("ndv_percent", "NDV %"), ("sdlogj", "SDlogJ"),
+                   ("seconds", "time s"), ("peak_rss_mb", "peak RSS MB"), ("runs", "runs")],
+    "rigid": [("label", "tool"), ("tre_mm", "TRE mm"), ("tre_p95_mm", "TRE p95 mm"), ("success", "TRE < 2 mm"),
+              ("seconds", "time s"), ("peak_rss_mb", "peak RSS MB"), ("runs", "runs")],
+    "points": [("label", "tool"), ("corr_err_mm", "corr. error mm"), ("corr_err_p95_mm", "p95 mm"),
+               ("chamfer_mm", "Chamfer mm"), ("seconds", "time s"), ("peak_rss_mb", "peak RSS MB"), ("runs", "runs")],
+}
+
+
+def render_markdown(payload: dict, figure: str | None) -> str:
+    rows, cases = payload["rows"], payload["cases"]
+    m = payload["machine"]
+    lines = [
+        "# Benchmarks",
+        "",
+        f"*Generated by `{payload['command']}` on {payload['date']} — do not edit by hand; rerun the command.*",
+        "",
+        f"Machine: {m.get('cpu_model', m.get('processor', '?'))}, {m['cpu_count']} CPUs; {payload['threads']} threads "
+        f"for every tool; median of {payload['repeat']} run(s) per tool; seeds: cases {SEED}, classreg seed {SEED}, "
+        "ANTs random_seed 1. Versions: " + ", ".join(f"{k} {v}" for k, v in payload["versions"].items()) + ".",
+        "",
+        "Time is the registration call only (classreg's one-off JIT/cache load is excluded and listed in the JSON as "
+        "`first_call_s`); peak RSS is the worker process's high-water mark and includes the libraries' baseline. "
+        "Deformable cases start from one shared affine pre-alignment, so they compare the deformable part. Jacobian "
+        "statistics are inside the evaluation mask, excluding voxels within 2 voxels of samples that left the moving "
+        "image. How each number is computed: benchmarks/run.py; how each tool is run: benchmarks/tools.py.",
+        "",
+    ]
+    for name, info in cases.items():
+        kind = info["kind"]
+        lines += [f"## {name} — {info['description']}", "", f"Data: {info['provenance']}.", ""]
+        before = info.get("before", {})
+        crow = [dict(label="before (after the shared affine)" if info.get("prealigned") else "before", runs=None,
+                     **{k: v for k, v in before.items() if not isinstance(v, dict)},
+                     dice_str=_per_label(before.get("dice")))]
+        crow += [dict(r, dice_str=_per_label(r.get("dice"))) for r in rows if r["case"] == name and r.get("seconds")]
+        lines += [_table(crow, _COLUMNS[kind]), ""]
+        for r in rows:
+            if r["case"] == name and not r.get("seconds"):
+                lines.append(f"* {r['label']}: {r['note']}")
+        lines.append("")
+    rat = payload["ratios"]
+    if rat:
+        lines += ["## classreg vs each peer (pairwise, per case)", "",
+                  "time ratio = classreg time / peer time (< 1: classreg faster); quality difference = classreg − "
+                  "peer (Dice: higher is better; TRE/error: lower is better).", "",
+                  _table(rat, [("case", "case"), ("classreg", "classreg"), ("peer", "peer"),
+                               ("time_ratio", "time ratio"), ("metric", "quality"),
+                               ("quality_diff", "difference"), ("epe_diff_mm", "EPE diff mm"),
+                               ("memory_ratio", "memory ratio")]), ""]
+    if figure:
+        lines += [f"![Dice per label, time and folding per case]({figure})", ""]
+    if payload.get("skipped"):
+        lines += ["## Not run", ""] + [f"* {s}" for s in payload["skipped"]] + [""]
+    return "\n".join(lines)
+
+
+def _per_label(d):
+    if not d:
+        return None
+    return " / ".join(f"{v:.3f}" for _, v in sorted(d.items(), key=lambda kv: int(kv[0])))
+
+
+def render_figure(payload: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    cases = [c for c in payload["cases"] if any(r["case"] == c and r.get("seconds") for r in payload["rows"])]
+    if not cases:
+        return False
+    fig, axes = plt.subplots(len(cases), 3, figsize=(15, 3.2 * len(cases)), squeeze=False)
+    for ax_row, case in zip(axes, cases):
+        kind = payload["cases"][case]["kind"]
+        rs = [r for r in payload["rows"] if r["case"] == case and r.get("seconds")]
+        names = [r["label"] for r in rs]
+        colors = ["tab:red" if TOOLS[r["tool"]].classreg else "tab:gray" for r in rs]
+        ax = ax_row[0]
+        if kind == "deformable":
+            labels = sorted({k for r in rs for k in (r.get("dice") or {})}, key=int)
+            w = 0.8 / max(len(labels), 1)
+            for j, lab in enumerate(labels):
+                ax.bar(np.arange(len(rs)) + j * w, [(r.get("dice") or {}).get(lab, np.nan) for r in rs], w,
+                       label=f"label {lab}")
+            ax.set_ylabel("Dice")
+            ax.set_ylim(0, 1)
+            ax.legend(fontsize=7)
+        else:
+            key, lab, _ = QUALITY[kind]
+            ax.bar(range(len(rs)), [r.get(key) if r.get(key) is not None else np.nan for r in rs], color=colors)
+            ax.set_ylabel(lab)
+        ax.set_title(f"{case}: quality")
+        ax_row[1].bar(range(len(rs)), [r["seconds"] for r in rs], color=colors)
+        ax_row[1].set_yscale("log")
+        ax_row[1].set_ylabel("wall time s")
+        ax_row[1].set_title(f"{case}: time ({payload['threads']} threads)")
+        if kind == "deformable":
+            ax_row[2].bar(range(len(rs)), [r.get("percent_det_nonpositive") or 0.0 for r in rs], color=colors)
+            ax_row[2].set_ylabel("% det J ≤ 0")
+            ax_row[2].set_title(f"{case}: folding")
+        else:
+            ax_row[2].bar(range(len(rs)), [r.get("peak_rss_mb") or 0.0 for r in rs], color=colors)
+            ax_row[2].set_ylabel("peak RSS MB")
+            ax_row[2].set_title(f"{case}: memory")
+        for ax in ax_row:
+            ax.set_xticks(range(len(rs)))
+            ax.set_xticklabels(names, rotation=30, ha="right", fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return True
+
+
+# =============================================================================================== driver
+def versions() -> dict:
+    out = {"python": sys.version.split()[0]}
+    for dist in ("classreg", "numpy", "scipy", "numba", "SimpleITK", "antspyx", "dipy", "itk-elastix", "fireants",
+                 "torch", "probreg", "nilearn"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    if shutil.which("elastix"):
+        try:
+            out["elastix CLI"] = subprocess.run(["elastix", "--version"], capture_output=True, text=True,
+                                                timeout=30).stdout.strip().split()[-1]
+        except (OSError, subprocess.SubprocessError, IndexError):
+            pass
+    return out
+
+
+def _thread_env(threads: int) -> dict:
+    t = str(threads)
+    return dict(os.environ, NUMBA_NUM_THREADS=t, ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=t, OMP_NUM_THREADS=t,
+                OPENBLAS_NUM_THREADS=t, MKL_NUM_THREADS=t, PYTHONHASHSEED="0")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def run(cases, tools, *, threads=2, repeat=2, quick=False, out_dir=None, docs=None, timeout=3600,
+        command="python -m benchmarks.run", log=print) -> dict:
+    """Run the benchmark; returns the payload written to JSON."""
+    from ._common import machine
+
+    env = _thread_env(threads)
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H%M%SZ")
+    payload = {"command": command, "date": stamp, "threads": threads, "repeat": repeat, "quick": quick,
+               "seed": SEED, "versions": versions(), "cases": {}, "rows": [], "runs": [], "skipped": []}
+    avail = {t: TOOLS[t].available() for t in tools}
+    for t, (ok, why) in avail.items():
+        if not ok:
+            payload["skipped"].append(f"{TOOLS[t].label} ({t}): {why}")
+            log(f"skip {t}: {why}")
+    with tempfile.TemporaryDirectory(prefix="classreg-bench-") as tmp:
+        for name in cases:
+            wd = Path(tmp) / name
+            try:
+                info = build_case(name, wd, quick=quick)
+            except (FileNotFoundError, ImportError) as exc:
+                payload["skipped"].append(f"case {name}: data not installed ({exc})")
+                log(f"skip case {name}: {exc}")
+                continue
+            case = load_case(wd)
+            info["before"] = evaluate_before(case)
+            payload["cases"][name] = info
+            for tool in (t for t in tools if avail[t][0] and TOOLS[t].kind == info["kind"]):
+                runs = []
+                for rep in range(repeat):
+                    res = wd / f"{tool}-{rep}.json"
+                    cmd = [sys.executable, "-m", "benchmarks.run", "--worker", tool, "--case-dir", str(wd),
+                           "--result", str(res), "--threads", str(threads), "--rep", str(rep)]
+                    if quick:
+                        cmd.append("--quick")
+                    t0 = time.perf_counter()
+                    try:
+                        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
+                                              cwd=ROOT)
+                        err = None if proc.returncode == 0 else (proc.stderr or proc.stdout).strip().splitlines()
+                    except subprocess.TimeoutExpired:
+                        err = [f"timed out after {timeout} s"]
+                    if err is not None:
+                        runs = [{"note": f"failed: {(err or ['?'])[-1][:200]}"}]
+                        log(f"  {name}/{tool}: {runs[0]['note']}")
+                        break
+                    rec = json.loads(res.read_text())
+                    rec.update(evaluate_run(case, rec))
+                    rec["process_s"] = time.perf_counter() - t0
+                    for key in ("field", "valid", "points"):
+                        rec.pop(key, None)
+                    runs.append(rec)
+                    payload["runs"].append(rec)
+                    q = QUALITY[info["kind"]]
+                    log(f"  {name}/{tool} run {rep + 1}/{repeat}: {rec['seconds']:.2f} s, {q[1]} "
+                        f"{_fmt(rec.get(q[0]))}")
+                payload["rows"].append(_aggregate(name, info["kind"], tool, runs))
+    payload["ratios"] = ratios(payload["rows"])
+    payload["machine"] = machine()
+    out = Path(out_dir) if out_dir is not None else RESULTS
+    _atomic_write(out / f"{stamp}.json", json.dumps(payload, indent=1, default=str) + "\n")
+    fig_name = None
+    if docs is not None:
+        docs = Path(docs)
+        fig = docs.with_suffix(".png")
+        if render_figure(payload, fig):
+            fig_name = fig.name
+        _atomic_write(docs, render_markdown(payload, fig_name) + "\n")
+    _atomic_write(out / f"{stamp}.md", render_markdown(payload, None) + "\n")
+    payload["json"] = str(out / f"{stamp}.json")
+    return payload
+
+
+def _aggregate(case, kind, tool, runs) -> dict:
+    row = {"case": case, "kind": kind, "tool": tool, "label": TOOLS[tool].label}
+    good = [r for r in runs if "seconds" in r]
+    if not good:
+        row["note"] = runs[0]["note"] if runs else "not run"
+        return row
+    row["runs"] = len(good)
+    row["times_s"] = [r["seconds"] for r in good]
+    for key in good[0]:
+        vals = [r.get(key) for r in good]
+        if all(isinstance(v, bool) for v in vals):
+            row[key] = all(vals)
+        elif all(isinstance(v, (int, float)) or v is None for v in vals):
+            row[key] = _median(vals)
+        elif all(isinstance(v, dict) for v in vals) and key in ("dice", "hd95_mm"):
+            row[key] = {k: _median([v.get(k) for v in vals]) for k in vals[0]}
+    row["params"] = good[0].get("params")
+    row.pop("repeat", None)
+    return row
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
+    p.add_argument("--cases", nargs="+", choices=list(CASES), help="default: all (--quick: %s)" % " ".join(QUICK_CASES))
+    p.add_argument("--tools", nargs="+", choices=list(TOOLS), help="default: every default tool that is installed")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=None, help="runs per tool and case (median); default 2, --quick 1")
+    p.add_argument("--quick", action="store_true", help="small cases, classreg and the cheap peers (smoke test)")
+    p.add_argument("--out", help="folder for the JSON/markdown results (default benchmarks/results)")
+    p.add_argument("--docs", help="markdown page to (re)write, with a figure beside it (default for full runs: "
+                                  "docs/benchmarks.md)")
+    p.add_argument("--no-docs", action="store_true")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds per tool run")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--case-dir", help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    p.add_argument("--rep", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        return _worker(args.worker, Path(args.case_dir), Path(args.result), args.threads, args.quick, args.rep)
+    if args.threads < 1:
+        p.error("--threads must be >= 1")
+    cases = args.cases or (list(QUICK_CASES) if args.quick else list(CASES))
+    if args.tools:
+        tools = args.tools
+    elif args.quick:
+        tools = [t for t, tool in TOOLS.items() if tool.classreg or t in QUICK_PEERS]
+    else:
+        tools = [t for t, tool in TOOLS.items() if tool.default]
+    repeat = args.repeat or (1 if args.quick else 2)
+    if repeat < 1:
+        p.error("--repeat must be >= 1")
+    docs = None if args.no_docs else (args.docs or (None if args.quick else DOCS))
+    command = "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:])
+    payload = run(cases, tools, threads=args.threads, repeat=repeat, quick=args.quick, out_dir=args.out, docs=docs,
+                  timeout=args.timeout, command=command.strip(), log=lambda s: print(s, file=sys.stderr))
+    print(render_markdown(payload, None))
+    print(f"\nwrote {payload['json']}" + (f" and {docs}" if docs else ""), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,461 @@
+"""The tools the harness runs: classreg's solvers and the peers, each reduced to one function.
+
+A tool function gets the loaded case (``benchmarks.cases.load_case``), the thread count and the quick flag, and
+returns ``{"seconds": wall time of the registration call only, "transform": classreg Transform fixed → moving}`` for
+image cases or ``{"seconds": ..., "mapped": source points moved onto the target}`` for point cases, plus the settings
+it used under ``"params"``.
+
+Peers' outputs are converted to classreg transforms without trusting any of their conventions: the tool's own
+resampler warps *coordinate images* (the world coordinates of the moving grid, plus ``OFFSET`` so that samples from
+outside the moving image are recognisable), which gives T(x) at every fixed voxel (``field_from_coordinates``). This
+conversion is tested in tests/test_benchmarks.py against known transforms.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+#: added to coordinate images: a tool that samples outside the moving image returns 0 (or a blend with 0), which
+#: maps far outside every image (background), and such voxels are flagged invalid for the Jacobian statistics
+OFFSET = 10000.0
+
+
+@dataclass(frozen=True)
+class Tool:
+    name: str
+    kind: str  # "deformable", "rigid" or "points"
+    label: str
+    run: Callable
+    requires: tuple = ()  # importable modules
+    distributions: tuple = ()  # installed distributions (when the module name does not tell, e.g. itk-elastix)
+    executables: tuple = ()  # programs on PATH
+    default: bool = True  # in the default tool list
+    classreg: bool = False
+    params: dict = field(default_factory=dict)
+
+    def available(self) -> tuple[bool, str]:
+        for mod in self.requires:
+            if importlib.util.find_spec(mod) is None:
+                return False, f"python module {mod!r} not installed (pip install \".[bench]\")"
+        for dist in self.distributions:
+            try:
+                importlib.metadata.version(dist)
+            except importlib.metadata.PackageNotFoundError:
+                return False, f"{dist!r} not installed (pip install \".[bench]\")"
+        for exe in self.executables:
+            if shutil.which(exe) is None:
+                return False, f"program {exe!r} not on PATH (Debian: apt install {exe})"
+        return True, ""
+
+
+# --------------------------------------------------------------------------------------------- conversion helpers
+def coordinate_images(grid, dtype=np.float64):
+    """World coordinates (+ OFFSET) of every voxel of ``grid``, one Image per component (x, y[, z])."""
+    pts = grid.grid_points()
+    return [grid.like(np.ascontiguousarray(pts[..., k] + OFFSET, dtype=dtype)) for k in range(grid.ndim)]
+
+
+def field_from_coordinates(fixed, warped):
+    """Displacement field on ``fixed``'s grid from warped coordinate images (arrays in numpy order), and the mask
+    of voxels whose sample came from inside the moving image."""
+    import classreg as cr
+
+    mapped = np.stack([np.asarray(c, dtype=np.float64) for c in warped], axis=-1) - OFFSET
+    valid = np.all(np.stack([np.asarray(c) for c in warped], -1) > 0.5 * OFFSET, axis=-1)
+    return cr.DisplacementField.from_array(mapped - fixed.grid_points(), fixed), valid
+
+
+def status_mb(key: str) -> float:
+    """``VmRSS`` / ``VmHWM`` of this process in MB (ru_maxrss where /proc is missing)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(key + ":"):
+                    return float(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+#: the process's memory high-water mark right after each timed registration call (before any conversion work)
+PEAKS: list = []
+
+
+def _timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    sec = time.perf_counter() - t0
+    PEAKS.append(status_mb("VmHWM"))
+    return out, sec
+
+
+# --------------------------------------------------------------------------------------------- classreg
+def _warm_up(solver, ndim, **kw):
+    """numba kernels load from the on-disk cache (or compile) on the first call: done untimed, on a tiny pair."""
+    import classreg as cr
+
+    rng = np.random.default_rng(0)
+    a = rng.random((24,) * ndim, dtype=np.float32)
+    t0 = time.perf_counter()
+    solver(cr.Image(a, (1.0,) * ndim), cr.Image(np.roll(a, 1, axis=0), (1.0,) * ndim), **kw)
+    return time.perf_counter() - t0
+
+
+def run_classreg_demons(case, threads, quick):
+    import classreg as cr
+
+    warm = _warm_up(cr.register_demons, case["fixed"].ndim, iterations=(2, 2, 2), max_pieces=2)
+    res, sec = _timed(lambda: cr.register_demons(case["fixed"], case["moving"]))
+    return {"seconds": sec, "transform": res.transform, "first_call_s": warm,
+            "params": {"defaults": True, "pieces": res.metrics["pieces"],
+                       "path_length": res.metrics["path_length"]}}
+
+
+def run_classreg_lddmm(case, threads, quick):
+    import classreg as cr
+
+    warm = _warm_up(cr.register_lddmm, case["fixed"].ndim, iterations=(2, 2, 2))
+    res, sec = _timed(lambda: cr.register_lddmm(case["fixed"], case["moving"]))
+    return {"seconds": sec, "transform": res.transform, "first_call_s": warm,
+            "params": {"defaults": True, "geodesic_length": res.metrics.get("geodesic_length")}}
+
+
+#: register_rigid with a shorter schedule than the paper's (docs/solvers/rigid.md): 2-D ITK pair, 50/50 successes
+RIGID_SHORT = dict(samples=(360, 200, 60, 0))
+
+
+def run_classreg_rigid(case, threads, quick):
+    import classreg as cr
+
+    kw = dict(RIGID_SHORT) if (quick or case["fixed"].ndim == 2) else {}
+    warm = _warm_up(cr.register_rigid, case["fixed"].ndim, samples=(8, 4, 2, 0))
+    res, sec = _timed(lambda: cr.register_rigid(case["fixed"], case["moving"], **kw))
+    return {"seconds": sec, "transform": res.transform, "first_call_s": warm, "params": kw or {"defaults": True}}
+
+
+#: register_points settings for cortical surfaces (docs/solvers/points.md): fine bandwidth, rank-400 kernel
+POINTS_KW = dict(deformation=10.0, bandwidth=5.0, max_iter=150, tol=1e-3)
+
+
+def run_classreg_points(case, threads, quick):
+    import classreg as cr
+
+    src, tgt = case["source"], case["target"]
+    kw = dict(POINTS_KW, rank=min(400, len(src) - 1))
+    t0 = time.perf_counter()
+    cr.register_points(src[:100], tgt[:100], max_iter=2)
+    warm = time.perf_counter() - t0
+    res, sec = _timed(lambda: cr.register_points(src, tgt, **kw))
+    return {"seconds": sec, "mapped": res.apply_points(src), "first_call_s": warm,
+            "params": dict(kw, iterations=res.metrics["iterations"])}
+
+
+# --------------------------------------------------------------------------------------------- ANTs (antspyx)
+def _to_ants(img):
+    import ants
+
+    return ants.from_numpy(np.ascontiguousarray(img.numpy().T), origin=list(img.origin), spacing=list(img.spacing),
+                           direction=img.direction_matrix)
+
+
+def _ants_field(case, transformlist):
+    import ants
+
+    f = _to_ants(case["fixed"].astype(np.float32))
+    warped = [ants.apply_transforms(fixed=f, moving=_to_ants(c), transformlist=transformlist, interpolator="linear",
+                                    defaultvalue=0).numpy().T
+              for c in coordinate_images(case["moving"], np.float32)]  # float32: ~1e-3 mm steps at OFFSET
+    return field_from_coordinates(case["fixed"], warped)
+
+
+def _ants(kind, **kw):
+    def run(case, threads, quick):
+        import ants
+
+        f, m = _to_ants(case["fixed"].astype(np.float32)), _to_ants(case["moving"].astype(np.float32))
+        out, sec = _timed(lambda: ants.registration(fixed=f, moving=m, type_of_transform=kind, random_seed=1, **kw))
+        tx, valid = _ants_field(case, out["fwdtransforms"])
+        return {"seconds": sec, "transform": tx, "valid": valid,
+                "params": dict(type_of_transform=kind, random_seed=1, **kw)}
+    return run
+
+
+# --------------------------------------------------------------------------------------------- SimpleITK
+def _sitk_resample_coords(case, transform):
+    import SimpleITK as sitk
+
+    ref = case["fixed"].to_sitk()
+    warped = [sitk.GetArrayFromImage(sitk.Resample(c.to_sitk(), ref, transform, sitk.sitkLinear, 0.0,
+                                                   sitk.sitkFloat64)) for c in coordinate_images(case["moving"])]
+    return field_from_coordinates(case["fixed"], warped)
+
+
+def _sitk_demons(filter_name):
+    """SimpleITK demons (single-resolution filters) in a coarse-to-fine wrapper, histogram matching first; settings
+    of DATA.md: shrink 4/2/1, 100/50/25 iterations, field σ 1.5 voxels."""
+    def run(case, threads, quick):
+        import SimpleITK as sitk
+
+        def register():
+            f, m = case["fixed"].to_sitk(), case["moving"].to_sitk()
+            m = sitk.HistogramMatching(m, f, 1024, 7, True)
+            demons = getattr(sitk, filter_name)()
+            demons.SetStandardDeviations(1.5)
+            demons.SetSmoothDisplacementField(True)
+            if hasattr(demons, "SetUseGradientType"):
+                demons.SetUseGradientType(demons.Symmetric)
+            disp = None
+            for s, its in ((4, 100), (2, 50), (1, 25)):
+                demons.SetNumberOfIterations(its)
+                fs = sitk.Shrink(sitk.SmoothingRecursiveGaussian(f, 0.5 * s), [s] * f.GetDimension()) if s > 1 else f
+                ms = sitk.Shrink(sitk.SmoothingRecursiveGaussian(m, 0.5 * s), [s] * f.GetDimension()) if s > 1 else m
+                if disp is not None:
+                    disp = sitk.Resample(disp, fs, sitk.Transform(), sitk.sitkLinear, 0.0, disp.GetPixelID())
+                    disp = demons.Execute(fs, ms, disp)
+                else:
+                    disp = demons.Execute(fs, ms)
+            return disp
+
+        disp, sec = _timed(register)
+        tx, valid = _sitk_resample_coords(case, sitk.DisplacementFieldTransform(sitk.Cast(disp,
+                                                                                          sitk.sitkVectorFloat64)))
+        return {"seconds": sec, "transform": tx, "valid": valid,
+                "params": {"filter": filter_name, "shrink": [4, 2, 1], "iterations": [100, 50, 25], "sigma_vox": 1.5,
+                           "histogram_matching": True}}
+    return run
+
+
+def run_sitk_euler_mi(case, threads, quick):
+    """SimpleITK Euler rigid, Mattes MI (32 bins, all pixels), regular-step GD, geometry-centred start (DATA.md)."""
+    import SimpleITK as sitk
+
+    f, m = case["fixed"].to_sitk(), case["moving"].to_sitk()
+    dim = f.GetDimension()
+    euler = sitk.Euler2DTransform() if dim == 2 else sitk.Euler3DTransform()
+
+    def register():
+        init = sitk.CenteredTransformInitializer(f, m, euler, sitk.CenteredTransformInitializerFilter.GEOMETRY)
+        reg = sitk.ImageRegistrationMethod()
+        reg.SetMetricAsMattesMutualInformation(32)
+        reg.SetMetricSamplingStrategy(reg.NONE)
+        reg.SetInterpolator(sitk.sitkLinear)
+        reg.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=1e-4, numberOfIterations=300)
+        reg.SetOptimizerScalesFromPhysicalShift()
+        reg.SetShrinkFactorsPerLevel([4, 2, 1])
+        reg.SetSmoothingSigmasPerLevel([2, 1, 0])
+        reg.SetInitialTransform(init, inPlace=False)
+        return reg.Execute(f, m)
+
+    tx, sec = _timed(register)
+    field, valid = _sitk_resample_coords(case, tx)
+    return {"seconds": sec, "transform": field, "valid": valid,
+            "params": {"metric": "MattesMI(32)", "optimizer": "RegularStepGradientDescent", "shrink": [4, 2, 1]}}
+
+
+# --------------------------------------------------------------------------------------------- DIPY
+def run_dipy_syn_cc(case, threads, quick):
+    from dipy.align.imwarp import SymmetricDiffeomorphicRegistration
+    from dipy.align.metrics import CCMetric
+
+    fixed, moving = case["fixed"], case["moving"]
+    sdr = SymmetricDiffeomorphicRegistration(CCMetric(fixed.ndim, sigma_diff=2.0, radius=4),
+                                             level_iters=[100, 50, 25])
+    mapping, sec = _timed(lambda: sdr.optimize(fixed.data, moving.data, static_grid2world=fixed.affine,
+                                               moving_grid2world=moving.affine))
+    warped = [mapping.transform(c.data, interpolation="linear") for c in coordinate_images(moving)]
+    tx, valid = field_from_coordinates(fixed, warped)
+    return {"seconds": sec, "transform": tx, "valid": valid,
+            "params": {"metric": "CC r=4", "sigma_diff": 2.0, "level_iters": [100, 50, 25]}}
+
+
+# --------------------------------------------------------------------------------------------- elastix
+def elastix_parameters(kind: str, ndim: int) -> dict:
+    """The parameter maps of DATA.md: B-spline (AdvancedMattesMI, 3 resolutions, ASGD 500 iterations, final grid 8 mm
+    in 2-D / 10 mm in 3-D, 2048/4096 random coordinates) or Euler (same metric and optimiser)."""
+    p = {
+        "FixedImageDimension": str(ndim), "MovingImageDimension": str(ndim),
+        "FixedInternalImagePixelType": "float", "MovingInternalImagePixelType": "float",
+        "Registration": "MultiResolutionRegistration", "Metric": "AdvancedMattesMutualInformation",
+        "NumberOfHistogramBins": "32", "Optimizer": "AdaptiveStochasticGradientDescent",
+        "MaximumNumberOfIterations": "500", "NumberOfResolutions": "3",
+        "FixedImagePyramid": "FixedSmoothingImagePyramid", "MovingImagePyramid": "MovingSmoothingImagePyramid",
+        "ImageSampler": "RandomCoordinate", "NumberOfSpatialSamples": "2048" if ndim == 2 else "4096",
+        "NewSamplesEveryIteration": "true", "Interpolator": "LinearInterpolator",
+        "ResampleInterpolator": "FinalBSplineInterpolator", "FinalBSplineInterpolationOrder": "1",
+        "Resampler": "DefaultResampler",
+        "DefaultPixelValue": "0", "WriteResultImage": "false", "ResultImagePixelType": "double",
+        "HowToCombineTransforms": "Compose", "AutomaticTransformInitialization": "true",
+        "AutomaticScalesEstimation": "true",
+    }
+    if kind == "bspline":
+        p.update(Transform="BSplineTransform", FinalGridSpacingInPhysicalUnits="8" if ndim == 2 else "10",
+                 AutomaticTransformInitialization="false")
+    else:
+        p.update(Transform="EulerTransform", AutomaticTransformInitializationMethod="GeometricalCenter")
+    return p
+
+
+def _itk_image(img):
+    import itk
+
+    out = itk.image_from_array(np.ascontiguousarray(img.data, dtype=np.float64 if img.data.dtype == np.float64
+                                                    else np.float32))
+    out.SetSpacing(list(img.spacing))
+    out.SetOrigin(list(img.origin))
+    out.SetDirection(itk.matrix_from_array(np.asarray(img.direction_matrix, dtype=np.float64)))
+    return out
+
+
+def _itk_elastix(kind):
+    def run(case, threads, quick):
+        import itk
+
+        fixed, moving = case["fixed"].astype(np.float32), case["moving"].astype(np.float32)
+        pobj = itk.ParameterObject.New()
+        pobj.AddParameterMap({k: [v] for k, v in elastix_parameters(kind, fixed.ndim).items()})
+        (_, tp), sec = _timed(lambda: itk.elastix_registration_method(
+            _itk_image(fixed), _itk_image(moving), parameter_object=pobj, log_to_console=False,
+            number_of_threads=threads))
+        tp.SetParameter("ResultImagePixelType", "double")
+        warped = [np.asarray(itk.transformix_filter(_itk_image(c), tp, log_to_console=False))
+                  for c in coordinate_images(case["moving"], np.float64)]
+        tx, valid = field_from_coordinates(case["fixed"], warped)
+        return {"seconds": sec, "transform": tx, "valid": valid, "params": elastix_parameters(kind, fixed.ndim)}
+    return run
+
+
+def _write_elastix_params(p: dict, path: Path) -> Path:
+    lines = []
+    for k, v in p.items():
+        val = v if v.replace(".", "", 1).lstrip("-").isdigit() or v in ("true", "false") else f'"{v}"'
+        lines.append(f"({k} {val})")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_elastix_cli(case, threads, quick):
+    """Debian's elastix/transformix programs (timed including process start and file I/O, as a user runs them)."""
+    import classreg as cr
+
+    fixed = case["fixed"].astype(np.float32)
+    params = elastix_parameters("bspline", fixed.ndim)
+    with tempfile.TemporaryDirectory(prefix="classreg-elastix-") as tmp:
+        tmp = Path(tmp)
+        cr.save(fixed, tmp / "f.nii.gz")
+        cr.save(case["moving"].astype(np.float32), tmp / "m.nii.gz")
+        pfile = _write_elastix_params(params, tmp / "params.txt")
+        cmd = ["elastix", "-f", str(tmp / "f.nii.gz"), "-m", str(tmp / "m.nii.gz"), "-p", str(pfile),
+               "-out", str(tmp), "-threads", str(threads)]
+        proc, sec = _timed(lambda: subprocess.run(cmd, capture_output=True, text=True))
+        if proc.returncode != 0:
+            raise RuntimeError(f"elastix exited with {proc.returncode}: {proc.stdout[-400:]}")
+        warped = []
+        for k, c in enumerate(coordinate_images(case["moving"], np.float64)):
+            cdir = tmp / f"c{k}"
+            cdir.mkdir()
+            cr.save(c, cdir / "c.nii.gz")
+            r = subprocess.run(["transformix", "-in", str(cdir / "c.nii.gz"), "-tp",
+                                str(tmp / "TransformParameters.0.txt"), "-out", str(cdir), "-threads", str(threads)],
+                               capture_output=True, text=True)
+            if r.returncode != 0:
+                raise RuntimeError(f"transformix exited with {r.returncode}: {r.stdout[-400:]}")
+            res = next(cdir.glob("result.*"))
+            warped.append(cr.load(res, dtype=np.float64).data)
+    tx, valid = field_from_coordinates(case["fixed"], warped)
+    return {"seconds": sec, "transform": tx, "valid": valid, "params": params}
+
+
+# --------------------------------------------------------------------------------------------- FireANTs (CPU)
+def run_fireants_greedy(case, threads, quick):
+    """FireANTs Greedy on the CPU (torch): CC kernel 5, Adam lr 0.5, scales 4/2/1, iterations 200/100/50 (DATA.md)."""
+    import torch
+    from fireants.io import BatchedImages, Image as FImage
+    from fireants.registration.greedy import GreedyRegistration
+
+    torch.set_num_threads(threads)
+    fixed, moving = case["fixed"].astype(np.float32), case["moving"].astype(np.float32)
+    fb = BatchedImages([FImage(fixed.to_sitk(), device="cpu")])
+    mb = BatchedImages([FImage(moving.to_sitk(), device="cpu")])
+
+    def register():
+        reg = GreedyRegistration(scales=[4, 2, 1], iterations=[200, 100, 50], fixed_images=fb, moving_images=mb,
+                                 cc_kernel_size=5, optimizer_lr=0.5, loss_type="cc", deformation_type="compositive")
+        reg.optimize()
+        return reg
+
+    reg, sec = _timed(register)
+    warped = []
+    with torch.no_grad():
+        for c in coordinate_images(case["moving"], np.float32):
+            cb = BatchedImages([FImage(c.to_sitk(), device="cpu", dtype=torch.float64)])
+            warped.append(reg.evaluate(fb, cb).squeeze().double().numpy())
+    tx, valid = field_from_coordinates(case["fixed"], warped)
+    return {"seconds": sec, "transform": tx, "valid": valid,
+            "params": {"scales": [4, 2, 1], "iterations": [200, 100, 50], "cc_kernel_size": 5, "lr": 0.5}}
+
+
+# --------------------------------------------------------------------------------------------- probreg
+def _probreg(method):
+    """probreg on coordinates normalised by the target centroid and RMS radius (DATA.md settings)."""
+    def run(case, threads, quick):
+        from probreg import bcpd, cpd
+
+        src, tgt = case["source"], case["target"]
+        c = tgt.mean(0)
+        r = float(np.sqrt(((tgt - c) ** 2).sum(1).mean()))
+        s, t = (src - c) / r, (tgt - c) / r
+        maxiter = 100 if quick else 500
+
+        def register():
+            if method == "cpd_nonrigid":
+                tf = cpd.registration_cpd(s, t, tf_type_name="nonrigid", w=0, maxiter=maxiter, tol=1e-9,
+                                          beta=2.0, lmd=2.0)
+                return tf.transformation.transform(s)
+            tf = bcpd.registration_bcpd(s, t, w=0, maxiter=min(maxiter, 300), tol=1e-9)
+            return tf.transform(s)
+
+        moved, sec = _timed(register)
+        return {"seconds": sec, "mapped": np.asarray(moved) * r + c,
+                "params": {"method": method, "maxiter": maxiter, "normalised": True}}
+    return run
+
+
+TOOLS = {t.name: t for t in [
+    Tool("classreg_demons", "deformable", "classreg demons", run_classreg_demons, classreg=True),
+    Tool("classreg_lddmm", "deformable", "classreg LDDMM", run_classreg_lddmm, classreg=True),
+    Tool("ants_syn", "deformable", "ANTs SyN", _ants("SyN"), requires=("ants",)),
+    Tool("ants_synonly", "deformable", "ANTs SyNOnly", _ants("SyNOnly"), requires=("ants",)),
+    Tool("ants_syncc", "deformable", "ANTs SyNCC", _ants("SyNCC"), requires=("ants",)),
+    Tool("ants_syn_full", "deformable", "ANTs antsRegistrationSyN[s]", _ants("antsRegistrationSyN[s]"),
+         requires=("ants",), default=False),
+    Tool("sitk_diffeo_demons", "deformable", "SimpleITK DiffeomorphicDemons",
+         _sitk_demons("DiffeomorphicDemonsRegistrationFilter"), requires=("SimpleITK",)),
+    Tool("sitk_fastsym_demons", "deformable", "SimpleITK FastSymmetricForcesDemons",
+         _sitk_demons("FastSymmetricForcesDemonsRegistrationFilter"), requires=("SimpleITK",)),
+    Tool("dipy_syn_cc", "deformable", "DIPY SyN (CC)", run_dipy_syn_cc, requires=("dipy",)),
+    Tool("elastix_bspline", "deformable", "itk-elastix B-spline (MI)", _itk_elastix("bspline"),
+         requires=("itk",), distributions=("itk-elastix",)),
+    Tool("elastix_cli", "deformable", "elastix CLI B-spline (MI)", run_elastix_cli,
+         executables=("elastix", "transformix")),
+    Tool("fireants_greedy", "deformable", "FireANTs Greedy (CPU)", run_fireants_greedy,
+         requires=("fireants", "torch")),
+    Tool("classreg_rigid", "rigid", "classreg rigid (CSNGF)", run_classreg_rigid, classreg=True),
+    Tool("ants_rigid", "rigid", "ANTs Rigid", _ants("Rigid"), requires=("ants",)),
+    Tool("sitk_euler_mi", "rigid", "SimpleITK Euler (MI)", run_sitk_euler_mi, requires=("SimpleITK",)),
+    Tool("elastix_euler", "rigid", "itk-elastix Euler (MI)", _itk_elastix("euler"), requires=("itk",),
+         distributions=("itk-elastix",)),
+    Tool("classreg_points", "points", "classreg BCPD", run_classreg_points, classreg=True),
+    Tool("probreg_cpd", "points", "probreg CPD nonrigid", _probreg("cpd_nonrigid"), requires=("probreg",)),
+    Tool("probreg_bcpd", "points", "probreg BCPD", _probreg("bcpd"), requires=("probreg",), default=False),
+]}
