@@ -6,22 +6,29 @@ Cases (DATA.md "Point sets"; fsaverage5 from nilearn, nothing downloaded):
 * P2  left pial → itself after a smooth RBF warp (20 centres, σ = 25 mm, max 6 mm), 10° about z, (3, -2, 1) mm;
 * MO  four ellipsoidal organs with independent motions (tests/test_points.py): plain BCPD vs OMC-MO-BCPD, TRE on
       held-out interior landmarks;
-* T5k 5000 points per side (P1 geometry) with the low-rank (Nyström) kernel: wall time and peak memory.
+* T5k 5000 points per side (P1 geometry) with the low-rank (Nyström) kernel: wall time (median and minimum of
+      ``--t5k-repeat`` runs after a warm-up run; the 1-minute load average is recorded because the machine is shared),
+      peak memory of the call (numpy allocations traced by tracemalloc in one extra run) and the process peak RSS;
+      also with ``estep="exact"`` (no Nyström E-step phase) for comparison.
 
 probreg (CPD rigid+nonrigid, CPD nonrigid, BCPD) runs on the same P1/P2 points when installed, in coordinates
 normalised by the target centroid and RMS radius (as in DATA.md), with errors reported in mm.
 
-Run ``python -m benchmarks.points [--n 2000] [--probreg-maxiter 500] [--skip-probreg-bcpd]``.
+Run ``python -m benchmarks.points [--n 2000] [--probreg-maxiter 500] [--skip-probreg-bcpd] [--only-t5k]
+[--t5k-repeat 3]``.
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
+import statistics
 import time
+import tracemalloc
 
 import numpy as np
 
-from ._common import markdown_table, peak_rss_mb, timeit, write_outputs
+from ._common import markdown_table, peak_rss_mb, write_outputs
 
 
 def _fsaverage(n, seed=0):
@@ -102,13 +109,56 @@ def _probreg_runs(src, tgt, maxiter, skip_bcpd):
     return out
 
 
+_T5K_COLS = [("case", "case"), ("n", "N"), ("method", "method"), ("wall_s", "wall s (median)"),
+             ("wall_min_s", "wall s (min)"), ("runs", "runs"), ("load_avg", "load avg"),
+             ("per_iter_s", "s / iteration"), ("iterations", "iters"), ("nystrom_estep_iterations", "Nyström E-steps"),
+             ("before_mm", "err before mm"), ("after_mm", "err after mm"), ("call_peak_mb", "call peak MB (traced)"),
+             ("peak_rss_mb", "process peak RSS MB")]
+
+
+def _t5k_rows(repeat):
+    """T5k: 5000 points per side, Nyström K=100 kernel; timed runs, then one traced run for the call's peak memory."""
+    p5, w5 = _fsaverage(5000)
+    kw5 = dict(deformation=10.0, bandwidth=5.0, rank=100, lowrank="nystrom", max_iter=150, tol=1e-2)
+    rows = []
+    for name, extra in (("classreg BCPD Nyström K=100", {}),
+                        ("classreg BCPD Nyström K=100, estep='exact'", dict(estep="exact"))):
+        kw = dict(kw5, **extra)
+        _run_classreg(p5, w5, **kw)  # warm-up (JIT cache load, first-touch allocations)
+        walls, loads = [], []
+        for _ in range(repeat):
+            res5, wall = _run_classreg(p5, w5, **kw)
+            walls.append(wall)
+            loads.append(os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"))
+        tracemalloc.start()
+        _run_classreg(p5, w5, **kw)
+        traced_peak = tracemalloc.get_traced_memory()[1] / 2**20
+        tracemalloc.stop()
+        rows.append(dict(case="T5k pial→white", n=5000, method=name, wall_s=statistics.median(walls),
+                         wall_min_s=min(walls), runs=repeat, load_avg=max(loads), before_mm=_err(p5, w5),
+                         after_mm=_err(res5.apply_points(p5), w5), iterations=res5.metrics["iterations"],
+                         nystrom_estep_iterations=res5.metrics["nystrom_estep_iterations"],
+                         per_iter_s=res5.timings["per_iteration"], call_peak_mb=traced_peak,
+                         peak_rss_mb=peak_rss_mb()))
+    return rows, kw5
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=2000, help="points per side for P1/P2 (DATA.md: 2000)")
     ap.add_argument("--probreg-maxiter", type=int, default=500)
     ap.add_argument("--skip-probreg-bcpd", action="store_true", help="probreg BCPD takes minutes at N=2000")
+    ap.add_argument("--only-t5k", action="store_true", help="run only the T5k timing case")
+    ap.add_argument("--t5k-repeat", type=int, default=3, help="timed T5k runs (median and minimum reported)")
     ap.add_argument("--out", help="output folder (default benchmarks/results)")
     args = ap.parse_args(argv)
+    if args.only_t5k:
+        rows, kw5 = _t5k_rows(args.t5k_repeat)
+        table = markdown_table(rows, _T5K_COLS)
+        j, m = write_outputs("points_t5k", {"rows": rows, "classreg_settings": {"T5k": kw5}}, table, args.out)
+        print(table)
+        print(f"wrote {j} and {m}")
+        return
 
     rows, payload = [], {"cases": {}}
     have_probreg, note = _probreg_available()
@@ -151,18 +201,12 @@ def main(argv=None):
                          after_mm=tp._tre(res, o, lab), iterations=res.metrics["iterations"],
                          peak_rss_mb=peak_rss_mb()))
     # 5000 points, low-rank kernel
-    p5, w5 = _fsaverage(5000)
-    kw5 = dict(deformation=10.0, bandwidth=5.0, rank=100, lowrank="nystrom", max_iter=150, tol=1e-2)
-    tm = timeit(lambda: _run_classreg(p5, w5, **kw5), repeat=1, warmup=1)
-    res5, _ = _run_classreg(p5, w5, **kw5)
-    rows.append(dict(case="T5k pial→white", n=5000, method="classreg BCPD Nyström K=100", wall_s=tm["median_s"],
-                     before_mm=_err(p5, w5), after_mm=_err(res5.apply_points(p5), w5),
-                     iterations=res5.metrics["iterations"], peak_rss_mb=peak_rss_mb(),
-                     per_iter_s=res5.timings["per_iteration"]))
+    t5k, kw5 = _t5k_rows(args.t5k_repeat)
     cols = [("case", "case"), ("n", "N"), ("method", "method"), ("wall_s", "wall s"), ("ratio", "time / classreg"),
             ("before_mm", "err before mm"), ("after_mm", "err after mm"), ("iterations", "iters"),
             ("peak_rss_mb", "peak RSS MB")]
-    table = markdown_table(rows, cols)
+    table = markdown_table(rows, cols) + "\n\n" + markdown_table(t5k, _T5K_COLS)
+    rows = rows + t5k
     if note:
         table += f"\n\nNote: {note}"
     payload["rows"] = rows

@@ -199,6 +199,133 @@ def test_estep_numba_matches_numpy_reference(labelled, truncation):
             np.testing.assert_allclose(f_, r_, rtol=1e-10, atol=1e-13)
 
 
+def test_polynomial_exp_accuracy():
+    # the vectorisable exp of the numba kernels (kernels/points.py: _fexp64 / _fexp32)
+    t = np.linspace(0.0, 700.0, 200_001)
+    f64 = np.array([kp._fexp64(v) for v in t[::50]])
+    np.testing.assert_allclose(f64, np.exp(-t[::50]), rtol=2e-10)
+    t32 = np.linspace(0.0, 87.0, 20_001).astype(np.float32)
+    f32 = np.array([kp._fexp32(v) for v in t32], dtype=np.float64)
+    np.testing.assert_allclose(f32, np.exp(-t32.astype(np.float64)), rtol=3e-5)
+
+
+def _estep_case(labelled, seed=14):
+    rng = np.random.default_rng(seed)
+    x, y = rng.normal(size=(400, 3)), rng.normal(size=(350, 3)) * 1.1
+    lx = ly = U = None
+    if labelled:
+        lx, ly = rng.integers(0, 3, 400), rng.integers(0, 3, 350)
+        U = np.full((3, 3), 0.05) + 0.85 * np.eye(3)
+        U[2, 0] = 0.0
+    ox, oy = kp.spatial_order(x, lx), kp.spatial_order(y, ly)
+    x, y = x[ox], y[oy]
+    if labelled:
+        lx, ly = lx[ox], ly[oy]
+    b = rng.uniform(0.5, 1.0, 350) / 350
+    return x, y, b, lx, ly, U
+
+
+@pytest.mark.skipif(not _backend.HAVE_NUMBA, reason="numba not installed")
+@pytest.mark.parametrize("labelled", [False, True])
+def test_estep_float32_and_truncation_against_reference(labelled):
+    x, y, b, lx, ly, U = _estep_case(labelled)
+    for sigma2 in (3.0, 0.3, 0.02):
+        exact = kp.estep(x, y, b, sigma2, 1e-3, lx=lx, ly=ly, U=U, truncation=0.0, backend="numpy")
+        for trunc in (1e-12, 1e-6):
+            for prec, rtol in (("float64", 1e-10), ("float32", 1e-4)):
+                fast = kp.estep(x, y, b, sigma2, 1e-3, lx=lx, ly=ly, U=U, truncation=trunc, backend="numba",
+                                precision=prec, block=32)
+                # dropped Gaussian mass per pair < truncation (relative to the largest source weight)
+                tol = rtol + 50 * trunc
+                for r_, f_ in zip(exact, fast):
+                    np.testing.assert_allclose(f_, r_, rtol=tol, atol=tol * np.abs(r_).max())
+    # 2-D points take the same path (zero z coordinate)
+    r2 = kp.estep(x[:, :2], y[:, :2], b, 0.3, 0.0, lx=lx, ly=ly, U=U, truncation=1e-12, backend="numpy")
+    f2 = kp.estep(x[:, :2], y[:, :2], b, 0.3, 0.0, lx=lx, ly=ly, U=U, truncation=1e-12, backend="numba",
+                  precision="float32")
+    for r_, f_ in zip(r2, f2):
+        np.testing.assert_allclose(f_, r_, rtol=1e-4, atol=1e-4 * np.abs(r_).max())
+
+
+@pytest.mark.skipif(not _backend.HAVE_NUMBA, reason="numba not installed")
+def test_estep_numba_bitwise_independent_of_thread_count(monkeypatch):
+    import numba
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs 2 numba threads")
+    x, y, b, lx, ly, U = _estep_case(True)
+    monkeypatch.setattr(kp, "PARALLEL_MIN_WORK", 0)  # run the parallel regions even for this small case
+    outs = []
+    for nt in (1, 2):
+        numba.set_num_threads(nt)
+        try:
+            outs.append(kp.estep(x, y, b, 0.3, 1e-3, lx=lx, ly=ly, U=U, truncation=1e-8, precision="float32"))
+        finally:
+            numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    for a, c in zip(*outs):
+        assert np.array_equal(a, c)
+
+
+@pytest.mark.parametrize("labelled", [False, True])
+def test_estep_nystrom_against_reference(labelled):
+    # array-namespace code (numpy here; CuPy arrays take the same lines): with every point as a landmark the
+    # Nyström estimate is exact up to the K_ZZ regularisation; with J random landmarks its error is small while σ is
+    # large compared with the landmark spacing and grows as σ shrinks (what register_points' probe detects)
+    x, y, b, lx, ly, U = _estep_case(labelled)
+    rng = np.random.default_rng(15)
+    for sigma2 in (4.0, 1.0):
+        ref = kp.estep(x, y, b, sigma2, 1e-3, lx=lx, ly=ly, U=U, backend="numpy")
+        allpts = np.concatenate([x, y])
+        full = kp.estep_nystrom(x, y, b, sigma2, 1e-3, allpts, lx=lx, ly=ly, U=U, reg=1e-12, backend="numpy")
+        for r_, f_ in zip(ref, full):
+            np.testing.assert_allclose(f_, r_, rtol=1e-5, atol=1e-5 * np.abs(r_).max())
+    errs = []
+    for sigma2 in (9.0, 1.0, 0.05):
+        ref = kp.estep(x, y, b, sigma2, 1e-3, lx=lx, ly=ly, U=U, backend="numpy")
+        z = np.concatenate([x, y])[rng.choice(750, 100, replace=False)]
+        nys = kp.estep_nystrom(x, y, b, sigma2, 1e-3, z, lx=lx, ly=ly, U=U)
+        errs.append(float(np.max(np.abs(nys[0] - ref[0]) / ref[0].max())))
+    assert errs[0] < 1e-3, errs
+    assert errs[2] > errs[0]
+    if _backend.HAVE_NUMBA:  # the landmark Gaussian matrices on numba give the same estimate
+        z = np.concatenate([x, y])[:120]
+        a = kp.estep_nystrom(x, y, b, 2.0, 0.0, z, lx=lx, ly=ly, U=U, backend="numpy")
+        c = kp.estep_nystrom(x, y, b, 2.0, 0.0, z, lx=lx, ly=ly, U=U, backend="numba")
+        for a_, c_ in zip(a, c):
+            np.testing.assert_allclose(c_, a_, rtol=1e-6, atol=1e-8 * np.abs(a_).max())
+
+
+def test_gauss_matrix_backends():
+    rng = np.random.default_rng(16)
+    a, z = rng.normal(size=(50, 3)), rng.normal(size=(40, 3))
+    ref = np.exp(-((a[:, None] - z[None]) ** 2).sum(-1) / (2 * 0.7))
+    np.testing.assert_allclose(kp.gauss_matrix(a, z, 0.7, backend="numpy"), ref, rtol=1e-12)
+    if _backend.HAVE_NUMBA:
+        np.testing.assert_allclose(kp.gauss_matrix(a, z, 0.7, backend="numba"), ref, rtol=1e-9)
+        np.testing.assert_allclose(kp.gauss_matrix(a[:, :2], z[:, :2], 0.7, backend="numba"),
+                                   np.exp(-((a[:, None, :2] - z[None, :, :2]) ** 2).sum(-1) / 1.4), rtol=1e-9)
+
+
+def test_nystrom_estep_then_exact_matches_exact_registration():
+    # estep="auto": Nyström E-steps while σ is large (checked on probe points), exact ones after; the result
+    # stays within a small fraction of the point spacing of the all-exact registration
+    rng = np.random.default_rng(17)
+    Y = _ellipsoid_surface(0, 600, rng)
+    X = _ellipsoid_surface(0, 600, rng)
+    X = X + 2.0 * np.sin(X / 12.0) + [2.0, -1.0, 1.0]
+    kw = dict(bandwidth=15.0, max_iter=60, tol=1e-3, estep_landmarks=75, seed=3)
+    auto = register_points(Y, X, **kw)
+    exact = register_points(Y, X, estep="exact", **kw)
+    used = [h["estep"] for h in auto.history]
+    assert used[0] == "nystrom" and used[-1] == "exact" and auto.metrics["nystrom_estep_iterations"] >= 1
+    assert set(h["estep"] for h in exact.history) == {"exact"}
+    d = np.linalg.norm(auto.apply_points(Y) - exact.apply_points(Y), axis=1)
+    assert d.mean() < 0.05 and d.max() < 0.5, (d.mean(), d.max())
+    assert auto.params["estep"] == "auto" and auto.params["estep_precision"] == "float32"
+    with pytest.raises(ValueError, match="estep must be"):
+        register_points(Y, X, estep="nystrom")
+
+
 def test_kernel_apply_numba_matches_numpy():
     rng = np.random.default_rng(5)
     q, z, c = rng.normal(size=(90, 3)), rng.normal(size=(70, 3)), rng.normal(size=(70, 3))
@@ -207,7 +334,9 @@ def test_kernel_apply_numba_matches_numpy():
     den = np.array([[2.0, 3.0], [3.0, 4.5]])
     a = kp.kernel_apply(q, lq, z, lz, c, amp, den, backend="numpy", block_bytes=10_000)
     if _backend.HAVE_NUMBA:
-        np.testing.assert_allclose(kp.kernel_apply(q, lq, z, lz, c, amp, den, backend="numba"), a, rtol=1e-12)
+        # polynomial exp: < 2e-10 relative per term (kernels/points.py)
+        np.testing.assert_allclose(kp.kernel_apply(q, lq, z, lz, c, amp, den, backend="numba"), a, rtol=1e-9,
+                                   atol=1e-9 * np.abs(a).max())
     np.testing.assert_allclose(a, kp.kernel_matrix(q, lq, z, lz, amp, den) @ c, rtol=1e-12)
 
 
