@@ -27,3 +27,6 @@ __all__ += ["FourierOperator", "gaussian", "gaussian_kernel_operator", "sobolev_
 __all__ += ["CachedCorrelator", "correlation_shifts", "cross_correlate"]
 __all__ += ["curl", "divergence", "gradient", "jacobian_determinant", "jacobian_matrix", "lie_bracket"]
 __all__ += ["poisson_dirichlet"]
+from .lncc import lncc_force, lncc_gradient  # noqa: E402
+
+__all__ += ["lncc_force", "lncc_gradient"]

@@ -355,24 +355,18 @@ def _force(side, disp, *, forward):
 
 
 def _lncc_force(target, warped, g_warped, disp, own_mask, other_valid, side):
-    """Gradient step on local NCC (ANTs "CC"), scaled so that its longest vector is ``max_step``."""
-    from ..metrics import lncc
+    """Gradient step on local NCC (ANTs "CC"), scaled so that its longest vector is ``max_step``.
+
+    One fused kernel (:func:`classreg.kernels.lncc.lncc_force`) builds the valid mask (inside the other grid after
+    ``disp``, own mask, other mask), evaluates LNCC over it (windows truncated at its border) and returns the force
+    ``-dcost/dM · ∇(M∘φ)``.
+    """
+    from ..kernels.lncc import lncc_force, window_radius
 
     h = side["h"]
-    n = target.ndim
-    idx = np.indices(target.shape, dtype=np.float64)
-    valid = np.ones(target.shape, bool)
-    for k in range(n):
-        x = idx[k] + disp[..., k] / h[k]
-        valid &= (x >= -0.5) & (x < target.shape[k] - 0.5)
-    if own_mask is not None:
-        valid &= own_mask
-    if other_valid is not None:
-        valid &= other_valid
-    value, dcost = lncc(target, warped, radius=side["lncc_radius"], spacing=h, mask=valid, gradient=True)
-    u = -(dcost[..., None] * g_warped)
-    u[~valid] = 0.0
-    norm = float(np.sqrt(np.max(np.sum(u.astype(np.float64) ** 2, axis=-1))))
+    radius = window_radius(side["lncc_radius"], h, target.ndim)
+    u, value, _, norm = lncc_force(target, warped, g_warped, disp, radius=radius, spacing=h, mask=own_mask,
+                                   moving_valid=other_valid, backend=side["backend"])
     if norm > 0:
         u *= side["max_step"] / norm
     return u.astype(target.dtype, copy=False), float(value), min(norm, side["max_step"]) if norm else 0.0
