@@ -14,7 +14,7 @@ import sys
 from .run import main as _run
 
 CASES = ("inter3d", "synth3d", "brain2d", "lung2d", "circle2d")
-TOOLS = ("classreg_demons", "sitk_diffeo_demons", "dipy_syn_cc", "ants_syn", "ants_syncc")
+TOOLS = ("classreg_demons", "classreg_demons_cc", "sitk_diffeo_demons", "dipy_syn_cc", "ants_syn", "ants_syncc")
 
 
 def main(argv=None) -> int:

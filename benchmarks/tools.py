@@ -112,14 +112,17 @@ def _warm_up(solver, ndim, **kw):
     return time.perf_counter() - t0
 
 
-def run_classreg_demons(case, threads, quick):
-    import classreg as cr
+def _classreg_demons(**kw):
+    """register_demons with its defaults for ``metric`` (the same settings on every case)."""
+    def run(case, threads, quick):
+        import classreg as cr
 
-    warm = _warm_up(cr.register_demons, case["fixed"].ndim, iterations=(2, 2, 2), max_pieces=2)
-    res, sec = _timed(lambda: cr.register_demons(case["fixed"], case["moving"]))
-    return {"seconds": sec, "transform": res.transform, "first_call_s": warm,
-            "params": {"defaults": True, "pieces": res.metrics["pieces"],
-                       "path_length": res.metrics["path_length"]}}
+        warm = _warm_up(cr.register_demons, case["fixed"].ndim, iterations=(2, 2, 2), max_pieces=2, **kw)
+        res, sec = _timed(lambda: cr.register_demons(case["fixed"], case["moving"], **kw))
+        return {"seconds": sec, "transform": res.transform, "first_call_s": warm,
+                "params": dict(kw, defaults=True, pieces=res.metrics["pieces"],
+                               path_length=res.metrics["path_length"])}
+    return run
 
 
 def run_classreg_lddmm(case, threads, quick):
@@ -432,13 +435,15 @@ def _probreg(method):
 
 
 TOOLS = {t.name: t for t in [
-    Tool("classreg_demons", "deformable", "classreg demons", run_classreg_demons, classreg=True),
+    Tool("classreg_demons", "deformable", "classreg demons (SSD)", _classreg_demons(), classreg=True),
+    Tool("classreg_demons_cc", "deformable", "classreg demons (LNCC)", _classreg_demons(metric="lncc"),
+         classreg=True),
     Tool("classreg_lddmm", "deformable", "classreg LDDMM", run_classreg_lddmm, classreg=True),
     Tool("ants_syn", "deformable", "ANTs SyN", _ants("SyN"), requires=("ants",)),
     Tool("ants_synonly", "deformable", "ANTs SyNOnly", _ants("SyNOnly"), requires=("ants",)),
     Tool("ants_syncc", "deformable", "ANTs SyNCC", _ants("SyNCC"), requires=("ants",)),
     Tool("ants_syn_full", "deformable", "ANTs antsRegistrationSyN[s]", _ants("antsRegistrationSyN[s]"),
-         requires=("ants",), default=False),
+         requires=("ants",)),
     Tool("sitk_diffeo_demons", "deformable", "SimpleITK DiffeomorphicDemons",
          _sitk_demons("DiffeomorphicDemonsRegistrationFilter"), requires=("SimpleITK",)),
     Tool("sitk_fastsym_demons", "deformable", "SimpleITK FastSymmetricForcesDemons",

@@ -112,6 +112,8 @@ def test_quick_run_smoke(tmp_path):
     demons = rows[("lung2d", "classreg_demons")]
     assert demons["mean_dice"] > before["lung2d"]["mean_dice"] + 0.01
     assert demons["percent_det_nonpositive"] == 0.0 and demons["seconds"] > 0 and demons["peak_rss_mb"] > 0
+    cc = rows[("lung2d", "classreg_demons_cc")]
+    assert cc["mean_dice"] > before["lung2d"]["mean_dice"] + 0.01 and cc["percent_det_nonpositive"] == 0.0
     lddmm = rows[("lung2d", "classreg_lddmm")]
     assert lddmm["mean_dice"] > before["lung2d"]["mean_dice"] and lddmm["percent_det_nonpositive"] == 0.0
     assert rows[("mm2d_rot60", "classreg_rigid")]["tre_mm"] < 2.0 < before["mm2d_rot60"]["tre_mm"]
@@ -124,6 +126,6 @@ def test_quick_run_smoke(tmp_path):
     assert ratio["quality_diff"] == pytest.approx(demons["mean_dice"] - peer["mean_dice"])
     assert payload["threads"] == 2 and "numpy" in payload["versions"] and payload["machine"]["cpu_count"]
     text = docs.read_text()
-    assert "## lung2d" in text and "| classreg demons |" in text and "classreg vs each peer" in text
+    assert "## lung2d" in text and "| classreg demons (SSD) |" in text and "classreg vs each peer" in text
     if importlib.util.find_spec("matplotlib") is not None:
         assert docs.with_suffix(".png").stat().st_size > 1000
