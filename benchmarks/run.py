@@ -1,7 +1,10 @@
 """Side-by-side benchmark harness: classreg's solvers against ANTs, elastix, SimpleITK, DIPY, FireANTs and probreg.
 
-    python -m benchmarks.run [--cases CASE ...] [--tools TOOL ...] [--threads 2] [--repeat 2] [--quick]
+    python -m benchmarks.run [--cases CASE ...] [--tools TOOL ...] [--threads 2] [--repeat 2] [--quick] [--slow]
                              [--out DIR] [--docs PATH | --no-docs]
+
+Tools marked slow on 3-D (classreg LDDMM, ANTs SyNCC and antsRegistrationSyN[s], the elastix CLI, FireANTs on the
+CPU) run on 3-D cases only with ``--slow``; the page lists them as not run.
 
 Every (case, tool, repeat) runs in its own worker process with the same thread settings (``NUMBA_NUM_THREADS``,
 ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS``, ``OMP_NUM_THREADS``, BLAS threads, ``torch.set_num_threads``; elastix
@@ -364,7 +367,7 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def run(cases, tools, *, threads=2, repeat=2, quick=False, out_dir=None, docs=None, timeout=3600,
+def run(cases, tools, *, threads=2, repeat=2, quick=False, slow=False, out_dir=None, docs=None, timeout=3600,
         command="python -m benchmarks.run", log=print) -> dict:
     """Run the benchmark; returns the payload written to JSON."""
     from ._common import machine
@@ -391,6 +394,10 @@ def run(cases, tools, *, threads=2, repeat=2, quick=False, out_dir=None, docs=No
             info["before"] = evaluate_before(case)
             payload["cases"][name] = info
             for tool in (t for t in tools if avail[t][0] and TOOLS[t].kind == info["kind"]):
+                if TOOLS[tool].slow_3d and info.get("ndim") == 3 and not slow:
+                    payload["rows"].append(_aggregate(name, info["kind"], tool, [
+                        {"note": f"not run on 3-D cases without --slow: {TOOLS[tool].slow_3d}"}]))
+                    continue
                 runs = []
                 for rep in range(repeat):
                     res = wd / f"{tool}-{rep}.json"
@@ -464,6 +471,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeat", type=int, default=None, help="runs per tool and case (median); default 2, --quick 1")
     p.add_argument("--quick", action="store_true", help="small cases, classreg and the cheap peers (smoke test)")
+    p.add_argument("--slow", action="store_true", help="also run the tools marked slow on 3-D cases")
     p.add_argument("--out", help="folder for the JSON/markdown results (default benchmarks/results)")
     p.add_argument("--docs", help="markdown page to (re)write, with a figure beside it (default for full runs: "
                                   "docs/benchmarks.md)")
@@ -490,7 +498,8 @@ def main(argv=None) -> int:
         p.error("--repeat must be >= 1")
     docs = None if args.no_docs else (args.docs or (None if args.quick else DOCS))
     command = "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:])
-    payload = run(cases, tools, threads=args.threads, repeat=repeat, quick=args.quick, out_dir=args.out, docs=docs,
+    payload = run(cases, tools, threads=args.threads, repeat=repeat, quick=args.quick, slow=args.slow,
+                  out_dir=args.out, docs=docs,
                   timeout=args.timeout, command=command.strip(), log=lambda s: print(s, file=sys.stderr))
     print(render_markdown(payload, None))
     print(f"\nwrote {payload['json']}" + (f" and {docs}" if docs else ""), file=sys.stderr)

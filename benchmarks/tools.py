@@ -40,6 +40,7 @@ class Tool:
     executables: tuple = ()  # programs on PATH
     default: bool = True  # in the default tool list
     classreg: bool = False
+    slow_3d: str = ""  # why the tool is skipped on 3-D cases unless --slow is given ("" = never skipped)
     params: dict = field(default_factory=dict)
 
     def available(self) -> tuple[bool, str]:
@@ -438,12 +439,14 @@ TOOLS = {t.name: t for t in [
     Tool("classreg_demons", "deformable", "classreg demons (SSD)", _classreg_demons(), classreg=True),
     Tool("classreg_demons_cc", "deformable", "classreg demons (LNCC)", _classreg_demons(metric="lncc"),
          classreg=True),
-    Tool("classreg_lddmm", "deformable", "classreg LDDMM", run_classreg_lddmm, classreg=True),
+    Tool("classreg_lddmm", "deformable", "classreg LDDMM", run_classreg_lddmm, classreg=True,
+         slow_3d="minutes per 3-D pair on 2 cores (issue: register_lddmm speed)"),
     Tool("ants_syn", "deformable", "ANTs SyN", _ants("SyN"), requires=("ants",)),
     Tool("ants_synonly", "deformable", "ANTs SyNOnly", _ants("SyNOnly"), requires=("ants",)),
-    Tool("ants_syncc", "deformable", "ANTs SyNCC", _ants("SyNCC"), requires=("ants",)),
+    Tool("ants_syncc", "deformable", "ANTs SyNCC", _ants("SyNCC"), requires=("ants",),
+         slow_3d="minutes per 3-D pair on 2 cores"),
     Tool("ants_syn_full", "deformable", "ANTs antsRegistrationSyN[s]", _ants("antsRegistrationSyN[s]"),
-         requires=("ants",)),
+         requires=("ants",), slow_3d="minutes per 3-D pair on 2 cores (full-resolution stages)"),
     Tool("sitk_diffeo_demons", "deformable", "SimpleITK DiffeomorphicDemons",
          _sitk_demons("DiffeomorphicDemonsRegistrationFilter"), requires=("SimpleITK",)),
     Tool("sitk_fastsym_demons", "deformable", "SimpleITK FastSymmetricForcesDemons",
@@ -452,9 +455,9 @@ TOOLS = {t.name: t for t in [
     Tool("elastix_bspline", "deformable", "itk-elastix B-spline (MI)", _itk_elastix("bspline"),
          requires=("itk",), distributions=("itk-elastix",)),
     Tool("elastix_cli", "deformable", "elastix CLI B-spline (MI)", run_elastix_cli,
-         executables=("elastix", "transformix")),
+         executables=("elastix", "transformix"), slow_3d="same maps as itk-elastix plus process and file I/O"),
     Tool("fireants_greedy", "deformable", "FireANTs Greedy (CPU)", run_fireants_greedy,
-         requires=("fireants", "torch")),
+         requires=("fireants", "torch"), slow_3d="27-52 s per 3-D pair on 2 CPU cores (DATA.md)"),
     Tool("classreg_rigid", "rigid", "classreg rigid (CSNGF)", run_classreg_rigid, classreg=True),
     Tool("ants_rigid", "rigid", "ANTs Rigid", _ants("Rigid"), requires=("ants",)),
     Tool("sitk_euler_mi", "rigid", "SimpleITK Euler (MI)", run_sitk_euler_mi, requires=("SimpleITK",)),
