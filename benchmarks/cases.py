@@ -115,10 +115,11 @@ def _build_deformable(name, workdir, quick):
             psi = cr.DisplacementField.from_array_frame(u.astype(np.float32), fixed)
             moving = cr.resample(fixed, psi, reference=fixed)
             mlab = cr.resample(flab, psi, reference=fixed, interpolation="label")
-            truth = psi
-            prov = ("nilearn MNI152 2009a T1 2 mm warped by ψ = id + u, u = Gaussian-smoothed (σ 6 voxels) white "
-                    "noise, seed 0, max |u_c| = 8 mm; ground truth fixed → moving map ψ; labels CSF/GM/WM from the "
-                    "template's GM/WM maps")
+            # moving = fixed∘ψ, so the fixed → moving map T with moving∘T = fixed is ψ⁻¹ (fixed-point inversion)
+            truth = psi.inverse()
+            prov = ("nilearn MNI152 2009a T1 2 mm warped by ψ = id + u (moving = fixed∘ψ), u = Gaussian-smoothed "
+                    "(σ 6 voxels) white noise, seed 0, max |u_c| = 8 mm; ground truth fixed → moving map ψ⁻¹ "
+                    "(fixed-point inversion); labels CSF/GM/WM from the template's GM/WM maps")
     elif name == "brain2d":
         c = _brain_pair_2d()
         aff = affine_prealign(c["fixed"], c["moving"], fixed_mask=c["fixed_mask"])
