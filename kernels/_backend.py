@@ -32,6 +32,13 @@ BACKENDS = ("numpy", "numba", "cuda")
 
 HAVE_NUMBA = importlib.util.find_spec("numba") is not None
 
+# numba's OpenMP threading layer (libgomp) spins between parallel regions by default. The solvers launch many short
+# parallel kernels per iteration; with more runnable threads than cores (a shared machine, another job) the spinning
+# workers steal the cores: the 3-D demons benchmark took 23 s instead of 7 s (2 cores, load 3; same result).
+# (Not yet measured on an idle machine.) Read when the OpenMP runtime loads (numba's first
+# parallel launch); a user's own OMP_WAIT_POLICY wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 
 def cuda_simulator() -> bool:
     """True when numba's CUDA simulator is switched on for this process."""
