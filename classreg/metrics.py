@@ -52,7 +52,6 @@ import numbers
 import numpy as np
 
 from ._checks import check_spacing
-from scipy import ndimage
 
 __all__ = [
     "METRICS",
@@ -301,42 +300,9 @@ def lncc(fixed, moving, *, radius=LNCC_RADIUS, spacing=1.0, mask=None, gradient=
     r = _window_radius(radius, sp, F.ndim)
     if not (isinstance(eps, numbers.Real) and np.isfinite(eps) and eps >= 0):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
-    size = tuple(2 * ri + 1 for ri in r)
-    nw = float(np.prod(size))
-    wf = w.astype(np.float64)
-    N = float(np.count_nonzero(w))
+    from .kernels.lncc import _lncc_reference  # the one implementation; also the fused kernel's test oracle
 
-    def S(a):
-        return ndimage.uniform_filter(a, size=size, mode="constant", cval=0.0) * nw
-
-    # Centre by the global masked means (local statistics are shift invariant; this avoids cancellation).
-    F = (F - F[w].mean()) * wf
-    M = (M - M[w].mean()) * wf
-    varF = float(np.dot(F[w], F[w])) / N
-    varM = float(np.dot(M[w], M[w])) / N
-    epsk = float(eps) * nw * nw * varF  # eps_total = epsk * varM + tiny
-    eps_total = epsk * varM + _TINY
-
-    n = np.rint(S(wf))
-    ninv = np.zeros_like(n)
-    np.divide(1.0, n, out=ninv, where=n > 0)
-    sF, sM = S(F), S(M)
-    fbar, mbar = sF * ninv, sM * ninv
-    A = S(F * M) - sF * mbar
-    B = np.maximum(S(F * F) - sF * fbar, 0.0)
-    C = np.maximum(S(M * M) - sM * mbar, 0.0)
-    D = B * C + eps_total
-    Dinv = 1.0 / D
-    cc = A * A * Dinv
-    value = -float(cc[w].sum()) / N
-    grad = None
-    if gradient:
-        alpha = wf * A * Dinv
-        beta = wf * A * A * B * Dinv * Dinv
-        g = F * S(alpha) - S(alpha * fbar) - M * S(beta) + S(beta * mbar)
-        grad = (-2.0 / N) * wf * g
-        gamma = float((wf * A * A * Dinv * Dinv).sum()) / N
-        grad += gamma * epsk * (2.0 / N) * M  # d eps / dM(y) = epsk * 2 (M(y) - mean M) / N, M centred and masked
+    value, grad, _ = _lncc_reference(F, M, w, r, eps, np.float64)
     return _finish(value, grad, gradient, odt)
 
 
