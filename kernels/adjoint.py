@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import functools
 import math
+import types
 
 import numpy as np
 
 from . import _backend
 
-__all__ = ["sample_linear", "splat_linear", "gradient_transpose"]
+__all__ = ["sample_linear", "splat_linear", "gradient_transpose", "det_cofactor", "jacobian_norm_max",
+           "velocity_adjoint", "momentum_adjoint", "add_sample_adjoint"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -123,8 +125,13 @@ def _splat_np(vals, pts, spatial):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# numba paths
+# numba paths: module-level templates compiled lazily by `_numba_kernels` (numba caches them on disk; a closure
+# over compiled helpers inside the builder would get a new cache key in every process and recompile each time).
+# `prange` and `_ax` are rebound to numba.prange and the compiled axis helper when compiling.
 # ----------------------------------------------------------------------------------------------------------------
+prange = range
+
+
 def _axis_scalar(c, n):
     inside = (c > 0.0) and (c < n - 1.0)
     cc = c if c > 0.0 else 0.0
@@ -135,105 +142,354 @@ def _axis_scalar(c, n):
     return j, cc - j, inside
 
 
+_ax = _axis_scalar
+
+
+def _sample2(img, pts, val, grd, want):
+    n0, n1, C = img.shape
+    N = pts.shape[0]
+    for p in prange(N):
+        j0, t0, i0 = _ax(pts[p, 0], n0)
+        j1, t1, i1 = _ax(pts[p, 1], n1)
+        s0 = 1 - t0
+        s1 = 1 - t1
+        for c in range(C):
+            v00 = img[j0, j1, c]
+            v01 = img[j0, j1 + 1, c]
+            v10 = img[j0 + 1, j1, c]
+            v11 = img[j0 + 1, j1 + 1, c]
+            val[p, c] = s0 * (s1 * v00 + t1 * v01) + t0 * (s1 * v10 + t1 * v11)
+            if want:
+                grd[p, c, 0] = (s1 * (v10 - v00) + t1 * (v11 - v01)) if i0 else 0.0
+                grd[p, c, 1] = (s0 * (v01 - v00) + t0 * (v11 - v10)) if i1 else 0.0
+
+
+def _sample3(img, pts, val, grd, want):
+    n0, n1, n2, C = img.shape
+    N = pts.shape[0]
+    for p in prange(N):
+        j0, t0, i0 = _ax(pts[p, 0], n0)
+        j1, t1, i1 = _ax(pts[p, 1], n1)
+        j2, t2, i2 = _ax(pts[p, 2], n2)
+        s0 = 1 - t0
+        s1 = 1 - t1
+        s2 = 1 - t2
+        for c in range(C):
+            v000 = img[j0, j1, j2, c]
+            v001 = img[j0, j1, j2 + 1, c]
+            v010 = img[j0, j1 + 1, j2, c]
+            v011 = img[j0, j1 + 1, j2 + 1, c]
+            v100 = img[j0 + 1, j1, j2, c]
+            v101 = img[j0 + 1, j1, j2 + 1, c]
+            v110 = img[j0 + 1, j1 + 1, j2, c]
+            v111 = img[j0 + 1, j1 + 1, j2 + 1, c]
+            a0 = s1 * (s2 * v000 + t2 * v001) + t1 * (s2 * v010 + t2 * v011)
+            a1 = s1 * (s2 * v100 + t2 * v101) + t1 * (s2 * v110 + t2 * v111)
+            val[p, c] = s0 * a0 + t0 * a1
+            if want:
+                grd[p, c, 0] = (a1 - a0) if i0 else 0.0
+                b0 = s2 * v000 + t2 * v001
+                b1 = s2 * v010 + t2 * v011
+                b2 = s2 * v100 + t2 * v101
+                b3 = s2 * v110 + t2 * v111
+                grd[p, c, 1] = (s0 * (b1 - b0) + t0 * (b3 - b2)) if i1 else 0.0
+                e0 = s1 * v000 + t1 * v010
+                e1 = s1 * v001 + t1 * v011
+                e2 = s1 * v100 + t1 * v110
+                e3 = s1 * v101 + t1 * v111
+                grd[p, c, 2] = (s0 * (e1 - e0) + t0 * (e3 - e2)) if i2 else 0.0
+
+
+def _splat2(vals, pts, out):
+    n0, n1, C = out.shape
+    for p in range(pts.shape[0]):
+        j0, t0, i0 = _ax(pts[p, 0], n0)
+        j1, t1, i1 = _ax(pts[p, 1], n1)
+        s0 = 1 - t0
+        s1 = 1 - t1
+        for c in range(C):
+            a = vals[p, c]
+            out[j0, j1, c] += s0 * s1 * a
+            out[j0, j1 + 1, c] += s0 * t1 * a
+            out[j0 + 1, j1, c] += t0 * s1 * a
+            out[j0 + 1, j1 + 1, c] += t0 * t1 * a
+
+
+def _splat3(vals, pts, out):
+    n0, n1, n2, C = out.shape
+    for p in range(pts.shape[0]):
+        j0, t0, i0 = _ax(pts[p, 0], n0)
+        j1, t1, i1 = _ax(pts[p, 1], n1)
+        j2, t2, i2 = _ax(pts[p, 2], n2)
+        s0 = 1 - t0
+        s1 = 1 - t1
+        s2 = 1 - t2
+        for c in range(C):
+            a = vals[p, c]
+            out[j0, j1, j2, c] += s0 * s1 * s2 * a
+            out[j0, j1, j2 + 1, c] += s0 * s1 * t2 * a
+            out[j0, j1 + 1, j2, c] += s0 * t1 * s2 * a
+            out[j0, j1 + 1, j2 + 1, c] += s0 * t1 * t2 * a
+            out[j0 + 1, j1, j2, c] += t0 * s1 * s2 * a
+            out[j0 + 1, j1, j2 + 1, c] += t0 * s1 * t2 * a
+            out[j0 + 1, j1 + 1, j2, c] += t0 * t1 * s2 * a
+            out[j0 + 1, j1 + 1, j2 + 1, c] += t0 * t1 * t2 * a
+
+
+def _nb_idx(i, n):
+    """Neighbours and divisor (in samples) of the numpy.gradient stencil (edge_order=1) at index i of n >= 2."""
+    lo = i - 1 if i > 0 else 0
+    hi = i + 1 if i < n - 1 else n - 1
+    return lo, hi, hi - lo
+
+
+_nb = _nb_idx
+
+
+def _jnorm2(v, inv_h, out):
+    # out[i] = max over the row i of the squared Frobenius norm of Dv (numpy.gradient stencil, physical units)
+    n0, n1, C = v.shape
+    h0 = inv_h[0]
+    h1 = inv_h[1]
+    for i in prange(n0):
+        lo0, hi0, k0 = _nb(i, n0)
+        best = 0.0
+        for j in range(n1):
+            lo1, hi1, k1 = _nb(j, n1)
+            acc = 0.0
+            for c in range(C):
+                a = (v[hi0, j, c] - v[lo0, j, c]) * (h0 / k0)
+                b = (v[i, hi1, c] - v[i, lo1, c]) * (h1 / k1)
+                acc += a * a + b * b
+            if acc > best:
+                best = acc
+        out[i] = best
+
+
+def _jnorm3(v, inv_h, out):
+    n0, n1, n2, C = v.shape
+    h0 = inv_h[0]
+    h1 = inv_h[1]
+    h2 = inv_h[2]
+    for i in prange(n0):
+        lo0, hi0, k0 = _nb(i, n0)
+        best = 0.0
+        for j in range(n1):
+            lo1, hi1, k1 = _nb(j, n1)
+            for k in range(n2):
+                lo2, hi2, k2 = _nb(k, n2)
+                acc = 0.0
+                for c in range(C):
+                    a = (v[hi0, j, k, c] - v[lo0, j, k, c]) * (h0 / k0)
+                    b = (v[i, hi1, k, c] - v[i, lo1, k, c]) * (h1 / k1)
+                    e = (v[i, j, hi2, c] - v[i, j, lo2, c]) * (h2 / k2)
+                    acc += a * a + b * b + e * e
+                if acc > best:
+                    best = acc
+        out[i] = best
+
+
+def _gradT2(W, wgt, inv_h, out):
+    # out[x, c] += sum_j (D_j^T (wgt W[..., c, j]))(x) * inv_h[j]; D_j the numpy.gradient stencil (edge_order=1)
+    n0, n1, C, _ = W.shape
+    for i in prange(n0):
+        for j in range(n1):
+            for c in range(C):
+                acc = 0.0
+                # axis 0
+                if i >= 2 and i - 1 <= n0 - 2:
+                    acc += 0.5 * W[i - 1, j, c, 0] * wgt[i - 1, j] * inv_h[0]
+                if i + 1 <= n0 - 2 and i + 1 >= 1:
+                    acc -= 0.5 * W[i + 1, j, c, 0] * wgt[i + 1, j] * inv_h[0]
+                if i == 1:
+                    acc += W[0, j, c, 0] * wgt[0, j] * inv_h[0]
+                if i == 0:
+                    acc -= W[0, j, c, 0] * wgt[0, j] * inv_h[0]
+                if i == n0 - 1:
+                    acc += W[n0 - 1, j, c, 0] * wgt[n0 - 1, j] * inv_h[0]
+                if i == n0 - 2:
+                    acc -= W[n0 - 1, j, c, 0] * wgt[n0 - 1, j] * inv_h[0]
+                # axis 1
+                if j >= 2 and j - 1 <= n1 - 2:
+                    acc += 0.5 * W[i, j - 1, c, 1] * wgt[i, j - 1] * inv_h[1]
+                if j + 1 <= n1 - 2 and j + 1 >= 1:
+                    acc -= 0.5 * W[i, j + 1, c, 1] * wgt[i, j + 1] * inv_h[1]
+                if j == 1:
+                    acc += W[i, 0, c, 1] * wgt[i, 0] * inv_h[1]
+                if j == 0:
+                    acc -= W[i, 0, c, 1] * wgt[i, 0] * inv_h[1]
+                if j == n1 - 1:
+                    acc += W[i, n1 - 1, c, 1] * wgt[i, n1 - 1] * inv_h[1]
+                if j == n1 - 2:
+                    acc -= W[i, n1 - 1, c, 1] * wgt[i, n1 - 1] * inv_h[1]
+                out[i, j, c] += acc
+
+
+def _gradT3(W, wgt, inv_h, out):
+    n0, n1, n2, C, _ = W.shape
+    for i in prange(n0):
+        for j in range(n1):
+            for k in range(n2):
+                for c in range(C):
+                    acc = 0.0
+                    if i >= 2 and i - 1 <= n0 - 2:
+                        acc += 0.5 * W[i - 1, j, k, c, 0] * wgt[i - 1, j, k] * inv_h[0]
+                    if i + 1 <= n0 - 2 and i + 1 >= 1:
+                        acc -= 0.5 * W[i + 1, j, k, c, 0] * wgt[i + 1, j, k] * inv_h[0]
+                    if i == 1:
+                        acc += W[0, j, k, c, 0] * wgt[0, j, k] * inv_h[0]
+                    if i == 0:
+                        acc -= W[0, j, k, c, 0] * wgt[0, j, k] * inv_h[0]
+                    if i == n0 - 1:
+                        acc += W[n0 - 1, j, k, c, 0] * wgt[n0 - 1, j, k] * inv_h[0]
+                    if i == n0 - 2:
+                        acc -= W[n0 - 1, j, k, c, 0] * wgt[n0 - 1, j, k] * inv_h[0]
+                    if j >= 2 and j - 1 <= n1 - 2:
+                        acc += 0.5 * W[i, j - 1, k, c, 1] * wgt[i, j - 1, k] * inv_h[1]
+                    if j + 1 <= n1 - 2 and j + 1 >= 1:
+                        acc -= 0.5 * W[i, j + 1, k, c, 1] * wgt[i, j + 1, k] * inv_h[1]
+                    if j == 1:
+                        acc += W[i, 0, k, c, 1] * wgt[i, 0, k] * inv_h[1]
+                    if j == 0:
+                        acc -= W[i, 0, k, c, 1] * wgt[i, 0, k] * inv_h[1]
+                    if j == n1 - 1:
+                        acc += W[i, n1 - 1, k, c, 1] * wgt[i, n1 - 1, k] * inv_h[1]
+                    if j == n1 - 2:
+                        acc -= W[i, n1 - 1, k, c, 1] * wgt[i, n1 - 1, k] * inv_h[1]
+                    if k >= 2 and k - 1 <= n2 - 2:
+                        acc += 0.5 * W[i, j, k - 1, c, 2] * wgt[i, j, k - 1] * inv_h[2]
+                    if k + 1 <= n2 - 2 and k + 1 >= 1:
+                        acc -= 0.5 * W[i, j, k + 1, c, 2] * wgt[i, j, k + 1] * inv_h[2]
+                    if k == 1:
+                        acc += W[i, j, 0, c, 2] * wgt[i, j, 0] * inv_h[2]
+                    if k == 0:
+                        acc -= W[i, j, 0, c, 2] * wgt[i, j, 0] * inv_h[2]
+                    if k == n2 - 1:
+                        acc += W[i, j, n2 - 1, c, 2] * wgt[i, j, n2 - 1] * inv_h[2]
+                    if k == n2 - 2:
+                        acc -= W[i, j, n2 - 1, c, 2] * wgt[i, j, n2 - 1] * inv_h[2]
+                    out[i, j, k, c] += acc
+
+
+def _detcof2(u, det, cof):
+    # Jacobian A = I + Du of the map (index units, numpy.gradient stencil), its determinant and cofactor matrix
+    n0, n1, _ = u.shape
+    for i in prange(n0):
+        lo0, hi0, k0 = _nb(i, n0)
+        for j in range(n1):
+            lo1, hi1, k1 = _nb(j, n1)
+            a00 = 1.0 + (u[hi0, j, 0] - u[lo0, j, 0]) / k0
+            a01 = (u[i, hi1, 0] - u[i, lo1, 0]) / k1
+            a10 = (u[hi0, j, 1] - u[lo0, j, 1]) / k0
+            a11 = 1.0 + (u[i, hi1, 1] - u[i, lo1, 1]) / k1
+            det[i, j] = a00 * a11 - a01 * a10
+            cof[i, j, 0, 0] = a11
+            cof[i, j, 0, 1] = -a10
+            cof[i, j, 1, 0] = -a01
+            cof[i, j, 1, 1] = a00
+
+
+def _detcof3(u, det, cof):
+    n0, n1, n2, _ = u.shape
+    for i in prange(n0):
+        lo0, hi0, k0 = _nb(i, n0)
+        for j in range(n1):
+            lo1, hi1, k1 = _nb(j, n1)
+            for k in range(n2):
+                lo2, hi2, k2 = _nb(k, n2)
+                a00 = 1.0 + (u[hi0, j, k, 0] - u[lo0, j, k, 0]) / k0
+                a01 = (u[i, hi1, k, 0] - u[i, lo1, k, 0]) / k1
+                a02 = (u[i, j, hi2, 0] - u[i, j, lo2, 0]) / k2
+                a10 = (u[hi0, j, k, 1] - u[lo0, j, k, 1]) / k0
+                a11 = 1.0 + (u[i, hi1, k, 1] - u[i, lo1, k, 1]) / k1
+                a12 = (u[i, j, hi2, 1] - u[i, j, lo2, 1]) / k2
+                a20 = (u[hi0, j, k, 2] - u[lo0, j, k, 2]) / k0
+                a21 = (u[i, hi1, k, 2] - u[i, lo1, k, 2]) / k1
+                a22 = 1.0 + (u[i, j, hi2, 2] - u[i, j, lo2, 2]) / k2
+                c00 = a11 * a22 - a12 * a21
+                c01 = a12 * a20 - a10 * a22
+                c02 = a10 * a21 - a11 * a20
+                cof[i, j, k, 0, 0] = c00
+                cof[i, j, k, 0, 1] = c01
+                cof[i, j, k, 0, 2] = c02
+                cof[i, j, k, 1, 0] = a21 * a02 - a22 * a01
+                cof[i, j, k, 1, 1] = a22 * a00 - a20 * a02
+                cof[i, j, k, 1, 2] = a20 * a01 - a21 * a00
+                cof[i, j, k, 2, 0] = a01 * a12 - a02 * a11
+                cof[i, j, k, 2, 1] = a02 * a10 - a00 * a12
+                cof[i, j, k, 2, 2] = a00 * a11 - a01 * a10
+                det[i, j, k] = a00 * c00 + a01 * c01 + a02 * c02
+
+
+def _vbar_k(ubar, du, coef, out):
+    # out[p, j] = coef[j] * (ubar[p, j] + sum_c ubar[p, c] du[p, c, j])
+    N, d = ubar.shape
+    for p in prange(N):
+        for j in range(d):
+            acc = ubar[p, j]
+            for c in range(d):
+                acc += ubar[p, c] * du[p, c, j]
+            out[p, j] = coef[j] * acc
+
+
+def _pbar_k(g, mbar, det, Q, Pbar, Qbar, detbar):
+    # Pbar = g . mbar, Qbar = Pbar det, detbar = Pbar Q
+    N, d = g.shape
+    for p in prange(N):
+        acc = 0.0
+        for j in range(d):
+            acc += g[p, j] * mbar[p, j]
+        Pbar[p] = acc
+        Qbar[p] = acc * det[p]
+        detbar[p] = acc * Q[p]
+
+
+def _ubar_k(ubar, Qbar, Ibar, ds):
+    # ubar[p, j] += Qbar[p] ds[p, 1, j] + Ibar[p] ds[p, 0, j]
+    N, d = ubar.shape
+    for p in prange(N):
+        qb = Qbar[p]
+        ib = Ibar[p]
+        for j in range(d):
+            ubar[p, j] += qb * ds[p, 1, j] + ib * ds[p, 0, j]
+
+
+# Below this many samples the kernels run serially: a parallel region costs a thread-pool wake-up and barrier
+# (~20 µs on an idle machine, but 5-15 ms per call on an oversubscribed 2-core machine, measured with the OpenMP
+# layer), which dominates small grids (coarse pyramid levels, tests).
+PARALLEL_MIN = 1 << 16
+
+
 @functools.cache
-def _numba_kernels():
+def _numba_kernels(parallel=True):
+    """The compiled kernels, parallel (``prange``) or serial variants (distinct cache keys via ``_suffix``)."""
     import numba
 
-    njit = _backend.njit
-    ax = njit(inline="always")(_axis_scalar)
+    from .smooth import _numba_compile
 
-    @njit(parallel=True)
-    def sample2(img, pts, val, grd, want):
-        n0, n1, C = img.shape
-        N = pts.shape[0]
-        for p in numba.prange(N):
-            j0, t0, i0 = ax(pts[p, 0], n0)
-            j1, t1, i1 = ax(pts[p, 1], n1)
-            s0 = 1 - t0
-            s1 = 1 - t1
-            for c in range(C):
-                v00 = img[j0, j1, c]
-                v01 = img[j0, j1 + 1, c]
-                v10 = img[j0 + 1, j1, c]
-                v11 = img[j0 + 1, j1 + 1, c]
-                val[p, c] = s0 * (s1 * v00 + t1 * v01) + t0 * (s1 * v10 + t1 * v11)
-                if want:
-                    grd[p, c, 0] = (s1 * (v10 - v00) + t1 * (v11 - v01)) if i0 else 0.0
-                    grd[p, c, 1] = (s0 * (v01 - v00) + t0 * (v11 - v10)) if i1 else 0.0
+    ax = _backend.njit(inline="always")(_axis_scalar)
+    nb = _backend.njit(inline="always")(_nb_idx)
+    par = dict(parallel=True, prange=numba.prange) if parallel else dict(_suffix="_serial")
+    return types.SimpleNamespace(
+        sample2=_numba_compile(_sample2, _ax=ax, **par),
+        sample3=_numba_compile(_sample3, _ax=ax, **par),
+        splat2=_numba_compile(_splat2, _ax=ax),
+        splat3=_numba_compile(_splat3, _ax=ax),
+        jnorm2=_numba_compile(_jnorm2, _nb=nb, **par),
+        jnorm3=_numba_compile(_jnorm3, _nb=nb, **par),
+        gradT2=_numba_compile(_gradT2, **par),
+        gradT3=_numba_compile(_gradT3, **par),
+        detcof2=_numba_compile(_detcof2, _nb=nb, **par),
+        detcof3=_numba_compile(_detcof3, _nb=nb, **par),
+        vbar=_numba_compile(_vbar_k, **par),
+        pbar=_numba_compile(_pbar_k, **par),
+        ubar=_numba_compile(_ubar_k, **par),
+    )
 
-    @njit(parallel=True)
-    def sample3(img, pts, val, grd, want):
-        n0, n1, n2, C = img.shape
-        N = pts.shape[0]
-        for p in numba.prange(N):
-            j0, t0, i0 = ax(pts[p, 0], n0)
-            j1, t1, i1 = ax(pts[p, 1], n1)
-            j2, t2, i2 = ax(pts[p, 2], n2)
-            s0 = 1 - t0
-            s1 = 1 - t1
-            s2 = 1 - t2
-            for c in range(C):
-                v000 = img[j0, j1, j2, c]
-                v001 = img[j0, j1, j2 + 1, c]
-                v010 = img[j0, j1 + 1, j2, c]
-                v011 = img[j0, j1 + 1, j2 + 1, c]
-                v100 = img[j0 + 1, j1, j2, c]
-                v101 = img[j0 + 1, j1, j2 + 1, c]
-                v110 = img[j0 + 1, j1 + 1, j2, c]
-                v111 = img[j0 + 1, j1 + 1, j2 + 1, c]
-                a0 = s1 * (s2 * v000 + t2 * v001) + t1 * (s2 * v010 + t2 * v011)
-                a1 = s1 * (s2 * v100 + t2 * v101) + t1 * (s2 * v110 + t2 * v111)
-                val[p, c] = s0 * a0 + t0 * a1
-                if want:
-                    grd[p, c, 0] = (a1 - a0) if i0 else 0.0
-                    b0 = s2 * v000 + t2 * v001
-                    b1 = s2 * v010 + t2 * v011
-                    b2 = s2 * v100 + t2 * v101
-                    b3 = s2 * v110 + t2 * v111
-                    grd[p, c, 1] = (s0 * (b1 - b0) + t0 * (b3 - b2)) if i1 else 0.0
-                    e0 = s1 * v000 + t1 * v010
-                    e1 = s1 * v001 + t1 * v011
-                    e2 = s1 * v100 + t1 * v110
-                    e3 = s1 * v101 + t1 * v111
-                    grd[p, c, 2] = (s0 * (e1 - e0) + t0 * (e3 - e2)) if i2 else 0.0
 
-    @njit
-    def splat2(vals, pts, out):
-        n0, n1, C = out.shape
-        for p in range(pts.shape[0]):
-            j0, t0, i0 = ax(pts[p, 0], n0)
-            j1, t1, i1 = ax(pts[p, 1], n1)
-            s0 = 1 - t0
-            s1 = 1 - t1
-            for c in range(C):
-                a = vals[p, c]
-                out[j0, j1, c] += s0 * s1 * a
-                out[j0, j1 + 1, c] += s0 * t1 * a
-                out[j0 + 1, j1, c] += t0 * s1 * a
-                out[j0 + 1, j1 + 1, c] += t0 * t1 * a
-
-    @njit
-    def splat3(vals, pts, out):
-        n0, n1, n2, C = out.shape
-        for p in range(pts.shape[0]):
-            j0, t0, i0 = ax(pts[p, 0], n0)
-            j1, t1, i1 = ax(pts[p, 1], n1)
-            j2, t2, i2 = ax(pts[p, 2], n2)
-            s0 = 1 - t0
-            s1 = 1 - t1
-            s2 = 1 - t2
-            for c in range(C):
-                a = vals[p, c]
-                out[j0, j1, j2, c] += s0 * s1 * s2 * a
-                out[j0, j1, j2 + 1, c] += s0 * s1 * t2 * a
-                out[j0, j1 + 1, j2, c] += s0 * t1 * s2 * a
-                out[j0, j1 + 1, j2 + 1, c] += s0 * t1 * t2 * a
-                out[j0 + 1, j1, j2, c] += t0 * s1 * s2 * a
-                out[j0 + 1, j1, j2 + 1, c] += t0 * s1 * t2 * a
-                out[j0 + 1, j1 + 1, j2, c] += t0 * t1 * s2 * a
-                out[j0 + 1, j1 + 1, j2 + 1, c] += t0 * t1 * t2 * a
-
-    return sample2, sample3, splat2, splat3
+def _kern(size):
+    """Kernel namespace for a problem of ``size`` samples (serial below :data:`PARALLEL_MIN`)."""
+    return _numba_kernels(size >= PARALLEL_MIN)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -280,10 +536,10 @@ def sample_linear(image, coords, *, gradient=False, backend=None):
         val, grd = _sample_np(img, pts, gradient)
         val = val.astype(dt, copy=False)
     else:
-        s2, s3, _, _ = _numba_kernels()
+        nk = _kern(pts.shape[0])
         val = np.empty((pts.shape[0], C), dtype=dt)
         grd = np.empty((pts.shape[0], C, nd) if gradient else (1, 1, nd), dtype=dt)
-        (s2 if nd == 2 else s3)(img, pts, val, grd, bool(gradient))
+        (nk.sample2 if nd == 2 else nk.sample3)(img, pts, val, grd, bool(gradient))
     if scalar:
         val = val.reshape(out_shape)
         if gradient:
@@ -334,9 +590,9 @@ def splat_linear(values, coords, shape, *, backend=None):
     if b == "numpy":
         out = _splat_np(vals, pts, shape)
     else:
-        _, _, p2, p3 = _numba_kernels()
+        nk = _kern(pts.shape[0])
         out = np.zeros(shape + (vals.shape[1],), dtype=dt)
-        (p2 if nd == 2 else p3)(vals, pts, out)
+        (nk.splat2 if nd == 2 else nk.splat3)(vals, pts, out)
     return out[..., 0] if scalar else out
 
 
@@ -358,34 +614,234 @@ def _gradT_axis(g, axis, h):
     return np.moveaxis(out, 0, axis)
 
 
-def gradient_transpose(g, *, spacing=1.0):
-    """Exact transpose of :func:`classreg.kernels.diff.gradient` for a scalar image: ``Σ_d D_dᵀ g[..., d]``.
+def gradient_transpose(g, *, spacing=1.0, ndim=None, weight=None, backend=None):
+    """Exact transpose of :func:`classreg.kernels.diff.gradient`: ``Σ_d D_dᵀ g[..., d]`` (per channel).
 
     Parameters
     ----------
-    g : ndarray, shape ``(*spatial, nd)``
-        One component per spatial axis (array order), e.g. the adjoint of an image gradient.
+    g : ndarray, shape ``(*spatial, nd)`` or ``(*spatial, C, nd)``
+        One component per spatial axis (array order), e.g. the adjoint of an image gradient; with channels, each
+        channel ``g[..., c, :]`` is transposed separately.
     spacing : float or sequence of float
         Spacing per array axis (as passed to ``gradient``).
+    ndim : int, optional
+        Number of spatial axes: ``g.ndim - 1`` (default; scalar result) or ``g.ndim - 2`` (channels).
+    weight : ndarray, shape ``(*spatial)``, optional
+        Transpose ``weight · g`` instead of ``g`` (fused, no temporary).
+    backend : {None, "numpy", "numba"}
 
     Returns
     -------
-    ndarray, shape ``(*spatial)``
+    ndarray, shape ``(*spatial)`` or ``(*spatial, C)``
         ``<gradient(f, spacing=h), g> == <f, gradient_transpose(g, spacing=h)>``; inside the grid this is
         ``-divergence(g)``; the first two and last two rows of every axis carry the one-sided border stencils.
     """
     g = _float(g, "g")
-    nd = g.ndim - 1
-    if nd < 1 or g.shape[-1] != nd:
-        raise ValueError(f"g must have shape (*spatial, nd) with nd = g.ndim - 1, got {g.shape}")
-    if any(n < 2 for n in g.shape[:-1]):
+    nd = g.ndim - 1 if ndim is None else int(ndim)
+    chan = g.ndim == nd + 2
+    if nd < 1 or g.shape[-1] != nd or g.ndim not in (nd + 1, nd + 2):
+        raise ValueError(f"g must have shape (*spatial, nd) or (*spatial, C, nd) with nd = ndim spatial axes, got "
+                         f"{g.shape} (ndim={ndim!r})")
+    spatial = g.shape[:nd]
+    if any(n < 2 for n in spatial):
         raise ValueError(f"every spatial axis needs at least 2 samples, got {g.shape}")
     h = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (nd,))
     if not np.all(np.isfinite(h)) or np.any(h <= 0):
         raise ValueError(f"spacing must be positive and finite, got {spacing!r}")
-    dt = _dtype(g)
+    if weight is not None:
+        weight = _float(weight, "weight")
+        if weight.shape != spatial:
+            raise ValueError(f"weight must have shape {spatial}, got {weight.shape}")
+    b = _backend_for(backend, g) if nd in (2, 3) else "numpy"
+    dt = _dtype(g) if weight is None else _dtype(g, weight)
     g = g.astype(dt, copy=False)
+    if b == "numba":
+        W = np.ascontiguousarray(g if chan else g[..., None, :])
+        wgt = np.ones(spatial, dtype=dt) if weight is None else np.ascontiguousarray(weight, dtype=dt)
+        out = np.zeros(spatial + (W.shape[-2],), dtype=dt)
+        nk = _kern(int(np.prod(spatial)))
+        (nk.gradT2 if nd == 2 else nk.gradT3)(W, wgt, np.asarray(1.0 / h, dtype=dt), out)
+        return out if chan else out[..., 0]
+    if weight is not None:
+        g = g * (weight.astype(dt, copy=False)[..., None, None] if chan else weight.astype(dt, copy=False)[..., None])
+    if chan:
+        return np.stack([gradient_transpose(g[..., c, :], spacing=spacing, backend="numpy")
+                         for c in range(g.shape[-2])], axis=-1)
     out = _gradT_axis(g[..., 0], 0, float(h[0]))
     for d in range(1, nd):
         out += _gradT_axis(g[..., d], d, float(h[d]))
     return out
+
+
+def det_cofactor(u, *, backend=None):
+    """Determinant and cofactor matrix (= ∂det/∂A) of ``A = I + Du`` for a displacement ``u`` in index units.
+
+    ``Du`` uses the stencil of :func:`classreg.kernels.diff.gradient` with unit spacing (central inside, one-sided
+    at the borders), as :func:`classreg.kernels.diff.jacobian_determinant` does.
+
+    Parameters
+    ----------
+    u : ndarray, shape ``(*spatial, nd)``, nd = 2 or 3
+    backend : {None, "numpy", "numba"}
+
+    Returns
+    -------
+    det : ndarray, shape ``(*spatial)``
+    cof : ndarray, shape ``(*spatial, nd, nd)``
+        ``cof[..., i, j] = ∂ det / ∂ A[..., i, j]``.
+    """
+    u = _float(u, "u")
+    nd = u.ndim - 1
+    if nd not in (2, 3) or u.shape[-1] != nd:
+        raise ValueError(f"u must have shape (*spatial, nd) with nd = 2 or 3, got {u.shape}")
+    if any(n < 2 for n in u.shape[:nd]):
+        raise ValueError(f"every spatial axis needs at least 2 samples, got {u.shape}")
+    b = _backend_for(backend, u)
+    dt = _dtype(u)
+    u = np.ascontiguousarray(u, dtype=dt)
+    if b == "numba":
+        nk = _kern(int(np.prod(u.shape[:nd])))
+        det = np.empty(u.shape[:nd], dtype=dt)
+        cof = np.empty(u.shape[:nd] + (nd, nd), dtype=dt)
+        (nk.detcof2 if nd == 2 else nk.detcof3)(u, det, cof)
+        return det, cof
+    A = np.stack([np.stack(np.gradient(u[..., i], axis=tuple(range(nd))), axis=-1) for i in range(nd)], axis=-2)
+    A = A.astype(dt, copy=False)
+    for r in range(nd):
+        A[..., r, r] += dt.type(1)
+    if nd == 2:
+        det = A[..., 0, 0] * A[..., 1, 1] - A[..., 0, 1] * A[..., 1, 0]
+        cof = np.empty_like(A)
+        cof[..., 0, 0] = A[..., 1, 1]
+        cof[..., 0, 1] = -A[..., 1, 0]
+        cof[..., 1, 0] = -A[..., 0, 1]
+        cof[..., 1, 1] = A[..., 0, 0]
+        return det, cof
+    a0, a1, a2 = A[..., 0, :], A[..., 1, :], A[..., 2, :]
+    cof = np.stack([np.cross(a1, a2), np.cross(a2, a0), np.cross(a0, a1)], axis=-2)
+    det = np.sum(a0 * cof[..., 0, :], axis=-1)
+    return det, cof
+
+
+def jacobian_norm_max(v, *, spacing=1.0, backend=None):
+    """``max_x ‖Dv(x)‖_F``: the largest Frobenius norm of the Jacobian of a vector field (a Lipschitz bound).
+
+    Derivatives use the stencil of :func:`classreg.kernels.diff.gradient` (central inside, one-sided at the
+    borders) in the units of ``spacing``. LDDMM uses ``δt · max ‖Dv‖`` as the stability number of a semi-Lagrangian
+    step ``id − δt v``: the step map is invertible when ``δt · Lip(v) < 1``.
+
+    Parameters
+    ----------
+    v : ndarray, shape ``(*spatial, C)``
+        Channels-last field with 2 or 3 spatial axes (each ≥ 2 samples); C components (usually C = nd).
+    spacing : float or sequence of float
+        Spacing per spatial axis.
+    backend : {None, "numpy", "numba"}
+
+    Returns
+    -------
+    float
+    """
+    v = _float(v, "v")
+    nd = v.ndim - 1
+    if nd not in (2, 3):
+        raise ValueError(f"v must have shape (*spatial, C) with 2 or 3 spatial axes, got {v.shape}")
+    if any(n < 2 for n in v.shape[:nd]):
+        raise ValueError(f"every spatial axis needs at least 2 samples, got {v.shape}")
+    h = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (nd,))
+    if not np.all(np.isfinite(h)) or np.any(h <= 0):
+        raise ValueError(f"spacing must be positive and finite, got {spacing!r}")
+    b = _backend_for(backend, v)
+    dt = _dtype(v)
+    v = np.ascontiguousarray(v, dtype=dt)
+    if b == "numpy":
+        acc = np.zeros(v.shape[:nd], dtype=np.float64)
+        for c in range(v.shape[-1]):
+            for a, g in enumerate(np.gradient(v[..., c], *[float(x) for x in h], axis=tuple(range(nd)))
+                                  if nd > 1 else [np.gradient(v[..., c], float(h[0]))]):
+                acc += g.astype(np.float64) ** 2
+        return float(np.sqrt(acc.max()))
+    nk = _kern(int(np.prod(v.shape[:nd])))
+    out = np.zeros(v.shape[0], dtype=np.float64)
+    (nk.jnorm2 if nd == 2 else nk.jnorm3)(v, np.asarray(1.0 / h, dtype=np.float64), out)
+    return float(np.sqrt(out.max()))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# fused elementwise pieces of the LDDMM reverse sweep (classreg.solvers.lddmm.GeodesicShooting.gradient); the numpy
+# branches are the references
+# ----------------------------------------------------------------------------------------------------------------
+def _flat(a, tail):
+    return np.ascontiguousarray(a).reshape((-1,) + tail)
+
+
+def velocity_adjoint(ubar, du, coef, *, backend=None):
+    """``v̄_j = coef_j (ū_j + Σ_c ū_c ∂u_c/∂Y_j)``: adjoint of ``u_{k+1} = u_k(Y) − δt v/h`` w.r.t. ``v`` (with
+    ``Y = x − δt v/h`` and ``coef = −δt/h``).
+
+    Parameters
+    ----------
+    ubar : ndarray, shape ``(*spatial, d)``
+    du : ndarray, shape ``(*spatial, d, d)``
+        ``∂u_c/∂Y_j`` (the gradient output of :func:`sample_linear` for the field u).
+    coef : sequence of d floats
+    backend : {None, "numpy", "numba"}
+
+    Returns
+    -------
+    ndarray, shape ``(*spatial, d)``
+    """
+    b = _backend_for(backend, ubar, du)
+    d = ubar.shape[-1]
+    dt = _dtype(ubar, du)
+    c = np.asarray(coef, dtype=dt)
+    if b == "numpy":
+        return (ubar + np.einsum("...c,...cj->...j", ubar, du)) * c
+    out = np.empty(ubar.shape, dtype=dt)
+    _kern(ubar.size // d).vbar(_flat(ubar.astype(dt, copy=False), (d,)), _flat(du.astype(dt, copy=False), (d, d)), c,
+                          out.reshape(-1, d))
+    return out
+
+
+def momentum_adjoint(g, mbar, det, Q, *, backend=None):
+    """``P̄ = g·m̄``, ``Q̄ = P̄ det``, ``dēt = P̄ Q`` (adjoints of ``m = P g`` and ``P = det Q``).
+
+    Parameters
+    ----------
+    g, mbar : ndarray, shape ``(*spatial, d)``
+    det, Q : ndarray, shape ``(*spatial)``
+    backend : {None, "numpy", "numba"}
+
+    Returns
+    -------
+    Pbar, Qbar, detbar : ndarray, shape ``(*spatial)``
+    """
+    b = _backend_for(backend, g, mbar)
+    dt = _dtype(g, mbar, det, Q)
+    if b == "numpy":
+        Pbar = np.sum(g * mbar, axis=-1)
+        return Pbar, Pbar * det, Pbar * Q
+    d = g.shape[-1]
+    shp = g.shape[:-1]
+    Pbar, Qbar, detbar = (np.empty(shp, dtype=dt) for _ in range(3))
+    _kern(int(np.prod(shp))).pbar(_flat(g.astype(dt, copy=False), (d,)), _flat(mbar.astype(dt, copy=False), (d,)),
+                          _flat(det.astype(dt, copy=False), ()), _flat(Q.astype(dt, copy=False), ()),
+                          Pbar.reshape(-1), Qbar.reshape(-1), detbar.reshape(-1))
+    return Pbar, Qbar, detbar
+
+
+def add_sample_adjoint(ubar, Qbar, Ibar, ds, *, backend=None):
+    """In place ``ū += Q̄ ∂P₀/∂X + Ī ∂I₀/∂X`` with ``ds[..., 0, :] = ∂I₀/∂X``, ``ds[..., 1, :] = ∂P₀/∂X`` (the
+    gradient output of :func:`sample_linear` for the stacked source ``(I₀, P₀)``); returns ``ubar``.
+
+    ``ubar`` must be a C-contiguous ``(*spatial, d)`` array of the working dtype.
+    """
+    b = _backend_for(backend, ubar, ds)
+    if b == "numpy" or not ubar.flags.c_contiguous:
+        ubar += Qbar[..., None] * ds[..., 1, :] + Ibar[..., None] * ds[..., 0, :]
+        return ubar
+    d = ubar.shape[-1]
+    dt = ubar.dtype
+    _kern(ubar.size // d).ubar(ubar.reshape(-1, d), _flat(Qbar.astype(dt, copy=False), ()),
+                          _flat(Ibar.astype(dt, copy=False), ()), _flat(ds.astype(dt, copy=False), (2, d)))
+    return ubar

@@ -1,4 +1,6 @@
 """register_lddmm: adjoint gradient, geodesic property, recovery of a shot target, outputs, determinism, errors."""
+import math
+
 import numpy as np
 import pytest
 from conftest import backend_params
@@ -6,8 +8,10 @@ from scipy import ndimage
 
 import classreg as cr
 from classreg import evaluate
-from classreg.kernels.adjoint import gradient_transpose, sample_linear, splat_linear
-from classreg.kernels.diff import gradient
+from classreg.kernels.adjoint import (add_sample_adjoint, det_cofactor, gradient_transpose, jacobian_norm_max,
+                                      momentum_adjoint, sample_linear, splat_linear, velocity_adjoint)
+from classreg.kernels.diff import gradient, jacobian_determinant, jacobian_matrix
+from classreg.solvers import lddmm
 from classreg.solvers.lddmm import GeodesicShooting, LNCCTerm, SSDTerm, kernel_operator
 
 _CPU = [p for p in backend_params() if p.id != "cuda"]
@@ -92,6 +96,44 @@ def test_gradient_transpose_is_exact():
         sample_linear(np.zeros((4, 4)), np.zeros((2, 2)), backend="cuda")
 
 
+@pytest.mark.parametrize("backend", _CPU)
+@pytest.mark.parametrize("shape", [(7, 9), (5, 6, 4), (2, 5), (48, 40, 36)])
+def test_reverse_sweep_kernels_match_numpy(backend, shape):
+    """Fused kernels of the reverse sweep vs their numpy references (the last shape runs the parallel variants)."""
+    rng = np.random.default_rng(3)
+    nd = len(shape)
+    h = (0.7, 1.3, 2.0)[:nd]
+    f, w = rng.normal(size=shape), rng.normal(size=shape)
+    g, G = rng.normal(size=shape + (nd,)), rng.normal(size=shape + (3, nd))
+    # gradient_transpose: exact transpose of the gradient stencil, with channels and a fused weight
+    assert abs(np.sum(gradient(f, spacing=h, backend="numpy") * g)
+               - np.sum(f * gradient_transpose(g, spacing=h, backend=backend))) < 1e-9 * np.sqrt(f.size)
+    ref = np.stack([gradient_transpose(G[..., c, :] * w[..., None], spacing=h, backend="numpy") for c in range(3)],
+                   -1)
+    np.testing.assert_allclose(gradient_transpose(G, spacing=h, ndim=nd, weight=w, backend=backend), ref,
+                               atol=1e-12)
+    # det_cofactor: determinant of the map's Jacobian and its derivative
+    u = 0.3 * rng.normal(size=shape + (nd,))
+    det, cof = det_cofactor(u, backend=backend)
+    A = jacobian_matrix(u, spacing=1.0, of_map=True, backend="numpy")
+    np.testing.assert_allclose(det, np.linalg.det(A), atol=1e-12)
+    np.testing.assert_allclose(np.einsum("...ij,...kj->...ik", A, cof), det[..., None, None] * np.eye(nd),
+                               atol=1e-12)  # A cofᵀ = det I
+    np.testing.assert_allclose(jacobian_norm_max(u, spacing=h, backend=backend),
+                               np.sqrt(np.max(np.sum(jacobian_matrix(u, spacing=h, of_map=False,
+                                                                     backend="numpy") ** 2, axis=(-2, -1)))))
+    du, c = rng.normal(size=shape + (nd, nd)), rng.normal(size=nd)
+    np.testing.assert_allclose(velocity_adjoint(g, du, c, backend=backend),
+                               (g + np.einsum("...c,...cj->...j", g, du)) * c, atol=1e-12)
+    m, Q = rng.normal(size=shape + (nd,)), rng.normal(size=shape)
+    for a, b in zip(momentum_adjoint(g, m, det, Q, backend=backend),
+                    (np.sum(g * m, -1), np.sum(g * m, -1) * det, np.sum(g * m, -1) * Q)):
+        np.testing.assert_allclose(a, b, atol=1e-12)
+    ds = rng.normal(size=shape + (2, nd))
+    out = add_sample_adjoint(g.copy(), f, w, ds, backend=backend)
+    np.testing.assert_allclose(out, g + f[..., None] * ds[..., 1, :] + w[..., None] * ds[..., 0, :], atol=1e-12)
+
+
 # ------------------------------------------------------------------------------------------------ gradient check
 @pytest.mark.parametrize("nd", [2, 3])
 @pytest.mark.parametrize("backend", _CPU)
@@ -142,8 +184,8 @@ def test_registration_recovers_a_shot_target_and_its_geodesic_length():
     J = sh.forward(P0).I1
     length = sh.geodesic_length(P0)
     fixed, moving = cr.Image(J.astype(np.float32), h[::-1]), cr.Image(I0.astype(np.float32), h[::-1])
-    r = cr.register_lddmm(fixed, moving, kernel_sigma=5.0, data_sigma=5e-4, n_steps=10, shrink_factors=(2, 1),
-                          iterations=(30, 120), tol=1e-10, dtype=np.float64)
+    r = cr.register_lddmm(fixed, moving, metric="ssd", kernel_sigma=5.0, data_sigma=5e-4, n_steps=10,
+                          shrink_factors=(2, 1), iterations=(30, 120), tol=1e-10, dtype=np.float64)
     assert r.metrics["ssd_after"] < 0.01 * r.metrics["ssd_before"]
     assert r.metrics["geodesic_length"] == pytest.approx(length, rel=0.05)
     assert r.metrics["min_det"] > 0
@@ -155,6 +197,88 @@ def test_registration_recovers_a_shot_target_and_its_geodesic_length():
     assert ic["mean_voxels"] < 0.05
     assert evaluate.jacobian_stats(r.transform)["num_nonpositive"] == 0
     assert r.extras["P0"].shape == fixed.shape
+
+
+# ------------------------------------------------------------------------------------------------ stability
+def test_unstable_momentum_is_rejected_and_more_steps_restore_it():
+    """A momentum too large for n_t steps: the explicit momentum update blows up (the velocity grows along a path
+    that should conserve ‖v‖_V), the shooting is aborted at the stability limit, and the step count chosen by
+    ``_refined_steps`` brings δt·max‖Dv‖ back to the target with a folding-free map."""
+    I0, P0, sh = _shot_pair(n_steps=10)
+    J = sh.forward(P0).I1
+    data = SSDTerm(J, 1e-4, sh.cell)
+    big = 12.0 * P0
+    path = sh.forward(big)
+    assert path.stability > lddmm._STABILITY_LIMIT
+    E, _, _, p2, seed = sh.evaluate(big, data, stability_limit=lddmm._STABILITY_LIMIT)
+    assert E == math.inf and p2.aborted and seed is None and p2.I1 is None
+    n = lddmm._refined_steps(10, path.stability, 1000)
+    assert n > 10
+    fine = GeodesicShooting(I0, sh.h, sh.K, n).forward(big)
+    assert fine.stability <= 1.5 * lddmm._STABILITY_TARGET
+    assert jacobian_determinant(fine.u[-1], spacing=1.0).min() > 0
+    assert lddmm._refined_steps(10, 0.05, 40) == 10 and lddmm._refined_steps(10, math.inf, 40) == 20
+    assert lddmm._refined_steps(30, 0.5, 40) == 40
+    # at the step bound, the largest stable multiple of the momentum is used instead (carried momenta, shocks)
+    P, (E, _, _, p3, seed), _ = lddmm._scale_to_stable(sh, big, data)
+    assert math.isfinite(E) and seed is not None and p3.stability <= lddmm._STABILITY_TARGET
+    c = float(np.sum(P * big) / np.sum(big * big))
+    assert 0.05 < c < 1.0 and np.allclose(P, c * big)
+
+
+def test_large_intensity_mismatch_does_not_fold():
+    """Regression for the brain2d divergence: a moving image on a 100× larger intensity scale, registered by SSD with
+    intensity="joint", made the optimiser accept momenta whose 10-step flow had δt·max‖Dv‖ ≫ 1 and folded the map
+    (here min det J = −0.13, inverse error 18 voxels; brain2d: det J −1e10). Now every accepted energy is finite and
+    non-increasing within a level, the stiff flow gets more time steps, and the map stays a diffeomorphism."""
+    fixed, moving = _growth_pair((32, 32))
+    moving = moving.like(moving.data * 100.0)
+    r = cr.register_lddmm(fixed, moving, metric="ssd", intensity="joint", shrink_factors=(2, 1),
+                          iterations=(10, 10))
+    assert r.params["intensity_used"] == "joint"
+    assert r.metrics["min_det"] > 0
+    assert evaluate.jacobian_stats(r.transform)["num_nonpositive"] == 0
+    assert r.metrics["stability"] <= lddmm._STABILITY_LIMIT
+    assert r.metrics["time_steps"] > r.params["n_steps"]  # the flow needed more than 10 steps
+    assert r.metrics["ssd_after"] < 0.2 * r.metrics["ssd_before"]
+    for level in (0, 1):  # energies never increase while the discretisation (level, time steps) is fixed
+        rows = [h_ for h_ in r.history if h_["level"] == level]
+        assert rows and all(math.isfinite(h_["energy"]) for h_ in rows)
+        assert all(b["energy"] <= a["energy"] for a, b in zip(rows, rows[1:]) if a["time_steps"] == b["time_steps"])
+
+
+def test_line_search_rejects_non_finite_energies(monkeypatch):
+    """A data term that returns NaN once the SSD falls below half its initial value: no such point is accepted."""
+    fixed, moving = _growth_pair((24, 24))
+    make = lddmm._data_term
+
+    def wrapped(*args, **kwargs):
+        term = make(*args, **kwargs)
+        first = []
+
+        def call(I1, X, gradient=True):
+            e, dI, dX = term(I1, X, gradient=gradient)
+            first.append(e)
+            return (math.nan if e < 0.5 * first[0] else e), dI, dX
+
+        return call
+
+    monkeypatch.setattr(lddmm, "_data_term", wrapped)
+    r = cr.register_lddmm(fixed, moving, metric="ssd", shrink_factors=(1,), iterations=(15,))
+    d = [h_["metric"] for h_ in r.history]
+    assert d and all(math.isfinite(x) for x in d)
+    assert min(d) >= 0.5 * d[0] * 0.5  # every accepted data term is above the NaN threshold (first iterate's half)
+    assert all(b["energy"] <= a["energy"] for a, b in zip(r.history, r.history[1:])
+               if a["time_steps"] == b["time_steps"])
+
+
+def test_auto_intensity_matches_histograms_only_for_different_scales():
+    fixed, moving = _growth_pair((16, 16))
+    kw = dict(shrink_factors=(1,), iterations=(0,))
+    assert cr.register_lddmm(fixed, moving, **kw).params["intensity_used"] == "joint"
+    assert cr.register_lddmm(fixed, moving.like(moving.data * 227.0), **kw).params["intensity_used"] == "match"
+    assert cr.register_lddmm(fixed, moving.like(moving.data * 227.0), intensity="joint",
+                             **kw).params["intensity_used"] == "joint"
 
 
 # ------------------------------------------------------------------------------------------------ solver behaviour
