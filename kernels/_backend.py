@@ -40,6 +40,23 @@ HAVE_NUMBA = importlib.util.find_spec("numba") is not None
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+def rebind(func, namespace, suffix: str = ""):
+    """A copy of the plain-Python body ``func`` whose globals are ``namespace``.
+
+    This is how one body is compiled for several targets or bound to compiled helpers without closures: the code
+    object is the same, so numba's on-disk cache key (qualified name, file, line) is stable across processes.
+    Copies of one body bound to *different* helpers in the same target need distinct ``suffix`` values (appended to
+    ``__qualname__``) or they would share cache entries.
+    """
+    import types
+
+    new = types.FunctionType(func.__code__, namespace, func.__name__, func.__defaults__, func.__closure__)
+    new.__qualname__ = func.__qualname__ + suffix
+    new.__module__ = func.__module__
+    new.__doc__ = func.__doc__
+    return new
+
+
 def cuda_simulator() -> bool:
     """True when numba's CUDA simulator is switched on for this process."""
     return os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import math
-import types
 
 import numpy as np
 
@@ -103,8 +102,7 @@ def _esm_gpu(F, Mw, gF, gM, disp, shape, h, mask, mvalid, use_mask, use_mvalid, 
                              h[2] if ndim == 3 else 1.0, mask, mvalid, use_mask, use_mvalid, n2, thr, u)
 
 
-def _rebind(func, namespace):
-    return types.FunctionType(func.__code__, namespace, func.__name__, func.__defaults__, func.__closure__)
+_rebind = _backend.rebind
 
 
 @functools.cache

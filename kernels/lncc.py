@@ -48,7 +48,6 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-import types
 
 import numpy as np
 
@@ -551,13 +550,7 @@ _CPU_HELPERS = (_run6, _run4, _slide_moments, _bracket_row, _plane_step, _plane_
 _CPU_LOOPS = (_mask_stats, _lncc_sweep, _finish)
 
 
-def _rebind(func, namespace):
-    """A copy of ``func`` whose globals are ``namespace`` (same code object: numba's cache key is unchanged; each
-    function is compiled for one target only, so cache entries never collide)."""
-    new = types.FunctionType(func.__code__, namespace, func.__name__, func.__defaults__, func.__closure__)
-    new.__qualname__ = func.__qualname__
-    new.__doc__ = func.__doc__
-    return new
+_rebind = _backend.rebind  # each function is compiled for one target only, so cache entries never collide
 
 
 @functools.cache

@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import types
 
 import numpy as np
 
@@ -584,13 +583,7 @@ def _estep_pass2(xt, yt, lx, ly, U_f, ucon, xlo, xhi, ylo, yhi, inv2s2, tclamp, 
                 acc_out[k, m0 + j] = acc[k, j]
 
 
-def _rebind(func, namespace, suffix=""):
-    """A copy of ``func`` whose globals are ``namespace`` (same code object, so numba's cache key is stable);
-    ``suffix`` gives the float32 and float64 variants distinct cache files."""
-    new = types.FunctionType(func.__code__, namespace, func.__name__, func.__defaults__, func.__closure__)
-    new.__qualname__ = func.__qualname__ + suffix
-    new.__doc__ = func.__doc__
-    return new
+_rebind = _backend.rebind  # the suffix gives the float32 and float64 variants distinct cache files
 
 
 @functools.cache

@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-import types
 
 import numpy as np
 
@@ -152,13 +151,7 @@ def _rebind(fn, _suffix="", **deps):
     name and line, not by globals: copies of one template bound to *different* helpers must get distinct
     ``_suffix`` values (appended to ``__qualname__``) or they would share cache entries.
     """
-    g = dict(fn.__globals__)
-    g.update(deps)
-    f = types.FunctionType(fn.__code__, g, fn.__name__, fn.__defaults__, fn.__closure__)
-    f.__qualname__ = fn.__qualname__ + _suffix
-    f.__module__ = fn.__module__
-    f.__doc__ = fn.__doc__
-    return f
+    return _backend.rebind(fn, {**fn.__globals__, **deps}, _suffix)
 
 
 def _cuda_device(fn, **deps):

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import math
-import types
 
 import numpy as np
 
@@ -588,13 +587,7 @@ _CPU_LOOPS = (
 _GPU_LOOPS = (_warp2_gpu, _warp3_gpu, _interp2_gpu, _interp3_gpu)
 
 
-def _rebind(func, namespace):
-    """A copy of ``func`` whose globals are ``namespace`` (same code object, so numba's cache key is unchanged;
-    each function is compiled for one target only, so cache entries never collide)."""
-    new = types.FunctionType(func.__code__, namespace, func.__name__, func.__defaults__, func.__closure__)
-    new.__qualname__ = func.__qualname__
-    new.__doc__ = func.__doc__
-    return new
+_rebind = _backend.rebind  # each function is compiled for one target only, so cache entries never collide
 
 
 @functools.cache

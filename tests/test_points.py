@@ -179,18 +179,7 @@ def test_deterministic_bitwise():
 @pytest.mark.parametrize("labelled", [False, True])
 @pytest.mark.parametrize("truncation", [0.0, 1e-12])
 def test_estep_numba_matches_numpy_reference(labelled, truncation):
-    rng = np.random.default_rng(4)
-    x, y = rng.normal(size=(300, 3)), rng.normal(size=(250, 3))
-    lx = ly = U = None
-    if labelled:
-        lx, ly = rng.integers(0, 3, 300), rng.integers(0, 3, 250)
-        U = np.full((3, 3), 0.05) + 0.85 * np.eye(3)
-        U[2, 0] = 0.0
-    ox, oy = kp.spatial_order(x, lx), kp.spatial_order(y, ly)
-    x, y = x[ox], y[oy]
-    if labelled:
-        lx, ly = lx[ox], ly[oy]
-    b = rng.uniform(0.5, 1.0, 250) / 250
+    x, y, b, lx, ly, U = _estep_case(labelled, seed=4, n=300, m=250, scale=1.0)
     for sigma2 in (2.0, 0.05):
         ref = kp.estep(x, y, b, sigma2, 1e-3, lx=lx, ly=ly, U=U, truncation=truncation, backend="numpy",
                        block_bytes=50_000)
@@ -209,19 +198,20 @@ def test_polynomial_exp_accuracy():
     np.testing.assert_allclose(f32, np.exp(-t32.astype(np.float64)), rtol=3e-5)
 
 
-def _estep_case(labelled, seed=14):
+def _estep_case(labelled, seed=14, n=400, m=350, scale=1.1):
+    """n target / m source points (spatially ordered), optional labels with a transition matrix U."""
     rng = np.random.default_rng(seed)
-    x, y = rng.normal(size=(400, 3)), rng.normal(size=(350, 3)) * 1.1
+    x, y = rng.normal(size=(n, 3)), rng.normal(size=(m, 3)) * scale
     lx = ly = U = None
     if labelled:
-        lx, ly = rng.integers(0, 3, 400), rng.integers(0, 3, 350)
+        lx, ly = rng.integers(0, 3, n), rng.integers(0, 3, m)
         U = np.full((3, 3), 0.05) + 0.85 * np.eye(3)
         U[2, 0] = 0.0
     ox, oy = kp.spatial_order(x, lx), kp.spatial_order(y, ly)
     x, y = x[ox], y[oy]
     if labelled:
         lx, ly = lx[ox], ly[oy]
-    b = rng.uniform(0.5, 1.0, 350) / 350
+    b = rng.uniform(0.5, 1.0, m) / m
     return x, y, b, lx, ly, U
 
 
