@@ -4,6 +4,7 @@ import pytest
 from conftest import backend_params
 from scipy import ndimage as ndi
 
+from classreg.kernels import _backend
 from classreg.kernels.warp import interpolate, warp
 
 SCIPY_MODE = {"zero": "grid-constant", "border": "nearest"}
@@ -185,6 +186,53 @@ def test_identity_and_integer_shift(backend):
     out = warp(img, disp, mode="zero", backend=backend)
     np.testing.assert_array_equal(out[..., :-1], img[..., 1:])
     np.testing.assert_array_equal(out[..., -1], 0.0)
+
+
+@pytest.mark.skipif(not _backend.HAVE_NUMBA, reason="numba not installed")
+@pytest.mark.parametrize("mode", ["zero", "border", "itk"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    "shape,nch", [((9, 10, 11), 1), ((9, 10, 11), 3), ((1, 2, 5), 1), ((4, 1, 1), 2), ((3, 4, 2), 1)]
+)
+def test_linear3d_cpu_kernel_parity_edges(mode, dtype, shape, nch):
+    """The vectorised 3-D linear CPU kernel (per-mode, flat indexing) against the reference: thin axes (length 1
+    and 2), channels, a displacement field with points far outside and non-finite entries, a pure affine map."""
+    rng = np.random.default_rng(len(mode) * 10 + nch + shape[0])
+    img = rng.normal(size=shape + ((nch,) if nch > 1 else ())).astype(dtype)
+    disp = _disp(rng, shape, scale=2.0, dtype=dtype)
+    special = np.array([[np.nan, 0, 0], [0, np.inf, 0], [-np.inf, 0, 0], [0, 0, 1e6]])
+    flat = disp.reshape(-1, 3)
+    flat[: len(special)] = special[: len(flat)]
+    dm = np.diag([1 / 0.8, 1 / 1.2, 1 / 2.0])
+    for kw in (dict(), dict(disp_matrix=dm, offset=(0.3, -0.7, 0.2))):
+        with np.errstate(invalid="ignore"):  # 0 * inf in the reference's disp_matrix product
+            ref = warp(img, disp, order=1, mode=mode, cval=-0.5, backend="numpy", **kw)
+        out = warp(img, disp, order=1, mode=mode, cval=-0.5, backend="numba", **kw)
+        np.testing.assert_allclose(out, ref, **_tol(dtype))
+    A = np.eye(3) + rng.normal(scale=0.2, size=(3, 3))
+    kw = dict(matrix=A, offset=rng.normal(size=3), out_shape=(5, 3, 4), order=1, mode=mode, cval=2.0)
+    np.testing.assert_allclose(warp(img, backend="numba", **kw), warp(img, backend="numpy", **kw), **_tol(dtype))
+
+
+@pytest.mark.skipif(not _backend.HAVE_NUMBA, reason="numba not installed")
+@pytest.mark.parametrize("mode", ["zero", "itk"])
+def test_linear3d_cpu_kernel_deterministic(mode):
+    """Bitwise the same result run to run and for 1 or 2 threads (every voxel is computed independently)."""
+    import numba
+
+    rng = np.random.default_rng(4)
+    img = rng.normal(size=(23, 17, 29)).astype(np.float32)
+    disp = _disp(rng, img.shape, scale=3.0, dtype=np.float32)
+    old = numba.get_num_threads()
+    try:
+        outs = []
+        for nt in (1, min(2, numba.config.NUMBA_NUM_THREADS), 1):
+            numba.set_num_threads(nt)
+            outs.append(warp(img, disp, order=1, mode=mode, backend="numba"))
+    finally:
+        numba.set_num_threads(old)
+    for o in outs[1:]:
+        np.testing.assert_array_equal(o, outs[0])
 
 
 def test_dtypes_and_no_input_modification():
