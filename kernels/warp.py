@@ -18,8 +18,9 @@ it calls, so the same source text is used for both targets and the CPU functions
 The numpy reference (``_warp_numpy`` / ``_interpolate_numpy``) is a vectorised transcription of the same arithmetic,
 in the same order, and is the oracle of the tests.
 
-One CPU-only exception, for speed: the 3-D (tri)linear warp on the CPU uses ``_lin3_flat`` / ``_warp3_lin_rows``, the
-same arithmetic as ``_lin3_value`` rearranged for the loop vectoriser (flat unsigned indexing, one kernel per boundary
+One CPU-only exception, for speed: the 3-D (tri)linear warp on the CPU uses ``_lin3_setup`` / ``_lin3_gather``
+(``_warp3_lin_rows``; ``_warp3_lin3v_rows`` for 3-channel vector fields, one setup for the three channels), the same
+arithmetic as ``_lin3_value`` rearranged for the loop vectoriser (flat unsigned indexing, one kernel per boundary
 mode); the GPU keeps ``_lin3_value``.
 """
 from __future__ import annotations
@@ -270,9 +271,10 @@ def _lin3_value(img, c0, c1, c2, ch, mode, cval):
     return v if ok else cval
 
 
-def _lin3_flat(f, q0, s0, s1, s2, S0, S1, S2, c0, c1, c2, mode, cval):
-    """``_lin3_value`` on the flattened image ``f`` (CPU loops only): same neighbours, weights and sums, hence the
-    same result, arranged for the loop vectoriser.
+def _lin3_setup(q0, s0, s1, s2, S0, S1, S2, c0, c1, c2, mode):
+    """Neighbour offsets, weights and validity of ``_lin3_value`` on a flattened image (CPU loops only): same
+    neighbours, weights and sums, hence the same result, arranged for the loop vectoriser. ``_lin3_gather`` then
+    reads and blends one channel (``_lin3_flat``), or several from one setup (``_warp3_lin3v_rows``).
 
     Element ``(a0, a1, a2)`` of the channel being sampled is ``f[q0 + a0 * S0 + a1 * S1 + a2 * S2]`` (``uint64``
     offset and strides).  Every index is unsigned (numba then adds no negative-index wrap-around, which turns each
@@ -323,6 +325,10 @@ def _lin3_flat(f, q0, s0, s1, s2, S0, S1, S2, c0, c1, c2, mode, cval):
     d1 = S1 if (((f1 >= 0.0) | (mode != 0)) & (f1 < e1)) else S1 - S1
     d2 = S2 if (((f2 >= 0.0) | (mode != 0)) & (f2 < e2)) else S2 - S2
     q = q0 + np.uint64(a0 * S0 + a1 * S1 + a2 * S2)  # whole numbers < 2**53: exact in float64
+    return ok, q, d0, d1, d2, t0, t1, t2, va0, vb0, va1, vb1, va2, vb2
+
+
+def _lin3_gather(f, q, d0, d1, d2, t0, t1, t2, va0, vb0, va1, vb1, va2, vb2, ok, cval):
     v000 = f[q]
     v001 = f[q + d2]
     v010 = f[q + d1]
@@ -346,6 +352,13 @@ def _lin3_flat(f, q0, s0, s1, s2, S0, S1, S2, c0, c1, c2, mode, cval):
     r1 = s1w * (s2w * v100 + t2 * v101) + t1 * (s2w * v110 + t2 * v111)
     v = (1.0 - t0) * r0 + t0 * r1
     return v if ok else cval
+
+
+def _lin3_flat(f, q0, s0, s1, s2, S0, S1, S2, c0, c1, c2, mode, cval):
+    """``_lin3_value`` on the flattened image ``f``, channel at offset ``q0`` (see ``_lin3_setup``)."""
+    ok, q, d0, d1, d2, t0, t1, t2, va0, vb0, va1, vb1, va2, vb2 = _lin3_setup(q0, s0, s1, s2, S0, S1, S2, c0, c1,
+                                                                              c2, mode)
+    return _lin3_gather(f, q, d0, d1, d2, t0, t1, t2, va0, vb0, va1, vb1, va2, vb2, ok, cval)
 
 
 def _cub_row2(img, i0, vi, k0, k1, k2, k3, u0, u1, u2, u3, w0, w1, w2, w3, ch, cval):
@@ -658,6 +671,43 @@ def _warp3_linc_rows(img, disp, out, n0, n1, n2, m, off, dm, has_disp, mode, cva
                         )
 
 
+def _warp3_lin3v_rows(img, disp, out, n0, n1, n2, m, off, dm, has_disp, mode, cval):
+    # Three channels (a 3-D vector field: ``compose``, scaling and squaring): coordinates, weights and validity once
+    # per voxel, then the three channels (interleaved loads and stores of stride 3); ``out`` flat (N * 3). Same
+    # arithmetic per channel as ``_warp3_linc_rows``, hence the same values, with a third of the index work.
+    s0, s1, s2, nch = img.shape
+    f = img.ravel()
+    dv = disp.ravel()
+    u1 = np.uint64(n1)
+    u2 = np.uint64(n2)
+    S1 = np.uint64(s2) * np.uint64(3)
+    S0 = np.uint64(s1) * S1
+    for i0 in prange(n0):
+        for i1 in range(n1):
+            base = (np.uint64(i0) * u1 + np.uint64(i1)) * u2
+            x0 = m[0] * i0 + m[1] * i1
+            x1 = m[3] * i0 + m[4] * i1
+            x2 = m[6] * i0 + m[7] * i1
+            if has_disp:
+                for i2 in range(u2):
+                    c0, c1, c2 = _coord3_flat(dv, base + i2, x0, x1, x2, i2, m, off, dm)
+                    _lin3v_store(f, out, (base + i2) * np.uint64(3), s0, s1, s2, S0, S1, c0, c1, c2, mode, cval)
+            else:
+                for i2 in range(u2):
+                    c0, c1, c2 = _affine3_flat(x0, x1, x2, i2, m, off)
+                    _lin3v_store(f, out, (base + i2) * np.uint64(3), s0, s1, s2, S0, S1, c0, c1, c2, mode, cval)
+
+
+def _lin3v_store(f, out, k, s0, s1, s2, S0, S1, c0, c1, c2, mode, cval):
+    ok, q, d0, d1, d2, t0, t1, t2, va0, vb0, va1, vb1, va2, vb2 = _lin3_setup(
+        np.uint64(0), s0, s1, s2, S0, S1, np.uint64(3), c0, c1, c2, mode)
+    one = np.uint64(1)
+    two = np.uint64(2)
+    out[k] = _lin3_gather(f, q, d0, d1, d2, t0, t1, t2, va0, vb0, va1, vb1, va2, vb2, ok, cval)
+    out[k + one] = _lin3_gather(f, q + one, d0, d1, d2, t0, t1, t2, va0, vb0, va1, vb1, va2, vb2, ok, cval)
+    out[k + two] = _lin3_gather(f, q + two, d0, d1, d2, t0, t1, t2, va0, vb0, va1, vb1, va2, vb2, ok, cval)
+
+
 # One kernel per boundary mode (and channel case): ``mode`` reaches the inlined loops as a constant, so each compiled
 # loop carries only its own mode's clamping and validity logic (mode "zero" alone needs the per-neighbour cval
 # selects), and only the variants actually used are compiled.
@@ -683,6 +733,18 @@ def _warp3_linc_border_cpu(img, disp, out, n0, n1, n2, m, off, dm, has_disp, cva
 
 def _warp3_linc_itk_cpu(img, disp, out, n0, n1, n2, m, off, dm, has_disp, cval):
     _warp3_linc_rows(img, disp, out, n0, n1, n2, m, off, dm, has_disp, 2, cval)
+
+
+def _warp3_lin3v_zero_cpu(img, disp, out, n0, n1, n2, m, off, dm, has_disp, cval):
+    _warp3_lin3v_rows(img, disp, out, n0, n1, n2, m, off, dm, has_disp, 0, cval)
+
+
+def _warp3_lin3v_border_cpu(img, disp, out, n0, n1, n2, m, off, dm, has_disp, cval):
+    _warp3_lin3v_rows(img, disp, out, n0, n1, n2, m, off, dm, has_disp, 1, cval)
+
+
+def _warp3_lin3v_itk_cpu(img, disp, out, n0, n1, n2, m, off, dm, has_disp, cval):
+    _warp3_lin3v_rows(img, disp, out, n0, n1, n2, m, off, dm, has_disp, 2, cval)
 
 
 def _warp3_cub_cpu(img, disp, out, n0, n1, n2, m, off, dm, has_disp, mode, cval):
@@ -773,13 +835,17 @@ _CPU_LOOPS = (
     _warp3_linc_zero_cpu,
     _warp3_linc_border_cpu,
     _warp3_linc_itk_cpu,
+    _warp3_lin3v_zero_cpu,
+    _warp3_lin3v_border_cpu,
+    _warp3_lin3v_itk_cpu,
     _warp3_cub_cpu,
     _interp2_cpu,
     _interp3_cpu,
 )
 _GPU_LOOPS = (_warp2_gpu, _warp3_gpu, _interp2_gpu, _interp3_gpu)
 #: CPU-only helpers, inlined (numba IR) into the per-mode 3-D linear kernels above.
-_CPU_ONLY_INLINE = (_lin3_flat, _coord3_flat, _affine3_flat, _warp3_lin_rows, _warp3_linc_rows)
+_CPU_ONLY_INLINE = (_lin3_setup, _lin3_gather, _lin3_flat, _coord3_flat, _affine3_flat, _warp3_lin_rows,
+                    _warp3_linc_rows, _lin3v_store, _warp3_lin3v_rows)
 
 
 _rebind = _backend.rebind  # each function is compiled for one target only, so cache entries never collide
@@ -917,6 +983,8 @@ def _flat(a):
 
 
 _ORDER_NAME = {0: "near", 1: "lin", 3: "cub"}
+#: Tests only: warp 3-channel 3-D images channel by channel (``_warp3_linc_*``) instead of the fused kernel.
+_SEPARATE_CHANNELS = False
 _MODE_NAME = {code: name for name, code in MODES.items()}
 
 
@@ -928,7 +996,8 @@ def _warp_numba(img, disp, out_shape, m, off, dm, order, mode, cval):
         disp = np.zeros((1, ndim), dtype=img.dtype)
     geom = (*out_shape, _flat(m), _flat(off), _flat(dm), has_disp)
     if ndim == 3 and order == 1:  # one kernel per mode and channel case, flat output
-        multi = "c" if img.shape[-1] > 1 else ""
+        nch = img.shape[-1]
+        multi = "" if nch == 1 else "3v" if (nch == 3 and not _SEPARATE_CHANNELS) else "c"
         kern = _numba_kernels()[f"_warp3_lin{multi}_{_MODE_NAME[mode]}_cpu"]
         kern(img, disp, out.reshape(-1), *geom, float(cval))
         return out
