@@ -196,7 +196,7 @@ def register_demons(fixed: Image, moving: Image, *, init: Transform | None = Non
             # Φ_i = Φ_{i-1} ∘ exp(v_i); the piece is halved (at most 3 times) if the composed map would fold on the
             # grid (det J ≤ 0 by central differences): the broken geodesic stays a diffeomorphism.
             for _ in range(4):
-                e_v, _ = expmap(v, spacing=h, backend=backend)
+                e_v, n_sq = expmap(v, spacing=h, backend=backend)
                 new_phi = compose(phi, e_v, spacing=h, backend=backend)
                 min_det = float(np.min(jacobian_determinant(new_phi, spacing=h, backend=backend)))
                 if min_det > 0:
@@ -205,7 +205,7 @@ def register_demons(fixed: Image, moving: Image, *, init: Transform | None = Non
             if min_det <= 0:
                 stop_reason = f"piece {piece} would fold the map (min det J {min_det:.3g}); kept {piece - 1} piece(s)"
                 break
-            e_minus, _ = expmap(-v, spacing=h, backend=backend)
+            e_minus, _ = expmap(-v, spacing=h, n_squarings=n_sq, backend=backend)
             new_inv = compose(e_minus, phi_inv, spacing=h, backend=backend)  # Φ_i⁻¹ = exp(−v_i) ∘ Φ_{i-1}⁻¹
             new_energy = _energy(fixed_n.data, warp_moving(new_phi), fmask)
             if piece > 1 and new_energy > energy * (1.0 - piece_tol):
@@ -303,7 +303,7 @@ def _level_step(level, state, progress, opts, piece, dtype, best):
     energies = []
     best_v, best_e = v, math.inf
     for it in range(level.iterations):
-        e_v, _ = expmap(v, spacing=h, max_voxel_norm=_ITER_EXP_STEP, backend=backend)
+        e_v, n_sq = expmap(v, spacing=h, max_voxel_norm=_ITER_EXP_STEP, backend=backend)
         u_f, energy, step = _force(side, e_v, forward=True)
         energies.append(energy)
         if energy < best_e:
@@ -312,7 +312,7 @@ def _level_step(level, state, progress, opts, piece, dtype, best):
             u_f = gaussian(u_f, sig_u, spacing=h, ndim=n, backend=backend)
         z = _bch(v, u_f, opts["bch_terms"], h, backend)
         if opts["symmetric"]:
-            e_m, _ = expmap(-v, spacing=h, max_voxel_norm=_ITER_EXP_STEP, backend=backend)
+            e_m, _ = expmap(-v, spacing=h, n_squarings=n_sq, backend=backend)  # |−v| = |v|: same count
             u_b, _, _ = _force(side, e_m, forward=False)
             if sig_u > 0:
                 u_b = gaussian(u_b, sig_u, spacing=h, ndim=n, backend=backend)
