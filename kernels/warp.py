@@ -17,11 +17,6 @@ builders: with ``numba.njit`` for the CPU (outer loop ``prange``) and with ``num
 it calls, so the same source text is used for both targets and the CPU functions stay cacheable (``cache=True``).
 The numpy reference (``_warp_numpy`` / ``_interpolate_numpy``) is a vectorised transcription of the same arithmetic,
 in the same order, and is the oracle of the tests.
-
-One CPU-only exception, for speed: the 3-D (tri)linear warp on the CPU uses ``_lin3_setup`` / ``_lin3_gather``
-(``_warp3_lin_rows``; ``_warp3_lin3v_rows`` for 3-channel vector fields, one setup for the three channels), the same
-arithmetic as ``_lin3_value`` rearranged for the loop vectoriser (flat unsigned indexing, one kernel per boundary
-mode); the GPU keeps ``_lin3_value``.
 """
 from __future__ import annotations
 
@@ -271,96 +266,6 @@ def _lin3_value(img, c0, c1, c2, ch, mode, cval):
     return v if ok else cval
 
 
-def _lin3_setup(q0, s0, s1, s2, S0, S1, S2, c0, c1, c2, mode):
-    """Neighbour offsets, weights and validity of ``_lin3_value`` on a flattened image (CPU loops only): same
-    neighbours, weights and sums, hence the same result, arranged for the loop vectoriser. ``_lin3_gather`` then
-    reads and blends one channel (``_lin3_flat``), or several from one setup (``_warp3_lin3v_rows``).
-
-    Element ``(a0, a1, a2)`` of the channel being sampled is ``f[q0 + a0 * S0 + a1 * S1 + a2 * S2]`` (``uint64``
-    offset and strides).  Every index is unsigned (numba then adds no negative-index wrap-around, which turns each
-    load into a select and defeats the vectoriser); the neighbour indices stay whole float64 numbers (exact), so the
-    flat offset costs one multiply-add chain and one conversion instead of 64-bit integer multiplies; the ``+1``
-    neighbour is ``a`` plus the stride or plus nothing (a select) instead of a second clamp.  As in ``_lin3_value``
-    and the numpy reference, ``a = clip(j, 0, n - 1)``, ``b = clip(j + 1, 0, n - 1)``, and in mode "zero" a
-    neighbour that needed clipping is ``cval``.  ``mode`` is a compile-time constant in the CPU kernels
-    (``_warp3_lin*_<mode>_cpu``), so each carries only its own mode's logic.
-    """
-    ok = (c0 == c0) & (c1 == c1) & (c2 == c2)
-    ok = ok & ((mode != 2) | ((c0 >= -0.5) & (c0 < s0 - 0.5) & (c1 >= -0.5) & (c1 < s1 - 0.5)
-                             & (c2 >= -0.5) & (c2 < s2 - 0.5)))
-    lo = -2.0 if mode == 0 else 0.0
-    hi0 = s0 + 1.0 if mode == 0 else s0 - 1.0
-    hi1 = s1 + 1.0 if mode == 0 else s1 - 1.0
-    hi2 = s2 + 1.0 if mode == 0 else s2 - 1.0
-    c0 = c0 if ok else 0.0
-    c1 = c1 if ok else 0.0
-    c2 = c2 if ok else 0.0
-    c0 = c0 if c0 > lo else lo
-    c0 = c0 if c0 < hi0 else hi0
-    c1 = c1 if c1 > lo else lo
-    c1 = c1 if c1 < hi1 else hi1
-    c2 = c2 if c2 > lo else lo
-    c2 = c2 if c2 < hi2 else hi2
-    f0 = np.floor(c0)  # float64 (math.floor gives an int in numba)
-    f1 = np.floor(c1)
-    f2 = np.floor(c2)
-    t0 = c0 - f0
-    t1 = c1 - f1
-    t2 = c2 - f2
-    e0 = s0 - 1.0
-    e1 = s1 - 1.0
-    e2 = s2 - 1.0
-    # Modes "border"/"itk" clamped c to [0, n - 1] above, so j = f is already a valid index there.
-    a0 = min(max(f0, 0.0), e0) if mode == 0 else f0
-    a1 = min(max(f1, 0.0), e1) if mode == 0 else f1
-    a2 = min(max(f2, 0.0), e2) if mode == 0 else f2
-    va0 = ((f0 >= 0.0) & (f0 <= e0)) | (mode != 0)
-    vb0 = ((f0 >= -1.0) & (f0 < e0)) | (mode != 0)
-    va1 = ((f1 >= 0.0) & (f1 <= e1)) | (mode != 0)
-    vb1 = ((f1 >= -1.0) & (f1 < e1)) | (mode != 0)
-    va2 = ((f2 >= 0.0) & (f2 <= e2)) | (mode != 0)
-    vb2 = ((f2 >= -1.0) & (f2 < e2)) | (mode != 0)
-    # b - a: one step when 0 <= j < n - 1, else none
-    d0 = S0 if (((f0 >= 0.0) | (mode != 0)) & (f0 < e0)) else S0 - S0
-    d1 = S1 if (((f1 >= 0.0) | (mode != 0)) & (f1 < e1)) else S1 - S1
-    d2 = S2 if (((f2 >= 0.0) | (mode != 0)) & (f2 < e2)) else S2 - S2
-    q = q0 + np.uint64(a0 * S0 + a1 * S1 + a2 * S2)  # whole numbers < 2**53: exact in float64
-    return ok, q, d0, d1, d2, t0, t1, t2, va0, vb0, va1, vb1, va2, vb2
-
-
-def _lin3_gather(f, q, d0, d1, d2, t0, t1, t2, va0, vb0, va1, vb1, va2, vb2, ok, cval):
-    v000 = f[q]
-    v001 = f[q + d2]
-    v010 = f[q + d1]
-    v011 = f[q + d1 + d2]
-    q = q + d0
-    v100 = f[q]
-    v101 = f[q + d2]
-    v110 = f[q + d1]
-    v111 = f[q + d1 + d2]
-    v000 = v000 if (va0 & va1 & va2) else cval
-    v001 = v001 if (va0 & va1 & vb2) else cval
-    v010 = v010 if (va0 & vb1 & va2) else cval
-    v011 = v011 if (va0 & vb1 & vb2) else cval
-    v100 = v100 if (vb0 & va1 & va2) else cval
-    v101 = v101 if (vb0 & va1 & vb2) else cval
-    v110 = v110 if (vb0 & vb1 & va2) else cval
-    v111 = v111 if (vb0 & vb1 & vb2) else cval
-    s1w = 1.0 - t1
-    s2w = 1.0 - t2
-    r0 = s1w * (s2w * v000 + t2 * v001) + t1 * (s2w * v010 + t2 * v011)
-    r1 = s1w * (s2w * v100 + t2 * v101) + t1 * (s2w * v110 + t2 * v111)
-    v = (1.0 - t0) * r0 + t0 * r1
-    return v if ok else cval
-
-
-def _lin3_flat(f, q0, s0, s1, s2, S0, S1, S2, c0, c1, c2, mode, cval):
-    """``_lin3_value`` on the flattened image ``f``, channel at offset ``q0`` (see ``_lin3_setup``)."""
-    ok, q, d0, d1, d2, t0, t1, t2, va0, vb0, va1, vb1, va2, vb2 = _lin3_setup(q0, s0, s1, s2, S0, S1, S2, c0, c1,
-                                                                              c2, mode)
-    return _lin3_gather(f, q, d0, d1, d2, t0, t1, t2, va0, vb0, va1, vb1, va2, vb2, ok, cval)
-
-
 def _cub_row2(img, i0, vi, k0, k1, k2, k3, u0, u1, u2, u3, w0, w1, w2, w3, ch, cval):
     return (
         w0 * _pick2(img, i0, k0, ch, vi & u0, cval)
@@ -577,174 +482,19 @@ def _warp3_near_cpu(img, disp, out, n0, n1, n2, m, off, dm, has_disp, mode, cval
                         out[base + i2, ch] = _near3_value(img, c0, c1, c2, ch, mode, cval)
 
 
-def _coord3_flat(dv, p, x0, x1, x2, i2, m, off, dm):
-    """``_coord3`` with the row part of ``m @ i`` precomputed (``x* = m[*, 0] * i0 + m[*, 1] * i1``, the same sums in
-    the same order) and the displacement read from the flat field ``dv`` at the constant stride 3."""
-    k = p * np.uint64(3)
-    d0 = dv[k]
-    d1 = dv[k + np.uint64(1)]
-    d2 = dv[k + np.uint64(2)]
-    return (
-        x0 + m[2] * i2 + off[0] + (dm[0] * d0 + dm[1] * d1 + dm[2] * d2),
-        x1 + m[5] * i2 + off[1] + (dm[3] * d0 + dm[4] * d1 + dm[5] * d2),
-        x2 + m[8] * i2 + off[2] + (dm[6] * d0 + dm[7] * d1 + dm[8] * d2),
-    )
-
-
-def _affine3_flat(x0, x1, x2, i2, m, off):
-    return x0 + m[2] * i2 + off[0], x1 + m[5] * i2 + off[1], x2 + m[8] * i2 + off[2]
-
-
-# 3-D linear CPU loops (inlined into the per-mode kernels below).  Flat, unsigned indexing throughout (see
-# ``_lin3_flat``).  The displacement field is read as a flat array with the constant stride 3, which LLVM loads as
-# whole vectors and de-interleaves (the row stride of an (N, 3) array is a run-time value: three gathers with
-# multiplied indices, or a loop versioned on "stride == 1" that never runs).  Constants used inside a prange body
-# are written there: a variable from outside becomes a run-time argument of the outlined parallel function, and
-# ``dv[k + one]`` then no longer forms an interleaved stride-3 group.  Two loops per kernel only (each inlined body
-# costs seconds of compilation).
-
-
-def _warp3_lin_rows(img, disp, out, n0, n1, n2, m, off, dm, has_disp, mode, cval):
-    # Single-channel image; ``out`` flat (N,), stored contiguously (the (N, C) store of the generic loops is a
-    # scatter).
-    s0, s1, s2, nch = img.shape
-    f = img.ravel()
-    dv = disp.ravel()
-    u1 = np.uint64(n1)
-    u2 = np.uint64(n2)
-    S1 = np.uint64(s2)
-    S0 = np.uint64(s1) * S1
+def _warp3_lin_cpu(img, disp, out, n0, n1, n2, m, off, dm, has_disp, mode, cval):
     for i0 in prange(n0):
         for i1 in range(n1):
-            base = (np.uint64(i0) * u1 + np.uint64(i1)) * u2
-            x0 = m[0] * i0 + m[1] * i1
-            x1 = m[3] * i0 + m[4] * i1
-            x2 = m[6] * i0 + m[7] * i1
-            if has_disp:
-                for i2 in range(u2):
-                    c0, c1, c2 = _coord3_flat(dv, base + i2, x0, x1, x2, i2, m, off, dm)
-                    out[base + i2] = _lin3_flat(
-                        f, np.uint64(0), s0, s1, s2, S0, S1, np.uint64(1), c0, c1, c2, mode, cval
-                    )
-            else:
-                for i2 in range(u2):
-                    c0, c1, c2 = _affine3_flat(x0, x1, x2, i2, m, off)
-                    out[base + i2] = _lin3_flat(
-                        f, np.uint64(0), s0, s1, s2, S0, S1, np.uint64(1), c0, c1, c2, mode, cval
-                    )
-
-
-def _warp3_linc_rows(img, disp, out, n0, n1, n2, m, off, dm, has_disp, mode, cval):
-    # Image with C > 1 channels (e.g. a displacement field in ``compose``); ``out`` flat (N * C), channels last.
-    # Channels outside the innermost loop (as in the generic loops): coordinates are recomputed per channel, the
-    # voxels of a row are vectorised.  The store index is formed in float64 (exact): with the affine index
-    # ``p * C + ch`` and a run-time ``C``, LLVM versions the loop on "C == 1" and runs the real case scalar (4x
-    # slower here); a non-affine index gives a vector scatter.
-    s0, s1, s2, nch = img.shape
-    f = img.ravel()
-    dv = disp.ravel()
-    u1 = np.uint64(n1)
-    u2 = np.uint64(n2)
-    S2 = np.uint64(nch)
-    S1 = np.uint64(s2) * S2
-    S0 = np.uint64(s1) * S1
-    fc = float(nch)
-    for i0 in prange(n0):
-        for i1 in range(n1):
-            base = (np.uint64(i0) * u1 + np.uint64(i1)) * u2
-            x0 = m[0] * i0 + m[1] * i1
-            x1 = m[3] * i0 + m[4] * i1
-            x2 = m[6] * i0 + m[7] * i1
-            for ch in range(S2):
-                fch = float(ch)
+            base = (i0 * n1 + i1) * n2
+            for ch in range(img.shape[3]):
                 if has_disp:
-                    for i2 in range(u2):
-                        c0, c1, c2 = _coord3_flat(dv, base + i2, x0, x1, x2, i2, m, off, dm)
-                        out[np.uint64(float(base + i2) * fc + fch)] = _lin3_flat(
-                            f, ch, s0, s1, s2, S0, S1, S2, c0, c1, c2, mode, cval
-                        )
+                    for i2 in range(n2):
+                        c0, c1, c2 = _coord3(disp, base + i2, i0, i1, i2, m, off, dm)
+                        out[base + i2, ch] = _lin3_value(img, c0, c1, c2, ch, mode, cval)
                 else:
-                    for i2 in range(u2):
-                        c0, c1, c2 = _affine3_flat(x0, x1, x2, i2, m, off)
-                        out[np.uint64(float(base + i2) * fc + fch)] = _lin3_flat(
-                            f, ch, s0, s1, s2, S0, S1, S2, c0, c1, c2, mode, cval
-                        )
-
-
-def _warp3_lin3v_rows(img, disp, out, n0, n1, n2, m, off, dm, has_disp, mode, cval):
-    # Three channels (a 3-D vector field: ``compose``, scaling and squaring): coordinates, weights and validity once
-    # per voxel, then the three channels (interleaved loads and stores of stride 3); ``out`` flat (N * 3). Same
-    # arithmetic per channel as ``_warp3_linc_rows``, hence the same values, with a third of the index work.
-    s0, s1, s2, nch = img.shape
-    f = img.ravel()
-    dv = disp.ravel()
-    u1 = np.uint64(n1)
-    u2 = np.uint64(n2)
-    S1 = np.uint64(s2) * np.uint64(3)
-    S0 = np.uint64(s1) * S1
-    for i0 in prange(n0):
-        for i1 in range(n1):
-            base = (np.uint64(i0) * u1 + np.uint64(i1)) * u2
-            x0 = m[0] * i0 + m[1] * i1
-            x1 = m[3] * i0 + m[4] * i1
-            x2 = m[6] * i0 + m[7] * i1
-            if has_disp:
-                for i2 in range(u2):
-                    c0, c1, c2 = _coord3_flat(dv, base + i2, x0, x1, x2, i2, m, off, dm)
-                    _lin3v_store(f, out, (base + i2) * np.uint64(3), s0, s1, s2, S0, S1, c0, c1, c2, mode, cval)
-            else:
-                for i2 in range(u2):
-                    c0, c1, c2 = _affine3_flat(x0, x1, x2, i2, m, off)
-                    _lin3v_store(f, out, (base + i2) * np.uint64(3), s0, s1, s2, S0, S1, c0, c1, c2, mode, cval)
-
-
-def _lin3v_store(f, out, k, s0, s1, s2, S0, S1, c0, c1, c2, mode, cval):
-    ok, q, d0, d1, d2, t0, t1, t2, va0, vb0, va1, vb1, va2, vb2 = _lin3_setup(
-        np.uint64(0), s0, s1, s2, S0, S1, np.uint64(3), c0, c1, c2, mode)
-    one = np.uint64(1)
-    two = np.uint64(2)
-    out[k] = _lin3_gather(f, q, d0, d1, d2, t0, t1, t2, va0, vb0, va1, vb1, va2, vb2, ok, cval)
-    out[k + one] = _lin3_gather(f, q + one, d0, d1, d2, t0, t1, t2, va0, vb0, va1, vb1, va2, vb2, ok, cval)
-    out[k + two] = _lin3_gather(f, q + two, d0, d1, d2, t0, t1, t2, va0, vb0, va1, vb1, va2, vb2, ok, cval)
-
-
-# One kernel per boundary mode (and channel case): ``mode`` reaches the inlined loops as a constant, so each compiled
-# loop carries only its own mode's clamping and validity logic (mode "zero" alone needs the per-neighbour cval
-# selects), and only the variants actually used are compiled.
-def _warp3_lin_zero_cpu(img, disp, out, n0, n1, n2, m, off, dm, has_disp, cval):
-    _warp3_lin_rows(img, disp, out, n0, n1, n2, m, off, dm, has_disp, 0, cval)
-
-
-def _warp3_lin_border_cpu(img, disp, out, n0, n1, n2, m, off, dm, has_disp, cval):
-    _warp3_lin_rows(img, disp, out, n0, n1, n2, m, off, dm, has_disp, 1, cval)
-
-
-def _warp3_lin_itk_cpu(img, disp, out, n0, n1, n2, m, off, dm, has_disp, cval):
-    _warp3_lin_rows(img, disp, out, n0, n1, n2, m, off, dm, has_disp, 2, cval)
-
-
-def _warp3_linc_zero_cpu(img, disp, out, n0, n1, n2, m, off, dm, has_disp, cval):
-    _warp3_linc_rows(img, disp, out, n0, n1, n2, m, off, dm, has_disp, 0, cval)
-
-
-def _warp3_linc_border_cpu(img, disp, out, n0, n1, n2, m, off, dm, has_disp, cval):
-    _warp3_linc_rows(img, disp, out, n0, n1, n2, m, off, dm, has_disp, 1, cval)
-
-
-def _warp3_linc_itk_cpu(img, disp, out, n0, n1, n2, m, off, dm, has_disp, cval):
-    _warp3_linc_rows(img, disp, out, n0, n1, n2, m, off, dm, has_disp, 2, cval)
-
-
-def _warp3_lin3v_zero_cpu(img, disp, out, n0, n1, n2, m, off, dm, has_disp, cval):
-    _warp3_lin3v_rows(img, disp, out, n0, n1, n2, m, off, dm, has_disp, 0, cval)
-
-
-def _warp3_lin3v_border_cpu(img, disp, out, n0, n1, n2, m, off, dm, has_disp, cval):
-    _warp3_lin3v_rows(img, disp, out, n0, n1, n2, m, off, dm, has_disp, 1, cval)
-
-
-def _warp3_lin3v_itk_cpu(img, disp, out, n0, n1, n2, m, off, dm, has_disp, cval):
-    _warp3_lin3v_rows(img, disp, out, n0, n1, n2, m, off, dm, has_disp, 2, cval)
+                    for i2 in range(n2):
+                        c0, c1, c2 = _affine3(i0, i1, i2, m, off)
+                        out[base + i2, ch] = _lin3_value(img, c0, c1, c2, ch, mode, cval)
 
 
 def _warp3_cub_cpu(img, disp, out, n0, n1, n2, m, off, dm, has_disp, mode, cval):
@@ -829,23 +579,12 @@ _CPU_LOOPS = (
     _warp2_lin_cpu,
     _warp2_cub_cpu,
     _warp3_near_cpu,
-    _warp3_lin_zero_cpu,
-    _warp3_lin_border_cpu,
-    _warp3_lin_itk_cpu,
-    _warp3_linc_zero_cpu,
-    _warp3_linc_border_cpu,
-    _warp3_linc_itk_cpu,
-    _warp3_lin3v_zero_cpu,
-    _warp3_lin3v_border_cpu,
-    _warp3_lin3v_itk_cpu,
+    _warp3_lin_cpu,
     _warp3_cub_cpu,
     _interp2_cpu,
     _interp3_cpu,
 )
 _GPU_LOOPS = (_warp2_gpu, _warp3_gpu, _interp2_gpu, _interp3_gpu)
-#: CPU-only helpers, inlined (numba IR) into the per-mode 3-D linear kernels above.
-_CPU_ONLY_INLINE = (_lin3_setup, _lin3_gather, _lin3_flat, _coord3_flat, _affine3_flat, _warp3_lin_rows,
-                    _warp3_linc_rows, _lin3v_store, _warp3_lin3v_rows)
 
 
 _rebind = _backend.rebind  # each function is compiled for one target only, so cache entries never collide
@@ -861,8 +600,6 @@ def _numba_kernels():
     for f in _BODIES:
         opts = {"inline": "always"} if f.__name__ in _CPU_INLINE else {}
         ns[f.__name__] = _backend.njit(error_model="numpy", **opts)(_rebind(f, ns))
-    for f in _CPU_ONLY_INLINE:
-        ns[f.__name__] = _backend.njit(error_model="numpy", inline="always")(_rebind(f, ns))
     return {f.__name__: _backend.njit(parallel=True, error_model="numpy")(_rebind(f, ns)) for f in _CPU_LOOPS}
 
 
@@ -983,26 +720,16 @@ def _flat(a):
 
 
 _ORDER_NAME = {0: "near", 1: "lin", 3: "cub"}
-#: Tests only: warp 3-channel 3-D images channel by channel (``_warp3_linc_*``) instead of the fused kernel.
-_SEPARATE_CHANNELS = False
-_MODE_NAME = {code: name for name, code in MODES.items()}
 
 
 def _warp_numba(img, disp, out_shape, m, off, dm, order, mode, cval):
     ndim = len(out_shape)
+    kern = _numba_kernels()[f"_warp{ndim}_{_ORDER_NAME[order]}_cpu"]
     out = np.empty((math.prod(out_shape), img.shape[-1]), dtype=img.dtype)
     has_disp = disp is not None
     if not has_disp:
         disp = np.zeros((1, ndim), dtype=img.dtype)
-    geom = (*out_shape, _flat(m), _flat(off), _flat(dm), has_disp)
-    if ndim == 3 and order == 1:  # one kernel per mode and channel case, flat output
-        nch = img.shape[-1]
-        multi = "" if nch == 1 else "3v" if (nch == 3 and not _SEPARATE_CHANNELS) else "c"
-        kern = _numba_kernels()[f"_warp3_lin{multi}_{_MODE_NAME[mode]}_cpu"]
-        kern(img, disp, out.reshape(-1), *geom, float(cval))
-        return out
-    kern = _numba_kernels()[f"_warp{ndim}_{_ORDER_NAME[order]}_cpu"]
-    kern(img, disp, out, *geom, mode, float(cval))
+    kern(img, disp, out, *out_shape, _flat(m), _flat(off), _flat(dm), has_disp, mode, float(cval))
     return out
 
 

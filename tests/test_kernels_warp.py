@@ -195,8 +195,8 @@ def test_identity_and_integer_shift(backend):
     "shape,nch", [((9, 10, 11), 1), ((9, 10, 11), 3), ((1, 2, 5), 1), ((4, 1, 1), 2), ((3, 4, 2), 1)]
 )
 def test_linear3d_cpu_kernel_parity_edges(mode, dtype, shape, nch):
-    """The vectorised 3-D linear CPU kernel (per-mode, flat indexing) against the reference: thin axes (length 1
-    and 2), channels, a displacement field with points far outside and non-finite entries, a pure affine map."""
+    """The 3-D linear CPU kernel against the reference: thin axes (length 1 and 2), channels, a displacement field
+    with points far outside and non-finite entries, a pure affine map."""
     rng = np.random.default_rng(len(mode) * 10 + nch + shape[0])
     img = rng.normal(size=shape + ((nch,) if nch > 1 else ())).astype(dtype)
     disp = _disp(rng, shape, scale=2.0, dtype=dtype)
@@ -212,28 +212,6 @@ def test_linear3d_cpu_kernel_parity_edges(mode, dtype, shape, nch):
     A = np.eye(3) + rng.normal(scale=0.2, size=(3, 3))
     kw = dict(matrix=A, offset=rng.normal(size=3), out_shape=(5, 3, 4), order=1, mode=mode, cval=2.0)
     np.testing.assert_allclose(warp(img, backend="numba", **kw), warp(img, backend="numpy", **kw), **_tol(dtype))
-
-
-@pytest.mark.skipif(not _backend.HAVE_NUMBA, reason="numba not installed")
-@pytest.mark.parametrize("mode", ["zero", "border", "itk"])
-def test_linear3d_three_channel_kernel_equals_channel_by_channel(mode, monkeypatch):
-    """3-channel images (vector fields in compose / scaling and squaring) use a fused kernel (one coordinate and
-    weight computation per voxel): bit for bit the channel-by-channel kernel, with a field and affine-only."""
-    import importlib
-
-    wmod = importlib.import_module("classreg.kernels.warp")
-    rng = np.random.default_rng(8)
-    img = rng.normal(size=(11, 9, 13, 3)).astype(np.float32)
-    disp = _disp(rng, img.shape[:3], scale=3.0, dtype=np.float32)
-    kws = (dict(disp=disp), dict(disp=disp, disp_matrix=np.diag([1.25, 0.8, 0.5])),
-           dict(matrix=np.eye(3) + rng.normal(scale=0.2, size=(3, 3)), offset=(0.4, -1.2, 2.5), out_shape=(7, 8, 5)))
-    for kw in kws:
-        args = (img, kw.pop("disp")) if "disp" in kw else (img,)
-        fused = warp(*args, order=1, mode=mode, cval=-0.5, backend="numba", **kw)
-        monkeypatch.setattr(wmod, "_SEPARATE_CHANNELS", True)
-        separate = warp(*args, order=1, mode=mode, cval=-0.5, backend="numba", **kw)
-        monkeypatch.setattr(wmod, "_SEPARATE_CHANNELS", False)
-        np.testing.assert_array_equal(fused, separate)
 
 
 @pytest.mark.skipif(not _backend.HAVE_NUMBA, reason="numba not installed")
