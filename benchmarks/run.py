@@ -345,6 +345,9 @@ def versions() -> dict:
             out[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
             pass
+    commit = _git_commit()
+    if commit:
+        out["classreg git"] = commit
     if shutil.which("elastix"):
         try:
             out["elastix CLI"] = subprocess.run(["elastix", "--version"], capture_output=True, text=True,
@@ -352,6 +355,22 @@ def versions() -> dict:
         except (OSError, subprocess.SubprocessError, IndexError):
             pass
     return out
+
+
+def _git_commit():
+    """Short commit of the classreg checkout the benchmark runs from (``+dirty`` with uncommitted changes), or None
+    outside a git checkout: results stay traceable to the code that produced them."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists() or not shutil.which("git"):
+        return None
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=30, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+dirty" if dirty else "")
 
 
 def _thread_env(threads: int) -> dict:

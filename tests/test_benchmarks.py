@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import shutil
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -90,6 +93,19 @@ def test_missing_peer_is_skipped_with_a_note(tmp_path, monkeypatch):
     assert any("classreg_no_such_module" in s for s in payload["skipped"])
     assert payload["rows"] == []
     assert json.loads((tmp_path / f"{payload['date']}.json").read_text())["skipped"] == payload["skipped"]
+
+
+def test_versions_record_the_git_commit(tmp_path, monkeypatch):
+    from benchmarks import run as R
+
+    root = Path(R.__file__).resolve().parent.parent
+    if not (root / ".git").exists() or shutil.which("git") is None:
+        pytest.skip("not a git checkout")
+    head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    assert R.versions()["classreg git"].split("+")[0] == head
+    monkeypatch.setattr(R, "__file__", str(tmp_path / "benchmarks" / "run.py"))  # outside any checkout
+    assert "classreg git" not in R.versions()
 
 
 def test_quick_run_smoke(tmp_path):
