@@ -119,14 +119,11 @@ prange = range
 
 @functools.cache
 def _numba_max_norm():
-    import types
-
     import numba
 
     ns = dict(globals())
     ns["prange"] = numba.prange
-    f = _max_voxel_norm_cpu
-    return _backend.njit(parallel=True)(types.FunctionType(f.__code__, ns, f.__name__))
+    return _backend.njit(parallel=True)(_backend.rebind(_max_voxel_norm_cpu, ns))
 
 
 def _max_voxel_norm(v, h, xp, backend):
