@@ -4,6 +4,7 @@ import pytest
 from conftest import backend_params
 from scipy import ndimage as ndi
 
+from classreg.kernels import _backend
 from classreg.kernels.fields import compose, expmap, invert
 
 
@@ -42,6 +43,29 @@ def test_compose_brute_force_and_parity(backend, ndim, dtype):
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == np.float32 else dict(rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(w, _brute_compose(u.astype(np.float64), v.astype(np.float64), h), **tol)
     np.testing.assert_allclose(w, compose(u, v, spacing=h, backend="numpy"), **tol)
+
+
+@pytest.mark.skipif(not _backend.HAVE_NUMBA, reason="numba not installed")
+@pytest.mark.parametrize("dtypes", [(np.float32, np.float32), (np.float64, np.float64), (np.float32, np.float64)])
+def test_compose_numba_one_pass_is_bitwise_the_two_step_form(dtypes):
+    """The numba 3-D compose (sample and add in one pass) rounds like ``warp(u, v) + v``: bitwise the same, also for
+    a non-contiguous input and points far outside the grid."""
+    from classreg.kernels.warp import warp
+
+    rng = np.random.default_rng(5)
+    h = np.array([0.8, 1.3, 1.1])
+    u = (rng.normal(size=(9, 12, 10, 3)) * 3.0).astype(dtypes[0])
+    v = (rng.normal(size=(9, 12, 10, 3)) * 3.0).astype(dtypes[1])
+    v[0, 0, 0] = [np.nan, 0.0, 0.0]
+    v[1, 0, 0] = [0.0, 1e6, 0.0]
+    u_t = np.asfortranarray(u)
+    dt = np.result_type(u, v)
+    two_step = warp(u.astype(dt), v.astype(dt), disp_matrix=np.diag(1.0 / h), order=1, mode="border",
+                    backend="numba") + v.astype(dt)
+    for uu in (u, u_t):
+        w = compose(uu, v, spacing=h, backend="numba")
+        assert w.dtype == dt
+        np.testing.assert_array_equal(w, two_step)
 
 
 def test_compose_identity_and_errors():

@@ -45,7 +45,8 @@ def test_warp_parity(backend, ndim, order, mode, dtype):
 
 @pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("order", [1, 3])
-def test_warp_affine_disp_matrix_channels_parity(backend, order):
+@pytest.mark.parametrize("mode", ["itk", "border"])
+def test_warp_affine_disp_matrix_channels_parity(backend, order, mode):
     rng = np.random.default_rng(7)
     shape = _shape(backend, 3)
     img = rng.normal(size=shape + (2,))
@@ -54,7 +55,7 @@ def test_warp_affine_disp_matrix_channels_parity(backend, order):
     off = rng.normal(size=3)
     D = np.diag([1 / 0.8, 1 / 1.2, 1 / 2.0]) @ np.linalg.qr(rng.normal(size=(3, 3)))[0]
     disp = _disp(rng, out_shape, scale=1.0)
-    kw = dict(matrix=A, offset=off, disp_matrix=D, order=order, mode="itk", cval=-1.0)
+    kw = dict(matrix=A, offset=off, disp_matrix=D, order=order, mode=mode, cval=-1.0)
     ref = warp(img, disp, backend="numpy", **kw)
     out = warp(img, disp, backend=backend, **kw)
     assert out.shape == out_shape + (2,)
@@ -215,7 +216,7 @@ def test_linear3d_cpu_kernel_parity_edges(mode, dtype, shape, nch):
 
 
 @pytest.mark.skipif(not _backend.HAVE_NUMBA, reason="numba not installed")
-@pytest.mark.parametrize("mode", ["zero", "itk"])
+@pytest.mark.parametrize("mode", ["zero", "itk", "border"])
 def test_linear3d_cpu_kernel_deterministic(mode):
     """Bitwise the same result run to run and for 1 or 2 threads (every voxel is computed independently)."""
     import numba
