@@ -175,7 +175,8 @@ def register_demons(fixed: Image, moving: Image, *, init: Transform | None = Non
     def warp_moving(disp):
         return warp_through(moving_n, ref, init, disp, backend)
 
-    energy0 = _energy(fixed_n.data, warp_moving(phi), fmask)
+    warped_prev = warp_moving(phi)  # S_{i-1}: kept from the acceptance test of the previous piece
+    energy0 = _energy(fixed_n.data, warped_prev, fmask)
     energy = energy0
     stop_reason = f"reached max_pieces={max_pieces}"
     converged = True
@@ -184,7 +185,7 @@ def register_demons(fixed: Image, moving: Image, *, init: Transform | None = Non
         prog.emit("start", metric=energy0, extra={"pieces": int(max_pieces)})
         for piece in range(1, int(max_pieces) + 1):
             # S_{i-1}: the original moving image through Φ_{i-1} (and init), resampled once, on the fixed grid
-            s_prev = ref.like(warp_moving(phi))
+            s_prev = ref.like(warped_prev)
             s_mask = None
             if mmask_img is not None:
                 s_mask = ref.like((warp_through(mmask_img, ref, init, phi, backend) > 0.5).astype(dtype))
@@ -205,14 +206,16 @@ def register_demons(fixed: Image, moving: Image, *, init: Transform | None = Non
             if min_det <= 0:
                 stop_reason = f"piece {piece} would fold the map (min det J {min_det:.3g}); kept {piece - 1} piece(s)"
                 break
-            e_minus, _ = expmap(-v, spacing=h, n_squarings=n_sq, backend=backend)
-            new_inv = compose(e_minus, phi_inv, spacing=h, backend=backend)  # Φ_i⁻¹ = exp(−v_i) ∘ Φ_{i-1}⁻¹
-            new_energy = _energy(fixed_n.data, warp_moving(new_phi), fmask)
+            warped_new = warp_moving(new_phi)
+            new_energy = _energy(fixed_n.data, warped_new, fmask)
             if piece > 1 and new_energy > energy * (1.0 - piece_tol):
                 stop_reason = (f"piece {piece} lowered the energy by less than piece_tol={piece_tol} "
                                f"({energy:.4g} -> {new_energy:.4g}); kept {piece - 1} piece(s)")
                 break
+            e_minus, _ = expmap(-v, spacing=h, n_squarings=n_sq, backend=backend)
+            new_inv = compose(e_minus, phi_inv, spacing=h, backend=backend)  # Φ_i⁻¹ = exp(−v_i) ∘ Φ_{i-1}⁻¹
             phi, phi_inv, energy = new_phi.astype(dtype), new_inv.astype(dtype), new_energy
+            warped_prev = warped_new
             velocities.append(np.asarray(v))
             path_length += _v_norm(v, h)
             if stopped:
@@ -310,14 +313,21 @@ def _level_step(level, state, progress, opts, piece, dtype, best):
             best_e, best_v = energy, v
         if sig_u > 0:
             u_f = gaussian(u_f, sig_u, spacing=h, ndim=n, backend=backend)
-        z = _bch(v, u_f, opts["bch_terms"], h, backend)
         if opts["symmetric"]:
             e_m, _ = expmap(-v, spacing=h, n_squarings=n_sq, backend=backend)  # |−v| = |v|: same count
             u_b, _, _ = _force(side, e_m, forward=False)
             if sig_u > 0:
                 u_b = gaussian(u_b, sig_u, spacing=h, ndim=n, backend=backend)
-            z -= _bch(-v, u_b, opts["bch_terms"], h, backend)
-            z *= 0.5
+            if opts["bch_terms"] == 2:  # ½[(v + u_f) − (−v + u_b)] = v + ½(u_f − u_b), in place
+                z = np.subtract(u_f, u_b, out=u_f)
+                z *= 0.5
+                z += v
+            else:
+                z = _bch(v, u_f, opts["bch_terms"], h, backend)
+                z -= _bch(-v, u_b, opts["bch_terms"], h, backend)
+                z *= 0.5
+        else:
+            z = _bch(v, u_f, opts["bch_terms"], h, backend)
         if sig_v > 0:
             z = gaussian(z, sig_v, spacing=h, ndim=n, backend=backend)
         v = z.astype(dtype, copy=False)
