@@ -266,39 +266,15 @@ def _lin3_value(img, c0, c1, c2, ch, mode, cval):
     return v if ok else cval
 
 
-def _lin3_border(img, c0, c1, c2, ch, cval):
-    # ``_lin3_value`` for mode "border" only (the clamps of that mode; every neighbour valid): the same values with
-    # less work, for the displacement-field warps (``_warp3_linb_cpu``).
-    s0 = img.shape[0]
-    s1 = img.shape[1]
-    s2 = img.shape[2]
-    ok = (c0 == c0) & (c1 == c1) & (c2 == c2)
-    c0 = c0 if ok else 0.0
-    c1 = c1 if ok else 0.0
-    c2 = c2 if ok else 0.0
-    c0 = min(max(c0, 0.0), s0 - 1.0)
-    c1 = min(max(c1, 0.0), s1 - 1.0)
-    c2 = min(max(c2, 0.0), s2 - 1.0)
-    f0 = math.floor(c0)
-    f1 = math.floor(c1)
-    f2 = math.floor(c2)
-    t0 = c0 - f0
-    t1 = c1 - f1
-    t2 = c2 - f2
-    a0 = int(f0)
-    a1 = int(f1)
-    a2 = int(f2)
-    b0 = min(a0 + 1, s0 - 1)
-    b1 = min(a1 + 1, s1 - 1)
-    b2 = min(a2 + 1, s2 - 1)
+def _blend3(img, a0, a1, a2, b0, b1, b2, t0, t1, t2, ch):
+    """Trilinear blend of channel ``ch`` between neighbours ``a`` (floor) and ``b`` (next), same order as above."""
     s1w = 1.0 - t1
     s2w = 1.0 - t2
     r0 = s1w * (s2w * img[a0, a1, a2, ch] + t2 * img[a0, a1, b2, ch]) + t1 * (
         s2w * img[a0, b1, a2, ch] + t2 * img[a0, b1, b2, ch])
     r1 = s1w * (s2w * img[b0, a1, a2, ch] + t2 * img[b0, a1, b2, ch]) + t1 * (
         s2w * img[b0, b1, a2, ch] + t2 * img[b0, b1, b2, ch])
-    v = (1.0 - t0) * r0 + t0 * r1
-    return v if ok else cval
+    return (1.0 - t0) * r0 + t0 * r1
 
 
 def _cub_row2(img, i0, vi, k0, k1, k2, k3, u0, u1, u2, u3, w0, w1, w2, w3, ch, cval):
@@ -421,7 +397,7 @@ _BODIES = (
     _near3_value,
     _lin2_value,
     _lin3_value,
-    _lin3_border,
+    _blend3,
     _cub_row2,
     _cub_row3,
     _cub_plane3,
@@ -449,7 +425,7 @@ _CPU_INLINE = frozenset(
         "_near3_value",
         "_lin2_value",
         "_lin3_value",
-        "_lin3_border",
+        "_blend3",
         "_affine2",
         "_affine3",
         "_coord2",
@@ -534,27 +510,61 @@ def _warp3_lin_cpu(img, disp, out, n0, n1, n2, m, off, dm, has_disp, mode, cval)
                         out[base + i2, ch] = _lin3_value(img, c0, c1, c2, ch, mode, cval)
 
 
-def _warp3_linb_cpu(img, disp, out, n0, n1, n2, m, off, dm, cval, add_disp):
-    # Linear, mode "border", with a displacement field: each row of ``disp`` is first copied into a planar buffer
-    # (contiguous loads in the sampling loop instead of stride-3 gathers: 1.2-1.3x faster for 3-channel images).
-    # ``add_disp``: add ``disp`` to the result (``img`` has ndim channels), i.e. the composition of two fields.
+def _warp3_field_cpu(img, disp, out, n0, n1, n2, m, off, dm, cval, add_disp):
+    # Linear, mode "border", 3-channel image (a displacement field) through a displacement field: the arithmetic of
+    # ``_lin3_value`` (that mode's clamps, every neighbour valid), laid out for the vectoriser, which the general
+    # loop above defeats for fields: each row of ``disp`` is first copied into a planar buffer, the neighbours and
+    # weights are computed once for the 3 channels, and results go to a planar row buffer before the strided store
+    # (2-2.5x faster than the general loop, measured side by side; bitwise the same values).
+    # ``add_disp``: add ``disp`` to the result, i.e. the composition of two fields.
+    s0 = img.shape[0]
+    s1 = img.shape[1]
+    s2 = img.shape[2]
     for i0 in prange(n0):
         db = np.empty((3, n2), disp.dtype)
+        ob = np.empty((3, n2), out.dtype)
         for i1 in range(n1):
             base = (i0 * n1 + i1) * n2
-            for k in range(3):
+            for i2 in range(n2):
+                db[0, i2] = disp[base + i2, 0]
+                db[1, i2] = disp[base + i2, 1]
+                db[2, i2] = disp[base + i2, 2]
+            for i2 in range(n2):
+                c0, c1, c2 = _affine3(i0, i1, i2, m, off)
+                d0 = db[0, i2]
+                d1 = db[1, i2]
+                d2 = db[2, i2]
+                c0 = c0 + (dm[0] * d0 + dm[1] * d1 + dm[2] * d2)
+                c1 = c1 + (dm[3] * d0 + dm[4] * d1 + dm[5] * d2)
+                c2 = c2 + (dm[6] * d0 + dm[7] * d1 + dm[8] * d2)
+                ok = (c0 == c0) & (c1 == c1) & (c2 == c2)
+                c0 = c0 if ok else 0.0
+                c1 = c1 if ok else 0.0
+                c2 = c2 if ok else 0.0
+                c0 = min(max(c0, 0.0), s0 - 1.0)
+                c1 = min(max(c1, 0.0), s1 - 1.0)
+                c2 = min(max(c2, 0.0), s2 - 1.0)
+                f0 = math.floor(c0)
+                f1 = math.floor(c1)
+                f2 = math.floor(c2)
+                a0 = int(f0)
+                a1 = int(f1)
+                a2 = int(f2)
+                b0 = min(a0 + 1, s0 - 1)
+                b1 = min(a1 + 1, s1 - 1)
+                b2 = min(a2 + 1, s2 - 1)
+                t0 = c0 - f0
+                t1 = c1 - f1
+                t2 = c2 - f2
+                q0 = _blend3(img, a0, a1, a2, b0, b1, b2, t0, t1, t2, 0)
+                q1 = _blend3(img, a0, a1, a2, b0, b1, b2, t0, t1, t2, 1)
+                q2 = _blend3(img, a0, a1, a2, b0, b1, b2, t0, t1, t2, 2)
+                ob[0, i2] = q0 if ok else cval
+                ob[1, i2] = q1 if ok else cval
+                ob[2, i2] = q2 if ok else cval
+            for ch in range(3):
                 for i2 in range(n2):
-                    db[k, i2] = disp[base + i2, k]
-            for ch in range(img.shape[3]):
-                for i2 in range(n2):
-                    c0, c1, c2 = _affine3(i0, i1, i2, m, off)
-                    d0 = db[0, i2]
-                    d1 = db[1, i2]
-                    d2 = db[2, i2]
-                    c0 = c0 + (dm[0] * d0 + dm[1] * d1 + dm[2] * d2)
-                    c1 = c1 + (dm[3] * d0 + dm[4] * d1 + dm[5] * d2)
-                    c2 = c2 + (dm[6] * d0 + dm[7] * d1 + dm[8] * d2)
-                    out[base + i2, ch] = _lin3_border(img, c0, c1, c2, ch, cval)
+                    out[base + i2, ch] = ob[ch, i2]
                 if add_disp:
                     for i2 in range(n2):
                         out[base + i2, ch] += db[ch, i2]
@@ -643,7 +653,7 @@ _CPU_LOOPS = (
     _warp2_cub_cpu,
     _warp3_near_cpu,
     _warp3_lin_cpu,
-    _warp3_linb_cpu,
+    _warp3_field_cpu,
     _warp3_cub_cpu,
     _interp2_cpu,
     _interp3_cpu,
@@ -789,9 +799,9 @@ _ORDER_NAME = {0: "near", 1: "lin", 3: "cub"}
 def _warp_numba(img, disp, out_shape, m, off, dm, order, mode, cval):
     ndim = len(out_shape)
     out = np.empty((math.prod(out_shape), img.shape[-1]), dtype=img.dtype)
-    if ndim == 3 and order == 1 and mode == _BORDER and disp is not None:
-        _numba_kernels()["_warp3_linb_cpu"](img, disp, out, *out_shape, _flat(m), _flat(off), _flat(dm), float(cval),
-                                             False)
+    if ndim == 3 and order == 1 and mode == _BORDER and disp is not None and img.shape[-1] == 3:
+        _numba_kernels()["_warp3_field_cpu"](img, disp, out, *out_shape, _flat(m), _flat(off), _flat(dm), float(cval),
+                                              False)
         return out
     kern = _numba_kernels()[f"_warp{ndim}_{_ORDER_NAME[order]}_cpu"]
     has_disp = disp is not None
@@ -810,7 +820,7 @@ def compose3_numba(u, v, disp_matrix):
     v = np.ascontiguousarray(v, dtype=u.dtype)
     shape = u.shape[:3]
     out = np.empty((math.prod(shape), 3), dtype=u.dtype)
-    _numba_kernels()["_warp3_linb_cpu"](u, v.reshape(-1, 3), out, *shape, _flat(np.eye(3)), _flat(np.zeros(3)),
+    _numba_kernels()["_warp3_field_cpu"](u, v.reshape(-1, 3), out, *shape, _flat(np.eye(3)), _flat(np.zeros(3)),
                                          _flat(disp_matrix), 0.0, True)
     return out.reshape(u.shape)
 

@@ -46,10 +46,11 @@ def test_warp_parity(backend, ndim, order, mode, dtype):
 @pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("order", [1, 3])
 @pytest.mark.parametrize("mode", ["itk", "border"])
-def test_warp_affine_disp_matrix_channels_parity(backend, order, mode):
+@pytest.mark.parametrize("nch", [2, 3])  # 3 channels in mode "border": the numba kernel for displacement fields
+def test_warp_affine_disp_matrix_channels_parity(backend, order, mode, nch):
     rng = np.random.default_rng(7)
     shape = _shape(backend, 3)
-    img = rng.normal(size=shape + (2,))
+    img = rng.normal(size=shape + (nch,))
     out_shape = (4, 5, 6) if backend == "cuda" else (7, 8, 9)
     A = np.eye(3) + rng.normal(scale=0.1, size=(3, 3))
     off = rng.normal(size=3)
@@ -58,7 +59,7 @@ def test_warp_affine_disp_matrix_channels_parity(backend, order, mode):
     kw = dict(matrix=A, offset=off, disp_matrix=D, order=order, mode=mode, cval=-1.0)
     ref = warp(img, disp, backend="numpy", **kw)
     out = warp(img, disp, backend=backend, **kw)
-    assert out.shape == out_shape + (2,)
+    assert out.shape == out_shape + (nch,)
     np.testing.assert_allclose(out, ref, rtol=1e-10, atol=1e-10)
     # pure affine, other output grid
     ref = warp(img, matrix=A, offset=off, out_shape=out_shape, order=order, backend="numpy")
@@ -217,13 +218,14 @@ def test_linear3d_cpu_kernel_parity_edges(mode, dtype, shape, nch):
 
 @pytest.mark.skipif(not _backend.HAVE_NUMBA, reason="numba not installed")
 @pytest.mark.parametrize("mode", ["zero", "itk", "border"])
-def test_linear3d_cpu_kernel_deterministic(mode):
+@pytest.mark.parametrize("nch", [1, 3])
+def test_linear3d_cpu_kernel_deterministic(mode, nch):
     """Bitwise the same result run to run and for 1 or 2 threads (every voxel is computed independently)."""
     import numba
 
     rng = np.random.default_rng(4)
-    img = rng.normal(size=(23, 17, 29)).astype(np.float32)
-    disp = _disp(rng, img.shape, scale=3.0, dtype=np.float32)
+    img = rng.normal(size=(23, 17, 29) + ((3,) if nch == 3 else ())).astype(np.float32)
+    disp = _disp(rng, img.shape[:3], scale=3.0, dtype=np.float32)
     old = numba.get_num_threads()
     try:
         outs = []
