@@ -14,7 +14,7 @@ import math
 import numpy as np
 
 from . import _backend
-from .warp import _compose3_numba, warp
+from .warp import _compose_numba, warp
 
 __all__ = ["compose", "expmap", "invert"]
 
@@ -90,8 +90,8 @@ def compose(u, v, *, spacing=1.0, order=1, mode="border", backend=None):
     dt = _dtype(u, v)
     u = u.astype(dt, copy=False)
     v = v.astype(dt, copy=False)
-    if order == 1 and mode == "border" and ndim == 3 and _backend.resolve_backend(backend, u, v) == "numba":
-        return _compose3_numba(u, v, np.diag(1.0 / h))  # the same arithmetic in one pass
+    if order == 1 and mode == "border" and _backend.resolve_backend(backend, u, v) == "numba":
+        return _compose_numba(u, v, np.diag(1.0 / h))  # the same arithmetic in one pass
     w = warp(u, v, disp_matrix=np.diag(1.0 / h), order=order, mode=mode, backend=backend)
     w += v if xp is _backend.get_array_module(w) else xp.asarray(v)
     return w

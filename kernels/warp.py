@@ -18,9 +18,9 @@ it calls, so the same source text is used for both targets and the CPU functions
 The numpy reference (``_warp_numpy`` / ``_interpolate_numpy``) is a vectorised transcription of the same arithmetic,
 in the same order, and is the oracle of the tests.
 
-One CPU loop is specialised: 3-channel images (displacement fields) warped linearly in mode "border" through a
-displacement field, i.e. field composition, the inner step of scaling and squaring (``_warp3_field_cpu``, also used
-by :func:`classreg.kernels.fields.compose` to add ``v`` in the same pass). It computes the same values, bit for bit,
+One CPU loop is specialised: ndim-channel images (displacement fields) warped linearly in mode "border" through a
+displacement field, i.e. field composition, the inner step of scaling and squaring (``_warp2_field_cpu``,
+``_warp3_field_cpu``, also used by :func:`classreg.kernels.fields.compose` to add ``v`` in the same pass). It computes the same values, bit for bit,
 in about half the time of the general loop, whose strided channel stores keep LLVM from vectorising it for fields.
 """
 from __future__ import annotations
@@ -282,6 +282,13 @@ def _blend3(img, a0, a1, a2, b0, b1, b2, t0, t1, t2, ch):
     return (1.0 - t0) * r0 + t0 * r1
 
 
+def _blend2(img, a0, a1, b0, b1, t0, t1, ch):
+    """Bilinear blend of channel ``ch`` (as ``_lin2_value``)."""
+    s1w = 1.0 - t1
+    return (1.0 - t0) * (s1w * img[a0, a1, ch] + t1 * img[a0, b1, ch]) + t0 * (s1w * img[b0, a1, ch]
+                                                                             + t1 * img[b0, b1, ch])
+
+
 def _cub_row2(img, i0, vi, k0, k1, k2, k3, u0, u1, u2, u3, w0, w1, w2, w3, ch, cval):
     return (
         w0 * _pick2(img, i0, k0, ch, vi & u0, cval)
@@ -403,6 +410,7 @@ _BODIES = (
     _lin2_value,
     _lin3_value,
     _blend3,
+    _blend2,
     _cub_row2,
     _cub_row3,
     _cub_plane3,
@@ -431,6 +439,7 @@ _CPU_INLINE = frozenset(
         "_lin2_value",
         "_lin3_value",
         "_blend3",
+        "_blend2",
         "_affine2",
         "_affine3",
         "_coord2",
@@ -483,6 +492,48 @@ def _warp2_cub_cpu(img, disp, out, n0, n1, m, off, dm, has_disp, mode, cval):
                 c0, c1 = _affine2(i0, i1, m, off)
             for ch in range(img.shape[2]):
                 out[base + i1, ch] = _cub2_value(img, c0, c1, ch, mode, cval)
+
+
+def _warp2_field_cpu(img, disp, out, n0, n1, m, off, dm, cval, add_disp):
+    # 2-D counterpart of ``_warp3_field_cpu`` (below): 2-channel fields, linear, mode "border".
+    s0 = img.shape[0]
+    s1 = img.shape[1]
+    for i0 in prange(n0):
+        db = np.empty((2, n1), disp.dtype)
+        ob = np.empty((2, n1), out.dtype)
+        base = i0 * n1
+        for i1 in range(n1):
+            db[0, i1] = disp[base + i1, 0]
+            db[1, i1] = disp[base + i1, 1]
+        for i1 in range(n1):
+            c0, c1 = _affine2(i0, i1, m, off)
+            d0 = db[0, i1]
+            d1 = db[1, i1]
+            c0 = c0 + (dm[0] * d0 + dm[1] * d1)
+            c1 = c1 + (dm[2] * d0 + dm[3] * d1)
+            ok = (c0 == c0) & (c1 == c1)
+            c0 = c0 if ok else 0.0
+            c1 = c1 if ok else 0.0
+            c0 = min(max(c0, 0.0), s0 - 1.0)
+            c1 = min(max(c1, 0.0), s1 - 1.0)
+            f0 = math.floor(c0)
+            f1 = math.floor(c1)
+            a0 = int(f0)
+            a1 = int(f1)
+            b0 = min(a0 + 1, s0 - 1)
+            b1 = min(a1 + 1, s1 - 1)
+            t0 = c0 - f0
+            t1 = c1 - f1
+            q0 = _blend2(img, a0, a1, b0, b1, t0, t1, 0)
+            q1 = _blend2(img, a0, a1, b0, b1, t0, t1, 1)
+            ob[0, i1] = q0 if ok else cval
+            ob[1, i1] = q1 if ok else cval
+        for ch in range(2):
+            for i1 in range(n1):
+                out[base + i1, ch] = ob[ch, i1]
+            if add_disp:
+                for i1 in range(n1):
+                    out[base + i1, ch] += db[ch, i1]
 
 
 def _warp3_near_cpu(img, disp, out, n0, n1, n2, m, off, dm, has_disp, mode, cval):
@@ -656,6 +707,7 @@ _CPU_LOOPS = (
     _warp2_near_cpu,
     _warp2_lin_cpu,
     _warp2_cub_cpu,
+    _warp2_field_cpu,
     _warp3_near_cpu,
     _warp3_lin_cpu,
     _warp3_field_cpu,
@@ -804,9 +856,9 @@ _ORDER_NAME = {0: "near", 1: "lin", 3: "cub"}
 def _warp_numba(img, disp, out_shape, m, off, dm, order, mode, cval):
     ndim = len(out_shape)
     out = np.empty((math.prod(out_shape), img.shape[-1]), dtype=img.dtype)
-    if ndim == 3 and order == 1 and mode == _BORDER and disp is not None and img.shape[-1] == 3:
-        _numba_kernels()["_warp3_field_cpu"](img, disp, out, *out_shape, _flat(m), _flat(off), _flat(dm), float(cval),
-                                              False)
+    if order == 1 and mode == _BORDER and disp is not None and img.shape[-1] == ndim:
+        _numba_kernels()[f"_warp{ndim}_field_cpu"](img, disp, out, *out_shape, _flat(m), _flat(off), _flat(dm),
+                                                    float(cval), False)
         return out
     kern = _numba_kernels()[f"_warp{ndim}_{_ORDER_NAME[order]}_cpu"]
     has_disp = disp is not None
@@ -816,17 +868,18 @@ def _warp_numba(img, disp, out_shape, m, off, dm, order, mode, cval):
     return out
 
 
-def _compose3_numba(u, v, disp_matrix):
-    """``warp(u, v, disp_matrix=disp_matrix, order=1, mode="border") + v`` in one pass (numba CPU, 3-D float32 or
-    float64 fields of the same shape and dtype, channels-last): the composition of displacement fields used by
+def _compose_numba(u, v, disp_matrix):
+    """``warp(u, v, disp_matrix=disp_matrix, order=1, mode="border") + v`` in one pass (numba CPU; 2-D or 3-D fields
+    of the same shape and dtype, channels-last): the composition of displacement fields used by
     :func:`classreg.kernels.fields.compose`. The sum is rounded like ``numpy``'s (sample rounded to the dtype, then
     added in the dtype), so the result is bit-identical to the two-step form."""
     u = np.ascontiguousarray(u)
     v = np.ascontiguousarray(v, dtype=u.dtype)
-    shape = u.shape[:3]
-    out = np.empty((math.prod(shape), 3), dtype=u.dtype)
-    _numba_kernels()["_warp3_field_cpu"](u, v.reshape(-1, 3), out, *shape, _flat(np.eye(3)), _flat(np.zeros(3)),
-                                         _flat(disp_matrix), 0.0, True)
+    ndim = u.shape[-1]
+    shape = u.shape[:ndim]
+    out = np.empty((math.prod(shape), ndim), dtype=u.dtype)
+    _numba_kernels()[f"_warp{ndim}_field_cpu"](u, v.reshape(-1, ndim), out, *shape, _flat(np.eye(ndim)),
+                                                _flat(np.zeros(ndim)), _flat(disp_matrix), 0.0, True)
     return out.reshape(u.shape)
 
 
