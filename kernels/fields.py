@@ -189,9 +189,7 @@ def expmap(v, *, spacing=1.0, n_squarings=None, max_squarings=20, max_voxel_norm
             raise ValueError(f"n_squarings must be a non-negative int or None, got {n_squarings!r}")
         n = int(n_squarings)
     dt = _dtype(v)
-    u = v.astype(dt, copy=True)
-    if n:
-        u *= dt(2.0**-n)
+    u = v.astype(dt, copy=False) * dt(2.0**-n) if n else v.astype(dt, copy=True)  # one pass either way
     for _ in range(n):
         u = compose(u, u, spacing=h, order=1, mode="border", backend=backend)
     return u, n
