@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .image import Image, as_mask
+from .kernels._backend import serial_below
 from .progress import Progress, StopRegistration
 
 __all__ = ["Level", "multiresolution", "downsample", "level_geometry", "default_sigmas"]
@@ -206,7 +207,8 @@ def multiresolution(fixed: Image, moving: Image, step, *, shrink_factors=(4, 2, 
         previous = level
         try:
             progress.emit("level_start", level=k, extra={"shrink": f, "sigma_mm": sigma, "shape": fl.shape})
-            step(level, state, progress)
+            with serial_below(math.prod(fl.shape)):  # small levels: one thread is faster (same result)
+                step(level, state, progress)
             progress.emit("level_end", level=k)
         except StopRegistration:
             return _to_input_grid(state, previous.fixed, fixed, transfer), True

@@ -3,6 +3,7 @@ import pytest
 
 import classreg as cr
 from classreg import metrics
+from classreg.kernels import _backend
 from classreg.progress import Progress
 from classreg.pyramid import default_sigmas, downsample, level_geometry, multiresolution, transfer_state
 from phantoms import oblique_image, smooth_image
@@ -115,3 +116,32 @@ def test_schedule_errors(rng, kwargs, match):
         multiresolution(img, img, lambda *a: None, **kwargs)
     with pytest.raises(ValueError, match="dimension mismatch"):
         multiresolution(img, oblique_image((4, 5, 6), rng), lambda *a: None)
+
+
+@pytest.mark.skipif(not _backend.HAVE_NUMBA, reason="needs numba")
+def test_small_levels_run_on_one_thread_with_the_same_result(monkeypatch):
+    """The driver runs levels below ``SERIAL_BELOW`` voxels with one numba thread (faster there), restores the
+    thread count afterwards, and the registration does not depend on it (bitwise)."""
+    import numba
+
+    seen = []
+    rng = np.random.default_rng(3)
+    fixed = cr.Image(smooth_image((40, 44), rng, sigma=3.0, dtype=np.float32), (1.0, 1.0))
+    moving = fixed.like(np.roll(fixed.data, 2, axis=0))
+
+    def step(level, state, progress):
+        seen.append((level.fixed.size, numba.get_num_threads()))
+
+    before = numba.get_num_threads()
+    multiresolution(fixed, moving, step, shrink_factors=(2, 1), iterations=1)
+    assert numba.get_num_threads() == before
+    assert all(nt == 1 for _, nt in seen)  # 40 x 44 is far below the default threshold
+    results = []
+    for threshold in (0, 1 << 30):  # never / always one thread
+        monkeypatch.setattr(_backend, "SERIAL_BELOW", threshold)
+        seen.clear()
+        multiresolution(fixed, moving, step, shrink_factors=(2, 1), iterations=1)
+        assert all(nt == (1 if threshold else before) for _, nt in seen)
+        res = cr.register_demons(fixed, moving, iterations=(5, 5), shrink_factors=(2, 1), max_pieces=2)
+        results.append(np.asarray(res.transform.image.data))
+    np.testing.assert_array_equal(results[0], results[1])
