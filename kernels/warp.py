@@ -20,8 +20,9 @@ in the same order, and is the oracle of the tests.
 
 One CPU loop is specialised: ndim-channel images (displacement fields) warped linearly in mode "border" through a
 displacement field, i.e. field composition, the inner step of scaling and squaring (``_warp2_field_cpu``,
-``_warp3_field_cpu``, also used by :func:`classreg.kernels.fields.compose` to add ``v`` in the same pass). It computes the same values, bit for bit,
-in about half the time of the general loop, whose strided channel stores keep LLVM from vectorising it for fields.
+``_warp3_field_cpu``, also used by :func:`classreg.kernels.fields.compose` to add ``v`` in the same pass). It
+computes the same values, bit for bit, in about half the time of the general loop, whose strided channel stores keep
+LLVM from vectorising it for fields.
 """
 from __future__ import annotations
 
