@@ -19,7 +19,7 @@ import numbers
 import numpy as np
 
 from . import _backend
-from .smooth import _as_real_array, _cuda_device, _cuda_kernel, _numba_compile, _spacing
+from .smooth import _as_real_array, _cuda_device, _cuda_kernel, _numba_compile, _rebind, _spacing
 
 __all__ = [
     "curl",
@@ -178,6 +178,49 @@ def _drive_cpu(a, b, h1, h2, p, one, out):
             _body(a, b, i, j, k, h1, h2, p, one, out)
 
 
+def _grad_rows_cpu(a, h1, h2, out):
+    """numba CPU gradient of a scalar image (canonical ``(n0, n1, n2)``, ``out`` flat channels-last), row by row.
+
+    The arithmetic of ``_grad_body`` (same differences, same divisors), laid out for the vectoriser: the border
+    cases along axes 0 and 1 are per-row constants, the contiguous axis is a branch-free loop over its interior,
+    and the ``nd`` components go to a planar row buffer before the strided store (a flat ``out`` makes the channel
+    stride a compile-time constant; interleaved stores inside a parallel loop do not vectorise).
+    """
+    nd = len(h1)
+    n0 = a.shape[0]
+    n1 = a.shape[1]
+    n2 = a.shape[2]
+    nrows = n0 * n1
+    nblk = (nrows + 15) // 16
+    for blk in prange(nblk):
+        gb = np.empty((nd, n2), out.dtype)
+        for ij in range(blk * 16, min(nrows, blk * 16 + 16)):
+            i = ij // n1
+            j = ij - i * n1
+            if nd == 3:  # axis 0 = canonical axis 0
+                lo = i - 1 if i > 0 else 0
+                hi = i + 1 if i < n0 - 1 else n0 - 1
+                div = h2[0] if (i > 0) & (i < n0 - 1) else h1[0]
+                for k in range(n2):
+                    gb[0, k] = (a[hi, j, k] - a[lo, j, k]) / div
+            if nd >= 2:  # spatial axis nd - 2 = canonical axis 1
+                lo = j - 1 if j > 0 else 0
+                hi = j + 1 if j < n1 - 1 else n1 - 1
+                div = h2[nd - 2] if (j > 0) & (j < n1 - 1) else h1[nd - 2]
+                for k in range(n2):
+                    gb[nd - 2, k] = (a[i, hi, k] - a[i, lo, k]) / div
+            # spatial axis nd - 1 = canonical axis 2 (contiguous)
+            hk = h2[nd - 1]
+            for k in range(1, n2 - 1):
+                gb[nd - 1, k] = (a[i, j, k + 1] - a[i, j, k - 1]) / hk
+            gb[nd - 1, 0] = (a[i, j, 1] - a[i, j, 0]) / h1[nd - 1]
+            gb[nd - 1, n2 - 1] = (a[i, j, n2 - 1] - a[i, j, n2 - 2]) / h1[nd - 1]
+            base = ij * n2 * nd
+            for k in range(n2):
+                for d in range(nd):
+                    out[base + k * nd + d] = gb[d, k]
+
+
 def _drive_cuda(a, b, h1, h2, p, one, out):
     """numba.cuda driver template: one thread per voxel."""
     n0 = a.shape[0]
@@ -200,6 +243,13 @@ def _numba_driver(op):
     d = _numba_compile(_d, inline="always", _dax=dax)
     body = _numba_compile(_BODIES[op], inline="always", _d=d)
     return _numba_compile(_drive_cpu, "_" + op, parallel=True, _body=body, prange=numba.prange)
+
+
+@functools.cache
+def _numba_grad_rows():
+    import numba
+
+    return _backend.njit(parallel=True, error_model="numpy")(_rebind(_grad_rows_cpu, prange=numba.prange))
 
 
 @functools.cache
@@ -300,6 +350,12 @@ def gradient(a, *, spacing=1.0, ndim=None, backend=None):
     if bk == "numpy":
         return np.stack([_np_grad(a, h[d], d) for d in range(nd)], axis=-1)
     nc = a.shape[-1] if a.ndim > nd else 1
+    if bk == "numba" and nc == 1:
+        dt = a.dtype
+        out = np.empty(a.shape[:nd] + (nd,), dtype=dt)
+        _numba_grad_rows()(_canon(np.ascontiguousarray(a), nd)[..., 0], tuple(dt.type(x) for x in h),
+                           tuple(dt.type(2.0 * x) for x in h), out.reshape(-1))
+        return out.reshape(tuple(a.shape) + (nd,))
     out = _run("gradient", bk, xp, a, None, nd, h, 0, (nc, nd))
     return out.reshape(tuple(a.shape) + (nd,))
 
