@@ -98,20 +98,27 @@ def compose(u, v, *, spacing=1.0, order=1, mode="border", backend=None):
 
 
 def _max_voxel_norm_cpu(v, inv_h):
-    """Largest per-voxel Euclidean norm of ``v * inv_h`` over a (N, ndim) array (template for numba; per-block
-    maxima combined in a fixed order, so the result does not depend on the thread count)."""
-    n = v.shape[0]
-    nd = v.shape[1]
-    nblk = (n + 65535) // 65536
+    """Largest per-voxel Euclidean norm of ``v * inv_h`` over a flat channels-last array (template for numba;
+    ``inv_h`` a tuple, so the channel count is a compile-time constant). Squared norms go through a block buffer
+    (that loop vectorises; a max reduction does not), per-block maxima are combined in a fixed order, so the result
+    does not depend on the thread count."""
+    nd = len(inv_h)
+    n = v.shape[0] // nd
+    nblk = (n + 16383) // 16384
     part = np.zeros(nblk)
     for b in prange(nblk):
-        mx = 0.0
-        for p in range(b * 65536, min(n, b * 65536 + 65536)):
+        p0 = b * 16384
+        m = min(n, p0 + 16384) - p0
+        buf = np.empty(m)
+        for p in range(m):
             acc = 0.0
             for k in range(nd):
-                c = v[p, k] * inv_h[k]
+                c = v[(p0 + p) * nd + k] * inv_h[k]
                 acc += c * c
-            mx = acc if acc > mx else mx
+            buf[p] = acc
+        mx = 0.0
+        for p in range(m):
+            mx = buf[p] if buf[p] > mx else mx
         part[b] = mx
     return math.sqrt(part.max()) if nblk else 0.0
 
@@ -130,7 +137,7 @@ def _numba_max_norm():
 
 def _max_voxel_norm(v, h, xp, backend):
     if xp is np and _backend.resolve_backend(backend, v) == "numba":
-        return float(_numba_max_norm()(np.ascontiguousarray(v).reshape(-1, v.shape[-1]), 1.0 / np.asarray(h)))
+        return float(_numba_max_norm()(np.ascontiguousarray(v).reshape(-1), tuple(1.0 / np.asarray(h))))
     return float(xp.max(_voxel_norm(v, h, xp)))
 
 
