@@ -114,6 +114,19 @@ def test_deterministic_and_callback_stop(rng):
     assert events[0] == "start" and "done" not in events
 
 
+@pytest.mark.parametrize("metric", ["ssd", "lncc"])
+def test_a_level_stops_when_its_energy_stalls(metric, rng):
+    """Identical images: the energy cannot change, so every level ends after the 6 iterations the test needs
+    (the LNCC energy is negative: the relative tolerance must use its magnitude)."""
+    img = cr.Image(_texture((40, 44), rng), (1.0, 1.0))
+    r = cr.register_demons(img, img, metric=metric, iterations=(20, 20, 20), max_pieces=1)
+    per_level = {}
+    for h in r.history:
+        if "iteration" in h:
+            per_level[h["level"]] = per_level.get(h["level"], 0) + 1
+    assert per_level == {0: 6, 1: 6, 2: 6}
+
+
 def test_bad_input():
     img = cr.Image(np.random.default_rng(0).random((20, 20)).astype(np.float32), 1.0)
     with pytest.raises(ValueError, match="dimension mismatch"):

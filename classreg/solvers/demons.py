@@ -86,7 +86,8 @@ def register_demons(fixed: Image, moving: Image, *, init: Transform | None = Non
         with the previous ones would fold the map on the grid (central-difference det J ≤ 0) is halved, up to three
         times, and otherwise dropped (the run then stops), so the result is always a diffeomorphism on the grid.
     tol : float
-        A level ends when the energy changed by less than ``tol`` × its first value over the last 5 iterations.
+        A level ends when the energy changed by at most ``tol`` × the magnitude of its first value over the last 5
+        iterations.
     lncc_radius : float, optional
         LNCC window radius in mm at full resolution (default 4 mm: ANTs' and DIPY's usual 4 voxels at 1 mm; at
         least one voxel); like the σs it stays constant in voxels across pyramid levels.
@@ -333,7 +334,7 @@ def _level_step(level, state, progress, opts, piece, dtype, best):
         v = z.astype(dtype, copy=False)
         state["v"] = v
         progress.emit("iteration", level=level.index, iteration=it, metric=energy, step=step, piece=piece)
-        if len(energies) > 5 and abs(energies[-6] - energies[-1]) < opts["tol"] * energies[0]:
+        if len(energies) > 5 and abs(energies[-6] - energies[-1]) <= opts["tol"] * abs(energies[0]):
             break
     # the last update is evaluated too; the level keeps its best velocity (Lombaert's rule)
     e_v, _ = expmap(v, spacing=h, max_voxel_norm=_ITER_EXP_STEP, backend=backend)
