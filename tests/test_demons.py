@@ -116,15 +116,19 @@ def test_deterministic_and_callback_stop(rng):
 
 @pytest.mark.parametrize("metric", ["ssd", "lncc"])
 def test_a_level_stops_when_its_energy_stalls(metric, rng):
-    """Identical images: the energy cannot change, so every level ends after the 6 iterations the test needs
-    (the LNCC energy is negative: the relative tolerance must use its magnitude)."""
+    """Identical images: with the symmetric update (forward and backward forces cancel) the energy cannot change,
+    so every level ends after the 6 iterations the test needs (the LNCC energy is negative: the relative tolerance
+    must use its magnitude). The one-sided LNCC step (normalised to ``max_step``) does move, but each level keeps its
+    best velocity, so the result is still the identity."""
     img = cr.Image(_texture((40, 44), rng), (1.0, 1.0))
-    r = cr.register_demons(img, img, metric=metric, iterations=(20, 20, 20), max_pieces=1)
+    r = cr.register_demons(img, img, metric=metric, symmetric=True, iterations=(20, 20, 20), max_pieces=1)
     per_level = {}
     for h in r.history:
         if "iteration" in h:
             per_level[h["level"]] = per_level.get(h["level"], 0) + 1
     assert per_level == {0: 6, 1: 6, 2: 6}
+    one_sided = cr.register_demons(img, img, metric=metric, symmetric=False, max_pieces=2)
+    assert np.abs(one_sided.transform.displacement).max() == 0.0
 
 
 def test_bad_input():
@@ -181,6 +185,16 @@ def test_cli_register_demons_writes_outputs(tmp_path, rng):
             "result.json", "extras.npz"} <= names
     back = cr.load_result(tmp_path / "out")
     assert len(back.extras["velocities"]) == back.metrics["pieces"]
+    assert back.params["symmetric"] is True and tuple(back.params["iterations"]) == (15, 10, 5)  # ssd defaults
+    assert main(["register", "demons", str(tmp_path / "f.nii.gz"), str(tmp_path / "m.nii.gz"), "-o",
+                 str(tmp_path / "cc"), "--metric", "lncc", "--max-pieces", "1", "--quiet", "--no-qc"]) == 0
+    cc = cr.load_result(tmp_path / "cc")
+    assert cc.params["symmetric"] is False and tuple(cc.params["iterations"]) == (30, 20, 10)  # lncc defaults
+    assert main(["register", "demons", str(tmp_path / "f.nii.gz"), str(tmp_path / "m.nii.gz"), "-o",
+                 str(tmp_path / "cc2"), "--metric", "lncc", "--symmetric", "--iterations", "3", "2", "1",
+                 "--max-pieces", "1", "--quiet", "--no-qc"]) == 0
+    cc2 = cr.load_result(tmp_path / "cc2")
+    assert cc2.params["symmetric"] is True and tuple(cc2.params["iterations"]) == (3, 2, 1)
     assert main(["register", "demons", str(tmp_path / "f.nii.gz"), str(tmp_path / "missing.nii.gz"), "-o",
                  str(tmp_path / "o2")]) == 1
 
