@@ -14,7 +14,7 @@ import math
 import numpy as np
 
 from . import _backend
-from .warp import _compose_numba, warp
+from .warp import _compose_numba, _squarings_numba, warp
 
 __all__ = ["compose", "expmap", "invert"]
 
@@ -197,6 +197,8 @@ def expmap(v, *, spacing=1.0, n_squarings=None, max_squarings=20, max_voxel_norm
         n = int(n_squarings)
     dt = _dtype(v)
     u = v.astype(dt, copy=False) * dt(2.0**-n) if n else v.astype(dt, copy=True)  # one pass either way
+    if n and xp is np and _backend.resolve_backend(backend, u) == "numba":
+        return _squarings_numba(np.ascontiguousarray(u), n, np.diag(1.0 / h)), n  # the loop below, in place
     for _ in range(n):
         u = compose(u, u, spacing=h, order=1, mode="border", backend=backend)
     return u, n

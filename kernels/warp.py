@@ -894,6 +894,21 @@ def _compose_numba(u, v, disp_matrix):
     return out.reshape(u.shape)
 
 
+def _squarings_numba(u, n, disp_matrix):
+    """``n`` times ``u <- compose(u, u)`` (numba CPU, order 1, mode "border"): the squaring steps of
+    :func:`classreg.kernels.fields.expmap`, ping-ponging between ``u`` (overwritten: pass a scratch array) and one
+    more buffer instead of a new array and a checked ``compose`` call per step; bitwise the same result."""
+    ndim = u.shape[-1]
+    shape = u.shape[:ndim]
+    kern = _numba_kernels()[f"_warp{ndim}_field_cpu"]
+    eye, zero, dm = _flat(np.eye(ndim)), _flat(np.zeros(ndim)), _flat(disp_matrix)
+    a, b = u, (np.empty_like(u) if n else None)
+    for _ in range(n):
+        kern(a, a.reshape(-1), b.reshape(-1), *shape, eye, zero, dm, 0.0, True)
+        a, b = b, a
+    return a
+
+
 def _interpolate_numba(img, pts, off, order, mode, cval):
     kern = _numba_kernels()[f"_interp{pts.shape[1]}_cpu"]
     out = np.empty((pts.shape[0], img.shape[-1]), dtype=img.dtype)
