@@ -9,8 +9,8 @@ Conventions
   :func:`numpy.gradient` with ``edge_order=1`` (every spatial axis needs at least 2 samples).
 * Per-voxel kernels have a numpy reference (the test oracle), a numba ``prange`` path and a numba.cuda path; both fast
   paths compile the same scalar bodies (``_dax``, ``_*_body`` below), except the CPU gradient of a scalar image, a
-  row loop with the same arithmetic laid out for the vectoriser (``_grad_rows_cpu``). 2-D data run through the 3-D kernels as a
-  ``(1, n0, n1)`` volume; no reductions cross threads, so results do not depend on the thread count.
+  row loop with the same arithmetic laid out for the vectoriser (``_grad_rows_cpu``). 2-D data run through the 3-D
+  kernels as a ``(1, n0, n1)`` volume; no reductions cross threads, so results do not depend on the thread count.
 """
 from __future__ import annotations
 

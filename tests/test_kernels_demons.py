@@ -41,7 +41,8 @@ def test_esm_force_matches_reference(backend, dtype, masked, shape, rng):
 
 
 def test_reference_is_vercauteren_eq8(rng):
-    """u = 2 d g / (|g|² + d²/N) where valid, 0 elsewhere; |u| ≤ max_step; energy and count over the valid voxels."""
+    """u = 2 d g / (|g|² + d²/N) where valid, 0 elsewhere; |u| ≤ max_step; energy and count over the valid
+    voxels."""
     shape = (6, 8, 5)
     (F, M, gF, gM, disp), kw = _case(shape, np.float64, rng, True)
     disp[0, 0, 0] = (-5.0, 0.0, 0.0)  # sample half a voxel or more outside: no force there
