@@ -879,33 +879,29 @@ def _warp_numba(img, disp, out_shape, m, off, dm, order, mode, cval):
     return out
 
 
-def _compose_numba(u, v, disp_matrix):
+def _compose_numba(u, v, disp_matrix, out=None):
     """``warp(u, v, disp_matrix=disp_matrix, order=1, mode="border") + v`` in one pass (numba CPU; 2-D or 3-D fields
     of the same shape and dtype, channels-last): the composition of displacement fields used by
     :func:`classreg.kernels.fields.compose`. The sum is rounded like ``numpy``'s (sample rounded to the dtype, then
-    added in the dtype), so the result is bit-identical to the two-step form."""
+    added in the dtype), so the result is bit-identical to the two-step form. ``out``: a C-contiguous array of
+    ``u``'s shape and dtype to write into (not ``u`` or ``v``)."""
     u = np.ascontiguousarray(u)
     v = np.ascontiguousarray(v, dtype=u.dtype)
     ndim = u.shape[-1]
     shape = u.shape[:ndim]
-    out = np.empty((math.prod(shape), ndim), dtype=u.dtype)
+    out = np.empty_like(u) if out is None else out
     _numba_kernels()[f"_warp{ndim}_field_cpu"](u, v.reshape(-1), out.reshape(-1), *shape, _flat(np.eye(ndim)),
                                                 _flat(np.zeros(ndim)), _flat(disp_matrix), 0.0, True)
-    return out.reshape(u.shape)
+    return out
 
 
 def _squarings_numba(u, n, disp_matrix):
     """``n`` times ``u <- compose(u, u)`` (numba CPU, order 1, mode "border"): the squaring steps of
-    :func:`classreg.kernels.fields.expmap`, ping-ponging between ``u`` (overwritten: pass a scratch array) and one
-    more buffer instead of a new array and a checked ``compose`` call per step; bitwise the same result."""
-    ndim = u.shape[-1]
-    shape = u.shape[:ndim]
-    kern = _numba_kernels()[f"_warp{ndim}_field_cpu"]
-    eye, zero, dm = _flat(np.eye(ndim)), _flat(np.zeros(ndim)), _flat(disp_matrix)
+    :func:`classreg.kernels.fields.expmap`, ping-ponging between ``u`` (C-contiguous, overwritten: pass a scratch
+    array) and one more buffer instead of a new array and a checked ``compose`` call per step; bitwise the same."""
     a, b = u, (np.empty_like(u) if n else None)
     for _ in range(n):
-        kern(a, a.reshape(-1), b.reshape(-1), *shape, eye, zero, dm, 0.0, True)
-        a, b = b, a
+        a, b = _compose_numba(a, a, disp_matrix, out=b), a
     return a
 
 

@@ -70,6 +70,24 @@ def test_compose_numba_one_pass_is_bitwise_the_two_step_form(ndim, dtypes):
         np.testing.assert_array_equal(w, two_step)
 
 
+@pytest.mark.skipif(not _backend.HAVE_NUMBA, reason="numba not installed")
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_expmap_numba_squarings_are_bitwise_the_compose_loop(ndim, dtype):
+    """The numba expmap squares in two ping-pong buffers: bitwise the same as ``n`` calls of ``compose(u, u)``."""
+    rng = np.random.default_rng(11)
+    h = np.array([0.8, 1.3, 1.1])[:ndim]
+    v = ndi.gaussian_filter(rng.normal(size=(12, 9, 10)[:ndim] + (ndim,)) * 20.0, [2.0] * ndim + [0]).astype(dtype)
+    assert expmap(v, spacing=h, backend="numba")[1] >= 2  # the automatic count squares too
+    for n_sq in (None, 1, 2, 3):
+        e, n = expmap(v, spacing=h, n_squarings=n_sq, backend="numba")
+        u = v * dtype(2.0**-n)
+        for _ in range(n):
+            u = compose(u, u, spacing=h, backend="numba")
+        assert e.dtype == dtype
+        np.testing.assert_array_equal(e, u)
+
+
 def test_compose_identity_and_errors():
     rng = np.random.default_rng(0)
     u = rng.normal(size=(6, 7, 2))
