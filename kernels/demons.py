@@ -29,7 +29,8 @@ cuda = None
 
 def _esm_body(p, c0, c1, c2, ndim, F, Mw, gF, gM, disp, s0, s1, s2, h0, h1, h2, mask, mvalid, use_mask,
               use_mvalid, n2, thr, u):
-    """Force at flat voxel ``p`` with index (c0, c1[, c2]); writes ``u[p, :]``; returns d² if valid, else -1."""
+    """Force at flat voxel ``p`` with index (c0, c1[, c2]); writes ``u[p, :]``; returns d² if valid, else -1.
+    The GPU body; the CPU loop ``_esm_cpu`` computes the same arithmetic row by row."""
     x0 = c0 + disp[p, 0] / h0
     x1 = c1 + disp[p, 1] / h1
     inside = (x0 >= -0.5) & (x0 < s0 - 0.5) & (x1 >= -0.5) & (x1 < s1 - 0.5)
@@ -166,7 +167,6 @@ def _numba_kernel():
 
     ns = dict(globals())
     ns["prange"] = numba.prange
-    ns["_esm_body"] = _backend.njit(inline="always", error_model="numpy")(_rebind(_esm_body, ns))
     return _backend.njit(parallel=True, error_model="numpy")(_rebind(_esm_cpu, ns))
 
 
