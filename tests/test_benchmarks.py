@@ -1,5 +1,5 @@
 """The benchmark harness (benchmarks/run.py): conversion of peers' outputs to classreg transforms, skipping of missing
-peers, and the ``--quick`` smoke run (so the harness cannot rot)."""
+peers, the ``--quick`` smoke run, and the kernel benchmark (so the harnesses cannot rot)."""
 from __future__ import annotations
 
 import dataclasses
@@ -145,3 +145,34 @@ def test_quick_run_smoke(tmp_path):
     assert "## lung2d" in text and "| classreg demons (SSD) |" in text and "classreg vs each peer" in text
     if importlib.util.find_spec("matplotlib") is not None:
         assert docs.with_suffix(".png").stat().st_size > 1000
+
+
+def test_kernel_targets_are_checked_against_the_rows():
+    from benchmarks.kernels import target_lines
+
+    rows = [dict(kernel="warp linear 3-D (disp)", size=128, speedup=4.9, x_copy_bound=6.5),
+            dict(kernel="warp linear 3-D (disp)", size=192, speedup=5.1, x_copy_bound=4.3),
+            dict(kernel="gaussian σ=2 vox", size=128, speedup=2.0)]
+    lines = target_lines(rows)
+    assert len(lines) == 5
+    assert "map_coordinates" in lines[0] and lines[0].endswith("**not met**")  # 4.9 < 5
+    assert lines[1].endswith("— met")
+    assert lines[2].startswith("* Gaussian") and lines[2].endswith("— met")  # 2.0 ≥ 2
+    assert "copy bound, 128³: 6.5×" in lines[3] and lines[3].endswith("**not met**")
+    assert lines[4].endswith("— met")  # 4.3 ≤ 5
+
+
+@pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="numba not installed")
+def test_kernel_benchmark_smoke(tmp_path):
+    """A tiny run writes the JSON, the table and the docs page with every kernel row and the target checks."""
+    from benchmarks.kernels import main
+
+    page = tmp_path / "page.md"
+    assert main(["--sizes", "12", "--repeat", "1", "--threads", "1", "--out", str(tmp_path), "--docs", str(page)]) == 0
+    rec = json.loads(next(tmp_path.glob("kernels-*.json")).read_text())
+    kernels = [r["kernel"] for r in rec["rows"]]
+    assert kernels[0] == "memory copy (bound)" and "expmap (scaling & squaring)" in kernels and len(kernels) == 9
+    assert all(r["ours_s"] > 0 and r["x_copy_bound"] > 0 for r in rec["rows"])
+    text = page.read_text()
+    assert "python -m benchmarks.kernels --sizes 12" in text and text.count("12³:") == 4
+    assert "| warp linear 3-D (disp) | 12 |" in text
