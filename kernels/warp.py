@@ -26,8 +26,8 @@ LLVM from vectorising it for fields.
 
 A second one serves the solvers' moving-image warp: a scalar 3-D image, linear, modes "border" and "itk"
 (``_warp3_scalar_lin_cpu``). It computes in the image's precision (float32 arithmetic is twice the SIMD width) and
-puts the eight neighbours at constant flat offsets, which halves the time of the general loop for float32 and takes a
-third off for float64 (where its values are the general loop's, bit for bit).
+puts the eight neighbours at constant flat offsets, which nearly halves the time of the general loop for float32 and
+takes a third off for float64 (where its values are the general loop's, bit for bit).
 """
 from __future__ import annotations
 

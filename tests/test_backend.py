@@ -1,0 +1,27 @@
+"""classreg.kernels._backend: the OpenMP wait settings made on import (see the comment there for the timings)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+_PROBE = ("import json, os, classreg; "
+          "print(json.dumps({k: os.environ.get(k) for k in ('OMP_WAIT_POLICY', 'GOMP_SPINCOUNT')}))")
+
+
+@pytest.mark.parametrize(
+    "user,expected",
+    [
+        ({}, {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "5000"}),  # the bounded spin
+        ({"OMP_WAIT_POLICY": "PASSIVE"}, {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": None}),  # sleep at once
+        ({"OMP_WAIT_POLICY": "ACTIVE"}, {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": None}),
+        ({"GOMP_SPINCOUNT": "100"}, {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": "100"}),
+    ],
+)
+def test_openmp_wait_settings_on_import_leave_a_users_own_alone(user, expected):
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env.update(user)
+    out = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == expected
