@@ -25,9 +25,9 @@ computes the same values, bit for bit, in about half the time of the general loo
 LLVM from vectorising it for fields.
 
 A second one serves the solvers' moving-image warp: a scalar 3-D image, linear, modes "border" and "itk"
-(``_warp3_scalar_lin_cpu``). It computes in the image's precision (float32 arithmetic is twice the SIMD width) and
-puts the eight neighbours at constant flat offsets, which nearly halves the time of the general loop for float32 and
-takes a third off for float64 (where its values are the general loop's, bit for bit).
+(``_warp3_scalar_lin_cpu``). It computes in the image's precision (float32 arithmetic is twice the SIMD width), puts
+the eight neighbours at constant flat offsets and indexes with unsigned integers: 2.5x faster than the general loop
+for float32 and 2x for float64 (where its values are the general loop's, bit for bit).
 """
 from __future__ import annotations
 
@@ -500,48 +500,78 @@ def _warp2_cub_cpu(img, disp, out, n0, n1, m, off, dm, has_disp, mode, cval):
                 out[base + i1, ch] = _cub2_value(img, c0, c1, ch, mode, cval)
 
 
-def _warp2_field_cpu(img, disp, out, n0, n1, m, off, dm, cval, add_disp):
+def _warp2_field_cpu(img, disp, out, n0, n1, s0, s1, m, off, dm, cval, add_disp, ft, it):
     # 2-D counterpart of ``_warp3_field_cpu`` (below): 2-channel fields, linear, mode "border".
-    s0 = img.shape[0]
-    s1 = img.shape[1]
+    zero = ft(0.0)
+    one = ft(1.0)
+    cv = ft(cval)
+    h0 = ft(s0 - 1)
+    h1 = ft(s1 - 1)
+    g0 = it(max(s0 - 2, 0))
+    g1 = it(max(s1 - 2, 0))
+    st0 = it(2 * s1 if s0 > 1 else 0)
+    st1 = it(2 if s1 > 1 else 0)
+    nch = it(2)
+    mc0 = ft(m[1])
+    mc1 = ft(m[3])
+    of0 = ft(off[0])
+    of1 = ft(off[1])
+    e0 = ft(dm[0])
+    e1 = ft(dm[1])
+    e2 = ft(dm[2])
+    e3 = ft(dm[3])
+    q1 = np.uint64(1)
     for i0 in prange(n0):
-        db = np.empty((2, n1), disp.dtype)
-        ob = np.empty((2, n1), out.dtype)
-        base = i0 * n1
+        db = np.empty((2, n1), img.dtype)
+        cb0 = np.empty(n1, img.dtype)
+        cb1 = np.empty(n1, img.dtype)
+        pb = np.empty(n1, it)
+        okb = np.empty(n1, np.int32)
+        ob = np.empty((2, n1), img.dtype)
+        qb = np.uint64(2 * i0 * n1)
+        r0 = ft(m[0] * i0)
+        r1 = ft(m[2] * i0)
         for i1 in range(n1):
-            db[0, i1] = disp[2 * (base + i1)]
-            db[1, i1] = disp[2 * (base + i1) + 1]
+            q = qb + np.uint64(2 * i1)
+            d0 = disp[q]
+            d1 = disp[q + q1]
+            db[0, i1] = d0
+            db[1, i1] = d1
+            cb0[i1] = ((r0 + mc0 * ft(i1)) + of0) + (e0 * d0 + e1 * d1)
+            cb1[i1] = ((r1 + mc1 * ft(i1)) + of1) + (e2 * d0 + e3 * d1)
         for i1 in range(n1):
-            c0, c1 = _affine2(i0, i1, m, off)
-            d0 = db[0, i1]
-            d1 = db[1, i1]
-            c0 = c0 + (dm[0] * d0 + dm[1] * d1)
-            c1 = c1 + (dm[2] * d0 + dm[3] * d1)
+            c0 = cb0[i1]
+            c1 = cb1[i1]
             ok = (c0 == c0) & (c1 == c1)
-            c0 = c0 if ok else 0.0
-            c1 = c1 if ok else 0.0
-            c0 = min(max(c0, 0.0), s0 - 1.0)
-            c1 = min(max(c1, 0.0), s1 - 1.0)
-            f0 = math.floor(c0)
-            f1 = math.floor(c1)
-            a0 = int(f0)
-            a1 = int(f1)
-            b0 = min(a0 + 1, s0 - 1)
-            b1 = min(a1 + 1, s1 - 1)
-            t0 = c0 - f0
-            t1 = c1 - f1
-            q0 = _blend2(img, a0, a1, b0, b1, t0, t1, 0)
-            q1 = _blend2(img, a0, a1, b0, b1, t0, t1, 1)
-            ob[0, i1] = q0 if ok else cval
-            ob[1, i1] = q1 if ok else cval
+            c0 = min(max(c0 if ok else zero, zero), h0)
+            c1 = min(max(c1 if ok else zero, zero), h1)
+            a0 = min(it(c0), g0)
+            a1 = min(it(c1), g1)
+            cb0[i1] = c0 - ft(a0)
+            cb1[i1] = c1 - ft(a1)
+            pb[i1] = a0 * st0 + a1 * nch
+            okb[i1] = 1 if ok else 0
+        for i1 in range(n1):
+            t0 = cb0[i1]
+            t1 = cb1[i1]
+            s0w = one - t0
+            s1w = one - t1
+            ok = okb[i1] != 0
+            p = pb[i1]
+            for ch in range(2):
+                q = p + it(ch)
+                v = s0w * (s1w * img[q] + t1 * img[q + st1]) + t0 * (s1w * img[q + st0] + t1 * img[q + st0 + st1])
+                ob[ch, i1] = v if ok else cv
         if add_disp:
             for i1 in range(n1):
-                out[2 * (base + i1)] = ob[0, i1] + db[0, i1]
-                out[2 * (base + i1) + 1] = ob[1, i1] + db[1, i1]
+                q = qb + np.uint64(2 * i1)
+                out[q] = ob[0, i1] + db[0, i1]
+                out[q + q1] = ob[1, i1] + db[1, i1]
         else:
             for i1 in range(n1):
-                out[2 * (base + i1)] = ob[0, i1]
-                out[2 * (base + i1) + 1] = ob[1, i1]
+                q = qb + np.uint64(2 * i1)
+                out[q] = ob[0, i1]
+                out[q + q1] = ob[1, i1]
 
 
 def _warp3_near_cpu(img, disp, out, n0, n1, n2, m, off, dm, has_disp, mode, cval):
@@ -574,87 +604,128 @@ def _warp3_lin_cpu(img, disp, out, n0, n1, n2, m, off, dm, has_disp, mode, cval)
                         out[base + i2, ch] = _lin3_value(img, c0, c1, c2, ch, mode, cval)
 
 
-def _warp3_field_cpu(img, disp, out, n0, n1, n2, m, off, dm, cval, add_disp):
-    # Linear, mode "border", 3-channel image (a displacement field) through a displacement field: the arithmetic of
-    # ``_lin3_value`` (that mode's clamps, every neighbour valid), laid out for the vectoriser, which the general
-    # loop above defeats for fields: each row of ``disp`` is first copied into a planar buffer, the neighbours and
-    # weights are computed once for the 3 channels, and results go to a planar row buffer before the strided store
-    # (2-2.5x faster than the general loop, measured side by side; bitwise the same values). ``disp`` and ``out`` are
-    # passed flat, so that the channel stride of those copies is a compile-time constant (1.2x faster again).
-    # ``add_disp``: add ``disp`` to the result, i.e. the composition of two fields.
-    s0 = img.shape[0]
-    s1 = img.shape[1]
-    s2 = img.shape[2]
+def _warp3_field_cpu(img, disp, out, n0, n1, n2, s0, s1, s2, m, off, dm, cval, add_disp, ft, it):
+    # Linear, mode "border", 3-channel image (a displacement field) through a displacement field; ``add_disp``: add
+    # ``disp`` to the result, i.e. the composition of two fields. The layout of ``_warp3_scalar_lin_cpu`` (below; flat
+    # arrays, arithmetic in ``ft``, neighbours at flat offsets, unsigned indices) with the neighbours and weights
+    # computed once for the 3 channels and results in a planar row buffer before the strided store. 1.45x (float32)
+    # and 1.25x (float64, bitwise the same values) faster than the float64 loop it replaces at 128^3, which was itself
+    # 2-2.5x faster than the general loop; the general loop's strided channel stores keep LLVM from vectorising it.
+    zero = ft(0.0)
+    one = ft(1.0)
+    cv = ft(cval)
+    h0 = ft(s0 - 1)
+    h1 = ft(s1 - 1)
+    h2 = ft(s2 - 1)
+    g0 = it(max(s0 - 2, 0))
+    g1 = it(max(s1 - 2, 0))
+    g2 = it(max(s2 - 2, 0))
+    st0 = it(3 * s1 * s2 if s0 > 1 else 0)
+    st1 = it(3 * s2 if s1 > 1 else 0)
+    st2 = it(3 if s2 > 1 else 0)
+    nch = it(3)
+    mc0 = ft(m[2])
+    mc1 = ft(m[5])
+    mc2 = ft(m[8])
+    of0 = ft(off[0])
+    of1 = ft(off[1])
+    of2 = ft(off[2])
+    e0 = ft(dm[0])
+    e1 = ft(dm[1])
+    e2 = ft(dm[2])
+    e3 = ft(dm[3])
+    e4 = ft(dm[4])
+    e5 = ft(dm[5])
+    e6 = ft(dm[6])
+    e7 = ft(dm[7])
+    e8 = ft(dm[8])
+    q1 = np.uint64(1)
+    q2 = np.uint64(2)
     for i0 in prange(n0):
-        db = np.empty((3, n2), disp.dtype)
-        ob = np.empty((3, n2), out.dtype)
+        db = np.empty((3, n2), img.dtype)
+        cb0 = np.empty(n2, img.dtype)
+        cb1 = np.empty(n2, img.dtype)
+        cb2 = np.empty(n2, img.dtype)
+        pb = np.empty(n2, it)
+        okb = np.empty(n2, np.int32)
+        ob = np.empty((3, n2), img.dtype)
         for i1 in range(n1):
-            base = (i0 * n1 + i1) * n2
+            qb = np.uint64(3 * (i0 * n1 + i1) * n2)
+            r0 = ft(m[0] * i0 + m[1] * i1)
+            r1 = ft(m[3] * i0 + m[4] * i1)
+            r2 = ft(m[6] * i0 + m[7] * i1)
             for i2 in range(n2):
-                q = 3 * (base + i2)
-                db[0, i2] = disp[q]
-                db[1, i2] = disp[q + 1]
-                db[2, i2] = disp[q + 2]
+                q = qb + np.uint64(3 * i2)
+                d0 = disp[q]
+                d1 = disp[q + q1]
+                d2 = disp[q + q2]
+                db[0, i2] = d0
+                db[1, i2] = d1
+                db[2, i2] = d2
+                cb0[i2] = ((r0 + mc0 * ft(i2)) + of0) + (e0 * d0 + e1 * d1 + e2 * d2)
+                cb1[i2] = ((r1 + mc1 * ft(i2)) + of1) + (e3 * d0 + e4 * d1 + e5 * d2)
+                cb2[i2] = ((r2 + mc2 * ft(i2)) + of2) + (e6 * d0 + e7 * d1 + e8 * d2)
             for i2 in range(n2):
-                c0, c1, c2 = _affine3(i0, i1, i2, m, off)
-                d0 = db[0, i2]
-                d1 = db[1, i2]
-                d2 = db[2, i2]
-                c0 = c0 + (dm[0] * d0 + dm[1] * d1 + dm[2] * d2)
-                c1 = c1 + (dm[3] * d0 + dm[4] * d1 + dm[5] * d2)
-                c2 = c2 + (dm[6] * d0 + dm[7] * d1 + dm[8] * d2)
+                c0 = cb0[i2]
+                c1 = cb1[i2]
+                c2 = cb2[i2]
                 ok = (c0 == c0) & (c1 == c1) & (c2 == c2)
-                c0 = c0 if ok else 0.0
-                c1 = c1 if ok else 0.0
-                c2 = c2 if ok else 0.0
-                c0 = min(max(c0, 0.0), s0 - 1.0)
-                c1 = min(max(c1, 0.0), s1 - 1.0)
-                c2 = min(max(c2, 0.0), s2 - 1.0)
-                f0 = math.floor(c0)
-                f1 = math.floor(c1)
-                f2 = math.floor(c2)
-                a0 = int(f0)
-                a1 = int(f1)
-                a2 = int(f2)
-                b0 = min(a0 + 1, s0 - 1)
-                b1 = min(a1 + 1, s1 - 1)
-                b2 = min(a2 + 1, s2 - 1)
-                t0 = c0 - f0
-                t1 = c1 - f1
-                t2 = c2 - f2
-                q0 = _blend3(img, a0, a1, a2, b0, b1, b2, t0, t1, t2, 0)
-                q1 = _blend3(img, a0, a1, a2, b0, b1, b2, t0, t1, t2, 1)
-                q2 = _blend3(img, a0, a1, a2, b0, b1, b2, t0, t1, t2, 2)
-                ob[0, i2] = q0 if ok else cval
-                ob[1, i2] = q1 if ok else cval
-                ob[2, i2] = q2 if ok else cval
+                c0 = min(max(c0 if ok else zero, zero), h0)
+                c1 = min(max(c1 if ok else zero, zero), h1)
+                c2 = min(max(c2 if ok else zero, zero), h2)
+                a0 = min(it(c0), g0)
+                a1 = min(it(c1), g1)
+                a2 = min(it(c2), g2)
+                cb0[i2] = c0 - ft(a0)
+                cb1[i2] = c1 - ft(a1)
+                cb2[i2] = c2 - ft(a2)
+                pb[i2] = a0 * st0 + a1 * st1 + a2 * nch
+                okb[i2] = 1 if ok else 0
+            for i2 in range(n2):
+                t0 = cb0[i2]
+                t1 = cb1[i2]
+                t2 = cb2[i2]
+                s0w = one - t0
+                s1w = one - t1
+                s2w = one - t2
+                ok = okb[i2] != 0
+                p = pb[i2]
+                for ch in range(3):  # (``q = p + ch`` with ``p`` loaded once: 1.4x faster than reloading ``pb[i2]``)
+                    q = p + it(ch)
+                    r0v = s1w * (s2w * img[q] + t2 * img[q + st2]) + t1 * (s2w * img[q + st1] + t2 * img[q + st1 + st2])
+                    q = q + st0
+                    r1v = s1w * (s2w * img[q] + t2 * img[q + st2]) + t1 * (s2w * img[q + st1] + t2 * img[q + st1 + st2])
+                    v = s0w * r0v + t0 * r1v
+                    ob[ch, i2] = v if ok else cv
             if add_disp:
                 for i2 in range(n2):
-                    q = 3 * (base + i2)
+                    q = qb + np.uint64(3 * i2)
                     out[q] = ob[0, i2] + db[0, i2]
-                    out[q + 1] = ob[1, i2] + db[1, i2]
-                    out[q + 2] = ob[2, i2] + db[2, i2]
+                    out[q + q1] = ob[1, i2] + db[1, i2]
+                    out[q + q2] = ob[2, i2] + db[2, i2]
             else:
                 for i2 in range(n2):
-                    q = 3 * (base + i2)
+                    q = qb + np.uint64(3 * i2)
                     out[q] = ob[0, i2]
-                    out[q + 1] = ob[1, i2]
-                    out[q + 2] = ob[2, i2]
+                    out[q + q1] = ob[1, i2]
+                    out[q + q2] = ob[2, i2]
 
 
 def _warp3_scalar_lin_cpu(img, disp, out, n0, n1, n2, s0, s1, s2, m, off, dm, has_disp, itk, cval, ft, it):
     # Linear, scalar image, mode "border" (itk=False) or "itk" (itk=True): the moving-image warp of the solvers.
-    # ``img``, ``disp`` and ``out`` are flat; ``ft`` is the image's float type, ``it`` the index type (int32 below
-    # 2**31 voxels: 1.4x faster than int64 for float32). Arithmetic is in ``ft``: for float64 the operations of
-    # ``_lin3_value`` in the same order (bitwise its values for a finite image; 1.5x faster than the general loop at
-    # 128^3), for float32 twice the SIMD width (1.8x faster; it differs from the float64 reference by the float32
-    # rounding of coordinates and weights, ~5e-6 relative at 70 voxels). Each row runs as three loops that LLVM
-    # vectorises (AVX2/AVX-512 gathers): coordinates from the displacement row; their validity, neighbour index and
-    # weights; the eight gathers and the blend (fusing the first two, or all three, was 20-35 % slower). The lower
-    # neighbour along an axis is clamped to ``s - 2`` (weight 1 on the upper one at the last sample instead of
-    # weight 0 past it; the same value unless that neighbour is not finite), so that the eight neighbours sit at
-    # constant flat offsets; an axis of length 1 gets offset 0. 2-D warps keep the general loop: they are a small
-    # share of a 2-D registration.
+    # ``img``, ``disp`` and ``out`` are flat; ``ft`` is the image's float type, ``it`` the index type (uint32 below
+    # 2**32 voxels: 1.4x faster than 64-bit indices for float32). Arithmetic is in ``ft``: for float64 the operations
+    # of ``_lin3_value`` in the same order (bitwise its values for a finite image), for float32 twice the SIMD width
+    # (it differs from the float64 reference by the float32 rounding of coordinates and weights, ~5e-6 relative at
+    # 70 voxels). 2.5x (float32) and 2x (float64) faster than the general loop at 128^3, measured side by side.
+    # Each row runs as three loops that LLVM vectorises: coordinates from the displacement row; their validity,
+    # neighbour index and weights; the eight gathers (AVX2/AVX-512) and the blend (fusing the first two, or all
+    # three, was 20-35 % slower). Indices LLVM cannot prove non-negative are unsigned: numba wraps negative signed
+    # indices (a compare and select per access), which cost 1.3-1.4x here and turned the stride-3 displacement read
+    # into gathers instead of shuffles. The lower neighbour along an axis is clamped to ``s - 2`` (weight 1 on the
+    # upper one at the last sample instead of weight 0 past it; the same value unless that neighbour is not
+    # finite), so that the eight neighbours sit at constant flat offsets; an axis of length 1 gets offset 0. 2-D
+    # warps keep the general loop: they are a small share of a 2-D registration.
     zero = ft(0.0)
     one = ft(1.0)
     lo = ft(-0.5)
@@ -686,6 +757,8 @@ def _warp3_scalar_lin_cpu(img, disp, out, n0, n1, n2, s0, s1, s2, m, off, dm, ha
     e6 = ft(dm[6])
     e7 = ft(dm[7])
     e8 = ft(dm[8])
+    q1 = np.uint64(1)
+    q2 = np.uint64(2)
     for i0 in prange(n0):
         cb0 = np.empty(n2, img.dtype)
         cb1 = np.empty(n2, img.dtype)
@@ -698,11 +771,12 @@ def _warp3_scalar_lin_cpu(img, disp, out, n0, n1, n2, s0, s1, s2, m, off, dm, ha
             r1 = ft(m[3] * i0 + m[4] * i1)
             r2 = ft(m[6] * i0 + m[7] * i1)
             if has_disp:
+                qb = np.uint64(3 * base)
                 for i2 in range(n2):
-                    q = 3 * (base + i2)
+                    q = qb + np.uint64(3 * i2)
                     d0 = disp[q]
-                    d1 = disp[q + 1]
-                    d2 = disp[q + 2]
+                    d1 = disp[q + q1]
+                    d2 = disp[q + q2]
                     cb0[i2] = ((r0 + mc0 * ft(i2)) + of0) + (e0 * d0 + e1 * d1 + e2 * d2)
                     cb1[i2] = ((r1 + mc1 * ft(i2)) + of1) + (e3 * d0 + e4 * d1 + e5 * d2)
                     cb2[i2] = ((r2 + mc2 * ft(i2)) + of2) + (e6 * d0 + e7 * d1 + e8 * d2)
@@ -728,6 +802,7 @@ def _warp3_scalar_lin_cpu(img, disp, out, n0, n1, n2, s0, s1, s2, m, off, dm, ha
                 cb2[i2] = c2 - ft(a2)
                 pb[i2] = a0 * st0 + a1 * st1 + a2
                 okb[i2] = 1 if ok else 0
+            ob = np.uint64(base)
             for i2 in range(n2):
                 p = pb[i2]
                 t0 = cb0[i2]
@@ -739,7 +814,7 @@ def _warp3_scalar_lin_cpu(img, disp, out, n0, n1, n2, s0, s1, s2, m, off, dm, ha
                 p = p + st0
                 r1v = s1w * (s2w * img[p] + t2 * img[p + st2]) + t1 * (s2w * img[p + st1] + t2 * img[p + st1 + st2])
                 v = (one - t0) * r0v + t0 * r1v
-                out[base + i2] = v if okb[i2] != 0 else cv
+                out[ob + np.uint64(i2)] = v if okb[i2] != 0 else cv
 
 
 def _warp3_cub_cpu(img, disp, out, n0, n1, n2, m, off, dm, has_disp, mode, cval):
@@ -967,6 +1042,12 @@ def _flat(a):
     return tuple(float(x) for x in np.ravel(a))
 
 
+def _index_type(img):
+    """Unsigned flat-index type of the flat-offset CPU loops (numba adds a negative-index wrap to every signed index
+    LLVM cannot prove non-negative; 32 bits where they suffice: 1.4x faster gathers than 64)."""
+    return np.uint32 if img.size < 2**32 else np.uint64
+
+
 _ORDER_NAME = {0: "near", 1: "lin", 3: "cub"}
 
 
@@ -974,16 +1055,16 @@ def _warp_numba(img, disp, out_shape, m, off, dm, order, mode, cval):
     ndim = len(out_shape)
     out = np.empty((math.prod(out_shape), img.shape[-1]), dtype=img.dtype)
     if order == 1 and mode == _BORDER and disp is not None and img.shape[-1] == ndim:
-        _numba_kernels()[f"_warp{ndim}_field_cpu"](img, disp.reshape(-1), out.reshape(-1), *out_shape, _flat(m),
-                                                    _flat(off), _flat(dm), float(cval), False)
+        _numba_kernels()[f"_warp{ndim}_field_cpu"](img.reshape(-1), disp.reshape(-1), out.reshape(-1), *out_shape,
+                                                    *img.shape[:ndim], _flat(m), _flat(off), _flat(dm), float(cval),
+                                                    False, img.dtype.type, _index_type(img))
         return out
     has_disp = disp is not None
     if order == 1 and mode in (_BORDER, _ITK) and img.shape[-1] == 1 and ndim == 3:
-        it = np.int32 if img.size < 2**31 else np.int64
         _numba_kernels()[f"_warp{ndim}_scalar_lin_cpu"](
             img.reshape(-1), disp.reshape(-1) if has_disp else np.zeros(ndim, img.dtype), out.reshape(-1),
             *out_shape, *img.shape[:ndim], _flat(m), _flat(off), _flat(dm), has_disp, mode == _ITK, float(cval),
-            img.dtype.type, it)
+            img.dtype.type, _index_type(img))
         return out
     kern = _numba_kernels()[f"_warp{ndim}_{_ORDER_NAME[order]}_cpu"]
     if not has_disp:
@@ -1003,8 +1084,9 @@ def _compose_numba(u, v, disp_matrix, out=None):
     ndim = u.shape[-1]
     shape = u.shape[:ndim]
     out = np.empty_like(u) if out is None else out
-    _numba_kernels()[f"_warp{ndim}_field_cpu"](u, v.reshape(-1), out.reshape(-1), *shape, _flat(np.eye(ndim)),
-                                                _flat(np.zeros(ndim)), _flat(disp_matrix), 0.0, True)
+    _numba_kernels()[f"_warp{ndim}_field_cpu"](u.reshape(-1), v.reshape(-1), out.reshape(-1), *shape, *shape,
+                                                _flat(np.eye(ndim)), _flat(np.zeros(ndim)), _flat(disp_matrix), 0.0,
+                                                True, u.dtype.type, _index_type(u))
     return out
 
 

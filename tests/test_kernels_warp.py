@@ -222,8 +222,8 @@ def test_scalar_linear3d_cpu_kernel_precision(mode):
     """The scalar linear 3-D CPU kernel (modes "border"/"itk") computes in the image's precision. float64: the
     reference's operations in the same order, so bitwise its values for a finite image (general matrix, offset and
     disp_matrix, points outside). float32: it differs from the float64 reference by the float32 rounding of coordinates
-    up to ~70 voxels and of the weights, inside the 1e-5 parity tolerance. The int64-index build (images of 2**31 voxels
-    and more) gives the int32 build's values."""
+    up to ~70 voxels and of the weights, inside the 1e-5 parity tolerance. The uint64-index build (images of 2**32
+    voxels and more) gives the uint32 build's values."""
     from classreg.kernels.warp import _flat, _numba_kernels
 
     rng = np.random.default_rng(11)
@@ -246,7 +246,7 @@ def test_scalar_linear3d_cpu_kernel_precision(mode):
     assert np.mean(err) < 1e-6  # measured 2e-7
     kern = _numba_kernels()["_warp3_scalar_lin_cpu"]
     outs = []
-    for it in (np.int32, np.int64):
+    for it in (np.uint32, np.uint64):
         out = np.empty(img32.size, np.float32)
         kern(img32.reshape(-1), disp32.reshape(-1), out, *shape, *shape, _flat(np.eye(3)), _flat(np.zeros(3)),
              _flat(D), True, mode == "itk", -0.5, np.float32, it)
