@@ -85,13 +85,15 @@ def _esm_cpu(F, Mw, gF, gM, disp, shape, h, mask, mvalid, use_mask, use_mvalid, 
         mx = 0.0
         for c1 in range(s1):
             base = (c0 * s1 + c1) * n
+            pb = np.uint64(base)  # unsigned: numba wraps signed indices LLVM cannot prove non-negative (slow)
+            qb = np.uint64(ndim * base)
             for c in range(n):
-                q = ndim * (base + c)
+                q = qb + np.uint64(ndim * c)
                 for k in range(ndim):
-                    gb[k, c] = gF[q + k] + gM[q + k]
-                    db[k, c] = disp[q + k]
+                    gb[k, c] = gF[q + np.uint64(k)] + gM[q + np.uint64(k)]
+                    db[k, c] = disp[q + np.uint64(k)]
             for c in range(n):
-                p = base + c
+                p = pb + np.uint64(c)
                 if ndim == 3:
                     x0 = c0 + db[0, c] / h0
                     x1 = c1 + db[1, c] / h1
@@ -117,19 +119,19 @@ def _esm_cpu(F, Mw, gF, gM, disp, shape, h, mask, mvalid, use_mask, use_mvalid, 
                 rb[c] = d * d if valid else -1.0
             if use_mask or use_mvalid:
                 for c in range(n):
-                    kb[c] = mask[base + c] if use_mask else True
+                    kb[c] = mask[pb + np.uint64(c)] if use_mask else True
                 if use_mvalid:
                     for c in range(n):
-                        kb[c] = kb[c] & mvalid[base + c]
+                        kb[c] = kb[c] & mvalid[pb + np.uint64(c)]
                 for c in range(n):
                     keep = kb[c]
                     rb[c] = rb[c] if keep else -1.0
                     for k in range(ndim):
                         ub[k, c] = ub[k, c] if keep else 0.0 * gb[k, c]  # as s = 0 above
             for c in range(n):
-                q = ndim * (base + c)
+                q = qb + np.uint64(ndim * c)
                 for k in range(ndim):
-                    u[q + k] = ub[k, c]
+                    u[q + np.uint64(k)] = ub[k, c]
             for c in range(n):
                 if rb[c] >= 0.0:
                     acc += rb[c]

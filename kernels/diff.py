@@ -216,10 +216,10 @@ def _grad_rows_cpu(a, h1, h2, out):
                 gb[nd - 1, k] = (a[i, j, k + 1] - a[i, j, k - 1]) / hk
             gb[nd - 1, 0] = (a[i, j, 1] - a[i, j, 0]) / h1[nd - 1]
             gb[nd - 1, n2 - 1] = (a[i, j, n2 - 1] - a[i, j, n2 - 2]) / h1[nd - 1]
-            base = ij * n2 * nd
+            base = np.uint64(ij * n2 * nd)  # unsigned: no negative-index wrap per store
             for k in range(n2):
                 for d in range(nd):
-                    out[base + k * nd + d] = gb[d, k]
+                    out[base + np.uint64(k * nd + d)] = gb[d, k]
 
 
 def _drive_cuda(a, b, h1, h2, p, one, out):

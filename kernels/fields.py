@@ -110,10 +110,11 @@ def _max_voxel_norm_cpu(v, inv_h):
         p0 = b * 16384
         m = min(n, p0 + 16384) - p0
         buf = np.empty(m)
+        vb = np.uint64(p0 * nd)  # unsigned: no negative-index wrap per load
         for p in range(m):
             acc = 0.0
             for k in range(nd):
-                c = v[(p0 + p) * nd + k] * inv_h[k]
+                c = v[vb + np.uint64(p * nd + k)] * inv_h[k]
                 acc += c * c
             buf[p] = acc
         mx = 0.0
