@@ -53,6 +53,9 @@ _NPAD = 12
 # (``prange = range``) the CPU loops below also run uncompiled, which helps debugging.
 prange = range
 cuda = None
+# Float and index types of the flat-offset loops (``_FLAT_LOOPS``), rebound per compiled variant.
+ft = np.float64
+it = np.uint64
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -500,7 +503,7 @@ def _warp2_cub_cpu(img, disp, out, n0, n1, m, off, dm, has_disp, mode, cval):
                 out[base + i1, ch] = _cub2_value(img, c0, c1, ch, mode, cval)
 
 
-def _warp2_field_cpu(img, disp, out, n0, n1, s0, s1, m, off, dm, cval, add_disp, ft, it):
+def _warp2_field_cpu(img, disp, out, n0, n1, s0, s1, m, off, dm, cval, add_disp):
     # 2-D counterpart of ``_warp3_field_cpu`` (below): 2-channel fields, linear, mode "border".
     zero = ft(0.0)
     one = ft(1.0)
@@ -604,7 +607,7 @@ def _warp3_lin_cpu(img, disp, out, n0, n1, n2, m, off, dm, has_disp, mode, cval)
                         out[base + i2, ch] = _lin3_value(img, c0, c1, c2, ch, mode, cval)
 
 
-def _warp3_field_cpu(img, disp, out, n0, n1, n2, s0, s1, s2, m, off, dm, cval, add_disp, ft, it):
+def _warp3_field_cpu(img, disp, out, n0, n1, n2, s0, s1, s2, m, off, dm, cval, add_disp):
     # Linear, mode "border", 3-channel image (a displacement field) through a displacement field; ``add_disp``: add
     # ``disp`` to the result, i.e. the composition of two fields. The layout of ``_warp3_scalar_lin_cpu`` (below; flat
     # arrays, arithmetic in ``ft``, neighbours at flat offsets, unsigned indices) with the neighbours and weights
@@ -711,10 +714,10 @@ def _warp3_field_cpu(img, disp, out, n0, n1, n2, s0, s1, s2, m, off, dm, cval, a
                     out[q + q2] = ob[2, i2]
 
 
-def _warp3_scalar_lin_cpu(img, disp, out, n0, n1, n2, s0, s1, s2, m, off, dm, has_disp, itk, cval, ft, it):
+def _warp3_scalar_lin_cpu(img, disp, out, n0, n1, n2, s0, s1, s2, m, off, dm, has_disp, itk, cval):
     # Linear, scalar image, mode "border" (itk=False) or "itk" (itk=True): the moving-image warp of the solvers.
-    # ``img``, ``disp`` and ``out`` are flat; ``ft`` is the image's float type, ``it`` the index type (uint32 below
-    # 2**32 voxels: 1.4x faster than 64-bit indices for float32). Arithmetic is in ``ft``: for float64 the operations
+    # ``img``, ``disp`` and ``out`` are flat; ``ft`` (the image's float type) and ``it`` (the index type: uint32 below
+    # 2**32 voxels, 1.4x faster than 64-bit indices for float32) are globals bound per compiled variant. Arithmetic is in ``ft``: for float64 the operations
     # of ``_lin3_value`` in the same order (bitwise its values for a finite image), for float32 twice the SIMD width
     # (it differs from the float64 reference by the float32 rounding of coordinates and weights, ~5e-6 relative at
     # 70 voxels). 2.5x (float32) and 2x (float64) faster than the general loop at 128^3, measured side by side.
@@ -898,15 +901,14 @@ _CPU_LOOPS = (
     _warp2_near_cpu,
     _warp2_lin_cpu,
     _warp2_cub_cpu,
-    _warp2_field_cpu,
     _warp3_near_cpu,
     _warp3_lin_cpu,
-    _warp3_field_cpu,
-    _warp3_scalar_lin_cpu,
     _warp3_cub_cpu,
     _interp2_cpu,
     _interp3_cpu,
 )
+#: Flat-offset loops: their float type ``ft`` and index type ``it`` are globals, bound per compiled variant.
+_FLAT_LOOPS = (_warp2_field_cpu, _warp3_field_cpu, _warp3_scalar_lin_cpu)
 _GPU_LOOPS = (_warp2_gpu, _warp3_gpu, _interp2_gpu, _interp3_gpu)
 
 
@@ -923,7 +925,21 @@ def _numba_kernels():
     for f in _BODIES:
         opts = {"inline": "always"} if f.__name__ in _CPU_INLINE else {}
         ns[f.__name__] = _backend.njit(error_model="numpy", **opts)(_rebind(f, ns))
-    return {f.__name__: _backend.njit(parallel=True, error_model="numpy")(_rebind(f, ns)) for f in _CPU_LOOPS}
+    out = {f.__name__: _backend.njit(parallel=True, error_model="numpy")(_rebind(f, ns)) for f in _CPU_LOOPS}
+    for f in _FLAT_LOOPS:  # one variant per (float type, index type), bound as globals: compiled on first use
+        for ft in (np.float32, np.float64):
+            for it in (np.uint32, np.uint64):
+                key = f"{f.__name__}_{np.dtype(ft).name}_{np.dtype(it).name}"
+                out[key] = _backend.njit(parallel=True, error_model="numpy")(
+                    _rebind(f, dict(ns, ft=ft, it=it), suffix="_" + key))
+    return out
+
+
+def _flat_kernel(name, img):
+    """The variant of flat-offset loop ``name`` for ``img``'s dtype and size. Passing the types as arguments instead
+    cost ~30 us per call (numba types a class argument slowly), a tenth of a 256² kernel."""
+    it = np.uint32 if img.size < 2**32 else np.uint64  # numba wraps negative signed indices; 32 bits gather faster
+    return _numba_kernels()[f"{name}_{img.dtype.name}_{np.dtype(it).name}"]
 
 
 @functools.cache
@@ -1042,12 +1058,6 @@ def _flat(a):
     return tuple(float(x) for x in np.ravel(a))
 
 
-def _index_type(img):
-    """Unsigned flat-index type of the flat-offset CPU loops (numba adds a negative-index wrap to every signed index
-    LLVM cannot prove non-negative; 32 bits where they suffice: 1.4x faster gathers than 64)."""
-    return np.uint32 if img.size < 2**32 else np.uint64
-
-
 _ORDER_NAME = {0: "near", 1: "lin", 3: "cub"}
 
 
@@ -1055,16 +1065,15 @@ def _warp_numba(img, disp, out_shape, m, off, dm, order, mode, cval):
     ndim = len(out_shape)
     out = np.empty((math.prod(out_shape), img.shape[-1]), dtype=img.dtype)
     if order == 1 and mode == _BORDER and disp is not None and img.shape[-1] == ndim:
-        _numba_kernels()[f"_warp{ndim}_field_cpu"](img.reshape(-1), disp.reshape(-1), out.reshape(-1), *out_shape,
-                                                    *img.shape[:ndim], _flat(m), _flat(off), _flat(dm), float(cval),
-                                                    False, img.dtype.type, _index_type(img))
+        _flat_kernel(f"_warp{ndim}_field_cpu", img)(img.reshape(-1), disp.reshape(-1), out.reshape(-1), *out_shape,
+                                                     *img.shape[:ndim], _flat(m), _flat(off), _flat(dm), float(cval),
+                                                     False)
         return out
     has_disp = disp is not None
     if order == 1 and mode in (_BORDER, _ITK) and img.shape[-1] == 1 and ndim == 3:
-        _numba_kernels()[f"_warp{ndim}_scalar_lin_cpu"](
+        _flat_kernel("_warp3_scalar_lin_cpu", img)(
             img.reshape(-1), disp.reshape(-1) if has_disp else np.zeros(ndim, img.dtype), out.reshape(-1),
-            *out_shape, *img.shape[:ndim], _flat(m), _flat(off), _flat(dm), has_disp, mode == _ITK, float(cval),
-            img.dtype.type, _index_type(img))
+            *out_shape, *img.shape[:ndim], _flat(m), _flat(off), _flat(dm), has_disp, mode == _ITK, float(cval))
         return out
     kern = _numba_kernels()[f"_warp{ndim}_{_ORDER_NAME[order]}_cpu"]
     if not has_disp:
@@ -1084,9 +1093,9 @@ def _compose_numba(u, v, disp_matrix, out=None):
     ndim = u.shape[-1]
     shape = u.shape[:ndim]
     out = np.empty_like(u) if out is None else out
-    _numba_kernels()[f"_warp{ndim}_field_cpu"](u.reshape(-1), v.reshape(-1), out.reshape(-1), *shape, *shape,
-                                                _flat(np.eye(ndim)), _flat(np.zeros(ndim)), _flat(disp_matrix), 0.0,
-                                                True, u.dtype.type, _index_type(u))
+    _flat_kernel(f"_warp{ndim}_field_cpu", u)(u.reshape(-1), v.reshape(-1), out.reshape(-1), *shape, *shape,
+                                             _flat(np.eye(ndim)), _flat(np.zeros(ndim)), _flat(disp_matrix), 0.0,
+                                             True)
     return out
 
 

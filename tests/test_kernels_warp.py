@@ -244,12 +244,12 @@ def test_scalar_linear3d_cpu_kernel_precision(mode):
     err = np.abs(out32 - ref32)
     assert err.max() < 1e-5 * np.abs(ref32).max()  # measured 5e-6 relative to the largest value
     assert np.mean(err) < 1e-6  # measured 2e-7
-    kern = _numba_kernels()["_warp3_scalar_lin_cpu"]
     outs = []
-    for it in (np.uint32, np.uint64):
+    for it in ("uint32", "uint64"):
         out = np.empty(img32.size, np.float32)
-        kern(img32.reshape(-1), disp32.reshape(-1), out, *shape, *shape, _flat(np.eye(3)), _flat(np.zeros(3)),
-             _flat(D), True, mode == "itk", -0.5, np.float32, it)
+        _numba_kernels()[f"_warp3_scalar_lin_cpu_float32_{it}"](
+            img32.reshape(-1), disp32.reshape(-1), out, *shape, *shape, _flat(np.eye(3)), _flat(np.zeros(3)),
+            _flat(D), True, mode == "itk", -0.5)
         outs.append(out)
     np.testing.assert_array_equal(outs[0], outs[1])
 
