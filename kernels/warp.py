@@ -18,16 +18,15 @@ it calls, so the same source text is used for both targets and the CPU functions
 The numpy reference (``_warp_numpy`` / ``_interpolate_numpy``) is a vectorised transcription of the same arithmetic,
 in the same order, and is the oracle of the tests.
 
-One CPU loop is specialised: ndim-channel images (displacement fields) warped linearly in mode "border" through a
-displacement field, i.e. field composition, the inner step of scaling and squaring (``_warp2_field_cpu``,
-``_warp3_field_cpu``, also used by :func:`classreg.kernels.fields.compose` to add ``v`` in the same pass). It
-computes the same values, bit for bit, in about half the time of the general loop, whose strided channel stores keep
-LLVM from vectorising it for fields.
-
-A second one serves the solvers' moving-image warp: a scalar 3-D image, linear, modes "border" and "itk"
-(``_warp3_scalar_lin_cpu``). It computes in the image's precision (float32 arithmetic is twice the SIMD width), puts
-the eight neighbours at constant flat offsets and indexes with unsigned integers: 2.5x faster than the general loop
-for float32 and 2x for float64 (where its values are the general loop's, bit for bit).
+Three CPU loops are specialised (``_FLAT_LOOPS``), on one layout: flat arrays, arithmetic in the data's precision
+(float32 is twice the SIMD width of float64), the neighbours at constant flat offsets, unsigned indices. Two warp
+ndim-channel images (displacement fields) linearly in mode "border" through a displacement field, i.e. field
+composition, the inner step of scaling and squaring (``_warp2_field_cpu``, ``_warp3_field_cpu``, also used by
+:func:`classreg.kernels.fields.compose` to add ``v`` in the same pass); the general loop's strided channel stores keep
+LLVM from vectorising it for fields. The third is the solvers' moving-image warp: a scalar 3-D image, linear, modes
+"border" and "itk" (``_warp3_scalar_lin_cpu``), 2.5x (float32) and 2x (float64) faster than the general loop at
+128³. For float64 they compute the general loop's values bit for bit; for float32 they differ from them by the
+float32 rounding of coordinates and weights (~1e-6 relative).
 """
 from __future__ import annotations
 
@@ -611,9 +610,9 @@ def _warp3_field_cpu(img, disp, out, n0, n1, n2, s0, s1, s2, m, off, dm, cval, a
     # Linear, mode "border", 3-channel image (a displacement field) through a displacement field; ``add_disp``: add
     # ``disp`` to the result, i.e. the composition of two fields. The layout of ``_warp3_scalar_lin_cpu`` (below; flat
     # arrays, arithmetic in ``ft``, neighbours at flat offsets, unsigned indices) with the neighbours and weights
-    # computed once for the 3 channels and results in a planar row buffer before the strided store. 1.45x (float32)
-    # and 1.25x (float64, bitwise the same values) faster than the float64 loop it replaces at 128^3, which was itself
-    # 2-2.5x faster than the general loop; the general loop's strided channel stores keep LLVM from vectorising it.
+    # computed once for the 3 channels and results in a planar row buffer before the strided store. 1.25-1.55x
+    # (float32) and 1.05-1.4x (float64, bitwise the same values) faster than the float64 field loop it replaced
+    # (128^3, 192^3, 94x116x98, 256^2, 1024^2), which was itself 2-2.5x faster than the general loop.
     zero = ft(0.0)
     one = ft(1.0)
     cv = ft(cval)
@@ -717,11 +716,11 @@ def _warp3_field_cpu(img, disp, out, n0, n1, n2, s0, s1, s2, m, off, dm, cval, a
 def _warp3_scalar_lin_cpu(img, disp, out, n0, n1, n2, s0, s1, s2, m, off, dm, has_disp, itk, cval):
     # Linear, scalar image, mode "border" (itk=False) or "itk" (itk=True): the moving-image warp of the solvers.
     # ``img``, ``disp`` and ``out`` are flat; ``ft`` (the image's float type) and ``it`` (the index type: uint32 below
-    # 2**32 voxels, 1.4x faster than 64-bit indices for float32) are globals bound per compiled variant. Arithmetic is in ``ft``: for float64 the operations
-    # of ``_lin3_value`` in the same order (bitwise its values for a finite image), for float32 twice the SIMD width
-    # (it differs from the float64 reference by the float32 rounding of coordinates and weights, ~5e-6 relative at
-    # 70 voxels). 2.5x (float32) and 2x (float64) faster than the general loop at 128^3, measured side by side.
-    # Each row runs as three loops that LLVM vectorises: coordinates from the displacement row; their validity,
+    # 2**32 voxels, 1.4x faster than 64-bit indices for float32) are globals bound per compiled variant. Arithmetic
+    # is in ``ft``: for float64 the operations of ``_lin3_value`` in the same order (bitwise its values for a finite
+    # image), for float32 twice the SIMD width (it differs from the float64 reference by the float32 rounding of
+    # coordinates and weights, ~5e-6 relative at 70 voxels). 2.5x (float32) and 2x (float64) faster than the general
+    # loop at 128^3, measured side by side. Each row runs as three loops that LLVM vectorises: coordinates from the displacement row; their validity,
     # neighbour index and weights; the eight gathers (AVX2/AVX-512) and the blend (fusing the first two, or all
     # three, was 20-35 % slower). Indices LLVM cannot prove non-negative are unsigned: numba wraps negative signed
     # indices (a compare and select per access), which cost 1.3-1.4x here and turned the stride-3 displacement read
@@ -1304,10 +1303,11 @@ def warp(
     Notes
     -----
     Coordinates, weights and sums are computed in float64 (float32 data are converted on load and rounded once on
-    store), except on the numba CPU path for a scalar 3-D image with ``order=1`` in mode "border" or "itk" (the
-    solvers' warp): it computes in the image's precision, which for float32 is about twice as fast and differs
-    from the float64 result by the float32 rounding of coordinates and weights (~1e-6 relative). The result does
-    not depend on the thread count. For order 3 without
+    store), except on the numba CPU path for ``order=1`` with a scalar 3-D image in mode "border" or "itk" (the
+    solvers' warp) or with a displacement field in mode "border" (composition): there they are computed in the
+    image's precision, which for float32 is about twice as fast and differs from the float64 result by the float32
+    rounding of coordinates and weights (~1e-6 relative). The result does not depend on the thread count. For order
+    3 without
     ``prefiltered``, coefficients are computed with ``scipy.ndimage.spline_filter1d`` along the spatial axes:
     mode "itk" filters with mirror boundaries (ITK's ``BSplineDecompositionImageFilter``); modes "zero" and
     "border" first pad 12 voxels (``cval`` / edge), exactly as ``scipy.ndimage.map_coordinates`` does, so the
