@@ -18,14 +18,14 @@ it calls, so the same source text is used for both targets and the CPU functions
 The numpy reference (``_warp_numpy`` / ``_interpolate_numpy``) is a vectorised transcription of the same arithmetic,
 in the same order, and is the oracle of the tests.
 
-Three CPU loops are specialised (``_FLAT_LOOPS``), on one layout: flat arrays, arithmetic in the data's precision
-(float32 is twice the SIMD width of float64), the neighbours at constant flat offsets, unsigned indices. Two warp
-ndim-channel images (displacement fields) linearly in mode "border" through a displacement field, i.e. field
-composition, the inner step of scaling and squaring (``_warp2_field_cpu``, ``_warp3_field_cpu``, also used by
-:func:`classreg.kernels.fields.compose` to add ``v`` in the same pass); the general loop's strided channel stores keep
-LLVM from vectorising it for fields. The third is the solvers' moving-image warp: a scalar 3-D image, linear, modes
-"border" and "itk" (``_warp3_scalar_lin_cpu``), 2.5x (float32) and 2x (float64) faster than the general loop at
-128³. For float64 they compute the general loop's values bit for bit; for float32 they differ from them by the
+Two CPU loops are specialised (``_FLAT_LOOPS``), on one layout: flat arrays, arithmetic in the data's precision
+(float32 is twice the SIMD width of float64), the neighbours at constant flat offsets, unsigned indices.
+``_warp3_flat_cpu`` serves the solvers' moving-image warp (a scalar 3-D image, linear, modes "border" and "itk"; 2.5x
+(float32) and 2x (float64) faster than the general loop at 128³) and, like its 2-D counterpart ``_warp2_field_cpu``,
+ndim-channel images (displacement fields) warped linearly in mode "border" through a displacement field, i.e. field
+composition, the inner step of scaling and squaring (also used by :func:`classreg.kernels.fields.compose` to add
+``v`` in the same pass); the general loop's strided channel stores keep LLVM from vectorising it for fields. For
+float64 they compute the general loop's values bit for bit; for float32 they differ from them by the
 float32 rounding of coordinates and weights (~1e-6 relative).
 """
 from __future__ import annotations
@@ -52,9 +52,10 @@ _NPAD = 12
 # (``prange = range``) the CPU loops below also run uncompiled, which helps debugging.
 prange = range
 cuda = None
-# Float and index types of the flat-offset loops (``_FLAT_LOOPS``), rebound per compiled variant.
+# Float type, index type and channel count of the flat-offset loops (``_FLAT_LOOPS``), rebound per compiled variant.
 ft = np.float64
 it = np.uint64
+nch = 1
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -503,7 +504,7 @@ def _warp2_cub_cpu(img, disp, out, n0, n1, m, off, dm, has_disp, mode, cval):
 
 
 def _warp2_field_cpu(img, disp, out, n0, n1, s0, s1, m, off, dm, cval, add_disp):
-    # 2-D counterpart of ``_warp3_field_cpu`` (below): 2-channel fields, linear, mode "border".
+    # 2-D counterpart of ``_warp3_flat_cpu`` (below) for 2-channel fields, linear, mode "border".
     zero = ft(0.0)
     one = ft(1.0)
     cv = ft(cval)
@@ -606,26 +607,42 @@ def _warp3_lin_cpu(img, disp, out, n0, n1, n2, m, off, dm, has_disp, mode, cval)
                         out[base + i2, ch] = _lin3_value(img, c0, c1, c2, ch, mode, cval)
 
 
-def _warp3_field_cpu(img, disp, out, n0, n1, n2, s0, s1, s2, m, off, dm, cval, add_disp):
-    # Linear, mode "border", 3-channel image (a displacement field) through a displacement field; ``add_disp``: add
-    # ``disp`` to the result, i.e. the composition of two fields. The layout of ``_warp3_scalar_lin_cpu`` (below; flat
-    # arrays, arithmetic in ``ft``, neighbours at flat offsets, unsigned indices) with the neighbours and weights
-    # computed once for the 3 channels and results in a planar row buffer before the strided store. 1.25-1.55x
-    # (float32) and 1.05-1.4x (float64, bitwise the same values) faster than the float64 field loop it replaced
-    # (128^3, 192^3, 94x116x98, 256^2, 1024^2), which was itself 2-2.5x faster than the general loop.
+def _warp3_flat_cpu(img, disp, out, n0, n1, n2, s0, s1, s2, m, off, dm, has_disp, itk, cval, add_disp):
+    # Linear 3-D warp on flat arrays of ``nch`` channels (a global bound per compiled variant, as are ``ft``, the
+    # image's float type, and ``it``, the index type: uint32 below 2**32 voxels, 1.4x faster than 64-bit for
+    # float32). nch = 1: the solvers' moving-image warp, mode "border" (itk=False) or "itk" (itk=True), 2.5x
+    # (float32) and 2x (float64) faster than the general loop at 128^3. nch = 3: a displacement field in mode
+    # "border" through a displacement field, ``add_disp`` adding ``disp`` to the result (the composition of two
+    # fields); 1.25-1.55x (float32) and 1.05-1.4x (float64) faster than the float64 field loop it replaced, itself
+    # 2-2.5x faster than the general loop, whose strided channel stores keep LLVM from vectorising it.
+    # Arithmetic is in ``ft``: for float64 the operations of ``_lin3_value`` in the same order (bitwise its values
+    # for a finite image), for float32 twice the SIMD width (it differs from the float64 reference by the float32
+    # rounding of coordinates and weights, ~5e-6 relative at 70 voxels). Each row runs as three loops that LLVM
+    # vectorises: coordinates from the displacement row; their validity, neighbour index and weights; the gathers
+    # (AVX2/AVX-512) and the blend (fusing the first two, or all three, was 20-35 % slower); the channels of a field
+    # share the neighbours and weights and go to a planar row buffer before the strided store. Indices LLVM cannot
+    # prove non-negative are unsigned: numba wraps negative signed indices (a compare and select per access), which
+    # cost 1.3-1.4x and turned the stride-3 displacement read into gathers instead of shuffles. The lower neighbour
+    # along an axis is clamped to ``s - 2`` (weight 1 on the upper one at the last sample instead of weight 0 past
+    # it; the same value unless that neighbour is not finite), so that the eight neighbours sit at constant flat
+    # offsets; an axis of length 1 gets offset 0.
     zero = ft(0.0)
     one = ft(1.0)
+    lo = ft(-0.5)
     cv = ft(cval)
     h0 = ft(s0 - 1)
     h1 = ft(s1 - 1)
     h2 = ft(s2 - 1)
+    u0 = ft(s0 - 0.5)
+    u1 = ft(s1 - 0.5)
+    u2 = ft(s2 - 0.5)
     g0 = it(max(s0 - 2, 0))
     g1 = it(max(s1 - 2, 0))
     g2 = it(max(s2 - 2, 0))
-    st0 = it(3 * s1 * s2 if s0 > 1 else 0)
-    st1 = it(3 * s2 if s1 > 1 else 0)
-    st2 = it(3 if s2 > 1 else 0)
-    nch = it(3)
+    st0 = it(nch * s1 * s2 if s0 > 1 else 0)
+    st1 = it(nch * s2 if s1 > 1 else 0)
+    st2 = it(nch if s2 > 1 else 0)
+    stc = it(nch)
     mc0 = ft(m[2])
     mc1 = ft(m[5])
     mc2 = ft(m[8])
@@ -649,136 +666,24 @@ def _warp3_field_cpu(img, disp, out, n0, n1, n2, s0, s1, s2, m, off, dm, cval, a
         cb1 = np.empty(n2, img.dtype)
         cb2 = np.empty(n2, img.dtype)
         pb = np.empty(n2, it)
-        okb = np.empty(n2, np.int32)
-        ob = np.empty((3, n2), img.dtype)
-        for i1 in range(n1):
-            qb = np.uint64(3 * (i0 * n1 + i1) * n2)
-            r0 = ft(m[0] * i0 + m[1] * i1)
-            r1 = ft(m[3] * i0 + m[4] * i1)
-            r2 = ft(m[6] * i0 + m[7] * i1)
-            for i2 in range(n2):
-                q = qb + np.uint64(3 * i2)
-                d0 = disp[q]
-                d1 = disp[q + q1]
-                d2 = disp[q + q2]
-                db[0, i2] = d0
-                db[1, i2] = d1
-                db[2, i2] = d2
-                cb0[i2] = ((r0 + mc0 * ft(i2)) + of0) + (e0 * d0 + e1 * d1 + e2 * d2)
-                cb1[i2] = ((r1 + mc1 * ft(i2)) + of1) + (e3 * d0 + e4 * d1 + e5 * d2)
-                cb2[i2] = ((r2 + mc2 * ft(i2)) + of2) + (e6 * d0 + e7 * d1 + e8 * d2)
-            for i2 in range(n2):
-                c0 = cb0[i2]
-                c1 = cb1[i2]
-                c2 = cb2[i2]
-                ok = (c0 == c0) & (c1 == c1) & (c2 == c2)
-                c0 = min(max(c0 if ok else zero, zero), h0)
-                c1 = min(max(c1 if ok else zero, zero), h1)
-                c2 = min(max(c2 if ok else zero, zero), h2)
-                a0 = min(it(c0), g0)
-                a1 = min(it(c1), g1)
-                a2 = min(it(c2), g2)
-                cb0[i2] = c0 - ft(a0)
-                cb1[i2] = c1 - ft(a1)
-                cb2[i2] = c2 - ft(a2)
-                pb[i2] = a0 * st0 + a1 * st1 + a2 * nch
-                okb[i2] = 1 if ok else 0
-            for i2 in range(n2):
-                t0 = cb0[i2]
-                t1 = cb1[i2]
-                t2 = cb2[i2]
-                s0w = one - t0
-                s1w = one - t1
-                s2w = one - t2
-                ok = okb[i2] != 0
-                p = pb[i2]
-                for ch in range(3):  # (``q = p + ch`` with ``p`` loaded once: 1.4x faster than reloading ``pb[i2]``)
-                    q = p + it(ch)
-                    r0v = s1w * (s2w * img[q] + t2 * img[q + st2]) + t1 * (s2w * img[q + st1] + t2 * img[q + st1 + st2])
-                    q = q + st0
-                    r1v = s1w * (s2w * img[q] + t2 * img[q + st2]) + t1 * (s2w * img[q + st1] + t2 * img[q + st1 + st2])
-                    v = s0w * r0v + t0 * r1v
-                    ob[ch, i2] = v if ok else cv
-            if add_disp:
-                for i2 in range(n2):
-                    q = qb + np.uint64(3 * i2)
-                    out[q] = ob[0, i2] + db[0, i2]
-                    out[q + q1] = ob[1, i2] + db[1, i2]
-                    out[q + q2] = ob[2, i2] + db[2, i2]
-            else:
-                for i2 in range(n2):
-                    q = qb + np.uint64(3 * i2)
-                    out[q] = ob[0, i2]
-                    out[q + q1] = ob[1, i2]
-                    out[q + q2] = ob[2, i2]
-
-
-def _warp3_scalar_lin_cpu(img, disp, out, n0, n1, n2, s0, s1, s2, m, off, dm, has_disp, itk, cval):
-    # Linear, scalar image, mode "border" (itk=False) or "itk" (itk=True): the moving-image warp of the solvers.
-    # ``img``, ``disp`` and ``out`` are flat; ``ft`` (the image's float type) and ``it`` (the index type: uint32 below
-    # 2**32 voxels, 1.4x faster than 64-bit indices for float32) are globals bound per compiled variant. Arithmetic
-    # is in ``ft``: for float64 the operations of ``_lin3_value`` in the same order (bitwise its values for a finite
-    # image), for float32 twice the SIMD width (it differs from the float64 reference by the float32 rounding of
-    # coordinates and weights, ~5e-6 relative at 70 voxels). 2.5x (float32) and 2x (float64) faster than the general
-    # loop at 128^3, measured side by side. Each row runs as three loops that LLVM vectorises: coordinates from the displacement row; their validity,
-    # neighbour index and weights; the eight gathers (AVX2/AVX-512) and the blend (fusing the first two, or all
-    # three, was 20-35 % slower). Indices LLVM cannot prove non-negative are unsigned: numba wraps negative signed
-    # indices (a compare and select per access), which cost 1.3-1.4x here and turned the stride-3 displacement read
-    # into gathers instead of shuffles. The lower neighbour along an axis is clamped to ``s - 2`` (weight 1 on the
-    # upper one at the last sample instead of weight 0 past it; the same value unless that neighbour is not
-    # finite), so that the eight neighbours sit at constant flat offsets; an axis of length 1 gets offset 0. 2-D
-    # warps keep the general loop: they are a small share of a 2-D registration.
-    zero = ft(0.0)
-    one = ft(1.0)
-    lo = ft(-0.5)
-    cv = ft(cval)
-    h0 = ft(s0 - 1)
-    h1 = ft(s1 - 1)
-    h2 = ft(s2 - 1)
-    u0 = ft(s0 - 0.5)
-    u1 = ft(s1 - 0.5)
-    u2 = ft(s2 - 0.5)
-    g0 = it(max(s0 - 2, 0))
-    g1 = it(max(s1 - 2, 0))
-    g2 = it(max(s2 - 2, 0))
-    st0 = it(s1 * s2 if s0 > 1 else 0)
-    st1 = it(s2 if s1 > 1 else 0)
-    st2 = it(1 if s2 > 1 else 0)
-    mc0 = ft(m[2])
-    mc1 = ft(m[5])
-    mc2 = ft(m[8])
-    of0 = ft(off[0])
-    of1 = ft(off[1])
-    of2 = ft(off[2])
-    e0 = ft(dm[0])
-    e1 = ft(dm[1])
-    e2 = ft(dm[2])
-    e3 = ft(dm[3])
-    e4 = ft(dm[4])
-    e5 = ft(dm[5])
-    e6 = ft(dm[6])
-    e7 = ft(dm[7])
-    e8 = ft(dm[8])
-    q1 = np.uint64(1)
-    q2 = np.uint64(2)
-    for i0 in prange(n0):
-        cb0 = np.empty(n2, img.dtype)
-        cb1 = np.empty(n2, img.dtype)
-        cb2 = np.empty(n2, img.dtype)
-        pb = np.empty(n2, it)
         okb = np.empty(n2, np.int32)  # an int32 flag: a bool buffer costs ~25 % more (its i8 loads and stores)
+        ob = np.empty((nch, n2), img.dtype)
         for i1 in range(n1):
             base = (i0 * n1 + i1) * n2
             r0 = ft(m[0] * i0 + m[1] * i1)
             r1 = ft(m[3] * i0 + m[4] * i1)
             r2 = ft(m[6] * i0 + m[7] * i1)
+            qd = np.uint64(3 * base)
             if has_disp:
-                qb = np.uint64(3 * base)
                 for i2 in range(n2):
-                    q = qb + np.uint64(3 * i2)
+                    q = qd + np.uint64(3 * i2)
                     d0 = disp[q]
                     d1 = disp[q + q1]
                     d2 = disp[q + q2]
+                    if nch == 3:  # kept for ``add_disp``
+                        db[0, i2] = d0
+                        db[1, i2] = d1
+                        db[2, i2] = d2
                     cb0[i2] = ((r0 + mc0 * ft(i2)) + of0) + (e0 * d0 + e1 * d1 + e2 * d2)
                     cb1[i2] = ((r1 + mc1 * ft(i2)) + of1) + (e3 * d0 + e4 * d1 + e5 * d2)
                     cb2[i2] = ((r2 + mc2 * ft(i2)) + of2) + (e6 * d0 + e7 * d1 + e8 * d2)
@@ -792,7 +697,9 @@ def _warp3_scalar_lin_cpu(img, disp, out, n0, n1, n2, s0, s1, s2, m, off, dm, ha
                 c1 = cb1[i2]
                 c2 = cb2[i2]
                 ok = (c0 == c0) & (c1 == c1) & (c2 == c2)
-                ok = ok & ((not itk) | ((c0 >= lo) & (c0 < u0) & (c1 >= lo) & (c1 < u1) & (c2 >= lo) & (c2 < u2)))
+                if nch == 1:  # fields are warped in mode "border" only
+                    ok = ok & ((not itk) | ((c0 >= lo) & (c0 < u0) & (c1 >= lo) & (c1 < u1) & (c2 >= lo)
+                                            & (c2 < u2)))
                 c0 = min(max(c0 if ok else zero, zero), h0)
                 c1 = min(max(c1 if ok else zero, zero), h1)
                 c2 = min(max(c2 if ok else zero, zero), h2)
@@ -802,21 +709,40 @@ def _warp3_scalar_lin_cpu(img, disp, out, n0, n1, n2, s0, s1, s2, m, off, dm, ha
                 cb0[i2] = c0 - ft(a0)
                 cb1[i2] = c1 - ft(a1)
                 cb2[i2] = c2 - ft(a2)
-                pb[i2] = a0 * st0 + a1 * st1 + a2
+                pb[i2] = a0 * st0 + a1 * st1 + a2 * stc
                 okb[i2] = 1 if ok else 0
-            ob = np.uint64(base)
+            qo = np.uint64(base)
             for i2 in range(n2):
-                p = pb[i2]
                 t0 = cb0[i2]
                 t1 = cb1[i2]
                 t2 = cb2[i2]
+                s0w = one - t0
                 s1w = one - t1
                 s2w = one - t2
-                r0v = s1w * (s2w * img[p] + t2 * img[p + st2]) + t1 * (s2w * img[p + st1] + t2 * img[p + st1 + st2])
-                p = p + st0
-                r1v = s1w * (s2w * img[p] + t2 * img[p + st2]) + t1 * (s2w * img[p + st1] + t2 * img[p + st1 + st2])
-                v = (one - t0) * r0v + t0 * r1v
-                out[ob + np.uint64(i2)] = v if okb[i2] != 0 else cv
+                ok = okb[i2] != 0
+                p = pb[i2]
+                for ch in range(nch):  # (``q = p + ch`` with ``p`` loaded once: 1.4x faster than reloading ``pb[i2]``)
+                    q = p + it(ch) if nch > 1 else p  # (nch is a compile-time constant)
+                    r0v = s1w * (s2w * img[q] + t2 * img[q + st2]) + t1 * (s2w * img[q + st1] + t2 * img[q + st1 + st2])
+                    q = q + st0
+                    r1v = s1w * (s2w * img[q] + t2 * img[q + st2]) + t1 * (s2w * img[q + st1] + t2 * img[q + st1 + st2])
+                    v = s0w * r0v + t0 * r1v
+                    if nch == 1:  # the scalar warp stores directly
+                        out[qo + np.uint64(i2)] = v if ok else cv
+                    else:
+                        ob[ch, i2] = v if ok else cv
+            if nch == 3 and add_disp:
+                for i2 in range(n2):
+                    q = qd + np.uint64(3 * i2)
+                    out[q] = ob[0, i2] + db[0, i2]
+                    out[q + q1] = ob[1, i2] + db[1, i2]
+                    out[q + q2] = ob[2, i2] + db[2, i2]
+            elif nch == 3:
+                for i2 in range(n2):
+                    q = qd + np.uint64(3 * i2)
+                    out[q] = ob[0, i2]
+                    out[q + q1] = ob[1, i2]
+                    out[q + q2] = ob[2, i2]
 
 
 def _warp3_cub_cpu(img, disp, out, n0, n1, n2, m, off, dm, has_disp, mode, cval):
@@ -906,8 +832,9 @@ _CPU_LOOPS = (
     _interp2_cpu,
     _interp3_cpu,
 )
-#: Flat-offset loops: their float type ``ft`` and index type ``it`` are globals, bound per compiled variant.
-_FLAT_LOOPS = (_warp2_field_cpu, _warp3_field_cpu, _warp3_scalar_lin_cpu)
+#: Flat-offset loops -> their channel counts: the float type ``ft``, index type ``it`` and channel count ``nch`` are
+#: globals, bound per compiled variant.
+_FLAT_LOOPS = {_warp2_field_cpu: (2,), _warp3_flat_cpu: (1, 3)}
 _GPU_LOOPS = (_warp2_gpu, _warp3_gpu, _interp2_gpu, _interp3_gpu)
 
 
@@ -925,20 +852,33 @@ def _numba_kernels():
         opts = {"inline": "always"} if f.__name__ in _CPU_INLINE else {}
         ns[f.__name__] = _backend.njit(error_model="numpy", **opts)(_rebind(f, ns))
     out = {f.__name__: _backend.njit(parallel=True, error_model="numpy")(_rebind(f, ns)) for f in _CPU_LOOPS}
-    for f in _FLAT_LOOPS:  # one variant per (float type, index type), bound as globals: compiled on first use
-        for ft in (np.float32, np.float64):
-            for it in (np.uint32, np.uint64):
-                key = f"{f.__name__}_{np.dtype(ft).name}_{np.dtype(it).name}"
-                out[key] = _backend.njit(parallel=True, error_model="numpy")(
-                    _rebind(f, dict(ns, ft=ft, it=it), suffix="_" + key))
+    for f, nchs in _FLAT_LOOPS.items():  # one variant per (channels, float type, index type): compiled on first use
+        for nch in nchs:
+            for ft in (np.float32, np.float64):
+                for it in (np.uint32, np.uint64):
+                    key = f"{f.__name__}_{nch}_{np.dtype(ft).name}_{np.dtype(it).name}"
+                    out[key] = _backend.njit(parallel=True, error_model="numpy")(
+                        _rebind(f, dict(ns, ft=ft, it=it, nch=nch), suffix="_" + key))
     return out
 
 
-def _flat_kernel(name, img):
-    """The variant of flat-offset loop ``name`` for ``img``'s dtype and size. Passing the types as arguments instead
-    cost ~30 us per call (numba types a class argument slowly), a tenth of a 256² kernel."""
+def _flat_kernel(name, img, nch):
+    """The variant of flat-offset loop ``name`` for ``nch`` channels and ``img``'s dtype and size. Passing the types
+    as arguments instead cost ~30 us per call (numba types a class argument slowly), a tenth of a 256² kernel."""
     it = np.uint32 if img.size < 2**32 else np.uint64  # numba wraps negative signed indices; 32 bits gather faster
-    return _numba_kernels()[f"{name}_{img.dtype.name}_{np.dtype(it).name}"]
+    return _numba_kernels()[f"{name}_{nch}_{img.dtype.name}_{np.dtype(it).name}"]
+
+
+def _field_numba(img, disp, out, out_shape, m, off, dm, cval, add_disp):
+    """Linear, mode "border" warp of an ndim-channel image (a field; C-contiguous, channels-last) through ``disp``
+    into ``out`` (C-contiguous), plus ``disp`` when ``add_disp``: the flat field loops."""
+    ndim = len(out_shape)
+    args = (img.reshape(-1), disp.reshape(-1), out.reshape(-1), *out_shape, *img.shape[:ndim], _flat(m), _flat(off),
+            _flat(dm))
+    if ndim == 3:
+        _flat_kernel("_warp3_flat_cpu", img, 3)(*args, True, False, float(cval), add_disp)
+    else:
+        _flat_kernel("_warp2_field_cpu", img, 2)(*args, float(cval), add_disp)
 
 
 @functools.cache
@@ -1064,15 +1004,14 @@ def _warp_numba(img, disp, out_shape, m, off, dm, order, mode, cval):
     ndim = len(out_shape)
     out = np.empty((math.prod(out_shape), img.shape[-1]), dtype=img.dtype)
     if order == 1 and mode == _BORDER and disp is not None and img.shape[-1] == ndim:
-        _flat_kernel(f"_warp{ndim}_field_cpu", img)(img.reshape(-1), disp.reshape(-1), out.reshape(-1), *out_shape,
-                                                     *img.shape[:ndim], _flat(m), _flat(off), _flat(dm), float(cval),
-                                                     False)
+        _field_numba(img, disp, out, out_shape, m, off, dm, cval, False)
         return out
     has_disp = disp is not None
     if order == 1 and mode in (_BORDER, _ITK) and img.shape[-1] == 1 and ndim == 3:
-        _flat_kernel("_warp3_scalar_lin_cpu", img)(
+        _flat_kernel("_warp3_flat_cpu", img, 1)(
             img.reshape(-1), disp.reshape(-1) if has_disp else np.zeros(ndim, img.dtype), out.reshape(-1),
-            *out_shape, *img.shape[:ndim], _flat(m), _flat(off), _flat(dm), has_disp, mode == _ITK, float(cval))
+            *out_shape, *img.shape[:ndim], _flat(m), _flat(off), _flat(dm), has_disp, mode == _ITK, float(cval),
+            False)
         return out
     kern = _numba_kernels()[f"_warp{ndim}_{_ORDER_NAME[order]}_cpu"]
     if not has_disp:
@@ -1092,9 +1031,7 @@ def _compose_numba(u, v, disp_matrix, out=None):
     ndim = u.shape[-1]
     shape = u.shape[:ndim]
     out = np.empty_like(u) if out is None else out
-    _flat_kernel(f"_warp{ndim}_field_cpu", u)(u.reshape(-1), v.reshape(-1), out.reshape(-1), *shape, *shape,
-                                             _flat(np.eye(ndim)), _flat(np.zeros(ndim)), _flat(disp_matrix), 0.0,
-                                             True)
+    _field_numba(u, v, out, shape, np.eye(ndim), np.zeros(ndim), disp_matrix, 0.0, True)
     return out
 
 

@@ -247,9 +247,9 @@ def test_scalar_linear3d_cpu_kernel_precision(mode):
     outs = []
     for it in ("uint32", "uint64"):
         out = np.empty(img32.size, np.float32)
-        _numba_kernels()[f"_warp3_scalar_lin_cpu_float32_{it}"](
+        _numba_kernels()[f"_warp3_flat_cpu_1_float32_{it}"](
             img32.reshape(-1), disp32.reshape(-1), out, *shape, *shape, _flat(np.eye(3)), _flat(np.zeros(3)),
-            _flat(D), True, mode == "itk", -0.5)
+            _flat(D), True, mode == "itk", -0.5, False)
         outs.append(out)
     np.testing.assert_array_equal(outs[0], outs[1])
 
