@@ -123,7 +123,7 @@ def evaluate_image(case, field, valid, *, jacobian: bool = True) -> dict:
     out = {"dice": {str(k): float(v) for k, v in dice.items()}, "mean_dice": float(np.nanmean(list(dice.values()))),
            "hd95_mm": {str(k): float(v) for k, v in hd.items()},
            "mean_hd95_mm": float(np.nanmean([v for v in hd.values() if np.isfinite(v)] or [np.nan])),
-           "ncc": float(-cr.metrics.ncc(fixed.data, warped.data, mask=mask))}
+           "ncc": float(-cr.terms.ncc(fixed.data, warped.data, mask=mask))}
     if jacobian:
         jm = mask.copy()
         if valid is not None:  # away from voxels whose sample left the moving image (2 voxels)

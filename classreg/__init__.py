@@ -4,10 +4,10 @@ Conventions (docs/conventions.md): arrays are indexed like numpy (``data[z, y, x
 (x, y[, z]) in mm in the ITK/LPS world; a registration transform maps fixed-image points to moving-image points
 (the pull-back used to resample the moving image); every length a user sets is in mm.
 """
-from . import evaluate, metrics
+from . import evaluate, terms
 from ._version import __version__
 from .image import Image
-from .io import load, save
+from .io import load, load_points, save, save_points
 from .progress import Event, StopRegistration
 from .resample import resample
 from .result import Result, load_result
@@ -22,10 +22,12 @@ from .transforms import Affine, Chain, DisplacementField, Transform, load_transf
 __all__ = [
     "__version__",
     "evaluate",
-    "metrics",
+    "terms",
     "Image",
     "load",
     "save",
+    "load_points",
+    "save_points",
     "Transform",
     "Affine",
     "DisplacementField",

@@ -1,10 +1,17 @@
-"""``classreg`` command line: ``classreg info`` and (as solvers land) ``classreg register ...``."""
+"""``classreg`` command line: ``classreg info``, ``classreg demo`` and ``classreg register <solver> ...``.
+
+The ``register`` sub-commands are built from each solver's option declaration (:mod:`classreg.options`): one flag
+per option, spelt like the Python keyword (``--shrink-factors`` for ``shrink_factors``), with the unit, the default
+and the valid range in its help. Lists take spaces or commas (``--shrink-factors 4 2 1`` or ``4,2,1``).
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import logging
 import sys
+
+import numpy as np
 
 from ._version import __version__
 
@@ -40,12 +47,6 @@ def _cmd_info(args) -> int:
           f"{'yes' if b['gpu'] else 'no'}")
     print(f"  CPU threads used by numba kernels: {info['cpu_threads']}")
     return 0
-
-
-#: Modules that add a ``classreg register <solver>`` sub-command through ``add_cli(subparsers)``; each sub-command
-#: sets ``func(args) -> int`` as its default.
-SOLVER_CLIS: tuple[str, ...] = ("classreg.solvers.demons", "classreg.solvers.bcpd", "classreg.solvers.rigid",
-                               "classreg.solvers.lddmm")
 
 
 def _cmd_demo(args) -> int:
@@ -87,14 +88,159 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--2d", dest="two_d", action="store_true", help="use the 2-D pair")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(func=_cmd_demo)
-    if SOLVER_CLIS:
-        import importlib
-
-        reg = sub.add_parser("register", help="register a pair (images or point sets) with one of the solvers")
-        solvers = reg.add_subparsers(dest="solver", metavar="SOLVER")
-        for mod in SOLVER_CLIS:
-            importlib.import_module(mod).add_cli(solvers)
+    reg = sub.add_parser("register", help="register a pair (images or point sets) with one of the solvers")
+    solvers = reg.add_subparsers(dest="solver", metavar="SOLVER")
+    for declaration, func in _solvers():
+        _add_solver(solvers, declaration, func)
     return p
+
+
+# ================================================================================================ register <solver>
+def _solvers():
+    """``(declaration, function)`` of every solver (importing classreg registers them)."""
+    from . import options
+    import classreg  # noqa: F401  (the solver modules register their declarations on import)
+
+    return [options.SOLVERS[name] for name in sorted(options.SOLVERS)]
+
+
+def _number_list(cast):
+    def parse(text):
+        try:
+            return [cast(v) for v in text.replace(",", " ").split()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected numbers, got {text!r}") from None
+    return parse
+
+
+def _help(o) -> str:
+    unit = f" [{o.unit}]" if o.unit else ""
+    rng = f"; {o.range_text()}" if o.range_text() else ""
+    return f"{o.help}{unit} (default: {o.describe_default()}{rng})".replace("%", "%%")
+
+
+def _add_solver(subparsers, declaration, func) -> None:
+    """``classreg register NAME INPUT1 INPUT2 -o OUT [--option ...]``, one flag per declared option."""
+    p = subparsers.add_parser(declaration.name, help=declaration.summary,
+                              description=declaration.description or declaration.summary)
+    a, b = declaration.inputs
+    points = declaration.inputs == ("source", "target")
+    p.add_argument(a, help="source point file (moving)" if points else "fixed image (.nii[.gz], .mha, .mhd, .nrrd, .png)")
+    p.add_argument(b, help="target point file (fixed)" if points else "moving image")
+    p.add_argument("-o", "--output", required=True, help="output folder (created)")
+    for o in declaration:
+        if not o.cli:
+            continue
+        kw = dict(dest=o.name, default=o.default, help=_help(o))
+        if o.cli_parse is not None:
+            kw.update(type=o.cli_parse, metavar=o.name.upper())
+        elif o.kind == "bool":
+            kw.update(action=argparse.BooleanOptionalAction)
+        elif o.kind in ("floats", "ints"):
+            kw.update(type=_number_list(float if o.kind == "floats" else int), nargs="+", metavar="N")
+        elif o.kind in ("float", "int"):
+            kw.update(type=float if o.kind == "float" else int)
+            if o.choices:
+                kw.update(choices=o.choices)
+        elif o.kind == "str":
+            kw.update(choices=o.choices or None)
+        elif o.kind == "dtype":
+            kw.update(default=np.dtype(o.default).name, choices=("float32", "float64"))
+        elif o.kind in ("image", "transform", "array"):
+            kw.update(metavar="FILE")
+        p.add_argument(o.flag, **kw)
+    if points:
+        p.add_argument("--no-labels", action="store_true", help="ignore label columns (plain BCPD)")
+    else:
+        p.add_argument("--no-qc", action="store_true", help="do not write qc.png")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=lambda args: _run(declaration, func, args))
+
+
+def _cli_value(o, value):
+    """The Python value of option ``o`` from its parsed command-line value (files are read here)."""
+    if value is None or o.cli_parse is not None:
+        return value
+    if o.kind == "image":
+        from .io import load
+
+        return load(value)
+    if o.kind == "transform":
+        from .transforms import load_transform
+
+        return load_transform(value)
+    if o.kind == "array":
+        from .io import load_points
+
+        return load_points(value)[0].ravel()
+    if o.kind in ("floats", "ints") and isinstance(value, list):
+        flat = [v for part in value for v in (part if isinstance(part, list) else [part])]
+        return tuple(flat)
+    if o.kind == "int_or_str":
+        return value if value in o.choices else int(value)
+    return value
+
+
+def _run(declaration, func, args) -> int:
+    from pathlib import Path
+
+    kw = {o.name: _cli_value(o, getattr(args, o.name)) for o in declaration if o.cli}
+    a, b = declaration.inputs
+    if declaration.inputs == ("source", "target"):
+        return _run_points(declaration, func, getattr(args, a), getattr(args, b), Path(args.output), kw,
+                           progress=not args.quiet, no_labels=args.no_labels)
+    from .io import load
+
+    fixed, moving = load(getattr(args, a)), load(getattr(args, b))
+    res = func(fixed, moving, progress=not args.quiet, **kw)
+    out = Path(args.output)
+    res.save(out)
+    if not args.no_qc:
+        try:
+            from .qc import qc_figure
+
+            qc_figure(res, moving, out / "qc.png", fixed=fixed,
+                      title=f"{declaration.name}: {Path(getattr(args, b)).name} → {Path(getattr(args, a)).name}")
+        except ImportError as exc:
+            print(f"classreg: note: {exc}; no qc.png written", file=sys.stderr)
+    _report(declaration, res, out)
+    return 0
+
+
+def _report(declaration, res, out) -> None:
+    line = declaration.report(res) if declaration.report else f"{declaration.name}: {res.stop_reason}"
+    print(f"{line}. Wrote {out}/")
+
+
+def _run_points(declaration, func, source, target, out, kw, *, progress, no_labels) -> int:
+    """Point sets from files (labels from a last column, ``--source-labels``/``--target-labels`` files, or none with
+    ``--no-labels``); writes moved_source.<ext> (source mapped into target space), transform.npz, params.json,
+    history.csv and result.json."""
+    from pathlib import Path
+
+    from .io import load_points, save_points
+    from .result import _jsonable, _write_history, _write_text
+
+    src, sl = load_points(source)
+    tgt, tl = load_points(target)
+    sl = kw.pop("source_labels", None) if kw.get("source_labels") is not None else sl
+    tl = kw.pop("target_labels", None) if kw.get("target_labels") is not None else tl
+    if no_labels or sl is None or tl is None:
+        sl = tl = None
+    kw.update(source_labels=None if sl is None else np.asarray(sl).astype(np.int64),
+              target_labels=None if tl is None else np.asarray(tl).astype(np.int64))
+    res = func(src, tgt, progress=progress, **kw)
+    out.mkdir(parents=True, exist_ok=True)
+    ext = Path(source).suffix.lower()
+    save_points(out / f"moved_source{ext if ext in ('.txt', '.csv', '.npy') else '.txt'}", res.apply_points(src))
+    res.inverse.save(out / "transform.npz")
+    _write_text(out / "params.json", json.dumps(_jsonable(res.params), indent=2, sort_keys=True))
+    _write_history(out / "history.csv", res.history)
+    _write_text(out / "result.json", json.dumps(_jsonable(dict(converged=res.converged, stop_reason=res.stop_reason,
+                                                                metrics=res.metrics, timings=res.timings)),
+                                                 indent=2, sort_keys=True))
+    _report(declaration, res, out)
+    return 0
 
 
 def main(argv=None) -> int:

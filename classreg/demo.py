@@ -100,7 +100,7 @@ def _brain_pair_2d() -> dict:
 
 def run_demo(out_dir, *, prefer_3d: bool = True, progress: bool = True, max_pieces: int = 5) -> dict:
     """Run the demo registration and write its outputs into ``out_dir``; returns the summary dict."""
-    from . import evaluate, metrics
+    from . import evaluate, terms
     from .io import save
     from .resample import resample
     from .solvers.demons import register_demons
@@ -120,7 +120,7 @@ def run_demo(out_dir, *, prefer_3d: bool = True, progress: bool = True, max_piec
         d = evaluate.dice(case["fixed_labels"], warped_lab, labels=[1, 2, 3])
         w = resample(moving, transform, reference=fixed)
         mask = case["fixed_mask"].data > 0
-        return d, -metrics.ncc(fixed.data, w.data, mask=mask)
+        return d, -terms.ncc(fixed.data, w.data, mask=mask)
 
     dice_aff, ncc_aff = scores(aff)
     dice_def, ncc_def = scores(res.transform)

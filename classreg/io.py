@@ -16,7 +16,7 @@ import numpy as np
 
 from .image import Image
 
-__all__ = ["load", "save", "IMAGE_EXTENSIONS", "atomic_output", "image_extension"]
+__all__ = ["load", "save", "load_points", "save_points", "IMAGE_EXTENSIONS", "atomic_output", "image_extension"]
 
 #: File extensions read and written (PNG for 2-D 8/16-bit images only).
 IMAGE_EXTENSIONS = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr", ".png")
@@ -144,3 +144,61 @@ def _first_line(exc) -> str:
         if line and not line.startswith("/"):
             return line
     return text[-1] if text else exc.__class__.__name__
+
+
+def load_points(path):
+    """Read points (and optional labels) from .npy, .npz, .csv or .txt (BCPD's tab/comma/space-separated N×D).
+
+    A .csv/.txt file with D+1 columns holds the label in its last column; a header line is skipped. A .npz may
+    hold ``points`` and ``labels``. Returns ``(points, labels or None)``.
+    """
+    p = Path(os.fspath(path))
+    if not p.is_file():
+        raise FileNotFoundError(f"point file {str(p)!r} does not exist")
+    name = p.name.lower()
+    labels = None
+    if name.endswith(".npy"):
+        a = np.load(p, allow_pickle=False)
+    elif name.endswith(".npz"):
+        with np.load(p, allow_pickle=False) as z:
+            a = z["points"]
+            labels = z["labels"] if "labels" in z.files else None
+        return a, labels
+    elif name.endswith((".txt", ".csv", ".xyz", ".tsv")):
+        text = p.read_text().replace(",", " ").replace("\t", " ").splitlines()
+        rows = []
+        for line in text:
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            try:
+                rows.append([float(v) for v in line.split()])
+            except ValueError:
+                if rows:
+                    raise ValueError(f"{str(p)!r}: non-numeric line {line!r}") from None
+                continue  # header
+        if not rows:
+            raise ValueError(f"{str(p)!r} holds no points")
+        if len({len(r_) for r_ in rows}) != 1:
+            raise ValueError(f"{str(p)!r}: rows have different numbers of columns")
+        a = np.array(rows)
+    else:
+        raise ValueError(f"{str(p)!r}: unknown point-file extension; use .txt, .csv, .npy or .npz")
+    a = np.asarray(a, dtype=float)
+    if a.ndim == 2 and a.shape[1] == 4:
+        labels = a[:, 3].astype(np.int64)
+        a = a[:, :3]
+    return a, labels
+
+
+def save_points(path, pts) -> Path:
+    """Write an (N, D) array of points atomically: .npy, or text (.csv comma-, otherwise tab-separated)."""
+    p = Path(os.fspath(path))
+    with atomic_output(p) as tmp:
+        if p.name.lower().endswith(".npy"):
+            with open(tmp, "wb") as fh:
+                np.save(fh, pts)
+        else:
+            sep = "," if p.name.lower().endswith(".csv") else "\t"
+            np.savetxt(tmp, pts, delimiter=sep, fmt="%.9g")
+    return p

@@ -25,7 +25,7 @@ from .image import Image, as_mask
 from .kernels._backend import serial_below
 from .progress import Progress, StopRegistration
 
-__all__ = ["Level", "multiresolution", "downsample", "level_geometry", "default_sigmas"]
+__all__ = ["Level", "multiresolution", "downsample", "level_geometry", "default_sigmas", "check_schedule"]
 
 
 @dataclass(frozen=True)
@@ -139,7 +139,9 @@ def check_shrink_factors(shrink_factors) -> tuple:
     return shrink
 
 
-def _check_schedule(shrink_factors, smoothing_sigmas, iterations, spacing):
+def check_schedule(shrink_factors, smoothing_sigmas, iterations, spacing):
+    """``(shrink_factors, smoothing_sigmas, iterations)`` as tuples, one entry per level: floats >= 1 never
+    increasing, σ in mm >= 0 (default :func:`default_sigmas`), non-negative integers (a scalar is repeated)."""
     shrink = check_shrink_factors(shrink_factors)
     sig = default_sigmas(shrink, spacing) if smoothing_sigmas is None else tuple(float(s) for s in smoothing_sigmas)
     if len(sig) != len(shrink) or any(not math.isfinite(s) or s < 0 for s in sig):
@@ -188,7 +190,7 @@ def multiresolution(fixed: Image, moving: Image, step, *, shrink_factors=(4, 2, 
     """
     if fixed.ndim != moving.ndim:
         raise ValueError(f"dimension mismatch: fixed is {fixed.ndim}-D, moving is {moving.ndim}-D")
-    shrink, sigmas, its = _check_schedule(shrink_factors, smoothing_sigmas, iterations, fixed.spacing)
+    shrink, sigmas, its = check_schedule(shrink_factors, smoothing_sigmas, iterations, fixed.spacing)
     fmask = as_mask(fixed_mask, fixed, "fixed_mask")
     mmask = as_mask(moving_mask, moving, "moving_mask")
     progress = progress if progress is not None else Progress("registration")

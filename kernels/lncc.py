@@ -1,6 +1,6 @@
 """Local normalised cross-correlation (ANTs "CC") value and gradient: numpy reference and a fused numba CPU path.
 
-The cost is the one of :func:`classreg.metrics.lncc` (same windows, same regulariser, same masked box sums):
+The cost is the one of :func:`classreg.terms.lncc` (same windows, same regulariser, same masked box sums):
 with the mask ``w`` (voxels that count), ``N = |w|``, the images centred by their masked means and zeroed outside
 the mask (``f = w (F - mean F)``, ``m = w (M - mean M)``), the box sum ``S`` of half-width ``r_i`` voxels per axis
 (zero padded, so windows are truncated at the image and at the mask border) and ``n = S w``,
@@ -21,7 +21,7 @@ Backends
 --------
 ``"numpy"``
     The reference (the test oracle): :func:`scipy.ndimage.uniform_filter` sums, the arithmetic of
-    :func:`classreg.metrics.lncc` line by line (bitwise equal to it).
+    :func:`classreg.terms.lncc` line by line (bitwise equal to it).
 ``"numba"``
     Separable running box sums (O(1) per voxel and axis, whatever the radius) accumulated in float64, in three
     parallel passes and no full-size float64 temporary but one scalar field:
@@ -55,7 +55,7 @@ from . import _backend
 
 __all__ = ["lncc_force", "lncc_gradient", "window_radius", "LNCC_EPS"]
 
-#: Default relative regulariser (as :data:`classreg.metrics.LNCC_EPS`).
+#: Default relative regulariser (as :data:`classreg.terms.measures.LNCC_EPS`).
 LNCC_EPS = 1e-5
 _TINY = np.finfo(np.float64).tiny
 
@@ -63,7 +63,7 @@ prange = range
 
 
 def window_radius(radius, spacing, ndim):
-    """Half-widths in voxels ``max(1, round(radius_i / spacing_i))`` (the rule of :func:`classreg.metrics.lncc`)."""
+    """Half-widths in voxels ``max(1, round(radius_i / spacing_i))`` (the rule of :func:`classreg.terms.lncc`)."""
     rad = np.broadcast_to(np.asarray(radius, dtype=float), (ndim,))
     sp = np.broadcast_to(np.asarray(spacing, dtype=float), (ndim,))
     return tuple(max(1, int(round(float(r) / float(h)))) for r, h in zip(rad, sp))
@@ -658,7 +658,7 @@ def _valid_reference(xp, shape, w_in, mvalid, disp, h):
 
 
 def _lncc_reference(F, M, w, r, eps, out_dtype):
-    """:func:`classreg.metrics.lncc` (value, dcost/dM) line by line, for either array module."""
+    """:func:`classreg.terms.lncc` (value, dcost/dM) line by line, for either array module."""
     xp = _backend.get_array_module(F, M)
     if xp is np:
         from scipy import ndimage
@@ -734,14 +734,14 @@ def _out_dtype(warped):
 
 
 def lncc_gradient(fixed, moving, *, radius, mask=None, eps=LNCC_EPS, backend=None):
-    """LNCC cost and its gradient with respect to ``moving``: :func:`classreg.metrics.lncc` with the radius in voxels.
+    """LNCC cost and its gradient with respect to ``moving``: :func:`classreg.terms.lncc` with the radius in voxels.
 
     Parameters
     ----------
     fixed, moving : ndarray (*spatial)
         2-D or 3-D images on one grid.
     radius : int or sequence of int
-        Window half-width in voxels per axis (``classreg.metrics.lncc`` uses :func:`window_radius` of its mm radius).
+        Window half-width in voxels per axis (``classreg.terms.lncc`` uses :func:`window_radius` of its mm radius).
     mask : bool ndarray (*spatial), optional
         Voxels that count; windows only read voxels inside it. ``None``: all.
     eps : float

@@ -1,10 +1,10 @@
-"""kernels.lncc: LNCC value/gradient and the demons LNCC force (reference = classreg.metrics.lncc)."""
+"""kernels.lncc: LNCC value/gradient and the demons LNCC force (reference = classreg.terms.lncc)."""
 import numpy as np
 import pytest
 from conftest import backend_params
 
 import classreg as cr
-from classreg import metrics as mt
+from classreg.terms import measures as mt
 from classreg.kernels import lncc as kl
 
 TOL = {np.float32: 1e-5, np.float64: 1e-10}
@@ -46,7 +46,7 @@ def test_gradient_matches_metrics_lncc(backend, dtype, case, rng):
     assert g.shape == shape and g.dtype == dtype and g_ref.dtype == dtype
     assert abs(v - v_ref) <= 1e-10 * abs(v_ref)
     assert _rel(g, g_ref.astype(np.float64)) <= TOL[dtype]
-    if backend == "numpy":  # the reference is metrics.lncc line by line
+    if backend == "numpy":  # the reference is terms.lncc line by line
         assert v == v_ref
         np.testing.assert_array_equal(g, g_ref)
     np.testing.assert_array_equal(F, F0)
@@ -64,7 +64,7 @@ def test_radius_conversion_and_radius_zero(rng):
 
 
 def _old_demons_force(target, warped, g_warped, disp, own_mask, other_valid, h, radius_mm):
-    """The demons LNCC force before the kernel: classreg.metrics.lncc on the valid voxels."""
+    """The demons LNCC force before the kernel: classreg.terms.lncc on the valid voxels."""
     n = target.ndim
     idx = np.indices(target.shape, dtype=np.float64)
     valid = np.ones(target.shape, bool)
@@ -171,7 +171,7 @@ def _texture(shape, rng):
 
 @pytest.mark.parametrize("shape, spacing", [((40, 44), (1.0, 1.2)), ((20, 22, 18), (2.0, 2.0, 2.5))])
 def test_demons_lncc_unchanged_by_the_kernel(shape, spacing, rng, monkeypatch):
-    """register_demons(metric="lncc") with the fused kernel equals the former metrics.lncc-based force."""
+    """register_demons(metric="lncc") with the fused kernel equals the former terms.lncc-based force."""
     from scipy import ndimage
 
     from classreg.solvers import demons

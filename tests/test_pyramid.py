@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 import classreg as cr
-from classreg import metrics
+from classreg import terms
 from classreg.kernels import _backend
 from classreg.progress import Progress
 from classreg.pyramid import default_sigmas, downsample, level_geometry, multiresolution, transfer_state
@@ -54,7 +54,7 @@ def _translation_step(level, state, progress):
     fixed = level.fixed
     for it in range(level.iterations):
         warped = cr.resample(level.moving, cr.Affine.from_translation(t), reference=fixed)
-        value, grad = metrics.ssd(fixed.data, warped.data, mask=level.fixed_mask, gradient=True)
+        value, grad = terms.ssd(fixed.data, warped.data, mask=level.fixed_mask, gradient=True)
         g_arr = np.stack(np.gradient(warped.data, *fixed.spacing_array_order), axis=-1)
         g_world = (g_arr[..., ::-1] @ fixed.direction_matrix.T)  # array-axis gradient -> world vector
         d = (grad[..., None] * g_world).reshape(-1, fixed.ndim).sum(axis=0) * grad.size

@@ -1,4 +1,5 @@
-"""Helpers shared by the image solvers (argument checks, intensity scaling, the init-affine index map)."""
+"""Helpers shared by the image solvers: argument checks, intensity scaling, the init-affine index map, the parameters
+every Result records, and the one finalisation of a dense map (field + inverse + chain with ``init`` + warped image)."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,7 +7,8 @@ import numpy as np
 from ..image import Image
 from ..transforms import Affine, Chain
 
-__all__ = ["backend_name", "check_pair", "check_init", "normalise_intensities", "index_map", "warp_through"]
+__all__ = ["backend_name", "check_pair", "check_init", "normalise_intensities", "index_map", "warp_through",
+           "mean_sq", "common_params", "field_result"]
 
 
 def backend_name(backend) -> str:
@@ -14,6 +16,44 @@ def backend_name(backend) -> str:
     from ..kernels._backend import resolve_backend
 
     return resolve_backend(backend)
+
+
+def common_params(*, init: Affine, dtype, seed, backend) -> dict:
+    """The entries every image solver's ``Result.params`` holds besides its own options."""
+    from ..backend import versions
+
+    return dict(init=init.homogeneous.tolist(), dtype=str(np.dtype(dtype)), seed=seed, backend=backend_name(backend),
+                versions=versions())
+
+
+def mean_sq(f, w, mask) -> float:
+    """Mean squared difference of two arrays over ``mask`` (all voxels if None), in float64."""
+    d = np.asarray(f, dtype=np.float64) - np.asarray(w, dtype=np.float64)
+    if mask is not None:
+        d = d[np.asarray(mask)]
+    return float(np.mean(d * d))
+
+
+def field_result(fixed: Image, moving: Image, init: Affine, forward, inverse, **result_fields):
+    """The :class:`~classreg.Result` of a dense-map solver.
+
+    ``forward`` is the array-frame displacement (mm, on the fixed grid) of the fixed → moving map estimated on top
+    of ``init``, ``inverse`` that of its inverse (from the flow, not a numerical inversion). The transform is the
+    field, chained with ``init`` unless it is the identity; ``warped`` is ``moving`` resampled through it.
+    """
+    from ..resample import resample
+    from ..result import Result
+    from ..transforms import DisplacementField
+
+    field = DisplacementField.from_array_frame(forward, fixed)
+    field_inv = DisplacementField.from_array_frame(inverse, fixed, inverse=field)
+    field = DisplacementField(field.image, inverse=field_inv)
+    if np.allclose(init.homogeneous, np.eye(fixed.ndim + 1)):
+        transform, inv = field, field_inv
+    else:
+        transform, inv = Chain([field, init]), Chain([init.inverse(), field_inv])
+    warped = resample(moving, transform, reference=fixed)
+    return Result(transform=transform, inverse=inv, warped=warped, reference=fixed, **result_fields)
 
 
 def check_pair(fixed, moving) -> None:

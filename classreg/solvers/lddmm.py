@@ -158,7 +158,7 @@ class SSDTerm:
 
 
 class LNCCTerm:
-    """``E = (vol / σ²) · lncc(J, I₁)`` with ``lncc`` the cost of :func:`classreg.metrics.lncc` (−mean local CC² in
+    """``E = (vol / σ²) · lncc(J, I₁)`` with ``lncc`` the cost of :func:`classreg.terms.lncc` (−mean local CC² in
     a box of ``radius`` mm over the mask) and ``vol`` the physical volume of the mask. The moving mask is applied
     as a (not differentiated) restriction of the mask to where the warped moving mask exceeds 0.5."""
 
@@ -175,7 +175,7 @@ class LNCCTerm:
 
     def __call__(self, I1, X, gradient=True):
         from ..kernels.adjoint import sample_linear
-        from ..metrics import lncc
+        from ..terms import lncc
 
         mask = self.mask
         if self.W is not None:
@@ -528,7 +528,7 @@ def register_lddmm(fixed: Image, moving: Image, *, init: Transform | None = None
         Initial fixed → moving transform (e.g. from ``register_rigid``); the deformation is estimated on top of
         it, ``T = init ∘ φ₁⁻¹``.
     metric : {"lncc", "ssd"}
-        Data term: ``(vol/σ²)·LNCC cost`` (local normalised correlation of :func:`classreg.metrics.lncc`, window
+        Data term: ``(vol/σ²)·LNCC cost`` (local normalised correlation of :func:`classreg.terms.lncc`, window
         radius ``lncc_radius`` mm; default) or ``(1/2σ²)‖I₁ − J‖²`` (Vialard et al. 2012). LNCC is the default
         because it is the one that is competitive on inter-subject pairs: brain2d (benchmarks.cases, mean Dice of
         3 tissue labels) 0.757 versus ≤ 0.69 for SSD at any σ_K, σ or iteration budget (demons 0.74, DIPY SyN

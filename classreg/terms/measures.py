@@ -4,7 +4,7 @@ Every measure compares a fixed image ``F`` with a moving image ``M`` that has al
 grid (same shape, numpy axis order, 2-D or 3-D) and returns a **cost to minimise**. With ``gradient=True`` it also
 returns ``dcost/dM(x)``, one number per voxel (the array a demons/LDDMM/metamorphosis solver multiplies by ``grad M``
 to get a force), exactly the derivative of the returned value (checked against finite differences in
-``tests/test_metrics.py``).
+``tests/test_terms.py``).
 
 * ``ssd``: ``(1/N) sum_Omega (M - F)^2 / 2``; optimum 0.
 * ``ncc``: ``-NCC`` over ``Omega`` (Pearson correlation); optimum -1.
@@ -28,8 +28,8 @@ Conventions shared by all functions
 * Errors: ``ValueError`` naming the argument for NaN/Inf, shape mismatch (both shapes are quoted), wrong
   dimensionality, an empty mask, non-positive spacing or radius.
 
-Everything is vectorised numpy/scipy (no Python loop over voxels). :func:`get` maps the names ``"ssd"``, ``"ncc"``,
-``"lncc"``, ``"mi"``, ``"ngf"`` to the functions.
+Everything is vectorised numpy/scipy (no Python loop over voxels). :func:`classreg.terms.get` maps the names
+``"ssd"``, ``"ncc"``, ``"lncc"``, ``"mi"``, ``"ngf"`` to data-term objects built on these functions.
 
 References
 ----------
@@ -51,11 +51,9 @@ import numbers
 
 import numpy as np
 
-from ._checks import check_spacing
+from .._checks import check_spacing
 
 __all__ = [
-    "METRICS",
-    "get",
     "intensity_limits",
     "lncc",
     "mattes_mi",
@@ -90,7 +88,7 @@ def _as_image(a, name: str) -> np.ndarray:
     if a is None:
         raise ValueError(f"{name} must be a 2-D or 3-D array, got None")
     if type(a).__module__.split(".")[0] == "cupy":
-        raise TypeError(f"{name} is a CuPy array; classreg.metrics works on host arrays (use cupy.asnumpy)")
+        raise TypeError(f"{name} is a CuPy array; classreg.terms works on host arrays (use cupy.asnumpy)")
     arr = np.asarray(a)
     if arr.dtype.kind not in "biuf":
         raise ValueError(f"{name} must hold real numbers, got dtype {arr.dtype}")
@@ -703,36 +701,3 @@ def ngf(fixed, moving, *, spacing=1.0, eps=None, mask=None, gradient=False):
             v = [vi + s * wf * b for vi, b in zip(v, gM)]
         grad = sum(_grad_axis_adjoint(v[ax], *weights[ax], sp[ax], ax) for ax in range(nd))
     return _finish(value, grad, gradient, odt)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# registry
-# ----------------------------------------------------------------------------------------------------------------
-
-#: Name -> function. Every function is ``f(fixed, moving, *, mask=None, gradient=False, spacing=1.0, ...)``.
-METRICS = {
-    "ssd": ssd,
-    "ncc": ncc,
-    "lncc": lncc,
-    "mi": mattes_mi,
-    "ngf": ngf,
-}
-
-
-def get(name):
-    """The similarity measure called ``name`` (one of ``"ssd"``, ``"ncc"``, ``"lncc"``, ``"mi"``, ``"ngf"``).
-
-    Case and surrounding blanks are ignored; a callable is returned unchanged.
-
-    Raises
-    ------
-    ValueError
-        For an unknown name; the message lists the valid names.
-    """
-    if callable(name):
-        return name
-    key = name.strip().lower() if isinstance(name, str) else name
-    try:
-        return METRICS[key]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown metric {name!r}; valid names are {', '.join(METRICS)}") from None

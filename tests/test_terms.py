@@ -1,4 +1,4 @@
-"""Tests of classreg.metrics: gradients against finite differences, optima, hand-computed values, masks, errors."""
+"""Tests of classreg.terms (the measures and the DataTerm interface): gradients against finite differences, optima, hand-computed values, masks, errors."""
 from __future__ import annotations
 
 import math
@@ -7,9 +7,12 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from classreg import metrics as mt
+from classreg import terms
+from classreg.terms import measures as mt
 
 NAMES = ["ssd", "ncc", "lncc", "mi", "ngf"]
+#: term name -> function of classreg.terms.measures
+MEASURE = {"ssd": mt.ssd, "ncc": mt.ncc, "lncc": mt.lncc, "mi": mt.mattes_mi, "ngf": mt.ngf}
 SHAPES = {2: (12, 14), 3: (7, 8, 9)}
 
 
@@ -75,7 +78,7 @@ def fd_check(fn, F, M, mask, kw, rng, n_voxels=30, h=1e-5, tol=1e-4, voxels=None
 @pytest.mark.parametrize("name", NAMES)
 def test_gradient_matches_finite_differences(name, ndim, masked):
     rng, F, M, mask = make_pair(100 + ndim + 10 * masked, ndim, masked)
-    fn = mt.get(name)
+    fn = MEASURE[name]
     _, grad = fd_check(fn, F, M, mask, kwargs_for(name, ndim), rng)
     if mask is not None:
         assert np.all(grad[~mask] == 0)
@@ -114,13 +117,13 @@ def test_lncc_gradient_without_regulariser_on_textured_image():
 def test_float32_and_integer_inputs(name):
     rng, F, M, _ = make_pair(11, 2, False)
     kw = kwargs_for(name, 2)
-    v64, g64 = mt.get(name)(F, M, gradient=True, **kw)
-    v32, g32 = mt.get(name)(F.astype(np.float32), M.astype(np.float32), gradient=True, **kw)
+    v64, g64 = MEASURE[name](F, M, gradient=True, **kw)
+    v32, g32 = MEASURE[name](F.astype(np.float32), M.astype(np.float32), gradient=True, **kw)
     assert g32.dtype == np.float32 and isinstance(v32, float)
     assert v32 == pytest.approx(v64, rel=1e-4, abs=1e-5)
     Fi = np.round(F * 50).astype(np.int16)
     Mi = np.round(M * 50).astype(np.int32)
-    vi, gi = mt.get(name)(Fi, Mi, gradient=True, **({} if name == "mi" else kw))
+    vi, gi = MEASURE[name](Fi, Mi, gradient=True, **({} if name == "mi" else kw))
     assert gi.dtype == np.float64 and np.isfinite(vi) and np.all(np.isfinite(gi))
 
 
@@ -363,7 +366,7 @@ def test_intensity_limits_and_constant_images():
 @pytest.mark.parametrize("name", NAMES)
 def test_mask_really_restricts(name, ndim):
     rng, F, M, mask = make_pair(80 + ndim, ndim, True)
-    fn = mt.get(name)
+    fn = MEASURE[name]
     kw = {"radius": 2.0} if name == "lncc" else {}  # default MI limits: taken inside the mask
     v, g = fn(F, M, mask=mask, gradient=True, **kw)
     F2, M2 = F.copy(), M.copy()
@@ -380,7 +383,7 @@ def test_mask_really_restricts(name, ndim):
 @pytest.mark.parametrize("name", ["ncc", "lncc", "mi", "ngf"])
 def test_invariant_to_positive_affine_intensity_change_of_moving(name):
     rng, F, M, mask = make_pair(90, 2, True)
-    fn = mt.get(name)
+    fn = MEASURE[name]
     assert fn(F, 4.0 * M + 3.0, mask=mask) == pytest.approx(fn(F, M, mask=mask), rel=1e-9)
 
 
@@ -389,7 +392,7 @@ def test_inputs_not_modified_and_gradient_flag(name):
     rng, F, M, mask = make_pair(95, 3, True)
     F32 = F.astype(np.float32)
     copies = (F32.copy(), M.copy(), mask.copy())
-    fn = mt.get(name)
+    fn = MEASURE[name]
     v = fn(F32, M, mask=mask)
     assert isinstance(v, float)
     out = fn(F32, M, mask=mask, gradient=True)
@@ -398,18 +401,47 @@ def test_inputs_not_modified_and_gradient_flag(name):
         np.testing.assert_array_equal(a, b)
 
 
-def test_registry():
-    assert mt.get("ssd") is mt.ssd
-    assert mt.get("NCC") is mt.ncc
-    assert mt.get(" lncc ") is mt.lncc
-    assert mt.get("mi") is mt.mattes_mi
-    assert mt.get("ngf") is mt.ngf
-    assert set(mt.METRICS) == set(NAMES)
-    assert mt.get(mt.ssd) is mt.ssd
+def test_registry_and_term_interface():
+    """terms.get builds the term; value/gradient are exactly the measure's, with its parameters."""
+    for name in NAMES:
+        assert isinstance(terms.get(name), terms.TERMS[name])
+        assert terms.get(name).name == name
+    assert isinstance(terms.get(" NCC "), terms.NCC)
+    t = terms.LNCC(radius=2.0)
+    assert terms.get(t) is t
     with pytest.raises(ValueError, match="ssd, ncc, lncc, mi, ngf"):
-        mt.get("cc")
-    with pytest.raises(ValueError, match="valid names"):
-        mt.get(3)
+        terms.get("cc")
+    rng, F, M, mask = make_pair(97, 2, True)
+    for name in NAMES:
+        kw = {"radius": 2.0} if name == "lncc" else {}
+        term = terms.get(name, **kw)
+        assert term.value(F, M, mask=mask) == MEASURE[name](F, M, mask=mask, **kw)
+        v, g = term.gradient(F, M, mask=mask)
+        v0, g0 = MEASURE[name](F, M, mask=mask, gradient=True, **kw)
+        assert v == v0
+        np.testing.assert_array_equal(g, g0)
+
+
+@pytest.mark.parametrize("name", ["ncc", "mi", "ngf"])
+def test_default_force_moves_towards_fixed(name):
+    """The generic force (−∂E/∂W · ∇W, longest vector = max_step) lowers the cost when added as a displacement."""
+    from classreg.kernels.diff import gradient
+    from classreg.kernels.warp import warp
+
+    rng = np.random.default_rng(5)
+    F = smooth(rng, (40, 44), sigma=3.0)
+    shift = np.zeros((40, 44, 2))
+    shift[..., 1] = 0.8  # the moving image is F shifted by 0.8 voxels along x
+    M = warp(F, -shift, order=1, mode="border")
+    term = terms.get(name)
+    gF, gM = gradient(F, spacing=(1.0, 1.0)), gradient(M, spacing=(1.0, 1.0))
+    u, cost, step = term.force(F, M, gF, gM, np.zeros_like(shift), spacing=(1.0, 1.0), max_step=0.2)
+    assert cost == pytest.approx(term.value(F, M))
+    assert step == pytest.approx(0.2)
+    assert np.sqrt((u ** 2).sum(-1)).max() == pytest.approx(0.2, rel=1e-6)
+    moved = warp(M, u, order=1, mode="border")
+    assert term.value(F, moved) < cost
+
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -419,7 +451,7 @@ def test_registry():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_common_errors(name):
-    fn = mt.get(name)
+    fn = MEASURE[name]
     a = np.zeros((5, 6))
     b = np.ones((5, 6))
     with pytest.raises(ValueError, match=r"\(5, 6\).*\(6, 5\)"):

@@ -1,0 +1,147 @@
+"""Data terms: the image similarity a solver minimises, behind one small interface.
+
+A term compares the fixed image ``F`` with the moving image already brought onto the fixed grid (``W = M∘φ``) on
+one pyramid level and offers
+
+* :meth:`DataTerm.value` — the cost (lower is better) over the mask;
+* :meth:`DataTerm.gradient` — the cost and ``∂cost/∂W(x)``, one number per voxel: what a variational solver
+  (LDDMM, metamorphosis) feeds its adjoint, and what times ``∇W`` gives a force;
+* :meth:`DataTerm.force` — a displacement update on the level (array frame, mm), the step a demons iteration adds:
+  by default the normalised descent direction ``−∂cost/∂W · ∇W`` scaled so that its longest vector is
+  ``max_step``; SSD overrides it with the ESM demons force (Vercauteren et al. 2008, eq. 8) and LNCC with the fused
+  kernel :func:`classreg.kernels.lncc.lncc_force`.
+
+Every term takes the same masks: ``mask`` (voxels of the fixed image that count) and, for the force,
+``moving_valid`` (voxels whose warped moving sample lies inside the moving mask). The functional forms
+(``ssd``, ``ncc``, ``lncc``, ``mattes_mi``, ``ngf``; :mod:`classreg.terms.measures`) are exact derivatives checked
+against finite differences.
+
+:func:`get` maps ``"ssd"``, ``"ncc"``, ``"lncc"``, ``"mi"``, ``"ngf"`` to a term instance.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import measures
+from .measures import LNCC_EPS, LNCC_RADIUS, intensity_limits, lncc, mattes_mi, ncc, ngf, ssd
+
+__all__ = ["DataTerm", "SSD", "NCC", "LNCC", "MattesMI", "NGF", "TERMS", "get", "measures", "ssd", "ncc", "lncc",
+           "mattes_mi", "ngf", "intensity_limits"]
+
+
+class DataTerm:
+    """Base class: a cost ``E(F, W)`` over a mask, its per-voxel derivative and a demons-style force.
+
+    Subclasses set :attr:`name` and :attr:`_measure` (a function of :mod:`classreg.terms.measures`) and may
+    override :meth:`force`. Parameters of the measure (a window radius, a bin count) are given to the constructor.
+    """
+
+    name = ""
+    _measure = None
+
+    def __init__(self, **params):
+        self.params = params
+
+    def value(self, fixed, warped, *, mask=None, spacing=1.0) -> float:
+        """The cost over ``mask`` (all voxels if None); ``spacing`` in mm per array axis."""
+        return type(self)._measure(fixed, warped, mask=mask, spacing=spacing, **self.params)
+
+    def gradient(self, fixed, warped, *, mask=None, spacing=1.0):
+        """``(cost, ∂cost/∂W)``: the derivative has ``warped``'s shape and is 0 outside ``mask``."""
+        return type(self)._measure(fixed, warped, mask=mask, spacing=spacing, gradient=True, **self.params)
+
+    def force(self, fixed, warped, grad_fixed, grad_warped, disp, *, spacing, max_step, mask=None,
+              moving_valid=None, backend=None):
+        """Update ``u`` (array frame, mm) moving ``warped`` towards ``fixed``: ``(u, cost, largest |u|)``.
+
+        ``grad_fixed``/``grad_warped`` are the images' gradients (physical units, array frame); ``disp`` is the
+        displacement through which ``warped`` was sampled (array frame, mm; only the validity test reads it).
+        The default is the descent direction ``−∂cost/∂W · ∇W`` scaled so that its longest vector is ``max_step``.
+        """
+        valid = mask if moving_valid is None else (moving_valid if mask is None else mask & moving_valid)
+        cost, d = self.gradient(fixed, warped, mask=valid, spacing=spacing)
+        u = -np.asarray(d)[..., None] * grad_warped
+        norm = float(np.sqrt(np.max(np.sum(u * u, axis=-1)))) if u.size else 0.0
+        if norm > 0:
+            u *= max_step / norm
+        return u.astype(np.asarray(warped).dtype, copy=False), float(cost), min(norm, max_step)
+
+
+class SSD(DataTerm):
+    """Mean squared difference ``(1/N) Σ (W − F)² / 2``; its force is the ESM demons force (eq. 8 of
+    T. Vercauteren et al., "Symmetric log-domain diffeomorphic registration: a demons-based approach", MICCAI 2008),
+    whose returned cost is the mean squared difference ``(1/N) Σ (W − F)²`` over the valid voxels."""
+
+    name = "ssd"
+    _measure = staticmethod(ssd)
+
+    def force(self, fixed, warped, grad_fixed, grad_warped, disp, *, spacing, max_step, mask=None,
+              moving_valid=None, backend=None):
+        from ..kernels.demons import esm_force
+
+        u, ssd_sum, count, step = esm_force(fixed, warped, grad_fixed, grad_warped, disp, spacing=spacing,
+                                            max_step=max_step, mask=mask, moving_valid=moving_valid,
+                                            backend=backend)
+        return u, ssd_sum / max(count, 1), step
+
+
+class NCC(DataTerm):
+    """Negative (global) normalised cross-correlation."""
+
+    name = "ncc"
+    _measure = staticmethod(ncc)
+
+
+class LNCC(DataTerm):
+    """Negative mean squared local normalised cross-correlation in a box of ``radius`` mm (ANTs "CC"; Avants et
+    al., Med. Image Anal. 12(1):26-41, 2008). Its force is the fused kernel
+    :func:`classreg.kernels.lncc.lncc_force` (valid voxels: inside the moving grid after ``disp``, ``mask``,
+    ``moving_valid``), scaled so that its longest vector is ``max_step``."""
+
+    name = "lncc"
+    _measure = staticmethod(lncc)
+
+    def __init__(self, *, radius: float = LNCC_RADIUS, eps: float = LNCC_EPS):
+        super().__init__(radius=radius, eps=eps)
+
+    def force(self, fixed, warped, grad_fixed, grad_warped, disp, *, spacing, max_step, mask=None,
+              moving_valid=None, backend=None):
+        from ..kernels.lncc import lncc_force, window_radius
+
+        radius = window_radius(self.params["radius"], spacing, np.ndim(fixed))
+        u, value, _, norm = lncc_force(fixed, warped, grad_warped, disp, radius=radius, spacing=spacing, mask=mask,
+                                       moving_valid=moving_valid, eps=self.params["eps"], backend=backend)
+        if norm > 0:
+            u *= max_step / norm
+        return u.astype(fixed.dtype, copy=False), float(value), min(norm, max_step) if norm else 0.0
+
+
+class MattesMI(DataTerm):
+    """Negative Mattes mutual information (elastix's ``AdvancedMattesMutualInformation``)."""
+
+    name = "mi"
+    _measure = staticmethod(mattes_mi)
+
+
+class NGF(DataTerm):
+    """Normalised gradient fields ``(1/N) Σ 1 − ⟨n_F, n_W⟩²`` (Haber & Modersitzki, MICCAI 2006)."""
+
+    name = "ngf"
+    _measure = staticmethod(ngf)
+
+
+#: name -> term class
+TERMS = {cls.name: cls for cls in (SSD, NCC, LNCC, MattesMI, NGF)}
+
+
+def get(name, **params) -> DataTerm:
+    """A data term by name (``"ssd"``, ``"ncc"``, ``"lncc"``, ``"mi"``, ``"ngf"``; case and blanks ignored) with
+    the measure's parameters; a :class:`DataTerm` instance is returned unchanged."""
+    if isinstance(name, DataTerm):
+        return name
+    key = name.strip().lower() if isinstance(name, str) else name
+    try:
+        cls = TERMS[key]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown data term {name!r}; valid names are {', '.join(TERMS)}") from None
+    return cls(**params)
