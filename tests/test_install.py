@@ -39,6 +39,21 @@ def test_regular_install_provides_classreg_kernels(tmp_path):
     assert where == target / "classreg" / "kernels" / "__init__.py"
 
 
+def test_clone_root_imports_the_same_after_a_regular_install(tmp_path):
+    """In the clone's root the source folder classreg/ shadows the installed package; it must still provide
+    classreg.kernels (from the top-level kernels/ folder) and run the CLI, as the README's commands assume."""
+    target = tmp_path / "site"
+    _pip("--target", str(target), str(ROOT), cwd=tmp_path)
+    where = _import_from(target, ROOT)
+    assert where.resolve() == (ROOT / "kernels" / "__init__.py").resolve()
+    deps = str(Path(np.__file__).resolve().parents[1])
+    code = ("import sys, site; sys.path.append(%r); site.addsitedir(%r); sys.argv = ['classreg', 'info']; "
+            "import runpy; runpy.run_module('classreg', run_name='__main__')" % (deps, str(target)))
+    proc = subprocess.run([sys.executable, "-S", "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert proc.returncode == 0 and "backends:" in proc.stdout, proc.stderr
+
+
 def test_editable_install_provides_classreg_kernels(tmp_path):
     prefix = tmp_path / "prefix"
     _pip("--prefix", str(prefix), "-e", str(ROOT), cwd=tmp_path)

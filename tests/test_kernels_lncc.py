@@ -174,7 +174,7 @@ def test_demons_lncc_unchanged_by_the_kernel(shape, spacing, rng, monkeypatch):
     """register_demons(metric="lncc") with the fused kernel equals the former terms.lncc-based force."""
     from scipy import ndimage
 
-    from classreg.solvers import demons
+    from classreg import terms
 
     fixed = cr.Image(_texture(shape, rng), spacing)
     u = np.stack([ndimage.gaussian_filter(rng.standard_normal(shape), 4.0) for _ in shape], -1)
@@ -188,14 +188,15 @@ def test_demons_lncc_unchanged_by_the_kernel(shape, spacing, rng, monkeypatch):
               shrink_factors=(2, 1))
     new = cr.register_demons(fixed, moving, **kw)
 
-    def old_force(target, warped, g_warped, disp, own_mask, other_valid, side):
-        u, value, _, norm = _old_demons_force(target, warped, g_warped, disp, own_mask, other_valid, side["h"],
-                                              side["lncc_radius"])
+    def old_force(self, fixed, warped, grad_fixed, grad_warped, disp, *, spacing, max_step, mask=None,
+                  moving_valid=None, backend=None):
+        u, value, _, norm = _old_demons_force(fixed, warped, grad_warped, disp, mask, moving_valid, spacing,
+                                              self.params["radius"])
         if norm > 0:
-            u *= side["max_step"] / norm
-        return u.astype(target.dtype, copy=False), float(value), min(norm, side["max_step"]) if norm else 0.0
+            u *= max_step / norm
+        return u.astype(fixed.dtype, copy=False), float(value), min(norm, max_step) if norm else 0.0
 
-    monkeypatch.setattr(demons, "_lncc_force", old_force)
+    monkeypatch.setattr(terms.LNCC, "force", old_force)
     old = cr.register_demons(fixed, moving, **kw)
     assert new.metrics["pieces"] == old.metrics["pieces"]
     assert [h["metric"] for h in new.history] == pytest.approx([h["metric"] for h in old.history], rel=1e-6,

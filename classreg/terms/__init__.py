@@ -64,7 +64,7 @@ class DataTerm:
         norm = float(np.sqrt(np.max(np.sum(u * u, axis=-1)))) if u.size else 0.0
         if norm > 0:
             u *= max_step / norm
-        return u.astype(np.asarray(warped).dtype, copy=False), float(cost), min(norm, max_step)
+        return u.astype(np.asarray(warped).dtype, copy=False), float(cost), max_step if norm > 0 else 0.0
 
 
 class SSD(DataTerm):
