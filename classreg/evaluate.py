@@ -2,7 +2,8 @@
 statistics (incl. the non-diffeomorphic volume of Liu et al. 2024), and inverse consistency.
 
 All functions take classreg objects (``Image``, ``Transform``) or plain arrays and report in physical units (mm)
-where a length is involved. Definitions follow METHODS.md §8 and the Learn2Reg evaluation code where noted.
+where a length is involved. Each function states its definition; where noted they follow the evaluation code of the
+Learn2Reg challenge (Hering et al., IEEE TMI 2023).
 """
 from __future__ import annotations
 

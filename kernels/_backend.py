@@ -1,6 +1,6 @@
 """Backend selection shared by every kernel: numpy reference, numba CPU, numba.cuda GPU.
 
-Rules (DESIGN.md, "Backend"):
+Rules:
 
 * ``backend=None`` (the default of every public kernel) picks from the arrays: a CuPy array selects ``"cuda"``;
   otherwise ``"numba"`` when numba imports, else ``"numpy"``.  ``"numpy"`` is the plain reference (the test oracle).

@@ -1,8 +1,12 @@
-"""Differentiable linear sampling and the transposes that adjoint (reverse-sweep) gradients need (METHODS.md §1.2.4).
+"""Differentiable linear sampling and the transposes that adjoint (reverse-sweep) gradients need.
+
+They serve the exact discrete adjoint of LDDMM geodesic shooting (Vialard et al., IJCV 2012) integrated by a
+semi-Lagrangian scheme with map composition: the reverse sweep of that discrete step, a chain of elementary transposes.
 
 * :func:`sample_linear` -- (multi)linear interpolation of a scalar or channels-last image at per-voxel continuous
   indices, with the coordinate clamped to the grid ("border" extension), and optionally the **exact** derivative of
-  that interpolant with respect to the sample position (not a resampled finite difference, METHODS §1.6).
+  that interpolant with respect to the sample position (a resampled finite difference is not the derivative of the
+  interpolant and makes the gradient inexact).
 * :func:`splat_linear` -- its transpose with respect to the image: scatter-add of values with the same weights.
 * :func:`gradient_transpose` -- the exact transpose of :func:`classreg.kernels.diff.gradient` (central differences
   inside, one-sided at the borders: ``numpy.gradient`` with ``edge_order=1``), i.e. ``-div`` with the matching
@@ -16,7 +20,7 @@ coordinates the value equals the sample exactly.
 The numpy functions are the references (test oracles); the ``"numba"`` paths compile the same arithmetic (gathers
 parallel over the first axis; the scatter is a sequential loop, so there are no write races and the result does not
 depend on the thread count). No numba.cuda path yet: ``backend="cuda"`` is rejected (the GPU port would use atomics
-for the scatter, METHODS §1.6).
+for the scatter, where several samples add into the same voxel).
 """
 from __future__ import annotations
 

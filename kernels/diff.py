@@ -1,4 +1,4 @@
-"""Finite-difference operators on scalar images and channels-last vector fields (METHODS.md §7.5, §7.6).
+"""Finite-difference operators on scalar images and channels-last vector fields, and a DST-I Dirichlet Poisson solve.
 
 Conventions
 -----------
@@ -362,7 +362,7 @@ def gradient(a, *, spacing=1.0, ndim=None, backend=None):
 
 
 def divergence(u, *, spacing=1.0, backend=None):
-    """Divergence ``Σ_d ∂u_d/∂x_d`` of a channels-last field ``(*spatial, ndim)`` (METHODS §7.5).
+    """Divergence ``Σ_d ∂u_d/∂x_d`` of a channels-last field ``(*spatial, ndim)``.
 
     Same stencil as :func:`gradient`; returns ``(*spatial)``.
     """
@@ -379,7 +379,7 @@ def divergence(u, *, spacing=1.0, backend=None):
 
 
 def jacobian_matrix(u, *, spacing=1.0, of_map=True, backend=None):
-    """Jacobian matrix of the map ``x + u(x)`` (``of_map=True``) or of ``u`` (METHODS §7.5).
+    """Jacobian matrix of the map ``x + u(x)`` (``of_map=True``) or of ``u``.
 
     Parameters
     ----------
@@ -409,7 +409,7 @@ def jacobian_matrix(u, *, spacing=1.0, of_map=True, backend=None):
 
 
 def jacobian_determinant(u, *, spacing=1.0, backend=None):
-    """Determinant of the Jacobian of ``φ = id + u`` (METHODS §7.5).
+    """Determinant of the Jacobian of ``φ = id + u``.
 
     2-D: ``(1 + ∂_0u_0)(1 + ∂_1u_1) - ∂_1u_0 ∂_0u_1``; 3-D: cofactor expansion along the first row of
     ``I + Du``; derivatives as in :func:`gradient`. Returns ``(*spatial)``; values ≤ 0 mean folding.
@@ -436,7 +436,7 @@ def jacobian_determinant(u, *, spacing=1.0, backend=None):
 
 
 def curl(u, *, spacing=1.0, convention="physical", backend=None):
-    """Curl of a 2-D or 3-D channels-last field (METHODS §7.5; the ∇× of VP, §6).
+    """Curl of a 2-D or 3-D channels-last field (the ∇× of the variational-principle (VP) registration of Zhou & Liao).
 
     Parameters
     ----------
@@ -445,7 +445,7 @@ def curl(u, *, spacing=1.0, convention="physical", backend=None):
     spacing : float or sequence of float, optional
     convention : {"physical", "array"}, optional
         ``"physical"`` (default): the array axes are read as ``(z, y, x)`` / ``(y, x)`` -- x is the *last* array axis,
-        as in ``a[z, y, x]`` of DESIGN.md -- and the curl is the right-handed one in (x, y, z):
+        as in ``data[z, y, x]`` of docs/conventions.md -- and the curl is the right-handed one in (x, y, z):
         2-D scalar ``∂_x u_y - ∂_y u_x = ∂_1 u_0 - ∂_0 u_1``;
         3-D vector (returned in array-axis order, i.e. ``(c_z, c_y, c_x)``)
         ``(∂_2 u_1 - ∂_1 u_2,  ∂_0 u_2 - ∂_2 u_0,  ∂_1 u_0 - ∂_0 u_1)``, where ``∂_j`` is along array axis j.
@@ -482,9 +482,9 @@ def lie_bracket(u, v, *, spacing=1.0, backend=None):
     """Lie bracket of vector fields ``[u, v] = Jac(u)·v - Jac(v)·u`` (Jac = ∂u_i/∂x_j, not of the map).
 
     Sign convention of Vercauteren et al., "Symmetric log-domain diffeomorphic registration: a demons-based
-    approach", MICCAI 2008, whose BCH approximation reads
-    ``log(exp(v) ∘ exp(u)) = Z(v, u) ≈ v + u + ½[v, u]`` -- i.e. ``v + u + 0.5 * lie_bracket(v, u)`` here
-    (METHODS §3). Some authors (e.g. Bossa et al.) use the opposite sign.
+    approach", MICCAI 2008, LNCS 5241:754-761, doi:10.1007/978-3-540-85988-8_90, whose BCH approximation reads
+    ``log(exp(v) ∘ exp(u)) = Z(v, u) ≈ v + u + ½[v, u]`` -- i.e. ``v + u + 0.5 * lie_bracket(v, u)`` here.
+    Some authors (e.g. Bossa et al.) use the opposite sign.
 
     Parameters
     ----------
@@ -557,11 +557,12 @@ def _dstn(x, axes, xp, workers, inverse=False):
 
 
 def poisson_dirichlet(r, *, spacing=1.0, ndim=None, include_boundary=True, workers=None, backend=None):
-    """Solve the discrete Poisson problem ``Δ_h w = r`` with ``w = 0`` on the boundary, by DST-I (METHODS §7.6).
+    """Solve the discrete Poisson problem ``Δ_h w = r`` with ``w = 0`` on the boundary, by DST-I.
 
     ``Δ_h`` is the (2·ndim + 1)-point Laplacian ``Σ_j (w[i+e_j] - 2w[i] + w[i-e_j]) / h_j²`` on the interior nodes;
     its eigenvalues are ``λ_k = Σ_j (2cos(π k_j/(n_j+1)) - 2)/h_j²``, ``k_j = 1..n_j`` (n_j interior nodes), all
-    negative, so the solve is unique and symmetric (VP's ``∂Loss/∂F = b`` is exact with it, §6.1).
+    negative, so the solve is unique and symmetric (its own transpose, which makes VP's gradient ``∂Loss/∂F = b``
+    exact).
 
     Parameters
     ----------

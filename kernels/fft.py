@@ -1,7 +1,8 @@
-"""FFT cross-correlation for exhaustive shift searches (METHODS.md §5.1-5.2, §7.7).
+"""FFT cross-correlation for exhaustive shift searches (the global rigid search of Cross-Sim-NGF [1]_).
 
 ``(a ⋆ b)(χ) = Σ_x a(x + χ) b(x)`` for every integer shift χ, summed over channel pairs, computed as one inverse real
-FFT of ``Σ_k rfftn(a_k) · conj(rfftn(b_k))`` with explicit sizes (odd sizes are handled; METHODS §5.6).
+FFT of ``Σ_k rfftn(a_k) · conj(rfftn(b_k))`` with explicit sizes (odd sizes are handled: without ``s=``, ``irfftn``
+returns an even last axis, which is no longer the circular correlation of an odd-length grid).
 
 Output indexing (``mode``):
 
@@ -9,11 +10,16 @@ Output indexing (``mode``):
   ``n_a + n_b - 1``, ``out[i] ↔ χ = i - (n_b - 1)`` (like ``scipy.signal.correlate(a, b, "full")``).
 * ``"valid"``: shifts where b lies fully inside a, ``χ_j = 0 .. n_a,j - n_b,j``; ``out[i] ↔ χ = i``.
 * ``"circular"``: circular correlation on the grid ``out_shape`` (a and b zero-padded at the end of each axis),
-  ``out[i] ↔ χ ≡ i (mod out_shape)`` -- the convention of the CSNGF reference code (§5.2).
+  ``out[i] ↔ χ ≡ i (mod out_shape)`` -- the convention of the Cross-Sim-NGF reference code (MIDA-group/cross_sim_ngf).
 
 :func:`correlation_shifts` returns the χ of each output index per axis. The numpy backend uses :mod:`scipy.fft`
 (``workers``), CuPy arrays use :mod:`cupy.fft`; there are no per-voxel kernels here, so ``"numba"`` and ``"numpy"`` run
 the same code.
+
+References
+----------
+.. [1] J. Öfverstedt, J. Lindblad, N. Sladoje, "Cross-Sim-NGF: FFT-based global rigid multimodal alignment of image
+   volumes using normalized gradient fields", WBIR 2022 (arXiv:2110.10156).
 """
 from __future__ import annotations
 
@@ -99,8 +105,8 @@ def correlation_shifts(a_shape, b_shape, *, mode="full", out_shape=None):
 class CachedCorrelator:
     """Cross-correlation of fixed channels ``a_k`` with many ``b`` (one rfftn per ``b_k`` and one irfftn per call).
 
-    The NGF rigid search (METHODS §5.2) correlates thousands of rotated B against one reference A: the spectra
-    ``rfftn(a_k, s=fft_shape)`` are computed once here.
+    The Cross-Sim-NGF rigid search (Öfverstedt et al., WBIR 2022) correlates thousands of rotated B against one
+    reference A: the spectra ``rfftn(a_k, s=fft_shape)`` are computed once here.
 
     Parameters
     ----------
@@ -201,7 +207,7 @@ class CachedCorrelator:
 
 
 def cross_correlate(a, b, *, mode="full", out_shape=None, workers=None, backend=None):
-    """Summed cross-correlation ``C(χ) = Σ_k Σ_x a_k(x + χ) b_k(x)`` for all integer shifts (METHODS §7.7).
+    """Summed cross-correlation ``C(χ) = Σ_k Σ_x a_k(x + χ) b_k(x)`` for all integer shifts.
 
     Parameters
     ----------

@@ -78,7 +78,7 @@ def compose(u, v, *, spacing=1.0, order=1, mode="border", backend=None):
 
     Notes
     -----
-    METHODS.md §7.2: compose maps, never add displacements (addition is only first-order accurate).
+    Compose maps, never add displacements: ``u + v`` approximates the composition only to first order.
     """
     u = _check_field(u, "u")
     v = _check_field(v, "v")
@@ -171,8 +171,8 @@ def expmap(v, *, spacing=1.0, n_squarings=None, max_squarings=20, max_voxel_norm
 
     Notes
     -----
-    METHODS.md §7.3: ``u_0 = v / 2**n`` then ``n`` times ``u <- u + u o (id + u)`` (linear interpolation, border
-    extension). The inverse map is ``exp(-v)``.
+    Scaling and squaring [1]_: ``u_0 = v / 2**n`` then ``n`` times ``u <- u + u o (id + u)`` (linear interpolation,
+    border extension). The inverse map is ``exp(-v)``.
 
     References
     ----------

@@ -1,8 +1,8 @@
-"""Point-cloud kernels for BCPD / multi-organ BCPD (METHODS.md §4): the E-step and Gaussian-process kernel sums.
+"""Point-cloud kernels for BCPD / multi-organ BCPD [1]_ [2]_: the E-step and Gaussian-process kernel sums.
 
 Plain arrays in, arrays out; nothing here knows about transforms or solvers.
 
-* :func:`estep` -- the BCPD E-step (METHODS §4.2 step 2) without ever forming the M×N matching matrix:
+* :func:`estep` -- the BCPD E-step (update of the matching probabilities) without ever forming the M×N matching matrix:
   ``φ_mn = b_m · U[lx_n, ly_m] · exp(-|x_n - y_m|² / (2σ²))``, ``p_mn = φ_mn / (c + Σ_m' φ_m'n)`` and returns
   ``ν_m = Σ_n p_mn``, ``ν'_n = Σ_m p_mn`` and ``PX_m = Σ_n p_mn x_n``.  Pairs whose Gaussian factor is below
   ``truncation`` are treated as exactly zero (``truncation=0`` keeps every pair).
@@ -19,12 +19,18 @@ Plain arrays in, arrays out; nothing here knows about transforms or solvers.
 * :func:`gauss_matrix` -- dense Gaussian affinities to a small point set (landmarks, probes).
 * :func:`kernel_matrix` -- the multi-organ Gaussian kernel ``G_ij = amp[l_i, l_j] exp(-|a_i - b_j|² / den[l_i, l_j])``
   (dense, for one block).
-* :func:`kernel_apply` -- ``out_i = Σ_j G(q_i, z_j) coef_j`` in blocks (Gaussian-process interpolation, eq. 5),
+* :func:`kernel_apply` -- ``out_i = Σ_j G(q_i, z_j) coef_j`` in blocks (Gaussian-process interpolation, eq. 5 of [2]_),
   numpy reference and numba parallel path.
 
 numba kernels are plain module-level functions compiled lazily with ``cache=True`` (their globals rebound to the
 compiled helpers, so the on-disk cache key is stable across processes); small calls run on one thread
 (:data:`PARALLEL_MIN_WORK`).
+
+References
+----------
+.. [1] O. Hirose, "A Bayesian formulation of coherent point drift", IEEE TPAMI 43(7):2269-2286, 2021,
+   doi:10.1109/TPAMI.2020.2971687.
+.. [2] "Multi-organ Bayesian coherent point drift" (MO-BCPD), WBIR 2022 (Biomedical Image Registration, LNCS 13386).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Gaussian smoothing and Fourier-domain smoothing operators (METHODS.md §1.2, §7.4).
+"""Gaussian smoothing and Fourier-domain smoothing operators.
 
 * :func:`gaussian` -- separable, truncated, unit-sum Gaussian FIR filter; the ``"numpy"`` reference *is*
   :func:`scipy.ndimage.gaussian_filter` (same radius rule ``r = int(truncate * sigma_vox + 0.5)``, same boundary
@@ -93,7 +93,7 @@ def _check_ndim(ndim, a, name="a", *, allowed=(1, 2, 3)):
 def gaussian_weights(sigma_vox, truncate=4.0):
     """Normalised 1-D Gaussian taps ``w[-r..r]`` (float64), exactly as :func:`scipy.ndimage.gaussian_filter1d`.
 
-    ``r = int(truncate * sigma_vox + 0.5)``, ``w_t = exp(-t^2 / (2 sigma_vox^2)) / sum``; unit sum (METHODS §7.4).
+    ``r = int(truncate * sigma_vox + 0.5)``, ``w_t = exp(-t^2 / (2 sigma_vox^2)) / sum``; unit sum.
     """
     sd = float(sigma_vox)
     r = int(truncate * sd + 0.5)
@@ -345,7 +345,7 @@ def _gaussian_cuda(a, sig_vox, truncate, mode):
 
 
 def gaussian(a, sigma, *, spacing=1.0, ndim=None, truncate=4.0, mode="nearest", backend=None):
-    """Separable truncated Gaussian filter (METHODS.md §7.4; the blur K of §1.2.1 in spatial form).
+    """Separable truncated Gaussian filter (also the Gaussian RKHS kernel K of LDDMM in spatial form).
 
     Parameters
     ----------
@@ -526,7 +526,7 @@ def _pad_widths(pad, auto, nd):
 
 
 def gaussian_kernel_operator(shape, spacing, sigma, *, pad=True, truncate=4.0, symbol="sampled", eps=1e-6):
-    """Gaussian RKHS kernel ``K_sigma`` as a Fourier multiplier (METHODS.md §1.2.1, §7.4).
+    """Gaussian RKHS kernel ``K_sigma`` (the smoothing kernel of LDDMM) as a Fourier multiplier.
 
     Parameters
     ----------
@@ -563,7 +563,7 @@ def gaussian_kernel_operator(shape, spacing, sigma, *, pad=True, truncate=4.0, s
     ``symbol="sampled"``, ``apply(v)`` equals the linear convolution with zero extension, i.e.
     ``gaussian(v, sigma, spacing=spacing, truncate=truncate, mode="constant")`` to FFT rounding (no wrap-around,
     because the pad is at least the kernel radius). ``apply`` is symmetric (self-adjoint) in both cases, as the
-    adjoint LDDMM gradient needs (METHODS §1.6).
+    adjoint LDDMM gradient needs (it applies K where the transpose of K belongs).
     """
     shape = _check_shape(shape)
     nd = len(shape)
@@ -601,7 +601,7 @@ def gaussian_kernel_operator(shape, spacing, sigma, *, pad=True, truncate=4.0, s
 
 
 def sobolev_operator(shape, spacing, alpha, s, *, pad=True):
-    """Sobolev kernel ``K = (Id - αΔ_h)^-s`` with the periodic discrete Laplacian (METHODS.md §1.2.2).
+    """Sobolev kernel ``K = (Id - αΔ_h)^-s`` with the periodic discrete Laplacian.
 
     Symbol ``L̂(k) = (1 + α Σ_j (2 - 2cos(2π k_j / N_j)) / h_j²)^s``, ``K̂ = 1/L̂``; ``apply`` is K (smoothing),
     ``apply_inverse`` is ``L = (Id - αΔ_h)^s`` (the momentum of a velocity).

@@ -1,6 +1,6 @@
 """Resampling kernels: warp an image through ``index -> matrix @ index + offset + disp_matrix @ disp[index]``.
 
-One kernel serves every resampling in classreg (METHODS.md §7.1):
+One kernel serves every resampling in classreg (index and physical-point conventions: docs/conventions.md):
 
 * a displacement warp on one grid (``warp(image, disp)``, displacements in voxels, or in mm with
   ``disp_matrix = diag(1 / spacing)``);
@@ -20,13 +20,12 @@ in the same order, and is the oracle of the tests.
 
 Two CPU loops are specialised (``_FLAT_LOOPS``), on one layout: flat arrays, arithmetic in the data's precision
 (float32 is twice the SIMD width of float64), the neighbours at constant flat offsets, unsigned indices.
-``_warp3_flat_cpu`` serves the solvers' moving-image warp (a scalar 3-D image, linear, modes "border" and "itk"; 2.5x
-(float32) and 2x (float64) faster than the general loop at 128³) and, like its 2-D counterpart ``_warp2_field_cpu``,
-ndim-channel images (displacement fields) warped linearly in mode "border" through a displacement field, i.e. field
-composition, the inner step of scaling and squaring (also used by :func:`classreg.kernels.fields.compose` to add
-``v`` in the same pass); the general loop's strided channel stores keep LLVM from vectorising it for fields. For
-float64 they compute the general loop's values bit for bit; for float32 they differ from them by the
-float32 rounding of coordinates and weights (~1e-6 relative).
+``_warp3_flat_cpu`` serves the solvers' moving-image warp (a scalar 3-D image, linear, modes "border" and "itk") and,
+like its 2-D counterpart ``_warp2_field_cpu``, ndim-channel images (displacement fields) warped linearly in mode
+"border" through a displacement field, i.e. field composition, the inner step of scaling and squaring (also used by
+:func:`classreg.kernels.fields.compose` to add ``v`` in the same pass); the general loop's strided channel stores keep
+LLVM from vectorising it for fields. For float64 they compute the general loop's values bit for bit; for float32 they
+differ from them by the float32 rounding of coordinates and weights (~1e-6 relative).
 """
 from __future__ import annotations
 

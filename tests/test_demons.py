@@ -149,7 +149,7 @@ def test_bad_input():
 
 @pytest.mark.slow
 def test_mni152_known_deformation_3d():
-    """METHODS/issue: MNI152 2 mm warped by a smooth diffeomorphism (max 8 mm, seed 0): EPE < 1 mm in the brain."""
+    """Acceptance check: MNI152 2 mm warped by a smooth diffeomorphism (max 8 mm, seed 0): EPE < 1 mm in the brain."""
     from classreg.data import DataNotFoundError, mni152
 
     try:

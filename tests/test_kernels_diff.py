@@ -1,4 +1,4 @@
-"""kernels.diff: finite differences, Jacobians, curl, Lie bracket, Dirichlet Poisson (METHODS §7.5, §7.6)."""
+"""kernels.diff: finite differences, Jacobians, curl, Lie bracket, Dirichlet Poisson."""
 import numpy as np
 import pytest
 from conftest import backend_params

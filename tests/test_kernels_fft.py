@@ -1,4 +1,4 @@
-"""kernels.fft: FFT cross-correlation vs brute force (METHODS §5.2, §7.7)."""
+"""kernels.fft: FFT cross-correlation (as in the Cross-Sim-NGF rigid search) vs brute-force sums over shifts."""
 import itertools
 
 import numpy as np

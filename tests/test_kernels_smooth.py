@@ -1,4 +1,4 @@
-"""kernels.smooth: Gaussian FIR (reference = scipy.ndimage) and the Fourier operators of LDDMM (METHODS §1.2, §7.4)."""
+"""kernels.smooth: Gaussian FIR (reference = scipy.ndimage) and the Fourier operators of LDDMM."""
 import numpy as np
 import pytest
 from conftest import backend_params
