@@ -103,7 +103,7 @@ def run_demo(out_dir, *, prefer_3d: bool = True, progress: bool = True, max_piec
     from . import evaluate, terms
     from .io import save
     from .resample import resample
-    from .solvers.demons import register_demons
+    from . import register_demons  # the public API (demo is a user of it, like any script)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
