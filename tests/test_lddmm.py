@@ -1,18 +1,29 @@
 """register_lddmm: adjoint gradient, geodesic property, recovery of a shot target, outputs, determinism, errors."""
+import importlib
+import itertools
 import math
 
 import numpy as np
 import pytest
+from classreg.kernels.adjoint import (
+    add_sample_adjoint,
+    det_cofactor,
+    gradient_transpose,
+    jacobian_norm_max,
+    momentum_adjoint,
+    sample_linear,
+    splat_linear,
+    velocity_adjoint,
+)
+from classreg.kernels.diff import gradient, jacobian_determinant, jacobian_matrix
 from conftest import backend_params
 from scipy import ndimage
 
 import classreg as cr
 from classreg import evaluate
-from classreg.kernels.adjoint import (add_sample_adjoint, det_cofactor, gradient_transpose, jacobian_norm_max,
-                                      momentum_adjoint, sample_linear, splat_linear, velocity_adjoint)
-from classreg.kernels.diff import gradient, jacobian_determinant, jacobian_matrix
-from classreg.solvers import lddmm
 from classreg.solvers.lddmm import GeodesicShooting, LNCCTerm, SSDTerm, kernel_operator
+from classreg.solvers.lddmm import step as lddmm_step
+from classreg.solvers.lddmm.objective import data_term
 
 _CPU = [p for p in backend_params() if p.id != "cuda"]
 
@@ -158,8 +169,8 @@ def test_adjoint_gradient_variants(case):
     shape = (20, 18) if nd == 2 else (9, 10, 8)
     h = (1.2, 0.9) if nd == 2 else (1.5, 1.0, 1.2)
     I0, J = _smooth(shape, rng, 2.0), _smooth(shape, rng, 2.0)
-    kern = dict(kernel="sobolev", alpha=1.0, order=2) if case == "sobolev" else dict(kernel_sigma=2.0)
-    src = dict(source_mu=0.3, source_weights=_smooth(shape, rng, 3.0)) if case == "source" else {}
+    kern = {"kernel": "sobolev", "alpha": 1.0, "order": 2} if case == "sobolev" else {"kernel_sigma": 2.0}
+    src = {"source_mu": 0.3, "source_weights": _smooth(shape, rng, 3.0)} if case == "source" else {}
     sh = GeodesicShooting(I0, h, kernel_operator(shape, h, **kern), 6, **src)
     if case == "lncc":
         data = LNCCTerm(J, 0.01, np.prod(h), radius=2.0, spacing=h)
@@ -203,25 +214,25 @@ def test_registration_recovers_a_shot_target_and_its_geodesic_length():
 def test_unstable_momentum_is_rejected_and_more_steps_restore_it():
     """A momentum too large for n_t steps: the explicit momentum update blows up (the velocity grows along a path
     that should conserve ‖v‖_V), the shooting is aborted at the stability limit, and the step count chosen by
-    ``_refined_steps`` brings δt·max‖Dv‖ back to the target with a folding-free map."""
+    ``refined_steps`` brings δt·max‖Dv‖ back to the target with a folding-free map."""
     I0, P0, sh = _shot_pair(n_steps=10)
     J = sh.forward(P0).I1
     data = SSDTerm(J, 1e-4, sh.cell)
     big = 12.0 * P0
     path = sh.forward(big)
-    assert path.stability > lddmm._STABILITY_LIMIT
-    E, _, _, p2, seed = sh.evaluate(big, data, stability_limit=lddmm._STABILITY_LIMIT)
+    assert path.stability > lddmm_step.STABILITY_LIMIT
+    E, _, _, p2, seed = sh.evaluate(big, data, stability_limit=lddmm_step.STABILITY_LIMIT)
     assert E == math.inf and p2.aborted and seed is None and p2.I1 is None
-    n = lddmm._refined_steps(10, path.stability, 1000)
+    n = lddmm_step.refined_steps(10, path.stability, 1000)
     assert n > 10
     fine = GeodesicShooting(I0, sh.h, sh.K, n).forward(big)
-    assert fine.stability <= 1.5 * lddmm._STABILITY_TARGET
+    assert fine.stability <= 1.5 * lddmm_step.STABILITY_TARGET
     assert jacobian_determinant(fine.u[-1], spacing=1.0).min() > 0
-    assert lddmm._refined_steps(10, 0.05, 40) == 10 and lddmm._refined_steps(10, math.inf, 40) == 20
-    assert lddmm._refined_steps(30, 0.5, 40) == 40
+    assert lddmm_step.refined_steps(10, 0.05, 40) == 10 and lddmm_step.refined_steps(10, math.inf, 40) == 20
+    assert lddmm_step.refined_steps(30, 0.5, 40) == 40
     # at the step bound, the largest stable multiple of the momentum is used instead (carried momenta, shocks)
-    P, (E, _, _, p3, seed), _ = lddmm._scale_to_stable(sh, big, data)
-    assert math.isfinite(E) and seed is not None and p3.stability <= lddmm._STABILITY_TARGET
+    P, (E, _, _, p3, seed), _ = lddmm_step.scale_to_stable(sh, big, data)
+    assert math.isfinite(E) and seed is not None and p3.stability <= lddmm_step.STABILITY_TARGET
     c = float(np.sum(P * big) / np.sum(big * big))
     assert 0.05 < c < 1.0 and np.allclose(P, c * big)
 
@@ -238,22 +249,22 @@ def test_large_intensity_mismatch_does_not_fold():
     assert r.params["intensity_used"] == "joint"
     assert r.metrics["min_det"] > 0
     assert evaluate.jacobian_stats(r.transform)["num_nonpositive"] == 0
-    assert r.metrics["stability"] <= lddmm._STABILITY_LIMIT
+    assert r.metrics["stability"] <= lddmm_step.STABILITY_LIMIT
     assert r.metrics["time_steps"] > r.params["n_steps"]  # the flow needed more than 10 steps
     assert r.metrics["ssd_after"] < 0.2 * r.metrics["ssd_before"]
     for level in (0, 1):  # energies never increase while the discretisation (level, time steps) is fixed
         rows = [h_ for h_ in r.history if h_["level"] == level]
         assert rows and all(math.isfinite(h_["energy"]) for h_ in rows)
-        assert all(b["energy"] <= a["energy"] for a, b in zip(rows, rows[1:]) if a["time_steps"] == b["time_steps"])
+        assert all(b["energy"] <= a["energy"] for a, b in itertools.pairwise(rows)
+                   if a["time_steps"] == b["time_steps"])
 
 
 def test_line_search_rejects_non_finite_energies(monkeypatch):
     """A data term that returns NaN once the SSD falls below half its initial value: no such point is accepted."""
     fixed, moving = _growth_pair((24, 24))
-    make = lddmm._data_term
 
     def wrapped(*args, **kwargs):
-        term = make(*args, **kwargs)
+        term = data_term(*args, **kwargs)
         first = []
 
         def call(I1, X, gradient=True):
@@ -263,7 +274,8 @@ def test_line_search_rejects_non_finite_energies(monkeypatch):
 
         return call
 
-    monkeypatch.setattr(lddmm, "_data_term", wrapped)
+    for module in ("step", "register"):  # the pyramid levels and the final shooting
+        monkeypatch.setattr(importlib.import_module(f"classreg.solvers.lddmm.{module}"), "data_term", wrapped)
     r = cr.register_lddmm(fixed, moving, metric="ssd", shrink_factors=(1,), iterations=(15,))
     d = [h_["metric"] for h_ in r.history]
     assert d and all(math.isfinite(x) for x in d)
@@ -274,7 +286,7 @@ def test_line_search_rejects_non_finite_energies(monkeypatch):
 
 def test_auto_intensity_matches_histograms_only_for_different_scales():
     fixed, moving = _growth_pair((16, 16))
-    kw = dict(shrink_factors=(1,), iterations=(0,))
+    kw = {"shrink_factors": (1,), "iterations": (0,)}
     assert cr.register_lddmm(fixed, moving, **kw).params["intensity_used"] == "joint"
     assert cr.register_lddmm(fixed, moving.like(moving.data * 227.0), **kw).params["intensity_used"] == "match"
     assert cr.register_lddmm(fixed, moving.like(moving.data * 227.0), intensity="joint",
@@ -344,7 +356,7 @@ def test_params_history_progress_and_callback_stop(tmp_path):
     assert sum(e.stage == "iteration" for e in events) == 3
     for key in ("kernel", "kernel_sigma", "data_sigma", "n_steps", "shrink_factors", "smoothing_sigmas",
                 "iterations", "tol", "metric", "intensity", "dtype", "seed", "init", "backend", "threads",
-                "versions", "masks", "optimizer"):
+                "versions", "fixed_mask", "moving_mask", "optimizer"):
         assert key in r.params, key
     assert r.params["seed"] == 5
     assert r.metrics["geodesic_length"] > 0
@@ -355,7 +367,7 @@ def test_params_history_progress_and_callback_stop(tmp_path):
 
 def test_deterministic_on_cpu():
     fixed, moving = _growth_pair((24, 24))
-    kw = dict(shrink_factors=(2, 1), iterations=(4, 4))
+    kw = {"shrink_factors": (2, 1), "iterations": (4, 4)}
     a = cr.register_lddmm(fixed, moving, **kw)
     b = cr.register_lddmm(fixed, moving, **kw)
     np.testing.assert_array_equal(a.extras["P0"], b.extras["P0"])
@@ -393,14 +405,28 @@ def test_bad_input_errors():
 
 
 def test_cli_register_lddmm(tmp_path):
+    """The generated ``classreg register lddmm`` (``--n-steps``, not the old ``--steps``), and the reported geodesic
+    length: sqrt(2 · regularisation), and ‖v₀‖_V = ⟨m₀, K⋆m₀⟩^½ (m₀ = P₀∇I₀, physical integral) recomputed here
+    from the written P₀ and the normalised moving image with numpy.gradient and the kernel operator (float32
+    operations in another order: rel 1e-5)."""
     from classreg.cli import main
+    from classreg.solvers._common import normalise_intensities
 
     fixed, moving = _growth_pair((24, 24))
     cr.save(fixed, tmp_path / "f.nii.gz")
     cr.save(moving, tmp_path / "m.nii.gz")
     rc = main(["register", "lddmm", str(tmp_path / "f.nii.gz"), str(tmp_path / "m.nii.gz"), "-o",
-               str(tmp_path / "out"), "--shrink-factors", "1", "--iterations", "3", "-q"])
+               str(tmp_path / "out"), "--shrink-factors", "1", "--iterations", "3", "--n-steps", "6", "--no-qc", "-q"])
     assert rc == 0
     res = cr.load_result(tmp_path / "out")
-    assert "P0" in res.extras and res.metrics["geodesic_length"] >= 0
     assert isinstance(res.transform, cr.DisplacementField)
+    assert res.params["n_steps"] == 6 and res.params["iterations"] == [3] and res.params["intensity_used"] == "joint"
+    m, P0 = res.metrics, res.extras["P0"]
+    assert np.abs(P0).max() > 0 and m["regularization"] > 0
+    assert m["geodesic_length"] == pytest.approx(math.sqrt(2.0 * m["regularization"]), rel=1e-12)
+    _, template = normalise_intensities(fixed, moving, None, "joint", np.float32)
+    h = fixed.spacing_array_order
+    m0 = P0[..., None] * np.stack(np.gradient(template.data, *h), axis=-1)
+    K = kernel_operator(fixed.shape, h, kernel_sigma=3.0 * max(fixed.spacing))
+    length = math.sqrt(np.prod(h) * float(np.sum(m0.astype(np.float64) * K.apply(m0))))
+    assert m["geodesic_length"] == pytest.approx(length, rel=1e-5)

@@ -1,0 +1,62 @@
+"""The options of ``register_lddmm``, declared once (see :mod:`classreg.options`)."""
+from __future__ import annotations
+
+from ...options import Declaration, Option, shared
+
+
+def _report(res) -> str:
+    m = res.metrics
+    return (f"lddmm: geodesic length {m['geodesic_length']:.4g}, SSD {m['ssd_before']:.4g} → {m['ssd_after']:.4g}, "
+            f"min det J {m['min_det']:.3g}, {m['time_steps']} time steps, {res.timings['total']:.1f} s; "
+            f"{res.stop_reason}")
+
+
+OPTIONS = Declaration(
+    name="lddmm",
+    summary="LDDMM by geodesic shooting of the initial momentum (adjoint gradient, L-BFGS)",
+    description="Register MOVING to FIXED with register_lddmm and write the warped image, the transform (fixed → "
+                "moving displacement field, chained with --init) and its inverse (both integrated along the flow), "
+                "extras.npz (the initial momentum P0), params.json, history.csv, result.json and a QC PNG into OUT.",
+    report=_report,
+    options=(
+        shared("init", help="initial fixed → moving transform (an Affine or Chain of affines; a transform file on the "
+                            "command line); the deformation is estimated on top of it, T = init ∘ φ₁⁻¹"),
+        shared("fixed_mask", help="the data term counts only inside this mask of the fixed image"),
+        shared("moving_mask", help="the data term counts only where this mask of the moving image, sampled through "
+                                   "the map, is set (differentiated with ssd)"),
+        shared("metric", default="lncc", help="data term: 'lncc' (local normalised correlation, (vol/σ²)·cost) or "
+                                              "'ssd' ((1/2σ²)‖I₁ − J‖², same-contrast pairs)"),
+        shared("shrink_factors"),
+        shared("smoothing_sigmas"),
+        shared("iterations", default=(40, 30, 20), help="L-BFGS iterations per pyramid level"),
+        Option("kernel", "gaussian", "RKHS kernel K: unit-sum Gaussian of kernel_sigma, or the Sobolev kernel "
+                                     "(Id − alpha Δ)^(−order)", kind="str", choices=("gaussian", "sobolev")),
+        Option("kernel_sigma", None, "σ of the Gaussian kernel", unit="mm", low=0, low_open=True,
+               default_text="3 × the largest spacing"),
+        Option("alpha", None, "α of the Sobolev kernel", unit="mm²", low=0, low_open=True,
+               default_text="(2 × the largest spacing)²"),
+        Option("order", 2.0, "power s of the Sobolev kernel", low=0, low_open=True),
+        Option("data_sigma", 0.05, "σ of the data term (ssd: normalised intensities; lncc: units of the correlation "
+                                   "cost); smaller: closer matching, longer geodesic, stiffer flow", low=0,
+               low_open=True),
+        Option("n_steps", 10, "time steps of the geodesic at the finest level (the minimum: raised while "
+                              "δt·max‖Dv‖ > 0.1; coarse levels start from half)", kind="int", low=1),
+        Option("max_steps", None, "upper bound of the adaptive time steps (at least n_steps)", kind="int", low=1,
+               default_text="4 × n_steps"),
+        Option("tol", 1e-5, "a level stops when the relative energy decrease of an iteration is at most tol", low=0),
+        Option("lncc_radius", None, "LNCC window radius (at least one voxel of each level)", unit="mm", low=0,
+               low_open=True, default_text="2 × the largest spacing"),
+        Option("intensity", "auto", "'joint': both images scaled by the fixed image's 0.5-99.5 percentiles; 'match': "
+                                    "histogram-match the moving image first; 'auto': 'joint' when both are on one "
+                                    "intensity scale, else 'match'", kind="str", choices=("auto", "match", "joint")),
+        Option("return_trajectory", False, "keep the geodesic I_t and v_t (t = k/n_t) in the result's extras",
+               kind="bool"),
+        shared("dtype"),
+        shared("seed", help="recorded for reproducibility (the algorithm is deterministic: P₀ starts at 0)"),
+        shared("threads"),
+        shared("device", help="where to compute: only 'cpu' (the LDDMM kernels run on the CPU)"),
+        shared("backend", choices=("numpy", "numba"), default_text="numba when installed"),
+        shared("progress"),
+        shared("callback"),
+    ),
+)

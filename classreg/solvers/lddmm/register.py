@@ -1,0 +1,321 @@
+"""``register_lddmm``: image LDDMM by geodesic shooting of the initial scalar momentum (EPDiff), adjoint gradient.
+
+The deformation is the end point of a geodesic of the group of diffeomorphisms, parameterised by the initial scalar
+momentum ``P₀`` on the fixed grid (F.-X. Vialard, L. Risser, D. Rueckert, C. J. Cotter, IJCV 97, 2012). The
+pieces: the kernel operator K (:mod:`.operators`), the data terms (:mod:`.objective`), the shooting and its adjoint
+(:mod:`.shooting`), one pyramid level of L-BFGS with adaptive time steps (:mod:`.step`, on
+:func:`classreg.optimise.minimise`). This module validates, runs the pyramid, shoots the result once more at full
+resolution and builds the :class:`~classreg.Result`.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import numpy as np
+
+from ...image import Image, as_mask
+from ...options import declared
+from ...progress import Progress, StopRegistration
+from ...pyramid import check_schedule, multiresolution
+from ...result import Result
+from ...transforms import Transform
+from .._common import (
+    check_init,
+    check_pair,
+    common_params,
+    field_result,
+    mean_sq,
+    normalise_intensities,
+    warp_through,
+)
+from .objective import data_term
+from .operators import kernel_operator
+from .options import OPTIONS
+from .shooting import GeodesicShooting
+from .step import STABILITY_TARGET, level_step, stable_start
+
+__all__ = ["register_lddmm"]
+
+_log = logging.getLogger("classreg")
+
+
+@declared(OPTIONS)
+def register_lddmm(fixed: Image, moving: Image, *, init: Transform | None = None, fixed_mask=None, moving_mask=None,
+                   metric: str = "lncc", shrink_factors=(4, 2, 1), smoothing_sigmas=None, iterations=(40, 30, 20),
+                   kernel: str = "gaussian", kernel_sigma: float | None = None, alpha: float | None = None,
+                   order: float = 2.0, data_sigma: float = 0.05, n_steps: int = 10, max_steps: int | None = None,
+                   tol: float = 1e-5, lncc_radius: float | None = None, intensity: str = "auto",
+                   return_trajectory: bool = False, dtype=np.float32, seed: int = 0, threads: int | None = None,
+                   device: str | None = None, backend=None, progress: bool = False, callback=None) -> Result:
+    """Register ``moving`` to ``fixed`` by LDDMM geodesic shooting of the initial scalar momentum P₀.
+
+    Along the geodesic (t ∈ [0, 1]) ``m_t = P_t ∇I_t``, ``v_t = −K⋆m_t``, ``I_t = I₀∘φ_t⁻¹``,
+    ``P_t = |Dφ_t⁻¹| (P₀∘φ_t⁻¹)``, with I₀ the moving image (through ``init``) on the fixed grid. The energy
+    minimised over P₀ is ``E(P₀) = ½ ⟨P₀∇I₀, K⋆(P₀∇I₀)⟩ + D(I₁)`` with ``D = (1/2σ²) ‖I₁ − J‖²`` ("ssd") or
+    ``(vol/σ²) · C_lncc(J, I₁)`` ("lncc"), J the fixed image and every inner product a physical integral (voxel sums
+    times Π h), so that neither E nor P₀ depends on the grid.
+
+    Parameters
+    ----------
+    fixed, moving : Image
+        2-D or 3-D scalar images in physical space (any grids; at least 4 voxels per axis).
+    init : Affine or Chain of affines, optional
+        Initial fixed → moving transform (e.g. from ``register_rigid``); ``T = init ∘ φ₁⁻¹``.
+    fixed_mask, moving_mask : Image or array, optional
+        The data term counts only inside the fixed mask and where the moving mask, sampled through the current map,
+        is set (with "ssd" a weight whose dependence on the map is differentiated).
+    metric : {"lncc", "ssd"}
+        Data term: local normalised correlation (:class:`classreg.terms.LNCC`, window ``lncc_radius`` mm; B. B.
+        Avants et al. 2008), the default, suited to pairs whose contrasts differ locally; or the sum of squared
+        differences (Vialard et al. 2012) for same-contrast pairs.
+    shrink_factors, smoothing_sigmas, iterations
+        Pyramid (coarsest first): shrink factors relative to the smallest spacing, Gaussian σ in mm (default: half
+        the shrink factor in voxels, 0 at full resolution), L-BFGS iterations per level. P₀ is carried to the next
+        level by linear interpolation without density rescaling (it is a function, the sums carry Π h).
+    kernel : {"gaussian", "sobolev"}
+        RKHS kernel K: unit-sum Gaussian of ``kernel_sigma`` mm, or ``(Id − αΔ)^{-order}`` (α in mm²); both with
+        zero extension (no wrap-around).
+    kernel_sigma : float, optional
+        Gaussian kernel σ in mm (default 3 × the largest spacing of ``fixed``).
+    alpha : float, optional
+        Sobolev α in mm² (default (2 × the largest spacing)²).
+    order : float
+        Sobolev power s.
+    data_sigma : float
+        σ of the data term: SSD in units of the normalised intensities ([0, 1] over the fixed image's 0.5-99.5
+        percentile range), LNCC in units of the correlation cost (in [−1, 0]). Smaller: closer matching, longer
+        geodesic, stiffer flow (more time steps).
+    n_steps : int
+        Time steps n_t of the geodesic at the finest level, the minimum: n_t is raised, per level, while a path's
+        stability number ``δt·max‖Dv‖_F`` exceeds 0.1 (stiff flows: large momenta, small ``kernel_sigma``). Coarse
+        levels start from half as many. ``metrics["time_steps"]`` is the count used for the result.
+    max_steps : int, optional
+        Upper bound of the adaptive n_t (default 4 × ``n_steps``). At the bound the stability limit acts as a
+        trust region: momenta whose flow would need more steps are rejected.
+    tol : float
+        Relative energy decrease ``(E_k − E_{k+1}) / max(|E_k|, |E_{k+1}|, 1)`` at or below which a level stops
+        (energies normalised by the level's initial energy).
+    lncc_radius : float, optional
+        LNCC window radius in mm (default 2 × the largest spacing; at least one voxel of each level).
+    intensity : {"auto", "joint", "match"}
+        "joint": both images scaled by the fixed image's 0.5-99.5 percentile range; "match": histogram-match the
+        moving image to the fixed one first (SimpleITK, as ``register_demons``); "auto": "joint" when the moving
+        image's 0.5 and 99.5 percentiles lie within half the fixed image's range of the fixed ones, else "match".
+        The choice is recorded in ``params["intensity_used"]``.
+    return_trajectory : bool
+        Store the geodesic ``I_t`` (moving intensities, t = k/n_t, k = 0..n_t) and ``v_t`` (array frame, mm per
+        unit time) in ``extras["trajectory_images"]`` / ``extras["trajectory_velocities"]``.
+    dtype : {numpy.float32, numpy.float64}
+        Working precision of the shooting and of the L-BFGS vectors.
+    seed : int
+        Recorded for reproducibility (the algorithm is deterministic: P₀ starts at 0).
+    threads : int, optional
+        CPU threads of the numba kernels during the call.
+    device : {None, "cpu"}
+        Where to compute; the LDDMM kernels run on the CPU only.
+    backend : {None, "numpy", "numba"}
+        Kernel implementation (default numba when installed).
+    progress : bool
+        Show a tqdm bar.
+    callback : callable, optional
+        Receives :class:`classreg.Event` objects (one ``iteration`` event per accepted L-BFGS iterate, with
+        ``metric`` = data term, ``regularization`` = ½‖v₀‖²_V, ``step`` = max |ΔP₀|); raise
+        :class:`classreg.StopRegistration` to stop and keep the current estimate.
+
+    Returns
+    -------
+    Result
+        ``transform`` = φ₁⁻¹ (fixed → moving, chained with ``init``), ``inverse`` = φ₁, both integrated along the
+        flow (no numerical inversion); ``warped``; ``metrics``: ``geodesic_length`` ‖v₀‖_V =
+        ⟨P₀∇I₀, K⋆(P₀∇I₀)⟩^½ = sqrt(2 · ``regularization``) (mm·mm^{d/2} per unit time, independent of the
+        intensity scale), ``energy``, ``data_term``, ``regularization``, ``ssd_before``/``ssd_after`` (mean squared
+        normalised difference), ``min_det`` (of φ₁⁻¹), ``inverse_error_voxels`` (max |φ₁∘φ₁⁻¹ − id|),
+        ``time_steps`` (n_t of the result), ``stability`` (max_k δt·max‖Dv_k‖_F), ``max_step_voxels``,
+        ``iterations``, ``evaluations``; ``extras["P0"]`` (initial momentum on the fixed grid, for the normalised
+        intensities) and the trajectory on request.
+
+    References
+    ----------
+    F.-X. Vialard, L. Risser, D. Rueckert, C. J. Cotter, "Diffeomorphic 3D image registration via geodesic
+    shooting using an efficient adjoint calculation", IJCV 97:229-241, 2012, doi:10.1007/s11263-011-0481-8.
+    M. I. Miller, A. Trouvé, L. Younes, "Geodesic shooting for computational anatomy", J. Math. Imaging Vis.
+    24:209-228, 2006, doi:10.1007/s10851-005-3624-0.
+    B. B. Avants, C. L. Epstein, M. Grossman, J. C. Gee, "Symmetric diffeomorphic image registration with
+    cross-correlation", Med. Image Anal. 12(1):26-41, 2008, doi:10.1016/j.media.2007.06.004 (the LNCC metric).
+    J. Nocedal, S. J. Wright, "Numerical Optimization", 2nd ed., Springer, 2006 (L-BFGS, Alg. 7.4; backtracking,
+    Alg. 3.1).
+    """
+    t_start = time.perf_counter()
+    check_pair(fixed, moving)
+    init = check_init(init, fixed.ndim)
+    dtype = np.dtype(dtype)
+    opts = _resolve(fixed, moving, metric=metric, kernel=kernel, kernel_sigma=kernel_sigma, alpha=alpha, order=order,
+                    data_sigma=data_sigma, n_steps=n_steps, max_steps=max_steps, tol=tol, lncc_radius=lncc_radius,
+                    dtype=dtype, backend=backend)
+    schedule = dict(zip(("shrink_factors", "smoothing_sigmas", "iterations"),
+                        check_schedule(shrink_factors, smoothing_sigmas, iterations, fixed.spacing)))
+    fmask = as_mask(fixed_mask, fixed, "fixed_mask")
+    mmask = as_mask(moving_mask, moving, "moving_mask")
+    intensity_used = _resolve_intensity(intensity, fixed, moving, fmask, mmask)
+    fixed_n, template, mmask_t = _template(fixed, moving, init, fmask, mmask, intensity_used, dtype, backend)
+    prog = Progress("lddmm", callback=callback, progress=progress, total=int(sum(schedule["iterations"])))
+    ssd_before = mean_sq(fixed_n.data, template.data, fmask)
+    run = _run_levels(fixed_n, template, fmask, mmask_t, schedule, opts, prog, ssd_before)
+    t_fin = time.perf_counter()
+    shooter, inv_mm, fwd_mm, metrics = _final_shooting(fixed, fixed_n, template, fmask, mmask_t, run, opts)
+    metrics["ssd_before"] = ssd_before
+    extras = {"P0": run["P0"]}
+    if return_trajectory:
+        extras.update(_trajectory(shooter, run["P0"], moving, fixed, init, dtype, backend))
+    timings = {"total": time.perf_counter() - t_start, "final_shooting": time.perf_counter() - t_fin,
+               "levels": [i["seconds"] for i in run["levels"]]}
+    params = _params(opts, schedule, run["levels"], intensity=intensity, intensity_used=intensity_used,
+                     return_trajectory=return_trajectory, init=init, seed=seed)
+    if not run["stopped"]:
+        try:
+            prog.emit("done", metric=metrics["ssd_after"], regularization=metrics["regularization"],
+                      extra={"geodesic_length": metrics["geodesic_length"]})
+        except StopRegistration:
+            pass
+    prog.close()
+    return field_result(fixed, moving, init, inv_mm, fwd_mm, history=prog.history, converged=run["converged"],
+                        stop_reason=run["stop_reason"], params=params, metrics=metrics, timings=timings,
+                        extras=extras)
+
+
+def _resolve(fixed: Image, moving: Image, *, metric, kernel, kernel_sigma, alpha, order, data_sigma, n_steps,
+             max_steps, tol, lncc_radius, dtype, backend) -> dict:
+    """The options that depend on each other or on the images, resolved (lengths in mm, σ² of the data term)."""
+    if backend == "cuda":
+        raise ValueError("register_lddmm runs on the CPU only (backend 'numpy' or 'numba'; device 'cpu')")
+    if max_steps is None:
+        max_steps = 4 * int(n_steps)
+    if max_steps < n_steps:
+        raise ValueError(f"max_steps must be an integer >= n_steps ({n_steps}), got {max_steps!r}")
+    for img, name in ((fixed, "fixed"), (moving, "moving")):
+        if min(img.shape) < 4:
+            raise ValueError(f"{name} must have at least 4 voxels along every axis, got shape {img.shape}")
+    h_max = max(fixed.spacing)
+    return {"metric": metric, "kernel": kernel,
+            "kernel_sigma": 3.0 * h_max if kernel_sigma is None else float(kernel_sigma),
+            "alpha": (2.0 * h_max) ** 2 if alpha is None else float(alpha), "order": float(order),
+            "data_sigma": float(data_sigma), "sigma2": float(data_sigma) ** 2, "n_steps": int(n_steps),
+            "max_steps": int(max_steps), "tol": float(tol),
+            "lncc_radius": 2.0 * h_max if lncc_radius is None else float(lncc_radius), "dtype": dtype,
+            "backend": backend}
+
+
+def _resolve_intensity(intensity, fixed, moving, fmask, mmask) -> str:
+    """``"auto"``: ``"joint"`` when the two images are on one intensity scale -- the moving image's 0.5 and 99.5
+    percentiles lie within half the fixed image's percentile range of the fixed ones --, else ``"match"``."""
+    if intensity != "auto":
+        return intensity
+    f = np.asarray(fixed.numpy(), dtype=np.float64)
+    m = np.asarray(moving.numpy(), dtype=np.float64)
+    f = f[np.asarray(fmask)] if fmask is not None else f
+    m = m[np.asarray(mmask)] if mmask is not None else m
+    lo_f, hi_f = np.percentile(f, [0.5, 99.5])
+    lo_m, hi_m = np.percentile(m, [0.5, 99.5])
+    span = hi_f - lo_f if hi_f > lo_f else max(float(np.ptp(f)), 1e-30)
+    same = abs(lo_m - lo_f) <= 0.5 * span and abs(hi_m - hi_f) <= 0.5 * span
+    if not same:
+        _log.info("lddmm: intensity='auto' -> 'match' (moving 0.5-99.5 %% range [%.4g, %.4g], fixed [%.4g, %.4g])",
+                  lo_m, hi_m, lo_f, hi_f)
+    return "joint" if same else "match"
+
+
+def _template(fixed, moving, init, fmask, mmask, intensity, dtype, backend):
+    """``(fixed_n, template, moving mask)``: the normalised fixed image, the normalised moving image through
+    ``init`` on the fixed grid (I₀) and the moving mask brought there (boolean, or None)."""
+    fixed_n, moving_n = normalise_intensities(fixed, moving, fmask, intensity, dtype)
+    zero = np.zeros((*fixed.shape, fixed.ndim), dtype=dtype)
+    template = fixed.like(warp_through(moving_n, fixed, init, zero, backend).astype(dtype))
+    mmask_t = None
+    if mmask is not None:
+        mw = warp_through(moving.like(np.asarray(mmask, dtype=dtype)), fixed, init, zero, backend)
+        mmask_t = mw > 0.5
+        if not mmask_t.any():
+            raise ValueError("moving_mask does not overlap the fixed image after init; check init or the mask")
+    return fixed_n, template, mmask_t
+
+
+def _run_levels(fixed_n, template, fmask, mmask_t, schedule, opts, prog, ssd_before) -> dict:
+    """The pyramid: :func:`.step.level_step` on every level. Returns the final ``P0`` (fixed grid), the time steps
+    reached, the levels' summaries, whether a callback stopped the run, convergence and the stop reason."""
+    levels = []
+    stopped = False
+    try:
+        prog.emit("start", metric=ssd_before)
+
+        def step(level, state, progress_):
+            levels.append(level_step(level, state, progress_, opts))
+
+        state, stopped = multiresolution(fixed_n, template, step, fixed_mask=fmask, moving_mask=mmask_t,
+                                         progress=prog, backend=opts["backend"], **schedule)
+    except StopRegistration:  # raised by the "start" event
+        state, stopped = {}, True
+    stop_reason, converged = "", True
+    if stopped:
+        stop_reason, converged = "stopped by callback", False
+    elif levels:
+        converged = bool(levels[-1]["converged"])
+        stop_reason = f"finest level: {levels[-1]['message']}"
+    P0 = state.get("P0")
+    if P0 is None or P0.shape != fixed_n.shape:
+        P0 = np.zeros(fixed_n.shape, dtype=opts["dtype"])
+    return {"P0": np.asarray(P0, dtype=opts["dtype"]), "n_steps": int(state.get("n_steps", opts["n_steps"])),
+            "levels": levels, "stopped": stopped, "converged": converged, "stop_reason": stop_reason}
+
+
+def _final_shooting(fixed, fixed_n, template, fmask, mmask_t, run, opts):
+    """Shoot the result's P₀ once more at full resolution (with the finest level's time steps, refined only if P₀
+    had to be carried up to this grid): ``(shooter, φ₁⁻¹, φ₁, metrics)``, the maps as array-frame mm."""
+    from ...kernels.diff import jacobian_determinant
+    from ...kernels.fields import compose
+
+    dtype, backend, P0 = opts["dtype"], opts["backend"], run["P0"]
+    h = tuple(fixed.spacing_array_order)
+    op = kernel_operator(fixed.shape, h, kernel=opts["kernel"], kernel_sigma=opts["kernel_sigma"], alpha=opts["alpha"],
+                         order=opts["order"], backend=backend)
+    data = data_term(opts, fixed_n.data.astype(dtype), fmask, mmask_t, h)
+    n_final = min(opts["max_steps"], max(opts["n_steps"], run["n_steps"]))
+    shooter, n_final, (energy, reg, dat, path, _), _ = stable_start(
+        lambda n: GeodesicShooting(template.data, h, op, n, dtype=dtype, backend=backend), P0, data, n_final,
+        opts["max_steps"])
+    inv_mm, fwd_mm = shooter.maps(P0, path)
+    back = compose(fwd_mm, inv_mm, spacing=np.asarray(h), backend=backend)  # φ₁∘φ₁⁻¹ − id
+    metrics = {"geodesic_length": math.sqrt(max(0.0, 2.0 * reg)), "energy": energy, "data_term": dat,
+               "regularization": reg, "ssd_after": mean_sq(fixed_n.data, path.I1, fmask),
+               "min_det": float(np.min(jacobian_determinant(inv_mm, spacing=h, backend=backend))),
+               "inverse_error_voxels": float(np.max(np.sqrt(np.sum((back / np.asarray(h)) ** 2, axis=-1)))),
+               "time_steps": int(n_final), "stability": float(path.stability),
+               "max_step_voxels": float(path.max_step),
+               "evaluations": int(sum(i["evaluations"] for i in run["levels"])),
+               "iterations": int(sum(i["iterations"] for i in run["levels"]))}
+    return shooter, inv_mm, fwd_mm, metrics
+
+
+def _trajectory(shooter, P0, moving, fixed, init, dtype, backend) -> dict:
+    """The geodesic: ``I_t`` (the moving image through ``init ∘ φ_t⁻¹``) and ``v_t`` for t = k/n_t, k = 0..n_t."""
+    full = shooter.forward(P0, end_velocity=True)
+    images = [np.asarray(warp_through(moving, fixed, init, (u * shooter.hv).astype(dtype), backend)) for u in full.u]
+    return {"trajectory_images": images, "trajectory_velocities": list(full.v) + [full.v_end]}
+
+
+def _params(opts, schedule, levels, *, intensity, intensity_used, return_trajectory, init, seed) -> dict:
+    """``Result.params``: the resolved options (kernel parameters only for the kernel used), the time steps per
+    level, the optimiser and integrator, and :func:`~classreg.solvers._common.common_params`."""
+    gaussian, sobolev = opts["kernel"] == "gaussian", opts["kernel"] == "sobolev"
+    return dict(metric=opts["metric"], kernel=opts["kernel"], kernel_sigma=opts["kernel_sigma"] if gaussian else None,
+                alpha=opts["alpha"] if sobolev else None, order=opts["order"] if sobolev else None,
+                data_sigma=opts["data_sigma"], n_steps=opts["n_steps"], max_steps=opts["max_steps"],
+                time_steps=[int(i["n_steps"]) for i in levels], **schedule, tol=opts["tol"],
+                lncc_radius=opts["lncc_radius"] if opts["metric"] == "lncc" else None, intensity=intensity,
+                intensity_used=intensity_used, return_trajectory=bool(return_trajectory),
+                optimizer="L-BFGS (memory 10), monotone Armijo backtracking, trust region on the initial velocity "
+                          "(classreg.optimise)",
+                integrator="semi-Lagrangian, map composition, adaptive time steps (dt*max|Dv| <= "
+                           f"{STABILITY_TARGET})",
+                **common_params(init=init, dtype=opts["dtype"], seed=seed, backend=opts["backend"]))
