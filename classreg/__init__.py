@@ -4,6 +4,35 @@ Conventions (docs/conventions.md): arrays are indexed like numpy (``data[z, y, x
 (x, y[, z]) in mm in the ITK/LPS world; a registration transform maps fixed-image points to moving-image points
 (the pull-back used to resample the moving image); every length a user sets is in mm.
 """
+
+
+def _map_source_kernels():
+    """In a source checkout ``kernels/`` sits beside ``classreg/`` and is installed as ``classreg.kernels``
+    (setup.cfg ``package_dir``). When Python imports ``classreg`` from the checkout itself (the repository root is
+    the working directory, installed or not), map that folder to ``classreg.kernels`` so the clone imports the same
+    as an installation. An installed tree has ``classreg/kernels/`` and is left alone."""
+    import importlib.util
+    import os
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    init = os.path.join(os.path.dirname(here), "kernels", "__init__.py")
+    if "classreg.kernels" in sys.modules or os.path.isdir(os.path.join(here, "kernels")) or not os.path.isfile(init):
+        return
+    spec = importlib.util.spec_from_file_location("classreg.kernels", init,
+                                                  submodule_search_locations=[os.path.dirname(init)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["classreg.kernels"] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules["classreg.kernels"]
+        raise
+    globals()["kernels"] = module
+
+
+_map_source_kernels()
+
 from . import evaluate, terms
 from ._version import __version__
 from .image import Image
@@ -13,39 +42,31 @@ from .resample import resample
 from .result import Result, load_result
 from .solvers.demons import register_demons
 from .solvers.lddmm import register_lddmm
+from .solvers.points import register_points
 from .solvers.rigid import register_rigid
-from .solvers.bcpd import (PointDeformation, PointDeformationInverse, label_surface_points,
-                           label_transition_matrix, load_point_deformation, points_displacement_field,
-                           register_points)
 from .transforms import Affine, Chain, DisplacementField, Transform, load_transform
 
 __all__ = [
+    "Affine",
+    "Chain",
+    "DisplacementField",
+    "Event",
+    "Image",
+    "Result",
+    "StopRegistration",
+    "Transform",
     "__version__",
     "evaluate",
-    "terms",
-    "Image",
     "load",
-    "save",
     "load_points",
-    "save_points",
-    "Transform",
-    "Affine",
-    "DisplacementField",
-    "Chain",
-    "load_transform",
-    "resample",
-    "Result",
     "load_result",
+    "load_transform",
     "register_demons",
     "register_lddmm",
-    "register_rigid",
-    "Event",
-    "StopRegistration",
     "register_points",
-    "PointDeformation",
-    "PointDeformationInverse",
-    "points_displacement_field",
-    "label_surface_points",
-    "label_transition_matrix",
-    "load_point_deformation",
+    "register_rigid",
+    "resample",
+    "save",
+    "save_points",
+    "terms",
 ]

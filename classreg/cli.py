@@ -98,8 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
 # ================================================================================================ register <solver>
 def _solvers():
     """``(declaration, function)`` of every solver (importing classreg registers them)."""
+    import classreg
+
     from . import options
-    import classreg  # noqa: F401  (the solver modules register their declarations on import)
 
     return [options.SOLVERS[name] for name in sorted(options.SOLVERS)]
 
@@ -215,7 +216,8 @@ def _report(declaration, res, out) -> None:
 def _run_points(declaration, func, source, target, out, kw, *, progress, no_labels) -> int:
     """Point sets from files (labels from a last column, ``--source-labels``/``--target-labels`` files, or none with
     ``--no-labels``); writes moved_source.<ext> (source mapped into target space), transform.npz, params.json,
-    history.csv and result.json."""
+    history.csv, result.json and, with ``--reference IMAGE``, field.nii.gz (the fixed → moving displacement sampled
+    on that image's grid)."""
     from pathlib import Path
 
     from .io import load_points, save_points
@@ -234,6 +236,11 @@ def _run_points(declaration, func, source, target, out, kw, *, progress, no_labe
     ext = Path(source).suffix.lower()
     save_points(out / f"moved_source{ext if ext in ('.txt', '.csv', '.npy') else '.txt'}", res.apply_points(src))
     res.inverse.save(out / "transform.npz")
+    if kw.get("reference") is not None:  # the deformation sampled on that grid, for image tools
+        from .io import save
+        from .solvers.points import points_displacement_field
+
+        save(points_displacement_field(res.transform, kw["reference"]), out / "field.nii.gz")
     _write_text(out / "params.json", json.dumps(_jsonable(res.params), indent=2, sort_keys=True))
     _write_history(out / "history.csv", res.history)
     _write_text(out / "result.json", json.dumps(_jsonable(dict(converged=res.converged, stop_reason=res.stop_reason,

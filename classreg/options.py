@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["Option", "Declaration", "declared", "SHARED", "shared", "SOLVERS", "thread_context"]
+__all__ = ["SHARED", "SOLVERS", "Declaration", "Option", "declared", "shared", "thread_context"]
 
 #: value kinds an option can have; the CLI and the validation read them
 KINDS = ("float", "int", "bool", "str", "floats", "ints", "image", "transform", "dtype", "object", "int_or_str",
@@ -63,7 +63,7 @@ class Option:
     choices : tuple
         Allowed values of a ``str`` or number option (the words allowed besides integers for ``int_or_str``).
     low, high : float, optional
-        Inclusive bounds of a number (each element of a sequence); ``low_open`` makes the lower bound strict.
+        Inclusive bounds of a number (each element of a sequence); ``low_open``/``high_open`` make them strict.
     default_text : str
         How a ``None`` default is resolved, shown in the CLI help and the docs.
     cli : bool
@@ -82,6 +82,7 @@ class Option:
     low: float | None = None
     high: float | None = None
     low_open: bool = False
+    high_open: bool = False
     default_text: str = ""
     cli: bool = True
     cli_parse: object = None
@@ -179,7 +180,7 @@ class Option:
         if math.isnan(x) or (math.isinf(x) and not (self.high is None and x > 0 and self.kind == "float")):
             raise ValueError(f"{_who(solver)}{self.name} must be finite{_unit(self.unit)}, got {shown}")
         lo_bad = self.low is not None and (x <= self.low if self.low_open else x < self.low)
-        hi_bad = self.high is not None and x > self.high
+        hi_bad = self.high is not None and (x >= self.high if self.high_open else x > self.high)
         if lo_bad or hi_bad:
             raise ValueError(f"{_who(solver)}{self.name} must be {self.range_text()}{_unit(self.unit)}, got {shown}")
 
@@ -189,7 +190,7 @@ class Option:
         if self.low is not None:
             parts.append(f"{'>' if self.low_open else '>='} {_fmt(self.low)}")
         if self.high is not None:
-            parts.append(f"<= {_fmt(self.high)}")
+            parts.append(f"{'<' if self.high_open else '<='} {_fmt(self.high)}")
         return " and ".join(parts)
 
 

@@ -66,8 +66,9 @@ def test_shared_options_mean_the_same_everywhere():
                 base = options.SHARED[o.name]
                 assert (o.kind, o.unit) == (base.kind, base.unit), (name, o.name)
                 seen.setdefault(o.name, set()).add(name)
-    for common in ("seed", "threads", "device", "dtype", "progress", "callback"):
+    for common in ("seed", "threads", "device", "progress", "callback"):
         assert seen.get(common) == set(SOLVERS), common
+    assert {"demons", "lddmm", "rigid"} <= seen.get("dtype", set())  # register_points computes in float64
     for image_option in ("shrink_factors", "smoothing_sigmas", "fixed_mask", "moving_mask"):
         assert {"demons", "lddmm", "rigid"} <= seen.get(image_option, set()), image_option
     assert {"demons", "lddmm"} <= seen.get("iterations", set())
@@ -136,3 +137,12 @@ def test_declared_rejects_a_signature_that_drifts():
         with pytest.raises(TypeError, match="alpha"):
             options.declared(decl)(func)
     assert "toy" not in options.SOLVERS
+
+
+def test_open_bounds_are_enforced():
+    """``high_open``: omega must stay below 1 (it is a probability of outliers), 0.999 is accepted by the check."""
+    pts = np.random.default_rng(1).random((20, 3))
+    with pytest.raises(ValueError, match=r"omega must be >= 0 and < 1, got 1.0"):
+        cr.register_points(pts, pts, omega=1.0)
+    decl = cr.register_points.declaration
+    assert decl["omega"].check(0.999) == 0.999 and decl["truncation"].range_text() == ">= 0 and < 1"

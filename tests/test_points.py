@@ -1,14 +1,18 @@
-"""register_points: BCPD / multi-organ BCPD (METHODS.md §4), its kernels, transforms, helpers and CLI."""
+"""register_points: BCPD / multi-organ BCPD (Hirose, TPAMI 2021; MO-BCPD, WBIR 2022), its kernels, transforms,
+helpers and CLI."""
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 import pytest
+from classreg.kernels import _backend
+from classreg.kernels import points as kp
 
 import classreg
 from classreg import Image, StopRegistration, register_points
-from classreg.kernels import _backend
-from classreg.kernels import points as kp
-from classreg.solvers import bcpd
+from classreg.solvers import points
+from classreg.solvers.points import bcpd
 from classreg.transforms import Affine, rotation_matrix
 
 # ------------------------------------------------------------------------------------------------ phantoms
@@ -87,7 +91,8 @@ def make_organs():
     lx_bad = lx.copy()
     bad = rng.choice(len(lx), len(lx) // 10, replace=False)
     lx_bad[bad] = (lx[bad] + rng.integers(1, 4, len(bad))) % 4
-    return dict(Y=Y, ly=ly, X=X, lx=lx, lx_bad=lx_bad, lm=lm, llm=llm, lm_t=_apply_motion(lm, llm, mots), mots=mots)
+    return {"Y": Y, "ly": ly, "X": X, "lx": lx, "lx_bad": lx_bad, "lm": lm, "llm": llm,
+            "lm_t": _apply_motion(lm, llm, mots), "mots": mots}
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +100,7 @@ def organs():
     return make_organs()
 
 
-MO_KW = dict(deformation=100.0, bandwidth=30.0, max_iter=200, tol=1e-3)
+MO_KW = {"deformation": 100.0, "bandwidth": 30.0, "max_iter": 200, "tol": 1e-3}
 
 
 def _tre(res, o, labels=True):
@@ -123,7 +128,7 @@ def test_multi_organ_beats_bcpd_and_recovers_from_label_noise(organs):
     # 10 % of the target labels corrupted: U = Id is misled, a matching U recovers
     noisy_id = register_points(o["Y"], o["X"], source_labels=o["ly"], target_labels=o["lx_bad"], **MO_KW)
     noisy_u = register_points(o["Y"], o["X"], source_labels=o["ly"], target_labels=o["lx_bad"],
-                              label_transition=bcpd.label_transition_matrix(4, 0.1), **MO_KW)
+                              label_transition=points.label_transition_matrix(4, 0.1), **MO_KW)
     tre_id, tre_u = _tre(noisy_id, o), _tre(noisy_u, o)
     assert tre_u <= 1.2 * tre_omc, (tre_u, tre_omc)
     assert tre_id > tre_u
@@ -166,7 +171,7 @@ def test_deterministic_bitwise():
     rng = np.random.default_rng(3)
     Y = rng.normal(size=(300, 3)) * 10
     X = Y * 1.02 + np.sin(Y / 8.0) + 1.0
-    kw = dict(max_iter=40, min_iter=40, rank=30, lowrank="nystrom", nystrom_samples=100, seed=7)
+    kw = {"max_iter": 40, "min_iter": 40, "rank": 30, "lowrank": "nystrom", "nystrom_samples": 100, "seed": 7}
     a = register_points(Y, X, **kw)
     b = register_points(Y, X, **kw)
     assert np.array_equal(a.apply_points(Y), b.apply_points(Y))
@@ -303,12 +308,12 @@ def test_nystrom_estep_then_exact_matches_exact_registration():
     Y = _ellipsoid_surface(0, 600, rng)
     X = _ellipsoid_surface(0, 600, rng)
     X = X + 2.0 * np.sin(X / 12.0) + [2.0, -1.0, 1.0]
-    kw = dict(bandwidth=15.0, max_iter=60, tol=1e-3, estep_landmarks=75, seed=3)
+    kw = {"bandwidth": 15.0, "max_iter": 60, "tol": 1e-3, "estep_landmarks": 75, "seed": 3}
     auto = register_points(Y, X, **kw)
     exact = register_points(Y, X, estep="exact", **kw)
     used = [h["estep"] for h in auto.history]
     assert used[0] == "nystrom" and used[-1] == "exact" and auto.metrics["nystrom_estep_iterations"] >= 1
-    assert set(h["estep"] for h in exact.history) == {"exact"}
+    assert {h["estep"] for h in exact.history} == {"exact"}
     d = np.linalg.norm(auto.apply_points(Y) - exact.apply_points(Y), axis=1)
     assert d.mean() < 0.05 and d.max() < 0.5, (d.mean(), d.max())
     assert auto.params["estep"] == "auto" and auto.params["estep_precision"] == "float32"
@@ -337,7 +342,7 @@ def test_cuda_backend_routes_estep_through_device_arrays(monkeypatch):
     monkeypatch.setattr(_backend, "_cuda_usable", lambda: True)
     monkeypatch.setattr(bcpd, "to_device", fake_to_device)
     Y, X = _points_case()
-    kw = dict(bandwidth=15.0, max_iter=25, seed=3)
+    kw = {"bandwidth": 15.0, "max_iter": 25, "seed": 3}
     for estep in ("exact", "auto"):
         uploads.clear()
         dev = register_points(Y, X, backend="cuda", estep=estep, estep_landmarks=30, **kw)
@@ -352,7 +357,7 @@ def test_cuda_backend_routes_estep_through_device_arrays(monkeypatch):
 @pytest.mark.gpu
 def test_cuda_backend_matches_cpu_on_gpu():
     Y, X = _points_case(1500)
-    kw = dict(bandwidth=15.0, max_iter=40, seed=3, estep="exact")
+    kw = {"bandwidth": 15.0, "max_iter": 40, "seed": 3, "estep": "exact"}
     gpu = register_points(Y, X, backend="cuda", **kw)
     cpu = register_points(Y, X, backend="numpy", **kw)
     d = np.linalg.norm(gpu.apply_points(Y) - cpu.apply_points(Y), axis=1)
@@ -380,13 +385,13 @@ def test_woodbury_lowrank_update_equals_full_rank():
     G = np.exp(-((y[:, None] - y[None]) ** 2).sum(-1) / 2.0) * 3.0
     lam, Q = np.linalg.eigh(G)
     keep = lam > 1e-12 * lam.max()
-    full = dict(kind="full", G=G, idx=np.arange(m))
-    low = dict(kind="eigsh", Q=Q[:, keep], lam=lam[keep], K=int(keep.sum()), idx=np.arange(m))
+    full = {"kind": "full", "G": G, "idx": np.arange(m)}
+    low = {"kind": "eigsh", "Q": Q[:, keep], "lam": lam[keep], "K": int(keep.sum()), "idx": np.arange(m)}
     E, nu = rng.normal(size=(m, 3)), rng.uniform(0.1, 2.0, m)
     nu[:5] = 1e-20  # floored responsibilities
     for cv in (1e-3, 0.3, 5.0):
-        v1, s1, _ = bcpd._v_update(full, E, nu, cv, True)
-        v2, s2, _ = bcpd._v_update(low, E, nu, cv, True)
+        v1, s1, _ = bcpd.v_update_block(full, E, nu, cv, True)
+        v2, s2, _ = bcpd.v_update_block(low, E, nu, cv, True)
         np.testing.assert_allclose(v2, v1, rtol=1e-6, atol=1e-9 * np.abs(v1).max())
         np.testing.assert_allclose(s2, s1, rtol=1e-6, atol=1e-9 * s1.max())
 
@@ -395,7 +400,7 @@ def test_lowrank_registration_matches_full_rank():
     rng = np.random.default_rng(7)
     Y = rng.normal(size=(150, 3)) * 15
     X = Y + 3.0 * np.sin(Y / 20.0) + 1.0
-    kw = dict(max_iter=50, min_iter=50, bandwidth=40.0)
+    kw = {"max_iter": 50, "min_iter": 50, "bandwidth": 40.0}
     full = register_points(Y, X, rank="full", **kw)
     low = register_points(Y, X, rank=100, lowrank="eigsh", **kw)
     nys = register_points(Y, X, rank=100, lowrank="nystrom", nystrom_samples=150, **kw)
@@ -442,26 +447,26 @@ def test_bad_inputs_raise(case):
         X = X[:0]
         match = "target is empty"
     elif case == "labels_len":
-        kw = dict(source_labels=ly[:-1], target_labels=lx)
+        kw = {"source_labels": ly[:-1], "target_labels": lx}
         match = "source_labels must have one label per source point"
     elif case == "labels_one":
-        kw = dict(source_labels=ly)
+        kw = {"source_labels": ly}
         match = "both source_labels and target_labels"
     elif case == "label_extra":
         lx[0] = 5
-        kw = dict(source_labels=ly, target_labels=lx)
+        kw = {"source_labels": ly, "target_labels": lx}
         match = "target_labels contain"
     elif case == "mode":
-        kw = dict(mode="affine")
+        kw = {"mode": "affine"}
         match = "mode must be"
     elif case == "coherence":
-        kw = dict(coherence="organs")
+        kw = {"coherence": "organs"}
         match = "coherence must be"
     elif case == "U":
-        kw = dict(source_labels=ly, target_labels=lx, label_transition=np.ones((2, 2)))
+        kw = {"source_labels": ly, "target_labels": lx, "label_transition": np.ones((2, 2))}
         match = "label_transition must be"
     else:
-        kw = dict(rank="full", memory_budget_mb=0.001)
+        kw = {"rank": "full", "memory_budget_mb": 0.001}
         match = "memory_budget_mb"
     with pytest.raises(ValueError, match=match):
         register_points(Y, X, **kw)
@@ -471,8 +476,8 @@ def test_pd_guard_for_non_psd_multi_organ_kernel():
     rng = np.random.default_rng(9)
     Y = np.concatenate([rng.normal(size=(40, 3)), rng.normal(size=(40, 3)) + [1.5, 0, 0]])
     ly = np.repeat([0, 1], 40)
-    kw = dict(source_labels=ly, target_labels=ly, coherence=np.array([[1.0, 0.99], [0.99, 1.0]]),
-              bandwidth={0: 0.3, 1: 6.0}, max_iter=3, min_iter=0, rank="full")
+    kw = {"source_labels": ly, "target_labels": ly, "coherence": np.array([[1.0, 0.99], [0.99, 1.0]]),
+          "bandwidth": {0: 0.3, 1: 6.0}, "max_iter": 3, "min_iter": 0, "rank": "full"}
     with pytest.raises(ValueError, match="not positive semi-definite"):
         register_points(Y, Y + 0.1, pd_guard="raise", **kw)
     res = register_points(Y, Y + 0.1, pd_guard="jitter", **kw)
@@ -508,7 +513,7 @@ def test_dense_field_and_result_apply_warp_source_image_into_target_space():
     pull = Affine(R, t).inverse()  # target -> source
     expect = classreg.resample(img, pull, reference=grid)
     np.testing.assert_allclose(res.apply(img).data, expect.data, atol=1e-3)
-    field = classreg.points_displacement_field(res.transform, grid)
+    field = points.points_displacement_field(res.transform, grid)
     np.testing.assert_allclose(classreg.resample(img, field, reference=grid).data, expect.data, atol=1e-3)
 
 
@@ -526,35 +531,65 @@ def test_nonrigid_inverse_and_labels_and_save(tmp_path):
     with pytest.raises(ValueError, match="not one of the registration's organ labels"):
         f.map_points(Y[:2], [3, 4])
     path = f.save(tmp_path / "t.npz")
-    g = classreg.load_point_deformation(path)
+    g = points.load_point_deformation(path)
     np.testing.assert_array_equal(g.map_points(Y, ly), moved)
 
 
+def _organs_next_to(points_mm, labels_image):
+    """The labels of the 2^d voxels around each point (the grid cell that contains it)."""
+    idx = labels_image.world_to_index(points_mm)
+    lo = np.floor(idx).astype(int)
+    corners = np.array(list(itertools.product((0, 1), repeat=labels_image.ndim)))
+    cells = lo[:, None, :] + corners[None]  # (P, 2^d, d) voxel indices
+    return labels_image.numpy()[tuple(np.moveaxis(cells, -1, 0))]
+
+
 def test_label_surface_points_from_label_map():
-    pytest.importorskip("skimage")
     z, y, x = np.mgrid[:30, :32, :34]
     lab = np.zeros((30, 32, 34), np.uint8)
     lab[((x - 10) / 6.0) ** 2 + ((y - 16) / 8.0) ** 2 + ((z - 15) / 7.0) ** 2 < 1] = 1
     lab[((x - 24) / 6.0) ** 2 + ((y - 16) / 6.0) ** 2 + ((z - 15) / 6.0) ** 2 < 1] = 2
     img = Image(lab, spacing=(2.0, 1.5, 1.0), origin=(10.0, -5.0, 3.0))
-    pts, labs = classreg.label_surface_points(img, n_points=150, seed=0)
+    pts, labs = points.label_surface_points(img, n_points=150, seed=0)
     assert pts.shape == (300, 3) and set(labs.tolist()) == {1, 2}
+    # each point lies on the boundary of the organ it is labelled with: a voxel of its cell has that label, and no
+    # voxel of its cell belongs to the other organ (the organs are 2 voxels apart)
+    near = _organs_next_to(pts, img)
+    assert np.all((near == labs[:, None]).any(1))
+    assert not np.any((near != 0) & (near != labs[:, None]))
     # organ 2 is a 12 x 9 x 6 mm-radius ellipsoid centred at index (24, 16, 15) -> world (58, 19, 18)
     c = np.array([10 + 2 * 24, -5 + 1.5 * 16, 3 + 1.0 * 15])
     rho = np.linalg.norm((pts[labs == 2] - c) / [12.0, 9.0, 6.0], axis=1)
     assert np.all(np.abs(rho - 1) < 0.25)
+    # 2-D: contour tracing; a disc of label 3 (radius 8 voxels = 4 mm) next to a square of label 5
+    yy, xx = np.mgrid[:40, :40]
+    lab2 = np.zeros((40, 40), np.int16)
+    lab2[(xx - 12) ** 2 + (yy - 20) ** 2 < 64] = 3
+    lab2[14:27, 25:35] = 5
+    img2 = Image(lab2, spacing=(0.5, 0.5))
+    pts2, labs2 = points.label_surface_points(img2, labels=[3, 5])
+    assert pts2.shape[1] == 2 and set(labs2.tolist()) == {3, 5}
+    near2 = _organs_next_to(pts2, img2)
+    assert np.all((near2 == labs2[:, None]).any(1)) and not np.any((near2 != 0) & (near2 != labs2[:, None]))
+    radius = np.linalg.norm(pts2[labs2 == 3] - [6.0, 10.0], axis=1)
+    assert np.all(np.abs(radius - 4.0) < 0.5)
+    with pytest.raises(ValueError, match="does not occur"):
+        points.label_surface_points(img2, labels=[4])
 
 
-def test_read_points_and_cli(tmp_path):
+def test_load_points_and_cli(tmp_path):
     from classreg.cli import main
 
     rng = np.random.default_rng(13)
     Y = rng.normal(size=(60, 3)) * 10
     X = Y + [1.0, 2.0, -1.0]
+    organ = np.repeat([2, 5, 9], 20)  # label values need not be 0..L-1
     np.savetxt(tmp_path / "y.txt", Y, delimiter="\t")
-    np.savetxt(tmp_path / "x.csv", np.column_stack([X, np.zeros(60)]), delimiter=",", header="x,y,z,label")
-    pts, lab = bcpd.read_points(tmp_path / "x.csv")
-    assert pts.shape == (60, 3) and lab is not None
+    np.savetxt(tmp_path / "x.csv", np.column_stack([X, organ]), delimiter=",", header="x,y,z,label")
+    pts, lab = classreg.load_points(tmp_path / "x.csv")
+    np.testing.assert_array_equal(pts, X)
+    assert lab.dtype.kind == "i"
+    np.testing.assert_array_equal(lab, organ)  # the last column, row by row
     np.save(tmp_path / "x.npy", X)
     out = tmp_path / "out"
     rc = main(["register", "points", str(tmp_path / "y.txt"), str(tmp_path / "x.npy"), "-o", str(out),
@@ -564,6 +599,40 @@ def test_read_points_and_cli(tmp_path):
     assert np.abs(moved - X).max() < 0.05
     assert (out / "params.json").is_file() and (out / "history.csv").is_file() and (out / "transform.npz").is_file()
     assert main(["register", "points", str(tmp_path / "nope.txt"), str(tmp_path / "x.npy"), "-o", str(out)]) == 1
+
+
+def test_cli_labels_label_noise_and_rank(tmp_path):
+    import json
+
+    from classreg.cli import main
+
+    rng = np.random.default_rng(14)
+    Y = rng.normal(size=(60, 3)) * 10
+    X = Y + [1.0, 2.0, -1.0]
+    organ = np.repeat([2, 5, 9], 20)
+    np.savetxt(tmp_path / "y.csv", np.column_stack([Y, organ]), delimiter=",")
+    np.savetxt(tmp_path / "x.csv", np.column_stack([X, organ]), delimiter=",")
+    np.savetxt(tmp_path / "ly.txt", organ[:, None])
+    common = ["--max-iter", "5", "--min-iter", "0", "-q"]
+
+    def run(name, *args):
+        out = tmp_path / name
+        assert main(["register", "points", *args, "-o", str(out), *common]) == 0
+        return json.loads((out / "params.json").read_text())
+
+    # label columns of both files, a uniform label-noise rate and a full-rank kernel
+    p = run("labels", str(tmp_path / "y.csv"), str(tmp_path / "x.csv"), "--label-transition", "0.1", "--rank",
+            "full", "--bandwidth", "20", "--coherence", "global")
+    assert p["labels"] == [2, 5, 9] and p["method"] == "GMC-MO-BCPD" and p["rank"] == ["full"]
+    assert p["label_transition"][0] == pytest.approx([0.9, 0.05, 0.05]) and p["bandwidth_mm"] == [20.0] * 3
+    # labels from separate files (the source's own column ignored), K eigenpairs per organ
+    p = run("files", str(tmp_path / "y.csv"), str(tmp_path / "x.csv"), "--source-labels", str(tmp_path / "ly.txt"),
+            "--target-labels", str(tmp_path / "ly.txt"), "--rank", "10")
+    assert p["method"] == "OMC-MO-BCPD" and p["label_transition"][0] == [1.0, 0.0, 0.0]
+    assert p["rank"] == ["10 (eigsh)"] * 3
+    assert run("plain", str(tmp_path / "y.csv"), str(tmp_path / "x.csv"), "--no-labels")["method"] == "BCPD"
+    assert main(["register", "points", str(tmp_path / "y.csv"), str(tmp_path / "x.csv"), "-o",
+                 str(tmp_path / "bad"), "--coherence", "organs", *common]) == 1
 
 
 def test_result_save_and_load_round_trip_point_deformation(tmp_path):

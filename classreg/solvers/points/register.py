@@ -1,0 +1,418 @@
+"""``register_points``: Bayesian Coherent Point Drift and multi-organ BCPD on labelled point clouds.
+
+The call checks its inputs, normalises the coordinates (:func:`_frame`), builds the kernel blocks
+(:func:`.kernel.kernel_blocks`), runs the VB loop (:func:`_vb_loop`, one :func:`.bcpd.vb_iteration` per step) and
+turns the posterior into transforms in mm (:func:`_transforms`) and a :class:`~classreg.Result`.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from ...backend import versions
+from ...image import Image
+from ...kernels import points as kp
+from ...options import declared
+from ...progress import Progress, StopRegistration
+from ...result import Result
+from .._common import backend_name
+from .bcpd import EStep, initial_state, rotation_angle, vb_iteration
+from .kernel import Kernel, interp_coef, kernel_blocks
+from .labels import coherence_matrix, organ_indices, per_label, transition_matrix
+from .options import OPTIONS
+from .transform import PointDeformation, PointDeformationInverse
+
+__all__ = ["register_points"]
+
+
+@declared(OPTIONS)
+def register_points(source, target, *, source_labels=None, target_labels=None, mode="nonrigid",
+                    deformation=10.0, bandwidth=30.0, coherence="organ", label_transition=None,
+                    lambda_convention="variance", omega=0.0, kappa=math.inf, gamma=1.0, tol=None,
+                    max_iter=500, min_iter=30, rank="auto", lowrank=None, nystrom_samples=None,
+                    posterior_covariance=True, truncation=1e-12, estep="auto", estep_landmarks=300,
+                    estep_tol=1e-2, estep_precision="float32", pd_guard="jitter", normalize=True,
+                    memory_budget_mb=2048, reference=None, seed=0, threads=None, device=None, backend=None,
+                    progress=False, callback=None) -> Result:
+    r"""Register a labelled source point cloud onto a target with (multi-organ) Bayesian Coherent Point Drift.
+
+    Implements the variational-Bayes BCPD of Hirose (model of Sec. 4, VB updates of Algorithm 1; see
+    :mod:`classreg.solvers.points.bcpd`), with the multi-organ prior of MO-BCPD: the label-aware likelihood with
+    transition matrix U (eq. 3), the kernel
+    :math:`G_{ij} = f(Λ_{l_i}, Λ_{l_j}) S_{l_i l_j} \exp(-|y_i-y_j|^2 / (2 B_{l_i} B_{l_j}))` (eq. 4) and the
+    Gaussian-process interpolation of the displacement to any labelled point (eqs. 5-6). Plain BCPD is the one-organ
+    case (``G = λ⁻¹ exp(-|y_i-y_j|²/(2β²))`` with ``deformation = 1/λ``, ``bandwidth = β``).
+
+    Convention: ``source`` is the **moving** point set, ``target`` the **fixed** one. The estimated map
+    ``T(y) = s R (y + v(y)) + t`` takes source points into target space; ``result.apply_points(source_points)``
+    evaluates it (exact GP interpolation), ``result.transform`` is the fixed→moving pull-back ``T⁻¹`` (fixed-point
+    inverse, error in ``metrics["inversion_error_mm"]``) and ``result.apply(image)`` warps a source-space image onto
+    the ``reference`` grid (target space).
+
+    Parameters
+    ----------
+    source, target : array_like (M, D), (N, D)
+        Points in mm (D = 2 or 3), one per row, x first.
+    source_labels, target_labels : array_like of int, optional
+        Organ label of every point. Both or neither. Without labels every point belongs to one organ (plain BCPD).
+    mode : {"nonrigid", "similarity", "rigid"}
+        "similarity" estimates s, R, t only (no v); "rigid" also fixes s = 1.
+    deformation : float, sequence or dict {label: value}
+        Λ_l, the deformation magnitude per organ: prior variance of each displacement coordinate (mm²; the paper
+        writes mm). Default 10 (MO-BCPD), i.e. BCPD's λ = 0.1.
+    bandwidth : float, sequence or dict
+        B_l, coherence bandwidth per organ in mm (BCPD's β). Default 30 mm (MO-BCPD).
+    coherence : {"organ", "global"} or array (L, L)
+        Inter-organ coherence S: "organ" = identity (OMC-MO-BCPD: organs deform independently, block-diagonal
+        kernel), "global" = all ones (GMC-MO-BCPD), or a symmetric matrix in [0, 1] with unit diagonal
+        (ordered like the sorted label values).
+    label_transition : array (L, L) or float, optional
+        U[l, l'] = P(target label l | source organ l'), columns over source organs. A float e is shorthand for
+        :func:`~classreg.solvers.points.label_transition_matrix` (uniform label noise e). Default identity
+        (error-free labels).
+    lambda_convention : {"variance", "product"}
+        How Λ enters the kernel: "variance" uses sqrt(Λ_iΛ_j) (G_ii = Λ, reproduces BCPD with λ = 1/Λ — the
+        paper's stated equivalence Λ = 10 ↔ λ = 0.1); "product" uses Λ_iΛ_j exactly as printed in eq. 4.
+    omega : float in [0, 1)
+        Outlier probability ω (uniform outlier density 1/V, V = bounding-box volume of the target).
+    kappa : float
+        Dirichlet concentration κ of the mixing weights; ``inf`` (default) keeps α_m = 1/M.
+    gamma : float
+        Scale of the initial σ: ``σ₀ = γ sqrt(Σ_mn |x_n - y_m|² / (MND))``.
+    tol : float, optional
+        Convergence tolerance in mm: stop when σ < tol or |Δσ| < tol (after ``min_iter``). Default
+        1e-4 × the target's RMS radius (BCPD's default in its normalised units).
+    max_iter, min_iter : int
+        VB loop bounds (BCPD: 500 / 30).
+    rank : "auto", "full" or int
+        Rank K of the kernel approximation per kernel block: "full" solves with the exact M×M kernel (Cholesky);
+        an int uses the top-K eigenpairs and the Woodbury identity (O(MK²) per iteration). "auto": full rank for
+        blocks of ≤ 1500 points, else K = 100.
+    lowrank : {"eigsh", "nystrom"}, optional
+        How the top-K eigenpairs are found: Lanczos (scipy ``eigsh``, on the dense block if it fits the memory
+        budget) or a Nyström estimate from ``nystrom_samples`` random points (BCPD's ``-K/-J``). Default: "eigsh"
+        up to 3000 points per block, else "nystrom".
+    nystrom_samples : int, optional
+        Landmarks of the Nyström estimate (default max(300, 3K)).
+    posterior_covariance : bool
+        Use the posterior variances σ_m² of v in the updates (the paper's algorithm; BCPD's C code ``-a``).
+    truncation : float in [0, 1)
+        E-step: Gaussian factors exp(-d²/2σ²) below this are treated as zero (0 = exact), i.e. only pairs within
+        ``σ sqrt(2 ln(1/truncation))`` (7.4σ for the default) are summed.
+    estep : {"auto", "exact"}
+        How the E-step sums are computed. "exact": the truncated sums over all pairs (numba, spatially blocked,
+        deterministic). "auto" (default): while σ is large, the Nyström estimate of the sums used by BCPD's
+        acceleration (Hirose 2021, Sec. 5; the C code's ``-J`` option;
+        :func:`classreg.kernels.points.estep_nystrom`) with ``estep_landmarks`` random landmarks from X ∪ Ŷ redrawn
+        every iteration, checked every iteration against the exact sums on 64 random probe target and source
+        points; once its error exceeds ``estep_tol`` (relative error of the denominators Σ_m φ_mn and of ν_m, and
+        error of x̂_m in units of σ), that iteration and all later ones use the exact truncated sums (BCPD's ``-A``
+        likewise switches to a KD-tree neighbour search once σ is small). Used only where it is at least 4× cheaper
+        than the exact sums (M N ≥ 4 J (M + N)).
+    estep_landmarks : int
+        J, Nyström landmarks of the E-step (BCPD's ``-J``, default 300).
+    estep_tol : float
+        Largest probe error accepted from the Nyström E-step (default 0.01).
+    estep_precision : {"float32", "float64"}
+        Arithmetic of the exact E-step's pair loop (sums across blocks are float64 either way). float32 (default)
+        is faster; its Gaussian factors have relative error < 3e-5 and the E-step outputs agree with
+        float64 to ~1e-5 relative (float64 is used anyway once σ < 1e-4 × the point-set extent). float64 gives
+        1e-12.
+    pd_guard : {"jitter", "raise"}
+        If the kernel is not positive semi-definite (possible when S has off-diagonal mass and B varies between
+        organs): add the smallest diagonal jitter that fixes it (recorded in ``params``) or raise.
+    normalize : bool
+        Work internally on coordinates centred on the target centroid and divided by its RMS radius (lengths
+        converted accordingly; the result is the same up to rounding, reported in mm).
+    memory_budget_mb : float
+        Largest dense array (kernel block, E-step block) allowed; a full-rank kernel that does not fit raises
+        ValueError suggesting ``rank=K``.
+    reference : Image, optional
+        A target-space image grid; stored as ``result.reference`` so that ``result.apply(source_image)`` works.
+    seed : int
+        Seed of every random choice (Nyström landmarks, probes, eigsh start vector).
+    threads : int, optional
+        CPU threads of the numba kernels during the call.
+    device : {None, "cpu", "cuda", "cuda:N"}
+        Where the E-step sums run ("cuda" selects ``backend="cuda"``).
+    backend : {None, "numpy", "numba", "cuda"}
+        E-step backend (default numba when installed). ``"cuda"`` computes the E-step sums (exact: the blocked
+        array reference; Nyström: its array code) on the GPU with CuPy, float64; the target points are uploaded
+        once, the deformed source points each iteration, and the sums come back to the host, where the M-step
+        (O(M·K) with the low-rank kernel) runs. Needs the ``gpu`` extra and a CUDA device.
+    progress : bool
+        tqdm progress bar.
+    callback : callable, optional
+        ``callback(event)`` per VB iteration (``metric`` = σ in mm, ``step`` = |Δσ|); raise
+        :class:`classreg.StopRegistration` to stop.
+
+    Returns
+    -------
+    Result
+        ``transform`` (target → source, :class:`~classreg.solvers.points.PointDeformationInverse`), ``inverse``
+        (source → target, :class:`~classreg.solvers.points.PointDeformation`), ``history`` (per VB iteration:
+        sigma, scale, n_hat, ...), ``converged``, ``stop_reason``, ``params`` (every resolved parameter, lengths in
+        mm), ``metrics``, ``timings``.
+
+    Raises
+    ------
+    ValueError
+        Wrong shapes, NaN/Inf, empty sets, mismatched label lengths, unknown options, memory budget exceeded.
+
+    References
+    ----------
+    O. Hirose, "A Bayesian formulation of coherent point drift", IEEE TPAMI 43(7):2269-2286, 2021,
+    doi:10.1109/TPAMI.2020.2971687.
+    "Multi-organ Bayesian coherent point drift" (MO-BCPD), WBIR 2022 (eqs. 3-6).
+    """
+    with _one_blas_thread():
+        t_start = time.perf_counter()
+        fr = _frame(source, target, source_labels, target_labels, reference, normalize, tol)
+        n_org = len(fr.values)
+        lam = per_label(deformation, fr.values.tolist(), "deformation")
+        bw = per_label(bandwidth, fr.values.tolist(), "bandwidth")
+        S, U = coherence_matrix(coherence, n_org), transition_matrix(label_transition, n_org)
+        be = backend_name(backend)
+        budget = float(memory_budget_mb) * 2**20
+        kern_mm = Kernel(lam, bw, S, lambda_convention)
+        t_setup = time.perf_counter()
+        blocks, ranks, jitter = [], [], 0.0
+        if mode == "nonrigid":
+            blocks, ranks, jitter = kernel_blocks(
+                kern_mm.scaled(fr.r), fr.y, fr.ly_s, rank=rank, lowrank=lowrank, nystrom_samples=nystrom_samples,
+                budget=budget, pd_guard=pd_guard, rng=np.random.default_rng(seed), r=fr.r)
+        t_setup = time.perf_counter() - t_setup
+        st = initial_state(fr.y, fr.x, gamma, len(blocks))
+        params = _params(fr, lam, bw, S, U, st, mode=mode, lambda_convention=lambda_convention, omega=omega,
+                         kappa=kappa, gamma=gamma, max_iter=max_iter, min_iter=min_iter, rank=ranks,
+                         posterior_covariance=posterior_covariance, truncation=truncation, estep=estep,
+                         estep_landmarks=estep_landmarks, estep_tol=estep_tol, estep_precision=estep_precision,
+                         pd_guard=pd_guard, jitter_mm2=jitter, normalize=normalize,
+                         memory_budget_mb=memory_budget_mb, seed=seed, backend=be)
+        e_step = EStep(fr.x, fr.lx_s, fr.ly_s, U, omega=omega, volume=fr.volume, truncation=truncation,
+                       precision=estep_precision, mode=estep, landmarks=estep_landmarks, tol=estep_tol, seed=seed,
+                       backend=be, budget=budget)
+        prog = Progress("register_points", callback=callback, progress=progress, total=int(max_iter))
+        t_loop = time.perf_counter()
+        it, converged, stop_reason = _vb_loop(st, e_step, blocks, fr, prog, params["method"], mode=mode, kappa=kappa,
+                                              posterior_covariance=posterior_covariance, max_iter=max_iter,
+                                              min_iter=min_iter)
+        t_loop = time.perf_counter() - t_loop
+        t_fin = time.perf_counter()
+        fwd, inv, interp = _transforms(fr, blocks, st, kern_mm, mode, seed)
+        t_fin = time.perf_counter() - t_fin
+        metrics = _metrics(fr, st, it, e_step.n_nystrom, interp, inv)
+        timings = {"total": time.perf_counter() - t_start, "kernel_setup": t_setup, "vb_loop": t_loop,
+                   "finalize": t_fin, "per_iteration": t_loop / max(it, 1)}
+        _close(prog, metrics["sigma_mm"], stop_reason)
+        return Result(transform=inv, inverse=fwd, warped=None, history=list(prog.history), converged=converged,
+                      stop_reason=stop_reason, params=params, metrics=metrics, timings=timings, reference=reference)
+
+
+# ================================================================================================ inputs
+@dataclass
+class _Frame:
+    """The two point sets in mm (input order) and in the normalised, spatially ordered frame of the VB loop:
+    ``y = (Y[oy] - c0) / r``, ``x = (X[ox] - c0) / r``, organ indices ``ly_s``/``lx_s`` in that order, the
+    tolerance in mm and normalised, and the target's bounding-box volume V (normalised, the outlier density)."""
+
+    Y: np.ndarray
+    X: np.ndarray
+    ly: np.ndarray
+    values: np.ndarray
+    oy: np.ndarray
+    y: np.ndarray
+    x: np.ndarray
+    ly_s: np.ndarray
+    lx_s: np.ndarray
+    c0: np.ndarray
+    r: float
+    tol_mm: float
+    tol_n: float
+    volume: float
+
+
+def _frame(source, target, source_labels, target_labels, reference, normalize, tol) -> _Frame:
+    """Check the points, labels and reference; centre on the target centroid and divide by its RMS radius (when
+    ``normalize``); order both sets spatially (per organ) for the blocked E-step."""
+    Y = _check_points(source, "source")
+    X = _check_points(target, "target")
+    D = Y.shape[1]
+    if X.shape[1] != D:
+        raise ValueError(f"source and target must have the same dimension, got {D}-D source and {X.shape[1]}-D target")
+    if reference is not None and not isinstance(reference, Image):
+        raise TypeError(f"reference must be a classreg.Image (a target-space grid), got {type(reference).__name__}")
+    if reference is not None and reference.ndim != D:
+        raise ValueError(f"reference is {reference.ndim}-D but the points are {D}-D")
+    values, ly, lx = organ_indices(source_labels, target_labels, len(Y), len(X))
+    c0 = X.mean(0)
+    r = float(np.sqrt(((X - c0) ** 2).sum(1).mean())) if normalize else 1.0
+    if not r > 0:
+        r = 1.0
+    if not normalize:
+        c0 = np.zeros(D)
+    tol_mm = 1e-4 * float(np.sqrt(((X - X.mean(0)) ** 2).sum(1).mean()) or 1.0) if tol is None else float(tol)
+    oy = kp.spatial_order(Y, ly)
+    ox = kp.spatial_order(X, lx)
+    y = (Y[oy] - c0) / r
+    x = (X[ox] - c0) / r
+    span = x.max(0) - x.min(0)
+    volume = float(np.prod(np.where(span > 0, span, 1.0)))
+    return _Frame(Y=Y, X=X, ly=ly, values=values, oy=oy, y=y, x=x, ly_s=ly[oy], lx_s=lx[ox], c0=c0, r=r,
+                  tol_mm=tol_mm, tol_n=tol_mm / r, volume=volume)
+
+
+def _check_points(a, name):
+    if a is None:
+        raise TypeError(f"{name} must be an (N, 2) or (N, 3) array of points in mm, got None")
+    arr = np.asarray(a)
+    if arr.dtype.kind not in "biuf":
+        raise TypeError(f"{name} must be a real numeric array of points, got dtype {arr.dtype}")
+    if arr.ndim != 2 or arr.shape[1] not in (2, 3):
+        raise ValueError(f"{name} must have shape (N, 2) or (N, 3) (one point per row, x first), got {arr.shape}")
+    if arr.shape[0] == 0:
+        raise ValueError(f"{name} is empty; it needs at least one point")
+    arr = arr.astype(np.float64)
+    if not np.all(np.isfinite(arr)):
+        bad = int((~np.isfinite(arr).all(1)).sum())
+        raise ValueError(f"{name} contains {bad} point(s) with NaN or Inf coordinates; remove them first")
+    return arr
+
+
+@contextlib.contextmanager
+def _one_blas_thread():
+    """The BLAS thread pool limited to one thread (threadpoolctl, when installed) for the duration.
+
+    The VB loop alternates numba-parallel E-steps with small BLAS calls (M×K by K×K products); a multi-threaded
+    OpenBLAS then competes with numba's OpenMP workers, which spin after every parallel region, and the small
+    products become several times slower (docs/notes/points.md). One BLAS thread is as fast for these sizes.
+    """
+    try:
+        if not _BLAS_CONTROLLER:
+            from threadpoolctl import ThreadpoolController
+
+            _BLAS_CONTROLLER.append(ThreadpoolController())
+        ctx = _BLAS_CONTROLLER[0].limit(limits=1, user_api="blas")
+    except Exception:  # noqa: BLE001 - threadpoolctl missing or failing (any error): run unchanged
+        ctx = contextlib.nullcontext()
+    with ctx:
+        yield
+
+
+_BLAS_CONTROLLER = []
+
+
+def _params(fr: _Frame, lam, bw, S, U, st, **opts) -> dict:
+    """``Result.params``: every resolved option (lengths in mm) and what the run derived from the data."""
+    n_org, r, D = len(fr.values), fr.r, fr.x.shape[1]
+    block_diag = np.allclose(S, np.eye(n_org))
+    method = ("OMC-MO-BCPD" if (n_org > 1 and block_diag) else "GMC-MO-BCPD" if n_org > 1 and np.allclose(S, 1)
+              else "MO-BCPD" if n_org > 1 else "BCPD")
+    for key, cast in (("omega", float), ("kappa", float), ("gamma", float), ("max_iter", int), ("min_iter", int),
+                      ("posterior_covariance", bool), ("truncation", float), ("estep_landmarks", int),
+                      ("estep_tol", float), ("normalize", bool), ("memory_budget_mb", float), ("seed", int)):
+        opts[key] = cast(opts[key])
+    return dict(
+        solver="register_points", method=method,
+        convention="source = moving, target = fixed; transform: target -> source (T^-1); "
+                   "inverse/apply_points: source -> target (T)",
+        n_source=len(fr.Y), n_target=len(fr.X), ndim=D, labels=fr.values.tolist(), deformation=lam.tolist(),
+        bandwidth=bw.tolist(), deformation_mm2=lam.tolist(), bandwidth_mm=bw.tolist(), coherence=S.tolist(),
+        label_transition=U.tolist(), bcpd_lambda=(1.0 / lam).tolist(), tol_mm=fr.tol_mm,
+        normalization_center_mm=fr.c0.tolist(), normalization_scale_mm=r, sigma_init_mm=math.sqrt(st.sigma2) * r,
+        volume_mm3=fr.volume * r**D, dtype="float64", versions=versions(), **opts)
+
+
+# ================================================================================================ the VB loop
+def _vb_loop(st, estep, blocks, fr: _Frame, prog, method, *, mode, kappa, posterior_covariance, max_iter, min_iter):
+    """Iterate :func:`.bcpd.vb_iteration` until σ or |Δσ| falls below the tolerance (after ``min_iter``), σ or s
+    stop being finite, ``max_iter`` or the callback's StopRegistration. Returns ``(iterations, converged,
+    stop_reason)``; ``st`` holds the posterior."""
+    converged = False
+    stop_reason = f"max_iter={max_iter} reached"
+    r, tol_n = fr.r, fr.tol_n
+    sigma = math.sqrt(st.sigma2)
+    it = 0
+    try:
+        prog.emit("start", extra={"n_source": len(fr.y), "n_target": len(fr.x), "method": method})
+        prog.emit("level_start", level=0)
+        for it in range(1, int(max_iter) + 1):
+            used = vb_iteration(st, estep, blocks, fr.x, fr.y, mode=mode, kappa=kappa,
+                                posterior_covariance=posterior_covariance, it=it)
+            old, sigma = sigma, math.sqrt(st.sigma2)
+            diff = abs(sigma - old)
+            prog.emit("iteration", level=0, iteration=it, metric=sigma * r, step=diff * r,
+                      extra=_record(st, fr, sigma, diff, used))
+            if it > min_iter and (sigma < tol_n or diff < tol_n):
+                converged = True
+                stop_reason = (f"converged: sigma {sigma * r:.3g} mm < tol {fr.tol_mm:.3g} mm" if sigma < tol_n else
+                               f"converged: |Δσ| = {diff * r:.3g} mm < tol {fr.tol_mm:.3g} mm")
+                break
+            if not np.isfinite(st.sigma2) or not np.isfinite(st.s):
+                stop_reason = "diverged (non-finite sigma or scale)"
+                break
+        prog.emit("level_end", level=0)
+    except StopRegistration:
+        stop_reason = "stopped by callback"
+        converged = False
+    return it, converged, stop_reason
+
+
+def _record(st, fr: _Frame, sigma, diff, used) -> dict:
+    """The history entry of one iteration (lengths in mm)."""
+    r, c0 = fr.r, fr.c0
+    return {"sigma": sigma * r, "sigma_change": diff * r, "scale": st.s, "n_hat": st.n_hat, "estep": used,
+            "rotation_deg": float(np.degrees(rotation_angle(st.R))),
+            "mean_displacement": float(np.sqrt((st.vhat**2).sum(1)).mean() * r),
+            "translation": (st.t * r + c0 - st.s * st.R @ c0).tolist()}
+
+
+def _close(prog, sigma_mm, stop_reason) -> None:
+    try:
+        prog.emit("done", metric=sigma_mm, extra={"stop_reason": stop_reason})
+    except StopRegistration:
+        pass
+    prog.close()
+
+
+# ================================================================================================ the result
+def _transforms(fr: _Frame, blocks, st, kern_mm: Kernel, mode, seed):
+    """``(T, T⁻¹, interpolation residual)``: the source → target map in mm (similarity + GP interpolation of v̂
+    through each block's anchors), its fixed-point inverse (evaluated once on up to 2000 target points, so that
+    ``last_error`` holds the inversion error) and the GP interpolation residual at up to 5000 source points (0 up
+    to rounding for full rank / eigsh)."""
+    r, c0, D = fr.r, fr.c0, fr.x.shape[1]
+    anchors, alabels, coefs = np.zeros((0, D)), np.zeros(0, dtype=np.int64), np.zeros((0, D))
+    if mode == "nonrigid" and st.coef[0] is not None:
+        parts = [interp_coef(kb, W, fr.y, fr.ly_s) for kb, W in zip(blocks, st.coef)]
+        anchors = np.concatenate([za * r + c0 for za, _, _ in parts])
+        alabels = np.concatenate([la for _, la, _ in parts])
+        coefs = np.concatenate([ca / r for _, _, ca in parts])
+    A = st.s * st.R
+    t_mm = st.t * r + c0 - A @ c0
+    deformed = (st.yhat * r + c0)[np.argsort(fr.oy)]
+    fwd = PointDeformation(A, t_mm, anchors, alabels, coefs, kern_mm.amp, kern_mm.den, fr.Y, fr.ly, deformed,
+                           label_values=fr.values)
+    M, N = len(fr.Y), len(fr.X)
+    ev = np.arange(M) if M <= 5000 else np.random.default_rng(seed).choice(M, 5000, replace=False)
+    interp = np.sqrt(((fwd.map_points(fr.Y[ev], fr.values[fr.ly[ev]]) - deformed[ev]) ** 2).sum(1))
+    inv = PointDeformationInverse(fwd)
+    ex = np.arange(N) if N <= 2000 else np.random.default_rng(seed).choice(N, 2000, replace=False)
+    inv.map_points(fr.X[ex])
+    return fwd, inv, interp
+
+
+def _metrics(fr: _Frame, st, it, n_nystrom, interp, inv) -> dict:
+    r, c0 = fr.r, fr.c0
+    A = st.s * st.R
+    return {"sigma_mm": math.sqrt(st.sigma2) * r, "scale": st.s, "rotation": st.R.tolist(),
+            "translation_mm": (st.t * r + c0 - A @ c0).tolist(),
+            "rotation_deg": float(np.degrees(rotation_angle(st.R))),
+            "n_hat": float(st.n_hat) if it else 0.0, "iterations": it, "nystrom_estep_iterations": n_nystrom,
+            "interpolation_error_mm": {"max": float(interp.max()), "mean": float(interp.mean())},
+            "inversion_error_mm": inv.last_error,
+            "mean_displacement_mm": float(np.sqrt((st.vhat**2).sum(1)).mean() * r)}
