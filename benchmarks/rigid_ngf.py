@@ -7,10 +7,10 @@ Run::
     NUMBA_NUM_THREADS=1 python -m benchmarks.rigid_ngf --trials 10 --paper-schedule
 
 Part 1 — one full CSNGF shift map of a random side^d image pair with partial masks, side 16, 32, 64 (2-D) and 16
-(3-D; 32 with ``--direct-3d-32``): the direct loop over shifts (:func:`classreg.solvers.rigid.csngf_direct`, numpy,
-float64) against the FFT (:class:`~classreg.solvers.rigid.CrossSimilarityNGF`, float32) — per map with the fixed
-spectra cached (what the rotation search pays) and including the fixed-side set-up; max |difference| over valid
-shifts.
+(3-D; 32 with ``--direct-3d-32``): the direct loop over shifts (:func:`classreg.solvers.rigid.csngf.csngf_direct`,
+numpy, float64) against the FFT (:class:`~classreg.solvers.rigid.csngf.CrossSimilarityNGF`, float32) — per map with
+the fixed spectra cached (what the rotation search pays) and including the fixed-side set-up; max |difference| over
+valid shifts.
 
 Part 2 — ITK's BrainT1SliceBorder20 (fixed) vs BrainProtonDensitySliceBorder20 moved by random rigid transforms
 (rotation uniform in ±180°, shift uniform ±30 mm per axis, seed 2022), success = mean displacement of the 4 image
@@ -33,7 +33,7 @@ SHORT_2D = dict(shrink_factors=(4, 2, 2, 1), samples=(360, 200, 60, 0), perturba
 def speed(sides_2d=(16, 32, 64), sides_3d=(16,)):
     from scipy import ndimage
 
-    from classreg.solvers.rigid import CrossSimilarityNGF, csngf_direct
+    from classreg.solvers.rigid.csngf import CrossSimilarityNGF, csngf_direct
 
     rows = []
     for ndim, sides in ((2, sides_2d), (3, sides_3d)):

@@ -2,13 +2,19 @@
 
 A solver supplies only its per-level step::
 
-    def step(level: Level, state: dict, progress: Progress) -> None:
+    def step(level: Level, state: dict, progress: Progress) -> float | None:
         ...  # iterate on level.fixed / level.moving, keep `state` current, emit "iteration" events
+        # optionally return the level's final metric: the driver reports it in the "level_end" event
 
 :func:`multiresolution` builds the pyramids (shrink factors → physical spacing, Gaussian smoothing σ in mm),
 carries the masks down, calls ``step`` from the coarsest level to the finest, and moves the state between levels:
 every array in ``state`` that lives on the level grid (scalar or channels-last, e.g. a displacement or velocity
-field in mm) is resampled onto the next, finer grid through physical space (mm-valued vectors need no rescaling).
+field in mm) is resampled onto the next, finer grid through physical space (mm-valued vectors need no rescaling);
+grid-free entries (numbers, lists, objects) pass through unchanged.
+
+A solver whose levels are not the images shrunk on their own grids (e.g. register_rigid's isotropic working grids in
+the fixed image's frame) passes ``level_images``, a hook that builds each level's :class:`LevelImages`; the rest of
+the driver (schedule checks, state transfer, events, stopping) is the same.
 
 Shrink factors are relative to the *smallest* spacing of the image, so an anisotropic 1 × 1 × 3 mm image is not
 shrunk along its coarse axis until the target spacing exceeds 3 mm (schedules counted in voxels on anisotropic data
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -25,7 +32,8 @@ from .image import Image, as_mask
 from .kernels._backend import serial_below
 from .progress import Progress, StopRegistration
 
-__all__ = ["Level", "multiresolution", "downsample", "level_geometry", "default_sigmas", "check_schedule"]
+__all__ = ["Level", "LevelImages", "check_schedule", "default_sigmas", "downsample", "level_geometry",
+           "multiresolution"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +53,20 @@ class Level:
     @property
     def is_finest(self) -> bool:
         return self.index == self.count - 1
+
+
+class LevelImages(NamedTuple):
+    """The images of one level as a ``level_images`` hook of :func:`multiresolution` builds them.
+
+    ``fixed``, ``moving``: Images (any grids); ``fixed_mask``, ``moving_mask``: boolean arrays on their grids or
+    None; ``info``: extra values for the ``level_start`` event (e.g. grid shapes), or None.
+    """
+
+    fixed: Image
+    moving: Image
+    fixed_mask: object = None
+    moving_mask: object = None
+    info: dict | None = None
 
 
 def default_sigmas(shrink_factors, spacing) -> tuple:
@@ -156,7 +178,7 @@ def check_schedule(shrink_factors, smoothing_sigmas, iterations, spacing):
 
 def multiresolution(fixed: Image, moving: Image, step, *, shrink_factors=(4, 2, 1), smoothing_sigmas=None,
                     iterations=(100, 50, 25), fixed_mask=None, moving_mask=None, state=None, transfer=None,
-                    progress: Progress | None = None, backend=None):
+                    progress: Progress | None = None, backend=None, level_images=None):
     """Run ``step`` coarse-to-fine and return ``(state, stopped)``.
 
     Parameters
@@ -164,7 +186,8 @@ def multiresolution(fixed: Image, moving: Image, step, *, shrink_factors=(4, 2, 
     fixed, moving : Image
         The pair; each is smoothed and shrunk on its own grid.
     step : callable
-        ``step(level, state, progress)``; updates ``state`` (a dict) in place.
+        ``step(level, state, progress)``; updates ``state`` (a dict) in place. It may return the level's final
+        metric (a number), which the ``level_end`` event then carries.
     shrink_factors : sequence of float
         Coarsest first, relative to each image's smallest spacing.
     smoothing_sigmas : sequence of float, optional
@@ -179,6 +202,10 @@ def multiresolution(fixed: Image, moving: Image, step, *, shrink_factors=(4, 2, 
         ``transfer(state, coarse_fixed, fine_fixed) -> state``; default :func:`transfer_state`.
     progress : Progress, optional
         Receives ``level_start``/``level_end`` events; ``step`` emits ``iteration`` events through it.
+    level_images : callable, optional
+        ``level_images(index, shrink, sigma_mm) -> LevelImages``: builds a level's images instead of
+        :func:`downsample` of each image on its own grid (``fixed_mask``/``moving_mask`` are then not used: the
+        hook carries its own masks). Default: :func:`downsample` and the masks carried down.
 
     Returns
     -------
@@ -198,20 +225,26 @@ def multiresolution(fixed: Image, moving: Image, step, *, shrink_factors=(4, 2, 
     state = {} if state is None else state
     previous = None
     for k, (f, sigma, n_it) in enumerate(zip(shrink, sigmas, its)):
-        fl = downsample(fixed, f, sigma, backend=backend)
-        ml = downsample(moving, f, sigma, backend=backend)
-        level = Level(index=k, count=len(shrink), shrink=f, sigma_mm=sigma, iterations=n_it, fixed=fl, moving=ml,
-                      fixed_mask=_downsample_mask(fmask, fixed, fl), moving_mask=_downsample_mask(mmask, moving, ml))
+        if level_images is None:
+            fl = downsample(fixed, f, sigma, backend=backend)
+            ml = downsample(moving, f, sigma, backend=backend)
+            images = LevelImages(fl, ml, _downsample_mask(fmask, fixed, fl), _downsample_mask(mmask, moving, ml))
+        else:
+            images = level_images(k, f, sigma)
+            fl = images.fixed
+        level = Level(index=k, count=len(shrink), shrink=f, sigma_mm=sigma, iterations=n_it, fixed=fl,
+                      moving=images.moving, fixed_mask=images.fixed_mask, moving_mask=images.moving_mask)
         if previous is not None:
             new = transfer(state, previous.fixed, fl)
             state.clear()
             state.update(new)
         previous = level
         try:
-            progress.emit("level_start", level=k, extra={"shrink": f, "sigma_mm": sigma, "shape": fl.shape})
+            progress.emit("level_start", level=k,
+                          extra={"shrink": f, "sigma_mm": sigma, "shape": fl.shape, **(images.info or {})})
             with serial_below(math.prod(fl.shape)):  # small levels: one thread is faster (same result)
-                step(level, state, progress)
-            progress.emit("level_end", level=k)
+                metric = step(level, state, progress)
+            progress.emit("level_end", level=k, metric=metric)
         except StopRegistration:
             return _to_input_grid(state, previous.fixed, fixed, transfer), True
     return _to_input_grid(state, previous.fixed, fixed, transfer), False

@@ -1,22 +1,30 @@
-"""register_rigid (CSNGF, METHODS.md §5): the FFT measure against the direct loop, known rigid transforms in 2-D and
-3-D (oblique, anisotropic grids), real multimodal data (ITK T1/PD slices, MNI152 T1 vs a tissue-map contrast),
-determinism, progress/stop, CLI and input errors."""
+"""register_rigid (CSNGF, Öfverstedt et al., WBIR 2022): the FFT measure against the direct loop, known rigid
+transforms in 2-D and 3-D (oblique, anisotropic grids), real multimodal data (ITK T1/PD slices, MNI152 T1 vs a
+tissue-map contrast), determinism, progress/stop, the pyramid driver's events, CLI and input errors."""
 import json
 import time
 
 import numpy as np
 import pytest
+from phantoms import oblique_direction
 from scipy import ndimage
 
 import classreg as cr
 from classreg.data import DataNotFoundError
-from classreg.solvers.rigid import (CrossSimilarityNGF, csngf_direct, euler_angles, sample_rotations)
+from classreg.solvers.rigid import (
+    CrossSimilarityNGF,
+    csngf_direct,
+    euler_angles,
+    normalised_gradient_field,
+    sample_rotations,
+)
 from classreg.transforms import rotation_matrix
-from phantoms import oblique_direction
 
 # light schedules for the default run (the paper's schedule is the default of register_rigid)
-FAST_2D = dict(shrink_factors=(4, 2, 2, 1), samples=(360, 200, 60, 0), perturbation=(10, 3, 0), keep=(20, 3, 1))
-TINY = dict(shrink_factors=(2, 1), samples=(24, 8), perturbation=(5,), keep=(3,), smoothing_sigmas=(2.0, 1.0))
+FAST_2D = {"shrink_factors": (4, 2, 2, 1), "samples": (360, 200, 60, 0), "perturbation": (10, 3, 0),
+           "keep": (20, 3, 1)}
+TINY = {"shrink_factors": (2, 1), "samples": (24, 8), "perturbation": (5,), "keep": (3,),
+        "smoothing_sigmas": (2.0, 1.0)}
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -110,6 +118,15 @@ def test_overlap_threshold_limits_the_shifts():
         assert np.all(m.count[~m.valid] < gamma * m.count.max())
 
 
+def test_normalised_gradient_field_is_a_unit_field_where_the_image_varies():
+    ramp = np.tile(0.01 * np.arange(12.0), (9, 1))  # grows along the last array axis
+    n = normalised_gradient_field(ramp, epsilon=1e-5, backend="numpy")
+    assert n.shape == (9, 12, 2)
+    np.testing.assert_allclose(n[..., 1], 1.0 / np.sqrt(1.0 + 1e-6), rtol=1e-12)  # |∇| = 0.01 against ε = 1e-5
+    np.testing.assert_array_equal(n[..., 0], 0.0)
+    np.testing.assert_array_equal(normalised_gradient_field(np.zeros((5, 6))), 0.0)
+
+
 # ------------------------------------------------------------------------------------------------ rotations
 def test_euler_angles_roundtrip_itk_convention():
     import SimpleITK as sitk
@@ -198,7 +215,8 @@ def _itk_trials(n, seed=2022, **kw):
         moving = _moved(pd, truth)
         t0 = time.perf_counter()
         res = cr.register_rigid(fixed, moving, **kw)
-        out.append(dict(angle=ang, error=corner_error(res.transform, truth, fixed), seconds=time.perf_counter() - t0))
+        out.append({"angle": ang, "error": corner_error(res.transform, truth, fixed),
+                    "seconds": time.perf_counter() - t0})
     return out
 
 
@@ -240,8 +258,8 @@ def _mni_pair():
     return t1, t1.like(other.astype(np.float32))
 
 
-MNI_SCHEDULE = dict(shrink_factors=(8, 4, 2), samples=(2000, 600, 60), perturbation=(10, 3), keep=(20, 3),
-                    smoothing_sigmas=(8.0, 5.0, 3.0))
+MNI_SCHEDULE = {"shrink_factors": (8, 4, 2), "samples": (2000, 600, 60), "perturbation": (10, 3), "keep": (20, 3),
+                "smoothing_sigmas": (8.0, 5.0, 3.0)}
 
 
 @pytest.mark.slow
@@ -298,6 +316,33 @@ def test_result_contents_and_determinism():
     assert [h["angle_z"] for h in r3.history[:5]] != [h["angle_z"] for h in r1.history[:5]]
 
 
+def test_runs_on_the_pyramid_driver_with_its_level_events(monkeypatch):
+    import classreg.solvers.rigid.register as reg
+    from classreg import pyramid
+
+    calls = []
+
+    def driver(*args, **kwargs):
+        calls.append(kwargs)
+        return pyramid.multiresolution(*args, **kwargs)
+
+    monkeypatch.setattr(reg, "multiresolution", driver)
+    fixed, moving, _ = _small_pair()
+    events = []
+    res = cr.register_rigid(fixed, moving, **TINY, callback=events.append)
+    assert len(calls) == 1 and calls[0]["iterations"] == (24, 8) and calls[0]["level_images"] is not None
+    starts = [e for e in events if e.stage == "level_start"]
+    ends = [e for e in events if e.stage == "level_end"]
+    assert [e.extra["rotations"] for e in starts] == [24, 3 + 8]
+    for k, (start, end) in enumerate(zip(starts, ends)):
+        info = res.metrics["levels"][k]
+        assert list(start.extra["fixed_shape"]) == info["fixed_shape"]
+        assert list(start.extra["moving_shape"]) == info["moving_shape"]
+        assert start.extra["spacing_mm"] == info["spacing_mm"] == TINY["shrink_factors"][k] * 1.0
+        assert end.metric == info["best_score"]
+    assert res.metrics["score"] == ends[-1].metric
+
+
 def test_callback_can_stop_and_the_best_so_far_is_returned():
     fixed, moving, _ = _small_pair()
 
@@ -311,12 +356,26 @@ def test_callback_can_stop_and_the_best_so_far_is_returned():
     assert res.metrics["score"] == pytest.approx(max(h["metric"] for h in res.history))
 
 
-def test_result_is_a_valid_init_for_demons():
+def test_recovers_the_known_transform_and_is_a_valid_init_for_demons():
     fixed, moving, truth = _small_pair()
     rigid = cr.register_rigid(fixed, moving, **TINY)
+    # the known map: 0.5 rad about the fixed centre, then (2, -1) mm. Angle within 2°: a 2° error moves the image
+    # corners (≈ 30 mm from the centre) by ≈ 1 mm, one working voxel, the resolution of the finest level. The
+    # translation (ITK, centre c_F = the truth's centre) within half a voxel: the shift is refined sub-voxel.
+    assert abs(rigid.metrics["angles_deg"][0] - np.rad2deg(0.5)) < 2.0
+    np.testing.assert_allclose(rigid.transform.translation, truth.translation, atol=0.5)
+    np.testing.assert_allclose(rigid.transform.center, _centre(fixed))
     res = cr.register_demons(fixed, moving, init=rigid.transform, shrink_factors=(1,), iterations=(3,),
                              max_pieces=1)
-    assert res.transform is not None
+    # demons runs on top of the rigid map, T = init ∘ field = Chain([field, init]), and stays within half a voxel
+    # of the truth where the phantom is (demons alone, 3 iterations, is ≈ 3 mm off there)
+    assert isinstance(res.transform, cr.Chain)
+    np.testing.assert_array_equal(res.transform.transforms[-1].homogeneous, rigid.transform.homogeneous)
+    pts = fixed.grid_points().reshape(-1, 2)
+    inner = pts[np.linalg.norm(pts - _centre(fixed), axis=1) < 12.0]
+    err = np.linalg.norm(res.transform.map_points(inner) - truth.map_points(inner), axis=1)
+    assert err.max() < 0.5, err.max()
+    assert res.metrics["ssd_after"] < res.metrics["ssd_before"]
 
 
 def test_save_and_cli(tmp_path, capsys):
@@ -342,6 +401,30 @@ def test_save_and_cli(tmp_path, capsys):
     tx = sitk.ReadTransform(str(out / "transform.tfm"))
     p = _centre(fixed) + 5.0
     np.testing.assert_allclose(tx.TransformPoint(tuple(p)), t.map_points(p[None])[0], atol=1e-6)
+
+
+def test_cli_switches(tmp_path):
+    from classreg.cli import main
+
+    fixed, moving, truth = _small_pair()
+    cr.save(fixed, tmp_path / "f.nii.gz")
+    cr.save(moving, tmp_path / "m.nii.gz")
+    out = tmp_path / "out"
+    rc = main(["register", "rigid", str(tmp_path / "f.nii.gz"), str(tmp_path / "m.nii.gz"), "-o", str(out),
+               "--shrink-factors", "2", "1", "--samples", "24,8", "--perturbation", "5", "--keep", "3",
+               "--smoothing-sigmas", "2", "1", "--no-refine", "--polish", "1", "--max-angle", "90", "--seed", "3",
+               "--workers", "1", "--no-qc", "-q"])
+    assert rc == 0
+    params = json.loads((out / "params.json").read_text())
+    assert params["refine"] is False and params["squared"] is True and params["polish"] == [1.0]
+    assert params["max_angle"] == 90.0 and params["seed"] == 3 and params["workers"] == 1
+    result = json.loads((out / "result.json").read_text())
+    assert result["metrics"]["subvoxel_offset"] == [0.0, 0.0]
+    assert corner_error(cr.load_transform(out / "transform.tfm"), truth, fixed) < 1.5
+    rc = main(["register", "rigid", str(tmp_path / "f.nii.gz"), str(tmp_path / "m.nii.gz"), "-o", str(out),
+               "--shrink-factors", "2,1", "--samples", "24,8", "--perturbation", "5", "--keep", "3",
+               "--smoothing-sigmas", "2,1", "--no-squared", "--no-qc", "-q"])
+    assert rc == 0 and json.loads((out / "params.json").read_text())["squared"] is False
 
 
 def test_bad_input_errors():
