@@ -159,6 +159,8 @@ class Option:
             cast = int if k == "ints" else float
             items = np.ravel(np.asarray(value, dtype=object)) if not isinstance(value, numbers.Number) else [value]
             if len(items) == 0:
+                if isinstance(self.default, (tuple, list)) and len(self.default) == 0:
+                    return value  # an empty default means "none" (e.g. rigid's polish stages)
                 raise ValueError(f"{_who(solver)}{self.name} must not be empty")
             for v in items:
                 self._number(v, cast, solver, whole=value)

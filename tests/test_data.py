@@ -45,5 +45,5 @@ def test_fsaverage5_surfaces_ship_with_nilearn():
     fs = datasets.fetch_surf_fsaverage("fsaverage5")
     from nilearn import surface
 
-    coords, faces = surface.load_surf_mesh(fs["pial_left"])[:2]
+    coords = surface.load_surf_mesh(fs["pial_left"])[0]
     assert np.asarray(coords).shape == (10242, 3)

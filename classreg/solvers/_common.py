@@ -7,8 +7,17 @@ import numpy as np
 from ..image import Image
 from ..transforms import Affine, Chain
 
-__all__ = ["backend_name", "check_pair", "check_init", "normalise_intensities", "index_map", "warp_through",
-           "mean_sq", "common_params", "field_result"]
+__all__ = [
+    "backend_name",
+    "check_init",
+    "check_pair",
+    "common_params",
+    "field_result",
+    "index_map",
+    "mean_sq",
+    "normalise_intensities",
+    "warp_through",
+]
 
 
 def backend_name(backend) -> str:
@@ -18,12 +27,15 @@ def backend_name(backend) -> str:
     return resolve_backend(backend)
 
 
-def common_params(*, init: Affine, dtype, seed, backend) -> dict:
-    """The entries every image solver's ``Result.params`` holds besides its own options."""
+def common_params(*, init: Affine | None, dtype, seed, backend) -> dict:
+    """The entries every image solver's ``Result.params`` holds besides its own options (``init`` as a homogeneous
+    matrix, omitted for a solver that takes none)."""
     from ..backend import versions
 
-    return dict(init=init.homogeneous.tolist(), dtype=str(np.dtype(dtype)), seed=seed, backend=backend_name(backend),
-                versions=versions())
+    out = dict(dtype=str(np.dtype(dtype)), seed=seed, backend=backend_name(backend), versions=versions())
+    if init is not None:
+        out["init"] = init.homogeneous.tolist()
+    return out
 
 
 def mean_sq(f, w, mask) -> float:

@@ -23,10 +23,34 @@ from __future__ import annotations
 import numpy as np
 
 from . import measures
-from .measures import LNCC_EPS, LNCC_RADIUS, intensity_limits, lncc, mattes_mi, ncc, ngf, ssd
+from .measures import (
+    LNCC_EPS,
+    LNCC_RADIUS,
+    intensity_limits,
+    lncc,
+    mattes_mi,
+    ncc,
+    ngf,
+    ssd,
+)
 
-__all__ = ["DataTerm", "SSD", "NCC", "LNCC", "MattesMI", "NGF", "TERMS", "get", "measures", "ssd", "ncc", "lncc",
-           "mattes_mi", "ngf", "intensity_limits"]
+__all__ = [
+    "LNCC",
+    "NCC",
+    "NGF",
+    "SSD",
+    "TERMS",
+    "DataTerm",
+    "MattesMI",
+    "get",
+    "intensity_limits",
+    "lncc",
+    "mattes_mi",
+    "measures",
+    "ncc",
+    "ngf",
+    "ssd",
+]
 
 
 class DataTerm:

@@ -21,7 +21,15 @@ from ...progress import Progress, StopRegistration
 from ...pyramid import check_schedule
 from ...result import Result
 from ...transforms import Transform
-from .._common import check_init, check_pair, common_params, field_result, mean_sq, normalise_intensities, warp_through
+from .._common import (
+    check_init,
+    check_pair,
+    common_params,
+    field_result,
+    mean_sq,
+    normalise_intensities,
+    warp_through,
+)
 from .options import OPTIONS
 from .step import one_piece, velocity_norm
 
