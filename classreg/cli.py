@@ -97,9 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ================================================================================================ register <solver>
 def _solvers():
-    """``(declaration, function)`` of every solver (importing classreg registers them)."""
-    import classreg
-
+    """``(declaration, function)`` of every solver: importing this module imported the package ``classreg``, whose
+    solver modules registered their declarations."""
     from . import options
 
     return [options.SOLVERS[name] for name in sorted(options.SOLVERS)]

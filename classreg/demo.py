@@ -100,10 +100,9 @@ def _brain_pair_2d() -> dict:
 
 def run_demo(out_dir, *, prefer_3d: bool = True, progress: bool = True, max_pieces: int = 5) -> dict:
     """Run the demo registration and write its outputs into ``out_dir``; returns the summary dict."""
-    from . import evaluate, terms
+    from . import evaluate, register_demons, terms  # the public API: the demo is a user of it, like any script
     from .io import save
     from .resample import resample
-    from . import register_demons  # the public API (demo is a user of it, like any script)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
