@@ -182,7 +182,6 @@ def _broken_geodesic(fixed_n: Image, moving_n: Image, fmask, mmask_img, init, sc
                      piece_tol, dtype) -> dict:
     """Up to ``max_pieces`` pieces Φ_i = Φ_{i-1} ∘ exp(v_i), each registering the moving image through Φ_{i-1};
     returns the array-frame displacements of Φ and Φ⁻¹ (mm), the velocities, energies and the stop reason."""
-    from ...kernels.diff import jacobian_determinant
     from ...kernels.fields import compose, expmap
 
     backend = opts["backend"]
@@ -213,15 +212,7 @@ def _broken_geodesic(fixed_n: Image, moving_n: Image, fmask, mmask_img, init, sc
             v = state.get("v")
             if v is None:
                 break
-            # Φ_i = Φ_{i-1} ∘ exp(v_i); the piece is halved (at most 3 times) if the composed map would fold on the
-            # grid (det J ≤ 0 by central differences): the broken geodesic stays a diffeomorphism.
-            for _ in range(4):
-                e_v, n_sq = expmap(v, spacing=h, backend=backend)
-                new_phi = compose(phi, e_v, spacing=h, backend=backend)
-                min_det = float(np.min(jacobian_determinant(new_phi, spacing=h, backend=backend)))
-                if min_det > 0:
-                    break
-                v = 0.5 * v
+            new_phi, v, n_sq, min_det = _compose_unfolded(phi, v, h, backend)
             if min_det <= 0:
                 stop_reason = f"piece {piece} would fold the map (min det J {min_det:.3g}); kept {piece - 1} piece(s)"
                 break
@@ -249,3 +240,19 @@ def _broken_geodesic(fixed_n: Image, moving_n: Image, fmask, mmask_img, init, sc
         prog.close()
     return dict(phi=phi, phi_inv=phi_inv, velocities=velocities, path_length=path_length, energy0=energy0,
                 energy=energy, stop_reason=stop_reason, converged=converged)
+
+
+def _compose_unfolded(phi, v, h, backend):
+    """``Φ ∘ exp(v)`` with ``v`` halved (at most 3 times) while the composed map folds on the grid (central-difference
+    det J ≤ 0), so the broken geodesic stays a diffeomorphism: ``(Φ ∘ exp(v), v, squarings, min det J)``."""
+    from ...kernels.diff import jacobian_determinant
+    from ...kernels.fields import compose, expmap
+
+    for _ in range(4):
+        e_v, n_sq = expmap(v, spacing=h, backend=backend)
+        new_phi = compose(phi, e_v, spacing=h, backend=backend)
+        min_det = float(np.min(jacobian_determinant(new_phi, spacing=h, backend=backend)))
+        if min_det > 0:
+            break
+        v = 0.5 * v
+    return new_phi, v, n_sq, min_det
