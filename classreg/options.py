@@ -114,7 +114,7 @@ class Option:
             return True
         if isinstance(a, (tuple, list)) or isinstance(b, (tuple, list)):
             return isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)) and tuple(a) == tuple(b)
-        return type(a) is type(b) and a == b if a is None or b is None else a == b
+        return a == b
 
     def check(self, value, solver: str = ""):
         """Raise a ValueError/TypeError naming the option if ``value`` is not allowed; return it unchanged."""
@@ -138,10 +138,7 @@ class Option:
                 raise ValueError(f"{_who(solver)}{self.name} must be float32 or float64, got {value!r}")
             return value
         if k == "str":
-            if self.choices and value not in self.choices:
-                raise ValueError(f"{_who(solver)}{self.name} must be one of {', '.join(map(repr, self.choices))}, "
-                                 f"got {value!r}")
-            return value
+            return self._choice(value, solver)
         if k == "device":
             if not (value in ("cpu", "cuda") or (isinstance(value, str) and value.startswith("cuda:")
                                                  and value[5:].isdigit())):
@@ -166,15 +163,21 @@ class Option:
                 self._number(v, cast, solver, whole=value)
             return value
         self._number(value, int if k == "int" else float, solver)
+        return self._choice(value, solver)
+
+    def _choice(self, value, solver):
         if self.choices and value not in self.choices:
-            raise ValueError(f"{_who(solver)}{self.name} must be one of {', '.join(map(str, self.choices))}, "
-                             f"got {value!r}")
+            shown = map(repr if self.kind == "str" else str, self.choices)
+            raise ValueError(f"{_who(solver)}{self.name} must be one of {', '.join(shown)}, got {value!r}")
         return value
 
     def _number(self, v, cast, solver, whole=None):
-        shown = f"{whole!r}" if whole is not None else f"{v!r}"
-        what = "integers" if whole is not None and cast is int else "numbers" if whole is not None else \
-            "an integer" if cast is int else "a number"
+        """Check one number ``v`` (an element of the sequence ``whole`` if given) against the kind and range."""
+        shown = repr(v if whole is None else whole)
+        if whole is None:
+            what = "an integer" if cast is int else "a number"
+        else:
+            what = "integers" if cast is int else "numbers"
         if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real) or \
                 (cast is int and not float(v).is_integer()):
             raise TypeError(f"{_who(solver)}{self.name} must be {what}{_unit(self.unit)}, got {shown}")
@@ -185,7 +188,6 @@ class Option:
         hi_bad = self.high is not None and (x >= self.high if self.high_open else x > self.high)
         if lo_bad or hi_bad:
             raise ValueError(f"{_who(solver)}{self.name} must be {self.range_text()}{_unit(self.unit)}, got {shown}")
-
 
     def range_text(self) -> str:
         parts = []
@@ -198,7 +200,7 @@ class Option:
 
 def _fmt(v) -> str:
     if isinstance(v, float) and v.is_integer() and abs(v) < 1e15:
-        return str(int(v)) if not math.isinf(v) else str(v)
+        return str(int(v))
     return str(v)
 
 

@@ -149,8 +149,8 @@ def register_demons(fixed: Image, moving: Image, *, init: Transform | None = Non
     out = _broken_geodesic(fixed_n, moving_n, fmask, mmask_img, init, schedule, opts, prog, int(max_pieces),
                            float(piece_tol), dtype)
     h = np.asarray(fixed.spacing_array_order)
-    params = dict(metric=metric, **schedule, **{k: v for k, v in opts.items() if k not in ("term", "backend")},
-                  max_pieces=int(max_pieces), piece_tol=float(piece_tol), intensity=intensity,
+    # the resolved entries (defaults that depend on the metric or the spacing); the declaration records the rest
+    params = dict(**schedule, **{k: v for k, v in opts.items() if k not in ("term", "backend")},
                   **common_params(init=init, dtype=dtype, seed=seed, backend=backend))
     metrics = dict(path_length=out["path_length"], pieces=len(out["velocities"]), ssd_before=out["energy0"],
                    ssd_after=out["energy"], piece_norms=[velocity_norm(v, h) for v in out["velocities"]])

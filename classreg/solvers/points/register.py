@@ -187,12 +187,7 @@ def register_points(source, target, *, source_labels=None, target_labels=None, m
                 budget=budget, pd_guard=pd_guard, rng=np.random.default_rng(seed), r=fr.r)
         t_setup = time.perf_counter() - t_setup
         st = initial_state(fr.y, fr.x, gamma, len(blocks))
-        params = _params(fr, lam, bw, S, U, st, mode=mode, lambda_convention=lambda_convention, omega=omega,
-                         kappa=kappa, gamma=gamma, max_iter=max_iter, min_iter=min_iter, rank=ranks,
-                         posterior_covariance=posterior_covariance, truncation=truncation, estep=estep,
-                         estep_landmarks=estep_landmarks, estep_tol=estep_tol, estep_precision=estep_precision,
-                         pd_guard=pd_guard, jitter_mm2=jitter, normalize=normalize,
-                         memory_budget_mb=memory_budget_mb, seed=seed, backend=be)
+        params = _params(fr, lam, bw, S, U, st, rank=ranks, jitter_mm2=jitter, backend=be)
         e_step = EStep(fr.x, fr.lx_s, fr.ly_s, U, omega=omega, volume=fr.volume, truncation=truncation,
                        precision=estep_precision, mode=estep, landmarks=estep_landmarks, tol=estep_tol, seed=seed,
                        backend=be, budget=budget)
@@ -306,16 +301,13 @@ def _one_blas_thread():
 _BLAS_CONTROLLER = []
 
 
-def _params(fr: _Frame, lam, bw, S, U, st, **opts) -> dict:
-    """``Result.params``: every resolved option (lengths in mm) and what the run derived from the data."""
+def _params(fr: _Frame, lam, bw, S, U, st, **resolved) -> dict:
+    """``Result.params`` entries resolved or derived from the data (lengths in mm); the options as passed are
+    recorded by the declaration (:func:`classreg.options.declared`)."""
     n_org, r, D = len(fr.values), fr.r, fr.x.shape[1]
     block_diag = np.allclose(S, np.eye(n_org))
     method = ("OMC-MO-BCPD" if (n_org > 1 and block_diag) else "GMC-MO-BCPD" if n_org > 1 and np.allclose(S, 1)
               else "MO-BCPD" if n_org > 1 else "BCPD")
-    for key, cast in (("omega", float), ("kappa", float), ("gamma", float), ("max_iter", int), ("min_iter", int),
-                      ("posterior_covariance", bool), ("truncation", float), ("estep_landmarks", int),
-                      ("estep_tol", float), ("normalize", bool), ("memory_budget_mb", float), ("seed", int)):
-        opts[key] = cast(opts[key])
     return dict(
         solver="register_points", method=method,
         convention="source = moving, target = fixed; transform: target -> source (T^-1); "
@@ -324,7 +316,7 @@ def _params(fr: _Frame, lam, bw, S, U, st, **opts) -> dict:
         bandwidth=bw.tolist(), deformation_mm2=lam.tolist(), bandwidth_mm=bw.tolist(), coherence=S.tolist(),
         label_transition=U.tolist(), bcpd_lambda=(1.0 / lam).tolist(), tol_mm=fr.tol_mm,
         normalization_center_mm=fr.c0.tolist(), normalization_scale_mm=r, sigma_init_mm=math.sqrt(st.sigma2) * r,
-        volume_mm3=fr.volume * r**D, dtype="float64", versions=versions(), **opts)
+        volume_mm3=fr.volume * r**D, dtype="float64", versions=versions(), **resolved)
 
 
 # ================================================================================================ the VB loop

@@ -145,9 +145,9 @@ def register_rigid(fixed: Image, moving: Image, *, fixed_mask=None, moving_mask=
     record, completed, stopped = _search(fixed, moving, pyramid, schedule, measure, polish, float(max_angle),
                                          int(seed), prog)
     transform, refined = _transform(record, pyramid, fixed.ndim, refine=bool(refine) and completed)
-    params = {**schedule._asdict(), "overlap": float(overlap), "epsilon": float(epsilon), "squared": bool(squared),
-              "max_angle": float(max_angle), "spacing": spacing, "refine": bool(refine), "polish": polish,
-              "workers": workers, "center": pyramid.c_f.tolist(), "moving_center": pyramid.c_m.tolist(),
+    # the resolved entries; the options as passed are recorded by the declaration
+    params = {**schedule._asdict(), "polish": polish, "workers": workers, "center": pyramid.c_f.tolist(),
+              "moving_center": pyramid.c_m.tolist(),
               **common_params(init=None, dtype=dtype, seed=int(seed), backend=backend)}
     return _result(fixed, moving, transform, refined, record, stopped, params, backend, t_start, prog.history)
 
