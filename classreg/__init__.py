@@ -42,6 +42,7 @@ from .resample import resample
 from .result import Result, load_result
 from .solvers.demons import register_demons
 from .solvers.lddmm import register_lddmm
+from .solvers.parametric import register_affine, register_bspline
 from .solvers.points import register_points
 from .solvers.rigid import register_rigid
 from .transforms import Affine, Chain, DisplacementField, Transform, load_transform
@@ -61,6 +62,8 @@ __all__ = [
     "load_points",
     "load_result",
     "load_transform",
+    "register_affine",
+    "register_bspline",
     "register_demons",
     "register_lddmm",
     "register_points",

@@ -57,6 +57,7 @@ __all__ = [
     "intensity_limits",
     "lncc",
     "mattes_mi",
+    "mattes_mi_samples",
     "ncc",
     "ngf",
     "ssd",
@@ -408,20 +409,6 @@ def _bins(bins):
     return nf, nm
 
 
-def _cubic_weights(t):
-    """Cubic B-spline Parzen weights of bins ``floor(term)-1 .. floor(term)+2`` and their derivatives w.r.t. term.
-
-    ``t = term - floor(term)`` in [0, 1). Rows are the four bins, i.e. ``beta3(idx + i - term)`` for i = 0..3.
-    """
-    t2 = t * t
-    t3 = t2 * t
-    s = 1.0 - t
-    w = np.stack([s * s * s / 6.0, (4.0 - 6.0 * t2 + 3.0 * t3) / 6.0, (1.0 + 3.0 * t + 3.0 * t2 - 3.0 * t3) / 6.0,
-                  t3 / 6.0])
-    dw = np.stack([-0.5 * s * s, -2.0 * t + 1.5 * t2, 0.5 + t - 1.5 * t2, 0.5 * t2])
-    return w, dw
-
-
 def mattes_mi(fixed, moving, *, bins=32, mask=None, gradient=False, fixed_limits=None, moving_limits=None,
               limit_range_ratio=LIMIT_RANGE_RATIO, spacing=1.0):
     r"""Negative Mattes mutual information, reproducing elastix's ``AdvancedMattesMutualInformation``.
@@ -496,13 +483,53 @@ def mattes_mi(fixed, moving, *, bins=32, mask=None, gradient=False, fixed_limits
     """
     F, M, w, odt = _prepare(fixed, moving, mask)
     _check_spacing(spacing, F.ndim)
+    out = mattes_mi_samples(F[w], M[w], bins=bins, gradient=gradient, fixed_limits=fixed_limits,
+                            moving_limits=moving_limits, limit_range_ratio=limit_range_ratio)
+    if not gradient:
+        return out
+    value, gs = out
+    grad = np.zeros(F.shape)
+    grad[w] = gs
+    return _finish(value, grad, gradient, odt)
+
+
+def mattes_mi_samples(fixed_values, moving_values, *, bins=32, gradient=False, fixed_limits=None,
+                      moving_limits=None, limit_range_ratio=LIMIT_RANGE_RATIO, normalised=False, backend=None):
+    r"""Negative Mattes mutual information of paired samples: the core of :func:`mattes_mi`.
+
+    ``fixed_values[j]`` and ``moving_values[j]`` are the two images' intensities at sample ``j`` (any 1-D arrays of
+    equal length, e.g. the samples a parametric registration draws); the histogram, limits and limiters are those
+    of :func:`mattes_mi`, and the gradient is ``dcost/dmoving_values[j]``.
+
+    With ``normalised=True`` the cost is the negative normalised mutual information of Studholme et al. (Pattern
+    Recognit. 32(1):71-86, 1999), ``-(H_F + H_M) / H_FM`` of the same Parzen histogram (elastix
+    ``NormalizedMutualInformation``; optimum ``-2`` for identical images, ``-1`` for independent ones), whose
+    gradient follows from ``dH_M/dp_ik = -(log p_M(k) + 1)``, ``dH_FM/dp_ik = -(log p(i,k) + 1)`` and the same
+    Parzen-window derivative.
+
+    The Parzen histogram and the per-sample gather run in :func:`classreg.kernels.sampling.parzen_mi` (``backend``
+    None/"numpy"/"numba").
+
+    Returns
+    -------
+    value : float
+    grad : ndarray, float64, shape (N,)
+        Only with ``gradient=True``.
+    """
+    from ..kernels.sampling import parzen_mi
+
+    fv = np.asarray(fixed_values, dtype=np.float64).ravel()
+    mv = np.asarray(moving_values, dtype=np.float64).ravel()
+    if fv.shape != mv.shape:
+        raise ValueError(f"fixed_values and moving_values must have the same length, got {fv.size} and {mv.size}")
     nbF, nbM = _bins(bins)
+    N = fv.size
+    if N == 0:
+        raise ValueError("no samples: mutual information needs at least one pair of intensities")
     if not (isinstance(limit_range_ratio, numbers.Real) and np.isfinite(limit_range_ratio)
             and limit_range_ratio >= 0):
         raise ValueError(f"limit_range_ratio must be a finite number >= 0, got {limit_range_ratio!r}")
     r = float(limit_range_ratio)
-    fv, mv = F[w], M[w]
-    N = fv.size
 
     if fixed_limits is None:
         loF, hiF = intensity_limits(fv, ratio=r)
@@ -528,29 +555,35 @@ def mattes_mi(fixed, moving, *, bins=32, mask=None, gradient=False, fixed_limits
     xiM = (mv - (loM - smallM)) / bsM + padM
 
     fidx = np.clip(np.floor(xiF + 0.5).astype(np.intp), 0, nbF - 1)
-    base = np.floor(xiM)
-    midx = np.clip(base.astype(np.intp) - 1, 0, nbM - 4)
-    t = np.clip(xiM - (midx + 1), 0.0, 1.0)
-    wts, dwts = _cubic_weights(t)
-
-    lin = fidx * nbM + midx  # flat index of the first of the four joint bins
-    flat = (lin[None, :] + np.arange(4)[:, None]).ravel()
-    p = np.bincount(flat, weights=wts.ravel(), minlength=nbF * nbM).reshape(nbF, nbM) / N
+    hist, gather = parzen_mi(fidx, xiM, nbF, nbM, backend=backend)
+    p = hist / N
     pF = p.sum(axis=1)
     pM = p.sum(axis=0)
+    if normalised:
+        def entropy_terms(q):
+            ok = q > _PDF_TINY
+            lg = np.zeros_like(q)
+            lg[ok] = np.log(q[ok])
+            return -float(np.sum(q[ok] * lg[ok])), lg
+        hF, _ = entropy_terms(pF)
+        hM, lgM = entropy_terms(pM)
+        hFM, lgFM = entropy_terms(p)
+        if hFM <= 0.0:
+            return (-1.0, np.zeros(N)) if gradient else -1.0
+        value = -(hF + hM) / hFM
+        if not gradient:
+            return value
+        # dcost/dp(i, k) = -(dH_M/dp (H_FM) - (H_F + H_M) dH_FM/dp) / H_FM^2 (constants cancel: sum of dp is 0)
+        dcost_dp = -(-(lgM[None, :]) * hFM + (hF + hM) * lgFM) / (hFM * hFM)
+        return value, (dlim / (N * bsM)) * gather(dcost_dp)
     pFpM = pF[:, None] * pM[None, :]
     ok = (p > _PDF_TINY) & (pFpM > _PDF_TINY)
     pratio = np.zeros_like(p)
     pratio[ok] = np.log(p[ok] / pFpM[ok])
     value = -float(np.sum(p[ok] * pratio[ok]))
-
-    grad = None
-    if gradient:
-        pr = pratio.ravel()[flat].reshape(4, -1)
-        s = np.sum(dwts * pr, axis=0)
-        grad = np.zeros(F.shape)
-        grad[w] = -(dlim / (N * bsM)) * s
-    return _finish(value, grad, gradient, odt)
+    if not gradient:
+        return value
+    return value, -(dlim / (N * bsM)) * gather(pratio)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,167 @@
+"""The parametric engine: a sampled metric of ``M(T_p(pre(x)))`` against ``F(x)`` and its gradient in ``p``, and the
+per-level optimisation shared by ``register_affine`` and ``register_bspline``.
+
+At every iteration the sampler draws positions ``x_j`` on the fixed level image; ``y_j = pre(x_j)`` (the initial
+transform, elastix's ``Compose``), ``z_j = T_p(y_j)``. The moving image and its gradient (central differences on its
+own grid) are interpolated linearly at ``z_j`` in one pass (:func:`classreg.kernels.warp.interpolate`, numba);
+samples that leave the moving image or its mask are dropped (elastix: "Too many samples map outside moving image
+buffer" below ``min_valid`` of them). With the metric's per-sample derivative ``∂C/∂m_j`` the gradient is the chain
+rule ``∂C/∂p = Σ_j ∂C/∂m_j ∇M(z_j)ᵀ ∂T/∂p(y_j)``, done by the model (an affine family in closed form, the B-spline
+grid by its adjoint kernel). Regularisers (the bending energy) are the model's ``penalty``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ...kernels.sampling import linear_at
+from ...terms.measures import intensity_limits, mattes_mi_samples
+from .sampling import Sampler
+
+__all__ = ["METRICS", "LevelObjective", "sample_metric"]
+
+#: metric name -> what it is (elastix name)
+METRICS = {"mi": "AdvancedMattesMutualInformation", "nmi": "NormalizedMutualInformation",
+           "ncc": "AdvancedNormalizedCorrelation", "ssd": "AdvancedMeanSquares"}
+
+
+def sample_metric(name, f, m, *, bins=32, fixed_limits=None, moving_limits=None, backend=None):
+    """``(cost, ∂cost/∂m)`` of paired samples ``f``, ``m`` (1-D float64 arrays).
+
+    ``mi``/``nmi``: negative (normalised) Mattes mutual information (:func:`classreg.terms.measures.
+    mattes_mi_samples`); ``ncc``: negative Pearson correlation (elastix ``AdvancedNormalizedCorrelation``,
+    ``SubtractMean true``); ``ssd``: the mean squared difference ``(1/N) Σ (m − f)²`` (elastix
+    ``AdvancedMeanSquares``).
+    """
+    n = f.size
+    if name in ("mi", "nmi"):
+        return mattes_mi_samples(f, m, bins=bins, gradient=True, fixed_limits=fixed_limits,
+                                 moving_limits=moving_limits, normalised=name == "nmi", backend=backend)
+    if name == "ssd":
+        r = m - f
+        return float(np.dot(r, r)) / n, 2.0 * r / n
+    if name == "ncc":
+        fc, mc = f - f.mean(), m - m.mean()
+        a, b, c = float(np.dot(fc, mc)), float(np.dot(fc, fc)), float(np.dot(mc, mc))
+        if b <= 0.0 or c <= 0.0:
+            return 0.0, np.zeros(n)
+        s = np.sqrt(b * c)
+        return -a / s, -fc / s + (a / s) * mc / c
+    raise ValueError(f"unknown metric {name!r}; valid: {', '.join(METRICS)}")
+
+
+class LevelObjective:
+    """The sampled cost on one pyramid level.
+
+    Parameters
+    ----------
+    fixed, moving : Image
+        The level images.
+    fixed_mask, moving_mask : ndarray of bool or None
+        On the level grids.
+    model
+        Maps points (``map(p, y)``), chains gradients (``gradient(p, y, w)``), gives a ``penalty(p)``.
+    pre : Affine or None
+        Initial transform applied to the fixed points before the model.
+    metric : str
+        See :data:`METRICS`.
+    sampler : Sampler
+    rng : numpy.random.Generator
+    bins : int
+        Histogram bins of MI.
+    min_valid : float
+        Smallest fraction of samples that must land inside the moving image (and mask).
+    new_samples : bool
+        Draw new samples at every iteration (elastix ``NewSamplesEveryIteration``).
+    backend : str or None
+        Kernel backend of the interpolation.
+    """
+
+    def __init__(self, fixed, moving, fixed_mask, moving_mask, *, model, pre, metric, sampler: Sampler, rng,
+                 bins=32, min_valid=0.25, new_samples=True, backend=None):
+        from ...kernels.diff import gradient
+
+        self._host_backend = "numpy" if backend == "numpy" else None
+        self.model, self.metric, self.sampler, self.rng = model, metric, sampler, rng
+        self.bins, self.min_valid, self.new_samples, self.backend = bins, float(min_valid), new_samples, backend
+        n = fixed.ndim
+        self.ndim = n
+        self.fdata = np.ascontiguousarray(fixed.numpy(), dtype=np.float64)
+        self.faff = fixed.affine
+        self.pre = None if pre is None else np.asarray(pre.homogeneous, dtype=float)
+        m = np.asarray(moving.numpy(), dtype=np.float64)
+        channels = [m[..., None], np.asarray(gradient(m, spacing=1.0, backend=backend), dtype=np.float64)]
+        if moving_mask is not None:
+            channels.append(np.asarray(moving_mask, dtype=np.float64)[..., None])
+        self.stack = np.ascontiguousarray(np.concatenate(channels, axis=-1))
+        self.has_mmask = moving_mask is not None
+        minv = moving.inverse_affine
+        self.m_lin, self.m_off = minv[:n, :n], minv[:n, n]
+        self.m_hi = np.asarray(moving.shape, dtype=float) - 1.0
+        self.fixed_limits = intensity_limits(self.fdata, mask=fixed_mask)
+        self.moving_limits = intensity_limits(m, mask=moving_mask)
+        self._cached = None
+        self.last_valid = 1.0
+
+    # ------------------------------------------------------------------ samples
+    def draw(self, count=None):
+        """``(y, f)``: one draw of sample points mapped by ``pre`` (mm, (N, n)) and the fixed values there."""
+        idx = self.sampler.draw(self.rng, count)
+        if self.sampler.kind == "random_coordinate":
+            f = linear_at(self.fdata[..., None], idx, backend=self._host_backend)[0][:, 0]
+        else:
+            near = tuple(np.rint(idx[:, d]).astype(np.intp) for d in range(self.ndim))
+            f = self.fdata[near]
+        y = idx @ self.faff[:-1, :-1].T + self.faff[:-1, -1]
+        if self.pre is not None:
+            y = y @ self.pre[:-1, :-1].T + self.pre[:-1, -1]
+        return y, f
+
+    def samples(self, k):
+        """The draw of iteration ``k`` (cached for deterministic samplers or ``new_samples=False``)."""
+        if self.sampler.deterministic or not self.new_samples:
+            if self._cached is None:
+                self._cached = self.draw()
+            return self._cached
+        return self.draw()
+
+    # ------------------------------------------------------------------ cost
+    def moving_at(self, z):
+        """Moving values, world gradients and the validity of points ``z`` (mm)."""
+        vals, inside = linear_at(self.stack, z @ self.m_lin.T + self.m_off, backend=self._host_backend)
+        valid = inside.copy()
+        if self.has_mmask:
+            ok = vals[:, -1] >= 0.5
+            valid[inside] = ok
+            vals = vals[ok]
+        g_world = vals[:, 1:1 + self.ndim] @ self.m_lin  # ∇_z M = (∂idx/∂z)ᵀ ∇_idx M
+        return vals[:, 0], g_world, valid
+
+    def evaluate(self, p, k=0, *, samples=None, penalty=True):
+        """``(cost, gradient)`` at parameters ``p`` with the samples of iteration ``k`` (or ``samples``)."""
+        y, f = self.samples(k) if samples is None else samples
+        z = self.model.map(p, y)
+        m, g_world, valid = self.moving_at(z)
+        nvalid = int(valid.sum())
+        self.last_valid = nvalid / max(len(y), 1)
+        if nvalid < max(self.min_valid * len(y), 2):
+            raise ValueError(
+                f"too many samples map outside the moving image{' or its mask' if self.has_mmask else ''}: "
+                f"{nvalid} of {len(y)} valid (fewer than {self.min_valid:.0%}); the images do not overlap after "
+                "the initial transform — check the physical origins/directions, or use init='geometry' or "
+                "init='global'")
+        value, dm = sample_metric(self.metric, f[valid], m, bins=self.bins, fixed_limits=self.fixed_limits,
+                                  moving_limits=self.moving_limits, backend=self._host_backend)
+        grad = self.model.gradient(p, y[valid], dm[:, None] * g_world)
+        if penalty:
+            pv, pg = self.model.penalty(p)
+            if pg is not None:
+                value += pv
+                grad = grad + pg
+        if not np.all(np.isfinite(grad)) or not np.isfinite(value):
+            raise FloatingPointError("the metric gradient is not finite (NaN/Inf in the images or an overflow); "
+                                     "check the inputs")
+        return float(value), grad
+
+    def displacements(self, p, points):
+        """``dp -> (N, n)``: how far a parameter step moves ``points`` (for the step-size estimation)."""
+        return lambda dp: self.model.displacement(p, dp, points)

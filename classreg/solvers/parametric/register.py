@@ -1,0 +1,394 @@
+"""``register_affine`` and ``register_bspline``: parametric registration as elastix does it.
+
+Both run the one pyramid driver (:func:`classreg.pyramid.multiresolution`); on each level the engine
+(:class:`.engine.LevelObjective`) draws seeded samples, and a stochastic optimiser (:mod:`classreg.optimise.asgd`)
+moves the parameters of a model: an affine family (:mod:`.models`) or a cubic B-spline control grid
+(:mod:`.bspline`), composed after an initial transform (elastix ``HowToCombineTransforms Compose``).
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ...image import Image, as_mask
+from ...options import declared
+from ...progress import Progress, StopRegistration
+from ...pyramid import check_schedule, multiresolution
+from ...result import Result
+from ...transforms import Affine, Chain, Transform
+from .._common import check_pair, common_params
+from .engine import LevelObjective
+from .models import AffineModel
+from .options import AFFINE_OPTIONS, BSPLINE_OPTIONS
+from .sampling import Sampler
+
+__all__ = ["register_affine", "register_bspline"]
+
+
+# ================================================================================================ register_affine
+@declared(AFFINE_OPTIONS)
+def register_affine(fixed: Image, moving: Image, *, transform: str = "affine", metric: str = "mi",
+                    init="geometry", fixed_mask=None, moving_mask=None, shrink_factors=(4, 2, 1),
+                    smoothing_sigmas=None, iterations=(300, 300, 300), samples: int = 2048,
+                    sampler: str = "random_coordinate", new_samples: bool = True, optimiser: str = "asgd",
+                    max_step=None, bins: int = 32, seed: int = 0, threads: int | None = None,
+                    device: str | None = None, backend=None, progress: bool = False, callback=None) -> Result:
+    """Translation, rigid, similarity or affine registration of ``moving`` to ``fixed`` (elastix's method).
+
+    On each level of a Gaussian pyramid, ``samples`` positions are drawn on the fixed image (anew at every
+    iteration), mapped through the initial transform and the current one, and the metric of the fixed and moving
+    intensities there is decreased by adaptive stochastic gradient descent (Klein et al., IJCV 81(3):227-239,
+    2009) with automatic step sizes and parameter scales (elastix ``AutomaticParameterEstimation`` and
+    ``AutomaticScalesEstimation``). The estimated map is ``T = T_p ∘ init`` with ``T_p(y) = A (y − c) + c + t``
+    about the (initially mapped) centre c of the fixed image.
+
+    Parameters
+    ----------
+    fixed, moving : Image
+        2-D or 3-D scalar images in physical space (any spacing, origin, direction; modalities may differ with
+        ``metric="mi"``).
+    transform : {"affine", "similarity", "rigid", "translation"}
+        The family (ITK parameterisations, ELASTIX.md §7).
+    metric : {"mi", "nmi", "ncc", "ssd"}
+        Mattes mutual information (32-bin Parzen histogram, elastix ``AdvancedMattesMutualInformation``),
+        normalised MI, normalised correlation, mean squared difference.
+    init : {"geometry", "moments", "global", "identity"} or Affine
+        Starting transform: centres of the images' extents aligned (elastix ``GeometricalCenter``), centres of
+        mass, :func:`classreg.register_rigid`'s FFT search over all rotations (for misalignments of 60°-180°, where
+        local methods fail), the identity, or a given fixed → moving affine.
+    fixed_mask, moving_mask : Image or array, optional
+        Samples are drawn inside the fixed mask; samples mapped outside the moving mask are dropped.
+    shrink_factors, smoothing_sigmas
+        The pyramid: shrink per level (coarsest first), Gaussian σ in mm (default half the shrink × spacing).
+    iterations : int or sequence of int
+        Optimiser iterations per level (elastix ``MaximumNumberOfIterations``).
+    samples : int
+        Samples per iteration (elastix ``NumberOfSpatialSamples``).
+    sampler : {"random_coordinate", "random", "random_sparse_mask", "full", "grid"}
+        elastix's image samplers (``RandomCoordinate``, ``Random``, ``RandomSparseMask``, ``Full``, ``Grid``).
+    new_samples : bool
+        New samples every iteration (elastix ``NewSamplesEveryIteration``).
+    optimiser : {"asgd", "gd", "rsgd"}
+        Adaptive stochastic gradient descent, standard gradient descent (``a = 400, A = 20, α = 0.602`` in scaled
+        parameters), regular-step gradient descent (ITK).
+    max_step : float, optional
+        The largest sample displacement of the first ASGD step, mm (elastix ``MaximumStepLength``; default the
+        level's mean voxel spacing).
+    bins : int
+        Histogram bins of MI.
+    seed : int
+        Seeds the sampler (same inputs, seed and threads ⇒ the same result).
+    threads, device, backend, progress, callback
+        As for every solver.
+
+    Returns
+    -------
+    Result
+        ``transform``: :class:`~classreg.Affine` fixed → moving (centre = the fixed image's centre mapped by
+        ``init``); ``inverse``; ``warped``; ``history`` (one row per iteration: level, iteration, metric = sampled
+        cost, step = gain); ``metrics``: ``metric`` (final cost on all samples of a fixed draw at the finest level),
+        ``parameters`` (the model's, ITK order), ``init`` (the initial transform's matrix), ``samples``,
+        ``valid_fraction``, ``levels``.
+    """
+    t0 = time.perf_counter()
+    check_pair(fixed, moving)
+    fmask, mmask = _masks(fixed, moving, fixed_mask, moving_mask)
+    pre, init_name = _initial(fixed, moving, init, fmask, mmask, seed, backend)
+    center = pre.map_points(_center(fixed)[None])[0]
+    mdl = AffineModel(transform, fixed.ndim, center)
+    engine = _Engine(fixed, moving, fmask, mmask, pre, metric=metric, samples=samples, sampler=sampler,
+                     new_samples=new_samples, optimiser=optimiser, max_step=max_step, bins=bins, seed=seed,
+                     backend=backend, shrink_factors=shrink_factors, smoothing_sigmas=smoothing_sigmas,
+                     iterations=iterations)
+    prog = Progress(f"{transform}", callback=callback, progress=progress, total=sum(engine.iterations))
+    state = {"p": mdl.identity()}
+    stopped = engine.run(lambda level: mdl, state, prog)
+    p = state["p"]
+    est = mdl.to_affine(p)
+    total = est.compose(pre)
+    total = Affine(total.matrix, total.map_points(center[None])[0] - center, center)  # re-centred at c
+    metric_value, valid = engine.final_metric(mdl, p)
+    params = {"transform": transform, "metric": metric, "init": init_name, "init_matrix": pre.homogeneous.tolist(),
+              "center": center.tolist(), "iterations": list(engine.iterations),
+              "shrink_factors": list(engine.shrink), "smoothing_sigmas": list(engine.sigmas),
+              **common_params(init=None, dtype=np.float64, seed=int(seed), backend=backend)}
+    metrics = {"metric": metric_value, "parameters": p.tolist(), "samples": int(samples), "valid_fraction": valid,
+               "levels": engine.level_info}
+    return _result(fixed, moving, total, total.inverse(), prog, stopped, params, metrics, backend, t0)
+
+
+# ================================================================================================ register_bspline
+@declared(BSPLINE_OPTIONS)
+def register_bspline(fixed: Image, moving: Image, *, grid_spacing=8.0, grid_schedule=None, metric: str = "mi",
+                     bending_weight: float = 0.0, init="geometry", fixed_mask=None, moving_mask=None,
+                     shrink_factors=(4, 2, 1), smoothing_sigmas=None, iterations=(500, 500, 500),
+                     samples: int = 2048, sampler: str = "random_coordinate", new_samples: bool = True,
+                     optimiser: str = "asgd", max_step=None, bins: int = 32, seed: int = 0,
+                     threads: int | None = None, device: str | None = None, backend=None, progress: bool = False,
+                     callback=None) -> Result:
+    """Cubic B-spline free-form deformation of ``moving`` onto ``fixed`` (Rueckert et al. 1999; elastix's method).
+
+    ``T(x) = B(init(x))`` with ``B(y) = y + Σ_k c_k β³((y − o)/h − k)`` over a control grid of spacing ``h``
+    (``grid_spacing`` × the level's ``grid_schedule`` entry) laid over the fixed image's extent mapped by ``init``
+    (elastix's ``GridScheduleComputer``); the grid is refined between levels by B-spline subdivision (the map is
+    kept). The cost is the sampled metric plus ``bending_weight`` × the bending energy of ``B − id``
+    (Rueckert et al., IEEE TMI 18(8):712-721, 1999, eq. 6; computed exactly on the control grid). Optimiser,
+    samplers and pyramid as in :func:`register_affine`.
+
+    Parameters
+    ----------
+    fixed, moving : Image
+        2-D or 3-D scalar images, usually already affinely aligned (pass that transform as ``init``).
+    grid_spacing : float or sequence of float
+        Final control-point spacing in mm (per axis x, y[, z] or one number).
+    grid_schedule : sequence of float, optional
+        Multiplier of ``grid_spacing`` per level (default ``2^(levels−1−level)``).
+    metric, bending_weight
+        The similarity and the weight of the bending-energy penalty (0: none, elastix's default file).
+    init, fixed_mask, moving_mask, shrink_factors, smoothing_sigmas, iterations, samples, sampler, new_samples,
+    optimiser, max_step, bins, seed, threads, device, backend, progress, callback
+        As in :func:`register_affine`.
+
+    Returns
+    -------
+    Result
+        ``transform``: ``Chain([init, BSplineTransform])`` (``init`` applied first) or the
+        :class:`~classreg.BSplineTransform` alone when ``init`` is the identity; ``inverse``: a displacement field
+        on the fixed grid (numerical inversion); ``warped``; ``metrics``: ``metric``, ``bending_energy``,
+        ``grid_size`` per level, ``min_det``, ``max_det``, ``percent_det_nonpositive`` (of the whole map on the
+        fixed grid), ``samples``, ``valid_fraction``.
+    """
+    from .bspline import BSplineModel
+
+    t0 = time.perf_counter()
+    check_pair(fixed, moving)
+    fmask, mmask = _masks(fixed, moving, fixed_mask, moving_mask)
+    pre, init_name = _initial(fixed, moving, init, fmask, mmask, seed, backend)
+    engine = _Engine(fixed, moving, fmask, mmask, pre, metric=metric, samples=samples, sampler=sampler,
+                     new_samples=new_samples, optimiser=optimiser, max_step=max_step, bins=bins, seed=seed,
+                     backend=backend, shrink_factors=shrink_factors, smoothing_sigmas=smoothing_sigmas,
+                     iterations=iterations)
+    levels = len(engine.shrink)
+    schedule = _grid_schedule(grid_schedule, levels)
+    spacing = np.broadcast_to(np.asarray(grid_spacing, dtype=float), (fixed.ndim,)).astype(float)
+    models = [BSplineModel.over(fixed, pre, spacing * s, bending_weight=float(bending_weight), backend=backend)
+              for s in schedule]
+    prog = Progress("bspline", callback=callback, progress=progress, total=sum(engine.iterations))
+    state = {"p": models[0].identity(), "model": 0}
+
+    def level_model(level):
+        k = level.index
+        if state["model"] != k:
+            state["p"] = models[k].refined_from(models[state["model"]], state["p"])
+            state["model"] = k
+        return models[k]
+
+    stopped = engine.run(level_model, state, prog)
+    mdl = models[state["model"]]
+    p = state["p"]
+    bs = mdl.to_transform(p)
+    total = bs if np.allclose(pre.homogeneous, np.eye(fixed.ndim + 1)) else Chain([pre, bs])
+    metric_value, valid = engine.final_metric(mdl, p)
+    energy = mdl.bending_energy(p)
+    from ...evaluate import dense_displacement, jacobian_stats
+    from ...transforms import DisplacementField
+
+    u, _ = dense_displacement(total, fixed)
+    field = DisplacementField.from_array_frame(u, fixed)
+    jac = jacobian_stats(field, mask=fmask)
+    inverse = field.inverse()
+    params = {"grid_spacing": spacing.tolist(), "grid_schedule": list(schedule), "metric": metric,
+              "bending_weight": float(bending_weight), "init": init_name, "init_matrix": pre.homogeneous.tolist(),
+              "iterations": list(engine.iterations), "shrink_factors": list(engine.shrink),
+              "smoothing_sigmas": list(engine.sigmas),
+              **common_params(init=None, dtype=np.float64, seed=int(seed), backend=backend)}
+    metrics = {"metric": metric_value, "bending_energy": energy, "grid_size": [list(m.grid_size) for m in models],
+               "min_det": jac["min_det"], "max_det": jac["max_det"],
+               "percent_det_nonpositive": jac["percent_nonpositive"], "samples": int(samples),
+               "valid_fraction": valid, "levels": engine.level_info}
+    return _result(fixed, moving, total, inverse, prog, stopped, params, metrics, backend, t0)
+
+
+def _grid_schedule(schedule, levels):
+    if schedule is None:
+        return tuple(float(2 ** (levels - 1 - k)) for k in range(levels))
+    sched = tuple(float(s) for s in np.atleast_1d(schedule))
+    if len(sched) != levels:
+        raise ValueError(f"grid_schedule must have one entry per pyramid level ({levels}), got {schedule!r}")
+    return sched
+
+
+# ================================================================================================ shared machinery
+class _Engine:
+    """The pyramid, the sampler, the optimiser and the bookkeeping shared by both solvers."""
+
+    def __init__(self, fixed, moving, fmask, mmask, pre, *, metric, samples, sampler, new_samples, optimiser,
+                 max_step, bins, seed, backend, shrink_factors, smoothing_sigmas, iterations):
+        self.fixed, self.moving, self.fmask, self.mmask, self.pre = fixed, moving, fmask, mmask, pre
+        self.metric, self.samples, self.sampler, self.new_samples = metric, int(samples), sampler, new_samples
+        self.optimiser, self.max_step, self.bins, self.backend = optimiser, max_step, int(bins), backend
+        self.rng = np.random.default_rng(int(seed))
+        self.shrink, self.sigmas, self.iterations = check_schedule(shrink_factors, smoothing_sigmas, iterations,
+                                                                   fixed.spacing)
+        if metric in ("mi", "nmi") and sampler not in ("full", "grid") and self.samples < 4 * self.bins:
+            raise ValueError(f"too few samples for mutual information: {self.samples} samples for a {self.bins}-bin "
+                             f"joint histogram (at least 4 per bin: samples >= {4 * self.bins}); raise samples or "
+                             "lower bins")
+        if sampler == "random_sparse_mask" and fmask is None:
+            raise ValueError("sampler 'random_sparse_mask' draws voxels inside the fixed mask: give fixed_mask, or "
+                             "use sampler='random_coordinate'")
+        self.level_info = []
+        self.last = None
+
+    def objective(self, level, model):
+        smp = Sampler(self.sampler, self.samples, level.fixed.shape, level.fixed_mask)
+        return LevelObjective(level.fixed, level.moving, level.fixed_mask, level.moving_mask, model=model,
+                              pre=self.pre, metric=self.metric, sampler=smp, rng=self.rng, bins=self.bins,
+                              new_samples=self.new_samples, backend=self.backend)
+
+    def run(self, level_model, state, prog) -> bool:
+        """Optimise coarse to fine; returns whether a callback stopped the run."""
+        def step(level, st, progress):
+            t_level = time.perf_counter()
+            model = level_model(level)
+            obj = self.objective(level, model)
+            self.last = (level, obj)
+            value = self._optimise(obj, model, level, st, progress)
+            self.level_info.append({"level": level.index, "shrink": level.shrink, "sigma_mm": level.sigma_mm,
+                                    "shape": list(level.fixed.shape), "iterations": level.iterations,
+                                    "metric": value, "valid_fraction": obj.last_valid,
+                                    "seconds": time.perf_counter() - t_level})
+            return value
+
+        try:
+            prog.emit("start", extra={"levels": len(self.shrink)})
+            _, stopped = multiresolution(self.fixed, self.moving, step, shrink_factors=self.shrink,
+                                         smoothing_sigmas=self.sigmas, iterations=self.iterations,
+                                         fixed_mask=self.fmask, moving_mask=self.mmask, state=state,
+                                         transfer=lambda s, a, b: dict(s), progress=prog, backend=self.backend)
+            if not stopped:
+                prog.emit("done")
+        except StopRegistration:
+            stopped = True
+        finally:
+            prog.close()
+        return stopped
+
+    def _optimise(self, obj, model, level, state, progress):
+        from ...optimise.asgd import asgd, estimate_gain, regular_step_gd, standard_gd
+
+        p0 = state["p"]
+        y_est, f_est = obj.draw(min(max(10 * self.samples, 20000), 100000))
+        scales = model.scales(y_est)
+        delta = float(np.mean(level.fixed.spacing)) if self.max_step is None else float(self.max_step)
+        k_level = level.index
+
+        def evaluate(x, k):
+            return obj.evaluate(x, k)
+
+        def on_iteration(k, x, value, gain):
+            state["p"] = x
+            progress.emit("iteration", level=k_level, iteration=k, metric=value, step=gain)
+
+        if level.iterations == 0:
+            return float("nan")
+        displ = obj.displacements(p0, y_est[: 4 * self.samples])
+        if self.optimiser == "asgd":
+            grads = [obj.evaluate(p0, -1 - i)[1] for i in range(1 if obj.sampler.deterministic else 5)]
+            exact = None if obj.sampler.deterministic else obj.evaluate(p0, samples=(y_est, f_est))[1]
+            big = (y_est, f_est) if exact is not None else None
+            a, omega = estimate_gain(displ, grads, scales, exact=exact, max_step=delta,
+                                     exact_at=lambda s: obj.evaluate(p0 + s, 0, samples=big)[1])
+            res = asgd(evaluate, p0, scales=scales, iterations=level.iterations, a=a, omega=omega,
+                       average=AVERAGE if not obj.sampler.deterministic else 0.0, on_iteration=on_iteration)
+        elif self.optimiser == "gd":
+            res = standard_gd(evaluate, p0, scales=scales, iterations=level.iterations, on_iteration=on_iteration)
+        else:
+            res = regular_step_gd(evaluate, p0, scales=scales, iterations=level.iterations, max_step=delta,
+                                  min_step=1e-3 * delta, displacements=displ, on_iteration=on_iteration)
+        state["p"] = res.x
+        return res.value
+
+    def final_metric(self, model, p):
+        """The cost (without penalty) on one fixed large draw at the last level run, and the valid fraction."""
+        if self.last is None:
+            return float("nan"), float("nan")
+        _, obj = self.last
+        draw = obj.draw(None if obj.sampler.deterministic else min(max(8 * self.samples, 20000), 100000))
+        value, _ = obj.evaluate(p, samples=draw, penalty=False)
+        return value, obj.last_valid
+
+
+#: fraction of the last ASGD iterations averaged into a level's estimate (random samplers)
+AVERAGE = 0.3
+
+
+def _masks(fixed, moving, fixed_mask, moving_mask):
+    fmask = as_mask(fixed_mask, fixed, "fixed_mask")
+    mmask = as_mask(moving_mask, moving, "moving_mask")
+    for name, m in (("fixed_mask", fmask), ("moving_mask", mmask)):
+        if m is not None and not bool(np.asarray(m).any()):
+            raise ValueError(f"{name} is empty; give a mask with at least one voxel inside, or None")
+    return fmask, mmask
+
+
+def _center(img: Image) -> np.ndarray:
+    """Physical centre of the image's voxel-centre box (elastix/ITK's geometric centre)."""
+    return img.index_to_world(((np.asarray(img.shape, dtype=float) - 1.0) / 2.0)[None])[0]
+
+
+def _center_of_mass(img: Image, mask) -> np.ndarray:
+    a = np.asarray(img.numpy(), dtype=np.float64)
+    w = a - a.min()
+    if mask is not None:
+        w = np.where(np.asarray(mask), w, 0.0)
+    total = float(w.sum())
+    if not total > 0:
+        raise ValueError("init='moments': the image is constant (inside its mask); use init='geometry'")
+    idx = np.stack(np.meshgrid(*[np.arange(s, dtype=float) for s in a.shape], indexing="ij"), -1)
+    c_idx = (idx * w[..., None]).reshape(-1, a.ndim).sum(0) / total
+    return img.index_to_world(c_idx[None])[0]
+
+
+def _initial(fixed, moving, init, fmask, mmask, seed, backend):
+    """The initial fixed → moving :class:`Affine` and its name for ``Result.params``."""
+    n = fixed.ndim
+    if isinstance(init, str):
+        if init == "identity":
+            return Affine.identity(n), init
+        if init == "geometry":
+            return Affine.from_translation(_center(moving) - _center(fixed)), init
+        if init == "moments":
+            return Affine.from_translation(_center_of_mass(moving, mmask) - _center_of_mass(fixed, fmask)), init
+        if init == "global":
+            from ..rigid import register_rigid
+
+            res = register_rigid(fixed, moving, fixed_mask=fmask, moving_mask=mmask, seed=int(seed),
+                                 backend=backend, **GLOBAL_SEARCH[n])
+            return res.transform, init
+        raise ValueError(f"init must be 'geometry', 'moments', 'global', 'identity' or an Affine, got {init!r}")
+    if isinstance(init, Chain):
+        init = init.simplified()
+    if not isinstance(init, Affine):
+        kind = type(init).__name__ if isinstance(init, Transform) else repr(init)
+        raise TypeError(f"init must be 'geometry', 'moments', 'global', 'identity' or an Affine, got {kind}")
+    if init.ndim != n:
+        raise ValueError(f"init is {init.ndim}-D but the images are {n}-D")
+    return init, "transform"
+
+
+#: register_rigid's schedule for ``init="global"``: a coarse search only (the local optimisation refines it)
+GLOBAL_SEARCH = {2: dict(shrink_factors=(8, 4), smoothing_sigmas=(4.0, 2.0), samples=(72, 24), perturbation=(5.0,),
+                         keep=(6,), refine=True),
+                 3: dict(shrink_factors=(8, 4), smoothing_sigmas=(4.0, 2.0), samples=(500, 60),
+                         perturbation=(8.0,), keep=(10,), refine=True)}
+
+
+def _result(fixed, moving, transform, inverse, prog, stopped, params, metrics, backend, t0) -> Result:
+    from ...resample import resample
+
+    warped = resample(moving, transform, reference=fixed, backend=backend)
+    return Result(transform=transform, inverse=inverse, warped=warped, history=prog.history, converged=not stopped,
+                  stop_reason="stopped by callback" if stopped else "completed the schedule", params=params,
+                  metrics=metrics, timings={"total": time.perf_counter() - t0}, reference=fixed)

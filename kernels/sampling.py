@@ -1,0 +1,218 @@
+"""Per-sample kernels of the parametric engine: linear interpolation of a channels-last stack at scattered points
+(value and gradient channels in one pass, with an inside test), and the Parzen joint histogram of Mattes mutual
+information with its per-sample derivative.
+
+Every function has a numpy reference (``backend="numpy"``, the test oracle) and a numba version. The numba versions
+are serial: a parametric registration evaluates a few thousand samples per iteration, where launching threads
+costs more than the work (measured on 2 cores: ~0.2 ms per parallel launch against ~20 µs of work).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import _backend
+
+__all__ = ["linear_at", "parzen_mi"]
+
+
+# ------------------------------------------------------------------------------------------- linear interpolation
+def _linear_at_numpy(stack, points):
+    n = points.shape[1]
+    shape = np.asarray(stack.shape[:n])
+    inside = np.all((points >= 0.0) & (points <= shape - 1.0), axis=1)
+    p = points[inside]
+    base = np.clip(np.floor(p).astype(np.intp), 0, np.maximum(shape - 2, 0))
+    t = p - base
+    out = np.zeros((len(p), stack.shape[-1]))
+    for corner in range(2 ** n):
+        bits = [(corner >> (n - 1 - d)) & 1 for d in range(n)]
+        w = np.ones(len(p))
+        idx = []
+        for d, b in enumerate(bits):
+            w = w * (t[:, d] if b else 1.0 - t[:, d])
+            idx.append(np.minimum(base[:, d] + b, shape[d] - 1))
+        out += w[:, None] * stack[tuple(idx)]
+    return out, inside
+
+
+def _linear_at2(stack, points, out, inside):
+    n0, n1, nc = stack.shape
+    count = 0
+    for j in range(points.shape[0]):
+        c0, c1 = points[j, 0], points[j, 1]
+        if not (c0 >= 0.0 and c0 <= n0 - 1.0 and c1 >= 0.0 and c1 <= n1 - 1.0):
+            inside[j] = False
+            continue
+        inside[j] = True
+        i0 = min(int(c0), max(n0 - 2, 0))
+        i1 = min(int(c1), max(n1 - 2, 0))
+        t0, t1 = c0 - i0, c1 - i1
+        j0, j1 = min(i0 + 1, n0 - 1), min(i1 + 1, n1 - 1)
+        w00, w01 = (1.0 - t0) * (1.0 - t1), (1.0 - t0) * t1
+        w10, w11 = t0 * (1.0 - t1), t0 * t1
+        for c in range(nc):
+            out[count, c] = (w00 * stack[i0, i1, c] + w01 * stack[i0, j1, c] + w10 * stack[j0, i1, c]
+                             + w11 * stack[j0, j1, c])
+        count += 1
+    return count
+
+
+def _linear_at3(stack, points, out, inside):
+    n0, n1, n2, nc = stack.shape
+    count = 0
+    for j in range(points.shape[0]):
+        c0, c1, c2 = points[j, 0], points[j, 1], points[j, 2]
+        if not (c0 >= 0.0 and c0 <= n0 - 1.0 and c1 >= 0.0 and c1 <= n1 - 1.0 and c2 >= 0.0
+                and c2 <= n2 - 1.0):
+            inside[j] = False
+            continue
+        inside[j] = True
+        i0 = min(int(c0), max(n0 - 2, 0))
+        i1 = min(int(c1), max(n1 - 2, 0))
+        i2 = min(int(c2), max(n2 - 2, 0))
+        t0, t1, t2 = c0 - i0, c1 - i1, c2 - i2
+        j0, j1, j2 = min(i0 + 1, n0 - 1), min(i1 + 1, n1 - 1), min(i2 + 1, n2 - 1)
+        for c in range(nc):
+            a = ((1.0 - t2) * stack[i0, i1, i2, c] + t2 * stack[i0, i1, j2, c]) * (1.0 - t1) + \
+                ((1.0 - t2) * stack[i0, j1, i2, c] + t2 * stack[i0, j1, j2, c]) * t1
+            b = ((1.0 - t2) * stack[j0, i1, i2, c] + t2 * stack[j0, i1, j2, c]) * (1.0 - t1) + \
+                ((1.0 - t2) * stack[j0, j1, i2, c] + t2 * stack[j0, j1, j2, c]) * t1
+            out[count, c] = (1.0 - t0) * a + t0 * b
+        count += 1
+    return count
+
+
+_COMPILED = {}
+
+
+def _compiled(name, func):
+    if name not in _COMPILED:
+        _COMPILED[name] = _backend.njit(cache=True, fastmath=False)(func)
+    return _COMPILED[name]
+
+
+def linear_at(stack, points, *, backend=None):
+    """Linear interpolation of ``stack`` at the points inside its voxel-centre box.
+
+    Parameters
+    ----------
+    stack : ndarray, shape (*spatial, C)
+        Channels-last float64 image (2 or 3 spatial axes), e.g. an image and its gradient components.
+    points : ndarray, shape (N, ndim)
+        Continuous indices in array-axis order.
+    backend : {None, "numpy", "numba"}
+
+    Returns
+    -------
+    values : ndarray, shape (M, C)
+        The interpolated channels of the M points with ``0 <= points[:, d] <= shape[d] - 1`` on every axis, in
+        their order.
+    inside : ndarray of bool, shape (N,)
+        Which points those are.
+    """
+    stack = np.ascontiguousarray(stack, dtype=np.float64)
+    points = np.ascontiguousarray(points, dtype=np.float64)
+    n = points.shape[1] if points.ndim == 2 else -1
+    if n not in (2, 3) or stack.ndim != n + 1:
+        raise ValueError(f"points must be (N, 2|3) and stack (*spatial, C) with that many spatial axes, got "
+                         f"points {points.shape}, stack {stack.shape}")
+    bk = _backend.resolve_backend(backend, stack, points)
+    if bk == "numpy" or not _backend.HAVE_NUMBA:
+        return _linear_at_numpy(stack, points)
+    out = np.empty((points.shape[0], stack.shape[-1]))
+    inside = np.empty(points.shape[0], dtype=np.bool_)
+    fn = _compiled(f"linear{n}", _linear_at2 if n == 2 else _linear_at3)
+    count = fn(stack, points, out, inside)
+    return out[:count], inside
+
+
+# ------------------------------------------------------------------------------------------- Parzen MI
+def _parzen_numba(fidx, xi_m, nbf, nbm):
+    """Joint histogram (unnormalised) of box(fixed bin) x cubic B-spline(moving) windows; returns the histogram,
+    each sample's first moving bin and its four weights' derivatives."""
+    n = fidx.shape[0]
+    hist = np.zeros((nbf, nbm))
+    first = np.empty(n, dtype=np.int64)
+    dw = np.empty((n, 4))
+    for j in range(n):
+        b = int(np.floor(xi_m[j])) - 1
+        if b < 0:
+            b = 0
+        if b > nbm - 4:
+            b = nbm - 4
+        t = xi_m[j] - (b + 1)
+        if t < 0.0:
+            t = 0.0
+        if t > 1.0:
+            t = 1.0
+        s = 1.0 - t
+        t2 = t * t
+        t3 = t2 * t
+        fi = fidx[j]
+        hist[fi, b] += s * s * s / 6.0
+        hist[fi, b + 1] += (4.0 - 6.0 * t2 + 3.0 * t3) / 6.0
+        hist[fi, b + 2] += (1.0 + 3.0 * t + 3.0 * t2 - 3.0 * t3) / 6.0
+        hist[fi, b + 3] += t3 / 6.0
+        first[j] = b
+        dw[j, 0] = -0.5 * s * s
+        dw[j, 1] = -2.0 * t + 1.5 * t2
+        dw[j, 2] = 0.5 + t - 1.5 * t2
+        dw[j, 3] = 0.5 * t2
+    return hist, first, dw
+
+
+def _gather_numba(table, fidx, first, dw):
+    n = fidx.shape[0]
+    out = np.empty(n)
+    for j in range(n):
+        fi, b = fidx[j], first[j]
+        out[j] = (dw[j, 0] * table[fi, b] + dw[j, 1] * table[fi, b + 1] + dw[j, 2] * table[fi, b + 2]
+                  + dw[j, 3] * table[fi, b + 3])
+    return out
+
+
+def parzen_mi(fidx, xi_m, nbf, nbm, *, backend=None):
+    """The Parzen joint histogram of Mattes MI and a gatherer of its per-sample derivative.
+
+    Parameters
+    ----------
+    fidx : ndarray of int, shape (N,)
+        Fixed bin of each sample (box window), in ``[0, nbf)``.
+    xi_m : ndarray, shape (N,)
+        Continuous moving bin coordinate of each sample (cubic B-spline window over bins ``floor(ξ) − 1 …
+        floor(ξ) + 2``, clamped into ``[0, nbm)``).
+    nbf, nbm : int
+        Bin counts.
+
+    Returns
+    -------
+    hist : ndarray, shape (nbf, nbm)
+        Σ_j box · β³ (not normalised).
+    gather : callable
+        ``gather(table) -> (N,)``: ``Σ_i dβ³/dξ(bin_i) · table[fidx_j, bin_i]`` over each sample's four moving
+        bins — the per-sample factor of ``∂MI/∂m_j`` for ``table = log(p / (p_F p_M))``.
+    """
+    fidx = np.ascontiguousarray(fidx, dtype=np.int64)
+    xi_m = np.ascontiguousarray(xi_m, dtype=np.float64)
+    bk = _backend.resolve_backend(backend, xi_m)
+    if bk == "numpy" or not _backend.HAVE_NUMBA:
+        base = np.floor(xi_m)
+        first = np.clip(base.astype(np.intp) - 1, 0, nbm - 4)
+        t = np.clip(xi_m - (first + 1), 0.0, 1.0)
+        s = 1.0 - t
+        t2, t3 = t * t, t * t * t
+        w = np.stack([s * s * s / 6.0, (4.0 - 6.0 * t2 + 3.0 * t3) / 6.0, (1.0 + 3.0 * t + 3.0 * t2 - 3.0 * t3) / 6.0,
+                      t3 / 6.0])
+        dw = np.stack([-0.5 * s * s, -2.0 * t + 1.5 * t2, 0.5 + t - 1.5 * t2, 0.5 * t2])
+        flat = ((fidx * nbm + first)[None, :] + np.arange(4)[:, None]).ravel()
+        hist = np.bincount(flat, weights=w.ravel(), minlength=nbf * nbm).reshape(nbf, nbm)
+
+        def gather(table):
+            return np.sum(dw * table.ravel()[flat].reshape(4, -1), axis=0)
+        return hist, gather
+    hist, first, dw = _compiled("parzen", _parzen_numba)(fidx, xi_m, int(nbf), int(nbm))
+    g = _compiled("gather", _gather_numba)
+
+    def gather(table):
+        return g(np.ascontiguousarray(table, dtype=np.float64), fidx, first, dw)
+    return hist, gather
