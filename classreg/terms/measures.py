@@ -493,6 +493,12 @@ def mattes_mi(fixed, moving, *, bins=32, mask=None, gradient=False, fixed_limits
     return _finish(value, grad, gradient, odt)
 
 
+def _use_fused(backend) -> bool:
+    from ..kernels._backend import HAVE_NUMBA, resolve_backend
+
+    return HAVE_NUMBA and resolve_backend(backend) == "numba"
+
+
 def mattes_mi_samples(fixed_values, moving_values, *, bins=32, gradient=False, fixed_limits=None,
                       moving_limits=None, limit_range_ratio=LIMIT_RANGE_RATIO, normalised=False, backend=None):
     r"""Negative Mattes mutual information of paired samples: the core of :func:`mattes_mi`.
@@ -543,6 +549,12 @@ def mattes_mi_samples(fixed_values, moving_values, *, bins=32, gradient=False, f
         d = r * (hiM - loM) / (1.0 + 2.0 * r)
         tlo, thi = loM + d, hiM - d
 
+    if _use_fused(backend):
+        from ..kernels.sampling import mattes_mi_fused
+
+        value, grad = mattes_mi_fused(fv, mv, nbF, nbM, (loF, hiF), (loM, hiM), (tlo, thi), normalised=normalised,
+                                      tiny=_PDF_TINY)
+        return (value, grad) if gradient else value
     fv = np.clip(fv, loF, hiF)  # HardLimiterFunction
     mv, dlim = _exponential_limiter(mv, tlo, thi, loM, hiM)
 

@@ -151,7 +151,7 @@ class LevelObjective:
                 "init='global'")
         value, dm = sample_metric(self.metric, f[valid], m, bins=self.bins, fixed_limits=self.fixed_limits,
                                   moving_limits=self.moving_limits, backend=self._host_backend)
-        grad = self.model.gradient(p, y[valid], dm[:, None] * g_world)
+        grad = self.model.gradient(p, y, dm[:, None] * g_world, valid)
         if penalty:
             pv, pg = self.model.penalty(p)
             if pg is not None:

@@ -155,10 +155,11 @@ class AffineModel:
                + np.einsum("ki,ki->k", dt, dt))
         return np.maximum(out, 1e-12)
 
-    def gradient(self, p, points, weights) -> np.ndarray:
-        """``Σ_j weights_j · ∂T/∂p (points_j)``: the chain rule for per-sample ``weights`` (N, n) = ∂C/∂T(y_j)."""
+    def gradient(self, p, points, weights, valid=None) -> np.ndarray:
+        """``Σ_j weights_j · ∂T/∂p (points_j)`` over the ``valid`` points: the chain rule for per-sample
+        ``weights`` (one row ∂C/∂T(y_j) per valid point)."""
         _, _, dA, dt = self.matrix(p, derivatives=True)
-        y = np.asarray(points, dtype=float) - self.center
+        y = np.asarray(points if valid is None else points[valid], dtype=float) - self.center
         g_mat = weights.T @ y  # Σ_j w_j (y_j − c)ᵀ
         g_vec = weights.sum(axis=0)
         return np.einsum("kij,ij->k", dA, g_mat) + dt @ g_vec

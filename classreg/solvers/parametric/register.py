@@ -12,6 +12,7 @@ import time
 import numpy as np
 
 from ...image import Image, as_mask
+from ...kernels._backend import serial_below
 from ...options import declared
 from ...progress import Progress, StopRegistration
 from ...pyramid import check_schedule, multiresolution
@@ -154,8 +155,9 @@ def register_bspline(fixed: Image, moving: Image, *, grid_spacing=8.0, grid_sche
     -------
     Result
         ``transform``: ``Chain([init, BSplineTransform])`` (``init`` applied first) or the
-        :class:`~classreg.BSplineTransform` alone when ``init`` is the identity; ``inverse``: a displacement field
-        on the fixed grid (numerical inversion); ``warped``; ``metrics``: ``metric``, ``bending_energy``,
+        :class:`~classreg.BSplineTransform` alone when ``init`` is the identity; ``inverse``: None (a B-spline map
+        has no closed-form inverse; ``transform.inverse(reference=fixed)`` of the B-spline part inverts it
+        numerically); ``warped``; ``metrics``: ``metric``, ``bending_energy``,
         ``grid_size`` per level, ``min_det``, ``max_det``, ``percent_det_nonpositive`` (of the whole map on the
         fixed grid), ``samples``, ``valid_fraction``.
     """
@@ -191,23 +193,29 @@ def register_bspline(fixed: Image, moving: Image, *, grid_spacing=8.0, grid_sche
     total = bs if np.allclose(pre.homogeneous, np.eye(fixed.ndim + 1)) else Chain([pre, bs])
     metric_value, valid = engine.final_metric(mdl, p)
     energy = mdl.bending_energy(p)
-    from ...evaluate import dense_displacement, jacobian_stats
-    from ...transforms import DisplacementField
-
-    u, _ = dense_displacement(total, fixed)
-    field = DisplacementField.from_array_frame(u, fixed)
-    jac = jacobian_stats(field, mask=fmask)
-    inverse = field.inverse()
+    det = _det_stats(total, fixed, fmask, backend)
     params = {"grid_spacing": spacing.tolist(), "grid_schedule": list(schedule), "metric": metric,
               "bending_weight": float(bending_weight), "init": init_name, "init_matrix": pre.homogeneous.tolist(),
               "iterations": list(engine.iterations), "shrink_factors": list(engine.shrink),
               "smoothing_sigmas": list(engine.sigmas),
               **common_params(init=None, dtype=np.float64, seed=int(seed), backend=backend)}
     metrics = {"metric": metric_value, "bending_energy": energy, "grid_size": [list(m.grid_size) for m in models],
-               "min_det": jac["min_det"], "max_det": jac["max_det"],
-               "percent_det_nonpositive": jac["percent_nonpositive"], "samples": int(samples),
+               **det, "samples": int(samples),
                "valid_fraction": valid, "levels": engine.level_info}
-    return _result(fixed, moving, total, inverse, prog, stopped, params, metrics, backend, t0)
+    return _result(fixed, moving, total, None, prog, stopped, params, metrics, backend, t0)
+
+
+def _det_stats(transform, fixed, fmask, backend) -> dict:
+    """det ∇T of the whole map on the fixed grid (inside the fixed mask): min, max and % ≤ 0."""
+    from ...evaluate import dense_displacement
+    from ...kernels.diff import jacobian_determinant
+
+    u, _ = dense_displacement(transform, fixed)
+    det = np.asarray(jacobian_determinant(u, spacing=fixed.spacing_array_order, backend=backend))
+    if fmask is not None:
+        det = det[np.asarray(fmask, dtype=bool)]
+    return {"min_det": float(det.min()), "max_det": float(det.max()),
+            "percent_det_nonpositive": float(100.0 * np.mean(det <= 0))}
 
 
 def _grid_schedule(schedule, levels):
@@ -254,7 +262,9 @@ class _Engine:
             model = level_model(level)
             obj = self.objective(level, model)
             self.last = (level, obj)
-            value = self._optimise(obj, model, level, st, progress)
+            taps = 4 ** level.fixed.ndim if hasattr(model, "grid") else 1
+            with serial_below(self.samples * taps):  # per-iteration kernels this small run best on one thread
+                value = self._optimise(obj, model, level, st, progress)
             self.level_info.append({"level": level.index, "shrink": level.shrink, "sigma_mm": level.sigma_mm,
                                     "shape": list(level.fixed.shape), "iterations": level.iterations,
                                     "metric": value, "valid_fraction": obj.last_valid,
