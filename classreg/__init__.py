@@ -45,10 +45,11 @@ from .solvers.lddmm import register_lddmm
 from .solvers.parametric import register_affine, register_bspline
 from .solvers.points import register_points
 from .solvers.rigid import register_rigid
-from .transforms import Affine, Chain, DisplacementField, Transform, load_transform
+from .transforms import Affine, BSplineTransform, Chain, DisplacementField, Transform, load_transform
 
 __all__ = [
     "Affine",
+    "BSplineTransform",
     "Chain",
     "DisplacementField",
     "Event",

@@ -12,7 +12,7 @@ import numpy as np
 
 from .image import Image
 from .io import atomic_output, load, save
-from .transforms import Affine, Chain, DisplacementField, Transform, load_transform
+from .transforms import Affine, BSplineTransform, Chain, DisplacementField, Transform, load_transform
 
 __all__ = ["Result", "load_result"]
 
@@ -97,7 +97,7 @@ class Result:
         """Write the result into ``directory`` (created if needed); every file is written atomically.
 
         Files: ``transform.<ext>`` and ``inverse.<ext>`` (ITK .tfm for an affine, a displacement-field .nii.gz,
-        an ITK .h5 composite for a chain — all readable by SimpleITK/ANTs), ``warped.nii.gz``, ``params.json``,
+        an ITK .h5 composite for a chain, ITK .tfm for a B-spline — all readable by SimpleITK/ANTs), ``warped.nii.gz``, ``params.json``,
         ``history.csv`` and ``result.json`` (convergence, metrics, timings, reference grid).
         """
         d = Path(os.fspath(directory))
@@ -161,6 +161,8 @@ def _save_transform(t: Transform, stem: Path) -> str:
         name = stem.name + ".tfm"
     elif isinstance(t, DisplacementField):
         name = stem.name + ".nii.gz"
+    elif isinstance(t, BSplineTransform):
+        name = stem.name + ".tfm"
     elif isinstance(t, Chain):
         name = stem.name + (".tfm" if all(isinstance(p, Affine) for p in t.transforms) else ".h5")
     elif getattr(t, "file_suffix", None):  # solver-defined transforms (see transforms.register_transform_format)

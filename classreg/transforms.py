@@ -1,4 +1,5 @@
-"""Spatial transforms in physical space: :class:`Affine`, :class:`DisplacementField`, :class:`Chain`.
+"""Spatial transforms in physical space: :class:`Affine`, :class:`DisplacementField`, :class:`BSplineTransform`,
+:class:`Chain`.
 
 Direction convention (as in ITK and elastix): a registration transform maps **fixed-image physical points to
 moving-image physical points** — the pull-back used to resample the moving image onto the fixed grid.  Points are
@@ -11,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ._checks import as_float_tuple, check_ndim
+from ._checks import as_float_tuple, check_direction, check_ndim, check_spacing
 from .image import Image, _points
 from .io import atomic_output, image_extension, load, save, _check_readable
 
-__all__ = ["Transform", "Affine", "DisplacementField", "Chain", "load_transform", "TRANSFORM_EXTENSIONS",
-           "register_transform_format"]
+__all__ = ["Transform", "Affine", "DisplacementField", "BSplineTransform", "Chain", "load_transform",
+           "TRANSFORM_EXTENSIONS", "register_transform_format"]
 
 #: Extensions of ITK transform files (read/written through SimpleITK).
 TRANSFORM_EXTENSIONS = (".tfm", ".txt", ".mat", ".h5", ".hdf5")
@@ -303,6 +304,243 @@ class DisplacementField(Transform):
         return f"DisplacementField({self._image!r})"
 
 
+class BSplineTransform(Transform):
+    """Cubic B-spline free-form deformation ``x ↦ x + u(x)``, exactly ITK's ``itk::BSplineTransform`` (order 3).
+
+    ``u(x) = Σ_k c_k Π_d β3(q_d(x) − k_d)`` with ``q(x)`` the continuous index of ``x`` in the control grid
+    (``x = grid_origin + grid_direction · diag(grid_spacing) · index``, as for an ITK image). As in ITK, ``u = 0``
+    (the point is returned unchanged) outside the grid's valid region ``1 <= index_d <= grid_size_d − 2``, where not
+    every contributing control point exists; inside it the result equals SimpleITK's ``TransformPoint``.
+
+    Parameters
+    ----------
+    grid_size : sequence of int
+        Control points per axis, (x, y[, z]) order like ITK (``TransformDomainMeshSize + 3``); each >= 4.
+    grid_origin : sequence of float
+        Physical position (mm, x, y[, z]) of control point index 0.
+    grid_spacing : float or sequence of float
+        Control-point spacing in mm, x first.
+    grid_direction : array_like, optional
+        (ndim, ndim) direction cosines whose columns are the physical directions of the grid axes (like
+        :attr:`classreg.Image.direction_matrix`), or SimpleITK's flat row-major tuple. Default identity.
+    coefficients : array_like, optional
+        ``(*grid shape in array order (z, y, x), ndim)``: control-point displacements along physical x, y[, z] in
+        mm. Default zero (the identity).
+    """
+
+    def __init__(self, grid_size, grid_origin, grid_spacing, grid_direction=None, coefficients=None):
+        try:
+            size = tuple(int(s) for s in np.asarray(grid_size).ravel())
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"grid_size must be a sequence of 2 or 3 ints (x, y[, z]), got {grid_size!r}") from exc
+        if not np.allclose(np.asarray(grid_size, dtype=float).ravel(), size):
+            raise ValueError(f"grid_size must hold integers, got {grid_size!r}")
+        self.ndim = check_ndim(len(size), "grid_size")
+        if any(s < 4 for s in size):
+            raise ValueError(f"grid_size must be >= 4 control points per axis (spline order 3 + 1), got {size}")
+        self._size = size
+        self._origin = np.array(as_float_tuple(grid_origin, self.ndim, "grid_origin"))
+        self._spacing = np.array(check_spacing(grid_spacing, self.ndim, "grid_spacing"))
+        self._direction = np.array(check_direction(grid_direction, self.ndim, "grid_direction")).reshape(
+            self.ndim, self.ndim)
+        shape = (*reversed(size), self.ndim)
+        if coefficients is None:
+            c = np.zeros(shape)
+        else:
+            c = np.array(coefficients, dtype=np.float64)
+            if c.shape != shape:
+                raise ValueError(
+                    f"coefficients must have shape {shape} (grid shape in array order (z, y, x) for grid_size "
+                    f"{size}, then {self.ndim} displacement components x, y[, z] in mm), got {c.shape}"
+                )
+            if not np.all(np.isfinite(c)):
+                raise ValueError("coefficients contain NaN or Inf; replace them (e.g. numpy.nan_to_num)")
+        c.setflags(write=False)
+        self._coefficients = c
+        # grid index in array order -> physical point, and back
+        lin = (self._direction @ np.diag(self._spacing))[:, ::-1]
+        self._index_to_world = lin
+        self._world_to_index = np.linalg.inv(lin)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def on_image(cls, image: Image, grid_spacing_mm, *, order: int = 3) -> "BSplineTransform":
+        """A zero (identity) control grid laid over ``image`` the way elastix's ``GridScheduleComputer`` does.
+
+        Per axis d (x first): spacing ``g_d = grid_spacing_mm_d``; size ``ceil(n_d s_d / g_d) + 3`` (``n_d`` voxels of
+        ``s_d`` mm: the full extent including the half voxels at both ends); the grid is centred on the image, i.e. on
+        the centre of the segment from the first to the last voxel centre (the same centre as the extent ± half a
+        voxel): ``origin = image.origin + D · (−((size_d − 1) g_d − (n_d − 1) s_d) / 2)_d``; direction D = the
+        image's. (ITK's own ``BSplineTransformInitializer`` instead fits the mesh to the voxel-centre extent.)
+
+        Parameters
+        ----------
+        image : Image
+            The (fixed) image the transform is defined on.
+        grid_spacing_mm : float or sequence of float
+            Control-point spacing in mm (x first).
+        order : int
+            Spline order; only 3 is supported.
+        """
+        if order != 3:
+            raise ValueError(f"order must be 3 (cubic B-splines), got {order!r}")
+        if not isinstance(image, Image):
+            raise TypeError(f"image must be a classreg.Image, got {type(image).__name__}")
+        n = image.ndim
+        gs = np.array(check_spacing(grid_spacing_mm, n, "grid_spacing_mm"))
+        sizes = np.array(image.size, dtype=float)
+        sp = np.array(image.spacing)
+        gsize = [int(np.ceil(sizes[d] * sp[d] / gs[d])) + order for d in range(n)]
+        shift = np.array([-((gsize[d] - 1) * gs[d] - (sizes[d] - 1) * sp[d]) / 2.0 for d in range(n)])
+        origin = np.asarray(image.origin) + image.direction_matrix @ shift
+        return cls(gsize, origin, gs, image.direction_matrix)
+
+    def with_coefficients(self, coefficients) -> "BSplineTransform":
+        """The same control grid with other coefficients (shape ``(*grid shape (z, y, x), ndim)``, mm)."""
+        return BSplineTransform(self._size, self._origin, self._spacing, self._direction, coefficients)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def grid_size(self) -> tuple:
+        """Control points per axis, (x, y[, z])."""
+        return self._size
+
+    @property
+    def grid_shape(self) -> tuple:
+        """Control points per axis in array order (z, y[, x]): ``coefficients.shape[:-1]``."""
+        return tuple(reversed(self._size))
+
+    @property
+    def grid_origin(self) -> tuple:
+        return tuple(self._origin.tolist())
+
+    @property
+    def grid_spacing(self) -> tuple:
+        return tuple(self._spacing.tolist())
+
+    @property
+    def grid_direction(self) -> np.ndarray:
+        """(ndim, ndim) direction cosines; column k is the physical direction of grid axis k (x first)."""
+        return self._direction.copy()
+
+    @property
+    def coefficients(self) -> np.ndarray:
+        """Read-only ``(*grid shape (z, y, x), ndim)`` array of displacements along physical x, y[, z] in mm."""
+        return self._coefficients
+
+    @property
+    def parameters(self) -> np.ndarray:
+        """The coefficients in ITK/elastix parameter order: all x-components (x fastest), then y[, then z]."""
+        return np.moveaxis(self._coefficients, -1, 0).ravel()
+
+    @property
+    def fixed_parameters(self) -> tuple:
+        """ITK's fixed parameters: grid size, origin, spacing (x first), direction (row-major)."""
+        return (tuple(float(s) for s in self._size) + self.grid_origin + self.grid_spacing
+                + tuple(self._direction.ravel().tolist()))
+
+    # ------------------------------------------------------------------ mapping
+    def grid_index(self, points) -> np.ndarray:
+        """Continuous control-grid indices (N, ndim) in array order (z, y[, x]) of physical points (N, ndim)."""
+        p = self._check_points(points)
+        return (p - self._origin) @ self._world_to_index.T
+
+    def _inside(self, q) -> np.ndarray:
+        """ITK's ``InsideValidRegion``: ``1 <= q_d`` and ``q_d < g_d − 2`` (4 ulp of slack at the top, like ITK)."""
+        g = np.asarray(self.grid_shape, dtype=float)
+        top = g - 2.0 + 4.0 * np.spacing(g - 2.0)
+        return (q >= 1.0) & (q <= top)
+
+    def map_points(self, points) -> np.ndarray:
+        """Map physical points (N, ndim), (x, y[, z]) mm, from fixed to moving space: ``x + u(x)``."""
+        from .kernels.bspline import evaluate
+
+        p = self._check_points(points)
+        q = self.grid_index(p)
+        u = evaluate(self._coefficients, q)
+        u[~np.all(self._inside(q), axis=1)] = 0.0
+        return p + u
+
+    def displacement_on(self, reference: Image) -> "DisplacementField":
+        """The displacement ``u`` sampled at every voxel of ``reference`` (zero outside the valid region)."""
+        from .kernels.bspline import dense
+
+        if not isinstance(reference, Image):
+            raise TypeError(f"reference must be a classreg.Image, got {type(reference).__name__}")
+        if reference.ndim != self.ndim:
+            raise ValueError(f"reference must be {self.ndim}-D like the transform, got {reference.ndim}-D")
+        n = self.ndim
+        a = reference.affine
+        matrix = self._world_to_index @ a[:n, :n]
+        offset = self._world_to_index @ (a[:n, n] - self._origin)
+        diag = np.diag(np.diagonal(matrix))
+        if np.all(np.abs(matrix - diag) <= 1e-12 * np.abs(matrix).max()):
+            matrix = diag  # same axes up to rounding: separable fast path
+        u = dense(self._coefficients, reference.shape, matrix, offset)
+        axes = [np.arange(s, dtype=float) for s in reference.shape]
+        inside = np.ones(reference.shape, dtype=bool)
+        top = np.asarray(self.grid_shape, dtype=float) - 2.0
+        top = top + 4.0 * np.spacing(top)
+        for d in range(n):
+            qd = offset[d]
+            for e in range(n):
+                if matrix[d, e] != 0.0:
+                    qd = qd + matrix[d, e] * axes[e].reshape([-1 if k == e else 1 for k in range(n)])
+            inside &= (qd >= 1.0) & (qd <= top[d])
+        u[~inside] = 0.0
+        return DisplacementField.from_array(u, reference)
+
+    def inverse(self, reference: "Image | None" = None, **kwargs) -> "DisplacementField":
+        """An inverse on ``reference``'s grid: :meth:`displacement_on` ``(reference).inverse(**kwargs)``.
+
+        A B-spline FFD has no closed-form inverse, so a grid to represent it on is required.
+        """
+        if reference is None:
+            raise ValueError(
+                "a BSplineTransform has no closed-form inverse: pass reference=<Image> (e.g. the moving image) to "
+                "get its inverse as a DisplacementField on that grid"
+            )
+        return self.displacement_on(reference).inverse(**kwargs)
+
+    def to_sitk(self):
+        """The equivalent ``SimpleITK.BSplineTransform`` (order 3)."""
+        import SimpleITK as sitk
+
+        tx = sitk.BSplineTransform(self.ndim, 3)
+        tx.SetFixedParameters(self.fixed_parameters)
+        tx.SetParameters(tuple(self.parameters.tolist()))
+        return tx
+
+    @classmethod
+    def from_sitk(cls, tx) -> "BSplineTransform":
+        """From a ``SimpleITK.BSplineTransform`` of order 3."""
+        import SimpleITK as sitk
+
+        b = sitk.BSplineTransform(tx)
+        if b.GetOrder() != 3:
+            raise ValueError(f"unsupported ITK transform: classreg reads cubic (order 3) BSplineTransforms only, got "
+                             f"order {b.GetOrder()}")
+        n = b.GetDimension()
+        fixed = np.asarray(b.GetFixedParameters(), dtype=float)
+        size = [int(round(s)) for s in fixed[:n]]
+        coeffs = np.asarray(b.GetParameters(), dtype=float).reshape(n, *reversed(size))
+        return cls(size, fixed[n:2 * n], fixed[2 * n:3 * n], fixed[3 * n:].reshape(n, n), np.moveaxis(coeffs, 0, -1))
+
+    def save(self, path) -> Path:
+        """Write an ITK transform file (.tfm/.txt text or .h5), readable by SimpleITK, ANTs and elastix."""
+        if not Path(os.fspath(path)).name.lower().endswith((".tfm", ".txt", ".h5", ".hdf5")):
+            raise ValueError(f"path {str(path)!r}: save a BSplineTransform as an ITK transform file (.tfm, .txt, .h5)")
+        return _write_sitk_transform(self.to_sitk(), path)
+
+    def __repr__(self) -> str:
+        return (
+            f"BSplineTransform(grid_size={self._size}, grid_origin={np.round(self._origin, 6).tolist()}, "
+            f"grid_spacing={np.round(self._spacing, 6).tolist()}, "
+            f"grid_direction={np.round(self._direction, 6).tolist()}, "
+            f"max |coefficient|={float(np.abs(self._coefficients).max()):.6g} mm)"
+        )
+
+
 class Chain(Transform):
     """Several transforms applied in list order: ``Chain([t1, t2])`` maps ``x ↦ t2(t1(x))``.
 
@@ -442,7 +680,8 @@ def _write_sitk_transform(tx, path) -> Path:
 
 
 def from_sitk_transform(tx) -> Transform:
-    """Convert a ``SimpleITK.Transform`` (affine family, translation, displacement field, composite)."""
+    """Convert a ``SimpleITK.Transform`` (affine family, translation, displacement field, cubic B-spline,
+    composite)."""
     import SimpleITK as sitk
 
     name = tx.GetName()
@@ -456,6 +695,8 @@ def from_sitk_transform(tx) -> Transform:
         return DisplacementField(Image.from_sitk(field))
     if name == "IdentityTransform":
         return Affine.identity(n)
+    if name == "BSplineTransform":
+        return BSplineTransform.from_sitk(tx)
     fixed = tx.GetFixedParameters()
     center = np.asarray(fixed[:n], dtype=float) if len(fixed) >= n and name != "TranslationTransform" else np.zeros(n)
     base = np.asarray(tx.TransformPoint(tuple(center)))

@@ -97,7 +97,7 @@ def test_read_itk_transform_families(tmp_path, rng):
                sitk.ScaleTransform(3, (1.1, 0.9, 1.2))):
         ours = from_sitk_transform(tx)
         np.testing.assert_allclose(ours.map_points(pts), _sitk_points(tx, pts), atol=1e-9)
-    bs = sitk.BSplineTransformInitializer(sitk.Image([8, 8, 8], sitk.sitkFloat32), [3, 3, 3])
+    bs = sitk.BSplineTransformInitializer(sitk.Image([8, 8, 8], sitk.sitkFloat32), [3, 3, 3], 2)  # quadratic: unsupported
     params = np.array(bs.GetParameters())
     bs.SetParameters(tuple(rng.normal(size=params.size)))
     with pytest.raises(ValueError, match="unsupported ITK transform"):

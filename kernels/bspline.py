@@ -1,0 +1,1002 @@
+"""Cubic B-spline free-form deformation (FFD) kernels: evaluation, Jacobian, adjoint, dense fields, bending energy
+and control-grid refinement.
+
+Grid convention (plain arrays; nothing here knows about images or physical space):
+
+* ``coeffs`` has shape ``(*gshape, C)``: a 2-D or 3-D control grid in numpy axis order, channels last, any ``C >= 1``.
+* Points ``q`` have shape ``(N, ndim)`` in *continuous grid-index coordinates* (array axis order): control point
+  ``k`` sits at ``q = k``.
+* The FFD value is ``u(q) = Σ_k coeffs[k] · Π_d β3(q_d − k_d)`` with ``β3`` the centred cubic B-spline. For each
+  point only ``k_d ∈ floor(q_d) − 1 … floor(q_d) + 2`` contribute; control points outside ``[0, gshape_d − 1]``
+  contribute 0 (no clamping, no mirroring). ``u`` is therefore a C² piecewise cubic on all of R^n that vanishes for
+  ``q_d <= −2`` or ``q_d >= gshape_d + 1``. Non-finite coordinates give ``u = 0``.
+* The region where every contributing control point exists is ``Ω = Π_d [1, gshape_d − 2]`` (ITK's "valid region"
+  of a ``BSplineTransform``); there the FFD reproduces cubic polynomials.
+
+Every public function has a numpy reference (the test oracle) and, except :func:`weights` and
+:func:`bending_energy` (small, O(grid) work), a numba CPU path (``parallel=True``, on-disk cache, float64
+accumulation whatever the input precision). The numba bodies are plain module-level functions compiled lazily
+with their globals rebound to the compiled helpers (:func:`classreg.kernels._backend.rebind`), so the cache key is
+stable across processes. All paths give the same result for any numba thread count: evaluation is independent
+per point, and :func:`adjoint` groups the points by grid cell (a stable counting sort) and visits the cells in
+4^ndim colour classes whose control-point supports are disjoint, so every coefficient is accumulated by one thread,
+in a fixed order.
+
+Outputs are float32 for float32 coefficients (values) and float64 otherwise; points are always used in float64.
+
+References
+----------
+.. [1] D. Rueckert, L. I. Sonoda, C. Hayes, D. L. G. Hill, M. O. Leach, D. J. Hawkes, "Nonrigid registration using
+   free-form deformations: application to breast MR images", IEEE TMI 18(8):712-721, 1999 (FFD eq. 3-4, bending
+   energy eq. 6).
+.. [2] M. Unser, "Splines: a perfect fit for signal and image processing", IEEE Signal Processing Magazine
+   16(6):22-38, 1999 (B-spline interpolation, two-scale relation).
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from fractions import Fraction
+
+import numpy as np
+
+from . import _backend
+
+__all__ = ["weights", "evaluate", "evaluate_with_jacobian", "adjoint", "dense", "bending_energy", "refine"]
+
+#: Voxels per block of the numpy reference of :func:`dense` for a non-diagonal matrix (bounds its memory).
+_DENSE_BLOCK = 1 << 18
+
+# Rebound by the numba builder to numba.prange; as plain Python the bodies below also run uncompiled.
+prange = range
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Scalar helpers (compiled for numba; plain arithmetic, so they also work elementwise on numpy arrays)
+# ----------------------------------------------------------------------------------------------------------------------
+def _w4(t):
+    """Cubic B-spline weights of the taps ``floor(q) − 1 … floor(q) + 2`` for ``t = q − floor(q)``."""
+    s = 1.0 - t
+    t2 = t * t
+    t3 = t2 * t
+    return (s * s * s / 6.0, (3.0 * t3 - 6.0 * t2 + 4.0) / 6.0, (-3.0 * t3 + 3.0 * t2 + 3.0 * t + 1.0) / 6.0,
+            t3 / 6.0)
+
+
+def _dw4(t):
+    """Derivatives of :func:`_w4` with respect to ``t`` (equivalently ``q``)."""
+    s = 1.0 - t
+    t2 = t * t
+    return -0.5 * s * s, 1.5 * t2 - 2.0 * t, -1.5 * t2 + t + 0.5, 0.5 * t2
+
+
+def _clampc(c, n):
+    """A coordinate clamped to ``[−3, n + 2]`` (beyond, every tap is outside the grid); NaN -> −3 (u = 0)."""
+    c = c if c == c else -3.0
+    c = c if c > -3.0 else -3.0
+    return c if c < n + 2.0 else n + 2.0
+
+
+def _clamp_np(q, gshape):
+    """Vectorised :func:`_clampc` over the columns of ``q`` (N, ndim)."""
+    q = np.where(np.isnan(q), -3.0, q)
+    hi = np.asarray(gshape, dtype=np.float64) + 2.0
+    return np.minimum(np.maximum(q, -3.0), hi)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Argument checks
+# ----------------------------------------------------------------------------------------------------------------------
+def _resolve(backend, *arrays) -> str:
+    be = _backend.resolve_backend(backend, *arrays)
+    if be == "cuda":
+        raise ValueError("the B-spline kernels have 'numpy' and 'numba' paths only; pass host (numpy) arrays "
+                         "(cupy.asnumpy) and backend=None, 'numpy' or 'numba'")
+    return be
+
+
+def _out_dtype(a):
+    return np.float32 if np.asarray(a).dtype == np.float32 else np.float64
+
+
+def _check_coeffs(coeffs, name="coeffs"):
+    c = np.asarray(coeffs)
+    if c.ndim not in (3, 4):
+        raise ValueError(f"{name} must have shape (*gshape, C) with a 2-D or 3-D grid, got shape {c.shape}")
+    if c.dtype.kind not in "biuf":
+        raise TypeError(f"{name} must be a real numeric array, got dtype {c.dtype}")
+    if 0 in c.shape:
+        raise ValueError(f"{name} must not be empty, got shape {c.shape}")
+    return c
+
+
+def _check_points(q, ndim, name="q"):
+    q = np.asarray(q, dtype=np.float64)
+    if q.ndim != 2 or q.shape[1] != ndim:
+        raise ValueError(f"{name} must have shape (N, {ndim}) (grid-index coordinates, array axis order), "
+                         f"got {q.shape}")
+    return np.ascontiguousarray(q)
+
+
+def _check_gshape(gshape, name="gshape"):
+    try:
+        g = tuple(int(v) for v in gshape)
+    except TypeError as exc:
+        raise TypeError(f"{name} must be a sequence of 2 or 3 positive ints, got {gshape!r}") from exc
+    if len(g) not in (2, 3) or any(v < 1 for v in g):
+        raise ValueError(f"{name} must hold 2 or 3 positive ints (array axis order), got {gshape!r}")
+    return g
+
+
+def _check_affine(matrix, offset, ndim):
+    m = np.asarray(matrix, dtype=np.float64)
+    o = np.asarray(offset, dtype=np.float64)
+    if m.shape != (ndim, ndim):
+        raise ValueError(f"matrix must have shape ({ndim}, {ndim}), got {m.shape}")
+    if o.shape != (ndim,):
+        raise ValueError(f"offset must have shape ({ndim},), got {o.shape}")
+    if not (np.all(np.isfinite(m)) and np.all(np.isfinite(o))):
+        raise ValueError("matrix and offset must be finite")
+    return np.ascontiguousarray(m), np.ascontiguousarray(o)
+
+
+def _is_diagonal(m) -> bool:
+    return not np.any(m - np.diag(np.diagonal(m)))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# weights
+# ----------------------------------------------------------------------------------------------------------------------
+def weights(q):
+    """Per-axis cubic B-spline weights of the four contributing control points.
+
+    Parameters
+    ----------
+    q : array_like, shape (N, ndim)
+        Finite points in continuous grid-index coordinates (array axis order).
+
+    Returns
+    -------
+    start : ndarray (N, ndim) intp
+        ``floor(q) − 1``: the first of the four taps ``start … start + 3`` along each axis.
+    w : ndarray (N, ndim, 4) float64
+        ``w[n, d, a] = β3(q_d − start_d − a)``; the four weights sum to 1.
+    dw : ndarray (N, ndim, 4) float64
+        ``∂w[n, d, a] / ∂q_d``.
+    """
+    q = np.asarray(q, dtype=np.float64)
+    if q.ndim != 2:
+        raise ValueError(f"q must have shape (N, ndim), got {q.shape}")
+    f = np.floor(q)
+    t = q - f
+    start = f.astype(np.intp) - 1
+    return start, np.stack(_w4(t), axis=-1), np.stack(_dw4(t), axis=-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# numpy references
+# ----------------------------------------------------------------------------------------------------------------------
+def _taps_numpy(q, gshape, jac):
+    """Yield ``(lin, valid, wprod, dprods)`` per tap offset (lexicographic), for the references."""
+    nd = len(gshape)
+    start, w, dw = weights(_clamp_np(q, gshape))
+    g = np.asarray(gshape)
+    for offs in itertools.product(range(4), repeat=nd):
+        idx = start + np.asarray(offs)
+        valid = np.all((idx >= 0) & (idx < g), axis=1)
+        lin = np.ravel_multi_index(tuple(np.clip(idx, 0, g - 1).T), gshape)
+        wp = w[:, 0, offs[0]]
+        for d in range(1, nd):
+            wp = wp * w[:, d, offs[d]]
+        dps = None
+        if jac:
+            dps = []
+            for d in range(nd):
+                p = dw[:, 0, offs[0]] if d == 0 else w[:, 0, offs[0]]
+                for e in range(1, nd):
+                    p = p * (dw[:, e, offs[e]] if e == d else w[:, e, offs[e]])
+                dps.append(p)
+        yield lin, valid, wp, dps
+
+
+def _evaluate_numpy(coeffs, q, jac):
+    gshape = coeffs.shape[:-1]
+    nc = coeffs.shape[-1]
+    flat = coeffs.reshape(-1, nc).astype(np.float64)
+    n = q.shape[0]
+    out = np.zeros((n, nc))
+    du = np.zeros((n, nc, len(gshape))) if jac else None
+    for lin, valid, wp, dps in _taps_numpy(q, gshape, jac):
+        cv = np.where(valid[:, None], flat[lin], 0.0)
+        out += wp[:, None] * cv
+        if jac:
+            for d, p in enumerate(dps):
+                du[:, :, d] += p[:, None] * cv
+    return out, du
+
+
+def _adjoint_numpy(q, values, gshape):
+    nc = values.shape[1]
+    out = np.zeros((int(np.prod(gshape)), nc))
+    for lin, valid, wp, _ in _taps_numpy(q, gshape, False):
+        np.add.at(out, lin[valid], wp[valid, None] * values[valid])
+    return out.reshape(*gshape, nc)
+
+
+def _axis_table(n_out, scale, shift, g):
+    """Separable weight table of one axis for ``q = scale · i + shift``: clipped tap indices (n_out, 4) int64 and
+    weights (n_out, 4) with 0 for taps outside ``[0, g − 1]``."""
+    c = _clamp_np((scale * np.arange(n_out, dtype=np.float64) + shift)[:, None], (g,))[:, 0]
+    f = np.floor(c)
+    w = np.stack(_w4(c - f), axis=-1)
+    idx = f.astype(np.int64)[:, None] - 1 + np.arange(4)
+    valid = (idx >= 0) & (idx < g)
+    return np.ascontiguousarray(np.clip(idx, 0, g - 1)), np.ascontiguousarray(np.where(valid, w, 0.0))
+
+
+def _contract_numpy(inp, idx, w):
+    """``out[p, i, r] = Σ_a w[i, a] · inp[p, idx[i, a], r]`` (same arithmetic order as the numba body)."""
+    out = w[None, :, 0, None] * inp[:, idx[:, 0], :]
+    for a in range(1, 4):
+        out = out + w[None, :, a, None] * inp[:, idx[:, a], :]
+    return out
+
+
+def _grid_coords(i_cols, m, o):
+    """``q_d = ((m_d0 i_0 + m_d1 i_1) [+ m_d2 i_2]) + o_d`` in the numba bodies' order; i_cols: list of (N,) arrays."""
+    nd = len(i_cols)
+    q = np.empty((i_cols[0].shape[0], nd))
+    for d in range(nd):
+        s = m[d, 0] * i_cols[0]
+        for e in range(1, nd):
+            s = s + m[d, e] * i_cols[e]
+        q[:, d] = s + o[d]
+    return q
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# numba bodies
+# ----------------------------------------------------------------------------------------------------------------------
+def _acc2(coeffs, x0, x1, row):
+    """``row += u(x)`` (row: (C,) float64) for a 2-D grid."""
+    n0 = coeffs.shape[0]
+    n1 = coeffs.shape[1]
+    nc = coeffs.shape[2]
+    c0 = _clampc(x0, n0)
+    c1 = _clampc(x1, n1)
+    f0 = math.floor(c0)
+    f1 = math.floor(c1)
+    s0 = int(f0) - 1
+    s1 = int(f1) - 1
+    w0 = _w4(c0 - f0)
+    w1 = _w4(c1 - f1)
+    for a in range(4):
+        j0 = s0 + a
+        if j0 < 0 or j0 >= n0:
+            continue
+        for b in range(4):
+            j1 = s1 + b
+            if j1 < 0 or j1 >= n1:
+                continue
+            wab = w0[a] * w1[b]
+            for ch in range(nc):
+                row[ch] += wab * coeffs[j0, j1, ch]
+
+
+def _acc3(coeffs, x0, x1, x2, row):
+    """``row += u(x)`` (row: (C,) float64) for a 3-D grid."""
+    n0 = coeffs.shape[0]
+    n1 = coeffs.shape[1]
+    n2 = coeffs.shape[2]
+    nc = coeffs.shape[3]
+    c0 = _clampc(x0, n0)
+    c1 = _clampc(x1, n1)
+    c2 = _clampc(x2, n2)
+    f0 = math.floor(c0)
+    f1 = math.floor(c1)
+    f2 = math.floor(c2)
+    s0 = int(f0) - 1
+    s1 = int(f1) - 1
+    s2 = int(f2) - 1
+    w0 = _w4(c0 - f0)
+    w1 = _w4(c1 - f1)
+    w2 = _w4(c2 - f2)
+    for a in range(4):
+        j0 = s0 + a
+        if j0 < 0 or j0 >= n0:
+            continue
+        for b in range(4):
+            j1 = s1 + b
+            if j1 < 0 or j1 >= n1:
+                continue
+            wab = w0[a] * w1[b]
+            for c in range(4):
+                j2 = s2 + c
+                if j2 < 0 or j2 >= n2:
+                    continue
+                wabc = wab * w2[c]
+                for ch in range(nc):
+                    row[ch] += wabc * coeffs[j0, j1, j2, ch]
+
+
+def _eval2_body(coeffs, q, out):
+    for p in prange(q.shape[0]):
+        _acc2(coeffs, q[p, 0], q[p, 1], out[p])
+
+
+def _eval3_body(coeffs, q, out):
+    for p in prange(q.shape[0]):
+        _acc3(coeffs, q[p, 0], q[p, 1], q[p, 2], out[p])
+
+
+def _jacacc2(coeffs, x0, x1, row, drow):
+    """``row += u(x)``, ``drow[c, d] += ∂u_c/∂q_d`` for a 2-D grid."""
+    n0 = coeffs.shape[0]
+    n1 = coeffs.shape[1]
+    nc = coeffs.shape[2]
+    c0 = _clampc(x0, n0)
+    c1 = _clampc(x1, n1)
+    f0 = math.floor(c0)
+    f1 = math.floor(c1)
+    s0 = int(f0) - 1
+    s1 = int(f1) - 1
+    w0 = _w4(c0 - f0)
+    w1 = _w4(c1 - f1)
+    d0 = _dw4(c0 - f0)
+    d1 = _dw4(c1 - f1)
+    for a in range(4):
+        j0 = s0 + a
+        if j0 < 0 or j0 >= n0:
+            continue
+        for b in range(4):
+            j1 = s1 + b
+            if j1 < 0 or j1 >= n1:
+                continue
+            wab = w0[a] * w1[b]
+            g0 = d0[a] * w1[b]
+            g1 = w0[a] * d1[b]
+            for ch in range(nc):
+                cv = coeffs[j0, j1, ch]
+                row[ch] += wab * cv
+                drow[ch, 0] += g0 * cv
+                drow[ch, 1] += g1 * cv
+
+
+def _jacacc3(coeffs, x0, x1, x2, row, drow):
+    """``row += u(x)``, ``drow[c, d] += ∂u_c/∂q_d`` for a 3-D grid."""
+    n0 = coeffs.shape[0]
+    n1 = coeffs.shape[1]
+    n2 = coeffs.shape[2]
+    nc = coeffs.shape[3]
+    c0 = _clampc(x0, n0)
+    c1 = _clampc(x1, n1)
+    c2 = _clampc(x2, n2)
+    f0 = math.floor(c0)
+    f1 = math.floor(c1)
+    f2 = math.floor(c2)
+    s0 = int(f0) - 1
+    s1 = int(f1) - 1
+    s2 = int(f2) - 1
+    w0 = _w4(c0 - f0)
+    w1 = _w4(c1 - f1)
+    w2 = _w4(c2 - f2)
+    d0 = _dw4(c0 - f0)
+    d1 = _dw4(c1 - f1)
+    d2 = _dw4(c2 - f2)
+    for a in range(4):
+        j0 = s0 + a
+        if j0 < 0 or j0 >= n0:
+            continue
+        for b in range(4):
+            j1 = s1 + b
+            if j1 < 0 or j1 >= n1:
+                continue
+            wab = w0[a] * w1[b]
+            gab0 = d0[a] * w1[b]
+            gab1 = w0[a] * d1[b]
+            for c in range(4):
+                j2 = s2 + c
+                if j2 < 0 or j2 >= n2:
+                    continue
+                wabc = wab * w2[c]
+                g0 = gab0 * w2[c]
+                g1 = gab1 * w2[c]
+                g2 = wab * d2[c]
+                for ch in range(nc):
+                    cv = coeffs[j0, j1, j2, ch]
+                    row[ch] += wabc * cv
+                    drow[ch, 0] += g0 * cv
+                    drow[ch, 1] += g1 * cv
+                    drow[ch, 2] += g2 * cv
+
+
+def _jac2_body(coeffs, q, out, du):
+    for p in prange(q.shape[0]):
+        _jacacc2(coeffs, q[p, 0], q[p, 1], out[p], du[p])
+
+
+def _jac3_body(coeffs, q, out, du):
+    for p in prange(q.shape[0]):
+        _jacacc3(coeffs, q[p, 0], q[p, 1], q[p, 2], out[p], du[p])
+
+
+def _dense_gen2_body(coeffs, m, o, n1, out):
+    """Non-separable dense evaluation, 2-D: out (n0 * n1, C) zero-initialised, q = m @ (i0, i1) + o."""
+    npts = out.shape[0]
+    for p in prange(npts):
+        i0 = p // n1
+        i1 = p - i0 * n1
+        x0 = (m[0, 0] * i0 + m[0, 1] * i1) + o[0]
+        x1 = (m[1, 0] * i0 + m[1, 1] * i1) + o[1]
+        _acc2(coeffs, x0, x1, out[p])
+
+
+def _dense_gen3_body(coeffs, m, o, n1, n2, out):
+    """Non-separable dense evaluation, 3-D: out (n0 * n1 * n2, C) zero-initialised, q = m @ (i0, i1, i2) + o."""
+    npts = out.shape[0]
+    for p in prange(npts):
+        i0 = p // (n1 * n2)
+        r = p - i0 * (n1 * n2)
+        i1 = r // n2
+        i2 = r - i1 * n2
+        x0 = ((m[0, 0] * i0 + m[0, 1] * i1) + m[0, 2] * i2) + o[0]
+        x1 = ((m[1, 0] * i0 + m[1, 1] * i1) + m[1, 2] * i2) + o[1]
+        x2 = ((m[2, 0] * i0 + m[2, 1] * i1) + m[2, 2] * i2) + o[2]
+        _acc3(coeffs, x0, x1, x2, out[p])
+
+
+def _contract_body(inp, idx, w, out):
+    """``out[p, i, r] = Σ_a w[i, a] · inp[p, idx[i, a], r]`` for inp (P, G, R), out (P, n, R)."""
+    npre = inp.shape[0]
+    n = idx.shape[0]
+    nr = inp.shape[2]
+    for t in prange(npre * n):
+        p = t // n
+        i = t - p * n
+        k0 = idx[i, 0]
+        k1 = idx[i, 1]
+        k2 = idx[i, 2]
+        k3 = idx[i, 3]
+        v0 = w[i, 0]
+        v1 = w[i, 1]
+        v2 = w[i, 2]
+        v3 = w[i, 3]
+        for r in range(nr):
+            out[p, i, r] = v0 * inp[p, k0, r] + v1 * inp[p, k1, r] + v2 * inp[p, k2, r] + v3 * inp[p, k3, r]
+
+
+def _cell_ids(q, gshape, cell):
+    """Cell id per point: ``floor(q_d) + 2`` raveled over cells ``(gshape_d + 3)``; points that reach no control
+    point (a ``floor(q_d)`` outside ``[−2, gshape_d]``) get the id ``Π (gshape_d + 3)``."""
+    nd = q.shape[1]
+    ncell = 1
+    for d in range(nd):
+        ncell *= gshape[d] + 3
+    for p in prange(q.shape[0]):
+        lin = 0
+        ok = True
+        for d in range(nd):
+            f = math.floor(_clampc(q[p, d], gshape[d]))
+            ok = ok and f >= -2 and f <= gshape[d]
+            lin = lin * (gshape[d] + 3) + (f + 2)
+        cell[p] = lin if ok else ncell
+
+
+def _cellsort(cell, ncell, order, starts):
+    """Stable counting sort of points by cell id (``cell == ncell``: contributes nothing). Fills ``order`` (N,) and
+    ``starts`` (ncell + 1,): the points of cell ``b`` are ``order[starts[b]:starts[b + 1]]``."""
+    counts = np.zeros(ncell + 2, dtype=np.int64)
+    for p in range(cell.shape[0]):
+        counts[cell[p] + 1] += 1
+    for b in range(ncell + 1):
+        counts[b + 1] += counts[b]
+    for b in range(ncell + 1):
+        starts[b] = counts[b]
+    for p in range(cell.shape[0]):
+        b = cell[p]
+        order[counts[b]] = p
+        counts[b] += 1
+
+
+def _scatter_cell2(q, values, order, lo, hi, s0, s1, out):
+    """Scatter the points ``order[lo:hi]`` of one cell (taps start at ``s0, s1``) into a 2-D ``out``."""
+    g0 = out.shape[0]
+    g1 = out.shape[1]
+    nc = out.shape[2]
+    for pp in range(lo, hi):
+        p = order[pp]
+        c0 = _clampc(q[p, 0], g0)
+        c1 = _clampc(q[p, 1], g1)
+        w0 = _w4(c0 - math.floor(c0))
+        w1 = _w4(c1 - math.floor(c1))
+        for a in range(4):
+            j0 = s0 + a
+            if j0 < 0 or j0 >= g0:
+                continue
+            for b in range(4):
+                j1 = s1 + b
+                if j1 < 0 or j1 >= g1:
+                    continue
+                wab = w0[a] * w1[b]
+                for ch in range(nc):
+                    out[j0, j1, ch] += wab * values[p, ch]
+
+
+def _scatter_cell3(q, values, order, lo, hi, s0, s1, s2, out):
+    """Scatter the points ``order[lo:hi]`` of one cell (taps start at ``s0, s1, s2``) into a 3-D ``out``."""
+    g0 = out.shape[0]
+    g1 = out.shape[1]
+    g2 = out.shape[2]
+    nc = out.shape[3]
+    for pp in range(lo, hi):
+        p = order[pp]
+        c0 = _clampc(q[p, 0], g0)
+        c1 = _clampc(q[p, 1], g1)
+        c2 = _clampc(q[p, 2], g2)
+        w0 = _w4(c0 - math.floor(c0))
+        w1 = _w4(c1 - math.floor(c1))
+        w2 = _w4(c2 - math.floor(c2))
+        for a in range(4):
+            j0 = s0 + a
+            if j0 < 0 or j0 >= g0:
+                continue
+            for b in range(4):
+                j1 = s1 + b
+                if j1 < 0 or j1 >= g1:
+                    continue
+                wab = w0[a] * w1[b]
+                for c in range(4):
+                    j2 = s2 + c
+                    if j2 < 0 or j2 >= g2:
+                        continue
+                    wabc = wab * w2[c]
+                    for ch in range(nc):
+                        out[j0, j1, j2, ch] += wabc * values[p, ch]
+
+
+def _adj2_body(q, values, order, starts, out):
+    """Adjoint on a 2-D grid: cells of one colour class (cell index mod 4 per axis) in parallel, colours in order."""
+    m0 = out.shape[0] + 3
+    m1 = out.shape[1] + 3
+    for r0 in range(4):
+        for r1 in range(4):
+            k0 = (m0 - r0 + 3) // 4
+            k1 = (m1 - r1 + 3) // 4
+            for t in prange(k0 * k1):
+                u0 = t // k1
+                ci0 = r0 + 4 * u0
+                ci1 = r1 + 4 * (t - u0 * k1)
+                b = ci0 * m1 + ci1
+                _scatter_cell2(q, values, order, starts[b], starts[b + 1], ci0 - 3, ci1 - 3, out)
+
+
+def _adj3_body(q, values, order, starts, out):
+    """Adjoint on a 3-D grid: cells of one colour class (cell index mod 4 per axis) in parallel, colours in order."""
+    m0 = out.shape[0] + 3
+    m1 = out.shape[1] + 3
+    m2 = out.shape[2] + 3
+    for r0 in range(4):
+        for r1 in range(4):
+            for r2 in range(4):
+                k0 = (m0 - r0 + 3) // 4
+                k1 = (m1 - r1 + 3) // 4
+                k2 = (m2 - r2 + 3) // 4
+                for t in prange(k0 * k1 * k2):
+                    u0 = t // (k1 * k2)
+                    rem = t - u0 * (k1 * k2)
+                    u1 = rem // k2
+                    ci0 = r0 + 4 * u0
+                    ci1 = r1 + 4 * u1
+                    ci2 = r2 + 4 * (rem - u1 * k2)
+                    b = (ci0 * m1 + ci1) * m2 + ci2
+                    _scatter_cell3(q, values, order, starts[b], starts[b + 1], ci0 - 3, ci1 - 3, ci2 - 3, out)
+
+
+@functools.cache
+def _numba():
+    """Compile (lazily, cached on disk) the numba kernels: small parallel loops over serial per-point helpers."""
+    import numba
+
+    njit = _backend.njit
+    rb = _backend.rebind
+    ns = dict(globals())
+    ns["prange"] = numba.prange
+    for name in ("_w4", "_dw4", "_clampc", "_acc2", "_acc3", "_jacacc2", "_jacacc3", "_cellsort", "_scatter_cell2",
+                 "_scatter_cell3"):
+        ns[name] = njit(rb(globals()[name], ns))
+    bodies = ("_eval2_body", "_eval3_body", "_jac2_body", "_jac3_body", "_dense_gen2_body", "_dense_gen3_body",
+              "_contract_body", "_cell_ids", "_adj2_body", "_adj3_body")
+    kernels = {name: njit(parallel=True)(rb(globals()[name], ns)) for name in bodies}
+    kernels["_cellsort"] = ns["_cellsort"]
+    return kernels
+
+
+def _adjoint_numba(q, values, gshape):
+    """Group the points by cell (parallel cell ids, serial stable counting sort), then scatter colour by colour."""
+    k = _numba()
+    cell = np.empty(q.shape[0], dtype=np.int64)
+    k["_cell_ids"](q, np.asarray(gshape, dtype=np.int64), cell)
+    ncell = int(np.prod([g + 3 for g in gshape]))
+    order = np.empty(q.shape[0], dtype=np.int64)
+    starts = np.empty(ncell + 1, dtype=np.int64)
+    k["_cellsort"](cell, ncell, order, starts)
+    out = np.zeros((*gshape, values.shape[1]))
+    k["_adj2_body" if len(gshape) == 2 else "_adj3_body"](q, values, order, starts, out)
+    return out
+
+
+def _f64(a):
+    return np.ascontiguousarray(a, dtype=np.float64)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Public kernels
+# ----------------------------------------------------------------------------------------------------------------------
+def evaluate(coeffs, q, *, backend=None):
+    """The FFD ``u(q) = Σ_k coeffs[k] Π_d β3(q_d − k_d)`` at points ``q``.
+
+    Parameters
+    ----------
+    coeffs : ndarray (*gshape, C)
+        Control-point coefficients (2-D or 3-D grid, channels last).
+    q : ndarray (N, ndim)
+        Points in continuous grid-index coordinates (array axis order). Non-finite points give 0.
+    backend : {None, "numpy", "numba"}
+        ``None`` picks numba when installed.
+
+    Returns
+    -------
+    ndarray (N, C)
+        float32 for float32 ``coeffs``, else float64 (accumulated in float64).
+    """
+    coeffs = _check_coeffs(coeffs)
+    nd = coeffs.ndim - 1
+    q = _check_points(q, nd)
+    be = _resolve(backend, coeffs, q)
+    dt = _out_dtype(coeffs)
+    if be == "numba":
+        out = np.zeros((q.shape[0], coeffs.shape[-1]))
+        with _backend.serial_below(q.shape[0] * 4 ** nd):
+            _numba()["_eval2_body" if nd == 2 else "_eval3_body"](_f64(coeffs), q, out)
+    else:
+        out, _ = _evaluate_numpy(coeffs, q, False)
+    return out.astype(dt, copy=False)
+
+
+def evaluate_with_jacobian(coeffs, q, *, backend=None):
+    """The FFD and its derivatives with respect to the grid-index coordinates.
+
+    Parameters
+    ----------
+    coeffs : ndarray (*gshape, C)
+    q : ndarray (N, ndim)
+        Points in grid-index coordinates (array axis order).
+    backend : {None, "numpy", "numba"}
+
+    Returns
+    -------
+    u : ndarray (N, C)
+    du : ndarray (N, C, ndim)
+        ``du[:, c, d] = ∂u_c / ∂q_d`` in grid-index units (divide by the grid spacing along ``d`` for mm).
+    """
+    coeffs = _check_coeffs(coeffs)
+    nd = coeffs.ndim - 1
+    q = _check_points(q, nd)
+    be = _resolve(backend, coeffs, q)
+    dt = _out_dtype(coeffs)
+    if be == "numba":
+        out = np.zeros((q.shape[0], coeffs.shape[-1]))
+        du = np.zeros((q.shape[0], coeffs.shape[-1], nd))
+        with _backend.serial_below(q.shape[0] * 4 ** nd):
+            _numba()["_jac2_body" if nd == 2 else "_jac3_body"](_f64(coeffs), q, out, du)
+    else:
+        out, du = _evaluate_numpy(coeffs, q, True)
+    return out.astype(dt, copy=False), du.astype(dt, copy=False)
+
+
+def adjoint(q, values, gshape, *, backend=None):
+    """Adjoint of :func:`evaluate` with respect to the coefficients: the scatter of B-spline weights.
+
+    ``adjoint(q, v, gshape)[k] = Σ_j v[j] Π_d β3(q_jd − k_d)``, the gradient of ``Σ_j <v[j], u(q_j)>`` with respect to
+    ``coeffs[k]`` (so ``<adjoint(q, v), c> = Σ_j <v[j], evaluate(c, q)[j]>``).
+
+    Parameters
+    ----------
+    q : ndarray (N, ndim)
+        Points in grid-index coordinates (array axis order); non-finite points contribute nothing.
+    values : ndarray (N, C)
+    gshape : sequence of int
+        Control-grid shape (array axis order).
+    backend : {None, "numpy", "numba"}
+        The numba path is deterministic and gives the same bits for any thread count: points are grouped by grid
+        cell (stable counting sort) and the cells are visited in 4^ndim colour classes (cell index mod 4 per axis)
+        whose control-point supports are disjoint, so each coefficient is summed by one thread in a fixed order.
+
+    Returns
+    -------
+    ndarray (*gshape, C)
+        float32 for float32 ``values``, else float64 (accumulated in float64).
+    """
+    gshape = _check_gshape(gshape)
+    nd = len(gshape)
+    q = _check_points(q, nd)
+    v = np.asarray(values)
+    if v.ndim != 2 or v.shape[0] != q.shape[0]:
+        raise ValueError(f"values must have shape (N, C) with N = {q.shape[0]} (one row per point), got {v.shape}")
+    be = _resolve(backend, q, v)
+    dt = _out_dtype(v)
+    v64 = _f64(v)
+    if be == "numba":
+        with _backend.serial_below(q.shape[0] * 4 ** nd):
+            out = _adjoint_numba(q, v64, gshape)
+    else:
+        out = _adjoint_numpy(q, v64, gshape)
+    return out.astype(dt, copy=False)
+
+
+def dense(coeffs, out_shape, matrix, offset, *, backend=None):
+    """The FFD at every voxel ``i`` of an image grid, ``q = matrix @ i + offset``.
+
+    Parameters
+    ----------
+    coeffs : ndarray (*gshape, C)
+    out_shape : sequence of int
+        Output grid shape (array axis order), same dimension as the control grid.
+    matrix : ndarray (ndim, ndim)
+        Voxel index → grid-index map (array axis order). A diagonal matrix (off-diagonal entries exactly 0) takes the
+        separable fast path: per-axis weight tables and one 4-tap contraction per axis.
+    offset : ndarray (ndim,)
+    backend : {None, "numpy", "numba"}
+
+    Returns
+    -------
+    ndarray (*out_shape, C)
+    """
+    coeffs = _check_coeffs(coeffs)
+    nd = coeffs.ndim - 1
+    shape = _check_gshape(out_shape, "out_shape")
+    if len(shape) != nd:
+        raise ValueError(f"out_shape must have {nd} entries (the control grid is {nd}-D), got {out_shape!r}")
+    m, o = _check_affine(matrix, offset, nd)
+    be = _resolve(backend, coeffs)
+    dt = _out_dtype(coeffs)
+    nc = coeffs.shape[-1]
+    gshape = coeffs.shape[:-1]
+    npts = int(np.prod(shape))
+    if _is_diagonal(m):
+        cur = _f64(coeffs)
+        for d in reversed(range(nd)):  # contract the last axis first
+            idx, w = _axis_table(shape[d], m[d, d], o[d], gshape[d])
+            pre = int(np.prod(cur.shape[:d]))
+            post = int(np.prod(cur.shape[d + 1:]))
+            inp = cur.reshape(pre, cur.shape[d], post)
+            if be == "numba":
+                res = np.empty((pre, shape[d], post))
+                with _backend.serial_below(res.size * 4):
+                    _numba()["_contract_body"](inp, idx, w, res)
+            else:
+                res = _contract_numpy(inp, idx, w)
+            cur = res.reshape(*cur.shape[:d], shape[d], *cur.shape[d + 1:])
+        return cur.astype(dt, copy=False)
+    if be == "numba":
+        out = np.zeros((npts, nc))
+        with _backend.serial_below(npts * 4 ** nd):
+            if nd == 2:
+                _numba()["_dense_gen2_body"](_f64(coeffs), m, o, shape[1], out)
+            else:
+                _numba()["_dense_gen3_body"](_f64(coeffs), m, o, shape[1], shape[2], out)
+        return out.reshape(*shape, nc).astype(dt, copy=False)
+    out = np.empty((npts, nc))
+    for s in range(0, npts, _DENSE_BLOCK):
+        lin = np.arange(s, min(npts, s + _DENSE_BLOCK))
+        i_cols = [c.astype(np.float64) for c in np.unravel_index(lin, shape)]
+        out[lin] = _evaluate_numpy(coeffs, _grid_coords(i_cols, m, o), False)[0]
+    return out.reshape(*shape, nc).astype(dt, copy=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Bending energy
+# ----------------------------------------------------------------------------------------------------------------------
+def _poly_mul(a, b):
+    out = [Fraction(0)] * (len(a) + len(b) - 1)
+    for i, x in enumerate(a):
+        for j, y in enumerate(b):
+            out[i + j] += x * y
+    return out
+
+
+def _poly_der(a):
+    return [i * a[i] for i in range(1, len(a))] or [Fraction(0)]
+
+
+@functools.cache
+def _local_gram(r):
+    """``L[a, b] = ∫_0^1 w_a^(r)(t) w_b^(r)(t) dt`` for the four cubic pieces ``w_a`` (:func:`_w4`), integrated
+    exactly in rational arithmetic; returns a read-only (4, 4) float64 array."""
+    s = Fraction(1, 6)
+    pieces = [[s, -3 * s, 3 * s, -s], [4 * s, 0, -6 * s, 3 * s], [s, 3 * s, 3 * s, -3 * s], [0, 0, 0, s]]
+    pieces = [[Fraction(c) for c in p] for p in pieces]
+    for _ in range(r):
+        pieces = [_poly_der(p) for p in pieces]
+    lg = np.empty((4, 4))
+    for a in range(4):
+        for b in range(4):
+            prod = _poly_mul(pieces[a], pieces[b])
+            lg[a, b] = float(sum(c / (i + 1) for i, c in enumerate(prod)))
+    lg.setflags(write=False)
+    return lg
+
+
+@functools.cache
+def _gram(n, r):
+    """Gram matrix (n, n) of the r-th derivatives of the 1-D B-splines ``β3(q − k)``, ``k = 0 … n − 1``, over the
+    valid interval ``q ∈ [1, n − 2]``: ``G[k, l] = ∫ β3^(r)(q − k) β3^(r)(q − l) dq`` (banded, 7 diagonals)."""
+    g = np.zeros((n, n))
+    lg = _local_gram(r)
+    for m in range(1, n - 2):  # unit cells [m, m + 1]; their taps are m - 1 ... m + 2
+        g[m - 1:m + 3, m - 1:m + 3] += lg
+    g.setflags(write=False)
+    return g
+
+
+def _apply_separable(c, mats):
+    """Apply ``mats[d]`` (n_d, n_d) along spatial axis d of ``c`` (*gshape, C)."""
+    for d, g in enumerate(mats):
+        c = np.moveaxis(np.tensordot(g, c, axes=([1], [d])), 0, d)
+    return c
+
+
+def bending_energy(coeffs, spacing, *, gradient=False):
+    """Thin-plate bending energy of the FFD, exactly, as a quadratic form in the coefficients.
+
+    ``E = (1/V) ∫_Ω Σ_c Σ_{i,j} (∂²u_c / ∂x_i ∂x_j)² dx`` with ``x_d = h_d q_d`` (mm), over the grid's valid region
+    ``Ω = Π_d [1, gshape_d − 2]`` (grid-index coordinates; where every contributing control point exists and the FFD
+    is fully determined, the region ITK evaluates a ``BSplineTransform`` on), ``V = Π_d (gshape_d − 3) h_d`` its
+    volume: the mean squared second derivative, Rueckert et al. 1999 eq. 6 [1]_, the penalty of elastix's
+    ``TransformBendingEnergyPenalty``. Affine fields (coefficients linear in k) have E = 0.
+
+    Each term is ``(1/(h_i² h_j²)) cᵀ (⊗_d G_d^(r_d)) c`` with ``r_d`` the number of derivatives along axis d and
+    ``G^(r)`` the banded (7 diagonals) 1-D Gram matrices of ``β3^(r)`` on ``[1, n − 2]``, integrated exactly from the
+    cubic pieces.
+
+    Parameters
+    ----------
+    coeffs : ndarray (*gshape, C)
+        Every ``gshape_d >= 4``.
+    spacing : float or sequence of float
+        Grid spacing ``h`` (mm per grid step), array axis order.
+    gradient : bool
+        Also return ``dE/dcoeffs``.
+
+    Returns
+    -------
+    E : float
+    grad : ndarray (*gshape, C), only with ``gradient=True`` (float64)
+    """
+    coeffs = _check_coeffs(coeffs)
+    gshape = coeffs.shape[:-1]
+    nd = len(gshape)
+    if any(g < 4 for g in gshape):
+        raise ValueError(f"coeffs: every grid axis needs at least 4 control points (order + 1), got {gshape}")
+    h = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (nd,))
+    if not np.all(np.isfinite(h)) or np.any(h <= 0):
+        raise ValueError(f"spacing must be positive and finite (mm, array axis order), got {spacing!r}")
+    c = coeffs.astype(np.float64)
+    inv_vol = 1.0 / float(np.prod([g - 3 for g in gshape]))  # (1/V) ∫ dx = (1/Π(g-3)) ∫ dq
+    energy = 0.0
+    grad = np.zeros_like(c) if gradient else None
+    for i in range(nd):
+        for j in range(i, nd):
+            r = [int(d == i) + int(d == j) for d in range(nd)]
+            weight = (1.0 if i == j else 2.0) * inv_vol / (h[i] ** 2 * h[j] ** 2)
+            gc = _apply_separable(c, [_gram(gshape[d], r[d]) for d in range(nd)])
+            energy += weight * float(np.sum(c * gc))
+            if gradient:
+                grad += (2.0 * weight) * gc
+    return (energy, grad) if gradient else energy
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Refinement
+# ----------------------------------------------------------------------------------------------------------------------
+def _nested_knots(m, o):
+    """``r_d`` per axis if every old knot (integer q) is a new knot (``q = m k + o``, diagonal m, ``1/m_dd`` and
+    ``o_d / m_dd`` integers), else None."""
+    if not _is_diagonal(m):
+        return None
+    rs = []
+    for d in range(m.shape[0]):
+        if m[d, d] <= 0:
+            return None
+        r = 1.0 / m[d, d]
+        k0 = -o[d] * r
+        if abs(r - round(r)) > 1e-9 * max(1.0, r) or abs(k0 - round(k0)) > 1e-9 * max(1.0, abs(k0)):
+            return None
+        rs.append(round(r))
+    return rs
+
+
+@functools.cache
+def _interp_matrix(n, boundary):
+    """The (n, n) cubic B-spline interpolation matrix ``s_j = Σ_k c_k β3(j − k)``; ``boundary`` "zero": ghosts
+    ``c_{−1} = c_n = 0``; "not-a-knot": ghosts ``c_{−1} = 4c_0 − 6c_1 + 4c_2 − c_3`` (Δ⁴c = 0, i.e. no jump of the
+    third derivative at knots 1 and n − 2; exact for cubic polynomials)."""
+    a = np.zeros((n, n))
+    for j in range(n):
+        a[j, j] = 4.0 / 6.0
+        if j > 0:
+            a[j, j - 1] = 1.0 / 6.0
+        if j < n - 1:
+            a[j, j + 1] = 1.0 / 6.0
+    if boundary == "not-a-knot":
+        a[0, :4] += np.array([4.0, -6.0, 4.0, -1.0]) / 6.0
+        a[n - 1, n - 4:] += np.array([-1.0, 4.0, -6.0, 4.0]) / 6.0
+    a.setflags(write=False)
+    return a
+
+
+def _prefilter(samples, boundary):
+    """B-spline coefficients interpolating ``samples`` (*shape, C) at the grid points, axis by axis (exact solve)."""
+    c = samples
+    for d in range(samples.ndim - 1):
+        a = _interp_matrix(c.shape[d], boundary)
+        moved = np.moveaxis(c, d, 0)
+        sol = np.linalg.solve(a, moved.reshape(moved.shape[0], -1))
+        c = np.moveaxis(sol.reshape(moved.shape), 0, d)
+    return np.ascontiguousarray(c)
+
+
+def refine(coeffs, new_shape, matrix, offset, *, backend=None):
+    """Coefficients of a new (typically finer) control grid whose FFD interpolates the old one at its control points.
+
+    New control point ``k`` sits at old grid-index coordinate ``q = matrix @ k + offset``. The old FFD is sampled at
+    the new control points (:func:`dense`) and the samples are decomposed into cubic B-spline coefficients by an
+    exact solve along each axis [2]_:
+
+    * nested knots (``matrix`` diagonal, ``1/matrix_dd`` and ``offset_d/matrix_dd`` integers, e.g. the dyadic
+      refinement ``matrix = I/2``): the old FFD is then exactly a spline on the new knots, supported on
+      ``q ∈ (−2, gshape + 1)``. The samples are taken on the new grid extended to cover that support, where the
+      coefficients outside vanish, so the zero boundary is exact and the refined FFD equals the old one everywhere
+      (to rounding);
+    * otherwise: samples on the new grid only, with the "not-a-knot" end condition (fourth difference of the
+      coefficients zero at both ends), which is exact whenever the old FFD is a cubic polynomial over the new
+      control points' positions (e.g. an affine or cubic field in the old valid region), and an O(h⁴) extrapolation
+      elsewhere. (ITK's ``BSplineDecompositionImageFilter`` uses the mirror extension instead, exact only for
+      fields symmetric about the end points.)
+
+    Parameters
+    ----------
+    coeffs : ndarray (*gshape, C)
+    new_shape : sequence of int
+        New control-grid shape (array axis order), each >= 4.
+    matrix : ndarray (ndim, ndim)
+    offset : ndarray (ndim,)
+    backend : {None, "numpy", "numba"}
+        Backend of the sampling step.
+
+    Returns
+    -------
+    ndarray (*new_shape, C)
+    """
+    coeffs = _check_coeffs(coeffs)
+    nd = coeffs.ndim - 1
+    shape = _check_gshape(new_shape, "new_shape")
+    if len(shape) != nd:
+        raise ValueError(f"new_shape must have {nd} entries, got {new_shape!r}")
+    if any(n < 4 for n in shape):
+        raise ValueError(f"new_shape: every axis needs at least 4 control points, got {shape}")
+    m, o = _check_affine(matrix, offset, nd)
+    dt = _out_dtype(coeffs)
+    gshape = coeffs.shape[:-1]
+    if _nested_knots(m, o) is not None:
+        diag = np.diagonal(m)
+        lo = [min(0, math.floor((-2.0 - o[d]) / diag[d])) for d in range(nd)]
+        hi = [max(shape[d] - 1, math.ceil((gshape[d] + 1.0 - o[d]) / diag[d])) for d in range(nd)]
+        ext = tuple(hi[d] - lo[d] + 1 for d in range(nd))
+        samples = dense(coeffs, ext, m, o + diag * np.asarray(lo, dtype=np.float64), backend=backend)
+        c = _prefilter(samples.astype(np.float64), "zero")
+        crop = tuple(slice(-lo[d], -lo[d] + shape[d]) for d in range(nd))
+        return np.ascontiguousarray(c[crop]).astype(dt, copy=False)
+    samples = dense(coeffs, shape, m, o, backend=backend)
+    return _prefilter(samples.astype(np.float64), "not-a-knot").astype(dt, copy=False)
