@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 __all__ = ["Event", "StopRegistration", "Progress", "STAGES"]
 
@@ -107,8 +107,8 @@ class Progress:
                  for k, v in known.items()}
         ev = Event(stage=stage, elapsed=self.elapsed, extra=extra, **known)
         if stage == "iteration":
-            row = {k: v for k, v in asdict(ev).items() if k not in ("stage", "extra")}
-            row.update(extra)
+            row = {"level": ev.level, "iteration": ev.iteration, "metric": ev.metric,
+                   "regularization": ev.regularization, "step": ev.step, "elapsed": ev.elapsed, **extra}
             self.history.append(row)
             logger.debug("%s level %s it %s metric %s", self.name, ev.level, ev.iteration, ev.metric)
             if self._bar is not None:

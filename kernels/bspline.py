@@ -593,6 +593,86 @@ def _adj3_body(q, values, order, starts, out):
                     _scatter_cell3(q, values, order, starts[b], starts[b + 1], ci0 - 3, ci1 - 3, ci2 - 3, out)
 
 
+def _pts2_body(coeffs, q, values, out, adjoint):
+    """Serial evaluation (``values[p] += u(q_p)``) or scatter (``out += values[p] ⊗ weights``) on a 2-D grid: the path
+    for a few thousand points (a parametric registration's samples), where a parallel launch costs more than the
+    work. Point order is the summation order, so the result does not depend on the thread count either."""
+    grid = out if adjoint else coeffs
+    n0 = grid.shape[0]
+    n1 = grid.shape[1]
+    nc = values.shape[1]
+    for p in range(q.shape[0]):
+        c0 = _clampc(q[p, 0], n0)
+        c1 = _clampc(q[p, 1], n1)
+        f0 = math.floor(c0)
+        f1 = math.floor(c1)
+        s0 = int(f0) - 1
+        s1 = int(f1) - 1
+        w0 = _w4(c0 - f0)
+        w1 = _w4(c1 - f1)
+        for a in range(4):
+            j0 = s0 + a
+            if j0 < 0 or j0 >= n0:
+                continue
+            for b in range(4):
+                j1 = s1 + b
+                if j1 < 0 or j1 >= n1:
+                    continue
+                wab = w0[a] * w1[b]
+                if adjoint:
+                    for ch in range(nc):
+                        out[j0, j1, ch] += wab * values[p, ch]
+                else:
+                    for ch in range(nc):
+                        values[p, ch] += wab * coeffs[j0, j1, ch]
+
+
+def _pts3_body(coeffs, q, values, out, adjoint):
+    """3-D :func:`_pts2_body`."""
+    grid = out if adjoint else coeffs
+    n0 = grid.shape[0]
+    n1 = grid.shape[1]
+    n2 = grid.shape[2]
+    nc = values.shape[1]
+    for p in range(q.shape[0]):
+        c0 = _clampc(q[p, 0], n0)
+        c1 = _clampc(q[p, 1], n1)
+        c2 = _clampc(q[p, 2], n2)
+        f0 = math.floor(c0)
+        f1 = math.floor(c1)
+        f2 = math.floor(c2)
+        s0 = int(f0) - 1
+        s1 = int(f1) - 1
+        s2 = int(f2) - 1
+        w0 = _w4(c0 - f0)
+        w1 = _w4(c1 - f1)
+        w2 = _w4(c2 - f2)
+        for a in range(4):
+            j0 = s0 + a
+            if j0 < 0 or j0 >= n0:
+                continue
+            for b in range(4):
+                j1 = s1 + b
+                if j1 < 0 or j1 >= n1:
+                    continue
+                wab = w0[a] * w1[b]
+                for c in range(4):
+                    j2 = s2 + c
+                    if j2 < 0 or j2 >= n2:
+                        continue
+                    wabc = wab * w2[c]
+                    if adjoint:
+                        for ch in range(nc):
+                            out[j0, j1, j2, ch] += wabc * values[p, ch]
+                    else:
+                        for ch in range(nc):
+                            values[p, ch] += wabc * coeffs[j0, j1, j2, ch]
+
+
+#: below this many point-taps (N × 4^ndim) evaluate/adjoint run the serial loops :func:`_pts2_body`/`_pts3_body`
+SERIAL_TAPS = 1 << 20
+
+
 @functools.cache
 def _numba():
     """Compile (lazily, cached on disk) the numba kernels: small parallel loops over serial per-point helpers."""
@@ -609,6 +689,8 @@ def _numba():
               "_contract_body", "_cell_ids", "_adj2_body", "_adj3_body")
     kernels = {name: njit(parallel=True)(rb(globals()[name], ns)) for name in bodies}
     kernels["_cellsort"] = ns["_cellsort"]
+    for name in ("_pts2_body", "_pts3_body"):
+        kernels[name] = njit(rb(globals()[name], ns))
     return kernels
 
 
@@ -655,7 +737,11 @@ def evaluate(coeffs, q, *, backend=None):
     q = _check_points(q, nd)
     be = _resolve(backend, coeffs, q)
     dt = _out_dtype(coeffs)
-    if be == "numba":
+    if be == "numba" and q.shape[0] * 4 ** nd < SERIAL_TAPS:
+        out = np.zeros((q.shape[0], coeffs.shape[-1]))
+        unused = np.zeros((1,) * (nd + 1))  # the scatter target, not written when evaluating
+        _numba()["_pts2_body" if nd == 2 else "_pts3_body"](_f64(coeffs), q, out, unused, False)
+    elif be == "numba":
         out = np.zeros((q.shape[0], coeffs.shape[-1]))
         with _backend.serial_below(q.shape[0] * 4 ** nd):
             _numba()["_eval2_body" if nd == 2 else "_eval3_body"](_f64(coeffs), q, out)
@@ -709,9 +795,10 @@ def adjoint(q, values, gshape, *, backend=None):
     gshape : sequence of int
         Control-grid shape (array axis order).
     backend : {None, "numpy", "numba"}
-        The numba path is deterministic and gives the same bits for any thread count: points are grouped by grid
-        cell (stable counting sort) and the cells are visited in 4^ndim colour classes (cell index mod 4 per axis)
-        whose control-point supports are disjoint, so each coefficient is summed by one thread in a fixed order.
+        The numba path is deterministic and gives the same bits for any thread count: below :data:`SERIAL_TAPS`
+        point-taps it is one serial loop in point order; above, points are grouped by grid cell (stable counting
+        sort) and the cells are visited in 4^ndim colour classes (cell index mod 4 per axis) whose control-point
+        supports are disjoint, so each coefficient is summed by one thread in a fixed order.
 
     Returns
     -------
@@ -727,7 +814,10 @@ def adjoint(q, values, gshape, *, backend=None):
     be = _resolve(backend, q, v)
     dt = _out_dtype(v)
     v64 = _f64(v)
-    if be == "numba":
+    if be == "numba" and q.shape[0] * 4 ** nd < SERIAL_TAPS:
+        out = np.zeros((*gshape, v64.shape[1]))
+        _numba()["_pts2_body" if nd == 2 else "_pts3_body"](np.zeros((1,) * (nd + 1)), q, v64, out, True)
+    elif be == "numba":
         with _backend.serial_below(q.shape[0] * 4 ** nd):
             out = _adjoint_numba(q, v64, gshape)
     else:

@@ -97,7 +97,8 @@ def linear_at(stack, points, *, backend=None):
     Parameters
     ----------
     stack : ndarray, shape (*spatial, C)
-        Channels-last float64 image (2 or 3 spatial axes), e.g. an image and its gradient components.
+        Channels-last float32 or float64 image (2 or 3 spatial axes), e.g. an image and its gradient components
+        (float32 halves the memory traffic of the scattered reads; the weights and sums are float64).
     points : ndarray, shape (N, ndim)
         Continuous indices in array-axis order.
     backend : {None, "numpy", "numba"}
@@ -110,7 +111,7 @@ def linear_at(stack, points, *, backend=None):
     inside : ndarray of bool, shape (N,)
         Which points those are.
     """
-    stack = np.ascontiguousarray(stack, dtype=np.float64)
+    stack = np.ascontiguousarray(stack, dtype=stack.dtype if stack.dtype in (np.float32, np.float64) else np.float64)
     points = np.ascontiguousarray(points, dtype=np.float64)
     n = points.shape[1] if points.ndim == 2 else -1
     if n not in (2, 3) or stack.ndim != n + 1:

@@ -58,9 +58,10 @@ def estimate_gain(displacements, gradients, scales, *, exact=None, exact_at=None
     gradient there on many samples (elastix ``NumberOfSamplesForExactGradient``; default: their mean), and
     ``displacements(dx) -> (N, ndim)`` how far a parameter step ``dx`` moves each sample.
 
-    * ``a_max``: the first step ``γ_0 g̃ / scales`` (``γ_0 = a / A^α``) moves the samples by at most ``max_step`` mm
-      (the maximum over samples, averaged over the stochastic gradients: the displacement-distribution estimate of
-      Y. Qiao, B. van Lew, B. P. F. Lelieveldt, M. Staring, IEEE TMI 35(2):391-403, 2016);
+    * ``a_max``: the first step ``γ_0 g̃ / scales`` (``γ_0 = a / A^α``) moves the samples by ``max_step`` mm, the
+      displacement measured as the mean + 2 standard deviations of ``‖J_j g̃‖`` over the samples (averaged over
+      the stochastic gradients): elastix's ``DisplacementDistribution`` estimate ("2sigma") of Y. Qiao, B. van Lew,
+      B. P. F. Lelieveldt, M. Staring, IEEE TMI 35(2):391-403, 2016;
     * noise compensation: ``a = a_max σ₁ / (σ₁ + σ₃)`` with ``σ₁ = ‖g‖²`` of the exact gradient and ``σ₃ =
       E‖g̃ − g‖²`` the sampling noise, both in the scaled metric ``diag(1/scales)``: near an optimum, where the
       stochastic gradient is mostly noise, the steps start small;
@@ -71,23 +72,29 @@ def estimate_gain(displacements, gradients, scales, *, exact=None, exact_at=None
       gain by ``γ_0 ≤ 1/κ`` — the step of Newton's method along that line — so that a start near the optimum
       (the next pyramid level) does not begin with steps that overshoot it many times over.
 
-    Returns ``(a, omega)``; ``a = 0`` when every gradient vanishes (nothing to do).
+    * ``f_min = −0.99 + 0.98 σ₁ / (σ₁ + σ₃)``, elastix's choice: when noise dominates, successive gradients that
+      agree barely shorten the time, those that disagree lengthen it by up to 1.
+
+    Returns ``(a, omega, fmin)``; ``a = 0`` when every gradient vanishes (nothing to do).
     """
     gradients = [np.asarray(g, dtype=float) for g in gradients]
     peaks = []
     for g in gradients:
-        d = displacements(g / scales)
-        peaks.append(float(np.sqrt(np.max(np.sum(d * d, axis=1)))) if len(d) else 0.0)
+        d = np.sqrt(np.sum(displacements(g / scales) ** 2, axis=1))
+        peaks.append(float(d.mean() + 2.0 * d.std()) if len(d) else 0.0)
     peak = float(np.mean(peaks))
     if not (peak > 0 and np.isfinite(peak)):
-        return 0.0, 1.0
+        return 0.0, 1.0, SIGMOID_MIN
     a = max_step * A ** alpha / peak
     g_exact = np.mean(gradients, axis=0) if exact is None else np.asarray(exact, dtype=float)
     sigma1 = float(np.dot(g_exact, g_exact / scales))
     sigma3 = float(np.mean([np.dot(g - g_exact, (g - g_exact) / scales) for g in gradients]))
+    fmin = SIGMOID_MIN
     if sigma3 > 0 and len(gradients) > 1:
-        a *= sigma1 / (sigma1 + sigma3)
+        noise = sigma1 / (sigma1 + sigma3)
+        a *= noise
         omega = 0.1 * sigma3
+        fmin = -0.99 + 0.98 * noise
     else:
         omega = 0.1 * max(sigma1, float(np.dot(gradients[0], gradients[0] / scales)))
     if exact_at is not None and sigma1 > 0:
@@ -96,16 +103,20 @@ def estimate_gain(displacements, gradients, scales, *, exact=None, exact_at=None
         kappa = float(np.dot(step, dg)) / float(np.dot(step, step * scales))  # in the scaled metric
         if kappa > 0:
             a = min(a, A ** alpha / kappa)
-    return a, max(omega, 1e-300)
+    return a, max(omega, 1e-300), fmin
 
 
 def asgd(evaluate, x0, *, scales, iterations, a, omega, A=SP_A, alpha=SP_ALPHA_AUTO, fmax=SIGMOID_MAX,
-         fmin=SIGMOID_MIN, average=0.0, on_iteration=None) -> SGDResult:
+         fmin=SIGMOID_MIN, average=0.0, project=None, restart=None, on_iteration=None) -> SGDResult:
     """Adaptive stochastic gradient descent (Klein et al. 2009); see the module docstring.
 
     ``average`` > 0 returns the mean of the iterates of the last ``average`` fraction of the iterations instead of
     the last iterate (Polyak-Ruppert averaging: B. T. Polyak, A. B. Juditsky, SIAM J. Control Optim.
     30(4):838-855, 1992), which removes most of the sampling noise of the final estimate; 0 is elastix's behaviour.
+    ``project(x)`` (optional) maps every update back onto a convex feasible set (projected gradient descent; the
+    average of projected iterates stays feasible). ``restart(k, x)`` (optional) is asked after every update whether
+    to continue from another point (it returns the new point, or None): a model that re-parameterises itself (a
+    B-spline composed onto the map so far) continues with the same gain schedule and a fresh average.
     ``on_iteration(k, x, value, gain)`` is called after every update (``value`` at the point before it).
     """
     x = np.array(x0, dtype=float)
@@ -120,7 +131,14 @@ def asgd(evaluate, x0, *, scales, iterations, a, omega, A=SP_A, alpha=SP_ALPHA_A
             t = max(0.0, t + sigmoid(-float(np.dot(g, g_prev / scales)), fmax=fmax, fmin=fmin, omega=omega))
         gain = a / (t + A) ** alpha
         x = x - gain * g / scales
+        if project is not None:
+            x = project(x)
         g_prev = g
+        if restart is not None:
+            new = restart(k, x)
+            if new is not None:
+                x, g_prev = np.array(new, dtype=float), None
+                total[:], count = 0.0, 0
         if k >= start:
             total += x
             count += 1
@@ -131,8 +149,10 @@ def asgd(evaluate, x0, *, scales, iterations, a, omega, A=SP_A, alpha=SP_ALPHA_A
     return SGDResult(x, value, n_it, f"completed {n_it} iterations")
 
 
-def standard_gd(evaluate, x0, *, scales, iterations, a=400.0, A=SP_A, alpha=0.602, on_iteration=None) -> SGDResult:
-    """elastix ``StandardGradientDescent``: ``x ← x − a / (k + A + 1)^α · g / scales``."""
+def standard_gd(evaluate, x0, *, scales, iterations, a=400.0, A=SP_A, alpha=0.602, project=None,
+                on_iteration=None) -> SGDResult:
+    """elastix ``StandardGradientDescent``: ``x ← x − a / (k + A + 1)^α · g / scales`` (``project`` as in
+    :func:`asgd`)."""
     x = np.array(x0, dtype=float)
     scales = np.asarray(scales, dtype=float)
     value = float("nan")
@@ -140,13 +160,15 @@ def standard_gd(evaluate, x0, *, scales, iterations, a=400.0, A=SP_A, alpha=0.60
         value, g = evaluate(x, k)
         gain = a / (k + A + 1.0) ** alpha
         x = x - gain * g / scales
+        if project is not None:
+            x = project(x)
         if on_iteration is not None:
             on_iteration(k, x, value, gain)
     return SGDResult(x, value, int(iterations), f"completed {int(iterations)} iterations")
 
 
 def regular_step_gd(evaluate, x0, *, scales, iterations, max_step, min_step, displacements,
-                    relaxation=0.5, on_iteration=None) -> SGDResult:
+                    relaxation=0.5, project=None, on_iteration=None) -> SGDResult:
     """ITK ``RegularStepGradientDescent``: each step moves the samples by ``step`` mm at most (``displacements`` as
     in :func:`estimate_gain`) along ``−g / scales``; the step is multiplied by ``relaxation`` whenever the scaled
     gradient turns by more than 90°, and the run stops when it falls below ``min_step``."""
@@ -165,6 +187,8 @@ def regular_step_gd(evaluate, x0, *, scales, iterations, max_step, min_step, dis
             return SGDResult(x, value, k, "zero gradient")
         gain = step / peak
         x = x - gain * d
+        if project is not None:
+            x = project(x)
         g_prev = g
         if on_iteration is not None:
             on_iteration(k, x, value, gain)

@@ -85,19 +85,20 @@ class LevelObjective:
         self.bins, self.min_valid, self.new_samples, self.backend = bins, float(min_valid), new_samples, backend
         n = fixed.ndim
         self.ndim = n
-        self.fdata = np.ascontiguousarray(fixed.numpy(), dtype=np.float64)
+        self.fdata = np.ascontiguousarray(fixed.numpy(), dtype=np.float32)[..., None]
         self.faff = fixed.affine
         self.pre = None if pre is None else np.asarray(pre.homogeneous, dtype=float)
         m = np.asarray(moving.numpy(), dtype=np.float64)
         channels = [m[..., None], np.asarray(gradient(m, spacing=1.0, backend=backend), dtype=np.float64)]
         if moving_mask is not None:
             channels.append(np.asarray(moving_mask, dtype=np.float64)[..., None])
-        self.stack = np.ascontiguousarray(np.concatenate(channels, axis=-1))
+        # float32: the scattered reads of an iteration are memory-bound (values and sums stay float64)
+        self.stack = np.ascontiguousarray(np.concatenate(channels, axis=-1), dtype=np.float32)
         self.has_mmask = moving_mask is not None
         minv = moving.inverse_affine
         self.m_lin, self.m_off = minv[:n, :n], minv[:n, n]
         self.m_hi = np.asarray(moving.shape, dtype=float) - 1.0
-        self.fixed_limits = intensity_limits(self.fdata, mask=fixed_mask)
+        self.fixed_limits = intensity_limits(self.fdata[..., 0], mask=fixed_mask)
         self.moving_limits = intensity_limits(m, mask=moving_mask)
         self._cached = None
         self.last_valid = 1.0
@@ -107,10 +108,10 @@ class LevelObjective:
         """``(y, f)``: one draw of sample points mapped by ``pre`` (mm, (N, n)) and the fixed values there."""
         idx = self.sampler.draw(self.rng, count)
         if self.sampler.kind == "random_coordinate":
-            f = linear_at(self.fdata[..., None], idx, backend=self._host_backend)[0][:, 0]
+            f = linear_at(self.fdata, idx, backend=self._host_backend)[0][:, 0]
         else:
             near = tuple(np.rint(idx[:, d]).astype(np.intp) for d in range(self.ndim))
-            f = self.fdata[near]
+            f = self.fdata[near][:, 0].astype(np.float64)
         y = idx @ self.faff[:-1, :-1].T + self.faff[:-1, -1]
         if self.pre is not None:
             y = y @ self.pre[:-1, :-1].T + self.pre[:-1, -1]

@@ -162,7 +162,7 @@ class AffineModel:
         y = np.asarray(points if valid is None else points[valid], dtype=float) - self.center
         g_mat = weights.T @ y  # Σ_j w_j (y_j − c)ᵀ
         g_vec = weights.sum(axis=0)
-        return np.einsum("kij,ij->k", dA, g_mat) + dt @ g_vec
+        return dA.reshape(self.size, -1) @ g_mat.ravel() + dt @ g_vec
 
     def displacement(self, p, dp, points) -> np.ndarray:
         """``∂T/∂p(p) · dp`` at ``points`` (N, n): how far a small parameter step moves each point (mm)."""

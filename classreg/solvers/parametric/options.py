@@ -106,6 +106,9 @@ BSPLINE_OPTIONS = Declaration(
                help="similarity: Mattes mutual information, normalised MI, normalised correlation, mean squares"),
         Option("bending_weight", 0.0, "weight of the bending-energy penalty (elastix TransformBendingEnergyPenalty "
                                       "with Metric1Weight), added to the metric", unit="mm²", low=0),
+        Option("fold_free", True, "one new B-spline per level composed on the previous ones, each kept injective "
+                                  "(Choi-Lee bound): det J > 0 everywhere; off: elastix's single grid refined "
+                                  "level to level", kind="bool"),
         *_engine_options((500, 500, 500)),
     ),
 )

@@ -122,7 +122,7 @@ def register_affine(fixed: Image, moving: Image, *, transform: str = "affine", m
 # ================================================================================================ register_bspline
 @declared(BSPLINE_OPTIONS)
 def register_bspline(fixed: Image, moving: Image, *, grid_spacing=8.0, grid_schedule=None, metric: str = "mi",
-                     bending_weight: float = 0.0, init="geometry", fixed_mask=None, moving_mask=None,
+                     bending_weight: float = 0.0, fold_free: bool = True, init="geometry", fixed_mask=None, moving_mask=None,
                      shrink_factors=(4, 2, 1), smoothing_sigmas=None, iterations=(500, 500, 500),
                      samples: int = 2048, sampler: str = "random_coordinate", new_samples: bool = True,
                      optimiser: str = "asgd", max_step=None, bins: int = 32, seed: int = 0,
@@ -171,35 +171,63 @@ def register_bspline(fixed: Image, moving: Image, *, grid_spacing=8.0, grid_sche
                      new_samples=new_samples, optimiser=optimiser, max_step=max_step, bins=bins, seed=seed,
                      backend=backend, shrink_factors=shrink_factors, smoothing_sigmas=smoothing_sigmas,
                      iterations=iterations)
+    engine.average = 0.0  # many slowly converging coefficients: averaging the iterates lags (measured: lower Dice)
     levels = len(engine.shrink)
     schedule = _grid_schedule(grid_schedule, levels)
     spacing = np.broadcast_to(np.asarray(grid_spacing, dtype=float), (fixed.ndim,)).astype(float)
-    models = [BSplineModel.over(fixed, pre, spacing * s, bending_weight=float(bending_weight), backend=backend)
-              for s in schedule]
+    bound = 0.99 / CHOI_LEE_K[fixed.ndim] if fold_free else None
+    # fold-free pieces move points by < bound × spacing each: later grids reach that far beyond the image
+    margins = [float(np.max(spacing)) * sum(schedule[: k + 1]) * 0.5 if fold_free else 0.0
+               for k in range(len(schedule))]
+    models = [BSplineModel.over(fixed, pre, spacing * s, margin=m, bending_weight=float(bending_weight),
+                                bound=bound, backend=backend) for s, m in zip(schedule, margins)]
     prog = Progress("bspline", callback=callback, progress=progress, total=sum(engine.iterations))
     state = {"p": models[0].identity(), "model": 0}
+    done = []  # fold-free: (model, coefficients) of the B-splines composed so far
 
     def level_model(level):
         k = level.index
         if state["model"] != k:
-            state["p"] = models[k].refined_from(models[state["model"]], state["p"])
+            prev = models[state["model"]]
+            if fold_free:  # compose: a new B-spline on top of the previous levels' maps
+                done.append((prev, state["p"]))
+                _set_prior(models[k], prev, state["p"], fixed, pre)
+                state["p"] = models[k].identity()
+            else:  # elastix: refine the grid, keep the map
+                state["p"] = models[k].refined_from(prev, state["p"])
             state["model"] = k
         return models[k]
 
+    def restart(k, p):
+        """Fold-free: once 1 % of the coefficients sit on the injectivity bound, compose the B-spline onto the map
+        and continue with a new one (checked every RESTART_EVERY iterations)."""
+        mdl = models[state["model"]]
+        if (k + 1) % RESTART_EVERY or mdl.saturation(p) < 0.01:
+            return None
+        done.append((mdl, p))
+        _set_prior(mdl, mdl, p, fixed, pre)
+        return mdl.identity()
+
+    if fold_free:
+        engine.restart = restart
     stopped = engine.run(level_model, state, prog)
     mdl = models[state["model"]]
     p = state["p"]
-    bs = mdl.to_transform(p)
-    total = bs if np.allclose(pre.homogeneous, np.eye(fixed.ndim + 1)) else Chain([pre, bs])
+    pieces = [*done, (mdl, p)] if fold_free else [(mdl, p)]
+    parts = [m.to_transform(c) for m, c in pieces]
+    if not np.allclose(pre.homogeneous, np.eye(fixed.ndim + 1)):
+        parts.insert(0, pre)
+    total = parts[0] if len(parts) == 1 else Chain(parts)
     metric_value, valid = engine.final_metric(mdl, p)
-    energy = mdl.bending_energy(p)
+    energy = float(sum(m.bending_energy(c) for m, c in pieces))
     det = _det_stats(total, fixed, fmask, backend)
     params = {"grid_spacing": spacing.tolist(), "grid_schedule": list(schedule), "metric": metric,
-              "bending_weight": float(bending_weight), "init": init_name, "init_matrix": pre.homogeneous.tolist(),
+              "bending_weight": float(bending_weight), "fold_free": bool(fold_free), "init": init_name, "init_matrix": pre.homogeneous.tolist(),
               "iterations": list(engine.iterations), "shrink_factors": list(engine.shrink),
               "smoothing_sigmas": list(engine.sigmas),
               **common_params(init=None, dtype=np.float64, seed=int(seed), backend=backend)}
     metrics = {"metric": metric_value, "bending_energy": energy, "grid_size": [list(m.grid_size) for m in models],
+               "pieces": len(pieces),
                **det, "samples": int(samples),
                "valid_fraction": valid, "levels": engine.level_info}
     return _result(fixed, moving, total, None, prog, stopped, params, metrics, backend, t0)
@@ -216,6 +244,22 @@ def _det_stats(transform, fixed, fmask, backend) -> dict:
         det = det[np.asarray(fmask, dtype=bool)]
     return {"min_det": float(det.min()), "max_det": float(det.max()),
             "percent_det_nonpositive": float(100.0 * np.mean(det <= 0))}
+
+
+#: fold-free B-splines: how often (iterations) the saturation of the injectivity bound is checked
+RESTART_EVERY = 50
+#: Choi & Lee's injectivity constants: a cubic B-spline displacement with |c_d| < h_d / K is injective
+CHOI_LEE_K = {2: 2.046392675, 3: 2.479472335}
+
+
+def _set_prior(model, prev, p_prev, fixed, pre) -> None:
+    """Give ``model`` the composition of the earlier levels (``prev`` with ``p_prev``, itself on top of its prior)
+    as a dense displacement on ``fixed``'s grid (points ``y = pre(x)``)."""
+    y = fixed.grid_points().reshape(-1, fixed.ndim)
+    y = pre.map_points(y)
+    disp = prev.map(p_prev, y) - y
+    world_to_index = fixed.inverse_affine @ np.linalg.inv(pre.homogeneous)
+    model.set_prior(disp.reshape(*fixed.shape, fixed.ndim), world_to_index)
 
 
 def _grid_schedule(schedule, levels):
@@ -248,6 +292,8 @@ class _Engine:
                              "use sampler='random_coordinate'")
         self.level_info = []
         self.last = None
+        self.average = AVERAGE
+        self.restart = None  # a model's re-parameterisation hook (fold-free B-splines), see asgd
 
     def objective(self, level, model):
         smp = Sampler(self.sampler, self.samples, level.fixed.shape, level.fixed_mask)
@@ -303,20 +349,24 @@ class _Engine:
 
         if level.iterations == 0:
             return float("nan")
+        project = getattr(model, "project", None)
         displ = obj.displacements(p0, y_est[: 4 * self.samples])
         if self.optimiser == "asgd":
             grads = [obj.evaluate(p0, -1 - i)[1] for i in range(1 if obj.sampler.deterministic else 5)]
             exact = None if obj.sampler.deterministic else obj.evaluate(p0, samples=(y_est, f_est))[1]
             big = (y_est, f_est) if exact is not None else None
-            a, omega = estimate_gain(displ, grads, scales, exact=exact, max_step=delta,
-                                     exact_at=lambda s: obj.evaluate(p0 + s, 0, samples=big)[1])
-            res = asgd(evaluate, p0, scales=scales, iterations=level.iterations, a=a, omega=omega,
-                       average=AVERAGE if not obj.sampler.deterministic else 0.0, on_iteration=on_iteration)
+            a, omega, fmin = estimate_gain(displ, grads, scales, exact=exact, max_step=delta,
+                                           exact_at=lambda s: obj.evaluate(p0 + s, 0, samples=big)[1])
+            res = asgd(evaluate, p0, scales=scales, iterations=level.iterations, a=a, omega=omega, fmin=fmin,
+                       average=self.average if not obj.sampler.deterministic else 0.0, project=project,
+                       restart=self.restart, on_iteration=on_iteration)
         elif self.optimiser == "gd":
-            res = standard_gd(evaluate, p0, scales=scales, iterations=level.iterations, on_iteration=on_iteration)
+            res = standard_gd(evaluate, p0, scales=scales, iterations=level.iterations, project=project,
+                              on_iteration=on_iteration)
         else:
             res = regular_step_gd(evaluate, p0, scales=scales, iterations=level.iterations, max_step=delta,
-                                  min_step=1e-3 * delta, displacements=displ, on_iteration=on_iteration)
+                                  min_step=1e-3 * delta, displacements=displ, project=project,
+                                  on_iteration=on_iteration)
         state["p"] = res.x
         return res.value
 
