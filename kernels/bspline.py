@@ -43,7 +43,8 @@ import numpy as np
 
 from . import _backend
 
-__all__ = ["weights", "evaluate", "evaluate_with_jacobian", "adjoint", "dense", "bending_energy", "refine"]
+__all__ = ["weights", "evaluate", "evaluate_with_jacobian", "adjoint", "dense", "bending_energy", "refine", "samples",
+           "scatter_samples", "sample_kernels"]
 
 #: Voxels per block of the numpy reference of :func:`dense` for a non-diagonal matrix (bounds its memory).
 _DENSE_BLOCK = 1 << 18
@@ -1090,3 +1091,197 @@ def refine(coeffs, new_shape, matrix, offset, *, backend=None):
         return np.ascontiguousarray(c[crop]).astype(dt, copy=False)
     samples = dense(coeffs, shape, m, o, backend=backend)
     return _prefilter(samples.astype(np.float64), "not-a-knot").astype(dt, copy=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sample-level kernels of a parametric registration: scattered points in a physical frame, ITK's valid region
+# ----------------------------------------------------------------------------------------------------------------------
+def _samples2_body(coeffs, pts, m, o, u, q, inside):
+    n0 = coeffs.shape[0]
+    n1 = coeffs.shape[1]
+    nc = coeffs.shape[2]
+    for p in range(pts.shape[0]):
+        x0 = pts[p, 0]
+        x1 = pts[p, 1]
+        q0 = m[0, 0] * x0 + m[0, 1] * x1 + o[0]
+        q1 = m[1, 0] * x0 + m[1, 1] * x1 + o[1]
+        q[p, 0] = q0
+        q[p, 1] = q1
+        ok = q0 >= 1.0 and q0 <= n0 - 2.0 and q1 >= 1.0 and q1 <= n1 - 2.0
+        inside[p] = ok
+        for ch in range(nc):
+            u[p, ch] = 0.0
+        if not ok:
+            continue
+        i0 = min(int(q0), n0 - 3)
+        i1 = min(int(q1), n1 - 3)
+        a = _w4(q0 - i0)
+        b = _w4(q1 - i1)
+        for r in range(4):
+            for c in range(4):
+                w = a[r] * b[c]
+                for ch in range(nc):
+                    u[p, ch] += w * coeffs[i0 - 1 + r, i1 - 1 + c, ch]
+
+
+def _samples3_body(coeffs, pts, m, o, u, q, inside):
+    n0 = coeffs.shape[0]
+    n1 = coeffs.shape[1]
+    n2 = coeffs.shape[2]
+    nc = coeffs.shape[3]
+    for p in range(pts.shape[0]):
+        x0 = pts[p, 0]
+        x1 = pts[p, 1]
+        x2 = pts[p, 2]
+        q0 = m[0, 0] * x0 + m[0, 1] * x1 + m[0, 2] * x2 + o[0]
+        q1 = m[1, 0] * x0 + m[1, 1] * x1 + m[1, 2] * x2 + o[1]
+        q2 = m[2, 0] * x0 + m[2, 1] * x1 + m[2, 2] * x2 + o[2]
+        q[p, 0] = q0
+        q[p, 1] = q1
+        q[p, 2] = q2
+        ok = (q0 >= 1.0 and q0 <= n0 - 2.0 and q1 >= 1.0 and q1 <= n1 - 2.0 and q2 >= 1.0
+              and q2 <= n2 - 2.0)
+        inside[p] = ok
+        for ch in range(nc):
+            u[p, ch] = 0.0
+        if not ok:
+            continue
+        i0 = min(int(q0), n0 - 3)
+        i1 = min(int(q1), n1 - 3)
+        i2 = min(int(q2), n2 - 3)
+        a = _w4(q0 - i0)
+        b = _w4(q1 - i1)
+        c = _w4(q2 - i2)
+        for r in range(4):
+            for s in range(4):
+                wrs = a[r] * b[s]
+                for t in range(4):
+                    w = wrs * c[t]
+                    for ch in range(nc):
+                        u[p, ch] += w * coeffs[i0 - 1 + r, i1 - 1 + s, i2 - 1 + t, ch]
+
+
+def _scatter2_body(q, use, values, out):
+    n0 = out.shape[0]
+    n1 = out.shape[1]
+    nc = out.shape[2]
+    k = 0
+    for p in range(q.shape[0]):
+        if not use[p]:
+            continue
+        q0 = q[p, 0]
+        q1 = q[p, 1]
+        i0 = min(int(q0), n0 - 3)
+        i1 = min(int(q1), n1 - 3)
+        a = _w4(q0 - i0)
+        b = _w4(q1 - i1)
+        for r in range(4):
+            for c in range(4):
+                w = a[r] * b[c]
+                for ch in range(nc):
+                    out[i0 - 1 + r, i1 - 1 + c, ch] += w * values[k, ch]
+        k += 1
+
+
+def _scatter3_body(q, use, values, out):
+    n0 = out.shape[0]
+    n1 = out.shape[1]
+    n2 = out.shape[2]
+    nc = out.shape[3]
+    k = 0
+    for p in range(q.shape[0]):
+        if not use[p]:
+            continue
+        q0 = q[p, 0]
+        q1 = q[p, 1]
+        q2 = q[p, 2]
+        i0 = min(int(q0), n0 - 3)
+        i1 = min(int(q1), n1 - 3)
+        i2 = min(int(q2), n2 - 3)
+        a = _w4(q0 - i0)
+        b = _w4(q1 - i1)
+        c = _w4(q2 - i2)
+        for r in range(4):
+            for s in range(4):
+                wrs = a[r] * b[s]
+                for t in range(4):
+                    w = wrs * c[t]
+                    for ch in range(nc):
+                        out[i0 - 1 + r, i1 - 1 + s, i2 - 1 + t, ch] += w * values[k, ch]
+        k += 1
+
+
+@functools.cache
+def _sample_kernels():
+    ns = dict(globals())
+    ns["_w4"] = _backend.njit(_backend.rebind(_w4, ns))
+    return {name: _backend.njit(_backend.rebind(globals()[name], ns))
+            for name in ("_samples2_body", "_samples3_body", "_scatter2_body", "_scatter3_body")}
+
+
+def sample_kernels(ndim: int):
+    """``(forward, scatter)``: the compiled serial kernels behind :func:`samples` and :func:`scatter_samples` for
+    hot loops that validated their arrays once (needs numba; no checks): ``forward(coeffs, points, matrix, offset,
+    u, q, inside)`` fills the preallocated ``u`` (N, C), ``q`` (N, ndim), ``inside`` (N,); ``scatter(q, use,
+    values, out)`` adds into the zeroed ``out`` (*gshape, C). All float64 and C-contiguous."""
+    k = _sample_kernels()
+    return (k["_samples2_body"], k["_scatter2_body"]) if ndim == 2 else (k["_samples3_body"], k["_scatter3_body"])
+
+
+def samples(coeffs, points, matrix, offset, *, backend=None):
+    """The FFD at scattered points of a physical frame, with ITK's valid region: the forward pass of a parametric
+    registration's samples (one serial loop: a few thousand points, where a parallel launch costs more).
+
+    Parameters
+    ----------
+    coeffs : ndarray (*gshape, C)
+    points : ndarray (N, ndim)
+        Points in any frame; their grid indices are ``q = points @ matrix.T + offset``.
+    matrix, offset : ndarray
+        The frame → grid-index map.
+    backend : {None, "numpy", "numba"}
+
+    Returns
+    -------
+    u : ndarray (N, C)
+        The FFD at the points inside the valid region ``1 <= q_d <= gshape_d − 2`` (every tap exists), 0 outside
+        (ITK's ``BSplineTransform`` convention).
+    q : ndarray (N, ndim)
+        The grid indices.
+    inside : ndarray of bool (N,)
+    """
+    coeffs = _check_coeffs(coeffs)
+    nd = coeffs.ndim - 1
+    pts = _check_points(points, nd, "points")
+    m, o = _check_affine(matrix, offset, nd)
+    if _resolve(backend, coeffs, pts) == "numpy":
+        q = pts @ m.T + o
+        top = np.asarray(coeffs.shape[:-1], dtype=np.float64) - 2.0
+        inside = np.all((q >= 1.0) & (q <= top), axis=1)
+        u = np.zeros((len(q), coeffs.shape[-1]))
+        if inside.any():
+            u[inside] = _evaluate_numpy(coeffs, q[inside], False)[0]
+        return u, q, inside
+    u = np.empty((len(pts), coeffs.shape[-1]))
+    q = np.empty_like(pts)
+    inside = np.empty(len(pts), dtype=np.bool_)
+    _sample_kernels()["_samples2_body" if nd == 2 else "_samples3_body"](_f64(coeffs), pts, m, o, u, q, inside)
+    return u, q, inside
+
+
+def scatter_samples(q, use, values, gshape, *, backend=None):
+    """Adjoint of :func:`samples` over the points flagged ``use`` (which must be inside the valid region):
+    ``out[k] = Σ_{j: use_j} values[i(j)] β³(q_j − k)`` with ``values`` holding one row per used point, in order.
+    Serial, in point order: deterministic and independent of the thread count."""
+    gshape = _check_gshape(gshape)
+    nd = len(gshape)
+    q = _check_points(q, nd)
+    use = np.ascontiguousarray(use, dtype=np.bool_)
+    v = _f64(values)
+    if v.ndim != 2 or v.shape[0] != int(use.sum()):
+        raise ValueError(f"values must have one row per used point ({int(use.sum())}), got shape {v.shape}")
+    if _resolve(backend, q, v) == "numpy":
+        return _adjoint_numpy(q[use], v, gshape)
+    out = np.zeros((*gshape, v.shape[1]))
+    _sample_kernels()["_scatter2_body" if nd == 2 else "_scatter3_body"](q, use, v, out)
+    return out

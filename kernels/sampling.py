@@ -12,7 +12,7 @@ import numpy as np
 
 from . import _backend
 
-__all__ = ["linear_at", "mattes_mi_fused", "parzen_mi"]
+__all__ = ["linear_at", "linear_kernel", "mattes_mi_fused", "mattes_mi_kernel", "parzen_mi"]
 
 
 # ------------------------------------------------------------------------------------------- linear interpolation
@@ -91,6 +91,14 @@ def _compiled(name, func):
     return _COMPILED[name]
 
 
+def linear_kernel(ndim: int):
+    """The compiled serial kernel behind :func:`linear_at` for ``ndim`` spatial axes (needs numba):
+    ``fn(stack, points, out, inside) -> count`` with C-contiguous ``stack`` (*spatial, C) float32/float64, ``points``
+    (N, ndim) float64, ``out`` (N, C) float64 and ``inside`` (N,) bool preallocated; the first ``count`` rows of
+    ``out`` hold the inside points' values. For hot loops that validated their arrays once (no checks here)."""
+    return _compiled(f"linear{ndim}", _linear_at2 if ndim == 2 else _linear_at3)
+
+
 def linear_at(stack, points, *, backend=None):
     """Linear interpolation of ``stack`` at the points inside its voxel-centre box.
 
@@ -122,8 +130,7 @@ def linear_at(stack, points, *, backend=None):
         return _linear_at_numpy(stack, points)
     out = np.empty((points.shape[0], stack.shape[-1]))
     inside = np.empty(points.shape[0], dtype=np.bool_)
-    fn = _compiled(f"linear{n}", _linear_at2 if n == 2 else _linear_at3)
-    count = fn(stack, points, out, inside)
+    count = linear_kernel(n)(stack, points, out, inside)
     return out[:count], inside
 
 
@@ -237,6 +244,9 @@ def _limit_numba(x, lo_thr, hi_thr, lo_bnd, hi_bnd):
     return x, 1.0
 
 
+_limit = _limit_numba  # rebound to the compiled limiter in _compiled_mi
+
+
 def _mi_fused_numba(fv, mv, nbf, nbm, lof, hif, lom, him, tlo, thi, normalised, tiny):
     n = fv.shape[0]
     smallf = 0.001 * (hif - lof) / (nbf - 1)
@@ -328,6 +338,12 @@ def _compiled_mi():
         body = _backend.rebind(_mi_fused_numba, {"np": np, "_limit": limit})
         _COMPILED["mi"] = _backend.njit(cache=True)(body)
     return _COMPILED["mi"]
+
+
+def mattes_mi_kernel():
+    """The compiled kernel behind :func:`mattes_mi_fused` (needs numba): ``fn(fv, mv, nbf, nbm, lof, hif, lom, him,
+    tlo, thi, normalised, tiny) -> (value, grad)`` with contiguous float64 ``fv``, ``mv``; no checks."""
+    return _compiled_mi()
 
 
 def mattes_mi_fused(fv, mv, nbf, nbm, fixed_limits, moving_limits, thresholds, *, normalised=False, tiny=1e-16):

@@ -330,3 +330,32 @@ def test_argument_errors(rng):
         bs.refine(c, (3, 8), np.eye(2), np.zeros(2))
     with pytest.raises(ValueError, match="backend"):
         bs.evaluate(c, np.zeros((1, 2)), backend="gpu")
+
+
+@pytest.mark.parametrize("nd", [2, 3])
+def test_sample_kernels_match_the_reference_and_are_adjoint(nd):
+    """``samples`` (physical points, ITK valid region) against the numpy path and ``evaluate``; ``scatter_samples``
+    is its adjoint over the used points."""
+    samples, scatter_samples, evaluate = bs.samples, bs.scatter_samples, bs.evaluate
+    have_numba = _backend.HAVE_NUMBA
+    rng = np.random.default_rng(nd)
+    gshape = (9, 8, 7)[:nd]
+    c = rng.normal(size=(*gshape, nd))
+    m = np.diag(rng.uniform(0.1, 0.3, nd)) + 0.01 * rng.normal(size=(nd, nd))
+    o = rng.normal(size=nd)
+    q_true = rng.uniform(-0.5, np.asarray(gshape) - 1.5, size=(400, nd))
+    pts = np.linalg.solve(m, (q_true - o).T).T
+    u_ref, q_ref, in_ref = samples(c, pts, m, o, backend="numpy")
+    if have_numba:
+        u, q, inside = samples(c, pts, m, o, backend="numba")
+        np.testing.assert_array_equal(inside, in_ref)
+        np.testing.assert_allclose(q, q_ref, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(u, u_ref, rtol=1e-12, atol=1e-12)
+    assert in_ref.any() and not in_ref.all()
+    np.testing.assert_allclose(u_ref[in_ref], evaluate(c, q_ref[in_ref], backend="numpy"), rtol=1e-12)
+    assert np.all(u_ref[~in_ref] == 0)
+    use = in_ref & (rng.random(len(in_ref)) < 0.7)
+    v = rng.normal(size=(int(use.sum()), nd))
+    for be in (["numpy", "numba"] if have_numba else ["numpy"]):
+        g = scatter_samples(q_ref, use, v, gshape, backend=be)
+        assert np.isclose(np.sum(g * c), np.sum(v * u_ref[use]), rtol=1e-10)

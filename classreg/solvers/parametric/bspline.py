@@ -51,6 +51,15 @@ class BSplineModel:
         self._i2w = self.grid._index_to_world
         self._top = np.asarray(grid.grid_shape, dtype=float) - 2.0
         self._last = None
+        self._off = np.ascontiguousarray(-self._w2i @ self._origin)
+        self._w2i = np.ascontiguousarray(self._w2i)
+        self._kernels = None  # the compiled sample kernels, called without checks in the hot loop
+        from ...kernels._backend import HAVE_NUMBA
+
+        if HAVE_NUMBA and backend != "numpy":
+            from ...kernels.bspline import sample_kernels
+
+            self._kernels = sample_kernels(self.ndim)
         self.prior = None
         self._limit = None
         if bound is not None:  # |c| along each grid axis (x first) below bound × spacing
@@ -72,7 +81,7 @@ class BSplineModel:
         from ...kernels.sampling import linear_at
 
         stack, lin, off = self.prior
-        vals, inside = linear_at(stack, y @ lin.T + off)
+        vals, inside = linear_at(stack, y @ lin.T + off, backend="numpy" if self.backend == "numpy" else None)
         out = y.copy()
         out[inside] += vals
         return out
@@ -121,45 +130,51 @@ class BSplineModel:
     def identity(self) -> np.ndarray:
         return np.zeros(self.size)
 
-    def _q(self, y):
-        """``(y', q, inside)``: ``y`` through the prior, its grid indices and whether each is inside the valid
-        region (cached for the last ``y``)."""
+    def _eval(self, c, y):
+        """``(y', u, q, inside)``: ``y`` through the prior, the B-spline with coefficients ``c`` there, its grid
+        indices and the valid-region flags (the last call for the same ``y`` array is remembered for the
+        gradient)."""
+        from ...kernels.bspline import samples
+
         if self._last is not None and self._last[0] is y:
-            return self._last[1:]
-        y1 = self._prior_map(y)
-        q = (y1 - self._origin) @ self._w2i.T
-        inside = np.all((q >= 1.0) & (q <= self._top), axis=1)
+            y1 = self._last[1]
+        else:
+            y1 = self._prior_map(y)
+        if self._kernels is not None:
+            n = len(y1)
+            u, q, inside = np.empty((n, self.ndim)), np.empty((n, self.ndim)), np.empty(n, dtype=np.bool_)
+            self._kernels[0](np.ascontiguousarray(c, dtype=np.float64).reshape(self.shape), y1, self._w2i,
+                             self._off, u, q, inside)
+        else:
+            u, q, inside = samples(np.asarray(c).reshape(self.shape), y1, self._w2i, self._off,
+                                   backend=self.backend)
         self._last = (y, y1, q, inside)
-        return y1, q, inside
-
-    def _u(self, c, y):
-        from ...kernels.bspline import evaluate
-
-        _, q, inside = self._q(y)
-        u = np.zeros((len(q), self.ndim))
-        if inside.any():
-            u[inside] = evaluate(c.reshape(self.shape), q[inside], backend=self.backend)
-        return u
+        return y1, u, q, inside
 
     def map(self, p, points) -> np.ndarray:
         """``B_p(prior(points))``."""
-        u = self._u(p, points)
-        return self._q(points)[0] + u
+        y1, u, _, _ = self._eval(p, points)
+        return y1 + u
 
     def gradient(self, p, points, weights, valid) -> np.ndarray:
         """``Σ_j weights_j · ∂B/∂c (points_j)`` over the ``valid`` points (``weights`` has one row per valid
         point)."""
-        from ...kernels.bspline import adjoint
+        from ...kernels.bspline import scatter_samples
 
-        _, q, inside = self._q(points)
-        use = inside[valid]
-        if not use.any():
-            return np.zeros(self.size)
-        g = adjoint(q[valid & inside], np.ascontiguousarray(weights[use]), self.shape[:-1], backend=self.backend)
+        if self._last is None or self._last[0] is not points:
+            self._eval(p, points)
+        _, _, q, inside = self._last
+        use = valid & inside
+        w = np.ascontiguousarray(weights[inside[valid]], dtype=np.float64)
+        if self._kernels is not None:
+            g = np.zeros(self.shape)
+            self._kernels[1](q, use, w, g)
+        else:
+            g = scatter_samples(q, use, w, self.shape[:-1], backend=self.backend)
         return np.asarray(g, dtype=float).ravel()
 
     def displacement(self, p, dp, points) -> np.ndarray:
-        return self._u(np.asarray(dp), points)
+        return self._eval(dp, points)[1]
 
     def scales(self, points) -> np.ndarray:
         """All ones, as elastix (a coefficient moves points by at most its own length)."""

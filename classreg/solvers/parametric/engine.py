@@ -78,9 +78,18 @@ class LevelObjective:
 
     def __init__(self, fixed, moving, fixed_mask, moving_mask, *, model, pre, metric, sampler: Sampler, rng,
                  bins=32, min_valid=0.25, new_samples=True, backend=None):
+        from ...kernels._backend import HAVE_NUMBA
         from ...kernels.diff import gradient
+        from ...terms.measures import LIMIT_RANGE_RATIO, _bins
 
         self._host_backend = "numpy" if backend == "numpy" else None
+        # the hot loop calls the compiled kernels directly (arrays validated here, once)
+        self._fast = HAVE_NUMBA and backend != "numpy"
+        if self._fast:
+            from ...kernels.sampling import linear_kernel, mattes_mi_kernel
+
+            self._lin = linear_kernel(fixed.ndim)
+            self._mi = mattes_mi_kernel() if metric in ("mi", "nmi") else None
         self.model, self.metric, self.sampler, self.rng = model, metric, sampler, rng
         self.bins, self.min_valid, self.new_samples, self.backend = bins, float(min_valid), new_samples, backend
         n = fixed.ndim
@@ -100,6 +109,9 @@ class LevelObjective:
         self.m_hi = np.asarray(moving.shape, dtype=float) - 1.0
         self.fixed_limits = intensity_limits(self.fdata[..., 0], mask=fixed_mask)
         self.moving_limits = intensity_limits(m, mask=moving_mask)
+        lo, hi = self.moving_limits
+        d = LIMIT_RANGE_RATIO * (hi - lo) / (1.0 + 2.0 * LIMIT_RANGE_RATIO)  # where the moving limiter starts
+        self._mi_args = (*_bins(bins), *self.fixed_limits, lo, hi, lo + d, hi - d, metric == "nmi", 1e-16)
         self._cached = None
         self.last_valid = 1.0
 
@@ -107,7 +119,11 @@ class LevelObjective:
     def draw(self, count=None):
         """``(y, f)``: one draw of sample points mapped by ``pre`` (mm, (N, n)) and the fixed values there."""
         idx = self.sampler.draw(self.rng, count)
-        if self.sampler.kind == "random_coordinate":
+        if self.sampler.kind == "random_coordinate" and self._fast:
+            out = np.empty((len(idx), 1))
+            self._lin(self.fdata, idx, out, np.empty(len(idx), dtype=np.bool_))  # every sample is inside
+            f = out[:, 0]
+        elif self.sampler.kind == "random_coordinate":
             f = linear_at(self.fdata, idx, backend=self._host_backend)[0][:, 0]
         else:
             near = tuple(np.rint(idx[:, d]).astype(np.intp) for d in range(self.ndim))
@@ -128,7 +144,13 @@ class LevelObjective:
     # ------------------------------------------------------------------ cost
     def moving_at(self, z):
         """Moving values, world gradients and the validity of points ``z`` (mm)."""
-        vals, inside = linear_at(self.stack, z @ self.m_lin.T + self.m_off, backend=self._host_backend)
+        idx = z @ self.m_lin.T + self.m_off
+        if self._fast:
+            vals = np.empty((len(idx), self.stack.shape[-1]))
+            inside = np.empty(len(idx), dtype=np.bool_)
+            vals = vals[: self._lin(self.stack, idx, vals, inside)]
+        else:
+            vals, inside = linear_at(self.stack, idx, backend=self._host_backend)
         valid = inside.copy()
         if self.has_mmask:
             ok = vals[:, -1] >= 0.5
@@ -150,8 +172,11 @@ class LevelObjective:
                 f"{nvalid} of {len(y)} valid (fewer than {self.min_valid:.0%}); the images do not overlap after "
                 "the initial transform — check the physical origins/directions, or use init='geometry' or "
                 "init='global'")
-        value, dm = sample_metric(self.metric, f[valid], m, bins=self.bins, fixed_limits=self.fixed_limits,
-                                  moving_limits=self.moving_limits, backend=self._host_backend)
+        if self._fast and self._mi is not None:
+            value, dm = self._mi(f[valid], np.ascontiguousarray(m), *self._mi_args)
+        else:
+            value, dm = sample_metric(self.metric, f[valid], m, bins=self.bins, fixed_limits=self.fixed_limits,
+                                      moving_limits=self.moving_limits, backend=self._host_backend)
         grad = self.model.gradient(p, y, dm[:, None] * g_world, valid)
         if penalty:
             pv, pg = self.model.penalty(p)

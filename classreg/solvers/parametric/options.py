@@ -83,7 +83,7 @@ AFFINE_OPTIONS = Declaration(
                kind="str", choices=tuple(MODELS)),
         shared("metric", default="mi", choices=tuple(METRICS),
                help="similarity: Mattes mutual information, normalised MI, normalised correlation, mean squares"),
-        *_engine_options((300, 300, 300)),
+        *_engine_options((100, 100, 150)),
     ),
 )
 

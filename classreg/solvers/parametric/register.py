@@ -31,7 +31,7 @@ __all__ = ["register_affine", "register_bspline"]
 @declared(AFFINE_OPTIONS)
 def register_affine(fixed: Image, moving: Image, *, transform: str = "affine", metric: str = "mi",
                     init="geometry", fixed_mask=None, moving_mask=None, shrink_factors=(4, 2, 1),
-                    smoothing_sigmas=None, iterations=(300, 300, 300), samples: int = 2048,
+                    smoothing_sigmas=None, iterations=(100, 100, 150), samples: int = 2048,
                     sampler: str = "random_coordinate", new_samples: bool = True, optimiser: str = "asgd",
                     max_step=None, bins: int = 32, seed: int = 0, threads: int | None = None,
                     device: str | None = None, backend=None, progress: bool = False, callback=None) -> Result:
