@@ -6,7 +6,10 @@ Every case is built once per run into a work folder (``build_case``) and read ba
 * ``deformable`` — fixed image, moving image *already affinely pre-aligned and resampled onto the fixed grid* (one
   deterministic SimpleITK Mattes-MI affine shared by every tool, so the comparison is about the deformable part),
   label maps of both (Dice), an evaluation mask, and a known truth transform where there is one;
-* ``rigid`` — fixed and moving images on their own grids with an analytic ground-truth rigid transform (TRE);
+* ``rigid`` — fixed and moving images on their own grids with an analytic ground-truth rigid or similarity transform
+  (TRE); ``case.json`` names the transform model (``"transform"``) and the centring start the peers use;
+* ``affine`` — fixed and moving images on their own grids, *not* pre-aligned, with label maps of both: every tool
+  finds the whole affine map from its own start (tissue Dice / HD95 of the moving labels resampled through it, NCC);
 * ``points`` — source and target point sets with known correspondences.
 
 Provenance of every file is recorded in the case's ``case.json`` (and in docs/benchmarks.md).
@@ -21,12 +24,14 @@ import numpy as np
 #: name -> (kind, one-line description)
 CASES = {
     "inter3d": ("deformable", "3-D inter-subject: MNI152 2 mm ← ITK KmeansTest T1 subject (affine pre-aligned)"),
+    "affine3d": ("affine", "3-D inter-subject affine: MNI152 2 mm ← the raw KmeansTest T1 subject (not pre-aligned)"),
     "synth3d": ("deformable", "3-D known deformation: MNI152 2 mm warped by smooth noise (seed 0, max 8 mm)"),
     "brain2d": ("deformable", "2-D inter-subject: dipy T1 coronal slice ← MNI152 1 mm coronal slice (affine)"),
     "lung2d": ("deformable", "2-D rat lung: ITK RatLungSlice1 ← RatLungSlice2"),
     "circle2d": ("deformable", "2-D large deformation: dipy circle → C"),
     "mm2d": ("rigid", "2-D multimodal rigid: ITK T1 slice ← PD slice rotated 10°, shifted (13, 17) mm"),
     "mm2d_rot60": ("rigid", "2-D multimodal rigid: ITK T1 slice ← PD slice rotated 60°, shifted (20, -15) mm"),
+    "sim2d": ("rigid", "2-D multimodal similarity: ITK T1 slice ← PD slice through a seeded similarity map (seed 0)"),
     "points": ("points", "fsaverage5 left pial → left white, shared vertices (correspondence known)"),
 }
 #: the cases of ``--quick`` (small, a couple of minutes for every tool together)
@@ -65,7 +70,8 @@ def _save_images(workdir: Path, **images) -> None:
 def _shrink(img, factor):
     from classreg.pyramid import downsample
 
-    return img if factor <= 1 else downsample(img, float(factor) * max(img.spacing), 0.5 * factor * max(img.spacing))
+    """Shrink by the integer ``factor`` (ITK's grid rule) after a Gaussian of σ = factor / 2 voxels."""
+    return img if factor <= 1 else downsample(img, float(factor), 0.5 * factor * max(img.spacing))
 
 
 def build_case(name: str, workdir, *, quick: bool = False) -> dict:
@@ -83,6 +89,8 @@ def build_case(name: str, workdir, *, quick: bool = False) -> dict:
         info.update(_build_deformable(name, workdir, quick))
     elif kind == "rigid":
         info.update(_build_rigid(name, workdir, quick))
+    elif kind == "affine":
+        info.update(_build_affine(name, workdir, quick))
     else:
         info.update(_build_points(workdir, quick))
     (workdir / "case.json").write_text(json.dumps(info, indent=1))
@@ -166,6 +174,18 @@ def _build_deformable(name, workdir, quick):
 
 #: rigid cases: (angle in degrees, translation in mm) of the ground-truth fixed → moving map about the image centre
 _RIGID = {"mm2d": (10.0, (13.0, 17.0)), "mm2d_rot60": (60.0, (20.0, -15.0))}
+#: the seeded similarity case: ranges of the drawn rotation (degrees), isotropic scale and shift (mm, per axis)
+SIM2D_RANGES = {"angle_deg": (-20.0, 20.0), "scale": (0.9, 1.1), "shift_mm": (-15.0, 15.0)}
+
+
+def similarity_draw(seed: int = 0) -> tuple[float, float, tuple[float, float]]:
+    """sim2d's truth parameters: ``numpy.random.default_rng(seed)`` draws the rotation (degrees), then the scale,
+    then the 2 shift components (mm), uniformly in :data:`SIM2D_RANGES`."""
+    rng = np.random.default_rng(seed)
+    angle = float(rng.uniform(*SIM2D_RANGES["angle_deg"]))
+    scale = float(rng.uniform(*SIM2D_RANGES["scale"]))
+    shift = tuple(float(v) for v in rng.uniform(*SIM2D_RANGES["shift_mm"], size=2))
+    return angle, scale, shift
 
 
 def _build_rigid(name, workdir, quick):
@@ -176,19 +196,53 @@ def _build_rigid(name, workdir, quick):
     pd = itk_example_image("BrainProtonDensitySliceBorder20.png", dtype=np.float32)
     if quick:
         fixed, pd = _shrink(fixed, 2), _shrink(pd, 2)
-    angle, shift = _RIGID[name]
     centre = fixed.index_to_world((np.asarray(fixed.shape, float) - 1) / 2.0)[0]
-    truth = cr.Affine.euler([np.radians(angle)], translation=shift, center=centre)
+    extra = {}
+    if name == "sim2d":
+        angle, scale, shift = similarity_draw(0)
+        truth = cr.Affine.similarity(scale, [np.radians(angle)], translation=shift, center=centre)
+        model = "similarity"
+        what = (f"similarity map ({angle:.4f}° and scale {scale:.5f} about the image centre, shift ({shift[0]:.4f}, "
+                f"{shift[1]:.4f}) mm; drawn by numpy default_rng(0) in ±20°, [0.9, 1.1], ±15 mm)")
+        extra = {"truth_scale": scale, "seed": 0, "ranges": SIM2D_RANGES}
+    else:
+        angle, shift = _RIGID[name]
+        truth = cr.Affine.euler([np.radians(angle)], translation=shift, center=centre)
+        model, what = "rigid", f"rigid map ({angle}° about the image centre, shift {shift} mm)"
     # the moving image is the PD slice seen through the inverse map: moving(truth(x)) = pd(x)
     moving = cr.resample(pd, truth.inverse(), reference=pd)
     fg = fixed.data > 0.05 * float(fixed.data.max())
     _save_images(workdir, fixed=fixed, moving=moving, mask=fixed.like(fg.astype(np.uint8)))
     truth.save(workdir / "truth.tfm")
-    return {"provenance": "ITK examples BrainT1SliceBorder20.png (fixed) and BrainProtonDensitySliceBorder20.png "
-                          f"resampled by an analytic rigid map ({angle}° about the image centre, shift {shift} mm) "
-                          "(moving); the truth is that map; TRE over the fixed image's foreground",
-            "ndim": 2, "shape": list(fixed.shape), "spacing": list(fixed.spacing), "has_truth": True,
-            "truth_angle_deg": angle, "truth_shift_mm": list(shift)}
+    return dict({"provenance": "ITK examples BrainT1SliceBorder20.png (fixed) and BrainProtonDensitySliceBorder20.png "
+                               f"resampled by an analytic {what} (moving); the truth is that map; TRE over the fixed "
+                               "image's foreground",
+                 "ndim": 2, "shape": list(fixed.shape), "spacing": list(fixed.spacing), "has_truth": True,
+                 "transform": model, "centre_init": "geometry", "truth_angle_deg": angle,
+                 "truth_shift_mm": list(shift), "truth_center_mm": [float(v) for v in centre]}, **extra)
+
+
+def _build_affine(name, workdir, quick):
+    """affine3d: the pair of ``classreg.data.brain_pair_3d`` (the labels of inter3d) without inter3d's pre-alignment:
+    the moving subject stays on its own 2 × 2 × 3 mm grid and orientation, about 130 mm from the template."""
+    from classreg.data import brain_pair_3d
+
+    c = brain_pair_3d(resolution=2.0)
+    fixed, moving, flab, mlab, mask = c["fixed"], c["moving"], c["fixed_labels"], c["moving_labels"], c["fixed_mask"]
+    if quick:  # 4 mm template (labels by nearest-neighbour subsampling), the subject unchanged
+        from classreg.resample import resample
+
+        small = _shrink(fixed, 2)
+        flab = resample(flab, reference=small, interpolation="label")
+        mask = resample(mask.astype(np.uint8), reference=small, interpolation="nearest")
+        fixed = small
+    _save_images(workdir, fixed=fixed, moving=moving, fixed_labels=flab, moving_labels=mlab,
+                 mask=mask.astype(np.uint8))
+    prov = c["provenance"] + "; no pre-alignment (the moving subject on its own grid, skull-stripped with its mask)"
+    return {"provenance": prov,
+            "ndim": 3, "shape": list(fixed.shape), "spacing": list(fixed.spacing),
+            "moving_shape": list(moving.shape), "moving_spacing": list(moving.spacing), "has_truth": False,
+            "transform": "affine", "centre_init": "moments", "prealigned": False}
 
 
 def _build_points(workdir, quick):

@@ -16,7 +16,8 @@ registration call (includes the Python and library baseline, reported as ``rss_b
 Every tool's output is turned into a classreg transform (``benchmarks.tools``), and every metric is computed by
 ``classreg.evaluate`` on that transform, identically for all tools: Dice and HD95 per label, NCC, % det J ≤ 0,
 NDV/NDA and SDlogJ (inside the evaluation mask, away from voxels whose sample left the moving image), endpoint error
-where the truth is known; TRE for rigid cases; correspondence error and Chamfer distance for point sets. Each metric
+where the truth is known; TRE for rigid and similarity cases; Dice/HD95 and NCC for affine cases (no pre-alignment:
+every tool starts from its own initialisation); correspondence error and Chamfer distance for point sets. Each metric
 is the median over ``--repeat`` runs. Ratios (classreg time / peer time, quality differences) are computed pairwise
 per case.
 
@@ -49,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 DOCS = ROOT / "docs" / "benchmarks.md"
 #: the peers ``--quick`` runs next to classreg (each a few seconds on the quick cases)
-QUICK_PEERS = ("sitk_diffeo_demons", "sitk_euler_mi", "probreg_cpd")
+QUICK_PEERS = ("sitk_diffeo_demons", "sitk_mi", "probreg_cpd")
 SEED = 0  # every classreg solver and ANTs (random_seed=1) run with fixed seeds; the cases use seed 0
 
 
@@ -101,10 +102,11 @@ def evaluate_before(case) -> dict:
     info = case["info"]
     if info["kind"] == "points":
         return evaluate_points(case, case["source"])
-    ident = cr.DisplacementField.identity(case["fixed"])
-    if info["kind"] == "rigid":
-        return evaluate_rigid(case, cr.Affine.identity(case["fixed"].ndim))
-    return evaluate_image(case, ident, None, jacobian=False)
+    if info["kind"] in ("rigid", "affine"):
+        ident = cr.Affine.identity(case["fixed"].ndim)
+        return evaluate_rigid(case, ident) if info["kind"] == "rigid" else evaluate_image(case, ident, None,
+                                                                                          jacobian=False)
+    return evaluate_image(case, cr.DisplacementField.identity(case["fixed"]), None, jacobian=False)
 
 
 def evaluate_image(case, field, valid, *, jacobian: bool = True) -> dict:
@@ -123,12 +125,13 @@ def evaluate_image(case, field, valid, *, jacobian: bool = True) -> dict:
     out = {"dice": {str(k): float(v) for k, v in dice.items()}, "mean_dice": float(np.nanmean(list(dice.values()))),
            "hd95_mm": {str(k): float(v) for k, v in hd.items()},
            "mean_hd95_mm": float(np.nanmean([v for v in hd.values() if np.isfinite(v)] or [np.nan])),
-           "ncc": float(-cr.terms.ncc(fixed.data, warped.data, mask=mask))}
+           "ncc": float(-cr.terms.ncc(fixed.data, warped.data, mask=mask)) + 0.0}  # + 0.0: no "-0"
+    if valid is not None:
+        out["percent_outside"] = float(100.0 * (~valid[mask]).mean())
     if jacobian:
         jm = mask.copy()
         if valid is not None:  # away from voxels whose sample left the moving image (2 voxels)
             jm &= ndimage.binary_erosion(valid, iterations=2)
-            out["percent_outside"] = float(100.0 * (~valid[mask]).mean())
         jac = ev.jacobian_stats(field, mask=jm)
         out.update(percent_det_nonpositive=jac["percent_nonpositive"], min_det=jac["min_det"],
                    max_det=jac["max_det"], sdlogj=jac["sdlogj_l2r"],
@@ -168,13 +171,14 @@ def evaluate_run(case, rec) -> dict:
     if kind == "rigid":
         return evaluate_rigid(case, field)
     valid = np.load(rec["valid"]) if rec.get("valid") else None
-    return evaluate_image(case, field, valid)
+    # an affine map has one constant det J: the Jacobian statistics are for deformable cases
+    return evaluate_image(case, field, valid, jacobian=kind == "deformable")
 
 
 # =============================================================================================== reporting
 #: the headline quality number per case kind: (key, label, higher is better)
 QUALITY = {"deformable": ("mean_dice", "mean Dice", True), "rigid": ("tre_mm", "TRE mm", False),
-           "points": ("corr_err_mm", "corr. error mm", False)}
+           "affine": ("mean_dice", "mean Dice", True), "points": ("corr_err_mm", "corr. error mm", False)}
 
 
 def ratios(rows: list[dict]) -> list[dict]:
@@ -222,6 +226,9 @@ _COLUMNS = {
                    ("seconds", "time s"), ("peak_rss_mb", "peak RSS MB"), ("runs", "runs")],
     "rigid": [("label", "tool"), ("tre_mm", "TRE mm"), ("tre_p95_mm", "TRE p95 mm"), ("success", "TRE < 2 mm"),
               ("seconds", "time s"), ("peak_rss_mb", "peak RSS MB"), ("runs", "runs")],
+    "affine": [("label", "tool"), ("mean_dice", "mean Dice"), ("dice_str", "Dice per label"),
+               ("mean_hd95_mm", "HD95 mm"), ("ncc", "NCC"), ("percent_outside", "% outside moving"),
+               ("seconds", "time s"), ("peak_rss_mb", "peak RSS MB"), ("runs", "runs")],
     "points": [("label", "tool"), ("corr_err_mm", "corr. error mm"), ("corr_err_p95_mm", "p95 mm"),
                ("chamfer_mm", "Chamfer mm"), ("seconds", "time s"), ("peak_rss_mb", "peak RSS MB"), ("runs", "runs")],
 }
@@ -243,7 +250,9 @@ def render_markdown(payload: dict, figure: str | None) -> str:
         "`first_call_s`); peak RSS is the worker process's high-water mark and includes the libraries' baseline. "
         "Deformable cases start from one shared affine pre-alignment, so they compare the deformable part. Jacobian "
         "statistics are inside the evaluation mask, excluding voxels within 2 voxels of samples that left the moving "
-        "image. How each number is computed: benchmarks/run.py; how each tool is run: benchmarks/tools.py.",
+        "image. Rigid/similarity and affine cases are not pre-aligned: every tool starts from its own initialisation "
+        "(the centring named per case). How each number is computed: benchmarks/run.py; how each tool is run and "
+        "with which settings: benchmarks/tools.py (and each row's `params` in the JSON).",
         "",
     ]
     for name, info in cases.items():
@@ -255,6 +264,10 @@ def render_markdown(payload: dict, figure: str | None) -> str:
                      dice_str=_per_label(before.get("dice")))]
         crow += [dict(r, dice_str=_per_label(r.get("dice"))) for r in rows if r["case"] == name and r.get("seconds")]
         lines += [_table(crow, _COLUMNS[kind]), ""]
+        for r in rows:
+            if r["case"] == name and r.get("seconds") and TOOLS[r["tool"]].show_params and r.get("params"):
+                lines.append(f"* {r['label']} settings: " + ", ".join(f"{k}={_fmt_param(v)}"
+                                                                       for k, v in r["params"].items()))
         for r in rows:
             if r["case"] == name and not r.get("seconds"):
                 lines.append(f"* {r['label']}: {r['note']}")
@@ -273,6 +286,12 @@ def render_markdown(payload: dict, figure: str | None) -> str:
     if payload.get("skipped"):
         lines += ["## Not run", ""] + [f"* {s}" for s in payload["skipped"]] + [""]
     return "\n".join(lines)
+
+
+def _fmt_param(v):
+    if isinstance(v, (list, tuple)):
+        return "/".join(_fmt_param(x) for x in v)
+    return _fmt(v, 4) if isinstance(v, float) else str(v)
 
 
 def _per_label(d):
@@ -299,7 +318,7 @@ def render_figure(payload: dict, path: Path) -> bool:
         names = [r["label"] for r in rs]
         colors = ["tab:red" if TOOLS[r["tool"]].classreg else "tab:gray" for r in rs]
         ax = ax_row[0]
-        if kind == "deformable":
+        if kind in ("deformable", "affine"):
             labels = sorted({k for r in rs for k in (r.get("dice") or {})}, key=int)
             w = 0.8 / max(len(labels), 1)
             for j, lab in enumerate(labels):
@@ -412,7 +431,11 @@ def run(cases, tools, *, threads=2, repeat=2, quick=False, slow=False, out_dir=N
             case = load_case(wd)
             info["before"] = evaluate_before(case)
             payload["cases"][name] = info
-            for tool in (t for t in tools if avail[t][0] and TOOLS[t].kind == info["kind"]):
+            for tool in (t for t in tools if avail[t][0] and TOOLS[t].handles(info["kind"])):
+                if name in TOOLS[tool].excludes:
+                    payload["rows"].append(_aggregate(name, info["kind"], tool, [
+                        {"note": f"not run: {TOOLS[tool].excludes[name]}"}]))
+                    continue
                 if TOOLS[tool].slow_3d and info.get("ndim") == 3 and not slow:
                     payload["rows"].append(_aggregate(name, info["kind"], tool, [
                         {"note": f"not run on 3-D cases without --slow: {TOOLS[tool].slow_3d}"}]))
@@ -432,7 +455,7 @@ def run(cases, tools, *, threads=2, repeat=2, quick=False, slow=False, out_dir=N
                     except subprocess.TimeoutExpired:
                         err = [f"timed out after {timeout} s"]
                     if err is not None:
-                        runs = [{"note": f"failed: {(err or ['?'])[-1][:200]}"}]
+                        runs = [{"note": f"failed: {_error_line(err)[:200]}"}]
                         log(f"  {name}/{tool}: {runs[0]['note']}")
                         break
                     rec = json.loads(res.read_text())
@@ -460,6 +483,16 @@ def run(cases, tools, *, threads=2, repeat=2, quick=False, slow=False, out_dir=N
     _atomic_write(out / f"{stamp}.md", render_markdown(payload, None) + "\n")
     payload["json"] = str(out / f"{stamp}.json")
     return payload
+
+
+def _error_line(lines) -> str:
+    """The exception line of a worker's traceback (numba and others print context after it), else its last line."""
+    import re
+
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", ln).strip() for ln in lines or ["?"]]
+    lines = [ln for ln in lines if ln] or ["?"]
+    exc = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b.*:", ln)]
+    return exc[-1] if exc else lines[-1]
 
 
 def _aggregate(case, kind, tool, runs) -> dict:
@@ -509,7 +542,7 @@ def main(argv=None) -> int:
     if args.tools:
         tools = args.tools
     elif args.quick:
-        tools = [t for t, tool in TOOLS.items() if tool.classreg or t in QUICK_PEERS]
+        tools = [t for t, tool in TOOLS.items() if (tool.classreg and tool.quick) or t in QUICK_PEERS]
     else:
         tools = [t for t, tool in TOOLS.items() if tool.default]
     repeat = args.repeat or (1 if args.quick else 2)

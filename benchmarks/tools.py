@@ -32,18 +32,35 @@ OFFSET = 10000.0
 @dataclass(frozen=True)
 class Tool:
     name: str
-    kind: str  # "deformable", "rigid" or "points"
+    kind: str | tuple  # the case kind(s) it runs on: "deformable", "rigid", "affine" or "points"
     label: str
     run: Callable
     requires: tuple = ()  # importable modules
     distributions: tuple = ()  # installed distributions (when the module name does not tell, e.g. itk-elastix)
     executables: tuple = ()  # programs on PATH
+    classreg_api: tuple = ()  # public classreg functions the tool calls (skipped with a note while they are missing)
     default: bool = True  # in the default tool list
     classreg: bool = False
+    quick: bool = True  # a classreg tool that ``--quick`` runs (the smoke test)
     slow_3d: str = ""  # why the tool is skipped on 3-D cases unless --slow is given ("" = never skipped)
+    excludes: dict = field(default_factory=dict)  # case name -> why the tool is not run on it
+    show_params: bool = False  # list the run's settings under the case's table
     params: dict = field(default_factory=dict)
 
+    @property
+    def kinds(self) -> tuple:
+        return (self.kind,) if isinstance(self.kind, str) else tuple(self.kind)
+
+    def handles(self, kind: str) -> bool:
+        return kind in self.kinds
+
     def available(self) -> tuple[bool, str]:
+        if self.classreg_api:
+            import classreg
+
+            missing = [f for f in self.classreg_api if not callable(getattr(classreg, f, None))]
+            if missing:
+                return False, f"classreg.{missing[0]} is not in this classreg version"
         for mod in self.requires:
             if importlib.util.find_spec(mod) is None:
                 return False, f"python module {mod!r} not installed (pip install \".[bench]\")"
@@ -148,6 +165,93 @@ def run_classreg_rigid(case, threads, quick):
     return {"seconds": sec, "transform": res.transform, "first_call_s": warm, "params": kw or {"defaults": True}}
 
 
+# --------------------------------------------------------------------------------------------- parametric settings
+#: random samples per iteration (per level) of every sampled parametric run — classreg, the sampled SimpleITK variant
+#: and elastix (DATA.md: 2048 in 2-D, 4096 in 3-D), so that the timings compare the same sampling
+PARAMETRIC_SAMPLES = {2: 2048, 3: 4096}
+#: classreg_affine per case (the issue's rows), every one with Mattes-style MI; cases not listed fit their own model
+#: (case.json ``transform``) from their own centring (case.json ``centre_init``)
+CLASSREG_AFFINE = {"mm2d": {"transform": "rigid"}, "sim2d": {"transform": "similarity"},
+                   "mm2d_rot60": {"transform": "rigid", "init": "global"},
+                   "affine3d": {"transform": "affine", "init": "moments"}}
+
+
+def case_model(case) -> str:
+    """The transform model a parametric tool fits on ``case``: "rigid", "similarity" or "affine" (``case.json``'s
+    ``transform``; rigid-kind cases default to rigid, affine-kind cases to affine)."""
+    info = case["info"]
+    return info.get("transform") or ("affine" if info["kind"] == "affine" else "rigid")
+
+
+def case_centring(case) -> str:
+    """How the peers centre their start on ``case``: "geometry" (image centres) or "moments" (centres of mass)."""
+    return case["info"].get("centre_init", "geometry")
+
+
+def classreg_affine_settings(case) -> dict:
+    ndim = case["info"].get("ndim") or case["fixed"].ndim
+    kw = dict(CLASSREG_AFFINE.get(case["info"]["name"], {"transform": case_model(case)}))
+    kw.setdefault("init", case_centring(case))
+    kw.update(metric="mi", samples=PARAMETRIC_SAMPLES[ndim], seed=0)
+    return kw
+
+
+def bspline_settings(ndim: int) -> dict:
+    """register_bspline with elastix's B-spline settings (``elastix_parameters("bspline", ndim)``): 3 levels, final
+    grid 8 mm (2-D) / 10 mm (3-D) (coarser levels ×4/×2, elastix's default grid schedule, which is also
+    register_bspline's), 500 iterations per level, 2048/4096 random samples drawn anew every iteration, Mattes MI
+    with 32 bins, no bending penalty (elastix's map has none; register_bspline's default weight 0 is recorded from the
+    result), started from the identity (the deformable cases are pre-aligned; elastix's
+    ``AutomaticTransformInitialization`` is off)."""
+    p = elastix_parameters("bspline", ndim)
+    levels = int(p["NumberOfResolutions"])
+    return {"grid_spacing": float(p["FinalGridSpacingInPhysicalUnits"]), "metric": "mi", "init": "identity",
+            "shrink_factors": tuple(2 ** k for k in reversed(range(levels))),
+            "iterations": int(p["MaximumNumberOfIterations"]), "samples": int(p["NumberOfSpatialSamples"]),
+            "bins": int(p["NumberOfHistogramBins"]), "seed": 0}
+
+
+def _resolved(res, keys) -> dict:
+    """The solver's own record of the settings it resolved (``Result.params``), for the JSON."""
+    return {k: res.params[k] for k in keys if k in getattr(res, "params", {})}
+
+
+#: a short schedule for the untimed warm-up (kernels compile / load from the cache)
+_WARM = dict(shrink_factors=(2, 1), iterations=2, samples=256)
+
+
+def run_classreg_affine(case, threads, quick):
+    """register_affine with the issue's per-case model (CLASSREG_AFFINE) and the shared sampling."""
+    import classreg as cr
+
+    kw = dict(classreg_affine_settings(case), threads=threads)
+    warm = _warm_up(cr.register_affine, case["fixed"].ndim, **dict(kw, **_WARM))
+    res, sec = _timed(lambda: cr.register_affine(case["fixed"], case["moving"], **kw))
+    return {"seconds": sec, "transform": res.transform, "first_call_s": warm,
+            "params": dict(kw, **_resolved(res, ("shrink_factors", "smoothing_sigmas", "iterations", "optimiser",
+                                                 "sampler")))}
+
+
+def _classreg_bspline(**extra):
+    """register_bspline with elastix's B-spline settings (bspline_settings) and ``extra``."""
+    def run(case, threads, quick):
+        return run_classreg_bspline(case, threads, quick, **extra)
+    return run
+
+
+def run_classreg_bspline(case, threads, quick, **extra):
+    """register_bspline with elastix's B-spline settings (bspline_settings)."""
+    import classreg as cr
+
+    ndim = case["fixed"].ndim
+    kw = dict(bspline_settings(ndim), threads=threads, **extra)
+    warm = _warm_up(cr.register_bspline, ndim, **dict(kw, **_WARM))
+    res, sec = _timed(lambda: cr.register_bspline(case["fixed"], case["moving"], **kw))
+    return {"seconds": sec, "transform": res.transform, "first_call_s": warm,
+            "params": dict(kw, **_resolved(res, ("bending_weight", "fold_free", "grid_schedule", "smoothing_sigmas",
+                                                 "optimiser", "sampler")))}
+
+
 #: register_points settings for cortical surfaces (docs/solvers/points.md): fine bandwidth, rank-400 kernel
 POINTS_KW = dict(deformation=10.0, bandwidth=5.0, max_iter=150, tol=1e-3)
 
@@ -183,15 +287,21 @@ def _ants_field(case, transformlist):
     return field_from_coordinates(case["fixed"], warped)
 
 
+#: the ANTs transform per case model, for the parametric ANTs tools (``ants_rigid`` fits a similarity on sim2d)
+ANTS_MODEL = {"rigid": "Rigid", "similarity": "Similarity", "affine": "Affine"}
+
+
 def _ants(kind, **kw):
+    """ANTs ``type_of_transform=kind`` with its defaults; ``kind=None``: the case's model (ANTS_MODEL)."""
     def run(case, threads, quick):
         import ants
 
+        tt = kind or ANTS_MODEL[case_model(case)]
         f, m = _to_ants(case["fixed"].astype(np.float32)), _to_ants(case["moving"].astype(np.float32))
-        out, sec = _timed(lambda: ants.registration(fixed=f, moving=m, type_of_transform=kind, random_seed=1, **kw))
+        out, sec = _timed(lambda: ants.registration(fixed=f, moving=m, type_of_transform=tt, random_seed=1, **kw))
         tx, valid = _ants_field(case, out["fwdtransforms"])
         return {"seconds": sec, "transform": tx, "valid": valid,
-                "params": dict(type_of_transform=kind, random_seed=1, **kw)}
+                "params": dict(type_of_transform=tt, random_seed=1, **kw)}
     return run
 
 
@@ -240,31 +350,69 @@ def _sitk_demons(filter_name):
     return run
 
 
-def run_sitk_euler_mi(case, threads, quick):
-    """SimpleITK Euler rigid, Mattes MI (32 bins, all pixels), regular-step GD, geometry-centred start (DATA.md)."""
+def sitk_transform(model: str, ndim: int):
+    """The SimpleITK transform of a case model: Euler (rigid), Similarity or Affine."""
     import SimpleITK as sitk
 
-    f, m = case["fixed"].to_sitk(), case["moving"].to_sitk()
-    dim = f.GetDimension()
-    euler = sitk.Euler2DTransform() if dim == 2 else sitk.Euler3DTransform()
+    if model == "affine":
+        return sitk.AffineTransform(ndim)
+    name = {"rigid": "Euler", "similarity": "Similarity"}[model]
+    return getattr(sitk, f"{name}{ndim}DTransform")()
 
-    def register():
-        init = sitk.CenteredTransformInitializer(f, m, euler, sitk.CenteredTransformInitializerFilter.GEOMETRY)
-        reg = sitk.ImageRegistrationMethod()
-        reg.SetMetricAsMattesMutualInformation(32)
-        reg.SetMetricSamplingStrategy(reg.NONE)
-        reg.SetInterpolator(sitk.sitkLinear)
-        reg.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=1e-4, numberOfIterations=300)
-        reg.SetOptimizerScalesFromPhysicalShift()
-        reg.SetShrinkFactorsPerLevel([4, 2, 1])
-        reg.SetSmoothingSigmasPerLevel([2, 1, 0])
-        reg.SetInitialTransform(init, inPlace=False)
-        return reg.Execute(f, m)
 
-    tx, sec = _timed(register)
-    field, valid = _sitk_resample_coords(case, tx)
-    return {"seconds": sec, "transform": field, "valid": valid,
-            "params": {"metric": "MattesMI(32)", "optimizer": "RegularStepGradientDescent", "shrink": [4, 2, 1]}}
+#: SimpleITK regular-step GD per model: (learning rate, iterations). Rigid/similarity: DATA.md's Euler run; affine: the
+#: settings of classreg.demo.affine_prealign (which built inter3d's pre-alignment from this pair)
+SITK_STEPS = {"rigid": (2.0, 300), "similarity": (2.0, 300), "affine": (1.0, 200)}
+
+
+def _sitk_mi(sampling: str):
+    """SimpleITK Mattes MI (32 bins), regular-step gradient descent, shrink 4/2/1 with σ 2/1/0 voxels, physical-shift
+    scales, centred start (case.json ``centre_init``: geometry or moments); the transform is the case's model (Euler for
+    mm2d/mm2d_rot60, Similarity for sim2d, Affine for affine3d). ``sampling="all"``: every voxel (DATA.md);
+    ``"random"``: PARAMETRIC_SAMPLES random voxels per level (fixed seed), the sampling of classreg and elastix."""
+    def run(case, threads, quick):
+        import SimpleITK as sitk
+
+        f, m = case["fixed"].to_sitk(), case["moving"].to_sitk()
+        dim = f.GetDimension()
+        model = case_model(case)
+        lr, its = SITK_STEPS[model]
+        shrink = (4, 2, 1)
+        centring = case_centring(case)
+        params = {"transform": model, "metric": "MattesMI(32)", "optimizer": "RegularStepGradientDescent",
+                  "learning_rate": lr, "iterations": its, "shrink": list(shrink), "sigmas_vox": [2, 1, 0],
+                  "init": centring}
+        if sampling == "random":
+            n = PARAMETRIC_SAMPLES[dim]
+            pct = [min(1.0, n / float(np.prod([max(1, s // k) for s in case["fixed"].shape]))) for k in shrink]
+            params.update(sampling=f"random {n} per level (seed 1)", sampling_percentage=pct)
+        else:
+            params["sampling"] = "all voxels"
+
+        def register():
+            init = sitk.CenteredTransformInitializer(
+                f, m, sitk_transform(model, dim), sitk.CenteredTransformInitializerFilter.MOMENTS
+                if centring == "moments" else sitk.CenteredTransformInitializerFilter.GEOMETRY)
+            reg = sitk.ImageRegistrationMethod()
+            reg.SetMetricAsMattesMutualInformation(32)
+            if sampling == "random":
+                reg.SetMetricSamplingStrategy(reg.RANDOM)
+                reg.SetMetricSamplingPercentagePerLevel(pct, 1)
+            else:
+                reg.SetMetricSamplingStrategy(reg.NONE)
+            reg.SetInterpolator(sitk.sitkLinear)
+            reg.SetOptimizerAsRegularStepGradientDescent(learningRate=lr, minStep=1e-4, numberOfIterations=its)
+            reg.SetOptimizerScalesFromPhysicalShift()
+            reg.SetShrinkFactorsPerLevel(list(shrink))
+            reg.SetSmoothingSigmasPerLevel([2, 1, 0])
+            reg.SetInitialTransform(init, inPlace=False)
+            return reg.Execute(f, m)
+
+        tx, sec = _timed(register)
+        field, valid = _sitk_resample_coords(case, tx)
+        return {"seconds": sec, "transform": field, "valid": valid, "params": params}
+    return run
+
 
 
 # --------------------------------------------------------------------------------------------- DIPY
@@ -284,9 +432,15 @@ def run_dipy_syn_cc(case, threads, quick):
 
 
 # --------------------------------------------------------------------------------------------- elastix
-def elastix_parameters(kind: str, ndim: int) -> dict:
+#: elastix transform per kind of ``elastix_parameters`` (and per case model)
+ELASTIX_TRANSFORMS = {"euler": "EulerTransform", "rigid": "EulerTransform", "similarity": "SimilarityTransform",
+                      "affine": "AffineTransform"}
+
+
+def elastix_parameters(kind: str, ndim: int, *, init: str = "geometry") -> dict:
     """The parameter maps of DATA.md: B-spline (AdvancedMattesMI, 3 resolutions, ASGD 500 iterations, final grid 8 mm
-    in 2-D / 10 mm in 3-D, 2048/4096 random coordinates) or Euler (same metric and optimiser)."""
+    in 2-D / 10 mm in 3-D, 2048/4096 random coordinates) or Euler / similarity / affine (same metric, optimiser and
+    sampling; automatic initialisation at the geometrical centres, or centres of gravity for ``init="moments"``)."""
     p = {
         "FixedImageDimension": str(ndim), "MovingImageDimension": str(ndim),
         "FixedInternalImagePixelType": "float", "MovingInternalImagePixelType": "float",
@@ -305,8 +459,11 @@ def elastix_parameters(kind: str, ndim: int) -> dict:
     if kind == "bspline":
         p.update(Transform="BSplineTransform", FinalGridSpacingInPhysicalUnits="8" if ndim == 2 else "10",
                  AutomaticTransformInitialization="false")
+    elif kind in ELASTIX_TRANSFORMS:
+        p.update(Transform=ELASTIX_TRANSFORMS[kind], AutomaticTransformInitializationMethod="CenterOfGravity"
+                 if init == "moments" else "GeometricalCenter")
     else:
-        p.update(Transform="EulerTransform", AutomaticTransformInitializationMethod="GeometricalCenter")
+        raise ValueError(f"unknown elastix transform kind {kind!r}")
     return p
 
 
@@ -322,12 +479,16 @@ def _itk_image(img):
 
 
 def _itk_elastix(kind):
+    """itk-elastix with ``elastix_parameters(kind)``; ``kind=None``: the case's model (Euler on rigid cases,
+    Similarity on sim2d) and centring."""
     def run(case, threads, quick):
         import itk
 
         fixed, moving = case["fixed"].astype(np.float32), case["moving"].astype(np.float32)
+        params = elastix_parameters(kind or case_model(case), fixed.ndim, init=case_centring(case)) \
+            if kind != "bspline" else elastix_parameters(kind, fixed.ndim)
         pobj = itk.ParameterObject.New()
-        pobj.AddParameterMap({k: [v] for k, v in elastix_parameters(kind, fixed.ndim).items()})
+        pobj.AddParameterMap({k: [v] for k, v in params.items()})
         (_, tp), sec = _timed(lambda: itk.elastix_registration_method(
             _itk_image(fixed), _itk_image(moving), parameter_object=pobj, log_to_console=False,
             number_of_threads=threads))
@@ -335,7 +496,7 @@ def _itk_elastix(kind):
         warped = [np.asarray(itk.transformix_filter(_itk_image(c), tp, log_to_console=False))
                   for c in coordinate_images(case["moving"], np.float64)]
         tx, valid = field_from_coordinates(case["fixed"], warped)
-        return {"seconds": sec, "transform": tx, "valid": valid, "params": elastix_parameters(kind, fixed.ndim)}
+        return {"seconds": sec, "transform": tx, "valid": valid, "params": params}
     return run
 
 
@@ -452,16 +613,30 @@ TOOLS = {t.name: t for t in [
     Tool("sitk_fastsym_demons", "deformable", "SimpleITK FastSymmetricForcesDemons",
          _sitk_demons("FastSymmetricForcesDemonsRegistrationFilter"), requires=("SimpleITK",)),
     Tool("dipy_syn_cc", "deformable", "DIPY SyN (CC)", run_dipy_syn_cc, requires=("dipy",)),
+    Tool("classreg_bspline", "deformable", "classreg B-spline (MI, fold-free)", _classreg_bspline(), classreg=True,
+         classreg_api=("register_bspline",), quick=False, show_params=True),
+    Tool("classreg_bspline_grid", "deformable", "classreg B-spline (MI, elastix's refined grid)",
+         _classreg_bspline(fold_free=False), classreg=True, classreg_api=("register_bspline",), quick=False,
+         show_params=True),
     Tool("elastix_bspline", "deformable", "itk-elastix B-spline (MI)", _itk_elastix("bspline"),
          requires=("itk",), distributions=("itk-elastix",)),
     Tool("elastix_cli", "deformable", "elastix CLI B-spline (MI)", run_elastix_cli,
          executables=("elastix", "transformix"), slow_3d="same maps as itk-elastix plus process and file I/O"),
     Tool("fireants_greedy", "deformable", "FireANTs Greedy (CPU)", run_fireants_greedy,
          requires=("fireants", "torch"), slow_3d="27-52 s per 3-D pair on 2 CPU cores (DATA.md)"),
-    Tool("classreg_rigid", "rigid", "classreg rigid (CSNGF)", run_classreg_rigid, classreg=True),
-    Tool("ants_rigid", "rigid", "ANTs Rigid", _ants("Rigid"), requires=("ants",)),
-    Tool("sitk_euler_mi", "rigid", "SimpleITK Euler (MI)", run_sitk_euler_mi, requires=("SimpleITK",)),
-    Tool("elastix_euler", "rigid", "itk-elastix Euler (MI)", _itk_elastix("euler"), requires=("itk",),
+    Tool("classreg_rigid", "rigid", "classreg rigid (CSNGF)", run_classreg_rigid, classreg=True,
+         excludes={"sim2d": "rigid-only solver; the case has a scale"}),
+    Tool("classreg_affine", ("rigid", "affine"), "classreg affine (MI)", run_classreg_affine, classreg=True,
+         classreg_api=("register_affine",), show_params=True),
+    Tool("ants_rigid", "rigid", "ANTs Rigid / Similarity", _ants(None), requires=("ants",)),
+    Tool("ants_affine", "affine", "ANTs Affine", _ants("Affine"), requires=("ants",)),
+    Tool("sitk_mi", ("rigid", "affine"), "SimpleITK Euler/Similarity/Affine (MI, all voxels)", _sitk_mi("all"),
+         requires=("SimpleITK",), show_params=True),
+    Tool("sitk_mi_sampled", ("rigid", "affine"), "SimpleITK Euler/Similarity/Affine (MI, 2048/4096 samples)",
+         _sitk_mi("random"), requires=("SimpleITK",), show_params=True),
+    Tool("elastix_euler", "rigid", "itk-elastix Euler / Similarity (MI)", _itk_elastix(None), requires=("itk",),
+         distributions=("itk-elastix",)),
+    Tool("elastix_affine", "affine", "itk-elastix Affine (MI)", _itk_elastix("affine"), requires=("itk",),
          distributions=("itk-elastix",)),
     Tool("classreg_points", "points", "classreg BCPD", run_classreg_points, classreg=True),
     Tool("probreg_cpd", "points", "probreg CPD nonrigid", _probreg("cpd_nonrigid"), requires=("probreg",)),

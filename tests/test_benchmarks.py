@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import inspect
 import json
 import shutil
 import subprocess
@@ -133,6 +134,9 @@ def test_quick_run_smoke(tmp_path):
     lddmm = rows[("lung2d", "classreg_lddmm")]
     assert lddmm["mean_dice"] > before["lung2d"]["mean_dice"] and lddmm["percent_det_nonpositive"] == 0.0
     assert rows[("mm2d_rot60", "classreg_rigid")]["tre_mm"] < 2.0 < before["mm2d_rot60"]["tre_mm"]
+    if ("mm2d_rot60", "classreg_affine") in rows:  # register_affine, init="global" (while it exists)
+        assert rows[("mm2d_rot60", "classreg_affine")]["tre_mm"] < 2.0
+        assert rows[("mm2d_rot60", "classreg_affine")]["params"]["init"] == "global"
     assert rows[("points", "classreg_points")]["corr_err_mm"] < 0.5 * before["points"]["corr_err_mm"]
     peer = rows[("lung2d", "sitk_diffeo_demons")]
     assert peer["mean_dice"] > before["lung2d"]["mean_dice"]
@@ -176,3 +180,195 @@ def test_kernel_benchmark_smoke(tmp_path):
     text = page.read_text()
     assert "python -m benchmarks.kernels --sizes 12" in text and text.count("12³:") == 4
     assert "| warp linear 3-D (disp) | 12 |" in text
+
+
+# --------------------------------------------------------------------------------------------- parametric rows
+def _need(*names):
+    for need in names:
+        try:
+            itk_example(need)
+        except DataNotFoundError as exc:
+            pytest.skip(str(exc))
+
+
+def test_sim2d_case_is_a_seeded_similarity(tmp_path):
+    """sim2d: the truth is the similarity drawn by default_rng(0) (recorded in case.json), and the moving image is the
+    PD slice seen through it."""
+    from benchmarks import run as R
+    from benchmarks.cases import SIM2D_RANGES, build_case, load_case, similarity_draw
+
+    _need("BrainT1SliceBorder20.png", "BrainProtonDensitySliceBorder20.png")
+    info = build_case("sim2d", tmp_path, quick=True)
+    angle, scale, shift = similarity_draw(0)
+    rng = np.random.default_rng(0)
+    assert (angle, scale) == (rng.uniform(-20, 20), rng.uniform(0.9, 1.1)) and shift == tuple(rng.uniform(-15, 15, 2))
+    lo, hi = SIM2D_RANGES["shift_mm"]
+    assert -20 <= angle <= 20 and 0.9 <= scale <= 1.1 and all(lo <= v <= hi for v in shift)
+    assert info["kind"] == "rigid" and info["transform"] == "similarity" and info["seed"] == 0
+    assert (info["truth_angle_deg"], info["truth_scale"], info["truth_shift_mm"]) == (angle, scale, list(shift))
+    case = load_case(tmp_path)
+    truth = case["truth"]
+    a = np.asarray(truth.matrix)
+    assert np.allclose(a.T @ a, scale ** 2 * np.eye(2)) and np.isclose(np.degrees(np.arctan2(a[1, 0], a[0, 0])), angle)
+    assert R.evaluate_rigid(case, truth)["tre_mm"] == 0.0
+    assert R.evaluate_before(case)["tre_mm"] > 5.0
+    # moving(truth(x)) = PD(x): the moving image pulled back through the truth is the PD slice again
+    from benchmarks.cases import _shrink
+    from classreg.data import itk_example_image
+
+    pd = _shrink(itk_example_image("BrainProtonDensitySliceBorder20.png", dtype=np.float32), 2)
+    pulled = cr.resample(case["moving"], truth, reference=case["fixed"])
+    m = case["mask"].data > 0
+    assert np.corrcoef(pulled.data[m], pd.data[m])[0, 1] > 0.97
+    assert np.corrcoef(case["moving"].data[m], pd.data[m])[0, 1] < 0.7
+
+
+def test_affine3d_case_is_not_prealigned(tmp_path):
+    from benchmarks import run as R
+    from benchmarks.cases import build_case, load_case
+
+    if importlib.util.find_spec("nilearn") is None:
+        pytest.skip("nilearn not installed (MNI152 template)")
+    _need("KmeansTest_T1UCharRaw.nii.gz", "KmeansTest_T1KmeansPrelimSegmentation.nii.gz")
+    info = build_case("affine3d", tmp_path, quick=True)
+    assert info["kind"] == "affine" and info["transform"] == "affine" and not info["prealigned"]
+    assert info["moving_shape"] == [62, 128, 128] and info["moving_spacing"] == [2.0, 2.0, 3.0]
+    case = load_case(tmp_path)
+    fixed, moving = case["fixed"], case["moving"]
+    assert fixed.spacing == (4.0, 4.0, 4.0) and not fixed.same_grid(moving)  # quick: the template at 4 mm
+    for lab in (case["fixed_labels"], case["moving_labels"]):
+        assert set(np.unique(lab.data)) == {0, 1, 2, 3}
+    # the raw subject is far from the template: the identity overlaps little
+    before = R.evaluate_before(case)
+    assert set(before["dice"]) == {"1", "2", "3"} and before["mean_dice"] < 0.3
+
+
+def _affine_case():
+    """A synthetic affine-kind case: label blobs on a fixed grid, the moving image/labels on another grid related by a
+    known affine ``aff`` (fixed → moving)."""
+    fixed = cr.Image(np.zeros((40, 44, 36), np.float32), (2.0, 2.0, 2.0), (-40.0, -44.0, -36.0))
+    aff = cr.Affine(np.array([[1.1, 0.05, 0.0], [-0.04, 0.95, 0.02], [0.0, 0.03, 1.05]]), (6.0, -4.0, 3.0))
+    moving = cr.Image(np.zeros((30, 50, 40), np.float32), (3.0, 2.0, 2.5), (-50.0, -60.0, -50.0))
+    p = moving.grid_points()
+    r = np.linalg.norm(p / np.array([30.0, 34.0, 26.0]), axis=-1)
+    lab = np.where(r < 0.4, 3, np.where(r < 0.7, 2, np.where(r < 1.0, 1, 0))).astype(np.uint8)
+    mlab = moving.like(lab)
+    flab = cr.resample(mlab, aff, reference=fixed, interpolation="label")
+    return {"info": {"name": "toy", "kind": "affine"}, "fixed": cr.resample(mlab.astype(np.float32), aff,
+                                                                             reference=fixed),
+            "moving": mlab.astype(np.float32), "fixed_labels": flab, "moving_labels": mlab,
+            "mask": flab.like((flab.data > 0).astype(np.uint8))}, aff
+
+
+def test_affine_kind_evaluation(tmp_path):
+    """The affine kind: Dice/HD95/NCC of the moving labels through the tool's map (saved as the worker saves it), no
+    Jacobian statistics, higher Dice is better in the pairwise table."""
+    from benchmarks import run as R
+    from classreg.evaluate import dense_displacement
+
+    case, aff = _affine_case()
+    u, _ = dense_displacement(aff, case["fixed"])
+    cr.DisplacementField.from_array_frame(u, case["fixed"]).save(tmp_path / "f.nii.gz")
+    good = R.evaluate_run(case, {"field": str(tmp_path / "f.nii.gz")})
+    assert good["mean_dice"] > 0.97 and good["ncc"] > 0.97 and good["mean_hd95_mm"] <= 2.0
+    assert "percent_det_nonpositive" not in good
+    before = R.evaluate_before(case)
+    assert before["mean_dice"] < good["mean_dice"] - 0.1
+    assert R.QUALITY["affine"] == ("mean_dice", "mean Dice", True)
+    rows = [dict(case="toy", kind="affine", tool="classreg_affine", seconds=1.0, **good),
+            dict(case="toy", kind="affine", tool="ants_affine", seconds=4.0, **before)]
+    (ratio,) = R.ratios(rows)
+    assert ratio["time_ratio"] == 0.25 and ratio["quality_diff"] == pytest.approx(good["mean_dice"]
+                                                                                  - before["mean_dice"])
+    text = R.render_markdown({"rows": [dict(r, label=R.TOOLS[r["tool"]].label, runs=1) for r in rows],
+                              "cases": {"toy": {"kind": "affine", "description": "toy", "provenance": "test",
+                                                "before": before}},
+                              "machine": {"cpu_count": 2}, "threads": 2, "repeat": 1, "versions": {},
+                              "command": "test", "date": "now", "ratios": [ratio]}, None)
+    assert "| ANTs Affine | " in text and "% outside moving" in text
+
+
+def test_parametric_tools_are_wired_to_the_cases():
+    """Every case kind has a classreg tool and a peer; the parametric tools fit the issue's model per case."""
+    from benchmarks import cases as C
+    from benchmarks import run as R
+
+    kinds = {k for k, _ in C.CASES.values()}
+    assert {"rigid", "affine"} <= kinds and C.CASES["sim2d"][0] == "rigid" and C.CASES["affine3d"][0] == "affine"
+    for kind in kinds:
+        handled = [t for t in T.TOOLS.values() if t.handles(kind)]
+        assert any(t.classreg for t in handled) and any(not t.classreg for t in handled), kind
+    for t in T.TOOLS.values():
+        assert set(t.kinds) <= kinds, t.name
+        assert set(t.excludes) <= set(C.CASES), t.name
+    assert T.TOOLS["classreg_affine"].kinds == ("rigid", "affine")
+    assert T.TOOLS["sitk_mi"].handles("affine") and T.TOOLS["ants_affine"].kinds == ("affine",)
+    assert T.TOOLS["elastix_affine"].kinds == ("affine",) and T.TOOLS["classreg_bspline"].kinds == ("deformable",)
+    assert "sim2d" in T.TOOLS["classreg_rigid"].excludes
+    assert "sitk_mi" in R.QUICK_PEERS
+
+    def case(name):
+        kind, _ = C.CASES[name]
+        model = {"sim2d": "similarity", "affine3d": "affine"}.get(name, "rigid")
+        return {"info": {"name": name, "kind": kind, "transform": model, "ndim": 3 if name == "affine3d" else 2,
+                         "centre_init": "moments" if name == "affine3d" else "geometry"}}
+
+    settings = {n: T.classreg_affine_settings(case(n)) for n in ("mm2d", "sim2d", "mm2d_rot60", "affine3d")}
+    assert {n: (s["transform"], s["init"]) for n, s in settings.items()} == {
+        "mm2d": ("rigid", "geometry"), "sim2d": ("similarity", "geometry"), "mm2d_rot60": ("rigid", "global"),
+        "affine3d": ("affine", "moments")}
+    assert all(s["metric"] == "mi" and s["seed"] == 0 for s in settings.values())
+    assert settings["mm2d"]["samples"] == 2048 and settings["affine3d"]["samples"] == 4096
+    # the peers fit the same model from the same kind of start
+    assert T.elastix_parameters("similarity", 2)["Transform"] == "SimilarityTransform"
+    a = T.elastix_parameters("affine", 3, init="moments")
+    assert a["Transform"] == "AffineTransform" and a["AutomaticTransformInitializationMethod"] == "CenterOfGravity"
+    assert T.elastix_parameters("euler", 2)["AutomaticTransformInitializationMethod"] == "GeometricalCenter"
+    with pytest.raises(ValueError, match="unknown elastix"):
+        T.elastix_parameters("bogus", 2)
+    assert [type(T.sitk_transform(m, 2)).__name__ for m in ("rigid", "similarity", "affine")] == [
+        "Euler2DTransform", "Similarity2DTransform", "AffineTransform"]
+    assert T.ANTS_MODEL[T.case_model(case("sim2d"))] == "Similarity"
+    # classreg B-spline: elastix's B-spline settings
+    for ndim, grid, samples in ((2, 8.0, 2048), (3, 10.0, 4096)):
+        b = T.bspline_settings(ndim)
+        assert b == {"grid_spacing": grid, "metric": "mi", "init": "identity", "shrink_factors": (4, 2, 1),
+                     "iterations": 500, "samples": samples, "bins": 32, "seed": 0}
+    # the classreg settings are the solvers' keywords
+    for fn, kw in ((getattr(cr, "register_affine", None), settings["affine3d"]), (getattr(cr, "register_bspline", None), T.bspline_settings(2))):
+        if fn is not None:
+            assert set(kw) <= set(inspect.signature(fn).parameters), fn
+
+
+def test_missing_classreg_solver_is_skipped_with_a_note(tmp_path, monkeypatch):
+    """A classreg tool whose solver is not in the installed classreg is listed as not run, never a failure."""
+    from benchmarks import run as R
+
+    fake = dataclasses.replace(R.TOOLS["classreg_affine"], name="nosolver", classreg_api=("register_no_such",))
+    monkeypatch.setitem(R.TOOLS, "nosolver", fake)
+    ok, why = fake.available()
+    assert not ok and "register_no_such" in why
+    payload = R.run([], ["nosolver"], repeat=1, quick=True, out_dir=tmp_path, log=lambda s: None)
+    assert any("register_no_such" in s for s in payload["skipped"]) and payload["rows"] == []
+
+
+def test_sitk_similarity_row_on_sim2d(tmp_path):
+    """End to end on the (quick, 2 mm) sim2d case: SimpleITK's Mattes-MI similarity recovers the seeded map."""
+    from benchmarks import run as R
+
+    _need("BrainT1SliceBorder20.png", "BrainProtonDensitySliceBorder20.png")
+    payload = R.run(["sim2d"], ["sitk_mi", "classreg_rigid"], repeat=1, quick=True, out_dir=tmp_path,
+                    log=lambda s: None)
+    rows = {r["tool"]: r for r in payload["rows"]}
+    assert rows["sitk_mi"]["params"]["transform"] == "similarity"
+    assert rows["sitk_mi"]["tre_mm"] < 0.5 < payload["cases"]["sim2d"]["before"]["tre_mm"]
+    assert "not run" in rows["classreg_rigid"]["note"]
+
+
+def test_failed_run_note_is_the_exception_line():
+    from benchmarks.run import _error_line
+
+    tb = ["Traceback (most recent call last):", "numba.core.errors.TypingError: Failed in nopython mode pipeline",
+          "", "\x1b[0m\x1b[1mDuring: Pass nopython_type_inference\x1b[0m"]
+    assert _error_line(tb) == "numba.core.errors.TypingError: Failed in nopython mode pipeline"
+    assert _error_line(["timed out after 5 s"]) == "timed out after 5 s" and _error_line([]) == "?"
