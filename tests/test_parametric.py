@@ -167,7 +167,7 @@ def test_same_seed_same_result_and_masks():
     assert _tre(fixed, m.transform, truth) < 0.1 and m.params["fixed_mask"] is True
 
 
-@pytest.mark.parametrize("optimiser", ["gd", "rsgd"])
+@pytest.mark.parametrize("optimiser", ["gd", "rsgd", "lbfgs"])
 def test_other_optimisers_converge(optimiser):
     fixed = _phantom(2, shape=(56, 56), seed=5)
     truth = cr.Affine.from_translation((1.5, -2.0))

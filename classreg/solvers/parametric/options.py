@@ -10,7 +10,7 @@ __all__ = ["AFFINE_OPTIONS", "BSPLINE_OPTIONS", "INIT_CHOICES", "OPTIMISERS", "p
 
 #: what ``init`` accepts besides a transform
 INIT_CHOICES = ("geometry", "moments", "global", "identity")
-OPTIMISERS = ("asgd", "gd", "rsgd")
+OPTIMISERS = ("asgd", "gd", "rsgd", "lbfgs")
 
 
 def parse_init(text: str):
@@ -54,8 +54,9 @@ def _engine_options(iterations):
         Option("new_samples", True, "draw new samples at every iteration (elastix NewSamplesEveryIteration)",
                kind="bool"),
         Option("optimiser", "asgd", "adaptive stochastic gradient descent with automatic step sizes (elastix "
-                                    "default), standard gradient descent a/(k+A+1)^α, or regular-step gradient "
-                                    "descent", kind="str", choices=OPTIMISERS),
+                                    "default), standard gradient descent a/(k+A+1)^α, regular-step gradient "
+                                    "descent, or L-BFGS on one fixed draw of samples per level",
+               kind="str", choices=OPTIMISERS),
         Option("max_step", None, "largest displacement of a sample in the first step (ASGD: elastix "
                                  "MaximumStepLength; rsgd: the initial step)", unit="mm", low=0, low_open=True,
                default_text="the level's mean voxel spacing"),

@@ -70,9 +70,10 @@ def register_affine(fixed: Image, moving: Image, *, transform: str = "affine", m
         elastix's image samplers (``RandomCoordinate``, ``Random``, ``RandomSparseMask``, ``Full``, ``Grid``).
     new_samples : bool
         New samples every iteration (elastix ``NewSamplesEveryIteration``).
-    optimiser : {"asgd", "gd", "rsgd"}
+    optimiser : {"asgd", "gd", "rsgd", "lbfgs"}
         Adaptive stochastic gradient descent, standard gradient descent (``a = 400, A = 20, α = 0.602`` in scaled
-        parameters), regular-step gradient descent (ITK).
+        parameters), regular-step gradient descent (ITK), or L-BFGS (elastix ``QuasiNewtonLBFGS``) on one fixed
+        draw of samples per level with a trust region of ``max_step`` mm.
     max_step : float, optional
         The largest sample displacement of the first ASGD step, mm (elastix ``MaximumStepLength``; default the
         level's mean voxel spacing).
@@ -373,12 +374,53 @@ class _Engine:
         elif self.optimiser == "gd":
             res = standard_gd(evaluate, p0, scales=scales, iterations=level.iterations, project=project,
                               on_iteration=on_iteration)
-        else:
+        elif self.optimiser == "rsgd":
             res = regular_step_gd(evaluate, p0, scales=scales, iterations=level.iterations, max_step=delta,
                                   min_step=1e-3 * delta, displacements=displ, project=project,
                                   on_iteration=on_iteration)
+        else:
+            return self._lbfgs(obj, p0, scales, delta, level, state, progress)
         state["p"] = res.x
         return res.value
+
+    def _lbfgs(self, obj, p0, scales, delta, level, state, progress):
+        """elastix ``QuasiNewtonLBFGS``: L-BFGS on one fixed draw of samples per level (a deterministic cost), in the
+        scaled parameters, with a trust region on the largest sample displacement of a step (mm)."""
+        from ...optimise.lbfgs import minimise
+
+        samples = obj.samples(0) if obj.sampler.deterministic else obj.draw()
+        root = np.sqrt(scales)
+        pts = samples[0][: 4 * self.samples]
+        project = getattr(obj.model, "project", None)
+
+        class Problem:
+            def value(self, x):
+                p = x / root
+                if project is not None:
+                    p = project(p)
+                value, grad = obj.evaluate(p, samples=samples)
+                return value, grad / root
+
+            def gradient(self, x, payload):
+                return payload
+
+            def step_norm(self, d):
+                u = obj.model.displacement(p0, d / root, pts)
+                return float(np.sqrt(np.max(np.sum(u * u, axis=1))))
+
+        problem = Problem()
+        x0 = p0 * root
+        f0, g0 = problem.value(x0)
+
+        def accept(it):
+            state["p"] = it.x / root
+            progress.emit("iteration", level=level.index, iteration=it.iteration, metric=it.f, step=it.step)
+
+        res = minimise(problem, x0, f0, g0, iterations=level.iterations, tol=1e-9, radius=delta, on_accept=accept,
+                       evaluations=1)
+        p = res.x / root
+        state["p"] = project(p) if project is not None else p
+        return float(res.f)
 
     def final_metric(self, model, p):
         """The cost (without penalty) on one fixed large draw at the last level run, and the valid fraction."""
