@@ -627,7 +627,7 @@ TOOLS = {t.name: t for t in [
     Tool("classreg_rigid", "rigid", "classreg rigid (CSNGF)", run_classreg_rigid, classreg=True,
          excludes={"sim2d": "rigid-only solver; the case has a scale"}),
     Tool("classreg_affine", ("rigid", "affine"), "classreg affine (MI)", run_classreg_affine, classreg=True,
-         classreg_api=("register_affine",), show_params=True),
+         classreg_api=("register_affine",), quick=False, show_params=True),
     Tool("ants_rigid", "rigid", "ANTs Rigid / Similarity", _ants(None), requires=("ants",)),
     Tool("ants_affine", "affine", "ANTs Affine", _ants("Affine"), requires=("ants",)),
     Tool("sitk_mi", ("rigid", "affine"), "SimpleITK Euler/Similarity/Affine (MI, all voxels)", _sitk_mi("all"),

@@ -134,9 +134,6 @@ def test_quick_run_smoke(tmp_path):
     lddmm = rows[("lung2d", "classreg_lddmm")]
     assert lddmm["mean_dice"] > before["lung2d"]["mean_dice"] and lddmm["percent_det_nonpositive"] == 0.0
     assert rows[("mm2d_rot60", "classreg_rigid")]["tre_mm"] < 2.0 < before["mm2d_rot60"]["tre_mm"]
-    if ("mm2d_rot60", "classreg_affine") in rows:  # register_affine, init="global" (while it exists)
-        assert rows[("mm2d_rot60", "classreg_affine")]["tre_mm"] < 2.0
-        assert rows[("mm2d_rot60", "classreg_affine")]["params"]["init"] == "global"
     assert rows[("points", "classreg_points")]["corr_err_mm"] < 0.5 * before["points"]["corr_err_mm"]
     peer = rows[("lung2d", "sitk_diffeo_demons")]
     assert peer["mean_dice"] > before["lung2d"]["mean_dice"]
@@ -223,6 +220,7 @@ def test_sim2d_case_is_a_seeded_similarity(tmp_path):
     assert np.corrcoef(case["moving"].data[m], pd.data[m])[0, 1] < 0.7
 
 
+@pytest.mark.slow  # builds the 3-D case (~10 s)
 def test_affine3d_case_is_not_prealigned(tmp_path):
     from benchmarks import run as R
     from benchmarks.cases import build_case, load_case

@@ -130,6 +130,7 @@ def test_register_affine_recovers_known_2d_transforms(kind):
     assert isinstance(res.transform, cr.Affine)
 
 
+@pytest.mark.slow  # a 3-D registration (~6 s with a cold numba cache)
 def test_register_affine_3d_mi_with_a_different_contrast():
     fixed = _phantom(3, shape=(32, 34, 30), spacing=(1.0, 1.1, 1.3))
     c = _center(fixed)
@@ -275,6 +276,7 @@ def test_register_bspline_recovers_a_known_deformation(fold_free):
     assert np.array_equal(again.transform.map_points(pts), res.transform.map_points(pts))  # same seed, same bits
 
 
+@pytest.mark.slow  # two registrations with a large deformation
 def test_fold_free_keeps_every_piece_injective_where_the_plain_grid_folds():
     """A large random deformation: the plain refined grid folds, the fold-free composition never does (every
     piece within Choi & Lee's bound)."""
