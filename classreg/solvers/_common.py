@@ -10,6 +10,7 @@ from ..transforms import Affine, Chain
 __all__ = [
     "backend_name",
     "check_init",
+    "check_masks",
     "check_pair",
     "common_params",
     "field_result",
@@ -77,6 +78,18 @@ def check_pair(fixed, moving) -> None:
             raise ValueError(f"{name} must be a scalar image, got {img.ncomponents} components")
     if fixed.ndim != moving.ndim:
         raise ValueError(f"dimension mismatch: fixed is {fixed.ndim}-D, moving is {moving.ndim}-D")
+
+
+def check_masks(fixed: Image, moving: Image, fixed_mask, moving_mask):
+    """Both masks as boolean arrays on their images' grids (or None); an empty mask is an error."""
+    from ..image import as_mask
+
+    fmask = as_mask(fixed_mask, fixed, "fixed_mask")
+    mmask = as_mask(moving_mask, moving, "moving_mask")
+    for name, m in (("fixed_mask", fmask), ("moving_mask", mmask)):
+        if m is not None and not bool(np.asarray(m).any()):
+            raise ValueError(f"{name} is empty; give a mask with at least one voxel inside, or None")
+    return fmask, mmask
 
 
 def check_init(init, ndim: int) -> Affine:

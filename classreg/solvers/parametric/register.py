@@ -11,14 +11,14 @@ import time
 
 import numpy as np
 
-from ...image import Image, as_mask
+from ...image import Image
 from ...kernels._backend import serial_below
 from ...options import declared
 from ...progress import Progress, StopRegistration
 from ...pyramid import check_schedule, multiresolution
 from ...result import Result
 from ...transforms import Affine, Chain, Transform
-from .._common import check_pair, common_params
+from .._common import check_masks, check_pair, common_params
 from .engine import LevelObjective
 from .models import AffineModel
 from .options import AFFINE_OPTIONS, BSPLINE_OPTIONS
@@ -95,7 +95,7 @@ def register_affine(fixed: Image, moving: Image, *, transform: str = "affine", m
     """
     t0 = time.perf_counter()
     check_pair(fixed, moving)
-    fmask, mmask = _masks(fixed, moving, fixed_mask, moving_mask)
+    fmask, mmask = check_masks(fixed, moving, fixed_mask, moving_mask)
     pre, init_name = _initial(fixed, moving, init, fmask, mmask, seed, backend)
     center = pre.map_points(_center(fixed)[None])[0]
     mdl = AffineModel(transform, fixed.ndim, center)
@@ -172,7 +172,7 @@ def register_bspline(fixed: Image, moving: Image, *, grid_spacing=8.0, grid_sche
 
     t0 = time.perf_counter()
     check_pair(fixed, moving)
-    fmask, mmask = _masks(fixed, moving, fixed_mask, moving_mask)
+    fmask, mmask = check_masks(fixed, moving, fixed_mask, moving_mask)
     pre, init_name = _initial(fixed, moving, init, fmask, mmask, seed, backend)
     # no iterate averaging: many slowly converging coefficients, the average lags (measured: lower Dice)
     engine = _Engine(fixed, moving, fmask, mmask, pre, metric=metric, samples=samples, sampler=sampler,
@@ -430,15 +430,6 @@ class _Engine:
         draw = obj.draw(None if obj.sampler.deterministic else min(max(8 * self.samples, 20000), 100000))
         value, _ = obj.evaluate(p, samples=draw, penalty=False)
         return value, obj.last_valid
-
-
-def _masks(fixed, moving, fixed_mask, moving_mask):
-    fmask = as_mask(fixed_mask, fixed, "fixed_mask")
-    mmask = as_mask(moving_mask, moving, "moving_mask")
-    for name, m in (("fixed_mask", fmask), ("moving_mask", mmask)):
-        if m is not None and not bool(np.asarray(m).any()):
-            raise ValueError(f"{name} is empty; give a mask with at least one voxel inside, or None")
-    return fmask, mmask
 
 
 def _center(img: Image) -> np.ndarray:

@@ -19,13 +19,13 @@ import time
 import numpy as np
 
 from ...backend import thread_count
-from ...image import Image, as_mask
+from ...image import Image
 from ...options import declared
 from ...progress import Progress, StopRegistration
 from ...pyramid import multiresolution
 from ...result import Result
 from ...transforms import Affine
-from .._common import check_pair, common_params
+from .._common import check_masks, check_pair, common_params
 from .grids import WorkingPyramid
 from .options import OPTIONS, PAPER_SCHEDULE
 from .rotations import euler_angles
@@ -132,7 +132,7 @@ def register_rigid(fixed: Image, moving: Image, *, fixed_mask=None, moving_mask=
     t_start = time.perf_counter()
     check_pair(fixed, moving)
     schedule = resolve_schedule(shrink_factors, smoothing_sigmas, samples, perturbation, keep)
-    fmask, mmask = _masks(fixed, moving, fixed_mask, moving_mask)
+    fmask, mmask = check_masks(fixed, moving, fixed_mask, moving_mask)
     dtype = np.dtype(dtype)
     spacing = max(min(fixed.spacing), min(moving.spacing)) if spacing is None else float(spacing)
     polish = tuple(float(p) for p in np.atleast_1d(polish))
@@ -150,16 +150,6 @@ def register_rigid(fixed: Image, moving: Image, *, fixed_mask=None, moving_mask=
               "moving_center": pyramid.c_m.tolist(),
               **common_params(init=None, dtype=dtype, seed=int(seed), backend=backend)}
     return _result(fixed, moving, transform, refined, record, stopped, params, backend, t_start, prog.history)
-
-
-def _masks(fixed, moving, fixed_mask, moving_mask):
-    """Both masks as boolean arrays on their images' grids (or None); an empty mask is an error."""
-    fmask = as_mask(fixed_mask, fixed, "fixed_mask")
-    mmask = as_mask(moving_mask, moving, "moving_mask")
-    for name, m in (("fixed_mask", fmask), ("moving_mask", mmask)):
-        if m is not None and not bool(np.asarray(m).any()):
-            raise ValueError(f"{name} is empty; give a mask with at least one voxel inside, or None")
-    return fmask, mmask
 
 
 
