@@ -1096,6 +1096,34 @@ def refine(coeffs, new_shape, matrix, offset, *, backend=None):
 # ----------------------------------------------------------------------------------------------------------------------
 # Sample-level kernels of a parametric registration: scattered points in a physical frame, ITK's valid region
 # ----------------------------------------------------------------------------------------------------------------------
+def _dot4(coeffs, i, j, ch, w0, w1, w2, w3):
+    """``Σ_t w_t coeffs[i, j + t, ch]`` (2-D grid): one row of four taps."""
+    return (w0 * coeffs[i, j, ch] + w1 * coeffs[i, j + 1, ch] + w2 * coeffs[i, j + 2, ch]
+            + w3 * coeffs[i, j + 3, ch])
+
+
+def _dot4_3(coeffs, i, j, k, ch, w0, w1, w2, w3):
+    """``Σ_t w_t coeffs[i, j, k + t, ch]`` (3-D grid)."""
+    return (w0 * coeffs[i, j, k, ch] + w1 * coeffs[i, j, k + 1, ch] + w2 * coeffs[i, j, k + 2, ch]
+            + w3 * coeffs[i, j, k + 3, ch])
+
+
+def _add4(out, i, j, ch, v, w0, w1, w2, w3):
+    """``out[i, j + t, ch] += v w_t`` (2-D grid)."""
+    out[i, j, ch] += v * w0
+    out[i, j + 1, ch] += v * w1
+    out[i, j + 2, ch] += v * w2
+    out[i, j + 3, ch] += v * w3
+
+
+def _add4_3(out, i, j, k, ch, v, w0, w1, w2, w3):
+    """``out[i, j, k + t, ch] += v w_t`` (3-D grid)."""
+    out[i, j, k, ch] += v * w0
+    out[i, j, k + 1, ch] += v * w1
+    out[i, j, k + 2, ch] += v * w2
+    out[i, j, k + 3, ch] += v * w3
+
+
 def _samples2_body(coeffs, pts, m, o, u, q, inside):
     n0 = coeffs.shape[0]
     n1 = coeffs.shape[1]
@@ -1109,19 +1137,21 @@ def _samples2_body(coeffs, pts, m, o, u, q, inside):
         q[p, 1] = q1
         ok = q0 >= 1.0 and q0 <= n0 - 2.0 and q1 >= 1.0 and q1 <= n1 - 2.0
         inside[p] = ok
-        for ch in range(nc):
-            u[p, ch] = 0.0
         if not ok:
+            for ch in range(nc):
+                u[p, ch] = 0.0
             continue
         i0 = min(int(q0), n0 - 3)
         i1 = min(int(q1), n1 - 3)
-        a = _w4(q0 - i0)
-        b = _w4(q1 - i1)
-        for r in range(4):
-            for c in range(4):
-                w = a[r] * b[c]
-                for ch in range(nc):
-                    u[p, ch] += w * coeffs[i0 - 1 + r, i1 - 1 + c, ch]
+        a0, a1, a2, a3 = _w4(q0 - i0)
+        b0, b1, b2, b3 = _w4(q1 - i1)
+        r = i0 - 1
+        c = i1 - 1
+        for ch in range(nc):
+            u[p, ch] = (a0 * _dot4(coeffs, r, c, ch, b0, b1, b2, b3)
+                        + a1 * _dot4(coeffs, r + 1, c, ch, b0, b1, b2, b3)
+                        + a2 * _dot4(coeffs, r + 2, c, ch, b0, b1, b2, b3)
+                        + a3 * _dot4(coeffs, r + 3, c, ch, b0, b1, b2, b3))
 
 
 def _samples3_body(coeffs, pts, m, o, u, q, inside):
@@ -1142,23 +1172,28 @@ def _samples3_body(coeffs, pts, m, o, u, q, inside):
         ok = (q0 >= 1.0 and q0 <= n0 - 2.0 and q1 >= 1.0 and q1 <= n1 - 2.0 and q2 >= 1.0
               and q2 <= n2 - 2.0)
         inside[p] = ok
-        for ch in range(nc):
-            u[p, ch] = 0.0
         if not ok:
+            for ch in range(nc):
+                u[p, ch] = 0.0
             continue
         i0 = min(int(q0), n0 - 3)
         i1 = min(int(q1), n1 - 3)
         i2 = min(int(q2), n2 - 3)
-        a = _w4(q0 - i0)
-        b = _w4(q1 - i1)
-        c = _w4(q2 - i2)
-        for r in range(4):
-            for s in range(4):
-                wrs = a[r] * b[s]
-                for t in range(4):
-                    w = wrs * c[t]
-                    for ch in range(nc):
-                        u[p, ch] += w * coeffs[i0 - 1 + r, i1 - 1 + s, i2 - 1 + t, ch]
+        a0, a1, a2, a3 = _w4(q0 - i0)
+        b0, b1, b2, b3 = _w4(q1 - i1)
+        c0, c1, c2, c3 = _w4(q2 - i2)
+        k = i2 - 1
+        for ch in range(nc):
+            acc = 0.0
+            for rr in range(4):
+                ar = a0 if rr == 0 else (a1 if rr == 1 else (a2 if rr == 2 else a3))
+                r = i0 - 1 + rr
+                s = i1 - 1
+                acc += ar * (b0 * _dot4_3(coeffs, r, s, k, ch, c0, c1, c2, c3)
+                             + b1 * _dot4_3(coeffs, r, s + 1, k, ch, c0, c1, c2, c3)
+                             + b2 * _dot4_3(coeffs, r, s + 2, k, ch, c0, c1, c2, c3)
+                             + b3 * _dot4_3(coeffs, r, s + 3, k, ch, c0, c1, c2, c3))
+            u[p, ch] = acc
 
 
 def _scatter2_body(q, use, values, out):
@@ -1173,13 +1208,16 @@ def _scatter2_body(q, use, values, out):
         q1 = q[p, 1]
         i0 = min(int(q0), n0 - 3)
         i1 = min(int(q1), n1 - 3)
-        a = _w4(q0 - i0)
-        b = _w4(q1 - i1)
-        for r in range(4):
-            for c in range(4):
-                w = a[r] * b[c]
-                for ch in range(nc):
-                    out[i0 - 1 + r, i1 - 1 + c, ch] += w * values[k, ch]
+        a0, a1, a2, a3 = _w4(q0 - i0)
+        b0, b1, b2, b3 = _w4(q1 - i1)
+        r = i0 - 1
+        c = i1 - 1
+        for ch in range(nc):
+            v = values[k, ch]
+            _add4(out, r, c, ch, v * a0, b0, b1, b2, b3)
+            _add4(out, r + 1, c, ch, v * a1, b0, b1, b2, b3)
+            _add4(out, r + 2, c, ch, v * a2, b0, b1, b2, b3)
+            _add4(out, r + 3, c, ch, v * a3, b0, b1, b2, b3)
         k += 1
 
 
@@ -1198,23 +1236,28 @@ def _scatter3_body(q, use, values, out):
         i0 = min(int(q0), n0 - 3)
         i1 = min(int(q1), n1 - 3)
         i2 = min(int(q2), n2 - 3)
-        a = _w4(q0 - i0)
-        b = _w4(q1 - i1)
-        c = _w4(q2 - i2)
-        for r in range(4):
-            for s in range(4):
-                wrs = a[r] * b[s]
-                for t in range(4):
-                    w = wrs * c[t]
-                    for ch in range(nc):
-                        out[i0 - 1 + r, i1 - 1 + s, i2 - 1 + t, ch] += w * values[k, ch]
+        a0, a1, a2, a3 = _w4(q0 - i0)
+        b0, b1, b2, b3 = _w4(q1 - i1)
+        c0, c1, c2, c3 = _w4(q2 - i2)
+        t = i2 - 1
+        for ch in range(nc):
+            v = values[k, ch]
+            for rr in range(4):
+                ar = a0 if rr == 0 else (a1 if rr == 1 else (a2 if rr == 2 else a3))
+                r = i0 - 1 + rr
+                s = i1 - 1
+                _add4_3(out, r, s, t, ch, v * ar * b0, c0, c1, c2, c3)
+                _add4_3(out, r, s + 1, t, ch, v * ar * b1, c0, c1, c2, c3)
+                _add4_3(out, r, s + 2, t, ch, v * ar * b2, c0, c1, c2, c3)
+                _add4_3(out, r, s + 3, t, ch, v * ar * b3, c0, c1, c2, c3)
         k += 1
 
 
 @functools.cache
 def _sample_kernels():
     ns = dict(globals())
-    ns["_w4"] = _backend.njit(_backend.rebind(_w4, ns))
+    for name in ("_w4", "_dot4", "_dot4_3", "_add4", "_add4_3"):
+        ns[name] = _backend.njit(inline="always")(_backend.rebind(globals()[name], ns))
     return {name: _backend.njit(_backend.rebind(globals()[name], ns))
             for name in ("_samples2_body", "_samples3_body", "_scatter2_body", "_scatter3_body")}
 

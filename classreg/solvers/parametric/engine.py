@@ -95,8 +95,9 @@ class LevelObjective:
         n = fixed.ndim
         self.ndim = n
         self.fdata = np.ascontiguousarray(fixed.numpy(), dtype=np.float32)[..., None]
-        self.faff = fixed.affine
-        self.pre = None if pre is None else np.asarray(pre.homogeneous, dtype=float)
+        # fixed index -> y = pre(x): one matrix (the fixed grid's affine, then the initial transform)
+        to_y = fixed.affine if pre is None else np.asarray(pre.homogeneous, dtype=float) @ fixed.affine
+        self._y_lin, self._y_off = np.ascontiguousarray(to_y[:-1, :-1].T), to_y[:-1, -1].copy()
         m = np.asarray(moving.numpy(), dtype=np.float64)
         channels = [m[..., None], np.asarray(gradient(m, spacing=1.0, backend=backend), dtype=np.float64)]
         if moving_mask is not None:
@@ -128,10 +129,7 @@ class LevelObjective:
         else:
             near = tuple(np.rint(idx[:, d]).astype(np.intp) for d in range(self.ndim))
             f = self.fdata[near][:, 0].astype(np.float64)
-        y = idx @ self.faff[:-1, :-1].T + self.faff[:-1, -1]
-        if self.pre is not None:
-            y = y @ self.pre[:-1, :-1].T + self.pre[:-1, -1]
-        return y, f
+        return idx @ self._y_lin + self._y_off, f
 
     def samples(self, k):
         """The draw of iteration ``k`` (cached for deterministic samplers or ``new_samples=False``)."""
