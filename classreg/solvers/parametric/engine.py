@@ -3,7 +3,7 @@ per-level optimisation shared by ``register_affine`` and ``register_bspline``.
 
 At every iteration the sampler draws positions ``x_j`` on the fixed level image; ``y_j = pre(x_j)`` (the initial
 transform, elastix's ``Compose``), ``z_j = T_p(y_j)``. The moving image and its gradient (central differences on its
-own grid) are interpolated linearly at ``z_j`` in one pass (:func:`classreg.kernels.warp.interpolate`, numba);
+own grid) are interpolated linearly at ``z_j`` in one pass (:func:`classreg.kernels.sampling.linear_at`, numba);
 samples that leave the moving image or its mask are dropped (elastix: "Too many samples map outside moving image
 buffer" below ``min_valid`` of them). With the metric's per-sample derivative ``∂C/∂m_j`` the gradient is the chain
 rule ``∂C/∂p = Σ_j ∂C/∂m_j ∇M(z_j)ᵀ ∂T/∂p(y_j)``, done by the model (an affine family in closed form, the B-spline
@@ -107,7 +107,6 @@ class LevelObjective:
         self.has_mmask = moving_mask is not None
         minv = moving.inverse_affine
         self.m_lin, self.m_off = minv[:n, :n], minv[:n, n]
-        self.m_hi = np.asarray(moving.shape, dtype=float) - 1.0
         self.fixed_limits = intensity_limits(self.fdata[..., 0], mask=fixed_mask)
         self.moving_limits = intensity_limits(m, mask=moving_mask)
         lo, hi = self.moving_limits
