@@ -1,10 +1,11 @@
 """Per-sample kernels of the parametric engine: linear interpolation of a channels-last stack at scattered points
-(value and gradient channels in one pass, with an inside test), and the Parzen joint histogram of Mattes mutual
-information with its per-sample derivative.
+(value and gradient channels in one pass, with an inside test), and Mattes mutual information of paired samples
+with its per-sample derivative (the Parzen joint histogram, numpy, and the fused numba pass).
 
-Every function has a numpy reference (``backend="numpy"``, the test oracle) and a numba version. The numba versions
-are serial: a parametric registration evaluates a few thousand samples per iteration, where launching threads
-costs more than the work (measured on 2 cores: ~0.2 ms per parallel launch against ~20 µs of work).
+Each has a numpy reference (the test oracle: ``linear_at(backend="numpy")``, :func:`parzen_mi` inside
+``classreg.terms.measures.mattes_mi_samples(backend="numpy")``) and a numba version. The numba versions are serial:
+a parametric registration evaluates a few thousand samples per iteration, where launching threads costs more than
+the work (measured on 2 cores: ~0.2 ms per parallel launch against ~20 µs of work).
 """
 from __future__ import annotations
 
@@ -135,52 +136,9 @@ def linear_at(stack, points, *, backend=None):
 
 
 # ------------------------------------------------------------------------------------------- Parzen MI
-def _parzen_numba(fidx, xi_m, nbf, nbm):
-    """Joint histogram (unnormalised) of box(fixed bin) x cubic B-spline(moving) windows; returns the histogram,
-    each sample's first moving bin and its four weights' derivatives."""
-    n = fidx.shape[0]
-    hist = np.zeros((nbf, nbm))
-    first = np.empty(n, dtype=np.int64)
-    dw = np.empty((n, 4))
-    for j in range(n):
-        b = int(np.floor(xi_m[j])) - 1
-        if b < 0:
-            b = 0
-        if b > nbm - 4:
-            b = nbm - 4
-        t = xi_m[j] - (b + 1)
-        if t < 0.0:
-            t = 0.0
-        if t > 1.0:
-            t = 1.0
-        s = 1.0 - t
-        t2 = t * t
-        t3 = t2 * t
-        fi = fidx[j]
-        hist[fi, b] += s * s * s / 6.0
-        hist[fi, b + 1] += (4.0 - 6.0 * t2 + 3.0 * t3) / 6.0
-        hist[fi, b + 2] += (1.0 + 3.0 * t + 3.0 * t2 - 3.0 * t3) / 6.0
-        hist[fi, b + 3] += t3 / 6.0
-        first[j] = b
-        dw[j, 0] = -0.5 * s * s
-        dw[j, 1] = -2.0 * t + 1.5 * t2
-        dw[j, 2] = 0.5 + t - 1.5 * t2
-        dw[j, 3] = 0.5 * t2
-    return hist, first, dw
-
-
-def _gather_numba(table, fidx, first, dw):
-    n = fidx.shape[0]
-    out = np.empty(n)
-    for j in range(n):
-        fi, b = fidx[j], first[j]
-        out[j] = (dw[j, 0] * table[fi, b] + dw[j, 1] * table[fi, b + 1] + dw[j, 2] * table[fi, b + 2]
-                  + dw[j, 3] * table[fi, b + 3])
-    return out
-
-
-def parzen_mi(fidx, xi_m, nbf, nbm, *, backend=None):
-    """The Parzen joint histogram of Mattes MI and a gatherer of its per-sample derivative.
+def parzen_mi(fidx, xi_m, nbf, nbm):
+    """The Parzen joint histogram of Mattes MI and a gatherer of its per-sample derivative (numpy; the reference of
+    the fused kernel :func:`mattes_mi_fused`).
 
     Parameters
     ----------
@@ -200,29 +158,21 @@ def parzen_mi(fidx, xi_m, nbf, nbm, *, backend=None):
         ``gather(table) -> (N,)``: ``Σ_i dβ³/dξ(bin_i) · table[fidx_j, bin_i]`` over each sample's four moving
         bins — the per-sample factor of ``∂MI/∂m_j`` for ``table = log(p / (p_F p_M))``.
     """
-    fidx = np.ascontiguousarray(fidx, dtype=np.int64)
-    xi_m = np.ascontiguousarray(xi_m, dtype=np.float64)
-    bk = _backend.resolve_backend(backend, xi_m)
-    if bk == "numpy" or not _backend.HAVE_NUMBA:
-        base = np.floor(xi_m)
-        first = np.clip(base.astype(np.intp) - 1, 0, nbm - 4)
-        t = np.clip(xi_m - (first + 1), 0.0, 1.0)
-        s = 1.0 - t
-        t2, t3 = t * t, t * t * t
-        w = np.stack([s * s * s / 6.0, (4.0 - 6.0 * t2 + 3.0 * t3) / 6.0, (1.0 + 3.0 * t + 3.0 * t2 - 3.0 * t3) / 6.0,
-                      t3 / 6.0])
-        dw = np.stack([-0.5 * s * s, -2.0 * t + 1.5 * t2, 0.5 + t - 1.5 * t2, 0.5 * t2])
-        flat = ((fidx * nbm + first)[None, :] + np.arange(4)[:, None]).ravel()
-        hist = np.bincount(flat, weights=w.ravel(), minlength=nbf * nbm).reshape(nbf, nbm)
-
-        def gather(table):
-            return np.sum(dw * table.ravel()[flat].reshape(4, -1), axis=0)
-        return hist, gather
-    hist, first, dw = _compiled("parzen", _parzen_numba)(fidx, xi_m, int(nbf), int(nbm))
-    g = _compiled("gather", _gather_numba)
+    fidx = np.asarray(fidx, dtype=np.intp)
+    xi_m = np.asarray(xi_m, dtype=np.float64)
+    base = np.floor(xi_m)
+    first = np.clip(base.astype(np.intp) - 1, 0, nbm - 4)
+    t = np.clip(xi_m - (first + 1), 0.0, 1.0)
+    s = 1.0 - t
+    t2, t3 = t * t, t * t * t
+    w = np.stack([s * s * s / 6.0, (4.0 - 6.0 * t2 + 3.0 * t3) / 6.0, (1.0 + 3.0 * t + 3.0 * t2 - 3.0 * t3) / 6.0,
+                  t3 / 6.0])
+    dw = np.stack([-0.5 * s * s, -2.0 * t + 1.5 * t2, 0.5 + t - 1.5 * t2, 0.5 * t2])
+    flat = ((fidx * nbm + first)[None, :] + np.arange(4)[:, None]).ravel()
+    hist = np.bincount(flat, weights=w.ravel(), minlength=nbf * nbm).reshape(nbf, nbm)
 
     def gather(table):
-        return g(np.ascontiguousarray(table, dtype=np.float64), fidx, first, dw)
+        return np.sum(dw * table.ravel()[flat].reshape(4, -1), axis=0)
     return hist, gather
 
 

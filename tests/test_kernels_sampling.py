@@ -36,18 +36,14 @@ def test_linear_at_is_exact_for_linear_images(ndim):
     np.testing.assert_allclose(vals[:, 0], pts @ coef + 2.0, rtol=1e-12)
 
 
-@needs_numba
-def test_parzen_mi_matches_reference():
+def test_parzen_histogram_windows_sum_to_one():
     rng = np.random.default_rng(1)
     fidx = rng.integers(0, 32, size=3000)
     xi = rng.uniform(0.0, 31.0, size=3000)
     xi[:5] = [0.0, 0.3, 30.999, 31.0, 1.0]
-    h_ref, g_ref = parzen_mi(fidx, xi, 32, 32, backend="numpy")
-    h, g = parzen_mi(fidx, xi, 32, 32, backend="numba")
-    np.testing.assert_allclose(h, h_ref, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(h.sum(), len(xi), rtol=1e-12)  # each sample's window sums to 1
-    table = rng.normal(size=(32, 32))
-    np.testing.assert_allclose(g(table), g_ref(table), rtol=1e-12, atol=1e-12)
+    h, gather = parzen_mi(fidx, xi, 32, 32)
+    np.testing.assert_allclose(h.sum(axis=1), np.bincount(fidx, minlength=32), rtol=1e-12)  # one per sample
+    assert gather(np.ones((32, 32))) == pytest.approx(np.zeros(3000), abs=1e-12)  # derivative of a constant
 
 
 @needs_numba

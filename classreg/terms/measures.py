@@ -513,8 +513,9 @@ def mattes_mi_samples(fixed_values, moving_values, *, bins=32, gradient=False, f
     gradient follows from ``dH_M/dp_ik = -(log p_M(k) + 1)``, ``dH_FM/dp_ik = -(log p(i,k) + 1)`` and the same
     Parzen-window derivative.
 
-    The Parzen histogram and the per-sample gather run in :func:`classreg.kernels.sampling.parzen_mi` (``backend``
-    None/"numpy"/"numba").
+    With numba (``backend`` None or "numba") the whole computation is one compiled pass,
+    :func:`classreg.kernels.sampling.mattes_mi_fused`; ``backend="numpy"`` is this function's numpy code, the
+    reference.
 
     Returns
     -------
@@ -567,7 +568,7 @@ def mattes_mi_samples(fixed_values, moving_values, *, bins=32, gradient=False, f
     xiM = (mv - (loM - smallM)) / bsM + padM
 
     fidx = np.clip(np.floor(xiF + 0.5).astype(np.intp), 0, nbF - 1)
-    hist, gather = parzen_mi(fidx, xiM, nbF, nbM, backend=backend)
+    hist, gather = parzen_mi(fidx, xiM, nbF, nbM)
     p = hist / N
     pF = p.sum(axis=1)
     pM = p.sum(axis=0)
