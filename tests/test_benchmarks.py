@@ -109,6 +109,7 @@ def test_versions_record_the_git_commit(tmp_path, monkeypatch):
     assert "classreg git" not in R.versions()
 
 
+@pytest.mark.slow  # every solver in its own worker process: 160 s on 2 cores with a cold numba cache
 def test_quick_run_smoke(tmp_path):
     """``python -m benchmarks.run --quick``: every classreg solver runs next to a peer, metrics and the page are
     written (≈1 min on 2 cores)."""
