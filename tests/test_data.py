@@ -47,3 +47,18 @@ def test_fsaverage5_surfaces_ship_with_nilearn():
 
     coords = surface.load_surf_mesh(fs["pial_left"])[0]
     assert np.asarray(coords).shape == (10242, 3)
+
+
+@pytest.mark.parametrize("tool", ["elastix", "transformix"])
+def test_real_elastix_is_installed(tool):
+    """Debian's elastix 5.0.1: the real tools the drop-in's interoperability tests compare against."""
+    import shutil
+    import subprocess
+
+    path = shutil.which(tool)
+    if path is None:
+        if REQUIRED:
+            pytest.fail(f"CI requires Debian's elastix package ({tool}) but it is not installed")
+        pytest.skip(f"{tool} not installed (apt-get install elastix)")
+    out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and f"{tool} version:" in out.stdout
