@@ -68,6 +68,29 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_elastix_shims(args) -> int:
+    import os
+    import shlex
+    from pathlib import Path
+
+    folder = Path(args.dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    modules = {"elastix": "classreg.elastix", "transformix": "classreg.elastix.transformix"}
+    for name in modules:
+        if (folder / name).exists() and not args.force:
+            print(f"classreg elastix-shims: {folder / name} exists; use --force to replace it", file=sys.stderr)
+            return 1
+    for name, module in modules.items():
+        path = folder / name
+        tmp = folder / f".{name}.tmp"
+        tmp.write_text(f"#!/bin/sh\n# written by `classreg elastix-shims`: {name} runs classreg's drop-in\n"
+                       f"exec {shlex.quote(sys.executable)} -m {module} \"$@\"\n")
+        tmp.chmod(0o755)
+        os.replace(tmp, path)
+    print(f"wrote {folder / 'elastix'} and {folder / 'transformix'}; run: export PATH=\"{folder.resolve()}:$PATH\"")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="classreg",
@@ -88,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--2d", dest="two_d", action="store_true", help="use the 2-D pair")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(func=_cmd_demo)
+    shims = sub.add_parser("elastix-shims", help="write elastix/transformix wrappers running classreg's drop-in",
+                           description="Write executable 'elastix' and 'transformix' scripts into DIR that run "
+                                       "classreg-elastix and classreg-transformix with this Python; put DIR first on "
+                                       "PATH and unchanged elastix scripts run on classreg.")
+    shims.add_argument("dir", help="folder for the two scripts (created if missing)")
+    shims.add_argument("--force", action="store_true", help="replace existing files of those names")
+    shims.set_defaults(func=_cmd_elastix_shims)
     reg = sub.add_parser("register", help="register a pair (images or point sets) with one of the solvers")
     solvers = reg.add_subparsers(dest="solver", metavar="SOLVER")
     for declaration, func in _solvers():

@@ -42,3 +42,20 @@ def smooth_field(shape, rng, *, amplitude=1.0, sigma=3.0) -> np.ndarray:
     ndim = len(shape)
     u = np.stack([ndimage.gaussian_filter(rng.normal(size=shape), sigma) for _ in range(ndim)], axis=-1)
     return u * (amplitude / np.abs(u).max())
+
+
+def blobs(shift=(0.0, 0.0), angle=0.0, n=64):
+    """A smooth 2-D test image (seeded), moved by a rotation about the centre and a shift (mm)."""
+    rng = np.random.default_rng(7)
+    base = ndimage.gaussian_filter(rng.standard_normal((n, n)), 3.0)
+    base = (base - base.min()) / np.ptp(base) * 1000.0
+    c = (n - 1) / 2
+    th = np.deg2rad(angle)
+    rot = np.array([[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]])
+    yy, xx = np.mgrid[0:n, 0:n].astype(float)
+    p = np.stack([xx.ravel() - c, yy.ravel() - c])
+    q = rot.T @ p
+    x = q[0] + c - shift[0]
+    y = q[1] + c - shift[1]
+    out = ndimage.map_coordinates(base, [y, x], order=3, mode="nearest").reshape(n, n)
+    return out.astype(np.float32)

@@ -10,7 +10,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not (ROOT / "kernels").is_dir(), reason="needs the source tree")
 
-#: modules allowed to import a solver package (DESIGN.md: the public API, the CLI, the elastix front end, batch)
+#: modules allowed to import a solver package (DESIGN.md: the public API, the CLI, the elastix front end — the
+#: package and its modules —, batch)
 SOLVER_IMPORTERS = {"classreg", "classreg.cli", "classreg.elastix", "classreg.batch"}
 
 
@@ -63,7 +64,7 @@ def test_only_the_api_and_the_cli_import_solvers():
             continue
         for mod in _imports(path):
             if mod.startswith("classreg.solvers"):
-                assert me in SOLVER_IMPORTERS, (me, mod)
+                assert me in SOLVER_IMPORTERS or me.split(".")[:2] == ["classreg", "elastix"], (me, mod)
 
 
 def test_no_command_line_code_in_the_solvers():

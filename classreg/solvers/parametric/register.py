@@ -351,12 +351,16 @@ class _Engine:
         delta = float(np.mean(level.fixed.spacing)) if self.max_step is None else float(self.max_step)
         k_level = level.index
 
+        last = {"gradient": float("nan")}
+
         def evaluate(x, k):
-            return obj.evaluate(x, k)
+            value, grad = obj.evaluate(x, k)
+            last["gradient"] = float(np.linalg.norm(grad))
+            return value, grad
 
         def on_iteration(k, x, value, gain):
             state["p"] = x
-            progress.emit("iteration", level=k_level, iteration=k, metric=value, step=gain)
+            progress.emit("iteration", level=k_level, iteration=k, metric=value, step=gain, extra=last)
 
         if level.iterations == 0:
             return float("nan")
