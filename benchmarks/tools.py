@@ -16,6 +16,7 @@ import importlib.metadata
 import importlib.util
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -509,36 +510,51 @@ def _write_elastix_params(p: dict, path: Path) -> Path:
     return path
 
 
-def run_elastix_cli(case, threads, quick):
-    """Debian's elastix/transformix programs (timed including process start and file I/O, as a user runs them)."""
-    import classreg as cr
+#: the elastix and transformix programs: Debian's real ones, and classreg's drop-in run the same way (new process)
+ELASTIX_PROGRAMS = {"elastix": (["elastix"], ["transformix"]),
+                    "classreg": ([sys.executable, "-m", "classreg.elastix"],
+                                 [sys.executable, "-m", "classreg.elastix.transformix"])}
 
-    fixed = case["fixed"].astype(np.float32)
-    params = elastix_parameters("bspline", fixed.ndim)
-    with tempfile.TemporaryDirectory(prefix="classreg-elastix-") as tmp:
-        tmp = Path(tmp)
-        cr.save(fixed, tmp / "f.nii.gz")
-        cr.save(case["moving"].astype(np.float32), tmp / "m.nii.gz")
-        pfile = _write_elastix_params(params, tmp / "params.txt")
-        cmd = ["elastix", "-f", str(tmp / "f.nii.gz"), "-m", str(tmp / "m.nii.gz"), "-p", str(pfile),
-               "-out", str(tmp), "-threads", str(threads)]
-        proc, sec = _timed(lambda: subprocess.run(cmd, capture_output=True, text=True))
-        if proc.returncode != 0:
-            raise RuntimeError(f"elastix exited with {proc.returncode}: {proc.stdout[-400:]}")
-        warped = []
-        for k, c in enumerate(coordinate_images(case["moving"], np.float64)):
-            cdir = tmp / f"c{k}"
-            cdir.mkdir()
-            cr.save(c, cdir / "c.nii.gz")
-            r = subprocess.run(["transformix", "-in", str(cdir / "c.nii.gz"), "-tp",
-                                str(tmp / "TransformParameters.0.txt"), "-out", str(cdir), "-threads", str(threads)],
-                               capture_output=True, text=True)
-            if r.returncode != 0:
-                raise RuntimeError(f"transformix exited with {r.returncode}: {r.stdout[-400:]}")
-            res = next(cdir.glob("result.*"))
-            warped.append(cr.load(res, dtype=np.float64).data)
-    tx, valid = field_from_coordinates(case["fixed"], warped)
-    return {"seconds": sec, "transform": tx, "valid": valid, "params": params}
+
+def _elastix_cli(programs: str, kind: str | None):
+    """The elastix command line with ``elastix_parameters(kind)`` (``None``: the case's model and centring), timed
+    including process start and file I/O, as a user runs it; the map is read back through transformix ``-in`` on
+    coordinate images, so both programs are measured by the same route."""
+    def run(case, threads, quick):
+        import classreg as cr
+
+        elastix, transformix = ELASTIX_PROGRAMS[programs]
+        fixed = case["fixed"].astype(np.float32)
+        params = elastix_parameters(kind, fixed.ndim) if kind == "bspline" else \
+            elastix_parameters(kind or case_model(case), fixed.ndim, init=case_centring(case))
+        with tempfile.TemporaryDirectory(prefix="classreg-elastix-") as tmp:
+            tmp = Path(tmp)
+            cr.save(fixed, tmp / "f.nii.gz")
+            cr.save(case["moving"].astype(np.float32), tmp / "m.nii.gz")
+            pfile = _write_elastix_params(params, tmp / "params.txt")
+            cmd = elastix + ["-f", str(tmp / "f.nii.gz"), "-m", str(tmp / "m.nii.gz"), "-p", str(pfile),
+                             "-out", str(tmp), "-threads", str(threads)]
+            proc, sec = _timed(lambda: subprocess.run(cmd, capture_output=True, text=True))
+            if proc.returncode != 0:
+                raise RuntimeError(f"{cmd[0]} exited with {proc.returncode}: {(proc.stdout + proc.stderr)[-400:]}")
+            warped = []
+            for k, c in enumerate(coordinate_images(case["moving"], np.float64)):
+                cdir = tmp / f"c{k}"
+                cdir.mkdir()
+                cr.save(c, cdir / "c.nii.gz")
+                r = subprocess.run(transformix + ["-in", str(cdir / "c.nii.gz"), "-tp",
+                                                  str(tmp / "TransformParameters.0.txt"), "-out", str(cdir),
+                                                  "-threads", str(threads)], capture_output=True, text=True)
+                if r.returncode != 0:
+                    raise RuntimeError(f"transformix exited with {r.returncode}: {(r.stdout + r.stderr)[-400:]}")
+                res = next(cdir.glob("result.*"))
+                warped.append(cr.load(res, dtype=np.float64).data)
+        tx, valid = field_from_coordinates(case["fixed"], warped)
+        return {"seconds": sec, "transform": tx, "valid": valid, "params": params}
+    return run
+
+
+run_elastix_cli = _elastix_cli("elastix", "bspline")
 
 
 # --------------------------------------------------------------------------------------------- FireANTs (CPU)
@@ -622,6 +638,13 @@ TOOLS = {t.name: t for t in [
          requires=("itk",), distributions=("itk-elastix",)),
     Tool("elastix_cli", "deformable", "elastix CLI B-spline (MI)", run_elastix_cli,
          executables=("elastix", "transformix"), slow_3d="same maps as itk-elastix plus process and file I/O"),
+    Tool("classreg_elastix_cli", "deformable", "classreg-elastix CLI B-spline (MI), same parameter file",
+         _elastix_cli("classreg", "bspline"), classreg=True, quick=False, default=False),
+    Tool("elastix_cli_affine", ("rigid", "affine"), "elastix CLI Euler / Affine (MI)", _elastix_cli("elastix", None),
+         executables=("elastix", "transformix"), default=False,
+         excludes={"sim2d": "Debian's elastix 5.0.1 has no SimilarityTransform"}),
+    Tool("classreg_elastix_cli_affine", ("rigid", "affine"), "classreg-elastix CLI Euler / Affine (MI), same file",
+         _elastix_cli("classreg", None), classreg=True, quick=False, default=False),
     Tool("fireants_greedy", "deformable", "FireANTs Greedy (CPU)", run_fireants_greedy,
          requires=("fireants", "torch"), slow_3d="27-52 s per 3-D pair on 2 CPU cores (DATA.md)"),
     Tool("classreg_rigid", "rigid", "classreg rigid (CSNGF)", run_classreg_rigid, classreg=True,
