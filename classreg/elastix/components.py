@@ -219,7 +219,7 @@ def plan_stage(parameters, *, ndim: int, spacing, has_fixed_mask: bool, has_init
     reg = lookup.get("Registration", str, "MultiResolutionRegistration")
     if reg.startswith("classreg:"):
         return _plan_classreg(lookup, reg[len("classreg:"):], ndim=ndim, has_initial=has_initial, warnings=warnings)
-    _component(lookup, "Registration", REGISTRATIONS)
+    _component(lookup, "Registration", REGISTRATIONS, "MultiResolutionRegistration")
     transform = _component(lookup, "Transform", tuple(TRANSFORMS))
     metrics = _component(lookup, "Metric", tuple(METRICS) + PENALTIES, multi=True)
     optimiser = OPTIMIZERS[_component(lookup, "Optimizer", tuple(OPTIMIZERS))]
