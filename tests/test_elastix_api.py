@@ -1,11 +1,10 @@
 """classreg.elastix's itk-elastix-shaped calls: the same script lines run on classreg's engine."""
 import numpy as np
 import pytest
+from phantoms import blobs
 
 import classreg as cr
 import classreg.elastix as itk  # the one edit an itk-elastix script needs
-
-from phantoms import blobs
 
 
 @pytest.fixture

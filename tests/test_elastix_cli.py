@@ -6,10 +6,10 @@ import subprocess
 
 import numpy as np
 import pytest
+from phantoms import blobs
 
 import classreg as cr
 from classreg.elastix.registration import main, parse_arguments
-from phantoms import blobs
 
 HAVE_ELASTIX = shutil.which("elastix") is not None and shutil.which("transformix") is not None
 
