@@ -202,3 +202,28 @@ def test_elastix_shims_run_unchanged_scripts(tmp_path, pair):
     assert r.returncode == 0, r.stderr[-2000:]
     assert (out / "TransformParameters.0.txt").exists() and (out / "deformationField.mhd").exists()
     assert "classreg" in (out / "elastix.log").read_text()
+
+
+def test_an_interrupted_run_leaves_no_partial_output(tmp_path, pair, monkeypatch):
+    """Stopped during stage 1: stage 0's complete files and the log are kept (as elastix keeps them), nothing of
+    stage 1 appears under a final name and no private staging folder is left behind."""
+    import classreg.elastix.registration as reg
+
+    f, m = pair
+    out = tmp_path / "out"
+    out.mkdir()
+    real = reg._run_stage
+    calls = []
+
+    def stage(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(reg, "_run_stage", stage)
+    rigid = write(tmp_path, "rigid.txt", AFFINE_FILE.format(transform="EulerTransform"))
+    code, _, err = run(["-f", f, "-m", m, "-p", rigid, "-p", rigid, "-out", out])
+    assert code == 130 and "interrupted" in err
+    assert sorted(os.listdir(out)) == ["IterationInfo.0.R0.txt", "IterationInfo.0.R1.txt",
+                                       "TransformParameters.0.txt", "elastix.log", "result.0.mhd", "result.0.raw"]

@@ -2,7 +2,11 @@
 import pytest
 
 from classreg.elastix.components import ComponentError, plan_stage
-from classreg.elastix.parameters import ParameterFileError, ParameterLookup, parse_parameter_text
+from classreg.elastix.parameters import (
+    ParameterFileError,
+    ParameterLookup,
+    parse_parameter_text,
+)
 
 RIGID_MI = """
 (FixedInternalImagePixelType "float")
