@@ -22,6 +22,18 @@ CASES = [
 ]
 
 
+def backend_dtype_params():
+    """backend × dtype; numba at float64 runs with ``-m slow``: compiling the LNCC sweep takes 60-80 s per dtype on a
+    cold numba cache (CI), and float32, the default working precision, runs the same code."""
+    out = []
+    for b in backend_params():
+        for dt in (np.float32, np.float64):
+            slow = b.values[0] == "numba" and dt is np.float64
+            out.append(pytest.param(b.values[0], dt, id=f"{dt.__name__}-{b.id}",
+                                    marks=[*b.marks, *([pytest.mark.slow] if slow else [])]))
+    return out
+
+
 def _pair(shape, dtype, rng, masked):
     F = rng.standard_normal(shape)
     M = 0.7 * F + 0.5 * rng.standard_normal(shape) + 3.0  # offset: the centring must not matter
@@ -34,8 +46,7 @@ def _rel(out, ref):
     return float(np.abs(np.asarray(out, dtype=np.float64) - ref).max()) / scale
 
 
-@pytest.mark.parametrize("backend", backend_params())
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("backend, dtype", backend_dtype_params())
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_gradient_matches_metrics_lncc(backend, dtype, case, rng):
     shape, r, masked = CASES[case]
@@ -82,8 +93,7 @@ def _old_demons_force(target, warped, g_warped, disp, own_mask, other_valid, h, 
     return u, value, int(valid.sum()), norm
 
 
-@pytest.mark.parametrize("backend", backend_params())
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("backend, dtype", backend_dtype_params())
 @pytest.mark.parametrize("shape", [(37, 14, 11), (45, 26)])
 def test_force_matches_the_metrics_based_force(backend, dtype, shape, rng):
     n = len(shape)
