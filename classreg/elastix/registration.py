@@ -211,21 +211,25 @@ def _run_stage(stage: Stage, fixed, moving, fmask, mmask, total, threads):
     solver = getattr(classreg, f"register_{stage.solver}")
     if stage.solver in ("affine", "bspline"):
         init = _initial_affine(total, stage, fixed, moving)
-        return solver(fixed, moving, init=init, fixed_mask=fm, moving_mask=mm, **opts)
+        res = solver(fixed, moving, init=init, fixed_mask=fm, moving_mask=mm, **opts)
+        return res, (None if isinstance(init, str) else init)
     if stage.solver == "rigid":
         if total is not None:
             raise ElastixError("ERROR: classreg:rigid runs a global search from scratch; it cannot follow an "
                                "initial transform")
-        return solver(fixed, moving, fixed_mask=fm, moving_mask=mm, **opts)
-    return solver(fixed, moving, init=total, fixed_mask=fm, moving_mask=mm, **opts)
+        return solver(fixed, moving, fixed_mask=fm, moving_mask=mm, **opts), None
+    return solver(fixed, moving, init=total, fixed_mask=fm, moving_mask=mm, **opts), total
 
 
-def _stage_transform(stage: Stage, result, total):
-    """The transform of this stage alone (what its TransformParameters file holds) and the new total."""
-    from ..transforms import Affine, BSplineTransform, Chain
+def _stage_transform(stage: Stage, result, total, init):
+    """The transform of this stage alone (what its TransformParameters file holds) and the new total.
+
+    The solvers return ``T_stage ∘ init`` (a Chain starting with the parts of ``init``, the transform object they
+    were given, or one Affine when everything is affine); the stage's own part is what follows ``init``.
+    """
+    from ..transforms import Affine, Chain
 
     t = result.transform
-    parts = list(t.transforms) if isinstance(t, Chain) else [t]
     if stage.solver in ("affine", "rigid"):
         full = t.simplified() if isinstance(t, Chain) else t
         if total is None:
@@ -233,14 +237,16 @@ def _stage_transform(stage: Stage, result, total):
         init = total.simplified() if isinstance(total, Chain) else total
         own = full.compose(init.inverse())
         own = own.simplified() if isinstance(own, Chain) else own
-        assert isinstance(own, Affine)
+        if not isinstance(own, Affine):  # pragma: no cover - affine solvers compose affines
+            raise ElastixError(f"ERROR: the {stage.solver} stage did not produce an affine transform")
         return own, Chain([total, own])
-    if stage.solver == "bspline" and isinstance(parts[-1], BSplineTransform) and (
-            len(parts) == 1 or (total is not None and len(parts) == 2)):
-        own = parts[-1]
-        return own, own if total is None else Chain([total, own])
-    # a dense classreg solver: everything after the initial transform becomes one displacement field
-    own = parts[-1] if total is None or len(parts) == 1 else Chain(parts[1:] if len(parts) > 1 else parts)
+    parts = list(t.transforms) if isinstance(t, Chain) else [t]
+    before = [] if init is None else (list(init.transforms) if isinstance(init, Chain) else [init])
+    if len(parts) <= len(before) or any(a is not b for a, b in zip(parts, before)):
+        raise ElastixError(f"ERROR: the {stage.solver} stage merged its initial transform into its result; it "
+                           "cannot be written as one elastix stage after that initial transform")
+    rest = parts[len(before):]
+    own = rest[0] if len(rest) == 1 else Chain(rest)
     return own, own if total is None else Chain([total, own])
 
 
@@ -376,8 +382,8 @@ def run_elastix(fixed, moving, parameter_maps, out: str | os.PathLike | None, *,
         say(f"Running elastix stage {k} with classreg.register_{stage.solver} "
             f"({', '.join(f'{a}={b!r}' for a, b in stage.options.items())})")
         t0 = time.perf_counter()
-        result = _run_stage(stage, fixed, moving, fixed_mask, moving_mask, total, threads)
-        own, total = _stage_transform(stage, result, total)
+        result, init = _run_stage(stage, fixed, moving, fixed_mask, moving_mask, total, threads)
+        own, total = _stage_transform(stage, result, total, init)
         say(f"Stage {k} took {time.perf_counter() - t0:.2f} s; final metric {result.metrics.get('metric')}")
         files = []
         field_name = f"deformationField.{k}.nii.gz"
