@@ -242,6 +242,9 @@ def _stage_transform(stage: Stage, result, total, init):
         return own, Chain([total, own])
     parts = list(t.transforms) if isinstance(t, Chain) else [t]
     before = [] if init is None else (list(init.transforms) if isinstance(init, Chain) else [init])
+    if len(before) == 1 and isinstance(before[0], Affine) and (len(parts) == 1 or parts[0] is not before[0]) and \
+            np.allclose(before[0].homogeneous, np.eye(before[0].ndim + 1)):
+        before = []  # register_bspline leaves an identity initial transform out of its result
     if len(parts) <= len(before) or any(a is not b for a, b in zip(parts, before)):
         raise ElastixError(f"ERROR: the {stage.solver} stage merged its initial transform into its result; it "
                            "cannot be written as one elastix stage after that initial transform")
