@@ -183,6 +183,8 @@ def _add_solver(subparsers, declaration, func) -> None:
         p.add_argument("--no-labels", action="store_true", help="ignore label columns (plain BCPD)")
     else:
         p.add_argument("--no-qc", action="store_true", help="do not write qc.png")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier classreg result in the output folder (as a whole)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=lambda args: _run(declaration, func, args))
 
@@ -218,21 +220,30 @@ def _run(declaration, func, args) -> int:
     a, b = declaration.inputs
     if declaration.inputs == ("source", "target"):
         return _run_points(declaration, func, getattr(args, a), getattr(args, b), Path(args.output), kw,
-                           progress=not args.quiet, no_labels=args.no_labels)
+                           progress=not args.quiet, no_labels=args.no_labels, overwrite=args.overwrite)
     from .io import load
 
+    from .result import check_result_folder, publish_folder
+
+    out = Path(args.output)
+    check_result_folder(out, overwrite=args.overwrite)  # before any work: a bad -o fails now, not after the run
     fixed, moving = load(getattr(args, a)), load(getattr(args, b))
     res = func(fixed, moving, progress=not args.quiet, **kw)
-    out = Path(args.output)
-    res.save(out)
-    if not args.no_qc:
-        try:
-            from .qc import qc_figure
 
-            qc_figure(res, moving, out / "qc.png", fixed=fixed,
-                      title=f"{declaration.name}: {Path(getattr(args, b)).name} → {Path(getattr(args, a)).name}")
-        except ImportError as exc:
-            print(f"classreg: note: {exc}; no qc.png written", file=sys.stderr)
+    def fill(d):
+        from .result import _fill
+
+        _fill(res, d, True)
+        if not args.no_qc:
+            try:
+                from .qc import qc_figure
+
+                qc_figure(res, moving, d / "qc.png", fixed=fixed,
+                          title=f"{declaration.name}: {Path(getattr(args, b)).name} → {Path(getattr(args, a)).name}")
+            except ImportError as exc:
+                print(f"classreg: note: {exc}; no qc.png written", file=sys.stderr)
+
+    publish_folder(out, fill, overwrite=args.overwrite)
     _report(declaration, res, out)
     return 0
 
@@ -242,7 +253,7 @@ def _report(declaration, res, out) -> None:
     print(f"{line}. Wrote {out}/")
 
 
-def _run_points(declaration, func, source, target, out, kw, *, progress, no_labels) -> int:
+def _run_points(declaration, func, source, target, out, kw, *, progress, no_labels, overwrite=False) -> int:
     """Point sets from files (labels from a last column, ``--source-labels``/``--target-labels`` files, or none with
     ``--no-labels``); writes moved_source.<ext> (source mapped into target space), transform.npz, params.json,
     history.csv, result.json and, with ``--reference IMAGE``, field.nii.gz (the fixed → moving displacement sampled
@@ -250,8 +261,9 @@ def _run_points(declaration, func, source, target, out, kw, *, progress, no_labe
     from pathlib import Path
 
     from .io import load_points, save_points
-    from .result import _jsonable, _write_history, _write_text
+    from .result import _jsonable, _write_history, _write_text, check_result_folder, publish_folder
 
+    check_result_folder(out, overwrite=overwrite)
     src, sl = load_points(source)
     tgt, tl = load_points(target)
     sl = kw.pop("source_labels", None) if kw.get("source_labels") is not None else sl
@@ -261,20 +273,23 @@ def _run_points(declaration, func, source, target, out, kw, *, progress, no_labe
     kw.update(source_labels=None if sl is None else np.asarray(sl).astype(np.int64),
               target_labels=None if tl is None else np.asarray(tl).astype(np.int64))
     res = func(src, tgt, progress=progress, **kw)
-    out.mkdir(parents=True, exist_ok=True)
     ext = Path(source).suffix.lower()
-    save_points(out / f"moved_source{ext if ext in ('.txt', '.csv', '.npy') else '.txt'}", res.apply_points(src))
-    res.inverse.save(out / "transform.npz")
-    if kw.get("reference") is not None:  # the deformation sampled on that grid, for image tools
-        from .io import save
-        from .solvers.points import points_displacement_field
 
-        save(points_displacement_field(res.transform, kw["reference"]), out / "field.nii.gz")
-    _write_text(out / "params.json", json.dumps(_jsonable(res.params), indent=2, sort_keys=True))
-    _write_history(out / "history.csv", res.history)
-    _write_text(out / "result.json", json.dumps(_jsonable(dict(converged=res.converged, stop_reason=res.stop_reason,
-                                                                metrics=res.metrics, timings=res.timings)),
-                                                 indent=2, sort_keys=True))
+    def fill(d):
+        save_points(d / f"moved_source{ext if ext in ('.txt', '.csv', '.npy') else '.txt'}", res.apply_points(src))
+        res.inverse.save(d / "transform.npz")
+        if kw.get("reference") is not None:  # the deformation sampled on that grid, for image tools
+            from .io import save
+            from .solvers.points import points_displacement_field
+
+            save(points_displacement_field(res.transform, kw["reference"]), d / "field.nii.gz")
+        _write_text(d / "params.json", json.dumps(_jsonable(res.params), indent=2, sort_keys=True))
+        _write_history(d / "history.csv", res.history)
+        _write_text(d / "result.json", json.dumps(_jsonable(dict(
+            converged=res.converged, stop_reason=res.stop_reason, metrics=res.metrics, timings=res.timings)),
+            indent=2, sort_keys=True))
+
+    publish_folder(out, fill, overwrite=overwrite)
     _report(declaration, res, out)
     return 0
 

@@ -104,8 +104,10 @@ def run_demo(out_dir, *, prefer_3d: bool = True, progress: bool = True, max_piec
     from .io import save
     from .resample import resample
 
+    from .result import _fill, check_result_folder, publish_folder
+
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_result_folder(out, overwrite=True)  # a re-run replaces the previous demo's folder, never other files
     case = _pair(prefer_3d)
     fixed, moving = case["fixed"], case["moving"]
     t0 = time.perf_counter()
@@ -125,16 +127,22 @@ def run_demo(out_dir, *, prefer_3d: bool = True, progress: bool = True, max_piec
     dice_def, ncc_def = scores(res.transform)
     jac = evaluate.jacobian_stats(res.transform.transforms[0] if hasattr(res.transform, "transforms")
                                   else res.transform, reference=fixed, mask=case["fixed_mask"].data > 0)
-    res.save(out)
-    save(fixed, out / "fixed.nii.gz")
-    save(resample(moving, aff, reference=fixed), out / "moving_affine.nii.gz")
     qc = None
-    try:
-        from .qc import qc_figure
 
-        qc = qc_figure(res, moving, out / "qc.png", fixed=fixed, title="classreg demo: demons after affine")
-    except ImportError as exc:
-        logger.warning("no QC figure: %s", exc)
+    def fill(d):
+        nonlocal qc
+        _fill(res, d, True)
+        save(fixed, d / "fixed.nii.gz")
+        save(resample(moving, aff, reference=fixed), d / "moving_affine.nii.gz")
+        try:
+            from .qc import qc_figure
+
+            qc = qc_figure(res, moving, d / "qc.png", fixed=fixed, title="classreg demo: demons after affine")
+        except ImportError as exc:
+            logger.warning("no QC figure: %s", exc)
+        summary["qc_png"] = str(out / "qc.png") if qc else None
+        (d / "demo_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
     summary = {
         "case": "3-D inter-subject" if fixed.ndim == 3 else "2-D inter-subject",
         "provenance": case["provenance"],
@@ -146,7 +154,7 @@ def run_demo(out_dir, *, prefer_3d: bool = True, progress: bool = True, max_piec
         "pieces": res.metrics["pieces"], "path_length": res.metrics["path_length"],
         "min_det_j": jac["min_det"], "percent_det_j_nonpositive": jac["percent_nonpositive"],
         "ndv_percent": jac.get("ndv_percent", jac.get("nda_percent")),
-        "outputs": str(out), "qc_png": str(qc) if qc else None,
+        "outputs": str(out), "qc_png": None,
     }
-    (out / "demo_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    publish_folder(out, fill, overwrite=True)
     return summary

@@ -5,6 +5,8 @@ import csv
 import json
 import math
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,7 +16,7 @@ from .image import Image
 from .io import atomic_output, load, save
 from .transforms import Affine, BSplineTransform, Chain, DisplacementField, Transform, load_transform
 
-__all__ = ["Result", "load_result"]
+__all__ = ["Result", "ResultExistsError", "check_result_folder", "load_result", "publish_folder"]
 
 _FORMAT = "classreg-result-1"
 
@@ -93,38 +95,133 @@ class Result:
         return inv.map_points(points)
 
     # ------------------------------------------------------------------ persistence
-    def save(self, directory, *, warped: bool = True) -> Path:
-        """Write the result into ``directory`` (created if needed); every file is written atomically.
+    def save(self, directory, *, warped: bool = True, overwrite: bool = False) -> Path:
+        """Write the result as the folder ``directory``, which appears only once complete.
 
         Files: ``transform.<ext>`` and ``inverse.<ext>`` (ITK .tfm for an affine, a displacement-field .nii.gz,
-        an ITK .h5 composite for a chain, ITK .tfm for a B-spline — all readable by SimpleITK/ANTs), ``warped.nii.gz``, ``params.json``,
-        ``history.csv`` and ``result.json`` (convergence, metrics, timings, reference grid).
+        an ITK .h5 composite for a chain, ITK .tfm for a B-spline — all readable by SimpleITK/ANTs),
+        ``warped.nii.gz``, ``params.json``, ``history.csv`` and ``result.json`` (convergence, metrics, timings,
+        reference grid, and the list of files: the manifest, written last).
+
+        Everything is written into a hidden ``.<name>.partial-<pid>-*`` folder beside ``directory`` that is renamed
+        into place at the end, so a result folder never mixes two runs and an interrupted run leaves only a hidden
+        partial folder (removed by the next save once its process is gone), never a folder that looks complete.
+
+        Parameters
+        ----------
+        directory : str or os.PathLike
+            The result folder: new, empty, or (with ``overwrite``) holding an earlier classreg result.
+        warped : bool
+            Also write the warped moving image.
+        overwrite : bool
+            Replace an earlier classreg result in ``directory`` (the whole set). A folder holding other files is
+            never replaced.
+
+        Raises
+        ------
+        ResultExistsError
+            ``directory`` holds a result and ``overwrite`` is False, or holds files that are not a classreg result.
         """
-        d = Path(os.fspath(directory))
-        d.mkdir(parents=True, exist_ok=True)
-        files = {"transform": _save_transform(self.transform, d / "transform")}
-        if self.inverse is not None:
-            files["inverse"] = _save_transform(self.inverse, d / "inverse")
-        if warped and self.warped is not None:
-            save(self.warped, d / "warped.nii.gz")
-            files["warped"] = "warped.nii.gz"
-        if self.extras:
-            files["extras"] = _save_extras(d / "extras.npz", self.extras)
-        _write_text(d / "params.json", json.dumps(_jsonable(self.params), indent=2, sort_keys=True))
-        _write_history(d / "history.csv", self.history)
-        files["params"] = "params.json"
-        files["history"] = "history.csv"
-        meta = {
-            "format": _FORMAT,
-            "converged": bool(self.converged),
-            "stop_reason": self.stop_reason,
-            "metrics": _jsonable(self.metrics),
-            "timings": _jsonable(self.timings),
-            "files": files,
-            "reference": _geometry(self.reference),
-        }
-        _write_text(d / "result.json", json.dumps(meta, indent=2, sort_keys=True))
-        return d
+        return publish_folder(directory, lambda d: _fill(self, d, warped), overwrite=overwrite)
+
+
+class ResultExistsError(FileExistsError, ValueError):
+    """The target folder of :meth:`Result.save` already holds a result (or other files)."""
+
+
+def check_result_folder(directory, *, overwrite: bool = False) -> Path:
+    """Check before any work that ``directory`` can receive a result; returns it as a Path.
+
+    A new or empty folder is fine; one holding a classreg result needs ``overwrite``; one holding other files, or a
+    path under a file, or a parent that cannot be created is refused with the reason.
+    """
+    d = Path(os.fspath(directory))
+    if d.exists() and not d.is_dir():
+        raise ResultExistsError(f"cannot write a result to {str(d)!r}: it is a file, not a folder")
+    if d.is_dir():
+        entries = [p.name for p in d.iterdir()]
+        if entries and not (d / "result.json").is_file():
+            raise ResultExistsError(
+                f"folder {str(d)!r} holds files that are not a classreg result ({', '.join(sorted(entries)[:5])}"
+                f"{', ...' if len(entries) > 5 else ''}); choose a new or empty folder")
+        if entries and not overwrite:
+            raise ResultExistsError(f"folder {str(d)!r} already holds a classreg result; pass overwrite=True "
+                                    f"(--overwrite on the command line) to replace it, or choose another folder")
+    try:
+        d.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ResultExistsError(f"cannot write a result to {str(d)!r}: a part of its parent path is a file") from None
+    if not os.access(d.parent, os.W_OK):
+        raise PermissionError(f"cannot write a result to {str(d)!r}: folder {str(d.parent)!r} is not writable")
+    return d
+
+
+def publish_folder(directory, fill, *, overwrite: bool = False) -> Path:
+    """Create the result folder ``directory`` complete or not at all: ``fill(tmp)`` writes the files into a hidden
+    ``.<name>.partial-<pid>-*`` folder beside it, which is then renamed into place (replacing, with ``overwrite``,
+    an earlier classreg result as a whole). Checks as :func:`check_result_folder`."""
+    final = check_result_folder(directory, overwrite=overwrite)
+    _remove_stale_partials(final)
+    d = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-{os.getpid()}-", dir=final.parent))
+    try:
+        fill(d)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(d, 0o777 & ~umask)  # mkdtemp's 0700 would make the result private
+        if final.exists() and any(final.iterdir()):
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.replaced-{os.getpid()}-", dir=final.parent))
+            os.replace(final, old / final.name)
+            os.replace(d, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(d, final)  # a missing or empty folder is replaced by the complete one
+    except BaseException:
+        shutil.rmtree(d, ignore_errors=True)
+        raise
+    return final
+
+
+def _remove_stale_partials(final: Path) -> None:
+    """Remove the hidden partial folders of interrupted saves to ``final`` whose process has ended."""
+    for p in final.parent.glob(f".{final.name}.partial-*"):
+        try:
+            pid = int(p.name[len(final.name) + 10:].split("-")[0])
+        except ValueError:
+            continue
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except PermissionError:  # another user's live process
+            pass
+
+
+def _fill(result: "Result", d: Path, warped: bool) -> None:
+    """Write the files of a result into the (private, empty) folder ``d``; result.json last."""
+    files = {"transform": _save_transform(result.transform, d / "transform")}
+    if result.inverse is not None:
+        files["inverse"] = _save_transform(result.inverse, d / "inverse")
+    if warped and result.warped is not None:
+        save(result.warped, d / "warped.nii.gz")
+        files["warped"] = "warped.nii.gz"
+    if result.extras:
+        files["extras"] = _save_extras(d / "extras.npz", result.extras)
+    _write_text(d / "params.json", json.dumps(_jsonable(result.params), indent=2, sort_keys=True))
+    _write_history(d / "history.csv", result.history)
+    files["params"] = "params.json"
+    files["history"] = "history.csv"
+    meta = {
+        "format": _FORMAT,
+        "converged": bool(result.converged),
+        "stop_reason": result.stop_reason,
+        "metrics": _jsonable(result.metrics),
+        "timings": _jsonable(result.timings),
+        "files": files,
+        "reference": _geometry(result.reference),
+    }
+    _write_text(d / "result.json", json.dumps(meta, indent=2, sort_keys=True))
 
 
 def load_result(directory) -> Result:
@@ -137,6 +234,9 @@ def load_result(directory) -> Result:
     if meta.get("format") != _FORMAT:
         raise ValueError(f"{str(meta_path)!r}: unknown result format {meta.get('format')!r}")
     files = meta["files"]
+    missing = [name for name in files.values() if not (d / name).is_file()]
+    if missing:
+        raise ValueError(f"directory {str(d)!r} holds an incomplete classreg result: {', '.join(missing)} missing")
     transform = load_transform(d / files["transform"])
     inverse = load_transform(d / files["inverse"]) if "inverse" in files else None
     if isinstance(transform, DisplacementField) and isinstance(inverse, DisplacementField):

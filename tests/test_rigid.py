@@ -423,7 +423,7 @@ def test_cli_switches(tmp_path):
     assert corner_error(cr.load_transform(out / "transform.tfm"), truth, fixed) < 1.5
     rc = main(["register", "rigid", str(tmp_path / "f.nii.gz"), str(tmp_path / "m.nii.gz"), "-o", str(out),
                "--shrink-factors", "2,1", "--samples", "24,8", "--perturbation", "5", "--keep", "3",
-               "--smoothing-sigmas", "2,1", "--no-squared", "--no-qc", "-q"])
+               "--smoothing-sigmas", "2,1", "--no-squared", "--no-qc", "-q", "--overwrite"])
     assert rc == 0 and json.loads((out / "params.json").read_text())["squared"] is False
 
 
