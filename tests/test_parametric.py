@@ -209,8 +209,11 @@ def test_callback_stops_and_events():
 def test_bad_input_gets_clear_errors():
     fixed = _phantom(2, seed=8)
     far = cr.Image(fixed.data, fixed.spacing, origin=(500.0, 500.0))
-    with pytest.raises(ValueError, match="outside the moving image"):
+    with pytest.raises(ValueError, match="do not overlap in physical space"):
         cr.register_affine(fixed, far, init="identity", **FAST)
+    edge = cr.Image(fixed.data, fixed.spacing, origin=(45.0, 0.0))   # overlaps, but < 25 % of samples inside
+    with pytest.raises(ValueError, match="outside the moving image"):
+        cr.register_affine(fixed, edge, init="identity", **FAST)
     with pytest.raises(ValueError, match="fixed_mask is empty"):
         cr.register_affine(fixed, fixed, fixed_mask=np.zeros(fixed.shape, np.uint8))
     with pytest.raises(ValueError, match="too few samples"):

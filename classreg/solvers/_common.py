@@ -11,6 +11,7 @@ __all__ = [
     "backend_name",
     "check_init",
     "check_masks",
+    "check_overlap",
     "check_pair",
     "common_params",
     "field_result",
@@ -78,6 +79,54 @@ def check_pair(fixed, moving) -> None:
             raise ValueError(f"{name} must be a scalar image, got {img.ncomponents} components")
     if fixed.ndim != moving.ndim:
         raise ValueError(f"dimension mismatch: fixed is {fixed.ndim}-D, moving is {moving.ndim}-D")
+
+
+#: smallest physical overlap of the two images, as a fraction of the smaller one's volume, that a solver accepts
+MIN_OVERLAP = 0.01
+
+
+def _extent(image: Image, transform=None) -> np.ndarray:
+    """Physical bounding box (2, ndim) of an image's voxel-centre box, optionally mapped by ``transform``."""
+    n = image.ndim
+    corners = np.array(np.meshgrid(*[[0.0, s - 1.0] for s in image.shape], indexing="ij")).reshape(n, -1).T
+    pts = image.index_to_world(corners)
+    if transform is not None:
+        pts = transform.map_points(pts)
+    return np.stack([pts.min(axis=0), pts.max(axis=0)])
+
+
+def check_overlap(fixed: Image, moving: Image, init=None, *, min_fraction: float = MIN_OVERLAP) -> float:
+    """Refuse a pair that does not overlap in physical space (after ``init``, fixed → moving) before any work.
+
+    The overlap is estimated on a coarse grid of fixed voxel centres (at most 16 per axis) mapped by ``init``: the
+    fraction inside the moving image's voxel box, times the fixed volume, over the smaller of the two volumes. Below
+    ``min_fraction`` (1 %: a gross origin/direction error such as a scanner origin metres away, while a partial
+    field of view still passes) a ValueError names both physical extents. Returns the overlap fraction.
+    """
+    n = fixed.ndim
+    axes = [np.linspace(0.0, s - 1.0, min(s, 16)) for s in fixed.shape]
+    idx = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, n)
+    pts = fixed.index_to_world(idx)
+    if init is not None:
+        pts = init.map_points(pts)
+    cidx = moving.world_to_index(pts)
+    inside = np.all((cidx >= -0.5) & (cidx <= np.asarray(moving.shape, dtype=float) - 0.5), axis=1)
+    vol_f = float(np.prod(np.asarray(fixed.shape) * np.asarray(fixed.spacing[::-1])))
+    vol_m = float(np.prod(np.asarray(moving.shape) * np.asarray(moving.spacing[::-1])))
+    fraction = float(inside.mean()) * vol_f / min(vol_f, vol_m)
+    if fraction < min_fraction:
+        ef, em = _extent(fixed, init), _extent(moving)
+
+        def box(e):
+            return " × ".join(f"[{a:.1f}, {b:.1f}]" for a, b in zip(e[0], e[1]))
+
+        raise ValueError(
+            f"the fixed and moving images do not overlap in physical space{' after init' if init is not None else ''}"
+            f" ({100 * fraction:.2g} % of the smaller image; at least {100 * min_fraction:g} % needed): fixed "
+            f"{'(mapped by init) ' if init is not None else ''}spans {box(ef)} mm, moving spans {box(em)} mm (x, y"
+            f"{', z' if n == 3 else ''}). Check the images' origins and directions, or give init= (e.g. "
+            f"classreg.register_affine(fixed, moving).transform or register_rigid for large misalignments)")
+    return fraction
 
 
 def check_masks(fixed: Image, moving: Image, fixed_mask, moving_mask):

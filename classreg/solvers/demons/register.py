@@ -23,6 +23,7 @@ from ...result import Result
 from ...transforms import Transform
 from .._common import (
     check_init,
+    check_overlap,
     check_pair,
     common_params,
     field_result,
@@ -135,6 +136,7 @@ def register_demons(fixed: Image, moving: Image, *, init: Transform | None = Non
     t_start = time.perf_counter()
     check_pair(fixed, moving)
     init = check_init(init, fixed.ndim)
+    check_overlap(fixed, moving, init)
     dtype = np.dtype(dtype)
     opts = _resolve(fixed, metric, iterations, velocity_sigma, update_sigma, max_step, symmetric, lncc_radius,
                     bch_terms=int(bch_terms), tol=float(tol), backend=backend)

@@ -23,6 +23,7 @@ from ...result import Result
 from ...transforms import Transform
 from .._common import (
     check_init,
+    check_overlap,
     check_pair,
     common_params,
     field_result,
@@ -150,6 +151,7 @@ def register_lddmm(fixed: Image, moving: Image, *, init: Transform | None = None
     t_start = time.perf_counter()
     check_pair(fixed, moving)
     init = check_init(init, fixed.ndim)
+    check_overlap(fixed, moving, init)
     dtype = np.dtype(dtype)
     opts = _resolve(fixed, moving, metric=metric, kernel=kernel, kernel_sigma=kernel_sigma, alpha=alpha, order=order,
                     data_sigma=data_sigma, n_steps=n_steps, max_steps=max_steps, tol=tol, lncc_radius=lncc_radius,

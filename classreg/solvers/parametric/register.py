@@ -18,7 +18,7 @@ from ...progress import Progress, StopRegistration
 from ...pyramid import check_schedule, multiresolution
 from ...result import Result
 from ...transforms import Affine, Chain, Transform
-from .._common import check_masks, check_pair, common_params
+from .._common import check_masks, check_overlap, check_pair, common_params
 from .engine import LevelObjective
 from .models import AffineModel
 from .options import AFFINE_OPTIONS, BSPLINE_OPTIONS
@@ -97,6 +97,7 @@ def register_affine(fixed: Image, moving: Image, *, transform: str = "affine", m
     check_pair(fixed, moving)
     fmask, mmask = check_masks(fixed, moving, fixed_mask, moving_mask)
     pre, init_name = _initial(fixed, moving, init, fmask, mmask, seed, backend)
+    check_overlap(fixed, moving, pre)
     center = pre.map_points(_center(fixed)[None])[0]
     mdl = AffineModel(transform, fixed.ndim, center)
     engine = _Engine(fixed, moving, fmask, mmask, pre, metric=metric, samples=samples, sampler=sampler,
@@ -174,6 +175,7 @@ def register_bspline(fixed: Image, moving: Image, *, grid_spacing=8.0, grid_sche
     check_pair(fixed, moving)
     fmask, mmask = check_masks(fixed, moving, fixed_mask, moving_mask)
     pre, init_name = _initial(fixed, moving, init, fmask, mmask, seed, backend)
+    check_overlap(fixed, moving, pre)
     # no iterate averaging: many slowly converging coefficients, the average lags (measured: lower Dice)
     engine = _Engine(fixed, moving, fmask, mmask, pre, metric=metric, samples=samples, sampler=sampler,
                      new_samples=new_samples, optimiser=optimiser, max_step=max_step, bins=bins, seed=seed,

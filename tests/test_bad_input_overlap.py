@@ -1,0 +1,49 @@
+"""Images that do not overlap in physical space are refused before any work (bad-input issue), naming both extents;
+a partial field of view is not."""
+import numpy as np
+import pytest
+from phantoms import smooth_image
+
+import classreg as cr
+
+
+def _pair(offset_mm, shape=(24, 28), moving_shape=None, rng=None):
+    rng = np.random.default_rng(0) if rng is None else rng
+    fixed = cr.Image(smooth_image(shape, rng).astype(np.float32), spacing=1.0)
+    mdata = smooth_image(moving_shape or shape, rng).astype(np.float32)
+    moving = cr.Image(mdata, spacing=1.0, origin=(float(offset_mm), 0.0))
+    return fixed, moving
+
+
+SOLVERS = [
+    ("demons", lambda f, m: cr.register_demons(f, m, iterations=2, shrink_factors=(1,))),
+    ("lddmm", lambda f, m: cr.register_lddmm(f, m, iterations=2, shrink_factors=(1,))),
+    ("affine", lambda f, m: cr.register_affine(f, m, init="identity", iterations=2, shrink_factors=(1,))),
+    ("bspline", lambda f, m: cr.register_bspline(f, m, init="identity", iterations=2, shrink_factors=(1,),
+                                                 grid_spacing=8.0)),
+]
+
+
+@pytest.mark.parametrize("name, run", SOLVERS, ids=[s[0] for s in SOLVERS])
+def test_no_physical_overlap_is_refused_with_both_extents(name, run):
+    fixed, moving = _pair(10_000.0)                     # the moving origin 10 m away
+    with pytest.raises(ValueError, match=r"do not overlap in physical space") as info:
+        run(fixed, moving)
+    msg = str(info.value)
+    assert "fixed" in msg and "moving spans [10000.0, 10027.0]" in msg
+
+
+def test_init_is_taken_into_account():
+    fixed, moving = _pair(10_000.0)
+    res = cr.register_demons(fixed, moving, init=cr.Affine.from_translation([10_000.0, 0.0]), iterations=2,
+                             shrink_factors=(1,))
+    assert res.transform is not None
+
+
+def test_a_partial_field_of_view_is_accepted():
+    # a small moving image fully inside a large fixed one: 3 % of the fixed volume, all of the moving one
+    fixed, moving = _pair(20.0, shape=(64, 80), moving_shape=(12, 12))
+    from classreg.solvers._common import check_overlap
+
+    assert check_overlap(fixed, moving) == pytest.approx(1.0, abs=0.2)
+    cr.register_demons(fixed, moving, iterations=2, shrink_factors=(1,))
