@@ -41,7 +41,7 @@ OPTIONS = Declaration(
                kind="int", low=1),
         Option("piece_tol", 0.01, "a further piece is kept only if it lowers the energy by more than this fraction",
                low=0),
-        Option("tol", 1e-3, "a level ends when the energy changed by at most tol × |first energy| over the last "
+        Option("tol", 1e-3, "a level ends when the best energy fell by at most tol × |first energy| over the last "
                             "5 iterations", low=0),
         Option("lncc_radius", None, "LNCC window radius at full resolution (at least one voxel)", unit="mm",
                low=0, low_open=True, default_text="4 mm"),

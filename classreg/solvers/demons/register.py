@@ -91,8 +91,8 @@ def register_demons(fixed: Image, moving: Image, *, init: Transform | None = Non
         with the previous ones would fold the map on the grid (central-difference det J ≤ 0) is halved, up to three
         times, and otherwise dropped (the run then stops), so the result is always a diffeomorphism on the grid.
     tol : float
-        A level ends when the energy changed by at most ``tol`` × the magnitude of its first value over the last 5
-        iterations.
+        A level ends when the best energy seen fell by at most ``tol`` × the magnitude of its first value over the
+        last 5 iterations (an oscillating energy ends the level too).
     lncc_radius : float, optional
         LNCC window radius in mm at full resolution (default 4 mm: ANTs' and DIPY's usual 4 voxels at 1 mm; at
         least one voxel); like the σs it stays constant in voxels across pyramid levels.

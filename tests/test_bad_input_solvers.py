@@ -1,4 +1,5 @@
-"""Images that do not overlap in physical space are refused before any work (bad-input issue), naming both extents;
+"""Bad input to the image solvers (bad-input issue): images that do not overlap in physical space are refused before any
+work, naming both extents (a partial field of view is not); loops end even when the energy oscillates."""
 a partial field of view is not."""
 import numpy as np
 import pytest
@@ -47,3 +48,22 @@ def test_a_partial_field_of_view_is_accepted():
 
     assert check_overlap(fixed, moving) == pytest.approx(1.0, abs=0.2)
     cr.register_demons(fixed, moving, iterations=2, shrink_factors=(1,))
+
+
+def test_an_oscillating_demons_energy_ends_the_level(monkeypatch):
+    """The measured hang: the energy alternated between two values for 76 000 iterations and the old test
+    (|E[k-5] - E[k]| small) never fired. Forced here by alternating the reported energy."""
+    from classreg.solvers.demons import step
+
+    real = step._force
+    count = [0]
+
+    def alternating(side, e_v, forward=True):
+        u, energy, s = real(side, e_v, forward=forward)
+        count[0] += 1
+        return u, (4.71e-6 if count[0] % 2 else 6.27e-6), s
+
+    monkeypatch.setattr(step, "_force", alternating)
+    fixed, moving = _pair(1.5)
+    res = cr.register_demons(fixed, moving, iterations=(100_000,), shrink_factors=(1,), max_pieces=1)
+    assert len(res.history) < 20
