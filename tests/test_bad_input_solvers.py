@@ -1,6 +1,5 @@
 """Bad input to the image solvers (bad-input issue): images that do not overlap in physical space are refused before any
 work, naming both extents (a partial field of view is not); loops end even when the energy oscillates."""
-a partial field of view is not."""
 import numpy as np
 import pytest
 from phantoms import smooth_image
