@@ -17,7 +17,13 @@ import warnings
 
 import numpy as np
 
-from ._checks import check_direction, check_finite, check_ndim, check_spacing, as_float_tuple
+from ._checks import (
+    as_float_tuple,
+    check_direction,
+    check_finite,
+    check_ndim,
+    check_spacing,
+)
 from .kernels._backend import get_array_module, is_cupy_array
 
 __all__ = ["Image", "as_mask"]
@@ -46,8 +52,10 @@ class Image:
     Raises
     ------
     ValueError
-        Non-positive or non-finite spacing, non-orthonormal direction, NaN/Inf in the data, or a dimension that is
-        not 2-D or 3-D.
+        Non-positive or non-finite spacing, non-orthonormal direction, NaN/Inf in the data, complex-valued data, or
+        a dimension that is not 2-D or 3-D.
+    TypeError
+        Non-numeric data.
     """
 
     __slots__ = ("_data", "_spacing", "_origin", "_direction", "_vector")
@@ -57,6 +65,11 @@ class Image:
             data = np.asarray(data)
         if data.dtype.kind not in "biufc":
             raise TypeError(f"data must be a numeric array, got dtype {data.dtype}")
+        if data.dtype.kind == "c":
+            raise ValueError(
+                f"data has complex dtype {data.dtype}; classreg registers real-valued images: pass the magnitude "
+                "(numpy.abs(data)) or the real part (data.real)"
+            )
         if vector is None:
             if np.ndim(spacing) == 1 and len(spacing) == data.ndim - 1:
                 vector = True
