@@ -28,7 +28,7 @@ def _as_image(x, name: str) -> Image:
     if isinstance(x, Image):
         return x
     if isinstance(x, np.ndarray):
-        return Image(x)
+        return Image(x, spacing=1.0)
     mod = type(x).__module__
     if mod.startswith("SimpleITK"):
         return Image.from_sitk(x)
