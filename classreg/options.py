@@ -293,6 +293,9 @@ SHARED = {o.name: o for o in (
            low=0),
     Option("threads", None, "CPU threads for the numba kernels during this call", kind="int", low=1,
            default_text="numba's setting (NUMBA_NUM_THREADS or all cores)"),
+    Option("memory_limit", None, "memory the call may use; a larger estimate (from the image sizes, measured per "
+                                 "solver) is refused before any work", unit="MB", kind="float", low=0, low_open=True,
+           default_text="the memory available now"),
     Option("device", None, "where to compute: 'cpu', 'cuda' or 'cuda:N'", kind="device",
            default_text="from the data (CuPy arrays: cuda)"),
     Option("backend", None, "kernel implementation", kind="str", choices=("numpy", "numba", "cuda"),

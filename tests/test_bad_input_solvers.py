@@ -66,3 +66,24 @@ def test_an_oscillating_demons_energy_ends_the_level(monkeypatch):
     fixed, moving = _pair(1.5)
     res = cr.register_demons(fixed, moving, iterations=(100_000,), shrink_factors=(1,), max_pieces=1)
     assert len(res.history) < 20
+
+
+@pytest.mark.parametrize("solver", ["demons", "lddmm", "affine", "bspline"])
+def test_a_pair_too_large_for_the_memory_limit_is_refused_at_once(solver):
+    """400³ float32 (demons reached 9.3-10.3 GB RSS within 60 s with no warning); refused in well under a second."""
+    import time
+
+    from classreg.solvers._common import MemoryLimitError
+
+    big = cr.Image(np.zeros((400, 400, 400), np.float32), 1.0)
+    t = time.perf_counter()
+    with pytest.raises(MemoryLimitError, match=r"would need about [\d,]+ MB .* more than the 100 MB allowed"):
+        getattr(cr, f"register_{solver}")(big, big, memory_limit=100)
+    assert time.perf_counter() - t < 1.0
+
+
+def test_the_memory_estimate_is_recorded():
+    fixed, moving = _pair(1.5)
+    res = cr.register_demons(fixed, moving, iterations=2, shrink_factors=(1,))
+    assert res.params["memory_estimate_mb"] == pytest.approx(56 * fixed.data.size * 4 / 2**20)
+    assert res.params["memory_limit"] is None

@@ -51,6 +51,7 @@ OPTIONS = Declaration(
         shared("dtype"),
         shared("seed", help="recorded for reproducibility (the algorithm is deterministic)"),
         shared("threads"),
+        shared("memory_limit"),
         shared("device"),
         shared("backend"),
         shared("progress"),

@@ -23,6 +23,7 @@ from ...result import Result
 from ...transforms import Transform
 from .._common import (
     check_init,
+    check_memory,
     check_overlap,
     check_pair,
     common_params,
@@ -43,7 +44,7 @@ def register_demons(fixed: Image, moving: Image, *, init: Transform | None = Non
                     iterations=None, velocity_sigma: float | None = None, update_sigma: float | None = None,
                     max_step: float | None = None, bch_terms: int = 2, symmetric: bool | None = None,
                     max_pieces: int = 5, piece_tol: float = 0.01, tol: float = 1e-3, lncc_radius: float | None = None,
-                    intensity: str = "match", dtype=np.float32, seed: int = 0, threads: int | None = None,
+                    intensity: str = "match", dtype=np.float32, seed: int = 0, threads: int | None = None, memory_limit: float | None = None,
                     device: str | None = None, backend=None, progress: bool = False, callback=None) -> Result:
     """Register ``moving`` to ``fixed`` with symmetric log-domain diffeomorphic demons and broken geodesics.
 
@@ -137,6 +138,7 @@ def register_demons(fixed: Image, moving: Image, *, init: Transform | None = Non
     check_pair(fixed, moving)
     init = check_init(init, fixed.ndim)
     check_overlap(fixed, moving, init)
+    memory_mb = check_memory("demons", fixed, moving, dtype, memory_limit, fix=", use fewer pieces (max_pieces)")
     dtype = np.dtype(dtype)
     opts = _resolve(fixed, metric, iterations, velocity_sigma, update_sigma, max_step, symmetric, lncc_radius,
                     bch_terms=int(bch_terms), tol=float(tol), backend=backend)
@@ -153,7 +155,7 @@ def register_demons(fixed: Image, moving: Image, *, init: Transform | None = Non
     h = np.asarray(fixed.spacing_array_order)
     # the resolved entries (defaults that depend on the metric or the spacing); the declaration records the rest
     params = dict(**schedule, **{k: v for k, v in opts.items() if k not in ("term", "backend")},
-                  **common_params(init=init, dtype=dtype, seed=seed, backend=backend))
+                  memory_estimate_mb=memory_mb, **common_params(init=init, dtype=dtype, seed=seed, backend=backend))
     metrics = dict(path_length=out["path_length"], pieces=len(out["velocities"]), ssd_before=out["energy0"],
                    ssd_after=out["energy"], piece_norms=[velocity_norm(v, h) for v in out["velocities"]])
     return field_result(fixed, moving, init, out["phi"], out["phi_inv"], history=prog.history,

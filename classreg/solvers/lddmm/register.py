@@ -23,6 +23,7 @@ from ...result import Result
 from ...transforms import Transform
 from .._common import (
     check_init,
+    check_memory,
     check_overlap,
     check_pair,
     common_params,
@@ -48,7 +49,7 @@ def register_lddmm(fixed: Image, moving: Image, *, init: Transform | None = None
                    kernel: str = "gaussian", kernel_sigma: float | None = None, alpha: float | None = None,
                    order: float = 2.0, data_sigma: float = 0.05, n_steps: int = 10, max_steps: int | None = None,
                    tol: float = 1e-5, lncc_radius: float | None = None, intensity: str = "auto",
-                   return_trajectory: bool = False, dtype=np.float32, seed: int = 0, threads: int | None = None,
+                   return_trajectory: bool = False, dtype=np.float32, seed: int = 0, threads: int | None = None, memory_limit: float | None = None,
                    device: str | None = None, backend=None, progress: bool = False, callback=None) -> Result:
     """Register ``moving`` to ``fixed`` by LDDMM geodesic shooting of the initial scalar momentum P₀.
 
@@ -152,6 +153,7 @@ def register_lddmm(fixed: Image, moving: Image, *, init: Transform | None = None
     check_pair(fixed, moving)
     init = check_init(init, fixed.ndim)
     check_overlap(fixed, moving, init)
+    memory_mb = check_memory("lddmm", fixed, moving, dtype, memory_limit, fix=", use fewer time steps (n_steps)")
     dtype = np.dtype(dtype)
     opts = _resolve(fixed, moving, metric=metric, kernel=kernel, kernel_sigma=kernel_sigma, alpha=alpha, order=order,
                     data_sigma=data_sigma, n_steps=n_steps, max_steps=max_steps, tol=tol, lncc_radius=lncc_radius,
@@ -175,6 +177,7 @@ def register_lddmm(fixed: Image, moving: Image, *, init: Transform | None = None
                "levels": [i["seconds"] for i in run["levels"]]}
     params = _params(opts, schedule, run["levels"], intensity=intensity, intensity_used=intensity_used,
                      return_trajectory=return_trajectory, init=init, seed=seed)
+    params["memory_estimate_mb"] = memory_mb
     if not run["stopped"]:
         try:
             prog.emit("done", metric=metrics["ssd_after"], regularization=metrics["regularization"],

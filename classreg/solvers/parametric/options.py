@@ -63,6 +63,7 @@ def _engine_options(iterations):
         Option("bins", 32, "histogram bins of MI/NMI (elastix NumberOfHistogramBins)", kind="int", low=4),
         shared("seed"),
         shared("threads"),
+        shared("memory_limit"),
         shared("device"),
         shared("backend", help="kernel implementation of interpolation and gradients"),
         shared("progress"),

@@ -18,7 +18,7 @@ from ...progress import Progress, StopRegistration
 from ...pyramid import check_schedule, multiresolution
 from ...result import Result
 from ...transforms import Affine, Chain, Transform
-from .._common import check_masks, check_overlap, check_pair, common_params
+from .._common import check_masks, check_memory, check_overlap, check_pair, common_params
 from .engine import LevelObjective
 from .models import AffineModel
 from .options import AFFINE_OPTIONS, BSPLINE_OPTIONS
@@ -33,7 +33,7 @@ def register_affine(fixed: Image, moving: Image, *, transform: str = "affine", m
                     init="geometry", fixed_mask=None, moving_mask=None, shrink_factors=(4, 2, 1),
                     smoothing_sigmas=None, iterations=(100, 100, 150), samples: int = 2048,
                     sampler: str = "random_coordinate", new_samples: bool = True, optimiser: str = "asgd",
-                    max_step=None, bins: int = 32, seed: int = 0, threads: int | None = None,
+                    max_step=None, bins: int = 32, seed: int = 0, threads: int | None = None, memory_limit: float | None = None,
                     device: str | None = None, backend=None, progress: bool = False, callback=None) -> Result:
     """Translation, rigid, similarity or affine registration of ``moving`` to ``fixed`` (elastix's method).
 
@@ -98,6 +98,7 @@ def register_affine(fixed: Image, moving: Image, *, transform: str = "affine", m
     fmask, mmask = check_masks(fixed, moving, fixed_mask, moving_mask)
     pre, init_name = _initial(fixed, moving, init, fmask, mmask, seed, backend)
     check_overlap(fixed, moving, pre)
+    memory_mb = check_memory("affine", fixed, moving, np.float32, memory_limit)
     center = pre.map_points(_center(fixed)[None])[0]
     mdl = AffineModel(transform, fixed.ndim, center)
     engine = _Engine(fixed, moving, fmask, mmask, pre, metric=metric, samples=samples, sampler=sampler,
@@ -115,6 +116,7 @@ def register_affine(fixed: Image, moving: Image, *, transform: str = "affine", m
     params = {"transform": transform, "metric": metric, "init": init_name, "init_matrix": pre.homogeneous.tolist(),
               "center": center.tolist(), "iterations": list(engine.iterations),
               "shrink_factors": list(engine.shrink), "smoothing_sigmas": list(engine.sigmas),
+              "memory_estimate_mb": memory_mb,
               **common_params(init=None, dtype=np.float64, seed=int(seed), backend=backend)}
     metrics = {"metric": metric_value, "parameters": p.tolist(), "samples": int(samples), "valid_fraction": valid,
                "levels": engine.level_info}
@@ -128,7 +130,7 @@ def register_bspline(fixed: Image, moving: Image, *, grid_spacing=8.0, grid_sche
                      moving_mask=None, shrink_factors=(4, 2, 1), smoothing_sigmas=None, iterations=(500, 500, 500),
                      samples: int = 2048, sampler: str = "random_coordinate", new_samples: bool = True,
                      optimiser: str = "asgd", max_step=None, bins: int = 32, seed: int = 0,
-                     threads: int | None = None, device: str | None = None, backend=None, progress: bool = False,
+                     threads: int | None = None, memory_limit: float | None = None, device: str | None = None, backend=None, progress: bool = False,
                      callback=None) -> Result:
     """Cubic B-spline free-form deformation of ``moving`` onto ``fixed`` (Rueckert et al. 1999; elastix's method).
 
@@ -176,6 +178,7 @@ def register_bspline(fixed: Image, moving: Image, *, grid_spacing=8.0, grid_sche
     fmask, mmask = check_masks(fixed, moving, fixed_mask, moving_mask)
     pre, init_name = _initial(fixed, moving, init, fmask, mmask, seed, backend)
     check_overlap(fixed, moving, pre)
+    memory_mb = check_memory("bspline", fixed, moving, np.float32, memory_limit)
     # no iterate averaging: many slowly converging coefficients, the average lags (measured: lower Dice)
     engine = _Engine(fixed, moving, fmask, mmask, pre, metric=metric, samples=samples, sampler=sampler,
                      new_samples=new_samples, optimiser=optimiser, max_step=max_step, bins=bins, seed=seed,
@@ -235,6 +238,7 @@ def register_bspline(fixed: Image, moving: Image, *, grid_spacing=8.0, grid_sche
               "init_matrix": pre.homogeneous.tolist(),
               "iterations": list(engine.iterations), "shrink_factors": list(engine.shrink),
               "smoothing_sigmas": list(engine.sigmas),
+              "memory_estimate_mb": memory_mb,
               **common_params(init=None, dtype=np.float64, seed=int(seed), backend=backend)}
     metrics = {"metric": metric_value, "bending_energy": energy, "grid_size": [list(m.grid_size) for m in models],
                "pieces": len(pieces), **det, "samples": int(samples), "valid_fraction": valid,
