@@ -62,6 +62,9 @@ class State:
     sigma2: float
     coef: list
     n_hat: float = 0.0
+    #: smallest σ²: (1e-14 × the target's RMS radius)², below which the coordinates' rounding (~1e-16 × their
+    #: size) is no longer small against σ and every Gaussian factor of the E-step would underflow to 0
+    sigma2_floor: float = 1e-300
 
 
 def initial_state(y, x, gamma: float, n_blocks: int) -> State:
@@ -69,11 +72,19 @@ def initial_state(y, x, gamma: float, n_blocks: int) -> State:
     M, D = y.shape
     N = x.shape[0]
     sum_xx = N * (y**2).sum() + M * (x**2).sum() - 2.0 * y.sum(0) @ x.sum(0)
-    sigma2 = gamma**2 * max(sum_xx, 0.0) / (M * N * D)
-    if not sigma2 > 0:
-        raise ValueError("source and target are single identical points; nothing to register")
+    try:
+        sigma2 = gamma**2 * max(sum_xx, 0.0) / (M * N * D)
+    except OverflowError:
+        sigma2 = math.inf
+    if not 1e-200 < sigma2 < 1e200:
+        if not sum_xx > 0:
+            raise ValueError("source and target are identical single points; nothing to register")
+        raise ValueError(f"gamma={gamma!r} gives an initial σ² of {sigma2:.3g} (in units of the target's RMS "
+                         "radius² when normalize=True), outside what float64 handles; use gamma near 1")
+    floor = 1e-28 * float(((x - x.mean(0)) ** 2).sum(1).mean())
     return State(s=1.0, R=np.eye(D), t=np.zeros(D), yhat=y.copy(), uhat=y.copy(), vhat=np.zeros_like(y),
-                 alpha=np.full(M, 1.0 / M), sig_m2=np.zeros(M), sigma2=sigma2, coef=[None] * n_blocks)
+                 alpha=np.full(M, 1.0 / M), sig_m2=np.zeros(M), sigma2=sigma2, coef=[None] * n_blocks,
+                 sigma2_floor=max(floor, 1e-300))
 
 
 class EStep:
@@ -175,15 +186,56 @@ def v_update_block(kb, E, nu, cv, postcov):
     """Posterior mean v̂ (M_b×D), variances σ_m² and the GP coefficients of one kernel block: W = (G + c_v
     diag(ν)⁻¹)⁻¹ E for a full-rank block, Qᵀ W (K×D) for a low-rank one (all the interpolation needs)."""
     if kb["kind"] == "full":
-        return _v_full(kb["G"], E, nu, cv, postcov)
+        out = _v_full(kb["G"], E, nu, cv, postcov)
+        if out is not None:
+            return out
+        _to_spectral(kb)
     return _v_woodbury(kb, E, nu, cv, postcov)
 
 
+#: eigenvalues of a kernel block below this fraction of the largest are rounding noise of the float64 kernel
+#: (~1e-16 × its size × the number of points) and are dropped by :func:`_to_spectral`
+SPECTRAL_CUTOFF = 1e-12
+
+
+def _to_spectral(kb) -> None:
+    """Turn a full-rank kernel block whose v-update matrix ``G + c_v diag(ν)⁻¹`` is not numerically positive
+    definite into its eigendecomposition ``G = Q diag(λ) Qᵀ`` (in place, kind "eigh"), keeping the eigenvalues above
+    :data:`SPECTRAL_CUTOFF` × the largest: the v-update then runs through the Woodbury identity, whose K×K matrix
+    stays well conditioned.
+
+    This happens when the prior variance of the kernel's smoothest modes is many orders of magnitude above σ² —
+    typically a bandwidth much larger than the point cloud (a 30 mm bandwidth on a 10 µm cloud: the kernel is then
+    constant to 1e-13 and its rounding error exceeds c_v): the discarded modes carry a prior variance below the
+    kernel's float64 rounding, i.e. none that float64 can represent."""
+    G = kb.pop("G")
+    if not np.all(np.isfinite(G)):
+        raise ValueError("register_points: the kernel block is not finite; check deformation (mm²) and bandwidth (mm)")
+    lam, Q = np.linalg.eigh(G)
+    order = np.argsort(lam)[::-1]
+    lam, Q = lam[order], Q[:, order]
+    keep = lam > SPECTRAL_CUTOFF * lam[0] if lam[0] > 0 else np.zeros(len(lam), dtype=bool)
+    if not np.any(keep):
+        raise ValueError("register_points: the kernel block has no positive eigenvalue; check deformation (mm²) and "
+                         "bandwidth (mm)")
+    Q = np.ascontiguousarray(Q[:, keep])
+    kb.update(kind="eigh", Q=Q, Q32=Q.astype(np.float32), lam=lam[keep], K=int(keep.sum()))
+    logger.debug("register_points: a full-rank kernel block is numerically singular against σ²; solved through its "
+                 "top %d of %d eigenpairs from now on", kb["K"], len(lam))
+
+
 def _v_full(G, E, nu, cv, postcov):
-    from scipy.linalg import cho_factor, cho_solve
+    """The full-rank v-update, or None when ``G + c_v diag(ν)⁻¹`` is not numerically positive definite."""
+    from scipy.linalg import LinAlgError, cho_factor, cho_solve
 
     A = G + np.diag(cv / nu)
-    cf = cho_factor(A, lower=True, check_finite=False)
+    try:
+        cf = cho_factor(A, lower=True, check_finite=False)
+    except LinAlgError:
+        if not np.all(np.isfinite(A)):
+            _not_finite("G + c_v diag(ν)⁻¹", cv)
+        return None
+    _finite_factor(cf, "G + c_v diag(ν)⁻¹", cv)
     W = cho_solve(cf, E, check_finite=False)
     v = G @ W
     if postcov:
@@ -203,14 +255,14 @@ def _v_woodbury(kb, E, nu, cv, postcov):
     stay float64 (B can be ill-conditioned where ν is floored); the posterior variances only weight the E-step and
     σ̄², so their M×K×K product runs in float32 (relative error ~1e-6).
     """
-    from scipy.linalg import cho_factor, cho_solve, solve_triangular
+    from scipy.linalg import cho_solve, solve_triangular
 
     Q, lam = kb["Q"], kb["lam"]
     K = len(lam)
     NQ = Q * nu[:, None]
     B = NQ.T @ Q
     B[np.diag_indices_from(B)] += cv / lam
-    cf = cho_factor(B, lower=True, check_finite=False)
+    cf = _cholesky(B, "c_v Λ⁻¹ + Qᵀ diag(ν) Q", cv)
     BiQtNE = cho_solve(cf, Q.T @ (E * nu[:, None]), check_finite=False)
     v = Q @ BiQtNE
     if postcov:
@@ -222,6 +274,51 @@ def _v_woodbury(kb, E, nu, cv, postcov):
     else:
         sm = np.zeros(len(nu))
     return v, sm, BiQtNE / lam[:, None]
+
+
+#: relative diagonal jitters (× the largest diagonal entry) tried, in order, when a v-update matrix is not
+#: numerically positive definite (a kernel much wider than the point cloud, duplicate points, a tiny σ)
+CHOLESKY_JITTERS = (1e-13, 1e-11, 1e-9, 1e-7, 1e-5)
+
+
+def _cholesky(A, what, cv):
+    """``cho_factor(A)`` (lower); if A is not numerically positive definite, retried with the smallest diagonal
+    jitter of :data:`CHOLESKY_JITTERS` that makes it so. Raises a ValueError (never a bare LinAlgError) when A is
+    not finite or no jitter helps."""
+    from scipy.linalg import LinAlgError, cho_factor
+
+    try:
+        return _finite_factor(cho_factor(A, lower=True, check_finite=False), what, cv)
+    except LinAlgError:
+        pass
+    if not np.all(np.isfinite(A)):
+        _not_finite(what, cv)
+    d = float(np.abs(np.diag(A)).max())
+    eye = np.eye(len(A))
+    for rel in CHOLESKY_JITTERS:
+        try:
+            cf = cho_factor(A + (rel * d) * eye, lower=True, check_finite=False)
+        except LinAlgError:
+            continue
+        logger.debug("register_points: %s not positive definite; factorised with diagonal jitter %.3g", what,
+                     rel * d)
+        return cf
+    raise ValueError(f"register_points: the v-update matrix {what} is not positive definite even with a diagonal "
+                     f"jitter of {CHOLESKY_JITTERS[-1]:g} × its largest entry (c_v = {cv:.3g}); check that "
+                     "deformation (mm²) and bandwidth (mm) suit the point sets' size, or use mode='similarity'")
+
+
+def _not_finite(what, cv):
+    raise ValueError(f"register_points: the v-update matrix {what} is not finite (c_v = σ²/s² = {cv:.3g}); the "
+                     "iteration diverged. Check that deformation (mm²) and bandwidth (mm) suit the point sets' size, "
+                     "or use mode='similarity'")
+
+
+def _finite_factor(cf, what, cv):
+    """``cf`` (a Cholesky factor), after checking its diagonal: LAPACK may pass NaN through without an error."""
+    if not np.all(np.isfinite(np.diagonal(cf[0]))):
+        _not_finite(what, cv)
+    return cf
 
 
 def alpha_update(st: State, nu, n_hat: float, kappa: float) -> None:
@@ -242,6 +339,9 @@ def similarity_update(st: State, xhat, nu, n_hat: float, mode: str) -> float:
     xc = xhat - xb
     uc = st.uhat - ub
     Sxu = (xc * nu[:, None]).T @ uc
+    if not np.all(np.isfinite(Sxu)):
+        raise ValueError("register_points diverged: the similarity update got non-finite correspondences; check "
+                         "that deformation (mm²), bandwidth (mm) and gamma suit the point sets' size")
     Phi, _, PsiT = np.linalg.svd(Sxu)
     C = np.eye(D)
     C[-1, -1] = np.sign(np.linalg.det(Phi @ PsiT)) or 1.0
@@ -262,7 +362,7 @@ def sigma_update(st: State, x, nu, nu_x, px, n_hat: float, sig_bar2: float) -> N
     sigma2 = (float(nu_x @ (x**2).sum(1)) - 2.0 * float(np.sum(px * yhat)) + float(nu @ (yhat**2).sum(1))) \
         / (n_hat * D) + st.s**2 * sig_bar2
     sigma2 = abs(sigma2)  # rounding can make it slightly negative (github.com/ohirose/bcpd issue #16)
-    st.sigma2 = max(sigma2, 1e-300)
+    st.sigma2 = max(sigma2, st.sigma2_floor)
 
 
 def rotation_angle(R) -> float:

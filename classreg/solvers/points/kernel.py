@@ -8,6 +8,7 @@ TPAMI 2021) or ``Λ_i Λ_j`` ("product", as printed in the paper).
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 
@@ -23,6 +24,18 @@ AUTO_FULL_RANK_POINTS = 1500
 AUTO_RANK = 100
 #: blocks up to this many points find their eigenpairs with eigsh by default, larger ones with a Nyström estimate
 AUTO_EIGSH_POINTS = 3000
+#: smallest kernel denominator 2 B_i B_j (a bandwidth whose square underflows gives a delta kernel, not 0/0)
+DEN_MIN = 1e-300
+#: range of the normalised kernel amplitude (prior variance in units of the RMS radius²) that float64 handles:
+#: above AMP_MAX the v-update overflows (a ValueError names ``deformation``), below AMP_MIN the prior is zero to
+#: float64 precision and register_points estimates the similarity only
+AMP_MAX = 1e100
+AMP_MIN = 1e-200
+
+
+def _fmt_list(a):
+    a = np.ravel(a)
+    return f"{a[0]:.3g}" if a.size == 1 else "[" + ", ".join(f"{v:.3g}" for v in a) + "]"
 
 
 class Kernel:
@@ -36,18 +49,45 @@ class Kernel:
         lam = np.asarray(lam, dtype=float)
         bw = np.asarray(bw, dtype=float)
         S = np.asarray(S, dtype=float)
-        pref = np.sqrt(np.outer(lam, lam)) if convention == "variance" else np.outer(lam, lam)
-        self.amp = pref * S
-        self.den = 2.0 * np.outer(bw, bw)
+        with np.errstate(over="ignore", under="ignore"):
+            pref = np.sqrt(np.outer(lam, lam)) if convention == "variance" else np.outer(lam, lam)
+            if convention == "variance" and not np.all((pref > 0) & (pref < math.inf)):
+                pref = np.outer(np.sqrt(lam), np.sqrt(lam))  # Λ_iΛ_j under- or overflows: same value, no square
+            self.amp = pref * S
+            # a bandwidth so small that 2 B_i B_j underflows is a delta kernel: keep the denominator positive
+            self.den = np.maximum(2.0 * np.outer(bw, bw), DEN_MIN)
         self.lam, self.bw, self.S = lam, bw, S
 
     def scaled(self, r):
         """The same kernel for points divided by ``r`` (lengths / r, variances / r²)."""
         k = Kernel.__new__(Kernel)
-        k.amp = self.amp / r**2
-        k.den = self.den / r**2
-        k.lam, k.bw, k.S = self.lam / r**2, self.bw / r, self.S
+        try:
+            r2 = r**2
+        except OverflowError:
+            r2 = math.inf
+        if not 0 < r2 < math.inf:  # r beyond ~1e±154: divide twice instead of by an overflowing/underflowing r²
+            with np.errstate(over="ignore", under="ignore"):
+                k.amp = self.amp / r / r
+                k.den = np.maximum(self.den / r / r, DEN_MIN)
+                k.lam, k.bw, k.S = self.lam / r / r, self.bw / r, self.S
+            return k
+        with np.errstate(over="ignore", under="ignore"):
+            k.amp = self.amp / r2
+            k.den = np.maximum(self.den / r2, DEN_MIN)
+            k.lam, k.bw, k.S = self.lam / r2, self.bw / r, self.S
         return k
+
+    def check_scale(self, lam_mm, r) -> bool:
+        """Whether this normalised kernel (points divided by ``r`` mm) has a usable prior variance: raises a
+        ValueError naming ``deformation`` (Λ = ``lam_mm``, mm²) when it is too large to compute with (above
+        :data:`AMP_MAX` radius²), returns False when it is negligible (below :data:`AMP_MIN`: the displacement prior
+        is zero to float64 precision, only the similarity can be estimated) and True otherwise."""
+        amax = float(np.max(self.amp))
+        if not amax <= AMP_MAX:
+            raise ValueError(f"deformation={_fmt_list(lam_mm)} mm² is too large for point sets of RMS radius "
+                             f"{r:.3g} mm (the v-update would overflow float64); give deformation in mm² on the "
+                             "scale of the displacements (e.g. (radius / 10)²) or use mode='similarity'")
+        return amax >= AMP_MIN
 
     def matrix(self, a, la, b=None, lb=None):
         if b is None:
@@ -102,7 +142,7 @@ def _full_block(kern: Kernel, yb, lb, budget, pd_guard, check_psd):
     mb = len(yb)
     need = 3 * 8.0 * mb * mb
     if need > budget:
-        raise ValueError(f"a full-rank kernel block of {mb} points needs {need / 2**20:.0f} MB "
+        raise ValueError(f"a full-rank kernel block of {mb} points needs {need / 2**20:.3g} MB "
                          f"(> memory_budget_mb={budget / 2**20:g}); use rank=K (e.g. rank=100)")
     G = kern.matrix(yb, lb)
     jit = 0.0
@@ -126,7 +166,7 @@ def interp_coef(kb, coef, y, ly):
     idx = kb["idx"]
     if kb["kind"] == "full":
         return y[idx], ly[idx], coef
-    if kb["kind"] == "eigsh":
+    if kb["kind"] in ("eigsh", "eigh"):
         # a = Q Qᵀ W: with exact eigenvectors G Q Qᵀ W = Q Λ Qᵀ W = v̂ at the source points
         return y[idx], ly[idx], kb["Q"] @ coef
     # Nyström G ≈ F Fᵀ, F = C Uw diag(ew)^-1/2 = Q S^1/2 Vᵀ: a = Wj⁺ Cᵀ W = Uw diag(ew)^-1/2 Fᵀ W with

@@ -6,12 +6,16 @@ with ``U``), eq. 4 (the kernel with ``Λ``, ``B`` and ``S``).
 """
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from ...image import Image
 
 __all__ = ["coherence_matrix", "label_surface_points", "label_transition_matrix", "organ_indices", "per_label",
            "transition_matrix"]
+
+logger = logging.getLogger("classreg")
 
 
 def label_transition_matrix(labels, error_rate: float):
@@ -91,45 +95,77 @@ def organ_indices(source_labels, target_labels, m: int, n: int):
     """``(values, ly, lx)``: the sorted organ label values and each source/target point's index into them.
 
     Without labels (both None) every point belongs to one organ (plain BCPD). Every target label must be one of the
-    source labels; float labels with integer values are accepted.
+    source labels; float labels with integer values are accepted. A source organ without target points is kept
+    (MO-BCPD's likelihood: with U = identity no target point can come from it, so its points have no data term and
+    follow the similarity and the other organs' coherence); a warning says so.
     """
     if (source_labels is None) != (target_labels is None):
         raise ValueError("give both source_labels and target_labels, or neither")
     if source_labels is None:
         return np.array([0]), np.zeros(m, dtype=np.int64), np.zeros(n, dtype=np.int64)
-    sl = np.asarray(source_labels).ravel()
-    tl = np.asarray(target_labels).ravel()
-    if sl.shape != (m,):
-        raise ValueError(f"source_labels must have one label per source point ({m}), got {np.shape(source_labels)}")
-    if tl.shape != (n,):
-        raise ValueError(f"target_labels must have one label per target point ({n}), got {np.shape(target_labels)}")
-    if sl.dtype.kind not in "biu" or tl.dtype.kind not in "biu":
-        if sl.dtype.kind == "f" and np.all(sl == np.round(sl)) and tl.dtype.kind == "f" and np.all(tl == np.round(tl)):
-            sl, tl = sl.astype(np.int64), tl.astype(np.int64)
-        else:
-            raise TypeError("source_labels and target_labels must be integer organ labels")
+    sl = _check_labels(source_labels, m, "source_labels", "source")
+    tl = _check_labels(target_labels, n, "target_labels", "target")
     values = np.unique(sl)
     extra = np.setdiff1d(np.unique(tl), values)
     if extra.size:
         raise ValueError(f"target_labels contain {extra.tolist()}, which no source point has; every target "
                          "label must be one of the source labels")
+    missing = np.setdiff1d(values, tl)
+    if missing.size:
+        logger.warning("register_points: source organ(s) %s have no target points; they follow the similarity "
+                       "(and, with a coherence S, the other organs) without a data term", missing.tolist())
     return values, np.searchsorted(values, sl), np.searchsorted(values, tl)
+
+
+def _check_labels(labels, count: int, name: str, points: str):
+    """One label per point as an integer array (int, bool, or float with integer values)."""
+    try:
+        raw = np.asarray(labels)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} must be one integer label per {points} point; it cannot be read as an array: "
+                         f"{exc}") from None
+    lab = raw.ravel()
+    if lab.shape != (count,) or raw.ndim > 2 or (raw.ndim == 2 and raw.shape[1] != 1):
+        raise ValueError(f"{name} must have one label per {points} point ({count}), got {np.shape(labels)}")
+    if lab.dtype.kind == "O":
+        try:
+            lab = lab.astype(np.float64)
+        except (TypeError, ValueError):
+            raise TypeError(f"{name} must be integer organ labels, got non-numeric entries") from None
+    if lab.dtype.kind in "biu":
+        return lab
+    if lab.dtype.kind != "f":
+        raise TypeError(f"{name} must be integer organ labels, got dtype {lab.dtype}")
+    bad = ~np.isfinite(lab) | (lab != np.round(lab))
+    if np.any(bad):
+        raise TypeError(f"{name} must be integer organ labels, got {int(bad.sum())} non-integer value(s) such as "
+                        f"{lab[bad][0]!r}")
+    return lab.astype(np.int64)
 
 
 def per_label(value, values, name, positive=True):
     """Scalar, sequence (one per label in sorted order) or dict {label: value} → array over labels."""
     n = len(values)
-    if isinstance(value, dict):
-        missing = [v for v in values if v not in value]
-        if missing:
-            raise ValueError(f"{name} has no entry for label(s) {missing}")
-        out = np.array([float(value[v]) for v in values])
-    elif np.ndim(value) == 0:
-        out = np.full(n, float(value))
-    else:
-        out = np.asarray(value, dtype=float).ravel()
-        if out.shape != (n,):
-            raise ValueError(f"{name} must be a scalar, a dict or have one entry per label ({n}), got {out.shape}")
+    what = f"{name} must be a positive number, a sequence with one per organ label or a dict {{label: value}}"
+    try:
+        if isinstance(value, dict):
+            missing = [v for v in values if v not in value]
+            if missing:
+                raise ValueError(f"{name} has no entry for label(s) {missing}")
+            out = np.array([float(value[v]) for v in values])
+        elif isinstance(value, (str, bytes)) or value is None:
+            raise TypeError(f"{what}, got {value!r}")
+        elif np.ndim(value) == 0:
+            out = np.full(n, float(value))
+        else:
+            out = np.asarray(value, dtype=float).ravel()
+            if out.shape != (n,):
+                raise ValueError(f"{name} must be a scalar, a dict or have one entry per label ({n}), got "
+                                 f"{out.shape}")
+    except (TypeError, ValueError) as exc:
+        if str(exc).startswith(name):
+            raise
+        raise TypeError(f"{what}, got {value!r}") from None
     if not np.all(np.isfinite(out)) or (positive and np.any(out <= 0)):
         raise ValueError(f"{name} must be finite and positive, got {out.tolist()}")
     return out
@@ -141,10 +177,15 @@ def coherence_matrix(coherence, n: int) -> np.ndarray:
         if coherence not in ("organ", "global"):
             raise ValueError(f"coherence must be 'organ', 'global' or an (L, L) matrix, got {coherence!r}")
         return np.eye(n) if coherence == "organ" else np.ones((n, n))
-    S = np.asarray(coherence, dtype=float)
+    try:
+        S = np.asarray(coherence, dtype=float)
+    except (TypeError, ValueError):
+        raise ValueError(f"coherence must be 'organ', 'global' or a symmetric ({n}, {n}) matrix in [0, 1], got "
+                         f"{coherence!r}") from None
     if S.shape != (n, n) or not np.allclose(S, S.T) or np.any(S < 0) or np.any(S > 1) or \
             not np.allclose(np.diag(S), 1):
-        raise ValueError(f"coherence must be a symmetric ({n}, {n}) matrix in [0, 1] with unit diagonal")
+        raise ValueError(f"coherence must be 'organ', 'global' or a symmetric ({n}, {n}) matrix in [0, 1] with unit "
+                         f"diagonal, got {_short(coherence)}")
     return S
 
 
@@ -153,9 +194,26 @@ def transition_matrix(label_transition, n: int) -> np.ndarray:
     checked non-negative matrix."""
     if label_transition is None:
         return np.eye(n)
-    if np.ndim(label_transition) == 0:
+    what = f"label_transition must be a label-noise rate in [0, 1) or a non-negative ({n}, {n}) matrix"
+    if isinstance(label_transition, (bool, np.bool_, str, bytes)):
+        raise TypeError(f"{what}, got {label_transition!r}")
+    try:
+        U = np.asarray(label_transition, dtype=float)
+    except (TypeError, ValueError):
+        raise TypeError(f"{what}, got {_short(label_transition)}") from None
+    if U.ndim == 0:
+        if not 0 <= float(U) < 1:
+            raise ValueError(f"{what}, got {label_transition!r}")
         return label_transition_matrix(n, float(label_transition))
-    U = np.asarray(label_transition, dtype=float)
     if U.shape != (n, n) or np.any(U < 0) or not np.all(np.isfinite(U)):
-        raise ValueError(f"label_transition must be a non-negative ({n}, {n}) matrix")
+        raise ValueError(f"label_transition must be a non-negative ({n}, {n}) matrix, got {_short(label_transition)}")
     return U
+
+
+def _short(value) -> str:
+    """``value`` for an error message: its repr, or its shape for an array."""
+    try:
+        shape = np.shape(value) if not isinstance(value, (str, bytes)) else ()
+    except (TypeError, ValueError):
+        shape = ()
+    return f"an array of shape {shape}" if len(shape) else repr(value)

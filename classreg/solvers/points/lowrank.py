@@ -17,6 +17,12 @@ __all__ = ["estep_nystrom_checked", "lowrank_eigenpairs"]
 
 #: a dense block of mb points with K ≥ mb / EIGH_RATIO wanted eigenpairs is decomposed with eigh, not Lanczos
 EIGH_RATIO = 10
+#: eigenvalues below this fraction of the largest are rounding noise of the float64 kernel; they are dropped when
+#: the +1e-9 λ_max regularisation would give their (noise) eigenvectors a prior variance above NOISE_VARIANCE × the
+#: block's mean squared radius (only for kernels far wider and stronger than the cloud, e.g. a 10 µm cloud with the
+#: default 30 mm bandwidth)
+NOISE_EIGENVALUE = 1e-12
+NOISE_VARIANCE = 1e-2
 
 
 def lowrank_eigenpairs(kern, yb, lb, K, method, nys, rng, budget, pd_guard):
@@ -58,6 +64,15 @@ def _eigsh_pairs(kern, yb, lb, K, rng, budget, pd_guard):
             raise ValueError("the kernel has negative eigenvalues among its top K; use coherence='organ' or "
                              "equal bandwidths, or pd_guard='jitter'")
         keep = lam > 0
+        lam, Q = lam[keep], Q[:, keep]
+    if lam.size == 0 or not lam[0] > 0 or not np.all(np.isfinite(lam)):
+        raise ValueError("the kernel block has no positive eigenvalue; check deformation (mm²) and bandwidth (mm)")
+    rad2 = float(((yb - yb.mean(0)) ** 2).sum(1).mean())
+    if lam[-1] <= NOISE_EIGENVALUE * lam[0] and 1e-9 * lam[0] > NOISE_VARIANCE * rad2:
+        # eigenvalues at the float64 rounding level of the kernel (a bandwidth and prior variance far larger than
+        # the cloud): their eigenvectors are noise, and the regularisation below would give them a prior variance
+        # of 1e-9 λ_max, a sizeable fraction of the cloud's squared radius: drop them
+        keep = lam > NOISE_EIGENVALUE * lam[0]
         lam, Q = lam[keep], Q[:, keep]
     lam = lam + 1e-9 * lam[0]
     Q = np.ascontiguousarray(Q)

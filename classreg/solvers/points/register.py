@@ -7,6 +7,7 @@ turns the posterior into transforms in mm (:func:`_transforms`) and a :class:`~c
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from .options import OPTIONS
 from .transform import PointDeformation, PointDeformationInverse
 
 __all__ = ["register_points"]
+
+logger = logging.getLogger("classreg")
 
 
 @declared(OPTIONS)
@@ -161,7 +164,19 @@ def register_points(source, target, *, source_labels=None, target_labels=None, m
     Raises
     ------
     ValueError
-        Wrong shapes, NaN/Inf, empty sets, mismatched label lengths, unknown options, memory budget exceeded.
+        Wrong shapes, NaN/Inf, empty sets, a single or only coincident points in a set, coordinates beyond ±1e100 mm
+        or a target radius below 1e-100 mm (normalize=False: beyond [1e-15, 1e15] mm), point sets whose sizes or
+        positions differ by ~1e10 or more, mismatched label lengths, a target label without source points, option
+        values out of range, memory budget exceeded, a run whose scale collapses to 0.
+    TypeError
+        Non-numeric points or labels, non-integer labels, option values of the wrong type.
+
+    Notes
+    -----
+    Point sets of any size within those limits are registered in the normalised frame (``normalize=True``), so a
+    10 µm cloud works as well as a 10 cm one; the kernel parameters stay in mm, and a bandwidth far larger than the
+    cloud makes the displacement prior practically a translation plus a linear field (a warning says so). A source
+    organ without target points follows the similarity (and, with ``coherence``, the other organs), with a warning.
 
     References
     ----------
@@ -169,9 +184,12 @@ def register_points(source, target, *, source_labels=None, target_labels=None, m
     doi:10.1109/TPAMI.2020.2971687.
     "Multi-organ Bayesian coherent point drift" (MO-BCPD), WBIR 2022 (eqs. 3-6).
     """
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable (it receives classreg.Event objects), got "
+                        f"{type(callback).__name__}")
     with _one_blas_thread():
         t_start = time.perf_counter()
-        fr = _frame(source, target, source_labels, target_labels, reference, normalize, tol)
+        fr = _frame(source, target, source_labels, target_labels, reference, normalize, tol, mode)
         n_org = len(fr.values)
         lam = per_label(deformation, fr.values.tolist(), "deformation")
         bw = per_label(bandwidth, fr.values.tolist(), "bandwidth")
@@ -181,10 +199,19 @@ def register_points(source, target, *, source_labels=None, target_labels=None, m
         kern_mm = Kernel(lam, bw, S, lambda_convention)
         t_setup = time.perf_counter()
         blocks, ranks, jitter = [], [], 0.0
-        if mode == "nonrigid":
+        kern_n = kern_mm.scaled(fr.r) if mode == "nonrigid" else None
+        if mode == "nonrigid" and float(bw.min()) > WIDE_BANDWIDTH * fr.radius:
+            logger.warning("register_points: bandwidth %s mm is %.3g× the target's RMS radius (%.3g mm): over the "
+                           "cloud the displacement prior is practically a translation plus a linear field; give "
+                           "bandwidth (mm) and deformation (mm²) on the scale of the points for a non-rigid fit",
+                           bw.tolist(), float(bw.min()) / fr.radius, fr.radius)
+        if mode == "nonrigid" and kern_n.check_scale(lam, fr.radius):
             blocks, ranks, jitter = kernel_blocks(
-                kern_mm.scaled(fr.r), fr.y, fr.ly_s, rank=rank, lowrank=lowrank, nystrom_samples=nystrom_samples,
+                kern_n, fr.y, fr.ly_s, rank=rank, lowrank=lowrank, nystrom_samples=nystrom_samples,
                 budget=budget, pd_guard=pd_guard, rng=np.random.default_rng(seed), r=fr.r)
+        elif mode == "nonrigid":
+            logger.warning("register_points: the displacement prior (deformation %s mm²) is negligible for point "
+                           "sets of RMS radius %.3g mm; only the similarity is estimated", lam.tolist(), fr.radius)
         t_setup = time.perf_counter() - t_setup
         st = initial_state(fr.y, fr.x, gamma, len(blocks))
         params = _params(fr, lam, bw, S, U, st, rank=ranks, jitter_mm2=jitter, backend=be)
@@ -197,6 +224,8 @@ def register_points(source, target, *, source_labels=None, target_labels=None, m
                                               posterior_covariance=posterior_covariance, max_iter=max_iter,
                                               min_iter=min_iter)
         t_loop = time.perf_counter() - t_loop
+        if converged:
+            _warn_if_collapsed(st, fr)
         t_fin = time.perf_counter()
         fwd, inv, interp = _transforms(fr, blocks, st, kern_mm, mode, seed)
         t_fin = time.perf_counter() - t_fin
@@ -229,9 +258,10 @@ class _Frame:
     tol_mm: float
     tol_n: float
     volume: float
+    radius: float = 1.0
 
 
-def _frame(source, target, source_labels, target_labels, reference, normalize, tol) -> _Frame:
+def _frame(source, target, source_labels, target_labels, reference, normalize, tol, mode="nonrigid") -> _Frame:
     """Check the points, labels and reference; centre on the target centroid and divide by its RMS radius (when
     ``normalize``); order both sets spatially (per organ) for the blocked E-step."""
     Y = _check_points(source, "source")
@@ -239,42 +269,129 @@ def _frame(source, target, source_labels, target_labels, reference, normalize, t
     D = Y.shape[1]
     if X.shape[1] != D:
         raise ValueError(f"source and target must have the same dimension, got {D}-D source and {X.shape[1]}-D target")
+    if mode == "nonrigid" and len(Y) < 3:
+        raise ValueError(f"source has only {len(Y)} points: mode='nonrigid' needs at least 3 (with 2 the displacement "
+                         "prior absorbs the similarity and the scale collapses); use mode='similarity' or 'rigid'")
     if reference is not None and not isinstance(reference, Image):
         raise TypeError(f"reference must be a classreg.Image (a target-space grid), got {type(reference).__name__}")
     if reference is not None and reference.ndim != D:
         raise ValueError(f"reference is {reference.ndim}-D but the points are {D}-D")
     values, ly, lx = organ_indices(source_labels, target_labels, len(Y), len(X))
-    c0 = X.mean(0)
-    r = float(np.sqrt(((X - c0) ** 2).sum(1).mean())) if normalize else 1.0
+    c0, rad = _centre_radius(X)
+    if rad < MIN_RADIUS:
+        raise ValueError(f"target has an RMS radius of {rad:.3g} mm, below the {MIN_RADIUS:.0e} mm that "
+                         "register_points computes with (squared distances underflow float64); rescale the points")
+    r = rad if normalize else 1.0
     if not r > 0:
         r = 1.0
     if not normalize:
         c0 = np.zeros(D)
-    tol_mm = 1e-4 * float(np.sqrt(((X - X.mean(0)) ** 2).sum(1).mean()) or 1.0) if tol is None else float(tol)
+    tol_mm = 1e-4 * float(rad or 1.0) if tol is None else float(tol)
     oy = kp.spatial_order(Y, ly)
     ox = kp.spatial_order(X, lx)
     y = (Y[oy] - c0) / r
     x = (X[ox] - c0) / r
+    _check_frame(y, x, Y, X, c0, rad, normalize)
     span = x.max(0) - x.min(0)
     volume = float(np.prod(np.where(span > 0, span, 1.0)))
     return _Frame(Y=Y, X=X, ly=ly, values=values, oy=oy, y=y, x=x, ly_s=ly[oy], lx_s=lx[ox], c0=c0, r=r,
-                  tol_mm=tol_mm, tol_n=tol_mm / r, volume=volume)
+                  tol_mm=tol_mm, tol_n=tol_mm / r, volume=volume, radius=rad)
+
+
+#: |coordinates| accepted, mm: squares (and the mm-space kernel of the GP interpolation) stay finite in float64
+MAX_COORDINATE = 1e100
+#: smallest RMS radius of the target accepted, mm (squared distances stay normal float64 numbers)
+MIN_RADIUS = 1e-100
+#: the working frame (normalised, or mm with normalize=False) must keep coordinates within [-FRAME_MAX, FRAME_MAX]
+#: and each set's RMS radius above 1 / FRAME_MAX: squared distances over σ² then stay finite and normal in the
+#: float32 pair loop of the E-step (float64 sums)
+FRAME_MAX = 1e15
+#: with normalize=True the source's RMS radius must exceed this fraction of its largest coordinate in the target's
+#: frame (else its shape is lost to rounding: sizes or positions differing by ~1e10 or more)
+FRAME_PRECISION = 1e-10
+
+
+def _centre_radius(P):
+    """Centroid and RMS radius of the points ``P``: the plain float64 formula, and for extents whose squares
+    overflow or underflow (radius outside [1e-140, 1e140]) the same computed on the points scaled by a power of
+    two (exact), so that the radius is right (and error messages quote it) at any scale."""
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        c0 = P.mean(0)
+        rad = float(np.sqrt(((P - c0) ** 2).sum(1).mean()))
+    if np.all(np.isfinite(c0)) and 1e-140 < rad < 1e140:
+        return c0, rad
+    big = float(np.abs(P).max())
+    if not 0 < big < math.inf:
+        return c0, rad
+    p = 2.0 ** math.floor(math.log2(big))
+    Ps = P / p
+    cs = Ps.mean(0)
+    rad = float(np.sqrt(((Ps - cs) ** 2).sum(1).mean())) * p
+    return cs * p, rad
+
+
+def _check_frame(y, x, Y, X, c0, rad_x, normalize):
+    """Refuse point sets whose working-frame coordinates would overflow or underflow (see :data:`FRAME_MAX`), and
+    a source whose shape is lost to rounding in the target's frame."""
+    ymax, xmax = float(np.abs(y).max()), float(np.abs(x).max())
+    rad_y = _centre_radius(y)[1]
+    if not normalize:
+        if max(ymax, xmax) > FRAME_MAX:
+            name, big = ("source", ymax) if ymax >= xmax else ("target", xmax)
+            raise ValueError(f"{name} has coordinates up to {big:.3g} mm, beyond the {FRAME_MAX:.0e} mm that "
+                             "normalize=False supports (squared distances overflow); use normalize=True (the default)")
+        small = min(rad_y, rad_x)
+        if small < 1 / FRAME_MAX:
+            name = "source" if rad_y <= small else "target"
+            raise ValueError(f"{name} has an RMS radius of {small:.3g} mm, below the {1 / FRAME_MAX:.0e} mm that "
+                             "normalize=False supports (squared distances underflow); use normalize=True (the "
+                             "default)")
+        return
+    if not (ymax <= FRAME_MAX and rad_y >= 1 / FRAME_MAX and rad_y > FRAME_PRECISION * ymax):
+        cy, rad_src = _centre_radius(Y)
+        with np.errstate(over="ignore"):
+            dist = float(np.sqrt((((cy - c0) / rad_x) ** 2).sum())) * rad_x
+        raise ValueError(f"source and target differ too much in size or position to be registered (source RMS "
+                         f"radius {rad_src:.3g} mm, target RMS radius {rad_x:.3g} mm, centroids {dist:.3g} mm "
+                         "apart): are they in the same units?")
 
 
 def _check_points(a, name):
     if a is None:
         raise TypeError(f"{name} must be an (N, 2) or (N, 3) array of points in mm, got None")
-    arr = np.asarray(a)
-    if arr.dtype.kind not in "biuf":
-        raise TypeError(f"{name} must be a real numeric array of points, got dtype {arr.dtype}")
+    try:
+        arr = np.asarray(a)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} must be an (N, 2) or (N, 3) array of points in mm (one point per row); it cannot "
+                         f"be read as an array: {exc}") from None
+    if arr.dtype.kind == "O":
+        try:
+            arr = arr.astype(np.float64)
+        except (TypeError, ValueError):
+            raise TypeError(f"{name} must be a real numeric array of points, got dtype object with non-numeric "
+                            "entries") from None
+    if arr.dtype.kind not in "iuf":
+        what = " (a mask? points are coordinates in mm)" if arr.dtype.kind == "b" else ""
+        raise TypeError(f"{name} must be a real numeric array of points, got dtype {arr.dtype}{what}")
     if arr.ndim != 2 or arr.shape[1] not in (2, 3):
         raise ValueError(f"{name} must have shape (N, 2) or (N, 3) (one point per row, x first), got {arr.shape}")
     if arr.shape[0] == 0:
         raise ValueError(f"{name} is empty; it needs at least one point")
-    arr = arr.astype(np.float64)
+    with np.errstate(over="ignore"):
+        arr = arr.astype(np.float64)
     if not np.all(np.isfinite(arr)):
         bad = int((~np.isfinite(arr).all(1)).sum())
         raise ValueError(f"{name} contains {bad} point(s) with NaN or Inf coordinates; remove them first")
+    big = float(np.abs(arr).max())
+    if big > MAX_COORDINATE:
+        raise ValueError(f"{name} has coordinates up to {big:.3g} mm, beyond the ±{MAX_COORDINATE:.0e} mm that "
+                         "register_points accepts (their squares would overflow float64 sums); rescale the points")
+    if arr.shape[0] == 1:
+        raise ValueError(f"{name} has a single point; register_points needs at least 2 distinct points in each set "
+                         "(scale and rotation are undefined for one point)")
+    if np.all(arr == arr[0]):
+        raise ValueError(f"{name}: all {arr.shape[0]} points coincide (zero extent); register_points needs at least "
+                         "2 distinct points in each set")
     return arr
 
 
@@ -305,6 +422,10 @@ def _params(fr: _Frame, lam, bw, S, U, st, **resolved) -> dict:
     """``Result.params`` entries resolved or derived from the data (lengths in mm); the options as passed are
     recorded by the declaration (:func:`classreg.options.declared`)."""
     n_org, r, D = len(fr.values), fr.r, fr.x.shape[1]
+    try:
+        volume_mm3 = fr.volume * r**D
+    except OverflowError:  # point sets beyond ~1e100 mm
+        volume_mm3 = math.inf
     block_diag = np.allclose(S, np.eye(n_org))
     method = ("OMC-MO-BCPD" if (n_org > 1 and block_diag) else "GMC-MO-BCPD" if n_org > 1 and np.allclose(S, 1)
               else "MO-BCPD" if n_org > 1 else "BCPD")
@@ -316,7 +437,7 @@ def _params(fr: _Frame, lam, bw, S, U, st, **resolved) -> dict:
         bandwidth=bw.tolist(), deformation_mm2=lam.tolist(), bandwidth_mm=bw.tolist(), coherence=S.tolist(),
         label_transition=U.tolist(), bcpd_lambda=(1.0 / lam).tolist(), tol_mm=fr.tol_mm,
         normalization_center_mm=fr.c0.tolist(), normalization_scale_mm=r, sigma_init_mm=math.sqrt(st.sigma2) * r,
-        volume_mm3=fr.volume * r**D, dtype="float64", versions=versions(), **resolved)
+        volume_mm3=volume_mm3, dtype="float64", versions=versions(), **resolved)
 
 
 # ================================================================================================ the VB loop
@@ -339,6 +460,11 @@ def _vb_loop(st, estep, blocks, fr: _Frame, prog, method, *, mode, kappa, poster
             diff = abs(sigma - old)
             prog.emit("iteration", level=0, iteration=it, metric=sigma * r, step=diff * r,
                       extra=_record(st, fr, sigma, diff, used))
+            if st.s == 0:
+                raise ValueError(f"register_points diverged at iteration {it}: the scale collapsed to 0 (no source "
+                                 "point kept a correspondence). Check that source and target overlap (they are "
+                                 "centred on the target's centroid, not each on its own) and that gamma, deformation "
+                                 "(mm²) and bandwidth (mm) suit their size")
             if it > min_iter and (sigma < tol_n or diff < tol_n):
                 converged = True
                 stop_reason = (f"converged: sigma {sigma * r:.3g} mm < tol {fr.tol_mm:.3g} mm" if sigma < tol_n else
@@ -352,6 +478,24 @@ def _vb_loop(st, estep, blocks, fr: _Frame, prog, method, *, mode, kappa, poster
         stop_reason = "stopped by callback"
         converged = False
     return it, converged, stop_reason
+
+
+def _warn_if_collapsed(st, fr: _Frame) -> None:
+    """Log a warning when a converged run ends with σ at a sizeable fraction of the target's RMS radius: the target
+    points are then explained as noise around a shrunken source (BCPD's scale collapse, e.g. point sets that
+    hardly overlap), not matched."""
+    sigma_mm = math.sqrt(st.sigma2) * fr.r
+    if sigma_mm > COLLAPSE_SIGMA * fr.radius:
+        logger.warning("register_points: σ ended at %.3g mm, %.0f%% of the target's RMS radius (scale %.3g): the "
+                       "source did not settle onto the target and the result is probably not a registration; check "
+                       "that the point sets overlap and use the same units, or start with mode='similarity'",
+                       sigma_mm, 100 * sigma_mm / fr.radius, st.s)
+
+
+#: a bandwidth above this multiple of the target's RMS radius gets a warning (the kernel is nearly constant)
+WIDE_BANDWIDTH = 1e3
+#: σ above this fraction of the target's RMS radius at the end of the VB loop is reported as a failed registration
+COLLAPSE_SIGMA = 0.25
 
 
 def _record(st, fr: _Frame, sigma, diff, used) -> dict:
@@ -379,7 +523,7 @@ def _transforms(fr: _Frame, blocks, st, kern_mm: Kernel, mode, seed):
     to rounding for full rank / eigsh)."""
     r, c0, D = fr.r, fr.c0, fr.x.shape[1]
     anchors, alabels, coefs = np.zeros((0, D)), np.zeros(0, dtype=np.int64), np.zeros((0, D))
-    if mode == "nonrigid" and st.coef[0] is not None:
+    if mode == "nonrigid" and st.coef and st.coef[0] is not None:
         parts = [interp_coef(kb, W, fr.y, fr.ly_s) for kb, W in zip(blocks, st.coef)]
         anchors = np.concatenate([za * r + c0 for za, _, _ in parts])
         alabels = np.concatenate([la for _, la, _ in parts])
