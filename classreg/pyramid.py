@@ -81,6 +81,7 @@ def level_geometry(image: Image, shrink: float):
     h = np.asarray(image.spacing)
     target = float(shrink) * h.min()
     f = np.maximum(1, np.round(target / h)).astype(int)
+    f = np.minimum(f, np.maximum(1, np.asarray(image.size) // 4))  # a level keeps at least 4 voxels per axis
     size = np.maximum(1, np.asarray(image.size) // f)
     spacing = h * f
     origin = np.asarray(image.origin) + image.direction_matrix @ (h * (f - 1) / 2.0)

@@ -87,3 +87,23 @@ def test_the_memory_estimate_is_recorded():
     res = cr.register_demons(fixed, moving, iterations=2, shrink_factors=(1,))
     assert res.params["memory_estimate_mb"] == pytest.approx(56 * fixed.data.size * 4 / 2**20)
     assert res.params["memory_limit"] is None
+
+
+@pytest.mark.parametrize("solver", ["demons", "lddmm", "affine", "bspline", "rigid"])
+@pytest.mark.parametrize("shape, hint", [((3, 3), "3 voxel"), ((16, 1, 16), "single slice: pass it as a 2-D image")])
+def test_images_too_small_to_register_name_the_problem(solver, shape, hint):
+    """Was: `a needs at least 2 samples along every spatial axis, got shape (1, 1)` from deep inside kernels/diff."""
+    img = cr.Image(np.random.default_rng(0).random(shape).astype(np.float32), 1.0)
+    with pytest.raises(ValueError, match="fixed has only .* voxel") as info:
+        getattr(cr, f"register_{solver}")(img, img)
+    assert hint in str(info.value)
+
+
+def test_a_short_axis_is_not_shrunk_below_four_voxels():
+    from classreg.pyramid import level_geometry
+
+    img = cr.Image(np.zeros((5, 40), np.float32), 1.0)
+    f, spacing, origin, shape = level_geometry(img, 4.0)
+    assert shape == (5, 10) and list(f) == [4, 1]             # x (40 voxels) shrinks by 4, y (5 voxels) not at all
+    cr.register_demons(img.like(np.random.default_rng(1).random((5, 40)).astype(np.float32)), img.like(
+        np.random.default_rng(2).random((5, 40)).astype(np.float32)), iterations=3)

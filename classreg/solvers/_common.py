@@ -80,7 +80,15 @@ def check_pair(fixed, moving) -> None:
             raise ValueError(f"{name} must be a scalar image, got {img.ncomponents} components")
     if fixed.ndim != moving.ndim:
         raise ValueError(f"dimension mismatch: fixed is {fixed.ndim}-D, moving is {moving.ndim}-D")
+    for name, img in (("fixed", fixed), ("moving", moving)):
+        if min(img.shape) < MIN_VOXELS:
+            hint = " (a single slice: pass it as a 2-D image)" if img.ndim == 3 and min(img.shape) == 1 else ""
+            raise ValueError(f"{name} has only {min(img.shape)} voxel(s) along an axis (shape {img.shape}); classreg "
+                             f"registers images of at least {MIN_VOXELS} voxels per axis{hint}")
 
+
+#: fewest voxels along any axis of an image a solver accepts
+MIN_VOXELS = 4
 
 #: smallest physical overlap of the two images, as a fraction of the smaller one's volume, that a solver accepts
 MIN_OVERLAP = 0.01

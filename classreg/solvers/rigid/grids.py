@@ -38,7 +38,7 @@ def extent_in_frame(img: Image, frame: np.ndarray) -> np.ndarray:
 
 def working_grid(extent, spacing: float, frame: np.ndarray, centre: np.ndarray) -> Image:
     """Isotropic grid (spacing mm, axes = ``frame``'s columns) covering ``extent`` (x-first), centred on ``centre``."""
-    size = np.maximum(1, np.round(np.asarray(extent) / spacing)).astype(int)  # x-first
+    size = np.maximum(2, np.round(np.asarray(extent) / spacing)).astype(int)  # x-first; gradients need 2 samples
     origin = centre - frame @ (spacing * (size - 1) / 2.0)
     shape = tuple(int(s) for s in size[::-1])
     return Image(np.zeros(shape, dtype=np.uint8), (spacing,) * len(size), tuple(origin), frame.ravel())
