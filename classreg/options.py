@@ -296,6 +296,9 @@ SHARED = {o.name: o for o in (
     Option("memory_limit", None, "memory the call may use; a larger estimate (from the image sizes, measured per "
                                  "solver) is refused before any work", unit="MB", kind="float", low=0, low_open=True,
            default_text="the memory available now"),
+    Option("time_limit", None, "wall-clock limit of the call: the registration stops at the first iteration past it "
+                               "and returns its current estimate (stop_reason says so)", unit="s", kind="float",
+           low=0, low_open=True, default_text="none"),
     Option("device", None, "where to compute: 'cpu', 'cuda' or 'cuda:N'", kind="device",
            default_text="from the data (CuPy arrays: cuda)"),
     Option("backend", None, "kernel implementation", kind="str", choices=("numpy", "numba", "cuda"),

@@ -73,15 +73,21 @@ class Progress:
         Show a tqdm bar (silently skipped if tqdm is not installed).
     total : int, optional
         Total number of iterations for the bar.
+    time_limit : float, optional
+        Seconds after which the first iteration event stops the run (:class:`StopRegistration`), with
+        :attr:`stop_reason` saying so.
     """
 
-    def __init__(self, name: str, *, callback=None, progress: bool = False, total: int | None = None):
+    def __init__(self, name: str, *, callback=None, progress: bool = False, total: int | None = None,
+                 time_limit: float | None = None):
         if callback is not None and not callable(callback):
             raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
         self.name = name
         self.callback = callback
         self.history: list[dict] = []
         self.stopped = False
+        self.stop_reason = "stopped by callback"
+        self.time_limit = None if time_limit is None else float(time_limit)
         self._t0 = time.perf_counter()
         self._bar = None
         if progress:
@@ -117,6 +123,11 @@ class Progress:
                     self._bar.set_postfix(level=ev.level, metric=f"{ev.metric:.4g}", refresh=False)
         else:
             logger.info("%s %s level=%s metric=%s (%.2f s)", self.name, stage, ev.level, ev.metric, ev.elapsed)
+        if stage == "iteration" and self.time_limit is not None and not self.stopped and ev.elapsed > self.time_limit:
+            self.stopped = True
+            self.stop_reason = f"time limit of {self.time_limit:g} s reached"
+            logger.info("%s stopped: %s (level %s, iteration %s)", self.name, self.stop_reason, ev.level, ev.iteration)
+            raise StopRegistration(self.stop_reason)
         if self.callback is not None and not self.stopped:
             try:
                 self.callback(ev)

@@ -107,3 +107,11 @@ def test_a_short_axis_is_not_shrunk_below_four_voxels():
     assert shape == (5, 10) and list(f) == [4, 1]             # x (40 voxels) shrinks by 4, y (5 voxels) not at all
     cr.register_demons(img.like(np.random.default_rng(1).random((5, 40)).astype(np.float32)), img.like(
         np.random.default_rng(2).random((5, 40)).astype(np.float32)), iterations=3)
+
+
+@pytest.mark.parametrize("solver", ["demons", "lddmm", "affine", "bspline", "rigid"])
+def test_time_limit_stops_every_solver_with_its_reason(solver):
+    fixed, moving = _pair(1.5)
+    res = getattr(cr, f"register_{solver}")(fixed, moving, time_limit=1e-6)
+    assert res.stop_reason == "time limit of 1e-06 s reached" and res.converged is False
+    assert res.transform is not None and res.params["time_limit"] == 1e-6

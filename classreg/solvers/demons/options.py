@@ -52,6 +52,7 @@ OPTIONS = Declaration(
         shared("seed", help="recorded for reproducibility (the algorithm is deterministic)"),
         shared("threads"),
         shared("memory_limit"),
+        shared("time_limit"),
         shared("device"),
         shared("backend"),
         shared("progress"),

@@ -44,7 +44,8 @@ def register_demons(fixed: Image, moving: Image, *, init: Transform | None = Non
                     iterations=None, velocity_sigma: float | None = None, update_sigma: float | None = None,
                     max_step: float | None = None, bch_terms: int = 2, symmetric: bool | None = None,
                     max_pieces: int = 5, piece_tol: float = 0.01, tol: float = 1e-3, lncc_radius: float | None = None,
-                    intensity: str = "match", dtype=np.float32, seed: int = 0, threads: int | None = None, memory_limit: float | None = None,
+                    intensity: str = "match", dtype=np.float32, seed: int = 0, threads: int | None = None,
+                    memory_limit: float | None = None, time_limit: float | None = None,
                     device: str | None = None, backend=None, progress: bool = False, callback=None) -> Result:
     """Register ``moving`` to ``fixed`` with symmetric log-domain diffeomorphic demons and broken geodesics.
 
@@ -148,7 +149,7 @@ def register_demons(fixed: Image, moving: Image, *, init: Transform | None = Non
     mmask = as_mask(moving_mask, moving, "moving_mask")
     fixed_n, moving_n = normalise_intensities(fixed, moving, fmask, intensity, dtype)
     mmask_img = None if mmask is None else moving.like(np.asarray(mmask, dtype=dtype))
-    prog = Progress("demons", callback=callback, progress=progress,
+    prog = Progress("demons", callback=callback, progress=progress, time_limit=time_limit,
                     total=int(max_pieces) * int(sum(schedule["iterations"])))
     out = _broken_geodesic(fixed_n, moving_n, fmask, mmask_img, init, schedule, opts, prog, int(max_pieces),
                            float(piece_tol), dtype)
@@ -233,13 +234,13 @@ def _broken_geodesic(fixed_n: Image, moving_n: Image, fmask, mmask_img, init, sc
             velocities.append(np.asarray(v))
             path_length += velocity_norm(v, h)
             if stopped:
-                stop_reason = "stopped by callback"
+                stop_reason = prog.stop_reason
                 converged = False
                 break
         if not stopped:
             prog.emit("done", metric=energy, extra={"pieces": len(velocities), "path_length": path_length})
     except StopRegistration:
-        stop_reason, converged = "stopped by callback", False
+        stop_reason, converged = prog.stop_reason, False
     finally:
         prog.close()
     return dict(phi=phi, phi_inv=phi_inv, velocities=velocities, path_length=path_length, energy0=energy0,

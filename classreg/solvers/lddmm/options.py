@@ -55,6 +55,7 @@ OPTIONS = Declaration(
         shared("seed", help="recorded for reproducibility (the algorithm is deterministic: P₀ starts at 0)"),
         shared("threads"),
         shared("memory_limit"),
+        shared("time_limit"),
         shared("device", help="where to compute: only 'cpu' (the LDDMM kernels run on the CPU)"),
         shared("backend", choices=("numpy", "numba"), default_text="numba when installed"),
         shared("progress"),

@@ -49,7 +49,8 @@ def register_lddmm(fixed: Image, moving: Image, *, init: Transform | None = None
                    kernel: str = "gaussian", kernel_sigma: float | None = None, alpha: float | None = None,
                    order: float = 2.0, data_sigma: float = 0.05, n_steps: int = 10, max_steps: int | None = None,
                    tol: float = 1e-5, lncc_radius: float | None = None, intensity: str = "auto",
-                   return_trajectory: bool = False, dtype=np.float32, seed: int = 0, threads: int | None = None, memory_limit: float | None = None,
+                   return_trajectory: bool = False, dtype=np.float32, seed: int = 0, threads: int | None = None,
+                    memory_limit: float | None = None, time_limit: float | None = None,
                    device: str | None = None, backend=None, progress: bool = False, callback=None) -> Result:
     """Register ``moving`` to ``fixed`` by LDDMM geodesic shooting of the initial scalar momentum P₀.
 
@@ -164,7 +165,7 @@ def register_lddmm(fixed: Image, moving: Image, *, init: Transform | None = None
     mmask = as_mask(moving_mask, moving, "moving_mask")
     intensity_used = _resolve_intensity(intensity, fixed, moving, fmask, mmask)
     fixed_n, template, mmask_t = _template(fixed, moving, init, fmask, mmask, intensity_used, dtype, backend)
-    prog = Progress("lddmm", callback=callback, progress=progress, total=int(sum(schedule["iterations"])))
+    prog = Progress("lddmm", callback=callback, progress=progress, time_limit=time_limit, total=int(sum(schedule["iterations"])))
     ssd_before = mean_sq(fixed_n.data, template.data, fmask)
     run = _run_levels(fixed_n, template, fmask, mmask_t, schedule, opts, prog, ssd_before)
     t_fin = time.perf_counter()
@@ -263,7 +264,7 @@ def _run_levels(fixed_n, template, fmask, mmask_t, schedule, opts, prog, ssd_bef
         state, stopped = {}, True
     stop_reason, converged = "", True
     if stopped:
-        stop_reason, converged = "stopped by callback", False
+        stop_reason, converged = prog.stop_reason, False
     elif levels:
         converged = bool(levels[-1]["converged"])
         stop_reason = f"finest level: {levels[-1]['message']}"

@@ -64,6 +64,7 @@ def _engine_options(iterations):
         shared("seed"),
         shared("threads"),
         shared("memory_limit"),
+        shared("time_limit"),
         shared("device"),
         shared("backend", help="kernel implementation of interpolation and gradients"),
         shared("progress"),

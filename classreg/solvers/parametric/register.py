@@ -33,7 +33,8 @@ def register_affine(fixed: Image, moving: Image, *, transform: str = "affine", m
                     init="geometry", fixed_mask=None, moving_mask=None, shrink_factors=(4, 2, 1),
                     smoothing_sigmas=None, iterations=(100, 100, 150), samples: int = 2048,
                     sampler: str = "random_coordinate", new_samples: bool = True, optimiser: str = "asgd",
-                    max_step=None, bins: int = 32, seed: int = 0, threads: int | None = None, memory_limit: float | None = None,
+                    max_step=None, bins: int = 32, seed: int = 0, threads: int | None = None,
+                    memory_limit: float | None = None, time_limit: float | None = None,
                     device: str | None = None, backend=None, progress: bool = False, callback=None) -> Result:
     """Translation, rigid, similarity or affine registration of ``moving`` to ``fixed`` (elastix's method).
 
@@ -105,7 +106,8 @@ def register_affine(fixed: Image, moving: Image, *, transform: str = "affine", m
                      new_samples=new_samples, optimiser=optimiser, max_step=max_step, bins=bins, seed=seed,
                      backend=backend, shrink_factors=shrink_factors, smoothing_sigmas=smoothing_sigmas,
                      iterations=iterations)
-    prog = Progress(f"{transform}", callback=callback, progress=progress, total=sum(engine.iterations))
+    prog = Progress(f"{transform}", callback=callback, progress=progress, total=sum(engine.iterations),
+                    time_limit=time_limit)
     state = {"p": mdl.identity()}
     stopped = engine.run(lambda level: mdl, state, prog)
     p = state["p"]
@@ -130,7 +132,8 @@ def register_bspline(fixed: Image, moving: Image, *, grid_spacing=8.0, grid_sche
                      moving_mask=None, shrink_factors=(4, 2, 1), smoothing_sigmas=None, iterations=(500, 500, 500),
                      samples: int = 2048, sampler: str = "random_coordinate", new_samples: bool = True,
                      optimiser: str = "asgd", max_step=None, bins: int = 32, seed: int = 0,
-                     threads: int | None = None, memory_limit: float | None = None, device: str | None = None, backend=None, progress: bool = False,
+                     threads: int | None = None,
+                    memory_limit: float | None = None, time_limit: float | None = None, device: str | None = None, backend=None, progress: bool = False,
                      callback=None) -> Result:
     """Cubic B-spline free-form deformation of ``moving`` onto ``fixed`` (Rueckert et al. 1999; elastix's method).
 
@@ -193,7 +196,8 @@ def register_bspline(fixed: Image, moving: Image, *, grid_spacing=8.0, grid_sche
                for k in range(len(schedule))]
     models = [BSplineModel.over(fixed, pre, spacing * s, margin=m, bending_weight=float(bending_weight),
                                 bound=bound, backend=backend) for s, m in zip(schedule, margins)]
-    prog = Progress("bspline", callback=callback, progress=progress, total=sum(engine.iterations))
+    prog = Progress("bspline", callback=callback, progress=progress, total=sum(engine.iterations),
+                    time_limit=time_limit)
     state = {"p": models[0].identity(), "model": 0}
     done = []  # fold-free: (model, coefficients) of the B-splines composed so far
 
@@ -499,5 +503,5 @@ def _result(fixed, moving, transform, inverse, prog, stopped, params, metrics, b
 
     warped = resample(moving, transform, reference=fixed, backend=backend)
     return Result(transform=transform, inverse=inverse, warped=warped, history=prog.history, converged=not stopped,
-                  stop_reason="stopped by callback" if stopped else "completed the schedule", params=params,
+                  stop_reason=prog.stop_reason if stopped else "completed the schedule", params=params,
                   metrics=metrics, timings={"total": time.perf_counter() - t0}, reference=fixed)

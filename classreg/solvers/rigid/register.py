@@ -42,7 +42,8 @@ def register_rigid(fixed: Image, moving: Image, *, fixed_mask=None, moving_mask=
                    perturbation=PAPER_SCHEDULE["perturbation"], keep=PAPER_SCHEDULE["keep"], overlap: float = 0.5,
                    epsilon: float = 1e-5, squared: bool = True, max_angle: float = 180.0, spacing=None,
                    refine: bool = True, polish=(), dtype=np.float32, seed: int = 0, workers=None,
-                   threads: int | None = None, device: str | None = None, backend=None, progress: bool = False,
+                   threads: int | None = None, time_limit: float | None = None, device: str | None = None,
+                   backend=None, progress: bool = False,
                    callback=None) -> Result:
     """Global rigid alignment of ``moving`` to ``fixed`` by FFT cross-similarity of normalised gradient fields.
 
@@ -140,7 +141,7 @@ def register_rigid(fixed: Image, moving: Image, *, fixed_mask=None, moving_mask=
     workers = thread_count() if workers is None else int(workers)  # small FFTs lose time to threads when busy
     measure = {"backend": backend, "dtype": dtype, "epsilon": float(epsilon), "overlap": float(overlap),
                "squared": bool(squared), "workers": workers}
-    prog = Progress("rigid", callback=callback, progress=progress,
+    prog = Progress("rigid", callback=callback, progress=progress, time_limit=time_limit,
                     total=schedule.evaluations(len(polish), fixed.ndim))
     record, completed, stopped = _search(fixed, moving, pyramid, schedule, measure, polish, float(max_angle),
                                          int(seed), prog)
@@ -149,7 +150,8 @@ def register_rigid(fixed: Image, moving: Image, *, fixed_mask=None, moving_mask=
     params = {**schedule._asdict(), "polish": polish, "workers": workers, "center": pyramid.c_f.tolist(),
               "moving_center": pyramid.c_m.tolist(),
               **common_params(init=None, dtype=dtype, seed=int(seed), backend=backend)}
-    return _result(fixed, moving, transform, refined, record, stopped, params, backend, t_start, prog.history)
+    return _result(fixed, moving, transform, refined, record, stopped, params, backend, t_start, prog.history,
+                   reason=prog.stop_reason)
 
 
 
@@ -198,7 +200,8 @@ def _transform(record: SearchRecord, pyramid: WorkingPyramid, ndim: int, *, refi
     return Affine(r_best, t_best, pyramid.c_f), refined
 
 
-def _result(fixed, moving, transform, refined, record, stopped, params, backend, t_start, history) -> Result:
+def _result(fixed, moving, transform, refined, record, stopped, params, backend, t_start, history, *,
+            reason="stopped by callback") -> Result:
     """The :class:`Result`: warped image, metrics, per-evaluation extras and per-level timings."""
     from ...resample import resample
 
@@ -216,5 +219,5 @@ def _result(fixed, moving, transform, refined, record, stopped, params, backend,
     for info in record.level_info:
         timings[f"level{info['level']}"] = info["seconds"]
     return Result(transform=transform, inverse=transform.inverse(), warped=warped, history=history,
-                  converged=not stopped, stop_reason="stopped by callback" if stopped else "completed the schedule",
+                  converged=not stopped, stop_reason=reason if stopped else "completed the schedule",
                   params=params, metrics=metrics, timings=timings, reference=fixed, extras=extras)
