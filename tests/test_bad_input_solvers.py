@@ -68,7 +68,7 @@ def test_an_oscillating_demons_energy_ends_the_level(monkeypatch):
     assert len(res.history) < 20
 
 
-@pytest.mark.parametrize("solver", ["demons", "lddmm", "affine", "bspline"])
+@pytest.mark.parametrize("solver", ["demons", "lddmm", "affine", "bspline", "rigid"])
 def test_a_pair_too_large_for_the_memory_limit_is_refused_at_once(solver):
     """400³ float32 (demons reached 9.3-10.3 GB RSS within 60 s with no warning); refused in well under a second."""
     import time

@@ -66,6 +66,7 @@ OPTIONS = Declaration(
         Option("workers", None, "threads of the FFTs (scipy.fft)", kind="int", low=1,
                default_text="the numba thread count (NUMBA_NUM_THREADS or all cores)"),
         shared("threads"),
+        shared("memory_limit"),
         shared("time_limit"),
         shared("device"),
         shared("backend", help="kernel implementation of resampling, smoothing and gradients"),

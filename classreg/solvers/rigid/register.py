@@ -25,7 +25,7 @@ from ...progress import Progress, StopRegistration
 from ...pyramid import multiresolution
 from ...result import Result
 from ...transforms import Affine
-from .._common import check_masks, check_pair, common_params
+from .._common import check_masks, check_memory, check_pair, common_params
 from .grids import WorkingPyramid
 from .options import OPTIONS, PAPER_SCHEDULE
 from .rotations import euler_angles
@@ -42,7 +42,8 @@ def register_rigid(fixed: Image, moving: Image, *, fixed_mask=None, moving_mask=
                    perturbation=PAPER_SCHEDULE["perturbation"], keep=PAPER_SCHEDULE["keep"], overlap: float = 0.5,
                    epsilon: float = 1e-5, squared: bool = True, max_angle: float = 180.0, spacing=None,
                    refine: bool = True, polish=(), dtype=np.float32, seed: int = 0, workers=None,
-                   threads: int | None = None, time_limit: float | None = None, device: str | None = None,
+                   threads: int | None = None, memory_limit: float | None = None,
+                   time_limit: float | None = None, device: str | None = None,
                    backend=None, progress: bool = False,
                    callback=None) -> Result:
     """Global rigid alignment of ``moving`` to ``fixed`` by FFT cross-similarity of normalised gradient fields.
@@ -132,6 +133,7 @@ def register_rigid(fixed: Image, moving: Image, *, fixed_mask=None, moving_mask=
     """
     t_start = time.perf_counter()
     check_pair(fixed, moving)
+    memory_mb = check_memory("rigid", fixed, moving, dtype, memory_limit)
     schedule = resolve_schedule(shrink_factors, smoothing_sigmas, samples, perturbation, keep)
     fmask, mmask = check_masks(fixed, moving, fixed_mask, moving_mask)
     dtype = np.dtype(dtype)
@@ -149,7 +151,7 @@ def register_rigid(fixed: Image, moving: Image, *, fixed_mask=None, moving_mask=
     # the resolved entries; the options as passed are recorded by the declaration
     params = {**schedule._asdict(), "polish": polish, "workers": workers, "center": pyramid.c_f.tolist(),
               "moving_center": pyramid.c_m.tolist(),
-              **common_params(init=None, dtype=dtype, seed=int(seed), backend=backend)}
+              "memory_estimate_mb": memory_mb, **common_params(init=None, dtype=dtype, seed=int(seed), backend=backend)}
     return _result(fixed, moving, transform, refined, record, stopped, params, backend, t_start, prog.history,
                    reason=prog.stop_reason)
 
