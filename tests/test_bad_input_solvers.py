@@ -115,3 +115,18 @@ def test_time_limit_stops_every_solver_with_its_reason(solver):
     res = getattr(cr, f"register_{solver}")(fixed, moving, time_limit=1e-6)
     assert res.stop_reason == "time limit of 1e-06 s reached" and res.converged is False
     assert res.transform is not None and res.params["time_limit"] == 1e-6
+
+
+@pytest.mark.parametrize("solver, option, value", [
+    ("demons", "velocity_sigma", "big"), ("demons", "shrink_factors", None), ("demons", "max_pieces", 2.5),
+    ("lddmm", "alpha", "big"), ("lddmm", "shrink_factors", None), ("lddmm", "n_steps", "10"),
+    ("affine", "samples", "big"), ("affine", "iterations", None), ("affine", "transform", 3),
+    ("bspline", "grid_spacing", "x"), ("bspline", "bending_weight", None), ("bspline", "samples", 1.5),
+    ("rigid", "samples", "big"), ("rigid", "max_angle", None), ("rigid", "keep", 2.5),
+])
+def test_wrong_option_types_name_the_option(solver, option, value):
+    """Was, before the option declarations checked calls: `could not convert string to float: 'big'` or
+    `'NoneType' object is not iterable` from inside the solvers."""
+    fixed, moving = _pair(1.5)
+    with pytest.raises((TypeError, ValueError), match=rf"register_{solver}: {option} must"):
+        getattr(cr, f"register_{solver}")(fixed, moving, **{option: value})
