@@ -130,3 +130,10 @@ def test_wrong_option_types_name_the_option(solver, option, value):
     fixed, moving = _pair(1.5)
     with pytest.raises((TypeError, ValueError), match=rf"register_{solver}: {option} must"):
         getattr(cr, f"register_{solver}")(fixed, moving, **{option: value})
+
+
+def test_time_limit_stops_register_points():
+    rng = np.random.default_rng(0)
+    x = rng.random((60, 3)) * 20.0
+    res = cr.register_points(x, x + 0.5, time_limit=1e-6)
+    assert res.stop_reason == "time limit of 1e-06 s reached" and res.converged is False

@@ -82,8 +82,8 @@ def register_affine(fixed: Image, moving: Image, *, transform: str = "affine", m
         Histogram bins of MI.
     seed : int
         Seeds the sampler (same inputs, seed and threads ⇒ the same result).
-    threads, device, backend, progress, callback
-        As for every solver.
+    threads, memory_limit, time_limit, device, backend, progress, callback
+        As for every solver (memory_limit in MB, refused before any work; time_limit in seconds, stops the run).
 
     Returns
     -------
@@ -161,7 +161,7 @@ def register_bspline(fixed: Image, moving: Image, *, grid_spacing=8.0, grid_sche
     fold_free : bool
         Compose Choi-Lee-bounded B-splines (no folding, by construction) or refine one grid (elastix).
     init, fixed_mask, moving_mask, shrink_factors, smoothing_sigmas, iterations, samples, sampler, new_samples,
-    optimiser, max_step, bins, seed, threads, device, backend, progress, callback
+    optimiser, max_step, bins, seed, threads, memory_limit, time_limit, device, backend, progress, callback
         As in :func:`register_affine`.
 
     Returns

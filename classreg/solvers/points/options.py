@@ -86,6 +86,7 @@ OPTIONS = Declaration(
         shared("seed", help="seed of every random choice (kernel and E-step Nyström landmarks, probes, the eigsh "
                             "start vector): same inputs + seed ⇒ the same output, for any thread count"),
         shared("threads"),
+        shared("time_limit"),
         shared("device", help="where the E-step sums run: 'cpu', 'cuda' or 'cuda:N' (the M-step stays on the host)"),
         shared("backend", help="E-step kernel implementation"),
         shared("progress"),

@@ -39,8 +39,8 @@ def register_points(source, target, *, source_labels=None, target_labels=None, m
                     max_iter=500, min_iter=30, rank="auto", lowrank=None, nystrom_samples=None,
                     posterior_covariance=True, truncation=1e-12, estep="auto", estep_landmarks=300,
                     estep_tol=1e-2, estep_precision="float32", pd_guard="jitter", normalize=True,
-                    memory_budget_mb=2048, reference=None, seed=0, threads=None, device=None, backend=None,
-                    progress=False, callback=None) -> Result:
+                    memory_budget_mb=2048, reference=None, seed=0, threads=None, time_limit=None, device=None,
+                    backend=None, progress=False, callback=None) -> Result:
     r"""Register a labelled source point cloud onto a target with (multi-organ) Bayesian Coherent Point Drift.
 
     Implements the variational-Bayes BCPD of Hirose (model of Sec. 4, VB updates of Algorithm 1; see
@@ -140,6 +140,9 @@ def register_points(source, target, *, source_labels=None, target_labels=None, m
         Seed of every random choice (Nyström landmarks, probes, eigsh start vector).
     threads : int, optional
         CPU threads of the numba kernels during the call.
+    time_limit : float, optional
+        Seconds of wall-clock time; the first iteration past it stops the run, which returns its current estimate
+        with ``stop_reason`` "time limit of ... s reached".
     device : {None, "cpu", "cuda", "cuda:N"}
         Where the E-step sums run ("cuda" selects ``backend="cuda"``).
     backend : {None, "numpy", "numba", "cuda"}
@@ -218,7 +221,8 @@ def register_points(source, target, *, source_labels=None, target_labels=None, m
         e_step = EStep(fr.x, fr.lx_s, fr.ly_s, U, omega=omega, volume=fr.volume, truncation=truncation,
                        precision=estep_precision, mode=estep, landmarks=estep_landmarks, tol=estep_tol, seed=seed,
                        backend=be, budget=budget)
-        prog = Progress("register_points", callback=callback, progress=progress, total=int(max_iter))
+        prog = Progress("register_points", callback=callback, progress=progress, total=int(max_iter),
+                        time_limit=time_limit)
         t_loop = time.perf_counter()
         it, converged, stop_reason = _vb_loop(st, e_step, blocks, fr, prog, params["method"], mode=mode, kappa=kappa,
                                               posterior_covariance=posterior_covariance, max_iter=max_iter,
@@ -475,7 +479,7 @@ def _vb_loop(st, estep, blocks, fr: _Frame, prog, method, *, mode, kappa, poster
                 break
         prog.emit("level_end", level=0)
     except StopRegistration:
-        stop_reason = "stopped by callback"
+        stop_reason = prog.stop_reason
         converged = False
     return it, converged, stop_reason
 
