@@ -164,6 +164,7 @@ def test_kernel_targets_are_checked_against_the_rows():
     assert lines[4].endswith("— met")  # 4.3 ≤ 5
 
 
+@pytest.mark.slow  # 20-40 s on a cold numba cache, nearly all of it compiling 3-D kernel variants
 @pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="numba not installed")
 def test_kernel_benchmark_smoke(tmp_path):
     """A tiny run writes the JSON, the table and the docs page with every kernel row and the target checks."""
