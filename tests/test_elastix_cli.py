@@ -121,14 +121,22 @@ def test_runtime_errors_exit_1_and_leave_only_the_log(tmp_path, pair):
     assert code == 1 and "should be a text file" in err
 
 
-def test_two_stage_run_writes_elastix_outputs(tmp_path, pair):
+def two_stage(tmp_path, pair, transform):
+    """classreg-elastix with ``transform`` then a B-spline; returns the output folder (and asserts exit 0)."""
     f, m = pair
     out = tmp_path / "out"
     out.mkdir()
-    rigid = write(tmp_path, "rigid.txt", AFFINE_FILE.format(transform="EulerTransform"))
+    first = write(tmp_path, "first.txt", AFFINE_FILE.format(transform=transform))
     bspl = write(tmp_path, "bspline.txt", BSPLINE_FILE)
-    code, _, err = run(["-f", f, "-m", m, "-p", rigid, "-p", bspl, "-out", out, "-threads", "2"])
+    code, _, err = run(["-f", f, "-m", m, "-p", first, "-p", bspl, "-out", out, "-threads", "2"])
     assert code == 0, err
+    return out
+
+
+def test_two_stage_run_writes_elastix_outputs(tmp_path, pair):
+    f, m = pair
+    out = two_stage(tmp_path, pair, "EulerTransform")
+    rigid = tmp_path / "first.txt"
     names = sorted(os.listdir(out))
     assert names == ["IterationInfo.0.R0.txt", "IterationInfo.0.R1.txt", "IterationInfo.1.R0.txt",
                      "IterationInfo.1.R1.txt", "TransformParameters.0.txt", "TransformParameters.1.txt",
@@ -159,12 +167,7 @@ def test_two_stage_run_writes_elastix_outputs(tmp_path, pair):
 @pytest.mark.skipif(not HAVE_ELASTIX, reason="Debian's elastix/transformix not installed")
 def test_real_transformix_applies_classreg_elastix_files(tmp_path, pair):
     """Interoperability: real transformix 5.0.1 maps points with classreg-elastix's chain as classreg does."""
-    f, m = pair
-    out = tmp_path / "out"
-    out.mkdir()
-    rigid = write(tmp_path, "rigid.txt", AFFINE_FILE.format(transform="AffineTransform"))
-    bspl = write(tmp_path, "bspline.txt", BSPLINE_FILE)
-    assert run(["-f", f, "-m", m, "-p", rigid, "-p", bspl, "-out", out])[0] == 0
+    out = two_stage(tmp_path, pair, "AffineTransform")
     pts = tmp_path / "pts.txt"
     rng = np.random.default_rng(3)
     p = rng.uniform(5, 58, size=(20, 2))

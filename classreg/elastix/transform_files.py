@@ -333,20 +333,9 @@ class TransformFile:
             img = self.image
             return OutputGrid(tuple(img.size), (0,) * n, tuple(img.spacing), tuple(img.origin),
                               img.direction_matrix, udc)
-        size = tuple(lk.get("Size", int, entry=i) for i in range(n))
+        size, index, spacing, origin, direction = _geometry(lk, "", n, str(self.path or ""))
         if any(s <= 0 for s in size):
             raise ParameterFileError(f"ERROR: One or more image sizes are 0 or unspecified! (Size {size})")
-        index = tuple(lk.get("Index", int, 0, entry=i) if "Index" in lk else 0 for i in range(n))
-        spacing = tuple(lk.get("Spacing", float, entry=i) if "Spacing" in lk else 1.0 for i in range(n))
-        origin = tuple(lk.get("Origin", float, entry=i) if "Origin" in lk else 0.0 for i in range(n))
-        if "Direction" in lk:
-            vals = lk.get_list("Direction", float)
-            if len(vals) < n * n:
-                raise ParameterFileError(f"ERROR: Direction needs {n * n} values (column-major), got {len(vals)}")
-            direction = np.asarray(vals[: n * n]).reshape(n, n).T
-        else:
-            direction = np.eye(n)
-        _check_list_lengths(lk, {"Size": n, "Spacing": n, "Origin": n, "Index": n}, self.path)
         return OutputGrid(size, index, spacing, origin, direction, udc)
 
     def reference(self) -> Image:
@@ -684,6 +673,25 @@ def stage_transform(pm: Mapping, *, ndim: int, referring: str = "", use_directio
         f"transforms {', '.join(SUPPORTED_TRANSFORMS)}" + (f" ({source})" if source else ""))
 
 
+def _geometry(lk: ParameterLookup, prefix: str, n: int, source: str) -> tuple:
+    """``<prefix>Size``, ``Index``, ``Spacing``, ``Origin`` and ``Direction`` (written column-major) of a map: the
+    image grid (prefix "") or a B-spline control grid ("Grid"); missing index/spacing/origin/direction are 0/1/0/I."""
+    def values(key, kind, default):
+        return tuple(lk.get(prefix + key, kind, entry=i) if prefix + key in lk else default for i in range(n))
+
+    size, index = values("Size", int, 0), values("Index", int, 0)
+    spacing, origin = values("Spacing", float, 1.0), values("Origin", float, 0.0)
+    _check_list_lengths(lk, {prefix + k: n for k in ("Size", "Spacing", "Origin", "Index")}, source)
+    direction = np.eye(n)
+    if prefix + "Direction" in lk:
+        vals = lk.get_list(prefix + "Direction", float)
+        if len(vals) < n * n:
+            raise ParameterFileError(f"ERROR: {prefix}Direction needs {n * n} values (column-major), got {len(vals)}"
+                                     + (f" ({source})" if source else ""))
+        direction = np.asarray(vals[: n * n]).reshape(n, n).T
+    return size, index, spacing, origin, direction
+
+
 def _bspline_stage(lk: ParameterLookup, name: str, n: int, source: str) -> BSplineTransform:
     where = f" ({source})" if source else ""
     order = lk.get("BSplineTransformSplineOrder", int, 3)
@@ -693,18 +701,7 @@ def _bspline_stage(lk: ParameterLookup, name: str, n: int, source: str) -> BSpli
     if lk.get("UseCyclicTransform", bool, False):
         raise ParameterFileError(f"ERROR: {name} with UseCyclicTransform \"true\" is not supported{where}")
     if "GridSize" in lk:
-        size = [lk.get("GridSize", int, entry=i) for i in range(n)]
-        index = [lk.get("GridIndex", int, 0, entry=i) if "GridIndex" in lk else 0 for i in range(n)]
-        spacing = [lk.get("GridSpacing", float, 1.0, entry=i) if "GridSpacing" in lk else 1.0 for i in range(n)]
-        origin = [lk.get("GridOrigin", float, 0.0, entry=i) if "GridOrigin" in lk else 0.0 for i in range(n)]
-        _check_list_lengths(lk, {"GridSize": n, "GridSpacing": n, "GridOrigin": n, "GridIndex": n}, source)
-        if "GridDirection" in lk:
-            d = lk.get_list("GridDirection", float)
-            if len(d) < n * n:
-                raise ParameterFileError(f"ERROR: GridDirection needs {n * n} values, got {len(d)}{where}")
-            direction = np.asarray(d[: n * n]).reshape(n, n).T
-        else:
-            direction = np.eye(n)
+        size, index, spacing, origin, direction = _geometry(lk, "Grid", n, source)
     elif "ITKTransformFixedParameters" in lk:
         f = lk.get_list("ITKTransformFixedParameters", float)
         if len(f) < 3 * n + n * n:
