@@ -7,6 +7,7 @@ folder and is renamed into place, so an interrupted run never leaves a truncated
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import shutil
@@ -18,6 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from .image import Image
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["load", "save", "load_points", "save_points", "IMAGE_EXTENSIONS", "atomic_output", "image_extension"]
 
@@ -49,7 +52,7 @@ def _check_readable(path, name="path") -> Path:
     return p
 
 
-def load(path, *, dtype=None) -> Image:
+def load(path, *, dtype=None, channel: int | None = None) -> Image:
     """Read an image file (.nii, .nii.gz, .mha, .mhd, .nrrd, .nhdr, .png) into an :class:`~classreg.Image`.
 
     Data and geometry are exactly what ``SimpleITK.ReadImage`` gives, after checks that turn every silent misreading
@@ -67,6 +70,9 @@ def load(path, *, dtype=None) -> Image:
         The file. Geometry (spacing, origin, direction) is taken exactly as SimpleITK reads it.
     dtype : numpy dtype, optional
         Convert the pixel data (e.g. ``np.float32``); by default the file's pixel type is kept.
+    channel : int, optional
+        Read one component of a multi-component image. Without it a grey image stored as RGB/RGBA (identical colour
+        channels, as ITK's example PNGs) is read as one channel, and a true colour image is an error.
 
     Returns
     -------
@@ -115,9 +121,32 @@ def load(path, *, dtype=None) -> Image:
             out = Image.from_sitk(img)
         except ValueError as exc:
             raise _image_error(p, exc, img.GetSpacing()) from None
+    out = _grey(out, p, channel)
     if dtype is not None:
         out = out.astype(dtype)
     return out
+
+
+def _grey(image: Image, p: Path, channel) -> Image:
+    """A colour (RGB/RGBA integer) image as one grey channel: ``channel`` if given; the common value when the colour
+    channels are identical (grey pictures stored as RGB, e.g. ITK's example PNGs); else a ValueError naming the fix.
+    Other vector images (displacement fields: floating point) are returned unchanged."""
+    colour = image.is_vector and image.ncomponents in (3, 4) and np.issubdtype(image.dtype, np.integer)
+    if channel is not None:
+        if not image.is_vector or not 0 <= int(channel) < image.ncomponents:
+            raise ValueError(f"path {str(p)!r}: channel={channel} but the image has "
+                             f"{image.ncomponents if image.is_vector else 1} component(s)")
+        return Image(np.ascontiguousarray(image.data[..., int(channel)]), image.spacing, image.origin,
+                     image.direction)
+    if not colour:
+        return image
+    data = image.data
+    if all(np.array_equal(data[..., 0], data[..., c]) for c in (1, 2)):
+        logger.info("%s: a grey image stored as %s; read as one channel", p, "RGBA" if image.ncomponents == 4 else "RGB")
+        return Image(np.ascontiguousarray(data[..., 0]), image.spacing, image.origin, image.direction)
+    raise ValueError(f"path {str(p)!r}: a colour image (RGB{'A' if image.ncomponents == 4 else ''} with different "
+                     "channels); classreg registers grey images: pass channel=0, 1 or 2 to classreg.load to use one "
+                     "channel, or convert the file to grey first")
 
 
 def save(image: Image, path, *, compress: bool | None = None) -> Path:

@@ -416,3 +416,37 @@ def _mni_float_crop(tmp_path):
 ])
 def test_special_valid_nifti_files_load_bit_identically(tmp_path, build):
     _assert_same_as_sitk(build(tmp_path))
+
+
+def test_grey_pictures_stored_as_rgb_read_as_one_channel_and_colour_is_refused(tmp_path):
+    """ITK's example PNGs are grey images stored as RGB: `classreg register demons` used to fail on them with
+    'fixed must be a scalar image, got 3 components'."""
+    import SimpleITK as sitk
+
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 255, (20, 24), dtype=np.uint8)
+    rgb = sitk.GetImageFromArray(np.stack([grey] * 3, axis=-1), isVector=True)
+    sitk.WriteImage(rgb, str(tmp_path / "grey_rgb.png"))
+    img = cr.load(tmp_path / "grey_rgb.png")
+    assert not img.is_vector and np.array_equal(img.numpy(), grey)
+    colour = np.stack([grey, grey[::-1], grey[:, ::-1]], axis=-1)
+    sitk.WriteImage(sitk.GetImageFromArray(colour, isVector=True), str(tmp_path / "colour.png"))
+    with pytest.raises(ValueError, match=r"colour\.png.*a colour image .*pass channel=0, 1 or 2"):
+        cr.load(tmp_path / "colour.png")
+    assert np.array_equal(cr.load(tmp_path / "colour.png", channel=1).numpy(), grey[::-1])
+    with pytest.raises(ValueError, match="channel=5 but the image has 3 component"):
+        cr.load(tmp_path / "colour.png", channel=5)
+
+
+def test_itk_rgb_example_pngs_register_through_the_command_line(tmp_path):
+    from classreg import data
+    from classreg.cli import main
+
+    try:
+        t1 = data.itk_example("BrainT1SliceBorder20.png")
+        pd = data.itk_example("BrainProtonDensitySliceBorder20.png")
+    except data.DataNotFoundError as exc:
+        pytest.skip(str(exc))
+    rc = main(["register", "affine", str(t1), str(pd), "-o", str(tmp_path / "out"), "-q", "--no-qc",
+               "--iterations", "5", "--shrink-factors", "2", "1"])
+    assert rc == 0 and (tmp_path / "out" / "result.json").exists()
