@@ -448,5 +448,5 @@ def test_itk_rgb_example_pngs_register_through_the_command_line(tmp_path):
     except data.DataNotFoundError as exc:
         pytest.skip(str(exc))
     rc = main(["register", "affine", str(t1), str(pd), "-o", str(tmp_path / "out"), "-q", "--no-qc",
-               "--iterations", "5", "--shrink-factors", "2", "1"])
+               "--iterations", "5", "5", "--shrink-factors", "2", "1"])
     assert rc == 0 and (tmp_path / "out" / "result.json").exists()
