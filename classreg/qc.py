@@ -13,11 +13,40 @@ import numpy as np
 from .image import Image
 from .io import atomic_output
 
-__all__ = ["qc_figure"]
+__all__ = ["jacobian_title", "log_jacobian", "qc_figure", "window"]
 
 
 def _slice(a: np.ndarray, ndim: int):
     return a[a.shape[0] // 2] if ndim == 3 else a
+
+
+def window(a: np.ndarray, percentiles=(1.0, 99.0)) -> np.ndarray:
+    """``a`` scaled to [0, 1] on its own robust range (the 1st-99th percentiles of its non-zero voxels when it has
+    any: a zero background would otherwise pull the window down), clipped outside it."""
+    a = np.asarray(a, dtype=float)
+    finite = a[np.isfinite(a)]
+    body = finite[finite != 0] if np.count_nonzero(finite) > 0.05 * max(finite.size, 1) else finite
+    if body.size == 0:
+        return np.zeros_like(a)
+    lo, hi = np.percentile(body, percentiles)
+    return np.clip((a - lo) / max(hi - lo, 1e-12 * max(abs(hi), 1.0)), 0.0, 1.0)
+
+
+def log_jacobian(det: np.ndarray) -> tuple:
+    """``log det J`` for display (det J ≤ 0, where the log is undefined, at the negative end) and a symmetric colour
+    limit that shows a 2× compression or expansion at least."""
+    det = np.asarray(det, dtype=float)
+    tiny = 1e-6
+    logdet = np.log(np.maximum(det, tiny))
+    lim = max(np.log(2.0), float(np.percentile(np.abs(logdet), 99.5)))
+    return logdet, lim
+
+
+def jacobian_title(det: np.ndarray) -> str:
+    """min, max, % det J ≤ 0 and % < 0.1 (strong compression) — what a reader needs to judge plausibility."""
+    det = np.asarray(det, dtype=float)
+    return (f"det J: min {det.min():.3g}, max {det.max():.3g}\n"
+            f"{100.0 * np.mean(det <= 0):.3g} % ≤ 0 (black), {100.0 * np.mean(det < 0.1):.3g} % < 0.1")
 
 
 def qc_figure(result, moving: Image, path, *, fixed: Image | None = None, title: str | None = None,
@@ -56,23 +85,22 @@ def qc_figure(result, moving: Image, path, *, fixed: Image | None = None, title:
     u, _ = dense_displacement(t, fixed)
     det = _slice(np.asarray(jacobian_determinant(u, spacing=fixed.spacing_array_order)), n)
     u2 = _slice(u, n)[..., -2:] / np.asarray(fixed.spacing_array_order[-2:])  # in-plane, voxels
-    rng_f = np.percentile(f, [1, 99])
-
-    def norm(a):
-        return np.clip((a - rng_f[0]) / max(rng_f[1] - rng_f[0], 1e-12), 0, 1)
-
+    # each image on its own robust window: fixed and moving often have unrelated ranges (0-1 against 0-255), and
+    # one shared window turned the moving and warped panels into white silhouettes
+    nf, nm, nw = window(f), window(m), window(w)
     yy, xx = np.indices(f.shape)
     cb = ((yy // checker + xx // checker) % 2).astype(bool)
-    checkerboard = np.where(cb, norm(f), norm(w))
+    checkerboard = np.where(cb, nf, nw)
     fig, axes = plt.subplots(2, 3, figsize=(12, 8.5))
     m_name = "moving after the initial transform" if initial is not None else "moving (on the fixed grid)"
-    for ax, img, name in zip(axes[0], (f, m, w), ("fixed", m_name, "warped moving")):
-        ax.imshow(norm(img), cmap="gray", origin="lower")
+    # row 0 of the array at the top, as image viewers show it
+    for ax, img, name in zip(axes[0], (nf, nm, nw), ("fixed", m_name, "warped moving")):
+        ax.imshow(img, cmap="gray", origin="upper", vmin=0, vmax=1)
         ax.set_title(name)
-    axes[1, 0].imshow(checkerboard, cmap="gray", origin="lower")
+    axes[1, 0].imshow(checkerboard, cmap="gray", origin="upper", vmin=0, vmax=1)
     axes[1, 0].set_title("checkerboard fixed / warped")
     ax = axes[1, 1]
-    ax.imshow(norm(w), cmap="gray", origin="lower", alpha=0.5)
+    ax.imshow(nw, cmap="gray", origin="upper", alpha=0.5, vmin=0, vmax=1)
     step = max(1, min(f.shape) // 32)
     gy, gx = yy + u2[..., 0], xx + u2[..., 1]
     for k in range(0, f.shape[0], step):
@@ -80,14 +108,15 @@ def qc_figure(result, moving: Image, path, *, fixed: Image | None = None, title:
     for k in range(0, f.shape[1], step):
         ax.plot(gx[:, k], gy[:, k], color="tab:blue", lw=0.5)
     ax.set_xlim(0, f.shape[1] - 1)
-    ax.set_ylim(0, f.shape[0] - 1)
+    ax.set_ylim(f.shape[0] - 1, 0)
     ax.set_title("deformation grid (in-plane)")
     ax = axes[1, 2]
-    im = ax.imshow(det, cmap="viridis", origin="lower", vmin=0, vmax=max(2.0, float(np.percentile(det, 99))))
-    bad = np.ma.masked_where(det > 0, det)
-    ax.imshow(bad, cmap="autumn", origin="lower")
-    ax.set_title(f"det J (min {det.min():.2f}; red: ≤ 0)")
-    fig.colorbar(im, ax=ax, fraction=0.046)
+    logdet, lim = log_jacobian(det)
+    im = ax.imshow(logdet, cmap="RdBu_r", origin="upper", vmin=-lim, vmax=lim)
+    bad = np.ma.masked_where(det > 0, np.ones_like(det))
+    ax.imshow(bad, cmap="Greys", origin="upper", vmin=0, vmax=1)
+    ax.set_title(jacobian_title(det), fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046, label="log det J (0: volume kept; < 0 compressed)")
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])
