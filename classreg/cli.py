@@ -185,6 +185,9 @@ def _add_solver(subparsers, declaration, func) -> None:
         p.add_argument("--no-qc", action="store_true", help="do not write qc.png")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier classreg result in the output folder (as a whole)")
+    if not points:
+        p.add_argument("--save-extras", action="store_true",
+                       help="also write extras.npz (solver internals, e.g. demons' velocities; often large)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=lambda args: _run(declaration, func, args))
 
@@ -233,7 +236,7 @@ def _run(declaration, func, args) -> int:
     def fill(d):
         from .result import _fill
 
-        _fill(res, d, True)
+        _fill(res, d, True, args.save_extras)
         if not args.no_qc:
             try:
                 from .qc import qc_figure

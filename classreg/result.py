@@ -95,7 +95,7 @@ class Result:
         return inv.map_points(points)
 
     # ------------------------------------------------------------------ persistence
-    def save(self, directory, *, warped: bool = True, overwrite: bool = False) -> Path:
+    def save(self, directory, *, warped: bool = True, extras: bool = False, overwrite: bool = False) -> Path:
         """Write the result as the folder ``directory``, which appears only once complete.
 
         Files: ``transform.<ext>`` and ``inverse.<ext>`` (ITK .tfm for an affine, a displacement-field .nii.gz,
@@ -113,6 +113,9 @@ class Result:
             The result folder: new, empty, or (with ``overwrite``) holding an earlier classreg result.
         warped : bool
             Also write the warped moving image.
+        extras : bool
+            Also write ``extras.npz`` (solver internals such as demons' stationary velocities or LDDMM's initial
+            momentum: often larger than the transform itself, so opt-in).
         overwrite : bool
             Replace an earlier classreg result in ``directory`` (the whole set). A folder holding other files is
             never replaced.
@@ -122,7 +125,7 @@ class Result:
         ResultExistsError
             ``directory`` holds a result and ``overwrite`` is False, or holds files that are not a classreg result.
         """
-        return publish_folder(directory, lambda d: _fill(self, d, warped), overwrite=overwrite)
+        return publish_folder(directory, lambda d: _fill(self, d, warped, extras), overwrite=overwrite)
 
 
 class ResultExistsError(FileExistsError, ValueError):
@@ -198,7 +201,7 @@ def _remove_stale_partials(final: Path) -> None:
             pass
 
 
-def _fill(result: "Result", d: Path, warped: bool) -> None:
+def _fill(result: "Result", d: Path, warped: bool, extras: bool = False) -> None:
     """Write the files of a result into the (private, empty) folder ``d``; result.json last."""
     files = {"transform": _save_transform(result.transform, d / "transform")}
     if result.inverse is not None:
@@ -206,7 +209,7 @@ def _fill(result: "Result", d: Path, warped: bool) -> None:
     if warped and result.warped is not None:
         save(result.warped, d / "warped.nii.gz")
         files["warped"] = "warped.nii.gz"
-    if result.extras:
+    if extras and result.extras:
         files["extras"] = _save_extras(d / "extras.npz", result.extras)
     _write_text(d / "params.json", json.dumps(_jsonable(result.params), indent=2, sort_keys=True))
     _write_history(d / "history.csv", result.history)

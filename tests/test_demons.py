@@ -178,7 +178,7 @@ def test_cli_register_demons_writes_outputs(tmp_path, rng):
     cr.save(fixed, tmp_path / "f.nii.gz")
     cr.save(moving, tmp_path / "m.nii.gz")
     rc = main(["register", "demons", str(tmp_path / "f.nii.gz"), str(tmp_path / "m.nii.gz"), "-o",
-               str(tmp_path / "out"), "--max-pieces", "2", "--quiet"])
+               str(tmp_path / "out"), "--max-pieces", "2", "--quiet", "--save-extras"])
     assert rc == 0
     names = {p.name for p in (tmp_path / "out").iterdir()}
     assert {"qc.png", "warped.nii.gz", "transform.nii.gz", "inverse.nii.gz", "params.json", "history.csv",

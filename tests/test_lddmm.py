@@ -360,7 +360,7 @@ def test_params_history_progress_and_callback_stop(tmp_path):
         assert key in r.params, key
     assert r.params["seed"] == 5
     assert r.metrics["geodesic_length"] > 0
-    out = r.save(tmp_path / "res")
+    out = r.save(tmp_path / "res", extras=True)
     back = cr.load_result(out)
     np.testing.assert_allclose(back.extras["P0"], r.extras["P0"])
 
@@ -416,7 +416,8 @@ def test_cli_register_lddmm(tmp_path):
     cr.save(fixed, tmp_path / "f.nii.gz")
     cr.save(moving, tmp_path / "m.nii.gz")
     rc = main(["register", "lddmm", str(tmp_path / "f.nii.gz"), str(tmp_path / "m.nii.gz"), "-o",
-               str(tmp_path / "out"), "--shrink-factors", "1", "--iterations", "3", "--n-steps", "6", "--no-qc", "-q"])
+               str(tmp_path / "out"), "--shrink-factors", "1", "--iterations", "3", "--n-steps", "6", "--no-qc", "-q",
+               "--save-extras"])
     assert rc == 0
     res = cr.load_result(tmp_path / "out")
     assert isinstance(res.transform, cr.DisplacementField)
