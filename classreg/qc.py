@@ -49,13 +49,31 @@ def jacobian_title(det: np.ndarray) -> str:
             f"{100.0 * np.mean(det <= 0):.3g} % ≤ 0 (black), {100.0 * np.mean(det < 0.1):.3g} % < 0.1")
 
 
+def _summary(result, f, m, w, det) -> str:
+    """The text panel: similarity before/after on the shown slice, plausibility, stop reason and time."""
+    def ncc(a, b):
+        a, b = a - a.mean(), b - b.mean()
+        return float((a * b).sum() / max(np.sqrt((a * a).sum() * (b * b).sum()), 1e-30))
+
+    total = (result.timings or {}).get("total")
+    lines = ["on the whole slice shown:", f"NCC fixed/moving  {ncc(f, m):.3f}", f"NCC fixed/warped  {ncc(f, w):.3f}",
+             f"det J min         {det.min():.3g}", f"det J <= 0        {100.0 * np.mean(det <= 0):.3g} %",
+             f"det J < 0.1       {100.0 * np.mean(det < 0.1):.3g} %"]
+    if total is not None:
+        lines.append(f"time              {total:.2f} s")
+    lines += ["", "stop: " + str(result.stop_reason)[:60]]
+    return "\n".join(lines)
+
+
 def qc_figure(result, moving: Image, path, *, fixed: Image | None = None, title: str | None = None,
               checker: int = 8) -> Path:
-    """Write a PNG with six panels for ``result`` (a :class:`~classreg.Result` of an image registration).
+    """Write a PNG with nine panels for ``result`` (a :class:`~classreg.Result` of an image registration).
 
     Panels: fixed; moving resampled onto the fixed grid by the initial (non-deformable) part, or as is; warped;
-    a checkerboard of fixed and warped; the deformation grid and the Jacobian determinant (det J ≤ 0 in red) of the
-    deformable part (the leading displacement field of a ``Chain``). ``fixed`` defaults to ``result.reference``
+    a checkerboard of fixed and warped; the deformation grid and log det J (det J ≤ 0 in black) of the deformable
+    part (the leading displacement field of a ``Chain``); the differences to fixed before and after; a summary
+    (NCC before/after on the shown slice, det J figures, time, stop reason). Each image is shown on its own robust
+    intensity window, array row 0 at the top. ``fixed`` defaults to ``result.reference``
     (pass it for a result read back by :func:`classreg.load_result`, which keeps only the fixed grid).
     """
     try:
@@ -91,7 +109,7 @@ def qc_figure(result, moving: Image, path, *, fixed: Image | None = None, title:
     yy, xx = np.indices(f.shape)
     cb = ((yy // checker + xx // checker) % 2).astype(bool)
     checkerboard = np.where(cb, nf, nw)
-    fig, axes = plt.subplots(2, 3, figsize=(12, 8.5))
+    fig, axes = plt.subplots(3, 3, figsize=(12, 12.5))
     m_name = "moving after the initial transform" if initial is not None else "moving (on the fixed grid)"
     # row 0 of the array at the top, as image viewers show it
     for ax, img, name in zip(axes[0], (nf, nm, nw), ("fixed", m_name, "warped moving")):
@@ -117,12 +135,21 @@ def qc_figure(result, moving: Image, path, *, fixed: Image | None = None, title:
     ax.imshow(bad, cmap="Greys", origin="upper", vmin=0, vmax=1)
     ax.set_title(jacobian_title(det), fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046, label="log det J (0: volume kept; < 0 compressed)")
+    # differences on the matched windows, before and after, and the figures a reader needs beside them
+    before, after = nm - nf, nw - nf
+    for ax, d, name in ((axes[2, 0], before, "moving − fixed (before)"), (axes[2, 1], after, "warped − fixed (after)")):
+        ax.imshow(d, cmap="RdBu_r", origin="upper", vmin=-1, vmax=1)
+        ax.set_title(f"{name}\nmean |difference| {np.mean(np.abs(d)):.3f} (windowed)", fontsize=9)
+    ax = axes[2, 2]
+    ax.axis("off")
+    ax.text(0.0, 1.0, _summary(result, f, m, w, det), va="top", ha="left", family="monospace", fontsize=8.5,
+            transform=ax.transAxes)
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97) if title else None)
     p = Path(os.fspath(path))
     with atomic_output(p) as tmp:
         fig.savefig(tmp, dpi=90, format="png")
