@@ -116,12 +116,9 @@ def register_lddmm(fixed: Image, moving: Image, *, init: Transform | None = None
         Recorded for reproducibility (the algorithm is deterministic: P₀ starts at 0).
     threads : int, optional
         CPU threads of the numba kernels during the call.
-    memory_limit : float, optional
-        MB the call may use (default: the memory available now); a larger estimate from the image sizes is refused
-        before any work (``Result.params["memory_estimate_mb"]`` records it).
-    time_limit : float, optional
-        Seconds of wall-clock time; the first iteration past it stops the run, which returns its current estimate
-        with ``stop_reason`` "time limit of ... s reached".
+    memory_limit, time_limit : float, optional
+        MB the call may use (default: the memory available now; a larger estimate is refused before any work and
+        recorded in ``Result.params["memory_estimate_mb"]``); seconds after which the run stops with its estimate.
     device : {None, "cpu"}
         Where to compute; the LDDMM kernels run on the CPU only.
     backend : {None, "numpy", "numba"}

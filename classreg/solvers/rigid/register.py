@@ -95,12 +95,9 @@ def register_rigid(fixed: Image, moving: Image, *, fixed_mask=None, moving_mask=
         Threads of the FFTs (None: the numba thread count, i.e. ``NUMBA_NUM_THREADS`` or all cores).
     threads : int, optional
         CPU threads of the numba kernels during the call.
-    memory_limit : float, optional
-        MB the call may use (default: the memory available now); a larger estimate from the image sizes is refused
-        before any work (``Result.params["memory_estimate_mb"]`` records it).
-    time_limit : float, optional
-        Seconds of wall-clock time; the first iteration past it stops the run, which returns its current estimate
-        with ``stop_reason`` "time limit of ... s reached".
+    memory_limit, time_limit : float, optional
+        MB the call may use (default: the memory available now; a larger estimate is refused before any work and
+        recorded in ``Result.params["memory_estimate_mb"]``); seconds after which the run stops with its estimate.
     device : {None, "cpu", "cuda", "cuda:N"}
         Where to compute (selects the backend).
     backend : {None, "numpy", "numba", "cuda"}
