@@ -1,7 +1,7 @@
 """Quality-control figure of a registration: fixed, moving, warped, checkerboard, deformation grid, det J map.
 
 Needs matplotlib (``pip install matplotlib``); :func:`qc_figure` raises ``ImportError`` with that hint otherwise.
-For 3-D images the middle slice along the first array axis is shown.
+For 3-D images each panel shows the three central orthogonal slices (axial, coronal, sagittal).
 """
 from __future__ import annotations
 
@@ -17,7 +17,26 @@ __all__ = ["jacobian_title", "log_jacobian", "qc_figure", "window"]
 
 
 def _slice(a: np.ndarray, ndim: int):
+    """The middle slice along the first array axis (axial for a standard 3-D image); a 2-D image as is."""
     return a[a.shape[0] // 2] if ndim == 3 else a
+
+
+def _views(a: np.ndarray, ndim: int, pad: float = 0.0) -> np.ndarray:
+    """2-D: the image. 3-D: its three central orthogonal slices side by side — axial (first array axis), coronal and
+    sagittal with the first array axis upwards (superior at the top for the usual LPS directions) — padded to one
+    height with ``pad``."""
+    if ndim != 3:
+        return a
+    z, y, x = (s // 2 for s in a.shape[:3])
+    views = [a[z], np.flipud(a[:, y, :]), np.flipud(a[:, :, x])]
+    h = max(v.shape[0] for v in views)
+    out = []
+    for v in views:
+        block = np.full((h, v.shape[1]) + v.shape[2:], pad, dtype=float)
+        block[(h - v.shape[0]) // 2:(h - v.shape[0]) // 2 + v.shape[0]] = v
+        out.append(block)
+        out.append(np.full((h, 2) + v.shape[2:], pad, dtype=float))
+    return np.concatenate(out[:-1], axis=1)
 
 
 def window(a: np.ndarray, percentiles=(1.0, 99.0)) -> np.ndarray:
@@ -56,7 +75,7 @@ def _summary(result, f, m, w, det) -> str:
         return float((a * b).sum() / max(np.sqrt((a * a).sum() * (b * b).sum()), 1e-30))
 
     total = (result.timings or {}).get("total")
-    lines = ["on the whole slice shown:", f"NCC fixed/moving  {ncc(f, m):.3f}", f"NCC fixed/warped  {ncc(f, w):.3f}",
+    lines = ["NCC on the slice(s) shown, det J on the whole grid:", f"NCC fixed/moving  {ncc(f, m):.3f}", f"NCC fixed/warped  {ncc(f, w):.3f}",
              f"det J min         {det.min():.3g}", f"det J <= 0        {100.0 * np.mean(det <= 0):.3g} %",
              f"det J < 0.1       {100.0 * np.mean(det < 0.1):.3g} %"]
     if total is not None:
@@ -97,11 +116,13 @@ def qc_figure(result, moving: Image, path, *, fixed: Image | None = None, title:
     if isinstance(t, Chain) and isinstance(t.transforms[0], DisplacementField):
         rest = t.transforms[1:]
         t, initial = t.transforms[0], (rest[0] if len(rest) == 1 else Chain(rest))
-    f = _slice(fixed.numpy().astype(float), n)
-    m = _slice(resample(moving, initial, reference=fixed).numpy().astype(float), n)
-    w = _slice((result.warped if result.warped is not None else result.apply(moving)).numpy().astype(float), n)
+    f3 = fixed.numpy().astype(float)
+    m3 = resample(moving, initial, reference=fixed).numpy().astype(float)
+    w3 = (result.warped if result.warped is not None else result.apply(moving)).numpy().astype(float)
     u, _ = dense_displacement(t, fixed)
-    det = _slice(np.asarray(jacobian_determinant(u, spacing=fixed.spacing_array_order)), n)
+    det3 = np.asarray(jacobian_determinant(u, spacing=fixed.spacing_array_order))
+    # 3-D: three orthogonal slices per panel; the deformation grid shows the axial slice's in-plane motion
+    f, m, w, det = _views(f3, n), _views(m3, n), _views(w3, n), _views(det3, n, pad=1.0)
     u2 = _slice(u, n)[..., -2:] / np.asarray(fixed.spacing_array_order[-2:])  # in-plane, voxels
     # each image on its own robust window: fixed and moving often have unrelated ranges (0-1 against 0-255), and
     # one shared window turned the moving and warped panels into white silhouettes
@@ -109,6 +130,8 @@ def qc_figure(result, moving: Image, path, *, fixed: Image | None = None, title:
     yy, xx = np.indices(f.shape)
     cb = ((yy // checker + xx // checker) % 2).astype(bool)
     checkerboard = np.where(cb, nf, nw)
+    grid_bg = window(_slice(w3, n))
+    gyy, gxx = np.indices(grid_bg.shape)
     fig, axes = plt.subplots(3, 3, figsize=(12, 12.5))
     m_name = "moving after the initial transform" if initial is not None else "moving (on the fixed grid)"
     # row 0 of the array at the top, as image viewers show it
@@ -118,22 +141,22 @@ def qc_figure(result, moving: Image, path, *, fixed: Image | None = None, title:
     axes[1, 0].imshow(checkerboard, cmap="gray", origin="upper", vmin=0, vmax=1)
     axes[1, 0].set_title("checkerboard fixed / warped")
     ax = axes[1, 1]
-    ax.imshow(nw, cmap="gray", origin="upper", alpha=0.5, vmin=0, vmax=1)
-    step = max(1, min(f.shape) // 32)
-    gy, gx = yy + u2[..., 0], xx + u2[..., 1]
-    for k in range(0, f.shape[0], step):
+    ax.imshow(grid_bg, cmap="gray", origin="upper", alpha=0.5, vmin=0, vmax=1)
+    step = max(1, min(grid_bg.shape) // 32)
+    gy, gx = gyy + u2[..., 0], gxx + u2[..., 1]
+    for k in range(0, grid_bg.shape[0], step):
         ax.plot(gx[k, :], gy[k, :], color="tab:blue", lw=0.5)
-    for k in range(0, f.shape[1], step):
+    for k in range(0, grid_bg.shape[1], step):
         ax.plot(gx[:, k], gy[:, k], color="tab:blue", lw=0.5)
-    ax.set_xlim(0, f.shape[1] - 1)
-    ax.set_ylim(f.shape[0] - 1, 0)
-    ax.set_title("deformation grid (in-plane)")
+    ax.set_xlim(0, grid_bg.shape[1] - 1)
+    ax.set_ylim(grid_bg.shape[0] - 1, 0)
+    ax.set_title("deformation grid (in-plane" + (", axial slice)" if n == 3 else ")"))
     ax = axes[1, 2]
     logdet, lim = log_jacobian(det)
     im = ax.imshow(logdet, cmap="RdBu_r", origin="upper", vmin=-lim, vmax=lim)
     bad = np.ma.masked_where(det > 0, np.ones_like(det))
     ax.imshow(bad, cmap="Greys", origin="upper", vmin=0, vmax=1)
-    ax.set_title(jacobian_title(det), fontsize=9)
+    ax.set_title(jacobian_title(det3), fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046, label="log det J (0: volume kept; < 0 compressed)")
     # differences on the matched windows, before and after, and the figures a reader needs beside them
     before, after = nm - nf, nw - nf
@@ -142,7 +165,7 @@ def qc_figure(result, moving: Image, path, *, fixed: Image | None = None, title:
         ax.set_title(f"{name}\nmean |difference| {np.mean(np.abs(d)):.3f} (windowed)", fontsize=9)
     ax = axes[2, 2]
     ax.axis("off")
-    ax.text(0.0, 1.0, _summary(result, f, m, w, det), va="top", ha="left", family="monospace", fontsize=8.5,
+    ax.text(0.0, 1.0, _summary(result, f, m, w, det3), va="top", ha="left", family="monospace", fontsize=8.5,
             transform=ax.transAxes)
     for ax in axes.ravel():
         ax.set_xticks([])

@@ -44,3 +44,19 @@ def test_figure_is_written_for_image_solvers(tmp_path, solver):
 
     png = imread(path)
     assert png.ndim == 3 and png.shape[0] > 300 and png.shape[1] > 400
+
+
+def test_3d_figure_shows_three_orthogonal_slices(tmp_path):
+    from classreg.qc import _views
+
+    a = np.zeros((6, 8, 10))
+    a[5, :, :] = 1.0                                          # the last slice along the first axis ("superior")
+    montage = _views(a, 3)
+    assert montage.shape == (8, 10 + 2 + 10 + 2 + 8)           # axial 8x10 | coronal 6x10 | sagittal 6x8, padded
+    coronal = montage[:, 12:22]
+    assert coronal[1].max() == 1.0 and coronal[-1].max() == 0.0   # superior at the top (rows padded by 1)
+    rng = np.random.default_rng(2)
+    f = cr.Image(smooth_image((20, 24, 22), rng).astype(np.float32), spacing=(1.0, 1.0, 2.0))
+    m = cr.Image(np.roll(f.numpy(), 1, axis=2), spacing=(1.0, 1.0, 2.0))
+    res = cr.register_demons(f, m, iterations=(3, 2), shrink_factors=(2, 1))
+    assert qc_figure(res, m, tmp_path / "qc3d.png", fixed=f).stat().st_size > 10_000
