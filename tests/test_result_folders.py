@@ -60,7 +60,7 @@ def test_stale_partial_folders_of_ended_processes_are_removed(tmp_path):
     import sys
 
     pid = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                         text=True).stdout.strip()                  # a process that has ended
+                         text=True, check=True).stdout.strip()                  # a process that has ended
     stale = tmp_path / f".out.partial-{pid}-abc"
     stale.mkdir()
     (stale / "transform.tfm").write_text("half")

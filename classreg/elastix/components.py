@@ -218,7 +218,7 @@ def plan_stage(parameters, *, ndim: int, spacing, has_fixed_mask: bool, has_init
     _check_dimension(lookup, ndim)
     reg = lookup.get("Registration", str, "MultiResolutionRegistration")
     if reg.startswith("classreg:"):
-        return _plan_classreg(lookup, reg[len("classreg:"):], ndim=ndim, has_initial=has_initial, warnings=warnings)
+        return _plan_classreg(lookup, reg[len("classreg:"):], warnings=warnings)
     _component(lookup, "Registration", REGISTRATIONS, "MultiResolutionRegistration")
     transform = _component(lookup, "Transform", tuple(TRANSFORMS))
     metrics = _component(lookup, "Metric", tuple(METRICS) + PENALTIES, multi=True)
@@ -360,7 +360,7 @@ def _camel(name: str) -> str:
     return "".join(w[:1].upper() + w[1:] for w in name.split("_"))
 
 
-def _plan_classreg(lookup: ParameterLookup, solver: str, *, ndim, has_initial, warnings) -> Stage:
+def _plan_classreg(lookup: ParameterLookup, solver: str, *, warnings) -> Stage:
     """``(Registration "classreg:<solver>")``: the solver's declared options, in CamelCase, from the same file."""
     # filled when classreg (this package's parent) imported its solvers
     from ..options import SOLVERS

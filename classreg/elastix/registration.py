@@ -158,10 +158,16 @@ def read_scalar_image(path):
     from ..image import Image
     from ..io import load
 
-    img = load(path)
-    if not img.is_vector:
-        return img.astype(np.float32)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
     try:
+        reader.ReadImageInformation()
+        components = reader.GetNumberOfComponents()
+    except RuntimeError:
+        components = 1  # let classreg.load name the problem
+    if components == 1:
+        return load(path).astype(np.float32)
+    try:  # classreg.load refuses true colour; elastix registers its luminance
         return Image.from_sitk(sitk.ReadImage(str(path), sitk.sitkFloat32))
     except RuntimeError as exc:
         raise ValueError(f"{path!r}: could not read it as a scalar image ({exc})") from None
