@@ -35,6 +35,7 @@ _map_source_kernels()
 
 from . import evaluate, terms
 from ._version import __version__
+from .batch import batch
 from .image import Image
 from .io import load, load_points, save, save_points
 from .progress import Event, StopRegistration
@@ -58,6 +59,7 @@ __all__ = [
     "StopRegistration",
     "Transform",
     "__version__",
+    "batch",
     "evaluate",
     "load",
     "load_points",

@@ -122,7 +122,60 @@ def build_parser() -> argparse.ArgumentParser:
     solvers = reg.add_subparsers(dest="solver", metavar="SOLVER")
     for declaration, func in _solvers():
         _add_solver(solvers, declaration, func)
+    _add_batch(sub)
     return p
+
+
+# ================================================================================================ batch
+def _add_batch(sub) -> None:
+    """``classreg batch PAIRS.csv -o OUT ...``: :func:`classreg.batch.batch` (docs/batch.md)."""
+    b = sub.add_parser(
+        "batch", help="register many pairs from a CSV table on Dask (resumable)",
+        description="One task per row of PAIRS.csv (columns fixed, moving; optional id, solver, fixed_labels, "
+                    "moving_labels and any option of the solver, e.g. iterations or demons.iterations in a chain "
+                    "such as affine+demons). Each pair's result, qc.png and evaluation go to OUT/<id>/, one line per "
+                    "row to OUT/summary.csv; a rerun skips the pairs already finished. Runs on a LocalCluster of "
+                    "this machine, or on a running Dask cluster with --scheduler. Needs dask.distributed "
+                    "(pip install \"classreg[dist]\"). Exit status 1 if a pair failed.")
+    b.add_argument("pairs", help="CSV table of pairs (relative paths are read from its folder)")
+    b.add_argument("-o", "--output", required=True, help="output folder (created)")
+    b.add_argument("--solver", default="demons",
+                   help="solver or chain of rows without a solver cell, e.g. affine+demons (default: demons)")
+    b.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
+                   help="an option for every row whose cell is empty (repeatable), e.g. --option iterations=20,10,5")
+    b.add_argument("--scheduler", metavar="ADDRESS", help="run on this Dask scheduler (tcp://host:8786)")
+    b.add_argument("--workers", type=int, help="workers of the local cluster (default: from the cores and memory)")
+    b.add_argument("--threads-per-worker", type=int, default=1,
+                   help="CPU threads of each pair's solver; workers x threads <= cores (default: 1)")
+    b.add_argument("--memory-per-worker", type=float, metavar="MB",
+                   help="memory of each local worker [MB] (default: the available memory shared equally)")
+    b.add_argument("--retries", type=int, default=2, help="resubmissions of a pair whose worker died (default: 2)")
+    b.add_argument("--overwrite", action="store_true", help="run every pair again, replacing earlier results")
+    b.add_argument("--no-qc", action="store_true", help="do not write qc.png")
+    b.add_argument("--save-extras", action="store_true", help="also write each result's extras.npz")
+    b.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    b.set_defaults(func=_cmd_batch)
+
+
+def _cmd_batch(args) -> int:
+    from .batch import batch
+
+    options = {}
+    for item in args.option:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"--option {item!r}: expected NAME=VALUE, e.g. iterations=20,10,5")
+        options[name.strip()] = value
+    try:
+        report = batch(args.pairs, args.output, solver=args.solver, options=options, scheduler=args.scheduler,
+                       workers=args.workers, threads_per_worker=args.threads_per_worker,
+                       memory_per_worker=args.memory_per_worker, retries=args.retries, overwrite=args.overwrite,
+                       qc=not args.no_qc, save_extras=args.save_extras, progress=not args.quiet)
+    except ImportError as exc:
+        print(f"classreg: error: {exc}", file=sys.stderr)
+        return 1
+    print(report.text())
+    return 1 if report.failed else 0
 
 
 # ================================================================================================ register <solver>
