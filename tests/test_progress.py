@@ -47,3 +47,105 @@ def test_bad_callback_and_tqdm_bar(capsys):
         p.emit("iteration", iteration=0, metric=1.0)
         p.emit("iteration", iteration=1, metric=0.5)
     assert capsys.readouterr().out == ""  # the bar writes to stderr, never stdout
+
+
+def test_similarity_is_pearson_correlation():
+    from classreg.progress import similarity
+
+    rng = np.random.default_rng(0)
+    a = rng.random((30, 40)).astype(np.float32)
+    b = a + 0.5 * rng.random((30, 40)).astype(np.float32)
+    assert similarity(a, b) == pytest.approx(np.corrcoef(a.ravel(), b.ravel())[0, 1], abs=1e-6)
+    assert similarity(a, 5.0 * a + 2.0) == pytest.approx(1.0) and similarity(a, -a) == pytest.approx(-1.0)
+    mask = a > 0.5
+    assert similarity(a, b, mask=mask) == pytest.approx(np.corrcoef(a[mask], b[mask])[0, 1], abs=1e-6)
+    assert np.isnan(similarity(a, np.ones_like(a))) and np.isnan(similarity(a[:1, :1], b[:1, :1]))
+    # point coordinates: each column centred on its own, so a shift along one axis is no dissimilarity
+    p = rng.normal(size=(50, 3))
+    assert similarity(p, p + [100.0, -3.0, 0.0], columns=True) == pytest.approx(1.0)
+    w = rng.random(50)
+    q = p + 0.3 * rng.normal(size=(50, 3))
+    pc, qc = p - np.average(p, 0, w), q - np.average(q, 0, w)
+    ref = np.sum(w[:, None] * pc * qc) / np.sqrt(np.sum(w[:, None] * pc**2) * np.sum(w[:, None] * qc**2))
+    assert similarity(p, q, weights=w, columns=True) == pytest.approx(ref)
+    with pytest.raises(ValueError, match="shape"):
+        similarity(a, b[:, :3])
+
+
+def test_warm_up_runs_before_the_bar_once_per_key(monkeypatch, capsys):
+    """The kernels' step runs first, is shown on its own, is skipped for a key already warmed, and does not count
+    against time_limit."""
+    import time
+
+    import classreg.progress as progress
+
+    monkeypatch.setattr(progress, "_WARMED", set())
+    calls = []
+
+    def warm():
+        calls.append(time.perf_counter())
+        time.sleep(0.3)
+
+    pytest.importorskip("tqdm")
+    with Progress("demo", progress=True, total=2, warm_up=warm, warm_key=("k", 1), time_limit=0.2) as p:
+        started = time.perf_counter()
+        time.sleep(0.15)                                                 # past tqdm's redraw interval
+        p.emit("iteration", iteration=0, metric=1.0, similarity=0.5)   # 0.3 s of warm-up: not over the limit
+    err = capsys.readouterr().err
+    assert len(calls) == 1 and calls[0] < started and p.timings["kernels"] >= 0.3
+    assert "demo: compiling kernels (first run only)" in err and "similarity=0.500" in err
+    assert err.index("compiling kernels") < err.index("similarity=")
+    assert p.history[0]["similarity"] == 0.5
+    with Progress("demo", progress=True, total=2, warm_up=warm, warm_key=("k", 1)) as p:
+        pass
+    assert len(calls) == 1 and "kernels" not in p.timings                  # warmed in this process: skipped
+    with Progress("demo", progress=False, warm_up=warm, warm_key=("k", 2)) as p:
+        pass
+    assert len(calls) == 1                                                  # no bar, no warm-up
+
+
+def _pair():
+    from phantoms import smooth_image
+
+    rng = np.random.default_rng(5)
+    a = np.zeros((40, 40), np.float32)
+    a[6:34, 6:34] = 0.2 + 0.6 * smooth_image((28, 28), rng)
+    return cr.Image(a, 1.0), cr.Image(np.roll(a, 2, axis=1) * 150.0, 1.0)
+
+
+@pytest.mark.parametrize("solver", ["demons", "affine", "bspline", "rigid", "points"])
+def test_every_solver_records_the_same_similarity(solver):
+    """history's similarity: NCC in [-1, 1] of the current estimate; it rises over a run, and for a plain
+    intensity solver its last value is the NCC of the result (within sampling / level differences)."""
+    from classreg.progress import similarity
+
+    f, m = _pair()
+    if solver == "points":
+        rng = np.random.default_rng(2)
+        y = rng.normal(scale=10.0, size=(120, 3))
+        res = cr.register_points(y, y @ np.array([[0.96, -0.28, 0], [0.28, 0.96, 0], [0, 0, 1]]).T + 3.0,
+                                 max_iter=40, min_iter=5)
+    else:
+        kw = {"demons": dict(max_pieces=1), "affine": dict(iterations=(30, 30, 30)),
+              "bspline": dict(iterations=(30, 30, 30)),
+              "rigid": dict(samples=(60, 20, 5, 0), max_angle=20.0, workers=1)}[solver]
+        res = getattr(cr, f"register_{solver}")(f, m, **kw)
+    sims = [h["similarity"] for h in res.history]
+    assert all(s is not None and -1.0 <= s <= 1.0 for s in sims)
+    assert sims[-1] > sims[0] - 1e-9 and sims[-1] > 0.8
+    if solver in ("demons", "affine", "bspline"):
+        assert sims[-1] == pytest.approx(similarity(f.numpy(), res.warped.numpy()), abs=0.1)
+
+
+def test_solver_shows_its_kernel_step_before_the_bar(monkeypatch, capsys):
+    import classreg.progress as progress
+
+    pytest.importorskip("tqdm")
+    monkeypatch.setattr(progress, "_WARMED", set())
+    f, m = _pair()
+    res = cr.register_affine(f, m, iterations=(10, 10, 10), progress=True)
+    err = capsys.readouterr().err
+    assert "affine: compiling kernels (first run only)" in err and "kernels" in res.timings
+    assert err.index("compiling kernels") < err.index("affine:   0%")          # before the bar starts
+    res = cr.register_affine(f, m, iterations=(10, 10, 10), progress=True)
+    assert "compiling kernels" not in capsys.readouterr().err and "kernels" not in res.timings

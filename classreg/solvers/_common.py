@@ -19,6 +19,9 @@ __all__ = [
     "index_map",
     "mean_sq",
     "normalise_intensities",
+    "tiny_like",
+    "tiny_pair",
+    "warm_key",
     "warp_through",
 ]
 
@@ -250,3 +253,41 @@ def warp_through(image: Image, reference: Image, init: Affine, disp, backend, *,
     m, off, dm = index_map(image, reference, init)
     return warp(image.data, disp, matrix=m, offset=off, disp_matrix=dm, out_shape=reference.shape, order=order,
                 mode="itk", cval=cval, backend=backend)
+
+
+# ------------------------------------------------------------------------------------------------ kernel warm-ups
+def tiny_pair(ndim: int, fixed_dtype=np.float32, moving_dtype=np.float32, size: int = 12):
+    """A small smooth synthetic pair for kernel warm-ups (:class:`classreg.progress.Progress` ``warm_up``): a
+    Gaussian blob on a ``size``^ndim grid of 1 mm and the same blob one voxel further along x, stored with the
+    given dtypes (integer types scaled to 0-200), so that a solver run on it compiles the kernel signatures a run
+    on real images of those dtypes uses."""
+    from ..image import Image
+
+    g = np.indices((size,) * ndim, dtype=np.float64)
+    c = (size - 1) / 2.0
+    f = np.exp(-sum((gi - c) ** 2 for gi in g) / (2.0 * (size / 5.0) ** 2))
+    m = np.roll(f, 1, axis=-1)
+
+    def cast(a, dt):
+        dt = np.dtype(dt)
+        return (a * (200.0 if dt.kind in "iu" else 1.0)).astype(dt)
+
+    return Image(cast(f, fixed_dtype), 1.0), Image(cast(m, moving_dtype), 1.0)
+
+
+def tiny_like(fixed: Image, moving: Image, size: int = 12):
+    """:func:`tiny_pair` with the dimension and dtypes of ``fixed`` and ``moving``, on their device, and the
+    masks a warm-up passes where the real call has masks (all ones)."""
+    from ..kernels._backend import is_cupy_array
+
+    f, m = tiny_pair(fixed.ndim, fixed.dtype, moving.dtype, size)
+    if is_cupy_array(fixed.data):
+        f, m = f.to("cuda"), m.to("cuda")
+    return f, m, f.like(np.ones(f.shape, dtype=np.uint8)), m.like(np.ones(m.shape, dtype=np.uint8))
+
+
+def warm_key(fixed: Image, moving: Image, *options) -> tuple:
+    """What a warm-up compiles: dimension, device and dtypes of the images, and the kernel-selecting options."""
+    from ..kernels._backend import is_cupy_array
+
+    return (fixed.ndim, is_cupy_array(fixed.data), str(fixed.dtype), str(moving.dtype), *map(repr, options))

@@ -30,6 +30,8 @@ from .._common import (
     field_result,
     mean_sq,
     normalise_intensities,
+    tiny_like,
+    warm_key,
     warp_through,
 )
 from .options import OPTIONS
@@ -125,7 +127,9 @@ def register_demons(fixed: Image, moving: Image, *, init: Transform | None = Non
     -------
     Result
         ``transform`` (fixed → moving: ``Chain([field, init])`` or the field), ``inverse`` (from ``exp(−v)``, no
-        numerical inversion), ``warped``, per-iteration ``history`` (piece, level, iteration, metric, step),
+        numerical inversion), ``warped``, per-iteration ``history`` (piece, level, iteration, metric = the energy
+        (mean squared difference of the normalised intensities, or the LNCC cost) before the update, similarity =
+        NCC of the level's fixed and warped moving images, step),
         ``metrics`` with ``path_length`` (Σ‖v_i‖, mm·mm^{d/2}: the L² norm ``sqrt(Σ_x |v(x)|² Π h)``),
         ``ssd_before``/``ssd_after`` (normalised intensities), ``pieces``; ``extras["velocities"]`` (array-frame
         velocity per piece, mm).
@@ -152,8 +156,17 @@ def register_demons(fixed: Image, moving: Image, *, init: Transform | None = Non
     mmask = as_mask(moving_mask, moving, "moving_mask")
     fixed_n, moving_n = normalise_intensities(fixed, moving, fmask, intensity, dtype)
     mmask_img = None if mmask is None else moving.like(np.asarray(mmask, dtype=dtype))
+    def warm_up():  # the same kernels on a tiny pair, before the bar (progress=True only)
+        f, m, fm, mm = tiny_like(fixed, moving)
+        register_demons(f, m, fixed_mask=None if fixed_mask is None else fm,
+                        moving_mask=None if moving_mask is None else mm, metric=metric, shrink_factors=(2, 1),
+                        iterations=(2, 2), bch_terms=bch_terms, symmetric=opts["symmetric"], max_pieces=2,
+                        intensity=intensity, dtype=dtype, backend=backend)
+
     prog = Progress("demons", callback=callback, progress=progress, time_limit=time_limit,
-                    total=int(max_pieces) * int(sum(schedule["iterations"])))
+                    total=int(max_pieces) * int(sum(schedule["iterations"])), warm_up=warm_up,
+                    warm_key=warm_key(fixed, moving, metric, opts["symmetric"], bch_terms, intensity, dtype.name,
+                                      backend, fixed_mask is None, moving_mask is None))
     out = _broken_geodesic(fixed_n, moving_n, fmask, mmask_img, init, schedule, opts, prog, int(max_pieces),
                            float(piece_tol), dtype)
     h = np.asarray(fixed.spacing_array_order)
@@ -164,7 +177,8 @@ def register_demons(fixed: Image, moving: Image, *, init: Transform | None = Non
                    ssd_after=out["energy"], piece_norms=[velocity_norm(v, h) for v in out["velocities"]])
     return field_result(fixed, moving, init, out["phi"], out["phi_inv"], history=prog.history,
                         converged=out["converged"], stop_reason=out["stop_reason"], params=params, metrics=metrics,
-                        timings={"total": time.perf_counter() - t_start}, extras={"velocities": out["velocities"]})
+                        timings={"total": time.perf_counter() - t_start, **prog.timings},
+                        extras={"velocities": out["velocities"]})
 
 
 def _resolve(fixed: Image, metric, iterations, velocity_sigma, update_sigma, max_step, symmetric, lncc_radius,

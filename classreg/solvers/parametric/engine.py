@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...kernels.sampling import linear_at
+from ...progress import similarity
 from ...terms.measures import intensity_limits, mattes_mi_samples
 from .sampling import Sampler
 
@@ -114,6 +115,7 @@ class LevelObjective:
         self._mi_args = (*_bins(bins), *self.fixed_limits, lo, hi, lo + d, hi - d, metric == "nmi", 1e-16)
         self._cached = None
         self.last_valid = 1.0
+        self.last_similarity = float("nan")
 
     # ------------------------------------------------------------------ samples
     def draw(self, count=None):
@@ -169,6 +171,8 @@ class LevelObjective:
                 f"{nvalid} of {len(y)} valid (fewer than {self.min_valid:.0%}); the images do not overlap after "
                 "the initial transform — check the physical origins/directions, or use init='geometry' or "
                 "init='global'")
+        # the normalised similarity of this draw (classreg.progress.similarity: NCC of the paired samples)
+        self.last_similarity = similarity(f[valid], m)
         if self._fast and self._mi is not None:
             value, dm = self._mi(f[valid], np.ascontiguousarray(m), *self._mi_args)
         else:

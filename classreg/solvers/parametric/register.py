@@ -18,7 +18,7 @@ from ...progress import Progress, StopRegistration
 from ...pyramid import check_schedule, multiresolution
 from ...result import Result
 from ...transforms import Affine, Chain, Transform
-from .._common import check_masks, check_memory, check_overlap, check_pair, common_params
+from .._common import check_masks, check_memory, check_overlap, check_pair, common_params, tiny_like, warm_key
 from .engine import LevelObjective
 from .models import AffineModel
 from .options import AFFINE_OPTIONS, BSPLINE_OPTIONS
@@ -90,14 +90,14 @@ def register_affine(fixed: Image, moving: Image, *, transform: str = "affine", m
     Result
         ``transform``: :class:`~classreg.Affine` fixed → moving (centre = the fixed image's centre mapped by
         ``init``); ``inverse``; ``warped``; ``history`` (one row per iteration: level, iteration, metric = sampled
-        cost, step = gain); ``metrics``: ``metric`` (final cost on all samples of a fixed draw at the finest level),
+        cost, similarity = NCC of that iteration's fixed and moving samples, step = gain); ``metrics``: ``metric`` (final cost on all samples of a fixed draw at the finest level),
         ``parameters`` (the model's, ITK order), ``init`` (the initial transform's matrix), ``samples``,
         ``valid_fraction``, ``levels``.
     """
     t0 = time.perf_counter()
     check_pair(fixed, moving)
     fmask, mmask = check_masks(fixed, moving, fixed_mask, moving_mask)
-    pre, init_name = _initial(fixed, moving, init, fmask, mmask, seed, backend)
+    pre, init_name = _initial(fixed, moving, init, fmask, mmask, seed, backend, progress=progress)
     check_overlap(fixed, moving, pre)
     memory_mb = check_memory("affine", fixed, moving, np.float32, memory_limit)
     center = pre.map_points(_center(fixed)[None])[0]
@@ -106,8 +106,17 @@ def register_affine(fixed: Image, moving: Image, *, transform: str = "affine", m
                      new_samples=new_samples, optimiser=optimiser, max_step=max_step, bins=bins, seed=seed,
                      backend=backend, shrink_factors=shrink_factors, smoothing_sigmas=smoothing_sigmas,
                      iterations=iterations)
+    def warm_up():  # the same kernels on a tiny pair, before the bar (progress=True only)
+        f, m, fm, mm = tiny_like(fixed, moving)
+        register_affine(f, m, transform=transform, metric=metric, init="geometry",
+                        fixed_mask=None if fixed_mask is None else fm, moving_mask=None if moving_mask is None else mm,
+                        shrink_factors=(2, 1), iterations=(2, 2), samples=max(4 * int(bins), 128),
+                        sampler=sampler, new_samples=new_samples, optimiser=optimiser, bins=bins, backend=backend)
+
     prog = Progress(f"{transform}", callback=callback, progress=progress, total=sum(engine.iterations),
-                    time_limit=time_limit)
+                    time_limit=time_limit, warm_up=warm_up,
+                    warm_key=warm_key(fixed, moving, "affine", transform, metric, sampler, optimiser, backend,
+                                      fixed_mask is None, moving_mask is None))
     state = {"p": mdl.identity()}
     stopped = engine.run(lambda level: mdl, state, prog)
     p = state["p"]
@@ -179,7 +188,7 @@ def register_bspline(fixed: Image, moving: Image, *, grid_spacing=8.0, grid_sche
     t0 = time.perf_counter()
     check_pair(fixed, moving)
     fmask, mmask = check_masks(fixed, moving, fixed_mask, moving_mask)
-    pre, init_name = _initial(fixed, moving, init, fmask, mmask, seed, backend)
+    pre, init_name = _initial(fixed, moving, init, fmask, mmask, seed, backend, progress=progress)
     check_overlap(fixed, moving, pre)
     memory_mb = check_memory("bspline", fixed, moving, np.float32, memory_limit)
     # no iterate averaging: many slowly converging coefficients, the average lags (measured: lower Dice)
@@ -196,8 +205,18 @@ def register_bspline(fixed: Image, moving: Image, *, grid_spacing=8.0, grid_sche
                for k in range(len(schedule))]
     models = [BSplineModel.over(fixed, pre, spacing * s, margin=m, bending_weight=float(bending_weight),
                                 bound=bound, backend=backend) for s, m in zip(schedule, margins)]
+    def warm_up():  # the same kernels on a tiny pair, before the bar (progress=True only)
+        f, m, fm, mm = tiny_like(fixed, moving)
+        register_bspline(f, m, grid_spacing=4.0, metric=metric, bending_weight=bending_weight, fold_free=fold_free,
+                         init="geometry", fixed_mask=None if fixed_mask is None else fm,
+                         moving_mask=None if moving_mask is None else mm, shrink_factors=(2, 1), iterations=(2, 2),
+                         samples=max(4 * int(bins), 128), sampler=sampler, new_samples=new_samples,
+                         optimiser=optimiser, bins=bins, backend=backend)
+
     prog = Progress("bspline", callback=callback, progress=progress, total=sum(engine.iterations),
-                    time_limit=time_limit)
+                    time_limit=time_limit, warm_up=warm_up,
+                    warm_key=warm_key(fixed, moving, "bspline", metric, bool(bending_weight), bool(fold_free), sampler,
+                                      optimiser, backend, fixed_mask is None, moving_mask is None))
     state = {"p": models[0].identity(), "model": 0}
     done = []  # fold-free: (model, coefficients) of the B-splines composed so far
 
@@ -370,7 +389,8 @@ class _Engine:
 
         def on_iteration(k, x, value, gain):
             state["p"] = x
-            progress.emit("iteration", level=k_level, iteration=k, metric=value, step=gain, extra=last)
+            progress.emit("iteration", level=k_level, iteration=k, metric=value, similarity=obj.last_similarity,
+                          step=gain, extra=last)
 
         if level.iterations == 0:
             return float("nan")
@@ -428,7 +448,8 @@ class _Engine:
 
         def accept(it):
             state["p"] = it.x / root
-            progress.emit("iteration", level=level.index, iteration=it.iteration, metric=it.f, step=it.step)
+            progress.emit("iteration", level=level.index, iteration=it.iteration, metric=it.f,
+                          similarity=obj.last_similarity, step=it.step)
 
         res = minimise(problem, x0, f0, g0, iterations=level.iterations, tol=1e-9, radius=delta, on_accept=accept,
                        evaluations=1)
@@ -464,8 +485,9 @@ def _center_of_mass(img: Image, mask) -> np.ndarray:
     return img.index_to_world(c_idx[None])[0]
 
 
-def _initial(fixed, moving, init, fmask, mmask, seed, backend):
-    """The initial fixed → moving :class:`Affine` and its name for ``Result.params``."""
+def _initial(fixed, moving, init, fmask, mmask, seed, backend, *, progress=False):
+    """The initial fixed → moving :class:`Affine` and its name for ``Result.params`` (``init="global"`` shows its
+    own bar with ``progress``)."""
     n = fixed.ndim
     if isinstance(init, str):
         if init == "identity":
@@ -478,7 +500,7 @@ def _initial(fixed, moving, init, fmask, mmask, seed, backend):
             from ..rigid import register_rigid
 
             res = register_rigid(fixed, moving, fixed_mask=fmask, moving_mask=mmask, seed=int(seed),
-                                 backend=backend, **GLOBAL_SEARCH[n])
+                                 backend=backend, progress=progress, **GLOBAL_SEARCH[n])
             return res.transform, init
         raise ValueError(f"init must be 'geometry', 'moments', 'global', 'identity' or an Affine, got {init!r}")
     if isinstance(init, Chain):
@@ -504,4 +526,4 @@ def _result(fixed, moving, transform, inverse, prog, stopped, params, metrics, b
     warped = resample(moving, transform, reference=fixed, backend=backend)
     return Result(transform=transform, inverse=inverse, warped=warped, history=prog.history, converged=not stopped,
                   stop_reason=prog.stop_reason if stopped else "completed the schedule", params=params,
-                  metrics=metrics, timings={"total": time.perf_counter() - t0}, reference=fixed)
+                  metrics=metrics, timings={"total": time.perf_counter() - t0, **prog.timings}, reference=fixed)

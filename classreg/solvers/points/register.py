@@ -18,7 +18,7 @@ from ...backend import versions
 from ...image import Image
 from ...kernels import points as kp
 from ...options import declared
-from ...progress import Progress, StopRegistration
+from ...progress import Progress, StopRegistration, similarity
 from ...result import Result
 from .._common import backend_name
 from .bcpd import EStep, initial_state, rotation_angle, vb_iteration
@@ -194,6 +194,17 @@ def register_points(source, target, *, source_labels=None, target_labels=None, m
         t_start = time.perf_counter()
         fr = _frame(source, target, source_labels, target_labels, reference, normalize, tol, mode)
         n_org = len(fr.values)
+
+        def warm_up():  # the same kernels on tiny clouds, before the bar (progress=True only)
+            _warm_up(fr, mode=mode, rank=rank, lowrank=lowrank, label_transition=label_transition,
+                     lambda_convention=lambda_convention, omega=omega, kappa=kappa,
+                     posterior_covariance=posterior_covariance, estep=estep, estep_precision=estep_precision,
+                     normalize=normalize, backend=backend)
+
+        prog = Progress("register_points", callback=callback, progress=progress, total=int(max_iter),
+                        time_limit=time_limit, warm_up=warm_up,
+                        warm_key=(fr.x.shape[1], n_org > 1, mode, estep, estep_precision, str(backend),
+                                  _warm_rank(fr, rank, lowrank)))
         lam = per_label(deformation, fr.values.tolist(), "deformation")
         bw = per_label(bandwidth, fr.values.tolist(), "bandwidth")
         S, U = coherence_matrix(coherence, n_org), transition_matrix(label_transition, n_org)
@@ -221,8 +232,6 @@ def register_points(source, target, *, source_labels=None, target_labels=None, m
         e_step = EStep(fr.x, fr.lx_s, fr.ly_s, U, omega=omega, volume=fr.volume, truncation=truncation,
                        precision=estep_precision, mode=estep, landmarks=estep_landmarks, tol=estep_tol, seed=seed,
                        backend=be, budget=budget)
-        prog = Progress("register_points", callback=callback, progress=progress, total=int(max_iter),
-                        time_limit=time_limit)
         t_loop = time.perf_counter()
         it, converged, stop_reason = _vb_loop(st, e_step, blocks, fr, prog, params["method"], mode=mode, kappa=kappa,
                                               posterior_covariance=posterior_covariance, max_iter=max_iter,
@@ -235,10 +244,38 @@ def register_points(source, target, *, source_labels=None, target_labels=None, m
         t_fin = time.perf_counter() - t_fin
         metrics = _metrics(fr, st, it, e_step.n_nystrom, interp, inv)
         timings = {"total": time.perf_counter() - t_start, "kernel_setup": t_setup, "vb_loop": t_loop,
-                   "finalize": t_fin, "per_iteration": t_loop / max(it, 1)}
+                   "finalize": t_fin, "per_iteration": t_loop / max(it, 1), **prog.timings}
         _close(prog, metrics["sigma_mm"], stop_reason)
         return Result(transform=inv, inverse=fwd, warped=None, history=list(prog.history), converged=converged,
                       stop_reason=stop_reason, params=params, metrics=metrics, timings=timings, reference=reference)
+
+
+# ================================================================================================ kernel warm-up
+def _warm_rank(fr, rank, lowrank):
+    """``(rank, lowrank)`` that selects, on tiny clouds, the kernel-block path the real call takes (full rank up to
+    1500 source points per organ, else low rank by eigsh up to 3000, else Nyström; see the ``rank`` option)."""
+    per_block = int(np.bincount(fr.ly_s).max()) if len(fr.ly_s) else 0
+    if rank == "full" or (rank == "auto" and per_block <= 1500):
+        return "full", None
+    return 3, lowrank or ("eigsh" if per_block <= 3000 else "nystrom")
+
+
+def _warm_up(fr, *, mode, rank, lowrank, label_transition, estep, backend, **same):
+    """:func:`register_points` on tiny clouds (60 source and 48 target points, 2 organs if the real call has
+    labels) with the options that select kernels: its compiled kernels are the real call's."""
+    D = fr.x.shape[1]
+    rng = np.random.default_rng(0)
+    y = rng.normal(scale=30.0, size=(60, D))
+    x = 1.05 * y[:48] + 2.0
+    labelled = len(fr.values) > 1
+    ly = (y[:, 0] > 0).astype(np.int64) if labelled else None
+    lx = ly[:48] if labelled else None
+    if labelled:
+        ly[0], ly[1], lx[0], lx[1] = 0, 1, 0, 1  # both organs present on both sides
+    wr, wl = _warm_rank(fr, rank, lowrank)
+    register_points(y, x, source_labels=ly, target_labels=lx, mode=mode, rank=wr, lowrank=wl, nystrom_samples=20,
+                    label_transition=label_transition if np.ndim(label_transition) == 0 else None, estep=estep,
+                    estep_landmarks=4, max_iter=3, min_iter=5, backend=backend, **same)
 
 
 # ================================================================================================ inputs
@@ -453,6 +490,7 @@ def _vb_loop(st, estep, blocks, fr: _Frame, prog, method, *, mode, kappa, poster
     stop_reason = f"max_iter={max_iter} reached"
     r, tol_n = fr.r, fr.tol_n
     sigma = math.sqrt(st.sigma2)
+    near = _NearestTarget(fr.x, len(fr.y))
     it = 0
     try:
         prog.emit("start", extra={"n_source": len(fr.y), "n_target": len(fr.x), "method": method})
@@ -462,7 +500,8 @@ def _vb_loop(st, estep, blocks, fr: _Frame, prog, method, *, mode, kappa, poster
                                 posterior_covariance=posterior_covariance, it=it)
             old, sigma = sigma, math.sqrt(st.sigma2)
             diff = abs(sigma - old)
-            prog.emit("iteration", level=0, iteration=it, metric=sigma * r, step=diff * r,
+            sim = near.similarity(st.yhat)
+            prog.emit("iteration", level=0, iteration=it, metric=sigma * r, similarity=sim, step=diff * r,
                       extra=_record(st, fr, sigma, diff, used))
             if st.s == 0:
                 raise ValueError(f"register_points diverged at iteration {it}: the scale collapsed to 0 (no source "
@@ -482,6 +521,31 @@ def _vb_loop(st, estep, blocks, fr: _Frame, prog, method, *, mode, kappa, poster
         stop_reason = prog.stop_reason
         converged = False
     return it, converged, stop_reason
+
+
+class _NearestTarget:
+    """The normalised similarity of a VB iterate (:func:`classreg.progress.similarity`, the one every solver
+    reports): NCC of deformed source points and their nearest target points, each coordinate centred — the point-set
+    counterpart of the NCC of fixed and warped intensities. Evaluated on at most :data:`SIMILARITY_POINTS` source
+    points spread over the (spatially ordered) set, against a k-d tree of all targets built once."""
+
+    def __init__(self, x, m):
+        from scipy.spatial import cKDTree
+
+        self.x = x
+        self.tree = cKDTree(x)
+        self.sub = np.unique(np.linspace(0, m - 1, min(m, SIMILARITY_POINTS)).astype(np.intp))
+
+    def similarity(self, yhat) -> float:
+        y = yhat[self.sub]
+        if not np.all(np.isfinite(y)):
+            return float("nan")
+        _, nn = self.tree.query(y)
+        return similarity(y, self.x[nn], columns=True)
+
+
+#: source points on which the similarity of each VB iteration is evaluated (NCC to 0.001 for smooth sets)
+SIMILARITY_POINTS = 2000
 
 
 def _warn_if_collapsed(st, fr: _Frame) -> None:

@@ -25,7 +25,7 @@ from ...progress import Progress, StopRegistration
 from ...pyramid import multiresolution
 from ...result import Result
 from ...transforms import Affine
-from .._common import check_masks, check_memory, check_pair, common_params
+from .._common import check_masks, check_memory, check_pair, common_params, tiny_like, warm_key
 from .grids import WorkingPyramid
 from .options import OPTIONS, PAPER_SCHEDULE
 from .rotations import euler_angles
@@ -106,7 +106,8 @@ def register_rigid(fixed: Image, moving: Image, *, fixed_mask=None, moving_mask=
         Show a tqdm bar (one step per evaluated rotation).
     callback : callable, optional
         Receives :class:`classreg.Event` objects (one ``iteration`` per evaluated rotation, ``metric`` = its best
-        CSNGF score, higher is better); raise :class:`classreg.StopRegistration` to stop and keep the best so far.
+        CSNGF score, higher is better; ``similarity`` = the NCC of the level's best candidate so far, the search's
+        current estimate); raise :class:`classreg.StopRegistration` to stop and keep the best so far.
 
     Returns
     -------
@@ -146,8 +147,18 @@ def register_rigid(fixed: Image, moving: Image, *, fixed_mask=None, moving_mask=
     workers = thread_count() if workers is None else int(workers)  # small FFTs lose time to threads when busy
     measure = {"backend": backend, "dtype": dtype, "epsilon": float(epsilon), "overlap": float(overlap),
                "squared": bool(squared), "workers": workers}
+    def warm_up():  # the same kernels on a tiny pair, before the bar (progress=True only)
+        f, m, fm, mm = tiny_like(fixed, moving, size=16)
+        register_rigid(f, m, fixed_mask=None if fixed_mask is None else fm,
+                       moving_mask=None if moving_mask is None else mm, shrink_factors=(2, 1),
+                       smoothing_sigmas=(1.0, 0.5), samples=(3, 2), perturbation=(3.0,), keep=(1,),
+                       epsilon=epsilon, squared=squared, refine=refine, polish=polish[:1], dtype=dtype,
+                       workers=workers, backend=backend)
+
     prog = Progress("rigid", callback=callback, progress=progress, time_limit=time_limit,
-                    total=schedule.evaluations(len(polish), fixed.ndim))
+                    total=schedule.evaluations(len(polish), fixed.ndim), warm_up=warm_up,
+                    warm_key=warm_key(fixed, moving, squared, dtype.name, backend, bool(polish), bool(refine),
+                                      fixed_mask is None, moving_mask is None))
     record, completed, stopped = _search(fixed, moving, pyramid, schedule, measure, polish, float(max_angle),
                                          int(seed), prog)
     transform, refined = _transform(record, pyramid, fixed.ndim, refine=bool(refine) and completed)
@@ -156,7 +167,7 @@ def register_rigid(fixed: Image, moving: Image, *, fixed_mask=None, moving_mask=
               "moving_center": pyramid.c_m.tolist(),
               "memory_estimate_mb": memory_mb, **common_params(init=None, dtype=dtype, seed=int(seed), backend=backend)}
     return _result(fixed, moving, transform, refined, record, stopped, params, backend, t_start, prog.history,
-                   reason=prog.stop_reason)
+                   reason=prog.stop_reason, kernel_seconds=prog.timings)
 
 
 
@@ -206,7 +217,7 @@ def _transform(record: SearchRecord, pyramid: WorkingPyramid, ndim: int, *, refi
 
 
 def _result(fixed, moving, transform, refined, record, stopped, params, backend, t_start, history, *,
-            reason="stopped by callback") -> Result:
+            reason="stopped by callback", kernel_seconds=None) -> Result:
     """The :class:`Result`: warped image, metrics, per-evaluation extras and per-level timings."""
     from ...resample import resample
 
@@ -220,7 +231,7 @@ def _result(fixed, moving, transform, refined, record, stopped, params, backend,
     extras = {"scores": np.asarray(record.scores), "eval_levels": np.asarray(record.levels, dtype=np.int64),
               "rotations": np.asarray(record.rotations).reshape(-1, n, n),
               "translations": np.asarray(record.translations).reshape(-1, n)}
-    timings = {"total": time.perf_counter() - t_start}
+    timings = {"total": time.perf_counter() - t_start, **(kernel_seconds or {})}
     for info in record.level_info:
         timings[f"level{info['level']}"] = info["seconds"]
     return Result(transform=transform, inverse=transform.inverse(), warped=warped, history=history,

@@ -64,6 +64,9 @@ class Evaluator:
         self._lin = aff_a[:n, :n]
         self._delta0 = self._off_b - aff_a[:n, n]  # o_B - o_A
         self._backend = measure["backend"]
+        self._a = np.asarray(level.fixed.data)
+        self._ma = None if level.fixed_mask is None else np.asarray(level.fixed_mask, dtype=bool)
+        self._last = None
 
     def rotated_moving(self, r):
         """The moving image and its (eroded) mask on the moving working grid, rotated by ``r`` about the centres:
@@ -82,9 +85,29 @@ class Evaluator:
     def evaluate(self, r) -> SimilarityMap | None:
         """The CSNGF map of rotation ``r`` over all shifts (None if the rotated moving mask is empty)."""
         b, mb = self.rotated_moving(r)
+        self._last = (b, mb)
         if not mb.any():
             return None
         return self.measure(b, mb)
+
+    def similarity(self, index) -> float:
+        """The normalised similarity (:func:`classreg.progress.similarity`, NCC) of the fixed working image and the
+        last evaluated rotation's moving image shifted by the CSNGF map's ``index``, over their masks' overlap."""
+        from ...progress import similarity
+
+        b, mb = self._last
+        a, ma = self._a, self._ma
+        sa, sb = [], []
+        for j, i in enumerate(index):
+            chi = int(i) - (b.shape[j] - 1)  # B(x) meets A(x + χ)
+            lo, hi = max(0, -chi), min(b.shape[j], a.shape[j] - chi)
+            if hi <= lo:
+                return float("nan")
+            sb.append(slice(lo, hi))
+            sa.append(slice(lo + chi, hi + chi))
+        sa, sb = tuple(sa), tuple(sb)
+        mask = mb[sb] if ma is None else (mb[sb] & ma[sa])
+        return similarity(a[sa], b[sb], mask=mask)
 
     def translation(self, r, chi):
         """ITK translation (centre c_F) of ``T(x) = R (x - c_F) + c_M + R (o_B - o_A - L χ)``."""
@@ -111,6 +134,7 @@ class _LevelSearch:
     def __init__(self, level, evaluator: Evaluator, record: SearchRecord, progress):
         self.level, self.evaluator, self.record, self.progress = level, evaluator, record, progress
         self.best = None  # (score, rotation, translation, level)
+        self.best_similarity = None  # NCC of the level's best candidate (its similarity in the history)
 
     def run(self, r, i, stage):
         """Score rotation ``r`` (its best shift), record it, emit an ``iteration`` event; ``(score, translation)``."""
@@ -130,6 +154,8 @@ class _LevelSearch:
         rec.translations.append(t)
         if self.best is None or score > self.best[0]:
             self.best = (score, r, t, k)
+            # the search's current estimate is its best candidate: its NCC, computed on improvements only
+            self.best_similarity = None if smap is None else ev.similarity(idx)
             if self.level.is_finest and smap is not None:
                 rec.final = (smap, idx, ev)
         rec.best = self.best  # the finest level reached decides (coarser scores are not comparable)
@@ -137,7 +163,8 @@ class _LevelSearch:
         extra = {f"angle_{a}": float(v) for a, v in zip(("x", "y", "z") if n == 3 else ("z",), ang)}
         extra.update({f"t{a}": float(v) for a, v in zip("xyz", t)})
         extra["stage"] = stage
-        self.progress.emit("iteration", level=k, iteration=i, metric=score, extra=extra)
+        self.progress.emit("iteration", level=k, iteration=i, metric=score, similarity=self.best_similarity,
+                           extra=extra)
         return score, t
 
     def polish(self, steps, first_iteration):
