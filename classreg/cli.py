@@ -232,10 +232,17 @@ def _add_solver(subparsers, declaration, func) -> None:
         elif o.kind in ("image", "transform", "array"):
             kw.update(metavar="FILE")
         p.add_argument(o.flag, **kw)
+    p.add_argument("--no-qc", action="store_true", help="do not write qc.png (the QC figure, docs/qc.md)")
     if points:
         p.add_argument("--no-labels", action="store_true", help="ignore label columns (plain BCPD)")
     else:
-        p.add_argument("--no-qc", action="store_true", help="do not write qc.png")
+        p.add_argument("--qc-point", type=_number_list(float), nargs="+", metavar="MM", default=None,
+                       help="qc.png of a 3-D pair: the physical point x y z (mm, LPS) its three slices go through "
+                            "(default: the centre of the fixed image)")
+        p.add_argument("--fixed-labels", metavar="FILE", default=None,
+                       help="label map of the fixed image: qc.png then shows Dice before and after (with "
+                            "--moving-labels)")
+        p.add_argument("--moving-labels", metavar="FILE", default=None, help="label map of the moving image")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier classreg result in the output folder (as a whole)")
     if not points:
@@ -276,14 +283,16 @@ def _run(declaration, func, args) -> int:
     a, b = declaration.inputs
     if declaration.inputs == ("source", "target"):
         return _run_points(declaration, func, getattr(args, a), getattr(args, b), Path(args.output), kw,
-                           progress=not args.quiet, no_labels=args.no_labels, overwrite=args.overwrite)
+                           progress=not args.quiet, no_labels=args.no_labels, overwrite=args.overwrite,
+                           qc=not args.no_qc)
     from .io import load
-
     from .result import check_result_folder, publish_folder
 
     out = Path(args.output)
     check_result_folder(out, overwrite=args.overwrite)  # before any work: a bad -o fails now, not after the run
     fixed, moving = load(getattr(args, a)), load(getattr(args, b))
+    labels = [None if f is None else load(f) for f in (args.fixed_labels, args.moving_labels)]
+    point = None if args.qc_point is None else [v for part in args.qc_point for v in part]
     res = func(fixed, moving, progress=not args.quiet, **kw)
 
     def fill(d):
@@ -294,7 +303,8 @@ def _run(declaration, func, args) -> int:
             try:
                 from .qc import qc_figure
 
-                qc_figure(res, moving, d / "qc.png", fixed=fixed,
+                qc_figure(res, moving, d / "qc.png", fixed=fixed, point=point, fixed_labels=labels[0],
+                          moving_labels=labels[1],
                           title=f"{declaration.name}: {Path(getattr(args, b)).name} → {Path(getattr(args, a)).name}")
             except ImportError as exc:
                 print(f"classreg: note: {exc}; no qc.png written", file=sys.stderr)
@@ -309,11 +319,12 @@ def _report(declaration, res, out) -> None:
     print(f"{line}. Wrote {out}/")
 
 
-def _run_points(declaration, func, source, target, out, kw, *, progress, no_labels, overwrite=False) -> int:
+def _run_points(declaration, func, source, target, out, kw, *, progress, no_labels, overwrite=False,
+                qc=True) -> int:
     """Point sets from files (labels from a last column, ``--source-labels``/``--target-labels`` files, or none with
     ``--no-labels``); writes moved_source.<ext> (source mapped into target space), transform.npz, params.json,
-    history.csv, result.json and, with ``--reference IMAGE``, field.nii.gz (the fixed → moving displacement sampled
-    on that image's grid)."""
+    history.csv, result.json, qc.png (:func:`classreg.qc.qc_points`; not with ``--no-qc``) and, with
+    ``--reference IMAGE``, field.nii.gz (the fixed → moving displacement sampled on that image's grid)."""
     from pathlib import Path
 
     from .io import load_points, save_points
@@ -341,6 +352,13 @@ def _run_points(declaration, func, source, target, out, kw, *, progress, no_labe
             save(points_displacement_field(res.transform, kw["reference"]), d / "field.nii.gz")
         _write_text(d / "params.json", json.dumps(_jsonable(res.params), indent=2, sort_keys=True))
         _write_history(d / "history.csv", res.history)
+        if qc:
+            try:
+                from .qc import qc_points
+
+                qc_points(res, src, tgt, d / "qc.png", title=f"points: {Path(source).name} → {Path(target).name}")
+            except ImportError as exc:
+                print(f"classreg: note: {exc}; no qc.png written", file=sys.stderr)
         _write_text(d / "result.json", json.dumps(_jsonable(dict(
             converged=res.converged, stop_reason=res.stop_reason, metrics=res.metrics, timings=res.timings)),
             indent=2, sort_keys=True))

@@ -95,13 +95,35 @@ class Result:
         return inv.map_points(points)
 
     # ------------------------------------------------------------------ persistence
-    def save(self, directory, *, warped: bool = True, extras: bool = False, overwrite: bool = False) -> Path:
+    def save(self, directory, *, warped: bool = True, extras: bool = False, qc: bool = False,
+             moving: Image | None = None, overwrite: bool = False) -> Path:
         """Write the result as the folder ``directory``, which appears only once complete.
 
-        Files: ``transform.<ext>`` and ``inverse.<ext>`` (ITK .tfm for an affine, a displacement-field .nii.gz,
-        an ITK .h5 composite for a chain, ITK .tfm for a B-spline — all readable by SimpleITK/ANTs),
-        ``warped.nii.gz``, ``params.json``, ``history.csv`` and ``result.json`` (convergence, metrics, timings,
-        reference grid, and the list of files: the manifest, written last).
+        What is written, by kind of transform (``transform.<ext>`` maps fixed → moving points, ``inverse.<ext>``
+        moving → fixed; every file is readable by SimpleITK, ANTs and ITK-SNAP):
+
+        ========================================  ==========================================================
+        result                                    transform / inverse files
+        ========================================  ==========================================================
+        affine, rigid (:class:`Affine`)           ``.tfm`` (ITK text; a few hundred bytes each)
+        demons, LDDMM without ``init``            ``.nii.gz``: ITK displacement-field image (x, y[, z]
+                                                  components in mm, float64, gzip)
+        demons, LDDMM with ``init`` (a Chain)     ``.h5``: ITK composite (displacement field + affine;
+                                                  float64, uncompressed: 8 bytes × ndim per voxel)
+        B-spline without ``init``                 ``transform.tfm`` (ITK B-spline); no inverse file
+        B-spline with ``init`` (a Chain)          ``transform.h5`` (affine + B-spline); no inverse file
+        points (:func:`register_points`)          ``.npz`` (classreg's point deformation; GP coefficients)
+        ========================================  ==========================================================
+
+        Besides: ``warped.nii.gz`` (the moving image on the fixed grid, its own dtype, gzip; unless
+        ``warped=False``), ``params.json`` (every resolved option, seed, backend, versions), ``history.csv``
+        (one row per iteration: level, iteration, metric, similarity, step, elapsed, solver extras),
+        ``result.json`` (convergence, metrics, timings, the fixed grid's geometry and the list of files: the
+        manifest, written last), ``qc.png`` with ``qc=True`` and ``extras.npz`` with ``extras=True``.
+        Sizes are dominated by the dense fields (measured with ``classreg demo``, docs/notes/qc.md): the 2-D demo
+        (256 × 256 pixels) writes 2.6 MB, of which ``transform.h5`` and ``inverse.h5`` are 1.06 MB each; the 3-D
+        demo (94 × 116 × 98 voxels at 2 mm) 54.9 MB, of which the two ``.h5`` files are 25.7 MB each (24 bytes
+        per voxel); ``qc.png`` 0.4-0.5 MB; everything else below 1.2 MB.
 
         Everything is written into a hidden ``.<name>.partial-<pid>-*`` folder beside ``directory`` that is renamed
         into place at the end, so a result folder never mixes two runs and an interrupted run leaves only a hidden
@@ -116,6 +138,12 @@ class Result:
         extras : bool
             Also write ``extras.npz`` (solver internals such as demons' stationary velocities or LDDMM's initial
             momentum: often larger than the transform itself, so opt-in).
+        qc : bool
+            Also write ``qc.png``, the QC figure of :func:`classreg.qc.qc_figure` (needs matplotlib; about 1 s).
+            Off by default in Python — a library call writes what it is asked to — while the command line writes it
+            unless ``--no-qc``. Point-set results: use :func:`classreg.qc.qc_points`.
+        moving : Image, optional
+            The moving image, for the QC figure's "before" panels (without it they are left empty).
         overwrite : bool
             Replace an earlier classreg result in ``directory`` (the whole set). A folder holding other files is
             never replaced.
@@ -124,8 +152,18 @@ class Result:
         ------
         ResultExistsError
             ``directory`` holds a result and ``overwrite`` is False, or holds files that are not a classreg result.
+        ImportError
+            ``qc=True`` without matplotlib (raised before anything is written).
         """
-        return publish_folder(directory, lambda d: _fill(self, d, warped, extras), overwrite=overwrite)
+        if qc:
+            if self.reference is None:
+                raise ValueError("qc=True needs an image registration's result (this one has no fixed grid); for "
+                                 "point sets use classreg.qc.qc_points(result, source, target, path)")
+            from .qc import _pyplot
+
+            _pyplot()  # ImportError naming the fix, before any file is written
+        return publish_folder(directory, lambda d: _fill(self, d, warped, extras, qc=qc, moving=moving),
+                              overwrite=overwrite)
 
 
 class ResultExistsError(FileExistsError, ValueError):
@@ -201,7 +239,7 @@ def _remove_stale_partials(final: Path) -> None:
             pass
 
 
-def _fill(result: "Result", d: Path, warped: bool, extras: bool = False) -> None:
+def _fill(result: "Result", d: Path, warped: bool, extras: bool = False, *, qc: bool = False, moving=None) -> None:
     """Write the files of a result into the (private, empty) folder ``d``; result.json last."""
     files = {"transform": _save_transform(result.transform, d / "transform")}
     if result.inverse is not None:
@@ -215,6 +253,11 @@ def _fill(result: "Result", d: Path, warped: bool, extras: bool = False) -> None
     _write_history(d / "history.csv", result.history)
     files["params"] = "params.json"
     files["history"] = "history.csv"
+    if qc:
+        from .qc import qc_figure
+
+        qc_figure(result, moving, d / "qc.png")
+        files["qc"] = "qc.png"
     meta = {
         "format": _FORMAT,
         "converged": bool(result.converged),
