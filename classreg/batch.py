@@ -139,6 +139,7 @@ class PairTask:
     replace: bool = False
     estimate_mb: float | None = None
     attempt: int = 1
+    run_id: str = ""
 
     @property
     def solver(self) -> str:
@@ -752,6 +753,9 @@ def run_pair(task: PairTask) -> dict:
     error (naming the column and file of an unreadable input) and the traceback.
     """
     t0 = time.perf_counter()
+    done = _finished(task)
+    if done is not None:  # a re-execution (the scheduler recomputes results lost with a worker): already published
+        return done
     rec = _record(task)
     rec["worker"] = f"{socket.gethostname()}:{os.getpid()}"
     try:
@@ -830,6 +834,7 @@ def _compute(task: PairTask, rec: dict) -> dict:
         _write_json(d / MARKER, {"format": _MARKER_FORMAT, "fingerprint": task.fingerprint, "row": task.row,
                                  "id": task.id, "solver": task.solver, "stages": [[n, o] for n, o in task.stages],
                                  "inputs": task.inputs, "classreg": __version__, "attempt": task.attempt,
+                                 "run": task.run_id,
                                  "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "record": record})
 
     publish_folder(task.out, fill, overwrite=task.replace)
@@ -878,6 +883,21 @@ def _read_marker(folder: Path):
     return m if isinstance(m, dict) and m.get("format") == _MARKER_FORMAT else None
 
 
+def _finished(task: PairTask):
+    """The record of ``task``'s result folder if it holds this very task's finished result (same fingerprint, and
+    written by this batch call when the task replaces an earlier result), else None."""
+    marker = _read_marker(Path(task.out)) if (Path(task.out) / "result.json").is_file() else None
+    if marker is None or marker.get("fingerprint") != task.fingerprint:
+        return None
+    if task.replace and marker.get("run") != task.run_id:
+        return None
+    rec = dict.fromkeys(SUMMARY_COLUMNS)
+    rec.update({k: v for k, v in (marker.get("record") or {}).items() if k in rec})
+    rec.update(row=task.row, id=task.id, output=task.out,
+               status="ok" if task.run_id and marker.get("run") == task.run_id else "skipped")
+    return rec
+
+
 def _disk_state(task: PairTask, overwrite: bool):
     """``("skip", record)`` for a finished pair, ``("run", replace)`` or ``("fail", message)``."""
     d = Path(task.out)
@@ -897,10 +917,7 @@ def _disk_state(task: PairTask, overwrite: bool):
         return "fail", (f"folder {task.out!r} holds a classreg result that classreg batch did not write; pass "
                         f"overwrite=True (--overwrite) to replace it, or choose another output folder")
     if marker.get("fingerprint") == task.fingerprint and not overwrite:
-        rec = dict.fromkeys(SUMMARY_COLUMNS)
-        rec.update({k: v for k, v in (marker.get("record") or {}).items() if k in rec})
-        rec.update(row=task.row, id=task.id, output=task.out, status="skipped")
-        return "skip", rec
+        return "skip", _finished(task)
     if marker.get("fingerprint") != task.fingerprint:
         logger.info("pair %s: its inputs or options changed since %s; running it again", task.id,
                     marker.get("finished"))
@@ -1023,6 +1040,7 @@ def batch(pairs, out, *, solver: str = "demons", options=None, client=None, sche
     tasks = plan_pairs(rows, solver=solver, options=options, base=base_dir, out=out,
                        threads_per_worker=threads_per_worker, qc=qc, save_extras=save_extras, source=source)
     out.mkdir(parents=True, exist_ok=True)
+    run_id = uuid.uuid4().hex
     records: dict = {}
     todo = []
     for t in tasks:
@@ -1033,7 +1051,7 @@ def batch(pairs, out, *, solver: str = "demons", options=None, client=None, sche
             records[t.row] = dict(_record(t), status="failed", error=f"ResultExistsError: {info}",
                                   error_column="id", error_file=t.out)
         else:
-            todo.append(dataclasses.replace(t, replace=info))
+            todo.append(dataclasses.replace(t, replace=info, run_id=run_id))
     todo = [dataclasses.replace(t, estimate_mb=estimate_pair_mb(t)) for t in todo]
     logger.info("batch: %d pair(s), %d finished earlier, %d to run", len(tasks), len(records) - sum(
         r["status"] == "failed" for r in records.values()), len(todo))
@@ -1068,7 +1086,8 @@ def batch(pairs, out, *, solver: str = "demons", options=None, client=None, sche
             todo = [t for t in todo if t.row not in records]
             prog = Progress("batch", callback=callback, progress=progress, total=len(todo))
             prog.emit("start", extra={"pairs": len(tasks), "to_run": len(todo), "workers": report.workers})
-            stopped = _run_all(dist, client, todo, records, int(retries), prog, out, tasks)
+            stopped = _run_all(dist, client, todo, records, int(retries), prog, out, tasks,
+                               window=report.workers if own_cluster is not None else None)
             if not stopped:
                 prog.emit("done", extra={"pairs": len(tasks)})
     except StopRegistration:  # the callback stopped the batch at its start
@@ -1128,8 +1147,12 @@ def _start_cluster(dist, n: int, memory_mb):
     return cluster, client
 
 
-def _run_all(dist, client, todo, records, retries, prog, out, tasks) -> bool:
-    """Submit every task, collect the records as they finish (resubmitting after a lost worker); True if stopped."""
+def _run_all(dist, client, todo, records, retries, prog, out, tasks, window=None) -> bool:
+    """Submit the tasks (at most ``window`` in flight, all at once without), collect the records as they finish and
+    resubmit a pair whose worker died; True if the callback stopped the batch.
+
+    A future is released as soon as its record is read, so that a worker lost later does not make the scheduler
+    recompute a finished pair (which would find its result folder and return the marker's record anyway)."""
     from distributed import KilledWorker
 
     from .progress import StopRegistration
@@ -1137,32 +1160,41 @@ def _run_all(dist, client, todo, records, retries, prog, out, tasks) -> bool:
     def submit(task):
         return client.submit(run_pair, task, key=f"classreg-pair-{task.id}-{uuid.uuid4().hex[:8]}", pure=False)
 
-    futures = {}
-    for t in todo:
-        futures[submit(t)] = t
-    pending = dict(futures)
+    queue = list(todo)
+    first = len(queue) if window is None else max(int(window), 1)
+    pending = {}
+    for t in queue[:first]:
+        pending[submit(t)] = t
+    queue = queue[first:]
     done_count = 0
     last_write = time.perf_counter()
-    ac = dist.as_completed(list(futures))
+    ac = dist.as_completed(list(pending))
     try:
         for fut in ac:
             task = pending.pop(fut)
             try:
                 rec = fut.result()
             except KilledWorker as exc:
+                rec = None
                 if task.attempt <= retries:
-                    logger.warning("pair %s: its worker died (attempt %d); resubmitting", task.id, task.attempt)
-                    again = dataclasses.replace(task, attempt=task.attempt + 1)
-                    nf = submit(again)
-                    pending[nf] = again
-                    ac.add(nf)
-                    continue
-                rec = dict(_record(task), status="failed", error_column=None,
-                           error=f"KilledWorker: the worker running this pair died {task.attempt} time(s) ({exc}); "
-                                 f"it may need more memory than a worker has")
+                    logger.info("pair %s: its worker died (attempt %d); resubmitting", task.id, task.attempt)
+                    queue.insert(0, dataclasses.replace(task, attempt=task.attempt + 1))
+                else:
+                    rec = dict(_record(task), status="failed",
+                               error=f"KilledWorker: the worker running this pair died {task.attempt} time(s) "
+                                     f"(killed, out of memory, or its machine lost): {exc}")
             except Exception as exc:  # the task could not run (cancelled, not serialisable, scheduler lost)
                 rec = dict(_record(task), status="failed", error=f"{type(exc).__name__}: {exc}",
                            traceback="".join(traceback.format_exception(exc)))
+            fut.release()
+            del fut
+            if queue and (window is None or len(pending) < first):
+                t = queue.pop(0)
+                nf = submit(t)
+                pending[nf] = t
+                ac.add(nf)
+            if rec is None:
+                continue
             records[task.row] = rec
             done_count += 1
             if time.perf_counter() - last_write > 5.0:
@@ -1173,7 +1205,7 @@ def _run_all(dist, client, todo, records, retries, prog, out, tasks) -> bool:
     except StopRegistration:
         for f in pending:
             f.cancel()
-        logger.info("batch stopped by the callback; %d pair(s) not run", len(pending))
+        logger.info("batch stopped by the callback; %d pair(s) not run", len(pending) + len(queue))
         return True
     except BaseException:
         for f in pending:
