@@ -70,12 +70,13 @@ RESERVED = ("id", "fixed", "moving", "solver", "fixed_labels", "moving_labels")
 FILE_KINDS = ("image", "transform", "array")
 #: solvers whose transform is an affine map: only they can hand their result to a next solver as ``init``
 LINEAR_SOLVERS = ("rigid", "affine")
-#: resident memory of a worker process with classreg imported and its kernels loaded, before any pair (MB):
-#: measured 300-330 MB on the 2-D benchmark pairs (docs/notes/batch.md), rounded up
-WORKER_BASELINE_MB = 400.0
-#: peak of the evaluation (Jacobian/folding statistics, label resampling, QC figure) in float32 copies of the fixed
-#: image, measured on the 3-D benchmark pairs (docs/notes/batch.md), rounded up
-EVALUATION_COPIES = 40.0
+#: resident memory of a worker process that has run a pair (classreg, its kernels, SimpleITK and matplotlib
+#: loaded), MB: measured 390-400 MB on LocalCluster workers (docs/notes/batch.md), rounded up
+WORKER_BASELINE_MB = 450.0
+#: peak of a pair's evaluation (Jacobian/folding statistics in float64, label resampling, QC figure, saving) while
+#: its result is held, in float32 copies of the fixed image: measured 122 on the 3-D benchmark pairs
+#: (docs/notes/batch.md), rounded up; more than demons itself (56)
+EVALUATION_COPIES = 125.0
 #: the marker file of a finished pair
 MARKER = "batch.json"
 _MARKER_FORMAT = "classreg-batch-1"
@@ -83,8 +84,9 @@ _SUMMARY = ("summary.csv", "summary.parquet")
 
 #: the summary table's columns, in order
 SUMMARY_COLUMNS = (
-    "row", "id", "status", "solver", "fixed", "moving", "output", "seconds", "solver_seconds", "memory_estimate_mb",
-    "peak_memory_mb", "evaluation_peak_mb", "dice_mean", "dice_before_mean", "dice", "min_det",
+    "row", "id", "status", "solver", "fixed", "moving", "output", "seconds", "solver_seconds", "solver_estimate_mb",
+    "peak_memory_mb", "memory_estimate_mb", "pair_peak_mb", "evaluation_peak_mb", "dice_mean", "dice_before_mean",
+    "dice", "min_det",
     "percent_det_nonpositive", "nd_percent", "stop_reason", "converged", "attempts", "worker", "qc",
     "error_column", "error_file", "error", "traceback",
 )
@@ -138,6 +140,7 @@ class PairTask:
     save_extras: bool = False
     replace: bool = False
     estimate_mb: float | None = None
+    solver_estimate_mb: float | None = None
     attempt: int = 1
     run_id: str = ""
 
@@ -570,25 +573,31 @@ class _Shape:
         self.shape = shape
 
 
-def estimate_pair_mb(task: PairTask) -> float | None:
-    """Memory of one pair above a worker's baseline (MB): the largest of the solvers' estimates (their measured
-    copies of the larger image, :data:`classreg.solvers._common.MEMORY_COPIES`) and of the evaluation; None when the
-    images cannot be read or no solver has an estimate."""
+def estimate_memory_mb(task: PairTask) -> tuple:
+    """``(solvers, pair)``: memory (MB) of the pair's registration — the largest of its solvers' estimates, their
+    measured copies of the larger image (:data:`classreg.solvers._common.MEMORY_COPIES`) — and of the whole pair
+    above a worker's baseline, which is that or the evaluation's (:data:`EVALUATION_COPIES`), whichever is larger.
+    None where the images' headers cannot be read now (the worker then reports the file)."""
     from .solvers._common import MEMORY_COPIES, check_memory
 
     shapes = [_image_shape(task.inputs["fixed"]), _image_shape(task.inputs["moving"])]
     if None in shapes:
-        return None
+        return None, None
     fixed, moving = _Shape(shapes[0]), _Shape(shapes[1])
-    out = []
+    solver = []
     for name, opts in task.stages:
         if name in MEMORY_COPIES:
-            dtype = opts.get("dtype", SOLVERS[name][0]["dtype"].default if "dtype" in SOLVERS[name][0] else "float32")
-            out.append(check_memory(name, fixed, moving, dtype, memory_limit=math.inf))
-    if not out:
-        return None
-    voxels = max(math.prod(shapes[0]), math.prod(shapes[1]))
-    return float(max(max(out), EVALUATION_COPIES * voxels * 4 / 2**20))
+            decl = SOLVERS[name][0]
+            dtype = opts.get("dtype", decl["dtype"].default if "dtype" in decl else "float32")
+            solver.append(check_memory(name, fixed, moving, dtype, memory_limit=math.inf))
+    solver_mb = float(max(solver)) if solver else None
+    evaluation_mb = EVALUATION_COPIES * math.prod(shapes[0]) * 4 / 2**20
+    return solver_mb, float(max(solver_mb or 0.0, evaluation_mb))
+
+
+def estimate_pair_mb(task: PairTask) -> float | None:
+    """The memory of the whole pair above a worker's baseline (MB): :func:`estimate_memory_mb`'s second value."""
+    return estimate_memory_mb(task)[1]
 
 
 def plan_cluster(*, cores: int, available_mb: float | None, pair_mb, n_pairs: int, workers: int | None = None,
@@ -670,20 +679,21 @@ def _rss_mb() -> float | None:
 
 
 class PeakMemory:
-    """Peak resident memory of this process during a block (MB): ``peak_mb`` and ``above_mb`` (above the resident
-    memory at the start).
+    """Peak resident memory of this process between :meth:`start` and :meth:`stop` (or in a ``with`` block), MB:
+    ``peak_mb`` (absolute) and ``above_mb`` (above the resident memory at the start).
 
     On Linux the kernel's high-water mark is reset at the start (``/proc/self/clear_refs``) and read at the end:
     exact, and free. Elsewhere the resident memory is sampled every 5 ms. A worker running one pair at a time
-    measures that pair; threads sharing a process share the figure.
+    measures that pair; tasks sharing a process share the figure. Measurements must not overlap in one process.
     """
 
     def __init__(self):
         self.start_mb = self.peak_mb = self.above_mb = None
         self._exact = False
         self._stop = None
+        self._running = False
 
-    def __enter__(self):
+    def start(self) -> "PeakMemory":
         self.start_mb = _rss_mb()
         try:
             with open("/proc/self/clear_refs", "w") as fh:
@@ -701,9 +711,13 @@ class PeakMemory:
 
             self._thread = threading.Thread(target=sample, daemon=True)
             self._thread.start()
+        self._running = True
         return self
 
-    def __exit__(self, *exc):
+    def stop(self) -> "PeakMemory":
+        if not self._running:
+            return self
+        self._running = False
         if self._exact:
             self.peak_mb = _status_mb()[1]
         elif self._stop is not None:
@@ -712,6 +726,13 @@ class PeakMemory:
             self.peak_mb = max(self._samples + [_rss_mb()])
         if self.peak_mb is not None and self.start_mb is not None:
             self.above_mb = max(self.peak_mb - self.start_mb, 0.0)
+        return self
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
         return False
 
 
@@ -742,7 +763,7 @@ def _record(task: PairTask) -> dict:
     rec = dict.fromkeys(SUMMARY_COLUMNS)
     rec.update(row=task.row, id=task.id, solver=task.solver, fixed=task.inputs.get("fixed"),
                moving=task.inputs.get("moving"), output=task.out, attempts=task.attempt,
-               memory_estimate_mb=task.estimate_mb)
+               memory_estimate_mb=task.estimate_mb, solver_estimate_mb=task.solver_estimate_mb)
     return rec
 
 
@@ -776,6 +797,7 @@ def _compute(task: PairTask, rec: dict) -> dict:
 
     t0 = time.perf_counter()
     check_result_folder(task.out, overwrite=task.replace)  # before any work
+    start_mb = _rss_mb()
     fixed = _read_input(task, "fixed", load)
     moving = _read_input(task, "moving", load)
     labels = None
@@ -792,52 +814,57 @@ def _compute(task: PairTask, rec: dict) -> dict:
             results.append(func(fixed, moving, **kw))
         solver_seconds = time.perf_counter() - t_solver
     res = results[-1]
-    out = dict(solver_seconds=solver_seconds, peak_memory_mb=mem.above_mb, stop_reason=res.stop_reason,
-               converged=bool(res.converged))
-    with PeakMemory() as mem_eval:
+    out = {"solver_seconds": solver_seconds, "peak_memory_mb": mem.above_mb, "stop_reason": res.stop_reason,
+           "converged": bool(res.converged)}
+    mem_eval = PeakMemory().start()  # the evaluation, the QC figure and writing the files
+    try:
         evaluation = _evaluate(res, fixed, labels)
-    out["evaluation_peak_mb"] = mem_eval.above_mb
-    out.update({k: evaluation.get(k) for k in ("dice_mean", "dice_before_mean", "min_det", "percent_det_nonpositive",
-                                                "nd_percent")})
-    if "dice" in evaluation:
-        out["dice"] = json.dumps(evaluation["dice"], sort_keys=True)
-    evaluation.update(solver_seconds=solver_seconds, peak_memory_mb=mem.above_mb, peak_rss_mb=mem.peak_mb,
-                      memory_estimate_mb=task.estimate_mb, evaluation_peak_mb=mem_eval.above_mb,
-                      solver_timings=[r.timings for r in results])
+        out.update({k: evaluation.get(k) for k in ("dice_mean", "dice_before_mean", "min_det",
+                                                    "percent_det_nonpositive", "nd_percent")})
+        if "dice" in evaluation:
+            out["dice"] = json.dumps(evaluation["dice"], sort_keys=True)
 
-    def fill(d: Path):
-        from .result import _fill
+        def fill(d: Path):
+            from .result import _fill
 
-        _fill(res, d, True, task.save_extras)
-        for k, (name, _) in enumerate(task.stages[:-1]):  # the earlier solvers of a chain, without images
-            sub = d / "stages" / f"{k + 1}-{name}"
-            sub.mkdir(parents=True)
-            _fill(results[k], sub, False)
-        qc = None
-        if task.qc:
-            try:
-                from .qc import qc_figure
+            _fill(res, d, True, task.save_extras)
+            for k, (name, _) in enumerate(task.stages[:-1]):  # the earlier solvers of a chain, without images
+                sub = d / "stages" / f"{k + 1}-{name}"
+                sub.mkdir(parents=True)
+                _fill(results[k], sub, False)
+            qc = None
+            if task.qc:
+                try:
+                    from .qc import qc_figure
 
-                qc_figure(res, moving, d / "qc.png", fixed=fixed,
-                          title=f"{task.id}: {task.solver}, {Path(task.inputs['moving']).name} → "
-                                f"{Path(task.inputs['fixed']).name}")
-                qc = "qc.png"
-            except ImportError as exc:
-                qc = f"no qc.png: {exc}"
-        out["qc"] = qc
-        seconds = time.perf_counter() - t0
-        evaluation["seconds"] = seconds
-        _write_json(d / "evaluation.json", evaluation)
-        record = {k: v for k, v in dict(rec, **out, seconds=seconds, status="ok").items() if k != "traceback"}
-        from ._version import __version__
+                    qc_figure(res, moving, d / "qc.png", fixed=fixed,
+                              title=f"{task.id}: {task.solver}, {Path(task.inputs['moving']).name} → "
+                                    f"{Path(task.inputs['fixed']).name}")
+                    qc = "qc.png"
+                except ImportError as exc:
+                    qc = f"no qc.png: {exc}"
+            mem_eval.stop()
+            peaks = [m for m in (mem.peak_mb, mem_eval.peak_mb) if m is not None]
+            out.update(qc=qc, evaluation_peak_mb=mem_eval.above_mb, seconds=time.perf_counter() - t0,
+                       pair_peak_mb=max(max(peaks) - start_mb, 0.0) if peaks and start_mb is not None else None)
+            evaluation.update({k: out[k] for k in ("seconds", "solver_seconds", "peak_memory_mb", "pair_peak_mb",
+                                                   "evaluation_peak_mb")},
+                              solver_estimate_mb=task.solver_estimate_mb, memory_estimate_mb=task.estimate_mb,
+                              peak_rss_mb=max(peaks) if peaks else None,
+                              solver_timings=[r.timings for r in results])
+            _write_json(d / "evaluation.json", evaluation)
+            record = {k: v for k, v in dict(rec, **out, status="ok").items() if k != "traceback"}
+            from ._version import __version__
 
-        _write_json(d / MARKER, {"format": _MARKER_FORMAT, "fingerprint": task.fingerprint, "row": task.row,
-                                 "id": task.id, "solver": task.solver, "stages": [[n, o] for n, o in task.stages],
-                                 "inputs": task.inputs, "classreg": __version__, "attempt": task.attempt,
-                                 "run": task.run_id,
-                                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "record": record})
+            _write_json(d / MARKER, {"format": _MARKER_FORMAT, "fingerprint": task.fingerprint, "row": task.row,
+                                     "id": task.id, "solver": task.solver, "stages": [[n, o] for n, o in task.stages],
+                                     "inputs": task.inputs, "classreg": __version__, "attempt": task.attempt,
+                                     "run": task.run_id, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                     "record": record})
 
-    publish_folder(task.out, fill, overwrite=task.replace)
+        publish_folder(task.out, fill, overwrite=task.replace)
+    finally:
+        mem_eval.stop()
     return out
 
 
@@ -1052,7 +1079,8 @@ def batch(pairs, out, *, solver: str = "demons", options=None, client=None, sche
                                   error_column="id", error_file=t.out)
         else:
             todo.append(dataclasses.replace(t, replace=info, run_id=run_id))
-    todo = [dataclasses.replace(t, estimate_mb=estimate_pair_mb(t)) for t in todo]
+    todo = [dataclasses.replace(t, **dict(zip(("solver_estimate_mb", "estimate_mb"), estimate_memory_mb(t))))
+            for t in todo]
     logger.info("batch: %d pair(s), %d finished earlier, %d to run", len(tasks), len(records) - sum(
         r["status"] == "failed" for r in records.values()), len(todo))
     report = BatchReport(rows=[])
@@ -1135,15 +1163,15 @@ def _start_cluster(dist, n: int, memory_mb):
            "distributed.worker.memory.target": False, "distributed.worker.memory.spill": False,
            "distributed.worker.memory.pause": False}
     with dask.config.set(cfg):
-        cluster = dist.LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
+        cluster = dist.LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",
                                     memory_limit=int(memory_mb * 2**20) if memory_mb else 0)
         try:
             client = dist.Client(cluster)
         except BaseException:
             cluster.close()
             raise
-    logger.info("batch: LocalCluster of %d worker(s)%s", n,
-                f", {memory_mb:,.0f} MB each" if memory_mb else "")
+    logger.info("batch: LocalCluster of %d worker(s)%s; dashboard %s", n,
+                f", {memory_mb:,.0f} MB each" if memory_mb else "", client.dashboard_link)
     return cluster, client
 
 

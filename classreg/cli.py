@@ -174,6 +174,10 @@ def _cmd_batch(args) -> int:
     except ImportError as exc:
         print(f"classreg: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"classreg batch: interrupted; finished pairs are kept in {args.output}/ (see summary.csv): run the "
+              f"same command again to resume", file=sys.stderr)
+        return 130
     print(report.text())
     return 1 if report.failed else 0
 

@@ -19,7 +19,7 @@ import pytest
 import classreg as cr
 from classreg.batch import (
     BatchTableError,
-    estimate_pair_mb,
+    estimate_memory_mb,
     plan_cluster,
     plan_pairs,
     read_pairs,
@@ -83,7 +83,7 @@ def client():
     """An in-process cluster (one worker thread): the tasks run in this process, where a test can count calls."""
     distributed = pytest.importorskip("distributed")
     with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
-                                  dashboard_address=None) as cluster, distributed.Client(cluster) as c:
+                                  dashboard_address=":0") as cluster, distributed.Client(cluster) as c:
         yield c
 
 
@@ -295,14 +295,18 @@ def test_cluster_sizing_and_memory_refusal(pairs_dir):
         plan_cluster(cores=2, available_mb=8000, pair_mb=[], n_pairs=9, threads_per_worker=3)
     task, = plan_pairs([{"fixed": str(pairs_dir / "p0_fixed.nii.gz"), "moving": str(pairs_dir / "p0_moving.nii.gz"),
                          "dtype": "float64"}])
-    est = estimate_pair_mb(task)
+    from classreg.batch import EVALUATION_COPIES
     from classreg.solvers._common import MEMORY_COPIES
 
-    assert est == pytest.approx(max(MEMORY_COPIES["demons"] * 32 * 32 * 8, 40.0 * 32 * 32 * 4) / 2**20)
+    solver_mb, pair_mb = estimate_memory_mb(task)
+    assert solver_mb == pytest.approx(MEMORY_COPIES["demons"] * 32 * 32 * 8 / 2**20)  # float64: 8 bytes
+    assert pair_mb == pytest.approx(max(solver_mb, EVALUATION_COPIES * 32 * 32 * 4 / 2**20))
+    assert estimate_memory_mb(dataclasses.replace(task, inputs={**task.inputs, "fixed": "nowhere.nii"})) == \
+        (None, None)
     big = dataclasses.replace(task, estimate_mb=5000.0)
-    assert _refusal(big, 6000.0) is None
-    why = _refusal(big, 5000.0)
-    assert "needs about 5,400 MB" in why and "--workers" in why
+    assert _refusal(big, 5000.0 + WORKER_BASELINE_MB) is None
+    why = _refusal(big, 5000.0 + WORKER_BASELINE_MB - 1)
+    assert f"needs about {5000 + WORKER_BASELINE_MB:,.0f} MB" in why and "--workers" in why
 
 
 def test_module_imports_without_dask_and_says_how_to_install(tmp_path):
