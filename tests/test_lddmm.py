@@ -196,7 +196,7 @@ def test_registration_recovers_a_shot_target_and_its_geodesic_length():
     length = sh.geodesic_length(P0)
     fixed, moving = cr.Image(J.astype(np.float32), h[::-1]), cr.Image(I0.astype(np.float32), h[::-1])
     r = cr.register_lddmm(fixed, moving, metric="ssd", kernel_sigma=5.0, data_sigma=5e-4, n_steps=10,
-                          shrink_factors=(2, 1), iterations=(30, 120), tol=1e-10, dtype=np.float64)
+                          shrink_factors=(2, 1), iterations=(30, 120), tol=1e-10, dtype=np.float64, method="full")
     assert r.metrics["ssd_after"] < 0.01 * r.metrics["ssd_before"]
     assert r.metrics["geodesic_length"] == pytest.approx(length, rel=0.05)
     assert r.metrics["min_det"] > 0
@@ -237,7 +237,8 @@ def test_unstable_momentum_is_rejected_and_more_steps_restore_it():
     assert 0.05 < c < 1.0 and np.allclose(P, c * big)
 
 
-def test_large_intensity_mismatch_does_not_fold():
+@pytest.mark.parametrize("method", ["full", "bandlimited"])
+def test_large_intensity_mismatch_does_not_fold(method):
     """Regression for the brain2d divergence: a moving image on a 100× larger intensity scale, registered by SSD with
     intensity="joint", made the optimiser accept momenta whose 10-step flow had δt·max‖Dv‖ ≫ 1 and folded the map
     (here min det J = −0.13, inverse error 18 voxels; brain2d: det J −1e10). Now every accepted energy is finite and
@@ -245,12 +246,14 @@ def test_large_intensity_mismatch_does_not_fold():
     fixed, moving = _growth_pair((32, 32))
     moving = moving.like(moving.data * 100.0)
     r = cr.register_lddmm(fixed, moving, metric="ssd", intensity="joint", shrink_factors=(2, 1),
-                          iterations=(10, 10))
+                          iterations=(10, 10), method=method)
     assert r.params["intensity_used"] == "joint"
     assert r.metrics["min_det"] > 0
     assert evaluate.jacobian_stats(r.transform)["num_nonpositive"] == 0
-    assert r.metrics["stability"] <= lddmm_step.STABILITY_LIMIT
-    assert r.metrics["time_steps"] > r.params["n_steps"]  # the flow needed more than 10 steps
+    control = lddmm_step if method == "full" else importlib.import_module("classreg.solvers.lddmm.bl_step")
+    assert r.metrics["stability"] <= control.STABILITY_LIMIT
+    if method == "full":  # the point-wise momentum's flow is stiff; the band-limited velocity's is not
+        assert r.metrics["time_steps"] > r.params["n_steps"]  # the flow needed more than 10 steps
     assert r.metrics["ssd_after"] < 0.2 * r.metrics["ssd_before"]
     for level in (0, 1):  # energies never increase while the discretisation (level, time steps) is fixed
         rows = [h_ for h_ in r.history if h_["level"] == level]
@@ -259,7 +262,8 @@ def test_large_intensity_mismatch_does_not_fold():
                    if a["time_steps"] == b["time_steps"])
 
 
-def test_line_search_rejects_non_finite_energies(monkeypatch):
+@pytest.mark.parametrize("method", ["full", "bandlimited"])
+def test_line_search_rejects_non_finite_energies(monkeypatch, method):
     """A data term that returns NaN once the SSD falls below half its initial value: no such point is accepted."""
     fixed, moving = _growth_pair((24, 24))
 
@@ -274,9 +278,9 @@ def test_line_search_rejects_non_finite_energies(monkeypatch):
 
         return call
 
-    for module in ("step", "register"):  # the pyramid levels and the final shooting
+    for module in ("step", "bl_step", "register"):  # the pyramid levels and the final shooting
         monkeypatch.setattr(importlib.import_module(f"classreg.solvers.lddmm.{module}"), "data_term", wrapped)
-    r = cr.register_lddmm(fixed, moving, metric="ssd", shrink_factors=(1,), iterations=(15,))
+    r = cr.register_lddmm(fixed, moving, metric="ssd", shrink_factors=(1,), iterations=(15,), method=method)
     d = [h_["metric"] for h_ in r.history]
     assert d and all(math.isfinite(x) for x in d)
     assert min(d) >= 0.5 * d[0] * 0.5  # every accepted data term is above the NaN threshold (first iterate's half)
@@ -360,17 +364,21 @@ def test_params_history_progress_and_callback_stop(tmp_path):
         assert key in r.params, key
     assert r.params["seed"] == 5
     assert r.metrics["geodesic_length"] > 0
+    assert r.params["method"] == "bandlimited" and r.params["cutoff"] == 0.05
     out = r.save(tmp_path / "res", extras=True)
     back = cr.load_result(out)
-    np.testing.assert_allclose(back.extras["P0"], r.extras["P0"])
+    z = r.extras["velocity_coefficients"]
+    assert z.ndim == 3 and z.shape[0] == 2 and np.abs(z).max() > 0
+    np.testing.assert_allclose(back.extras["velocity_coefficients"], z)
 
 
-def test_deterministic_on_cpu():
+@pytest.mark.parametrize("method,key", [("full", "P0"), ("bandlimited", "velocity_coefficients")])
+def test_deterministic_on_cpu(method, key):
     fixed, moving = _growth_pair((24, 24))
-    kw = {"shrink_factors": (2, 1), "iterations": (4, 4)}
+    kw = {"shrink_factors": (2, 1), "iterations": (4, 4), "method": method}
     a = cr.register_lddmm(fixed, moving, **kw)
     b = cr.register_lddmm(fixed, moving, **kw)
-    np.testing.assert_array_equal(a.extras["P0"], b.extras["P0"])
+    np.testing.assert_array_equal(a.extras[key], b.extras[key])
     np.testing.assert_array_equal(a.transform.displacement, b.transform.displacement)
 
 
@@ -417,7 +425,7 @@ def test_cli_register_lddmm(tmp_path):
     cr.save(moving, tmp_path / "m.nii.gz")
     rc = main(["register", "lddmm", str(tmp_path / "f.nii.gz"), str(tmp_path / "m.nii.gz"), "-o",
                str(tmp_path / "out"), "--shrink-factors", "1", "--iterations", "3", "--n-steps", "6", "--no-qc", "-q",
-               "--save-extras"])
+               "--save-extras", "--method", "full"])
     assert rc == 0
     res = cr.load_result(tmp_path / "out")
     assert isinstance(res.transform, cr.DisplacementField)

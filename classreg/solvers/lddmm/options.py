@@ -49,6 +49,14 @@ OPTIONS = Declaration(
         Option("intensity", "auto", "'joint': both images scaled by the fixed image's 0.5-99.5 percentiles; 'match': "
                                     "histogram-match the moving image first; 'auto': 'joint' when both are on one "
                                     "intensity scale, else 'match'", kind="str", choices=("auto", "match", "joint")),
+        Option("method", "bandlimited", "'bandlimited': the initial velocity on the low Fourier frequencies where "
+                                        "K̂ ≥ cutoff, EPDiff integrated there (FLASH), the map traced on the map grid; "
+                                        "'full': the scalar momentum P₀ on the voxel grid", kind="str",
+               choices=("bandlimited", "full")),
+        Option("cutoff", 0.05, "bandlimited: frequencies where the kernel's Fourier transform is below this fraction "
+                               "of its peak are dropped", low=0, high=1, low_open=True, high_open=True),
+        Option("map_spacing", None, "bandlimited: spacing of the grid on which the map is traced", unit="mm", low=0,
+               low_open=True, default_text="kernel_sigma (Gaussian), √alpha (Sobolev); never below the voxel"),
         Option("return_trajectory", False, "keep the geodesic I_t and v_t (t = k/n_t) in the result's extras",
                kind="bool"),
         shared("dtype"),

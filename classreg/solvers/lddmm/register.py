@@ -9,6 +9,7 @@ resolution and builds the :class:`~classreg.Result`.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -32,6 +33,7 @@ from .._common import (
     normalise_intensities,
     warp_through,
 )
+from .bl_step import level_step_bandlimited
 from .objective import data_term
 from .operators import kernel_operator
 from .options import OPTIONS
@@ -49,12 +51,18 @@ def register_lddmm(fixed: Image, moving: Image, *, init: Transform | None = None
                    kernel: str = "gaussian", kernel_sigma: float | None = None, alpha: float | None = None,
                    order: float = 2.0, data_sigma: float = 0.05, n_steps: int = 10, max_steps: int | None = None,
                    tol: float = 1e-5, lncc_radius: float | None = None, intensity: str = "auto",
+                   method: str = "bandlimited", cutoff: float = 0.05, map_spacing: float | None = None,
                    return_trajectory: bool = False, dtype=np.float32, seed: int = 0, threads: int | None = None,
                     memory_limit: float | None = None, time_limit: float | None = None,
                    device: str | None = None, backend=None, progress: bool = False, callback=None) -> Result:
-    """Register ``moving`` to ``fixed`` by LDDMM geodesic shooting of the initial scalar momentum P₀.
+    """Register ``moving`` to ``fixed`` by LDDMM geodesic shooting.
 
-    Along the geodesic (t ∈ [0, 1]) ``m_t = P_t ∇I_t``, ``v_t = −K⋆m_t``, ``I_t = I₀∘φ_t⁻¹``,
+    Two parameterisations of the geodesic (``method``). "bandlimited" (default): the initial velocity lives on the
+    low Fourier frequencies of a periodic box around the fixed image where the kernel's transform ``K̂ ≥ cutoff``;
+    EPDiff (the geodesic equation of the vector momentum ``m = Lv``) is integrated there, and only the transport of
+    the map runs on a spatial grid (M. Zhang, P. T. Fletcher, IJCV 127:61-73, 2019; :mod:`.bandlimited`). The
+    energy is ``E(z) = ½ ‖v₀‖²_V + D(I₁)`` with ``v₀ = K^½ z``. "full": the scalar momentum on the voxel grid, as
+    follows. Along the geodesic (t ∈ [0, 1]) ``m_t = P_t ∇I_t``, ``v_t = −K⋆m_t``, ``I_t = I₀∘φ_t⁻¹``,
     ``P_t = |Dφ_t⁻¹| (P₀∘φ_t⁻¹)``, with I₀ the moving image (through ``init``) on the fixed grid. The energy
     minimised over P₀ is ``E(P₀) = ½ ⟨P₀∇I₀, K⋆(P₀∇I₀)⟩ + D(I₁)`` with ``D = (1/2σ²) ‖I₁ − J‖²`` ("ssd") or
     ``(vol/σ²) · C_lncc(J, I₁)`` ("lncc"), J the fixed image and every inner product a physical integral (voxel sums
@@ -107,6 +115,15 @@ def register_lddmm(fixed: Image, moving: Image, *, init: Transform | None = None
         moving image to the fixed one first (SimpleITK, as ``register_demons``); "auto": "joint" when the moving
         image's 0.5 and 99.5 percentiles lie within half the fixed image's range of the fixed ones, else "match".
         The choice is recorded in ``params["intensity_used"]``.
+    method : {"bandlimited", "full"}
+        "bandlimited": velocities on the frequencies with ``K̂ ≥ cutoff`` (EPDiff dealiased by the 2/3 rule, the
+        inverse map traced along characteristics on the map grid, explicit Euler in time); "full": the scalar
+        momentum P₀ on the voxel grid, the image, momentum and map transported there (semi-Lagrangian).
+    cutoff : float
+        "bandlimited": the smallest kernel weight ``K̂(ξ)`` (relative to K̂(0) = 1) of a kept frequency.
+    map_spacing : float, optional
+        "bandlimited": spacing (mm) of the grid on which the map is traced (default ``kernel_sigma`` for the
+        Gaussian kernel, √alpha for the Sobolev one; never finer than the voxels); voxels interpolate it linearly.
     return_trajectory : bool
         Store the geodesic ``I_t`` (moving intensities, t = k/n_t, k = 0..n_t) and ``v_t`` (array frame, mm per
         unit time) in ``extras["trajectory_images"]`` / ``extras["trajectory_velocities"]``.
@@ -139,8 +156,9 @@ def register_lddmm(fixed: Image, moving: Image, *, init: Transform | None = None
         intensity scale), ``energy``, ``data_term``, ``regularization``, ``ssd_before``/``ssd_after`` (mean squared
         normalised difference), ``min_det`` (of φ₁⁻¹), ``inverse_error_voxels`` (max |φ₁∘φ₁⁻¹ − id|),
         ``time_steps`` (n_t of the result), ``stability`` (max_k δt·max‖Dv_k‖_F), ``max_step_voxels``,
-        ``iterations``, ``evaluations``; ``extras["P0"]`` (initial momentum on the fixed grid, for the normalised
-        intensities) and the trajectory on request.
+        ``iterations``, ``evaluations``; ``extras["velocity_coefficients"]`` ("bandlimited": ``z`` on the coarse
+        periodic grid, ``v₀ = K^½ z``) or ``extras["P0"]`` ("full": the initial momentum on the fixed grid, for the
+        normalised intensities), and the trajectory on request.
 
     References
     ----------
@@ -150,6 +168,8 @@ def register_lddmm(fixed: Image, moving: Image, *, init: Transform | None = None
     24:209-228, 2006, doi:10.1007/s10851-005-3624-0.
     B. B. Avants, C. L. Epstein, M. Grossman, J. C. Gee, "Symmetric diffeomorphic image registration with
     cross-correlation", Med. Image Anal. 12(1):26-41, 2008, doi:10.1016/j.media.2007.06.004 (the LNCC metric).
+    M. Zhang, P. T. Fletcher, "Fast diffeomorphic image registration via Fourier-approximated Lie algebras", IJCV
+    127:61-73, 2019, doi:10.1007/s11263-018-1099-x (band-limited geodesic shooting, FLASH).
     J. Nocedal, S. J. Wright, "Numerical Optimization", 2nd ed., Springer, 2006 (L-BFGS, Alg. 7.4; backtracking,
     Alg. 3.1).
     """
@@ -161,7 +181,7 @@ def register_lddmm(fixed: Image, moving: Image, *, init: Transform | None = None
     dtype = np.dtype(dtype)
     opts = _resolve(fixed, moving, metric=metric, kernel=kernel, kernel_sigma=kernel_sigma, alpha=alpha, order=order,
                     data_sigma=data_sigma, n_steps=n_steps, max_steps=max_steps, tol=tol, lncc_radius=lncc_radius,
-                    dtype=dtype, backend=backend)
+                    dtype=dtype, backend=backend, method=method, cutoff=cutoff, map_spacing=map_spacing)
     schedule = dict(zip(("shrink_factors", "smoothing_sigmas", "iterations"),
                         check_schedule(shrink_factors, smoothing_sigmas, iterations, fixed.spacing)))
     fmask = as_mask(fixed_mask, fixed, "fixed_mask")
@@ -170,12 +190,15 @@ def register_lddmm(fixed: Image, moving: Image, *, init: Transform | None = None
     fixed_n, template, mmask_t = _template(fixed, moving, init, fmask, mmask, intensity_used, dtype, backend)
     prog = Progress("lddmm", callback=callback, progress=progress, time_limit=time_limit, total=int(sum(schedule["iterations"])))
     ssd_before = mean_sq(fixed_n.data, template.data, fmask)
-    run = _run_levels(fixed_n, template, fmask, mmask_t, schedule, opts, prog, ssd_before)
-    t_fin = time.perf_counter()
-    shooter, inv_mm, fwd_mm, metrics = _final_shooting(fixed, fixed_n, template, fmask, mmask_t, run, opts)
+    with _blas_single_thread():
+        run = _run_levels(fixed_n, template, fmask, mmask_t, schedule, opts, prog, ssd_before)
+        t_fin = time.perf_counter()
+        shooter, inv_mm, fwd_mm, metrics = _final_shooting(fixed, fixed_n, template, fmask, mmask_t, run, opts)
     metrics["ssd_before"] = ssd_before
-    extras = {"P0": run["P0"]}
-    if return_trajectory:
+    extras = {"velocity_coefficients" if opts["method"] == "bandlimited" else "P0": run["P0"]}
+    if return_trajectory and opts["method"] == "bandlimited":
+        extras.update(_trajectory_bandlimited(shooter, run["P0"], moving, fixed, init, dtype, backend))
+    elif return_trajectory:
         extras.update(_trajectory(shooter, run["P0"], moving, fixed, init, dtype, backend))
     timings = {"total": time.perf_counter() - t_start, "final_shooting": time.perf_counter() - t_fin,
                "levels": [i["seconds"] for i in run["levels"]]}
@@ -194,8 +217,18 @@ def register_lddmm(fixed: Image, moving: Image, *, init: Transform | None = None
                         extras=extras)
 
 
+def _blas_single_thread():
+    """BLAS limited to one thread for the run (threadpoolctl): the band-limited method's small matrix products
+    would otherwise spin OpenBLAS threads against numba's (measured: 0.3 ms → 7-46 ms per product on 2 cores)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - a dependency
+        return contextlib.nullcontext()
+    return threadpool_limits(1, user_api="blas")
+
+
 def _resolve(fixed: Image, moving: Image, *, metric, kernel, kernel_sigma, alpha, order, data_sigma, n_steps,
-             max_steps, tol, lncc_radius, dtype, backend) -> dict:
+             max_steps, tol, lncc_radius, dtype, backend, method="full", cutoff=0.05, map_spacing=None) -> dict:
     """The options that depend on each other or on the images, resolved (lengths in mm, σ² of the data term)."""
     if backend == "cuda":
         raise ValueError("register_lddmm runs on the CPU only (backend 'numpy' or 'numba'; device 'cpu')")
@@ -207,13 +240,21 @@ def _resolve(fixed: Image, moving: Image, *, metric, kernel, kernel_sigma, alpha
         if min(img.shape) < 4:
             raise ValueError(f"{name} must have at least 4 voxels along every axis, got shape {img.shape}")
     h_max = max(fixed.spacing)
-    return {"metric": metric, "kernel": kernel,
+    opts = {"metric": metric, "kernel": kernel, "method": method, "cutoff": float(cutoff),
             "kernel_sigma": 3.0 * h_max if kernel_sigma is None else float(kernel_sigma),
             "alpha": (2.0 * h_max) ** 2 if alpha is None else float(alpha), "order": float(order),
             "data_sigma": float(data_sigma), "sigma2": float(data_sigma) ** 2, "n_steps": int(n_steps),
             "max_steps": int(max_steps), "tol": float(tol),
             "lncc_radius": 2.0 * h_max if lncc_radius is None else float(lncc_radius), "dtype": dtype,
             "backend": backend}
+    if method == "bandlimited":
+        from .bandlimited import SpectralDomain
+
+        opts["map_spacing"] = (opts["kernel_sigma"] if kernel == "gaussian" else math.sqrt(opts["alpha"])) \
+            if map_spacing is None else float(map_spacing)
+        opts["domain"] = SpectralDomain(fixed.shape, fixed.spacing_array_order, kernel=kernel,
+                                        sigma=opts["kernel_sigma"], alpha=opts["alpha"], order=order, cutoff=cutoff)
+    return opts
 
 
 def _resolve_intensity(intensity, fixed, moving, fmask, mmask) -> str:
@@ -259,7 +300,10 @@ def _run_levels(fixed_n, template, fmask, mmask_t, schedule, opts, prog, ssd_bef
         prog.emit("start", metric=ssd_before)
 
         def step(level, state, progress_):
-            levels.append(level_step(level, state, progress_, opts))
+            if opts["method"] == "bandlimited":
+                levels.append(level_step_bandlimited(level, state, progress_, opts, fixed_n))
+            else:
+                levels.append(level_step(level, state, progress_, opts))
 
         state, stopped = multiresolution(fixed_n, template, step, fixed_mask=fmask, moving_mask=mmask_t,
                                          progress=prog, backend=opts["backend"], **schedule)
@@ -272,9 +316,12 @@ def _run_levels(fixed_n, template, fmask, mmask_t, schedule, opts, prog, ssd_bef
         converged = bool(levels[-1]["converged"])
         stop_reason = f"finest level: {levels[-1]['message']}"
     P0 = state.get("P0")
-    if P0 is None or P0.shape != fixed_n.shape:
+    if opts["method"] == "bandlimited":
+        P0 = state["z"].z if state.get("z") is not None else None
+    elif P0 is None or P0.shape != fixed_n.shape:
         P0 = np.zeros(fixed_n.shape, dtype=opts["dtype"])
-    return {"P0": np.asarray(P0, dtype=opts["dtype"]), "n_steps": int(state.get("n_steps", opts["n_steps"])),
+    return {"P0": P0 if P0 is None else np.asarray(P0, dtype=opts["dtype"]),
+            "n_steps": int(state.get("n_steps", opts["n_steps"])),
             "levels": levels, "stopped": stopped, "converged": converged, "stop_reason": stop_reason}
 
 
@@ -286,6 +333,8 @@ def _final_shooting(fixed, fixed_n, template, fmask, mmask_t, run, opts):
 
     dtype, backend, P0 = opts["dtype"], opts["backend"], run["P0"]
     h = tuple(fixed.spacing_array_order)
+    if opts["method"] == "bandlimited":
+        return _final_bandlimited(fixed, fixed_n, template, fmask, mmask_t, run, opts)
     op = kernel_operator(fixed.shape, h, kernel=opts["kernel"], kernel_sigma=opts["kernel_sigma"], alpha=opts["alpha"],
                          order=opts["order"], backend=backend)
     data = data_term(opts, fixed_n.data.astype(dtype), fmask, mmask_t, h)
@@ -306,6 +355,41 @@ def _final_shooting(fixed, fixed_n, template, fmask, mmask_t, run, opts):
     return shooter, inv_mm, fwd_mm, metrics
 
 
+def _final_bandlimited(fixed, fixed_n, template, fmask, mmask_t, run, opts):
+    """:func:`_final_shooting` of the band-limited method: the finest level's shooting of ``z``."""
+    from ...kernels.adjoint import sample_linear
+    from ...kernels.diff import jacobian_determinant
+    from ...kernels.fields import compose
+    from .bandlimited import resize_coefficients
+    from .bl_step import _stable, make_shooter
+
+    dtype, backend = opts["dtype"], opts["backend"]
+    h = tuple(fixed.spacing_array_order)
+    data = data_term(opts, fixed_n.data.astype(dtype), fmask, mmask_t, h)
+
+    def make(n):
+        return make_shooter(opts, fixed_n, fixed_n, template.data, n)
+
+    z = run["P0"]
+    probe = make(opts["n_steps"])
+    z = probe.zeros() if z is None else resize_coefficients(z, probe.nc)
+    n_final = min(opts["max_steps"], max(opts["n_steps"], run["n_steps"]))
+    shooter, n_final, z, (energy, reg, dat, path, _), _ = _stable(make, z, data, n_final, opts["max_steps"])
+    run["P0"] = z
+    inv_mm, fwd_mm = shooter.maps(z, path)
+    I1 = sample_linear(template.data.astype(dtype), shooter.x + inv_mm / np.asarray(h, dtype=dtype), backend=backend)
+    back = compose(fwd_mm, inv_mm, spacing=np.asarray(h), backend=backend)  # φ₁∘φ₁⁻¹ − id
+    step = max(float(np.max(np.abs(w))) for w in path.w) / n_final
+    metrics = {"geodesic_length": math.sqrt(max(0.0, 2.0 * reg)), "energy": energy, "data_term": dat,
+               "regularization": reg, "ssd_after": mean_sq(fixed_n.data, I1, fmask),
+               "min_det": float(np.min(jacobian_determinant(inv_mm, spacing=h, backend=backend))),
+               "inverse_error_voxels": float(np.max(np.sqrt(np.sum((back / np.asarray(h)) ** 2, axis=-1)))),
+               "time_steps": int(n_final), "stability": float(path.stability), "max_step_voxels": step,
+               "evaluations": int(sum(i["evaluations"] for i in run["levels"])),
+               "iterations": int(sum(i["iterations"] for i in run["levels"]))}
+    return shooter, inv_mm, fwd_mm, metrics
+
+
 def _trajectory(shooter, P0, moving, fixed, init, dtype, backend) -> dict:
     """The geodesic: ``I_t`` (the moving image through ``init ∘ φ_t⁻¹``) and ``v_t`` for t = k/n_t, k = 0..n_t."""
     full = shooter.forward(P0, end_velocity=True)
@@ -313,18 +397,36 @@ def _trajectory(shooter, P0, moving, fixed, init, dtype, backend) -> dict:
     return {"trajectory_images": images, "trajectory_velocities": list(full.v) + [full.v_end]}
 
 
+def _trajectory_bandlimited(shooter, z, moving, fixed, init, dtype, backend) -> dict:
+    """:func:`_trajectory` of the band-limited method."""
+    maps, velocities = shooter.trajectory(z)
+    images = [np.asarray(warp_through(moving, fixed, init, u.astype(dtype), backend)) for u in maps]
+    return {"trajectory_images": images, "trajectory_velocities": velocities}
+
+
 def _params(opts, schedule, levels, *, intensity, intensity_used, return_trajectory, init, seed) -> dict:
     """``Result.params``: the resolved options (kernel parameters only for the kernel used), the time steps per
     level, the optimiser and integrator, and :func:`~classreg.solvers._common.common_params`."""
     gaussian, sobolev = opts["kernel"] == "gaussian", opts["kernel"] == "sobolev"
+    band = opts["method"] == "bandlimited"
+    if band:
+        from .bl_step import STABILITY_TARGET as target
+
+        integrator = ("band-limited EPDiff (explicit Euler, spectral, 2/3-rule dealiasing) on the frequencies where "
+                      f"K^ >= {opts['cutoff']}; inverse map traced along characteristics on the map grid; adaptive "
+                      f"time steps (dt*max|Dv| <= {target})")
+    else:
+        integrator = f"semi-Lagrangian, map composition, adaptive time steps (dt*max|Dv| <= {STABILITY_TARGET})"
     return dict(metric=opts["metric"], kernel=opts["kernel"], kernel_sigma=opts["kernel_sigma"] if gaussian else None,
                 alpha=opts["alpha"] if sobolev else None, order=opts["order"] if sobolev else None,
                 data_sigma=opts["data_sigma"], n_steps=opts["n_steps"], max_steps=opts["max_steps"],
+                method=opts["method"], cutoff=opts["cutoff"] if band else None,
+                map_spacing=opts["map_spacing"] if band else None,
+                frequencies=[i.get("band") for i in levels] if band else None,
                 time_steps=[int(i["n_steps"]) for i in levels], **schedule, tol=opts["tol"],
                 lncc_radius=opts["lncc_radius"] if opts["metric"] == "lncc" else None, intensity=intensity,
                 intensity_used=intensity_used, return_trajectory=bool(return_trajectory),
                 optimizer="L-BFGS (memory 10), monotone Armijo backtracking, trust region on the initial velocity "
                           "(classreg.optimise)",
-                integrator="semi-Lagrangian, map composition, adaptive time steps (dt*max|Dv| <= "
-                           f"{STABILITY_TARGET})",
+                integrator=integrator,
                 **common_params(init=init, dtype=opts["dtype"], seed=seed, backend=opts["backend"]))

@@ -31,14 +31,14 @@ STABILITY_TARGET = 0.1
 STABILITY_LIMIT = 0.25
 
 
-def refined_steps(n, stability, n_max):
+def refined_steps(n, stability, n_max, target=STABILITY_TARGET):
     """Time steps that bring the stability number ``δt·max‖Dv‖`` of a path shot with ``n`` steps back to
-    :data:`STABILITY_TARGET` (it scales like 1/n), capped at ``n_max``."""
-    if not stability > STABILITY_TARGET or n >= n_max:
+    ``target`` (it scales like 1/n), capped at ``n_max``."""
+    if not stability > target or n >= n_max:
         return n
     if not math.isfinite(stability):
         return min(n_max, 2 * n)
-    return min(n_max, max(n + 1, math.ceil(n * stability / STABILITY_TARGET)))
+    return min(n_max, max(n + 1, math.ceil(n * stability / target)))
 
 
 def stable_start(make, P0, data, n, n_max):
