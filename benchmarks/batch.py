@@ -193,6 +193,10 @@ def _subset(table: Path, path: Path, ids) -> Path:
     return path
 
 
+def _ratio(a, b):
+    return a / b if a is not None and b else None
+
+
 def _history(res) -> list:
     return [{k: v for k, v in row.items() if k != "elapsed"} for row in res.history]
 
@@ -283,10 +287,12 @@ def main(argv=None) -> int:
                 "status": b["status"], "bitwise": equal[i],
                 "serial_s": s["seconds"], f"serial_t{args.serial_threads}_s": base_rec.get(i, {}).get("seconds"),
                 "batch_s": b["seconds"], "solver_s": b["solver_seconds"],
-                "estimate_mb": b["memory_estimate_mb"], "peak_mb": b["peak_memory_mb"],
-                "peak_over_estimate": (b["peak_memory_mb"] / b["memory_estimate_mb"]
-                                       if b["peak_memory_mb"] is not None and b["memory_estimate_mb"] else None),
-                "evaluation_peak_mb": b["evaluation_peak_mb"], "dice_before": b["dice_before_mean"],
+                "solver_estimate_mb": b["solver_estimate_mb"], "solver_peak_mb": b["peak_memory_mb"],
+                "solver_ratio": _ratio(b["peak_memory_mb"], b["solver_estimate_mb"]),
+                "pair_estimate_mb": b["memory_estimate_mb"], "pair_peak_mb": b["pair_peak_mb"],
+                "pair_ratio": _ratio(b["pair_peak_mb"], b["memory_estimate_mb"]),
+                "evaluation_peak_mb": b["evaluation_peak_mb"], "worker": b["worker"],
+                "dice_before": b["dice_before_mean"],
                 "dice_after": b["dice_mean"], "percent_det_nonpositive": b["percent_det_nonpositive"],
             })
         n2 = len(ids_2d)
@@ -305,8 +311,9 @@ def main(argv=None) -> int:
         cols = [("id", "pair"), ("solver", "solver"), ("shape", "shape"), ("bitwise", "bitwise ="),
                 ("serial_s", f"serial {args.threads} thr s"), (f"serial_t{args.serial_threads}_s",
                                                                f"serial {args.serial_threads} thr s"),
-                ("batch_s", "batch s"), ("estimate_mb", "estimate MB"), ("peak_mb", "peak MB (solver)"),
-                ("peak_over_estimate", "peak/estimate"), ("evaluation_peak_mb", "eval peak MB"),
+                ("batch_s", "batch s"), ("solver_estimate_mb", "solver est. MB"),
+                ("solver_peak_mb", "solver peak MB"), ("solver_ratio", "peak/est."),
+                ("pair_estimate_mb", "pair est. MB"), ("pair_peak_mb", "pair peak MB"), ("pair_ratio", "peak/est."),
                 ("dice_before", "Dice before"), ("dice_after", "Dice after")]
         table_md = markdown_table(rows, cols)
         head = (f"{summary['bitwise_equal']}/{summary['pairs']} pairs bitwise equal to serial runs "
