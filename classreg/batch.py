@@ -292,6 +292,8 @@ def _cell(option, raw):
     """The Python value of a cell for ``option`` (a file cell stays its text); ``_EMPTY`` for an empty cell."""
     if _is_empty(raw):
         return _EMPTY
+    if isinstance(raw, os.PathLike):
+        raw = os.fspath(raw)
     if not isinstance(raw, str):
         if hasattr(raw, "item") and getattr(raw, "ndim", 1) == 0:  # numpy scalars from a DataFrame
             raw = raw.item()
@@ -429,6 +431,7 @@ def plan_pairs(rows, *, solver: str = "demons", options=None, base=".", out=".",
             raise BatchTableError(f"{source} has no {c!r} column (columns: {', '.join(columns) or 'none'}); "
                                   f"the header needs at least fixed,moving")
     ids: dict = {}
+    used_options: dict = {}
     for i, raw in enumerate(rows, start=1):
         where = f"{source} row {i}"
         cells = dict(raw)
@@ -456,9 +459,11 @@ def plan_pairs(rows, *, solver: str = "demons", options=None, base=".", out=".",
         if ("fixed_labels" in inputs) != ("moving_labels" in inputs):
             have = "fixed_labels" if "fixed_labels" in inputs else "moving_labels"
             bad(have, "Dice needs both fixed_labels and moving_labels; give the other one or neither")
-        stage_opts = [dict() for _ in chain]
-        merged = {k: v for k, v in options.items() if not _is_empty(v)}
-        merged.update({k: v for k, v in cells.items() if k not in RESERVED and not _is_empty(v)})
+        stage_opts = [{} for _ in chain]
+        own = {k: v for k, v in cells.items() if k not in RESERVED and not _is_empty(v)}
+        merged = {k: v for k, v in options.items() if not _is_empty(v) and _applies(k, chain)}
+        used_options.update(merged)
+        merged.update(own)
         for column, raw_value in merged.items():
             for k, name, opt in _targets(column, chain, bad):
                 o = SOLVERS[name][0][opt]
@@ -502,15 +507,32 @@ def plan_pairs(rows, *, solver: str = "demons", options=None, base=".", out=".",
             continue
         ids[pid] = i
         stages = tuple((name, stage_opts[k]) for k, name in enumerate(chain))
-        finger = {"solver": "+".join(chain), "options": [[n, _jsonable(o)] for n, o in stages],
+        # threads and memory_limit change no result beyond float rounding / a refusal: a rerun with other threads
+        # keeps the finished pairs
+        finger = {"solver": "+".join(chain), "options": [
+            [n, _jsonable({k: v for k, v in o.items() if k not in _NOT_FINGERPRINTED})] for n, o in stages],
                   "inputs": {c: [p, _stat(p)] for c, p in sorted(inputs.items())}}
         digest = hashlib.sha256(json.dumps(finger, sort_keys=True).encode()).hexdigest()
         tasks.append(PairTask(row=i, id=pid, stages=stages, inputs=inputs, out=str((out / pid).resolve()),
                               fingerprint=digest, qc=bool(qc), save_extras=bool(save_extras)))
+    for key in options:
+        if key not in used_options and not _is_empty(options[key]) and not errors:
+            errors.append(f"option {key!r} (given for every row) is not an option of any row's solver")
     if errors:
         shown = errors[:30] + ([f"... and {len(errors) - 30} more"] if len(errors) > 30 else [])
         raise BatchTableError(f"{len(errors)} problem(s) in the pairs table (nothing was run):\n  " + "\n  ".join(shown))
     return tasks
+
+
+_NOT_FINGERPRINTED = ("threads", "memory_limit")
+
+
+def _applies(column: str, chain: tuple) -> bool:
+    """Whether some solver of ``chain`` takes the option ``column`` (``name`` or ``solver.name``)."""
+    if "." in column:
+        name, opt = column.split(".", 1)
+        return name.strip().lower() in chain and opt in SOLVERS[name.strip().lower()][0]
+    return any(column in SOLVERS[n][0] for n in chain)
 
 
 def _word(option, text: str) -> bool:

@@ -244,7 +244,15 @@ def test_cells_are_typed_by_the_declaration(pairs_dir):
     assert a.inputs["init"] == str(base / "missing.tfm") and a.id == "p0_fixed__p0_moving"
     assert b.stages[0][1]["init"] == "moments" and b.stages[0][1]["iterations"] == 7
     assert isinstance(b.stages[0][1]["iterations"], int)
-    assert a.fingerprint != plan_pairs(rows[:1], base=base, threads_per_worker=1)[0].fingerprint
+    # threads are not part of the fingerprint (a rerun with other threads keeps finished pairs); options are
+    assert a.fingerprint == plan_pairs(rows[:1], base=base, threads_per_worker=1)[0].fingerprint
+    assert a.fingerprint != plan_pairs([dict(rows[0], max_step=1.25)], base=base)[0].fingerprint
+    # an option for every row goes to the rows whose solver takes it; one that no row's solver takes is an error
+    c, d = plan_pairs(rows, base=base, options={"samples": "64", "seed": 5})
+    assert "samples" not in c.stages[0][1] and d.stages[0][1]["samples"] == 64
+    assert c.stages[0][1]["seed"] == d.stages[0][1]["seed"] == 5
+    with pytest.raises(BatchTableError, match="option 'grid_spacing' .* not an option of any row's solver"):
+        plan_pairs(rows[1:], base=base, options={"grid_spacing": "8"})
 
 
 # ------------------------------------------------------------------------------------------------ failures per row
