@@ -1,6 +1,6 @@
 """classreg batch on Dask against serial runs — the batch issue's benchmark and bitwise check:
 
-    python -m benchmarks.batch [--work DIR] [--workers 2] [--threads 1] [--serial-threads 2] [--no-3d]
+    python -m benchmarks.batch [--work DIR] [--workers 2] [--threads 1] [--serial-threads 2] [--repeat 1] [--no-3d]
     python -m benchmarks.batch --check        # the bitwise check only (what tests/test_batch.py's slow test runs)
 
 The 20 pairs: the six 2-D benchmark cases (brain2d, lung2d, circle2d with ``demons``; the multimodal mm2d,
@@ -25,6 +25,7 @@ Writes benchmarks/results/batch-<date>.json and .md; prints the table.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -241,6 +242,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="threads per worker (and of the reference serial run)")
     p.add_argument("--serial-threads", type=int, default=2, help="threads of the serial throughput baseline")
     p.add_argument("--no-3d", action="store_true", help="only the 18 2-D pairs")
+    p.add_argument("--repeat", type=int, default=1, help="throughput runs of each mode (the fastest is reported)")
     p.add_argument("--check", action="store_true", help="the bitwise check only (no throughput runs)")
     p.add_argument("--out", help="folder for the JSON and markdown (default benchmarks/results)")
     args = p.parse_args(argv)
@@ -258,19 +260,27 @@ def main(argv=None) -> int:
             print(f"{sum(chk['equal'].values())}/{len(chk['equal'])} pairs bitwise equal"
                   + (f"; different: {', '.join(bad)}" if bad else ""))
             return 1 if bad else 0
+        load_before = os.getloadavg()
         table = build_pairs(work, with_3d=not args.no_3d)
         all_ids = [t.id for t in _tasks(table, work / "x", 1)]
         ids_2d = [i for i in all_ids if i not in CASES_3D]
         warm_up(work)
         # 1. serial reference (same threads as the workers), every pair
         ref, ref_s = serial(table, work / "serial", threads=args.threads)
-        # 2. serial throughput baseline: the 2-D pairs with --serial-threads threads
-        base, base_s = serial(table, work / f"serial-t{args.serial_threads}", threads=args.serial_threads,
-                              only=set(ids_2d))
-        # 3. the batch: the 2-D pairs (embedded cluster started by the call), then all (the 2-D ones resume)
-        shutil.rmtree(work / "batch", ignore_errors=True)
+        # 2./3. alternately (--repeat times: the machine may be shared): the serial throughput baseline, the 2-D
+        # pairs with --serial-threads threads, and the batch of the 2-D pairs (its embedded cluster started by the
+        # call); then the batch of all pairs (the 2-D ones resume)
         two_d = _subset(table, work / "pairs-2d.csv", ids_2d)
-        rep2 = cr.batch(two_d, work / "batch", workers=args.workers, threads_per_worker=args.threads)
+        base_runs, batch_runs = [], []
+        for _ in range(args.repeat):
+            base, base_s = serial(table, work / f"serial-t{args.serial_threads}", threads=args.serial_threads,
+                                  only=set(ids_2d))
+            base_runs.append(base_s)
+            shutil.rmtree(work / "batch", ignore_errors=True)
+            rep2 = cr.batch(two_d, work / "batch", workers=args.workers, threads_per_worker=args.threads)
+            batch_runs.append((rep2.seconds, rep2.cluster_seconds))
+        base_s = min(base_runs)
+        rep2.seconds, rep2.cluster_seconds = min(batch_runs)
         rep = cr.batch(table, work / "batch", workers=args.workers, threads_per_worker=args.threads)
         equal = compare(work / "serial", work / "batch", all_ids)
         # 4. the table
@@ -299,7 +309,8 @@ def main(argv=None) -> int:
         summary = {
             "pairs": len(all_ids), "pairs_2d": n2, "bitwise_equal": sum(equal.values()),
             "different": [k for k, v in equal.items() if not v],
-            "serial_reference_seconds": ref_s,
+            "serial_reference_seconds": ref_s, "repeat": args.repeat,
+            f"serial_t{args.serial_threads}_2d_seconds_runs": base_runs, "batch_2d_seconds_runs": batch_runs,
             f"serial_t{args.serial_threads}_2d_seconds": base_s,
             "batch_2d_seconds": rep2.seconds, "batch_2d_cluster_start_seconds": rep2.cluster_seconds,
             "batch_2d_seconds_after_start": rep2.seconds - rep2.cluster_seconds,
@@ -307,6 +318,9 @@ def main(argv=None) -> int:
             "throughput_ratio_after_start": base_s / (rep2.seconds - rep2.cluster_seconds),
             "batch_all_seconds": rep.seconds, "workers": args.workers, "threads_per_worker": args.threads,
             "serial_threads": args.serial_threads,
+            f"solver_seconds_serial_t{args.serial_threads}_2d": sum(r["solver_seconds"] or 0 for r in base),
+            "solver_seconds_batch_2d": sum(r["solver_seconds"] or 0 for r in rep2.rows),
+            "load_average_before": load_before, "load_average_after": os.getloadavg(),
         }
         cols = [("id", "pair"), ("solver", "solver"), ("shape", "shape"), ("bitwise", "bitwise ="),
                 ("serial_s", f"serial {args.threads} thr s"), (f"serial_t{args.serial_threads}_s",
@@ -320,7 +334,8 @@ def main(argv=None) -> int:
                 f"({args.threads} thread(s)). 2-D throughput, {n2} pairs: serial with {args.serial_threads} "
                 f"threads {base_s:.1f} s; batch {args.workers} workers × {args.threads} thread(s) "
                 f"{rep2.seconds:.1f} s including the LocalCluster start ({rep2.cluster_seconds:.1f} s): ratio "
-                f"{summary['throughput_ratio']:.2f} (after the start {summary['throughput_ratio_after_start']:.2f}).")
+                f"{summary['throughput_ratio']:.2f} (after the start {summary['throughput_ratio_after_start']:.2f}). "
+                f"1-min load average before the run {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}.")
         text = head + "\n\n" + table_md
         j, m = write_outputs("batch", {"summary": summary, "rows": rows, "machine": machine()}, text, args.out)
         print(text)
