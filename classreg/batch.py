@@ -596,10 +596,23 @@ class _Shape:
 
 
 def estimate_memory_mb(task: PairTask) -> tuple:
-    """``(solvers, pair)``: memory (MB) of the pair's registration — the largest of its solvers' estimates, their
-    measured copies of the larger image (:data:`classreg.solvers._common.MEMORY_COPIES`) — and of the whole pair
-    above a worker's baseline, which is that or the evaluation's (:data:`EVALUATION_COPIES`), whichever is larger.
-    None where the images' headers cannot be read now (the worker then reports the file)."""
+    """Memory estimates of one pair from its images' headers (no voxel is read).
+
+    Parameters
+    ----------
+    task : PairTask
+
+    Returns
+    -------
+    solver_mb : float or None
+        The registration: the largest of its solvers' estimates, their measured copies of the larger image
+        (:data:`classreg.solvers._common.MEMORY_COPIES`), MB.
+    pair_mb : float or None
+        The whole pair above a worker's baseline: ``solver_mb`` or the evaluation's :data:`EVALUATION_COPIES`
+        float32 copies of the fixed image, whichever is larger, MB.
+
+    Both are None when a header cannot be read now (the worker then reports the file).
+    """
     from .solvers._common import MEMORY_COPIES, check_memory
 
     shapes = [_image_shape(task.inputs["fixed"]), _image_shape(task.inputs["moving"])]
@@ -624,12 +637,39 @@ def estimate_pair_mb(task: PairTask) -> float | None:
 
 def plan_cluster(*, cores: int, available_mb: float | None, pair_mb, n_pairs: int, workers: int | None = None,
                  threads_per_worker: int = 1, memory_per_worker: float | None = None) -> tuple:
-    """Size the embedded LocalCluster: ``(workers, memory per worker in MB or None)``.
+    """Size the embedded LocalCluster.
 
     Workers × threads per worker never exceed ``cores``; without ``workers`` there are as many as the cores allow,
     no more than fit ``available_mb`` with the largest pair (:data:`WORKER_BASELINE_MB` + ``max(pair_mb)``
-    each), and no more than ``n_pairs``. The memory per worker is ``memory_per_worker`` or an equal share of
-    ``available_mb``.
+    each), and no more than ``n_pairs``.
+
+    Parameters
+    ----------
+    cores : int
+        CPU cores this process may use.
+    available_mb : float or None
+        Memory available now (MB); None if unknown (no memory cap).
+    pair_mb : sequence of float or None
+        Each pair's estimate above a worker's baseline (MB; :func:`estimate_memory_mb`), None where unknown.
+    n_pairs : int
+        Pairs to run.
+    workers : int, optional
+        Workers asked for (checked against the cores).
+    threads_per_worker : int
+        CPU threads of each worker's pair.
+    memory_per_worker : float, optional
+        MB per worker asked for; default an equal share of ``available_mb``.
+
+    Returns
+    -------
+    workers : int
+    memory_per_worker : float or None
+        MB (None when ``available_mb`` is unknown and none was asked for).
+
+    Raises
+    ------
+    ValueError
+        workers × threads_per_worker exceed ``cores``, or a count or memory is not positive.
     """
     t = int(threads_per_worker)
     if t < 1:
@@ -790,10 +830,19 @@ def _record(task: PairTask) -> dict:
 
 
 def run_pair(task: PairTask) -> dict:
-    """Run one row (in a worker): read its files, run its solver(s), evaluate, and publish the result folder.
+    """Run one row (what a worker does): read its files, run its solver(s), evaluate, and publish the result folder.
 
-    Never raises for a problem of the pair itself: the returned summary record then has ``status="failed"``, the
-    error (naming the column and file of an unreadable input) and the traceback.
+    Parameters
+    ----------
+    task : PairTask
+        From :func:`plan_pairs`.
+
+    Returns
+    -------
+    dict
+        The row's summary record (keys :data:`SUMMARY_COLUMNS`). Never raises for a problem of the pair itself: the
+        record then has ``status="failed"``, the error (naming the column and file of an unreadable input) and the
+        traceback. A task whose result folder already holds its finished result returns that result's record.
     """
     t0 = time.perf_counter()
     done = _finished(task)
@@ -983,7 +1032,20 @@ def _summary_value(v):
 
 
 def write_summary(out: Path, rows: list) -> tuple:
-    """``OUT/summary.csv`` (and ``summary.parquet`` with pyarrow), each written atomically; returns the paths."""
+    """Write ``out/summary.csv`` (and ``out/summary.parquet`` when pyarrow is installed), each atomically.
+
+    Parameters
+    ----------
+    out : Path
+        The batch's output folder.
+    rows : list of dict
+        Summary records (:data:`SUMMARY_COLUMNS`); dicts and lists are written as JSON text.
+
+    Returns
+    -------
+    csv_path : Path
+    parquet_path : Path or None
+    """
     from .io import atomic_output
 
     clean = [{k: _summary_value(r.get(k)) for k in SUMMARY_COLUMNS} for r in rows]
