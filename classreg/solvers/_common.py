@@ -256,12 +256,18 @@ def warp_through(image: Image, reference: Image, init: Affine, disp, backend, *,
 
 
 # ------------------------------------------------------------------------------------------------ kernel warm-ups
-def tiny_pair(ndim: int, fixed_dtype=np.float32, moving_dtype=np.float32, size: int = 12):
+def tiny_pair(ndim: int, fixed_dtype=np.float32, moving_dtype=np.float32, size: int | None = None):
     """A small smooth synthetic pair for kernel warm-ups (:class:`classreg.progress.Progress` ``warm_up``): a
     Gaussian blob on a ``size``^ndim grid of 1 mm and the same blob one voxel further along x, stored with the
     given dtypes (integer types scaled to 0-200), so that a solver run on it compiles the kernel signatures a run
-    on real images of those dtypes uses."""
+    on real images of those dtypes uses.
+
+    The default size (24 pixels in 2-D, 20 voxels in 3-D) exceeds 16 along x: the Gaussian kernel switches from its
+    row to its column variant above 16 contiguous samples (kernels/smooth.py), and a smaller warm-up left that
+    compile (5.6 s measured) inside the bar's first iteration."""
     from ..image import Image
+
+    size = (24 if ndim == 2 else 20) if size is None else int(size)
 
     g = np.indices((size,) * ndim, dtype=np.float64)
     c = (size - 1) / 2.0
@@ -275,7 +281,7 @@ def tiny_pair(ndim: int, fixed_dtype=np.float32, moving_dtype=np.float32, size: 
     return Image(cast(f, fixed_dtype), 1.0), Image(cast(m, moving_dtype), 1.0)
 
 
-def tiny_like(fixed: Image, moving: Image, size: int = 12):
+def tiny_like(fixed: Image, moving: Image, size: int | None = None):
     """:func:`tiny_pair` with the dimension and dtypes of ``fixed`` and ``moving``, on their device, and the
     masks a warm-up passes where the real call has masks (all ones)."""
     from ..kernels._backend import is_cupy_array

@@ -148,7 +148,7 @@ def register_rigid(fixed: Image, moving: Image, *, fixed_mask=None, moving_mask=
     measure = {"backend": backend, "dtype": dtype, "epsilon": float(epsilon), "overlap": float(overlap),
                "squared": bool(squared), "workers": workers}
     def warm_up():  # the same kernels on a tiny pair, before the bar (progress=True only)
-        f, m, fm, mm = tiny_like(fixed, moving, size=16)
+        f, m, fm, mm = tiny_like(fixed, moving)
         register_rigid(f, m, fixed_mask=None if fixed_mask is None else fm,
                        moving_mask=None if moving_mask is None else mm, shrink_factors=(2, 1),
                        smoothing_sigmas=(1.0, 0.5), samples=(3, 2), perturbation=(3.0,), keep=(1,),
