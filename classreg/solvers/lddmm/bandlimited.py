@@ -37,35 +37,6 @@ import scipy.fft as sfft
 __all__ = ["BandLimitedShooting", "SpectralDomain", "resize_coefficients"]
 
 
-def _smooth_odd(n: int) -> int:
-    """The smallest odd integer ≥ n (and ≥ 3) whose prime factors are all ≤ 7 (fast FFT sizes)."""
-    n = max(3, int(n))
-    n += 1 - n % 2
-    while True:
-        m = n
-        for p in (3, 5, 7):
-            while m % p == 0:
-                m //= p
-        if m == 1:
-            return n
-        n += 2
-
-
-def _smooth_odd_below(n: int) -> int:
-    """The largest odd integer ≤ n (and ≥ 3) whose prime factors are all ≤ 7."""
-    n = max(3, int(n))
-    n -= 1 - n % 2
-    while n > 3:
-        m = n
-        for p in (3, 5, 7):
-            while m % p == 0:
-                m //= p
-        if m == 1:
-            return n
-        n -= 2
-    return 3
-
-
 def _threads() -> int:
     """FFT workers: numba's current thread count (the solver's ``threads``), else 1."""
     try:
@@ -76,11 +47,13 @@ def _threads() -> int:
         return 1
 
 
-def _dirichlet(t, n):
-    """Periodic interpolation kernel of an odd number ``n`` of samples: ``sin(πt) / (n sin(πt/n))``."""
+def _dirichlet(t, n, kmax):
+    """Trigonometric interpolation weight of sample l at ``t = s − l`` for ``n`` periodic samples of a field whose
+    frequencies are |k| ≤ ``kmax`` < n/2: ``(1/n) Σ_{|k|≤kmax} e^{2πikt/n} = sin(π(2kmax+1)t/n) / (n sin(πt/n))``."""
     s = np.sin(np.pi * t / n)
     near = np.abs(s) < 1e-12
-    return np.where(near, 1.0, np.sin(np.pi * t) / (n * np.where(near, 1.0, s)))
+    return np.where(near, (2 * kmax + 1) / n, np.sin(np.pi * (2 * kmax + 1) * t / n)
+                    / (n * np.where(near, 1.0, s)))
 
 
 class SpectralDomain:
@@ -135,8 +108,8 @@ class SpectralDomain:
 
 
 def resize_coefficients(z, n_new):
-    """A coarse-grid field ``z`` (shape ``(C, *n)``, odd n) resampled onto odd sizes ``n_new`` by zero-padding or
-    truncating its spectrum (the same band-limited function; dropped frequencies are lost)."""
+    """A coarse-grid field ``z`` (shape ``(C, *n)``) resampled onto sizes ``n_new`` by zero-padding or truncating
+    its spectrum (the same band-limited function; frequencies beyond either grid's (n−1)/2 are dropped)."""
     n_old = z.shape[1:]
     if tuple(n_old) == tuple(n_new):
         return z
@@ -177,9 +150,10 @@ class BandLimitedShooting:
         Time steps n_t.
     band : tuple of int, optional
         Highest frequency index kept per axis (default ``domain.band`` for this level). The coarse grid has
-        ``n_j ≥ 3 k_j + 1`` samples (odd, FFT-friendly), so that the products of EPDiff, formed on it, alias only
-        onto frequencies outside the band, which are dropped (the 2/3 rule: a Galerkin truncation, no aliasing
-        instability).
+        ``n_j ≥ 3 k_j + 1`` samples (FFT-friendly), so that the products of EPDiff, formed on it, alias only onto
+        frequencies outside the band, which are dropped (the 2/3 rule: a Galerkin truncation, no aliasing
+        instability). Every spectral result is restricted to the band, so the Nyquist frequency of an even size
+        never carries a value.
     map_spacing : float, optional
         Spacing of the map grid (mm; default the level spacing). The map grid covers the level grid exactly.
     dtype, backend
@@ -200,7 +174,7 @@ class BandLimitedShooting:
         self.backend = backend
         self.workers = _threads()
         self.band = tuple(band) if band is not None else domain.band(self.h)
-        self.nc = tuple(_smooth_odd(3 * k + 1) for k in self.band)
+        self.nc = tuple(sfft.next_fast_len(3 * k + 1, real=True) for k in self.band)
         self.H = domain.length / np.asarray(self.nc)
         self.cell = float(np.prod(self.H))
         self.axes = tuple(range(1, self.nd + 1))
@@ -213,10 +187,13 @@ class BandLimitedShooting:
         for kk, kmax in zip(ks, self.band):
             inband = inband & (np.abs(kk) <= kmax)
         K = domain.khat(xi2)
-        self.K = np.where(inband, K, 0.0)
+        real = self.dtype  # symbols in the working precision, so that spectra stay complex64 for float32
+        cplx = np.result_type(real, np.complex64)
+        self.inband = inband
+        self.K = np.where(inband, K, 0.0).astype(real)
         self.sqrtK = np.sqrt(self.K)
-        self.L = np.where(inband, 1.0 / np.where(inband, K, 1.0), 0.0)
-        self.ik = [2j * np.pi * g for g in grids]
+        self.L = np.where(inband, 1.0 / np.where(inband, K, 1.0), 0.0).astype(real)
+        self.ik = [(2j * np.pi * g).astype(cplx) for g in grids]
         # the map grid: covers the level grid, ends on its last voxel
         ext = (np.asarray(self.shape) - 1) * self.h
         hm = self.h if map_spacing is None else np.maximum(self.h, float(map_spacing))
@@ -227,7 +204,8 @@ class BandLimitedShooting:
         for j in range(self.nd):
             p = self.offset[j] + self.Hm[j] * np.arange(self.M[j])
             s = (p - domain.origin[j]) / self.H[j]
-            self.B.append(_dirichlet(s[:, None] - np.arange(self.nc[j])[None, :], self.nc[j]).astype(self.dtype))
+            self.B.append(_dirichlet(s[:, None] - np.arange(self.nc[j])[None, :], self.nc[j],
+                                     self.band[j]).astype(self.dtype))
         self.BT = [np.ascontiguousarray(b.T) for b in self.B]
         self.zgrid = np.ascontiguousarray(np.stack(np.indices(self.M, dtype=self.dtype), axis=-1))
         self.x = np.ascontiguousarray(np.stack(np.indices(self.shape, dtype=self.dtype), axis=-1))
@@ -331,7 +309,8 @@ class BandLimitedShooting:
         for j in range(nd):
             A[j] -= sum(self.ik[i] * prod_m[i * nd + j] for i in range(nd)) + self.ik[j] * s
             Bh[j] -= sum(self.ik[i] * prod_v[i * nd + j] for i in range(nd))
-        return lam - self.dt * self.ifft(A + self.L * Bh)
+        # restricted to the band (the forward map acts on band-limited velocities only; see ``band``)
+        return lam - self.dt * self.ifft(self.inband * A + self.L * Bh)
 
     # ------------------------------------------------------------------ transport
     def forward(self, z, *, stability_limit=None):

@@ -111,9 +111,18 @@ class LNCCTerm:
                 mask = self.mask
         n = I1.size if mask is None else int(np.count_nonzero(mask))
         scale = n * self.cell / self.sigma2
-        if not gradient:
+        if self.backend in (None, "auto", "numba") and I1.dtype == np.float32:
+            # the fused kernel (float32 sums in float64, parity with the reference: tests/test_kernels_lncc.py)
+            from ...kernels.lncc import lncc_gradient, window_radius
+
+            val, g = lncc_gradient(self.J, I1, radius=window_radius(self.radius, self.spacing, I1.ndim), mask=mask,
+                                   eps=self.term.params["eps"], backend=self.backend)
+        elif not gradient:
             return scale * self.term.value(self.J, I1, mask=mask, spacing=self.spacing), None, None
-        val, g = self.term.gradient(self.J, I1, mask=mask, spacing=self.spacing)
+        else:
+            val, g = self.term.gradient(self.J, I1, mask=mask, spacing=self.spacing)
+        if not gradient:
+            return scale * val, None, None
         return scale * val, (scale * g).astype(I1.dtype, copy=False), None
 
 

@@ -39,8 +39,9 @@ OPTIONS = Declaration(
         Option("data_sigma", 0.05, "σ of the data term (ssd: normalised intensities; lncc: units of the correlation "
                                    "cost); smaller: closer matching, longer geodesic, stiffer flow", low=0,
                low_open=True),
-        Option("n_steps", 10, "time steps of the geodesic at the finest level (the minimum: raised while "
-                              "δt·max‖Dv‖ > 0.1; coarse levels start from half)", kind="int", low=1),
+        Option("n_steps", None, "time steps of the geodesic at the finest level (the minimum: raised while "
+                                "δt·max‖Dv‖ exceeds 0.3 ('bandlimited') or 0.1 ('full'); coarse levels start from "
+                                "half)", kind="int", low=1, default_text="5 ('bandlimited'), 10 ('full')"),
         Option("max_steps", None, "upper bound of the adaptive time steps (at least n_steps)", kind="int", low=1,
                default_text="4 × n_steps"),
         Option("tol", 1e-5, "a level stops when the relative energy decrease of an iteration is at most tol", low=0),

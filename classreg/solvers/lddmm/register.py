@@ -49,7 +49,7 @@ _log = logging.getLogger("classreg")
 def register_lddmm(fixed: Image, moving: Image, *, init: Transform | None = None, fixed_mask=None, moving_mask=None,
                    metric: str = "lncc", shrink_factors=(4, 2, 1), smoothing_sigmas=None, iterations=(40, 30, 20),
                    kernel: str = "gaussian", kernel_sigma: float | None = None, alpha: float | None = None,
-                   order: float = 2.0, data_sigma: float = 0.05, n_steps: int = 10, max_steps: int | None = None,
+                   order: float = 2.0, data_sigma: float = 0.05, n_steps: int | None = None, max_steps: int | None = None,
                    tol: float = 1e-5, lncc_radius: float | None = None, intensity: str = "auto",
                    method: str = "bandlimited", cutoff: float = 0.05, map_spacing: float | None = None,
                    return_trajectory: bool = False, dtype=np.float32, seed: int = 0, threads: int | None = None,
@@ -98,10 +98,11 @@ def register_lddmm(fixed: Image, moving: Image, *, init: Transform | None = None
         σ of the data term: SSD in units of the normalised intensities ([0, 1] over the fixed image's 0.5-99.5
         percentile range), LNCC in units of the correlation cost (in [−1, 0]). Smaller: closer matching, longer
         geodesic, stiffer flow (more time steps).
-    n_steps : int
-        Time steps n_t of the geodesic at the finest level, the minimum: n_t is raised, per level, while a path's
-        stability number ``δt·max‖Dv‖_F`` exceeds 0.1 (stiff flows: large momenta, small ``kernel_sigma``). Coarse
-        levels start from half as many. ``metrics["time_steps"]`` is the count used for the result.
+    n_steps : int, optional
+        Time steps n_t of the geodesic at the finest level (default 5 for "bandlimited", 10 for "full"), the
+        minimum: n_t is raised, per level, while a path's stability number ``δt·max‖Dv‖_F`` exceeds 0.3
+        ("bandlimited") or 0.1 ("full"; stiff flows: large momenta, small ``kernel_sigma``). Coarse levels start
+        from half as many. ``metrics["time_steps"]`` is the count used for the result.
     max_steps : int, optional
         Upper bound of the adaptive n_t (default 4 × ``n_steps``). At the bound the stability limit acts as a
         trust region: momenta whose flow would need more steps are rejected.
@@ -232,6 +233,8 @@ def _resolve(fixed: Image, moving: Image, *, metric, kernel, kernel_sigma, alpha
     """The options that depend on each other or on the images, resolved (lengths in mm, σ² of the data term)."""
     if backend == "cuda":
         raise ValueError("register_lddmm runs on the CPU only (backend 'numpy' or 'numba'; device 'cpu')")
+    if n_steps is None:
+        n_steps = 5 if method == "bandlimited" else 10
     if max_steps is None:
         max_steps = 4 * int(n_steps)
     if max_steps < n_steps:
