@@ -247,6 +247,9 @@ def _add_solver(subparsers, declaration, func) -> None:
                        help="label map of the fixed image: qc.png then shows Dice before and after (with "
                             "--moving-labels)")
         p.add_argument("--moving-labels", metavar="FILE", default=None, help="label map of the moving image")
+        p.add_argument("--channel", type=int, default=None, metavar="N",
+                       help="colour (RGB/RGBA) inputs: register channel N (0 red, 1 green, 2 blue); grey images "
+                            "stored as RGB need none")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier classreg result in the output folder (as a whole)")
     if not points:
@@ -294,7 +297,7 @@ def _run(declaration, func, args) -> int:
 
     out = Path(args.output)
     check_result_folder(out, overwrite=args.overwrite)  # before any work: a bad -o fails now, not after the run
-    fixed, moving = load(getattr(args, a)), load(getattr(args, b))
+    fixed, moving = load(getattr(args, a), channel=args.channel), load(getattr(args, b), channel=args.channel)
     labels = [None if f is None else load(f) for f in (args.fixed_labels, args.moving_labels)]
     point = None if args.qc_point is None else [v for part in args.qc_point for v in part]
     res = func(fixed, moving, progress=not args.quiet, **kw)

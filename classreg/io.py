@@ -145,8 +145,8 @@ def _grey(image: Image, p: Path, channel) -> Image:
         logger.info("%s: a grey image stored as %s; read as one channel", p, "RGBA" if image.ncomponents == 4 else "RGB")
         return Image(np.ascontiguousarray(data[..., 0]), image.spacing, image.origin, image.direction)
     raise ValueError(f"path {str(p)!r}: a colour image (RGB{'A' if image.ncomponents == 4 else ''} with different "
-                     "channels); classreg registers grey images: pass channel=0, 1 or 2 to classreg.load to use one "
-                     "channel, or convert the file to grey first")
+                     "channels); classreg registers grey images: pass channel=0, 1 or 2 to classreg.load (--channel 0, 1 "
+                     "or 2 on the command line) to use one channel, or convert the file to grey first")
 
 
 def save(image: Image, path, *, compress: bool | None = None) -> Path:

@@ -229,3 +229,24 @@ def test_log_jacobian_and_title_show_compression_and_folds():
     assert logdet[0, 0] == 0.0 and logdet[1, 1] < logdet[1, 0] < logdet[0, 1] < 0
     title = jacobian_title(det)
     assert "min -0.2" in title and "max 2" in title and "33.3 % ≤ 0" in title and "50 % < 0.1" in title
+
+
+def test_colour_inputs_fail_naming_the_fix_and_register_with_channel(tmp_path, capsys):
+    """A first-time user's colour PNG: the command line says what to do (--channel, or convert), and does it."""
+    import SimpleITK as sitk
+
+    from classreg.cli import main
+
+    rng = np.random.default_rng(4)
+    grey = (255 * smooth_image((32, 32), rng)).astype(np.uint8)
+    colour = np.stack([grey, grey[::-1], grey[:, ::-1]], axis=-1)
+    for name, rgb in (("a.png", colour), ("b.png", np.roll(colour, 1, axis=1))):
+        sitk.WriteImage(sitk.GetImageFromArray(rgb, isVector=True), str(tmp_path / name))
+    args = ["register", "affine", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "-q", "--no-qc",
+            "--iterations", "5", "5", "--shrink-factors", "2", "1"]
+    assert main([*args, "-o", str(tmp_path / "o1")]) == 1
+    err = capsys.readouterr().err
+    assert "a colour image" in err and "--channel 0, 1 or 2" in err and "convert the file to grey" in err
+    assert main([*args, "-o", str(tmp_path / "o2"), "--channel", "1"]) == 0
+    with pytest.raises(ValueError, match="--channel 0, 1 or 2 on the command line"):
+        cr.load(tmp_path / "a.png")
