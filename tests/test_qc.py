@@ -250,3 +250,16 @@ def test_colour_inputs_fail_naming_the_fix_and_register_with_channel(tmp_path, c
     assert main([*args, "-o", str(tmp_path / "o2"), "--channel", "1"]) == 0
     with pytest.raises(ValueError, match="--channel 0, 1 or 2 on the command line"):
         cr.load(tmp_path / "a.png")
+
+
+def test_itk_rgb_stored_example_pngs_register_through_the_api():
+    from classreg import data
+
+    try:
+        t1 = cr.load(data.itk_example("BrainT1SliceBorder20.png"))
+        pd = cr.load(data.itk_example("BrainProtonDensitySliceBorder20.png"))
+    except data.DataNotFoundError as exc:
+        pytest.skip(str(exc))
+    assert not t1.is_vector and not pd.is_vector and t1.ndim == 2
+    res = cr.register_affine(t1, pd, iterations=(5, 5), shrink_factors=(2, 1))
+    assert res.warped.shape == t1.shape
