@@ -67,11 +67,11 @@ def _level_step(level, state, progress, opts, piece, dtype, best):
     sim_mask = None if level.fixed_mask is None else np.asarray(level.fixed_mask, dtype=bool)
     for it in range(level.iterations):
         e_v, n_sq = expmap(v, spacing=h, max_voxel_norm=ITER_EXP_STEP, backend=backend)
-        seen = {}
-        u_f, energy, step = _force(side, e_v, forward=True, seen=seen)
+        u_f, energy, step = _force(side, e_v, forward=True)
         # the normalised similarity of the current estimate (classreg.progress.similarity), on the level's voxels
-        mask = sim_mask if seen["valid"] is None else (seen["valid"] if sim_mask is None else sim_mask & seen["valid"])
-        sim = similarity(F, seen["warped"], mask=mask)
+        warped, valid = side["seen"]
+        mask = sim_mask if valid is None else (valid if sim_mask is None else sim_mask & valid)
+        sim = similarity(F, warped, mask=mask)
         energies.append(energy)
         if energy < best_e:
             best_e, best_v = energy, v
@@ -125,11 +125,11 @@ def _update(v, u_f, n_sq, side, opts, scale, dtype):
     return z.astype(dtype, copy=False)
 
 
-def _force(side, disp, *, forward, seen=None):
+def _force(side, disp, *, forward):
     """The data term's force moving ``M∘(id+disp)`` towards ``F`` (forward) or ``F∘(id+disp)`` towards ``M``
     (backward): ``(u, energy, step)``, the update (array frame, mm), the energy over the valid voxels before it
-    and the largest update length (mm). ``seen`` (a dict) receives the warped image (``"warped"``) and where the
-    other image's mask is set (``"valid"``, None without one)."""
+    and the largest update length (mm). A forward call leaves ``side["seen"]``: the warped image and where the
+    other image's mask is set (None without one), for the iteration's similarity."""
     from ...kernels.diff import gradient
     from ...kernels.warp import warp
 
@@ -144,8 +144,8 @@ def _force(side, disp, *, forward, seen=None):
     if other_mask is not None:
         other_valid = warp(other_mask.astype(target.dtype), disp, disp_matrix=inv_h, order=1, mode="itk", cval=0.0,
                            backend=backend) > 0.5
-    if seen is not None:
-        seen.update(warped=warped, valid=other_valid)
+    if forward:
+        side["seen"] = (warped, other_valid)
     g_warped = gradient(warped, spacing=h, backend=backend)
     return side["term"].force(target, warped, g_target, g_warped, disp, spacing=h, max_step=side["max_step"],
                               mask=own_mask, moving_valid=other_valid, backend=backend)
