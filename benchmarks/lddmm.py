@@ -1,9 +1,16 @@
-"""register_lddmm benchmark: a 2-D growth toy (weighted-metamorphosis setting) with a QC PNG, and nilearn's MNI152
-at 2 mm against a known smooth deformation of itself, next to register_demons and ANTs SyN (when antspyx is
-installed) in the same run.
+"""register_lddmm benchmark: a 2-D growth toy (weighted-metamorphosis setting) with a QC PNG; same-subject 2-D brain
+slices (the ITK proton-density slice and an MNI152 1 mm axial slice) under seeded smooth deformations of two
+amplitudes; and nilearn's MNI152 at 2 mm against a known smooth deformation of itself. register_demons, and ANTs SyN
+when antspyx is installed, run in the same process on the same pairs.
 
-    NUMBA_NUM_THREADS=1 ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=1 python -m benchmarks.lddmm [--cases toy2d mni]
-        [--no-ants] [--ssd-too] [--out DIR]
+    NUMBA_NUM_THREADS=2 ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=2 python -m benchmarks.lddmm [--cases toy2d slices2d mni]
+        [--no-ants] [--ssd-too] [--full-too] [--out DIR]
+
+Ground truth: the moving image is ``fixed∘ψ`` (ψ = id + u), so the fixed → moving map a registration estimates is
+ψ⁻¹ (fixed-point inversion), not ψ. Before 2026-12-03 the MNI case compared the estimates with ψ: a perfect
+registration scored about twice the no-registration error, which is why LDDMM looked no better than the identity
+(docs/notes/lddmm.md). "SSD ceiling" is the SSD reduction of the true map with linear interpolation (the moving image
+was made with cubic B-spline interpolation): no method that warps linearly does much better without overfitting.
 
 Writes ``lddmm-<date>.json`` / ``.md`` and ``lddmm-toy2d-qc.png`` into benchmarks/results/ (or ``--out``).
 """
@@ -56,8 +63,9 @@ def growth_toy(n=128, spacing=1.0):
 
 
 def mni_known_deformation(amplitude=4.0, seed=0):
-    """MNI152 2009a at 2 mm (fixed) and the same template warped by a smooth random field (moving), with the GM/WM
-    probability maps warped alike; returns fixed, moving, the true fixed→moving field and the tissue maps."""
+    """MNI152 2009a at 2 mm (fixed) and the same template warped by a smooth random field (moving = fixed∘ψ), with
+    the GM/WM probability maps warped alike; returns fixed, moving, ψ (the true fixed → moving map is ψ⁻¹) and the
+    tissue maps."""
     from classreg.data import mni152
 
     fixed = mni152("t1", resolution=2.0)
@@ -146,36 +154,97 @@ def run_toy(out_dir):
                  time_steps=res.params["time_steps"], qc_png=png)]
 
 
-def _endpoint_error(transform, psi, mask):
-    est, _ = evaluate.dense_displacement(transform, psi.image)
-    true = np.asarray(psi.image.data)
-    err = np.linalg.norm(est - true, axis=-1)
-    return float(err[mask].mean())
+def _endpoint_error(transform, truth, reference, mask):
+    """Mean |T(x) − T_true(x)| (mm) over ``mask``; ``truth`` the true fixed → moving displacement (array frame)."""
+    est, _ = evaluate.dense_displacement(transform, reference)
+    return float(np.linalg.norm(est - truth, axis=-1)[mask].mean())
 
 
-def run_mni(out_dir, use_ants=True, ssd_too=False):
+def _plausibility(transform, reference, mask):
+    """min det J and the count of det J ≤ 0 over the whole grid, SDlogJ inside ``mask``."""
+    stats = evaluate.jacobian_stats(transform, reference=reference)
+    inside = evaluate.jacobian_stats(transform, reference=reference, mask=mask)
+    return dict(min_det=stats["min_det"], det_nonpositive=stats["num_nonpositive"], sdlogj=inside["sdlogj"])
+
+
+def slices_2d():
+    """Same-subject 2-D brain slices: the ITK example BrainProtonDensitySlice.png (Debian insighttoolkit5-examples)
+    and nilearn's MNI152 2009a 1 mm axial slice 90, intensities scaled to [0, 1]."""
+    from classreg.data import itk_example, mni152
+
+    pd = cr.load(itk_example("BrainProtonDensitySlice.png"), dtype=np.float32)
+    mni = mni152("t1", resolution=1.0).data[:, :, 90].astype(np.float32)
+    return {"itk_pd": pd.like(pd.data / float(pd.data.max())),
+            "mni_axial": cr.Image(np.ascontiguousarray(mni / mni.max()), (1.0, 1.0))}
+
+
+def deformed_2d(fixed, seed, amplitude, correlation=8.0):
+    """``fixed∘ψ`` for ψ = id + u, u Gaussian-smoothed white noise (σ ``correlation`` voxels, seeded) scaled to a
+    largest component of ``amplitude`` mm; returns the moving image, the true fixed → moving displacement ψ⁻¹ − id
+    (array frame, mm) and the evaluation mask (the slice's foreground, dilated by 3 voxels)."""
+    rng = np.random.default_rng(seed)
+    u = np.stack([ndimage.gaussian_filter(rng.normal(size=fixed.shape), correlation) for _ in range(2)], -1)
+    u *= amplitude / np.abs(u).max()
+    psi = cr.DisplacementField.from_array_frame(u.astype(np.float32), fixed)
+    moving = cr.resample(fixed, psi, reference=fixed, interpolation="bspline")
+    truth, _ = evaluate.dense_displacement(psi.inverse(), fixed)
+    return moving, truth, ndimage.binary_dilation(fixed.data > 0.05, iterations=3)
+
+
+def run_slices(full_too=False):
+    """Every slice × (seed 1, 3 mm), (seed 2, 6 mm): register_lddmm (and the full-grid method with ``full_too``)
+    next to register_demons; SSD reduction, the ceiling, endpoint error, plausibility, time."""
+    rows = []
+    imgs = slices_2d()
+    methods = [("register_lddmm", lambda f, m: cr.register_lddmm(f, m)),
+               ("register_demons", lambda f, m: cr.register_demons(f, m))]
+    if full_too:
+        methods.insert(1, ("register_lddmm (full)", lambda f, m: cr.register_lddmm(f, m, method="full")))
+    for _, run in methods:  # warm-up: kernels load from numba's cache (or compile), untimed
+        run(*[imgs["itk_pd"]] * 2)
+    for name, fixed in imgs.items():
+        for seed, amp in ((1, 3.0), (2, 6.0)):
+            moving, truth, mask = deformed_2d(fixed, seed, amp)
+            s0 = float(np.mean((fixed.data - moving.data)[mask] ** 2))
+            ideal = cr.resample(moving, cr.DisplacementField.from_array_frame(truth.astype(np.float32), fixed),
+                                reference=fixed)
+            ceiling = 1.0 - float(np.mean((fixed.data - ideal.data)[mask] ** 2)) / s0
+            case = f"{name} {fixed.shape[1]}×{fixed.shape[0]}, seed {seed}, {amp:g} mm"
+            rows.append(dict(case=case, method="(none)", wall_s=0.0, ssd_reduction=0.0, ssd_ceiling=ceiling,
+                             epe_mm=float(np.linalg.norm(truth, axis=-1)[mask].mean())))
+            for label, run in methods:
+                t0 = time.perf_counter()
+                res = run(fixed, moving)
+                wall = time.perf_counter() - t0
+                s1 = float(np.mean((fixed.data - np.asarray(res.warped.data))[mask] ** 2))
+                rows.append(dict(case=case, method=label, wall_s=wall, ssd_reduction=1.0 - s1 / s0,
+                                 ssd_ceiling=ceiling, epe_mm=_endpoint_error(res.transform, truth, fixed, mask),
+                                 **_plausibility(res.transform, fixed, mask)))
+    return rows
+
+
+def run_mni(out_dir, use_ants=True, ssd_too=False, full_too=False):
     fixed, moving, psi, tissues_f, tissues_m = mni_known_deformation()
     lab_f = _labels(*tissues_f)
     brain = lab_f > 0
+    truth, _ = evaluate.dense_displacement(psi.inverse(), fixed)
     rows = []
 
     def score(name, wall, transform, warped, extra=None):
         gm_w = cr.resample(tissues_m[0], transform, reference=fixed)
         wm_w = cr.resample(tissues_m[1], transform, reference=fixed)
         d = evaluate.dice(lab_f, _labels(gm_w, wm_w), labels=[1, 2])
-        stats = evaluate.jacobian_stats(transform, reference=fixed)
         ssd_b = float(np.mean((fixed.data - moving.data)[brain] ** 2))
         ssd_a = float(np.mean((fixed.data - np.asarray(warped.data))[brain] ** 2))
         row = dict(case="MNI152 2 mm, known 4 mm field", method=name, wall_s=wall, dice_gm=d[1], dice_wm=d[2],
-                   epe_mm=_endpoint_error(transform, psi, brain), ssd_ratio=ssd_a / ssd_b,
-                   min_det=stats["min_det"], det_nonpositive=stats["num_nonpositive"])
+                   epe_mm=_endpoint_error(transform, truth, fixed, brain), ssd_ratio=ssd_a / ssd_b,
+                   **_plausibility(transform, fixed, brain))
         row.update(extra or {})
         rows.append(row)
 
     d0 = evaluate.dice(lab_f, _labels(*tissues_m), labels=[1, 2])
     rows.append(dict(case="MNI152 2 mm, known 4 mm field", method="(none)", wall_s=0.0, dice_gm=d0[1],
-                     dice_wm=d0[2], epe_mm=float(np.linalg.norm(np.asarray(psi.image.data), axis=-1)[brain].mean()),
-                     ssd_ratio=1.0))
+                     dice_wm=d0[2], epe_mm=float(np.linalg.norm(truth, axis=-1)[brain].mean()), ssd_ratio=1.0))
     cr.register_lddmm(*growth_toy(24), shrink_factors=(1,), iterations=(2,))  # warm-up
     t0 = time.perf_counter()
     res = cr.register_lddmm(fixed, moving)
@@ -184,11 +253,13 @@ def run_mni(out_dir, use_ants=True, ssd_too=False):
           dict(geodesic_length=res.metrics["geodesic_length"], iterations=res.metrics["iterations"],
                evaluations=res.metrics["evaluations"], inverse_error_voxels=res.metrics["inverse_error_voxels"],
                time_steps=res.params["time_steps"], level_s=[round(t, 1) for t in res.timings["levels"]]))
-    if ssd_too:
+    extra_runs = ([("register_lddmm (ssd)", dict(metric="ssd"))] if ssd_too else []) + \
+        ([("register_lddmm (full grid)", dict(method="full"))] if full_too else [])
+    for label, kw in extra_runs:
         t0 = time.perf_counter()
-        res = cr.register_lddmm(fixed, moving, metric="ssd")
+        res = cr.register_lddmm(fixed, moving, **kw)
         wall = time.perf_counter() - t0
-        score("register_lddmm (ssd)", wall, res.transform, res.warped,
+        score(label, wall, res.transform, res.warped,
               dict(geodesic_length=res.metrics["geodesic_length"], iterations=res.metrics["iterations"],
                    evaluations=res.metrics["evaluations"], inverse_error_voxels=res.metrics["inverse_error_voxels"],
                    time_steps=res.params["time_steps"], level_s=[round(t, 1) for t in res.timings["levels"]]))
@@ -217,9 +288,10 @@ def run_mni(out_dir, use_ants=True, ssd_too=False):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cases", nargs="+", default=["toy2d", "mni"], choices=["toy2d", "mni"])
+    p.add_argument("--cases", nargs="+", default=["toy2d", "slices2d", "mni"], choices=["toy2d", "slices2d", "mni"])
     p.add_argument("--no-ants", action="store_true")
     p.add_argument("--ssd-too", action="store_true", help="MNI case: also run register_lddmm with metric='ssd'")
+    p.add_argument("--full-too", action="store_true", help="also run register_lddmm(method='full')")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     out = Path(args.out) if args.out else RESULTS
@@ -227,12 +299,16 @@ def main(argv=None):
     rows = []
     if "toy2d" in args.cases:
         rows += run_toy(out)
+    if "slices2d" in args.cases:
+        rows += run_slices(full_too=args.full_too)
     if "mni" in args.cases:
-        rows += run_mni(out, use_ants=not args.no_ants, ssd_too=args.ssd_too)
+        rows += run_mni(out, use_ants=not args.no_ants, ssd_too=args.ssd_too, full_too=args.full_too)
     cols = [("case", "case"), ("method", "method"), ("wall_s", "wall (s)"), ("ssd_before", "SSD before"),
-            ("ssd_after", "SSD after"), ("ssd_ratio", "SSD after/before"), ("dice_gm", "Dice GM"),
+            ("ssd_after", "SSD after"), ("ssd_ratio", "SSD after/before"), ("ssd_reduction", "SSD reduction"),
+            ("ssd_ceiling", "SSD ceiling"), ("dice_gm", "Dice GM"),
             ("dice_wm", "Dice WM"), ("epe_mm", "mean EPE (mm)"), ("geodesic_length", "geodesic length"),
-            ("min_det", "min det J"), ("det_nonpositive", "det J ≤ 0 (voxels)"), ("iterations", "L-BFGS its"),
+            ("min_det", "min det J"), ("det_nonpositive", "det J ≤ 0 (voxels)"), ("sdlogj", "SDlogJ"),
+            ("iterations", "L-BFGS its"),
             ("time_steps", "time steps per level"), ("level_s", "seconds per level")]
     cols = [c for c in cols if any(c[0] in r for r in rows)]
     table = markdown_table(rows, cols)

@@ -3,7 +3,7 @@
     python -m benchmarks.run [--cases CASE ...] [--tools TOOL ...] [--threads 2] [--repeat 2] [--quick] [--slow]
                              [--out DIR] [--docs PATH | --no-docs]
 
-Tools marked slow on 3-D (classreg LDDMM, ANTs SyNCC and antsRegistrationSyN[s], the elastix CLI, FireANTs on the
+Tools marked slow on 3-D (classreg LDDMM on the full grid, ANTs SyNCC and antsRegistrationSyN[s], the elastix CLI, FireANTs on the
 CPU) run on 3-D cases only with ``--slow``; the page lists them as not run.
 
 Every (case, tool, repeat) runs in its own worker process with the same thread settings (``NUMBA_NUM_THREADS``,

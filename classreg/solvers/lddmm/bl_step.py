@@ -14,6 +14,7 @@ import time
 import numpy as np
 
 from ...optimise import Restart, minimise
+from ...progress import similarity
 from .bandlimited import (
     BandLimitedShooting,
     Coefficients,
@@ -133,7 +134,8 @@ def level_step_bandlimited(level, state, progress, opts, fixed):
         zt = it.x.reshape(shape)
         state["z"] = Coefficients(zt)
         progress.emit("iteration", level=level.index, iteration=it.iteration, metric=datt, regularization=regt,
-                      step=it.step, energy=Et, time_steps=problem.shooter.n)
+                      similarity=similarity(F, patht.I1, mask=level.fixed_mask), step=it.step, energy=Et,
+                      time_steps=problem.shooter.n)
         n_new = refined_steps(problem.shooter.n, patht.stability, n_max, STABILITY_TARGET)
         if n_new == problem.shooter.n:
             return None

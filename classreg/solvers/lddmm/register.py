@@ -31,6 +31,8 @@ from .._common import (
     field_result,
     mean_sq,
     normalise_intensities,
+    tiny_like,
+    warm_key,
     warp_through,
 )
 from .bl_step import level_step_bandlimited
@@ -178,7 +180,8 @@ def register_lddmm(fixed: Image, moving: Image, *, init: Transform | None = None
     check_pair(fixed, moving)
     init = check_init(init, fixed.ndim)
     check_overlap(fixed, moving, init)
-    memory_mb = check_memory("lddmm", fixed, moving, dtype, memory_limit, fix=", use fewer time steps (n_steps)")
+    memory_mb = check_memory("lddmm" if method == "bandlimited" else "lddmm_full", fixed, moving, dtype, memory_limit,
+                             fix=", use fewer time steps (n_steps)" if method == "full" else "")
     dtype = np.dtype(dtype)
     opts = _resolve(fixed, moving, metric=metric, kernel=kernel, kernel_sigma=kernel_sigma, alpha=alpha, order=order,
                     data_sigma=data_sigma, n_steps=n_steps, max_steps=max_steps, tol=tol, lncc_radius=lncc_radius,
@@ -189,7 +192,17 @@ def register_lddmm(fixed: Image, moving: Image, *, init: Transform | None = None
     mmask = as_mask(moving_mask, moving, "moving_mask")
     intensity_used = _resolve_intensity(intensity, fixed, moving, fmask, mmask)
     fixed_n, template, mmask_t = _template(fixed, moving, init, fmask, mmask, intensity_used, dtype, backend)
-    prog = Progress("lddmm", callback=callback, progress=progress, time_limit=time_limit, total=int(sum(schedule["iterations"])))
+    def warm_up():  # the same kernels on a tiny pair, before the bar (progress=True only)
+        f, m, fm, mm = tiny_like(fixed, moving)
+        register_lddmm(f, m, fixed_mask=None if fixed_mask is None else fm,
+                       moving_mask=None if moving_mask is None else mm, metric=metric, kernel=kernel, method=method,
+                       intensity=intensity, dtype=dtype, backend=backend, shrink_factors=(2, 1), iterations=(2, 2),
+                       n_steps=4)
+
+    prog = Progress("lddmm", callback=callback, progress=progress, time_limit=time_limit,
+                    total=int(sum(schedule["iterations"])), warm_up=warm_up,
+                    warm_key=warm_key(fixed, moving, metric, kernel, method, intensity, dtype.name, backend,
+                                      fixed_mask is None, moving_mask is None))
     ssd_before = mean_sq(fixed_n.data, template.data, fmask)
     with _blas_single_thread():
         run = _run_levels(fixed_n, template, fmask, mmask_t, schedule, opts, prog, ssd_before)
@@ -202,7 +215,7 @@ def register_lddmm(fixed: Image, moving: Image, *, init: Transform | None = None
     elif return_trajectory:
         extras.update(_trajectory(shooter, run["P0"], moving, fixed, init, dtype, backend))
     timings = {"total": time.perf_counter() - t_start, "final_shooting": time.perf_counter() - t_fin,
-               "levels": [i["seconds"] for i in run["levels"]]}
+               "levels": [i["seconds"] for i in run["levels"]], **prog.timings}
     params = _params(opts, schedule, run["levels"], intensity=intensity, intensity_used=intensity_used,
                      return_trajectory=return_trajectory, init=init, seed=seed)
     params["memory_estimate_mb"] = memory_mb

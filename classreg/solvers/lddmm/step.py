@@ -17,6 +17,7 @@ import time
 import numpy as np
 
 from ...optimise import Restart, minimise
+from ...progress import similarity
 from .objective import data_term
 from .operators import kernel_operator
 from .shooting import GeodesicShooting
@@ -149,6 +150,7 @@ def level_step(level, state, progress, opts):
         return info
     shooter, n, (E, _reg, _dat, _path, _seed) = start
     problem = _LevelProblem(shooter, n, data, F.shape, 1.0 / abs(E) if E != 0 else 1.0, min(h))
+    problem.data_target, problem.data_mask = F, level.fixed_mask
 
     def accepted(it):
         return _accepted(it, problem, make, n_max, state, info, progress, level.index)
@@ -195,7 +197,8 @@ def _accepted(it, problem, make, n_max, state, info, progress, index):
     Et, regt, datt, patht, _ = it.payload
     P = it.x.reshape(problem.shape)
     state["P0"] = P
-    progress.emit("iteration", level=index, iteration=it.iteration, metric=datt, regularization=regt, step=it.step,
+    progress.emit("iteration", level=index, iteration=it.iteration, metric=datt, regularization=regt,
+                  similarity=similarity(problem.data_target, patht.I1, mask=problem.data_mask), step=it.step,
                   energy=Et, time_steps=problem.n)
     n_new = refined_steps(problem.n, patht.stability, n_max)
     if n_new == problem.n:
