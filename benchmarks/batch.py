@@ -296,7 +296,8 @@ def main(argv=None) -> int:
                 "id": i, "solver": s["solver"], "shape": "×".join(map(str, fixed.shape)) if fixed else "",
                 "status": b["status"], "bitwise": equal[i],
                 "serial_s": s["seconds"], f"serial_t{args.serial_threads}_s": base_rec.get(i, {}).get("seconds"),
-                "batch_s": b["seconds"], "solver_s": b["solver_seconds"],
+                "batch_s": b["seconds"], "solver_s": b["solver_seconds"], "serial_cpu_s": s["cpu_seconds"],
+                "batch_cpu_s": b["cpu_seconds"],
                 "solver_estimate_mb": b["solver_estimate_mb"], "solver_peak_mb": b["peak_memory_mb"],
                 "solver_ratio": _ratio(b["peak_memory_mb"], b["solver_estimate_mb"]),
                 "pair_estimate_mb": b["memory_estimate_mb"], "pair_peak_mb": b["pair_peak_mb"],
@@ -320,6 +321,8 @@ def main(argv=None) -> int:
             "serial_threads": args.serial_threads,
             f"solver_seconds_serial_t{args.serial_threads}_2d": sum(r["solver_seconds"] or 0 for r in base),
             "solver_seconds_batch_2d": sum(r["solver_seconds"] or 0 for r in rep2.rows),
+            f"cpu_seconds_serial_t{args.serial_threads}_2d": sum(r["cpu_seconds"] or 0 for r in base),
+            "cpu_seconds_batch_2d": sum(r["cpu_seconds"] or 0 for r in rep2.rows),
             "load_average_before": load_before, "load_average_after": os.getloadavg(),
         }
         cols = [("id", "pair"), ("solver", "solver"), ("shape", "shape"), ("bitwise", "bitwise ="),

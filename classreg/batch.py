@@ -84,7 +84,8 @@ _SUMMARY = ("summary.csv", "summary.parquet")
 
 #: the summary table's columns, in order
 SUMMARY_COLUMNS = (
-    "row", "id", "status", "solver", "fixed", "moving", "output", "seconds", "solver_seconds", "solver_estimate_mb",
+    "row", "id", "status", "solver", "fixed", "moving", "output", "seconds", "cpu_seconds", "solver_seconds",
+    "solver_estimate_mb",
     "peak_memory_mb", "memory_estimate_mb", "pair_peak_mb", "evaluation_peak_mb", "dice_mean", "dice_before_mean",
     "dice", "min_det",
     "percent_det_nonpositive", "nd_percent", "stop_reason", "converged", "attempts", "worker", "qc",
@@ -844,7 +845,7 @@ def run_pair(task: PairTask) -> dict:
         record then has ``status="failed"``, the error (naming the column and file of an unreadable input) and the
         traceback. A task whose result folder already holds its finished result returns that result's record.
     """
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     done = _finished(task)
     if done is not None:  # a re-execution (the scheduler recomputes results lost with a worker): already published
         return done
@@ -859,6 +860,7 @@ def run_pair(task: PairTask) -> dict:
                    error_column=getattr(exc, "column", None), error_file=getattr(exc, "path", None))
         logger.info("pair %s (row %d) failed: %s", task.id, task.row, rec["error"])
     rec["seconds"] = time.perf_counter() - t0
+    rec["cpu_seconds"] = time.process_time() - c0  # this process's CPU: the pair's own in a one-pair worker
     return rec
 
 
