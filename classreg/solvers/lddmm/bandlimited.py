@@ -282,7 +282,7 @@ class BandLimitedShooting:
             v, m, Dv, Dm = self._state(V)
             jn = np.sqrt(sum(Dv[j][c] ** 2 for j in range(self.nd) for c in range(self.nd)))
             stab = max(stab, dt * float(np.max(jn)))
-            vs.append(v)
+            vs.append(v.copy())  # not a view: it would keep the whole stacked state alive
             Vs.append((v, m, Dv, Dm))
             if k < self.n - 1:
                 if not math.isfinite(stab):
@@ -356,7 +356,8 @@ class BandLimitedShooting:
         return E, reg, dat, path, (dI1, dX1)
 
     def gradient(self, z, path, seed):
-        """∇_z E by the exact reverse sweep of :meth:`forward`."""
+        """∇_z E by the exact reverse sweep of :meth:`forward`. Consumes the path's stored EPDiff states (released
+        afterwards: an accepted path kept by the optimiser then holds only its maps)."""
         from ...kernels.adjoint import sample_linear, splat_linear
 
         dI1, dX1 = seed
@@ -377,8 +378,10 @@ class BandLimitedShooting:
             r[k] = self.from_map_adjoint(wbar)
             Zbar = Zbar - dt * np.einsum("...c,...cj->...j", Zbar, dw)
         lam = r[self.n - 1]
+        states, path.states = path.states, None
         for k in range(self.n - 2, -1, -1):
-            lam = self._geodesic_adjoint_step(path.states[k], lam) + r[k]
+            lam = self._geodesic_adjoint_step(states[k], lam) + r[k]
+            states[k] = None
         zbar = self.apply(self.sqrtK, lam)
         return (zbar + self.dtype.type(self.cell) * np.asarray(z, dtype=self.dtype)).astype(self.dtype, copy=False)
 
