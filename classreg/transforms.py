@@ -7,6 +7,7 @@ moving-image physical points** — the pull-back used to resample the moving ima
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -14,13 +15,15 @@ import numpy as np
 
 from ._checks import as_float_tuple, check_direction, check_ndim, check_spacing
 from .image import Image, _points
-from .io import atomic_output, image_extension, load, save, _check_readable
+from .io import _check_readable, atomic_output, image_extension, load, save
 
 __all__ = ["Transform", "Affine", "DisplacementField", "BSplineTransform", "Chain", "load_transform",
            "TRANSFORM_EXTENSIONS", "register_transform_format"]
 
 #: Extensions of ITK transform files (read/written through SimpleITK).
 TRANSFORM_EXTENSIONS = (".tfm", ".txt", ".mat", ".h5", ".hdf5")
+
+logger = logging.getLogger(__name__)
 
 
 class Transform:
@@ -290,15 +293,28 @@ class DisplacementField(Transform):
         img = self._image.astype(np.float64).to_sitk()
         return sitk.DisplacementFieldTransform(img)
 
-    def save(self, path) -> Path:
-        """Write the field as an ITK displacement-field image (.nii.gz, .mha, .nrrd; float64 vectors, mm)."""
+    def save(self, path, *, dtype=None) -> Path:
+        """Write the field as an ITK displacement-field image (vectors (x, y[, z]) in mm), compressed.
+
+        ``.nii.gz`` (gzip), ``.mha``/``.nrrd``/``.mhd`` (zlib/gzip compressed pixel data) or ``.nii`` (the one
+        uncompressed choice). Read back by :func:`load_transform`, SimpleITK/ITK
+        (``DisplacementFieldTransform(ReadImage(path, sitkVectorFloat64))``), ANTs and nibabel.
+
+        Parameters
+        ----------
+        dtype : {None, numpy.float32, numpy.float64}
+            Precision on disk. Default: float32 (4 bytes × ndim per voxel before compression), or float64 when the
+            field holds float64 values that float32 does not represent exactly (a field computed with
+            ``dtype=np.float64``), so saving never loses precision the field has.
+        """
         ext = _ext(path)
         if ext in TRANSFORM_EXTENSIONS:
             raise ValueError(
                 f"path {str(path)!r}: save a DisplacementField as an image (.nii.gz, .mha, .nrrd), "
                 "or wrap it in a Chain to write an ITK .h5 composite"
             )
-        return save(self._image.astype(np.float64), path)
+        out = _field_dtype(self._image.numpy(), dtype)
+        return save(self._image.astype(out), path, compress=ext != ".nii")
 
     def __repr__(self) -> str:
         return f"DisplacementField({self._image!r})"
@@ -597,12 +613,18 @@ class Chain(Transform):
             ct.AddTransform(t.to_sitk())
         return ct
 
-    def save(self, path) -> Path:
-        """Write an ITK composite transform (.h5; .tfm/.txt only if every part is affine)."""
+    def save(self, path, *, dtype=None) -> Path:
+        """Write an ITK composite transform (.h5; .tfm/.txt only if every part is affine).
+
+        Displacement fields in an ``.h5`` are stored as their ITK ``DisplacementFieldTransform_double_*``
+        entries, but with the parameters dataset as float32 (``dtype`` as for :meth:`DisplacementField.save`)
+        and compressed (HDF5 shuffle + gzip): SimpleITK's ``ReadTransform``, ITK and ANTs read it as before.
+        Needs h5py for the compression; without it the file is SimpleITK's own (float64, uncompressed).
+        """
         ext = _ext(path)
         if ext not in (".h5", ".hdf5") and not all(isinstance(t, Affine) for t in self._transforms):
             raise ValueError(f"path {str(path)!r}: a Chain holding a displacement field must be saved as .h5")
-        return _write_sitk_transform(self.to_sitk(), path)
+        return _write_sitk_transform(self.to_sitk(), path, field_dtype=dtype)
 
     def __repr__(self) -> str:
         return "Chain([" + ", ".join(type(t).__name__ for t in self._transforms) + "])"
@@ -668,15 +690,98 @@ def _ext(path) -> str:
     return image_extension(path)
 
 
-def _write_sitk_transform(tx, path) -> Path:
+def _field_dtype(values, dtype=None):
+    """The on-disk precision of a dense field: ``dtype`` if given (float32 or float64); otherwise float32 unless the
+    values are float64 that float32 does not hold exactly. ``values`` is an array or a callable yielding blocks."""
+    if dtype is not None:
+        out = np.dtype(dtype)
+        if out not in (np.float32, np.float64):
+            raise ValueError(f"dtype must be numpy.float32 or numpy.float64 (or None), got {dtype!r}")
+        return out
+    blocks = values() if callable(values) else (values,)
+    for b in blocks:
+        if b.dtype == np.float64 and not np.array_equal(b.astype(np.float32), b):
+            return np.dtype(np.float64)
+    return np.dtype(np.float32)
+
+
+#: Elements per HDF5 chunk of a field's parameters (1 MiB of float32) and its gzip level.
+_H5_CHUNK = 1 << 18
+_H5_GZIP = 6
+
+
+def _write_sitk_transform(tx, path, *, field_dtype=None) -> Path:
     import SimpleITK as sitk
 
     ext = _ext(path)
     if ext not in TRANSFORM_EXTENSIONS:
         raise ValueError(f"path {str(path)!r}: an affine/composite transform is written as {TRANSFORM_EXTENSIONS}")
+    field_dtype = _field_dtype(None, field_dtype) if field_dtype is not None else None
     with atomic_output(path) as tmp:
-        sitk.WriteTransform(tx, str(tmp))
+        if ext in (".h5", ".hdf5") and _has_field(tx):
+            raw = tmp.with_name(f".{tmp.name}.itk")  # SimpleITK's float64 file; never left in the output folder
+            try:
+                sitk.WriteTransform(tx, str(raw) + ext)
+                _compact_h5_fields(Path(str(raw) + ext), tmp, field_dtype)
+            finally:
+                Path(str(raw) + ext).unlink(missing_ok=True)
+        else:
+            sitk.WriteTransform(tx, str(tmp))
     return Path(path)
+
+
+def _has_field(tx) -> bool:
+    """Whether a SimpleITK transform (or a composite's part) is a dense displacement field."""
+    import SimpleITK as sitk
+
+    if tx.GetName() == "CompositeTransform":
+        ct = sitk.CompositeTransform(tx)
+        return any(_has_field(ct.GetNthTransform(i)) for i in range(ct.GetNumberOfTransforms()))
+    return tx.GetName() == "DisplacementFieldTransform"
+
+
+def _compact_h5_fields(src: Path, dst: Path, dtype) -> None:
+    """Copy the ITK HDF5 transform file ``src`` to ``dst`` with every displacement field's ``TransformParameters``
+    stored as float32 (see :func:`_field_dtype`), chunked and compressed (shuffle + gzip, filters every HDF5
+    build has). Everything else, ITK's type names (``..._double_3_3``) included, is copied unchanged: ITK's
+    HDF5TransformIO reads float32 parameters into its double transform exactly (the float32 values)."""
+    try:
+        import h5py
+    except ImportError:
+        logger.info("h5py is not installed: %s keeps SimpleITK's float64, uncompressed displacement field "
+                    "(pip install h5py for float32 + gzip, about 2.5x smaller)", dst.name)
+        os.replace(src, dst)
+        return
+    with h5py.File(src, "r") as fin, h5py.File(dst, "w") as fout:
+        for name, obj in fin.items():
+            if name != "TransformGroup":
+                fin.copy(obj, fout, name=name)
+                continue
+            group_out = fout.create_group(name)
+            for key, g in obj.items():
+                kind = g["TransformType"][0] if "TransformType" in g else b""
+                kind = kind.decode() if isinstance(kind, bytes) else str(kind)
+                if "DisplacementFieldTransform" not in kind or "TransformParameters" not in g:
+                    obj.copy(g, group_out, name=key)
+                    continue
+                sub = group_out.create_group(key)
+                for item in g:
+                    if item != "TransformParameters":
+                        g.copy(g[item], sub, name=item)
+                params = g["TransformParameters"]
+                n = params.shape[0]
+
+                def blocks(params=params, n=n):
+                    for i in range(0, n, _H5_CHUNK):
+                        yield params[i:i + _H5_CHUNK]
+
+                out = _field_dtype(blocks, dtype)
+                ds = sub.create_dataset("TransformParameters", shape=params.shape, dtype=out,
+                                        chunks=(min(n, _H5_CHUNK),) if n else None,
+                                        compression="gzip" if n else None,
+                                        compression_opts=_H5_GZIP if n else None, shuffle=bool(n))
+                for i in range(0, n, _H5_CHUNK):
+                    ds[i:i + _H5_CHUNK] = params[i:i + _H5_CHUNK].astype(out)
 
 
 def from_sitk_transform(tx) -> Transform:

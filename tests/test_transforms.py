@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from phantoms import oblique_image, smooth_field
 
 import classreg as cr
 from classreg.transforms import from_sitk_transform, rotation_matrix
-from phantoms import oblique_image, smooth_field
 
 
 def _sitk_points(tx, pts):
@@ -184,3 +184,75 @@ def test_field_argument_errors(rng):
     f = cr.DisplacementField.identity(img)
     with pytest.raises(ValueError, match=r"shape \(N, 3\)"):
         f.map_points(np.zeros((4, 2)))
+
+
+def _ball_field(shape, rng):
+    """A smooth float32 field (up to 3 mm) that vanishes outside a central ball, as a registration's field does
+    outside the head: compressible, unlike noise."""
+    centre = (np.array(shape) - 1) / 2
+    r2 = sum(((np.indices(shape)[k] - centre[k]) / (0.35 * shape[k])) ** 2 for k in range(len(shape)))
+    return (smooth_field(shape, rng, amplitude=3.0) * (r2 < 1)[..., None]).astype(np.float32)
+
+
+@pytest.mark.parametrize("ext", [".h5", ".nii.gz"])
+def test_saved_3d_field_is_float32_compressed_and_maps_like_itk(tmp_path, rng, ext):
+    """Dense fields on disk: float32, compressed, and read back by classreg and SimpleITK mapping points as the
+    in-memory transform does (to float32 rounding)."""
+    shape = (40, 44, 48)
+    grid = oblique_image(shape, rng, dtype=np.float32)
+    field = cr.DisplacementField.from_array(_ball_field(shape, rng), grid)
+    t = cr.Chain([field, random_affine(3, rng)]) if ext == ".h5" else field
+    path = tmp_path / f"t{ext}"
+    t.save(path)
+    raw32 = field.displacement.size * 4
+    if ext == ".h5":
+        h5py = pytest.importorskip("h5py")  # without it the writer keeps SimpleITK's float64 file
+        with h5py.File(path, "r") as h:
+            kinds = {k: h[f"TransformGroup/{k}/TransformType"][0].decode() for k in h["TransformGroup"]}
+            (key,) = [k for k, v in kinds.items() if v.startswith("DisplacementFieldTransform_double_3")]
+            ds = h[f"TransformGroup/{key}/TransformParameters"]
+            assert ds.dtype == np.float32 and ds.shape == (raw32 // 4,)  # (a) float32 on disk
+            assert ds.compression == "gzip"
+        sx = sitk.ReadTransform(str(path))
+    else:
+        img = sitk.ReadImage(str(path))
+        assert img.GetPixelID() == sitk.sitkVectorFloat32  # (a)
+        nib = pytest.importorskip("nibabel")
+        assert nib.load(path).get_data_dtype() == np.float32
+        sx = sitk.DisplacementFieldTransform(sitk.ReadImage(str(path), sitk.sitkVectorFloat64))
+    assert path.stat().st_size < 0.4 * raw32  # (b) compressed: well below the raw float32 bytes
+    # (c) the same map through classreg and through SimpleITK, points inside, near and beyond the grid
+    pts = grid.index_to_world(rng.uniform(-1.5, np.array(shape) + 0.5, size=(300, 3)))
+    want = t.map_points(pts)
+    np.testing.assert_allclose(cr.load_transform(path).map_points(pts), want, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(_sitk_points(sx, pts), want, rtol=0, atol=1e-5)
+
+
+def test_field_precision_on_disk(tmp_path, rng, monkeypatch):
+    """float64 stays float64 only where the field needs it (or dtype=np.float64 asks); a float32-valued field
+    held as float64 (e.g. read back from an .h5) is written as float32; without h5py the .h5 is SimpleITK's own."""
+    shape = (9, 10, 11)
+    grid = oblique_image(shape, rng)
+    u64 = smooth_field(shape, rng, amplitude=2.0)  # float64 values float32 cannot hold
+    f64 = cr.DisplacementField.from_array(u64, grid)
+    f32held64 = cr.DisplacementField.from_array(u64.astype(np.float32).astype(np.float64), grid)
+    pixel = {}
+    for name, f, kw in [("f64", f64, {}), ("exact", f32held64, {}), ("forced32", f64, {"dtype": np.float32}),
+                        ("forced64", f32held64, {"dtype": np.float64})]:
+        f.save(tmp_path / f"{name}.nii.gz", **kw)
+        pixel[name] = sitk.ReadImage(str(tmp_path / f"{name}.nii.gz")).GetPixelID()
+    assert pixel == {"f64": sitk.sitkVectorFloat64, "exact": sitk.sitkVectorFloat32,
+                     "forced32": sitk.sitkVectorFloat32, "forced64": sitk.sitkVectorFloat64}
+    pts = grid.index_to_world(rng.uniform(0, 8, size=(50, 3)))
+    np.testing.assert_array_equal(cr.load_transform(tmp_path / "f64.nii.gz").displacement, u64)  # lossless
+    with pytest.raises(ValueError, match="dtype"):
+        f64.save(tmp_path / "bad.nii.gz", dtype=np.int16)
+    chain = cr.Chain([f64, random_affine(3, rng)])
+    chain.save(tmp_path / "c64.h5")
+    np.testing.assert_array_equal(_sitk_points(sitk.ReadTransform(str(tmp_path / "c64.h5")), pts),
+                                  _sitk_points(chain.to_sitk(), pts))  # lossless: bit-identical through ITK
+    monkeypatch.setitem(__import__("sys").modules, "h5py", None)  # h5py missing: SimpleITK's float64 file
+    chain.save(tmp_path / "plain.h5")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    np.testing.assert_array_equal(_sitk_points(sitk.ReadTransform(str(tmp_path / "plain.h5")), pts),
+                                  _sitk_points(chain.to_sitk(), pts))
