@@ -14,7 +14,14 @@ import numpy as np
 
 from .image import Image
 from .io import atomic_output, load, save
-from .transforms import Affine, BSplineTransform, Chain, DisplacementField, Transform, load_transform
+from .transforms import (
+    Affine,
+    BSplineTransform,
+    Chain,
+    DisplacementField,
+    Transform,
+    load_transform,
+)
 
 __all__ = ["Result", "ResultExistsError", "check_result_folder", "load_result", "publish_folder"]
 
@@ -107,9 +114,9 @@ class Result:
         ========================================  ==========================================================
         affine, rigid (:class:`Affine`)           ``.tfm`` (ITK text; a few hundred bytes each)
         demons, LDDMM without ``init``            ``.nii.gz``: ITK displacement-field image (x, y[, z]
-                                                  components in mm, float64, gzip)
-        demons, LDDMM with ``init`` (a Chain)     ``.h5``: ITK composite (displacement field + affine;
-                                                  float64, uncompressed: 8 bytes × ndim per voxel)
+                                                  components in mm, float32, gzip)
+        demons, LDDMM with ``init`` (a Chain)     ``.h5``: ITK composite (displacement field + affine; the
+                                                  field float32, HDF5 shuffle + gzip)
         B-spline without ``init``                 ``transform.tfm`` (ITK B-spline); no inverse file
         B-spline with ``init`` (a Chain)          ``transform.h5`` (affine + B-spline); no inverse file
         points (:func:`register_points`)          ``.npz`` (classreg's point deformation; GP coefficients)
@@ -120,10 +127,16 @@ class Result:
         (one row per iteration: level, iteration, metric, similarity, step, elapsed, solver extras),
         ``result.json`` (convergence, metrics, timings, the fixed grid's geometry and the list of files: the
         manifest, written last), ``qc.png`` with ``qc=True`` and ``extras.npz`` with ``extras=True``.
-        Sizes are dominated by the dense fields (measured with ``classreg demo``, docs/notes/qc.md): the 2-D demo
-        (256 × 256 pixels) writes 2.6 MB, of which ``transform.h5`` and ``inverse.h5`` are 1.06 MB each; the 3-D
-        demo (94 × 116 × 98 voxels at 2 mm) 54.9 MB, of which the two ``.h5`` files are 25.7 MB each (24 bytes
-        per voxel); ``qc.png`` 0.4-0.5 MB; everything else below 1.2 MB.
+        Dense fields are written as float32 (4 bytes × ndim per voxel before compression) when the registration
+        ran in float32 (``params["dtype"]``, the default); a registration run with ``dtype=np.float64`` keeps them
+        float64 unless float32 holds them exactly. Either way they are compressed and read by SimpleITK's ``ReadTransform`` / ``ReadImage``,
+        ITK and ANTs as any ITK transform or displacement-field image (the ``.h5`` keeps ITK's
+        ``DisplacementFieldTransform_double`` entry; its compression needs h5py, without which the ``.h5`` is
+        SimpleITK's float64, uncompressed). Sizes are dominated by the dense fields (measured with ``classreg
+        demo``, docs/notes/qc.md): the 2-D demo (256 × 256 pixels) writes 1.37 MB, of which ``transform.h5`` and
+        ``inverse.h5`` are 0.42 MB each; the 3-D demo (94 × 116 × 98 voxels at 2 mm) 23.6 MB, of which the two
+        ``.h5`` files are 10.0 MB each (about 9.4 bytes per voxel; a smooth field compresses to ~80 % of its raw
+        float32 size, far less where it is zero); ``qc.png`` 0.4-0.5 MB; everything else below 1.2 MB.
 
         Everything is written into a hidden ``.<name>.partial-<pid>-*`` folder beside ``directory`` that is renamed
         into place at the end, so a result folder never mixes two runs and an interrupted run leaves only a hidden
@@ -241,9 +254,11 @@ def _remove_stale_partials(final: Path) -> None:
 
 def _fill(result: "Result", d: Path, warped: bool, extras: bool = False, *, qc: bool = False, moving=None) -> None:
     """Write the files of a result into the (private, empty) folder ``d``; result.json last."""
-    files = {"transform": _save_transform(result.transform, d / "transform")}
+    # dense fields on disk: float32 when the registration ran in float32, else as precise as the field is
+    fdt = np.float32 if str((result.params or {}).get("dtype", "")) == "float32" else None
+    files = {"transform": _save_transform(result.transform, d / "transform", fdt)}
     if result.inverse is not None:
-        files["inverse"] = _save_transform(result.inverse, d / "inverse")
+        files["inverse"] = _save_transform(result.inverse, d / "inverse", fdt)
     if warped and result.warped is not None:
         save(result.warped, d / "warped.nii.gz")
         files["warped"] = "warped.nii.gz"
@@ -302,7 +317,7 @@ def load_result(directory) -> Result:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _save_transform(t: Transform, stem: Path) -> str:
+def _save_transform(t: Transform, stem: Path, field_dtype=None) -> str:
     if isinstance(t, Affine):
         name = stem.name + ".tfm"
     elif isinstance(t, DisplacementField):
@@ -315,7 +330,10 @@ def _save_transform(t: Transform, stem: Path) -> str:
         name = stem.name + t.file_suffix
     else:
         raise TypeError(f"cannot save a {type(t).__name__}: it defines no file format")
-    t.save(stem.parent / name)
+    if isinstance(t, (DisplacementField, Chain)):
+        t.save(stem.parent / name, dtype=field_dtype)
+    else:
+        t.save(stem.parent / name)
     return name
 
 

@@ -4,10 +4,10 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
-import classreg as cr
 from phantoms import oblique_image, smooth_field
 from test_transforms import random_affine
+
+import classreg as cr
 
 
 def _result(rng, transform, fixed, moving):
@@ -75,3 +75,30 @@ def test_load_result_errors(tmp_path):
     (tmp_path / "result.json").write_text('{"format": "other"}')
     with pytest.raises(ValueError, match="unknown result format"):
         cr.load_result(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["field", "chain"])
+def test_save_writes_fields_float32_compressed(tmp_path, rng, kind):
+    """A registration run in float32 (params['dtype']) saves its dense fields as float32, compressed, even where
+    they are held as float64 in memory; the folder reads back through load_result and SimpleITK."""
+    shape = (24, 26, 28)
+    fixed = oblique_image(shape, rng, dtype=np.float32)
+    field = cr.DisplacementField.from_array(smooth_field(shape, rng, amplitude=2.0), fixed)  # float64 values
+    t = field if kind == "field" else cr.Chain([field, random_affine(3, rng)])
+    r = cr.Result(transform=t, inverse=t.inverse(), params={"dtype": "float32", "seed": 0}, reference=fixed)
+    r.save(tmp_path / "out", warped=False)
+    ext = ".nii.gz" if kind == "field" else ".h5"
+    raw64 = field.displacement.size * 8
+    for name in ("transform", "inverse"):
+        path = tmp_path / "out" / f"{name}{ext}"
+        assert path.stat().st_size < 0.5 * raw64  # float32 (4 bytes) and compressed, not 8 bytes per component
+        if kind == "field":
+            assert sitk.ReadImage(str(path)).GetPixelID() == sitk.sitkVectorFloat32
+    back = cr.load_result(tmp_path / "out")
+    pts = fixed.index_to_world(rng.uniform(1, 22, size=(40, 3)))
+    np.testing.assert_allclose(back.transform.map_points(pts), t.map_points(pts), rtol=0, atol=1e-5)
+    sx = (sitk.ReadTransform(str(tmp_path / "out" / "transform.h5")) if kind == "chain" else
+          sitk.DisplacementFieldTransform(sitk.ReadImage(str(tmp_path / "out" / "transform.nii.gz"),
+                                                         sitk.sitkVectorFloat64)))
+    mapped = np.array([sx.TransformPoint(tuple(map(float, p))) for p in pts])
+    np.testing.assert_allclose(mapped, t.map_points(pts), rtol=0, atol=1e-5)
