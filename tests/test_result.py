@@ -81,6 +81,8 @@ def test_load_result_errors(tmp_path):
 def test_save_writes_fields_float32_compressed(tmp_path, rng, kind):
     """A registration run in float32 (params['dtype']) saves its dense fields as float32, compressed, even where
     they are held as float64 in memory; the folder reads back through load_result and SimpleITK."""
+    if kind == "chain":
+        pytest.importorskip("h5py")  # the .h5 compression; without h5py it stays SimpleITK's float64 file
     shape = (24, 26, 28)
     fixed = oblique_image(shape, rng, dtype=np.float32)
     field = cr.DisplacementField.from_array(smooth_field(shape, rng, amplitude=2.0), fixed)  # float64 values
