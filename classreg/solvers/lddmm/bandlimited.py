@@ -96,8 +96,9 @@ class SpectralDomain:
         return (1.0 + 4.0 * math.pi ** 2 * self.alpha * xi2) ** (-self.order)
 
     def band(self, level_spacing=None) -> tuple:
-        """Highest frequency index k_j kept per axis (frequencies k/L_j, |k| ≤ k_j): those with K̂ ≥ cutoff, and at
-        most half the Nyquist frequency of a level of spacing ``level_spacing`` (mm, array order)."""
+        """Highest frequency index k_j kept per axis (frequencies k/L_j, |k| ≤ k_j): those with K̂ ≥ cutoff, and on a
+        coarse pyramid level of spacing ``level_spacing`` (mm, array order) at most half its Nyquist frequency
+        (a quarter cost brain2d 0.026 mean Dice for no measurable gain in time on 2-D)."""
         out = []
         for j, L in enumerate(self.length):
             k = max(1, math.ceil(self.xi_cut * L))

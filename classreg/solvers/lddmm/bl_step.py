@@ -32,11 +32,13 @@ STABILITY_TARGET = 0.3
 STABILITY_LIMIT = 0.6
 
 
-def make_shooter(opts, fixed, level_fixed, template, n_steps):
-    """The :class:`BandLimitedShooting` of a level (``level_fixed`` its fixed image, ``template`` I₀ there)."""
+def make_shooter(opts, fixed, level_fixed, template, n_steps, *, finest=True):
+    """The :class:`BandLimitedShooting` of a level (``level_fixed`` its fixed image, ``template`` I₀ there); a
+    coarse level (``finest=False``) keeps only the frequencies its grid resolves well."""
     h = tuple(level_fixed.spacing_array_order)
     return BandLimitedShooting(opts["domain"], template, h, level_offset(fixed, level_fixed), n_steps,
-                               map_spacing=opts["map_spacing"], dtype=opts["dtype"], backend=opts["backend"])
+                               band=opts["domain"].band(None if finest else h), map_spacing=opts["map_spacing"],
+                               dtype=opts["dtype"], backend=opts["backend"])
 
 
 class _Problem:
@@ -106,7 +108,7 @@ def level_step_bandlimited(level, state, progress, opts, fixed):
     n = min(n_max, max(n_min, int(state.get("n_steps", 0))))
 
     def make(n_):
-        return make_shooter(opts, fixed, level.fixed, M, n_)
+        return make_shooter(opts, fixed, level.fixed, M, n_, finest=level.is_finest)
 
     probe = make(n)
     carried = state.get("z")
