@@ -21,7 +21,8 @@ every tool starts from its own initialisation); correspondence error and Chamfer
 is the median over ``--repeat`` runs. Ratios (classreg time / peer time, quality differences) are computed pairwise
 per case.
 
-Writes ``benchmarks/results/<UTC date>.json`` (all runs, versions, machine, threads, seeds) and ``.md``, and with
+Writes ``benchmarks/results/<UTC date>.json`` (all runs, versions, machine, threads, seeds) and ``.md``, every
+classreg image tool's QC figure into ``qc-<UTC date>/<case>-<tool>.png`` beside them (not with ``--quick``), and with
 ``--docs`` (default for full runs: docs/benchmarks.md) the markdown page with the tables and a figure next to it.
 ``--quick`` runs small cases with classreg and the cheap peers in a couple of minutes (the test suite runs it).
 A peer that is not installed is skipped with a note, never a failure.
@@ -55,9 +56,10 @@ SEED = 0  # every classreg solver and ANTs (random_seed=1) run with fixed seeds;
 
 
 # =============================================================================================== worker
-def _worker(tool: str, case_dir: Path, result: Path, threads: int, quick: bool, rep: int) -> int:
+def _worker(tool: str, case_dir: Path, result: Path, threads: int, quick: bool, rep: int, qc_dir=None) -> int:
     """Run one tool once on one built case; write its output (transform as a dense field / mapped points) and a JSON
-    record next to ``result``."""
+    record next to ``result``; a classreg tool's QC figure (:func:`classreg.qc.qc_figure`) into ``qc_dir`` as
+    ``<case>-<tool>.png`` (first repeat only)."""
     from . import tools as T
 
     case = load_case(case_dir)
@@ -81,6 +83,17 @@ def _worker(tool: str, case_dir: Path, result: Path, threads: int, quick: bool, 
             tx = cr.DisplacementField.from_array_frame(u, fixed)
         tx.save(f"{stem}-field.nii.gz")
         rec["field"] = f"{stem}-field.nii.gz"
+        if qc_dir is not None and rep == 0 and out.get("result") is not None:
+            try:
+                from classreg.qc import qc_figure
+            except ImportError:  # matplotlib is optional
+                qc_figure = None
+            if qc_figure is not None:
+                png = Path(qc_dir) / f"{case['info']['name']}-{tool}.png"
+                png.parent.mkdir(parents=True, exist_ok=True)
+                qc_figure(out["result"], case["moving"], png, fixed=case["fixed"],
+                          title=f"{TOOLS[tool].label} on {case['info']['name']}")
+                rec["qc_png"] = str(png)
         valid = out.get("valid")
         if valid is not None:
             np.save(f"{stem}-valid.npy", np.asarray(valid, bool))
@@ -445,6 +458,8 @@ def run(cases, tools, *, threads=2, repeat=2, quick=False, slow=False, out_dir=N
                     res = wd / f"{tool}-{rep}.json"
                     cmd = [sys.executable, "-m", "benchmarks.run", "--worker", tool, "--case-dir", str(wd),
                            "--result", str(res), "--threads", str(threads), "--rep", str(rep)]
+                    if not quick:
+                        cmd += ["--qc-dir", str(Path(out_dir or RESULTS) / f"qc-{stamp}")]
                     if quick:
                         cmd.append("--quick")
                     t0 = time.perf_counter()
@@ -533,9 +548,11 @@ def main(argv=None) -> int:
     p.add_argument("--case-dir", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     p.add_argument("--rep", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--qc-dir", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        return _worker(args.worker, Path(args.case_dir), Path(args.result), args.threads, args.quick, args.rep)
+        return _worker(args.worker, Path(args.case_dir), Path(args.result), args.threads, args.quick, args.rep,
+                       args.qc_dir)
     if args.threads < 1:
         p.error("--threads must be >= 1")
     cases = args.cases or (list(QUICK_CASES) if args.quick else list(CASES))

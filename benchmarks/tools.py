@@ -138,7 +138,7 @@ def _classreg_demons(**kw):
 
         warm = _warm_up(cr.register_demons, case["fixed"].ndim, iterations=(2, 2, 2), max_pieces=2, **kw)
         res, sec = _timed(lambda: cr.register_demons(case["fixed"], case["moving"], **kw))
-        return {"seconds": sec, "transform": res.transform, "first_call_s": warm,
+        return {"seconds": sec, "transform": res.transform, "result": res, "first_call_s": warm,
                 "params": dict(kw, defaults=True, pieces=res.metrics["pieces"],
                                path_length=res.metrics["path_length"])}
     return run
@@ -150,7 +150,7 @@ def _classreg_lddmm(**kw):
 
         warm = _warm_up(cr.register_lddmm, case["fixed"].ndim, iterations=(2, 2, 2), **kw)
         res, sec = _timed(lambda: cr.register_lddmm(case["fixed"], case["moving"], **kw))
-        return {"seconds": sec, "transform": res.transform, "first_call_s": warm,
+        return {"seconds": sec, "transform": res.transform, "result": res, "first_call_s": warm,
                 "params": dict(kw, defaults=not kw, method=res.params["method"],
                                geodesic_length=res.metrics.get("geodesic_length"),
                                time_steps=res.params["time_steps"], iterations=res.metrics["iterations"])}
@@ -167,7 +167,7 @@ def run_classreg_rigid(case, threads, quick):
     kw = dict(RIGID_SHORT) if (quick or case["fixed"].ndim == 2) else {}
     warm = _warm_up(cr.register_rigid, case["fixed"].ndim, samples=(8, 4, 2, 0))
     res, sec = _timed(lambda: cr.register_rigid(case["fixed"], case["moving"], **kw))
-    return {"seconds": sec, "transform": res.transform, "first_call_s": warm, "params": kw or {"defaults": True}}
+    return {"seconds": sec, "transform": res.transform, "result": res, "first_call_s": warm, "params": kw or {"defaults": True}}
 
 
 # --------------------------------------------------------------------------------------------- parametric settings
@@ -232,7 +232,7 @@ def run_classreg_affine(case, threads, quick):
     kw = dict(classreg_affine_settings(case), threads=threads)
     warm = _warm_up(cr.register_affine, case["fixed"].ndim, **dict(kw, **_WARM))
     res, sec = _timed(lambda: cr.register_affine(case["fixed"], case["moving"], **kw))
-    return {"seconds": sec, "transform": res.transform, "first_call_s": warm,
+    return {"seconds": sec, "transform": res.transform, "result": res, "first_call_s": warm,
             "params": dict(kw, **_resolved(res, ("shrink_factors", "smoothing_sigmas", "iterations", "optimiser",
                                                  "sampler")))}
 
@@ -252,7 +252,7 @@ def run_classreg_bspline(case, threads, quick, **extra):
     kw = dict(bspline_settings(ndim), threads=threads, **extra)
     warm = _warm_up(cr.register_bspline, ndim, **dict(kw, **_WARM))
     res, sec = _timed(lambda: cr.register_bspline(case["fixed"], case["moving"], **kw))
-    return {"seconds": sec, "transform": res.transform, "first_call_s": warm,
+    return {"seconds": sec, "transform": res.transform, "result": res, "first_call_s": warm,
             "params": dict(kw, **_resolved(res, ("bending_weight", "fold_free", "grid_schedule", "smoothing_sigmas",
                                                  "optimiser", "sampler")))}
 

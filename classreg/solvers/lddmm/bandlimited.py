@@ -299,14 +299,21 @@ class BandLimitedShooting:
         v, m, Dv, Dm = state
         mu = self.apply(self.K, lam)
         div = sum(Dv[j][j] for j in range(nd))
-        # products whose derivatives are needed, FFT'd at once: μ_i m_j, μ_i v_j (i, j), Σ_i μ_i m_i
-        prod_m = self.fft(np.stack([mu[i] * m[j] for i in range(nd) for j in range(nd)]))
-        prod_v = self.fft(np.stack([mu[j] * v[i] for i in range(nd) for j in range(nd)]))
-        s = self.fft(sum(mu[i] * m[i] for i in range(nd)))
-        a_real = np.stack([sum(mu[i] * Dm[j][i] for i in range(nd)) for j in range(nd)])
-        b_real = np.stack([sum(mu[i] * Dv[i][j] for i in range(nd)) + mu[j] * div for j in range(nd)])
-        A = self.fft(a_real)
-        Bh = self.fft(b_real)
+        # every real-space field of the adjoint in one buffer, Fourier-transformed by one call: μ_i m_j and μ_j v_i
+        # (whose derivatives are needed), Σ_i μ_i m_i, a_j = Σ_i μ_i ∂_j m_i, b_j = Σ_i μ_i ∂_i v_j + μ_j ∇·v
+        q = nd * nd
+        buf = np.empty((2 * q + 1 + 2 * nd, *self.nc), dtype=self.dtype)
+        for i in range(nd):
+            for j in range(nd):
+                np.multiply(mu[i], m[j], out=buf[i * nd + j])
+                np.multiply(mu[j], v[i], out=buf[q + i * nd + j])
+        buf[2 * q] = sum(mu[i] * m[i] for i in range(nd))
+        for j in range(nd):
+            buf[2 * q + 1 + j] = sum(mu[i] * Dm[j][i] for i in range(nd))
+            buf[2 * q + 1 + nd + j] = sum(mu[i] * Dv[i][j] for i in range(nd)) + mu[j] * div
+        spec = self.fft(buf)
+        prod_m, prod_v, s = spec[:q], spec[q:2 * q], spec[2 * q]
+        A, Bh = spec[2 * q + 1:2 * q + 1 + nd], spec[2 * q + 1 + nd:]
         for j in range(nd):
             A[j] -= sum(self.ik[i] * prod_m[i * nd + j] for i in range(nd)) + self.ik[j] * s
             Bh[j] -= sum(self.ik[i] * prod_v[i * nd + j] for i in range(nd))
