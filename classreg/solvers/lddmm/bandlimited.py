@@ -127,11 +127,11 @@ def resize_coefficients(z, n_new):
 
 
 class _Path:
-    """A stored forward pass: coarse velocities ``v[k]`` (C-first), map-grid velocities ``w[k]`` (map index units,
-    channels-last), traced positions ``Z[k] = Z_{k+1}``, the voxel-grid map ``X`` (index units), ``I1``, the
-    stability number ``max_k δt·max‖Dv_k‖_F``."""
+    """A stored forward pass: coarse velocities ``v[k]`` (C-first) and the EPDiff ``states`` (for the adjoint),
+    map-grid velocities ``w[k]`` (map index units, channels-last), traced positions ``Z[k] = Z_{k+1}``, the
+    voxel-grid map ``X`` (index units), ``I1``, the stability number ``max_k δt·max‖Dv_k‖_F``."""
 
-    __slots__ = ("I1", "X", "Z", "Z0", "stability", "states", "u_map", "v", "w")
+    __slots__ = ("I1", "X", "Z", "stability", "states", "v", "w")
 
 
 class BandLimitedShooting:
@@ -178,7 +178,6 @@ class BandLimitedShooting:
         self.nc = tuple(sfft.next_fast_len(3 * k + 1, real=True) for k in self.band)
         self.H = domain.length / np.asarray(self.nc)
         self.cell = float(np.prod(self.H))
-        self.axes = tuple(range(1, self.nd + 1))
         freqs = [sfft.fftfreq(n, d=H) for n, H in zip(self.nc[:-1], self.H[:-1])]
         freqs.append(sfft.rfftfreq(self.nc[-1], d=self.H[-1]))
         grids = np.meshgrid(*freqs, indexing="ij", sparse=True)
@@ -338,9 +337,7 @@ class BandLimitedShooting:
         for k in range(self.n - 1, -1, -1):
             path.Z[k] = Z
             Z = Z - dt * sample_linear(path.w[k], Z, backend=self.backend)
-        path.Z0 = Z
         u_map = (Z - self.zgrid) * self.Hm.astype(self.dtype)  # mm
-        path.u_map = u_map
         u = u_map if self.same_grid else sample_linear(u_map, self.Q, backend=self.backend)
         path.X = self.x + u / self.h.astype(self.dtype)
         path.I1 = sample_linear(self.I0, path.X, backend=self.backend)
