@@ -622,7 +622,7 @@ TOOLS = {t.name: t for t in [
          classreg=True),
     Tool("classreg_lddmm", "deformable", "classreg LDDMM (band-limited)", _classreg_lddmm(), classreg=True),
     Tool("classreg_lddmm_full", "deformable", "classreg LDDMM (full grid, the earlier default)",
-         _classreg_lddmm(method="full"), classreg=True,
+         _classreg_lddmm(method="full"), classreg=True, quick=False,
          slow_3d="minutes per 3-D pair on 2 cores (the band-limited default replaced it)"),
     Tool("ants_syn", "deformable", "ANTs SyN", _ants("SyN"), requires=("ants",)),
     Tool("ants_synonly", "deformable", "ANTs SyNOnly", _ants("SyNOnly"), requires=("ants",)),
