@@ -88,7 +88,7 @@ SUMMARY_COLUMNS = (
     "solver_estimate_mb",
     "peak_memory_mb", "memory_estimate_mb", "pair_peak_mb", "evaluation_peak_mb", "dice_mean", "dice_before_mean",
     "dice", "min_det",
-    "percent_det_nonpositive", "nd_percent", "stop_reason", "converged", "attempts", "worker", "qc",
+    "percent_det_nonpositive", "nd_percent", "stop_reason", "converged", "attempts", "worker", "worker_pair", "qc",
     "error_column", "error_file", "error", "traceback",
 )
 
@@ -142,6 +142,7 @@ class PairTask:
     replace: bool = False
     estimate_mb: float | None = None
     solver_estimate_mb: float | None = None
+    threads: int | None = None
     attempt: int = 1
     run_id: str = ""
 
@@ -514,8 +515,10 @@ def plan_pairs(rows, *, solver: str = "demons", options=None, base=".", out=".",
             [n, _jsonable({k: v for k, v in o.items() if k not in _NOT_FINGERPRINTED})] for n, o in stages],
                   "inputs": {c: [p, _stat(p)] for c, p in sorted(inputs.items())}}
         digest = hashlib.sha256(json.dumps(finger, sort_keys=True).encode()).hexdigest()
+        threads = max((o["threads"] for _, o in stages if o.get("threads") is not None),
+                      default=int(threads_per_worker))
         tasks.append(PairTask(row=i, id=pid, stages=stages, inputs=inputs, out=str((out / pid).resolve()),
-                              fingerprint=digest, qc=bool(qc), save_extras=bool(save_extras)))
+                              fingerprint=digest, qc=bool(qc), save_extras=bool(save_extras), threads=threads))
     for key in options:
         if key not in used_options and not _is_empty(options[key]) and not errors:
             errors.append(f"option {key!r} (given for every row) is not an option of any row's solver")
@@ -830,6 +833,10 @@ def _record(task: PairTask) -> dict:
     return rec
 
 
+#: pairs :func:`run_pair` started in this process (the first includes loading the kernels: time and memory)
+_PAIRS_RUN = 0
+
+
 def run_pair(task: PairTask) -> dict:
     """Run one row (what a worker does): read its files, run its solver(s), evaluate, and publish the result folder.
 
@@ -849,10 +856,18 @@ def run_pair(task: PairTask) -> dict:
     done = _finished(task)
     if done is not None:  # a re-execution (the scheduler recomputes results lost with a worker): already published
         return done
+    from .options import thread_context
+
+    global _PAIRS_RUN
+    _PAIRS_RUN += 1
     rec = _record(task)
     rec["worker"] = f"{socket.gethostname()}:{os.getpid()}"
+    rec["worker_pair"] = _PAIRS_RUN
     try:
-        rec.update(_compute(task, rec))
+        # everything the pair does (the evaluation's and the QC figure's numba kernels too) on its threads, so
+        # that workers x threads stay within the cores
+        with thread_context(task.threads):
+            rec.update(_compute(task, rec))
         rec["status"] = "ok"
         logger.info("pair %s (row %d): %s, %.1f s", task.id, task.row, rec["stop_reason"], time.perf_counter() - t0)
     except Exception as exc:
@@ -1242,12 +1257,15 @@ def _cluster_memory_mb(client) -> float | None:
 def _start_cluster(dist, n: int, memory_mb):
     """A LocalCluster of ``n`` single-task worker processes: a pair never shares its process (its peak memory is
     its own), a worker holds no queued pair (a lost worker loses one pair) and reports the loss at once
-    (``allowed-failures`` 0: :func:`batch` resubmits), memory is never spilled or paused, only capped."""
+    (``allowed-failures`` 0: :func:`batch` resubmits), memory is never spilled or paused, only capped, and no
+    profiler samples the workers."""
     import dask
 
     cfg = {"distributed.scheduler.allowed-failures": 0, "distributed.scheduler.worker-saturation": 1.0,
            "distributed.worker.memory.target": False, "distributed.worker.memory.spill": False,
-           "distributed.worker.memory.pause": False}
+           "distributed.worker.memory.pause": False,
+           # a pair is one long call: the statistical profiler (a stack sample every 10 ms) only costs CPU there
+           "distributed.worker.profile.enabled": False}
     with dask.config.set(cfg):
         cluster = dist.LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",
                                     memory_limit=int(memory_mb * 2**20) if memory_mb else 0)
