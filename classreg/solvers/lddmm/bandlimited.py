@@ -194,6 +194,7 @@ class BandLimitedShooting:
         self.sqrtK = np.sqrt(self.K)
         self.L = np.where(inband, 1.0 / np.where(inband, K, 1.0), 0.0).astype(real)
         self.ik = [(2j * np.pi * g).astype(cplx) for g in grids]
+        self.ik_stacked = np.stack(np.broadcast_arrays(*self.ik))  # (d, *half-spectrum shape)
         # the map grid: covers the level grid, ends on its last voxel
         ext = (np.asarray(self.shape) - 1) * self.h
         hm = self.h if map_spacing is None else np.maximum(self.h, float(map_spacing))
@@ -255,21 +256,22 @@ class BandLimitedShooting:
 
     # ------------------------------------------------------------------ EPDiff
     def _state(self, V):
-        """``(v, m, Dv, Dm)`` from the spectrum V of v (one stacked inverse FFT); ``Dv[j][c] = ∂_j v_c``."""
+        """``(v, m, Dv, Dm)`` from the spectrum V of v (one stacked inverse FFT); ``Dv[j, c] = ∂_j v_c``."""
         nd = self.nd
         Mh = self.L * V
         spec = np.concatenate([V, Mh] + [ik * V for ik in self.ik] + [ik * Mh for ik in self.ik])
         out = self.ifft(spec)
+        q = nd * nd
         v, m = out[:nd], out[nd:2 * nd]
-        Dv = [out[(2 + j) * nd:(3 + j) * nd] for j in range(nd)]
-        Dm = [out[(2 + nd + j) * nd:(3 + nd + j) * nd] for j in range(nd)]
+        Dv = out[2 * nd:2 * nd + q].reshape(nd, nd, *self.nc)
+        Dm = out[2 * nd + q:].reshape(nd, nd, *self.nc)
         return v, m, Dv, Dm
 
-    def _ad_star(self, v, m, Dv, Dm):
+    @staticmethod
+    def _ad_star(v, m, Dv, Dm):
         """B(v, m)_i = Σ_j ∂_i v_j m_j + Σ_j ∂_j m_i v_j + m_i ∇·v."""
-        div = sum(Dv[j][j] for j in range(self.nd))
-        return np.stack([sum(Dv[i][j] * m[j] + Dm[j][i] * v[j] for j in range(self.nd)) + m[i] * div
-                         for i in range(self.nd)])
+        div = sum(Dv[j, j] for j in range(len(v)))
+        return (Dv * m[None]).sum(axis=1) + (Dm * v[:, None]).sum(axis=0) + m * div
 
     def geodesic(self, z):
         """Coarse velocities v_k (k = 0..n_t−1), the states ``(v, m, Dv, Dm)`` of every step (for the adjoint)
@@ -280,8 +282,7 @@ class BandLimitedShooting:
         dt = self.dt
         for k in range(self.n):
             v, m, Dv, Dm = self._state(V)
-            jn = np.sqrt(sum(Dv[j][c] ** 2 for j in range(self.nd) for c in range(self.nd)))
-            stab = max(stab, dt * float(np.max(jn)))
+            stab = max(stab, dt * math.sqrt(float(np.max((Dv * Dv).sum(axis=(0, 1))))))
             vs.append(v.copy())  # not a view: it would keep the whole stacked state alive
             Vs.append((v, m, Dv, Dm))
             if k < self.n - 1:
@@ -297,25 +298,24 @@ class BandLimitedShooting:
         nd = self.nd
         v, m, Dv, Dm = state
         mu = self.apply(self.K, lam)
-        div = sum(Dv[j][j] for j in range(nd))
+        div = sum(Dv[j, j] for j in range(nd))
         # every real-space field of the adjoint in one buffer, Fourier-transformed by one call: μ_i m_j and μ_j v_i
-        # (whose derivatives are needed), Σ_i μ_i m_i, a_j = Σ_i μ_i ∂_j m_i, b_j = Σ_i μ_i ∂_i v_j + μ_j ∇·v
+        # (index i·d + j; their derivatives are needed), Σ_i μ_i m_i, a_j = Σ_i μ_i ∂_j m_i, b_j = Σ_i μ_i ∂_i v_j
+        # + μ_j ∇·v
         q = nd * nd
         buf = np.empty((2 * q + 1 + 2 * nd, *self.nc), dtype=self.dtype)
-        for i in range(nd):
-            for j in range(nd):
-                np.multiply(mu[i], m[j], out=buf[i * nd + j])
-                np.multiply(mu[j], v[i], out=buf[q + i * nd + j])
-        buf[2 * q] = sum(mu[i] * m[i] for i in range(nd))
-        for j in range(nd):
-            buf[2 * q + 1 + j] = sum(mu[i] * Dm[j][i] for i in range(nd))
-            buf[2 * q + 1 + nd + j] = sum(mu[i] * Dv[i][j] for i in range(nd)) + mu[j] * div
+        np.multiply(mu[:, None], m[None, :], out=buf[:q].reshape(nd, nd, *self.nc))
+        np.multiply(v[:, None], mu[None, :], out=buf[q:2 * q].reshape(nd, nd, *self.nc))
+        np.sum(mu * m, axis=0, out=buf[2 * q])
+        np.sum(mu[None] * Dm, axis=1, out=buf[2 * q + 1:2 * q + 1 + nd])        # a_j: Dm[j, i]
+        np.sum(mu[:, None] * Dv, axis=0, out=buf[2 * q + 1 + nd:])              # b_j: Dv[i, j]
+        buf[2 * q + 1 + nd:] += mu * div
         spec = self.fft(buf)
-        prod_m, prod_v, s = spec[:q], spec[q:2 * q], spec[2 * q]
-        A, Bh = spec[2 * q + 1:2 * q + 1 + nd], spec[2 * q + 1 + nd:]
-        for j in range(nd):
-            A[j] -= sum(self.ik[i] * prod_m[i * nd + j] for i in range(nd)) + self.ik[j] * s
-            Bh[j] -= sum(self.ik[i] * prod_v[i * nd + j] for i in range(nd))
+        ik = self.ik_stacked[:, None]  # (i, 1, ...): Σ_i ik_i F[i·d + j]
+        half = spec.shape[1:]
+        A = spec[2 * q + 1:2 * q + 1 + nd] - (ik * spec[:q].reshape(nd, nd, *half)).sum(axis=0) \
+            - self.ik_stacked * spec[2 * q]
+        Bh = spec[2 * q + 1 + nd:] - (ik * spec[q:2 * q].reshape(nd, nd, *half)).sum(axis=0)
         # restricted to the band (the forward map acts on band-limited velocities only; see ``band``)
         return lam - self.dt * self.ifft(self.inband * A + self.L * Bh)
 
