@@ -11,7 +11,15 @@ import pytest
 from phantoms import smooth_image
 
 import classreg as cr
-from classreg.qc import jacobian_title, log_jacobian, orientation_letters, qc_figure, qc_points, read_layout, window
+from classreg.qc import (
+    jacobian_title,
+    log_jacobian,
+    orientation_letters,
+    qc_figure,
+    qc_points,
+    read_layout,
+    window,
+)
 
 #: 2-D: index x points to the patient's right (array column 0 is the patient's left), index y posterior
 DIR_2D = (-1.0, 0.0, 0.0, 1.0)

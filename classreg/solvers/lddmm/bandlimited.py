@@ -34,17 +34,9 @@ import math
 import numpy as np
 import scipy.fft as sfft
 
+from ...backend import thread_count
+
 __all__ = ["BandLimitedShooting", "SpectralDomain", "resize_coefficients"]
-
-
-def _threads() -> int:
-    """FFT workers: numba's current thread count (the solver's ``threads``), else 1."""
-    try:
-        import numba
-
-        return int(numba.get_num_threads())
-    except ImportError:  # pragma: no cover - numba is a dependency
-        return 1
 
 
 def _dirichlet(t, n, kmax):
@@ -73,7 +65,7 @@ class SpectralDomain:
         Margin of the periodic box beyond the image on every side (mm); velocities wrap around it.
     """
 
-    def __init__(self, shape, spacing, *, kernel="gaussian", sigma=None, alpha=None, order=2.0, cutoff=1e-2,
+    def __init__(self, shape, spacing, *, kernel="gaussian", sigma=None, alpha=None, order=2.0, cutoff=0.05,
                  pad=None):
         self.shape = tuple(int(s) for s in shape)
         self.h = np.asarray(spacing, dtype=float)
@@ -173,7 +165,7 @@ class BandLimitedShooting:
         self.n = int(n_steps)
         self.dt = 1.0 / self.n
         self.backend = backend
-        self.workers = _threads()
+        self.workers = thread_count()  # FFT workers: the solver's thread count
         self.band = tuple(band) if band is not None else domain.band(self.h)
         self.nc = tuple(sfft.next_fast_len(3 * k + 1, real=True) for k in self.band)
         self.H = domain.length / np.asarray(self.nc)
