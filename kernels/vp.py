@@ -1,0 +1,240 @@
+"""Kernels of the variational-principle (VP) registration of Zhou & Liao (METHODS.md §6): the control-to-field map
+``F = ∇f − ∇×g``, its exact adjoint, the multilinear warp with the derivative of its own interpolant, and the discrete
+loss with its exact gradient w.r.t. ``(f̂, g)`` (§6.1).
+
+Conventions
+-----------
+* Node-centred grids in numpy axis order, spacing ``h`` per array axis (mm). A displacement ``u`` has shape
+  ``(*spatial, ndim)`` in mm; ``φ(x) = x + u(x)``, so node ``i`` maps to index coordinate ``i + u/h``.
+* Curl in the "physical" convention of :func:`kernels.diff.curl` (x is the last array axis). 2-D: g is scalar and
+  ``∇×g := (∂_y g, −∂_x g)``, i.e. in array order ``(−∂_1 g, ∂_0 g)``; 3-D: g is ``(*spatial, 3)`` in array order.
+* ``F`` uses central differences on the interior nodes (its boundary ring is ignored by the Dirichlet solve); the
+  adjoints are the negative central differences of the zero-extended field on every node, boundary ring included —
+  exactly the transpose, which is what makes the FD gradient check pass (§6.1 (iii)).
+* Gradients are w.r.t. the inner product ``Π h_j Σ_nodes`` (the plain array gradient is ``Π h_j`` times them).
+* Out-of-grid sample points are clamped to the grid (edge extension); the interpolant's derivative is 0 there.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from .diff import poisson_dirichlet
+
+__all__ = ["vp_field", "vp_adjoint", "warp_linear_grad", "vp_loss_grad", "curl_terms"]
+
+
+def curl_terms(nd: int):
+    """``(out_component, g_component, axis, sign)`` of ``∇×g`` in array order (g_component 0 for the 2-D scalar)."""
+    if nd == 2:
+        return ((0, 0, 1, -1.0), (1, 0, 0, 1.0))
+    if nd == 3:
+        return ((0, 1, 2, 1.0), (0, 2, 1, -1.0), (1, 2, 0, 1.0), (1, 0, 2, -1.0), (2, 0, 1, 1.0), (2, 1, 0, -1.0))
+    raise ValueError(f"VP needs 2 or 3 spatial dimensions, got {nd}")
+
+
+def _dc(a, ax, h):
+    """Central difference along ``ax`` on nodes interior along ``ax`` (0 on the two end slices)."""
+    out = np.zeros_like(a)
+    n = a.shape[ax]
+    sl = lambda s: tuple(s if d == ax else slice(None) for d in range(a.ndim))  # noqa: E731
+    out[sl(slice(1, n - 1))] = (a[sl(slice(2, n))] - a[sl(slice(0, n - 2))]) / (2 * h)
+    return out
+
+
+def _dc_adj(b, ax, h):
+    """Transpose of :func:`_dc` (for a ``b`` that is 0 on the boundary ring): ``(b[i−1] − b[i+1]) / (2h)`` of the
+    zero-extended ``b`` on every node."""
+    n = b.shape[ax]
+    pad = [(0, 0)] * b.ndim
+    pad[ax] = (1, 1)
+    e = np.pad(b, pad)
+    sl = lambda s: tuple(s if d == ax else slice(None) for d in range(b.ndim))  # noqa: E731
+    return (e[sl(slice(0, n))] - e[sl(slice(2, n + 2))]) / (2 * h)
+
+
+def _gvec(g, nd):
+    return g[..., None] if nd == 2 else g
+
+
+def vp_field(f, g, spacing):
+    """``F = ∇f − ∇×g`` (central differences, interior nodes; 0 on the boundary ring), shape ``(*f.shape, nd)``."""
+    f = np.asarray(f)
+    nd = f.ndim
+    h = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (nd,))
+    gv = _gvec(np.asarray(g), nd)
+    F = np.stack([_dc(f, j, h[j]) for j in range(nd)], axis=-1)
+    for o, c, ax, s in curl_terms(nd):
+        F[..., o] -= s * _dc(gv[..., c], ax, h[ax])
+    ring = np.ones(f.shape, dtype=bool)
+    ring[tuple(slice(1, n - 1) for n in f.shape)] = False
+    F[ring] = 0
+    return F
+
+
+def vp_adjoint(b, spacing):
+    """The transpose of :func:`vp_field` applied to ``b`` (0 on the boundary ring): ``(−∇·b, −∇×b)`` on every node
+    (zero-extended central differences); in 2-D the second is the scalar ``−(∂_1 b_0 − ∂_0 b_1) = ∂_0 b_1 − ∂_1 b_0``
+    (minus the physical-convention curl of b)."""
+    b = np.asarray(b)
+    nd = b.ndim - 1
+    h = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (nd,))
+    df = sum(_dc_adj(b[..., j], j, h[j]) for j in range(nd))  # = −∇·b
+    dg = np.zeros(b.shape[:nd] + ((1,) if nd == 2 else (3,)), dtype=b.dtype)
+    for o, c, ax, s in curl_terms(nd):
+        dg[..., c] -= s * _dc_adj(b[..., o], ax, h[ax])
+    return df, (dg[..., 0] if nd == 2 else dg)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# multilinear warp with the derivative of its interpolant
+# ----------------------------------------------------------------------------------------------------------------
+def _coords(u, h):
+    nd = u.shape[-1]
+    shape = u.shape[:nd]
+    grids = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij")
+    return [grids[j] + u[..., j].astype(np.float64) / h[j] for j in range(nd)]
+
+
+def _warp_linear_grad_numpy(img, u, h):
+    nd = img.ndim
+    c = _coords(u, h)
+    i0, t, inside = [], [], []
+    for j in range(nd):
+        n = img.shape[j]
+        cj = np.clip(c[j], 0.0, n - 1.0)
+        inside.append((c[j] >= 0.0) & (c[j] <= n - 1.0))
+        ij = np.minimum(np.floor(cj).astype(np.intp), n - 2)
+        i0.append(ij)
+        t.append(cj - ij)
+    val = np.zeros(u.shape[:nd], dtype=np.float64)
+    der = np.zeros(u.shape, dtype=np.float64)
+    im = img.astype(np.float64)
+    for corner in range(2 ** nd):
+        bits = [(corner >> (nd - 1 - j)) & 1 for j in range(nd)]
+        v = im[tuple(i0[j] + bits[j] for j in range(nd))]
+        w = [t[j] if bits[j] else 1.0 - t[j] for j in range(nd)]
+        val += functools.reduce(np.multiply, w) * v
+        for d in range(nd):
+            wd = functools.reduce(np.multiply, [w[j] for j in range(nd) if j != d], 1.0)
+            der[..., d] += (1.0 if bits[d] else -1.0) * wd * v
+    for d in range(nd):
+        der[..., d] *= inside[d] / h[d]
+    return val, der
+
+
+def _numba_warp():
+    import numba
+
+    @numba.njit(parallel=True, cache=True)
+    def run(img, c, val, der, h):  # img (n0,n1,n2), c (N, 3) index coords; 2-D as (1, n0, n1) with c[:,0] = 0
+        N = c.shape[0]
+        for p in numba.prange(N):
+            i0 = np.empty(3, np.int64)
+            t = np.empty(3, np.float64)
+            ins = np.empty(3, np.float64)
+            for j in range(3):
+                n = img.shape[j]
+                x = c[p, j]
+                ins[j] = 1.0 if (x >= 0.0 and x <= n - 1.0) else 0.0
+                x = min(max(x, 0.0), n - 1.0)
+                k = min(int(np.floor(x)), max(n - 2, 0))
+                i0[j] = k
+                t[j] = x - k
+            v = 0.0
+            d0 = 0.0
+            d1 = 0.0
+            d2 = 0.0
+            for b0 in range(2):
+                if b0 == 1 and img.shape[0] == 1:
+                    continue
+                w0 = t[0] if b0 else 1.0 - t[0]
+                s0 = 1.0 if b0 else -1.0
+                for b1 in range(2):
+                    w1 = t[1] if b1 else 1.0 - t[1]
+                    s1 = 1.0 if b1 else -1.0
+                    for b2 in range(2):
+                        w2 = t[2] if b2 else 1.0 - t[2]
+                        s2 = 1.0 if b2 else -1.0
+                        a = img[i0[0] + b0, i0[1] + b1, i0[2] + b2]
+                        v += w0 * w1 * w2 * a
+                        d0 += s0 * w1 * w2 * a
+                        d1 += w0 * s1 * w2 * a
+                        d2 += w0 * w1 * s2 * a
+            val[p] = v
+            der[p, 0] = d0 * ins[0] / h[0]
+            der[p, 1] = d1 * ins[1] / h[1]
+            der[p, 2] = d2 * ins[2] / h[2]
+
+    return run
+
+
+@functools.lru_cache(maxsize=None)
+def _numba_warp_cached():
+    return _numba_warp()
+
+
+def warp_linear_grad(img, u, *, spacing=1.0, backend=None):
+    """``(I∘φ, (∂I/∂x)∘φ)`` for ``φ = id + u`` with the bi/trilinear interpolant of ``img`` and its exact derivative
+    (per physical axis, 1/mm): in the cell containing φ(x), the one-sided differences blended linearly in the other
+    coordinates (§6.1 (ii)). float64 out. ``backend``: "numpy" (reference) or "numba" (default when installed)."""
+    img = np.asarray(img)
+    nd = img.ndim
+    if nd not in (2, 3) or u.shape != img.shape + (nd,):
+        raise ValueError(f"img must be 2-D/3-D and u of shape {img.shape + (nd,)}, got {img.shape}, {u.shape}")
+    if any(n < 2 for n in img.shape):
+        raise ValueError(f"img needs at least 2 nodes per axis, got {img.shape}")
+    h = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (nd,))
+    if backend is None:
+        try:
+            import numba  # noqa: F401
+            backend = "numba"
+        except ImportError:
+            backend = "numpy"
+    if backend == "numpy":
+        return _warp_linear_grad_numpy(img, u, h)
+    if backend != "numba":
+        raise ValueError(f"backend must be 'numpy' or 'numba', got {backend!r}")
+    c = np.stack(_coords(u, h), axis=-1).reshape(-1, nd)
+    im = np.ascontiguousarray(img, dtype=np.float64)
+    hh = np.asarray(h, dtype=np.float64)
+    if nd == 2:
+        im = im[None]
+        c = np.concatenate([np.zeros((c.shape[0], 1)), c], axis=1)
+        hh = np.concatenate([[1.0], hh])
+    val = np.empty(c.shape[0])
+    der = np.empty((c.shape[0], 3))
+    _numba_warp_cached()(im, np.ascontiguousarray(c), val, der, hh)
+    der = der[:, 3 - nd:]
+    return val.reshape(img.shape), der.reshape(img.shape + (nd,))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# loss and its exact gradient
+# ----------------------------------------------------------------------------------------------------------------
+def vp_displacement(fhat, g, j_min, spacing, *, workers=None):
+    """``u`` solving ``Δu = ∇f − ∇×g``, ``u = 0`` on ∂Ω (DST-I), with ``f = j_min + f̂²``."""
+    f = j_min + fhat * fhat
+    F = vp_field(f, g, spacing)
+    return poisson_dirichlet(F, spacing=tuple(np.broadcast_to(spacing, (f.ndim,))), ndim=f.ndim, workers=workers)
+
+
+def vp_loss_grad(fhat, g, fixed, moving, j_min, spacing, *, weight=None, backend=None, workers=None):
+    """Discrete loss ``½ Π h Σ w (I_m∘φ − I_f)²`` and its exact gradients ``(∂/∂f̂, ∂/∂g)`` w.r.t. ``Π h Σ``.
+
+    Returns ``(loss, grad_fhat, grad_g, u, warped)``; ``u`` the displacement (mm), ``warped`` = I_m∘φ.
+    """
+    nd = fixed.ndim
+    h = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (nd,))
+    vol = float(np.prod(h))
+    u = vp_displacement(fhat, g, j_min, h, workers=workers)
+    warped, dI = warp_linear_grad(moving, u, spacing=h, backend=backend)
+    r = warped - fixed
+    if weight is not None:
+        r = r * weight
+    loss = 0.5 * vol * float(np.sum(r * (warped - fixed)))
+    force = r[..., None] * dI
+    b = poisson_dirichlet(force.astype(fhat.dtype, copy=False), spacing=tuple(h), ndim=nd, workers=workers)
+    df, dg = vp_adjoint(b, h)
+    return loss, 2.0 * fhat * df, dg, u, warped
