@@ -27,7 +27,7 @@ from ...result import Result
 from ...transforms import Affine
 from .._common import check_masks, check_memory, check_pair, common_params, tiny_like, warm_key
 from .grids import WorkingPyramid
-from .options import OPTIONS, PAPER_SCHEDULE
+from .options import OPTIONS, PAPER_SCHEDULE, fast_schedule
 from .rotations import euler_angles
 from .schedule import resolve_schedule
 from .search import SearchRecord, level_step, parabola_offsets
@@ -36,10 +36,9 @@ __all__ = ["register_rigid"]
 
 
 @declared(OPTIONS)
-def register_rigid(fixed: Image, moving: Image, *, fixed_mask=None, moving_mask=None,
-                   shrink_factors=PAPER_SCHEDULE["shrink_factors"],
-                   smoothing_sigmas=PAPER_SCHEDULE["smoothing_sigmas"], samples=PAPER_SCHEDULE["samples"],
-                   perturbation=PAPER_SCHEDULE["perturbation"], keep=PAPER_SCHEDULE["keep"], overlap: float = 0.5,
+def register_rigid(fixed: Image, moving: Image, *, schedule: str = "fast", local_refine: str = "auto",
+                   fixed_mask=None, moving_mask=None, shrink_factors=None, smoothing_sigmas=None, samples=None,
+                   perturbation=None, keep=None, overlap: float = 0.5,
                    epsilon: float = 1e-5, squared: bool = True, max_angle: float = 180.0, spacing=None,
                    refine: bool = True, polish=(), dtype=np.float32, seed: int = 0, workers=None,
                    threads: int | None = None, memory_limit: float | None = None,
@@ -52,6 +51,18 @@ def register_rigid(fixed: Image, moving: Image, *, fixed_mask=None, moving_mask=
     ----------
     fixed, moving : Image
         2-D or 3-D scalar images in physical space (any spacing, origin and direction; different modalities).
+    schedule : {"fast", "paper"}
+        Where the search entries not given (``shrink_factors``, ``smoothing_sigmas``, ``samples``,
+        ``perturbation``, ``keep``) come from. ``"fast"`` (default): a coarse search only, levels at shrink 8 and
+        4, the first-level rotation step sized so the fixed image's corners move by 2 coarse voxels (2-D; 3-D: 500
+        rotations over SO(3)), see :func:`~classreg.solvers.rigid.options.fast_schedule`. ``"paper"``: the
+        published schedule (4, 2, 2, 1) with (5000, 3000, 300, 0) rotations. Given entries must have the chosen
+        schedule's number of levels unless all level-dependent entries are given.
+    local_refine : {"auto", "mi", "none"}
+        Local refinement after the search: ``"mi"``: :func:`classreg.register_affine` with ``transform="rigid"``
+        (Mattes MI, ASGD, its default pyramid 4-2-1) started from the search's transform; ``"none"``: the
+        search's result. ``"auto"`` (default): ``"mi"`` with ``schedule="fast"`` when no search entry is given,
+        ``"none"`` otherwise (the paper's method and explicit search schedules run the search alone, as before).
     fixed_mask, moving_mask : Image or array, optional
         Regions that take part in the similarity (on each image's own grid).
     shrink_factors : sequence of float
@@ -138,10 +149,21 @@ def register_rigid(fixed: Image, moving: Image, *, fixed_mask=None, moving_mask=
     t_start = time.perf_counter()
     check_pair(fixed, moving)
     memory_mb = check_memory("rigid", fixed, moving, dtype, memory_limit)
-    schedule = resolve_schedule(shrink_factors, smoothing_sigmas, samples, perturbation, keep)
     fmask, mmask = check_masks(fixed, moving, fixed_mask, moving_mask)
     dtype = np.dtype(dtype)
     spacing = max(min(fixed.spacing), min(moving.spacing)) if spacing is None else float(spacing)
+    given = {"shrink_factors": shrink_factors, "smoothing_sigmas": smoothing_sigmas, "samples": samples,
+             "perturbation": perturbation, "keep": keep}
+    explicit = any(v is not None for v in given.values())
+    base = PAPER_SCHEDULE if schedule == "paper" else fast_schedule(fixed, spacing)
+    if shrink_factors is not None and smoothing_sigmas is None and np.ndim(shrink_factors) > 0 \
+            and len(shrink_factors) != len(base["shrink_factors"]):
+        # an explicit pyramid of another depth: σ = half the shrink factor × the working spacing per level
+        given["smoothing_sigmas"] = tuple(0.5 * float(d) * spacing for d in shrink_factors)
+    entries = {k: (base[k] if v is None else v) for k, v in given.items()}
+    local = ("mi" if schedule == "fast" and not explicit else "none") if local_refine == "auto" else local_refine
+    schedule_name = schedule
+    schedule = resolve_schedule(**entries)
     polish = tuple(float(p) for p in np.atleast_1d(polish))
     pyramid = WorkingPyramid(fixed, moving, fmask, mmask, schedule, spacing, dtype, backend)
     workers = thread_count() if workers is None else int(workers)  # small FFTs lose time to threads when busy
@@ -152,6 +174,7 @@ def register_rigid(fixed: Image, moving: Image, *, fixed_mask=None, moving_mask=
         register_rigid(f, m, fixed_mask=None if fixed_mask is None else fm,
                        moving_mask=None if moving_mask is None else mm, shrink_factors=(2, 1),
                        smoothing_sigmas=(1.0, 0.5), samples=(3, 2), perturbation=(3.0,), keep=(1,),
+                       local_refine="none",
                        epsilon=epsilon, squared=squared, refine=refine, polish=polish[:1], dtype=dtype,
                        workers=workers, backend=backend)
 
@@ -163,11 +186,47 @@ def register_rigid(fixed: Image, moving: Image, *, fixed_mask=None, moving_mask=
                                          int(seed), prog)
     transform, refined = _transform(record, pyramid, fixed.ndim, refine=bool(refine) and completed)
     # the resolved entries; the options as passed are recorded by the declaration
-    params = {**schedule._asdict(), "polish": polish, "workers": workers, "center": pyramid.c_f.tolist(),
+    params = {**schedule._asdict(), "schedule": schedule_name, "local_refine": local, "polish": polish, "workers": workers, "center": pyramid.c_f.tolist(),
               "moving_center": pyramid.c_m.tolist(),
               "memory_estimate_mb": memory_mb, **common_params(init=None, dtype=dtype, seed=int(seed), backend=backend)}
+    local_info = None
+    if local == "mi" and completed:
+        transform, local_info = _refine_mi(fixed, moving, transform, fmask, mmask, int(seed), threads, backend)
     return _result(fixed, moving, transform, refined, record, stopped, params, backend, t_start, prog.history,
-                   reason=prog.stop_reason, kernel_seconds=prog.timings)
+                   reason=prog.stop_reason, kernel_seconds=prog.timings, local_info=local_info)
+
+
+def _refine_mi(fixed, moving, start, fmask, mmask, seed, threads, backend):
+    """``register_affine(transform="rigid", metric="mi")`` from the search's transform; returns the refined
+    rigid :class:`Affine` (centre c_F, as the search's) and what the refinement did."""
+    from ..parametric import register_affine
+
+    t0 = time.perf_counter()
+    res = register_affine(fixed, moving, transform="rigid", metric="mi", init=start, fixed_mask=fmask,
+                          moving_mask=mmask, seed=seed, threads=threads, backend=backend)
+    t = res.transform
+    t = t.simplified() if hasattr(t, "simplified") else t
+    refined = _as_centred(t, start.center)
+    before = np.rad2deg(euler_angles(start.matrix))
+    after = np.rad2deg(euler_angles(refined.matrix))
+    centre = np.asarray(start.center, float)
+    moved = float(np.linalg.norm(refined.map_points(centre[None])[0] - start.map_points(centre[None])[0]))
+    info = {"method": "mi", "angles_deg_before": before.tolist(), "angles_deg_after": after.tolist(),
+            "translation_before": np.asarray(start.translation).tolist(),
+            "translation_after": np.asarray(refined.translation).tolist(),
+            "rotation_change_deg": float(np.rad2deg(np.arccos(np.clip(
+                (np.trace(start.matrix.T @ refined.matrix) - (fixed.ndim - 2)) / 2.0, -1.0, 1.0)))),
+            "centre_shift_mm": moved, "mi_after": float(res.metrics["metric"]),
+            "iterations": len(res.history), "seconds": time.perf_counter() - t0}
+    return refined, info
+
+
+def _as_centred(transform, centre):
+    """``transform`` (an affine map) as an :class:`Affine` about ``centre``."""
+    centre = np.asarray(centre, float)
+    a = np.asarray(transform.matrix, float)
+    y = transform.map_points(centre[None])[0]
+    return Affine(a, y - centre, centre)
 
 
 
@@ -217,7 +276,7 @@ def _transform(record: SearchRecord, pyramid: WorkingPyramid, ndim: int, *, refi
 
 
 def _result(fixed, moving, transform, refined, record, stopped, params, backend, t_start, history, *,
-            reason="stopped by callback", kernel_seconds=None) -> Result:
+            reason="stopped by callback", kernel_seconds=None, local_info=None) -> Result:
     """The :class:`Result`: warped image, metrics, per-evaluation extras and per-level timings."""
     from ...resample import resample
 
@@ -228,12 +287,16 @@ def _result(fixed, moving, transform, refined, record, stopped, params, backend,
                "translation": np.asarray(transform.translation).tolist(), "center": params["center"],
                "subvoxel_offset": refined.tolist(), "evaluations": len(record.scores), "levels": record.level_info,
                "best_candidates": record.best_candidates}
+    if local_info is not None:
+        metrics["local_refine"] = local_info
     extras = {"scores": np.asarray(record.scores), "eval_levels": np.asarray(record.levels, dtype=np.int64),
               "rotations": np.asarray(record.rotations).reshape(-1, n, n),
               "translations": np.asarray(record.translations).reshape(-1, n)}
     timings = {"total": time.perf_counter() - t_start, **(kernel_seconds or {})}
     for info in record.level_info:
         timings[f"level{info['level']}"] = info["seconds"]
+    if local_info is not None:
+        timings["local_refine"] = local_info["seconds"]
     return Result(transform=transform, inverse=transform.inverse(), warped=warped, history=history,
                   converged=not stopped, stop_reason=reason if stopped else "completed the schedule",
                   params=params, metrics=metrics, timings=timings, reference=fixed, extras=extras)
