@@ -1,0 +1,251 @@
+"""``register_vp``: registration with prescribed Jacobian determinant and curl (variational principle).
+
+Zhou & Liao (WBIR 2022; METHODS.md §6): the map ``φ = id + u`` solves ``Δu = ∇f − ∇×g`` with ``u = 0`` on the
+boundary (DST-I), ``f = j_min + f̂²`` controls the Jacobian determinant and ``g`` the curl. The discrete loss
+``½ Π h Σ w (I_m∘φ − I_f)²`` and its exact gradient w.r.t. ``(f̂, g)`` are :func:`classreg.kernels.vp.vp_loss_grad`.
+
+Optimiser: L-BFGS (scipy's L-BFGS-B without bounds) on ``(f̂, g)`` with the exact gradient; its line search
+(Moré-Thuente) is a safeguarded backtracking search, and a trial point whose map folds on the grid is given a loss
+larger than the current one, so the search shrinks the step. A round ends when min det J drops below
+``regrid_det``; then the map is composed into ``Φ_total`` (regridding), the moving image is resampled through it and
+the controls are reset (METHODS.md §6.2 step 7). Coarse-to-fine on :func:`classreg.pyramid.multiresolution`.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ...image import Image, as_mask
+from ...options import declared
+from ...progress import Progress, StopRegistration, similarity
+from ...pyramid import check_schedule, multiresolution
+from ...result import Result
+from ...transforms import Transform
+from .._common import (
+    check_init,
+    check_memory,
+    check_overlap,
+    check_pair,
+    common_params,
+    field_result,
+    mean_sq,
+    normalise_intensities,
+    warp_through,
+)
+from .options import OPTIONS
+
+__all__ = ["register_vp"]
+
+
+@declared(OPTIONS)
+def register_vp(fixed: Image, moving: Image, *, init: Transform | None = None, fixed_mask=None,
+                shrink_factors=(4, 2, 1), smoothing_sigmas=None, iterations=None, j_min: float = 0.5,
+                regrid_det: float = 0.3, max_regrids: int = 10, pad: int = 8, tol: float = 1e-6,
+                intensity: str = "joint", dtype=np.float32, seed: int = 0, memory_limit: float | None = None,
+                time_limit: float | None = None, backend=None, progress: bool = False, callback=None) -> Result:
+    """Register ``moving`` to ``fixed`` with the variational principle (prescribed Jacobian determinant and curl).
+
+    Parameters
+    ----------
+    fixed, moving : Image
+        2-D or 3-D scalar images in physical space (any grids, spacings and orientations).
+    init : Affine or Chain, optional
+        Initial fixed → moving transform; the deformation is estimated on top of it.
+    fixed_mask : Image or array, optional
+        The loss is summed only inside this mask (every level).
+    shrink_factors, smoothing_sigmas, iterations
+        The pyramid (coarsest first); ``iterations``: L-BFGS iterations per level over all its regridding rounds
+        (default 100 per level).
+    j_min : float
+        Lower bound of the control ``f = j_min + f̂²`` (0 ≤ j_min < 1; the paper's 0.5). It bounds ∇·φ's control,
+        not det J itself (METHODS.md §6.6), so det J is monitored and the map regridded.
+    regrid_det : float
+        A round ends, and the map is regridded, when its min det J (central differences) falls below this.
+    max_regrids : int
+        Regridding rounds per level at most.
+    pad : int
+        Nodes of edge-replicated padding on every side of the level grid; the Dirichlet boundary (u = 0) lies on
+        the padded grid's ring, and the padding is excluded from the loss.
+    tol : float
+        L-BFGS ``ftol`` (relative loss decrease) of a round.
+    intensity : {"joint", "match"}
+        "joint" (default): both images scaled by the fixed image's 0.5-99.5 percentiles to [0, 1]; "match":
+        histogram matching first.
+    dtype : {numpy.float32, numpy.float64}
+        Storage precision of the fields; the optimisation runs in float64 (the line search needs the loss to more
+        digits than float32 holds).
+    seed : int
+        Recorded (the algorithm is deterministic).
+    memory_limit, time_limit, backend, progress, callback
+        As for the other solvers; ``backend`` selects the warp kernel ("numpy" or "numba").
+
+    Returns
+    -------
+    Result
+        ``transform`` (fixed → moving), ``inverse`` (fixed-point inversion of the composed map, see the docs page),
+        ``history`` (level, iteration, metric = loss / initial loss of the level, min det J as ``step``),
+        ``metrics``: ``loss_ratio`` (SSD after / before, full resolution, in the mask), ``min_det_j``,
+        ``pct_det_j_nonpositive``, ``sd_log_j``, ``regrids``, ``inverse_consistency_mm`` (mean and max
+        |φ∘φ⁻¹ − id|); ``extras``: ``f`` and ``g`` (the controls of the last round of the finest level) and
+        ``controls_note``.
+
+    References
+    ----------
+    Z. Zhou, G. Liao, "Construction of diffeomorphisms with prescribed Jacobian determinant and curl",
+    WBIR 2022 (the variational principle and its gradients).
+    """
+    from ...kernels.diff import jacobian_determinant
+    from ...kernels.fields import compose, invert
+
+    t_start = time.perf_counter()
+    check_pair(fixed, moving)
+    if fixed.ndim not in (2, 3):
+        raise ValueError(f"register_vp needs 2-D or 3-D images, got {fixed.ndim}-D")
+    if not 0.0 <= float(j_min) < 1.0:
+        raise ValueError(f"j_min must be in [0, 1), got {j_min!r}")
+    init = check_init(init, fixed.ndim)
+    check_overlap(fixed, moving, init)
+    memory_mb = check_memory("vp", fixed, moving, dtype, memory_limit)
+    dtype = np.dtype(dtype)
+    its = (100,) * len(tuple(shrink_factors)) if iterations is None else iterations
+    schedule = dict(zip(("shrink_factors", "smoothing_sigmas", "iterations"),
+                        check_schedule(shrink_factors, smoothing_sigmas, its, fixed.spacing)))
+    fmask = as_mask(fixed_mask, fixed, "fixed_mask")
+    fixed_n, moving_n = normalise_intensities(fixed, moving, fmask, intensity, dtype)
+    moving_on_fixed = fixed_n.like(np.asarray(warp_through(moving_n, fixed_n, init, None, backend), dtype=dtype))
+    opts = dict(j_min=float(j_min), regrid_det=float(regrid_det), max_regrids=int(max_regrids), pad=int(pad),
+                tol=float(tol), backend=backend)
+    prog = Progress("vp", callback=callback, progress=progress, time_limit=time_limit,
+                    total=int(sum(schedule["iterations"])))
+    acc = {"regrids": 0}
+    stopped = False
+    stop_reason = "completed the schedule"
+    h = tuple(fixed.spacing_array_order)
+    try:
+        prog.emit("start", metric=1.0)
+
+        def step(level, state, progress):
+            return _level_step(level, state, progress, opts, dtype, acc)
+
+        state, stopped = multiresolution(fixed_n, moving_on_fixed, step, fixed_mask=fmask, progress=prog,
+                                         backend=backend, **schedule)
+        if stopped:
+            stop_reason = prog.stop_reason
+        else:
+            prog.emit("done", metric=acc.get("last_ratio"))
+    except StopRegistration:
+        state, stopped, stop_reason = acc.get("state", {}), True, prog.stop_reason
+    finally:
+        prog.close()
+    phi = state.get("phi")
+    if phi is None or phi.shape[:fixed.ndim] != fixed.shape:
+        phi = np.zeros((*fixed.shape, fixed.ndim), dtype=dtype)
+    phi = np.asarray(phi, dtype=dtype)
+    phi_inv, _ = invert(phi, spacing=h, max_iter=100, tol=1e-3, backend=backend)
+    phi_inv = np.asarray(phi_inv, dtype=dtype)
+    ic = np.linalg.norm(np.asarray(compose(phi, phi_inv, spacing=h, backend=backend), dtype=np.float64), axis=-1)
+    det = np.asarray(jacobian_determinant(phi, spacing=h, backend=backend), dtype=np.float64)
+    warped = warp_through(moving_n, fixed_n, init, phi, backend)
+    before = mean_sq(fixed_n.data, moving_on_fixed.data, fmask)
+    after = mean_sq(fixed_n.data, warped, fmask)
+    logj = np.log(np.clip(det, 1e-12, None))
+    metrics = dict(loss_ratio=after / before if before > 0 else 0.0, ssd_before=before, ssd_after=after,
+                   min_det_j=float(det.min()), pct_det_j_nonpositive=100.0 * float(np.mean(det <= 0)),
+                   sd_log_j=float(np.std(logj[det > 0])) if np.any(det > 0) else float("nan"),
+                   regrids=acc["regrids"], inverse_consistency_mm=dict(mean=float(ic.mean()), max=float(ic.max())),
+                   similarity_after=similarity(fixed_n.data, warped, mask=fmask))
+    params = dict(**schedule, **{k: v for k, v in opts.items() if k != "backend"}, memory_estimate_mb=memory_mb,
+                  **common_params(init=init, dtype=dtype, seed=seed, backend=backend))
+    extras = {"f": acc.get("f"), "g": acc.get("g"),
+              "controls_note": "f = j_min + f̂² and g of the last regridding round of the finest level (padded grid)"}
+    return field_result(fixed, moving, init, phi, phi_inv, history=prog.history, converged=not stopped,
+                        stop_reason=stop_reason, params=params, metrics=metrics,
+                        timings={"total": time.perf_counter() - t_start, **prog.timings}, extras=extras)
+
+
+def _level_step(level, state, progress, opts, dtype, acc):
+    """L-BFGS rounds with regridding on one level; keeps ``state["phi"]`` (Φ_total, array frame, mm) current."""
+    from scipy.optimize import minimize
+
+    from ...kernels.diff import jacobian_determinant
+    from ...kernels.fields import compose
+    from ...kernels.vp import vp_loss_grad, warp_linear_grad
+
+    backend = opts["backend"]
+    Fi = np.asarray(level.fixed.data, dtype=np.float64)
+    M = np.asarray(level.moving.data, dtype=np.float64)  # the moving image, on the fixed level grid
+    nd = Fi.ndim
+    h = tuple(float(x) for x in level.fixed.spacing_array_order)
+    p = opts["pad"]
+    phi = state.get("phi")
+    if phi is None or phi.shape[:nd] != Fi.shape:
+        phi = np.zeros((*Fi.shape, nd), dtype=dtype)
+    phi = np.asarray(phi, dtype=np.float64)
+    inner = tuple(slice(p, p + n) for n in Fi.shape)
+    weight = np.zeros(tuple(n + 2 * p for n in Fi.shape))
+    weight[inner] = 1.0 if level.fixed_mask is None else np.asarray(level.fixed_mask, dtype=np.float64)
+    Fp = np.pad(Fi, p, mode="edge")
+    shape_p = Fp.shape
+    n_ctl = Fp.size
+    g_shape = shape_p if nd == 2 else shape_p + (3,)
+    fhat0 = np.sqrt(1.0 - opts["j_min"])
+    kw = dict(weight=weight, backend="numpy" if backend == "numpy" else None)
+    budget = level.iterations
+    it_total = 0
+    last_ratio = 1.0
+    for rnd in range(opts["max_regrids"] + 1):
+        m_cur = warp_linear_grad(M, phi, spacing=h, **{"backend": kw["backend"]})[0] if np.any(phi) else M
+        Mp = np.pad(m_cur, p, mode="edge")
+        loss0 = vp_loss_grad(np.full(shape_p, fhat0), np.zeros(g_shape), Fp, Mp, opts["j_min"], h, **kw)[0]
+        if loss0 <= 0 or budget - it_total <= 0:
+            break
+        cache = {}
+
+        def fun(x):
+            fh = x[:n_ctl].reshape(shape_p)
+            g = x[n_ctl:].reshape(g_shape)
+            loss, gf, gg, u, _ = vp_loss_grad(fh, g, Fp, Mp, opts["j_min"], h, **kw)
+            det = np.asarray(jacobian_determinant(u, spacing=h), dtype=np.float64)
+            mdet = float(det.min())
+            vol = float(np.prod(h))
+            grad = np.concatenate([gf.ravel(), gg.ravel()]) * (vol / loss0)
+            val = loss / loss0
+            if mdet <= 0:  # a folding trial point: larger than any accepted loss, so the line search backtracks
+                val = 1.0 + abs(val) + 1e3 * (-mdet + 1e-3)
+            cache["x"], cache["u"], cache["mdet"], cache["val"] = x.copy(), u, mdet, val
+            return val, grad
+
+        rec = {"mdet": 1.0}
+
+        def cb(intermediate_result):
+            nonlocal it_total
+            x = intermediate_result.x
+            if cache.get("x") is None or not np.array_equal(cache["x"], x):
+                fun(x)
+            rec["x"], rec["u"], rec["mdet"], rec["val"] = x.copy(), cache["u"], cache["mdet"], cache["val"]
+            progress.emit("iteration", level=level.index, iteration=it_total, metric=rec["val"] * last_ratio,
+                          step=rec["mdet"], extra={"round": rnd})
+            it_total += 1
+            if rec["mdet"] < opts["regrid_det"] or it_total >= budget:
+                raise StopIteration
+
+        x0 = np.concatenate([np.full(n_ctl, fhat0), np.zeros(int(np.prod(g_shape)))])
+        minimize(fun, x0, jac=True, method="L-BFGS-B", callback=cb,
+                 options=dict(maxiter=max(1, budget - it_total), ftol=opts["tol"], gtol=1e-12, maxcor=10))
+        if "u" not in rec or rec["mdet"] <= 0:
+            break
+        u = rec["u"][inner]
+        phi = np.asarray(compose(phi, u, spacing=h), dtype=np.float64) if np.any(phi) else u.copy()
+        acc["regrids"] += 1 if rnd > 0 else 0
+        last_ratio *= rec["val"]
+        x = rec["x"]
+        acc["f"] = np.asarray(opts["j_min"] + x[:n_ctl].reshape(shape_p) ** 2, dtype=dtype)
+        acc["g"] = np.asarray(x[n_ctl:].reshape(g_shape), dtype=dtype)
+        state["phi"] = phi.astype(dtype)
+        acc["state"] = dict(state)
+        acc["last_ratio"] = last_ratio
+        if rec["mdet"] >= opts["regrid_det"] or it_total >= budget:
+            break  # the round converged (or ran out of iterations) without needing a regrid
+    state["phi"] = phi.astype(dtype)
+    return last_ratio
