@@ -46,6 +46,7 @@ from .solvers.lddmm import register_lddmm
 from .solvers.parametric import register_affine, register_bspline
 from .solvers.points import register_points
 from .solvers.rigid import register_rigid
+from .solvers.vp import register_vp
 from .transforms import Affine, BSplineTransform, Chain, DisplacementField, Transform, load_transform
 
 __all__ = [
@@ -71,6 +72,7 @@ __all__ = [
     "register_lddmm",
     "register_points",
     "register_rigid",
+    "register_vp",
     "resample",
     "save",
     "save_points",
