@@ -146,7 +146,7 @@ def check_overlap(fixed: Image, moving: Image, init=None, *, min_fraction: float
 #: demons 52.5 / 54.7, LDDMM band-limited 87.8 / 89.5 (method="full": 793 / 642), affine 21.3 / 21.3, B-spline
 #: 82.0 / 79.0; rigid 123.3 at 64³ only (rounded up)
 MEMORY_COPIES = {"demons": 56.0, "lddmm": 92.0, "lddmm_full": 800.0, "affine": 22.0, "bspline": 84.0,
-                 "rigid": 124.0}
+                 "rigid": 124.0, "vp": 240.0}
 
 
 class MemoryLimitError(MemoryError, ValueError):
