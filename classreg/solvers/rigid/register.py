@@ -211,7 +211,7 @@ def _refine_mi(fixed, moving, start, fmask, mmask, seed, threads, backend):
     after = np.rad2deg(euler_angles(refined.matrix))
     centre = np.asarray(start.center, float)
     moved = float(np.linalg.norm(refined.map_points(centre[None])[0] - start.map_points(centre[None])[0]))
-    info = {"method": "mi", "angles_deg_before": before.tolist(), "angles_deg_after": after.tolist(),
+    info = {"method": "mi", "matrix_before": np.asarray(start.matrix).tolist(), "angles_deg_before": before.tolist(), "angles_deg_after": after.tolist(),
             "translation_before": np.asarray(start.translation).tolist(),
             "translation_after": np.asarray(refined.translation).tolist(),
             "rotation_change_deg": float(np.rad2deg(np.arccos(np.clip(
