@@ -13,7 +13,7 @@ import numpy as np
 
 from . import _backend
 
-__all__ = ["linear_at", "linear_kernel", "mattes_mi_fused", "mattes_mi_kernel", "parzen_mi"]
+__all__ = ["bspline_at", "bspline_coefficients", "bspline_kernel", "linear_at", "linear_kernel", "mattes_mi_fused", "mattes_mi_kernel", "parzen_mi"]
 
 
 # ------------------------------------------------------------------------------------------- linear interpolation
@@ -324,3 +324,225 @@ def mattes_mi_fused(fv, mv, nbf, nbm, fixed_limits, moving_limits, thresholds, *
                      float(moving_limits[1]), float(thresholds[0]), float(thresholds[1]), bool(normalised),
                      float(tiny))
     return float(value), grad
+
+
+# ------------------------------------------------------------------------------------------- B-spline interpolation
+# Moving-image interpolation of B-spline order 2 or 3 at scattered points: value and the exact gradient of the
+# interpolant (elastix BSplineInterpolator / ITK BSplineInterpolateImageFunction::EvaluateValueAndDerivative). The
+# coefficients come from scipy.ndimage.spline_filter(image, order, mode="mirror") (once per level); indices outside
+# the grid are mirrored without repeating the edge sample, as ITK does (k < 0 -> -k, k > n-1 -> 2(n-1) - k).
+def _bspline_weights(x, order, w, dw):
+    """Taps of one axis: ``w[0:order+1]``, ``dw[...]`` (the derivative) and the first index, for coordinate ``x``."""
+    if order == 3:
+        first = int(np.floor(x)) - 1
+        t = x - (first + 1)
+        s = 1.0 - t
+        t2 = t * t
+        w[0] = s * s * s / 6.0
+        w[1] = (4.0 - 6.0 * t2 + 3.0 * t2 * t) / 6.0
+        w[2] = (1.0 + 3.0 * t + 3.0 * t2 - 3.0 * t2 * t) / 6.0
+        w[3] = t2 * t / 6.0
+        dw[0] = -0.5 * s * s
+        dw[1] = -2.0 * t + 1.5 * t2
+        dw[2] = 0.5 + t - 1.5 * t2
+        dw[3] = 0.5 * t2
+    else:  # order 2: centred on the nearest sample
+        c = int(np.floor(x + 0.5))
+        first = c - 1
+        u = x - c
+        w[0] = 0.5 * (0.5 - u) * (0.5 - u)
+        w[1] = 0.75 - u * u
+        w[2] = 0.5 * (0.5 + u) * (0.5 + u)
+        dw[0] = u - 0.5
+        dw[1] = -2.0 * u
+        dw[2] = u + 0.5
+    return first
+
+
+def _mirror(k, n):
+    if n == 1:
+        return 0
+    period = 2 * (n - 1)
+    k = abs(k) % period
+    return period - k if k > n - 1 else k
+
+
+def _bspline_at_numpy(coef, points, order):
+    n = points.shape[1]
+    shape = np.asarray(coef.shape)
+    inside = np.all((points >= 0.0) & (points <= shape - 1.0), axis=1)
+    p = points[inside]
+    taps = order + 1
+    w = np.zeros((len(p), n, 4))
+    dw = np.zeros((len(p), n, 4))
+    first = np.zeros((len(p), n), dtype=np.intp)
+    for j in range(len(p)):
+        for d in range(n):
+            first[j, d] = _bspline_weights(p[j, d], order, w[j, d], dw[j, d])
+    out = np.zeros((len(p), 1 + n))
+    for offs in np.ndindex(*(taps,) * n):
+        idx = tuple(np.array([_mirror(int(first[j, d] + offs[d]), coef.shape[d]) for j in range(len(p))],
+                             dtype=np.intp) for d in range(n))
+        c = coef[idx].astype(np.float64)
+        wt = np.ones(len(p))
+        for d in range(n):
+            wt = wt * w[:, d, offs[d]]
+        out[:, 0] += wt * c
+        for g in range(n):
+            wg = np.ones(len(p))
+            for d in range(n):
+                wg = wg * (dw[:, d, offs[d]] if d == g else w[:, d, offs[d]])
+            out[:, 1 + g] += wg * c
+    return out, inside
+
+
+def _bspline_at2(coef, points, order, out, inside):
+    n0, n1 = coef.shape
+    taps = order + 1
+    w = np.zeros((2, 4))
+    dw = np.zeros((2, 4))
+    i0 = np.zeros(4, dtype=np.intp)
+    i1 = np.zeros(4, dtype=np.intp)
+    count = 0
+    for j in range(points.shape[0]):
+        c0, c1 = points[j, 0], points[j, 1]
+        if not (c0 >= 0.0 and c0 <= n0 - 1.0 and c1 >= 0.0 and c1 <= n1 - 1.0):
+            inside[j] = False
+            continue
+        inside[j] = True
+        f0 = _bspline_weights(c0, order, w[0], dw[0])
+        f1 = _bspline_weights(c1, order, w[1], dw[1])
+        for k in range(taps):
+            i0[k] = _mirror(f0 + k, n0)
+            i1[k] = _mirror(f1 + k, n1)
+        v = 0.0
+        g0 = 0.0
+        g1 = 0.0
+        for a in range(taps):
+            r = 0.0
+            rd = 0.0
+            for b in range(taps):
+                c = coef[i0[a], i1[b]]
+                r += w[1, b] * c
+                rd += dw[1, b] * c
+            v += w[0, a] * r
+            g0 += dw[0, a] * r
+            g1 += w[0, a] * rd
+        out[count, 0] = v
+        out[count, 1] = g0
+        out[count, 2] = g1
+        count += 1
+    return count
+
+
+def _bspline_at3(coef, points, order, out, inside):
+    n0, n1, n2 = coef.shape
+    taps = order + 1
+    w = np.zeros((3, 4))
+    dw = np.zeros((3, 4))
+    i0 = np.zeros(4, dtype=np.intp)
+    i1 = np.zeros(4, dtype=np.intp)
+    i2 = np.zeros(4, dtype=np.intp)
+    count = 0
+    for j in range(points.shape[0]):
+        c0, c1, c2 = points[j, 0], points[j, 1], points[j, 2]
+        if not (c0 >= 0.0 and c0 <= n0 - 1.0 and c1 >= 0.0 and c1 <= n1 - 1.0 and c2 >= 0.0
+                and c2 <= n2 - 1.0):
+            inside[j] = False
+            continue
+        inside[j] = True
+        f0 = _bspline_weights(c0, order, w[0], dw[0])
+        f1 = _bspline_weights(c1, order, w[1], dw[1])
+        f2 = _bspline_weights(c2, order, w[2], dw[2])
+        for k in range(taps):
+            i0[k] = _mirror(f0 + k, n0)
+            i1[k] = _mirror(f1 + k, n1)
+            i2[k] = _mirror(f2 + k, n2)
+        v = 0.0
+        g0 = 0.0
+        g1 = 0.0
+        g2 = 0.0
+        for a in range(taps):
+            ra = 0.0
+            ra1 = 0.0
+            ra2 = 0.0
+            for b in range(taps):
+                rb = 0.0
+                rb2 = 0.0
+                for e in range(taps):
+                    c = coef[i0[a], i1[b], i2[e]]
+                    rb += w[2, e] * c
+                    rb2 += dw[2, e] * c
+                ra += w[1, b] * rb
+                ra1 += dw[1, b] * rb
+                ra2 += w[1, b] * rb2
+            v += w[0, a] * ra
+            g0 += dw[0, a] * ra
+            g1 += w[0, a] * ra1
+            g2 += w[0, a] * ra2
+        out[count, 0] = v
+        out[count, 1] = g0
+        out[count, 2] = g1
+        out[count, 3] = g2
+        count += 1
+    return count
+
+
+def bspline_kernel(ndim: int):
+    """The compiled serial kernel behind :func:`bspline_at` (needs numba): ``fn(coef, points, order, out, inside)
+    -> count`` with C-contiguous float32 ``coef``, float64 ``points`` (N, ndim), ``out`` (N, 1 + ndim) float64 and
+    ``inside`` (N,) bool preallocated; no checks."""
+    key = f"bspline{ndim}"
+    if key not in _COMPILED:
+        helpers = {"np": np, "_bspline_weights": _compiled("bspline_weights", _bspline_weights),
+                   "_mirror": _compiled("mirror", _mirror)}
+        body = _backend.rebind(_bspline_at2 if ndim == 2 else _bspline_at3, helpers)
+        _COMPILED[key] = _backend.njit(cache=True, fastmath=False)(body)
+    return _COMPILED[key]
+
+
+def bspline_coefficients(image, order):
+    """B-spline coefficients of ``image`` for :func:`bspline_at` (scipy ``spline_filter``, mirror boundary as ITK),
+    float32 C-contiguous. Order 0/1 interpolate the samples themselves (the image is returned)."""
+    from scipy import ndimage
+
+    image = np.asarray(image, dtype=np.float64)
+    if order > 1:
+        image = ndimage.spline_filter(image, order=order, mode="mirror", output=np.float64)
+    return np.ascontiguousarray(image, dtype=np.float32)
+
+
+def bspline_at(coef, points, order, *, backend=None):
+    """B-spline interpolation of order 2 or 3 at the points inside the voxel-centre box: the value and the exact
+    gradient (array-index units) of the interpolant.
+
+    Parameters
+    ----------
+    coef : ndarray, shape (*spatial)
+        Coefficients from :func:`bspline_coefficients` (2 or 3 axes; float32 — the numba kernel is compiled for it).
+    points : ndarray, shape (N, ndim)
+        Continuous indices in array-axis order.
+    order : {2, 3}
+    backend : {None, "numpy", "numba"}
+
+    Returns
+    -------
+    values : ndarray, shape (M, 1 + ndim)
+        Value then ∂/∂index_d of the M inside points, in their order.
+    inside : ndarray of bool, shape (N,)
+    """
+    if order not in (2, 3):
+        raise ValueError(f"bspline_at interpolates with order 2 or 3, got {order}")
+    coef = np.ascontiguousarray(coef, dtype=np.float32)
+    points = np.ascontiguousarray(points, dtype=np.float64)
+    n = points.shape[1] if points.ndim == 2 else -1
+    if n not in (2, 3) or coef.ndim != n:
+        raise ValueError(f"points must be (N, 2|3) and coef have that many axes, got points {points.shape}, "
+                         f"coef {coef.shape}")
+    bk = _backend.resolve_backend(backend, coef, points)
+    if bk == "numpy" or not _backend.HAVE_NUMBA:
+        return _bspline_at_numpy(coef, points, order)
+    out = np.empty((points.shape[0], 1 + n))
+    inside = np.empty(points.shape[0], dtype=np.bool_)
+    count = bspline_kernel(n)(coef, points, int(order), out, inside)
+    return out[:count], inside

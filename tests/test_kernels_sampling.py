@@ -61,3 +61,51 @@ def test_fused_mattes_mi_matches_the_reference(normalised):
     v, g = mattes_mi_samples(f, m, backend="numba", **kw)
     assert abs(v - v_ref) <= 1e-12 * abs(v_ref)
     np.testing.assert_allclose(g, g_ref, rtol=1e-9, atol=1e-15 * np.abs(g_ref).max())
+
+
+# ------------------------------------------------------------------------------------------- B-spline order 2/3
+@needs_numba
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("order", [2, 3])
+def test_bspline_at_matches_reference(ndim, order):
+    """numba against the numpy reference: the same float64 arithmetic on the same float32 coefficients (1e-12)."""
+    from classreg.kernels.sampling import bspline_at, bspline_coefficients
+
+    rng = np.random.default_rng(10 * ndim + order)
+    shape = (13, 11, 9)[:ndim]
+    coef = bspline_coefficients(rng.normal(size=shape), order)
+    pts = rng.uniform(-1.5, np.asarray(shape) + 0.5, size=(400, ndim))
+    pts[:3] = 0.0
+    pts[3:6] = np.asarray(shape) - 1.0  # both edges are inside; the taps beyond them are mirrored
+    ref, ins_ref = bspline_at(coef, pts, order, backend="numpy")
+    out, ins = bspline_at(coef, pts, order, backend="numba")
+    assert np.array_equal(ins, ins_ref) and ins[:6].all() and not ins.all()
+    np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("order", [2, 3])
+def test_bspline_at_is_scipys_interpolant_and_its_exact_gradient(ndim, order):
+    """Values equal scipy.ndimage.map_coordinates(order, mode="mirror") (ITK's boundary) up to the float32 rounding
+    of the coefficients (|c| ≲ 10 here: 1e-5 absolute); the gradient equals central differences (h = 1e-4, error
+    O(h²) + rounding/h ≈ 1e-6 in float64 of scipy's interpolant: 1e-4 absolute), edges included."""
+    from scipy import ndimage
+
+    from classreg.kernels.sampling import bspline_at, bspline_coefficients
+
+    rng = np.random.default_rng(order)
+    shape = (12, 10, 9)[:ndim]
+    img = rng.normal(size=shape)
+    pts = rng.uniform(0.0, np.asarray(shape) - 1.0, size=(300, ndim))
+    pts[0] = 0.0
+    vals, inside = bspline_at(bspline_coefficients(img, order), pts, order, backend="numpy")
+    assert inside.all()
+    np.testing.assert_allclose(vals[:, 0], ndimage.map_coordinates(img, pts.T, order=order, mode="mirror"),
+                               atol=1e-5)
+    h = 1e-4
+    for d in range(ndim):
+        e = np.zeros(ndim)
+        e[d] = h
+        fd = (ndimage.map_coordinates(img, (pts + e).T, order=order, mode="mirror")
+              - ndimage.map_coordinates(img, (pts - e).T, order=order, mode="mirror")) / (2 * h)
+        np.testing.assert_allclose(vals[1:, 1 + d], fd[1:], atol=1e-4)  # (the corner point: one-sided there)
