@@ -326,3 +326,64 @@ def test_command_line_affine_and_bspline(tmp_path):
     res_b = cr.load_transform(next((tmp_path / "b").glob("transform.*")))
     np.testing.assert_allclose(res_b.map_points(pts), b.transform.map_points(pts))
     assert b.params["init"] == "transform"
+
+
+# ------------------------------------------------------------------------------------------------ interpolation
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("interpolation", ["bspline2", "bspline3"])
+@pytest.mark.parametrize("metric", ["mi", "ssd"])
+def test_bspline_interpolation_gradient_is_exact(ndim, interpolation, metric):
+    """With B-spline interpolation the image gradient is the exact derivative of the interpolant, so the analytic
+    gradient of the sampled cost equals its central differences up to O(h²) and rounding (h = 1e-4 in scaled
+    parameters): 1e-3 of the norm, against 6 % for the linear path (test above), with a moving mask on."""
+    big = _phantom(ndim, shape=(64, 68) if ndim == 2 else (34, 36, 32), seed=1)
+    crop = tuple(slice(8, s - 8) for s in big.shape)
+    fixed = cr.Image(big.data[crop], big.spacing, origin=(8.0,) * ndim)
+    moving = big.like(np.asarray(big.data) ** 1.5) if metric == "mi" else big
+    mmask = np.ones(big.shape, bool)
+    mmask[: big.shape[0] // 3] = False  # a slab across the fixed image's first rows
+    mdl = AffineModel("affine", ndim, _center(fixed))
+    rng = np.random.default_rng(3)
+    obj = LevelObjective(fixed, moving, None, mmask, model=mdl, pre=cr.Affine.identity(ndim), metric=metric,
+                         sampler=Sampler("random_coordinate", 3000, fixed.shape), rng=rng, bins=16,
+                         interpolation=interpolation)
+    scales = mdl.scales(obj.draw(5000)[0])
+    p = mdl.identity() + rng.normal(scale=0.6, size=mdl.size) / np.sqrt(scales)
+    draw = obj.draw()
+    _, g = obj.evaluate(p, samples=draw)
+    assert obj.last_valid < 1.0  # the mask dropped some samples
+    h = 1e-4 / np.sqrt(scales)
+    fd = np.array([(obj.evaluate(p + h[k] * e, samples=draw)[0] - obj.evaluate(p - h[k] * e, samples=draw)[0])
+                   / (2 * h[k]) for k, e in enumerate(np.eye(mdl.size))])
+    gs, fds = g / np.sqrt(scales), fd / np.sqrt(scales)
+    assert np.linalg.norm(gs - fds) <= 1e-3 * np.linalg.norm(fds), (gs, fds)
+
+
+def test_bspline_interpolation_numpy_and_numba_agree_in_the_engine():
+    """The engine's numpy path (backend="numpy") and its compiled path give the same cost and gradient."""
+    pytest.importorskip("numba")
+    fixed = _phantom(2, shape=(40, 44))
+    mdl = AffineModel("rigid", 2, _center(fixed))
+    out = []
+    for backend in ("numpy", None):
+        obj = LevelObjective(fixed, fixed, None, None, model=mdl, pre=cr.Affine.identity(2), metric="ssd",
+                             sampler=Sampler("random_coordinate", 500, fixed.shape),
+                             rng=np.random.default_rng(0), interpolation="bspline3", backend=backend)
+        out.append(obj.evaluate(mdl.identity() + 0.05)[:2])
+    assert out[0][0] == pytest.approx(out[1][0], rel=1e-12)
+    np.testing.assert_allclose(out[0][1], out[1][1], rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("interpolation", ["nearest", "bspline3"])
+def test_register_affine_with_other_interpolators(interpolation):
+    """Nearest (gradient of the nearest voxel) and cubic B-spline interpolation both recover a rigid transform; the
+    same seed gives the same bits."""
+    fixed = _phantom(2, shape=(64, 60), spacing=(1.2, 0.9))
+    truth = cr.Affine.euler([np.radians(8)], translation=(2.0, -1.0), center=_center(fixed))
+    moving = cr.resample(fixed, truth.inverse(), reference=fixed, interpolation="bspline")
+    res = cr.register_affine(fixed, moving, transform="rigid", metric="ssd", interpolation=interpolation, **FAST)
+    # nearest: the sampled cost is piecewise constant, the nearest-voxel gradient only approximates its trend
+    assert _tre(fixed, res.transform, truth) < (0.3 if interpolation == "nearest" else 0.1), res.metrics
+    assert res.params["interpolation"] == interpolation
+    again = cr.register_affine(fixed, moving, transform="rigid", metric="ssd", interpolation=interpolation, **FAST)
+    assert np.array_equal(again.transform.matrix, res.transform.matrix)

@@ -18,7 +18,12 @@ from ...progress import similarity
 from ...terms.measures import intensity_limits, mattes_mi_samples
 from .sampling import Sampler
 
-__all__ = ["METRICS", "LevelObjective", "sample_metric"]
+__all__ = ["INTERPOLATIONS", "METRICS", "LevelObjective", "sample_metric"]
+
+#: registration-time interpolation of the moving image -> (B-spline order, elastix Interpolator)
+INTERPOLATIONS = {"nearest": (0, "NearestNeighborInterpolator"), "linear": (1, "LinearInterpolator"),
+                  "bspline2": (2, "BSplineInterpolator, BSplineInterpolationOrder 2"),
+                  "bspline3": (3, "BSplineInterpolator, BSplineInterpolationOrder 3")}
 
 #: metric name -> what it is (elastix name)
 METRICS = {"mi": "AdvancedMattesMutualInformation", "nmi": "NormalizedMutualInformation",
@@ -75,10 +80,17 @@ class LevelObjective:
         Draw new samples at every iteration (elastix ``NewSamplesEveryIteration``).
     backend : str or None
         Kernel backend of the interpolation.
+    interpolation : str
+        See :data:`INTERPOLATIONS`. ``linear``: value and central-difference gradient channels interpolated
+        linearly; ``bspline2``/``bspline3``: value and the exact gradient of the B-spline interpolant
+        (:func:`classreg.kernels.sampling.bspline_at`, coefficients once per level, mirror boundary as ITK);
+        ``nearest``: the nearest voxel's value and central-difference gradient (elastix's non-B-spline
+        interpolators take the gradient from the gradient image at the nearest voxel).
     """
 
     def __init__(self, fixed, moving, fixed_mask, moving_mask, *, model, pre, metric, sampler: Sampler, rng,
-                 bins=32, min_valid=0.25, new_samples=True, backend=None):
+                 bins=32, min_valid=0.25, new_samples=True, backend=None,
+                 interpolation="linear"):
         from ...kernels._backend import HAVE_NUMBA
         from ...kernels.diff import gradient
         from ...terms.measures import LIMIT_RANGE_RATIO, _bins
@@ -106,6 +118,20 @@ class LevelObjective:
         # float32: the scattered reads of an iteration are memory-bound (values and sums stay float64)
         self.stack = np.ascontiguousarray(np.concatenate(channels, axis=-1), dtype=np.float32)
         self.has_mmask = moving_mask is not None
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"unknown interpolation {interpolation!r}; valid: {', '.join(INTERPOLATIONS)}")
+        self.order = INTERPOLATIONS[interpolation][0]
+        if self.order >= 2:
+            from ...kernels.sampling import bspline_coefficients
+
+            self.coef = bspline_coefficients(m, self.order)
+            # the mask is still read linearly (>= 0.5 inside), as on the linear path
+            self.mask_stack = (None if moving_mask is None else
+                               np.ascontiguousarray(np.asarray(moving_mask, dtype=np.float32)[..., None]))
+            if self._fast:
+                from ...kernels.sampling import bspline_kernel
+
+                self._bs = bspline_kernel(n)
         minv = moving.inverse_affine
         self.m_lin, self.m_off = minv[:n, :n], minv[:n, n]
         self.fixed_limits = intensity_limits(self.fdata[..., 0], mask=fixed_mask)
@@ -144,6 +170,10 @@ class LevelObjective:
     def moving_at(self, z):
         """Moving values, world gradients and the validity of points ``z`` (mm)."""
         idx = z @ self.m_lin.T + self.m_off
+        if self.order >= 2:
+            return self._moving_bspline(idx)
+        if self.order == 0:
+            idx = np.floor(idx + 0.5)  # the nearest voxel (ties upwards); inside when it is in the image
         if self._fast:
             vals = np.empty((len(idx), self.stack.shape[-1]))
             inside = np.empty(len(idx), dtype=np.bool_)
@@ -157,6 +187,23 @@ class LevelObjective:
             vals = vals[ok]
         g_world = vals[:, 1:1 + self.ndim] @ self.m_lin  # ∇_z M = (∂idx/∂z)ᵀ ∇_idx M
         return vals[:, 0], g_world, valid
+
+    def _moving_bspline(self, idx):
+        if self._fast:
+            vals = np.empty((len(idx), 1 + self.ndim))
+            inside = np.empty(len(idx), dtype=np.bool_)
+            vals = vals[: self._bs(self.coef, idx, self.order, vals, inside)]
+        else:
+            from ...kernels.sampling import bspline_at
+
+            vals, inside = bspline_at(self.coef, idx, self.order, backend=self._host_backend)
+        valid = inside.copy()
+        if self.has_mmask:
+            mk, _ = linear_at(self.mask_stack, idx[inside], backend=self._host_backend)
+            ok = mk[:, 0] >= 0.5
+            valid[inside] = ok
+            vals = vals[ok]
+        return vals[:, 0], vals[:, 1:] @ self.m_lin, valid
 
     def evaluate(self, p, k=0, *, samples=None, penalty=True):
         """``(cost, gradient)`` at parameters ``p`` with the samples of iteration ``k`` (or ``samples``)."""

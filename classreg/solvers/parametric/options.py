@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ...options import Declaration, Option, shared
-from .engine import METRICS
+from .engine import INTERPOLATIONS, METRICS
 from .models import MODELS
 from .sampling import SAMPLERS
 
@@ -61,6 +61,11 @@ def _engine_options(iterations):
                                  "MaximumStepLength; rsgd: the initial step)", unit="mm", low=0, low_open=True,
                default_text="the level's mean voxel spacing"),
         Option("bins", 32, "histogram bins of MI/NMI (elastix NumberOfHistogramBins)", kind="int", low=4),
+        Option("interpolation", "linear", "registration-time interpolation of the moving image (elastix "
+                                          "Interpolator): nearest voxel, linear, or B-spline of order 2/3 with the "
+                                          "exact gradient of the interpolant (BSplineInterpolator with "
+                                          "BSplineInterpolationOrder 2/3)", kind="str",
+               choices=tuple(INTERPOLATIONS)),
         shared("seed"),
         shared("threads"),
         shared("memory_limit"),
