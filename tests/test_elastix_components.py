@@ -160,3 +160,29 @@ def test_classreg_solver_from_a_parameter_file():
         plan('(Registration "classreg:demons")\n(VelocitySigma -1)')
     with pytest.raises(ComponentError, match="classreg:demons"):
         plan('(Registration "classreg:nosuch")')
+
+
+@pytest.mark.parametrize("lines, expected", [
+    ("", "linear"),                                                         # RIGID_MI: BSplineInterpolator, order 1
+    ('(Interpolator "BSplineInterpolator")\n(BSplineInterpolationOrder 3)', "bspline3"),
+    ('(Interpolator "BSplineInterpolator")\n(BSplineInterpolationOrder 2)', "bspline2"),
+    ('(Interpolator "BSplineInterpolator")\n(BSplineInterpolationOrder 0)', "nearest"),
+    ('(Interpolator "LinearInterpolator")', "linear"),
+    ('(Interpolator "NearestNeighborInterpolator")', "nearest"),
+])
+def test_registration_interpolator_maps_onto_the_engine(lines, expected):
+    text = "\n".join(ln for ln in RIGID_MI.splitlines()
+                     if not ln.startswith(("(Interpolator", "(BSplineInterpolationOrder")) or not lines)
+    st = plan(text + "\n" + lines)
+    assert st.options["interpolation"] == expected
+    assert not any("nterpolat" in w for w in st.warnings)
+    # the engine accepts what the mapping gives
+    from classreg.solvers.parametric.options import AFFINE_OPTIONS
+
+    assert expected in {o.name: o for o in AFFINE_OPTIONS.options}["interpolation"].choices
+
+
+def test_interpolation_orders_above_three_are_refused():
+    text = RIGID_MI.replace("(BSplineInterpolationOrder 1)", "(BSplineInterpolationOrder 5)")
+    with pytest.raises(ComponentError, match="BSplineInterpolationOrder 5"):
+        plan(text)

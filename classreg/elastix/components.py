@@ -4,8 +4,7 @@
 :class:`Stage`: which classreg solver runs it and with which keyword options, plus the output settings. Components
 are checked before any work: an unknown name fails like elastix ("This component is not installed!"), a known
 component classreg does not implement yet names itself and the supported alternatives. Settings classreg honours
-only approximately (a per-level value that classreg keeps per run, a registration-time interpolator other than
-linear) are logged as ``WARNING:`` lines, never silently dropped.
+only approximately (a per-level value that classreg keeps per run) are logged as ``WARNING:`` lines, never silently dropped.
 
 ``(Registration "classreg:<solver>")`` runs any image solver of classreg (demons, lddmm, rigid, affine, bspline)
 with its options read from the same file, named in elastix's CamelCase (``ShrinkFactors`` for ``shrink_factors``).
@@ -38,6 +37,9 @@ SAMPLERS = {"RandomCoordinate": "random_coordinate", "Random": "random", "Random
             "Full": "full", "Grid": "grid"}
 INTERPOLATORS = ("BSplineInterpolator", "BSplineInterpolatorFloat", "LinearInterpolator",
                  "NearestNeighborInterpolator")
+#: elastix registration-time interpolation order (BSplineInterpolationOrder; Linear = 1, NearestNeighbor = 0) ->
+#: the engine's ``interpolation`` option
+INTERPOLATION_ORDERS = {0: "nearest", 1: "linear", 2: "bspline2", 3: "bspline3"}
 RESAMPLE_INTERPOLATORS = ("FinalBSplineInterpolator", "FinalBSplineInterpolatorFloat", "FinalLinearInterpolator",
                           "FinalNearestNeighborInterpolator")
 PYRAMIDS = ("SmoothingImagePyramid", "RecursiveImagePyramid", "ShrinkingImagePyramid")
@@ -263,11 +265,12 @@ def plan_stage(parameters, *, ndim: int, spacing, has_fixed_mask: bool, has_init
     options["samples"] = _per_level(lookup, "NumberOfSpatialSamples", int, 5000, levels, warnings, "sample count")
     options["new_samples"] = lookup.get("NewSamplesEveryIteration", bool, False)
     interp = _component(lookup, "Interpolator", INTERPOLATORS, "BSplineInterpolator")
-    order = lookup.get("BSplineInterpolationOrder", int, 1) if interp.startswith("BSpline") else (
-        1 if interp == "LinearInterpolator" else 0)
-    if order != 1:
-        warnings.append(f"WARNING: registration-time interpolation of order {order} ({interp}) is not implemented "
-                        f"yet; classreg interpolates the moving image linearly during registration.")
+    order = (_per_level(lookup, "BSplineInterpolationOrder", int, 1, levels, warnings, "interpolation order")
+             if interp.startswith("BSpline") else 1 if interp == "LinearInterpolator" else 0)
+    if order not in INTERPOLATION_ORDERS:
+        raise ComponentError(f"ERROR: BSplineInterpolationOrder {order} is not supported by classreg yet "
+                             f"(0, 1, 2 and 3 are)")
+    options["interpolation"] = INTERPOLATION_ORDERS[order]
     shrink, sigmas = _pyramid(lookup, levels, ndim, spacing, warnings)
     options["shrink_factors"] = tuple(shrink)
     options["smoothing_sigmas"] = tuple(sigmas)
