@@ -201,18 +201,21 @@ def _level_step(level, state, progress, opts, dtype, acc):
         if loss0 <= 0 or budget - it_total <= 0:
             break
         cache = {}
+        has_phi = bool(np.any(phi))
 
         def fun(x):
             fh = x[:n_ctl].reshape(shape_p)
             g = x[n_ctl:].reshape(g_shape)
             loss, gf, gg, u, _ = vp_loss_grad(fh, g, Fp, Mp, opts["j_min"], h, **kw)
-            det = np.asarray(jacobian_determinant(u, spacing=h), dtype=np.float64)
-            mdet = float(det.min())
+            mdet = float(np.min(jacobian_determinant(u, spacing=h)))
+            total = mdet
+            if has_phi and mdet > 0:  # the composed map Φ_total ∘ φ must not fold on the grid either
+                total = float(np.min(jacobian_determinant(compose(phi, u[inner], spacing=h), spacing=h)))
             vol = float(np.prod(h))
             grad = np.concatenate([gf.ravel(), gg.ravel()]) * (vol / loss0)
             val = loss / loss0
-            if mdet <= 0:  # a folding trial point: larger than any accepted loss, so the line search backtracks
-                val = 1.0 + abs(val) + 1e3 * (-mdet + 1e-3)
+            if min(mdet, total) <= 0:  # a folding trial point: larger than any accepted loss, so the line search
+                val = 1.0 + abs(val) + 1e3 * (-min(mdet, total) + 1e-3)  # backtracks
             cache["x"], cache["u"], cache["mdet"], cache["val"] = x.copy(), u, mdet, val
             return val, grad
 
@@ -233,7 +236,7 @@ def _level_step(level, state, progress, opts, dtype, acc):
         x0 = np.concatenate([np.full(n_ctl, fhat0), np.zeros(int(np.prod(g_shape)))])
         minimize(fun, x0, jac=True, method="L-BFGS-B", callback=cb,
                  options=dict(maxiter=max(1, budget - it_total), ftol=opts["tol"], gtol=1e-12, maxcor=10))
-        if "u" not in rec or rec["mdet"] <= 0:
+        if "u" not in rec or rec["val"] > 1.0:  # no accepted step, or only folding ones
             break
         u = rec["u"][inner]
         phi = np.asarray(compose(phi, u, spacing=h), dtype=np.float64) if np.any(phi) else u.copy()
