@@ -202,8 +202,11 @@ def _refine_mi(fixed, moving, start, fmask, mmask, seed, threads, backend):
     from ..parametric import register_affine
 
     t0 = time.perf_counter()
-    res = register_affine(fixed, moving, transform="rigid", metric="mi", init=start, fixed_mask=fmask,
-                          moving_mask=mmask, seed=seed, threads=threads, backend=backend)
+    try:
+        res = register_affine(fixed, moving, transform="rigid", metric="mi", init=start, fixed_mask=fmask,
+                              moving_mask=mmask, seed=seed, threads=threads, backend=backend)
+    except ValueError as exc:  # e.g. too little overlap for the MI samples: the search's result stands
+        return start, {"method": "mi", "skipped": str(exc), "seconds": time.perf_counter() - t0}
     t = res.transform
     t = t.simplified() if hasattr(t, "simplified") else t
     refined = _as_centred(t, start.center)
