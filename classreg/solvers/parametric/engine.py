@@ -18,7 +18,7 @@ from ...progress import similarity
 from ...terms.measures import intensity_limits, mattes_mi_samples
 from .sampling import Sampler
 
-__all__ = ["INTERPOLATIONS", "METRICS", "LevelObjective", "sample_metric"]
+__all__ = ["INTERPOLATIONS", "METRICS", "LevelObjective", "metric_terms", "sample_metric"]
 
 #: registration-time interpolation of the moving image -> (B-spline order, elastix Interpolator)
 INTERPOLATIONS = {"nearest": (0, "NearestNeighborInterpolator"), "linear": (1, "LinearInterpolator"),
@@ -55,6 +55,29 @@ def sample_metric(name, f, m, *, bins=32, fixed_limits=None, moving_limits=None,
     raise ValueError(f"unknown metric {name!r}; valid: {', '.join(METRICS)}")
 
 
+def metric_terms(metric):
+    """``[(name, weight), ...]`` of a metric given as a name of :data:`METRICS` (weight 1) or as a weighted sum: a
+    mapping ``{name: weight}`` or a sequence of ``(name, weight)`` pairs (weights finite and > 0, names distinct)."""
+    if isinstance(metric, str):
+        pairs = [(metric, 1.0)]
+    else:
+        try:
+            pairs = [(str(n), float(w)) for n, w in (metric.items() if hasattr(metric, "items") else metric)]
+        except (TypeError, ValueError):
+            raise ValueError(f"a metric is a name ({', '.join(METRICS)}) or a weighted sum such as "
+                             f"{{'mi': 1.0, 'ncc': 0.5}}, got {metric!r}") from None
+    if not pairs:
+        raise ValueError("the weighted sum of metrics is empty")
+    for name, w in pairs:
+        if name not in METRICS:
+            raise ValueError(f"unknown metric {name!r}; valid: {', '.join(METRICS)}")
+        if not (np.isfinite(w) and w > 0):
+            raise ValueError(f"the weight of metric {name!r} must be finite and > 0, got {w}")
+    if len({n for n, _ in pairs}) != len(pairs):
+        raise ValueError(f"a metric appears twice in the weighted sum {pairs}")
+    return pairs
+
+
 class LevelObjective:
     """The sampled cost on one pyramid level.
 
@@ -68,8 +91,9 @@ class LevelObjective:
         Maps points (``map(p, y)``), chains gradients (``gradient(p, y, w)``), gives a ``penalty(p)``.
     pre : Affine or None
         Initial transform applied to the fixed points before the model.
-    metric : str
-        See :data:`METRICS`.
+    metric : str or weighted sum
+        See :data:`METRICS` and :func:`metric_terms`: value and ``∂C/∂m_j`` are the weighted sums of the terms', on
+        the same samples.
     sampler : Sampler
     rng : numpy.random.Generator
     bins : int
@@ -102,7 +126,8 @@ class LevelObjective:
             from ...kernels.sampling import linear_kernel, mattes_mi_kernel
 
             self._lin = linear_kernel(fixed.ndim)
-            self._mi = mattes_mi_kernel() if metric in ("mi", "nmi") else None
+            self._mi = mattes_mi_kernel()
+        self.terms = metric_terms(metric)
         self.model, self.metric, self.sampler, self.rng = model, metric, sampler, rng
         self.bins, self.min_valid, self.new_samples, self.backend = bins, float(min_valid), new_samples, backend
         n = fixed.ndim
@@ -138,7 +163,8 @@ class LevelObjective:
         self.moving_limits = intensity_limits(m, mask=moving_mask)
         lo, hi = self.moving_limits
         d = LIMIT_RANGE_RATIO * (hi - lo) / (1.0 + 2.0 * LIMIT_RANGE_RATIO)  # where the moving limiter starts
-        self._mi_args = (*_bins(bins), *self.fixed_limits, lo, hi, lo + d, hi - d, metric == "nmi", 1e-16)
+        self._mi_args = {nm: (*_bins(bins), *self.fixed_limits, lo, hi, lo + d, hi - d, nm == "nmi", 1e-16)
+                         for nm in ("mi", "nmi")}
         self._cached = None
         self.last_valid = 1.0
         self.last_similarity = float("nan")
@@ -220,11 +246,16 @@ class LevelObjective:
                 "init='global'")
         # the normalised similarity of this draw (classreg.progress.similarity: NCC of the paired samples)
         self.last_similarity = similarity(f[valid], m)
-        if self._fast and self._mi is not None:
-            value, dm = self._mi(f[valid], np.ascontiguousarray(m), *self._mi_args)
-        else:
-            value, dm = sample_metric(self.metric, f[valid], m, bins=self.bins, fixed_limits=self.fixed_limits,
-                                      moving_limits=self.moving_limits, backend=self._host_backend)
+        fv, m = f[valid], np.ascontiguousarray(m)
+        value, dm = 0.0, np.zeros(len(m))
+        for name, weight in self.terms:  # a weighted sum over the same samples (elastix Metric<i>Weight)
+            if self._fast and name in ("mi", "nmi"):
+                v, d = self._mi(fv, m, *self._mi_args[name])
+            else:
+                v, d = sample_metric(name, fv, m, bins=self.bins, fixed_limits=self.fixed_limits,
+                                     moving_limits=self.moving_limits, backend=self._host_backend)
+            value += weight * v
+            dm += weight * d
         grad = self.model.gradient(p, y, dm[:, None] * g_world, valid)
         if penalty:
             pv, pg = self.model.penalty(p)

@@ -66,6 +66,10 @@ def _engine_options(iterations):
                                           "exact gradient of the interpolant (BSplineInterpolator with "
                                           "BSplineInterpolationOrder 2/3)", kind="str",
                choices=tuple(INTERPOLATIONS)),
+        Option("metric_weights", None, "a weighted sum of image metrics instead of `metric`, e.g. {'mi': 1.0, "
+                                       "'ncc': 0.5} (elastix Metric with Metric<i>Weight): values and gradients "
+                                       "add up over the same samples", kind="object",
+               default_text="none: `metric` alone"),
         shared("seed"),
         shared("threads"),
         shared("memory_limit"),

@@ -19,7 +19,7 @@ from ...pyramid import check_schedule, multiresolution
 from ...result import Result
 from ...transforms import Affine, Chain, Transform
 from .._common import check_masks, check_memory, check_overlap, check_pair, common_params, tiny_like, warm_key
-from .engine import LevelObjective
+from .engine import LevelObjective, metric_terms
 from .models import AffineModel
 from .options import AFFINE_OPTIONS, BSPLINE_OPTIONS
 from .sampling import Sampler
@@ -33,7 +33,7 @@ def register_affine(fixed: Image, moving: Image, *, transform: str = "affine", m
                     init="geometry", fixed_mask=None, moving_mask=None, shrink_factors=(4, 2, 1),
                     smoothing_sigmas=None, iterations=(100, 100, 150), samples: int = 2048,
                     sampler: str = "random_coordinate", new_samples: bool = True, optimiser: str = "asgd",
-                    max_step=None, bins: int = 32, interpolation: str = "linear", seed: int = 0,
+                    max_step=None, bins: int = 32, interpolation: str = "linear", metric_weights=None, seed: int = 0,
                     threads: int | None = None,
                     memory_limit: float | None = None, time_limit: float | None = None,
                     device: str | None = None, backend=None, progress: bool = False, callback=None) -> Result:
@@ -86,6 +86,10 @@ def register_affine(fixed: Image, moving: Image, *, transform: str = "affine", m
         ``Interpolator``): linear (value and central-difference gradient), the nearest voxel's, or a B-spline of
         order 2/3 and the exact gradient of that interpolant (elastix ``BSplineInterpolator``). The warped result
         is resampled linearly in every case.
+    metric_weights : dict or sequence of (str, float), optional
+        A weighted sum of image metrics that replaces ``metric``, e.g. ``{"mi": 1.0, "ncc": 0.5}`` (elastix
+        ``Metric`` lists with ``Metric<i>Weight``): the cost and its per-sample derivative are the weighted sums of
+        the terms' on the same samples. ``params["metric"]`` then reads ``"1*mi+0.5*ncc"``.
     seed : int
         Seeds the sampler (same inputs, seed and threads ⇒ the same result).
     threads, memory_limit, time_limit, device, backend, progress, callback
@@ -110,7 +114,7 @@ def register_affine(fixed: Image, moving: Image, *, transform: str = "affine", m
     mdl = AffineModel(transform, fixed.ndim, center)
     engine = _Engine(fixed, moving, fmask, mmask, pre, metric=metric, samples=samples, sampler=sampler,
                      new_samples=new_samples, optimiser=optimiser, max_step=max_step, bins=bins, seed=seed,
-                     interpolation=interpolation, backend=backend, shrink_factors=shrink_factors, smoothing_sigmas=smoothing_sigmas,
+                     interpolation=interpolation, metric_weights=metric_weights, backend=backend, shrink_factors=shrink_factors, smoothing_sigmas=smoothing_sigmas,
                      iterations=iterations)
     def warm_up():  # the same kernels on a tiny pair, before the bar (progress=True only)
         f, m, fm, mm = tiny_like(fixed, moving)
@@ -118,7 +122,7 @@ def register_affine(fixed: Image, moving: Image, *, transform: str = "affine", m
                         fixed_mask=None if fixed_mask is None else fm, moving_mask=None if moving_mask is None else mm,
                         shrink_factors=(2, 1), iterations=(2, 2), samples=max(4 * int(bins), 128),
                         sampler=sampler, new_samples=new_samples, optimiser=optimiser, bins=bins, backend=backend,
-                        interpolation=interpolation)
+                        interpolation=interpolation, metric_weights=metric_weights)
 
     prog = Progress(f"{transform}", callback=callback, progress=progress, total=sum(engine.iterations),
                     time_limit=time_limit, warm_up=warm_up,
@@ -131,7 +135,8 @@ def register_affine(fixed: Image, moving: Image, *, transform: str = "affine", m
     total = est.compose(pre)
     total = Affine(total.matrix, total.map_points(center[None])[0] - center, center)  # re-centred at c
     metric_value, valid = engine.final_metric(mdl, p)
-    params = {"transform": transform, "metric": metric, "interpolation": interpolation, "init": init_name,
+    params = {"transform": transform, "metric": _metric_name(metric, metric_weights),
+              "interpolation": interpolation, "init": init_name,
               "init_matrix": pre.homogeneous.tolist(),
               "center": center.tolist(), "iterations": list(engine.iterations),
               "shrink_factors": list(engine.shrink), "smoothing_sigmas": list(engine.sigmas),
@@ -149,7 +154,7 @@ def register_bspline(fixed: Image, moving: Image, *, grid_spacing=8.0, grid_sche
                      moving_mask=None, shrink_factors=(4, 2, 1), smoothing_sigmas=None, iterations=(500, 500, 500),
                      samples: int = 2048, sampler: str = "random_coordinate", new_samples: bool = True,
                      optimiser: str = "asgd", max_step=None, bins: int = 32,
-                     interpolation: str = "linear", seed: int = 0, threads: int | None = None,
+                     interpolation: str = "linear", metric_weights=None, seed: int = 0, threads: int | None = None,
                     memory_limit: float | None = None, time_limit: float | None = None, device: str | None = None, backend=None, progress: bool = False,
                      callback=None) -> Result:
     """Cubic B-spline free-form deformation of ``moving`` onto ``fixed`` (Rueckert et al. 1999; elastix's method).
@@ -178,7 +183,7 @@ def register_bspline(fixed: Image, moving: Image, *, grid_spacing=8.0, grid_sche
     fold_free : bool
         Compose Choi-Lee-bounded B-splines (no folding, by construction) or refine one grid (elastix).
     init, fixed_mask, moving_mask, shrink_factors, smoothing_sigmas, iterations, samples, sampler, new_samples,
-    optimiser, max_step, bins, interpolation, seed, threads, memory_limit, time_limit, device, backend, progress,
+    optimiser, max_step, bins, interpolation, metric_weights, seed, threads, memory_limit, time_limit, device, backend, progress,
     callback
         As in :func:`register_affine`.
 
@@ -203,7 +208,7 @@ def register_bspline(fixed: Image, moving: Image, *, grid_spacing=8.0, grid_sche
     # no iterate averaging: many slowly converging coefficients, the average lags (measured: lower Dice)
     engine = _Engine(fixed, moving, fmask, mmask, pre, metric=metric, samples=samples, sampler=sampler,
                      new_samples=new_samples, optimiser=optimiser, max_step=max_step, bins=bins, seed=seed,
-                     interpolation=interpolation, backend=backend, shrink_factors=shrink_factors, smoothing_sigmas=smoothing_sigmas,
+                     interpolation=interpolation, metric_weights=metric_weights, backend=backend, shrink_factors=shrink_factors, smoothing_sigmas=smoothing_sigmas,
                      iterations=iterations, average=0.0)
     levels = len(engine.shrink)
     schedule = _grid_schedule(grid_schedule, levels)
@@ -220,7 +225,8 @@ def register_bspline(fixed: Image, moving: Image, *, grid_spacing=8.0, grid_sche
                          init="geometry", fixed_mask=None if fixed_mask is None else fm,
                          moving_mask=None if moving_mask is None else mm, shrink_factors=(2, 1), iterations=(2, 2),
                          samples=max(4 * int(bins), 128), sampler=sampler, new_samples=new_samples,
-                         optimiser=optimiser, bins=bins, backend=backend, interpolation=interpolation)
+                         optimiser=optimiser, bins=bins, backend=backend, interpolation=interpolation,
+                         metric_weights=metric_weights)
 
     prog = Progress("bspline", callback=callback, progress=progress, total=sum(engine.iterations),
                     time_limit=time_limit, warm_up=warm_up,
@@ -265,7 +271,8 @@ def register_bspline(fixed: Image, moving: Image, *, grid_spacing=8.0, grid_sche
     metric_value, valid = engine.final_metric(mdl, p)
     energy = float(sum(m.bending_energy(c) for m, c in pieces))
     det = _det_stats(total, fixed, fmask, backend)
-    params = {"grid_spacing": spacing.tolist(), "grid_schedule": list(schedule), "metric": metric,
+    params = {"grid_spacing": spacing.tolist(), "grid_schedule": list(schedule),
+              "metric": _metric_name(metric, metric_weights),
               "interpolation": interpolation, "bending_weight": float(bending_weight), "fold_free": bool(fold_free), "init": init_name,
               "init_matrix": pre.homogeneous.tolist(),
               "iterations": list(engine.iterations), "shrink_factors": list(engine.shrink),
@@ -321,12 +328,21 @@ def _grid_schedule(schedule, levels):
 AVERAGE = 0.3
 
 
+def _metric_name(metric, weights):
+    """``metric``, or the weighted sum as ``"1*mi+0.5*ncc"``."""
+    if weights is None:
+        return metric
+    return "+".join(f"{w:g}*{n}" for n, w in metric_terms(weights))
+
+
 class _Engine:
     """The pyramid, the sampler, the optimiser and the bookkeeping shared by both solvers."""
 
     def __init__(self, fixed, moving, fmask, mmask, pre, *, metric, samples, sampler, new_samples, optimiser,
                  max_step, bins, seed, backend, shrink_factors, smoothing_sigmas, iterations, average=AVERAGE,
-                 interpolation="linear"):
+                 interpolation="linear", metric_weights=None):
+        if metric_weights is not None:
+            metric = metric_terms(metric_weights)  # checked here, before any work
         self.fixed, self.moving, self.fmask, self.mmask, self.pre = fixed, moving, fmask, mmask, pre
         self.metric, self.samples, self.sampler, self.new_samples = metric, int(samples), sampler, new_samples
         self.optimiser, self.max_step, self.bins, self.backend = optimiser, max_step, int(bins), backend
@@ -334,7 +350,7 @@ class _Engine:
         self.interpolation = interpolation
         self.shrink, self.sigmas, self.iterations = check_schedule(shrink_factors, smoothing_sigmas, iterations,
                                                                    fixed.spacing)
-        if metric in ("mi", "nmi") and sampler not in ("full", "grid") and self.samples < 4 * self.bins:
+        if any(n in ("mi", "nmi") for n, _ in metric_terms(metric)) and sampler not in ("full", "grid") and self.samples < 4 * self.bins:
             raise ValueError(f"too few samples for mutual information: {self.samples} samples for a {self.bins}-bin "
                              f"joint histogram (at least 4 per bin: samples >= {4 * self.bins}); raise samples or "
                              "lower bins")
