@@ -144,9 +144,27 @@ def test_bad_values_name_the_parameter():
         plan(RIGID_MI.replace('(NewSamplesEveryIteration "true")', '(NewSamplesEveryIteration "True")'))
 
 
-def test_two_image_metrics_are_refused():
-    text = BSPLINE_BE.replace('"TransformBendingEnergyPenalty"', '"AdvancedNormalizedCorrelation"')
-    with pytest.raises(ComponentError, match="exactly one image metric"):
+def test_two_image_metrics_and_a_penalty_map_onto_a_weighted_sum():
+    """Metric<i>Weight relative to the first image metric's (the ASGD gain is estimated automatically, so only the
+    ratios matter); the bending weight likewise."""
+    text = BSPLINE_BE.replace('"TransformBendingEnergyPenalty"',
+                              '"AdvancedNormalizedCorrelation" "TransformBendingEnergyPenalty"').replace(
+        "(Metric1Weight 50.0)", "(Metric1Weight 0.5)\n(Metric2Weight 50.0)").replace(
+        "(Metric0Weight 1.0)", "(Metric0Weight 2.0)")
+    st = plan(text)
+    o = st.options
+    assert o["metric"] == "mi" and o["metric_weights"] == (("mi", 1.0), ("ncc", 0.25))
+    assert o["bending_weight"] == 25.0
+    assert st.warnings == []
+    # the engine takes the mapped options as they are
+    from classreg.solvers.parametric.engine import metric_terms
+
+    assert metric_terms(o["metric_weights"]) == [("mi", 1.0), ("ncc", 0.25)]
+
+
+def test_a_file_without_an_image_metric_is_refused():
+    text = BSPLINE_BE.replace('"AdvancedMattesMutualInformation" ', "").replace("(Metric1Weight 50.0)", "")
+    with pytest.raises(ComponentError, match="at least one image metric"):
         plan(text)
 
 

@@ -232,8 +232,8 @@ def plan_stage(parameters, *, ndim: int, spacing, has_fixed_mask: bool, has_init
     # --- metrics and their weights (elastix: Metric<i>Weight, default 1 each) ---------------------------------
     image = [(i, m) for i, m in enumerate(metrics) if m in METRICS]
     penalty = [(i, m) for i, m in enumerate(metrics) if m in PENALTIES]
-    if len(image) != 1:
-        raise ComponentError(f"ERROR: classreg registers with exactly one image metric (plus an optional "
+    if not image:
+        raise ComponentError(f"ERROR: classreg registers with at least one image metric (plus an optional "
                              f"TransformBendingEnergyPenalty); the file gives {', '.join(metrics)}")
     if len(metrics) > 1 and reg != "MultiMetricMultiResolutionRegistration":
         raise ComponentError(f"ERROR: {len(metrics)} metrics need (Registration "
@@ -244,10 +244,19 @@ def plan_stage(parameters, *, ndim: int, spacing, has_fixed_mask: bool, has_init
     for i in range(len(metrics)):
         if not lookup.get(f"Metric{i}Use", bool, True):
             raise ComponentError(f"ERROR: Metric{i}Use \"false\" is not supported by classreg yet")
+    for i, _ in image:
+        if weights[i] <= 0:
+            raise ParameterFileError(f"ERROR: Metric{i}Weight must be positive, got {weights[i]}")
     mi, mname = image[0]
-    if weights[mi] <= 0:
-        raise ParameterFileError(f"ERROR: Metric{mi}Weight must be positive, got {weights[mi]}")
     options = {"metric": METRICS[mname], "optimiser": optimiser}
+    if len(image) > 1:  # a weighted sum on the one image pair, relative to the first image metric's weight
+        summed = {}
+        for i, m in image:
+            summed[METRICS[m]] = summed.get(METRICS[m], 0.0) + weights[i] / weights[mi]
+        if len(summed) < len(image):
+            warnings.append("WARNING: the same image metric appears more than once; on one fixed/moving pair "
+                            "classreg adds their weights (multi-channel input, -f0/-f1, is not supported).")
+        options["metric_weights"] = tuple(summed.items())
     prefix = f"Metric{mi}"
     bins = [lookup.get(n, int, None, entry=levels - 1, prefix=prefix)
             for n in ("NumberOfFixedHistogramBins", "NumberOfMovingHistogramBins")]
