@@ -25,9 +25,9 @@ OPTIONS = Declaration(
                default_text="100 100 100"),
         Option("j_min", 0.5, "lower bound of the Jacobian-determinant control f = j_min + f̂² (not of det J itself)",
                low=0),
-        Option("regrid_det", 0.3, "regrid (compose the map, reset the controls) when min det J of the current "
+        Option("regrid_det", 0.5, "regrid (compose the map, reset the controls) when min det J of the current "
                                   "round falls below this", low=0, low_open=True),
-        Option("max_regrids", 10, "regridding rounds per level at most", kind="int", low=0),
+        Option("max_regrids", 30, "regridding rounds per level at most", kind="int", low=0),
         Option("pad", 8, "nodes of edge-replicated padding on every side (the pinned Dirichlet boundary is moved "
                          "off the anatomy)", kind="int", low=1),
         Option("tol", 1e-6, "L-BFGS stops when the relative loss decrease per iteration is below tol", low=0),
