@@ -144,6 +144,19 @@ def _classreg_demons(**kw):
     return run
 
 
+def _classreg_vp(**kw):
+    """register_vp with its defaults (the same settings on every case)."""
+    def run(case, threads, quick):
+        import classreg as cr
+
+        warm = _warm_up(cr.register_vp, case["fixed"].ndim, shrink_factors=(2, 1), iterations=(2, 2), **kw)
+        res, sec = _timed(lambda: cr.register_vp(case["fixed"], case["moving"], **kw))
+        return {"seconds": sec, "transform": res.transform, "result": res, "first_call_s": warm,
+                "params": dict(kw, defaults=True, regrids=res.metrics["regrids"],
+                               min_det_j=res.metrics["min_det_j"], loss_ratio=res.metrics["loss_ratio"])}
+    return run
+
+
 def _classreg_lddmm(**kw):
     def run(case, threads, quick):
         import classreg as cr
@@ -622,6 +635,8 @@ TOOLS = {t.name: t for t in [
     Tool("classreg_lddmm_full", "deformable", "classreg LDDMM (full grid, the earlier default)",
          _classreg_lddmm(method="full"), classreg=True, quick=False,
          slow_3d="minutes per 3-D pair on 2 cores (the band-limited default replaced it)"),
+    Tool("classreg_vp", "deformable", "classreg VP (prescribed det J and curl)", _classreg_vp(), classreg=True,
+         slow_3d="not yet measured on 3-D pairs (L-BFGS on 4 control fields; expected minutes on 2 cores)"),
     Tool("ants_syn", "deformable", "ANTs SyN", _ants("SyN"), requires=("ants",)),
     Tool("ants_synonly", "deformable", "ANTs SyNOnly", _ants("SyNOnly"), requires=("ants",)),
     Tool("ants_syncc", "deformable", "ANTs SyNCC", _ants("SyNCC"), requires=("ants",),
