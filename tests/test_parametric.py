@@ -315,9 +315,10 @@ def test_command_line_affine_and_bspline(tmp_path):
     cr.save(moving, tmp_path / "m.nii.gz")
     assert main(["register", "affine", str(tmp_path / "f.nii.gz"), str(tmp_path / "m.nii.gz"), "-o",
                  str(tmp_path / "a"), "--transform", "rigid", "--iterations", "20", "20", "20", "--quiet",
-                 "--no-qc"]) == 0
+                 "--no-qc", "--metric-weights", "mi=1,ncc=0.5", "--interpolation", "bspline3"]) == 0
     a = cr.load_result(tmp_path / "a")
     assert isinstance(a.transform, cr.Affine) and a.params["transform"] == "rigid"
+    assert a.params["metric"] == "1*mi+0.5*ncc" and a.params["interpolation"] == "bspline3"
     assert main(["register", "bspline", str(tmp_path / "f.nii.gz"), str(tmp_path / "m.nii.gz"), "-o",
                  str(tmp_path / "b"), "--init", str(tmp_path / "a" / "transform.tfm"), "--grid-spacing", "16",
                  "--iterations", "20", "20", "20", "--quiet", "--no-qc"]) == 0

@@ -6,7 +6,7 @@ from .engine import INTERPOLATIONS, METRICS
 from .models import MODELS
 from .sampling import SAMPLERS
 
-__all__ = ["AFFINE_OPTIONS", "BSPLINE_OPTIONS", "INIT_CHOICES", "OPTIMISERS", "parse_init"]
+__all__ = ["AFFINE_OPTIONS", "BSPLINE_OPTIONS", "INIT_CHOICES", "OPTIMISERS", "parse_init", "parse_metric_weights"]
 
 #: what ``init`` accepts besides a transform
 INIT_CHOICES = ("geometry", "moments", "global", "identity")
@@ -20,6 +20,15 @@ def parse_init(text: str):
     from ...transforms import load_transform
 
     return load_transform(text)
+
+
+def parse_metric_weights(text: str):
+    """Command line: ``mi=1,ncc=0.5`` -> ``(("mi", 1.0), ("ncc", 0.5))`` (checked by the engine)."""
+    try:
+        return tuple((n.strip(), float(w)) for n, w in (item.split("=") for item in text.split(",")))
+    except ValueError:
+        raise ValueError(f"--metric-weights takes NAME=WEIGHT pairs separated by commas, e.g. mi=1,ncc=0.5; got "
+                         f"{text!r}") from None
 
 
 def _report(kind):
@@ -68,7 +77,8 @@ def _engine_options(iterations):
                choices=tuple(INTERPOLATIONS)),
         Option("metric_weights", None, "a weighted sum of image metrics instead of `metric`, e.g. {'mi': 1.0, "
                                        "'ncc': 0.5} (elastix Metric with Metric<i>Weight): values and gradients "
-                                       "add up over the same samples", kind="object",
+                                       "add up over the same samples; on the command line mi=1,ncc=0.5",
+               kind="object", cli_parse=parse_metric_weights,
                default_text="none: `metric` alone"),
         shared("seed"),
         shared("threads"),
