@@ -204,3 +204,17 @@ def test_interpolation_orders_above_three_are_refused():
     text = RIGID_MI.replace("(BSplineInterpolationOrder 1)", "(BSplineInterpolationOrder 5)")
     with pytest.raises(ComponentError, match="BSplineInterpolationOrder 5"):
         plan(text)
+
+
+def test_mask_erosion_follows_the_interpolators_support():
+    """ErodeMask erodes by the registration interpolator's support radius: 1 voxel for nearest/linear, 2 for the
+    B-spline orders 2/3 (taps floor(x)-1 .. floor(x)+2), so no sample's taps read outside the mask."""
+    import numpy as np
+
+    from classreg.elastix.components import INTERPOLATION_ORDERS, erode_mask, erode_radius
+
+    mask = np.zeros((15, 15), bool)
+    mask[2:13, 2:13] = True  # 11 x 11
+    radii = {INTERPOLATION_ORDERS[o]: erode_radius(INTERPOLATION_ORDERS[o]) for o in INTERPOLATION_ORDERS}
+    assert radii == {"nearest": 1, "linear": 1, "bspline2": 2, "bspline3": 2}
+    assert erode_mask(mask, 1).sum() == 9 * 9 and erode_mask(mask, 2).sum() == 7 * 7

@@ -418,13 +418,19 @@ def _plan_classreg(lookup: ParameterLookup, solver: str, *, warnings) -> Stage:
                  output=out, warnings=warnings, lookup=lookup)
 
 
-def erode_mask(mask: np.ndarray) -> np.ndarray:
-    """elastix ``ErodeMask``: drop the mask's border voxels.
+def erode_mask(mask: np.ndarray, radius: int = 1) -> np.ndarray:
+    """elastix ``ErodeMask``: drop the mask's border voxels, ``radius`` voxels deep.
 
-    elastix erodes by the support radius of the registration interpolator at each pyramid level; classreg, which
-    interpolates linearly, erodes once by one voxel (the linear support), so samples never read outside the mask.
+    elastix erodes by the support radius of the registration interpolator at each pyramid level; classreg erodes
+    once, at full resolution, by the support radius of its registration-time interpolation
+    (:func:`erode_radius`), so samples never read outside the mask.
     """
     from scipy import ndimage
 
     m = np.asarray(mask) != 0
-    return ndimage.binary_erosion(m, iterations=1)
+    return ndimage.binary_erosion(m, iterations=int(radius))
+
+
+def erode_radius(interpolation: str) -> int:
+    """Support radius in voxels of the engine's ``interpolation``: 1 (nearest, linear), 2 (B-spline order 2, 3)."""
+    return 2 if interpolation in ("bspline2", "bspline3") else 1

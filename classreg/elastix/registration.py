@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .._version import __version__
-from .components import Stage, erode_mask, plan_stage
+from .components import Stage, erode_mask, erode_radius, plan_stage
 from .parameters import ParameterFileError, ParameterLookup, read_parameter_file
 
 __all__ = ["main", "run_elastix", "StageResult", "ELASTIX_VERSION"]
@@ -173,7 +173,7 @@ def read_scalar_image(path):
         raise ValueError(f"{path!r}: could not read it as a scalar image ({exc})") from None
 
 
-def _masks(fixed, moving, fmask, mmask, erode):
+def _masks(fixed, moving, fmask, mmask, erode, radius=1):
     from ..image import Image
 
     out = []
@@ -183,7 +183,7 @@ def _masks(fixed, moving, fmask, mmask, erode):
             continue
         arr = np.asarray(mask.array) != 0
         if er:
-            arr = erode_mask(arr)
+            arr = erode_mask(arr, radius)
         if not arr.any():
             raise ElastixError(f"ERROR: the {name} mask is empty{' after erosion (ErodeMask)' if er else ''}: "
                                f"{int((np.asarray(mask.array) != 0).sum())} voxels before erosion; set "
@@ -210,7 +210,8 @@ def _initial_affine(total, stage: Stage, fixed, moving):
 def _run_stage(stage: Stage, fixed, moving, fmask, mmask, total, threads):
     import classreg
 
-    fm, mm = _masks(fixed, moving, fmask, mmask, stage.erode_masks)
+    fm, mm = _masks(fixed, moving, fmask, mmask, stage.erode_masks,
+                    erode_radius(stage.options.get("interpolation", "linear")))
     opts = dict(stage.options)
     if threads is not None:
         opts["threads"] = threads
