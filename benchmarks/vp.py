@@ -62,7 +62,8 @@ def run_jtov(**kw):
     fixed = cr.Image(letter("J"), spacing=(1.0, 1.0))
     moving = cr.Image(letter("V"), spacing=(1.0, 1.0))
     t = time.perf_counter()
-    res = cr.register_vp(fixed, moving, shrink_factors=(8, 4, 2, 1), iterations=(200, 200, 200, 200), **kw)
+    res = cr.register_vp(fixed, moving, shrink_factors=(8, 4, 2, 1), iterations=(200, 200, 200, 200),
+                          intensity="joint", **kw)  # binary, same scale
     return _report("jtov", fixed, moving, res, lambda a: a > 0.5, time.perf_counter() - t)
 
 
@@ -86,7 +87,8 @@ def run_brain(**kw):
         return a > 0.02 * float(a.max())
 
     t = time.perf_counter()
-    res = cr.register_vp(fixed, moving, shrink_factors=(2, 1), iterations=(200, 400), **kw)
+    res = cr.register_vp(fixed, moving, shrink_factors=(2, 1), iterations=(200, 400),
+                          intensity="joint", **kw)  # both scaled to max 1 above
     return _report("brain", fixed, moving, res, fg, time.perf_counter() - t)
 
 

@@ -31,7 +31,7 @@ OPTIONS = Declaration(
         Option("pad", 8, "nodes of edge-replicated padding on every side (the pinned Dirichlet boundary is moved "
                          "off the anatomy)", kind="int", low=1),
         Option("tol", 1e-6, "L-BFGS stops when the relative loss decrease per iteration is below tol", low=0),
-        Option("intensity", "joint", "'match': map the moving histogram onto the fixed one, then scale both by the "
+        Option("intensity", "match", "'match': map the moving histogram onto the fixed one, then scale both by the "
                                      "fixed image's 0.5-99.5 percentiles; 'joint': only that common scaling",
                kind="str", choices=("match", "joint")),
         shared("dtype"),

@@ -47,7 +47,7 @@ DET_FLOOR = 0.02
 def register_vp(fixed: Image, moving: Image, *, init: Transform | None = None, fixed_mask=None,
                 shrink_factors=(4, 2, 1), smoothing_sigmas=None, iterations=None, j_min: float = 0.5,
                 regrid_det: float = 0.5, max_regrids: int = 30, pad: int = 8, tol: float = 1e-6,
-                intensity: str = "joint", dtype=np.float32, seed: int = 0, memory_limit: float | None = None,
+                intensity: str = "match", dtype=np.float32, seed: int = 0, memory_limit: float | None = None,
                 time_limit: float | None = None, backend=None, progress: bool = False, callback=None) -> Result:
     """Register ``moving`` to ``fixed`` with the variational principle (prescribed Jacobian determinant and curl).
 
@@ -74,9 +74,11 @@ def register_vp(fixed: Image, moving: Image, *, init: Transform | None = None, f
         the padded grid's ring, and the padding is excluded from the loss.
     tol : float
         L-BFGS ``ftol`` (relative loss decrease) of a round.
-    intensity : {"joint", "match"}
-        "joint" (default): both images scaled by the fixed image's 0.5-99.5 percentiles to [0, 1]; "match":
-        histogram matching first.
+    intensity : {"match", "joint"}
+        "match" (default, as register_demons): histogram matching of the moving image first, then both scaled by the
+        fixed image's 0.5-99.5 percentiles to [0, 1]; "joint": only that common scaling (images already on one
+        scale). With "joint" on a pair whose brightness differs, SSD is lowered by shrinking the brighter structures
+        (det J down to the 0.02 floor), not by aligning them.
     dtype : {numpy.float32, numpy.float64}
         Storage precision of the fields; the optimisation runs in float64 (the line search needs the loss to more
         digits than float32 holds).
@@ -197,6 +199,7 @@ def _level_step(level, state, progress, opts, dtype, acc):
     fhat0 = np.sqrt(1.0 - opts["j_min"])
     kw = dict(weight=weight, backend="numpy" if backend == "numpy" else None)
     budget = level.iterations
+    sim_mask = None if level.fixed_mask is None else np.asarray(level.fixed_mask, dtype=bool)
     it_total = 0
     last_ratio = 1.0
     for rnd in range(opts["max_regrids"] + 1):
@@ -211,7 +214,7 @@ def _level_step(level, state, progress, opts, dtype, acc):
         def fun(x):
             fh = x[:n_ctl].reshape(shape_p)
             g = x[n_ctl:].reshape(g_shape)
-            loss, gf, gg, u, _ = vp_loss_grad(fh, g, Fp, Mp, opts["j_min"], h, **kw)
+            loss, gf, gg, u, warped = vp_loss_grad(fh, g, Fp, Mp, opts["j_min"], h, **kw)
             mdet = float(np.min(jacobian_determinant(u, spacing=h)))
             total = mdet
             if has_phi and mdet > 0:  # the composed map Φ_total ∘ φ must not fold on the grid either
@@ -222,6 +225,7 @@ def _level_step(level, state, progress, opts, dtype, acc):
             if min(mdet, total) <= DET_FLOOR:  # a (nearly) folding trial point: larger than any accepted loss,
                 val = 1.0 + abs(val) + 1e3 * (DET_FLOOR - min(mdet, total) + 1e-3)  # so the line search backtracks
             cache["x"], cache["u"], cache["mdet"], cache["val"] = x.copy(), u, mdet, val
+            cache["warped"] = warped[inner]
             return val, grad
 
         rec = {"mdet": 1.0}
@@ -233,7 +237,8 @@ def _level_step(level, state, progress, opts, dtype, acc):
                 fun(x)
             rec["x"], rec["u"], rec["mdet"], rec["val"] = x.copy(), cache["u"], cache["mdet"], cache["val"]
             progress.emit("iteration", level=level.index, iteration=it_total, metric=rec["val"] * last_ratio,
-                          step=rec["mdet"], extra={"round": rnd})
+                          similarity=similarity(Fi, cache["warped"], mask=sim_mask), step=rec["mdet"],
+                          extra={"round": rnd})
             it_total += 1
             if rec["mdet"] < opts["regrid_det"] or it_total >= budget:
                 raise StopIteration
