@@ -113,7 +113,7 @@ def _pair():
     return cr.Image(a, 1.0), cr.Image(np.roll(a, 2, axis=1) * 150.0, 1.0)
 
 
-@pytest.mark.parametrize("solver", ["demons", "lddmm", "affine", "bspline", "rigid", "points"])
+@pytest.mark.parametrize("solver", ["demons", "lddmm", "affine", "bspline", "rigid", "points", "vp"])
 def test_every_solver_records_the_same_similarity(solver):
     """history's similarity: NCC in [-1, 1] of the current estimate; it rises over a run, and for a plain
     intensity solver its last value is the NCC of the result (within sampling / level differences)."""
@@ -128,12 +128,13 @@ def test_every_solver_records_the_same_similarity(solver):
     else:
         kw = {"demons": dict(max_pieces=1), "lddmm": dict(iterations=(10, 10, 10)), "affine": dict(iterations=(30, 30, 30)),
               "bspline": dict(iterations=(30, 30, 30)),
-              "rigid": dict(samples=(60, 20, 5, 0), max_angle=20.0, workers=1)}[solver]
+              "rigid": dict(samples=(60, 20, 5, 0), max_angle=20.0, workers=1),
+              "vp": dict(iterations=(10, 10, 10))}[solver]
         res = getattr(cr, f"register_{solver}")(f, m, **kw)
     sims = [h["similarity"] for h in res.history]
     assert all(s is not None and -1.0 <= s <= 1.0 for s in sims)
     assert sims[-1] > sims[0] - 1e-9 and sims[-1] > 0.8
-    if solver in ("demons", "lddmm", "affine", "bspline"):
+    if solver in ("demons", "lddmm", "affine", "bspline", "vp"):
         assert sims[-1] == pytest.approx(similarity(f.numpy(), res.warped.numpy()), abs=0.1)
 
 
