@@ -47,8 +47,9 @@ DET_FLOOR = 0.02
 def register_vp(fixed: Image, moving: Image, *, init: Transform | None = None, fixed_mask=None,
                 shrink_factors=(4, 2, 1), smoothing_sigmas=None, iterations=None, j_min: float = 0.5,
                 regrid_det: float = 0.5, max_regrids: int = 30, pad: int = 8, tol: float = 1e-6,
-                intensity: str = "match", dtype=np.float32, seed: int = 0, memory_limit: float | None = None,
-                time_limit: float | None = None, backend=None, progress: bool = False, callback=None) -> Result:
+                intensity: str = "match", dtype=np.float32, seed: int = 0, threads: int | None = None,
+                memory_limit: float | None = None, time_limit: float | None = None, device: str | None = None,
+                backend=None, progress: bool = False, callback=None) -> Result:
     """Register ``moving`` to ``fixed`` with the variational principle (prescribed Jacobian determinant and curl).
 
     Parameters
@@ -84,8 +85,9 @@ def register_vp(fixed: Image, moving: Image, *, init: Transform | None = None, f
         digits than float32 holds).
     seed : int
         Recorded (the algorithm is deterministic).
-    memory_limit, time_limit, backend, progress, callback
-        As for the other solvers; ``backend`` selects the warp kernel ("numpy" or "numba").
+    threads, memory_limit, time_limit, device, backend, progress, callback
+        As for the other solvers; ``backend`` selects the warp kernel ("numpy" or "numba"). CPU only: a CUDA
+        device or backend is refused (no GPU kernels for VP yet).
 
     Returns
     -------
@@ -109,6 +111,8 @@ def register_vp(fixed: Image, moving: Image, *, init: Transform | None = None, f
     check_pair(fixed, moving)
     if fixed.ndim not in (2, 3):
         raise ValueError(f"register_vp needs 2-D or 3-D images, got {fixed.ndim}-D")
+    if backend == "cuda" or (device is not None and str(device).startswith("cuda")):
+        raise ValueError("register_vp runs on the CPU only for now (no CUDA kernels for VP yet); use device='cpu'")
     if not 0.0 <= float(j_min) < 1.0:
         raise ValueError(f"j_min must be in [0, 1), got {j_min!r}")
     init = check_init(init, fixed.ndim)
