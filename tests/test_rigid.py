@@ -296,7 +296,9 @@ def test_paper_schedule_is_kept_and_runs_the_search_alone():
         assert tuple(res.params[key]) == tuple(value), key
     assert res.params["local_refine"] == "none" and "local_refine" not in res.metrics
     explicit = cr.register_rigid(fixed, moving, **TINY)  # explicit search entries: the search alone, as before
-    assert explicit.params["local_refine"] == "none" and explicit.params["schedule"] == "fast"
+    assert explicit.params["local_refine"] == "none" and explicit.params["schedule"] == "custom"
+    partial = cr.register_rigid(fixed, moving, samples=(24, 8, 4, 0))  # the rest from the paper's schedule
+    assert partial.params["shrink_factors"] == PAPER_SCHEDULE["shrink_factors"]
 
 
 @pytest.mark.slow

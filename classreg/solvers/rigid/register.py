@@ -56,8 +56,10 @@ def register_rigid(fixed: Image, moving: Image, *, schedule: str = "fast", local
         ``perturbation``, ``keep``) come from. ``"fast"`` (default): a coarse search only, levels at shrink 8 and
         4, the first-level rotation step sized so the fixed image's corners move by 2 coarse voxels (2-D; 3-D: 500
         rotations over SO(3)), see :func:`~classreg.solvers.rigid.options.fast_schedule`. ``"paper"``: the
-        published schedule (4, 2, 2, 1) with (5000, 3000, 300, 0) rotations. Given entries must have the chosen
-        schedule's number of levels unless all level-dependent entries are given.
+        published schedule (4, 2, 2, 1) with (5000, 3000, 300, 0) rotations. When any search entry is given, the
+        missing ones come from the paper's schedule (the behaviour before the fast default; ``params["schedule"]``
+        is then ``"custom"``), and ``shrink_factors`` of another depth without ``smoothing_sigmas`` gets
+        σ = ½ × shrink × ``spacing`` mm per level.
     local_refine : {"auto", "mi", "none"}
         Local refinement after the search: ``"mi"``: :func:`classreg.register_affine` with ``transform="rigid"``
         (Mattes MI, ASGD, its default pyramid 4-2-1) started from the search's transform; ``"none"``: the
@@ -155,14 +157,15 @@ def register_rigid(fixed: Image, moving: Image, *, schedule: str = "fast", local
     given = {"shrink_factors": shrink_factors, "smoothing_sigmas": smoothing_sigmas, "samples": samples,
              "perturbation": perturbation, "keep": keep}
     explicit = any(v is not None for v in given.values())
-    base = PAPER_SCHEDULE if schedule == "paper" else fast_schedule(fixed, spacing)
+    # explicit entries complete from the paper's schedule, as before the fast default ("custom" in params)
+    base = PAPER_SCHEDULE if schedule == "paper" or explicit else fast_schedule(fixed, spacing)
     if shrink_factors is not None and smoothing_sigmas is None and np.ndim(shrink_factors) > 0 \
             and len(shrink_factors) != len(base["shrink_factors"]):
         # an explicit pyramid of another depth: σ = half the shrink factor × the working spacing per level
         given["smoothing_sigmas"] = tuple(0.5 * float(d) * spacing for d in shrink_factors)
     entries = {k: (base[k] if v is None else v) for k, v in given.items()}
     local = ("mi" if schedule == "fast" and not explicit else "none") if local_refine == "auto" else local_refine
-    schedule_name = schedule
+    schedule_name = "custom" if explicit else schedule
     schedule = resolve_schedule(**entries)
     polish = tuple(float(p) for p in np.atleast_1d(polish))
     pyramid = WorkingPyramid(fixed, moving, fmask, mmask, schedule, spacing, dtype, backend)
