@@ -155,3 +155,15 @@ def test_register_vp_rejects_bad_input(bad):
         kw["j_min"] = 1.0
     with pytest.raises((ValueError, TypeError)):
         cr.register_vp(fixed, moving, shrink_factors=(1,), iterations=(2,), **kw)
+
+
+def test_register_vp_saves_the_control_maps(tmp_path):
+    import classreg as cr
+
+    fixed, moving = _ellipses(24)
+    res = cr.register_vp(fixed, moving, shrink_factors=(1,), iterations=(5,), pad=4)
+    res.save(tmp_path / "out", extras=True)
+    z = np.load(tmp_path / "out" / "extras.npz")
+    assert z["f"].shape == z["g"].shape == (32, 32)  # the padded grid: 24 + 2 × pad
+    np.testing.assert_array_equal(z["f"], res.extras["f"])
+    assert z["f"].min() >= 0.5 - 1e-6
