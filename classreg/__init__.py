@@ -43,6 +43,7 @@ from .resample import resample
 from .result import Result, load_result
 from .solvers.demons import register_demons
 from .solvers.lddmm import register_lddmm
+from .solvers.metamorphosis import register_metamorphosis
 from .solvers.parametric import register_affine, register_bspline
 from .solvers.points import register_points
 from .solvers.rigid import register_rigid
@@ -70,6 +71,7 @@ __all__ = [
     "register_bspline",
     "register_demons",
     "register_lddmm",
+    "register_metamorphosis",
     "register_points",
     "register_rigid",
     "register_vp",

@@ -57,7 +57,8 @@ class Result:
         The fixed image (its grid is the output grid of :meth:`apply`).
     extras : dict
         Solver-specific arrays (e.g. the velocity of each demons piece, an LDDMM initial momentum); saved in
-        ``extras.npz``.
+        ``extras.npz``. Values that are :class:`Image` objects are outputs on a grid (e.g. metamorphosis' final
+        image) and are always saved, as ``<key>.nii.gz``.
     """
 
     transform: Transform
@@ -126,7 +127,8 @@ class Result:
         ``warped=False``), ``params.json`` (every resolved option, seed, backend, versions), ``history.csv``
         (one row per iteration: level, iteration, metric, similarity, step, elapsed, solver extras),
         ``result.json`` (convergence, metrics, timings, the fixed grid's geometry and the list of files: the
-        manifest, written last), ``qc.png`` with ``qc=True`` and ``extras.npz`` with ``extras=True``.
+        manifest, written last), ``<key>.nii.gz`` for every Image in ``extras``, ``qc.png`` with ``qc=True`` and
+        ``extras.npz`` (the other extras) with ``extras=True``.
         Dense fields are written as float32 (4 bytes × ndim per voxel before compression) when the registration
         ran in float32 (``params["dtype"]``, the default); a registration run with ``dtype=np.float64`` keeps them
         float64 unless float32 holds them exactly. Either way they are compressed and read by SimpleITK's ``ReadTransform`` / ``ReadImage``,
@@ -262,8 +264,13 @@ def _fill(result: "Result", d: Path, warped: bool, extras: bool = False, *, qc: 
     if warped and result.warped is not None:
         save(result.warped, d / "warped.nii.gz")
         files["warped"] = "warped.nii.gz"
-    if extras and result.extras:
-        files["extras"] = _save_extras(d / "extras.npz", result.extras)
+    images = {k: v for k, v in (result.extras or {}).items() if isinstance(v, Image)}
+    for key, img in images.items():  # solver outputs on a grid (e.g. metamorphosis' final image): always written
+        save(img, d / f"{key}.nii.gz")
+        files[f"image:{key}"] = f"{key}.nii.gz"
+    arrays = {k: v for k, v in (result.extras or {}).items() if k not in images}
+    if extras and arrays:
+        files["extras"] = _save_extras(d / "extras.npz", arrays)
     _write_text(d / "params.json", json.dumps(_jsonable(result.params), indent=2, sort_keys=True))
     _write_history(d / "history.csv", result.history)
     files["params"] = "params.json"
@@ -306,6 +313,9 @@ def load_result(directory) -> Result:
     params = json.loads((d / files["params"]).read_text())
     history = _read_history(d / files["history"])
     extras = _load_extras(d / files["extras"]) if "extras" in files else {}
+    for key, name in files.items():
+        if key.startswith("image:"):
+            extras[key[len("image:"):]] = load(d / name)
     ref = meta.get("reference")
     reference = None
     if ref is not None:

@@ -145,8 +145,9 @@ def check_overlap(fixed: Image, moving: Image, init=None, *, min_fraction: float
 #: measured with ``ru_maxrss`` on smooth 96³ and 144³ float32 pairs with the default schedules (docs/notes/memory.md):
 #: demons 52.5 / 54.7, LDDMM band-limited 87.8 / 89.5 (method="full": 793 / 642), affine 21.3 / 21.3, B-spline
 #: 82.0 / 79.0; rigid 123.3 at 64³ only (rounded up)
-MEMORY_COPIES = {"demons": 56.0, "lddmm": 92.0, "lddmm_full": 800.0, "affine": 22.0, "bspline": 84.0,
-                 "rigid": 124.0, "vp": 240.0}
+#: metamorphosis: estimated as method="full" plus the source residual R_k stored per time step (not measured yet)
+MEMORY_COPIES = {"demons": 56.0, "lddmm": 92.0, "lddmm_full": 800.0, "metamorphosis": 900.0, "affine": 22.0,
+                 "bspline": 84.0, "rigid": 124.0, "vp": 240.0}
 
 
 class MemoryLimitError(MemoryError, ValueError):
@@ -173,7 +174,7 @@ def available_memory_mb() -> float | None:
 def check_memory(solver: str, fixed: Image, moving: Image, dtype, memory_limit=None, *, fix: str = "") -> float:
     """Estimate a call's memory (MB) from the image sizes and refuse it, before any work, if it exceeds
     ``memory_limit`` (MB; default: the memory available now). Returns the estimate (recorded in Result.params)."""
-    itemsize = np.dtype(dtype).itemsize if solver in ("demons", "lddmm", "lddmm_full", "rigid") else 4  # parametric: float32
+    itemsize = np.dtype(dtype).itemsize if solver in ("demons", "lddmm", "lddmm_full", "metamorphosis", "rigid") else 4  # parametric: float32
     voxels = max(int(np.prod(fixed.shape)), int(np.prod(moving.shape)))
     estimate = MEMORY_COPIES[solver] * voxels * itemsize / 2**20
     limit = available_memory_mb() if memory_limit is None else float(memory_limit)

@@ -307,9 +307,10 @@ def _template(fixed, moving, init, fmask, mmask, intensity, dtype, backend):
     return fixed_n, template, mmask_t
 
 
-def _run_levels(fixed_n, template, fmask, mmask_t, schedule, opts, prog, ssd_before) -> dict:
+def _run_levels(fixed_n, template, fmask, mmask_t, schedule, opts, prog, ssd_before, source=None) -> dict:
     """The pyramid: :func:`.step.level_step` on every level. Returns the final ``P0`` (fixed grid), the time steps
-    reached, the levels' summaries, whether a callback stopped the run, convergence and the stop reason."""
+    reached, the levels' summaries, whether a callback stopped the run, convergence and the stop reason.
+    ``source``: the intensity source of register_metamorphosis (see :func:`.step.level_step`; "full" only)."""
     levels = []
     stopped = False
     try:
@@ -319,7 +320,7 @@ def _run_levels(fixed_n, template, fmask, mmask_t, schedule, opts, prog, ssd_bef
             if opts["method"] == "bandlimited":
                 levels.append(level_step_bandlimited(level, state, progress_, opts, fixed_n))
             else:
-                levels.append(level_step(level, state, progress_, opts))
+                levels.append(level_step(level, state, progress_, opts, source=source))
 
         state, stopped = multiresolution(fixed_n, template, step, fixed_mask=fmask, moving_mask=mmask_t,
                                          progress=prog, backend=opts["backend"], **schedule)

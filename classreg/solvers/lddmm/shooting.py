@@ -18,10 +18,11 @@ Stability: the transport is semi-Lagrangian, but the momentum update is explicit
 start of step k). Each shot records the stability number ``max_k δt·max_x ‖Dv_k(x)‖_F`` (``id − δt v`` is invertible
 when ``δt·Lip(v) < 1``); the optimiser of :mod:`.step` keeps it small by rejecting trial momenta and raising ``n_t``.
 
-Intensity source (the metamorphosis hook): with ``source_mu = μ`` and weights ``W_k``,
-``I_k = I₀∘X_k + R_k`` with ``R_{k+1} = R_k∘(id − δt v_k) + δt μ W_k P_k`` (P plays the role of the residual z of
-weighted metamorphosis), with its adjoint; the metamorphosis solver adds only its own ``ρ‖z₀‖²`` term.
-``register_lddmm`` uses μ = 0.
+Intensity source (the metamorphosis hook): with ``source_mu = ν`` and weights ``W_k``,
+``I_k = I₀∘X_k + R_k`` with ``R_{k+1} = R_k∘(id − δt v_k) + δt ν W_k P_k``, with its adjoint, and the cost of the
+source ``½ ν ⟨P₀, W₀ P₀⟩`` added to the regularisation. This is weighted metamorphosis (A. François et al., WBIR
+2022, Theorem 1) written in the image momentum P: its residual is ``z = (μ/ρ) P`` and ``ν = μ²/ρ``, so that
+``½‖v₀‖²_V + ½ρ‖z₀‖²_{W₀} = ½⟨P₀∇I₀, K⋆(P₀∇I₀)⟩ + ½ν⟨P₀, W₀P₀⟩``. ``register_lddmm`` uses ν = 0.
 """
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ class GeodesicShooting:
     backend : {None, "numpy", "numba"}
         Kernel implementation.
     source_mu : float
-        μ of an additive intensity source (0: pure LDDMM transport).
+        ν of an additive intensity source ``ν W_k P_k`` and of its cost ``½ ν ⟨P₀, W₀ P₀⟩`` (0: pure LDDMM).
     source_weights : array or sequence of n_t arrays, optional
         Weights W_k ∈ [0, 1] of the source at each step (one array: constant in time); required when μ ≠ 0.
 
@@ -201,14 +202,23 @@ class GeodesicShooting:
         return path
 
     def regularization(self, P0, path=None) -> float:
-        """½ ⟨m₀, K m₀⟩ (physical integral), m₀ = P₀∇I₀."""
+        """½ ⟨m₀, K m₀⟩ (physical integral), m₀ = P₀∇I₀, plus the source's ½ ν ⟨P₀, W₀ P₀⟩ when ν ≠ 0."""
         P0 = self._check_P0(P0)
         v0 = path.v[0] if path is not None and path.v else -self.K.apply(P0[..., None] * self.g0)
         m0 = P0[..., None] * self.g0
-        return -0.5 * self.cell * float(np.sum(m0.astype(np.float64) * v0))
+        reg = -0.5 * self.cell * float(np.sum(m0.astype(np.float64) * v0))
+        return reg + self.source_cost(P0)
+
+    def source_cost(self, P0) -> float:
+        """½ ν ⟨P₀, W₀ P₀⟩ (physical integral): the cost of the intensity source (0 without one)."""
+        if self.W is None:
+            return 0.0
+        P = np.asarray(P0, dtype=np.float64)
+        return 0.5 * self.mu * self.cell * float(np.sum(self.W[0] * P * P))
 
     def geodesic_length(self, P0) -> float:
-        """‖v₀‖_V = ⟨P₀∇I₀, K⋆(P₀∇I₀)⟩^½ (physical integral): the length of the geodesic, a distance I₀ → I₁."""
+        """‖v₀‖_V = ⟨P₀∇I₀, K⋆(P₀∇I₀)⟩^½ (physical integral): the length of the geodesic, a distance I₀ → I₁
+        (with a source: ``(‖v₀‖²_V + ν⟨P₀, W₀P₀⟩)^½``, the metamorphosis distance)."""
         return math.sqrt(max(0.0, 2.0 * self.regularization(P0)))
 
     def evaluate(self, P0, data, *, gradient=True, stability_limit=None):
@@ -259,7 +269,10 @@ class GeodesicShooting:
         P0bar = np.zeros(self.shape, dtype=self.dtype)
         for k in range(self.n - 1, -1, -1):
             ubar, Rbar = self._reverse_step(k, P0, src, path, ubar, Rbar, P0bar)
-        return P0bar - self.dtype.type(self.cell) * np.sum(self.g0 * path.v[0], axis=-1)
+        P0bar -= self.dtype.type(self.cell) * np.sum(self.g0 * path.v[0], axis=-1)
+        if self.W is not None:
+            P0bar += self.dtype.type(self.mu * self.cell) * self.W[0] * P0
+        return P0bar
 
     def _reverse_step(self, k, P0, src, path, ubar, Rbar, P0bar):
         """Adjoint of forward step k: adds its contribution to ``P0bar`` (in place) and returns the adjoints

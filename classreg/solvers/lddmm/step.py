@@ -115,12 +115,14 @@ class _LevelProblem:
         return float(np.max(np.abs(dv))) / self.hmin
 
 
-def level_step(level, state, progress, opts):
+def level_step(level, state, progress, opts, source=None):
     """L-BFGS on P₀ at one pyramid level; keeps ``state["P0"]`` at the last accepted iterate and ``state["n_steps"]``
     at the time steps used. Returns the level's summary (iterations, evaluations, message, time steps, ...).
 
     The number of time steps starts at ``state["n_steps"]`` (carried from the coarser level; coarse levels start
     from half of ``n_steps``: they only provide a starting momentum) and is refined as described in the module.
+    ``source(level, n)``, optional, returns the intensity-source arguments of :class:`.GeodesicShooting`
+    (``source_mu``, ``source_weights`` for ``n`` time steps on the level's grid): register_metamorphosis.
     """
     t0 = time.perf_counter()
     dtype = opts["dtype"]
@@ -131,7 +133,8 @@ def level_step(level, state, progress, opts):
                          order=opts["order"], backend=opts["backend"])
 
     def make(n):
-        return GeodesicShooting(M, h, op, n, dtype=dtype, backend=opts["backend"])
+        extra = {} if source is None else source(level, n)
+        return GeodesicShooting(M, h, op, n, dtype=dtype, backend=opts["backend"], **extra)
 
     data = data_term(opts, F, level.fixed_mask, level.moving_mask, h)
     P0 = state.get("P0")

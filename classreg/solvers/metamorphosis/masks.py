@@ -1,0 +1,161 @@
+"""The time-varying weight M_t of weighted metamorphosis: constant, grown from a ball, or given.
+
+M_t ∈ [0, 1] lives in the fixed image's physical space (the Eulerian frame of the geodesic, where the lesion is).
+A schedule is a list of frames M(t_j) at evenly spaced times t_j = j/(F − 1) (one frame: constant in time); the
+shooting with n time steps uses ``W_k = M(k/n)``, linear in time between frames.
+
+"grow" is the construction of A. François, M. Maillard, C. Oppenheim, J. Pallud, I. Bloch, P. Gori, J. Glaunès,
+"Weighted metamorphosis for registration of images with different topologies", WBIR 2022, LNCS 13386, §3: a small
+smoothed ball at the lesion's centre registered to the lesion mask by LDDMM; the images along that geodesic are M_t.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+
+from ...image import Image
+
+__all__ = ["MaskSchedule", "ball_at_center", "grown_frames"]
+
+_log = logging.getLogger("classreg")
+
+
+def _check_mask(mask, fixed: Image, name: str) -> np.ndarray:
+    """``mask`` as a float array on ``fixed``'s grid with values in [0, 1], or a ValueError naming the problem."""
+    if isinstance(mask, Image):
+        if mask.shape != fixed.shape or not mask.same_grid(fixed):
+            raise ValueError(f"{name} must be on the fixed image's grid (shape {fixed.shape}, same spacing, origin "
+                             f"and direction); got shape {mask.shape}: resample it onto the fixed image first")
+        a = np.asarray(mask.numpy(), dtype=np.float64)
+    else:
+        a = np.asarray(mask, dtype=np.float64)
+        if a.shape != fixed.shape:
+            raise ValueError(f"{name} must have the fixed image's shape {fixed.shape}, got {a.shape}")
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{name} contains NaN or Inf")
+    if a.min() < 0 or a.max() > 1:
+        if a.min() >= 0 and np.all(a == np.round(a)) and a.max() > 1:
+            raise ValueError(f"{name} holds values above 1 ({a.max():g}): pass a binary or [0, 1] weight, e.g. "
+                             f"labels == k for one label")
+        raise ValueError(f"{name} must take values in [0, 1], got [{a.min():g}, {a.max():g}]")
+    return a
+
+
+def ball_at_center(mask: np.ndarray, spacing, *, fraction: float = 0.3) -> np.ndarray:
+    """A smoothed ball at the centroid of ``mask`` (array frame, ``spacing`` per array axis in mm) whose radius is
+    ``fraction`` of the radius of the ball of the mask's volume (at least 1.5 voxels), smoothed by one voxel."""
+    from scipy import ndimage
+
+    h = np.asarray(spacing, dtype=np.float64)
+    w = mask / mask.sum()
+    idx = np.indices(mask.shape, dtype=np.float64)
+    c = np.array([float(np.sum(w * idx[a])) for a in range(mask.ndim)])
+    volume = float(mask.sum()) * float(np.prod(h))
+    r_eq = (volume / math.pi) ** 0.5 if mask.ndim == 2 else (3.0 * volume / (4.0 * math.pi)) ** (1.0 / 3.0)
+    r = max(fraction * r_eq, 1.5 * float(h.max()))
+    d2 = sum(((idx[a] - c[a]) * h[a]) ** 2 for a in range(mask.ndim))
+    ball = (d2 <= r * r).astype(np.float64)
+    return np.clip(ndimage.gaussian_filter(ball, 1.0), 0.0, 1.0)
+
+
+def grown_frames(fixed: Image, mask: np.ndarray, *, n_frames: int = 11, dtype=np.float32, backend=None) -> list:
+    """M_t for "grow": the images along the LDDMM geodesic from a ball at the mask's centre to the mask.
+
+    The ball is registered to the (one-voxel smoothed) mask with :func:`classreg.register_lddmm` (SSD, band-limited,
+    kernel σ of a tenth of the mask's extent but at least 2 voxels); its trajectory, resampled to ``n_frames`` even
+    times and clipped to [0, 1], is the schedule.
+    """
+    from scipy import ndimage
+
+    from ..lddmm import register_lddmm
+
+    h = tuple(fixed.spacing_array_order)
+    target = np.clip(ndimage.gaussian_filter(mask, 1.0), 0.0, 1.0)
+    ball = ball_at_center(mask > 0.5, h)
+    extent = max(float(np.ptp(ax) + 1) * hh for ax, hh in zip(np.nonzero(mask > 0.5), h))
+    sigma = max(0.1 * extent, 2.0 * max(h))
+    f = fixed.like(target.astype(np.float32))
+    m = fixed.like(ball.astype(np.float32))
+    res = register_lddmm(f, m, metric="ssd", kernel_sigma=sigma, data_sigma=0.05, intensity="joint",
+                         shrink_factors=(2, 1), iterations=(30, 30), return_trajectory=True, dtype=dtype,
+                         backend=backend)
+    frames = [np.clip(np.asarray(a, dtype=np.float64), 0.0, 1.0) for a in res.extras["trajectory_images"]]
+    overlap = float(np.sum(np.minimum(frames[-1], target)) / max(np.sum(target), 1e-12))
+    _log.info("metamorphosis: grown mask from a ball reaches %.0f %% of the mask (%d LDDMM time steps)",
+              100 * overlap, len(frames) - 1)
+    return [_at_time(frames, t) for t in np.linspace(0.0, 1.0, n_frames)]
+
+
+def _at_time(frames, t: float) -> np.ndarray:
+    """The schedule's frame at time ``t`` ∈ [0, 1], linear between evenly spaced frames."""
+    if len(frames) == 1:
+        return frames[0]
+    s = t * (len(frames) - 1)
+    j = min(int(math.floor(s)), len(frames) - 2)
+    a = s - j
+    return frames[j] if a == 0 else (1.0 - a) * frames[j] + a * frames[j + 1]
+
+
+class MaskSchedule:
+    """M_t on the fixed grid and on every pyramid level, as the shooting's ``source_weights`` for n time steps.
+
+    Parameters
+    ----------
+    frames : list of ndarray
+        M(t_j) at t_j = j/(F − 1) on the fixed grid (one frame: constant in time).
+    fixed : Image
+        The fixed image (the frames' grid).
+    """
+
+    def __init__(self, frames, fixed: Image):
+        self.frames = [np.asarray(f, dtype=np.float64) for f in frames]
+        self.fixed = fixed
+        self._levels = {}
+
+    @classmethod
+    def build(cls, mask, evolution, fixed: Image, *, dtype=np.float32, backend=None) -> "MaskSchedule":
+        """The schedule of ``register_metamorphosis``'s ``mask``/``mask_evolution`` (None mask: M ≡ 1)."""
+        if mask is None:
+            if not isinstance(evolution, str):
+                return cls([_check_mask(m, fixed, f"mask_evolution[{j}]") for j, m in enumerate(evolution)], fixed)
+            return cls([np.ones(fixed.shape)], fixed)
+        m = _check_mask(mask, fixed, "mask")
+        if not np.any(m > 0):
+            raise ValueError("mask is empty (no voxel > 0): pass the lesion's mask, or mask=None for classical "
+                             "metamorphosis")
+        if isinstance(evolution, str):
+            if evolution == "constant":
+                return cls([m], fixed)
+            if evolution == "grow":
+                if not np.any(m > 0.5):
+                    raise ValueError("mask_evolution='grow' needs a mask with voxels above 0.5 (the lesion)")
+                return cls(grown_frames(fixed, m, dtype=dtype, backend=backend), fixed)
+            raise ValueError(f"mask_evolution must be 'grow', 'constant' or a sequence of masks, got {evolution!r}")
+        raise ValueError("pass either mask (with mask_evolution 'grow' or 'constant') or a sequence of masks as "
+                         "mask_evolution, not both")
+
+    def weights(self, level_fixed: Image, shrink: float, n: int, dtype) -> list:
+        """``W_k = M(k/n)``, k = 0..n−1, on ``level_fixed``'s grid: the pyramid level of the fixed image shrunk by
+        ``shrink`` (the frames are resampled as the pyramid resamples the image, without smoothing)."""
+        from ...pyramid import downsample
+
+        key = (level_fixed.shape, tuple(level_fixed.spacing))
+        if key not in self._levels:
+            if level_fixed.same_grid(self.fixed):
+                self._levels[key] = self.frames
+            else:
+                self._levels[key] = [np.clip(np.asarray(downsample(self.fixed.like(f.astype(np.float32)), shrink,
+                                                                    0.0).data, dtype=np.float64), 0.0, 1.0)
+                                     for f in self.frames]
+                if self._levels[key][0].shape != level_fixed.shape:  # pragma: no cover - the pyramid's own geometry
+                    raise RuntimeError("mask schedule and pyramid level disagree on the grid")
+        frames = self._levels[key]
+        if len(frames) == 1:
+            return [frames[0].astype(dtype)] * n
+        return [_at_time(frames, k / n).astype(dtype) for k in range(n)]
+
+    def at(self, t: float) -> np.ndarray:
+        """M(t) on the fixed grid."""
+        return _at_time(self.frames, t)
