@@ -117,7 +117,8 @@ def test_register_vp_recovers_a_small_deformation_without_folding():
     res = cr.register_vp(fixed, moving, shrink_factors=(2, 1), iterations=(30, 30))
     m = res.metrics
     # two blurred ellipses of different aspect: L-BFGS with the exact gradient removes > 90 % of the SSD in 60
-    # iterations (measured ~1e-2 or below); the bound is loose so that it tests convergence, not a tuned figure.
+    # iterations (measured 3.4e-4, min det J 0.53, inverse consistency 5e-6 mm mean); the bounds are loose so that
+    # they test convergence, not a tuned figure.
     assert m["loss_ratio"] < 0.1
     assert m["min_det_j"] > 0 and m["pct_det_j_nonpositive"] == 0
     assert res.extras["f"].min() >= 0.5 - 1e-6  # f = j_min + f̂² ≥ j_min by construction
