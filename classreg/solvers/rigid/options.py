@@ -8,7 +8,7 @@ from ...options import Declaration, Option, shared
 __all__ = ["FAST_3D", "OPTIONS", "PAPER_SCHEDULE", "fast_schedule"]
 
 #: The published schedule (Öfverstedt et al., WBIR 2022): shrink factors d, rotations sampled per level a,
-#: perturbation half-widths u (degrees), candidates kept p, Gaussian σ per level (mm). It is the default.
+#: perturbation half-widths u (degrees), candidates kept p, Gaussian σ per level (mm). Used with schedule="paper".
 PAPER_SCHEDULE = {"shrink_factors": (4, 2, 2, 1), "samples": (5000, 3000, 300, 0),
                   "perturbation": (10.0, 3.0, 0.0), "keep": (20, 3, 1), "smoothing_sigmas": (5.0, 3.0, 2.0, 1.5)}
 
