@@ -22,6 +22,7 @@ SOLVERS = [
     ("bspline", lambda f, m: cr.register_bspline(f, m, init="identity", iterations=2, shrink_factors=(1,),
                                                  grid_spacing=8.0)),
     ("vp", lambda f, m: cr.register_vp(f, m, iterations=2, shrink_factors=(1,))),
+    ("metamorphosis", lambda f, m: cr.register_metamorphosis(f, m, iterations=2, shrink_factors=(1,))),
 ]
 
 
@@ -71,7 +72,7 @@ def test_an_oscillating_demons_energy_ends_the_level(monkeypatch):
     assert len(res.history) < 20
 
 
-@pytest.mark.parametrize("solver", ["demons", "lddmm", "affine", "bspline", "rigid", "vp"])
+@pytest.mark.parametrize("solver", ["demons", "lddmm", "affine", "bspline", "rigid", "vp", "metamorphosis"])
 def test_a_pair_too_large_for_the_memory_limit_is_refused_at_once(solver):
     """400³ float32 (demons reached 9.3-10.3 GB RSS within 60 s with no warning); refused in well under a second."""
     import time
@@ -92,7 +93,7 @@ def test_the_memory_estimate_is_recorded():
     assert res.params["memory_limit"] is None
 
 
-@pytest.mark.parametrize("solver", ["demons", "lddmm", "affine", "bspline", "rigid", "vp"])
+@pytest.mark.parametrize("solver", ["demons", "lddmm", "affine", "bspline", "rigid", "vp", "metamorphosis"])
 @pytest.mark.parametrize("shape, hint", [((3, 3), "3 voxel"), ((16, 1, 16), "single slice: pass it as a 2-D image")])
 def test_images_too_small_to_register_name_the_problem(solver, shape, hint):
     """Was: `a needs at least 2 samples along every spatial axis, got shape (1, 1)` from deep inside kernels/diff."""
@@ -112,7 +113,7 @@ def test_a_short_axis_is_not_shrunk_below_four_voxels():
         np.random.default_rng(2).random((5, 40)).astype(np.float32)), iterations=3)
 
 
-@pytest.mark.parametrize("solver", ["demons", "lddmm", "affine", "bspline", "rigid", "vp"])
+@pytest.mark.parametrize("solver", ["demons", "lddmm", "affine", "bspline", "rigid", "vp", "metamorphosis"])
 def test_time_limit_stops_every_solver_with_its_reason(solver):
     fixed, moving = _pair(1.5)
     res = getattr(cr, f"register_{solver}")(fixed, moving, time_limit=1e-6)

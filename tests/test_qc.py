@@ -95,6 +95,7 @@ SOLVER_FLAGS = {
     "rigid": ["--shrink-factors", "2", "1", "--smoothing-sigmas", "1", "0.5", "--samples", "40", "8",
               "--perturbation", "3", "--keep", "2", "--workers", "1", "--max-angle", "15"],
     "vp": ["--shrink-factors", "2", "1", "--iterations", "5", "5"],
+    "metamorphosis": ["--shrink-factors", "1", "--iterations", "3", "--n-steps", "4"],
 }
 
 
