@@ -83,7 +83,7 @@ def test_warp_derivative_is_the_interpolants():
     img = rng.standard_normal((8, 9))
     u = 0.3 * rng.standard_normal((8, 9, 2))
     h = (0.5, 2.0)
-    v, d = vp.warp_linear_grad(img, u, spacing=h, backend="numpy")
+    _, d = vp.warp_linear_grad(img, u, spacing=h, backend="numpy")
     for k in range(2):
         du = np.zeros_like(u)
         du[..., k] = 1e-7
