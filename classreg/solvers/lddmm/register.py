@@ -345,8 +345,6 @@ def _run_levels(fixed_n, template, fmask, mmask_t, schedule, opts, prog, ssd_bef
 def _final_shooting(fixed, fixed_n, template, fmask, mmask_t, run, opts):
     """Shoot the result's P₀ once more at full resolution (with the finest level's time steps, refined only if P₀
     had to be carried up to this grid): ``(shooter, φ₁⁻¹, φ₁, metrics)``, the maps as array-frame mm."""
-    from ...kernels.diff import jacobian_determinant
-    from ...kernels.fields import compose
 
     dtype, backend, P0 = opts["dtype"], opts["backend"], run["P0"]
     h = tuple(fixed.spacing_array_order)
@@ -360,23 +358,31 @@ def _final_shooting(fixed, fixed_n, template, fmask, mmask_t, run, opts):
         lambda n: GeodesicShooting(template.data, h, op, n, dtype=dtype, backend=backend), P0, data, n_final,
         opts["max_steps"])
     inv_mm, fwd_mm = shooter.maps(P0, path)
-    back = compose(fwd_mm, inv_mm, spacing=np.asarray(h), backend=backend)  # φ₁∘φ₁⁻¹ − id
-    metrics = {"geodesic_length": math.sqrt(max(0.0, 2.0 * reg)), "energy": energy, "data_term": dat,
-               "regularization": reg, "ssd_after": mean_sq(fixed_n.data, path.I1, fmask),
-               "min_det": float(np.min(jacobian_determinant(inv_mm, spacing=h, backend=backend))),
-               "inverse_error_voxels": float(np.max(np.sqrt(np.sum((back / np.asarray(h)) ** 2, axis=-1)))),
-               "time_steps": int(n_final), "stability": float(path.stability),
-               "max_step_voxels": float(path.max_step),
-               "evaluations": int(sum(i["evaluations"] for i in run["levels"])),
-               "iterations": int(sum(i["iterations"] for i in run["levels"]))}
+    metrics = result_metrics(fixed_n, fmask, path.I1, inv_mm, fwd_mm, h, energy, reg, dat, n_final, path.stability,
+                             path.max_step, run["levels"], backend)
     return shooter, inv_mm, fwd_mm, metrics
+
+
+def result_metrics(fixed_n, fmask, I1, inv_mm, fwd_mm, h, energy, reg, dat, n_steps, stability, max_step, levels,
+                   backend) -> dict:
+    """The metrics of a shot result (LDDMM, both methods, and metamorphosis): energy terms, geodesic length, SSD of
+    ``I1``, min det J of φ₁⁻¹, max |φ₁∘φ₁⁻¹ − id| in voxels, time steps, stability and the optimiser's counts."""
+    from ...kernels.diff import jacobian_determinant
+    from ...kernels.fields import compose
+
+    back = compose(fwd_mm, inv_mm, spacing=np.asarray(h), backend=backend)  # φ₁∘φ₁⁻¹ − id
+    return {"geodesic_length": math.sqrt(max(0.0, 2.0 * reg)), "energy": energy, "data_term": dat,
+            "regularization": reg, "ssd_after": mean_sq(fixed_n.data, I1, fmask),
+            "min_det": float(np.min(jacobian_determinant(inv_mm, spacing=h, backend=backend))),
+            "inverse_error_voxels": float(np.max(np.sqrt(np.sum((back / np.asarray(h)) ** 2, axis=-1)))),
+            "time_steps": int(n_steps), "stability": float(stability), "max_step_voxels": float(max_step),
+            "evaluations": int(sum(i["evaluations"] for i in levels)),
+            "iterations": int(sum(i["iterations"] for i in levels))}
 
 
 def _final_bandlimited(fixed, fixed_n, template, fmask, mmask_t, run, opts):
     """:func:`_final_shooting` of the band-limited method: the finest level's shooting of ``z``."""
     from ...kernels.adjoint import sample_linear
-    from ...kernels.diff import jacobian_determinant
-    from ...kernels.fields import compose
     from .bandlimited import resize_coefficients
     from .bl_step import _stable, make_shooter
 
@@ -395,15 +401,9 @@ def _final_bandlimited(fixed, fixed_n, template, fmask, mmask_t, run, opts):
     run["P0"] = z
     inv_mm, fwd_mm = shooter.maps(z, path)
     I1 = sample_linear(template.data.astype(dtype), shooter.x + inv_mm / np.asarray(h, dtype=dtype), backend=backend)
-    back = compose(fwd_mm, inv_mm, spacing=np.asarray(h), backend=backend)  # φ₁∘φ₁⁻¹ − id
     step = max(float(np.max(np.abs(w))) for w in path.w) / n_final
-    metrics = {"geodesic_length": math.sqrt(max(0.0, 2.0 * reg)), "energy": energy, "data_term": dat,
-               "regularization": reg, "ssd_after": mean_sq(fixed_n.data, I1, fmask),
-               "min_det": float(np.min(jacobian_determinant(inv_mm, spacing=h, backend=backend))),
-               "inverse_error_voxels": float(np.max(np.sqrt(np.sum((back / np.asarray(h)) ** 2, axis=-1)))),
-               "time_steps": int(n_final), "stability": float(path.stability), "max_step_voxels": step,
-               "evaluations": int(sum(i["evaluations"] for i in run["levels"])),
-               "iterations": int(sum(i["iterations"] for i in run["levels"]))}
+    metrics = result_metrics(fixed_n, fmask, I1, inv_mm, fwd_mm, h, energy, reg, dat, n_final, path.stability, step,
+                             run["levels"], backend)
     return shooter, inv_mm, fwd_mm, metrics
 
 

@@ -13,7 +13,6 @@ result once more at full resolution and builds the :class:`~classreg.Result`.
 """
 from __future__ import annotations
 
-import math
 import time
 
 import numpy as np
@@ -37,7 +36,13 @@ from .._common import (
 )
 from ..lddmm.objective import data_term
 from ..lddmm.operators import kernel_operator
-from ..lddmm.register import _resolve, _resolve_intensity, _run_levels, _template
+from ..lddmm.register import (
+    _resolve,
+    _resolve_intensity,
+    _run_levels,
+    _template,
+    result_metrics,
+)
 from ..lddmm.shooting import GeodesicShooting
 from ..lddmm.step import STABILITY_TARGET, stable_start
 from .masks import MaskSchedule
@@ -204,8 +209,6 @@ def _final(fixed, fixed_n, template, fmask, mmask_t, run, opts, masks, nu):
     """Shoot the result's P₀ once more at full resolution with the source: ``(shooter, path, φ₁⁻¹, φ₁, metrics)``,
     the maps as array-frame mm."""
     from ...kernels.adjoint import sample_linear
-    from ...kernels.diff import jacobian_determinant
-    from ...kernels.fields import compose
 
     dtype, backend, P0 = opts["dtype"], opts["backend"], run["P0"]
     h = tuple(fixed.spacing_array_order)
@@ -219,18 +222,10 @@ def _final(fixed, fixed_n, template, fmask, mmask_t, run, opts, masks, nu):
     n_final = min(opts["max_steps"], max(opts["n_steps"], run["n_steps"]))
     shooter, n_final, (energy, reg, dat, path, _), _ = stable_start(make, P0, data, n_final, opts["max_steps"])
     inv_mm, fwd_mm = shooter.maps(P0, path)
-    back = compose(fwd_mm, inv_mm, spacing=np.asarray(h), backend=backend)  # φ₁∘φ₁⁻¹ − id
     deformed = sample_linear(shooter.I0, path.X1, backend=backend)
-    metrics = {"geodesic_length": math.sqrt(max(0.0, 2.0 * reg)), "energy": energy, "data_term": dat,
-               "regularization": reg, "source_cost": shooter.source_cost(P0),
-               "ssd_after": mean_sq(fixed_n.data, path.I1, fmask),
-               "ssd_deformation": mean_sq(fixed_n.data, deformed, fmask),
-               "min_det": float(np.min(jacobian_determinant(inv_mm, spacing=h, backend=backend))),
-               "inverse_error_voxels": float(np.max(np.sqrt(np.sum((back / np.asarray(h)) ** 2, axis=-1)))),
-               "time_steps": int(n_final), "stability": float(path.stability),
-               "max_step_voxels": float(path.max_step),
-               "evaluations": int(sum(i["evaluations"] for i in run["levels"])),
-               "iterations": int(sum(i["iterations"] for i in run["levels"]))}
+    metrics = result_metrics(fixed_n, fmask, path.I1, inv_mm, fwd_mm, h, energy, reg, dat, n_final, path.stability,
+                             path.max_step, run["levels"], backend)
+    metrics.update(source_cost=shooter.source_cost(P0), ssd_deformation=mean_sq(fixed_n.data, deformed, fmask))
     return shooter, path, inv_mm, fwd_mm, metrics
 
 
