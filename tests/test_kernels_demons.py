@@ -9,6 +9,12 @@ TOL = {np.float32: 1e-5, np.float64: 1e-10}
 SHAPES = [(7, 9), (33, 20), (5, 6, 7), (20, 17, 31)]
 
 
+def _simulated() -> bool:
+    from numba import config
+
+    return bool(config.ENABLE_CUDASIM)
+
+
 def _case(shape, dtype, rng, masked):
     nd = len(shape)
     F = rng.random(shape).astype(dtype)
@@ -25,6 +31,8 @@ def _case(shape, dtype, rng, masked):
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_esm_force_matches_reference(backend, dtype, masked, shape, rng):
+    if backend == "cuda" and shape == SHAPES[-1] and (dtype, masked) != (np.float32, True) and _simulated():
+        pytest.skip("the simulator runs every thread in Python: the multi-block 3-D shape once (float32, masked)")
     args, kw = _case(shape, dtype, rng, masked)
     before = [a.copy() for a in args]
     h = tuple(rng.uniform(0.5, 2.0, len(shape)))
