@@ -345,7 +345,9 @@ def qc_figure(result, moving: Image | None, path, *, fixed: Image | None = None,
     grid and log det J (det J ≤ 0 in black; min, max, % ≤ 0 and % < 0.1 of the whole grid in the title) of the
     deformable part; the differences to fixed before and after; a summary (similarity before and after —
     :func:`classreg.progress.similarity` over the fixed grid, and the first and last values of the history's
-    ``similarity`` —, Dice when labels are given, det J figures, time, stop reason).
+    ``similarity`` —, Dice when labels are given, det J figures, time, stop reason). A metamorphosis result
+    (:func:`classreg.register_metamorphosis`) adds two rows: the path's images I_t at t = 0, ½, 1 with the contour of
+    the weight M_t, then M₁, the added intensity and the final image's difference to fixed.
 
     Parameters
     ----------
@@ -421,12 +423,16 @@ def qc_figure(result, moving: Image | None, path, *, fixed: Image | None = None,
     uc = lay.orient.vectors(u)
     dets = lay.slices(det3)
 
+    path_views = _path_views(result, fixed)
     # rows as high as the views need (3-D: three views side by side, a wider figure), room for titles and text
     width = 12.0 if fixed.ndim == 2 else 15.0
     row_in = max(width / 3.4 * lay.height / lay.width + 0.8, 2.6)
-    fig, axes = plt.subplots(3, 3, figsize=(width, 3 * row_in + 0.4), dpi=DPI)
+    nrows = 3 if path_views is None else 5
+    fig, axes = plt.subplots(nrows, 3, figsize=(width, nrows * row_in + 0.4), dpi=DPI)
     names = [["fixed", "moving", "warped"], ["checkerboard", "grid", "jacobian"], ["diff_before", "diff_after",
                                                                                    "summary"]]
+    if path_views is not None:
+        names += _draw_path(axes[3:], lay, path_views, nf)
     grey = dict(cmap="gray", vmin=0, vmax=1)
     m_title = ("moving: not given" if m3 is None else
                "moving after the initial transform" if initial is not None else "moving (on the fixed grid)")
@@ -481,6 +487,70 @@ def qc_figure(result, moving: Image | None, path, *, fixed: Image | None = None,
                          for c, name in enumerate(row) if name != "summary"},
               "point_mm": [float(v) for v in lay.point_mm]}
     return _save(fig, path, layout)
+
+
+def _path_views(result, fixed: Image):
+    """The metamorphosis path of a result (``extras`` ``trajectory``, ``mask_frames`` and ``added_intensity``, as
+    register_metamorphosis keeps them): ``{"times", "images", "masks", "added"}`` as arrays of the fixed grid, or
+    None for other results."""
+    ex = getattr(result, "extras", None) or {}
+    need = ("trajectory", "mask_frames", "added_intensity")
+    if not all(isinstance(ex.get(k), Image) and ex[k].same_grid(fixed) for k in need):
+        return None
+    traj = np.asarray(ex["trajectory"].numpy(), dtype=float)
+    frames = np.asarray(ex["mask_frames"].numpy(), dtype=float)
+    if traj.ndim == fixed.ndim:
+        traj = traj[..., None]
+    if frames.ndim == fixed.ndim:
+        frames = frames[..., None]
+    pick = [0, traj.shape[-1] // 2, traj.shape[-1] - 1]
+    times = [k / max(traj.shape[-1] - 1, 1) for k in pick]
+
+    def mask_at(t):  # the frames are at evenly spaced times, linear between (as the solver uses them)
+        x = t * (frames.shape[-1] - 1)
+        j = min(int(np.floor(x)), frames.shape[-1] - 1)
+        w = x - j
+        return frames[..., j] if w == 0 else (1 - w) * frames[..., j] + w * frames[..., j + 1]
+
+    return {"times": times, "images": [traj[..., k] for k in pick], "masks": [mask_at(t) for t in times],
+            "added": np.asarray(ex["added_intensity"].numpy(), dtype=float)}
+
+
+def _draw_path(axes, lay, pv, nf) -> list:
+    """Two rows for a metamorphosis result: the images I_t along the path (t = 0, ½, 1) with the contour of the
+    weight M_t = 0.5, then M₁ with the contours of M₀ and M_½, the added intensity R₁ and I₁ − fixed. Returns the
+    rows' panel names."""
+    grey = dict(cmap="gray", vmin=0, vmax=1)
+    lim = _limits(np.concatenate([a.ravel() for a in pv["images"]]))
+
+    def contour(ax, m, colour, style="solid"):
+        for k, a in enumerate(lay.slices(m)):
+            if a.min() < 0.5 < a.max():
+                ax.contour(a, levels=[0.5], colors=colour, linewidths=0.8, linestyles=style, extent=lay.extent(k),
+                           origin="upper")
+
+    for ax, img, m, t in zip(axes[0], pv["images"], pv["masks"], pv["times"]):
+        lay.show(ax, [window(v, limits=lim) for v in lay.slices(img)], **grey)
+        contour(ax, m, "yellow")
+        ax.set_title(f"metamorphosis path I_t, t = {t:g}\n(yellow: weight M_t = 0.5)", fontsize=9)
+    ax = axes[1, 0]
+    lay.show(ax, lay.slices(pv["masks"][-1]), cmap="viridis", vmin=0, vmax=1)
+    contour(ax, pv["masks"][0], "white", "dotted")
+    contour(ax, pv["masks"][1], "white", "dashed")
+    ax.set_title("weight M₁ (dotted M₀, dashed M_½)", fontsize=9)
+    ax = axes[1, 1]
+    added = lay.slices(pv["added"])
+    amax = max(float(np.max(np.abs(np.concatenate([a.ravel() for a in added])))), 1e-12)
+    ims = lay.show(ax, added, cmap="RdBu_r", vmin=-amax, vmax=amax)
+    ax.figure.colorbar(ims[0], ax=ax, fraction=0.046, label="moving's intensity units")
+    ax.set_title("added intensity R₁ (final − deformation only)", fontsize=9)
+    ax = axes[1, 2]
+    final = [window(v, limits=lim) for v in lay.slices(pv["images"][-1])]
+    diffs = [a - b for a, b in zip(final, nf)]
+    lay.show(ax, diffs, cmap="RdBu_r", vmin=-1, vmax=1)
+    mean = np.mean(np.abs(np.concatenate([d.ravel() for d in diffs])))
+    ax.set_title(f"final I₁ − fixed\nmean |difference| {mean:.3f} (windowed)", fontsize=9)
+    return [["path_start", "path_middle", "path_end"], ["weight", "added_intensity", "diff_final"]]
 
 
 def _save(fig, path, layout) -> Path:

@@ -1,45 +1,15 @@
 """register_metamorphosis: the paper's toy (weighted metamorphosis deforms, classical metamorphosis paints),
 μ = 0 is LDDMM, the source's cost in the gradient, outputs saved, determinism, bad input."""
+import dataclasses
+
 import numpy as np
 import pytest
-from matplotlib.path import Path
 from scipy import ndimage
 
 import classreg as cr
+from benchmarks.metamorphosis import oval_centroid_error as _oval_centroid_error
+from benchmarks.metamorphosis import toy as _toy
 from classreg.solvers.lddmm import GeodesicShooting, SSDTerm, kernel_operator
-
-
-def _toy(n=64, push=5.0):
-    """François et al.'s toy, smaller: four ovals (moving) pushed outward by a triangle that appears (fixed)."""
-    y, x = np.mgrid[0:n, 0:n].astype(float)
-    c = n / 2
-
-    def ovals(r):
-        img = np.zeros((n, n))
-        for ang in (0, 90, 180, 270):
-            a = np.deg2rad(ang)
-            dy, dx = y - (c + r * np.sin(a)), x - (c + r * np.cos(a))
-            rad, tan = dx * np.cos(a) + dy * np.sin(a), -dx * np.sin(a) + dy * np.cos(a)
-            img[(rad / (0.045 * n)) ** 2 + (tan / (0.08 * n)) ** 2 <= 1] = 1.0
-        return img
-
-    R = 0.2 * n
-    verts = [(c + R * np.cos(np.deg2rad(a)), c + R * np.sin(np.deg2rad(a))) for a in (90, 210, 330)]
-    tri = Path(verts).contains_points(np.c_[x.ravel(), y.ravel()]).reshape(n, n)
-    S = ndimage.gaussian_filter(ovals(0.26 * n), 1.0)
-    T = ndimage.gaussian_filter(np.maximum(ovals(0.26 * n + push), 0.8 * tri), 1.0)
-    return cr.Image(T.astype(np.float32), (1.0, 1.0)), cr.Image(S.astype(np.float32), (1.0, 1.0)), tri
-
-
-def _oval_centroid_error(img, target, tri):
-    """Mean distance (voxels) from each oval of ``target`` (outside the triangle) to the nearest blob of ``img``."""
-    def cents(a):
-        lab, k = ndimage.label(a > 0.5)
-        return np.array(ndimage.center_of_mass(a > 0.5, lab, range(1, k + 1)))
-
-    ct, cw = cents(np.where(ndimage.binary_dilation(tri, iterations=2), 0, target)), cents(img)
-    assert len(ct) == 4
-    return float(np.mean([np.min(np.hypot(*(cw - p).T)) for p in ct]))
 
 
 @pytest.fixture(scope="module")
@@ -144,3 +114,31 @@ def test_mask_of_another_grid_is_refused():
     other = cr.Image(np.ones((32, 32), np.float32), (2.0, 2.0))
     with pytest.raises(ValueError, match="grid"):
         cr.register_metamorphosis(fixed, moving, mask=other, mask_evolution="constant")
+
+
+def test_qc_figure_shows_the_path_mask_and_added_intensity(toy_runs, tmp_path):
+    """The QC figure of a metamorphosis result has the two path rows: I_t with the yellow M_t contour (larger at
+    t = 1 than at t = 0: the mask grows), M₁, and the added intensity (red where the triangle was added)."""
+    from PIL import Image as PILImage
+
+    from classreg.qc import qc_figure, read_layout
+
+    _, moving, _, _, wm, cm = toy_runs
+    path = qc_figure(wm, moving, tmp_path / "qc.png")
+    panels = read_layout(path)["panels"]
+    assert {"path_start", "path_middle", "path_end", "weight", "added_intensity", "diff_final"} <= set(panels)
+    rgb = np.asarray(PILImage.open(path).convert("RGB")).astype(int)
+
+    def crop(name):
+        c0, r0, c1, r1 = panels[name]["2-D"]
+        return rgb[r0:r1, c0:c1]
+
+    def yellow(a):
+        return int(np.sum((a[..., 0] > 200) & (a[..., 1] > 200) & (a[..., 2] < 80)))
+
+    assert 0 < yellow(crop("path_start")) < yellow(crop("path_end"))
+    red = crop("added_intensity")
+    assert np.sum((red[..., 0] > 150) & (red[..., 2] < 100)) > 0.02 * red[..., 0].size
+    # other results keep the nine panels
+    assert "path_start" not in read_layout(qc_figure(dataclasses.replace(cm, extras={}), moving,
+                                                     tmp_path / "plain.png"))["panels"]

@@ -113,7 +113,7 @@ def _pair():
     return cr.Image(a, 1.0), cr.Image(np.roll(a, 2, axis=1) * 150.0, 1.0)
 
 
-@pytest.mark.parametrize("solver", ["demons", "lddmm", "affine", "bspline", "rigid", "points", "vp"])
+@pytest.mark.parametrize("solver", ["demons", "lddmm", "affine", "bspline", "rigid", "points", "vp", "metamorphosis"])
 def test_every_solver_records_the_same_similarity(solver):
     """history's similarity: NCC in [-1, 1] of the current estimate; it rises over a run, and for a plain
     intensity solver its last value is the NCC of the result (within sampling / level differences)."""
@@ -129,11 +129,21 @@ def test_every_solver_records_the_same_similarity(solver):
         kw = {"demons": dict(max_pieces=1), "lddmm": dict(iterations=(10, 10, 10)), "affine": dict(iterations=(30, 30, 30)),
               "bspline": dict(iterations=(30, 30, 30)),
               "rigid": dict(samples=(60, 20, 5, 0), max_angle=20.0, workers=1),
-              "vp": dict(iterations=(10, 10, 10))}[solver]
+              "vp": dict(iterations=(10, 10, 10)), "metamorphosis": dict(iterations=(10, 10, 10))}[solver]
         res = getattr(cr, f"register_{solver}")(f, m, **kw)
     sims = [h["similarity"] for h in res.history]
     assert all(s is not None and -1.0 <= s <= 1.0 for s in sims)
-    assert sims[-1] > sims[0] - 1e-9 and sims[-1] > 0.8
+    assert sims[-1] > 0.8
+    if solver == "metamorphosis":
+        # painting intensity on a smoothed coarse level reaches a higher NCC than the full resolution can at first
+        # (0.997 at the first coarse iterate here), so the rise is checked within each level
+        for level in {h["level"] for h in res.history}:
+            s = [h["similarity"] for h in res.history if h["level"] == level]
+            assert s[-1] > s[0] - 1e-9
+        # the similarity is that of the end of the path I₁ (deformation and added intensity)
+        assert sims[-1] == pytest.approx(similarity(f.numpy(), res.extras["final_image"].numpy()), abs=0.1)
+    else:
+        assert sims[-1] > sims[0] - 1e-9
     if solver in ("demons", "lddmm", "affine", "bspline", "vp"):
         assert sims[-1] == pytest.approx(similarity(f.numpy(), res.warped.numpy()), abs=0.1)
 

@@ -50,6 +50,9 @@ from .options import OPTIONS
 
 __all__ = ["register_metamorphosis"]
 
+#: the times of the images kept in ``extras["trajectory"]`` (and shown by the QC figure)
+TRAJECTORY_TIMES = (0.0, 0.25, 0.5, 0.75, 1.0)
+
 
 @declared(OPTIONS)
 def register_metamorphosis(fixed: Image, moving: Image, *, init: Transform | None = None, mask=None,
@@ -122,7 +125,8 @@ def register_metamorphosis(fixed: Image, moving: Image, *, init: Transform | Non
         ``transform`` = φ₁⁻¹ (the deformation only, fixed → moving, chained with ``init``), ``inverse`` = φ₁, both
         from the flow; ``warped`` = the moving image through the deformation only; ``extras``: ``final_image`` (the
         end of the metamorphosis path I₁, deformation and added intensity), ``added_intensity`` (R₁ = I₁ − I₀∘φ₁⁻¹),
-        ``residuals`` (z_t, t = k/n_t, as one vector image), ``mask_frames`` (M_t as used), all Images on the fixed
+        ``residuals`` (z_t, t = k/n_t, as one vector image), ``mask_frames`` (M_t as used), ``trajectory`` (I_t at
+        t = 0, ¼, ½, ¾, 1, one vector image; the QC figure shows them), all Images on the fixed
         grid in the moving image's intensity units (per unit time for z), saved by :meth:`Result.save`, and ``P0``;
         ``metrics``: ``ssd_before``, ``ssd_after`` (of I₁), ``ssd_deformation`` (of the deformation-only image; all
         mean squared normalised differences), ``added_intensity`` (RMS of R₁, normalised), ``added_outside_mask``
@@ -254,12 +258,16 @@ def _outputs(shooter, path, P0, fixed, fixed_n, masks, mu, rho, return_trajector
            "residuals": fixed.like(np.stack(residuals, axis=-1).astype(np.float32), vector=True),
            "mask_frames": fixed.like(np.stack(masks.frames, axis=-1).astype(np.float32), vector=True),
            "P0": np.asarray(P0)}
+    def image_at(k):  # I_{t_k} = I₀∘φ_{t_k}⁻¹ + R_{t_k}, normalised units
+        Ik = sample_linear(shooter.I0, shooter.x + path.u[k], backend=shooter.backend)
+        return Ik + path.R[k] if path.R else Ik
+
+    n_t = len(path.u) - 1
+    picks = sorted({int(round(q * n_t)) for q in TRAJECTORY_TIMES})
+    out["trajectory"] = fixed.like(np.stack([np.asarray(image_at(k), np.float64) * span + lo for k in picks],
+                                            axis=-1).astype(np.float32), vector=True)
     if return_trajectory:
-        images = []
-        for k, u in enumerate(path.u):
-            Ik = sample_linear(shooter.I0, shooter.x + u, backend=shooter.backend)
-            images.append(Ik + path.R[k] if path.R else Ik)
-        out["trajectory_images"] = images
+        out["trajectory_images"] = [image_at(k) for k in range(n_t + 1)]
     return out
 
 
