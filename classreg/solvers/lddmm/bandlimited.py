@@ -36,6 +36,11 @@ import scipy.fft as sfft
 
 from ...backend import thread_count
 
+try:  # pocketfft's transforms without scipy.fft's per-call argument handling (~50 µs, 15 % of a 2-D evaluation)
+    from scipy.fft._pocketfft import pypocketfft as _pocketfft
+except ImportError:  # pragma: no cover - other scipy layouts: the public API
+    _pocketfft = None
+
 __all__ = ["BandLimitedShooting", "SpectralDomain", "resize_coefficients"]
 
 
@@ -46,6 +51,27 @@ def _dirichlet(t, n, kmax):
     near = np.abs(s) < 1e-12
     return np.where(near, (2 * kmax + 1) / n, np.sin(np.pi * (2 * kmax + 1) * t / n)
                     / (n * np.where(near, 1.0, s)))
+
+
+def _r2c(a, axis, nthreads):
+    """Real → complex FFT along ``axis`` (unnormalised)."""
+    if _pocketfft is not None:
+        return _pocketfft.r2c(a, axes=[axis], forward=True, inorm=0, nthreads=nthreads)
+    return sfft.rfft(a, axis=axis, workers=nthreads)
+
+
+def _c2c(a, axis, forward, nthreads):
+    """Complex FFT along ``axis``, in place where possible; the inverse divides by the axis length."""
+    if _pocketfft is not None:
+        return _pocketfft.c2c(a, axes=[axis], forward=forward, inorm=0 if forward else 2, out=a, nthreads=nthreads)
+    return (sfft.fft if forward else sfft.ifft)(a, axis=axis, workers=nthreads)
+
+
+def _c2r(a, axis, n, nthreads):
+    """Complex → real inverse FFT along ``axis`` (output length ``n``, divided by ``n``)."""
+    if _pocketfft is not None:
+        return _pocketfft.c2r(a, axes=[axis], lastsize=n, forward=False, inorm=2, nthreads=nthreads)
+    return sfft.irfft(a, n=n, axis=axis, workers=nthreads)
 
 
 class SpectralDomain:
@@ -170,23 +196,22 @@ class BandLimitedShooting:
         self.nc = tuple(sfft.next_fast_len(3 * k + 1, real=True) for k in self.band)
         self.H = domain.length / np.asarray(self.nc)
         self.cell = float(np.prod(self.H))
-        freqs = [sfft.fftfreq(n, d=H) for n, H in zip(self.nc[:-1], self.H[:-1])]
-        freqs.append(sfft.rfftfreq(self.nc[-1], d=self.H[-1]))
-        grids = np.meshgrid(*freqs, indexing="ij", sparse=True)
+        # spectra are stored as the band block only (every spectrum of the method is band-limited): frequency
+        # indices 0..k, −k..−1 on the leading axes and 0..k on the last (real-FFT half) axis
+        idx = [np.r_[0:k + 1, -k:0] for k in self.band[:-1]] + [np.arange(self.band[-1] + 1)]
+        grids = np.meshgrid(*[i / L for i, L in zip(idx, domain.length)], indexing="ij", sparse=True)
         xi2 = sum(g ** 2 for g in grids)
-        ks = [np.rint(g * L) for g, L in zip(grids, domain.length)]  # integer frequency indices
-        inband = np.ones(xi2.shape, dtype=bool)
-        for kk, kmax in zip(ks, self.band):
-            inband = inband & (np.abs(kk) <= kmax)
         K = domain.khat(xi2)
         real = self.dtype  # symbols in the working precision, so that spectra stay complex64 for float32
         cplx = np.result_type(real, np.complex64)
-        self.inband = inband
-        self.K = np.where(inband, K, 0.0).astype(real)
+        self.cdtype = cplx
+        self.K = K.astype(real)
         self.sqrtK = np.sqrt(self.K)
-        self.L = np.where(inband, 1.0 / np.where(inband, K, 1.0), 0.0).astype(real)
+        self.L = (1.0 / K).astype(real)
         self.ik = [(2j * np.pi * g).astype(cplx) for g in grids]
-        self.ik_stacked = np.stack(np.broadcast_arrays(*self.ik))  # (d, *half-spectrum shape)
+        self.block = tuple(2 * k + 1 for k in self.band[:-1]) + (self.band[-1] + 1,)
+        self._take = [np.r_[0:k + 1, n - k:n] for k, n in zip(self.band[:-1], self.nc[:-1])]
+        self.ik_stacked = np.stack(np.broadcast_arrays(*self.ik))  # (d, *block)
         # the map grid: covers the level grid, ends on its last voxel
         ext = (np.asarray(self.shape) - 1) * self.h
         hm = self.h if map_spacing is None else np.maximum(self.h, float(map_spacing))
@@ -208,11 +233,43 @@ class BandLimitedShooting:
 
     # ------------------------------------------------------------------ spectral helpers
     def fft(self, a):
-        return sfft.rfftn(a, axes=tuple(range(a.ndim - self.nd, a.ndim)), workers=self.workers)
+        """Band block of the real FFT of a coarse field ``(C, *n)``: the full transform restricted to the band,
+        computed axis by axis so that each complex pass runs only on the lines the band needs (in 3-D ~30 % fewer
+        operations than ``rfftn`` followed by the restriction; the same linear map)."""
+        nd = self.nd
+        a = np.ascontiguousarray(a, dtype=self.dtype)
+        X = _r2c(a, a.ndim - 1, self.workers)[..., :self.band[-1] + 1]
+        for j in range(nd - 2, -1, -1):
+            ax = a.ndim - nd + j
+            X = _c2c(np.ascontiguousarray(X) if j == nd - 2 else X, ax, True, self.workers)
+            X = np.take(X, self._take[j], axis=ax)
+        return X
 
-    def ifft(self, A):
-        return sfft.irfftn(A, s=self.nc, axes=tuple(range(A.ndim - self.nd, A.ndim)),
-                           workers=self.workers).astype(self.dtype, copy=False)
+    def ifft(self, X):
+        """Real coarse field from its band block (the inverse of :meth:`fft` on band-limited fields): zero-padded
+        axis by axis, so that each complex pass runs only on the lines that carry the band."""
+        nd = self.nd
+        lead = X.shape[:X.ndim - nd]
+        for j in range(nd - 1):
+            ax = len(lead) + j
+            k, n = self.band[j], self.nc[j]
+            shape = list(X.shape)
+            shape[ax] = n
+            if j == nd - 2:  # the last complex pass writes into the half spectrum of the real inverse
+                shape[-1] = self.nc[-1] // 2 + 1
+            P = np.zeros(shape, dtype=self.cdtype)
+            pre = (slice(None),) * ax
+            tail = (slice(None),) * (nd - 1 - j - 1) + (slice(0, self.band[-1] + 1),)
+            P[pre + (slice(0, k + 1),) + tail] = X[pre + (slice(0, k + 1),)]
+            P[pre + (slice(n - k, n),) + tail] = X[pre + (slice(k + 1, 2 * k + 1),)]
+            view = P[pre + (slice(None),) + tail]
+            out = _c2c(view, ax, False, self.workers)
+            if out is not view:  # the public scipy.fft fallback does not transform in place
+                view[...] = out
+            X = P if j == nd - 2 else view
+        if nd == 1:  # pragma: no cover - 2-D and 3-D only
+            raise ValueError("2-D or 3-D fields only")
+        return _c2r(X, X.ndim - 1, self.nc[-1], self.workers).astype(self.dtype, copy=False)
 
     def apply(self, symbol, a):
         """A Fourier multiplier applied to a coarse field ``(C, *n)``."""
@@ -268,7 +325,7 @@ class BandLimitedShooting:
     def geodesic(self, z):
         """Coarse velocities v_k (k = 0..n_t−1), the states ``(v, m, Dv, Dm)`` of every step (for the adjoint)
         and the stability number."""
-        V = self.fft(self.velocity(z))
+        V = self.sqrtK * self.fft(z)  # the spectrum of v₀ = K^½ z
         vs, Vs = [], []
         stab = 0.0
         dt = self.dt
@@ -285,31 +342,35 @@ class BandLimitedShooting:
             stab = math.inf
         return vs, Vs, stab
 
-    def _geodesic_adjoint_step(self, state, lam):
-        """G'(v_k)ᵀ λ for ``G(v) = v − δt K B(v, Lv)``, ``state`` the stored ``(v, m, Dv, Dm)`` of step k."""
+    def _geodesic_adjoint_step(self, state, Lam, r):
+        """One step of the reverse sweep in the spectral domain: the band block of ``G'(v_k)ᵀ λ + r`` for
+        ``G(v) = v − δt K B(v, Lv)``, given ``Lam`` the band block of λ, ``state`` the stored ``(v, m, Dv, Dm)``
+        of step k and ``r`` the real-space contribution of the transport at step k. λ stays spectral between steps
+        (it is band-limited), so a step costs one inverse transform of K λ and one forward transform of the
+        products."""
         nd = self.nd
         v, m, Dv, Dm = state
-        mu = self.apply(self.K, lam)
+        mu = self.ifft(self.K * Lam)
         div = sum(Dv[j, j] for j in range(nd))
         # every real-space field of the adjoint in one buffer, Fourier-transformed by one call: μ_i m_j and μ_j v_i
         # (index i·d + j; their derivatives are needed), Σ_i μ_i m_i, a_j = Σ_i μ_i ∂_j m_i, b_j = Σ_i μ_i ∂_i v_j
-        # + μ_j ∇·v
+        # + μ_j ∇·v, and r
         q = nd * nd
-        buf = np.empty((2 * q + 1 + 2 * nd, *self.nc), dtype=self.dtype)
+        buf = np.empty((2 * q + 1 + 3 * nd, *self.nc), dtype=self.dtype)
         np.multiply(mu[:, None], m[None, :], out=buf[:q].reshape(nd, nd, *self.nc))
         np.multiply(v[:, None], mu[None, :], out=buf[q:2 * q].reshape(nd, nd, *self.nc))
         np.sum(mu * m, axis=0, out=buf[2 * q])
-        np.sum(mu[None] * Dm, axis=1, out=buf[2 * q + 1:2 * q + 1 + nd])        # a_j: Dm[j, i]
-        np.sum(mu[:, None] * Dv, axis=0, out=buf[2 * q + 1 + nd:])              # b_j: Dv[i, j]
-        buf[2 * q + 1 + nd:] += mu * div
+        a0, b0, r0 = 2 * q + 1, 2 * q + 1 + nd, 2 * q + 1 + 2 * nd
+        np.sum(mu[None] * Dm, axis=1, out=buf[a0:b0])        # a_j: Dm[j, i]
+        np.sum(mu[:, None] * Dv, axis=0, out=buf[b0:r0])     # b_j: Dv[i, j]
+        buf[b0:r0] += mu * div
+        buf[r0:] = r
         spec = self.fft(buf)
         ik = self.ik_stacked[:, None]  # (i, 1, ...): Σ_i ik_i F[i·d + j]
         half = spec.shape[1:]
-        A = spec[2 * q + 1:2 * q + 1 + nd] - (ik * spec[:q].reshape(nd, nd, *half)).sum(axis=0) \
-            - self.ik_stacked * spec[2 * q]
-        Bh = spec[2 * q + 1 + nd:] - (ik * spec[q:2 * q].reshape(nd, nd, *half)).sum(axis=0)
-        # restricted to the band (the forward map acts on band-limited velocities only; see ``band``)
-        return lam - self.dt * self.ifft(self.inband * A + self.L * Bh)
+        A = spec[a0:b0] - (ik * spec[:q].reshape(nd, nd, *half)).sum(axis=0) - self.ik_stacked * spec[2 * q]
+        Bh = spec[b0:r0] - (ik * spec[q:2 * q].reshape(nd, nd, *half)).sum(axis=0)
+        return Lam - self.dtype.type(self.dt) * (A + self.L * Bh) + spec[r0:]
 
     # ------------------------------------------------------------------ transport
     def forward(self, z, *, stability_limit=None):
@@ -374,12 +435,12 @@ class BandLimitedShooting:
             wbar = splat_linear(Zbar, Zk, self.M, backend=self.backend) * (-dt)
             r[k] = self.from_map_adjoint(wbar)
             Zbar = Zbar - dt * np.einsum("...c,...cj->...j", Zbar, dw)
-        lam = r[self.n - 1]
+        Lam = self.fft(r[self.n - 1])
         states, path.states = path.states, None
         for k in range(self.n - 2, -1, -1):
-            lam = self._geodesic_adjoint_step(states[k], lam) + r[k]
+            Lam = self._geodesic_adjoint_step(states[k], Lam, r[k])
             states[k] = None
-        zbar = self.apply(self.sqrtK, lam)
+        zbar = self.ifft(self.sqrtK * Lam)
         return (zbar + self.dtype.type(self.cell) * np.asarray(z, dtype=self.dtype)).astype(self.dtype, copy=False)
 
     # ------------------------------------------------------------------ results
