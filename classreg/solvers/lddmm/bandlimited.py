@@ -147,9 +147,10 @@ def resize_coefficients(z, n_new):
 class _Path:
     """A stored forward pass: coarse velocities ``v[k]`` (C-first) and the EPDiff ``states`` (for the adjoint),
     map-grid velocities ``w[k]`` (map index units, channels-last), traced positions ``Z[k] = Z_{k+1}``, the
-    voxel-grid map ``X`` (index units), ``I1``, the stability number ``max_k δt·max‖Dv_k‖_F``."""
+    voxel-grid map ``X`` (index units), ``I1``, its spatial gradient ``gI = (∇I₀)∘X`` (for the reverse sweep;
+    ``None`` unless requested), the stability number ``max_k δt·max‖Dv_k‖_F``."""
 
-    __slots__ = ("I1", "X", "Z", "stability", "states", "v", "w")
+    __slots__ = ("I1", "X", "Z", "gI", "stability", "states", "v", "w")
 
 
 class BandLimitedShooting:
@@ -211,7 +212,6 @@ class BandLimitedShooting:
         self.ik = [(2j * np.pi * g).astype(cplx) for g in grids]
         self.block = tuple(2 * k + 1 for k in self.band[:-1]) + (self.band[-1] + 1,)
         self._take = [np.r_[0:k + 1, n - k:n] for k, n in zip(self.band[:-1], self.nc[:-1])]
-        self.ik_stacked = np.stack(np.broadcast_arrays(*self.ik))  # (d, *block)
         # the map grid: covers the level grid, ends on its last voxel
         ext = (np.asarray(self.shape) - 1) * self.h
         hm = self.h if map_spacing is None else np.maximum(self.h, float(map_spacing))
@@ -345,36 +345,42 @@ class BandLimitedShooting:
     def _geodesic_adjoint_step(self, state, Lam, r):
         """One step of the reverse sweep in the spectral domain: the band block of ``G'(v_k)ᵀ λ + r`` for
         ``G(v) = v − δt K B(v, Lv)``, given ``Lam`` the band block of λ, ``state`` the stored ``(v, m, Dv, Dm)``
-        of step k and ``r`` the real-space contribution of the transport at step k. λ stays spectral between steps
-        (it is band-limited), so a step costs one inverse transform of K λ and one forward transform of the
-        products."""
+        of step k and ``r`` the real-space contribution of the transport at step k.
+
+        With ``μ = K λ``, ``G'(v)ᵀ λ = λ − δt (A + L B)`` where, component j,
+
+            A_j = −(∇·μ) m_j − Σ_i μ_i ∂_i m_j − Σ_i (∂_j μ_i) m_i,     B_j = Σ_i μ_i ∂_i v_j − Σ_i v_i ∂_i μ_j
+
+        (the transposes of the products of B(v, m) with respect to m and v, the transposed spectral derivatives
+        moved onto μ by the product rule). The product rule holds exactly on the band here: every factor is
+        band-limited to k and the grid has ≥ 3k + 1 samples, so the products' aliases fall outside the band (the
+        same 2/3 rule as the forward step); the result is the exact transpose of the discrete forward step. λ stays
+        spectral between steps, so a step costs one inverse transform of ``(μ, Dμ)`` and one forward transform of
+        ``(A, B, r)``."""
         nd = self.nd
         v, m, Dv, Dm = state
-        mu = self.ifft(self.K * Lam)
-        div = sum(Dv[j, j] for j in range(nd))
-        # every real-space field of the adjoint in one buffer, Fourier-transformed by one call: μ_i m_j and μ_j v_i
-        # (index i·d + j; their derivatives are needed), Σ_i μ_i m_i, a_j = Σ_i μ_i ∂_j m_i, b_j = Σ_i μ_i ∂_i v_j
-        # + μ_j ∇·v, and r
-        q = nd * nd
-        buf = np.empty((2 * q + 1 + 3 * nd, *self.nc), dtype=self.dtype)
-        np.multiply(mu[:, None], m[None, :], out=buf[:q].reshape(nd, nd, *self.nc))
-        np.multiply(v[:, None], mu[None, :], out=buf[q:2 * q].reshape(nd, nd, *self.nc))
-        np.sum(mu * m, axis=0, out=buf[2 * q])
-        a0, b0, r0 = 2 * q + 1, 2 * q + 1 + nd, 2 * q + 1 + 2 * nd
-        np.sum(mu[None] * Dm, axis=1, out=buf[a0:b0])        # a_j: Dm[j, i]
-        np.sum(mu[:, None] * Dv, axis=0, out=buf[b0:r0])     # b_j: Dv[i, j]
-        buf[b0:r0] += mu * div
-        buf[r0:] = r
+        Mu = self.K * Lam
+        out = self.ifft(np.concatenate([Mu] + [ik * Mu for ik in self.ik]))
+        mu = out[:nd]
+        Dmu = out[nd:].reshape(nd, nd, *self.nc)  # Dmu[i, j] = ∂_i μ_j
+        buf = np.empty((3 * nd, *self.nc), dtype=self.dtype)
+        A, B = buf[:nd], buf[nd:2 * nd]
+        np.multiply(sum(Dmu[j, j] for j in range(nd)), m, out=A)
+        np.negative(A, out=A)
+        B[...] = 0
+        for i in range(nd):
+            A -= mu[i] * Dm[i]
+            A -= Dmu[:, i] * m[i]
+            B += mu[i] * Dv[i]
+            B -= v[i] * Dmu[i]
+        buf[2 * nd:] = r
         spec = self.fft(buf)
-        ik = self.ik_stacked[:, None]  # (i, 1, ...): Σ_i ik_i F[i·d + j]
-        half = spec.shape[1:]
-        A = spec[a0:b0] - (ik * spec[:q].reshape(nd, nd, *half)).sum(axis=0) - self.ik_stacked * spec[2 * q]
-        Bh = spec[b0:r0] - (ik * spec[q:2 * q].reshape(nd, nd, *half)).sum(axis=0)
-        return Lam - self.dtype.type(self.dt) * (A + self.L * Bh) + spec[r0:]
+        return Lam - self.dtype.type(self.dt) * (spec[:nd] + self.L * spec[nd:2 * nd]) + spec[2 * nd:]
 
     # ------------------------------------------------------------------ transport
-    def forward(self, z, *, stability_limit=None):
-        """Shoot ``z``: the path (velocities, traced map, ``I₁``); ``None`` when the stability number exceeds
+    def forward(self, z, *, stability_limit=None, gradient=False):
+        """Shoot ``z``: the path (velocities, traced map, ``I₁``, and with ``gradient`` the image gradient the
+        reverse sweep needs, sampled in the same pass); ``None`` when the stability number exceeds
         ``stability_limit`` or is not finite."""
         from ...kernels.adjoint import sample_linear
 
@@ -393,7 +399,11 @@ class BandLimitedShooting:
         u_map = (Z - self.zgrid) * self.Hm.astype(self.dtype)  # mm
         u = u_map if self.same_grid else sample_linear(u_map, self.Q, backend=self.backend)
         path.X = self.x + u / self.h.astype(self.dtype)
-        path.I1 = sample_linear(self.I0, path.X, backend=self.backend)
+        path.gI = None
+        if gradient:
+            path.I1, path.gI = sample_linear(self.I0, path.X, gradient=True, backend=self.backend)
+        else:
+            path.I1 = sample_linear(self.I0, path.X, backend=self.backend)
         return path
 
     def regularization(self, z) -> float:
@@ -403,7 +413,7 @@ class BandLimitedShooting:
 
     def evaluate(self, z, data, *, gradient=True, stability_limit=None):
         """``(E, regularisation, data term, path, seed)``; ``E = inf`` for an unstable or non-finite shot."""
-        path = self.forward(z, stability_limit=stability_limit)
+        path = self.forward(z, stability_limit=stability_limit, gradient=gradient)
         if path is None:
             return math.inf, math.nan, math.nan, None, None
         reg = self.regularization(z)
@@ -419,7 +429,9 @@ class BandLimitedShooting:
         from ...kernels.adjoint import sample_linear, splat_linear
 
         dI1, dX1 = seed
-        _, gI = sample_linear(self.I0, path.X, gradient=True, backend=self.backend)
+        gI, path.gI = path.gI, None
+        if gI is None:
+            _, gI = sample_linear(self.I0, path.X, gradient=True, backend=self.backend)
         Xbar = dI1[..., None] * gI
         if dX1 is not None:
             Xbar = Xbar + dX1
@@ -512,7 +524,7 @@ class BandLimitedShooting:
 
     def velocity_norms(self, z):
         """‖v_t‖_V at t = k/n_t, k = 0..n_t−1 (constant along an exact geodesic)."""
-        vs, Vs, _ = self.geodesic(np.asarray(z, dtype=self.dtype))
+        vs, _, _ = self.geodesic(np.asarray(z, dtype=self.dtype))
         out = []
         for v in vs:
             m = self.apply(self.L, v)
