@@ -52,7 +52,7 @@ def test_gradient_matches_central_differences(shape, h, map_spacing, metric):
             LNCCTerm(J, 0.01, cell, radius=2.0, spacing=h))
     rng = np.random.default_rng(1)
     z = _smooth_z(sh, 3.0 if len(shape) == 2 else 1.5)
-    E, _, _, path, seed = sh.evaluate(z, data)
+    _, _, _, path, seed = sh.evaluate(z, data)
     assert 0.5 < np.abs((path.X - sh.x) * np.asarray(h)).max() < 6.0
     g = sh.gradient(z, path, seed)
     for _ in range(3):
@@ -70,6 +70,20 @@ def test_map_grid_interpolation_has_an_exact_transpose():
     assert float(np.sum(sh.to_map(a) * b)) == pytest.approx(float(np.sum(a * sh.from_map_adjoint(b))), rel=1e-10)
 
 
+@pytest.mark.parametrize("shape,h", [((30, 26), (1.0, 1.5)), ((18, 20, 16), (1.0, 1.2, 0.9))])
+def test_map_to_voxel_transfer_is_linear_interpolation_and_its_transpose(shape, h):
+    """The separable map-grid → voxel transfer equals kernels.adjoint's linear sampling at the voxel centres, and
+    its transpose equals the splat."""
+    from classreg.kernels.adjoint import sample_linear, splat_linear
+
+    sh = _shooter(shape, h, map_spacing=2.5)
+    rng = np.random.default_rng(9)
+    f = rng.normal(size=sh.M + (len(shape),))
+    g = rng.normal(size=shape + (len(shape),))
+    np.testing.assert_allclose(sh.map_to_voxels(f), sample_linear(f, sh.Q), atol=1e-12)
+    np.testing.assert_allclose(sh.map_to_voxels_adjoint(g), splat_linear(g, sh.Q, sh.M), atol=1e-12)
+
+
 def test_band_limited_fields_interpolate_exactly_onto_the_map_grid():
     """A single Fourier mode of the box, sampled on the coarse grid, is reproduced exactly (to rounding) at the map
     grid's nodes by the trigonometric interpolation."""
@@ -83,6 +97,24 @@ def test_band_limited_fields_interpolate_exactly_onto_the_map_grid():
     pm = [0.7 + sh.Hm[0] * np.arange(sh.M[0]), -0.3 + sh.Hm[1] * np.arange(sh.M[1])]
     expect = np.cos(2 * np.pi * (k[0] * (pm[0][:, None] - o[0]) / L[0] + k[1] * (pm[1][None, :] - o[1]) / L[1]))
     np.testing.assert_allclose(on_map, expect, atol=1e-10)
+
+
+@pytest.mark.parametrize("shape", [(30, 26), (18, 20, 16)])
+def test_band_block_transforms_are_the_restricted_real_fft(shape):
+    """``fft`` returns the band block of ``rfftn`` (indices 0..k, −k..−1; last axis 0..k) and ``ifft`` inverts it
+    on band-limited fields (zero-padded ``irfftn``)."""
+    nd = len(shape)
+    sh = _shooter(shape, (1.0,) * nd, sigma=2.0)
+    a = np.random.default_rng(10).normal(size=(2, *sh.nc))
+    axes = tuple(range(1, nd + 1))
+    idx = [np.arange(2)] + [np.r_[0:k + 1, -k:0] for k in sh.band[:-1]] + [np.arange(sh.band[-1] + 1)]
+    full = np.fft.rfftn(a, axes=axes)
+    np.testing.assert_allclose(sh.fft(a), full[np.ix_(*idx)], atol=1e-10)
+    padded = np.zeros_like(full)
+    padded[np.ix_(*idx)] = full[np.ix_(*idx)]
+    expect = np.fft.irfftn(padded, s=sh.nc, axes=axes)
+    for _ in range(2):  # the second call reuses the cached padding buffers
+        np.testing.assert_allclose(sh.ifft(full[np.ix_(*idx)]), expect, atol=1e-12)
 
 
 def test_coefficients_transfer_between_levels():
