@@ -417,6 +417,7 @@ class BandLimitedShooting:
         path = _Path()
         with np.errstate(over="ignore", invalid="ignore"):  # an exploding trial shot is detected just below
             path.v, path.states, path.stability = self.geodesic(np.asarray(z, dtype=self.dtype))
+        self._pad.clear()  # the padding buffers live for one sweep (peak memory)
         if not math.isfinite(path.stability) or (stability_limit is not None and path.stability > stability_limit):
             return None
         dt = self.dtype.type(self.dt)
@@ -463,6 +464,7 @@ class BandLimitedShooting:
         if gI is None:
             _, gI = sample_linear(self.I0, path.X, gradient=True, backend=self.backend)
         Xbar = dI1[..., None] * gI
+        del gI
         if dX1 is not None:
             Xbar = Xbar + dX1
         ubar = Xbar / self.h.astype(self.dtype)  # per mm of the voxel-grid displacement
@@ -483,6 +485,7 @@ class BandLimitedShooting:
             Lam = self._geodesic_adjoint_step(states[k], Lam, r[k])
             states[k] = None
         zbar = self.ifft(self.sqrtK * Lam)
+        self._pad.clear()
         return (zbar + self.dtype.type(self.cell) * np.asarray(z, dtype=self.dtype)).astype(self.dtype, copy=False)
 
     # ------------------------------------------------------------------ results
