@@ -1,7 +1,7 @@
 """Side-by-side benchmark harness: classreg's solvers against ANTs, elastix, SimpleITK, DIPY, FireANTs and probreg.
 
     python -m benchmarks.run [--cases CASE ...] [--tools TOOL ...] [--threads 2] [--repeat 2] [--quick] [--slow]
-                             [--out DIR] [--docs PATH | --no-docs]
+                             [--sweep] [--out DIR] [--docs PATH | --no-docs]
 
 Tools marked slow on 3-D (classreg LDDMM on the full grid, ANTs SyNCC and antsRegistrationSyN[s], the elastix CLI, FireANTs on the
 CPU) run on 3-D cases only with ``--slow``; the page lists them as not run.
@@ -25,6 +25,10 @@ Writes ``benchmarks/results/<UTC date>.json`` (all runs, versions, machine, thre
 classreg image tool's QC figure into ``qc-<UTC date>/<case>-<tool>.png`` beside them (not with ``--quick``), and with
 ``--docs`` (default for full runs: docs/benchmarks.md) the markdown page with the tables and a figure next to it.
 ``--quick`` runs small cases with classreg and the cheap peers in a couple of minutes (the test suite runs it).
+``--sweep`` adds each deformable classreg solver's sweep of its one regularisation parameter
+(``benchmarks.tools.SWEEPS``); the page then lists, per case, the peers that dominate each classreg default on
+(accuracy, SDlogJ) and whether its min det J stays above the floor, with the accuracy-against-smoothness figure
+``<page>-tradeoff.png`` (sweeps as lines, defaults starred, peers as points).
 A peer that is not installed is skipped with a note, never a failure.
 """
 from __future__ import annotations
@@ -45,7 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from .cases import CASES, QUICK_CASES, build_case, load_case
-from .tools import TOOLS
+from .tools import SWEEPS, TOOLS
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -294,6 +298,19 @@ def render_markdown(payload: dict, figure: str | None) -> str:
                                ("time_ratio", "time ratio"), ("metric", "quality"),
                                ("quality_diff", "difference"), ("epe_diff_mm", "EPE diff mm"),
                                ("memory_ratio", "memory ratio")]), ""]
+    if payload.get("dominance"):
+        lines += ["## Accuracy against smoothness (classreg defaults)", "",
+                  f"A default is dominated when a peer has both better accuracy (higher mean Dice; lower EPE where "
+                  f"the deformation is known) and a lower SDlogJ on the same case; min det J must stay ≥ "
+                  f"{DET_FLOOR:g}. Sweeps of the one regularisation parameter per solver (`--sweep`) are drawn "
+                  "with the peers in the trade-off figure.", "",
+                  _table(payload["dominance"], [("case", "case"), ("label", "classreg default"),
+                                                ("quality", "accuracy"), ("sdlogj", "SDlogJ"),
+                                                ("min_det", "min det J"), ("dominated_by", "dominated by"),
+                                                ("floor_ok", f"min det J ≥ {DET_FLOOR:g}")]), ""]
+        if payload.get("tradeoff_figure"):
+            lines += [f"![accuracy against SDlogJ and min det J, sweeps and peers]({payload['tradeoff_figure']})",
+                      ""]
     if figure:
         lines += [f"![Dice per label, time and folding per case]({figure})", ""]
     if payload.get("skipped"):
@@ -360,6 +377,101 @@ def render_figure(payload: dict, path: Path) -> bool:
         for ax in ax_row:
             ax.set_xticks(range(len(rs)))
             ax.set_xticklabels(names, rotation=30, ha="right", fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return True
+
+
+#: the documented floor of min det J for a default (issue #22)
+DET_FLOOR = 0.05
+
+
+def _accuracy(row) -> tuple:
+    """(value, higher is better, name): EPE where the case knows its deformation, else mean Dice."""
+    if row.get("epe_mm") is not None:
+        return row["epe_mm"], False, "EPE mm"
+    return row.get("mean_dice"), True, "mean Dice"
+
+
+def dominance(rows: list[dict]) -> list[dict]:
+    """Per deformable case and classreg default (not sweep points): the peers that dominate it on (accuracy, SDlogJ)
+    and whether its min det J is above :data:`DET_FLOOR`."""
+    out = []
+    for case in dict.fromkeys(r["case"] for r in rows):
+        rs = [r for r in rows if r["case"] == case and r.get("seconds") and r["kind"] == "deformable"
+              and r.get("sdlogj") is not None and _accuracy(r)[0] is not None]
+        peers = [r for r in rs if not TOOLS[r["tool"]].classreg]
+        for c in (r for r in rs if TOOLS[r["tool"]].classreg and not TOOLS[r["tool"]].sweep_of):
+            q, higher, name = _accuracy(c)
+
+            def better(p):
+                pq = _accuracy(p)[0]
+                return pq > q if higher else pq < q
+
+            dom = [p["label"] for p in peers if better(p) and p["sdlogj"] < c["sdlogj"]]
+            out.append({"case": case, "tool": c["tool"], "label": c["label"], "quality": f"{name} {_fmt(q)}",
+                        "sdlogj": c["sdlogj"], "min_det": c.get("min_det"), "dominated_by": ", ".join(dom) or "none",
+                        "floor_ok": c.get("min_det") is not None and c["min_det"] >= DET_FLOOR})
+    return out
+
+
+def render_tradeoff(payload: dict, path: Path) -> bool:
+    """Accuracy against SDlogJ and against min det J per deformable case: each classreg solver's sweep as a line
+    (its default starred), every peer as a labelled grey point."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = [r for r in payload["rows"] if r.get("seconds") and r["kind"] == "deformable"
+            and r.get("sdlogj") is not None]
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    if not cases:
+        return False
+    fig, axes = plt.subplots(len(cases), 2, figsize=(12, 4.2 * len(cases)), squeeze=False)
+    colours = plt.get_cmap("tab10")
+    for ax_row, case in zip(axes, cases):
+        rs = [r for r in rows if r["case"] == case]
+        name = _accuracy(rs[0])[2]
+        bases = list(dict.fromkeys(TOOLS[r["tool"]].sweep_of[0] if TOOLS[r["tool"]].sweep_of else r["tool"]
+                                   for r in rs if TOOLS[r["tool"]].classreg))
+        for ax, xkey, xlab in ((ax_row[0], "sdlogj", "SDlogJ (lower: smoother)"),
+                               (ax_row[1], "min_det", "min det J (log)")):
+            for k, base in enumerate(bases):
+                pts = []
+                for r in rs:
+                    sw = TOOLS[r["tool"]].sweep_of
+                    if r["tool"] == base:
+                        pts.append((SWEEPS[base][3] if base in SWEEPS else None, r, True))
+                    elif sw and sw[0] == base:
+                        pts.append((sw[2], r, False))
+                pts.sort(key=lambda p: p[0] if p[0] is not None else 0.0)
+                xs = [max(p[1].get(xkey) or np.nan, 1e-4) if xkey == "min_det" else p[1].get(xkey) for p in pts]
+                ys = [_accuracy(p[1])[0] for p in pts]
+                ax.plot(xs, ys, "-o", color=colours(k), ms=4, label=TOOLS[base].label)
+                for (f, _, is_default), x, y in zip(pts, xs, ys):
+                    if is_default:
+                        ax.plot([x], [y], "*", color=colours(k), ms=14)
+                    if f is not None:
+                        ax.annotate(f"{f:g}", (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+            for r in rs:
+                if not TOOLS[r["tool"]].classreg:
+                    x = max(r.get(xkey) or np.nan, 1e-4) if xkey == "min_det" else r.get(xkey)
+                    ax.plot([x], [_accuracy(r)[0]], "s", color="0.45", ms=5)
+                    ax.annotate(r["label"], (x, _accuracy(r)[0]), fontsize=6, color="0.3", xytext=(3, -8),
+                                textcoords="offset points")
+            if xkey == "min_det":
+                ax.set_xscale("log")
+                ax.axvline(DET_FLOOR, color="k", ls=":", lw=0.8)
+            ax.set_xlabel(xlab)
+            ax.set_ylabel(name)
+            ax.set_title(f"{case}: {name} against {xlab.split(' (')[0]}", fontsize=9)
+        ax_row[0].legend(fontsize=6, loc="best")
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=80)
@@ -485,6 +597,7 @@ def run(cases, tools, *, threads=2, repeat=2, quick=False, slow=False, out_dir=N
                         f"{_fmt(rec.get(q[0]))}")
                 payload["rows"].append(_aggregate(name, info["kind"], tool, runs))
     payload["ratios"] = ratios(payload["rows"])
+    payload["dominance"] = dominance(payload["rows"])
     payload["machine"] = machine()
     out = Path(out_dir) if out_dir is not None else RESULTS
     _atomic_write(out / f"{stamp}.json", json.dumps(payload, indent=1, default=str) + "\n")
@@ -494,6 +607,8 @@ def run(cases, tools, *, threads=2, repeat=2, quick=False, slow=False, out_dir=N
         fig = docs.with_suffix(".png")
         if render_figure(payload, fig):
             fig_name = fig.name
+        trade = docs.with_name(docs.stem + "-tradeoff.png")
+        payload["tradeoff_figure"] = trade.name if render_tradeoff(payload, trade) else None
         _atomic_write(docs, render_markdown(payload, fig_name) + "\n")
     _atomic_write(out / f"{stamp}.md", render_markdown(payload, None) + "\n")
     payload["json"] = str(out / f"{stamp}.json")
@@ -539,6 +654,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=None, help="runs per tool and case (median); default 2, --quick 1")
     p.add_argument("--quick", action="store_true", help="small cases, classreg and the cheap peers (smoke test)")
     p.add_argument("--slow", action="store_true", help="also run the tools marked slow on 3-D cases")
+    p.add_argument("--sweep", action="store_true",
+                   help="also run each deformable classreg solver's regularisation sweep (benchmarks.tools.SWEEPS) "
+                        "for the accuracy-against-smoothness figure")
     p.add_argument("--out", help="folder for the JSON/markdown results (default benchmarks/results)")
     p.add_argument("--docs", help="markdown page to (re)write, with a figure beside it (default for full runs: "
                                   "docs/benchmarks.md)")
@@ -562,6 +680,9 @@ def main(argv=None) -> int:
         tools = [t for t, tool in TOOLS.items() if (tool.classreg and tool.quick) or t in QUICK_PEERS]
     else:
         tools = [t for t, tool in TOOLS.items() if tool.default]
+    if args.sweep:  # the sweep points of the solvers being run, after them
+        tools = list(tools) + [t for t, tool in TOOLS.items() if tool.sweep_of and tool.sweep_of[0] in tools
+                               and t not in tools]
     repeat = args.repeat or (1 if args.quick else 2)
     if repeat < 1:
         p.error("--repeat must be >= 1")

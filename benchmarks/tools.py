@@ -47,6 +47,7 @@ class Tool:
     excludes: dict = field(default_factory=dict)  # case name -> why the tool is not run on it
     show_params: bool = False  # list the run's settings under the case's table
     params: dict = field(default_factory=dict)
+    sweep_of: tuple = ()  # (base tool, parameter, factor): a point of the base tool's regularisation sweep
 
     @property
     def kinds(self) -> tuple:
@@ -684,3 +685,43 @@ TOOLS = {t.name: t for t in [
     Tool("probreg_cpd", "points", "probreg CPD nonrigid", _probreg("cpd_nonrigid"), requires=("probreg",)),
     Tool("probreg_bcpd", "points", "probreg BCPD", _probreg("bcpd"), requires=("probreg",), default=False),
 ]}
+
+
+# --------------------------------------------------------------------------------------------- regularisation sweeps
+#: the one regularisation parameter that matters per deformable classreg solver (issue #22: accuracy against
+#: smoothness), as multiples of the case's spacing (the smallest for demons, whose default is 1.5 × the smallest; the
+#: largest for LDDMM, 3 ×; the B-spline grid spacing in voxels of the largest spacing, default 8 mm ≈ 8 × 1 mm), and
+#: the default's factor, which the base tool's own row gives
+SWEEPS = {
+    "classreg_demons": ("velocity_sigma", "min", (0.5, 1.0, 2.25, 3.0, 4.5), 1.5),
+    "classreg_lddmm": ("kernel_sigma", "max", (1.5, 2.0, 4.5, 6.0), 3.0),
+}
+
+
+def _swept(base: str, param: str, which: str, factor: float):
+    """``base``'s run with ``param`` = factor × the case's smallest/largest spacing (mm)."""
+    factories = {"classreg_demons": _classreg_demons, "classreg_lddmm": _classreg_lddmm}
+
+    def run(case, threads, quick):
+        sp = case["fixed"].spacing
+        value = float(factor) * float(min(sp) if which == "min" else max(sp))
+        out = factories[base](**{param: value})(case, threads, quick)
+        out["params"] = dict(out.get("params") or {}, sweep_factor=float(factor))
+        return out
+    return run
+
+
+def sweep_tools() -> dict:
+    """The sweep points as tools (not in the default list; ``python -m benchmarks.run --sweep`` adds them)."""
+    out = {}
+    for base, (param, which, factors, _default) in SWEEPS.items():
+        for f in factors:
+            name = f"{base}@{param}={f:g}"
+            out[name] = Tool(name, "deformable", f"{TOOLS[base].label}, {param} {f:g} × spacing",
+                             _swept(base, param, which, f), classreg=True, quick=False, default=False,
+                             slow_3d=TOOLS[base].slow_3d, sweep_of=(base, param, float(f)))
+    return out
+
+
+TOOLS.update(sweep_tools())
+

@@ -372,3 +372,30 @@ def test_failed_run_note_is_the_exception_line():
           "", "\x1b[0m\x1b[1mDuring: Pass nopython_type_inference\x1b[0m"]
     assert _error_line(tb) == "numba.core.errors.TypingError: Failed in nopython mode pipeline"
     assert _error_line(["timed out after 5 s"]) == "timed out after 5 s" and _error_line([]) == "?"
+
+
+def test_dominance_and_tradeoff_figure(tmp_path):
+    """The accuracy-against-smoothness summary: a default is dominated only by a peer better on both axes (Dice
+    higher and SDlogJ lower; EPE lower where known), the min det J floor is checked, sweep points are not judged,
+    and the figure draws every case."""
+    from benchmarks import run as R
+
+    sweep = next(t for t in T.TOOLS if t.startswith("classreg_demons@"))
+
+    def row(case, tool, **kw):
+        return {"case": case, "kind": "deformable", "tool": tool, "label": T.TOOLS[tool].label, "seconds": 1.0, **kw}
+
+    rows = [row("a", "classreg_demons", mean_dice=0.80, sdlogj=0.10, min_det=0.20),
+            row("a", sweep, mean_dice=0.70, sdlogj=0.05, min_det=0.30),
+            row("a", "ants_syn", mean_dice=0.82, sdlogj=0.05, min_det=0.40),      # dominates
+            row("a", "dipy_syn_cc", mean_dice=0.85, sdlogj=0.20, min_det=0.10),   # more accurate, rougher: no
+            row("b", "classreg_demons", mean_dice=0.9, epe_mm=0.5, sdlogj=0.1, min_det=0.01),
+            row("b", "ants_syn", mean_dice=0.95, epe_mm=0.6, sdlogj=0.05, min_det=0.3)]  # EPE decides: no
+    d = {(r["case"], r["tool"]): r for r in R.dominance(rows)}
+    assert set(d) == {("a", "classreg_demons"), ("b", "classreg_demons")}
+    assert d["a", "classreg_demons"]["dominated_by"] == T.TOOLS["ants_syn"].label
+    assert d["a", "classreg_demons"]["floor_ok"] is True
+    assert d["b", "classreg_demons"]["dominated_by"] == "none" and d["b", "classreg_demons"]["floor_ok"] is False
+    assert d["b", "classreg_demons"]["quality"].startswith("EPE")
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert R.render_tradeoff({"rows": rows}, tmp_path / "t.png") and (tmp_path / "t.png").stat().st_size > 0
