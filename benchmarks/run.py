@@ -330,6 +330,18 @@ def _per_label(d):
     return " / ".join(f"{v:.3f}" for _, v in sorted(d.items(), key=lambda kv: int(kv[0])))
 
 
+def _save_figure(fig, path: Path) -> bool:
+    """Write ``fig`` as ``path`` atomically (a temporary file renamed into place) and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return True
+
+
 def render_figure(payload: dict, path: Path) -> bool:
     try:
         import matplotlib
@@ -377,12 +389,7 @@ def render_figure(payload: dict, path: Path) -> bool:
         for ax in ax_row:
             ax.set_xticks(range(len(rs)))
             ax.set_xticklabels(names, rotation=30, ha="right", fontsize=7)
-    fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return True
+    return _save_figure(fig, path)
 
 
 #: the documented floor of min det J for a default (issue #22)
@@ -472,12 +479,7 @@ def render_tradeoff(payload: dict, path: Path) -> bool:
             ax.set_ylabel(name)
             ax.set_title(f"{case}: {name} against {xlab.split(' (')[0]}", fontsize=9)
         ax_row[0].legend(fontsize=6, loc="best")
-    fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return True
+    return _save_figure(fig, path)
 
 
 # =============================================================================================== driver
