@@ -184,13 +184,26 @@ def v_update(st: State, blocks, xhat, y, nu, posterior_covariance: bool) -> None
 
 def v_update_block(kb, E, nu, cv, postcov):
     """Posterior mean v̂ (M_b×D), variances σ_m² and the GP coefficients of one kernel block: W = (G + c_v
-    diag(ν)⁻¹)⁻¹ E for a full-rank block, Qᵀ W (K×D) for a low-rank one (all the interpolation needs)."""
+    diag(ν)⁻¹)⁻¹ E for a full-rank block, Qᵀ W (K×D) for a low-rank one (all the interpolation needs).
+
+    A low-rank block with a fine scale (``kb["fine"]``, :mod:`.sparse`) updates the two mean-field factors of
+    ``v = v_c + v_f`` in turn: the coarse one by the Woodbury identity against ``E - v̂_f``, the fine one by
+    conjugate gradients against ``E - v̂_c``; its coefficients are then the pair ``(Qᵀ W_c, W_f)``."""
     if kb["kind"] == "full":
         out = _v_full(kb["G"], E, nu, cv, postcov)
         if out is not None:
             return out
         _to_spectral(kb)
-    return _v_woodbury(kb, E, nu, cv, postcov)
+    if "fine" not in kb:
+        return _v_woodbury(kb, E, nu, cv, postcov)
+    from .sparse import fine_solve
+
+    vf = kb["vf"]
+    vc, sm, Wc = _v_woodbury(kb, E if vf is None else E - vf, nu, cv, postcov)
+    vf, Wf, steps = fine_solve(kb["fine"], E - vc, nu, cv, vf)
+    kb["vf"] = vf
+    kb["cg_steps"] = kb.get("cg_steps", 0) + steps
+    return vc + vf, sm, (Wc, Wf)
 
 
 #: eigenvalues of a kernel block below this fraction of the largest are rounding noise of the float64 kernel

@@ -14,6 +14,7 @@ import numpy as np
 
 from ...kernels import points as kp
 from .lowrank import lowrank_eigenpairs
+from .sparse import TAPER, fine_matrix, wendland
 
 __all__ = ["Kernel", "interp_coef", "kernel_blocks"]
 
@@ -22,6 +23,12 @@ logger = logging.getLogger("classreg")
 #: blocks up to this many points are solved at full rank with rank="auto", larger ones with AUTO_RANK eigenpairs
 AUTO_FULL_RANK_POINTS = 1500
 AUTO_RANK = 100
+#: with a fine scale (two-scale kernel), rank="auto" solves blocks up to this many points at full rank (a dense
+#: Cholesky per iteration); larger ones split into AUTO_COARSE_RANK Nyström eigenpairs of the coarse scale (its
+#: eigenvalues fall below 1e-4 of the largest by the 50th for a bandwidth equal to the cloud's RMS radius,
+#: docs/notes/points.md) and the sparse fine scale
+AUTO_FULL_RANK_POINTS_TWO_SCALE = 500
+AUTO_COARSE_RANK = 50
 #: blocks up to this many points find their eigenpairs with eigsh by default, larger ones with a Nyström estimate
 AUTO_EIGSH_POINTS = 3000
 #: smallest kernel denominator 2 B_i B_j (a bandwidth whose square underflows gives a delta kernel, not 0/0)
@@ -45,7 +52,7 @@ class Kernel:
     the paper); ``den = 2 B_i B_j``.
     """
 
-    def __init__(self, lam, bw, S, convention):
+    def __init__(self, lam, bw, S, convention, fine=None):
         lam = np.asarray(lam, dtype=float)
         bw = np.asarray(bw, dtype=float)
         S = np.asarray(S, dtype=float)
@@ -57,6 +64,12 @@ class Kernel:
             # a bandwidth so small that 2 B_i B_j underflows is a delta kernel: keep the denominator positive
             self.den = np.maximum(2.0 * np.outer(bw, bw), DEN_MIN)
         self.lam, self.bw, self.S = lam, bw, S
+        #: the fine scale (:mod:`.sparse`): ``(amp_f, den_f, θ)`` with ``amp_f = Λ_f S``, ``den_f = 2 β_f²`` and the
+        #: taper radius θ, or None (one-scale BCPD)
+        self.fine = None
+        if fine is not None and fine[0] > 0:
+            lam_f, bw_f = float(fine[0]), float(fine[1])
+            self.fine = (lam_f * S, np.full_like(S, max(2.0 * bw_f * bw_f, DEN_MIN)), TAPER * bw_f)
 
     def scaled(self, r):
         """The same kernel for points divided by ``r`` (lengths / r, variances / r²)."""
@@ -70,11 +83,24 @@ class Kernel:
                 k.amp = self.amp / r / r
                 k.den = np.maximum(self.den / r / r, DEN_MIN)
                 k.lam, k.bw, k.S = self.lam / r / r, self.bw / r, self.S
+                k.fine = None if self.fine is None else (self.fine[0] / r / r, np.maximum(self.fine[1] / r / r,
+                                                                                        DEN_MIN), self.fine[2] / r)
             return k
         with np.errstate(over="ignore", under="ignore"):
             k.amp = self.amp / r2
             k.den = np.maximum(self.den / r2, DEN_MIN)
             k.lam, k.bw, k.S = self.lam / r2, self.bw / r, self.S
+            k.fine = None if self.fine is None else (self.fine[0] / r2, np.maximum(self.fine[1] / r2, DEN_MIN),
+                                                     self.fine[2] / r)
+        return k
+
+    def coarse(self):
+        """This kernel without its fine scale."""
+        if self.fine is None:
+            return self
+        k = Kernel.__new__(Kernel)
+        k.__dict__.update(self.__dict__)
+        k.fine = None
         return k
 
     def check_scale(self, lam_mm, r) -> bool:
@@ -90,9 +116,15 @@ class Kernel:
         return amax >= AMP_MIN
 
     def matrix(self, a, la, b=None, lb=None):
+        """The dense kernel (both scales) between ``a`` and ``b``."""
         if b is None:
             b, lb = a, la
-        return kp.kernel_matrix(a, la, b, lb, self.amp, self.den)
+        G = kp.kernel_matrix(a, la, b, lb, self.amp, self.den)
+        if self.fine is not None:
+            amp_f, den_f, theta = self.fine
+            d = np.sqrt(np.maximum(((np.asarray(a)[:, None, :] - np.asarray(b)[None, :, :]) ** 2).sum(-1), 0.0))
+            G += kp.kernel_matrix(a, la, b, lb, amp_f, den_f) * wendland(d / theta)
+        return G
 
 
 def kernel_blocks(kern: Kernel, y, ly, *, rank, lowrank, nystrom_samples, budget, pd_guard, rng, r):
@@ -112,24 +144,36 @@ def kernel_blocks(kern: Kernel, y, ly, *, rank, lowrank, nystrom_samples, budget
     check_psd = not block_diag and not (np.allclose(S, 1) and np.allclose(kern.bw, kern.bw[0]))
     blocks, ranks, jitter = [], [], 0.0
     for idx in groups:
-        k_b = _block_rank(rank, len(idx))
+        k_b = _block_rank(rank, len(idx), kern.fine is not None)
         yb, lb = y[idx], ly[idx]
         if k_b == "full":
             kb, jit = _full_block(kern, yb, lb, budget, pd_guard, check_psd)
             ranks.append("full")
         else:
-            method = lowrank or ("eigsh" if len(idx) <= AUTO_EIGSH_POINTS else "nystrom")
-            kb, jit = lowrank_eigenpairs(kern, yb, lb, k_b, method, nystrom_samples, rng, budget, pd_guard)
+            method = lowrank or ("eigsh" if len(idx) <= AUTO_EIGSH_POINTS and kern.fine is None else "nystrom")
+            kb, jit = lowrank_eigenpairs(kern.coarse(), yb, lb, k_b, method, nystrom_samples, rng, budget, pd_guard)
             ranks.append(f"{kb['K']} ({method})")
+            if kern.fine is not None:
+                if check_psd:
+                    raise ValueError("the fine scale of the kernel (fine_deformation > 0) with a low-rank coarse "
+                                     "kernel needs coherence 'organ' or 'global' with one bandwidth; use "
+                                     "fine_deformation=0 or rank='full'")
+                amp_f, den_f, theta = kern.fine
+                kb["fine"] = fine_matrix(yb, lb, amp_f, den_f, theta)
+                kb["vf"] = None
+                ranks[-1] += f" + fine sparse ({kb['fine'].nnz / max(len(idx), 1):.0f} per row)"
         jitter = max(jitter, jit * r**2)
         kb["idx"] = idx
         blocks.append(kb)
     return blocks, ranks, jitter
 
 
-def _block_rank(rank, mb: int):
-    """"full" or the number of eigenpairs K of a block of ``mb`` points."""
+def _block_rank(rank, mb: int, two_scale: bool = False):
+    """"full" or the number of eigenpairs K of a block of ``mb`` points (``two_scale``: the kernel has a fine
+    scale, whose sparse part is solved apart from a low-rank coarse part)."""
     if rank == "auto":
+        if two_scale:
+            return "full" if mb <= AUTO_FULL_RANK_POINTS_TWO_SCALE else AUTO_COARSE_RANK
         return "full" if mb <= AUTO_FULL_RANK_POINTS else AUTO_RANK
     if rank == "full" or int(rank) >= mb:
         return "full"
@@ -160,17 +204,23 @@ def _full_block(kern: Kernel, yb, lb, budget, pd_guard, check_psd):
 
 def interp_coef(kb, coef, y, ly):
     """Anchors, anchor labels and coefficients of the GP interpolation ``v(q) = Σ_j k(q, z_j) a_j`` (MO-BCPD
-    eqs. 5-6) of one solved block.
+    eqs. 5-6) of one solved block, and the fine-scale coefficients at the block's source points (or None).
 
-    ``coef`` is W = (G + c_v diag(ν)⁻¹)⁻¹ E (full rank) or Qᵀ W (low rank), from the v-update."""
+    ``coef`` is W = (G + c_v diag(ν)⁻¹)⁻¹ E (full rank), Qᵀ W (low rank) or the pair (Qᵀ W_c, W_f) of a low-rank
+    block with a fine scale, from the v-update. A full-rank block solves with the two-scale kernel, so its one W
+    weights both scales."""
     idx = kb["idx"]
+    fine = None
+    if isinstance(coef, tuple):
+        coef, fine = coef
     if kb["kind"] == "full":
-        return y[idx], ly[idx], coef
+        return y[idx], ly[idx], coef, coef
     if kb["kind"] in ("eigsh", "eigh"):
         # a = Q Qᵀ W: with exact eigenvectors G Q Qᵀ W = Q Λ Qᵀ W = v̂ at the source points
-        return y[idx], ly[idx], kb["Q"] @ coef
+        a = kb["Q"] @ coef
+        return y[idx], ly[idx], a, (fine if fine is not None else a if kb["kind"] == "eigh" else None)
     # Nyström G ≈ F Fᵀ, F = C Uw diag(ew)^-1/2 = Q S^1/2 Vᵀ: a = Wj⁺ Cᵀ W = Uw diag(ew)^-1/2 Fᵀ W with
     # Fᵀ W = V S^1/2 Qᵀ W (the part of Cᵀ W outside the kept eigenvectors of Wj is projected out by Wj⁺)
     sel = kb["sel"]
     a = (kb["Uw"] / np.sqrt(kb["ew"])) @ (kb["FtQ"] @ coef)
-    return y[idx][sel], ly[idx][sel], a
+    return y[idx][sel], ly[idx][sel], a, fine

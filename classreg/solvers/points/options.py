@@ -6,6 +6,11 @@ import math
 from ...options import Declaration, Option, shared
 
 
+def _auto_or_float(text):
+    """Command-line value of a length or variance option: 'auto' or a number."""
+    return "auto" if str(text).strip().lower() == "auto" else float(text)
+
+
 def _report(res) -> str:
     m = res.metrics
     return (f"points ({res.params['method']}): sigma {m['sigma_mm']:.4g} mm after {m['iterations']} iterations, "
@@ -29,12 +34,20 @@ OPTIONS = Declaration(
                kind="array", default_text="the file's label column, else one organ (plain BCPD)"),
         Option("mode", "nonrigid", "'nonrigid': s R (y + v(y)) + t; 'similarity': s R y + t; 'rigid': R y + t",
                kind="str", choices=("nonrigid", "similarity", "rigid")),
-        Option("deformation", 10.0, "Λ: prior variance of each displacement coordinate (BCPD's 1/λ); a number, or from "
-                                    "Python one per organ (sorted label values) or a dict {label: value}", unit="mm²",
-               kind="object", low=0, low_open=True, cli_parse=float),
-        Option("bandwidth", 30.0, "B: coherence length of the displacement prior (BCPD's β); a number, or from "
-                                  "Python one per organ or a dict {label: value}", unit="mm", kind="object", low=0,
-               low_open=True, cli_parse=float),
+        Option("deformation", "auto", "Λ: prior variance of each displacement coordinate (BCPD's 1/λ); a number, or "
+                                     "from Python one per organ (sorted label values) or a dict {label: value}; "
+                                     "'auto': (0.2 r)², r the source's RMS radius", unit="mm²", kind="object",
+               cli_parse=_auto_or_float, default_text="auto: (0.2 × the source's RMS radius)²"),
+        Option("bandwidth", "auto", "B: coherence length of the displacement prior (BCPD's β); a number, or from "
+                                   "Python one per organ or a dict {label: value}; 'auto': the source's RMS radius",
+               unit="mm", kind="object", cli_parse=_auto_or_float, default_text="auto: the source's RMS radius"),
+        Option("fine_deformation", "auto", "Λ_f: prior variance of the fine scale of the displacement (a second, "
+                                           "tapered Gaussian kernel added to the first; 0: none); 'auto': h², h the "
+                                           "source's mean nearest-neighbour spacing, when deformation and bandwidth "
+                                           "are 'auto', else 0", unit="mm²", kind="object", cli_parse=_auto_or_float,
+               default_text="auto: h² with automatic deformation and bandwidth, else 0"),
+        Option("fine_bandwidth", "auto", "β_f: bandwidth of the fine scale; 'auto': 1.5 h", unit="mm", kind="object",
+               cli_parse=_auto_or_float, default_text="auto: 1.5 × the source's mean nearest-neighbour spacing"),
         Option("coherence", "organ", "inter-organ coherence S: 'organ' (identity: organs deform independently), "
                                      "'global' (all ones) or, from Python, a symmetric (L, L) matrix in [0, 1] with "
                                      "unit diagonal",

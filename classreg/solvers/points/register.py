@@ -34,7 +34,8 @@ logger = logging.getLogger("classreg")
 
 @declared(OPTIONS)
 def register_points(source, target, *, source_labels=None, target_labels=None, mode="nonrigid",
-                    deformation=10.0, bandwidth=30.0, coherence="organ", label_transition=None,
+                    deformation="auto", bandwidth="auto", fine_deformation="auto", fine_bandwidth="auto",
+                    coherence="organ", label_transition=None,
                     lambda_convention="variance", omega=0.0, kappa=math.inf, gamma=1.0, tol=None,
                     max_iter=500, min_iter=30, rank="auto", lowrank=None, nystrom_samples=None,
                     posterior_covariance=True, truncation=1e-12, estep="auto", estep_landmarks=300,
@@ -194,23 +195,26 @@ def register_points(source, target, *, source_labels=None, target_labels=None, m
         t_start = time.perf_counter()
         fr = _frame(source, target, source_labels, target_labels, reference, normalize, tol, mode)
         n_org = len(fr.values)
+        two_scale = _two_scale(mode, deformation, bandwidth, fine_deformation)
 
         def warm_up():  # the same kernels on tiny clouds, before the bar (progress=True only)
             _warm_up(fr, mode=mode, rank=rank, lowrank=lowrank, label_transition=label_transition,
                      lambda_convention=lambda_convention, omega=omega, kappa=kappa,
                      posterior_covariance=posterior_covariance, estep=estep, estep_precision=estep_precision,
-                     normalize=normalize, backend=backend)
+                     normalize=normalize, backend=backend, two_scale=two_scale)
 
         prog = Progress("register_points", callback=callback, progress=progress, total=int(max_iter),
                         time_limit=time_limit, warm_up=warm_up,
                         warm_key=(fr.x.shape[1], n_org > 1, mode, estep, estep_precision, str(backend),
-                                  _warm_rank(fr, rank, lowrank)))
-        lam = per_label(deformation, fr.values.tolist(), "deformation")
-        bw = per_label(bandwidth, fr.values.tolist(), "bandwidth")
+                                  _warm_rank(fr, rank, lowrank, two_scale)))
+        scales = _auto_scales(fr, deformation, bandwidth, fine_deformation, fine_bandwidth)
+        lam = per_label(scales["deformation"], fr.values.tolist(), "deformation")
+        bw = per_label(scales["bandwidth"], fr.values.tolist(), "bandwidth")
         S, U = coherence_matrix(coherence, n_org), transition_matrix(label_transition, n_org)
         be = backend_name(backend)
         budget = float(memory_budget_mb) * 2**20
-        kern_mm = Kernel(lam, bw, S, lambda_convention)
+        fine = (scales["fine_deformation"], scales["fine_bandwidth"]) if mode == "nonrigid" else None
+        kern_mm = Kernel(lam, bw, S, lambda_convention, fine=fine)
         t_setup = time.perf_counter()
         blocks, ranks, jitter = [], [], 0.0
         kern_n = kern_mm.scaled(fr.r) if mode == "nonrigid" else None
@@ -228,7 +232,9 @@ def register_points(source, target, *, source_labels=None, target_labels=None, m
                            "sets of RMS radius %.3g mm; only the similarity is estimated", lam.tolist(), fr.radius)
         t_setup = time.perf_counter() - t_setup
         st = initial_state(fr.y, fr.x, gamma, len(blocks))
-        params = _params(fr, lam, bw, S, U, st, rank=ranks, jitter_mm2=jitter, backend=be)
+        params = _params(fr, lam, bw, S, U, st, rank=ranks, jitter_mm2=jitter, backend=be,
+                         fine_deformation_mm2=scales["fine_deformation"], fine_bandwidth_mm=scales["fine_bandwidth"],
+                         mean_spacing_mm=scales["spacing"], source_radius_mm=scales["source_radius"])
         e_step = EStep(fr.x, fr.lx_s, fr.ly_s, U, omega=omega, volume=fr.volume, truncation=truncation,
                        precision=estep_precision, mode=estep, landmarks=estep_landmarks, tol=estep_tol, seed=seed,
                        backend=be, budget=budget)
@@ -250,17 +256,75 @@ def register_points(source, target, *, source_labels=None, target_labels=None, m
                       stop_reason=stop_reason, params=params, metrics=metrics, timings=timings, reference=reference)
 
 
+# ================================================================================================ automatic scales
+#: ``deformation="auto"``: (AUTO_DEFORMATION × the source's RMS radius)²
+AUTO_DEFORMATION = 0.2
+#: ``bandwidth="auto"``: AUTO_BANDWIDTH × the source's RMS radius
+AUTO_BANDWIDTH = 1.0
+#: ``fine_deformation="auto"``: (AUTO_FINE_DEFORMATION × h)², h the source's mean nearest-neighbour spacing
+AUTO_FINE_DEFORMATION = 1.0
+#: ``fine_bandwidth="auto"``: AUTO_FINE_BANDWIDTH × h
+AUTO_FINE_BANDWIDTH = 1.5
+
+
+def _is_auto(v) -> bool:
+    return isinstance(v, str) and v == "auto"
+
+
+def _auto_scales(fr: _Frame, deformation, bandwidth, fine_deformation, fine_bandwidth) -> dict:
+    """The kernel scales in mm, with every ``"auto"`` replaced by its rule (docs/solvers/points.md, "Defaults"):
+    Λ = (0.2 r)², B = r with r the source's RMS radius (the coarse scale: smooth motion of the whole cloud and its
+    extrapolation inside it); Λ_f = h², β_f = 1.5 h with h the mean distance of a source point to its nearest
+    other source point (the fine scale: the finest deformation the sampling resolves). The fine scale is on by
+    default only when deformation and bandwidth are automatic too (explicit Λ, B give one-scale BCPD)."""
+    Y = fr.Y
+    r_src = _centre_radius(Y)[1]
+    h = fr.spacing
+    if not h > 0:
+        h = r_src / max(len(Y), 1) ** (1.0 / 3.0)  # only duplicates: the spacing of as many points in the radius
+    all_auto = _is_auto(deformation) and _is_auto(bandwidth)
+    out = {"deformation": (AUTO_DEFORMATION * r_src) ** 2 if _is_auto(deformation) else deformation,
+           "bandwidth": AUTO_BANDWIDTH * r_src if _is_auto(bandwidth) else bandwidth,
+           "spacing": h, "source_radius": r_src}
+    if _is_auto(fine_deformation):
+        fine_deformation = (AUTO_FINE_DEFORMATION * h) ** 2 if all_auto else 0.0
+    fine_bandwidth = AUTO_FINE_BANDWIDTH * h if _is_auto(fine_bandwidth) else fine_bandwidth
+    for name, v in (("fine_deformation", fine_deformation), ("fine_bandwidth", fine_bandwidth)):
+        try:
+            v = float(v)
+        except (TypeError, ValueError):
+            raise TypeError(f"register_points: {name} must be a number or 'auto', got {v!r}") from None
+        if not (math.isfinite(v) and v >= 0) or (name == "fine_bandwidth" and v == 0):
+            raise ValueError(f"register_points: {name} must be finite and {'positive' if name == 'fine_bandwidth' else '>= 0'}"
+                             f", got {v!r}")
+        out[name] = v
+    return out
+
+
 # ================================================================================================ kernel warm-up
-def _warm_rank(fr, rank, lowrank):
+def _warm_rank(fr, rank, lowrank, two_scale=False):
     """``(rank, lowrank)`` that selects, on tiny clouds, the kernel-block path the real call takes (full rank up to
-    1500 source points per organ, else low rank by eigsh up to 3000, else Nyström; see the ``rank`` option)."""
+    1500 source points per organ, else low rank by eigsh up to 3000, else Nyström; with a fine scale full rank up to
+    500, else Nyström; see the ``rank`` option)."""
     per_block = int(np.bincount(fr.ly_s).max()) if len(fr.ly_s) else 0
-    if rank == "full" or (rank == "auto" and per_block <= 1500):
+    if rank == "full" or (rank == "auto" and per_block <= (500 if two_scale else 1500)):
         return "full", None
-    return 3, lowrank or ("eigsh" if per_block <= 3000 else "nystrom")
+    return 3, lowrank or ("eigsh" if per_block <= 3000 and not two_scale else "nystrom")
 
 
-def _warm_up(fr, *, mode, rank, lowrank, label_transition, estep, backend, **same):
+def _two_scale(mode, deformation, bandwidth, fine_deformation) -> bool:
+    """Whether the call's kernel gets a fine scale (see :func:`_auto_scales`)."""
+    if mode != "nonrigid":
+        return False
+    if _is_auto(fine_deformation):
+        return _is_auto(deformation) and _is_auto(bandwidth)
+    try:
+        return float(fine_deformation) > 0
+    except (TypeError, ValueError):
+        return False
+
+
+def _warm_up(fr, *, mode, rank, lowrank, label_transition, estep, backend, two_scale=False, **same):
     """:func:`register_points` on tiny clouds (60 source and 48 target points, 2 organs if the real call has
     labels) with the options that select kernels: its compiled kernels are the real call's."""
     D = fr.x.shape[1]
@@ -272,8 +336,8 @@ def _warm_up(fr, *, mode, rank, lowrank, label_transition, estep, backend, **sam
     lx = ly[:48] if labelled else None
     if labelled:
         ly[0], ly[1], lx[0], lx[1] = 0, 1, 0, 1  # both organs present on both sides
-    wr, wl = _warm_rank(fr, rank, lowrank)
-    register_points(y, x, source_labels=ly, target_labels=lx, mode=mode, rank=wr, lowrank=wl, nystrom_samples=20,
+    wr, wl = _warm_rank(fr, rank, lowrank, two_scale)
+    register_points(y, x, fine_deformation="auto" if two_scale else 0.0, source_labels=ly, target_labels=lx, mode=mode, rank=wr, lowrank=wl, nystrom_samples=20,
                     label_transition=label_transition if np.ndim(label_transition) == 0 else None, estep=estep,
                     estep_landmarks=4, max_iter=3, min_iter=5, backend=backend, **same)
 
@@ -300,6 +364,7 @@ class _Frame:
     tol_n: float
     volume: float
     radius: float = 1.0
+    spacing: float = 0.0
 
 
 def _frame(source, target, source_labels, target_labels, reference, normalize, tol, mode="nonrigid") -> _Frame:
@@ -327,7 +392,8 @@ def _frame(source, target, source_labels, target_labels, reference, normalize, t
         r = 1.0
     if not normalize:
         c0 = np.zeros(D)
-    tol_mm = 1e-4 * float(rad or 1.0) if tol is None else float(tol)
+    spacing = _mean_spacing(Y)
+    tol_mm = max(TOL_RADIUS * float(rad or 1.0), TOL_SPACING * spacing) if tol is None else float(tol)
     oy = kp.spatial_order(Y, ly)
     ox = kp.spatial_order(X, lx)
     y = (Y[oy] - c0) / r
@@ -336,7 +402,24 @@ def _frame(source, target, source_labels, target_labels, reference, normalize, t
     span = x.max(0) - x.min(0)
     volume = float(np.prod(np.where(span > 0, span, 1.0)))
     return _Frame(Y=Y, X=X, ly=ly, values=values, oy=oy, y=y, x=x, ly_s=ly[oy], lx_s=lx[ox], c0=c0, r=r,
-                  tol_mm=tol_mm, tol_n=tol_mm / r, volume=volume, radius=rad)
+                  tol_mm=tol_mm, tol_n=tol_mm / r, volume=volume, radius=rad, spacing=spacing)
+
+
+#: default tolerance: TOL_RADIUS × the target's RMS radius (BCPD's 1e-4 in its normalised units) or TOL_SPACING ×
+#: the source's mean nearest-neighbour spacing, whichever is larger (σ a hundredth of the spacing: every target
+#: point is explained by one source point and the correspondences no longer change)
+TOL_RADIUS = 1e-4
+TOL_SPACING = 1e-2
+
+
+def _mean_spacing(P) -> float:
+    """Mean distance of a point of ``P`` to its nearest other point (0 when all coincide)."""
+    from scipy.spatial import cKDTree
+
+    with np.errstate(invalid="ignore", over="ignore", under="ignore"):
+        d = cKDTree(P).query(P, 2)[0][:, 1]
+    d = d[np.isfinite(d)]
+    return float(d.mean()) if d.size else 0.0
 
 
 #: |coordinates| accepted, mm: squares (and the mm-space kernel of the GP interpolation) stay finite in float64
@@ -586,28 +669,44 @@ def _close(prog, sigma_mm, stop_reason) -> None:
 # ================================================================================================ the result
 def _transforms(fr: _Frame, blocks, st, kern_mm: Kernel, mode, seed):
     """``(T, T⁻¹, interpolation residual)``: the source → target map in mm (similarity + GP interpolation of v̂
-    through each block's anchors), its fixed-point inverse (evaluated once on up to 2000 target points, so that
+    through each block's anchors), its fixed-point inverse (evaluated once on up to :data:`INVERSION_POINTS`
+    target points, so that
     ``last_error`` holds the inversion error) and the GP interpolation residual at up to 5000 source points (0 up
     to rounding for full rank / eigsh)."""
     r, c0, D = fr.r, fr.c0, fr.x.shape[1]
     anchors, alabels, coefs = np.zeros((0, D)), np.zeros(0, dtype=np.int64), np.zeros((0, D))
+    fine = {}
     if mode == "nonrigid" and st.coef and st.coef[0] is not None:
         parts = [interp_coef(kb, W, fr.y, fr.ly_s) for kb, W in zip(blocks, st.coef)]
-        anchors = np.concatenate([za * r + c0 for za, _, _ in parts])
-        alabels = np.concatenate([la for _, la, _ in parts])
-        coefs = np.concatenate([ca / r for _, _, ca in parts])
+        anchors = np.concatenate([za * r + c0 for za, _, _, _ in parts])
+        alabels = np.concatenate([la for _, la, _, _ in parts])
+        coefs = np.concatenate([ca / r for _, _, ca, _ in parts])
+        if kern_mm.fine is not None:
+            amp_f, den_f, theta = kern_mm.fine
+            fparts = [(fr.y[kb["idx"]] * r + c0, fr.ly_s[kb["idx"]], fc / r) for kb, (_, _, _, fc) in
+                      zip(blocks, parts) if fc is not None]
+            if fparts:
+                fine = dict(fine_anchors=np.concatenate([a for a, _, _ in fparts]),
+                            fine_anchor_labels=np.concatenate([la for _, la, _ in fparts]),
+                            fine_coef=np.concatenate([c for _, _, c in fparts]), fine_amp=amp_f, fine_den=den_f,
+                            fine_taper=theta)
     A = st.s * st.R
     t_mm = st.t * r + c0 - A @ c0
     deformed = (st.yhat * r + c0)[np.argsort(fr.oy)]
     fwd = PointDeformation(A, t_mm, anchors, alabels, coefs, kern_mm.amp, kern_mm.den, fr.Y, fr.ly, deformed,
-                           label_values=fr.values)
+                           label_values=fr.values, **fine)
     M, N = len(fr.Y), len(fr.X)
     ev = np.arange(M) if M <= 5000 else np.random.default_rng(seed).choice(M, 5000, replace=False)
     interp = np.sqrt(((fwd.map_points(fr.Y[ev], fr.values[fr.ly[ev]]) - deformed[ev]) ** 2).sum(1))
     inv = PointDeformationInverse(fwd)
-    ex = np.arange(N) if N <= 2000 else np.random.default_rng(seed).choice(N, 2000, replace=False)
+    ex = np.arange(N) if N <= INVERSION_POINTS else np.sort(np.random.default_rng(seed).choice(N, INVERSION_POINTS,
+                                                                                                replace=False))
     inv.map_points(fr.X[ex])
     return fwd, inv, interp
+
+
+#: target points (all up to this many, else a seeded random subset) on which the inversion error is measured
+INVERSION_POINTS = 500
 
 
 def _metrics(fr: _Frame, st, it, n_nystrom, interp, inv) -> dict:

@@ -35,7 +35,8 @@ class PointDeformation(Transform):
     """
 
     def __init__(self, matrix, translation, anchors, anchor_labels, coef, amp, den, source_points, source_labels,
-                 deformed_source=None, label_values=None):
+                 deformed_source=None, label_values=None, fine_anchors=None, fine_anchor_labels=None, fine_coef=None,
+                 fine_amp=None, fine_den=None, fine_taper=0.0):
         self.matrix = np.asarray(matrix, dtype=float)
         self.translation = np.asarray(translation, dtype=float)
         self.ndim = self.matrix.shape[0]
@@ -48,6 +49,16 @@ class PointDeformation(Transform):
         self.source_labels = np.asarray(source_labels, dtype=np.int64)
         self.deformed_source = None if deformed_source is None else np.asarray(deformed_source, dtype=float)
         self.label_values = np.arange(self.amp.shape[0]) if label_values is None else np.asarray(label_values)
+        # the fine scale of the two-scale prior (classreg.solvers.points.sparse): tapered Gaussian, taper radius
+        # fine_taper mm (0: none)
+        self.fine_taper = float(fine_taper)
+        D = self.matrix.shape[0]
+        self.fine_anchors = np.zeros((0, D)) if fine_anchors is None else np.asarray(fine_anchors, dtype=float)
+        self.fine_anchor_labels = (np.zeros(0, dtype=np.int64) if fine_anchor_labels is None
+                                   else np.asarray(fine_anchor_labels, dtype=np.int64))
+        self.fine_coef = np.zeros((0, D)) if fine_coef is None else np.asarray(fine_coef, dtype=float)
+        self.fine_amp = self.amp * 0 if fine_amp is None else np.asarray(fine_amp, dtype=float)
+        self.fine_den = np.ones_like(self.den) if fine_den is None else np.asarray(fine_den, dtype=float)
         self._tree = None
         self._tree_def = None
 
@@ -85,9 +96,15 @@ class PointDeformation(Transform):
         p = self._check_points(points)
         li = _index if _index is not None else (
             self.nearest_source_labels(p) if labels is None else self._label_index(labels, len(p)))
-        if self.coef.size == 0 or not np.any(self.coef):
-            return np.zeros_like(p)
-        return kp.kernel_apply(p, li, self.anchors, self.anchor_labels, self.coef, self.amp, self.den)
+        out = np.zeros_like(p)
+        if self.coef.size and np.any(self.coef):
+            out = kp.kernel_apply(p, li, self.anchors, self.anchor_labels, self.coef, self.amp, self.den)
+        if self.fine_taper > 0 and self.fine_coef.size and np.any(self.fine_coef):
+            from .sparse import fine_apply
+
+            out += fine_apply(p, li, self.fine_anchors, self.fine_anchor_labels, self.fine_coef, self.fine_amp,
+                              self.fine_den, self.fine_taper)
+        return out
 
     def map_points(self, points, labels=None) -> np.ndarray:
         """Map **source-space** points (N, ndim) mm into target space: ``sR (y + v(y)) + t``.
@@ -122,7 +139,9 @@ class PointDeformation(Transform):
         return {"matrix": self.matrix, "translation": self.translation, "anchors": self.anchors,
                 "anchor_labels": self.anchor_labels, "coef": self.coef, "amp": self.amp, "den": self.den,
                 "source_points": self.source_points, "source_labels": self.source_labels,
-                "deformed_source": deformed, "label_values": self.label_values}
+                "deformed_source": deformed, "label_values": self.label_values, "fine_anchors": self.fine_anchors,
+                "fine_anchor_labels": self.fine_anchor_labels, "fine_coef": self.fine_coef, "fine_amp": self.fine_amp,
+                "fine_den": self.fine_den, "fine_taper": np.float64(self.fine_taper)}
 
     def __repr__(self):
         det = abs(np.linalg.det(self.matrix))
@@ -196,6 +215,8 @@ def load_point_deformation(path):
         st = {k: z[k] for k in z.files if k != "kind"}
     if st["deformed_source"].size == 0:
         st["deformed_source"] = None
+    if "fine_taper" in st:
+        st["fine_taper"] = float(st["fine_taper"])
     forward = PointDeformation(**st)
     return forward if kind == "PointDeformation" else PointDeformationInverse(forward)
 
