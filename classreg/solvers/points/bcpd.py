@@ -175,26 +175,36 @@ def v_update(st: State, blocks, xhat, y, nu, posterior_covariance: bool) -> None
     cv = st.sigma2 / st.s**2
     for bi, kb in enumerate(blocks):
         idx = kb["idx"]
-        vb, sm, W = v_update_block(kb, E[idx], nu[idx], cv, posterior_covariance)
+        vb, sm, W = v_update_block(kb, E[idx], nu[idx], cv, posterior_covariance, math.sqrt(st.sigma2))
         st.vhat[idx] = vb
         st.sig_m2[idx] = sm
         st.coef[bi] = W
     st.uhat = y + st.vhat
 
 
-def v_update_block(kb, E, nu, cv, postcov):
+def v_update_block(kb, E, nu, cv, postcov, sigma=0.0):
     """Posterior mean v̂ (M_b×D), variances σ_m² and the GP coefficients of one kernel block: W = (G + c_v
     diag(ν)⁻¹)⁻¹ E for a full-rank block, Qᵀ W (K×D) for a low-rank one (all the interpolation needs).
 
-    A low-rank block with a fine scale (``kb["fine"]``, :mod:`.sparse`) updates the two mean-field factors of
-    ``v = v_c + v_f`` in turn: the coarse one by the Woodbury identity against ``E - v̂_f``, the fine one by
-    conjugate gradients against ``E - v̂_c``; its coefficients are then the pair ``(Qᵀ W_c, W_f)``."""
+    With a fine scale (:mod:`.sparse`) the block is solved with the coarse kernel alone until σ falls below
+    :data:`FINE_START` × the fine bandwidth (coarse to fine: while the E-step blurs over more than β_f, detail at
+    that scale is not resolved and the fine factor keeps its prior mean 0); from then on, a full-rank block solves
+    with the sum of the two kernels, and a low-rank one updates the two mean-field factors of ``v = v_c + v_f`` in
+    turn: the coarse one by the Woodbury identity against ``E - v̂_f``, the fine one by conjugate gradients against
+    ``E - v̂_c``; its coefficients are then the pair ``(Qᵀ W_c, W_f)``."""
+    fine_now = "fine_bw" in kb and (kb.get("fine_active") or sigma < FINE_START * kb["fine_bw"])
+    if fine_now and not kb.get("fine_active"):
+        if kb["kind"] == "full" and "Gf" in kb:
+            kb["G"] = kb["G"] + kb.pop("Gf")
+            kb["fine_active"] = True
+        elif "fine" in kb:
+            kb["fine_active"] = True
     if kb["kind"] == "full":
         out = _v_full(kb["G"], E, nu, cv, postcov)
         if out is not None:
             return out
         _to_spectral(kb)
-    if "fine" not in kb:
+    if "fine" not in kb or not kb.get("fine_active"):
         return _v_woodbury(kb, E, nu, cv, postcov)
     from .sparse import fine_solve
 
@@ -204,6 +214,10 @@ def v_update_block(kb, E, nu, cv, postcov):
     kb["vf"] = vf
     kb["cg_steps"] = kb.get("cg_steps", 0) + steps
     return vc + vf, sm, (Wc, Wf)
+
+
+#: the fine scale of the kernel enters the v-update from the first iteration with σ < FINE_START × its bandwidth
+FINE_START = 0.5
 
 
 #: eigenvalues of a kernel block below this fraction of the largest are rounding noise of the float64 kernel

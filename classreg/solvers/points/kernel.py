@@ -160,6 +160,7 @@ def kernel_blocks(kern: Kernel, y, ly, *, rank, lowrank, nystrom_samples, budget
                                      "fine_deformation=0 or rank='full'")
                 amp_f, den_f, theta = kern.fine
                 kb["fine"] = fine_matrix(yb, lb, amp_f, den_f, theta)
+                kb["fine_bw"] = math.sqrt(float(den_f.max()) / 2.0)
                 kb["vf"] = None
                 ranks[-1] += f" + fine sparse ({kb['fine'].nnz / max(len(idx), 1):.0f} per row)"
         jitter = max(jitter, jit * r**2)
@@ -188,7 +189,7 @@ def _full_block(kern: Kernel, yb, lb, budget, pd_guard, check_psd):
     if need > budget:
         raise ValueError(f"a full-rank kernel block of {mb} points needs {need / 2**20:.3g} MB "
                          f"(> memory_budget_mb={budget / 2**20:g}); use rank=K (e.g. rank=100)")
-    G = kern.matrix(yb, lb)
+    G = kern.coarse().matrix(yb, lb)
     jit = 0.0
     if check_psd:
         ev = float(np.linalg.eigvalsh(G)[0])
@@ -199,7 +200,12 @@ def _full_block(kern: Kernel, yb, lb, budget, pd_guard, check_psd):
             jit = -ev * 1.01
             G = G + jit * np.eye(mb)
             logger.warning("register_points: kernel not PSD (min eigenvalue %.3g); added jitter %.3g", ev, jit)
-    return {"kind": "full", "G": G}, jit
+    kb = {"kind": "full", "G": G}
+    if kern.fine is not None:  # added to G once σ falls below the fine bandwidth (bcpd.v_update_block)
+        amp_f, den_f, theta = kern.fine
+        kb["Gf"] = fine_matrix(yb, lb, amp_f, den_f, theta).toarray()
+        kb["fine_bw"] = math.sqrt(float(den_f.max()) / 2.0)
+    return kb, jit
 
 
 def interp_coef(kb, coef, y, ly):
@@ -213,14 +219,17 @@ def interp_coef(kb, coef, y, ly):
     fine = None
     if isinstance(coef, tuple):
         coef, fine = coef
+    active = kb.get("fine_active", False)
     if kb["kind"] == "full":
-        return y[idx], ly[idx], coef, coef
+        return y[idx], ly[idx], coef, (coef if active else None)
     if kb["kind"] in ("eigsh", "eigh"):
         # a = Q Qᵀ W: with exact eigenvectors G Q Qᵀ W = Q Λ Qᵀ W = v̂ at the source points
         a = kb["Q"] @ coef
-        return y[idx], ly[idx], a, (fine if fine is not None else a if kb["kind"] == "eigh" else None)
+        if kb["kind"] == "eigh":  # the eigenpairs of a full block's G (both scales once the fine one is active)
+            return y[idx], ly[idx], a, (a if active else None)
+        return y[idx], ly[idx], a, (fine if active else None)
     # Nyström G ≈ F Fᵀ, F = C Uw diag(ew)^-1/2 = Q S^1/2 Vᵀ: a = Wj⁺ Cᵀ W = Uw diag(ew)^-1/2 Fᵀ W with
     # Fᵀ W = V S^1/2 Qᵀ W (the part of Cᵀ W outside the kept eigenvectors of Wj is projected out by Wj⁺)
     sel = kb["sel"]
     a = (kb["Uw"] / np.sqrt(kb["ew"])) @ (kb["FtQ"] @ coef)
-    return y[idx][sel], ly[idx][sel], a, fine
+    return y[idx][sel], ly[idx][sel], a, (fine if active else None)

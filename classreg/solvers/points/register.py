@@ -249,6 +249,7 @@ def register_points(source, target, *, source_labels=None, target_labels=None, m
         fwd, inv, interp = _transforms(fr, blocks, st, kern_mm, mode, seed)
         t_fin = time.perf_counter() - t_fin
         metrics = _metrics(fr, st, it, e_step.n_nystrom, interp, inv)
+        metrics["fine_cg_steps"] = int(sum(kb.get("cg_steps", 0) for kb in blocks))
         timings = {"total": time.perf_counter() - t_start, "kernel_setup": t_setup, "vb_loop": t_loop,
                    "finalize": t_fin, "per_iteration": t_loop / max(it, 1), **prog.timings}
         _close(prog, metrics["sigma_mm"], stop_reason)

@@ -68,7 +68,7 @@ def fine_solve(G, E, nu, cv, v_prev):
     kernel), by preconditioned CG in the symmetric form of the module docstring, warm-started from ``v_prev``."""
     s = np.sqrt(nu)
     rhs = s[:, None] * E
-    Z = s[:, None] * (E - v_prev) / cv if v_prev is not None else np.zeros_like(E)
+    Z = np.ascontiguousarray(s[:, None] * (E - v_prev) / cv if v_prev is not None else np.zeros(E.shape))
     dinv = 1.0 / (nu * G.diagonal() + cv)
     if _numba_ok():
         steps = _cg_numba()(G.indptr, G.indices.astype(np.int64), G.data, s, float(cv), dinv,
@@ -106,64 +106,89 @@ def _cg_numpy(G, s, cv, dinv, rhs, Z):
 
 
 def _cg_body(indptr, indices, data, s, cv, dinv, rhs, Z, tol, maxit):
-    """Numba PCG on ``(S G S + c_v I) Z = rhs`` (S = diag s, G in CSR), one recurrence per column of Z; returns the
-    number of steps of the slowest column."""
+    """Numba PCG on ``(S G S + c_v I) Z = rhs`` (S = diag s, G in CSR), one recurrence per column of Z (the columns
+    share each pass over G); a column stops at its own tolerance. Returns the number of steps of the slowest
+    column."""
     m, nc = rhs.shape
-    steps = 0
-    for c in range(nc):
-        x = Z[:, c].copy()
-        b = rhs[:, c]
-        t = np.empty(m)
-        r = np.empty(m)
-        for i in range(m):  # r = b - A x
-            t[i] = s[i] * x[i]
-        bn = 0.0
-        for i in range(m):
+    t = np.empty((m, nc))
+    r = np.empty((m, nc))
+    z = np.empty((m, nc))
+    p = np.empty((m, nc))
+    ap = np.empty((m, nc))
+    bn = np.zeros(nc)
+    rz = np.zeros(nc)
+    rr = np.zeros(nc)
+    pap = np.zeros(nc)
+    live = np.ones(nc, dtype=np.bool_)
+    for i in range(m):
+        for c in range(nc):
+            t[i, c] = s[i] * Z[i, c]
+    for i in range(m):  # r = b - A Z
+        for c in range(nc):
             acc = 0.0
             for k in range(indptr[i], indptr[i + 1]):
-                acc += data[k] * t[indices[k]]
-            r[i] = b[i] - (s[i] * acc + cv * x[i])
-            bn += b[i] * b[i]
-        bn = math.sqrt(bn)
-        z = r * dinv
-        p = z.copy()
-        rz = 0.0
-        rr = 0.0
+                acc += data[k] * t[indices[k], c]
+            r[i, c] = rhs[i, c] - (s[i] * acc + cv * Z[i, c])
+            z[i, c] = r[i, c] * dinv[i]
+            p[i, c] = z[i, c]
+            bn[c] += rhs[i, c] * rhs[i, c]
+            rz[c] += r[i, c] * z[i, c]
+            rr[c] += r[i, c] * r[i, c]
+    steps = 0
+    for it in range(maxit):
+        n_live = 0
+        for c in range(nc):
+            if live[c] and (math.sqrt(rr[c]) <= tol * math.sqrt(bn[c]) or rz[c] <= 0.0):
+                live[c] = False
+            if live[c]:
+                n_live += 1
+        if n_live == 0:
+            break
+        steps = it + 1
         for i in range(m):
-            rz += r[i] * z[i]
-            rr += r[i] * r[i]
-        ap = np.empty(m)
-        k_used = 0
-        for it in range(maxit):
-            if math.sqrt(rr) <= tol * bn or rz <= 0.0:
-                break
-            k_used = it + 1
-            for i in range(m):
-                t[i] = s[i] * p[i]
-            pap = 0.0
-            for i in range(m):
-                acc = 0.0
-                for k in range(indptr[i], indptr[i + 1]):
-                    acc += data[k] * t[indices[k]]
-                ap[i] = s[i] * acc + cv * p[i]
-                pap += p[i] * ap[i]
-            if pap <= 0.0:
-                break
-            a = rz / pap
+            for c in range(nc):
+                t[i, c] = s[i] * p[i, c]
+        for c in range(nc):
+            pap[c] = 0.0
+        for i in range(m):
+            a0 = 0.0
+            a1 = 0.0
+            a2 = 0.0
+            for k in range(indptr[i], indptr[i + 1]):
+                j = indices[k]
+                g = data[k]
+                a0 += g * t[j, 0]
+                if nc > 1:
+                    a1 += g * t[j, 1]
+                if nc > 2:
+                    a2 += g * t[j, 2]
+            ap[i, 0] = s[i] * a0 + cv * p[i, 0]
+            if nc > 1:
+                ap[i, 1] = s[i] * a1 + cv * p[i, 1]
+            if nc > 2:
+                ap[i, 2] = s[i] * a2 + cv * p[i, 2]
+            for c in range(nc):
+                pap[c] += p[i, c] * ap[i, c]
+        for c in range(nc):
+            if not live[c]:
+                continue
+            if pap[c] <= 0.0:
+                live[c] = False
+                continue
+            a = rz[c] / pap[c]
             rz2 = 0.0
-            rr = 0.0
+            rr2 = 0.0
             for i in range(m):
-                x[i] += a * p[i]
-                r[i] -= a * ap[i]
-                z[i] = r[i] * dinv[i]
-                rz2 += r[i] * z[i]
-                rr += r[i] * r[i]
-            beta = rz2 / rz
-            rz = rz2
+                Z[i, c] += a * p[i, c]
+                r[i, c] -= a * ap[i, c]
+                z[i, c] = r[i, c] * dinv[i]
+                rz2 += r[i, c] * z[i, c]
+                rr2 += r[i, c] * r[i, c]
+            beta = rz2 / rz[c]
+            rz[c] = rz2
+            rr[c] = rr2
             for i in range(m):
-                p[i] = z[i] + beta * p[i]
-        Z[:, c] = x
-        steps = max(steps, k_used)
+                p[i, c] = z[i, c] + beta * p[i, c]
     return steps
 
 
