@@ -3,19 +3,22 @@
 Cases (DATA.md "Point sets"; fsaverage5 from nilearn, nothing downloaded):
 
 * P1  fsaverage5 left pial → left white, N points (shared vertex indices = ground-truth correspondence);
+* P1r the other direction, left white → left pial (same points);
 * P2  left pial → itself after a smooth RBF warp (20 centres, σ = 25 mm, max 6 mm), 10° about z, (3, -2, 1) mm;
 * MO  four ellipsoidal organs with independent motions (tests/test_points.py): plain BCPD vs OMC-MO-BCPD, TRE on
       held-out interior landmarks;
-* T5k 5000 points per side (P1 geometry) with the low-rank (Nyström) kernel: wall time (median and minimum of
+* T5k 5000 points per side (P1 geometry), register_points' defaults: wall time (median and minimum of
       ``--t5k-repeat`` runs after a warm-up run; the 1-minute load average is recorded because the machine is shared),
       peak memory of the call (numpy allocations traced by tracemalloc in one extra run) and the process peak RSS;
       also with ``estep="exact"`` (no Nyström E-step phase) for comparison.
 
-probreg (CPD rigid+nonrigid, CPD nonrigid, BCPD) runs on the same P1/P2 points when installed, in coordinates
-normalised by the target centroid and RMS radius (as in DATA.md), with errors reported in mm.
+classreg runs with register_points' defaults (the two-scale kernel whose scales follow from the source's RMS radius
+and mean point spacing, docs/solvers/points.md); its P1/P1r/P2 wall time is the median of ``--repeat`` runs after a
+warm-up run. probreg (CPD rigid+nonrigid, CPD nonrigid, BCPD) runs on the same P1/P1r/P2 points when installed, in
+coordinates normalised by the target centroid and RMS radius (as in DATA.md), with errors reported in mm.
 
-Run ``python -m benchmarks.points [--n 2000] [--probreg-maxiter 500] [--skip-probreg-bcpd] [--only-t5k]
-[--t5k-repeat 3]``.
+Run ``python -m benchmarks.points [--n 2000] [--repeat 5] [--probreg-maxiter 500] [--skip-probreg-bcpd]
+[--only-t5k] [--t5k-repeat 5]``.
 """
 from __future__ import annotations
 
@@ -117,12 +120,13 @@ _T5K_COLS = [("case", "case"), ("n", "N"), ("method", "method"), ("wall_s", "wal
 
 
 def _t5k_rows(repeat):
-    """T5k: 5000 points per side, Nyström K=100 kernel; timed runs, then one traced run for the call's peak memory."""
+    """T5k: 5000 points per side, register_points' defaults; timed runs, then one traced run for the call's peak
+    memory."""
     p5, w5 = _fsaverage(5000)
-    kw5 = dict(deformation=10.0, bandwidth=5.0, rank=100, lowrank="nystrom", max_iter=150, tol=1e-2)
+    kw5 = {}
     rows = []
-    for name, extra in (("classreg BCPD Nyström K=100", {}),
-                        ("classreg BCPD Nyström K=100, estep='exact'", dict(estep="exact"))):
+    for name, extra in (("classreg BCPD (defaults)", {}),
+                        ("classreg BCPD (defaults), estep='exact'", dict(estep="exact"))):
         kw = dict(kw5, **extra)
         _run_classreg(p5, w5, **kw)  # warm-up (JIT cache load, first-touch allocations)
         walls, loads = [], []
@@ -149,7 +153,8 @@ def main(argv=None):
     ap.add_argument("--probreg-maxiter", type=int, default=500)
     ap.add_argument("--skip-probreg-bcpd", action="store_true", help="probreg BCPD takes minutes at N=2000")
     ap.add_argument("--only-t5k", action="store_true", help="run only the T5k timing case")
-    ap.add_argument("--t5k-repeat", type=int, default=3, help="timed T5k runs (median and minimum reported)")
+    ap.add_argument("--t5k-repeat", type=int, default=5, help="timed T5k runs (median and minimum reported)")
+    ap.add_argument("--repeat", type=int, default=5, help="timed classreg runs per P1/P1r/P2 case (median reported)")
     ap.add_argument("--out", help="output folder (default benchmarks/results)")
     args = ap.parse_args(argv)
     if args.only_t5k:
@@ -164,19 +169,26 @@ def main(argv=None):
     have_probreg, note = _probreg_available()
     pial, white = _fsaverage(args.n)
     warped = _p2(pial)
-    # classreg settings: fine bandwidth for the cortex (β = 5 mm), Λ = 10 mm², rank 400 eigenpairs
-    ckw = dict(deformation=10.0, bandwidth=5.0, rank=min(400, args.n - 1), max_iter=150, tol=1e-3)
-    for case, src, tgt in (("P1 pial→white", pial, white), ("P2 pial→warped pial", pial, warped)):
+    ckw = {}  # register_points' defaults
+    for case, src, tgt in (("P1 pial→white", pial, white), ("P1r white→pial", white, pial),
+                           ("P2 pial→warped pial", pial, warped)):
         before = _err(src, tgt)
-        _run_classreg(src[:100], tgt[:100], max_iter=2)  # JIT warm-up
-        res, wall = _run_classreg(src, tgt, **ckw)
+        _run_classreg(src, tgt, **ckw)  # warm-up (JIT cache load, first-touch allocations)
+        walls, loads = [], []
+        for _ in range(max(1, args.repeat)):
+            res, wall = _run_classreg(src, tgt, **ckw)
+            walls.append(wall)
+            loads.append(os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"))
+        wall = statistics.median(walls)
         mem = peak_rss_mb()
         base = dict(case=case, n=args.n, before_mm=before)
-        rows.append(dict(base, method="classreg BCPD", wall_s=wall, after_mm=_err(res.apply_points(src), tgt),
+        rows.append(dict(base, method="classreg BCPD (defaults)", wall_s=wall, wall_min_s=min(walls), runs=len(walls),
+                         load_avg=max(loads), after_mm=_err(res.apply_points(src), tgt),
                          iterations=res.metrics["iterations"], ratio=1.0, peak_rss_mb=mem))
         if have_probreg:
             for name, (moved, w) in _probreg_runs(src, tgt, args.probreg_maxiter, args.skip_probreg_bcpd).items():
                 rows.append(dict(base, method=name, wall_s=w, after_mm=_err(moved, tgt), ratio=w / wall,
+                                 load_avg=os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"),
                                  peak_rss_mb=peak_rss_mb()))
     # multi-organ synthetic
     import sys
@@ -202,7 +214,8 @@ def main(argv=None):
                          peak_rss_mb=peak_rss_mb()))
     # 5000 points, low-rank kernel
     t5k, kw5 = _t5k_rows(args.t5k_repeat)
-    cols = [("case", "case"), ("n", "N"), ("method", "method"), ("wall_s", "wall s"), ("ratio", "time / classreg"),
+    cols = [("case", "case"), ("n", "N"), ("method", "method"), ("wall_s", "wall s (classreg: median)"),
+            ("wall_min_s", "wall s (min)"), ("runs", "runs"), ("ratio", "time / classreg"), ("load_avg", "load avg"),
             ("before_mm", "err before mm"), ("after_mm", "err after mm"), ("iterations", "iters"),
             ("peak_rss_mb", "peak RSS MB")]
     table = markdown_table(rows, cols) + "\n\n" + markdown_table(t5k, _T5K_COLS)
@@ -211,7 +224,7 @@ def main(argv=None):
         table += f"\n\nNote: {note}"
     payload["rows"] = rows
     payload["note"] = note
-    payload["classreg_settings"] = {"P1/P2": ckw, "MO": tp.MO_KW, "T5k": kw5}
+    payload["classreg_settings"] = {"P1/P1r/P2": ckw or "defaults", "MO": tp.MO_KW, "T5k": kw5 or "defaults"}
     j, m = write_outputs("points", payload, table, args.out)
     print(table)
     print(f"wrote {j} and {m}")
