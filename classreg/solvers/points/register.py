@@ -628,8 +628,9 @@ class _NearestTarget:
         return similarity(y, self.x[nn], columns=True)
 
 
-#: source points on which the similarity of each VB iteration is evaluated (NCC to 0.001 for smooth sets)
-SIMILARITY_POINTS = 2000
+#: source points on which the similarity of each VB iteration is evaluated (a progress figure; a k-d tree query
+#: of this many points per iteration)
+SIMILARITY_POINTS = 500
 
 
 def _warn_if_collapsed(st, fr: _Frame) -> None:
@@ -687,10 +688,10 @@ def _transforms(fr: _Frame, blocks, st, kern_mm: Kernel, mode, seed):
             fparts = [(fr.y[kb["idx"]] * r + c0, fr.ly_s[kb["idx"]], fc / r) for kb, (_, _, _, fc) in
                       zip(blocks, parts) if fc is not None]
             if fparts:
-                fine = dict(fine_anchors=np.concatenate([a for a, _, _ in fparts]),
-                            fine_anchor_labels=np.concatenate([la for _, la, _ in fparts]),
-                            fine_coef=np.concatenate([c for _, _, c in fparts]), fine_amp=amp_f, fine_den=den_f,
-                            fine_taper=theta)
+                fine = {"fine_anchors": np.concatenate([a for a, _, _ in fparts]),
+                        "fine_anchor_labels": np.concatenate([la for _, la, _ in fparts]),
+                        "fine_coef": np.concatenate([c for _, _, c in fparts]), "fine_amp": amp_f,
+                        "fine_den": den_f, "fine_taper": theta}
     A = st.s * st.R
     t_mm = st.t * r + c0 - A @ c0
     deformed = (st.yhat * r + c0)[np.argsort(fr.oy)]

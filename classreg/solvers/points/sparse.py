@@ -25,14 +25,14 @@ import math
 
 import numpy as np
 
-__all__ = ["TAPER", "fine_matrix", "fine_apply", "fine_solve"]
+__all__ = ["TAPER", "fine_apply", "fine_matrix", "fine_solve"]
 
 #: taper radius θ of the fine kernel in units of its bandwidth β_f: the Gaussian is below 3.4e-4 of its peak there
 TAPER = 4.0
 #: relative residual at which the fine v-update's conjugate gradients stop
 CG_TOL = 1e-4
 #: most conjugate-gradient steps per fine v-update (warm-started; an inexact M-step)
-CG_MAX_ITER = 60
+CG_MAX_ITER = 50
 
 
 def wendland(r):
@@ -192,30 +192,6 @@ def _cg_body(indptr, indices, data, s, cv, dinv, rhs, Z, tol, maxit):
     return steps
 
 
-def _apply_body(q, lq, z, lz, coef, amp, invden, theta2, inv_theta, out):
-    """``out_i = Σ_j amp[lq_i, lz_j] exp(-d² invden[lq_i, lz_j]) ψ(d/θ) coef_j`` over anchors closer than θ
-    (points padded to 3-D, (P, 3) and (J, 3)); parallel over queries."""
-    p = q.shape[0]
-    nz = z.shape[0]
-    nc = coef.shape[1]
-    for i in prange(p):
-        for c in range(nc):
-            out[i, c] = 0.0
-        li = lq[i]
-        for j in range(nz):
-            d0 = z[j, 0] - q[i, 0]
-            d1 = z[j, 1] - q[i, 1]
-            d2 = z[j, 2] - q[i, 2]
-            dd = d0 * d0 + d1 * d1 + d2 * d2
-            if dd >= theta2:
-                continue
-            rr = math.sqrt(dd) * inv_theta
-            om = 1.0 - rr
-            w = amp[li, lz[j]] * math.exp(-dd * invden[li, lz[j]]) * om * om * om * om * (4.0 * rr + 1.0)
-            for c in range(nc):
-                out[i, c] += w * coef[j, c]
-
-
 def _numba_ok():
     from ...kernels import _backend
 
@@ -229,40 +205,25 @@ def _cg_numba():
     return _backend.njit(fastmath=False)(_cg_body)
 
 
-@functools.cache
-def _apply_numba():
-    import numba
+def fine_apply(q, lq, z, lz, coef, amp, den, theta, tree=None):
+    """GP interpolation with the fine kernel: ``Σ_j G^f(q_i, z_j) coef_j`` (P, C), in the units of the inputs.
 
-    from ...kernels import _backend
+    Only the anchor-query pairs closer than the taper radius θ contribute; they are found with a k-d tree of the
+    anchors (``tree``: a ``scipy.spatial.cKDTree`` of ``z`` to reuse)."""
+    from scipy.spatial import cKDTree
 
-    ns = dict(_apply_body.__globals__)
-    ns["prange"] = numba.prange
-    fn = type(_apply_body)(_apply_body.__code__, ns, _apply_body.__name__)
-    return _backend.njit(parallel=True)(fn)
-
-
-def fine_apply(q, lq, z, lz, coef, amp, den, theta):
-    """GP interpolation with the fine kernel: ``Σ_j G^f(q_i, z_j) coef_j`` (P, C), in the units of the inputs."""
     q = np.asarray(q, dtype=np.float64)
     z = np.asarray(z, dtype=np.float64)
-    coef = np.ascontiguousarray(coef, dtype=np.float64)
+    coef = np.asarray(coef, dtype=np.float64)
     out = np.zeros((len(q), coef.shape[1]))
     if len(q) == 0 or len(z) == 0:
         return out
-    if _numba_ok():
-        q3 = np.zeros((len(q), 3))
-        z3 = np.zeros((len(z), 3))
-        q3[:, :q.shape[1]] = q
-        z3[:, :z.shape[1]] = z
-        _apply_numba()(q3, np.ascontiguousarray(lq, dtype=np.int64), z3, np.ascontiguousarray(lz, dtype=np.int64),
-                       coef, np.ascontiguousarray(amp, dtype=np.float64), 1.0 / np.asarray(den, dtype=np.float64),
-                       float(theta) ** 2, 1.0 / float(theta), out)
-        return out
-    lq, lz = np.asarray(lq), np.asarray(lz)
-    rows = max(1, (8 << 20) // (8 * len(z)))
-    for a in range(0, len(q), rows):
-        d2 = ((q[a:a + rows, None, :] - z[None, :, :]) ** 2).sum(-1)
-        li, lj = lq[a:a + rows, None], lz[None, :]
-        w = amp[li, lj] * np.exp(-d2 / den[li, lj]) * wendland(np.sqrt(d2) / theta)
-        out[a:a + rows] = w @ coef
+    if tree is None:
+        tree = cKDTree(z)
+    pairs = cKDTree(q).sparse_distance_matrix(tree, theta, output_type="ndarray")
+    i, j, d = pairs["i"], pairs["j"], pairs["v"]
+    li, lj = np.asarray(lq, dtype=np.int64)[i], np.asarray(lz, dtype=np.int64)[j]
+    w = amp[li, lj] * np.exp(-d * d / den[li, lj]) * wendland(d / theta)
+    for c in range(coef.shape[1]):
+        out[:, c] = np.bincount(i, weights=w * coef[j, c], minlength=len(q))
     return out

@@ -61,6 +61,7 @@ class PointDeformation(Transform):
         self.fine_den = np.ones_like(self.den) if fine_den is None else np.asarray(fine_den, dtype=float)
         self._tree = None
         self._tree_def = None
+        self._fine_tree = None
 
     # -- labels
     def _label_index(self, labels, n):
@@ -102,8 +103,12 @@ class PointDeformation(Transform):
         if self.fine_taper > 0 and self.fine_coef.size and np.any(self.fine_coef):
             from .sparse import fine_apply
 
+            if self._fine_tree is None:
+                from scipy.spatial import cKDTree
+
+                self._fine_tree = cKDTree(self.fine_anchors)
             out += fine_apply(p, li, self.fine_anchors, self.fine_anchor_labels, self.fine_coef, self.fine_amp,
-                              self.fine_den, self.fine_taper)
+                              self.fine_den, self.fine_taper, tree=self._fine_tree)
         return out
 
     def map_points(self, points, labels=None) -> np.ndarray:
