@@ -65,15 +65,18 @@ OPTIONS = Declaration(
         Option("gamma", 1.0, "scale of the initial σ: σ₀ = γ × the RMS distance over all source-target pairs", low=0,
                low_open=True),
         Option("tol", None, "stop when σ < tol or |Δσ| < tol (after min_iter iterations)", unit="mm", low=0,
-               low_open=True, default_text="1e-4 × the target's RMS radius"),
+               low_open=True, default_text="max(1e-4 × the target's RMS radius, 1e-2 × the source's mean "
+                                           "nearest-neighbour spacing)"),
         Option("max_iter", 500, "variational-Bayes iteration cap", kind="int", low=1),
         Option("min_iter", 30, "iterations before the convergence test applies", kind="int", low=0),
         Option("rank", "auto", "rank K of the kernel per kernel block ('full': exact M×M kernel, Cholesky; K: top-K "
                                "eigenpairs and the Woodbury identity; 'auto': full up to 1500 points per block, "
-                               "else 100)", kind="int_or_str", choices=("auto", "full"), low=1),
+                               "else 100; with a fine scale full up to 500, else 50 Nyström eigenpairs of the coarse "
+                               "scale plus the sparse fine scale)", kind="int_or_str", choices=("auto", "full"),
+               low=1),
         Option("lowrank", None, "how the top-K eigenpairs are found: Lanczos ('eigsh') or a Nyström estimate",
                kind="str", choices=("eigsh", "nystrom"), default_text="eigsh up to 3000 points per block, else "
-                                                                      "nystrom"),
+                                                                      "nystrom (with a fine scale: nystrom)"),
         Option("nystrom_samples", None, "landmarks of the Nyström eigenpair estimate", kind="int", low=1,
                default_text="max(300, 3K)"),
         Option("posterior_covariance", True, "use the posterior variances of v in the updates (BCPD's algorithm)",

@@ -65,11 +65,17 @@ def register_points(source, target, *, source_labels=None, target_labels=None, m
         Organ label of every point. Both or neither. Without labels every point belongs to one organ (plain BCPD).
     mode : {"nonrigid", "similarity", "rigid"}
         "similarity" estimates s, R, t only (no v); "rigid" also fixes s = 1.
-    deformation : float, sequence or dict {label: value}
+    deformation : "auto", float, sequence or dict {label: value}
         Λ_l, the deformation magnitude per organ: prior variance of each displacement coordinate (mm²; the paper
-        writes mm). Default 10 (MO-BCPD), i.e. BCPD's λ = 0.1.
-    bandwidth : float, sequence or dict
-        B_l, coherence bandwidth per organ in mm (BCPD's β). Default 30 mm (MO-BCPD).
+        writes mm; MO-BCPD used 10, i.e. BCPD's λ = 0.1). "auto" (default): (0.2 r)², r the source's RMS radius.
+    bandwidth : "auto", float, sequence or dict
+        B_l, coherence bandwidth per organ in mm (BCPD's β; MO-BCPD used 30 mm). "auto" (default): r.
+    fine_deformation, fine_bandwidth : "auto" or float
+        Λ_f (mm²) and β_f (mm) of the fine scale added to the kernel: ``Λ_f S exp(-d²/(2β_f²)) ψ(d/(4β_f))``
+        with the Wendland taper ψ (positive definite, compactly supported; :mod:`classreg.solvers.points.sparse`).
+        "auto": Λ_f = h², β_f = 1.5 h (h: the source's mean nearest-neighbour spacing) when ``deformation`` and
+        ``bandwidth`` are "auto" too, else no fine scale (one-scale BCPD). ``fine_deformation=0``: none. The fine
+        scale enters once σ < 0.5 β_f (coarse to fine).
     coherence : {"organ", "global"} or array (L, L)
         Inter-organ coherence S: "organ" = identity (OMC-MO-BCPD: organs deform independently, block-diagonal
         kernel), "global" = all ones (GMC-MO-BCPD), or a symmetric matrix in [0, 1] with unit diagonal
@@ -89,13 +95,16 @@ def register_points(source, target, *, source_labels=None, target_labels=None, m
         Scale of the initial σ: ``σ₀ = γ sqrt(Σ_mn |x_n - y_m|² / (MND))``.
     tol : float, optional
         Convergence tolerance in mm: stop when σ < tol or |Δσ| < tol (after ``min_iter``). Default
-        1e-4 × the target's RMS radius (BCPD's default in its normalised units).
+        max(1e-4 × the target's RMS radius (BCPD's default in its normalised units), 1e-2 × the source's mean
+        nearest-neighbour spacing).
     max_iter, min_iter : int
         VB loop bounds (BCPD: 500 / 30).
     rank : "auto", "full" or int
         Rank K of the kernel approximation per kernel block: "full" solves with the exact M×M kernel (Cholesky);
         an int uses the top-K eigenpairs and the Woodbury identity (O(MK²) per iteration). "auto": full rank for
-        blocks of ≤ 1500 points, else K = 100.
+        blocks of ≤ 1500 points, else K = 100; with a fine scale, full rank up to 500 points, else K = 50 Nyström
+        eigenpairs of the coarse scale, the fine scale solved as a sparse matrix by conjugate gradients (mean-field
+        update of the two scales; the fine scale's posterior variances are taken as 0).
     lowrank : {"eigsh", "nystrom"}, optional
         How the top-K eigenpairs are found: Lanczos (scipy ``eigsh``, on the dense block if it fits the memory
         budget) or a Nyström estimate from ``nystrom_samples`` random points (BCPD's ``-K/-J``). Default: "eigsh"
