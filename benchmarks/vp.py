@@ -5,7 +5,8 @@
 * ``brain``: the brain2d pair (dipy T1 coronal slice ← MNI152 1 mm coronal slice, SimpleITK affine pre-alignment;
   DATA.md) shrunk to 128² (2× block mean), regridding. Dice of the foregrounds (> 2 % of each image's maximum).
 
-Prints one JSON object per case: loss ratio, min det J, % det J ≤ 0, Dice before/after, inverse-composition error.
+Prints one JSON object per case: loss ratio, min det J, % det J ≤ 0, Dice before/after; the inverse's own loss ratio,
+min det J and Dice (the fixed image warped onto the moving one) and the inverse-composition errors.
 """
 from __future__ import annotations
 
@@ -40,15 +41,24 @@ def dice(a, b) -> float:
 
 def _report(name, fixed, moving, res, fg, t):
     import classreg as cr
+    from classreg.evaluate import jacobian_stats
 
     warped = cr.resample(moving, res.transform, reference=fixed).data
     # inverse composition: the fixed image sent to the moving grid by the inverse and back by the transform
     back = cr.resample(cr.resample(fixed, res.inverse, reference=moving), res.transform, reference=fixed).data
+    # the inverse on its own (METHODS.md §6.4, "inverse φ⁻¹" rows): the fixed image warped onto the moving one
+    inv_warped = cr.resample(fixed, res.inverse, reference=moving).data
+    inv_jac = jacobian_stats(res.inverse, reference=moving)
+    ssd0 = float(np.sum((fixed.data - moving.data) ** 2))
     m = res.metrics
     out = dict(case=name, loss_ratio=m["loss_ratio"], min_det_j=m["min_det_j"],
                pct_det_j_nonpositive=m["pct_det_j_nonpositive"], sd_log_j=m["sd_log_j"], regrids=m["regrids"],
                dice_before=dice(fg(fixed.data), fg(moving.data)), dice_after=dice(fg(fixed.data), fg(warped)),
+               inverse_loss_ratio=float(np.sum((inv_warped - moving.data) ** 2)) / max(1e-12, ssd0),
+               inverse_min_det_j=inv_jac["min_det"], inverse_pct_det_j_nonpositive=inv_jac["percent_nonpositive"],
+               inverse_dice=dice(fg(moving.data), fg(inv_warped)),
                inverse_consistency_mm=m["inverse_consistency_mm"],
+               inverse_left_consistency_mm=m["inverse_left_consistency_mm"],
                inverse_roundtrip_rms=float(np.sqrt(np.mean((back - fixed.data) ** 2)) /
                                            max(1e-12, float(fixed.data.max() - fixed.data.min()))),
                seconds=round(t, 2), stop_reason=res.stop_reason)

@@ -336,7 +336,7 @@ def _pyplot():
 
 def qc_figure(result, moving: Image | None, path, *, fixed: Image | None = None, title: str | None = None,
               point=None, plane: str = "axial", fixed_labels: Image | None = None,
-              moving_labels: Image | None = None, checker: int = 8) -> Path:
+              moving_labels: Image | None = None, checker: int = 8, curl: bool | None = None) -> Path:
     """Write the QC PNG of an image registration ``result`` (a :class:`~classreg.Result`).
 
     Nine panels, all in fixed space and displayed as ITK-SNAP / 3D Slicer display the fixed image (see the module
@@ -371,6 +371,11 @@ def qc_figure(result, moving: Image | None, path, *, fixed: Image | None = None,
         Label maps (fixed and moving space): Dice per label before and after in the summary.
     checker : int
         Squares per side of the checkerboard's largest view.
+    curl : bool, optional
+        Add a fourth row with the curl of the deformable part (2-D: the scalar ``∂_x u_y − ∂_y u_x``; 3-D: the
+        component normal to each view's plane; 1/1, central differences of :func:`classreg.kernels.diff.curl`, x the
+        last array axis) beside det J. Default: when the result's extras hold a curl control ``g``
+        (:func:`classreg.register_vp`, which prescribes det J and curl).
 
     Returns
     -------
@@ -399,6 +404,8 @@ def qc_figure(result, moving: Image | None, path, *, fixed: Image | None = None,
         raise ValueError("qc_figure needs the moving image or a result with its warped image")
     u, _ = dense_displacement(deformable, fixed)
     det3 = np.asarray(jacobian_determinant(u, spacing=fixed.spacing_array_order))
+    if curl is None:
+        curl = "g" in (getattr(result, "extras", None) or {})
     dice_pair = None
     if fixed_labels is not None and moving_labels is not None:
         after = resample(moving_labels, result.transform, reference=fixed, interpolation="label")
@@ -427,12 +434,15 @@ def qc_figure(result, moving: Image | None, path, *, fixed: Image | None = None,
     # rows as high as the views need (3-D: three views side by side, a wider figure), room for titles and text
     width = 12.0 if fixed.ndim == 2 else 15.0
     row_in = max(width / 3.4 * lay.height / lay.width + 0.8, 2.6)
-    nrows = 3 if path_views is None else 5
+    nrows = 3 + (0 if path_views is None else 2) + (1 if curl else 0)
     fig, axes = plt.subplots(nrows, 3, figsize=(width, nrows * row_in + 0.4), dpi=DPI)
     names = [["fixed", "moving", "warped"], ["checkerboard", "grid", "jacobian"], ["diff_before", "diff_after",
                                                                                    "summary"]]
     if path_views is not None:
-        names += _draw_path(axes[3:], lay, path_views, nf)
+        names += _draw_path(axes[3:5], lay, path_views, nf)
+    if curl:
+        _curl_panel(axes[len(names)], lay, u, fixed, det3)
+        names.append(["curl", "", ""])
     grey = dict(cmap="gray", vmin=0, vmax=1)
     m_title = ("moving: not given" if m3 is None else
                "moving after the initial transform" if initial is not None else "moving (on the fixed grid)")
@@ -466,7 +476,7 @@ def qc_figure(result, moving: Image | None, path, *, fixed: Image | None = None,
         lay.show(ax, diffs, cmap="RdBu_r", vmin=-1, vmax=1)
         mean = np.mean(np.abs(np.concatenate([d.ravel() for d in diffs])))
         ax.set_title(f"{name}\nmean |difference| {mean:.3f} (windowed)", fontsize=9)
-    for row in axes[:, :]:
+    for row in axes[:3, :]:
         for ax in row:
             if ax is not axes[2, 2]:
                 lay.frame(ax)
@@ -484,7 +494,7 @@ def qc_figure(result, moving: Image | None, path, *, fixed: Image | None = None,
     height = int(round(fig.get_size_inches()[1] * DPI))
     layout = {"kind": "image", "plane": plane if fixed.ndim == 2 else None, "ndim": fixed.ndim, "letters": lay.letters(),
               "panels": {name: lay.boxes(axes[r, c], height) for r, row in enumerate(names)
-                         for c, name in enumerate(row) if name != "summary"},
+                         for c, name in enumerate(row) if name not in ("summary", "")},
               "point_mm": [float(v) for v in lay.point_mm]}
     return _save(fig, path, layout)
 
@@ -547,6 +557,36 @@ def _draw_path(axes, lay, pv, nf) -> list:
     mean = np.mean(np.abs(np.concatenate([d.ravel() for d in diffs])))
     ax.set_title(f"final I₁ − fixed\nmean |difference| {mean:.3f} (windowed)", fontsize=9)
     return [["path_start", "path_middle", "path_end"], ["weight", "added_intensity", "diff_final"]]
+
+
+def _curl_panel(axes, lay, u, fixed: Image, det3) -> None:
+    """The optional fourth row of :func:`qc_figure`: the curl of the deformable part (signed, diverging map) and,
+    beside it, the det J histogram; the third axis is left empty."""
+    from .kernels.diff import curl as curl_of
+
+    c = np.asarray(curl_of(u, spacing=fixed.spacing_array_order), dtype=float)
+    if fixed.ndim == 2:
+        views = lay.slices(c)
+        label = "curl ∂x uy − ∂y ux"
+    else:  # the component normal to each view (axial, coronal, sagittal: canonical axes 0, 1, 2), i.e. the
+        can = lay.orient.array(c)  # rotation within the plane the view shows; components in the array frame
+        src = lay.orient.source
+        views = [np.asarray(v.take(can[..., src[k]])) for k, v in enumerate(lay.views)]
+        label = "curl ⊥ view"
+    lim = max(float(np.percentile(np.abs(np.concatenate([v.ravel() for v in views])), 99.5)), 1e-6)
+    ax = axes[0]
+    ims = lay.show(ax, views, cmap="PuOr_r", vmin=-lim, vmax=lim)
+    lay.frame(ax)
+    ax.set_title(f"{label}\nmin {float(c.min()):.3g}, max {float(c.max()):.3g} (whole grid)", fontsize=9)
+    ax.figure.colorbar(ims[0], ax=ax, fraction=0.046, label="curl (1; rotation ≈ curl / 2 rad)")
+    ax = axes[1]
+    d = np.asarray(det3, dtype=float).ravel()
+    ax.hist(d, bins=60, color="tab:blue")
+    ax.axvline(0.0, color="k", lw=0.8)
+    ax.set_yscale("log")
+    ax.set_xlabel("det J")
+    ax.set_title(f"det J histogram (min {d.min():.3g})", fontsize=9)
+    axes[2].axis("off")
 
 
 def _save(fig, path, layout) -> Path:

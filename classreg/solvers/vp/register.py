@@ -42,6 +42,18 @@ __all__ = ["register_vp"]
 #: 0 the J-to-V benchmark ended with two nodes at det J = -6e-6, docs/notes/vp.md).
 DET_FLOOR = 0.02
 
+#: Newton tolerance (voxels, per-node residual |φ(x + w) − x| / h) of the per-round and the final inversions.
+INVERSE_TOL = 1e-3
+
+
+def _vp_backend(backend):
+    return "numpy" if backend == "numpy" else None
+
+
+def _compose_inverse(psi, v_pad, h, pad):
+    """``φ_r⁻¹ ∘ Ψ`` on the level grid: ``Ψ(y) + v(y + Ψ(y))``, ``v`` (the round's inverse) on the padded grid."""
+    return psi + _sample(v_pad, psi, h, pad)
+
 
 @declared(OPTIONS)
 def register_vp(fixed: Image, moving: Image, *, init: Transform | None = None, fixed_mask=None,
@@ -105,7 +117,7 @@ def register_vp(fixed: Image, moving: Image, *, init: Transform | None = None, f
     WBIR 2022 (the variational principle and its gradients).
     """
     from ...kernels.diff import jacobian_determinant
-    from ...kernels.fields import compose, invert
+    from ...kernels.vp import invert_newton
 
     t_start = time.perf_counter()
     check_pair(fixed, moving)
@@ -152,10 +164,30 @@ def register_vp(fixed: Image, moving: Image, *, init: Transform | None = None, f
     phi = state.get("phi")
     if phi is None or phi.shape[:fixed.ndim] != fixed.shape:
         phi = np.zeros((*fixed.shape, fixed.ndim), dtype=dtype)
+    psi = state.get("phi_inv")
+    if psi is None or psi.shape != phi.shape:
+        psi = -np.asarray(phi, dtype=np.float64)
+    saved = state.get("vp_pad")
+    if saved is not None and tuple(saved["shape"]) == tuple(fixed.shape):
+        phi_full, shift = np.asarray(saved["phi"], dtype=np.float64), int(saved["pad"])  # Φ_total, padded grid
+    else:  # the schedule ended above full resolution: the map resampled onto the input grid, edge-extended
+        phi_full, shift = np.asarray(phi, dtype=np.float64), 0
+    nodes = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in fixed.shape], indexing="ij"), -1)
+    # Newton correction of the composed per-round inverses against the final map (the level transfers resample
+    # Φ_total and Ψ separately, so Ψ is only close to Φ_total⁻¹ when the last level starts)
+    phi_inv, _ = invert_newton(phi_full, spacing=h, at=nodes + shift, init=np.asarray(psi, dtype=np.float64),
+                               tol=INVERSE_TOL, backend=_vp_backend(backend))
     phi = np.asarray(phi, dtype=dtype)
-    phi_inv, _ = invert(phi, spacing=h, max_iter=100, tol=1e-3, backend=backend)
     phi_inv = np.asarray(phi_inv, dtype=dtype)
-    ic = np.linalg.norm(np.asarray(compose(phi, phi_inv, spacing=h, backend=backend), dtype=np.float64), axis=-1)
+    psi64, phi64 = phi_inv.astype(np.float64), phi.astype(np.float64)
+    # φ∘φ⁻¹ − id at every node y: Φ_total(y + Ψ(y)) + Ψ(y) (Φ_total on its padded grid)
+    ic = np.linalg.norm(_sample(phi_full, psi64, h, shift) + psi64, axis=-1)
+    # φ⁻¹∘φ − id at the nodes x whose image φ(x) lies in the grid (Ψ is known on the grid only)
+    target = nodes + phi64 / np.asarray(h)
+    inside = np.all((target >= 0) & (target <= np.asarray(fixed.shape) - 1), axis=-1)
+    ic_left = np.linalg.norm(_sample(psi64, phi64, h, 0) + phi64, axis=-1)[inside]
+    if ic_left.size == 0:
+        ic_left = np.zeros(1)
     det = np.asarray(jacobian_determinant(phi, spacing=h, backend=backend), dtype=np.float64)
     warped = warp_through(moving_n, fixed_n, init, phi, backend)
     before = mean_sq(fixed_n.data, moving_on_fixed.data, fmask)
@@ -165,6 +197,8 @@ def register_vp(fixed: Image, moving: Image, *, init: Transform | None = None, f
                    min_det_j=float(det.min()), pct_det_j_nonpositive=100.0 * float(np.mean(det <= 0)),
                    sd_log_j=float(np.std(logj[det > 0])) if np.any(det > 0) else float("nan"),
                    regrids=acc["regrids"], inverse_consistency_mm=dict(mean=float(ic.mean()), max=float(ic.max())),
+                   inverse_left_consistency_mm=dict(mean=float(ic_left.mean()), max=float(ic_left.max()),
+                                                    pct_nodes=100.0 * float(np.mean(inside))),
                    similarity_after=similarity(fixed_n.data, warped, mask=fmask))
     params = dict(**schedule, **{k: v for k, v in opts.items() if k != "backend"}, memory_estimate_mb=memory_mb,
                   **common_params(init=init, dtype=dtype, seed=seed, backend=backend))
@@ -181,7 +215,7 @@ def _level_step(level, state, progress, opts, dtype, acc):
 
     from ...kernels.diff import jacobian_determinant
     from ...kernels.fields import compose
-    from ...kernels.vp import vp_loss_grad, warp_linear_grad
+    from ...kernels.vp import invert_newton, vp_loss_grad
 
     backend = opts["backend"]
     Fi = np.asarray(level.fixed.data, dtype=np.float64)
@@ -193,7 +227,14 @@ def _level_step(level, state, progress, opts, dtype, acc):
     if phi is None or phi.shape[:nd] != Fi.shape:
         phi = np.zeros((*Fi.shape, nd), dtype=dtype)
     phi = np.asarray(phi, dtype=np.float64)
+    psi = state.get("phi_inv")
+    psi = np.zeros_like(phi) if psi is None or psi.shape != phi.shape else np.asarray(psi, dtype=np.float64)
     inner = tuple(slice(p, p + n) for n in Fi.shape)
+    # Φ_total is kept on the padded grid: each round's φ is a bijection of the padded box (u = 0 on its ring), so
+    # Φ_total ∘ φ needs Φ_total where φ sends the image's nodes, which may be in the padding (large moves at a coarse
+    # level); the edge-extended cropped map would make Φ_total differ from the composition of the rounds there.
+    phi_p = _padded_map(state.get("vp_pad"), phi, level.fixed, p, h)
+    nodes = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in Fi.shape], indexing="ij"), -1)
     weight = np.zeros(tuple(n + 2 * p for n in Fi.shape))
     weight[inner] = 1.0 if level.fixed_mask is None else np.asarray(level.fixed_mask, dtype=np.float64)
     Fp = np.pad(Fi, p, mode="edge")
@@ -207,13 +248,12 @@ def _level_step(level, state, progress, opts, dtype, acc):
     it_total = 0
     last_ratio = 1.0
     for rnd in range(opts["max_regrids"] + 1):
-        m_cur = warp_linear_grad(M, phi, spacing=h, **{"backend": kw["backend"]})[0] if np.any(phi) else M
-        Mp = np.pad(m_cur, p, mode="edge")
+        Mp = _sample(M, phi_p, h, -p) if np.any(phi_p) else np.pad(M, p, mode="edge")  # M ∘ Φ_total, clamped
         loss0 = vp_loss_grad(np.full(shape_p, fhat0), np.zeros(g_shape), Fp, Mp, opts["j_min"], h, **kw)[0]
         if loss0 <= 0 or budget - it_total <= 0:
             break
         cache = {}
-        has_phi = bool(np.any(phi))
+        has_phi = bool(np.any(phi_p))
 
         def fun(x):
             fh = x[:n_ctl].reshape(shape_p)
@@ -222,7 +262,7 @@ def _level_step(level, state, progress, opts, dtype, acc):
             mdet = float(np.min(jacobian_determinant(u, spacing=h)))
             total = mdet
             if has_phi and mdet > 0:  # the composed map Φ_total ∘ φ must not fold on the grid either
-                total = float(np.min(jacobian_determinant(compose(phi, u[inner], spacing=h), spacing=h)))
+                total = float(np.min(jacobian_determinant(compose(phi_p, u, spacing=h)[inner], spacing=h)))
             vol = float(np.prod(h))
             grad = np.concatenate([gf.ravel(), gg.ravel()]) * (vol / loss0)
             val = loss / loss0
@@ -252,17 +292,58 @@ def _level_step(level, state, progress, opts, dtype, acc):
                  options=dict(maxiter=max(1, budget - it_total), ftol=opts["tol"], gtol=1e-12, maxcor=10))
         if "u" not in rec or rec["val"] > 1.0:  # no accepted step, or only folding ones
             break
-        u = rec["u"][inner]
-        phi = np.asarray(compose(phi, u, spacing=h), dtype=np.float64) if np.any(phi) else u.copy()
+        phi_p = np.asarray(compose(phi_p, rec["u"], spacing=h), dtype=np.float64) if has_phi else rec["u"].copy()
+        phi = phi_p[inner]
+        # the inverse of this round's VP map on its own (padded) box, where it is a bijection (u = 0 on the
+        # boundary), then Ψ ← φ_r⁻¹ ∘ Ψ, so that Ψ stays the inverse of Φ_total = Φ_total ∘ φ_r
+        v_pad, _ = invert_newton(rec["u"], spacing=h, tol=INVERSE_TOL, backend=_vp_backend(backend))
+        psi = _compose_inverse(psi, v_pad, h, p)
+        # Newton correction against Φ_total itself: the composition interpolates each round's inverse between nodes
+        # (measured up to ~1.5 voxels off where a round compresses), and would accumulate over rounds and levels
+        psi, _ = invert_newton(phi_p, spacing=h, at=nodes + p, init=psi, tol=INVERSE_TOL,
+                               backend=_vp_backend(backend))
         acc["regrids"] += 1 if rnd > 0 else 0
         last_ratio *= rec["val"]
         x = rec["x"]
         acc["f"] = np.asarray(opts["j_min"] + x[:n_ctl].reshape(shape_p) ** 2, dtype=dtype)
         acc["g"] = np.asarray(x[n_ctl:].reshape(g_shape), dtype=dtype)
         state["phi"] = phi.astype(dtype)
+        state["phi_inv"] = psi.astype(dtype)
+        state["vp_pad"] = dict(phi=phi_p.astype(dtype), affine=level.fixed.affine, pad=p, shape=Fi.shape)
         acc["state"] = dict(state)
         acc["last_ratio"] = last_ratio
         if rec["mdet"] >= opts["regrid_det"] or it_total >= budget:
             break  # the round converged (or ran out of iterations) without needing a regrid
     state["phi"] = phi.astype(dtype)
+    state["phi_inv"] = psi.astype(dtype)
+    state["vp_pad"] = dict(phi=phi_p.astype(dtype), affine=level.fixed.affine, pad=p, shape=Fi.shape)
     return last_ratio
+
+
+def _sample(img, disp, h, shift, at=None):
+    """``img`` (on its own grid, edge-extended) at index ``at + shift + disp / h`` (``at``: the nodes of ``disp``'s
+    grid by default); multilinear, as the warp; vector images per component."""
+    from scipy.ndimage import map_coordinates
+
+    nd = disp.shape[-1]
+    if at is None:
+        at = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in disp.shape[:nd]], indexing="ij"), -1)
+    coords = np.stack([at[..., j] + shift + disp[..., j] / h[j] for j in range(nd)])
+    if img.ndim == nd:
+        return map_coordinates(img, coords, order=1, mode="nearest")
+    return np.stack([map_coordinates(img[..., c], coords, order=1, mode="nearest") for c in range(nd)], -1)
+
+
+def _padded_map(saved, phi, fixed_level, pad, h):
+    """Φ_total on this level's padded grid: the previous level's padded map resampled (its padded box contains this
+    one when the pad is counted in nodes and the levels get finer), else the edge-padded ``phi``."""
+    nd = phi.shape[-1]
+    shape_p = tuple(n + 2 * pad for n in phi.shape[:nd])
+    if saved is None:
+        return np.pad(phi, [(pad, pad)] * nd + [(0, 0)], mode="edge")
+    if tuple(saved["shape"]) == tuple(phi.shape[:nd]) and np.allclose(saved["affine"], fixed_level.affine):
+        return np.asarray(saved["phi"], dtype=np.float64)
+    total = np.linalg.inv(saved["affine"]) @ fixed_level.affine  # this level's index → the saved level's index
+    idx = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) - pad for n in shape_p], indexing="ij"), -1)
+    src = idx @ total[:nd, :nd].T + total[:nd, nd] + saved["pad"]
+    return _sample(np.asarray(saved["phi"], dtype=np.float64), np.zeros(shape_p + (nd,)), np.ones(nd), 0.0, src)
