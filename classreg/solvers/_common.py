@@ -146,8 +146,10 @@ def check_overlap(fixed: Image, moving: Image, init=None, *, min_fraction: float
 #: demons 52.5 / 54.7, LDDMM band-limited 87.8 / 89.5 (method="full": 793 / 642), affine 21.3 / 21.3, B-spline
 #: 82.0 / 79.0; rigid 123.3 at 64³ only (rounded up)
 #: metamorphosis: estimated as method="full" plus the source residual R_k stored per time step (not measured yet)
+#: vp: 757 at 64³ and 635 at 96³ (the padded grid's float64 fields and L-BFGS pairs; more copies on small images,
+#: where the 8-node padding is a larger share; docs/notes/vp.md)
 MEMORY_COPIES = {"demons": 56.0, "lddmm": 92.0, "lddmm_full": 800.0, "metamorphosis": 900.0, "affine": 22.0,
-                 "bspline": 84.0, "rigid": 124.0, "vp": 240.0}
+                 "bspline": 84.0, "rigid": 124.0, "vp": 760.0}
 
 
 class MemoryLimitError(MemoryError, ValueError):

@@ -9,6 +9,11 @@ Optimiser: L-BFGS (scipy's L-BFGS-B without bounds) on ``(f̂, g)`` with the exa
 larger than the current one, so the search shrinks the step. A round ends when min det J drops below
 ``regrid_det``; then the map is composed into ``Φ_total`` (regridding), the moving image is resampled through it and
 the controls are reset (METHODS.md §6.2 step 7). Coarse-to-fine on :func:`classreg.pyramid.multiresolution`.
+``Φ_total`` is kept on the padded grid of the level, where every round's map is a bijection of the padded box.
+
+Inverse: each round's map is inverted on its padded box by damped Newton iteration
+(:func:`classreg.kernels.vp.invert_newton`), composed into ``Ψ ← φ_r⁻¹ ∘ Ψ`` and Newton-corrected against
+``Φ_total`` (docs/solvers/vp.md says why this and not the paper's VP construction of the inverse, §6.2 step 9).
 """
 from __future__ import annotations
 
@@ -104,12 +109,14 @@ def register_vp(fixed: Image, moving: Image, *, init: Transform | None = None, f
     Returns
     -------
     Result
-        ``transform`` (fixed → moving), ``inverse`` (fixed-point inversion of the composed map, see the docs page),
+        ``transform`` (fixed → moving), ``inverse`` (composed per-round Newton inverses, Newton-corrected against
+        the composed map; see the docs page),
         ``history`` (level, iteration, metric = loss / initial loss of the level, min det J as ``step``),
-        ``metrics``: ``loss_ratio`` (SSD after / before, full resolution, in the mask), ``min_det_j``,
+        ``metrics``: ``loss_ratio`` (SSD after / before, full resolution, in the mask), ``min_det_j``, ``max_det_j``,
         ``pct_det_j_nonpositive``, ``sd_log_j``, ``regrids``, ``inverse_consistency_mm`` (mean and max
-        |φ∘φ⁻¹ − id|); ``extras``: ``f`` and ``g`` (the controls of the last round of the finest level) and
-        ``controls_note``.
+        |φ∘φ⁻¹ − id| over the nodes, φ on its padded grid), ``inverse_left_consistency_mm`` (mean and max
+        |φ⁻¹∘φ − id| over the nodes whose image lies in the grid, and their percentage ``pct_nodes``);
+        ``extras``: ``f`` and ``g`` (the controls of the last round of the finest level) and ``controls_note``.
 
     References
     ----------
@@ -194,7 +201,8 @@ def register_vp(fixed: Image, moving: Image, *, init: Transform | None = None, f
     after = mean_sq(fixed_n.data, warped, fmask)
     logj = np.log(np.clip(det, 1e-12, None))
     metrics = dict(loss_ratio=after / before if before > 0 else 0.0, ssd_before=before, ssd_after=after,
-                   min_det_j=float(det.min()), pct_det_j_nonpositive=100.0 * float(np.mean(det <= 0)),
+                   min_det_j=float(det.min()), max_det_j=float(det.max()),
+                   pct_det_j_nonpositive=100.0 * float(np.mean(det <= 0)),
                    sd_log_j=float(np.std(logj[det > 0])) if np.any(det > 0) else float("nan"),
                    regrids=acc["regrids"], inverse_consistency_mm=dict(mean=float(ic.mean()), max=float(ic.max())),
                    inverse_left_consistency_mm=dict(mean=float(ic_left.mean()), max=float(ic_left.max()),
