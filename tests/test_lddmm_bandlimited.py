@@ -68,6 +68,11 @@ def test_map_grid_interpolation_has_an_exact_transpose():
     a = rng.normal(size=(2, *sh.nc))
     b = rng.normal(size=sh.M + (2,))
     assert float(np.sum(sh.to_map(a) * b)) == pytest.approx(float(np.sum(a * sh.from_map_adjoint(b))), rel=1e-10)
+    # a stack of fields (all time steps at once) is transferred field by field
+    stack = rng.normal(size=(3, 2, *sh.nc))
+    np.testing.assert_allclose(sh.to_map(stack)[1], sh.to_map(stack[1]), atol=1e-12)
+    bs = rng.normal(size=(3, *sh.M, 2))
+    np.testing.assert_allclose(sh.from_map_adjoint(bs)[2], sh.from_map_adjoint(bs[2]), atol=1e-12)
 
 
 @pytest.mark.parametrize("shape,h", [((30, 26), (1.0, 1.5)), ((18, 20, 16), (1.0, 1.2, 0.9))])

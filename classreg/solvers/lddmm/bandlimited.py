@@ -313,12 +313,25 @@ class BandLimitedShooting:
         return a.reshape(c, mats[0].shape[0], *rest)
 
     def to_map(self, v):
-        """Coarse field ``(C, *n)`` → map grid, channels-last, mm → map index units per axis."""
-        w = np.moveaxis(self._separable(v, self.B), 0, -1) / self.Hm.astype(self.dtype)
+        """Coarse field ``(C, *n)`` → map grid, channels-last, mm → map index units per axis. A stack ``(S, C, *n)``
+        (e.g. the velocities of all time steps) is transferred by one set of matrix products, giving
+        ``(S, *M, C)``."""
+        nd = self.nd
+        if v.ndim == nd + 2:
+            S, C = v.shape[:2]
+            a = self._separable(np.reshape(v, (S * C, *v.shape[2:])), self.B).reshape(S, C, *self.M)
+            w = np.moveaxis(a, 1, -1) / self.Hm.astype(self.dtype)
+        else:
+            w = np.moveaxis(self._separable(v, self.B), 0, -1) / self.Hm.astype(self.dtype)
         return np.ascontiguousarray(w, dtype=self.dtype)
 
     def from_map_adjoint(self, wbar):
-        """Transpose of :meth:`to_map`."""
+        """Transpose of :meth:`to_map` (also for a stack ``(S, *M, C)`` → ``(S, C, *n)``)."""
+        nd = self.nd
+        if wbar.ndim == nd + 2:
+            S, C = wbar.shape[0], wbar.shape[-1]
+            a = np.moveaxis(wbar / self.Hm.astype(self.dtype), -1, 1).reshape(S * C, *self.M)
+            return np.ascontiguousarray(self._separable(a, self.BT).reshape(S, C, *self.nc), dtype=self.dtype)
         a = np.moveaxis(wbar / self.Hm.astype(self.dtype), -1, 0)
         return np.ascontiguousarray(self._separable(a, self.BT), dtype=self.dtype)
 
@@ -421,7 +434,7 @@ class BandLimitedShooting:
         if not math.isfinite(path.stability) or (stability_limit is not None and path.stability > stability_limit):
             return None
         dt = self.dtype.type(self.dt)
-        path.w = [self.to_map(v) for v in path.v]
+        path.w = list(self.to_map(np.stack(path.v)))  # one transfer for all steps (contiguous views)
         Z = self.zgrid
         path.Z = [None] * self.n
         for k in range(self.n - 1, -1, -1):
@@ -472,13 +485,13 @@ class BandLimitedShooting:
             ubar = self.map_to_voxels_adjoint(ubar)
         Zbar = ubar * self.Hm.astype(self.dtype)
         dt = self.dtype.type(self.dt)
-        r = [None] * self.n
+        wbar = np.empty((self.n, *self.M, self.nd), dtype=self.dtype)
         for k in range(self.n):  # reverse of the tracing loop k = n−1..0
             Zk = path.Z[k]
             _, dw = sample_linear(path.w[k], Zk, gradient=True, backend=self.backend)
-            wbar = splat_linear(Zbar, Zk, self.M, backend=self.backend) * (-dt)
-            r[k] = self.from_map_adjoint(wbar)
+            np.multiply(splat_linear(Zbar, Zk, self.M, backend=self.backend), -dt, out=wbar[k])
             Zbar = Zbar - dt * np.einsum("...c,...cj->...j", Zbar, dw)
+        r = self.from_map_adjoint(wbar)  # all steps by one transposed transfer
         Lam = self.fft(r[self.n - 1])
         states, path.states = path.states, None
         for k in range(self.n - 2, -1, -1):
@@ -541,7 +554,7 @@ class BandLimitedShooting:
         v, m, Dv, Dm = states[-1]
         V = self.fft(v) - self.dt * self.K * self.fft(self._ad_star(v, m, Dv, Dm))
         vs = vs + [self.ifft(V)]
-        ws = [self.to_map(v) for v in vs]
+        ws = list(self.to_map(np.stack(vs)))
         dt = self.dtype.type(self.dt)
         hm = self.Hm.astype(self.dtype)
 
