@@ -513,12 +513,15 @@ def _path_views(result, fixed: Image):
         traj = traj[..., None]
     if frames.ndim == fixed.ndim:
         frames = frames[..., None]
-    from .solvers.metamorphosis.masks import _at_time  # M(t): evenly spaced frames, linear between
-
     pick = [0, traj.shape[-1] // 2, traj.shape[-1] - 1]
     times = [k / max(traj.shape[-1] - 1, 1) for k in pick]
-    frames = [frames[..., j] for j in range(frames.shape[-1])]
-    return {"times": times, "images": [traj[..., k] for k in pick], "masks": [_at_time(frames, t) for t in times],
+    masks = []
+    for t in times:  # the frames are evenly spaced in time, linear between (as the solver reads them)
+        x = t * (frames.shape[-1] - 1)
+        j = min(int(x), max(frames.shape[-1] - 2, 0))
+        w = x - j
+        masks.append(frames[..., j] if w == 0 else (1 - w) * frames[..., j] + w * frames[..., j + 1])
+    return {"times": times, "images": [traj[..., k] for k in pick], "masks": masks,
             "added": np.asarray(ex["added_intensity"].numpy(), dtype=float)}
 
 
