@@ -637,8 +637,7 @@ TOOLS = {t.name: t for t in [
          _classreg_lddmm(method="full"), classreg=True, quick=False,
          slow_3d="minutes per 3-D pair on 2 cores (the band-limited default replaced it)"),
     Tool("classreg_vp", "deformable", "classreg VP (prescribed det J and curl)", _classreg_vp(), classreg=True,
-         slow_3d="~25-30 min per 3-D pair on the 2 shared cores (synth3d 1763 s, inter3d 1443 s under load; "
-                 "docs/notes/vp.md)"),
+         slow_3d="~5 min per 3-D pair on 2 idle cores (synth3d 312 s), 25-30 min under load; docs/notes/vp.md"),
     Tool("ants_syn", "deformable", "ANTs SyN", _ants("SyN"), requires=("ants",)),
     Tool("ants_synonly", "deformable", "ANTs SyNOnly", _ants("SyNOnly"), requires=("ants",)),
     Tool("ants_syncc", "deformable", "ANTs SyNCC", _ants("SyNCC"), requires=("ants",),
