@@ -200,16 +200,7 @@ def warp_linear_grad(img, u, *, spacing=1.0, backend=None):
     if backend != "numba":
         raise ValueError(f"backend must be 'numpy' or 'numba', got {backend!r}")
     c = np.stack(_coords(u, h), axis=-1).reshape(-1, nd)
-    im = np.ascontiguousarray(img, dtype=np.float64)
-    hh = np.asarray(h, dtype=np.float64)
-    if nd == 2:
-        im = im[None]
-        c = np.concatenate([np.zeros((c.shape[0], 1)), c], axis=1)
-        hh = np.concatenate([[1.0], hh])
-    val = np.empty(c.shape[0])
-    der = np.empty((c.shape[0], 3))
-    _numba_warp_cached()(im, np.ascontiguousarray(c), val, der, hh)
-    der = der[:, 3 - nd:]
+    val, der = _interp_points(img, c, h, "numba")
     return val.reshape(img.shape), der.reshape(img.shape + (nd,))
 
 
