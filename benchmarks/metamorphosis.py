@@ -167,21 +167,20 @@ def _dice(a, b) -> float:
     return float(2 * np.sum(a & b) / max(1, a.sum() + b.sum()))
 
 
-def _solvers(case: dict, which, rhos=(None,), **common):
-    """The runs, keyed ``run`` or ``run rho=R`` when ``rhos`` sweeps metamorphosis' ρ (mm²; None = the default);
-    ``common``: options of every metamorphosis run."""
+def _solvers(case: dict, which, rhos=(None,)):
+    """The runs, keyed ``run`` or ``run rho=R`` when ``rhos`` sweeps metamorphosis' ρ (mm²; None = the default)."""
     import classreg as cr
 
     f, m, mask = case["fixed"], case["moving"], case["mask"]
     out = {}
     for k in which:
         if k == "lddmm":
-            out[k] = lambda: cr.register_metamorphosis(f, m, mu=0.0, **common)
+            out[k] = lambda: cr.register_metamorphosis(f, m, mu=0.0)
         elif k == "lddmm_default":
             out[k] = lambda: cr.register_lddmm(f, m)
         else:
             for rho in rhos:
-                kw = dict(common) if rho is None else {**common, "rho": rho}
+                kw = {} if rho is None else {"rho": rho}
                 if k == "wm":
                     kw["mask"] = mask
                 out[k if rho is None else f"{k} rho={rho:g}"] = (lambda kw=kw: cr.register_metamorphosis(f, m, **kw))
