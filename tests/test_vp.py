@@ -239,9 +239,10 @@ def test_register_vp_inverse_of_a_large_deformation():
     """J-to-V at 64² (the letters overlap with Dice 0.32; displacements of tens of pixels, several regrids): the
     returned inverse composes with the map to the identity up to the Newton tolerance (1e-3 voxel) on almost every
     node, where the fixed-point inversion of the same map does not converge (its mean error is pixels)."""
+    from classreg.kernels.fields import invert
+
     import classreg as cr
     from benchmarks.vp import dice, letter
-    from classreg.kernels.fields import invert
 
     fixed, moving = cr.Image(letter("J", 64), spacing=(1.0, 1.0)), cr.Image(letter("V", 64), spacing=(1.0, 1.0))
     res = cr.register_vp(fixed, moving, shrink_factors=(4, 2, 1), iterations=(100, 100, 100), intensity="joint")
