@@ -20,10 +20,9 @@ for all of v by default).
 """
 from __future__ import annotations
 
-import functools
-import math
-
 import numpy as np
+
+from ...kernels.cg import pcg_csr
 
 __all__ = ["TAPER", "fine_apply", "fine_matrix", "fine_solve"]
 
@@ -70,139 +69,9 @@ def fine_solve(G, E, nu, cv, v_prev):
     rhs = s[:, None] * E
     Z = np.ascontiguousarray(s[:, None] * (E - v_prev) / cv if v_prev is not None else np.zeros(E.shape))
     dinv = 1.0 / (nu * G.diagonal() + cv)
-    if _numba_ok():
-        steps = _cg_numba()(G.indptr, G.indices.astype(np.int64), G.data, s, float(cv), dinv,
-                            np.ascontiguousarray(rhs), Z, CG_TOL, CG_MAX_ITER)
-    else:
-        steps = _cg_numpy(G, s, cv, dinv, rhs, Z)
+    steps = pcg_csr(G.indptr, G.indices, G.data, s, cv, dinv, rhs, Z, tol=CG_TOL, max_iter=CG_MAX_ITER)
     W = s[:, None] * Z
     return G @ W, W, int(steps)
-
-
-def _cg_numpy(G, s, cv, dinv, rhs, Z):
-    """Block-diagonal (one scalar recurrence per column) preconditioned CG, numpy reference of the numba kernel."""
-    def op(X):
-        return s[:, None] * (G @ (s[:, None] * X)) + cv * X
-
-    r = rhs - op(Z)
-    z = dinv[:, None] * r
-    p = z.copy()
-    rz = (r * z).sum(0)
-    bn = np.sqrt((rhs * rhs).sum(0))
-    k = 0
-    for k in range(CG_MAX_ITER):
-        if np.all(np.sqrt((r * r).sum(0)) <= CG_TOL * bn):
-            break
-        Ap = op(p)
-        pAp = (p * Ap).sum(0)
-        a = np.where(pAp > 0, rz / np.where(pAp > 0, pAp, 1.0), 0.0)
-        Z += a * p
-        r -= a * Ap
-        z = dinv[:, None] * r
-        rz2 = (r * z).sum(0)
-        p = z + np.where(rz > 0, rz2 / np.where(rz > 0, rz, 1.0), 0.0) * p
-        rz = rz2
-    return k
-
-
-def _cg_body(indptr, indices, data, s, cv, dinv, rhs, Z, tol, maxit):
-    """Numba PCG on ``(S G S + c_v I) Z = rhs`` (S = diag s, G in CSR), one recurrence per column of Z (the columns
-    share each pass over G); a column stops at its own tolerance. Returns the number of steps of the slowest
-    column."""
-    m, nc = rhs.shape
-    t = np.empty((m, nc))
-    r = np.empty((m, nc))
-    z = np.empty((m, nc))
-    p = np.empty((m, nc))
-    ap = np.empty((m, nc))
-    bn = np.zeros(nc)
-    rz = np.zeros(nc)
-    rr = np.zeros(nc)
-    pap = np.zeros(nc)
-    live = np.ones(nc, dtype=np.bool_)
-    for i in range(m):
-        for c in range(nc):
-            t[i, c] = s[i] * Z[i, c]
-    for i in range(m):  # r = b - A Z
-        for c in range(nc):
-            acc = 0.0
-            for k in range(indptr[i], indptr[i + 1]):
-                acc += data[k] * t[indices[k], c]
-            r[i, c] = rhs[i, c] - (s[i] * acc + cv * Z[i, c])
-            z[i, c] = r[i, c] * dinv[i]
-            p[i, c] = z[i, c]
-            bn[c] += rhs[i, c] * rhs[i, c]
-            rz[c] += r[i, c] * z[i, c]
-            rr[c] += r[i, c] * r[i, c]
-    steps = 0
-    for it in range(maxit):
-        n_live = 0
-        for c in range(nc):
-            if live[c] and (math.sqrt(rr[c]) <= tol * math.sqrt(bn[c]) or rz[c] <= 0.0):
-                live[c] = False
-            if live[c]:
-                n_live += 1
-        if n_live == 0:
-            break
-        steps = it + 1
-        for i in range(m):
-            for c in range(nc):
-                t[i, c] = s[i] * p[i, c]
-        for c in range(nc):
-            pap[c] = 0.0
-        for i in range(m):
-            a0 = 0.0
-            a1 = 0.0
-            a2 = 0.0
-            for k in range(indptr[i], indptr[i + 1]):
-                j = indices[k]
-                g = data[k]
-                a0 += g * t[j, 0]
-                if nc > 1:
-                    a1 += g * t[j, 1]
-                if nc > 2:
-                    a2 += g * t[j, 2]
-            ap[i, 0] = s[i] * a0 + cv * p[i, 0]
-            if nc > 1:
-                ap[i, 1] = s[i] * a1 + cv * p[i, 1]
-            if nc > 2:
-                ap[i, 2] = s[i] * a2 + cv * p[i, 2]
-            for c in range(nc):
-                pap[c] += p[i, c] * ap[i, c]
-        for c in range(nc):
-            if not live[c]:
-                continue
-            if pap[c] <= 0.0:
-                live[c] = False
-                continue
-            a = rz[c] / pap[c]
-            rz2 = 0.0
-            rr2 = 0.0
-            for i in range(m):
-                Z[i, c] += a * p[i, c]
-                r[i, c] -= a * ap[i, c]
-                z[i, c] = r[i, c] * dinv[i]
-                rz2 += r[i, c] * z[i, c]
-                rr2 += r[i, c] * r[i, c]
-            beta = rz2 / rz[c]
-            rz[c] = rz2
-            rr[c] = rr2
-            for i in range(m):
-                p[i, c] = z[i, c] + beta * p[i, c]
-    return steps
-
-
-def _numba_ok():
-    from ...kernels import _backend
-
-    return _backend.HAVE_NUMBA
-
-
-@functools.cache
-def _cg_numba():
-    from ...kernels import _backend
-
-    return _backend.njit(fastmath=False)(_cg_body)
 
 
 def fine_apply(q, lq, z, lz, coef, amp, den, theta, tree=None):
