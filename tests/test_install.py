@@ -4,10 +4,16 @@ import os
 import subprocess
 import sys
 import sysconfig
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock (run these tests without xdist there)
+    fcntl = None
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not (ROOT / "setup.cfg").is_file(), reason="needs the source tree")
@@ -16,7 +22,12 @@ pytestmark = pytest.mark.skipif(not (ROOT / "setup.cfg").is_file(), reason="need
 def _pip(*args, cwd):
     cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--ignore-installed",
            "--quiet", *args]
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300)
+    # one install at a time: two pytest-xdist workers building the same tree race in its build/ folder
+    # ("No such file or directory: build/bdist.../entry_points.txt")
+    with open(Path(tempfile.gettempdir()) / "classreg-install-tests.lock", "w") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
