@@ -166,6 +166,8 @@ class LevelObjective:
         self._mi_args = {nm: (*_bins(bins), *self.fixed_limits, lo, hi, lo + d, hi - d, nm == "nmi", 1e-16)
                          for nm in ("mi", "nmi")}
         self._cached = None
+        self._buffers = None
+        self._fused = self._fused_setup()
         self.last_valid = 1.0
         self.last_similarity = float("nan")
 
@@ -231,19 +233,63 @@ class LevelObjective:
             vals = vals[ok]
         return vals[:, 0], vals[:, 1:] @ self.m_lin, valid
 
+    def _fused_setup(self):
+        """The fused affine kernel (:func:`classreg.kernels.affine.affine_mi_kernel`) when it covers this level:
+        numba, linear interpolation, an affine-family model and one MI/NMI term; else None (the step-by-step path)."""
+        from .models import AffineModel
+
+        if not (self._fast and self.order == 1 and isinstance(self.model, AffineModel) and len(self.terms) == 1
+                and self.terms[0][0] in ("mi", "nmi")):
+            return None
+        from ...kernels.affine import affine_mi_kernel
+
+        return affine_mi_kernel(self.ndim)
+
+    def _evaluate_fused(self, p, y, f):
+        """:meth:`evaluate` in one kernel call (same value and gradient up to rounding; see ``_fused_setup``)."""
+        n, N = self.ndim, len(y)
+        if self._buffers is None or len(self._buffers[0]) < N:
+            self._buffers = (np.empty(N), np.empty(N), np.empty((N, n)), np.empty((N, n)))
+        mv, fv, gv, yv = self._buffers
+        a, t = self.model.matrix(p)
+        c = self.model.center
+        B = self.m_lin @ a
+        b = self.m_lin @ (c + t - a @ c) + self.m_off
+        G, g = np.empty((n, n)), np.empty(n)
+        name, weight = self.terms[0]
+        count, value, ncc = self._fused(self.stack, np.ascontiguousarray(y, dtype=np.float64),
+                                        np.ascontiguousarray(f, dtype=np.float64), B, b, self.has_mmask, self.m_lin,
+                                        c, *self._mi_args[name], mv, fv, gv, yv, G, g)
+        self._check_valid(count, N)
+        self.last_similarity = float(ncc)
+        return weight * value, weight * self.model.gradient_from_sums(p, G, g)
+
+    def _check_valid(self, nvalid, total):
+        self.last_valid = nvalid / max(total, 1)
+        if nvalid < max(self.min_valid * total, 2):
+            raise ValueError(
+                f"too many samples map outside the moving image{' or its mask' if self.has_mmask else ''}: "
+                f"{nvalid} of {total} valid (fewer than {self.min_valid:.0%}); the images do not overlap after "
+                "the initial transform — check the physical origins/directions, or use init='geometry' or "
+                "init='global'")
+
     def evaluate(self, p, k=0, *, samples=None, penalty=True):
         """``(cost, gradient)`` at parameters ``p`` with the samples of iteration ``k`` (or ``samples``)."""
         y, f = self.samples(k) if samples is None else samples
+        if self._fused is not None:
+            value, grad = self._evaluate_fused(p, y, f)
+        else:
+            value, grad = self._evaluate_steps(p, y, f, penalty)
+        if not np.all(np.isfinite(grad)) or not np.isfinite(value):
+            raise FloatingPointError("the metric gradient is not finite (NaN/Inf in the images or an overflow); "
+                                     "check the inputs")
+        return float(value), grad
+
+    def _evaluate_steps(self, p, y, f, penalty):
+        """:meth:`evaluate` step by step: map, sample, metric, chain rule, penalty (every model and metric)."""
         z = self.model.map(p, y)
         m, g_world, valid = self.moving_at(z)
-        nvalid = int(valid.sum())
-        self.last_valid = nvalid / max(len(y), 1)
-        if nvalid < max(self.min_valid * len(y), 2):
-            raise ValueError(
-                f"too many samples map outside the moving image{' or its mask' if self.has_mmask else ''}: "
-                f"{nvalid} of {len(y)} valid (fewer than {self.min_valid:.0%}); the images do not overlap after "
-                "the initial transform — check the physical origins/directions, or use init='geometry' or "
-                "init='global'")
+        self._check_valid(int(valid.sum()), len(y))
         # the normalised similarity of this draw (classreg.progress.similarity: NCC of the paired samples)
         self.last_similarity = similarity(f[valid], m)
         fv, m = f[valid], np.ascontiguousarray(m)
@@ -262,10 +308,7 @@ class LevelObjective:
             if pg is not None:
                 value += pv
                 grad = grad + pg
-        if not np.all(np.isfinite(grad)) or not np.isfinite(value):
-            raise FloatingPointError("the metric gradient is not finite (NaN/Inf in the images or an overflow); "
-                                     "check the inputs")
-        return float(value), grad
+        return value, grad
 
     def displacements(self, p, points):
         """``dp -> (N, n)``: how far a parameter step moves ``points`` (for the step-size estimation)."""

@@ -158,11 +158,14 @@ class AffineModel:
     def gradient(self, p, points, weights, valid=None) -> np.ndarray:
         """``Σ_j weights_j · ∂T/∂p (points_j)`` over the ``valid`` points: the chain rule for per-sample
         ``weights`` (one row ∂C/∂T(y_j) per valid point)."""
-        _, _, dA, dt = self.matrix(p, derivatives=True)
         y = np.asarray(points if valid is None else points[valid], dtype=float) - self.center
-        g_mat = weights.T @ y  # Σ_j w_j (y_j − c)ᵀ
-        g_vec = weights.sum(axis=0)
-        return dA.reshape(self.size, -1) @ g_mat.ravel() + dt @ g_vec
+        return self.gradient_from_sums(p, weights.T @ y, weights.sum(axis=0))
+
+    def gradient_from_sums(self, p, g_mat, g_vec) -> np.ndarray:
+        """The chain rule from the two sums ``g_mat = Σ_j w_j (y_j − c)ᵀ`` (n, n) and ``g_vec = Σ_j w_j`` (n,):
+        ``Σ_ab ∂A_ab/∂p g_mat_ab + ∂t/∂p · g_vec`` (what :func:`classreg.kernels.affine.affine_mi_kernel` returns)."""
+        _, _, dA, dt = self.matrix(p, derivatives=True)
+        return dA.reshape(self.size, -1) @ np.asarray(g_mat).ravel() + dt @ g_vec
 
     def displacement(self, p, dp, points) -> np.ndarray:
         """``∂T/∂p(p) · dp`` at ``points`` (N, n): how far a small parameter step moves each point (mm)."""
