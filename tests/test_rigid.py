@@ -264,7 +264,8 @@ def test_default_fast_search_and_mi_refinement_itk_pair(angle, shift):
     moving = _moved(pd, truth)
     res = cr.register_rigid(fixed, moving)
     assert res.params["schedule"] == "fast" and res.params["local_refine"] == "mi"
-    assert res.params["shrink_factors"] == (8, 4) and res.params["samples"][0] == 67  # ceil(π r / 8 mm), r = 169 mm
+    # ceil(π r / 16 mm) = 34 for r = 169 mm, raised to the floor of 36 rotations
+    assert res.params["shrink_factors"] == (8, 4) and res.params["samples"] == (36, 12)
     local = res.metrics["local_refine"]
     assert local["method"] == "mi" and local["seconds"] > 0
     before = cr.Affine(np.asarray(local["matrix_before"]), local["translation_before"], res.transform.center)

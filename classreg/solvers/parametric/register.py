@@ -526,8 +526,9 @@ def _initial(fixed, moving, init, fmask, mmask, seed, backend, *, progress=False
         if init == "global":
             from ..rigid import register_rigid
 
+            # register_rigid's default search without its local stage: the local optimisation here refines it
             res = register_rigid(fixed, moving, fixed_mask=fmask, moving_mask=mmask, seed=int(seed),
-                                 backend=backend, progress=progress, **GLOBAL_SEARCH[n])
+                                 backend=backend, progress=progress, local_refine="none")
             return res.transform, init
         raise ValueError(f"init must be 'geometry', 'moments', 'global', 'identity' or an Affine, got {init!r}")
     if isinstance(init, Chain):
@@ -538,13 +539,6 @@ def _initial(fixed, moving, init, fmask, mmask, seed, backend, *, progress=False
     if init.ndim != n:
         raise ValueError(f"init is {init.ndim}-D but the images are {n}-D")
     return init, "transform"
-
-
-#: register_rigid's schedule for ``init="global"``: a coarse search only (the local optimisation refines it)
-GLOBAL_SEARCH = {2: dict(shrink_factors=(8, 4), smoothing_sigmas=(4.0, 2.0), samples=(72, 24), perturbation=(5.0,),
-                         keep=(6,), refine=True),
-                 3: dict(shrink_factors=(8, 4), smoothing_sigmas=(4.0, 2.0), samples=(500, 60),
-                         perturbation=(8.0,), keep=(10,), refine=True)}
 
 
 def _result(fixed, moving, transform, inverse, prog, stopped, params, metrics, backend, t0) -> Result:
