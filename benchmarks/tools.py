@@ -717,7 +717,7 @@ TOOLS = {t.name: t for t in [
     Tool("sitk_mi_sampled", ("rigid", "affine"), "SimpleITK Euler/Similarity/Affine (MI, 2048/4096 samples)",
          _sitk_mi("random"), requires=("SimpleITK",), show_params=True),
     Tool("sitk_mi_search", "rigid", "SimpleITK angle search (Exhaustive, 5°) + Euler/Similarity (MI, all voxels)",
-         _sitk_mi("all", search=True), requires=("SimpleITK",), show_params=True, default=False),
+         _sitk_mi("all", search=True), requires=("SimpleITK",), show_params=True),
     Tool("elastix_euler", "rigid", "itk-elastix Euler / Similarity (MI)", _itk_elastix(None), requires=("itk",),
          distributions=("itk-elastix",)),
     Tool("elastix_affine", "affine", "itk-elastix Affine (MI)", _itk_elastix("affine"), requires=("itk",),
