@@ -93,8 +93,10 @@ def load(path, *, dtype=None, channel: int | None = None) -> Image:
     by classreg (once, instead of by ITK: the same bytes, with NaN/Inf refused rather than zeroed) with the geometry
     from SimpleITK's own reader. The voxel data is read a second time only for rescaled or vector floating-point
     NIfTI data in which SimpleITK's result holds zeros, or when the gzip length field does not match the header
-    (then the stream is decompressed and counted). The MetaImage, NRRD and PNG readers refuse short data
-    themselves; for those the checks only make the message name the file and the problem.
+    (then the stream is decompressed and counted). A MetaImage payload's size is compared with its header (the
+    file size, or ``CompressedDataSize``), since older SimpleITK releases read short data without an error. The
+    NRRD and PNG readers refuse short data themselves; for those the checks only make the message name the file and
+    the problem.
     """
     import SimpleITK as sitk
 
@@ -117,6 +119,10 @@ def load(path, *, dtype=None, channel: int | None = None) -> Image:
             )
         if nifti is not None:
             _check_nifti_payload(p, img, gz, nifti)
+        if ext in (".mha", ".mhd"):
+            problem = _meta_payload_problem(p, decompress=False)
+            if problem is not None:
+                raise problem
         try:
             out = Image.from_sitk(img)
         except ValueError as exc:
@@ -293,8 +299,11 @@ _MET_SIZES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "M
               "MET_DOUBLE": 8}
 
 
-def _meta_payload_problem(p: Path):
-    """For a MetaImage file ITK refused: an exception saying which data is missing or short, or None."""
+def _meta_payload_problem(p: Path, *, decompress: bool = True):
+    """For a MetaImage file: an exception saying which data is missing or short, or None. Called when ITK refused
+    the file (to name the problem) and after ITK read it (older SimpleITK releases, e.g. 2.2, fill a short payload
+    with zeros without a word); ``decompress=False``, the check after a successful read, compares a compressed
+    payload's size with the header's ``CompressedDataSize`` instead of decompressing it again."""
     try:
         with open(p, "rb") as fh:
             head = fh.read(1 << 16)
@@ -343,6 +352,15 @@ def _meta_payload_problem(p: Path):
         if header_size == -1:  # data at the end of the file
             start = 0
         got = size - start
+    elif not decompress:
+        size = data_file.stat().st_size - (0 if header_size == -1 else start)
+        try:
+            stored = int(fields.get("compresseddatasize", "0"))
+        except ValueError:
+            return None
+        if size < stored:
+            return ValueError(_truncated_message(p, stored, size, what + " (compressed)"))
+        return None
     else:
         got = 0
         with open(data_file, "rb") as fh:
