@@ -3,7 +3,7 @@ affine) with linear interpolation and Mattes MI / normalised MI.
 
 One call maps the iteration's samples ``y`` (mm) through the current affine map and the moving image's
 world → index matrix, reads the moving value and index-space gradient (linear interpolation of the value/gradient
-stack, as :func:`classreg.kernels.sampling.linear_at`), drops the samples that fall outside the moving image or its
+stack by the kernel behind :func:`classreg.kernels.sampling.linear_at`), drops the samples that fall outside the moving image or its
 mask, evaluates Mattes MI with its per-sample derivative (the kernel behind
 :func:`classreg.kernels.sampling.mattes_mi_fused`) and contracts the derivative with the world-space gradient into
 the two sums the affine chain rule needs:
@@ -14,7 +14,7 @@ so that ``∂C/∂p = Σ_ab ∂A_ab/∂p G_ab + ∂t/∂p · g`` (see ``AffineMo
 Pearson correlation of the valid pairs (the normalised similarity every solver reports).
 
 The numpy reference is the engine's unfused path, ``LevelObjective.evaluate`` with ``backend="numpy"`` (sampling,
-MI and the model's chain rule as separate numpy steps); ``tests/test_parametric.py`` checks the fused call against
+MI and the model's chain rule as separate numpy steps); ``tests/test_kernels_affine.py`` checks the fused call against
 it. Serial, like the other per-sample kernels: a few thousand samples per iteration cost less than a thread launch.
 What it saves is the Python between the steps, which dominates an iteration of a few thousand samples
 (docs/notes/parametric.md).
@@ -28,75 +28,38 @@ from . import _backend
 __all__ = ["affine_mi_kernel"]
 
 
-def _gather2(stack, y, f, B, b, has_mask, mv, fv, gv, yv):
-    n0, n1, nc = stack.shape
+def _gather(stack, y, f, B, b, has_mask, mv, fv, gv, yv):
+    """Samples ``y`` mapped to moving indices ``B y + b``, read by the linear-interpolation kernel; the valid ones
+    (inside, and inside the mask channel when ``has_mask``) are packed into ``mv``, ``gv``, ``fv``, ``yv``."""
+    npts, n = y.shape
+    idx = np.empty((npts, n))
+    for j in range(npts):
+        for a in range(n):
+            s = b[a]
+            for k in range(n):
+                s += B[a, k] * y[j, k]
+            idx[j, a] = s
+    vals = np.empty((npts, stack.shape[-1]))
+    inside = np.empty(npts, dtype=np.bool_)
+    _lin(stack, idx, vals, inside)
+    row = 0
     count = 0
-    for j in range(y.shape[0]):
-        c0 = B[0, 0] * y[j, 0] + B[0, 1] * y[j, 1] + b[0]
-        c1 = B[1, 0] * y[j, 0] + B[1, 1] * y[j, 1] + b[1]
-        if not (c0 >= 0.0 and c0 <= n0 - 1.0 and c1 >= 0.0 and c1 <= n1 - 1.0):
+    for j in range(npts):
+        if not inside[j]:
             continue
-        i0 = min(int(c0), max(n0 - 2, 0))
-        i1 = min(int(c1), max(n1 - 2, 0))
-        t0, t1 = c0 - i0, c1 - i1
-        j0, j1 = min(i0 + 1, n0 - 1), min(i1 + 1, n1 - 1)
-        w00, w01 = (1.0 - t0) * (1.0 - t1), (1.0 - t0) * t1
-        w10, w11 = t0 * (1.0 - t1), t0 * t1
-        if has_mask:
-            mk = (w00 * stack[i0, i1, 3] + w01 * stack[i0, j1, 3] + w10 * stack[j0, i1, 3]
-                  + w11 * stack[j0, j1, 3])
-            if not mk >= 0.5:
-                continue
-        mv[count] = w00 * stack[i0, i1, 0] + w01 * stack[i0, j1, 0] + w10 * stack[j0, i1, 0] + w11 * stack[j0, j1, 0]
-        for c in range(2):
-            gv[count, c] = (w00 * stack[i0, i1, 1 + c] + w01 * stack[i0, j1, 1 + c] + w10 * stack[j0, i1, 1 + c]
-                            + w11 * stack[j0, j1, 1 + c])
-            yv[count, c] = y[j, c]
+        row += 1
+        if has_mask and not vals[row - 1, n + 1] >= 0.5:
+            continue
+        mv[count] = vals[row - 1, 0]
+        for a in range(n):
+            gv[count, a] = vals[row - 1, 1 + a]
+            yv[count, a] = y[j, a]
         fv[count] = f[j]
         count += 1
     return count
 
 
-def _gather3(stack, y, f, B, b, has_mask, mv, fv, gv, yv):
-    n0, n1, n2, nc = stack.shape
-    count = 0
-    for j in range(y.shape[0]):
-        c0 = B[0, 0] * y[j, 0] + B[0, 1] * y[j, 1] + B[0, 2] * y[j, 2] + b[0]
-        c1 = B[1, 0] * y[j, 0] + B[1, 1] * y[j, 1] + B[1, 2] * y[j, 2] + b[1]
-        c2 = B[2, 0] * y[j, 0] + B[2, 1] * y[j, 1] + B[2, 2] * y[j, 2] + b[2]
-        if not (c0 >= 0.0 and c0 <= n0 - 1.0 and c1 >= 0.0 and c1 <= n1 - 1.0 and c2 >= 0.0
-                and c2 <= n2 - 1.0):
-            continue
-        i0 = min(int(c0), max(n0 - 2, 0))
-        i1 = min(int(c1), max(n1 - 2, 0))
-        i2 = min(int(c2), max(n2 - 2, 0))
-        t0, t1, t2 = c0 - i0, c1 - i1, c2 - i2
-        j0, j1, j2 = min(i0 + 1, n0 - 1), min(i1 + 1, n1 - 1), min(i2 + 1, n2 - 1)
-        if has_mask:
-            a = ((1.0 - t2) * stack[i0, i1, i2, 4] + t2 * stack[i0, i1, j2, 4]) * (1.0 - t1) + \
-                ((1.0 - t2) * stack[i0, j1, i2, 4] + t2 * stack[i0, j1, j2, 4]) * t1
-            e = ((1.0 - t2) * stack[j0, i1, i2, 4] + t2 * stack[j0, i1, j2, 4]) * (1.0 - t1) + \
-                ((1.0 - t2) * stack[j0, j1, i2, 4] + t2 * stack[j0, j1, j2, 4]) * t1
-            if not (1.0 - t0) * a + t0 * e >= 0.5:
-                continue
-        for c in range(4):
-            a = ((1.0 - t2) * stack[i0, i1, i2, c] + t2 * stack[i0, i1, j2, c]) * (1.0 - t1) + \
-                ((1.0 - t2) * stack[i0, j1, i2, c] + t2 * stack[i0, j1, j2, c]) * t1
-            e = ((1.0 - t2) * stack[j0, i1, i2, c] + t2 * stack[j0, i1, j2, c]) * (1.0 - t1) + \
-                ((1.0 - t2) * stack[j0, j1, i2, c] + t2 * stack[j0, j1, j2, c]) * t1
-            v = (1.0 - t0) * a + t0 * e
-            if c == 0:
-                mv[count] = v
-            else:
-                gv[count, c - 1] = v
-        for c in range(3):
-            yv[count, c] = y[j, c]
-        fv[count] = f[j]
-        count += 1
-    return count
-
-
-_gather = _gather2  # rebound per dimension to the compiled gather in affine_mi_kernel
+_lin = None  # rebound per dimension to the compiled linear-interpolation kernel in affine_mi_kernel
 _mi = None  # rebound to the compiled Mattes MI kernel in affine_mi_kernel
 
 
@@ -160,9 +123,10 @@ def affine_mi_kernel(ndim: int):
     its arrays once per level.
     """
     if ndim not in _COMPILED:
-        from .sampling import mattes_mi_kernel
+        from .sampling import linear_kernel, mattes_mi_kernel
 
-        gather = _backend.njit(cache=True, fastmath=False)(_gather2 if ndim == 2 else _gather3)
-        body = _backend.rebind(_affine_mi, {"np": np, "_gather": gather, "_mi": mattes_mi_kernel()}, f"_{ndim}d")
+        ns = {"np": np, "_lin": linear_kernel(ndim), "_mi": mattes_mi_kernel()}
+        gather = _backend.njit(cache=True, fastmath=False)(_backend.rebind(_gather, ns, f"_{ndim}d"))
+        body = _backend.rebind(_affine_mi, dict(ns, _gather=gather), f"_{ndim}d")
         _COMPILED[ndim] = _backend.njit(cache=True, fastmath=False)(body)
     return _COMPILED[ndim]
