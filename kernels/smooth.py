@@ -324,6 +324,13 @@ def _gaussian_numba(a, sig_vox, truncate, mode):
     return out
 
 
+@functools.lru_cache(maxsize=64)
+def _device_taps(xp, device, sig_vox, truncate, dtype):
+    """The taps of :func:`gaussian_weights` on the GPU ``device`` of ``xp``, uploaded once per (σ, dtype): a solver
+    smooths with a few σs many times, and every upload would be a synchronising host-to-device copy."""
+    return xp.asarray(gaussian_weights(sig_vox, truncate).astype(dtype))
+
+
 def _gaussian_cuda(a, sig_vox, truncate, mode):
     xp = _backend.get_array_module(a)
     lines = _cuda_gaussian()
@@ -332,12 +339,14 @@ def _gaussian_cuda(a, sig_vox, truncate, mode):
         return a.copy()
     src = xp.ascontiguousarray(a)
     m = _MODES[mode]
+    device = xp.cuda.Device().id if xp is not np else None
     for ax, w in passes:
         dst = xp.empty_like(src)
         n = src.shape[ax]
         outer = int(np.prod(src.shape[:ax], dtype=np.int64))
         inner = int(np.prod(src.shape[ax + 1 :], dtype=np.int64))
-        wd = xp.asarray(w.astype(src.dtype))
+        wd = w.astype(src.dtype) if xp is np else _device_taps(xp, device, float(sig_vox[ax]), truncate,
+                                                                 src.dtype.str)
         blocks, threads = _backend.gpu_launch(src.size)
         lines[blocks, threads](src.reshape(outer, n, inner), dst.reshape(outer, n, inner), wd, m)
         src = dst

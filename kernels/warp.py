@@ -1136,12 +1136,15 @@ def _check_cval(cval):
 
 
 def _xp_for(backend, *arrays):
-    """Array module for a resolved backend, and whether results must be copied back to the host."""
+    """Array module for a resolved backend, and whether results must be copied back to the host: device inputs
+    stay on their device (no copy either way); host inputs of backend "cuda" go up and come back (on a GPU; the
+    simulator takes host arrays)."""
+    if any(_backend.is_cupy_array(a) for a in arrays if a is not None):
+        return _backend.get_array_module(*arrays), False
     if backend == "cuda" and not _backend.cuda_simulator():
         import cupy
 
-        to_host = not any(_backend.is_cupy_array(a) for a in arrays if a is not None)
-        return cupy, to_host
+        return cupy, True
     return np, False
 
 
