@@ -37,6 +37,22 @@ def gpu_available() -> bool:
         return False
 
 
+def gpu_devices() -> list:
+    """The CUDA devices CuPy can use: ``[{"id": "cuda:N", "name": ..., "memory_gib": ...}, ...]`` (empty without a
+    usable GPU)."""
+    if not gpu_available():
+        return []
+    import cupy
+
+    out = []
+    for i in range(cupy.cuda.runtime.getDeviceCount()):
+        props = cupy.cuda.runtime.getDeviceProperties(i)
+        name = props["name"]
+        out.append({"id": f"cuda:{i}", "name": name.decode() if isinstance(name, bytes) else str(name),
+                    "memory_gib": round(props["totalGlobalMem"] / 2**30, 1)})
+    return out
+
+
 def resolve_device(device, *arrays) -> str:
     """Return ``"cpu"`` or ``"cuda"`` from ``device`` (None/"auto"/"cpu"/"cuda"/"gpu") and the data."""
     if device in (None, "auto"):
@@ -52,6 +68,24 @@ def resolve_device(device, *arrays) -> str:
     if dev == "cpu":
         return "cpu"
     raise ValueError(f"device must be None, 'cpu' or 'cuda', got {device!r}")
+
+
+def placement(device, backend, *arrays) -> tuple:
+    """Where a solver keeps its data and which kernels run there: ``(device, backend)``, device "cpu" or "cuda".
+
+    "cuda" when ``device`` asks for it, when ``device`` is None and the data are CuPy arrays, or when
+    ``backend="cuda"`` on a machine with a usable GPU; the backend is then "cuda". The solver moves its working
+    arrays there once (:func:`to_device`) and keeps them there until it returns.
+    """
+    dev = resolve_device(device, *arrays)
+    if dev == "cpu" and device in (None, "auto") and backend == "cuda" and gpu_available():
+        dev = "cuda"
+    if dev == "cuda":
+        if backend not in (None, "cuda"):
+            raise ValueError(f"backend={backend!r} runs on the CPU but the data are on the GPU (CuPy arrays): use "
+                             "backend=None or 'cuda', or device='cpu' to copy the images to the host first")
+        backend = "cuda"
+    return dev, backend
 
 
 def to_device(a, device):

@@ -19,7 +19,7 @@ __all__ = ["main"]
 
 
 def _cmd_info(args) -> int:
-    from .backend import gpu_available, thread_count, versions
+    from .backend import gpu_available, gpu_devices, thread_count, versions
     from .kernels._backend import HAVE_NUMBA, _cuda_usable
 
     info = {
@@ -31,6 +31,7 @@ def _cmd_info(args) -> int:
             "gpu": gpu_available(),
             "numba_cuda": bool(HAVE_NUMBA and _cuda_usable()),
         },
+        "devices": gpu_devices(),
         "cpu_threads": thread_count(),
     }
     if args.json:
@@ -45,6 +46,8 @@ def _cmd_info(args) -> int:
     print(f"  CPU  numpy reference: yes; numba fast path: {'yes' if b['numba'] else 'no (pip install numba)'}")
     print(f"  GPU  cupy installed: {'yes' if b['cupy_installed'] else 'no'}; usable CUDA device: "
           f"{'yes' if b['gpu'] else 'no'}")
+    for d in info["devices"]:
+        print(f"       {d['id']}: {d['name']}, {d['memory_gib']:g} GiB (solvers: device='{d['id']}')")
     print(f"  CPU threads used by numba kernels: {info['cpu_threads']}")
     return 0
 

@@ -307,7 +307,12 @@ def as_mask(mask, reference: Image, name: str):
         m = mask.data
     else:
         m = mask
-    m = xp.asarray(m)
+    if xp is np:  # a CuPy mask of a host image comes to the host
+        from .backend import to_numpy
+
+        m = to_numpy(m)
+    else:
+        m = xp.asarray(m)
     if tuple(m.shape) != reference.shape:
         raise ValueError(f"{name} has shape {tuple(m.shape)}, but the image it belongs to has shape {reference.shape}")
     m = m != 0
