@@ -45,11 +45,14 @@ def common_params(*, init: Affine | None, dtype, seed, backend) -> dict:
 
 
 def mean_sq(f, w, mask) -> float:
-    """Mean squared difference of two arrays over ``mask`` (all voxels if None), in float64."""
-    d = np.asarray(f, dtype=np.float64) - np.asarray(w, dtype=np.float64)
+    """Mean squared difference of two arrays over ``mask`` (all voxels if None), in float64, on their device."""
+    from ..kernels._backend import get_array_module
+
+    xp = get_array_module(f, w)
+    d = xp.asarray(f, dtype=np.float64) - xp.asarray(w, dtype=np.float64)
     if mask is not None:
-        d = d[np.asarray(mask)]
-    return float(np.mean(d * d))
+        d = d[xp.asarray(mask)]
+    return float(xp.mean(d * d))
 
 
 def field_result(fixed: Image, moving: Image, init: Affine, forward, inverse, **result_fields):

@@ -15,7 +15,9 @@ import time
 import numpy as np
 
 from ... import terms
+from ...backend import placement, to_device, to_numpy
 from ...image import Image, as_mask
+from ...kernels._backend import get_array_module
 from ...options import declared
 from ...progress import Progress, StopRegistration
 from ...pyramid import check_schedule
@@ -144,6 +146,8 @@ def register_demons(fixed: Image, moving: Image, *, init: Transform | None = Non
     """
     t_start = time.perf_counter()
     check_pair(fixed, moving)
+    dev, backend = placement(device, backend, fixed.data, moving.data)
+    fixed, moving = fixed.to("cpu"), moving.to("cpu")  # the host sees the inputs once (no copy for numpy data)
     init = check_init(init, fixed.ndim)
     check_overlap(fixed, moving, init)
     memory_mb = check_memory("demons", fixed, moving, dtype, memory_limit, fix=", use fewer pieces (max_pieces)")
@@ -156,12 +160,16 @@ def register_demons(fixed: Image, moving: Image, *, init: Transform | None = Non
     mmask = as_mask(moving_mask, moving, "moving_mask")
     fixed_n, moving_n = normalise_intensities(fixed, moving, fmask, intensity, dtype)
     mmask_img = None if mmask is None else moving.like(np.asarray(mmask, dtype=dtype))
+    if dev == "cuda":  # the working images go to the device once; the loop keeps everything there
+        fixed_n, moving_n = fixed_n.to(dev), moving_n.to(dev)
+        fmask = None if fmask is None else to_device(fmask, dev)
+        mmask_img = None if mmask_img is None else mmask_img.to(dev)
     def warm_up():  # the same kernels on a tiny pair, before the bar (progress=True only)
         f, m, fm, mm = tiny_like(fixed, moving)
         register_demons(f, m, fixed_mask=None if fixed_mask is None else fm,
                         moving_mask=None if moving_mask is None else mm, metric=metric, shrink_factors=(2, 1),
                         iterations=(2, 2), bch_terms=bch_terms, symmetric=opts["symmetric"], max_pieces=2,
-                        intensity=intensity, dtype=dtype, backend=backend)
+                        intensity=intensity, dtype=dtype, device=None if dev == "cpu" else dev, backend=backend)
 
     prog = Progress("demons", callback=callback, progress=progress, time_limit=time_limit,
                     total=int(max_pieces) * int(sum(schedule["iterations"])), warm_up=warm_up,
@@ -169,6 +177,9 @@ def register_demons(fixed: Image, moving: Image, *, init: Transform | None = Non
                                       backend, fixed_mask is None, moving_mask is None))
     out = _broken_geodesic(fixed_n, moving_n, fmask, mmask_img, init, schedule, opts, prog, int(max_pieces),
                            float(piece_tol), dtype)
+    for key in ("phi", "phi_inv"):  # the result comes to the host once
+        out[key] = to_numpy(out[key])
+    out["velocities"] = [to_numpy(v) for v in out["velocities"]]
     h = np.asarray(fixed.spacing_array_order)
     # the resolved entries (defaults that depend on the metric or the spacing); the declaration records the rest
     params = dict(**schedule, **{k: v for k, v in opts.items() if k not in ("term", "backend")},
@@ -207,9 +218,10 @@ def _broken_geodesic(fixed_n: Image, moving_n: Image, fmask, mmask_img, init, sc
     from ...kernels.fields import compose, expmap
 
     backend = opts["backend"]
+    xp = get_array_module(fixed_n.data)
     ref = fixed_n
     h = np.asarray(fixed_n.spacing_array_order)
-    phi = np.zeros((*fixed_n.shape, fixed_n.ndim), dtype=dtype)  # array-frame displacement of Φ (fixed grid), mm
+    phi = xp.zeros((*fixed_n.shape, fixed_n.ndim), dtype=dtype)  # array-frame displacement of Φ (fixed grid), mm
     phi_inv = np.zeros_like(phi)
     velocities = []
     path_length = 0.0
@@ -248,7 +260,7 @@ def _broken_geodesic(fixed_n: Image, moving_n: Image, fmask, mmask_img, init, sc
             new_inv = compose(e_minus, phi_inv, spacing=h, backend=backend)  # Φ_i⁻¹ = exp(−v_i) ∘ Φ_{i-1}⁻¹
             phi, phi_inv, energy = new_phi.astype(dtype), new_inv.astype(dtype), new_energy
             warped_prev = warped_new
-            velocities.append(np.asarray(v))
+            velocities.append(v)
             path_length += velocity_norm(v, h)
             if stopped:
                 stop_reason = prog.stop_reason
@@ -273,7 +285,7 @@ def _compose_unfolded(phi, v, h, backend):
     for _ in range(4):
         e_v, n_sq = expmap(v, spacing=h, backend=backend)
         new_phi = compose(phi, e_v, spacing=h, backend=backend)
-        min_det = float(np.min(jacobian_determinant(new_phi, spacing=h, backend=backend)))
+        min_det = float(jacobian_determinant(new_phi, spacing=h, backend=backend).min())
         if min_det > 0:
             break
         v = 0.5 * v

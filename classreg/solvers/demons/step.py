@@ -13,6 +13,7 @@ import math
 import numpy as np
 
 from ...image import Image
+from ...kernels._backend import get_array_module
 from ...progress import similarity
 from ...pyramid import multiresolution
 
@@ -25,7 +26,8 @@ ITER_EXP_STEP = 2.0
 
 def velocity_norm(v, h) -> float:
     """L² norm of a velocity field in mm: ``sqrt(Σ_x |v(x)|² Π h)``."""
-    return float(np.sqrt(np.sum(np.asarray(v, dtype=np.float64) ** 2) * float(np.prod(h))))
+    xp = get_array_module(v)
+    return float(np.sqrt(float(xp.sum(xp.asarray(v, dtype=np.float64) ** 2)) * float(np.prod(h))))
 
 
 def one_piece(fixed: Image, moving: Image, fmask, mmask, schedule, opts, prog, piece, dtype):
@@ -51,20 +53,21 @@ def _level_step(level, state, progress, opts, piece, dtype, best):
     from ...kernels.fields import expmap
 
     backend = opts["backend"]
-    F = np.asarray(level.fixed.data, dtype=dtype)
-    M = np.asarray(level.moving.data, dtype=dtype)  # the moving image on the fixed grid (same shape)
+    xp = get_array_module(level.fixed.data)  # numpy, or cupy for data on the GPU
+    F = xp.asarray(level.fixed.data, dtype=dtype)
+    M = xp.asarray(level.moving.data, dtype=dtype)  # the moving image on the fixed grid (same shape)
     n = F.ndim
     h = tuple(level.fixed.spacing_array_order)
     scale = float(level.shrink)
     v = state.get("v")
     if v is None or v.shape[:n] != F.shape:
-        v = np.zeros((*F.shape, n), dtype=dtype)
+        v = xp.zeros((*F.shape, n), dtype=dtype)
     side = dict(F=F, M=M, gF=gradient(F, spacing=h, backend=backend), h=h, max_step=opts["max_step"] * scale,
                 fmask=level.fixed_mask, mmask=level.moving_mask, term=opts["term"](scale, h), backend=backend,
                 gM=gradient(M, spacing=h, backend=backend) if opts["symmetric"] else None)
     energies, bests = [], []
     best_v, best_e = v, math.inf
-    sim_mask = None if level.fixed_mask is None else np.asarray(level.fixed_mask, dtype=bool)
+    sim_mask = None if level.fixed_mask is None else xp.asarray(level.fixed_mask, dtype=bool)
     for it in range(level.iterations):
         e_v, n_sq = expmap(v, spacing=h, max_voxel_norm=ITER_EXP_STEP, backend=backend)
         u_f, energy, step = _force(side, e_v, forward=True)
