@@ -1,0 +1,205 @@
+"""Device residency without a GPU: solvers run on the stand-in device of tests/device_standin.py (a numpy-backed
+``cupy`` that refuses implicit conversion and counts every host transfer), their numba.cuda kernels under numba's
+CUDA simulator. The tests assert that nothing but a few synchronising scalar reads crosses the bus between the first
+and the last iteration event, that the inputs come to the host once and the result once, and that the device run
+computes the CPU run's result.
+
+The ``cudasim`` tests run in the simulator process of tests/test_cudasim.py (or directly on a machine with a GPU
+and ``NUMBA_ENABLE_CUDASIM=1``); the others run everywhere.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from classreg.kernels._backend import get_array_module, is_cupy_array
+from device_standin import DeviceArray, installed
+
+import classreg as cr
+from classreg.backend import placement, resolve_device
+
+
+def _phantom(ndim: int, n: int):
+    """A smooth blob pair on an anisotropic grid: the moving blob shifted by about a voxel and squeezed."""
+    g = np.indices((n,) * ndim, dtype=np.float64)
+    c = (n - 1) / 2.0
+    r2f = sum((gi - c) ** 2 for gi in g)
+    r2m = sum(((gi - c - 0.8 * (k == ndim - 1)) * (1.15 if k == 0 else 1.0)) ** 2 for k, gi in enumerate(g))
+    s2 = 2.0 * (n / 4.5) ** 2
+    spacing = (1.0, 1.2, 0.9)[:ndim]
+    f = cr.Image((np.exp(-r2f / s2) + 0.2 * np.exp(-r2f / (0.2 * s2))).astype(np.float32), spacing)
+    m = cr.Image((np.exp(-r2m / s2) + 0.2 * np.exp(-r2m / (0.2 * s2))).astype(np.float32), spacing)
+    return f, m
+
+
+# ------------------------------------------------------------------------------------------------ the harness itself
+def test_standin_is_device_data_and_counts_transfers(monkeypatch):
+    with installed(monkeypatch) as cp:
+        host = np.arange(24.0).reshape(4, 6)
+        a = cp.asarray(host)
+        assert isinstance(a, DeviceArray) and is_cupy_array(a) and get_array_module(a) is cp
+        assert resolve_device(None, a) == "cuda" and placement(None, None, a) == ("cuda", "cuda")
+        assert cp.transfers.between(0, kinds=("upload",)) == [("upload", 24, cp.transfers.log[0][2])]
+        s = cp.sum(a * 2.0)  # a reduction stays on the device (0-d array) until read
+        assert isinstance(s, DeviceArray) and cp.transfers.mark() == 1
+        assert float(s) == 552.0 and cp.transfers.log[-1][:2] == ("scalar", 1)
+        with pytest.raises(TypeError, match="Implicit conversion"):
+            np.asarray(a)
+        with pytest.raises(TypeError, match="host numpy array"):
+            a + host  # mixing host and device data is refused, as CuPy does
+        np.testing.assert_array_equal(a.get(), host)
+        kinds = [r[0] for r in cp.transfers.log]
+        assert kinds.count("implicit") == 2 and kinds[-1] == "download"
+        img = cr.Image(host, 1.0).to("cuda")
+        assert isinstance(img.data, DeviceArray)
+
+
+def test_placement_rules(monkeypatch):
+    with installed(monkeypatch) as cp:
+        a = cp.zeros((4, 4))
+        assert placement("cpu", None, a) == ("cpu", None)  # device="cpu": the solver copies CuPy data to the host
+        assert placement(None, "cuda", np.zeros(3)) == ("cuda", "cuda")  # backend="cuda" with a GPU: data go up
+        with pytest.raises(ValueError, match="data are on the GPU"):
+            placement(None, "numba", a)
+
+
+# ------------------------------------------------------------------------------------------------ register_demons
+def _run_counted(cp, fixed, moving, **kw):
+    """register_demons with a callback marking the transfer log at the first and last iteration event."""
+    marks = []
+
+    def callback(event):
+        if event.stage == "iteration":
+            marks.append(cp.transfers.mark())
+
+    res = cr.register_demons(fixed, moving, callback=callback, **kw)
+    return res, marks
+
+
+DEMONS = dict(shrink_factors=(2, 1), iterations=(3, 2), max_pieces=2, piece_tol=0.0, intensity="joint")
+
+
+@pytest.mark.cudasim
+@pytest.mark.parametrize("how,ndim,n,metric", [
+    ("device", 2, 12, "ssd"),
+    ("cupy_image", 2, 12, "ssd"),  # CuPy-backed images with device=None run on their device
+    ("device", 2, 12, "lncc"),  # with masks too
+    pytest.param("device", 3, 8, "ssd", marks=pytest.mark.slow),  # ~40 s in the simulator
+])
+def test_demons_stays_on_device(monkeypatch, how, ndim, n, metric):
+    fixed, moving = _phantom(ndim, n)
+    kw = dict(DEMONS, metric=metric)
+    if metric == "lncc":
+        mask = np.ones(fixed.shape, dtype=bool)
+        mask[0] = False
+        kw.update(fixed_mask=mask, moving_mask=mask[::-1].copy(), lncc_radius=2.0)
+    cpu = cr.register_demons(fixed, moving, **kw)
+    with installed(monkeypatch) as cp:
+        if how == "device":
+            res, marks = _run_counted(cp, fixed, moving, device="cuda", **kw)
+        else:
+            res, marks = _run_counted(cp, fixed.to("cuda"), moving.to("cuda"), **kw)
+    log = cp.transfers
+    assert res.params["backend"] == "cuda"
+    assert len(marks) == len(res.history) >= 3 + 2  # at least the two levels of the first piece ran
+    inside = log.between(marks[0], marks[-1])
+    kinds = [r[0] for r in inside]
+    # nothing but scalar reads inside the loop: the energy, the largest step, the squaring count, the similarity
+    # and the fold check read a few numbers each (a synchronisation, no array); no implicit conversion anywhere
+    assert not [r for r in inside if r[0] != "scalar"], inside
+    assert not log.between(0, kinds=("implicit", "kernel_host_arg")), log.between(0, kinds=("implicit",))
+    per_iteration = len(kinds) / (len(marks) - 1)
+    assert per_iteration <= 20, per_iteration
+    # the inputs once: the normalised images and the masks go up (CuPy images went up in the test's .to("cuda") and
+    # come down once, for the intensity normalisation); the only other uploads are the smoothing taps, once per σ
+    voxels = fixed.data.size
+    before = log.between(0, marks[0], kinds=("upload", "download"))
+    images = [r[0] for r in before if r[1] >= voxels]
+    ups = ["upload"] * (4 if metric == "lncc" else 2)
+    assert images == {"device": ups, "cupy_image": ["upload"] * 2 + ["download"] * 2 + ups}[how], before
+    assert all("kernels/smooth.py" in r[2] for r in before if r[1] < voxels), before
+    # the result once: the forward and inverse displacement and each piece's velocity
+    after = log.between(marks[-1], kinds=("upload", "download"))
+    assert [r[0] for r in after] == ["download"] * (2 + res.metrics["pieces"]), after
+    # the same registration as on the CPU: float64 arithmetic inside the GPU warp and force vs the CPU's float32
+    # fast paths, compounded over the iterations; 1e-3 mm is 1/1000 of a voxel, far below the task's accuracy
+    d_cpu = cpu.transform.transforms[0] if hasattr(cpu.transform, "transforms") else cpu.transform
+    d_dev = res.transform.transforms[0] if hasattr(res.transform, "transforms") else res.transform
+    assert res.metrics["pieces"] == cpu.metrics["pieces"]
+    np.testing.assert_allclose(d_dev.image.numpy(), d_cpu.image.numpy(), rtol=0, atol=1e-3)
+    np.testing.assert_allclose(res.metrics["ssd_after"], cpu.metrics["ssd_after"], rtol=1e-3)
+    assert res.metrics["ssd_after"] < 0.5 * res.metrics["ssd_before"]
+
+
+# ------------------------------------------------------------------------------------------------ the kernels
+def _kernel_calls(rng):
+    """(name, call(arrays) -> outputs, host inputs) for each kernel register_demons runs on the device."""
+    from classreg.kernels.demons import esm_force
+    from classreg.kernels.diff import gradient, jacobian_determinant, lie_bracket
+    from classreg.kernels.fields import compose, expmap
+    from classreg.kernels.smooth import gaussian
+    from classreg.kernels.warp import warp
+
+    shape, h = (6, 7, 5), (1.0, 1.2, 0.9)
+    img = rng.random(shape).astype(np.float32)
+    u = (0.6 * rng.standard_normal(shape + (3,))).astype(np.float32)
+    v = (0.6 * rng.standard_normal(shape + (3,))).astype(np.float32)
+    mask = rng.random(shape) > 0.2
+    inv_h = np.diag(1.0 / np.asarray(h))
+    mat, off = np.array([[1.0, 0.1, 0.0], [0.0, 0.9, 0.05], [0.02, 0.0, 1.1]]), np.array([0.3, -0.2, 0.1])
+    be = dict(backend="cuda")
+    return [
+        ("warp", lambda a, d: warp(a, d, matrix=mat, offset=off, disp_matrix=inv_h, order=1, mode="itk", **be),
+         (img, u)),
+        ("warp_affine", lambda a: warp(a, None, matrix=mat, offset=off, out_shape=(4, 5, 3), mode="border", **be),
+         (img,)),
+        ("gaussian", lambda a: gaussian(a, 1.3, spacing=h, ndim=3, **be), (u,)),
+        ("gradient", lambda a: gradient(a, spacing=h, **be), (img,)),
+        ("jacobian_determinant", lambda a: jacobian_determinant(a, spacing=h, **be), (u,)),
+        ("lie_bracket", lambda a, b: lie_bracket(a, b, spacing=h, **be), (u, v)),
+        ("compose", lambda a, b: compose(a, b, spacing=h, **be), (u, v)),
+        ("expmap", lambda a: expmap(a, spacing=h, **be), (u,)),
+        ("esm_force", lambda f, m, g, d, k: esm_force(f, m, g, g, d, spacing=h, max_step=1.5, mask=k, **be),
+         (img, img[::-1].copy(), u, v, mask)),
+    ]
+
+
+@pytest.mark.cudasim
+def test_kernels_take_and_return_device_arrays_without_transfers(monkeypatch):
+    # each kernel's CUDA path on device arrays: the result stays on the device, nothing is copied either way (a
+    # kernel that returns numbers reads them as scalars), and it is the CUDA path's result on host arrays bit for
+    # bit (the same simulated kernels; the host-array path is checked against the numpy references in
+    # tests/test_kernels_*.py)
+    calls = _kernel_calls(np.random.default_rng(7))
+    with installed(monkeypatch) as cp:
+        for name, call, inputs in calls:
+            host = call(*inputs)
+            dev_in = [cp.asarray(a) for a in inputs]
+            moving = ("upload", "download", "kernel_host_arg", "implicit")
+            start = cp.transfers.mark()
+            call(*dev_in)  # the first call may upload constants: the Gaussian taps, once per σ
+            assert all("kernels/smooth.py" in r[2] for r in cp.transfers.between(start, kinds=moving)), name
+            start = cp.transfers.mark()
+            dev = call(*dev_in)
+            moved = cp.transfers.between(start, kinds=moving)
+            assert not moved, (name, moved)
+            host, dev = (host, dev) if isinstance(host, tuple) else ((host,), (dev,))
+            for h_out, d_out in zip(host, dev):
+                if isinstance(h_out, np.ndarray):
+                    assert isinstance(d_out, DeviceArray), name
+                    np.testing.assert_array_equal(d_out.get(), h_out, err_msg=name)
+                else:
+                    assert d_out == h_out, name
+
+
+def test_info_shows_the_device(monkeypatch, capsys):
+    from classreg.cli import main
+
+    with installed(monkeypatch):
+        assert main(["info", "--json"]) == 0
+        import json
+
+        info = json.loads(capsys.readouterr().out)
+        assert info["backends"]["gpu"] is True
+        assert info["devices"] == [{"id": "cuda:0", "name": "stand-in device", "memory_gib": 1.0}]
+        assert main(["info"]) == 0
+        assert "cuda:0: stand-in device, 1 GiB" in capsys.readouterr().out
