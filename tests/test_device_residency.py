@@ -60,6 +60,11 @@ def test_placement_rules(monkeypatch):
         assert placement(None, "cuda", np.zeros(3)) == ("cuda", "cuda")  # backend="cuda" with a GPU: data go up
         with pytest.raises(ValueError, match="data are on the GPU"):
             placement(None, "numba", a)
+        # a CuPy mask of a host image comes to the host, explicitly (one download)
+        start = cp.transfers.mark()
+        m = cr.image.as_mask(cp.asarray(np.eye(4)), cr.Image(np.zeros((4, 4)), 1.0), "fixed_mask")
+        assert type(m) is np.ndarray and m.dtype == bool and m.sum() == 4
+        assert [r[0] for r in cp.transfers.between(start)] == ["upload", "download"]
 
 
 # ------------------------------------------------------------------------------------------------ register_demons

@@ -222,7 +222,7 @@ def _broken_geodesic(fixed_n: Image, moving_n: Image, fmask, mmask_img, init, sc
     ref = fixed_n
     h = np.asarray(fixed_n.spacing_array_order)
     phi = xp.zeros((*fixed_n.shape, fixed_n.ndim), dtype=dtype)  # array-frame displacement of Φ (fixed grid), mm
-    phi_inv = np.zeros_like(phi)
+    phi_inv = xp.zeros_like(phi)
     velocities = []
     path_length = 0.0
 
