@@ -130,7 +130,8 @@ def similarity(a, b, *, mask=None, weights=None, columns: bool = False) -> float
         ac = a - a.mean(axis=0, dtype=xp.float64).astype(a.dtype)
         bc = b - b.mean(axis=0, dtype=xp.float64).astype(b.dtype)
         ac, bc = ac.reshape(-1), bc.reshape(-1)
-        sab, saa, sbb = float(xp.dot(ac, bc)), float(xp.dot(ac, ac)), float(xp.dot(bc, bc))
+        # one read of the three sums (one synchronisation for data on a GPU)
+        sab, saa, sbb = xp.stack([xp.dot(ac, bc), xp.dot(ac, ac), xp.dot(bc, bc)]).tolist()
     else:
         sw = float(w.sum())
         if not sw > 0:

@@ -108,12 +108,15 @@ def test_demons_stays_on_device(monkeypatch, how, ndim, n, metric):
     assert len(marks) == len(res.history) >= 3 + 2  # at least the two levels of the first piece ran
     inside = log.between(marks[0], marks[-1])
     kinds = [r[0] for r in inside]
-    # nothing but scalar reads inside the loop: the energy, the largest step, the squaring count, the similarity
-    # and the fold check read a few numbers each (a synchronisation, no array); no implicit conversion anywhere
+    # nothing but scalar reads inside the loop (a synchronisation returning a few numbers, no array); no implicit
+    # conversion anywhere. Per iteration (measured 5.9 for SSD, 13.9 for LNCC in 2-D): one read per force
+    # evaluation (energy, valid count, largest step; forward and backward), one for the similarity, one for the
+    # squaring count of exp(v), plus per level and piece the Image checks, the fold check and the piece's energy;
+    # LNCC's array-module force (kernels/lncc.py, the reference on CuPy) reads 7 numbers per evaluation
     assert not [r for r in inside if r[0] != "scalar"], inside
     assert not log.between(0, kinds=("implicit", "kernel_host_arg")), log.between(0, kinds=("implicit",))
     per_iteration = len(kinds) / (len(marks) - 1)
-    assert per_iteration <= 20, per_iteration
+    assert per_iteration <= {"ssd": 8, "lncc": 16}[metric], per_iteration
     # the inputs once: the normalised images and the masks go up (CuPy images went up in the test's .to("cuda") and
     # come down once, for the intensity normalisation); the only other uploads are the smoothing taps, once per σ
     voxels = fixed.data.size
