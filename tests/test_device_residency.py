@@ -93,6 +93,8 @@ DEMONS = dict(shrink_factors=(2, 1), max_pieces=2, piece_tol=0.0, intensity="joi
 def test_demons_stays_on_device(monkeypatch, how, ndim, n, metric):
     fixed, moving = _phantom(ndim, n)
     kw = dict(DEMONS, metric=metric, iterations=(3, 2) if ndim == 2 else (2, 1))
+    if how == "cupy_image":  # with an initial affine too
+        kw["init"] = cr.Affine(np.eye(ndim) * 1.02, translation=0.3)
     if metric == "lncc":
         mask = np.ones(fixed.shape, dtype=bool)
         mask[0] = False
@@ -211,3 +213,19 @@ def test_info_shows_the_device(monkeypatch, capsys):
         assert info["devices"] == [{"id": "cuda:0", "name": "stand-in device", "memory_gib": 1.0}]
         assert main(["info"]) == 0
         assert "cuda:0: stand-in device, 1 GiB" in capsys.readouterr().out
+
+
+def test_demons_device_cpu_brings_cupy_images_to_the_host(monkeypatch):
+    # device="cpu" with CuPy images: the inputs come down once and the CPU run is the numpy-image run bit for bit
+    fixed, moving = _phantom(2, 12)
+    kw = dict(DEMONS, iterations=(2, 1))
+    ref = cr.register_demons(fixed, moving, **kw)
+    with installed(monkeypatch) as cp:
+        f_dev, m_dev = fixed.to("cuda"), moving.to("cuda")
+        start = cp.transfers.mark()
+        res = cr.register_demons(f_dev, m_dev, device="cpu", **kw)
+        assert [r[0] for r in cp.transfers.between(start) if r[1] >= fixed.data.size] == ["download"] * 2
+    assert res.params["backend"] == ref.params["backend"] != "cuda"
+    np.testing.assert_array_equal(res.warped.numpy(), ref.warped.numpy())
+    for key in ("ssd_after", "path_length"):
+        assert res.metrics[key] == ref.metrics[key]
