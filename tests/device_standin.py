@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["DeviceArray", "StandinCupy", "Transfers", "installed", "SCALAR_ELEMENTS"]
+__all__ = ["DeviceArray", "StandinCupy", "Transfers", "installed", "run_counted", "SCALAR_ELEMENTS"]
 
 #: A download of at most this many elements counts as a scalar read (a synchronisation returning a few numbers,
 #: e.g. an energy, a voxel count and a largest step), not as an array transfer.
@@ -68,10 +68,6 @@ class Transfers:
         """The records from mark ``start`` to mark ``stop`` (default: now), optionally only those of ``kinds``."""
         out = self.log[start:stop]
         return out if kinds is None else [r for r in out if r[0] in kinds]
-
-
-def _size(shape) -> int:
-    return int(np.prod(shape, dtype=np.int64))
 
 
 class DeviceArray(np.lib.mixins.NDArrayOperatorsMixin):
@@ -277,8 +273,9 @@ class _Device:
 
 
 @contextlib.contextmanager
-def installed(monkeypatch=None):
-    """Install a fresh :class:`StandinCupy` as ``cupy`` (and reset classreg's GPU detection); yields it.
+def installed(monkeypatch):
+    """Install a fresh :class:`StandinCupy` as ``cupy`` with pytest's ``monkeypatch`` (undone at the test's end) and
+    reset classreg's GPU detection; yields the module.
 
     Inside, ``Image(...).to("cuda")``, ``device="cuda"`` and CuPy-typed data all go to the stand-in. Under numba's
     CUDA simulator, host arrays passed to numba.cuda kernels are counted (``"kernel_host_arg"``).
@@ -288,8 +285,7 @@ def installed(monkeypatch=None):
     from classreg import backend
 
     mod = StandinCupy()
-    own = monkeypatch is None
-    mp = pytest_monkeypatch() if own else monkeypatch
+    mp = monkeypatch
     mp.setitem(sys.modules, "cupy", mod)
     for name, host in (("cupyx", None), ("cupyx.scipy", None), ("cupyx.scipy.ndimage", "scipy.ndimage")):
         sub = _Namespace(name, importlib.import_module(host) if host else types.SimpleNamespace(), mod.transfers)
@@ -316,12 +312,16 @@ def installed(monkeypatch=None):
     try:
         yield mod
     finally:
-        if own:
-            mp.undo()
         backend.gpu_available.cache_clear()
 
 
-def pytest_monkeypatch():
-    import pytest
+def run_counted(transfers: Transfers, solver, *args, **kwargs):
+    """``solver(*args, callback=..., **kwargs)`` with a callback that marks ``transfers`` at every iteration event:
+    ``(result, marks)``; ``transfers.between(marks[0], marks[-1])`` is what crossed inside the iteration loop."""
+    marks = []
 
-    return pytest.MonkeyPatch()
+    def callback(event):
+        if event.stage == "iteration":
+            marks.append(transfers.mark())
+
+    return solver(*args, callback=callback, **kwargs), marks

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from classreg.kernels._backend import get_array_module, is_cupy_array
-from device_standin import DeviceArray, installed
+from device_standin import DeviceArray, installed, run_counted
 
 import classreg as cr
 from classreg.backend import placement, resolve_device
@@ -68,18 +68,6 @@ def test_placement_rules(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------ register_demons
-def _run_counted(cp, fixed, moving, **kw):
-    """register_demons with a callback marking the transfer log at the first and last iteration event."""
-    marks = []
-
-    def callback(event):
-        if event.stage == "iteration":
-            marks.append(cp.transfers.mark())
-
-    res = cr.register_demons(fixed, moving, callback=callback, **kw)
-    return res, marks
-
-
 DEMONS = dict(shrink_factors=(2, 1), max_pieces=2, piece_tol=0.0, intensity="joint")
 
 
@@ -102,9 +90,9 @@ def test_demons_stays_on_device(monkeypatch, how, ndim, n, metric):
     cpu = cr.register_demons(fixed, moving, **kw)
     with installed(monkeypatch) as cp:
         if how == "device":
-            res, marks = _run_counted(cp, fixed, moving, device="cuda", **kw)
+            res, marks = run_counted(cp.transfers, cr.register_demons, fixed, moving, device="cuda", **kw)
         else:
-            res, marks = _run_counted(cp, fixed.to("cuda"), moving.to("cuda"), **kw)
+            res, marks = run_counted(cp.transfers, cr.register_demons, fixed.to("cuda"), moving.to("cuda"), **kw)
     log = cp.transfers
     assert res.params["backend"] == "cuda"
     assert len(marks) == len(res.history) >= sum(kw["iterations"])  # at least the first piece's two levels ran
@@ -131,13 +119,16 @@ def test_demons_stays_on_device(monkeypatch, how, ndim, n, metric):
     after = log.between(marks[-1], kinds=("upload", "download"))
     assert [r[0] for r in after] == ["download"] * (2 + res.metrics["pieces"]), after
     # the same registration as on the CPU: float64 arithmetic inside the GPU warp and force vs the CPU's float32
-    # fast paths, compounded over the iterations; 1e-3 mm is 1/1000 of a voxel, far below the task's accuracy
+    # fast paths (~1e-6 relative per step), compounded over the iterations and pieces (measured at most 5e-7 mm);
+    # 1e-4 mm, 1/10 000 of a voxel, is far below any registration accuracy and far above that rounding
     d_cpu = cpu.transform.transforms[0] if hasattr(cpu.transform, "transforms") else cpu.transform
     d_dev = res.transform.transforms[0] if hasattr(res.transform, "transforms") else res.transform
     assert res.metrics["pieces"] == cpu.metrics["pieces"]
-    np.testing.assert_allclose(d_dev.image.numpy(), d_cpu.image.numpy(), rtol=0, atol=1e-3)
-    np.testing.assert_allclose(res.metrics["ssd_after"], cpu.metrics["ssd_after"], rtol=1e-3)
-    assert res.metrics["ssd_after"] < 0.5 * res.metrics["ssd_before"]
+    diff = np.abs(d_dev.image.numpy() - d_cpu.image.numpy()).max()
+    assert diff <= 1e-4, diff
+    np.testing.assert_allclose(res.metrics["ssd_after"], cpu.metrics["ssd_after"], rtol=1e-4)
+    # and it registered: the SSD of the normalised intensities at least halved (for either metric)
+    assert res.metrics["ssd_after"] < res.metrics["ssd_before"] - 0.5 * abs(res.metrics["ssd_before"])
 
 
 # ------------------------------------------------------------------------------------------------ the kernels
