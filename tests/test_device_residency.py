@@ -220,3 +220,23 @@ def test_demons_device_cpu_brings_cupy_images_to_the_host(monkeypatch):
     np.testing.assert_array_equal(res.warped.numpy(), ref.warped.numpy())
     for key in ("ssd_after", "path_length"):
         assert res.metrics[key] == ref.metrics[key]
+
+
+@pytest.mark.cudasim
+def test_cli_device_cuda_runs_demons_on_the_device(monkeypatch, tmp_path):
+    from classreg.cli import main
+
+    fixed, moving = _phantom(2, 12)
+    cr.save(fixed, tmp_path / "f.nii.gz")
+    cr.save(moving, tmp_path / "m.nii.gz")
+    args = ["register", "demons", str(tmp_path / "f.nii.gz"), str(tmp_path / "m.nii.gz"), "--shrink-factors", "2",
+            "1", "--iterations", "2", "1", "--max-pieces", "1", "--intensity", "joint", "--quiet", "--no-qc"]
+    assert main(args + ["-o", str(tmp_path / "cpu")]) == 0
+    with installed(monkeypatch) as cp:
+        assert main(args + ["-o", str(tmp_path / "gpu"), "--device", "cuda"]) == 0
+        assert not cp.transfers.between(0, kinds=("implicit", "kernel_host_arg"))
+        assert cp.transfers.between(0, kinds=("upload",))  # it did run on the stand-in device
+    cpu, gpu = cr.load_result(tmp_path / "cpu"), cr.load_result(tmp_path / "gpu")
+    assert gpu.params["device"] == "cuda" and gpu.params["backend"] == "cuda" and cpu.params["backend"] != "cuda"
+    diff = np.abs(gpu.transform.image.numpy() - cpu.transform.image.numpy()).max()
+    assert diff <= 1e-4, diff  # as in test_demons_stays_on_device
