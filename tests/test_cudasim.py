@@ -9,13 +9,15 @@ import pytest
 pytest.importorskip("numba")
 
 
-def test_cuda_kernels_under_simulator():
+def test_cuda_kernels_under_simulator(request):
     if os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0"):
         pytest.skip("already inside the simulator run")
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
     tests_dir = Path(__file__).resolve().parent
+    # the outer run's "not slow" holds inside too (the simulator's 3-D solver runs are marked slow)
+    marks = "cudasim and not slow" if "not slow" in (request.config.getoption("markexpr") or "") else "cudasim"
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", str(tests_dir), "-m", "cudasim", "-q", "-p", "no:cacheprovider"],
+        [sys.executable, "-m", "pytest", str(tests_dir), "-m", marks, "-q", "-p", "no:cacheprovider"],
         env=env,
         capture_output=True,
         text=True,
