@@ -183,11 +183,12 @@ def case_tiny_cloud_similarity():
 
 
 def case_small_cloud_cholesky():
-    # a 0.17 mm cloud with the defaults: "28-th leading minor of the array is not positive definite" before
+    # a 0.17 mm cloud with the defaults: "28-th leading minor of the array is not positive definite" before; the
+    # normalised problem is the unit-scale one, so the errors agree up to rounding (seen: 2e-15 relative above it)
     k = 1e-2
     Y, X, truth = _rigid_pair(k)
     res = register_points(Y, X, max_iter=100)
-    assert res.converged and _max_error(res, Y, truth, k) <= _unit_error()
+    assert res.converged and _max_error(res, Y, truth, k) <= _unit_error() * (1 + 1e-9)
 
 
 #: the one-scale kernel these cases were written for (the defaults before the two-scale kernel of issue #22)
