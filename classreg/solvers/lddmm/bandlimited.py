@@ -150,7 +150,7 @@ class _Path:
     voxel-grid map ``X`` (index units), ``I1``, its spatial gradient ``gI = (∇I₀)∘X`` (for the reverse sweep;
     ``None`` unless requested), the stability number ``max_k δt·max‖Dv_k‖_F``."""
 
-    __slots__ = ("I1", "X", "Z", "gI", "stability", "states", "v", "w")
+    __slots__ = ("I1", "X", "Z", "gI", "min_det", "stability", "states", "v", "w")
 
 
 class BandLimitedShooting:
@@ -421,11 +421,12 @@ class BandLimitedShooting:
         return Lam - self.dtype.type(self.dt) * (spec[:nd] + self.L * spec[nd:2 * nd]) + spec[2 * nd:]
 
     # ------------------------------------------------------------------ transport
-    def forward(self, z, *, stability_limit=None, gradient=False):
+    def forward(self, z, *, stability_limit=None, det_floor=None, gradient=False):
         """Shoot ``z``: the path (velocities, traced map, ``I₁``, and with ``gradient`` the image gradient the
         reverse sweep needs, sampled in the same pass); ``None`` when the stability number exceeds
         ``stability_limit`` or is not finite."""
         from ...kernels.adjoint import sample_linear
+        from ...kernels.diff import jacobian_determinant
 
         path = _Path()
         with np.errstate(over="ignore", invalid="ignore"):  # an exploding trial shot is detected just below
@@ -443,6 +444,9 @@ class BandLimitedShooting:
         u_map = (Z - self.zgrid) * self.Hm.astype(self.dtype)  # mm
         u = u_map if self.same_grid else self.map_to_voxels(u_map)
         path.X = self.x + u / self.h.astype(self.dtype)
+        path.min_det = float(np.min(jacobian_determinant(u, spacing=tuple(self.h), backend=self.backend)))
+        if det_floor is not None and not path.min_det > det_floor:
+            return None
         path.gI = None
         if gradient:
             path.I1, path.gI = sample_linear(self.I0, path.X, gradient=True, backend=self.backend)
@@ -455,9 +459,9 @@ class BandLimitedShooting:
         z = np.asarray(z, dtype=np.float64)
         return 0.5 * self.cell * float(np.sum(z * z))
 
-    def evaluate(self, z, data, *, gradient=True, stability_limit=None):
+    def evaluate(self, z, data, *, gradient=True, stability_limit=None, det_floor=None):
         """``(E, regularisation, data term, path, seed)``; ``E = inf`` for an unstable or non-finite shot."""
-        path = self.forward(z, stability_limit=stability_limit, gradient=gradient)
+        path = self.forward(z, stability_limit=stability_limit, det_floor=det_floor, gradient=gradient)
         if path is None:
             return math.inf, math.nan, math.nan, None, None
         reg = self.regularization(z)

@@ -30,6 +30,9 @@ __all__ = ["STABILITY_LIMIT", "STABILITY_TARGET", "level_step_bandlimited", "mak
 STABILITY_TARGET = 0.3
 #: trial shots above this stability number are rejected by the line search
 STABILITY_LIMIT = 0.6
+#: trial shots whose voxel-grid map φ₁⁻¹ (the one the data term samples through) has a Jacobian determinant at or
+#: below this anywhere are rejected: the discrete map must stay invertible
+DET_FLOOR = 0.0
 
 
 def make_shooter(opts, fixed, level_fixed, template, n_steps, *, finest=True):
@@ -48,7 +51,7 @@ class _Problem:
 
     def value(self, x):
         s = self.shooter
-        res = s.evaluate(x.reshape((s.nd, *s.nc)), self.data, stability_limit=STABILITY_LIMIT)
+        res = s.evaluate(x.reshape((s.nd, *s.nc)), self.data, stability_limit=STABILITY_LIMIT, det_floor=DET_FLOOR)
         if res[3] is None:
             self.limited = True
         return res[0] * self.scale, res
@@ -79,11 +82,12 @@ def _stable(make, z, data, n, n_max):
         if n_new == n:
             break
         n = n_new
-    if not (res[3] is not None and res[3].stability <= STABILITY_LIMIT and math.isfinite(res[0])):
+    if not (res[3] is not None and res[3].stability <= STABILITY_LIMIT and res[3].min_det > DET_FLOOR
+            and math.isfinite(res[0])):
         lo, hi = 0.0, 1.0
         for _ in range(10):
             c = 0.5 * (lo + hi)
-            if shooter.forward(z * z.dtype.type(c), stability_limit=STABILITY_LIMIT) is None:
+            if shooter.forward(z * z.dtype.type(c), stability_limit=STABILITY_LIMIT, det_floor=DET_FLOOR) is None:
                 hi = c
             else:
                 lo = c
