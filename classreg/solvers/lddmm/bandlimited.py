@@ -35,6 +35,7 @@ import numpy as np
 import scipy.fft as sfft
 
 from ...backend import thread_count
+from ...kernels.epdiff import ad_star, ad_star_transpose, trace_back, trace_back_adjoint
 
 try:  # pocketfft's transforms without scipy.fft's per-call argument handling (~50 µs, 15 % of a 2-D evaluation)
     from scipy.fft._pocketfft import pypocketfft as _pocketfft
@@ -146,9 +147,10 @@ def resize_coefficients(z, n_new):
 
 class _Path:
     """A stored forward pass: coarse velocities ``v[k]`` (C-first) and the EPDiff ``states`` (for the adjoint),
-    map-grid velocities ``w[k]`` (map index units, channels-last), traced positions ``Z[k] = Z_{k+1}``, the
-    voxel-grid map ``X`` (index units), ``I1``, its spatial gradient ``gI = (∇I₀)∘X`` (for the reverse sweep;
-    ``None`` unless requested), the stability number ``max_k δt·max‖Dv_k‖_F``."""
+    map-grid velocities ``w[k]`` (map index units, channels-last, one array), the traced positions ``Z[k]`` where
+    ``w[k]`` was sampled, the voxel-grid map ``X`` (index units), ``I1``, its spatial gradient ``gI = (∇I₀)∘X`` (for
+    the reverse sweep; ``None`` unless requested), the stability number ``max_k δt·max‖Dv_k‖_F`` and the smallest
+    Jacobian determinant of the voxel-grid map (``min_det``)."""
 
     __slots__ = ("I1", "X", "Z", "gI", "min_det", "stability", "states", "v", "w")
 
@@ -359,12 +361,6 @@ class BandLimitedShooting:
         Dm = out[2 * nd + q:].reshape(nd, nd, *self.nc)
         return v, m, Dv, Dm
 
-    @staticmethod
-    def _ad_star(v, m, Dv, Dm):
-        """B(v, m)_i = Σ_j ∂_i v_j m_j + Σ_j ∂_j m_i v_j + m_i ∇·v."""
-        div = sum(Dv[j, j] for j in range(len(v)))
-        return (Dv * m[None]).sum(axis=1) + (Dm * v[:, None]).sum(axis=0) + m * div
-
     def geodesic(self, z):
         """Coarse velocities v_k (k = 0..n_t−1), the states ``(v, m, Dv, Dm)`` of every step (for the adjoint)
         and the stability number."""
@@ -374,13 +370,14 @@ class BandLimitedShooting:
         dt = self.dt
         for k in range(self.n):
             v, m, Dv, Dm = self._state(V)
-            stab = max(stab, dt * math.sqrt(float(np.max((Dv * Dv).sum(axis=(0, 1))))))
+            B, dv2 = ad_star(v, m, Dv, Dm, backend=self.backend)
+            stab = max(stab, dt * math.sqrt(dv2))
             vs.append(v.copy())  # not a view: it would keep the whole stacked state alive
             Vs.append((v, m, Dv, Dm))
             if k < self.n - 1:
                 if not math.isfinite(stab):
                     break
-                V = V - dt * self.K * self.fft(self._ad_star(v, m, Dv, Dm))
+                V = V - dt * self.K * self.fft(B)
         if not math.isfinite(stab):
             stab = math.inf
         return vs, Vs, stab
@@ -407,15 +404,7 @@ class BandLimitedShooting:
         mu = out[:nd]
         Dmu = out[nd:].reshape(nd, nd, *self.nc)  # Dmu[i, j] = ∂_i μ_j
         buf = np.empty((3 * nd, *self.nc), dtype=self.dtype)
-        A, B = buf[:nd], buf[nd:2 * nd]
-        np.multiply(sum(Dmu[j, j] for j in range(nd)), m, out=A)
-        np.negative(A, out=A)
-        B[...] = 0
-        for i in range(nd):
-            A -= mu[i] * Dm[i]
-            A -= Dmu[:, i] * m[i]
-            B += mu[i] * Dv[i]
-            B -= v[i] * Dmu[i]
+        ad_star_transpose(mu, Dmu, v, m, Dv, Dm, out=buf, backend=self.backend)  # A, B
         buf[2 * nd:] = r
         spec = self.fft(buf)
         return Lam - self.dtype.type(self.dt) * (spec[:nd] + self.L * spec[nd:2 * nd]) + spec[2 * nd:]
@@ -434,13 +423,8 @@ class BandLimitedShooting:
         self._pad.clear()  # the padding buffers live for one sweep (peak memory)
         if not math.isfinite(path.stability) or (stability_limit is not None and path.stability > stability_limit):
             return None
-        dt = self.dtype.type(self.dt)
-        path.w = list(self.to_map(np.stack(path.v)))  # one transfer for all steps (contiguous views)
-        Z = self.zgrid
-        path.Z = [None] * self.n
-        for k in range(self.n - 1, -1, -1):
-            path.Z[k] = Z
-            Z = Z - dt * sample_linear(path.w[k], Z, backend=self.backend)
+        path.w = self.to_map(np.stack(path.v))  # one transfer for all steps
+        Z, path.Z = trace_back(path.w, self.zgrid, self.dt, positions=True, backend=self.backend)
         u_map = (Z - self.zgrid) * self.Hm.astype(self.dtype)  # mm
         u = u_map if self.same_grid else self.map_to_voxels(u_map)
         path.X = self.x + u / self.h.astype(self.dtype)
@@ -474,7 +458,7 @@ class BandLimitedShooting:
     def gradient(self, z, path, seed):
         """∇_z E by the exact reverse sweep of :meth:`forward`. Consumes the path's stored EPDiff states (released
         afterwards: an accepted path kept by the optimiser then holds only its maps)."""
-        from ...kernels.adjoint import sample_linear, splat_linear
+        from ...kernels.adjoint import sample_linear
 
         dI1, dX1 = seed
         gI, path.gI = path.gI, None
@@ -487,14 +471,7 @@ class BandLimitedShooting:
         ubar = Xbar / self.h.astype(self.dtype)  # per mm of the voxel-grid displacement
         if not self.same_grid:
             ubar = self.map_to_voxels_adjoint(ubar)
-        Zbar = ubar * self.Hm.astype(self.dtype)
-        dt = self.dtype.type(self.dt)
-        wbar = np.empty((self.n, *self.M, self.nd), dtype=self.dtype)
-        for k in range(self.n):  # reverse of the tracing loop k = n−1..0
-            Zk = path.Z[k]
-            _, dw = sample_linear(path.w[k], Zk, gradient=True, backend=self.backend)
-            np.multiply(splat_linear(Zbar, Zk, self.M, backend=self.backend), -dt, out=wbar[k])
-            Zbar = Zbar - dt * np.einsum("...c,...cj->...j", Zbar, dw)
+        wbar = trace_back_adjoint(path.w, path.Z, ubar * self.Hm.astype(self.dtype), self.dt, backend=self.backend)
         r = self.from_map_adjoint(wbar)  # all steps by one transposed transfer
         Lam = self.fft(r[self.n - 1])
         states, path.states = path.states, None
@@ -508,13 +485,7 @@ class BandLimitedShooting:
     # ------------------------------------------------------------------ results
     def trace_inverse(self, path, points):
         """φ₁⁻¹ at ``points`` (map-grid index units, channels-last): (id − δt v₀)∘…∘(id − δt v_{n−1})."""
-        from ...kernels.adjoint import sample_linear
-
-        dt = self.dtype.type(self.dt)
-        Z = points
-        for k in range(self.n - 1, -1, -1):
-            Z = Z - dt * sample_linear(path.w[k], Z, backend=self.backend)
-        return Z
+        return trace_back(path.w, points, self.dt, backend=self.backend)
 
     def trace_forward(self, path, points, *, tol=1e-4):
         """φ₁ at ``points`` (map-grid index units): ψ_{n−1}∘…∘ψ₀ with ψ_k = (id − δt v_k)⁻¹, each step a fixed
@@ -556,10 +527,9 @@ class BandLimitedShooting:
         z = np.asarray(z, dtype=self.dtype)
         vs, states, _ = self.geodesic(z)
         v, m, Dv, Dm = states[-1]
-        V = self.fft(v) - self.dt * self.K * self.fft(self._ad_star(v, m, Dv, Dm))
+        V = self.fft(v) - self.dt * self.K * self.fft(ad_star(v, m, Dv, Dm, backend=self.backend)[0])
         vs = vs + [self.ifft(V)]
-        ws = list(self.to_map(np.stack(vs)))
-        dt = self.dtype.type(self.dt)
+        ws = self.to_map(np.stack(vs))
         hm = self.Hm.astype(self.dtype)
 
         def voxel(field_map):
@@ -567,9 +537,7 @@ class BandLimitedShooting:
 
         maps = [np.zeros(self.shape + (self.nd,), dtype=self.dtype)]
         for k in range(1, self.n + 1):  # φ_{t_k}⁻¹ = (id − δt v₀)∘…∘(id − δt v_{k−1})
-            Z = self.zgrid
-            for j in range(k - 1, -1, -1):
-                Z = Z - dt * sample_linear(ws[j], Z, backend=self.backend)
+            Z = trace_back(ws[:k], self.zgrid, self.dt, backend=self.backend)
             maps.append(voxel((Z - self.zgrid) * hm))
         return maps, [voxel(w * hm) for w in ws]
 
