@@ -413,7 +413,8 @@ class BandLimitedShooting:
     def forward(self, z, *, stability_limit=None, det_floor=None, gradient=False):
         """Shoot ``z``: the path (velocities, traced map, ``I₁``, and with ``gradient`` the image gradient the
         reverse sweep needs, sampled in the same pass); ``None`` when the stability number exceeds
-        ``stability_limit`` or is not finite."""
+        ``stability_limit`` or is not finite, or when the smallest Jacobian determinant of the voxel-grid map (central
+        differences, as :func:`classreg.kernels.diff.jacobian_determinant`) is at most ``det_floor``."""
         from ...kernels.adjoint import sample_linear
         from ...kernels.diff import jacobian_determinant
 
@@ -444,7 +445,8 @@ class BandLimitedShooting:
         return 0.5 * self.cell * float(np.sum(z * z))
 
     def evaluate(self, z, data, *, gradient=True, stability_limit=None, det_floor=None):
-        """``(E, regularisation, data term, path, seed)``; ``E = inf`` for an unstable or non-finite shot."""
+        """``(E, regularisation, data term, path, seed)``; ``E = inf`` for an unstable, folded (see :meth:`forward`)
+        or non-finite shot."""
         path = self.forward(z, stability_limit=stability_limit, det_floor=det_floor, gradient=gradient)
         if path is None:
             return math.inf, math.nan, math.nan, None, None
