@@ -35,7 +35,7 @@ import numpy as np
 import scipy.fft as sfft
 
 from ...backend import thread_count
-from ...kernels.epdiff import ad_star, ad_star_transpose, trace_back, trace_back_adjoint
+from ...kernels.epdiff import trace_back, trace_back_adjoint
 
 try:  # pocketfft's transforms without scipy.fft's per-call argument handling (~50 µs, 15 % of a 2-D evaluation)
     from scipy.fft._pocketfft import pypocketfft as _pocketfft
@@ -362,6 +362,12 @@ class BandLimitedShooting:
         return np.ascontiguousarray(np.moveaxis(self._separable(a, self.ST), 0, -1))
 
     # ------------------------------------------------------------------ EPDiff
+    @staticmethod
+    def _ad_star(v, m, Dv, Dm):
+        """B(v, m)_i = Σ_j ∂_i v_j m_j + Σ_j ∂_j m_i v_j + m_i ∇·v."""
+        div = sum(Dv[j, j] for j in range(len(v)))
+        return (Dv * m[None]).sum(axis=1) + (Dm * v[:, None]).sum(axis=0) + m * div
+
     def _state(self, V):
         """``(v, m, Dv, Dm)`` from the spectrum V of v (one stacked inverse FFT); ``Dv[j, c] = ∂_j v_c``."""
         nd = self.nd
@@ -383,14 +389,13 @@ class BandLimitedShooting:
         dt = self.dt
         for k in range(self.n):
             v, m, Dv, Dm = self._state(V)
-            B, dv2 = ad_star(v, m, Dv, Dm, backend=self.backend)
-            stab = max(stab, dt * math.sqrt(dv2))
+            stab = max(stab, dt * math.sqrt(float(np.max((Dv * Dv).sum(axis=(0, 1))))))
             vs.append(v.copy())  # not a view: it would keep the whole stacked state alive
             Vs.append((v, m, Dv, Dm))
             if k < self.n - 1:
                 if not math.isfinite(stab):
                     break
-                V = V - dt * self.K * self.fft(B)
+                V = V - dt * self.K * self.fft(self._ad_star(v, m, Dv, Dm))
         if not math.isfinite(stab):
             stab = math.inf
         return vs, Vs, stab
@@ -417,7 +422,15 @@ class BandLimitedShooting:
         mu = out[:nd]
         Dmu = out[nd:].reshape(nd, nd, *self.nc)  # Dmu[i, j] = ∂_i μ_j
         buf = np.empty((3 * nd, *self.nc), dtype=self.dtype)
-        ad_star_transpose(mu, Dmu, v, m, Dv, Dm, out=buf, backend=self.backend)  # A, B
+        A, B = buf[:nd], buf[nd:2 * nd]
+        np.multiply(sum(Dmu[j, j] for j in range(nd)), m, out=A)
+        np.negative(A, out=A)
+        B[...] = 0
+        for i in range(nd):
+            A -= mu[i] * Dm[i]
+            A -= Dmu[:, i] * m[i]
+            B += mu[i] * Dv[i]
+            B -= v[i] * Dmu[i]
         buf[2 * nd:] = r
         spec = self.fft(buf)
         return Lam - self.dtype.type(self.dt) * (spec[:nd] + self.L * spec[nd:2 * nd]) + spec[2 * nd:]
@@ -542,7 +555,7 @@ class BandLimitedShooting:
         z = np.asarray(z, dtype=self.dtype)
         vs, states, _ = self.geodesic(z)
         v, m, Dv, Dm = states[-1]
-        V = self.fft(v) - self.dt * self.K * self.fft(ad_star(v, m, Dv, Dm, backend=self.backend)[0])
+        V = self.fft(v) - self.dt * self.K * self.fft(self._ad_star(v, m, Dv, Dm))
         vs = vs + [self.ifft(V)]
         ws = self.to_map(np.stack(vs))
         hm = self.Hm.astype(self.dtype)
