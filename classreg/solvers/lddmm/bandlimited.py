@@ -362,12 +362,6 @@ class BandLimitedShooting:
         return np.ascontiguousarray(np.moveaxis(self._separable(a, self.ST), 0, -1))
 
     # ------------------------------------------------------------------ EPDiff
-    @staticmethod
-    def _ad_star(v, m, Dv, Dm):
-        """B(v, m)_i = Σ_j ∂_i v_j m_j + Σ_j ∂_j m_i v_j + m_i ∇·v."""
-        div = sum(Dv[j, j] for j in range(len(v)))
-        return (Dv * m[None]).sum(axis=1) + (Dm * v[:, None]).sum(axis=0) + m * div
-
     def _state(self, V):
         """``(v, m, Dv, Dm)`` from the spectrum V of v (one stacked inverse FFT); ``Dv[j, c] = ∂_j v_c``."""
         nd = self.nd
@@ -379,6 +373,12 @@ class BandLimitedShooting:
         Dv = out[2 * nd:2 * nd + q].reshape(nd, nd, *self.nc)
         Dm = out[2 * nd + q:].reshape(nd, nd, *self.nc)
         return v, m, Dv, Dm
+
+    @staticmethod
+    def _ad_star(v, m, Dv, Dm):
+        """B(v, m)_i = Σ_j ∂_i v_j m_j + Σ_j ∂_j m_i v_j + m_i ∇·v."""
+        div = sum(Dv[j, j] for j in range(len(v)))
+        return (Dv * m[None]).sum(axis=1) + (Dm * v[:, None]).sum(axis=0) + m * div
 
     def geodesic(self, z):
         """Coarse velocities v_k (k = 0..n_t−1), the states ``(v, m, Dv, Dm)`` of every step (for the adjoint)
