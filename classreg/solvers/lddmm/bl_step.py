@@ -6,8 +6,9 @@ change of the initial velocity (voxels of the level), trial shots whose stabilit
 shots whose voxel-grid map folds (:data:`DET_FLOOR`) are rejected too: every step ``id − δt v_k`` is invertible when
 ``δt·Lip(v_k) < 1``, but the map is traced on the coarser map grid and interpolated linearly to the voxels, and
 where the flow compresses strongly that interpolant can fold although the continuous flow does not; the data term
-would then be evaluated through a non-invertible map, which the optimiser can exploit. ``z`` is carried between levels through its Fourier coefficients (the coarse grids
-of all levels sample one periodic box), so no interpolation error is introduced.
+would then be evaluated through a non-invertible map, which the optimiser can exploit. ``z`` is carried between
+levels through its Fourier coefficients (the coarse grids of all levels sample one periodic box), so no
+interpolation error is introduced.
 """
 from __future__ import annotations
 
