@@ -364,7 +364,7 @@ def test_params_history_progress_and_callback_stop(tmp_path):
         assert key in r.params, key
     assert r.params["seed"] == 5
     assert r.metrics["geodesic_length"] > 0
-    assert r.params["method"] == "bandlimited" and r.params["cutoff"] == 0.05
+    assert r.params["method"] == "bandlimited" and r.params["cutoff"] == 0.2
     out = r.save(tmp_path / "res", extras=True)
     back = cr.load_result(out)
     z = r.extras["velocity_coefficients"]

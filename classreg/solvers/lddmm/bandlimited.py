@@ -533,19 +533,23 @@ class BandLimitedShooting:
             Y = Yk
         return Y
 
-    def maps(self, z, path=None):
+    def maps(self, z, path=None, inverse=None):
         """``(φ₁⁻¹, φ₁)`` on the voxel grid as array-frame displacements in mm, both traced from the voxel centres
-        through the same velocities (:meth:`trace_inverse`, :meth:`trace_forward`). φ₁⁻¹ is the map of
+        through the same velocities (:meth:`inverse_map`, :meth:`trace_forward`). φ₁⁻¹ is the map of
         :meth:`forward` traced at every voxel instead of on the map grid (they differ by the map grid's
         interpolation error); as point maps the two are inverse to the fixed-point tolerance (10⁻³ map-grid voxels,
-        far below the linear interpolation error of a field composition)."""
+        far below the linear interpolation error of a field composition). ``inverse``: φ₁⁻¹ if already traced."""
         if path is None:
             path = self.forward(z)
         start = self.zgrid if self.same_grid else self.Q
-        hm = self.Hm.astype(self.dtype)
-        inv = (self.trace_inverse(path, start) - start) * hm
-        fwd = (self.trace_forward(path, start, tol=1e-3) - start) * hm
-        return inv.astype(self.dtype), fwd.astype(self.dtype)
+        inv = self.inverse_map(path) if inverse is None else inverse
+        fwd = (self.trace_forward(path, start, tol=1e-3) - start) * self.Hm.astype(self.dtype)
+        return inv, fwd.astype(self.dtype)
+
+    def inverse_map(self, path):
+        """φ₁⁻¹ − id on the voxel grid (array-frame mm), traced from every voxel centre (:meth:`trace_inverse`)."""
+        start = self.zgrid if self.same_grid else self.Q
+        return ((self.trace_inverse(path, start) - start) * self.Hm.astype(self.dtype)).astype(self.dtype)
 
     def trajectory(self, z):
         """The geodesic on the voxel grid: ``(maps, velocities)`` with ``maps[k]`` = φ_{t_k}⁻¹ − id (mm, k = 0..n_t)

@@ -54,7 +54,7 @@ OPTIONS = Declaration(
                                         "K̂ ≥ cutoff, EPDiff integrated there (FLASH), the map traced on the map grid; "
                                         "'full': the scalar momentum P₀ on the voxel grid", kind="str",
                choices=("bandlimited", "full")),
-        Option("cutoff", 0.05, "bandlimited: frequencies where the kernel's Fourier transform is below this fraction "
+        Option("cutoff", 0.2, "bandlimited: frequencies where the kernel's Fourier transform is below this fraction "
                                "of its peak are dropped", low=0, high=1, low_open=True, high_open=True),
         Option("map_spacing", None, "bandlimited: spacing of the grid on which the map is traced", unit="mm", low=0,
                low_open=True, default_text="kernel_sigma (Gaussian), √alpha (Sobolev); never below the voxel"),

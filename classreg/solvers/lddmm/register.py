@@ -53,7 +53,7 @@ def register_lddmm(fixed: Image, moving: Image, *, init: Transform | None = None
                    kernel: str = "gaussian", kernel_sigma: float | None = None, alpha: float | None = None,
                    order: float = 2.0, data_sigma: float = 0.05, n_steps: int | None = None, max_steps: int | None = None,
                    tol: float = 1e-5, lncc_radius: float | None = None, intensity: str = "auto",
-                   method: str = "bandlimited", cutoff: float = 0.05, map_spacing: float | None = None,
+                   method: str = "bandlimited", cutoff: float = 0.2, map_spacing: float | None = None,
                    return_trajectory: bool = False, dtype=np.float32, seed: int = 0, threads: int | None = None,
                     memory_limit: float | None = None, time_limit: float | None = None,
                    device: str | None = None, backend=None, progress: bool = False, callback=None) -> Result:
@@ -123,7 +123,9 @@ def register_lddmm(fixed: Image, moving: Image, *, init: Transform | None = None
         inverse map traced along characteristics on the map grid, explicit Euler in time); "full": the scalar
         momentum P₀ on the voxel grid, the image, momentum and map transported there (semi-Lagrangian).
     cutoff : float
-        "bandlimited": the smallest kernel weight ``K̂(ξ)`` (relative to K̂(0) = 1) of a kept frequency.
+        "bandlimited": the smallest kernel weight ``K̂(ξ)`` (relative to K̂(0) = 1) of a kept frequency. A mode of
+        weight K̂ costs 1/K̂ times more regularisation per unit amplitude than the mean, so the optimum carries
+        little energy where K̂ is small, while the band's volume grows like the cut-off frequency to the power d.
     map_spacing : float, optional
         "bandlimited": spacing (mm) of the grid on which the map is traced (default ``kernel_sigma`` for the
         Gaussian kernel, √alpha for the Sobolev one; never finer than the voxels); voxels interpolate it linearly.
@@ -242,7 +244,7 @@ def _blas_single_thread():
 
 
 def _resolve(fixed: Image, moving: Image, *, metric, kernel, kernel_sigma, alpha, order, data_sigma, n_steps,
-             max_steps, tol, lncc_radius, dtype, backend, method="full", cutoff=0.05, map_spacing=None) -> dict:
+             max_steps, tol, lncc_radius, dtype, backend, method="full", cutoff=0.2, map_spacing=None) -> dict:
     """The options that depend on each other or on the images, resolved (lengths in mm, σ² of the data term)."""
     if backend == "cuda":
         raise ValueError("register_lddmm runs on the CPU only (backend 'numpy' or 'numba'; device 'cpu')")
@@ -384,7 +386,7 @@ def _final_bandlimited(fixed, fixed_n, template, fmask, mmask_t, run, opts):
     """:func:`_final_shooting` of the band-limited method: the finest level's shooting of ``z``."""
     from ...kernels.adjoint import sample_linear
     from .bandlimited import resize_coefficients
-    from .bl_step import _stable, make_shooter
+    from .bl_step import _stable, make_shooter, unfolded
 
     dtype, backend = opts["dtype"], opts["backend"]
     h = tuple(fixed.spacing_array_order)
@@ -397,9 +399,10 @@ def _final_bandlimited(fixed, fixed_n, template, fmask, mmask_t, run, opts):
     probe = make(opts["n_steps"])
     z = probe.zeros() if z is None else resize_coefficients(z, probe.nc)
     n_final = min(opts["max_steps"], max(opts["n_steps"], run["n_steps"]))
-    shooter, n_final, z, (energy, reg, dat, path, _), _ = _stable(make, z, data, n_final, opts["max_steps"])
+    shooter, n_final, z, res, _ = _stable(make, z, data, n_final, opts["max_steps"])
+    z, (energy, reg, dat, path, _), inv_mm = unfolded(shooter, z, data, res)
     run["P0"] = z
-    inv_mm, fwd_mm = shooter.maps(z, path)
+    inv_mm, fwd_mm = shooter.maps(z, path, inverse=inv_mm)
     I1 = sample_linear(template.data.astype(dtype), shooter.x + inv_mm / np.asarray(h, dtype=dtype), backend=backend)
     step = max(float(np.max(np.abs(w))) for w in path.w) / n_final
     metrics = result_metrics(fixed_n, fmask, I1, inv_mm, fwd_mm, h, energy, reg, dat, n_final, path.stability, step,
