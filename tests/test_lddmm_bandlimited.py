@@ -196,6 +196,28 @@ def test_shots_whose_voxel_map_folds_are_rejected():
     assert kept is not None and kept.min_det > 0.0
 
 
+def test_a_result_whose_traced_map_folds_is_scaled_until_it_does_not():
+    """bl_step.unfolded: the result's φ₁⁻¹ (traced from every voxel) of a folding shot is replaced by that of the
+    largest multiple of z that does not fold; a shot that does not fold is returned unchanged."""
+    from classreg.kernels.diff import jacobian_determinant
+
+    from classreg.solvers.lddmm.bl_step import unfolded
+
+    sh = _shooter((32, 32), (1.0, 1.0), n_steps=24, map_spacing=3.0, dtype=np.float32)
+    data = SSDTerm(_blob((32, 32), 1.0), 0.01, 1.0)
+    strong, mild = (_smooth_z(sh, a, seed=6).astype(np.float32) for a in (12.0, 6.0))
+    res = sh.evaluate(strong, data, gradient=False)
+    assert np.min(jacobian_determinant(sh.inverse_map(res[3]))) <= 0.0
+    z, res2, inv = unfolded(sh, strong, data, res)
+    c = float(np.max(np.abs(z)) / np.max(np.abs(strong)))
+    assert 0.3 < c < 1.0
+    assert np.min(jacobian_determinant(inv)) > 0.0
+    assert np.array_equal(inv, sh.inverse_map(res2[3])) and res2[0] == sh.evaluate(z, data, gradient=False)[0]
+    res = sh.evaluate(mild, data, gradient=False)
+    z, res2, inv = unfolded(sh, mild, data, res)
+    assert z is mild and res2 is res and np.min(jacobian_determinant(inv)) > 0.0
+
+
 def test_registration_recovers_a_band_limited_shot_target():
     """J = I₀ shot with a known smooth band-limited velocity: the registration (same kernel, band and map grid)
     matches J closely by a geodesic no longer than the shot one (which is feasible; it is not minimal: parts of a
