@@ -1,5 +1,6 @@
-"""Cubic B-spline free-form deformation (FFD) kernels: evaluation, Jacobian, adjoint, dense fields, bending energy
-and control-grid refinement.
+"""Cubic B-spline free-form deformation (FFD) kernels: evaluation, Jacobian, adjoint, dense fields, bending energy,
+control-grid refinement, and the per-sample work of a parametric registration (:func:`samples`,
+:func:`scatter_samples`, and :func:`mi_step`: one Mattes-MI iteration fused into a single pass).
 
 Grid convention (plain arrays; nothing here knows about images or physical space):
 
@@ -42,9 +43,18 @@ from fractions import Fraction
 import numpy as np
 
 from . import _backend
+from .sampling import (
+    _linear_at_numpy,
+    _mi_add,
+    _mi_fused_numba,
+    _mi_grad,
+    _mi_setup,
+    _mi_table,
+    mi_namespace,
+)
 
 __all__ = ["weights", "evaluate", "evaluate_with_jacobian", "adjoint", "dense", "bending_energy", "refine", "samples",
-           "scatter_samples", "sample_kernels"]
+           "scatter_samples", "sample_kernels", "mi_step", "mi_step_kernel"]
 
 #: Voxels per block of the numpy reference of :func:`dense` for a non-diagonal matrix (bounds its memory).
 _DENSE_BLOCK = 1 << 18
@@ -1253,13 +1263,306 @@ def _scatter3_body(q, use, values, out):
         k += 1
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# One iteration of a B-spline registration with Mattes MI, fused: sample → FFD → moving value/gradient → Parzen
+# histogram → MI and ∂MI/∂coefficients
+# ----------------------------------------------------------------------------------------------------------------------
+#: columns of the per-sample workspace of :func:`mi_step` before the world gradient, grid index and grid flag
+_WORK_HEAD = 6
+
+
+def _lin2(a, c0, c1):
+    """Bilinear corners and weights of ``c`` in an image of shape ``a.shape[:2]``: the rule of
+    :func:`classreg.kernels.sampling.linear_at` (the last cell holds the far edge)."""
+    n0 = a.shape[0]
+    n1 = a.shape[1]
+    i0 = min(int(c0), max(n0 - 2, 0))
+    i1 = min(int(c1), max(n1 - 2, 0))
+    t0 = c0 - i0
+    t1 = c1 - i1
+    return i0, i1, min(i0 + 1, n0 - 1), min(i1 + 1, n1 - 1), t0, t1
+
+
+def _at2(a, i0, i1, j0, j1, t0, t1, ch):
+    w00, w01 = (1.0 - t0) * (1.0 - t1), (1.0 - t0) * t1
+    w10, w11 = t0 * (1.0 - t1), t0 * t1
+    return w00 * a[i0, i1, ch] + w01 * a[i0, j1, ch] + w10 * a[j0, i1, ch] + w11 * a[j0, j1, ch]
+
+
+def _lin3(a, c0, c1, c2):
+    n0 = a.shape[0]
+    n1 = a.shape[1]
+    n2 = a.shape[2]
+    i0 = min(int(c0), max(n0 - 2, 0))
+    i1 = min(int(c1), max(n1 - 2, 0))
+    i2 = min(int(c2), max(n2 - 2, 0))
+    return (i0, i1, i2, min(i0 + 1, n0 - 1), min(i1 + 1, n1 - 1), min(i2 + 1, n2 - 1), c0 - i0, c1 - i1,
+            c2 - i2)
+
+
+def _at3(a, i0, i1, i2, j0, j1, j2, t0, t1, t2, ch):
+    x = ((1.0 - t2) * a[i0, i1, i2, ch] + t2 * a[i0, i1, j2, ch]) * (1.0 - t1) + \
+        ((1.0 - t2) * a[i0, j1, i2, ch] + t2 * a[i0, j1, j2, ch]) * t1
+    y = ((1.0 - t2) * a[j0, i1, i2, ch] + t2 * a[j0, i1, j2, ch]) * (1.0 - t1) + \
+        ((1.0 - t2) * a[j0, j1, i2, ch] + t2 * a[j0, j1, j2, ch]) * t1
+    return (1.0 - t0) * x + t0 * y
+
+
+def _mi_finish(work, count, hist, nbf, nbm, normalised, tiny, bsm, sf, sm):
+    """The MI value, the per-sample ``∂MI/∂m`` (into ``work[:, 0]``, the fixed value no longer needed) and the
+    NCC of the samples (``sf``, ``sm``: sums of their fixed and moving values)."""
+    table = np.empty((nbf, nbm))
+    value, scale = _mi_table(hist, count, nbf, nbm, normalised, tiny, bsm, table)
+    mf = sf / count
+    mm = sm / count
+    sab = 0.0
+    saa = 0.0
+    sbb = 0.0
+    for k in range(count):
+        fc = work[k, 0] - mf
+        mc = work[k, 1] - mm
+        sab += fc * mc
+        saa += fc * fc
+        sbb += mc * mc
+        work[k, 0] = _mi_grad(table, int(work[k, 2]), int(work[k, 3]), work[k, 4], work[k, 5], scale)
+    sim = sab / np.sqrt(saa * sbb) if saa > 0.0 and sbb > 0.0 else np.nan
+    return value, sim
+
+
+def _mi_step2_body(fdata, idx, maps, prior, coeffs, stack, flags, par, work, grad):
+    nbf = flags[0]
+    nbm = flags[1]
+    normalised = flags[2] != 0
+    has_prior = flags[3] != 0
+    has_mask = flags[4] != 0
+    lof, hif, lom, him, tlo, thi, tiny = par[0], par[1], par[2], par[3], par[4], par[5], par[6]
+    smallf, smallm, bsf, bsm = _mi_setup(nbf, nbm, lof, hif, lom, him)
+    n0 = coeffs.shape[0]
+    n1 = coeffs.shape[1]
+    p0 = prior.shape[0]
+    p1 = prior.shape[1]
+    s0 = stack.shape[0]
+    s1 = stack.shape[1]
+    hist = np.zeros((nbf, nbm))
+    sf = 0.0
+    sm = 0.0
+    count = 0
+    for j in range(idx.shape[0]):
+        x0 = idx[j, 0]
+        x1 = idx[j, 1]
+        i0, i1, j0, j1, t0, t1 = _lin2(fdata, x0, x1)
+        f = _at2(fdata, i0, i1, j0, j1, t0, t1, 0)
+        y0 = x0 * maps[0, 0, 0] + x1 * maps[0, 0, 1] + maps[0, 0, 2]
+        y1 = x0 * maps[0, 1, 0] + x1 * maps[0, 1, 1] + maps[0, 1, 2]
+        if has_prior:
+            c0 = y0 * maps[1, 0, 0] + y1 * maps[1, 0, 1] + maps[1, 0, 2]
+            c1 = y0 * maps[1, 1, 0] + y1 * maps[1, 1, 1] + maps[1, 1, 2]
+            if c0 >= 0.0 and c0 <= p0 - 1.0 and c1 >= 0.0 and c1 <= p1 - 1.0:
+                i0, i1, j0, j1, t0, t1 = _lin2(prior, c0, c1)
+                y0 += _at2(prior, i0, i1, j0, j1, t0, t1, 0)
+                y1 += _at2(prior, i0, i1, j0, j1, t0, t1, 1)
+        q0 = maps[2, 0, 0] * y0 + maps[2, 0, 1] * y1 + maps[2, 0, 2]
+        q1 = maps[2, 1, 0] * y0 + maps[2, 1, 1] * y1 + maps[2, 1, 2]
+        ingrid = q0 >= 1.0 and q0 <= n0 - 2.0 and q1 >= 1.0 and q1 <= n1 - 2.0
+        z0 = y0
+        z1 = y1
+        if ingrid:
+            r = min(int(q0), n0 - 3)
+            c = min(int(q1), n1 - 3)
+            a0, a1, a2, a3 = _w4(q0 - r)
+            b0, b1, b2, b3 = _w4(q1 - c)
+            r -= 1
+            c -= 1
+            z0 += (a0 * _dot4(coeffs, r, c, 0, b0, b1, b2, b3) + a1 * _dot4(coeffs, r + 1, c, 0, b0, b1, b2, b3)
+                   + a2 * _dot4(coeffs, r + 2, c, 0, b0, b1, b2, b3)
+                   + a3 * _dot4(coeffs, r + 3, c, 0, b0, b1, b2, b3))
+            z1 += (a0 * _dot4(coeffs, r, c, 1, b0, b1, b2, b3) + a1 * _dot4(coeffs, r + 1, c, 1, b0, b1, b2, b3)
+                   + a2 * _dot4(coeffs, r + 2, c, 1, b0, b1, b2, b3)
+                   + a3 * _dot4(coeffs, r + 3, c, 1, b0, b1, b2, b3))
+        c0 = z0 * maps[3, 0, 0] + z1 * maps[3, 0, 1] + maps[3, 0, 2]
+        c1 = z0 * maps[3, 1, 0] + z1 * maps[3, 1, 1] + maps[3, 1, 2]
+        if not (c0 >= 0.0 and c0 <= s0 - 1.0 and c1 >= 0.0 and c1 <= s1 - 1.0):
+            continue
+        i0, i1, j0, j1, t0, t1 = _lin2(stack, c0, c1)
+        if has_mask and _at2(stack, i0, i1, j0, j1, t0, t1, 3) < 0.5:
+            continue
+        m = _at2(stack, i0, i1, j0, j1, t0, t1, 0)
+        d0 = _at2(stack, i0, i1, j0, j1, t0, t1, 1)
+        d1 = _at2(stack, i0, i1, j0, j1, t0, t1, 2)
+        fi, b, t, dl = _mi_add(hist, f, m, nbf, nbm, lof, hif, lom, him, tlo, thi, smallf, smallm, bsf, bsm)
+        work[count, 0] = f
+        work[count, 1] = m
+        work[count, 2] = fi
+        work[count, 3] = b
+        work[count, 4] = t
+        work[count, 5] = dl
+        work[count, 6] = d0 * maps[3, 0, 0] + d1 * maps[3, 1, 0]  # ∇_z M = (∂idx/∂z)ᵀ ∇_idx M
+        work[count, 7] = d0 * maps[3, 0, 1] + d1 * maps[3, 1, 1]
+        work[count, 8] = q0
+        work[count, 9] = q1
+        work[count, 10] = 1.0 if ingrid else 0.0
+        sf += f
+        sm += m
+        count += 1
+    grad[:] = 0.0
+    if count < 2:
+        return 0.0, count, np.nan
+    value, sim = _mi_finish(work, count, hist, nbf, nbm, normalised, tiny, bsm, sf, sm)
+    for k in range(count):
+        if work[k, 10] == 0.0:
+            continue
+        q0 = work[k, 8]
+        q1 = work[k, 9]
+        r = min(int(q0), n0 - 3)
+        c = min(int(q1), n1 - 3)
+        a0, a1, a2, a3 = _w4(q0 - r)
+        b0, b1, b2, b3 = _w4(q1 - c)
+        r -= 1
+        c -= 1
+        for ch in range(2):
+            v = work[k, 0] * work[k, 6 + ch]
+            _add4(grad, r, c, ch, v * a0, b0, b1, b2, b3)
+            _add4(grad, r + 1, c, ch, v * a1, b0, b1, b2, b3)
+            _add4(grad, r + 2, c, ch, v * a2, b0, b1, b2, b3)
+            _add4(grad, r + 3, c, ch, v * a3, b0, b1, b2, b3)
+    return value, count, sim
+
+
+def _mi_step3_body(fdata, idx, maps, prior, coeffs, stack, flags, par, work, grad):
+    nbf = flags[0]
+    nbm = flags[1]
+    normalised = flags[2] != 0
+    has_prior = flags[3] != 0
+    has_mask = flags[4] != 0
+    lof, hif, lom, him, tlo, thi, tiny = par[0], par[1], par[2], par[3], par[4], par[5], par[6]
+    smallf, smallm, bsf, bsm = _mi_setup(nbf, nbm, lof, hif, lom, him)
+    n0 = coeffs.shape[0]
+    n1 = coeffs.shape[1]
+    n2 = coeffs.shape[2]
+    p0 = prior.shape[0]
+    p1 = prior.shape[1]
+    p2 = prior.shape[2]
+    s0 = stack.shape[0]
+    s1 = stack.shape[1]
+    s2 = stack.shape[2]
+    hist = np.zeros((nbf, nbm))
+    sf = 0.0
+    sm = 0.0
+    count = 0
+    y = np.empty(3)
+    z = np.empty(3)
+    g = np.empty(3)
+    for j in range(idx.shape[0]):
+        x0 = idx[j, 0]
+        x1 = idx[j, 1]
+        x2 = idx[j, 2]
+        i0, i1, i2, j0, j1, j2, t0, t1, t2 = _lin3(fdata, x0, x1, x2)
+        f = _at3(fdata, i0, i1, i2, j0, j1, j2, t0, t1, t2, 0)
+        for d in range(3):
+            y[d] = x0 * maps[0, d, 0] + x1 * maps[0, d, 1] + x2 * maps[0, d, 2] + maps[0, d, 3]
+        if has_prior:
+            c0 = y[0] * maps[1, 0, 0] + y[1] * maps[1, 0, 1] + y[2] * maps[1, 0, 2] + maps[1, 0, 3]
+            c1 = y[0] * maps[1, 1, 0] + y[1] * maps[1, 1, 1] + y[2] * maps[1, 1, 2] + maps[1, 1, 3]
+            c2 = y[0] * maps[1, 2, 0] + y[1] * maps[1, 2, 1] + y[2] * maps[1, 2, 2] + maps[1, 2, 3]
+            if (c0 >= 0.0 and c0 <= p0 - 1.0 and c1 >= 0.0 and c1 <= p1 - 1.0 and c2 >= 0.0
+                    and c2 <= p2 - 1.0):
+                i0, i1, i2, j0, j1, j2, t0, t1, t2 = _lin3(prior, c0, c1, c2)
+                for d in range(3):
+                    y[d] += _at3(prior, i0, i1, i2, j0, j1, j2, t0, t1, t2, d)
+        q0 = maps[2, 0, 0] * y[0] + maps[2, 0, 1] * y[1] + maps[2, 0, 2] * y[2] + maps[2, 0, 3]
+        q1 = maps[2, 1, 0] * y[0] + maps[2, 1, 1] * y[1] + maps[2, 1, 2] * y[2] + maps[2, 1, 3]
+        q2 = maps[2, 2, 0] * y[0] + maps[2, 2, 1] * y[1] + maps[2, 2, 2] * y[2] + maps[2, 2, 3]
+        ingrid = (q0 >= 1.0 and q0 <= n0 - 2.0 and q1 >= 1.0 and q1 <= n1 - 2.0 and q2 >= 1.0
+                  and q2 <= n2 - 2.0)
+        for d in range(3):
+            z[d] = y[d]
+        if ingrid:
+            r0 = min(int(q0), n0 - 3)
+            r1 = min(int(q1), n1 - 3)
+            r2 = min(int(q2), n2 - 3)
+            a0, a1, a2, a3 = _w4(q0 - r0)
+            b0, b1, b2, b3 = _w4(q1 - r1)
+            e0, e1, e2, e3 = _w4(q2 - r2)
+            k = r2 - 1
+            for ch in range(3):
+                acc = 0.0
+                for rr in range(4):
+                    ar = a0 if rr == 0 else (a1 if rr == 1 else (a2 if rr == 2 else a3))
+                    r = r0 - 1 + rr
+                    s = r1 - 1
+                    acc += ar * (b0 * _dot4_3(coeffs, r, s, k, ch, e0, e1, e2, e3)
+                                 + b1 * _dot4_3(coeffs, r, s + 1, k, ch, e0, e1, e2, e3)
+                                 + b2 * _dot4_3(coeffs, r, s + 2, k, ch, e0, e1, e2, e3)
+                                 + b3 * _dot4_3(coeffs, r, s + 3, k, ch, e0, e1, e2, e3))
+                z[ch] += acc
+        c0 = z[0] * maps[3, 0, 0] + z[1] * maps[3, 0, 1] + z[2] * maps[3, 0, 2] + maps[3, 0, 3]
+        c1 = z[0] * maps[3, 1, 0] + z[1] * maps[3, 1, 1] + z[2] * maps[3, 1, 2] + maps[3, 1, 3]
+        c2 = z[0] * maps[3, 2, 0] + z[1] * maps[3, 2, 1] + z[2] * maps[3, 2, 2] + maps[3, 2, 3]
+        if not (c0 >= 0.0 and c0 <= s0 - 1.0 and c1 >= 0.0 and c1 <= s1 - 1.0 and c2 >= 0.0
+                and c2 <= s2 - 1.0):
+            continue
+        i0, i1, i2, j0, j1, j2, t0, t1, t2 = _lin3(stack, c0, c1, c2)
+        if has_mask and _at3(stack, i0, i1, i2, j0, j1, j2, t0, t1, t2, 4) < 0.5:
+            continue
+        m = _at3(stack, i0, i1, i2, j0, j1, j2, t0, t1, t2, 0)
+        for d in range(3):
+            g[d] = _at3(stack, i0, i1, i2, j0, j1, j2, t0, t1, t2, 1 + d)
+        fi, b, t, dl = _mi_add(hist, f, m, nbf, nbm, lof, hif, lom, him, tlo, thi, smallf, smallm, bsf, bsm)
+        work[count, 0] = f
+        work[count, 1] = m
+        work[count, 2] = fi
+        work[count, 3] = b
+        work[count, 4] = t
+        work[count, 5] = dl
+        for d in range(3):
+            work[count, 6 + d] = g[0] * maps[3, 0, d] + g[1] * maps[3, 1, d] + g[2] * maps[3, 2, d]
+        work[count, 9] = q0
+        work[count, 10] = q1
+        work[count, 11] = q2
+        work[count, 12] = 1.0 if ingrid else 0.0
+        sf += f
+        sm += m
+        count += 1
+    grad[:] = 0.0
+    if count < 2:
+        return 0.0, count, np.nan
+    value, sim = _mi_finish(work, count, hist, nbf, nbm, normalised, tiny, bsm, sf, sm)
+    for k in range(count):
+        if work[k, 12] == 0.0:
+            continue
+        q0 = work[k, 9]
+        q1 = work[k, 10]
+        q2 = work[k, 11]
+        r0 = min(int(q0), n0 - 3)
+        r1 = min(int(q1), n1 - 3)
+        r2 = min(int(q2), n2 - 3)
+        a0, a1, a2, a3 = _w4(q0 - r0)
+        b0, b1, b2, b3 = _w4(q1 - r1)
+        e0, e1, e2, e3 = _w4(q2 - r2)
+        kk = r2 - 1
+        for ch in range(3):
+            v = work[k, 0] * work[k, 6 + ch]
+            for rr in range(4):
+                ar = a0 if rr == 0 else (a1 if rr == 1 else (a2 if rr == 2 else a3))
+                r = r0 - 1 + rr
+                s = r1 - 1
+                _add4_3(grad, r, s, kk, ch, v * ar * b0, e0, e1, e2, e3)
+                _add4_3(grad, r, s + 1, kk, ch, v * ar * b1, e0, e1, e2, e3)
+                _add4_3(grad, r, s + 2, kk, ch, v * ar * b2, e0, e1, e2, e3)
+                _add4_3(grad, r, s + 3, kk, ch, v * ar * b3, e0, e1, e2, e3)
+    return value, count, sim
+
+
 @functools.cache
 def _sample_kernels():
-    ns = dict(globals())
-    for name in ("_w4", "_dot4", "_dot4_3", "_add4", "_add4_3"):
+    # the MI helpers come from kernels/sampling.py: numba's on-disk cache of these bodies is keyed on this file
+    # only, so an edit there needs a touch here (or NUMBA_CACHE_DIR cleared) during development
+    ns = mi_namespace(globals())
+    for name in ("_w4", "_dot4", "_dot4_3", "_add4", "_add4_3", "_lin2", "_at2", "_lin3", "_at3", "_mi_finish"):
         ns[name] = _backend.njit(inline="always")(_backend.rebind(globals()[name], ns))
     return {name: _backend.njit(_backend.rebind(globals()[name], ns))
-            for name in ("_samples2_body", "_samples3_body", "_scatter2_body", "_scatter3_body")}
+            for name in ("_samples2_body", "_samples3_body", "_scatter2_body", "_scatter3_body", "_mi_step2_body",
+                         "_mi_step3_body")}
 
 
 def sample_kernels(ndim: int):
@@ -1328,3 +1631,101 @@ def scatter_samples(q, use, values, gshape, *, backend=None):
     out = np.zeros((*gshape, v.shape[1]))
     _sample_kernels()["_scatter2_body" if nd == 2 else "_scatter3_body"](q, use, v, out)
     return out
+
+
+def mi_step_kernel(ndim: int):
+    """The compiled serial kernel behind :func:`mi_step` for hot loops that validated their arrays once (needs
+    numba; no checks): ``fn(fixed, points, maps, prior, coeffs, moving, flags, par, work, grad) -> (value, nvalid,
+    similarity)`` with the arrays of :func:`mi_step` (``prior`` a (1, …, 1, ndim) dummy without one), ``flags``
+    int64 ``[nbf, nbm, normalised, has_prior, has_mask]``, ``par`` float64 ``[lof, hif, lom, him, tlo, thi, tiny]``,
+    the workspace ``work`` (N, 7 + 2 ndim) and ``grad`` (*gshape, ndim), float64, C-contiguous."""
+    return _sample_kernels()["_mi_step2_body" if ndim == 2 else "_mi_step3_body"]
+
+
+def mi_step(fixed, points, maps, coeffs, moving, *, prior=None, moving_mask=False, bins=(32, 32),
+            fixed_limits, moving_limits, thresholds, normalised=False, tiny=1e-16, backend=None):
+    """One iteration's samples of a B-spline registration with Mattes mutual information, in one pass: the cost
+    and its gradient with respect to the FFD coefficients.
+
+    For each sample ``x_j`` (fixed-image index): ``f_j = F(x_j)`` (linear), ``y_j = A₀ x_j + b₀`` (index → world,
+    then the initial transform), ``y_j ← y_j + P(A₁ y_j + b₁)`` with a dense prior displacement ``P`` (linear, zero
+    outside; optional), ``q_j = A₂ y_j + b₂`` (grid index), ``z_j = y_j + u(q_j)`` (the FFD, zero outside ITK's
+    valid region ``1 <= q_d <= gshape_d − 2``), then the moving value ``m_j`` and index gradient at ``A₃ z_j + b₃``
+    (linear, as :func:`classreg.kernels.sampling.linear_at`). Samples outside the moving image (or, with
+    ``moving_mask``, where its mask channel interpolates below 0.5) are dropped. The cost is the negative Mattes MI
+    of the valid pairs (:func:`classreg.kernels.sampling.mattes_mi_fused`; Mattes et al., IEEE TMI 22(1):120-128,
+    2003, eqs. 6-9) and the gradient the chain rule ``Σ_j ∂C/∂m_j ∇M(z_j)ᵀ ∂u/∂c (q_j)`` over the valid samples
+    inside the grid (Klein et al., IJCV 81(3):227-239, 2009, eq. 3; the adjoint of :func:`samples`).
+
+    Parameters
+    ----------
+    fixed : ndarray (*fshape, 1)
+        Fixed image (float32 or float64); every point must lie inside its voxel-centre box.
+    points : ndarray (N, ndim)
+        Sample positions, fixed-image indices.
+    maps : ndarray (4, ndim, ndim + 1)
+        The affine maps ``[A_i | b_i]`` above: fixed index → world, world → prior index, world → grid index,
+        world → moving index.
+    coeffs : ndarray (*gshape, ndim)
+        FFD coefficients (float64).
+    moving : ndarray (*mshape, C)
+        Moving value, its ``ndim`` index-gradient channels and (with ``moving_mask``) a mask channel.
+    prior : ndarray (*pshape, ndim), optional
+        Dense prior displacement.
+    bins, fixed_limits, moving_limits, thresholds, normalised, tiny
+        As :func:`classreg.kernels.sampling.mattes_mi_fused` (``bins`` a pair).
+    backend : {None, "numpy", "numba"}
+        ``numpy``: the composition of the reference kernels (``linear_at``, :func:`samples`,
+        :func:`scatter_samples`; the MI formulas of ``mattes_mi_fused`` run as plain Python).
+
+    Returns
+    -------
+    value : float
+        The cost (0 with fewer than two valid samples).
+    grad : ndarray (*gshape, ndim)
+    nvalid : int
+    similarity : float
+        NCC of the valid pairs (NaN when either side is constant).
+    """
+    fixed = np.ascontiguousarray(fixed)
+    points = _check_points(points, fixed.ndim - 1, "points")
+    nd = points.shape[1]
+    coeffs = _f64(coeffs)
+    maps = _f64(maps)
+    if maps.shape != (4, nd, nd + 1) or coeffs.shape[-1] != nd or coeffs.ndim != nd + 1:
+        raise ValueError(f"maps must be (4, {nd}, {nd + 1}) and coeffs (*gshape, {nd}), got {maps.shape}, "
+                         f"{coeffs.shape}")
+    moving = np.ascontiguousarray(moving)
+    nbf, nbm = (int(b) for b in bins)
+    par = np.array([*fixed_limits, *moving_limits, *thresholds, tiny], dtype=np.float64)
+    if _resolve(backend, fixed, points, coeffs, moving) == "numba":
+        flags = np.array([nbf, nbm, int(normalised), prior is not None, bool(moving_mask)], dtype=np.int64)
+        pr = _f64(prior) if prior is not None else np.zeros((1,) * nd + (nd,))
+        work = np.empty((len(points), _WORK_HEAD + 2 * nd + 1))
+        grad = np.empty(coeffs.shape)
+        value, nvalid, sim = mi_step_kernel(nd)(fixed, points, maps, pr, coeffs, moving, flags, par, work, grad)
+        return float(value), grad, int(nvalid), float(sim)
+    def affine(k, a):
+        return a @ maps[k, :, :nd].T + maps[k, :, nd]
+
+    f = _linear_at_numpy(fixed, points)[0][:, 0]
+    y = affine(0, points)
+    if prior is not None:
+        vals, inside = _linear_at_numpy(_f64(prior), affine(1, y))
+        y[inside] += vals
+    u, q, ingrid = samples(coeffs, y, maps[2, :, :nd], maps[2, :, nd], backend="numpy")
+    vals, valid = _linear_at_numpy(moving, affine(3, y + u))
+    if moving_mask:
+        ok = vals[:, -1] >= 0.5
+        valid[valid] = ok
+        vals = vals[ok]
+    if len(vals) < 2:
+        return 0.0, np.zeros(coeffs.shape), len(vals), float("nan")
+    fv, m = f[valid], vals[:, 0]
+    value, dm = _mi_fused_numba(fv, m, nbf, nbm, *par[:6], bool(normalised), tiny)
+    g_world = vals[:, 1:1 + nd] @ maps[3, :, :nd]
+    use = valid & ingrid
+    grad = scatter_samples(q, use, (dm[:, None] * g_world)[ingrid[valid]], coeffs.shape[:-1], backend="numpy")
+    fc, mc = fv - fv.mean(), m - m.mean()
+    den = float(np.dot(fc, fc)) * float(np.dot(mc, mc))
+    return float(value), grad, len(m), float(np.dot(fc, mc) / np.sqrt(den)) if den > 0 else float("nan")

@@ -197,41 +197,40 @@ def _limit_numba(x, lo_thr, hi_thr, lo_bnd, hi_bnd):
 _limit = _limit_numba  # rebound to the compiled limiter in _compiled_mi
 
 
-def _mi_fused_numba(fv, mv, nbf, nbm, lof, hif, lom, him, tlo, thi, normalised, tiny):
-    n = fv.shape[0]
+def _mi_setup(nbf, nbm, lof, hif, lom, him):
+    """``(smallf, smallm, bsf, bsm)``: the bin offsets and widths of the fixed and moving histogram axes."""
     smallf = 0.001 * (hif - lof) / (nbf - 1)
     smallm = 0.001 * (him - lom) / (nbf - 3)  # elastix divides by the fixed bin count here
     bsf = min(max((hif - lof + 2.0 * smallf) / (nbf - 1), 1e-10), 1e10)
     bsm = min(max((him - lom + 2.0 * smallm) / (nbm - 3), 1e-10), 1e10)
-    fidx = np.empty(n, dtype=np.int64)
-    first = np.empty(n, dtype=np.int64)
-    dw = np.empty((n, 4))
-    dlim = np.empty(n)
-    hist = np.zeros((nbf, nbm))
-    for j in range(n):
-        f = min(max(fv[j], lof), hif)
-        xif = (f - (lof - smallf)) / bsf
-        fi = int(np.floor(xif + 0.5))
-        fi = min(max(fi, 0), nbf - 1)
-        m, d = _limit(mv[j], tlo, thi, lom, him)
-        xim = (m - (lom - smallm)) / bsm + 1.0
-        b = int(np.floor(xim)) - 1
-        b = min(max(b, 0), nbm - 4)
-        t = min(max(xim - (b + 1), 0.0), 1.0)
-        s = 1.0 - t
-        t2 = t * t
-        t3 = t2 * t
-        hist[fi, b] += s * s * s / 6.0
-        hist[fi, b + 1] += (4.0 - 6.0 * t2 + 3.0 * t3) / 6.0
-        hist[fi, b + 2] += (1.0 + 3.0 * t + 3.0 * t2 - 3.0 * t3) / 6.0
-        hist[fi, b + 3] += t3 / 6.0
-        fidx[j] = fi
-        first[j] = b
-        dlim[j] = d
-        dw[j, 0] = -0.5 * s * s
-        dw[j, 1] = -2.0 * t + 1.5 * t2
-        dw[j, 2] = 0.5 + t - 1.5 * t2
-        dw[j, 3] = 0.5 * t2
+    return smallf, smallm, bsf, bsm
+
+
+def _mi_add(hist, fv, mv, nbf, nbm, lof, hif, lom, him, tlo, thi, smallf, smallm, bsf, bsm):
+    """One sample into the Parzen histogram: returns its fixed bin, first moving bin, window offset ``t`` and the
+    limiter's derivative."""
+    f = min(max(fv, lof), hif)
+    xif = (f - (lof - smallf)) / bsf
+    fi = int(np.floor(xif + 0.5))
+    fi = min(max(fi, 0), nbf - 1)
+    m, d = _limit(mv, tlo, thi, lom, him)
+    xim = (m - (lom - smallm)) / bsm + 1.0
+    b = int(np.floor(xim)) - 1
+    b = min(max(b, 0), nbm - 4)
+    t = min(max(xim - (b + 1), 0.0), 1.0)
+    s = 1.0 - t
+    t2 = t * t
+    t3 = t2 * t
+    hist[fi, b] += s * s * s / 6.0
+    hist[fi, b + 1] += (4.0 - 6.0 * t2 + 3.0 * t3) / 6.0
+    hist[fi, b + 2] += (1.0 + 3.0 * t + 3.0 * t2 - 3.0 * t3) / 6.0
+    hist[fi, b + 3] += t3 / 6.0
+    return fi, b, t, d
+
+
+def _mi_table(hist, n, nbf, nbm, normalised, tiny, bsm, table):
+    """The cost of the histogram of ``n`` samples and the table of ``∂cost/∂hist`` gathered by :func:`_mi_grad`
+    (filled into ``table``); returns ``(value, scale)``, ``scale = 0`` when the joint entropy vanishes (NMI)."""
     p = hist / n
     pf = np.zeros(nbf)
     pm = np.zeros(nbm)
@@ -239,7 +238,7 @@ def _mi_fused_numba(fv, mv, nbf, nbm, lof, hif, lom, him, tlo, thi, normalised, 
         for k in range(nbm):
             pf[i] += p[i, k]
             pm[k] += p[i, k]
-    table = np.zeros((nbf, nbm))
+    table[:, :] = 0.0
     if normalised:
         hf = 0.0
         hm = 0.0
@@ -259,34 +258,66 @@ def _mi_fused_numba(fv, mv, nbf, nbm, lof, hif, lom, him, tlo, thi, normalised, 
                     hfm -= p[i, k] * lg
                     table[i, k] = lg
         if hfm <= 0.0:
-            return -1.0, np.zeros(n)
+            return -1.0, 0.0
         value = -(hf + hm) / hfm
         for i in range(nbf):
             for k in range(nbm):
                 table[i, k] = -(-lgm[k] * hfm + (hf + hm) * table[i, k]) / (hfm * hfm)
-        scale = 1.0 / (n * bsm)
-    else:
-        value = 0.0
-        for i in range(nbf):
-            for k in range(nbm):
-                q = pf[i] * pm[k]
-                if p[i, k] > tiny and q > tiny:
-                    table[i, k] = np.log(p[i, k] / q)
-                    value -= p[i, k] * table[i, k]
-        scale = -1.0 / (n * bsm)
+        return value, 1.0 / (n * bsm)
+    value = 0.0
+    for i in range(nbf):
+        for k in range(nbm):
+            q = pf[i] * pm[k]
+            if p[i, k] > tiny and q > tiny:
+                table[i, k] = np.log(p[i, k] / q)
+                value -= p[i, k] * table[i, k]
+    return value, -1.0 / (n * bsm)
+
+
+def _mi_grad(table, fi, b, t, d, scale):
+    """``∂cost/∂m`` of one sample: the derivative of its moving window gathered from ``table``."""
+    s = 1.0 - t
+    t2 = t * t
+    return scale * d * (-0.5 * s * s * table[fi, b] + (-2.0 * t + 1.5 * t2) * table[fi, b + 1]
+                        + (0.5 + t - 1.5 * t2) * table[fi, b + 2] + 0.5 * t2 * table[fi, b + 3])
+
+
+def _mi_fused_numba(fv, mv, nbf, nbm, lof, hif, lom, him, tlo, thi, normalised, tiny):
+    n = fv.shape[0]
+    smallf, smallm, bsf, bsm = _mi_setup(nbf, nbm, lof, hif, lom, him)
+    fidx = np.empty(n, dtype=np.int64)
+    first = np.empty(n, dtype=np.int64)
+    tt = np.empty(n)
+    dlim = np.empty(n)
+    hist = np.zeros((nbf, nbm))
+    for j in range(n):
+        fidx[j], first[j], tt[j], dlim[j] = _mi_add(hist, fv[j], mv[j], nbf, nbm, lof, hif, lom, him, tlo, thi,
+                                                    smallf, smallm, bsf, bsm)
+    table = np.empty((nbf, nbm))
+    value, scale = _mi_table(hist, n, nbf, nbm, normalised, tiny, bsm, table)
     grad = np.empty(n)
     for j in range(n):
-        fi, b = fidx[j], first[j]
-        grad[j] = scale * dlim[j] * (dw[j, 0] * table[fi, b] + dw[j, 1] * table[fi, b + 1]
-                                     + dw[j, 2] * table[fi, b + 2] + dw[j, 3] * table[fi, b + 3])
+        grad[j] = _mi_grad(table, fidx[j], first[j], tt[j], dlim[j], scale)
     return value, grad
+
+
+#: the Mattes MI helpers, compiled inline into the fused kernels (here and in classreg.kernels.bspline)
+MI_HELPERS = ("_limit", "_mi_setup", "_mi_add", "_mi_table", "_mi_grad")
+
+
+def mi_namespace(ns):
+    """``ns`` with the Mattes MI helpers bound to their compiled versions (for bodies that use them)."""
+    ns = dict(ns)
+    ns["np"] = np
+    ns["_limit"] = _compiled("limit", _limit_numba)
+    for name in MI_HELPERS[1:]:
+        ns[name] = _backend.njit(inline="always")(_backend.rebind(globals()[name], ns))
+    return ns
 
 
 def _compiled_mi():
     if "mi" not in _COMPILED:
-        limit = _compiled("limit", _limit_numba)
-        body = _backend.rebind(_mi_fused_numba, {"np": np, "_limit": limit})
-        _COMPILED["mi"] = _backend.njit(cache=True)(body)
+        _COMPILED["mi"] = _backend.njit(cache=True)(_backend.rebind(_mi_fused_numba, mi_namespace(globals())))
     return _COMPILED["mi"]
 
 

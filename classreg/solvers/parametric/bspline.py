@@ -72,7 +72,12 @@ class BSplineModel:
         interpolation, zero outside."""
         n = self.ndim
         self.prior = (np.ascontiguousarray(stack, dtype=np.float64), world_to_index[:n, :n], world_to_index[:n, n])
+        self.prior_map = np.array(world_to_index[:n], dtype=np.float64)
         self._last = None
+
+    def grid_map(self) -> np.ndarray:
+        """``[M | o]`` (ndim, ndim + 1): world point → continuous control-grid index (array axis order)."""
+        return np.concatenate([self._w2i, self._off[:, None]], axis=1)
 
     def _prior_map(self, y):
         y = np.asarray(y, dtype=float)

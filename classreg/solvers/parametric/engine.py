@@ -165,16 +165,20 @@ class LevelObjective:
         d = LIMIT_RANGE_RATIO * (hi - lo) / (1.0 + 2.0 * LIMIT_RANGE_RATIO)  # where the moving limiter starts
         self._mi_args = {nm: (*_bins(bins), *self.fixed_limits, lo, hi, lo + d, hi - d, nm == "nmi", 1e-16)
                          for nm in ("mi", "nmi")}
-        self._cached = None
+        self._cached = self._cached_points = None
         self._buffers = None
         self._fused = self._fused_setup()
+        self._bspline_step = self._bspline_setup(model, to_y, minv)
         self.last_valid = 1.0
         self.last_similarity = float("nan")
 
     # ------------------------------------------------------------------ samples
     def draw(self, count=None):
         """``(y, f)``: one draw of sample points mapped by ``pre`` (mm, (N, n)) and the fixed values there."""
-        idx = self.sampler.draw(self.rng, count)
+        return self._points(self.sampler.draw(self.rng, count))
+
+    def _points(self, idx):
+        """``(y, f)`` of the fixed indices ``idx``."""
         if self.sampler.kind == "random_coordinate" and self._fast:
             out = np.empty((len(idx), 1))
             self._lin(self.fdata, idx, out, np.empty(len(idx), dtype=np.bool_))  # every sample is inside
@@ -186,13 +190,22 @@ class LevelObjective:
             f = self.fdata[near][:, 0].astype(np.float64)
         return idx @ self._y_lin + self._y_off, f
 
-    def samples(self, k):
-        """The draw of iteration ``k`` (cached for deterministic samplers or ``new_samples=False``)."""
+    def indices(self, k):
+        """The fixed indices of iteration ``k``'s draw (cached for deterministic samplers or ``new_samples=False``)."""
         if self.sampler.deterministic or not self.new_samples:
             if self._cached is None:
-                self._cached = self.draw()
+                self._cached = self.sampler.draw(self.rng)
             return self._cached
-        return self.draw()
+        return self.sampler.draw(self.rng)
+
+    def samples(self, k):
+        """The draw of iteration ``k`` as ``(y, f)`` (see :meth:`draw`)."""
+        idx = self.indices(k)
+        if idx is self._cached:
+            if self._cached_points is None:
+                self._cached_points = self._points(idx)
+            return self._cached_points
+        return self._points(idx)
 
     # ------------------------------------------------------------------ cost
     def moving_at(self, z):
@@ -264,6 +277,52 @@ class LevelObjective:
         self.last_similarity = float(ncc)
         return weight * value, weight * self.model.gradient_from_sums(p, G, g)
 
+    def _bspline_setup(self, model, to_y, minv):
+        """The fused B-spline iteration (:func:`classreg.kernels.bspline.mi_step_kernel`) when it covers this level:
+        numba, linear interpolation, a B-spline model and one MI/NMI term; else None. Sets its constant inputs."""
+        if not (self._fast and self.order == 1 and hasattr(model, "grid_map") and len(self.terms) == 1
+                and self.terms[0][0] in ("mi", "nmi")):
+            return None
+        from ...kernels.bspline import mi_step_kernel
+
+        n = self.ndim
+        self._maps = np.zeros((4, n, n + 1))  # fixed index -> y, y -> prior index, y -> grid index, -> moving index
+        self._maps[0] = to_y[:-1]
+        self._maps[2] = model.grid_map()
+        self._maps[3] = minv[:n]
+        a = self._mi_args[self.terms[0][0]]
+        self._flags = np.array([a[0], a[1], a[8], 0, self.has_mmask], dtype=np.int64)
+        self._par = np.array([*a[2:8], a[9]], dtype=np.float64)
+        self._no_prior = np.zeros((1,) * n + (n,))
+        self._work = None
+        return mi_step_kernel(n)
+
+    def _evaluate_bspline(self, p, idx, penalty):
+        """:meth:`evaluate` in one kernel call (same value and gradient up to rounding; see ``_bspline_setup``),
+        plus the model's penalty."""
+        mdl, n = self.model, self.ndim
+        flags, prior = self._flags, self._no_prior
+        if mdl.prior is not None:  # the earlier fold-free pieces (may change inside a level)
+            prior, self._maps[1] = mdl.prior[0], mdl.prior_map
+            flags = flags.copy()
+            flags[3] = 1
+        if self._work is None or len(self._work) < len(idx):
+            self._work = np.empty((len(idx), 7 + 2 * n))
+        grad = np.empty(mdl.shape)
+        value, nvalid, sim = self._bspline_step(self.fdata, idx, self._maps, prior,
+                                                np.ascontiguousarray(p, dtype=np.float64).reshape(mdl.shape),
+                                                self.stack, flags, self._par, self._work, grad)
+        self._check_valid(nvalid, len(idx))
+        self.last_similarity = float(sim)
+        weight = self.terms[0][1]
+        value, grad = weight * value, weight * grad.ravel()
+        if penalty:
+            pv, pg = mdl.penalty(p)
+            if pg is not None:
+                value += pv
+                grad = grad + pg
+        return value, grad
+
     def _check_valid(self, nvalid, total):
         self.last_valid = nvalid / max(total, 1)
         if nvalid < max(self.min_valid * total, 2):
@@ -275,11 +334,14 @@ class LevelObjective:
 
     def evaluate(self, p, k=0, *, samples=None, penalty=True):
         """``(cost, gradient)`` at parameters ``p`` with the samples of iteration ``k`` (or ``samples``)."""
-        y, f = self.samples(k) if samples is None else samples
-        if self._fused is not None:
-            value, grad = self._evaluate_fused(p, y, f)
+        if self._bspline_step is not None and samples is None:
+            value, grad = self._evaluate_bspline(p, self.indices(k), penalty)
         else:
-            value, grad = self._evaluate_steps(p, y, f, penalty)
+            y, f = self.samples(k) if samples is None else samples
+            if self._fused is not None:
+                value, grad = self._evaluate_fused(p, y, f)
+            else:
+                value, grad = self._evaluate_steps(p, y, f, penalty)
         if not np.all(np.isfinite(grad)) or not np.isfinite(value):
             raise FloatingPointError("the metric gradient is not finite (NaN/Inf in the images or an overflow); "
                                      "check the inputs")
