@@ -71,8 +71,9 @@ def _w4(t):
     s = 1.0 - t
     t2 = t * t
     t3 = t2 * t
-    return (s * s * s / 6.0, (3.0 * t3 - 6.0 * t2 + 4.0) / 6.0, (-3.0 * t3 + 3.0 * t2 + 3.0 * t + 1.0) / 6.0,
-            t3 / 6.0)
+    sixth = 1.0 / 6.0  # a product, not four divisions: the sample kernels call this per point
+    return (s * s * s * sixth, (3.0 * t3 - 6.0 * t2 + 4.0) * sixth, (-3.0 * t3 + 3.0 * t2 + 3.0 * t + 1.0) * sixth,
+            t3 * sixth)
 
 
 def _dw4(t):

@@ -221,10 +221,11 @@ def _mi_add(hist, fv, mv, nbf, nbm, lof, hif, lom, him, tlo, thi, smallf, smallm
     s = 1.0 - t
     t2 = t * t
     t3 = t2 * t
-    hist[fi, b] += s * s * s / 6.0
-    hist[fi, b + 1] += (4.0 - 6.0 * t2 + 3.0 * t3) / 6.0
-    hist[fi, b + 2] += (1.0 + 3.0 * t + 3.0 * t2 - 3.0 * t3) / 6.0
-    hist[fi, b + 3] += t3 / 6.0
+    sixth = 1.0 / 6.0
+    hist[fi, b] += s * s * s * sixth
+    hist[fi, b + 1] += (4.0 - 6.0 * t2 + 3.0 * t3) * sixth
+    hist[fi, b + 2] += (1.0 + 3.0 * t + 3.0 * t2 - 3.0 * t3) * sixth
+    hist[fi, b + 3] += t3 * sixth
     return fi, b, t, d
 
 
