@@ -53,6 +53,7 @@ class Sampler:
         if self.mask is not None and not self.mask.any():
             raise ValueError("the fixed mask is empty on this pyramid level; give a mask with voxels inside")
         self.deterministic = kind in ("full", "grid")
+        self._hi = np.asarray(self.shape, dtype=float) - 1.0  # the voxel-centre box of random coordinates
         self._fixed_points = None
         if kind in ("full", "grid", "random_sparse_mask"):
             sel = np.ones(self.shape, dtype=bool) if self.mask is None else self.mask.copy()
@@ -78,7 +79,9 @@ class Sampler:
         if self.kind == "random_sparse_mask":
             pick = rng.integers(0, len(self._fixed_points), size=n)
             return self._fixed_points[pick]
-        hi = np.asarray(self.shape, dtype=float) - 1.0
+        hi = self._hi
+        if self.mask is None and self.kind == "random_coordinate":  # the hot path: one draw, nothing rejected
+            return rng.random((n, len(self.shape))) * hi
         out = np.empty((0, len(self.shape)))
         for _ in range(100):  # masks: redraw the rejected positions (elastix MaximumNumberOfSamplingAttempts)
             need = n - len(out)
