@@ -163,7 +163,7 @@ def register_bspline(fixed: Image, moving: Image, *, grid_spacing=8.0, grid_sche
     (``grid_spacing`` × the level's ``grid_schedule`` entry) laid over the fixed image's extent mapped by ``init``
     (elastix's ``GridScheduleComputer``). The cost is the sampled metric plus ``bending_weight`` × the bending
     energy of ``B − id`` (Rueckert et al., IEEE TMI 18(8):712-721, 1999, eq. 6; computed exactly on the control
-    grid). With ``fold_free`` (default) each level — and each time 1 % of the coefficients reach the bound — starts
+    grid). With ``fold_free`` (default) each level — and each time 0.1 % of the coefficients reach the bound — starts
     a new B-spline composed after the previous ones, every coefficient held within Choi & Lee's injectivity bound
     ``|c_d| < h_d / K`` (Graph. Models 62(6):411-427, 2000): each piece is injective, so ``det ∇T > 0`` everywhere
     (Rueckert et al., MICCAI 2006, LNCS 4191:702-709). Without it, one grid is refined level to level by B-spline
@@ -249,10 +249,10 @@ def register_bspline(fixed: Image, moving: Image, *, grid_spacing=8.0, grid_sche
         return models[k]
 
     def restart(k, p):
-        """Fold-free: once 1 % of the coefficients sit on the injectivity bound, compose the B-spline onto the map
+        """Fold-free: once 0.1 % of the coefficients sit on the injectivity bound, compose the B-spline onto the map
         and continue with a new one (checked every RESTART_EVERY iterations)."""
         mdl = models[state["model"]]
-        if (k + 1) % RESTART_EVERY or mdl.saturation(p) < 0.01:
+        if (k + 1) % RESTART_EVERY or mdl.saturation(p) < RESTART_SATURATION:
             return None
         done.append((mdl, p))
         _set_prior(mdl, mdl, p, fixed, pre)
@@ -300,6 +300,9 @@ def _det_stats(transform, fixed, fmask, backend) -> dict:
 
 #: fold-free B-splines: how often (iterations) the saturation of the injectivity bound is checked
 RESTART_EVERY = 50
+#: fold-free B-splines: the fraction of coefficients near the bound that starts a new piece (a larger fraction leaves
+#: the few coefficients where the largest deformation is needed clamped for the rest of a level; docs/notes)
+RESTART_SATURATION = 0.001
 #: Choi & Lee's injectivity constants: a cubic B-spline displacement with |c_d| < h_d / K is injective
 CHOI_LEE_K = {2: 2.046392675, 3: 2.479472335}
 
