@@ -261,29 +261,30 @@ def register_bspline(fixed: Image, moving: Image, *, grid_spacing=8.0, grid_sche
 
     if fold_free:
         engine.restart = restart
-    stopped = engine.run(level_model, state, prog)
-    mdl = models[state["model"]]
-    p = state["p"]
-    pieces = [*done, (mdl, p)] if fold_free else [(mdl, p)]
-    parts = [m.to_transform(c) for m, c in pieces]
-    if not np.allclose(pre.homogeneous, np.eye(fixed.ndim + 1)):
-        parts.insert(0, pre)
-    total = parts[0] if len(parts) == 1 else Chain(parts)
-    metric_value, valid = engine.final_metric(mdl, p)
-    energy = float(sum(m.bending_energy(c) for m, c in pieces))
-    det = _det_stats(total, fixed, fmask, backend)
-    params = {"grid_spacing": spacing.tolist(), "grid_schedule": list(schedule),
-              "metric": _metric_name(metric, metric_weights),
-              "interpolation": interpolation, "bending_weight": float(bending_weight), "fold_free": bool(fold_free), "init": init_name,
-              "init_matrix": pre.homogeneous.tolist(),
-              "iterations": list(engine.iterations), "shrink_factors": list(engine.shrink),
-              "smoothing_sigmas": list(engine.sigmas),
-              "memory_estimate_mb": memory_mb,
-              **common_params(init=None, dtype=np.float64, seed=int(seed), backend=backend)}
-    metrics = {"metric": metric_value, "bending_energy": energy, "grid_size": [list(m.grid_size) for m in models],
-               "pieces": len(pieces), **det, "samples": int(samples), "valid_fraction": valid,
-               "levels": engine.level_info}
-    return _result(fixed, moving, total, None, prog, stopped, params, metrics, backend, t0)
+    with _blas_single_thread():  # the run and the dense maps of the result (see _blas_single_thread)
+        stopped = engine.run(level_model, state, prog)
+        mdl = models[state["model"]]
+        p = state["p"]
+        pieces = [*done, (mdl, p)] if fold_free else [(mdl, p)]
+        parts = [m.to_transform(c) for m, c in pieces]
+        if not np.allclose(pre.homogeneous, np.eye(fixed.ndim + 1)):
+            parts.insert(0, pre)
+        total = parts[0] if len(parts) == 1 else Chain(parts)
+        metric_value, valid = engine.final_metric(mdl, p)
+        energy = float(sum(m.bending_energy(c) for m, c in pieces))
+        det = _det_stats(total, fixed, fmask, backend)
+        params = {"grid_spacing": spacing.tolist(), "grid_schedule": list(schedule),
+                  "metric": _metric_name(metric, metric_weights),
+                  "interpolation": interpolation, "bending_weight": float(bending_weight), "fold_free": bool(fold_free), "init": init_name,
+                  "init_matrix": pre.homogeneous.tolist(),
+                  "iterations": list(engine.iterations), "shrink_factors": list(engine.shrink),
+                  "smoothing_sigmas": list(engine.sigmas),
+                  "memory_estimate_mb": memory_mb,
+                  **common_params(init=None, dtype=np.float64, seed=int(seed), backend=backend)}
+        metrics = {"metric": metric_value, "bending_energy": energy, "grid_size": [list(m.grid_size) for m in models],
+                   "pieces": len(pieces), **det, "samples": int(samples), "valid_fraction": valid,
+                   "levels": engine.level_info}
+        return _result(fixed, moving, total, None, prog, stopped, params, metrics, backend, t0)
 
 
 def _det_stats(transform, fixed, fmask, backend) -> dict:
