@@ -54,7 +54,7 @@ from .sampling import (
 )
 
 __all__ = ["weights", "evaluate", "evaluate_with_jacobian", "adjoint", "dense", "bending_energy", "refine", "samples",
-           "scatter_samples", "sample_kernels", "mi_step", "mi_step_kernel"]
+           "scatter_samples", "sample_kernels", "mi_step", "mi_step_kernel", "mi_step_workspace"]
 
 #: Voxels per block of the numpy reference of :func:`dense` for a non-diagonal matrix (bounds its memory).
 _DENSE_BLOCK = 1 << 18
@@ -1634,12 +1634,17 @@ def scatter_samples(q, use, values, gshape, *, backend=None):
     return out
 
 
+def mi_step_workspace(n: int, ndim: int) -> np.ndarray:
+    """The per-sample workspace of :func:`mi_step_kernel` for ``n`` samples (float64, (n, 7 + 2 ndim))."""
+    return np.empty((n, _WORK_HEAD + 2 * ndim + 1))
+
+
 def mi_step_kernel(ndim: int):
     """The compiled serial kernel behind :func:`mi_step` for hot loops that validated their arrays once (needs
     numba; no checks): ``fn(fixed, points, maps, prior, coeffs, moving, flags, par, work, grad) -> (value, nvalid,
     similarity)`` with the arrays of :func:`mi_step` (``prior`` a (1, …, 1, ndim) dummy without one), ``flags``
     int64 ``[nbf, nbm, normalised, has_prior, has_mask]``, ``par`` float64 ``[lof, hif, lom, him, tlo, thi, tiny]``,
-    the workspace ``work`` (N, 7 + 2 ndim) and ``grad`` (*gshape, ndim), float64, C-contiguous."""
+    the workspace ``work`` (:func:`mi_step_workspace`) and ``grad`` (*gshape, ndim), float64, C-contiguous."""
     return _sample_kernels()["_mi_step2_body" if ndim == 2 else "_mi_step3_body"]
 
 
@@ -1702,7 +1707,7 @@ def mi_step(fixed, points, maps, coeffs, moving, *, prior=None, moving_mask=Fals
     if _resolve(backend, fixed, points, coeffs, moving) == "numba":
         flags = np.array([nbf, nbm, int(normalised), prior is not None, bool(moving_mask)], dtype=np.int64)
         pr = _f64(prior) if prior is not None else np.zeros((1,) * nd + (nd,))
-        work = np.empty((len(points), _WORK_HEAD + 2 * nd + 1))
+        work = mi_step_workspace(len(points), nd)
         grad = np.empty(coeffs.shape)
         value, nvalid, sim = mi_step_kernel(nd)(fixed, points, maps, pr, coeffs, moving, flags, par, work, grad)
         return float(value), grad, int(nvalid), float(sim)

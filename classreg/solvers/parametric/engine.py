@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ...kernels.bspline import mi_step_kernel, mi_step_workspace
 from ...kernels.sampling import linear_at
 from ...progress import similarity
 from ...terms.measures import intensity_limits, mattes_mi_samples
@@ -283,8 +284,6 @@ class LevelObjective:
         if not (self._fast and self.order == 1 and hasattr(model, "grid_map") and len(self.terms) == 1
                 and self.terms[0][0] in ("mi", "nmi")):
             return None
-        from ...kernels.bspline import mi_step_kernel
-
         n = self.ndim
         self._maps = np.zeros((4, n, n + 1))  # fixed index -> y, y -> prior index, y -> grid index, -> moving index
         self._maps[0] = to_y[:-1]
@@ -307,7 +306,7 @@ class LevelObjective:
             flags = flags.copy()
             flags[3] = 1
         if self._work is None or len(self._work) < len(idx):
-            self._work = np.empty((len(idx), 7 + 2 * n))
+            self._work = mi_step_workspace(len(idx), n)
         grad = np.empty(mdl.shape)
         value, nvalid, sim = self._bspline_step(self.fdata, idx, self._maps, prior,
                                                 np.ascontiguousarray(p, dtype=np.float64).reshape(mdl.shape),
