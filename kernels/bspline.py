@@ -1388,8 +1388,14 @@ def _mi_step2_body(fdata, idx, maps, prior, coeffs, stack, flags, par, work, gra
         if has_mask and _at2(stack, i0, i1, j0, j1, t0, t1, 3) < 0.5:
             continue
         m = _at2(stack, i0, i1, j0, j1, t0, t1, 0)
-        d0 = _at2(stack, i0, i1, j0, j1, t0, t1, 1)
-        d1 = _at2(stack, i0, i1, j0, j1, t0, t1, 2)
+        # the exact gradient of the bilinear interpolant (ITK/elastix's linear interpolators), not the interpolated
+        # central differences of the stack's gradient channels: the derivative of the cost being minimised
+        v00 = 1.0 * stack[i0, i1, 0]  # float64 before the differences
+        v01 = 1.0 * stack[i0, j1, 0]
+        v10 = 1.0 * stack[j0, i1, 0]
+        v11 = 1.0 * stack[j0, j1, 0]
+        d0 = (1.0 - t1) * (v10 - v00) + t1 * (v11 - v01)
+        d1 = (1.0 - t0) * (v01 - v00) + t0 * (v11 - v10)
         fi, b, t, dl = _mi_add(hist, f, m, nbf, nbm, lof, hif, lom, him, tlo, thi, smallf, smallm, bsf, bsm)
         work[count, 0] = f
         work[count, 1] = m
@@ -1506,8 +1512,22 @@ def _mi_step3_body(fdata, idx, maps, prior, coeffs, stack, flags, par, work, gra
         if has_mask and _at3(stack, i0, i1, i2, j0, j1, j2, t0, t1, t2, 4) < 0.5:
             continue
         m = _at3(stack, i0, i1, i2, j0, j1, j2, t0, t1, t2, 0)
-        for d in range(3):
-            g[d] = _at3(stack, i0, i1, i2, j0, j1, j2, t0, t1, t2, 1 + d)
+        a000 = 1.0 * stack[i0, i1, i2, 0]  # the exact gradient of the trilinear interpolant (see the 2-D body)
+        a001 = 1.0 * stack[i0, i1, j2, 0]
+        a010 = 1.0 * stack[i0, j1, i2, 0]
+        a011 = 1.0 * stack[i0, j1, j2, 0]
+        a100 = 1.0 * stack[j0, i1, i2, 0]
+        a101 = 1.0 * stack[j0, i1, j2, 0]
+        a110 = 1.0 * stack[j0, j1, i2, 0]
+        a111 = 1.0 * stack[j0, j1, j2, 0]
+        e00 = (1.0 - t2) * a000 + t2 * a001
+        e01 = (1.0 - t2) * a010 + t2 * a011
+        e10 = (1.0 - t2) * a100 + t2 * a101
+        e11 = (1.0 - t2) * a110 + t2 * a111
+        g[0] = (e10 * (1.0 - t1) + e11 * t1) - (e00 * (1.0 - t1) + e01 * t1)
+        g[1] = (1.0 - t0) * (e01 - e00) + t0 * (e11 - e10)
+        g[2] = ((1.0 - t0) * ((1.0 - t1) * (a001 - a000) + t1 * (a011 - a010))
+                + t0 * ((1.0 - t1) * (a101 - a100) + t1 * (a111 - a110)))
         fi, b, t, dl = _mi_add(hist, f, m, nbf, nbm, lof, hif, lom, him, tlo, thi, smallf, smallm, bsf, bsm)
         work[count, 0] = f
         work[count, 1] = m
@@ -1634,6 +1654,27 @@ def scatter_samples(q, use, values, gshape, *, backend=None):
     return out
 
 
+def _linear_gradient_numpy(image, points):
+    """The exact gradient (index units) of the multilinear interpolant of ``image`` (*shape) at ``points`` (M, ndim)
+    inside its voxel-centre box, with :func:`classreg.kernels.sampling.linear_at`'s cells (the last cell holds the
+    far edge): piecewise constant along each axis, as ITK/elastix's linear interpolators differentiate."""
+    n = points.shape[1]
+    shape = np.asarray(image.shape)
+    base = np.clip(np.floor(points).astype(np.intp), 0, np.maximum(shape - 2, 0))
+    t = points - base
+    g = np.zeros((len(points), n))
+    for corner in range(2 ** n):
+        bits = [(corner >> (n - 1 - d)) & 1 for d in range(n)]
+        v = image[tuple(np.minimum(base[:, d] + b, shape[d] - 1) for d, b in enumerate(bits))]
+        for d in range(n):
+            w = np.full(len(points), 1.0 if bits[d] else -1.0)
+            for e, b in enumerate(bits):
+                if e != d:
+                    w = w * (t[:, e] if b else 1.0 - t[:, e])
+            g[:, d] += w * v
+    return g
+
+
 def mi_step_workspace(n: int, ndim: int) -> np.ndarray:
     """The per-sample workspace of :func:`mi_step_kernel` for ``n`` samples (float64, (n, 7 + 2 ndim))."""
     return np.empty((n, _WORK_HEAD + 2 * ndim + 1))
@@ -1656,8 +1697,10 @@ def mi_step(fixed, points, maps, coeffs, moving, *, prior=None, moving_mask=Fals
     For each sample ``x_j`` (fixed-image index): ``f_j = F(x_j)`` (linear), ``y_j = A₀ x_j + b₀`` (index → world,
     then the initial transform), ``y_j ← y_j + P(A₁ y_j + b₁)`` with a dense prior displacement ``P`` (linear, zero
     outside; optional), ``q_j = A₂ y_j + b₂`` (grid index), ``z_j = y_j + u(q_j)`` (the FFD, zero outside ITK's
-    valid region ``1 <= q_d <= gshape_d − 2``), then the moving value ``m_j`` and index gradient at ``A₃ z_j + b₃``
-    (linear, as :func:`classreg.kernels.sampling.linear_at`). Samples outside the moving image (or, with
+    valid region ``1 <= q_d <= gshape_d − 2``), then at ``A₃ z_j + b₃`` the moving value ``m_j`` (linear, as
+    :func:`classreg.kernels.sampling.linear_at`) and the exact gradient of that interpolant (piecewise constant
+    across cells, as ITK/elastix's linear interpolators differentiate; the gradient channels of ``moving`` are not
+    read), so the gradient below is the derivative of the cost. Samples outside the moving image (or, with
     ``moving_mask``, where its mask channel interpolates below 0.5) are dropped. The cost is the negative Mattes MI
     of the valid pairs (:func:`classreg.kernels.sampling.mattes_mi_fused`; Mattes et al., IEEE TMI 22(1):120-128,
     2003, eqs. 6-9) and the gradient the chain rule ``Σ_j ∂C/∂m_j ∇M(z_j)ᵀ ∂u/∂c (q_j)`` over the valid samples
@@ -1675,7 +1718,8 @@ def mi_step(fixed, points, maps, coeffs, moving, *, prior=None, moving_mask=Fals
     coeffs : ndarray (*gshape, ndim)
         FFD coefficients (float64).
     moving : ndarray (*mshape, C)
-        Moving value, its ``ndim`` index-gradient channels and (with ``moving_mask``) a mask channel.
+        Moving value in channel 0; with ``moving_mask``, the mask in channel ``ndim + 1`` (the engine's stack:
+        value, ``ndim`` gradient channels, mask).
     prior : ndarray (*pshape, ndim), optional
         Dense prior displacement.
     bins, fixed_limits, moving_limits, thresholds, normalised, tiny
@@ -1729,7 +1773,7 @@ def mi_step(fixed, points, maps, coeffs, moving, *, prior=None, moving_mask=Fals
         return 0.0, np.zeros(coeffs.shape), len(vals), float("nan")
     fv, m = f[valid], vals[:, 0]
     value, dm = _mi_fused_numba(fv, m, nbf, nbm, *par[:6], bool(normalised), tiny)
-    g_world = vals[:, 1:1 + nd] @ maps[3, :, :nd]
+    g_world = _linear_gradient_numpy(moving[..., 0], affine(3, y + u)[valid]) @ maps[3, :, :nd]
     use = valid & ingrid
     grad = scatter_samples(q, use, (dm[:, None] * g_world)[ingrid[valid]], coeffs.shape[:-1], backend="numpy")
     fc, mc = fv - fv.mean(), m - m.mean()

@@ -463,10 +463,11 @@ def test_bspline_model_gradient_through_cubic_interpolation_is_exact(kind):
 @pytest.mark.parametrize("metric", ["mi", "nmi"])
 def test_fused_bspline_mi_step_is_the_generic_path(ndim, metric):
     """B-spline + MI + linear interpolation runs one fused kernel per iteration
-    (classreg.kernels.bspline.mi_step); on the same samples it gives the cost, gradient, valid fraction and NCC of
-    the generic numpy path (model map, linear_at, Mattes MI of classreg.terms.measures, adjoint), with a moving mask
-    and with a prior displacement (fold-free composition); its gradient is that of its own cost (central
-    differences on a fixed draw)."""
+    (classreg.kernels.bspline.mi_step); on the same samples it gives the cost, valid fraction and NCC of the generic
+    numpy path (model map, linear_at, Mattes MI of classreg.terms.measures), with a moving mask and with a prior
+    displacement (fold-free composition). Its gradient is the exact derivative of that cost (the gradient of the
+    linear interpolant, as elastix's, where the generic path interpolates central differences): central
+    differences on a fixed draw."""
     pytest.importorskip("numba")
     from classreg.solvers.parametric.bspline import BSplineModel
 
@@ -490,7 +491,8 @@ def test_fused_bspline_mi_step_is_the_generic_path(ndim, metric):
     (v, g, valid, sim), (v_ref, g_ref, valid_ref, sim_ref) = out
     assert 0.5 < valid == valid_ref < 1.0  # the mask dropped some samples
     assert v == pytest.approx(v_ref, rel=1e-10) and sim == pytest.approx(sim_ref, rel=1e-10)
-    np.testing.assert_allclose(g, g_ref, rtol=0, atol=1e-10 * np.abs(g_ref).max())
+    # the two gradients differ only by the image derivative used (exact vs smoothed): same direction
+    assert float(np.dot(g, g_ref)) > 0.9 * np.linalg.norm(g) * np.linalg.norm(g_ref)
     if ndim == 2:  # the fused gradient is the derivative of the fused cost (same draw: new_samples=False)
         mdl = BSplineModel.over(fixed, cr.Affine.identity(ndim), 10.0)
         obj = LevelObjective(fixed, moving, None, None, model=mdl, pre=cr.Affine.identity(ndim), metric=metric,
@@ -502,10 +504,12 @@ def test_fused_bspline_mi_step_is_the_generic_path(ndim, metric):
         fd = []
         for k in idx:
             e = np.zeros_like(p)
-            e[k] = 1e-4
-            fd.append((obj.evaluate(p + e, 0)[0] - obj.evaluate(p - e, 0)[0]) / 2e-4)
-        # the same 6 % as the generic path's check above: linear interpolation of the gradient channels
-        assert np.linalg.norm(g[idx] - fd) <= 0.06 * np.linalg.norm(fd), (g[idx], fd)
+            e[k] = 1e-6
+            fd.append((obj.evaluate(p + e, 0)[0] - obj.evaluate(p - e, 0)[0]) / 2e-6)
+        # exact but for samples whose ±1e-6 mm step crosses a voxel edge (a kink of the linear interpolant) and the
+        # differences' rounding (measured 5e-8 and 5e-7); the generic path's interpolated central differences
+        # need 6 % in the tests above
+        assert np.linalg.norm(g[idx] - fd) <= 1e-5 * np.linalg.norm(fd), (g[idx], fd)
 
 
 @pytest.mark.parametrize("fold_free", [True, False])

@@ -107,7 +107,8 @@ class LevelObjective:
         Kernel backend of the interpolation.
     interpolation : str
         See :data:`INTERPOLATIONS`. ``linear``: value and central-difference gradient channels interpolated
-        linearly; ``bspline2``/``bspline3``: value and the exact gradient of the B-spline interpolant
+        linearly (the fused B-spline iteration, :meth:`_bspline_setup`, takes the exact gradient of the linear
+        interpolant instead, as elastix does); ``bspline2``/``bspline3``: value and the exact gradient of the B-spline interpolant
         (:func:`classreg.kernels.sampling.bspline_at`, coefficients once per level, mirror boundary as ITK);
         ``nearest``: the nearest voxel's value and central-difference gradient (elastix's non-B-spline
         interpolators take the gradient from the gradient image at the nearest voxel).
