@@ -108,9 +108,9 @@ class LevelObjective:
     interpolation : str
         See :data:`INTERPOLATIONS`. ``linear``: value and central-difference gradient channels interpolated
         linearly (the fused B-spline iteration, :meth:`_bspline_setup`, takes the exact gradient of the linear
-        interpolant instead, as elastix does); ``bspline2``/``bspline3``: value and the exact gradient of the B-spline interpolant
-        (:func:`classreg.kernels.sampling.bspline_at`, coefficients once per level, mirror boundary as ITK);
-        ``nearest``: the nearest voxel's value and central-difference gradient (elastix's non-B-spline
+        interpolant instead, as elastix does); ``bspline2``/``bspline3``: value and the exact gradient of the
+        B-spline interpolant (:func:`classreg.kernels.sampling.bspline_at`, coefficients once per level, mirror
+        boundary as ITK); ``nearest``: the nearest voxel's value and central-difference gradient (elastix's non-B-spline
         interpolators take the gradient from the gradient image at the nearest voxel).
     """
 
@@ -298,8 +298,8 @@ class LevelObjective:
         return mi_step_kernel(n)
 
     def _evaluate_bspline(self, p, idx, penalty):
-        """:meth:`evaluate` in one kernel call (same value and gradient up to rounding; see ``_bspline_setup``),
-        plus the model's penalty."""
+        """:meth:`evaluate` in one kernel call (the step-by-step path's value; the gradient with the exact derivative
+        of the linear interpolant instead of interpolated central differences), plus the model's penalty."""
         mdl, n = self.model, self.ndim
         flags, prior = self._flags, self._no_prior
         if mdl.prior is not None:  # the earlier fold-free pieces (may change inside a level)

@@ -502,10 +502,11 @@ class _Engine:
 
 
 def _blas_single_thread():
-    """BLAS limited to one thread for the run (threadpoolctl). The optimiser's vector products (a gradient of
-    2 000-40 000 coefficients per iteration) are too small for threads: on 2 busy cores a 2-thread OpenBLAS dot of
-    20 000 numbers took 20-30 ms against 0.02 ms on one thread, which made the BLAS calls of a 3-D B-spline run
-    cost more than its samples. One thread also makes the sums independent of the thread count."""
+    """BLAS limited to one thread for the run (threadpoolctl), as register_lddmm and register_points do. The
+    optimiser's vector products (a gradient of thousands of coefficients per iteration) and the result's (N, ndim)
+    point maps are too small for threads: a multi-threaded OpenBLAS then competes with numba's OpenMP workers and
+    is many times slower on a busy machine (docs/notes/parametric.md). One thread also makes the sums independent
+    of the thread count."""
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:  # pragma: no cover - a dependency
