@@ -37,8 +37,60 @@ __all__ = ["SHARED", "SOLVERS", "Declaration", "Option", "declared", "shared", "
 KINDS = ("float", "int", "bool", "str", "floats", "ints", "image", "transform", "dtype", "object", "int_or_str",
          "device", "array")
 
-#: solver name -> (declaration, public function), filled by :func:`declared` when a solver module is imported
-SOLVERS: dict = {}
+#: the modules whose import declares the solvers (``classreg`` imports them on first use)
+SOLVER_MODULES = ("demons", "lddmm", "metamorphosis", "parametric", "points", "rigid", "vp")
+
+
+class _Registry(dict):
+    """solver name -> (declaration, public function). Filled by :func:`declared` as each solver module is imported;
+    any look-up first imports every module of :data:`SOLVER_MODULES` (``import classreg`` does not, for a fast start),
+    so the registry always lists every solver."""
+
+    _loaded = False
+
+    def _load(self):
+        if not self._loaded:
+            type(self)._loaded = True
+            import importlib
+
+            for name in SOLVER_MODULES:
+                importlib.import_module(f"classreg.solvers.{name}")
+
+    def __getitem__(self, key):
+        self._load()
+        return super().__getitem__(key)
+
+    def __contains__(self, key):
+        self._load()
+        return super().__contains__(key)
+
+    def __iter__(self):
+        self._load()
+        return super().__iter__()
+
+    def __len__(self):
+        self._load()
+        return super().__len__()
+
+    def get(self, key, default=None):
+        self._load()
+        return super().get(key, default)
+
+    def keys(self):
+        self._load()
+        return super().keys()
+
+    def values(self):
+        self._load()
+        return super().values()
+
+    def items(self):
+        self._load()
+        return super().items()
+
+
+#: solver name -> (declaration, public function) of every solver (see :class:`_Registry`)
+SOLVERS: dict = _Registry()
 
 
 @dataclass(frozen=True)

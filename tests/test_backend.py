@@ -1,4 +1,5 @@
-"""classreg.kernels._backend: the OpenMP wait settings made on import (see the comment there for the timings)."""
+"""classreg.kernels._backend: the OpenMP wait settings made on import (see the comment there for the timings). They are
+read when the OpenMP runtime loads, at numba's first parallel launch, which always follows the import of the kernels."""
 import json
 import os
 import subprocess
@@ -6,7 +7,7 @@ import sys
 
 import pytest
 
-_PROBE = ("import json, os, classreg; "
+_PROBE = ("import json, os, classreg.kernels; "
           "print(json.dumps({k: os.environ.get(k) for k in ('OMP_WAIT_POLICY', 'GOMP_SPINCOUNT')}))")
 
 

@@ -374,7 +374,7 @@ def _camel(name: str) -> str:
 
 def _plan_classreg(lookup: ParameterLookup, solver: str, *, warnings) -> Stage:
     """``(Registration "classreg:<solver>")``: the solver's declared options, in CamelCase, from the same file."""
-    # filled when classreg (this package's parent) imported its solvers
+    # the registry imports every solver module on its first look-up
     from ..options import SOLVERS
 
     if solver not in CLASSREG_SOLVERS:
