@@ -25,7 +25,7 @@ import numpy as np
 
 from . import _backend
 
-__all__ = ["affine_mi_kernel"]
+__all__ = ["affine_mi_kernel", "affine_mi_sampled_kernel"]
 
 
 def _gather(stack, y, f, B, b, has_mask, mv, fv, gv, yv):
@@ -61,6 +61,8 @@ def _gather(stack, y, f, B, b, has_mask, mv, fv, gv, yv):
 
 _lin = None  # rebound per dimension to the compiled linear-interpolation kernel in affine_mi_kernel
 _mi = None  # rebound to the compiled Mattes MI kernel in affine_mi_kernel
+prange = range  # rebound to numba.prange (and the MI helpers below to their compiled versions) by the builders
+_mi_setup = _mi_add = _mi_table = _mi_grad = None
 
 
 def _affine_mi(stack, y, f, B, b, has_mask, m_lin, center, nbf, nbm, lof, hif, lom, him, tlo, thi, normalised, tiny,
@@ -104,6 +106,126 @@ def _affine_mi(stack, y, f, B, b, has_mask, m_lin, center, nbf, nbm, lof, hif, l
     return count, value, ncc
 
 
+#: the parallel kernel's fixed split of the samples: its sums do not depend on the thread count
+NCHUNK = 8
+
+
+def _affine_mi_par(stack, fdata, fidx, ylin, yoff, B, b, has_mask, m_lin, center, nbf, nbm, lof, hif, lom, him, tlo,
+                   thi, normalised, tiny, work, ok, hist, G, g):
+    """The parallel variant of :func:`_affine_mi` that also samples the fixed image (``fidx``: continuous fixed
+    indices inside the fixed grid, ``y = fidx ylin + yoff``). Phase 1 maps, samples and bins each of ``NCHUNK``
+    slices of the samples into its own Parzen histogram; the histograms are merged, the MI table computed once;
+    phase 2 gathers each valid sample's derivative into per-slice sums, merged in slice order."""
+    npts, n = fidx.shape
+    hist[:, :, :] = 0.0
+    cnt = np.zeros(NCHUNK, dtype=np.int64)
+    sums = np.zeros((NCHUNK, 2))
+    smallf, smallm, bsf, bsm = _mi_setup(nbf, nbm, lof, hif, lom, him)
+    for c in prange(NCHUNK):
+        lo = c * npts // NCHUNK
+        hi = (c + 1) * npts // NCHUNK
+        m = hi - lo
+        zidx = np.empty((m, n))
+        for j in range(m):
+            for a in range(n):
+                s = yoff[a]
+                for k in range(n):
+                    s += fidx[lo + j, k] * ylin[k, a]
+                work[lo + j, 6 + n + a] = s - center[a]
+            for a in range(n):
+                s = b[a]
+                for k in range(n):
+                    s += B[a, k] * (work[lo + j, 6 + n + k] + center[k])
+                zidx[j, a] = s
+        fv = np.empty((m, 1))
+        fin = np.empty(m, dtype=np.bool_)
+        _lin(fdata, fidx[lo:hi], fv, fin)  # the draw lies inside the fixed grid: every row is filled
+        vals = np.empty((m, stack.shape[-1]))
+        inside = np.empty(m, dtype=np.bool_)
+        _lin(stack, zidx, vals, inside)
+        row = 0
+        for j in range(m):
+            ok[lo + j] = False
+            if not inside[j]:
+                continue
+            row += 1
+            if has_mask and not vals[row - 1, n + 1] >= 0.5:
+                continue
+            ok[lo + j] = True
+            f = fv[j, 0]
+            mv = vals[row - 1, 0]
+            fi, first, t, d = _mi_add(hist[c], f, mv, nbf, nbm, lof, hif, lom, him, tlo, thi, smallf, smallm, bsf,
+                                      bsm)
+            w = work[lo + j]
+            w[0] = fi
+            w[1] = first
+            w[2] = t
+            w[3] = d
+            w[4] = f
+            w[5] = mv
+            for a in range(n):  # ∇_z M = (∂idx/∂z)ᵀ ∇_idx M
+                s = 0.0
+                for k in range(n):
+                    s += vals[row - 1, 1 + k] * m_lin[k, a]
+                w[6 + a] = s
+            cnt[c] += 1
+            sums[c, 0] += f
+            sums[c, 1] += mv
+    count = 0
+    sf = 0.0
+    sm = 0.0
+    for c in range(NCHUNK):
+        count += cnt[c]
+        sf += sums[c, 0]
+        sm += sums[c, 1]
+    G[:, :] = 0.0
+    g[:] = 0.0
+    if count < 2:
+        return count, 0.0, np.nan
+    total = hist[0].copy()
+    for c in range(1, NCHUNK):
+        total += hist[c]
+    table = np.empty((nbf, nbm))
+    value, scale = _mi_table(total, count, nbf, nbm, normalised, tiny, bsm, table)
+    sf /= count
+    sm /= count
+    part = np.zeros((NCHUNK, n * n + n + 3))
+    for c in prange(NCHUNK):
+        lo = c * npts // NCHUNK
+        hi = (c + 1) * npts // NCHUNK
+        acc = part[c]
+        for j in range(lo, hi):
+            if not ok[j]:
+                continue
+            w = work[j]
+            dm = _mi_grad(table, int(w[0]), int(w[1]), w[2], w[3], scale)
+            da = w[4] - sf
+            db = w[5] - sm
+            acc[n * n + n] += da * db
+            acc[n * n + n + 1] += da * da
+            acc[n * n + n + 2] += db * db
+            for a in range(n):
+                gw = dm * w[6 + a]
+                acc[n * n + a] += gw
+                for k in range(n):
+                    acc[a * n + k] += gw * w[6 + n + k]
+    sab = 0.0
+    saa = 0.0
+    sbb = 0.0
+    for c in range(NCHUNK):
+        for a in range(n):
+            g[a] += part[c, n * n + a]
+            for k in range(n):
+                G[a, k] += part[c, a * n + k]
+        sab += part[c, n * n + n]
+        saa += part[c, n * n + n + 1]
+        sbb += part[c, n * n + n + 2]
+    ncc = np.nan
+    if saa > 0.0 and sbb > 0.0:
+        ncc = min(max(sab / np.sqrt(saa * sbb), -1.0), 1.0)
+    return count, value, ncc
+
+
 _COMPILED = {}
 
 
@@ -130,3 +252,29 @@ def affine_mi_kernel(ndim: int):
         body = _backend.rebind(_affine_mi, dict(ns, _gather=gather), f"_{ndim}d")
         _COMPILED[ndim] = _backend.njit(cache=True, fastmath=False)(body)
     return _COMPILED[ndim]
+
+
+def affine_mi_sampled_kernel(ndim: int):
+    """The compiled parallel kernel that also draws the fixed values (needs numba)::
+
+        fn(stack, fdata, fidx, ylin, yoff, B, b, has_mask, m_lin, center, nbf, nbm, lof, hif, lom, him, tlo, thi,
+           normalised, tiny, work, ok, hist, G, g) -> (count, value, ncc)
+
+    ``fdata``: the fixed image as a C-contiguous (*spatial, 1) stack; ``fidx`` (N, ndim): continuous fixed indices
+    inside its grid (a random-coordinate draw); ``ylin``, ``yoff``: fixed index → sample point (mm), ``y = fidx ylin
+    + yoff``; ``work`` (N, 6 + 2 ndim) float64, ``ok`` (N,) bool and ``hist`` (NCHUNK, nbf, nbm) scratch; the other
+    arguments as :func:`affine_mi_kernel`, which is its reference (the same value, gradient sums and correlation up
+    to the order of the sums; ``tests/test_kernels_affine.py``). The samples are split into ``NCHUNK`` fixed
+    slices, so the result does not depend on the number of threads.
+    """
+    key = f"par{ndim}"
+    if key not in _COMPILED:
+        import numba
+
+        from .sampling import MI_HELPERS, linear_kernel, mi_namespace
+
+        ns = mi_namespace({"np": np, "_lin": linear_kernel(ndim), "prange": numba.prange, "NCHUNK": NCHUNK})
+        assert all(h in ns for h in MI_HELPERS)
+        body = _backend.rebind(_affine_mi_par, ns, f"_{ndim}d")
+        _COMPILED[key] = _backend.njit(cache=True, fastmath=False, parallel=True)(body)
+    return _COMPILED[key]

@@ -73,3 +73,40 @@ def test_fused_refuses_too_few_valid_samples():
     far = obj.model.identity() + 1000.0  # every sample maps outside the moving image
     with pytest.raises(ValueError, match="too many samples map outside"):
         obj.evaluate(far)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("kind", ["rigid", "affine"])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("metric", ["mi", "nmi"])
+def test_parallel_sampled_kernel_matches_the_serial_one(monkeypatch, ndim, kind, masked, metric):
+    """The parallel kernel that also samples the fixed image (taken for random-coordinate draws whose scattered
+    reads are many enough for two threads) against the serial fused kernel on the same draw: the same sums in
+    another order, and the same bits for any thread count (its slices are fixed)."""
+    import numba
+
+    from classreg.kernels import _backend
+
+    monkeypatch.setattr(_backend, "SERIAL_BELOW", 0)
+    fixed, moving, mmask = _pair(ndim, masked)
+    obj = _objective(fixed, moving, mmask, kind, metric, None)
+    assert obj._sampled is not None and obj._fused is not None
+    rng = np.random.default_rng(7)
+    p = obj.model.identity() + rng.normal(scale=0.3, size=obj.model.size) / np.sqrt(obj.model.scales(obj.draw()[0]))
+    idx = obj.indices(0)
+    v0, g0 = obj._evaluate_fused(p, *obj._points(idx))
+    valid0, sim0 = obj.last_valid, obj.last_similarity
+    old = numba.get_num_threads()
+    runs = []
+    try:
+        for threads in sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)}):
+            numba.set_num_threads(threads)
+            runs.append((*obj._evaluate_sampled(p, idx), obj.last_valid, obj.last_similarity))
+    finally:
+        numba.set_num_threads(old)
+    v1, g1, valid1, sim1 = runs[0]
+    assert abs(v1 - v0) <= 1e-10 * max(1.0, abs(v0))
+    np.testing.assert_allclose(g1, g0, rtol=1e-8, atol=1e-10 * np.abs(g0).max())
+    assert valid1 == valid0 and 0.3 < valid0 < 1.0 and abs(sim1 - sim0) <= 1e-10
+    for other in runs[1:]:
+        assert other[0] == v1 and np.array_equal(other[1], g1) and other[3] == sim1

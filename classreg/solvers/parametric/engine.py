@@ -170,6 +170,10 @@ class LevelObjective:
         self._cached = self._cached_points = None
         self._buffers = None
         self._fused = self._fused_setup()
+        #: the scattered reads of one iteration, which decide whether its kernels get more than one thread
+        #: (:func:`classreg.kernels._backend.serial_below`): B-spline taps, or linear corners × channels
+        self.parallel_work = sampler.size * (4 ** n if hasattr(model, "grid_map") else 2 ** n * self.stack.shape[-1])
+        self._sampled = self._sampled_setup()
         self._bspline_step = self._bspline_setup(model, to_y, minv)
         self.last_valid = 1.0
         self.last_similarity = float("nan")
@@ -260,6 +264,42 @@ class LevelObjective:
 
         return affine_mi_kernel(self.ndim)
 
+    def _sampled_setup(self):
+        """The parallel fused kernel that also samples the fixed image
+        (:func:`classreg.kernels.affine.affine_mi_sampled_kernel`) for random-coordinate draws on the fused path."""
+        from ...kernels._backend import SERIAL_BELOW
+
+        if self._fused is None or self.sampler.kind != "random_coordinate" or self.parallel_work < SERIAL_BELOW:
+            return None  # on one thread the serial kernel is as fast (2-D: 2048 samples, docs/notes/elastix.md)
+        import numba
+
+        if numba.config.THREADING_LAYER == "workqueue":
+            return None  # its two launches per iteration cost more than they save (classreg.elastix.server)
+        from ...kernels.affine import NCHUNK, affine_mi_sampled_kernel
+
+        nbf, nbm = self._mi_args[self.terms[0][0]][:2]
+        self._hist = np.empty((NCHUNK, nbf, nbm))
+        self._sampled_work = None
+        return affine_mi_sampled_kernel(self.ndim)
+
+    def _evaluate_sampled(self, p, idx):
+        """:meth:`evaluate` of the fixed indices ``idx`` (a random-coordinate draw) in one parallel kernel call."""
+        n, N = self.ndim, len(idx)
+        if self._sampled_work is None or len(self._sampled_work[1]) < N:
+            self._sampled_work = (np.empty((N, 6 + 2 * n)), np.empty(N, dtype=np.bool_))
+        a, t = self.model.matrix(p)
+        c = self.model.center
+        B = self.m_lin @ a
+        b = self.m_lin @ (c + t - a @ c) + self.m_off
+        G, g = np.empty((n, n)), np.empty(n)
+        name, weight = self.terms[0]
+        count, value, ncc = self._sampled(self.stack, self.fdata, np.ascontiguousarray(idx, dtype=np.float64),
+                                          self._y_lin, self._y_off, B, b, self.has_mmask, self.m_lin, c,
+                                          *self._mi_args[name], *(w[:N] for w in self._sampled_work), self._hist, G, g)
+        self._check_valid(count, N)
+        self.last_similarity = float(ncc)
+        return weight * value, weight * self.model.gradient_from_sums(p, G, g)
+
     def _evaluate_fused(self, p, y, f):
         """:meth:`evaluate` in one kernel call (same value and gradient up to rounding; see ``_fused_setup``)."""
         n, N = self.ndim, len(y)
@@ -336,6 +376,8 @@ class LevelObjective:
         """``(cost, gradient)`` at parameters ``p`` with the samples of iteration ``k`` (or ``samples``)."""
         if self._bspline_step is not None and samples is None:
             value, grad = self._evaluate_bspline(p, self.indices(k), penalty)
+        elif self._sampled is not None and samples is None:
+            value, grad = self._evaluate_sampled(p, self.indices(k))
         else:
             y, f = self.samples(k) if samples is None else samples
             if self._fused is not None:

@@ -380,8 +380,7 @@ class _Engine:
             model = level_model(level)
             obj = self.objective(level, model)
             self.last = (level, obj)
-            taps = 4 ** level.fixed.ndim if hasattr(model, "grid") else 1
-            with serial_below(self.samples * taps):  # per-iteration kernels this small run best on one thread
+            with serial_below(obj.parallel_work):  # per-iteration kernels this small run best on one thread
                 value = self._optimise(obj, model, level, st, progress)
             self.level_info.append({"level": level.index, "shrink": level.shrink, "sigma_mm": level.sigma_mm,
                                     "shape": list(level.fixed.shape), "iterations": level.iterations,
