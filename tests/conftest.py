@@ -7,10 +7,16 @@ on every CI run without a GPU.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
 from classreg.kernels import _backend
+
+# The elastix command lines run without their start-up server here (no background process outlives the tests);
+# tests/test_elastix_server.py switches it on in a private folder.
+os.environ.setdefault("CLASSREG_SERVER", "0")
 
 CUDA_USABLE = _backend._cuda_usable()
 

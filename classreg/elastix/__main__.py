@@ -1,6 +1,7 @@
-"""``python -m classreg.elastix``: the same as the ``classreg-elastix`` command."""
+"""``python -m classreg.elastix``: the same as the ``classreg-elastix`` command (through the start-up server of
+:mod:`classreg.elastix.server` when it is on)."""
 import sys
 
-from .registration import main
+from .server import run
 
-sys.exit(main())
+sys.exit(run("elastix"))

@@ -646,4 +646,6 @@ def _points_step(argmap: dict, tf: TransformFile, moving, out: str, log: _Log) -
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    from classreg.elastix.server import run
+
+    sys.exit(run("transformix"))

@@ -1,0 +1,516 @@
+"""A resident start-up server for ``classreg-elastix`` and ``classreg-transformix``.
+
+A Python process that registers one image pair spends about a second before its first iteration: importing numpy,
+scipy, SimpleITK and numba, setting up numba's compiler and loading the cached kernels (docs/notes/elastix.md). A
+compiled elastix starts in 0.1 s, so on a 2-D pair that second alone is as long as elastix's whole run. Scripts call
+elastix in loops (one call per subject, per stage, per label map), so classreg pays that second once per machine
+session instead of once per call, the way Gradle's daemon or ``dmypy`` do:
+
+* the first command finds no server, runs in its own process as before (nothing is slower) and starts a server in the
+  background, at the lowest CPU priority. The server imports everything, runs a few tiny registrations to load the
+  kernels, and only then listens on a Unix socket in a private folder (``$XDG_RUNTIME_DIR/classreg-<uid>`` or
+  ``/tmp/classreg-<uid>``, mode 0700, its owner checked; the peer's uid checked on every connection);
+* later commands connect, pass their standard input, output and error (the file descriptors themselves), working
+  folder, environment and arguments, and the server *forks*: the job runs in a fresh child process of the warmed-up
+  server, with the caller's descriptors, folder and environment, and its exit status is sent back and returned. A
+  job never shares a process with another job. Ctrl-C, SIGTERM and SIGHUP sent to the command are forwarded to the
+  job; a job whose caller disappears is terminated;
+* the socket's name is a hash of the Python executable, classreg's source files (path and modification time) and
+  the environment variables read at import time (``NUMBA_*``, ``OMP_*``, ``OPENBLAS_*``, ``MKL_*``, ``CLASSREG_*``,
+  ``PYTHONPATH``), so an edited or reinstalled classreg, or another configuration, never runs on a stale server;
+* the server exits after ``CLASSREG_SERVER_IDLE`` seconds without a job (default 300), or when its socket is removed;
+  ``python -m classreg.elastix.server --stop`` stops it. ``CLASSREG_SERVER=0`` turns the server off: every command
+  then runs in its own process. It is off on platforms without ``fork`` and Unix sockets (Windows), and where
+  ``NUMBA_THREADING_LAYER`` asks for OpenMP, which cannot fork: the server runs numba's TBB layer when TBB is
+  installed (``pip install tbb``), else numba's ``workqueue``.
+
+The results are the same either way: the job runs the same code on the same inputs with the same seeds and thread
+count (``tests/test_elastix_server.py`` compares the output files).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+import tempfile
+import time
+
+__all__ = ["run", "stop"]
+
+PROGRAMS = {"elastix": "classreg.elastix.registration", "transformix": "classreg.elastix.transformix"}
+IDLE_SECONDS = 300.0
+_ENV_PREFIXES = ("NUMBA_", "OMP_", "OPENBLAS_", "MKL_", "CLASSREG_", "PYTHONPATH", "PYTHONHASHSEED")
+_STARTING_STALE = 120.0  # seconds after which a server that never came up is assumed dead
+_FORWARDED = ("SIGINT", "SIGTERM", "SIGHUP")
+_MAX_BASE = 60  # a Unix socket path holds 107 bytes at most; the socket's own name takes 35
+
+
+# ---------------------------------------------------------------------------------------------------------- client
+def enabled() -> bool:
+    """Whether commands use the server (``CLASSREG_SERVER`` not 0/off/false/no; fork and Unix sockets available;
+    numba's threading layer not forced to one that cannot fork, such as ``omp``)."""
+    if os.environ.get("CLASSREG_SERVER", "1").strip().lower() in ("0", "off", "false", "no"):
+        return False
+    if not hasattr(os, "fork") or not hasattr(socket, "AF_UNIX") or not hasattr(socket, "send_fds"):
+        return False
+    return os.environ.get("NUMBA_THREADING_LAYER", "default") in ("default", "tbb", "workqueue", "forksafe", "safe")
+
+
+def run(program: str, argv=None) -> int:
+    """Run ``program`` (``"elastix"`` or ``"transformix"``) with ``argv`` (default ``sys.argv[1:]``) through the
+    server when one is up, else in this process (starting a server for the next command); returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if enabled():
+        code = _via_server(program, argv)
+        if code is not None:
+            return code
+    return _in_process(program, argv)
+
+
+def elastix() -> None:
+    """The ``classreg-elastix`` console script."""
+    sys.exit(run("elastix"))
+
+
+def transformix() -> None:
+    """The ``classreg-transformix`` console script."""
+    sys.exit(run("transformix"))
+
+
+def _in_process(program: str, argv) -> int:
+    import importlib
+
+    return importlib.import_module(PROGRAMS[program]).main(argv)
+
+
+def _folder():
+    """The private socket folder, or None when it cannot be made safe (or its path is too long for a socket)."""
+    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+    if len(base.encode()) > _MAX_BASE:
+        base = tempfile.gettempdir()
+    folder = os.path.join(base, f"classreg-{os.getuid()}")
+    if len(folder.encode()) > _MAX_BASE + 20:
+        return None
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        st = os.lstat(folder)
+    except OSError:
+        return None
+    if st.st_uid != os.getuid() or st.st_mode & 0o077 or not os.path.isdir(folder) or os.path.islink(folder):
+        return None
+    return folder
+
+
+def _key() -> str:
+    """A hash of what the server's imports depend on (see the module docstring)."""
+    import classreg
+
+    package = os.path.dirname(os.path.abspath(classreg.__file__))
+    kernels = os.path.join(package, "kernels")  # installed; a source checkout has it beside the package
+    kernels = kernels if os.path.isdir(kernels) else os.path.join(os.path.dirname(package), "kernels")
+    h = hashlib.sha1()
+    h.update(f"{sys.executable}\0{sys.version}\0{os.getuid()}\0".encode())
+    for root in sorted({package, kernels}):
+        for path, dirs, files in os.walk(root):
+            dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+            for name in sorted(files):
+                if name.endswith(".py"):
+                    p = os.path.join(path, name)
+                    h.update(f"{p}\0{os.stat(p).st_mtime_ns}\0".encode())
+    for k in sorted(os.environ):
+        if k.startswith(_ENV_PREFIXES) and not k.startswith("CLASSREG_SERVER"):
+            h.update(f"{k}={os.environ[k]}\0".encode())
+    return h.hexdigest()[:20]
+
+
+def socket_path():
+    """The socket this installation's server listens on (None when no safe folder exists)."""
+    folder = _folder()
+    return None if folder is None else os.path.join(folder, f"elastix-{_key()}.sock")
+
+
+def _connect(path):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+    except OSError:
+        s.close()
+        return None
+    return s
+
+
+def _alive(path) -> bool:
+    s = _connect(path)
+    if s is None:
+        return False
+    s.close()
+    return True
+
+
+def _spawn(path) -> None:
+    """Start a server for ``path`` in the background unless one is starting already."""
+    marker = path + ".starting"
+    try:
+        if time.time() - os.stat(marker).st_mtime < _STARTING_STALE:
+            return
+        os.unlink(marker)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except OSError:
+        return  # another command is starting one
+    import subprocess
+
+    with open(os.devnull, "rb") as null_in, open(path + ".log", "wb") as log:
+        subprocess.Popen([sys.executable, "-m", "classreg.elastix.server", "--serve", path, "--after",
+                          str(os.getpid())],
+                         stdin=null_in, stdout=log, stderr=log, start_new_session=True, close_fds=True)
+
+
+def _via_server(program: str, argv):
+    """The job's exit status from the server, or None when no server took the job (then nothing ran)."""
+    path = socket_path()
+    if path is None:
+        return None
+    s = _connect(path)
+    if s is None:
+        _spawn(path)
+        return None
+    with s, s.makefile("rb") as replies:
+        request = json.dumps({"program": program, "argv": argv, "cwd": os.getcwd(),
+                              "env": dict(os.environ)}).encode()
+        try:
+            socket.send_fds(s, [struct.pack("!I", len(request)) + request], [0, 1, 2])
+            reply = replies.readline().strip()
+        except OSError:
+            return None
+        if not reply.startswith(b"r "):
+            return None  # the server refused or died before starting the job: run it here
+        previous = {}
+
+        def forward(signum, frame):
+            try:
+                s.sendall(b"k %d\n" % signum)
+            except OSError:
+                pass
+
+        for name in _FORWARDED:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                previous[sig] = signal.signal(sig, forward)
+        try:
+            reply = replies.readline().strip()
+        except OSError:
+            reply = b""
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    kind, _, value = reply.partition(b" ")
+    if kind == b"x":
+        return int(value)
+    if kind == b"s":
+        signum = int(value)
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)  # end as the job ended: killed by the same signal
+        return 128 + signum
+    sys.stderr.write("classreg-elastix: the connection to the classreg server was lost while the job ran; "
+                     "its outputs may be incomplete (set CLASSREG_SERVER=0 to run without the server)\n")
+    return 1
+
+
+def stop() -> bool:
+    """Stop this installation's server; True when one was running."""
+    path = socket_path()
+    s = None if path is None else _connect(path)
+    if s is None:
+        return False
+    with s, s.makefile("rb") as replies:
+        socket.send_fds(s, [struct.pack("!I", 4) + b"stop"], [0, 1, 2])
+        replies.readline()
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------------- server
+#: the warm-up's parameter map: the components of most real parameter files (ELASTIX.md §14 counts), few iterations
+_WARM_UP_MAP = {
+    "Registration": '"MultiResolutionRegistration"', "Metric": '"AdvancedMattesMutualInformation"',
+    "Optimizer": '"AdaptiveStochasticGradientDescent"', "ImageSampler": '"RandomCoordinate"',
+    "Interpolator": '"LinearInterpolator"', "ResampleInterpolator": '"FinalBSplineInterpolator"',
+    "Resampler": '"DefaultResampler"', "FixedImagePyramid": '"FixedSmoothingImagePyramid"',
+    "MovingImagePyramid": '"MovingSmoothingImagePyramid"', "FixedInternalImagePixelType": '"float"',
+    "MovingInternalImagePixelType": '"float"', "NumberOfResolutions": "2", "MaximumNumberOfIterations": "3",
+    "NumberOfSpatialSamples": "256", "NewSamplesEveryIteration": '"true"', "NumberOfHistogramBins": "32",
+    "AutomaticTransformInitialization": '"true"', "AutomaticScalesEstimation": '"true"',
+    "FinalGridSpacingInVoxels": "8", "WriteResultImage": '"true"', "ResultImagePixelType": '"float"',
+}
+
+
+def _warm_up() -> None:
+    """Load what typical jobs use: tiny 2-D and 3-D Euler, affine and B-spline registrations (Mattes MI, ASGD,
+    random coordinates) and transformix on their results, in a scratch folder. Runs in the server process itself, so
+    every job forked from it starts with the modules imported and the kernels loaded."""
+    import contextlib
+    import io
+
+    import numpy as np
+
+    import classreg as cr
+
+    from . import registration, transformix
+
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory(prefix="classreg-server-") as tmp:
+        for ndim, n in ((2, 48), (3, 20)):
+            g = np.indices((n,) * ndim, dtype=np.float32)
+            r2 = sum((gi - n / 2) ** 2 for gi in g)
+            f = (np.exp(-r2 / (0.1 * n * n)) + 0.05 * rng.random(r2.shape)).astype(np.float32)
+            m = np.roll(f, 1, axis=0)
+            for name, img in (("f", f), ("m", m)):
+                cr.save(cr.Image(img, 1.0), os.path.join(tmp, f"{name}{ndim}.nii.gz"))
+            for transform in ("EulerTransform", "AffineTransform", "BSplineTransform"):
+                out = os.path.join(tmp, f"{ndim}{transform}")
+                os.mkdir(out)
+                pfile = os.path.join(out, "p.txt")
+                with open(pfile, "w") as fh:
+                    fh.write("".join(f"({k} {v})\n" for k, v in dict(_WARM_UP_MAP, Transform=f'"{transform}"').items()))
+                sink = io.StringIO()
+                code = registration.main(["-f", os.path.join(tmp, f"f{ndim}.nii.gz"), "-m",
+                                          os.path.join(tmp, f"m{ndim}.nii.gz"), "-p", pfile, "-out", out],
+                                         stdout=sink, stderr=sink)
+                if code == 0:
+                    with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+                        code = transformix.main(["-in", os.path.join(tmp, f"m{ndim}.nii.gz"), "-tp",
+                                                 os.path.join(out, "TransformParameters.0.txt"), "-out", out])
+                if code != 0:  # the server still serves (imports done); the log says what was not loaded
+                    sys.stderr.write(f"warm-up {ndim}-D {transform} exited with {code}:\n{sink.getvalue()[-2000:]}\n")
+
+
+def _fork_safe_threading() -> str:
+    """Select a numba threading layer that survives ``fork`` (GNU OpenMP does not): TBB when its library is
+    installed (``pip install tbb``; as fast as OpenMP), else numba's own ``workqueue``, whose per-launch cost makes
+    the parametric engine keep its serial per-iteration kernel (``LevelObjective._sampled_setup``)."""
+    import numba
+
+    layer = "workqueue"
+    if os.environ.get("NUMBA_THREADING_LAYER", "default") != "workqueue":
+        try:
+            from numba.np.ufunc import tbbpool  # noqa: F401  (loads only with a usable libtbb)
+
+            layer = "tbb"
+        except ImportError:
+            pass
+    numba.config.THREADING_LAYER = layer
+    return layer
+
+
+def serve(path: str, idle: float, after: int | None = None) -> int:
+    """The server loop (see the module docstring); returns when idle for ``idle`` seconds or told to stop. The
+    warm-up waits for process ``after`` (the command that started the server) to end, so as not to slow it."""
+    _fork_safe_threading()
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    marker = path + ".starting"
+    try:
+        while after is not None and _running(after):
+            time.sleep(0.05)
+        _warm_up()
+        if _alive(path):
+            return 0  # another server is already up
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        listener.listen(64)
+        inode = os.stat(path).st_ino
+    finally:
+        try:
+            os.unlink(marker)
+        except FileNotFoundError:
+            pass
+    children = set()
+    last = time.monotonic()
+    try:
+        while True:
+            ready, _, _ = select.select([listener], [], [], 1.0)
+            while children:  # reap finished job monitors
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+                if pid == 0:
+                    break
+                children.discard(pid)
+            if children:
+                last = time.monotonic()
+            if ready:
+                conn, _ = listener.accept()
+                if hasattr(socket, "SO_PEERCRED"):  # elsewhere the 0700 folder alone keeps other users out
+                    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+                    if struct.unpack("3i", creds)[1] != os.getuid():
+                        conn.close()
+                        continue
+                last = time.monotonic()
+                pid = os.fork()
+                if pid == 0:
+                    listener.close()
+                    os._exit(_monitor(conn))
+                if pid < 0:
+                    conn.close()
+                    continue
+                conn.close()
+                children.add(pid)
+                continue
+            try:
+                if os.stat(path).st_ino != inode:
+                    break  # replaced by another server
+            except FileNotFoundError:
+                break
+            if not children and time.monotonic() - last > idle:
+                break
+    finally:
+        listener.close()
+        try:
+            if os.stat(path).st_ino == inode:
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
+    return 0
+
+
+def _monitor(conn) -> int:
+    """One connection, in a child of the server: read the request, fork the job, forward signals, report its end."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        msg, fds, _, _ = socket.recv_fds(conn, 1 << 16, 3)
+        if len(msg) < 4:
+            return 0
+        size = struct.unpack("!I", msg[:4])[0]
+        body = msg[4:]
+        while len(body) < size:
+            chunk = conn.recv(1 << 16)
+            if not chunk:
+                return 0
+            body += chunk
+        if body == b"stop":
+            os.kill(os.getppid(), signal.SIGTERM)
+            conn.sendall(b"x 0\n")
+            return 0
+        request = json.loads(body)
+        if request.get("program") not in PROGRAMS or len(fds) != 3:
+            return 0
+        job = os.fork()
+        if job == 0:
+            conn.close()
+            _job(request, fds)  # never returns
+        for fd in fds:
+            os.close(fd)
+        os.write(2, f"{time.strftime('%Y-%m-%d %H:%M:%S')} job {job}: {request['program']} "
+                    f"{' '.join(request['argv'])} (in {request['cwd']})\n".encode())
+        conn.sendall(b"r %d\n" % job)
+        while True:
+            pid, status = os.waitpid(job, os.WNOHANG)
+            if pid:
+                break
+            ready, _, _ = select.select([conn], [], [], 0.05)
+            if ready:
+                data = conn.recv(64)
+                if not data:  # the caller is gone: stop its job
+                    os.kill(job, signal.SIGTERM)
+                    continue
+                for line in data.split(b"\n"):
+                    if line.startswith(b"k "):
+                        os.kill(job, int(line[2:]))
+        if os.WIFSIGNALED(status):
+            conn.sendall(b"s %d\n" % os.WTERMSIG(status))
+        else:
+            conn.sendall(b"x %d\n" % os.waitstatus_to_exitcode(status))
+    except OSError:
+        pass
+    return 0
+
+
+def _job(request, fds) -> None:
+    """The job process: the caller's descriptors, folder and environment, then the program's ``main``."""
+    import importlib
+    import io
+    import traceback
+
+    code = 1
+    try:
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+            os.close(fd)
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False))
+        sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), line_buffering=os.isatty(1),
+                                      write_through=False)
+        sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True)
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        program = request["program"]
+        sys.argv = [f"classreg-{program}", *request["argv"]]
+        code = importlib.import_module(PROGRAMS[program]).main(request["argv"])
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except KeyboardInterrupt:
+        _flush()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    _flush()
+    os._exit(int(code or 0) & 0xFF)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _flush() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+
+
+def _main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m classreg.elastix.server",
+                                     description="The classreg-elastix start-up server (see its module docstring).")
+    parser.add_argument("--serve", metavar="SOCKET", help=argparse.SUPPRESS)
+    parser.add_argument("--after", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--stop", action="store_true", help="stop this installation's server")
+    parser.add_argument("--status", action="store_true", help="say whether a server is up, and its socket")
+    args = parser.parse_args(argv)
+    if args.serve:
+        return serve(args.serve, float(os.environ.get("CLASSREG_SERVER_IDLE", IDLE_SECONDS)), args.after)
+    if args.stop:
+        print("stopped" if stop() else "no server was running")
+        return 0
+    path = socket_path()
+    up = path is not None and _alive(path)
+    print(f"{'up' if up else 'not running'}: {path}" + ("" if enabled() else " (disabled: CLASSREG_SERVER or "
+                                                       "platform or NUMBA_THREADING_LAYER)"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())
