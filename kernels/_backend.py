@@ -15,6 +15,7 @@ import contextlib
 import functools
 import importlib.util
 import os
+import sys
 
 import numpy as np
 
@@ -48,6 +49,14 @@ HAVE_NUMBA = importlib.util.find_spec("numba") is not None
 if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     os.environ["GOMP_SPINCOUNT"] = "5000"
+
+# numba prefers TBB to OpenMP when both are installed; classreg installs TBB (Linux x86-64) for the start-up server
+# of classreg.elastix, which forks its jobs and needs a layer that survives fork, and keeps OpenMP, tuned above,
+# first everywhere else. A user's NUMBA_THREADING_LAYER(_PRIORITY) wins; read at numba's first parallel launch.
+if "NUMBA_THREADING_LAYER_PRIORITY" not in os.environ and "NUMBA_THREADING_LAYER" not in os.environ:
+    os.environ["NUMBA_THREADING_LAYER_PRIORITY"] = "omp tbb workqueue"
+    if "numba" in sys.modules:  # imported before classreg: its configuration is already read
+        sys.modules["numba"].config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
 
 
 def rebind(func, namespace, suffix: str = ""):
