@@ -154,7 +154,10 @@ def evaluate_image(case, field, valid, *, jacobian: bool = True) -> dict:
                    max_det=jac["max_det"], sdlogj=jac["sdlogj_l2r"],
                    ndv_percent=jac.get("ndv_percent", jac.get("nda_percent")))
     if "truth" in case:
-        pts = fixed.grid_points()[mask]
+        # where the tool's map is known: a map read back through coordinate images (elastix, transformix) has no
+        # value where it leaves the moving image (their share is percent_outside, reported next to it)
+        known = mask if valid is None else mask & valid
+        pts = fixed.grid_points()[known]
         e = np.linalg.norm(field.map_points(pts) - case["truth"].map_points(pts), axis=1)
         out.update(epe_mm=float(e.mean()), epe_p95_mm=float(np.percentile(e, 95)))
     return out
@@ -267,7 +270,9 @@ def render_markdown(payload: dict, figure: str | None) -> str:
         "`first_call_s`); peak RSS is the worker process's high-water mark and includes the libraries' baseline. "
         "Deformable cases start from one shared affine pre-alignment, so they compare the deformable part. Jacobian "
         "statistics are inside the evaluation mask, excluding voxels within 2 voxels of samples that left the moving "
-        "image. Rigid/similarity and affine cases are not pre-aligned: every tool starts from its own initialisation "
+        "image; EPE is over the evaluation mask where the map is known (a map read back through coordinate images, "
+        "as for elastix and transformix, is unknown where it leaves the moving image: `% outside moving`). "
+        "Rigid/similarity and affine cases are not pre-aligned: every tool starts from its own initialisation "
         "(the centring named per case). How each number is computed: benchmarks/run.py; how each tool is run and "
         "with which settings: benchmarks/tools.py (and each row's `params` in the JSON).",
         "",

@@ -7,14 +7,14 @@ elastix in loops (one call per subject, per stage, per label map), so classreg p
 session instead of once per call, the way Gradle's daemon or ``dmypy`` do:
 
 * the first command finds no server, runs in its own process as before (nothing is slower) and starts a server in the
-  background, at the lowest CPU priority. The server imports everything, runs a few tiny registrations to load the
-  kernels, and only then listens on a Unix socket in a private folder (``$XDG_RUNTIME_DIR/classreg-<uid>`` or
-  ``/tmp/classreg-<uid>``, mode 0700, its owner checked; the peer's uid checked on every connection);
+  background, which waits for that command to end. The server imports everything, runs a few tiny registrations to
+  load the kernels, and only then listens on a Unix socket in a private folder (``$XDG_RUNTIME_DIR/classreg-<uid>``
+  or ``/tmp/classreg-<uid>``, mode 0700, its owner checked; the peer's uid checked on every connection);
 * later commands connect, pass their standard input, output and error (the file descriptors themselves), working
-  folder, environment and arguments, and the server *forks*: the job runs in a fresh child process of the warmed-up
-  server, with the caller's descriptors, folder and environment, and its exit status is sent back and returned. A
-  job never shares a process with another job. Ctrl-C, SIGTERM and SIGHUP sent to the command are forwarded to the
-  job; a job whose caller disappears is terminated;
+  folder, umask, environment and arguments, and the server *forks*: the job runs in a fresh child process of the
+  warmed-up server, with the caller's descriptors, folder and environment, and its exit status is sent back and
+  returned. A job never shares a process with another job. Ctrl-C, SIGTERM and SIGHUP sent to the command are
+  forwarded to the job; a job whose caller disappears is terminated;
 * the socket's name is a hash of the Python executable, classreg's source files (path and modification time) and
   the environment variables read at import time (``NUMBA_*``, ``OMP_*``, ``OPENBLAS_*``, ``MKL_*``, ``CLASSREG_*``,
   ``PYTHONPATH``), so an edited or reinstalled classreg, or another configuration, never runs on a stale server;
@@ -185,8 +185,10 @@ def _via_server(program: str, argv):
         _spawn(path)
         return None
     with s, s.makefile("rb") as replies:
-        request = json.dumps({"program": program, "argv": argv, "cwd": os.getcwd(),
-                              "env": dict(os.environ)}).encode()
+        mask = os.umask(0o022)
+        os.umask(mask)
+        request = json.dumps({"program": program, "argv": argv, "cwd": os.getcwd(), "env": dict(os.environ),
+                              "umask": mask}).encode()
         try:
             socket.send_fds(s, [struct.pack("!I", len(request)) + request], [0, 1, 2])
             reply = replies.readline().strip()
@@ -454,8 +456,10 @@ def _job(request, fds) -> None:
                                       write_through=False)
         sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True)
         os.chdir(request["cwd"])
+        os.umask(request["umask"])
         os.environ.clear()
         os.environ.update(request["env"])
+        tempfile.tempdir = None  # the caller's TMPDIR, not the one the server's warm-up cached
         program = request["program"]
         sys.argv = [f"classreg-{program}", *request["argv"]]
         code = importlib.import_module(PROGRAMS[program]).main(request["argv"])
