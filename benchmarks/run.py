@@ -241,8 +241,8 @@ def _table(rows, columns):
 
 _COLUMNS = {
     "deformable": [("label", "tool"), ("mean_dice", "mean Dice"), ("dice_str", "Dice per label"),
-                   ("mean_hd95_mm", "HD95 mm"), ("epe_mm", "EPE mm"), ("ncc", "NCC"),
-                   ("percent_det_nonpositive", "% det J ≤ 0"), ("ndv_percent", "NDV %"), ("sdlogj", "SDlogJ"),
+                   ("mean_hd95_mm", "HD95 mm"), ("epe_mm", "EPE mm"), ("percent_outside", "% outside moving"),
+                   ("ncc", "NCC"), ("percent_det_nonpositive", "% det J ≤ 0"), ("ndv_percent", "NDV %"), ("sdlogj", "SDlogJ"),
                    ("seconds", "time s"), ("peak_rss_mb", "peak RSS MB"), ("runs", "runs")],
     "rigid": [("label", "tool"), ("tre_mm", "TRE mm"), ("tre_p95_mm", "TRE p95 mm"), ("success", "TRE < 2 mm"),
               ("seconds", "time s"), ("peak_rss_mb", "peak RSS MB"), ("runs", "runs")],

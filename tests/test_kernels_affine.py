@@ -81,13 +81,15 @@ def test_fused_refuses_too_few_valid_samples():
 @pytest.mark.parametrize("metric", ["mi", "nmi"])
 def test_parallel_sampled_kernel_matches_the_serial_one(monkeypatch, ndim, kind, masked, metric):
     """The parallel kernel that also samples the fixed image (taken for random-coordinate draws whose scattered
-    reads are many enough for two threads) against the serial fused kernel on the same draw: the same sums in
+    reads are many enough for two threads, on numba's TBB layer) against the serial fused kernel on the same draw: the same sums in
     another order, and the same bits for any thread count (its slices are fixed)."""
     import numba
 
     from classreg.kernels import _backend
+    from classreg.solvers.parametric import engine
 
     monkeypatch.setattr(_backend, "SERIAL_BELOW", 0)
+    monkeypatch.setattr(engine, "_tbb_layer", lambda: True)  # taken under TBB only (engine._tbb_layer)
     fixed, moving, mmask = _pair(ndim, masked)
     obj = _objective(fixed, moving, mmask, kind, metric, None)
     assert obj._sampled is not None and obj._fused is not None

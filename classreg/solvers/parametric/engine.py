@@ -79,6 +79,20 @@ def metric_terms(metric):
     return pairs
 
 
+def _tbb_layer() -> bool:
+    """Whether numba's parallel kernels run on its TBB layer (the classreg-elastix server selects it). Only there
+    does the parallel per-iteration affine kernel pay: two launches per iteration of a fraction of a millisecond each.
+    Under OpenMP both threads must be scheduled at every launch, so on a machine with more runnable threads than cores
+    affine3d took 10.8-12.1 s instead of 1.7 s (load 2.5, 2 cores); numba's workqueue layer costs 2-3x the run in
+    system time at any load. TBB's calling thread runs the slices itself when the worker is not scheduled."""
+    import numba
+
+    try:
+        return numba.threading_layer() == "tbb"
+    except ValueError:  # no parallel launch yet: the layer numba will choose
+        return numba.config.THREADING_LAYER == "tbb"
+
+
 class LevelObjective:
     """The sampled cost on one pyramid level.
 
@@ -271,10 +285,8 @@ class LevelObjective:
 
         if self._fused is None or self.sampler.kind != "random_coordinate" or self.parallel_work < SERIAL_BELOW:
             return None  # on one thread the serial kernel is as fast (2-D: 2048 samples, docs/notes/elastix.md)
-        import numba
-
-        if numba.config.THREADING_LAYER == "workqueue":
-            return None  # its two launches per iteration cost more than they save (classreg.elastix.server)
+        if not _tbb_layer():
+            return None  # see _tbb_layer
         from ...kernels.affine import NCHUNK, affine_mi_sampled_kernel
 
         nbf, nbm = self._mi_args[self.terms[0][0]][:2]
