@@ -24,8 +24,10 @@ session instead of once per call, the way Gradle's daemon or ``dmypy`` do:
   ``NUMBA_THREADING_LAYER`` asks for OpenMP, which cannot fork: the server runs numba's TBB layer (a classreg
   dependency on Linux x86-64; ``pip install tbb`` elsewhere), else numba's ``workqueue``.
 
-The results are the same either way: the job runs the same code on the same inputs with the same seeds and thread
-count (``tests/test_elastix_server.py`` compares the output files).
+A job runs the same code on the same inputs with the same seeds and thread count: a 2-D run writes byte-identical
+files either way (``tests/test_elastix_server.py`` compares them). A 3-D affine-family run differs in the last digits:
+under TBB the parametric engine takes its parallel per-iteration kernel, whose sums run in another order than the
+serial kernel's (``engine._tbb_layer``; affine3d: parameters equal to 1e-7 relative, the same Dice).
 """
 from __future__ import annotations
 
@@ -47,6 +49,7 @@ IDLE_SECONDS = 300.0
 _ENV_PREFIXES = ("NUMBA_", "OMP_", "OPENBLAS_", "MKL_", "CLASSREG_", "PYTHONPATH", "PYTHONHASHSEED")
 _STARTING_STALE = 120.0  # seconds after which a server that never came up is assumed dead
 _FORWARDED = ("SIGINT", "SIGTERM", "SIGHUP")
+FORK_SAFE = ("tbb", "workqueue")  # numba threading layers a forked job can use
 _MAX_BASE = 60  # a Unix socket path holds 107 bytes at most; the socket's own name takes 35
 
 
@@ -296,33 +299,50 @@ def _warm_up() -> None:
 
 
 def _fork_safe_threading() -> str:
-    """Select a numba threading layer that survives ``fork`` (GNU OpenMP does not): TBB when its library is
-    installed (as fast as OpenMP here: affine3d 2.4 s either way), else numba's own ``workqueue``, whose per-launch
-    cost makes the parametric engine keep its serial per-iteration kernel (``LevelObjective._sampled_setup``)."""
+    """Select a numba threading layer that survives ``fork`` (GNU OpenMP does not): TBB when numba can load it (as
+    fast as OpenMP here), else numba's own ``workqueue``, whose per-launch cost makes the parametric engine keep its
+    serial per-iteration kernel (``engine._tbb_layer``). A tiny parallel kernel launches the layer, so that it is
+    chosen here, before the warm-up, and reported."""
     import numba
+    import numpy as np
 
-    layer = "workqueue"
-    if os.environ.get("NUMBA_THREADING_LAYER", "default") != "workqueue":
+    from ..kernels._backend import njit, rebind
+
+    probe = njit(parallel=True)(rebind(_probe_body, {"prange": numba.prange}))
+    layers = ["workqueue"] if os.environ.get("NUMBA_THREADING_LAYER") == "workqueue" else ["tbb", "workqueue"]
+    for layer in layers:
+        # the environment too: numba re-reads its configuration from it (reload_config) when it compiles
+        os.environ["NUMBA_THREADING_LAYER"] = numba.config.THREADING_LAYER = layer
         try:
-            from numba.np.ufunc import tbbpool  # noqa: F401  (loads only with a usable libtbb)
+            probe(np.ones(4))
+        except (ValueError, ImportError, OSError):  # numba: "No threading layer could be loaded"
+            continue
+        return numba.threading_layer()
+    raise RuntimeError("no fork-safe numba threading layer could be loaded")
 
-            layer = "tbb"
-        except ImportError:
-            pass
-    numba.config.THREADING_LAYER = layer
-    return layer
+
+def _probe_body(a):
+    s = 0.0
+    for i in prange(a.shape[0]):  # noqa: F821 - numba.prange, bound by rebind in _fork_safe_threading
+        s += a[i]
+    return s
 
 
 def serve(path: str, idle: float, after: int | None = None) -> int:
     """The server loop (see the module docstring); returns when idle for ``idle`` seconds or told to stop. The
     warm-up waits for process ``after`` (the command that started the server) to end, so as not to slow it."""
-    _fork_safe_threading()
+    sys.stderr.write(f"numba threading layer: {_fork_safe_threading()}\n")
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     marker = path + ".starting"
     try:
         while after is not None and _running(after):
             time.sleep(0.05)
         _warm_up()
+        import numba
+
+        if numba.threading_layer() not in FORK_SAFE:  # never fork a process running GNU OpenMP
+            sys.stderr.write(f"numba runs the {numba.threading_layer()} layer, which cannot fork: not serving\n")
+            return 1
         if _alive(path):
             return 0  # another server is already up
         try:
