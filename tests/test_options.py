@@ -114,7 +114,7 @@ def test_params_record_every_declared_option_and_threads_apply(pair):
     assert set(decl.names) - {"callback"} <= set(res.params)
     assert res.params["threads"] == 1
     assert res.params["iterations"] == (2, 2, 2)
-    assert res.params["velocity_sigma"] == pytest.approx(1.5)  # the resolved default, not None
+    assert res.params["velocity_sigma"] == pytest.approx(4.5)  # the resolved default (4.5 × 1 mm), not None
     assert res.params["fixed_mask"] is False and res.params["dtype"] == "float32"
 
 

@@ -28,7 +28,7 @@ OPTIONS = Declaration(
                default_text="ssd: 15 10 5; lncc: 30 20 10"),
         Option("velocity_sigma", None, "σ of the Gaussian smoothing of the velocity after each update "
                                        "(diffusion-like); scales with the level's shrink factor", unit="mm", low=0,
-               default_text="ssd: 1.5 × the smallest spacing; lncc: 0.5 mm"),
+               default_text="ssd: 4.5 × the smallest spacing; lncc: 0.5 mm"),
         Option("update_sigma", None, "σ of the smoothing of each update (fluid-like); scales with the shrink factor",
                unit="mm", low=0, default_text="ssd: 0; lncc: 2 mm"),
         Option("max_step", None, "largest update length; scales with the shrink factor", unit="mm", low=0,
@@ -41,6 +41,9 @@ OPTIONS = Declaration(
                kind="int", low=1),
         Option("piece_tol", 0.01, "a further piece is kept only if it lowers the energy by more than this fraction",
                low=0),
+        Option("min_det_j", 0.05, "floor of the result's det J on the grid: a piece that would go below it is "
+                                  "followed only as far as it keeps the floor (0: only no folding)", low=0, high=1,
+               high_open=True),
         Option("tol", 1e-3, "a level ends when the best energy fell by at most tol × |first energy| over the last "
                             "5 iterations", low=0),
         Option("lncc_radius", None, "LNCC window radius at full resolution (at least one voxel)", unit="mm",

@@ -47,9 +47,9 @@ def register_demons(fixed: Image, moving: Image, *, init: Transform | None = Non
                     moving_mask=None, metric: str = "ssd", shrink_factors=(4, 2, 1), smoothing_sigmas=None,
                     iterations=None, velocity_sigma: float | None = None, update_sigma: float | None = None,
                     max_step: float | None = None, bch_terms: int = 2, symmetric: bool | None = None,
-                    max_pieces: int = 5, piece_tol: float = 0.01, tol: float = 1e-3, lncc_radius: float | None = None,
-                    intensity: str = "match", dtype=np.float32, seed: int = 0, threads: int | None = None,
-                    memory_limit: float | None = None, time_limit: float | None = None,
+                    max_pieces: int = 5, piece_tol: float = 0.01, min_det_j: float = 0.05, tol: float = 1e-3,
+                    lncc_radius: float | None = None, intensity: str = "match", dtype=np.float32, seed: int = 0,
+                    threads: int | None = None, memory_limit: float | None = None, time_limit: float | None = None,
                     device: str | None = None, backend=None, progress: bool = False, callback=None) -> Result:
     """Register ``moving`` to ``fixed`` with symmetric log-domain diffeomorphic demons and broken geodesics.
 
@@ -72,8 +72,10 @@ def register_demons(fixed: Image, moving: Image, *, init: Transform | None = Non
         (default: half the shrink factor in voxels), iteration cap per level and piece (default for "ssd": 15, 10,
         5, ITK LogDomainDemons'; for "lncc": 30, 20, 10, see ``symmetric``).
     velocity_sigma : float, optional
-        σ (mm) of the Gaussian smoothing of the velocity after each update ("diffusion-like"); default 1.5 ×
-        the smallest spacing for "ssd" (ITK LogDomainDemons: 1.5 voxels), 0.5 mm for "lncc". Like
+        σ (mm) of the Gaussian smoothing of the velocity after each update ("diffusion-like"); default 4.5 ×
+        the smallest spacing for "ssd", 0.5 mm for "lncc". The "ssd" default is the smallest σ of the benchmark
+        sweep (0.5-6 ×) whose maps are not dominated on (Dice or EPE, SDlogJ) by the peers on most benchmark cases
+        (ITK LogDomainDemons' 1.5 voxels reached min det J 0.0006 on brain2d; docs/notes/tradeoff.md). Like
         ``update_sigma`` and ``max_step`` it is given at full resolution and scales with the level's shrink factor
         (constant in voxels, as in ITK and ANTs).
     update_sigma : float, optional
@@ -93,9 +95,14 @@ def register_demons(fixed: Image, moving: Image, *, init: Transform | None = Non
     max_pieces : int
         Maximal number of stationary-velocity pieces of the broken geodesic (1 = plain log-demons).
     piece_tol : float
-        A further piece is kept only if it lowers the energy by more than this fraction. A piece whose composition
-        with the previous ones would fold the map on the grid (central-difference det J ≤ 0) is halved, up to three
-        times, and otherwise dropped (the run then stops), so the result is always a diffeomorphism on the grid.
+        A further piece is kept only if it lowers the energy by more than this fraction.
+    min_det_j : float
+        Floor of the result's Jacobian determinant (central differences on the fixed grid), in [0, 1): a piece
+        whose composition with the previous ones would bring det J below it is followed only part of the way,
+        ``exp(t v)`` with the largest ``t ∈ (0, 1]`` that keeps the floor (bisection, 6 steps); a piece that cannot
+        keep it at any tried length is dropped and the run stops. Default 0.05: no voxel compressed more than
+        20-fold, the plausibility floor of the benchmark page (issue #22; docs/notes/tradeoff.md); 0 keeps only the
+        diffeomorphism (det J > 0) on the grid.
     tol : float
         A level ends when the best energy seen fell by at most ``tol`` × the magnitude of its first value over the
         last 5 iterations (an oscillating energy ends the level too).
@@ -176,7 +183,7 @@ def register_demons(fixed: Image, moving: Image, *, init: Transform | None = Non
                     warm_key=warm_key(fixed, moving, metric, opts["symmetric"], bch_terms, intensity, dtype.name,
                                       backend, fixed_mask is None, moving_mask is None))
     out = _broken_geodesic(fixed_n, moving_n, fmask, mmask_img, init, schedule, opts, prog, int(max_pieces),
-                           float(piece_tol), dtype)
+                           float(piece_tol), float(min_det_j), dtype)
     for key in ("phi", "phi_inv"):  # the result comes to the host once
         out[key] = to_numpy(out[key])
     out["velocities"] = [to_numpy(v) for v in out["velocities"]]
@@ -199,7 +206,7 @@ def _resolve(fixed: Image, metric, iterations, velocity_sigma, update_sigma, max
     fluid = metric == "lncc"
     opts = dict(symmetric=(not fluid) if symmetric is None else bool(symmetric),
                 iterations=((30, 20, 10) if fluid else (15, 10, 5)) if iterations is None else iterations,
-                velocity_sigma=float((0.5 if fluid else 1.5 * h_min) if velocity_sigma is None else velocity_sigma),
+                velocity_sigma=float((0.5 if fluid else 4.5 * h_min) if velocity_sigma is None else velocity_sigma),
                 update_sigma=float((2.0 if fluid else 0.0) if update_sigma is None else update_sigma),
                 max_step=2.0 * h_min if max_step is None else float(max_step),
                 lncc_radius=4.0 if lncc_radius is None else float(lncc_radius), **rest)
@@ -212,7 +219,7 @@ def _resolve(fixed: Image, metric, iterations, velocity_sigma, update_sigma, max
 
 
 def _broken_geodesic(fixed_n: Image, moving_n: Image, fmask, mmask_img, init, schedule, opts, prog, max_pieces,
-                     piece_tol, dtype) -> dict:
+                     piece_tol, min_det_j, dtype) -> dict:
     """Up to ``max_pieces`` pieces Φ_i = Φ_{i-1} ∘ exp(v_i), each registering the moving image through Φ_{i-1};
     returns the array-frame displacements of Φ and Φ⁻¹ (mm), the velocities, energies and the stop reason."""
     from ...kernels.fields import compose, expmap
@@ -246,9 +253,10 @@ def _broken_geodesic(fixed_n: Image, moving_n: Image, fmask, mmask_img, init, sc
             v = state.get("v")
             if v is None:
                 break
-            new_phi, v, n_sq, min_det = _compose_unfolded(phi, v, h, backend)
-            if min_det <= 0:
-                stop_reason = f"piece {piece} would fold the map (min det J {min_det:.3g}); kept {piece - 1} piece(s)"
+            new_phi, v, n_sq, t = _compose_floored(phi, v, h, backend, min_det_j)
+            if t == 0.0:
+                stop_reason = (f"piece {piece} would bring det J below min_det_j={min_det_j:g} at any length; "
+                               f"kept {piece - 1} piece(s)")
                 break
             warped_new = warp_moving(new_phi)
             new_energy = mean_sq(fixed_n.data, warped_new, fmask)
@@ -276,17 +284,28 @@ def _broken_geodesic(fixed_n: Image, moving_n: Image, fmask, mmask_img, init, sc
                 energy=energy, stop_reason=stop_reason, converged=converged)
 
 
-def _compose_unfolded(phi, v, h, backend):
-    """``Φ ∘ exp(v)`` with ``v`` halved (at most 3 times) while the composed map folds on the grid (central-difference
-    det J ≤ 0), so the broken geodesic stays a diffeomorphism: ``(Φ ∘ exp(v), v, squarings, min det J)``."""
+def _compose_floored(phi, v, h, backend, floor, steps=6):
+    """``Φ ∘ exp(t v)`` for the largest ``t`` found (1, else bisection of [0, 1] in ``steps`` halvings) for which the
+    composed map's central-difference det J is at least ``floor`` (and above 0) everywhere on the grid: returns
+    ``(Φ ∘ exp(t v), t v, squarings, t)``; ``t = 0`` when no tried length keeps the floor (the piece is dropped)."""
     from ...kernels.diff import jacobian_determinant
     from ...kernels.fields import compose, expmap
 
-    for _ in range(4):
-        e_v, n_sq = expmap(v, spacing=h, backend=backend)
+    def trial(s):
+        e_v, n_sq = expmap(s * v, spacing=h, backend=backend)
         new_phi = compose(phi, e_v, spacing=h, backend=backend)
         min_det = float(jacobian_determinant(new_phi, spacing=h, backend=backend).min())
-        if min_det > 0:
-            break
-        v = 0.5 * v
-    return new_phi, v, n_sq, min_det
+        return (new_phi, s * v, n_sq, s), (min_det > 0 and min_det >= floor)
+
+    out, ok = trial(1.0)
+    if ok:
+        return out
+    lo, hi, best = 0.0, 1.0, None
+    for _ in range(steps):
+        mid = 0.5 * (lo + hi)
+        cand, ok = trial(mid)
+        if ok:
+            lo, best = mid, cand
+        else:
+            hi = mid
+    return best if best is not None else (phi, 0.0 * v, 0, 0.0)

@@ -32,7 +32,7 @@ OPTIONS = Declaration(
         Option("kernel", "gaussian", "RKHS kernel K: unit-sum Gaussian of kernel_sigma, or the Sobolev kernel "
                                      "(Id − alpha Δ)^(−order)", kind="str", choices=("gaussian", "sobolev")),
         Option("kernel_sigma", None, "σ of the Gaussian kernel", unit="mm", low=0, low_open=True,
-               default_text="3 × the largest spacing"),
+               default_text="4.5 × the largest spacing ('bandlimited'), 3 × ('full')"),
         Option("alpha", None, "α of the Sobolev kernel", unit="mm²", low=0, low_open=True,
                default_text="(2 × the largest spacing)²"),
         Option("order", 2.0, "power s of the Sobolev kernel", low=0, low_open=True),
