@@ -775,22 +775,26 @@ TOOLS = {t.name: t for t in [
 
 # --------------------------------------------------------------------------------------------- regularisation sweeps
 #: the one regularisation parameter that matters per deformable classreg solver (issue #22: accuracy against
-#: smoothness), as multiples of the case's spacing (the smallest for demons, whose default is 1.5 × the smallest; the
-#: largest for LDDMM, 3 ×; the B-spline grid spacing in voxels of the largest spacing, default 8 mm ≈ 8 × 1 mm), and
-#: the default's factor, which the base tool's own row gives
+#: smoothness): (parameter, unit, values, the default's value, which the base tool's own row gives). Units: "min" /
+#: "max": multiples of the case's smallest / largest spacing (demons' velocity σ, default 4.5 × the smallest; LDDMM's
+#: kernel σ, default 4.5 × the largest; the earlier defaults 1.5 × and 3 × are sweep points); "mm2": the value itself
+#: (the B-spline bending weight, default 0). docs/notes/tradeoff.md has the measured sweeps and the rule that chose
+#: the defaults.
 SWEEPS = {
-    "classreg_demons": ("velocity_sigma", "min", (0.5, 1.0, 2.25, 3.0, 4.5), 1.5),
-    "classreg_lddmm": ("kernel_sigma", "max", (1.5, 2.0, 4.5, 6.0), 3.0),
+    "classreg_demons": ("velocity_sigma", "min", (0.5, 1.0, 1.5, 2.25, 3.0, 6.0), 4.5),
+    "classreg_lddmm": ("kernel_sigma", "max", (1.5, 2.0, 3.0, 6.0), 4.5),
+    "classreg_bspline": ("bending_weight", "mm2", (30.0, 100.0, 300.0, 1000.0), 0.0),
 }
 
 
 def _swept(base: str, param: str, which: str, factor: float):
-    """``base``'s run with ``param`` = factor × the case's smallest/largest spacing (mm)."""
-    factories = {"classreg_demons": _classreg_demons, "classreg_lddmm": _classreg_lddmm}
+    """``base``'s run with ``param`` = factor × the case's smallest/largest spacing (mm), or = factor ("mm2")."""
+    factories = {"classreg_demons": _classreg_demons, "classreg_lddmm": _classreg_lddmm,
+                 "classreg_bspline": _classreg_bspline}
 
     def run(case, threads, quick):
         sp = case["fixed"].spacing
-        value = float(factor) * float(min(sp) if which == "min" else max(sp))
+        value = float(factor) * (1.0 if which == "mm2" else float(min(sp) if which == "min" else max(sp)))
         out = factories[base](**{param: value})(case, threads, quick)
         out["params"] = dict(out.get("params") or {}, sweep_factor=float(factor))
         return out
@@ -801,9 +805,10 @@ def sweep_tools() -> dict:
     """The sweep points as tools (not in the default list; ``python -m benchmarks.run --sweep`` adds them)."""
     out = {}
     for base, (param, which, factors, _default) in SWEEPS.items():
+        unit = "mm²" if which == "mm2" else "× spacing"
         for f in factors:
             name = f"{base}@{param}={f:g}"
-            out[name] = Tool(name, "deformable", f"{TOOLS[base].label}, {param} {f:g} × spacing",
+            out[name] = Tool(name, "deformable", f"{TOOLS[base].label}, {param} {f:g} {unit}",
                              _swept(base, param, which, f), classreg=True, quick=False, default=False,
                              slow_3d=TOOLS[base].slow_3d, sweep_of=(base, param, float(f)))
     return out
