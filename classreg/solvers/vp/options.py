@@ -27,6 +27,9 @@ OPTIONS = Declaration(
                low=0),
         Option("regrid_det", 0.5, "regrid (compose the map, reset the controls) when min det J of the current "
                                   "round falls below this", low=0, low_open=True),
+        Option("det_floor", 0.02, "min det J (central differences) the result keeps: a trial step or a level "
+                                  "transfer whose composed map has min det J at or below this is rejected",
+               low=0, low_open=True),
         Option("max_regrids", 30, "regridding rounds per level at most", kind="int", low=0),
         Option("pad", 8, "nodes of edge-replicated padding on every side (the pinned Dirichlet boundary is moved "
                          "off the anatomy)", kind="int", low=1),

@@ -63,7 +63,7 @@ def _compose_inverse(psi, v_pad, h, pad):
 @declared(OPTIONS)
 def register_vp(fixed: Image, moving: Image, *, init: Transform | None = None, fixed_mask=None,
                 shrink_factors=(4, 2, 1), smoothing_sigmas=None, iterations=None, j_min: float = 0.5,
-                regrid_det: float = 0.5, max_regrids: int = 30, pad: int = 8, tol: float = 1e-6,
+                regrid_det: float = 0.5, det_floor: float = DET_FLOOR, max_regrids: int = 30, pad: int = 8, tol: float = 1e-6,
                 intensity: str = "match", dtype=np.float32, seed: int = 0, threads: int | None = None,
                 memory_limit: float | None = None, time_limit: float | None = None, device: str | None = None,
                 backend=None, progress: bool = False, callback=None) -> Result:
@@ -144,16 +144,18 @@ def register_vp(fixed: Image, moving: Image, *, init: Transform | None = None, f
     fmask = as_mask(fixed_mask, fixed, "fixed_mask")
     fixed_n, moving_n = normalise_intensities(fixed, moving, fmask, intensity, dtype)
     moving_on_fixed = fixed_n.like(np.asarray(warp_through(moving_n, fixed_n, init, None, backend), dtype=dtype))
-    opts = dict(j_min=float(j_min), regrid_det=float(regrid_det), max_regrids=int(max_regrids), pad=int(pad),
-                tol=float(tol), backend=backend)
+    opts = dict(j_min=float(j_min), regrid_det=float(regrid_det), det_floor=float(det_floor),
+                max_regrids=int(max_regrids), pad=int(pad), tol=float(tol), backend=backend)
     prog = Progress("vp", callback=callback, progress=progress, time_limit=time_limit,
                     total=int(sum(schedule["iterations"])))
-    acc = {"regrids": 0}
+    acc = {"regrids": 0, "dropped_rounds": 0}
     stopped = False
     stop_reason = "completed the schedule"
     h = tuple(fixed.spacing_array_order)
     try:
         prog.emit("start", metric=1.0)
+
+        opts["full_shape"] = tuple(fixed.shape)
 
         def step(level, state, progress):
             return _level_step(level, state, progress, opts, dtype, acc)
@@ -177,7 +179,12 @@ def register_vp(fixed: Image, moving: Image, *, init: Transform | None = None, f
     saved = state.get("vp_pad")
     if saved is not None and tuple(saved["shape"]) == tuple(fixed.shape):
         phi_full, shift = np.asarray(saved["phi"], dtype=np.float64), int(saved["pad"])  # Φ_total, padded grid
-    else:  # the schedule ended above full resolution: the map resampled onto the input grid, edge-extended
+    elif state.get("vp_rounds"):  # the schedule ended above full resolution: its rounds composed on the input grid
+        phi_full, psi, kept = _compose_rounds(state["vp_rounds"], fixed_n, opts["pad"], opts["det_floor"], backend)
+        acc["dropped_rounds"] += len(state["vp_rounds"]) - kept
+        shift = opts["pad"]
+        phi = phi_full[tuple(slice(shift, shift + n) for n in fixed.shape)]
+    else:  # nothing accepted: the identity
         phi_full, shift = np.asarray(phi, dtype=np.float64), 0
     nodes = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in fixed.shape], indexing="ij"), -1)
     # Newton correction of the composed per-round inverses against the final map (the level transfers resample
@@ -204,13 +211,14 @@ def register_vp(fixed: Image, moving: Image, *, init: Transform | None = None, f
                    min_det_j=float(det.min()), max_det_j=float(det.max()),
                    pct_det_j_nonpositive=100.0 * float(np.mean(det <= 0)),
                    sd_log_j=float(np.std(logj[det > 0])) if np.any(det > 0) else float("nan"),
-                   regrids=acc["regrids"],
+                   regrids=acc["regrids"], dropped_rounds=acc["dropped_rounds"],
                    inverse_consistency_mm=dict(mean=float(ic.mean()), p99=float(np.percentile(ic, 99)),
                                                max=float(ic.max())),
                    inverse_left_consistency_mm=dict(mean=float(ic_left.mean()), max=float(ic_left.max()),
                                                     pct_nodes=100.0 * float(np.mean(inside))),
                    similarity_after=similarity(fixed_n.data, warped, mask=fmask))
-    params = dict(**schedule, **{k: v for k, v in opts.items() if k != "backend"}, memory_estimate_mb=memory_mb,
+    params = dict(**schedule, **{k: v for k, v in opts.items() if k not in ("backend", "full_shape")},
+                  memory_estimate_mb=memory_mb,
                   **common_params(init=init, dtype=dtype, seed=seed, backend=backend))
     extras = {"f": acc.get("f"), "g": acc.get("g"),
               "controls_note": "f = j_min + f̂² and g of the last regridding round of the finest level (padded grid)"}
@@ -243,8 +251,19 @@ def _level_step(level, state, progress, opts, dtype, acc):
     # Φ_total is kept on the padded grid: each round's φ is a bijection of the padded box (u = 0 on its ring), so
     # Φ_total ∘ φ needs Φ_total where φ sends the image's nodes, which may be in the padding (large moves at a coarse
     # level); the edge-extended cropped map would make Φ_total differ from the composition of the rounds there.
-    phi_p = _padded_map(state.get("vp_pad"), phi, level.fixed, p, h)
     nodes = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in Fi.shape], indexing="ij"), -1)
+    rounds = list(state.get("vp_rounds", ()))
+    saved = state.get("vp_pad")
+    if saved is not None and tuple(saved["shape"]) == Fi.shape and np.allclose(saved["affine"], level.fixed.affine):
+        phi_p = np.asarray(saved["phi"], dtype=np.float64)
+    elif rounds:  # a finer level: the coarser levels' rounds re-composed here, the longest prefix that does not fold
+        phi_p, psi, kept = _compose_rounds(rounds, level.fixed, p, opts["det_floor"], backend)
+        acc["dropped_rounds"] += len(rounds) - kept
+        rounds = rounds[:kept]
+        phi = phi_p[inner]
+    else:
+        phi_p = np.pad(phi, [(p, p)] * nd + [(0, 0)], mode="edge")
+    keep_rounds = not (level.is_finest and Fi.shape == opts["full_shape"])  # needed by a finer grid later
     weight = np.zeros(tuple(n + 2 * p for n in Fi.shape))
     weight[inner] = 1.0 if level.fixed_mask is None else np.asarray(level.fixed_mask, dtype=np.float64)
     Fp = np.pad(Fi, p, mode="edge")
@@ -257,6 +276,7 @@ def _level_step(level, state, progress, opts, dtype, acc):
     sim_mask = None if level.fixed_mask is None else np.asarray(level.fixed_mask, dtype=bool)
     it_total = 0
     last_ratio = 1.0
+    floor = opts["det_floor"]
     for rnd in range(opts["max_regrids"] + 1):
         Mp = _sample(M, phi_p, h, -p) if np.any(phi_p) else np.pad(M, p, mode="edge")  # M ∘ Φ_total, clamped
         loss0 = vp_loss_grad(np.full(shape_p, fhat0), np.zeros(g_shape), Fp, Mp, opts["j_min"], h, **kw)[0]
@@ -276,8 +296,8 @@ def _level_step(level, state, progress, opts, dtype, acc):
             vol = float(np.prod(h))
             grad = np.concatenate([gf.ravel(), gg.ravel()]) * (vol / loss0)
             val = loss / loss0
-            if min(mdet, total) <= DET_FLOOR:  # a (nearly) folding trial point: larger than any accepted loss,
-                val = 1.0 + abs(val) + 1e3 * (DET_FLOOR - min(mdet, total) + 1e-3)  # so the line search backtracks
+            if min(mdet, total) <= floor:  # a (nearly) folding trial point: larger than any accepted loss,
+                val = 1.0 + abs(val) + 1e3 * (floor - min(mdet, total) + 1e-3)  # so the line search backtracks
             cache["x"], cache["u"], cache["mdet"], cache["val"] = x.copy(), u, mdet, val
             cache["warped"] = warped[inner]
             return val, grad
@@ -312,6 +332,8 @@ def _level_step(level, state, progress, opts, dtype, acc):
         # (measured up to ~1.5 voxels off where a round compresses), and would accumulate over rounds and levels
         psi, _ = invert_newton(phi_p, spacing=h, at=nodes + p, init=psi, tol=INVERSE_TOL,
                                backend=_vp_backend(backend))
+        if keep_rounds:
+            rounds.append(dict(u=rec["u"].astype(dtype), v=v_pad.astype(dtype), affine=level.fixed.affine, pad=p))
         acc["regrids"] += 1 if rnd > 0 else 0
         last_ratio *= rec["val"]
         x = rec["x"]
@@ -320,6 +342,7 @@ def _level_step(level, state, progress, opts, dtype, acc):
         state["phi"] = phi.astype(dtype)
         state["phi_inv"] = psi.astype(dtype)
         state["vp_pad"] = dict(phi=phi_p.astype(dtype), affine=level.fixed.affine, pad=p, shape=Fi.shape)
+        state["vp_rounds"] = list(rounds)
         acc["state"] = dict(state)
         acc["last_ratio"] = last_ratio
         if rec["mdet"] >= opts["regrid_det"] or it_total >= budget:
@@ -327,6 +350,7 @@ def _level_step(level, state, progress, opts, dtype, acc):
     state["phi"] = phi.astype(dtype)
     state["phi_inv"] = psi.astype(dtype)
     state["vp_pad"] = dict(phi=phi_p.astype(dtype), affine=level.fixed.affine, pad=p, shape=Fi.shape)
+    state["vp_rounds"] = rounds
     return last_ratio
 
 
@@ -344,16 +368,49 @@ def _sample(img, disp, h, shift, at=None):
     return np.stack([map_coordinates(img[..., c], coords, order=1, mode="nearest") for c in range(nd)], -1)
 
 
-def _padded_map(saved, phi, fixed_level, pad, h):
-    """Φ_total on this level's padded grid: the previous level's padded map resampled (its padded box contains this
-    one when the pad is counted in nodes and the levels get finer), else the edge-padded ``phi``."""
-    nd = phi.shape[-1]
-    shape_p = tuple(n + 2 * pad for n in phi.shape[:nd])
-    if saved is None:
-        return np.pad(phi, [(pad, pad)] * nd + [(0, 0)], mode="edge")
-    if tuple(saved["shape"]) == tuple(phi.shape[:nd]) and np.allclose(saved["affine"], fixed_level.affine):
-        return np.asarray(saved["phi"], dtype=np.float64)
-    total = np.linalg.inv(saved["affine"]) @ fixed_level.affine  # this level's index → the saved level's index
-    idx = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) - pad for n in shape_p], indexing="ij"), -1)
-    src = idx @ total[:nd, :nd].T + total[:nd, nd] + saved["pad"]
-    return _sample(np.asarray(saved["phi"], dtype=np.float64), np.zeros(shape_p + (nd,)), np.ones(nd), 0.0, src)
+def _push(rounds, pts, fixed_level, key, reverse):
+    """Send index points ``pts`` of ``fixed_level``'s grid through the rounds' maps ``id + r[key]``, each the
+    multilinear interpolant on its own padded grid (the map the round optimised or its inverse; u = 0 on and beyond
+    that grid's ring, so the edge extension is exact), last round first when ``reverse``."""
+    from scipy.ndimage import map_coordinates
+
+    nd = pts.shape[-1]
+    h = np.asarray(fixed_level.spacing_array_order, dtype=np.float64)
+    y = np.array(pts, dtype=np.float64)
+    for r in (reversed(rounds) if reverse else rounds):
+        total = np.linalg.inv(r["affine"]) @ fixed_level.affine  # this level's index → the round's level index
+        c = y @ total[:nd, :nd].T + total[:nd, nd] + r["pad"]
+        c = np.moveaxis(c, -1, 0)
+        y = y + np.stack([map_coordinates(np.asarray(r[key][..., k], dtype=np.float64), c, order=1, mode="nearest")
+                          for k in range(nd)], -1) / h
+    return y
+
+
+def _compose_rounds(rounds, fixed_level, pad, floor, backend):
+    """Φ_total = φ_1 ∘ … ∘ φ_k on ``fixed_level``'s padded grid from the per-round VP maps of the coarser levels,
+    and its inverse Ψ on the level grid, with k the largest number of leading rounds whose composition keeps
+    min det J (central differences, the level grid) above ``floor``.
+
+    Each round's map is evaluated with its own interpolant on its own grid (exact composition of the maps the
+    optimiser accepted); resampling the composed coarse map instead makes it fold on the finer grid where a cell
+    was compressed to the floor (docs/notes/vp.md, 2026-12-04). Returns ``(phi_p, psi, k)``.
+    """
+    from ...kernels.diff import jacobian_determinant
+    from ...kernels.vp import invert_newton
+
+    nd = fixed_level.ndim
+    h = tuple(float(x) for x in fixed_level.spacing_array_order)
+    shape = tuple(fixed_level.shape)
+    nodes_p = np.stack(np.meshgrid(*[np.arange(n + 2 * pad, dtype=np.float64) - pad for n in shape],
+                                   indexing="ij"), -1)
+    inner = tuple(slice(pad, pad + n) for n in shape)
+    for k in range(len(rounds), 0, -1):
+        phi_p = (_push(rounds[:k], nodes_p, fixed_level, "u", True) - nodes_p) * np.asarray(h)
+        if float(np.min(jacobian_determinant(phi_p[inner], spacing=h))) > floor:
+            break
+    else:
+        return np.zeros(nodes_p.shape), np.zeros((*shape, nd)), 0
+    nodes = nodes_p[inner]
+    psi = (_push(rounds[:k], nodes, fixed_level, "v", False) - nodes) * np.asarray(h)
+    psi, _ = invert_newton(phi_p, spacing=h, at=nodes + pad, init=psi, tol=INVERSE_TOL, backend=_vp_backend(backend))
+    return phi_p, psi, k
