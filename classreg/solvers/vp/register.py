@@ -42,9 +42,9 @@ from .options import OPTIONS
 
 __all__ = ["register_vp"]
 
-#: Trial points whose map (this round's or the composed one) has min det J at or below this are rejected: a margin
-#: above 0 so that the float32 result, the level transfer and the final resampling keep det J > 0 (with a floor of
-#: 0 the J-to-V benchmark ended with two nodes at det J = -6e-6, docs/notes/vp.md).
+#: Default ``det_floor``: trial points whose map (this round's or the composed one) has min det J at or below this
+#: are rejected, a margin above 0 so that the float32 result keeps det J > 0 (with a floor of 0 the J-to-V benchmark
+#: ended with two nodes at det J = -6e-6, docs/notes/vp.md).
 DET_FLOOR = 0.02
 
 #: Newton tolerance (voxels, per-node residual |φ(x + w) − x| / h) of the per-round and the final inversions.
@@ -85,6 +85,11 @@ def register_vp(fixed: Image, moving: Image, *, init: Transform | None = None, f
         not det J itself (METHODS.md §6.6), so det J is monitored and the map regridded.
     regrid_det : float
         A round ends, and the map is regridded, when its min det J (central differences) falls below this.
+    det_floor : float
+        The min det J (central differences, mm) the result keeps: a trial step whose map, or whose composition with
+        the map so far, has min det J at or below this is rejected by the line search, and at a level transfer the
+        coarser levels' rounds are re-composed on the finer grid, dropping the trailing rounds whose composition
+        falls to it there (``metrics["dropped_rounds"]``).
     max_regrids : int
         Regridding rounds per level at most.
     pad : int
@@ -113,7 +118,7 @@ def register_vp(fixed: Image, moving: Image, *, init: Transform | None = None, f
         the composed map; see the docs page),
         ``history`` (level, iteration, metric = loss / initial loss of the level, min det J as ``step``),
         ``metrics``: ``loss_ratio`` (SSD after / before, full resolution, in the mask), ``min_det_j``, ``max_det_j``,
-        ``pct_det_j_nonpositive``, ``sd_log_j``, ``regrids``, ``inverse_consistency_mm`` (mean and max
+        ``pct_det_j_nonpositive``, ``sd_log_j``, ``regrids``, ``dropped_rounds``, ``inverse_consistency_mm`` (mean and max
         (and 99th percentile) |φ∘φ⁻¹ − id| over the nodes, φ on its padded grid), ``inverse_left_consistency_mm`` (mean and max
         |φ⁻¹∘φ − id| over the nodes whose image lies in the grid, and their percentage ``pct_nodes``);
         ``extras``: ``f`` and ``g`` (the controls of the last round of the finest level) and ``controls_note``.
@@ -179,8 +184,9 @@ def register_vp(fixed: Image, moving: Image, *, init: Transform | None = None, f
     saved = state.get("vp_pad")
     if saved is not None and tuple(saved["shape"]) == tuple(fixed.shape):
         phi_full, shift = np.asarray(saved["phi"], dtype=np.float64), int(saved["pad"])  # Φ_total, padded grid
-    elif state.get("vp_rounds"):  # the schedule ended above full resolution: its rounds composed on the input grid
-        phi_full, psi, kept = _compose_rounds(state["vp_rounds"], fixed_n, opts["pad"], opts["det_floor"], backend)
+    elif state.get("vp_rounds"):  # the schedule ended above full resolution: transferred to the input grid
+        phi_full, psi, kept = _transfer(state["vp_rounds"], saved, psi, fixed_n, opts["pad"], opts["det_floor"],
+                                        backend)
         acc["dropped_rounds"] += len(state["vp_rounds"]) - kept
         shift = opts["pad"]
         phi = phi_full[tuple(slice(shift, shift + n) for n in fixed.shape)]
@@ -256,8 +262,8 @@ def _level_step(level, state, progress, opts, dtype, acc):
     saved = state.get("vp_pad")
     if saved is not None and tuple(saved["shape"]) == Fi.shape and np.allclose(saved["affine"], level.fixed.affine):
         phi_p = np.asarray(saved["phi"], dtype=np.float64)
-    elif rounds:  # a finer level: the coarser levels' rounds re-composed here, the longest prefix that does not fold
-        phi_p, psi, kept = _compose_rounds(rounds, level.fixed, p, opts["det_floor"], backend)
+    elif rounds:  # a finer level: the coarser levels' map, or the longest prefix of their rounds, that does not fold
+        phi_p, psi, kept = _transfer(rounds, saved, psi, level.fixed, p, opts["det_floor"], backend)
         acc["dropped_rounds"] += len(rounds) - kept
         rounds = rounds[:kept]
         phi = phi_p[inner]
@@ -341,7 +347,7 @@ def _level_step(level, state, progress, opts, dtype, acc):
         acc["g"] = np.asarray(x[n_ctl:].reshape(g_shape), dtype=dtype)
         state["phi"] = phi.astype(dtype)
         state["phi_inv"] = psi.astype(dtype)
-        state["vp_pad"] = dict(phi=phi_p.astype(dtype), affine=level.fixed.affine, pad=p, shape=Fi.shape)
+        state["vp_pad"] = dict(phi=phi_p.astype(dtype), affine=level.fixed.affine, pad=p, shape=Fi.shape, h=h)
         state["vp_rounds"] = list(rounds)
         acc["state"] = dict(state)
         acc["last_ratio"] = last_ratio
@@ -349,7 +355,7 @@ def _level_step(level, state, progress, opts, dtype, acc):
             break  # the round converged (or ran out of iterations) without needing a regrid
     state["phi"] = phi.astype(dtype)
     state["phi_inv"] = psi.astype(dtype)
-    state["vp_pad"] = dict(phi=phi_p.astype(dtype), affine=level.fixed.affine, pad=p, shape=Fi.shape)
+    state["vp_pad"] = dict(phi=phi_p.astype(dtype), affine=level.fixed.affine, pad=p, shape=Fi.shape, h=h)
     state["vp_rounds"] = rounds
     return last_ratio
 
@@ -368,32 +374,38 @@ def _sample(img, disp, h, shift, at=None):
     return np.stack([map_coordinates(img[..., c], coords, order=1, mode="nearest") for c in range(nd)], -1)
 
 
-def _push(rounds, pts, fixed_level, key, reverse):
-    """Send index points ``pts`` of ``fixed_level``'s grid through the rounds' maps ``id + r[key]``, each the
-    multilinear interpolant on its own padded grid (the map the round optimised or its inverse; u = 0 on and beyond
-    that grid's ring, so the edge extension is exact), last round first when ``reverse``."""
+def _push(rounds, pts, affine, h, key, reverse):
+    """Send index points ``pts`` of the grid ``affine`` (spacing ``h``) through the rounds' maps ``id + r[key]``,
+    each the multilinear interpolant on its own padded grid (the map the round optimised, or its inverse; u = 0 on
+    and beyond that grid's ring, so the edge extension is exact), the last round first when ``reverse``."""
     from scipy.ndimage import map_coordinates
 
     nd = pts.shape[-1]
-    h = np.asarray(fixed_level.spacing_array_order, dtype=np.float64)
     y = np.array(pts, dtype=np.float64)
     for r in (reversed(rounds) if reverse else rounds):
-        total = np.linalg.inv(r["affine"]) @ fixed_level.affine  # this level's index → the round's level index
-        c = y @ total[:nd, :nd].T + total[:nd, nd] + r["pad"]
-        c = np.moveaxis(c, -1, 0)
+        total = np.linalg.inv(r["affine"]) @ affine  # this grid's index → the round's level index
+        c = np.moveaxis(y @ total[:nd, :nd].T + total[:nd, nd] + r["pad"], -1, 0)
         y = y + np.stack([map_coordinates(np.asarray(r[key][..., k], dtype=np.float64), c, order=1, mode="nearest")
-                          for k in range(nd)], -1) / h
+                          for k in range(nd)], -1) / np.asarray(h)
     return y
 
 
-def _compose_rounds(rounds, fixed_level, pad, floor, backend):
-    """Φ_total = φ_1 ∘ … ∘ φ_k on ``fixed_level``'s padded grid from the per-round VP maps of the coarser levels,
-    and its inverse Ψ on the level grid, with k the largest number of leading rounds whose composition keeps
-    min det J (central differences, the level grid) above ``floor``.
+def _padded_nodes(shape, pad):
+    return np.stack(np.meshgrid(*[np.arange(n + 2 * pad, dtype=np.float64) - pad for n in shape], indexing="ij"), -1)
 
-    Each round's map is evaluated with its own interpolant on its own grid (exact composition of the maps the
-    optimiser accepted); resampling the composed coarse map instead makes it fold on the finer grid where a cell
-    was compressed to the floor (docs/notes/vp.md, 2026-12-04). Returns ``(phi_p, psi, k)``.
+
+def _transfer(rounds, saved, psi, fixed_level, pad, floor, backend):
+    """Φ_total on ``fixed_level``'s padded grid and its inverse Ψ on the level grid, from the coarser levels' rounds,
+    such that min det J (central differences, the level grid) stays above ``floor``.
+
+    For k = K, K − 1, …, 1 leading rounds (K: all of them) two candidates are tried, the first that does not fall to
+    the floor is taken: (a) the composition φ_1 ∘ … ∘ φ_k on the coarser level's padded grid (for k = K the map that
+    level ended with), resampled multilinearly; (b) the composition evaluated at this level's nodes, each round with
+    its own interpolant on its own grid (exact for the maps the optimiser accepted, but it shows the structure below
+    the coarse grid's spacing). A coarse map that ends on the floor is not injective inside every cell, and either
+    candidate can fold on the finer grid (brain2d: −0.42 at 256², docs/notes/vp.md); then rounds are dropped and the
+    finer level redoes their part. Ψ: ``psi`` (the transferred inverse) for (a) with k = K, else the composition of
+    the rounds' inverses; Newton-corrected against Φ_total. Returns ``(phi_p, psi, k)``.
     """
     from ...kernels.diff import jacobian_determinant
     from ...kernels.vp import invert_newton
@@ -401,16 +413,38 @@ def _compose_rounds(rounds, fixed_level, pad, floor, backend):
     nd = fixed_level.ndim
     h = tuple(float(x) for x in fixed_level.spacing_array_order)
     shape = tuple(fixed_level.shape)
-    nodes_p = np.stack(np.meshgrid(*[np.arange(n + 2 * pad, dtype=np.float64) - pad for n in shape],
-                                   indexing="ij"), -1)
+    nodes_p = _padded_nodes(shape, pad)
     inner = tuple(slice(pad, pad + n) for n in shape)
+    coarse_nodes = _padded_nodes(saved["shape"], saved["pad"])
+    chosen = None
     for k in range(len(rounds), 0, -1):
-        phi_p = (_push(rounds[:k], nodes_p, fixed_level, "u", True) - nodes_p) * np.asarray(h)
-        if float(np.min(jacobian_determinant(phi_p[inner], spacing=h))) > floor:
+        coarse = saved["phi"] if k == len(rounds) else \
+            (_push(rounds[:k], coarse_nodes, saved["affine"], saved["h"], "u", True) - coarse_nodes) * saved["h"]
+        resampled = _padded_map(dict(saved, phi=coarse), shape, fixed_level.affine, pad)
+        for kind, make in (("resampled", lambda: resampled),
+                           ("composed", lambda: (_push(rounds[:k], nodes_p, fixed_level.affine, h, "u", True)
+                                                 - nodes_p) * np.asarray(h))):
+            phi_p = make()
+            if float(np.min(jacobian_determinant(phi_p[inner], spacing=h))) > floor:
+                chosen = kind
+                break
+        if chosen:
             break
     else:
         return np.zeros(nodes_p.shape), np.zeros((*shape, nd)), 0
     nodes = nodes_p[inner]
-    psi = (_push(rounds[:k], nodes, fixed_level, "v", False) - nodes) * np.asarray(h)
-    psi, _ = invert_newton(phi_p, spacing=h, at=nodes + pad, init=psi, tol=INVERSE_TOL, backend=_vp_backend(backend))
+    if not (chosen == "resampled" and k == len(rounds) and psi is not None and psi.shape == nodes.shape):
+        psi = (_push(rounds[:k], nodes, fixed_level.affine, h, "v", False) - nodes) * np.asarray(h)
+    psi, _ = invert_newton(phi_p, spacing=h, at=nodes + pad, init=np.asarray(psi, dtype=np.float64),
+                           tol=INVERSE_TOL, backend=_vp_backend(backend))
     return phi_p, psi, k
+
+
+def _padded_map(saved, shape, affine, pad):
+    """The padded map ``saved["phi"]`` of a coarser level resampled (multilinear) onto the padded grid of the level
+    ``shape``, ``affine`` (its padded box contains this one when the pad is counted in nodes and levels get finer)."""
+    nd = len(shape)
+    total = np.linalg.inv(saved["affine"]) @ affine  # this level's index → the saved level's index
+    idx = _padded_nodes(shape, pad)
+    src = idx @ total[:nd, :nd].T + total[:nd, nd] + saved["pad"]
+    return _sample(np.asarray(saved["phi"], dtype=np.float64), np.zeros(idx.shape), np.ones(nd), 0.0, src)
