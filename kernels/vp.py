@@ -22,7 +22,8 @@ import numpy as np
 
 from .diff import poisson_dirichlet
 
-__all__ = ["vp_field", "vp_adjoint", "warp_linear_grad", "vp_loss_grad", "curl_terms", "invert_newton"]
+__all__ = ["vp_field", "vp_adjoint", "warp_linear_grad", "vp_loss_grad", "curl_terms", "invert_newton",
+           "jacobian_matrix", "det_curl", "vp_grid_loss_grad"]
 
 
 def curl_terms(nd: int):
@@ -232,6 +233,76 @@ def vp_loss_grad(fhat, g, fixed, moving, j_min, spacing, *, weight=None, backend
     b = poisson_dirichlet(force.astype(fhat.dtype, copy=False), spacing=tuple(h), ndim=nd, workers=workers)
     df, dg = vp_adjoint(b, h)
     return loss, 2.0 * fhat * df, dg, u, warped
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the VP grid generator: a map with prescribed Jacobian determinant and curl (the paper's construction of φ⁻¹)
+# ----------------------------------------------------------------------------------------------------------------
+def jacobian_matrix(u, spacing):
+    """``Dφ = I + Du`` of ``φ = id + u`` by the central differences of :func:`vp_field` (interior nodes; on the ring
+    the differences across the grid edge are 0), shape ``(*spatial, nd, nd)``, ``[..., k, d] = ∂φ_k/∂x_d``."""
+    u = np.asarray(u, dtype=np.float64)
+    nd = u.shape[-1]
+    h = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (nd,))
+    A = np.stack([np.stack([_dc(u[..., k], d, h[d]) for d in range(nd)], -1) for k in range(nd)], -2)
+    return A + np.eye(nd)
+
+
+def _cofactor(A):
+    """Cofactor matrix ``∂ det A / ∂A`` (2-D and 3-D, batched)."""
+    if A.shape[-1] == 2:
+        return np.stack([np.stack([A[..., 1, 1], -A[..., 1, 0]], -1), np.stack([-A[..., 0, 1], A[..., 0, 0]], -1)], -2)
+    return np.stack([np.cross(A[..., 1, :], A[..., 2, :]), np.cross(A[..., 2, :], A[..., 0, :]),
+                     np.cross(A[..., 0, :], A[..., 1, :])], -2)
+
+
+#: ``(curl component, row k, column d, sign)``: the physical-convention curl of a map from its matrix ``Dφ``
+#: (:func:`kernels.diff.curl`: 2-D ``∂_1 φ_0 − ∂_0 φ_1``; 3-D in array order).
+_CURL = {2: ((0, 0, 1, 1.0), (0, 1, 0, -1.0)),
+         3: ((0, 1, 2, 1.0), (0, 2, 1, -1.0), (1, 2, 0, 1.0), (1, 0, 2, -1.0), (2, 0, 1, 1.0), (2, 1, 0, -1.0))}
+
+
+def det_curl(A):
+    """``(det A, curl)`` of Jacobian matrices ``A`` (``(*spatial, nd, nd)``); the curl has 1 (2-D) or 3 components."""
+    nd = A.shape[-1]
+    c = np.zeros(A.shape[:-2] + (1 if nd == 2 else 3,))
+    for o, k, d, s in _CURL[nd]:
+        c[..., o] += s * A[..., k, d]
+    det = np.sum(A[..., 0, :] * _cofactor(A)[..., 0, :], axis=-1)
+    return det, c
+
+
+def vp_grid_loss_grad(fhat, g, jd, curl, j_min, spacing, *, weight=None, curl_weight=1.0, workers=None):
+    """The VP grid generator's loss ``½ Π h Σ w [(det Dφ − jd)² + curl_weight |curl φ − curl₀|²]`` for the VP map of
+    the controls ``(f̂, g)`` and its exact gradient w.r.t. ``(f̂, g)`` (same ``Π h Σ`` convention as
+    :func:`vp_loss_grad`): ``∂/∂Dφ`` is the cofactor (det) and the curl's signs, sent back through the transposed
+    central differences, then the same adjoint Poisson solve and :func:`vp_adjoint` (Zhou & Liao, METHODS.md §6.2
+    step 9). ``jd``: prescribed det, ``(*spatial)``; ``curl``: prescribed curl, ``(*spatial, 1 or 3)``.
+
+    Returns ``(loss, grad_fhat, grad_g, u)``.
+    """
+    nd = fhat.ndim
+    h = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (nd,))
+    u = vp_displacement(fhat, g, j_min, h, workers=workers)
+    A = jacobian_matrix(u, h)
+    det, c = det_curl(A)
+    rd = det - jd
+    rc = c - curl
+    if weight is not None:
+        rd, rc = rd * weight, rc * weight[..., None]
+    loss = 0.5 * float(np.prod(h)) * float(np.sum(rd * (det - jd)) + curl_weight * np.sum(rc * (c - curl)))
+    dA = rd[..., None, None] * _cofactor(A)
+    for o, k, d, s in _CURL[nd]:
+        dA[..., k, d] += curl_weight * s * rc[..., o]
+    for d in range(nd):  # _dc is 0 on the end slices along its axis: their entries of ∂/∂Dφ do not depend on u
+        end = [slice(None)] * nd
+        for sl in (0, -1):
+            end[d] = sl
+            dA[tuple(end) + (slice(None), d)] = 0.0
+    force = np.stack([sum(_dc_adj(dA[..., k, d], d, h[d]) for d in range(nd)) for k in range(nd)], -1)
+    b = poisson_dirichlet(force, spacing=tuple(h), ndim=nd, workers=workers)
+    df, dg = vp_adjoint(b, h)
+    return loss, 2.0 * fhat * df, dg, u
 
 
 # ----------------------------------------------------------------------------------------------------------------

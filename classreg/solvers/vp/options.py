@@ -30,6 +30,9 @@ OPTIONS = Declaration(
         Option("det_floor", 0.02, "min det J (central differences) the result keeps: a trial step or a level "
                                   "transfer whose composed map has min det J at or below this is rejected",
                low=0, low_open=True),
+        Option("inverse", "newton", "how the inverse is built: 'newton' (per-round Newton inverses, corrected "
+                                    "against the final map) or 'vp' (the paper's VP grid generator on the "
+                                    "prescribed det J and curl of the inverse)", kind="str", choices=("newton", "vp")),
         Option("max_regrids", 30, "regridding rounds per level at most", kind="int", low=0),
         Option("pad", 8, "nodes of edge-replicated padding on every side (the pinned Dirichlet boundary is moved "
                          "off the anatomy)", kind="int", low=1),

@@ -47,6 +47,11 @@ __all__ = ["register_vp"]
 #: ended with two nodes at det J = -6e-6, docs/notes/vp.md).
 DET_FLOOR = 0.02
 
+#: Fixed-point passes of the VP-constructed inverse (``inverse="vp"``): the prescribed det and curl are evaluated at
+#: the previous pass's inverse estimate; and the L-BFGS iterations of the grid generator per pass.
+VP_INVERSE_PASSES = 4
+VP_INVERSE_ITERATIONS = 150
+
 #: Newton tolerance (voxels, per-node residual |φ(x + w) − x| / h) of the per-round and the final inversions.
 INVERSE_TOL = 1e-3
 
@@ -63,7 +68,7 @@ def _compose_inverse(psi, v_pad, h, pad):
 @declared(OPTIONS)
 def register_vp(fixed: Image, moving: Image, *, init: Transform | None = None, fixed_mask=None,
                 shrink_factors=(4, 2, 1), smoothing_sigmas=None, iterations=None, j_min: float = 0.5,
-                regrid_det: float = 0.5, det_floor: float = DET_FLOOR, max_regrids: int = 30, pad: int = 8, tol: float = 1e-6,
+                regrid_det: float = 0.5, det_floor: float = DET_FLOOR, inverse: str = "newton", max_regrids: int = 30, pad: int = 8, tol: float = 1e-6,
                 intensity: str = "match", dtype=np.float32, seed: int = 0, threads: int | None = None,
                 memory_limit: float | None = None, time_limit: float | None = None, device: str | None = None,
                 backend=None, progress: bool = False, callback=None) -> Result:
@@ -90,6 +95,12 @@ def register_vp(fixed: Image, moving: Image, *, init: Transform | None = None, f
         the map so far, has min det J at or below this is rejected by the line search, and at a level transfer the
         coarser levels' rounds are re-composed on the finer grid, dropping the trailing rounds whose composition
         falls to it there (``metrics["dropped_rounds"]``).
+    inverse : {"newton", "vp"}
+        How ``Result.inverse`` is built: "newton" (default) the per-round Newton inverses, Newton-corrected against
+        the final map; "vp" the paper's construction (METHODS.md §6.2 step 9): the VP grid generator
+        (:func:`classreg.kernels.vp.vp_grid_loss_grad`) fits a VP map to the prescribed Jacobian determinant
+        ``1 / det Dφ`` and curl of ``(Dφ)⁻¹``, both evaluated at the current inverse estimate, in
+        ``VP_INVERSE_PASSES`` fixed-point passes (docs/solvers/vp.md; figures in docs/notes/vp.md).
     max_regrids : int
         Regridding rounds per level at most.
     pad : int
@@ -137,6 +148,8 @@ def register_vp(fixed: Image, moving: Image, *, init: Transform | None = None, f
         raise ValueError(f"register_vp needs 2-D or 3-D images, got {fixed.ndim}-D")
     if backend == "cuda" or (device is not None and str(device).startswith("cuda")):
         raise ValueError("register_vp runs on the CPU only for now (no CUDA kernels for VP yet); use device='cpu'")
+    if inverse not in ("newton", "vp"):
+        raise ValueError(f"inverse must be 'newton' or 'vp', got {inverse!r}")
     if not 0.0 <= float(j_min) < 1.0:
         raise ValueError(f"j_min must be in [0, 1), got {j_min!r}")
     init = check_init(init, fixed.ndim)
@@ -149,7 +162,7 @@ def register_vp(fixed: Image, moving: Image, *, init: Transform | None = None, f
     fmask = as_mask(fixed_mask, fixed, "fixed_mask")
     fixed_n, moving_n = normalise_intensities(fixed, moving, fmask, intensity, dtype)
     moving_on_fixed = fixed_n.like(np.asarray(warp_through(moving_n, fixed_n, init, None, backend), dtype=dtype))
-    opts = dict(j_min=float(j_min), regrid_det=float(regrid_det), det_floor=float(det_floor),
+    opts = dict(j_min=float(j_min), regrid_det=float(regrid_det), det_floor=float(det_floor), inverse=inverse,
                 max_regrids=int(max_regrids), pad=int(pad), tol=float(tol), backend=backend)
     prog = Progress("vp", callback=callback, progress=progress, time_limit=time_limit,
                     total=int(sum(schedule["iterations"])))
@@ -197,6 +210,9 @@ def register_vp(fixed: Image, moving: Image, *, init: Transform | None = None, f
     # Φ_total and Ψ separately, so Ψ is only close to Φ_total⁻¹ when the last level starts)
     phi_inv, _ = invert_newton(phi_full, spacing=h, at=nodes + shift, init=np.asarray(psi, dtype=np.float64),
                                tol=INVERSE_TOL, backend=_vp_backend(backend))
+    if inverse == "vp":  # the paper's construction (METHODS.md §6.2 step 9) replaces the Newton inverse
+        crop = tuple(slice(shift, shift + n) for n in fixed.shape)
+        phi_inv = _vp_inverse(phi_full, h, opts["j_min"], opts["det_floor"])[crop]
     phi = np.asarray(phi, dtype=dtype)
     phi_inv = np.asarray(phi_inv, dtype=dtype)
     psi64, phi64 = phi_inv.astype(np.float64), phi.astype(np.float64)
@@ -448,3 +464,59 @@ def _padded_map(saved, shape, affine, pad):
     idx = _padded_nodes(shape, pad)
     src = idx @ total[:nd, :nd].T + total[:nd, nd] + saved["pad"]
     return _sample(np.asarray(saved["phi"], dtype=np.float64), np.zeros(idx.shape), np.ones(nd), 0.0, src)
+
+
+def _vp_inverse(phi_p, h, j_min, floor, init=None):
+    """The VP-constructed inverse of ``φ = id + phi_p`` on ``phi_p``'s grid (Zhou & Liao, METHODS.md §6.2 step 9).
+
+    ψ = id + w is the VP map (``Δw = ∇f − ∇×g``, w = 0 on the ring) whose det and curl match, in the least-squares
+    sense of :func:`classreg.kernels.vp.vp_grid_loss_grad`, those that φ⁻¹ must have: ``D(φ⁻¹)(y) = (Dφ)⁻¹(φ⁻¹(y))``,
+    evaluated at the current estimate ψ_k(y) (``Dφ`` by central differences, sampled multilinearly), so
+    ``det = 1 / det Dφ(ψ_k(y))`` and the curl of that matrix. Pass 0 evaluates them at ``y + init(y)`` (default
+    ``y − phi_p(y)``);
+    each pass runs L-BFGS on the grid generator's loss from the previous pass's controls; trial points whose map has
+    min det J ≤ ``floor`` are rejected as in the registration. Returns ``w`` (mm, float64).
+    """
+    from scipy.ndimage import map_coordinates
+    from scipy.optimize import minimize
+
+    from ...kernels.vp import det_curl, jacobian_matrix, vp_grid_loss_grad
+
+    nd = phi_p.shape[-1]
+    shape = phi_p.shape[:nd]
+    A = jacobian_matrix(phi_p, h).reshape(*shape, nd * nd)
+    nodes = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij"), 0)
+    weight = np.zeros(shape)
+    weight[tuple(slice(1, n - 1) for n in shape)] = 1.0
+    w = -np.asarray(phi_p, dtype=np.float64) if init is None else np.asarray(init, dtype=np.float64)
+    n_ctl = int(np.prod(shape))
+    g_shape = shape if nd == 2 else shape + (3,)
+    x = np.concatenate([np.full(n_ctl, np.sqrt(1.0 - j_min)), np.zeros(int(np.prod(g_shape)))])
+    for _ in range(VP_INVERSE_PASSES):
+        c = nodes + np.moveaxis(w, -1, 0) / np.reshape(h, (nd,) + (1,) * nd)
+        M = np.stack([map_coordinates(A[..., i], c, order=1, mode="nearest") for i in range(nd * nd)], -1)
+        M = M.reshape(*shape, nd, nd)
+        det_m = np.linalg.det(M)
+        M[det_m <= floor] = np.eye(nd)  # no prescription where the sampled matrix is (nearly) singular
+        jd, cu = det_curl(np.linalg.inv(M))
+        loss0 = vp_grid_loss_grad(np.full(shape, np.sqrt(1.0 - j_min)), np.zeros(g_shape), jd, cu, j_min, h,
+                                  weight=weight)[0]  # the identity's loss: the scale of every pass
+        best = {}
+
+        def fun(xx):
+            loss, gf, gg, u = vp_grid_loss_grad(xx[:n_ctl].reshape(shape), xx[n_ctl:].reshape(g_shape), jd, cu,
+                                                j_min, h, weight=weight)
+            val = loss / loss0
+            mdet = float(np.min(det_curl(jacobian_matrix(u, h))[0]))
+            if mdet <= floor:
+                val = 1.0 + abs(val) + 1e3 * (floor - mdet + 1e-3)
+            elif val < best.get("val", np.inf):
+                best.update(val=val, x=xx.copy(), u=u)
+            return val, np.concatenate([gf.ravel(), gg.ravel()]) * (float(np.prod(h)) / loss0)
+
+        minimize(fun, x, jac=True, method="L-BFGS-B",
+                 options=dict(maxiter=VP_INVERSE_ITERATIONS, ftol=1e-9, gtol=1e-12, maxcor=10))
+        if "x" not in best:
+            break
+        x, w = best["x"], best["u"]
+    return w
