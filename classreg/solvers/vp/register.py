@@ -68,7 +68,8 @@ def _compose_inverse(psi, v_pad, h, pad):
 @declared(OPTIONS)
 def register_vp(fixed: Image, moving: Image, *, init: Transform | None = None, fixed_mask=None,
                 shrink_factors=(4, 2, 1), smoothing_sigmas=None, iterations=None, j_min: float = 0.5,
-                regrid_det: float = 0.5, det_floor: float = DET_FLOOR, inverse: str = "newton", max_regrids: int = 30, pad: int = 8, tol: float = 1e-6,
+                regrid_det: float = 0.5, det_floor: float = DET_FLOOR, inverse: str = "newton",
+                max_regrids: int = 30, pad: int = 8, tol: float = 1e-6,
                 intensity: str = "match", dtype=np.float32, seed: int = 0, threads: int | None = None,
                 memory_limit: float | None = None, time_limit: float | None = None, device: str | None = None,
                 backend=None, progress: bool = False, callback=None) -> Result:
@@ -129,9 +130,10 @@ def register_vp(fixed: Image, moving: Image, *, init: Transform | None = None, f
         the composed map; see the docs page),
         ``history`` (level, iteration, metric = loss / initial loss of the level, min det J as ``step``),
         ``metrics``: ``loss_ratio`` (SSD after / before, full resolution, in the mask), ``min_det_j``, ``max_det_j``,
-        ``pct_det_j_nonpositive``, ``sd_log_j``, ``regrids``, ``dropped_rounds``, ``inverse_consistency_mm`` (mean and max
-        (and 99th percentile) |φ∘φ⁻¹ − id| over the nodes, φ on its padded grid), ``inverse_left_consistency_mm`` (mean and max
-        |φ⁻¹∘φ − id| over the nodes whose image lies in the grid, and their percentage ``pct_nodes``);
+        ``pct_det_j_nonpositive``, ``sd_log_j``, ``regrids``, ``dropped_rounds`` (coarse rounds dropped at level
+        transfers), ``inverse_consistency_mm`` (mean, 99th percentile and max of |φ∘φ⁻¹ − id| over the nodes, φ
+        on its padded grid), ``inverse_left_consistency_mm`` (mean and max of |φ⁻¹∘φ − id| over the nodes whose
+        image lies in the grid, and their percentage ``pct_nodes``);
         ``extras``: ``f`` and ``g`` (the controls of the last round of the finest level) and ``controls_note``.
 
     References
@@ -163,7 +165,8 @@ def register_vp(fixed: Image, moving: Image, *, init: Transform | None = None, f
     fixed_n, moving_n = normalise_intensities(fixed, moving, fmask, intensity, dtype)
     moving_on_fixed = fixed_n.like(np.asarray(warp_through(moving_n, fixed_n, init, None, backend), dtype=dtype))
     opts = dict(j_min=float(j_min), regrid_det=float(regrid_det), det_floor=float(det_floor), inverse=inverse,
-                max_regrids=int(max_regrids), pad=int(pad), tol=float(tol), backend=backend)
+                max_regrids=int(max_regrids), pad=int(pad), tol=float(tol), backend=backend,
+                full_shape=tuple(fixed.shape))
     prog = Progress("vp", callback=callback, progress=progress, time_limit=time_limit,
                     total=int(sum(schedule["iterations"])))
     acc = {"regrids": 0, "dropped_rounds": 0}
@@ -172,8 +175,6 @@ def register_vp(fixed: Image, moving: Image, *, init: Transform | None = None, f
     h = tuple(fixed.spacing_array_order)
     try:
         prog.emit("start", metric=1.0)
-
-        opts["full_shape"] = tuple(fixed.shape)
 
         def step(level, state, progress):
             return _level_step(level, state, progress, opts, dtype, acc)
@@ -208,11 +209,12 @@ def register_vp(fixed: Image, moving: Image, *, init: Transform | None = None, f
     nodes = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in fixed.shape], indexing="ij"), -1)
     # Newton correction of the composed per-round inverses against the final map (the level transfers resample
     # Φ_total and Ψ separately, so Ψ is only close to Φ_total⁻¹ when the last level starts)
-    phi_inv, _ = invert_newton(phi_full, spacing=h, at=nodes + shift, init=np.asarray(psi, dtype=np.float64),
-                               tol=INVERSE_TOL, backend=_vp_backend(backend))
-    if inverse == "vp":  # the paper's construction (METHODS.md §6.2 step 9) replaces the Newton inverse
+    if inverse == "vp":  # the paper's construction (METHODS.md §6.2 step 9) instead of the Newton inverse
         crop = tuple(slice(shift, shift + n) for n in fixed.shape)
         phi_inv = _vp_inverse(phi_full, h, opts["j_min"], opts["det_floor"])[crop]
+    else:
+        phi_inv, _ = invert_newton(phi_full, spacing=h, at=nodes + shift, init=np.asarray(psi, dtype=np.float64),
+                                   tol=INVERSE_TOL, backend=_vp_backend(backend))
     phi = np.asarray(phi, dtype=dtype)
     phi_inv = np.asarray(phi_inv, dtype=dtype)
     psi64, phi64 = phi_inv.astype(np.float64), phi.astype(np.float64)
