@@ -150,8 +150,9 @@ class CachedCorrelator:
         self._xp = xp
         self._workers = -1 if workers is None else workers
         self._spectra = [self._rfftn(c.astype(self.dtype, copy=False)) for c in chans]
-        if xp is not np and self._take is not None:
-            self._take = [xp.asarray(t) for t in self._take]
+        if xp is not np and self._take is not None:  # the same indices, built on the device (no upload)
+            self._take = [(xp.arange(no) - (nb - 1)) % nf
+                          for no, nb, nf in zip(self.shape, self.b_shape, self.fft_shape)]
 
     def _rfftn(self, x):
         axes = tuple(range(len(self.fft_shape)))

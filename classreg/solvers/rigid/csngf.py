@@ -28,6 +28,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ...backend import thread_count
+from ...kernels._backend import get_array_module
 from .options import OPTIONS
 
 __all__ = ["CrossSimilarityNGF", "SimilarityMap", "csngf_direct", "normalised_gradient_field"]
@@ -43,7 +44,8 @@ def normalised_gradient_field(image, *, epsilon: float = 1e-5, backend=None):
     from ...kernels.diff import gradient
 
     g = gradient(image, spacing=1.0, backend=backend)
-    norm = np.sqrt(np.sum(g * g, axis=-1, keepdims=True) + g.dtype.type(epsilon) ** 2)
+    xp = get_array_module(g)
+    norm = xp.sqrt(xp.sum(g * g, axis=-1, keepdims=True) + g.dtype.type(epsilon) ** 2)
     return g / norm
 
 
@@ -51,7 +53,7 @@ def _channels(n, squared: bool, fixed_side: bool):
     """The separable channels of ``<n_A, n_B>²`` (or ``<n_A, n_B>`` when not squared) for one side."""
     d = n.shape[-1]
     if not squared:
-        return [np.ascontiguousarray(n[..., i]) for i in range(d)]
+        return [get_array_module(n).ascontiguousarray(n[..., i]) for i in range(d)]
     out = [n[..., i] * n[..., i] for i in range(d)]
     for i in range(d):
         for j in range(i + 1, d):
@@ -74,22 +76,24 @@ def _overlap_threshold(count, overlap):
     return max(overlap * top, 1.0)
 
 
-def _as_mask_array(mask, shape, dtype, name):
+def _as_mask_array(mask, shape, dtype, name, xp=np):
     if mask is None:
-        return np.ones(shape, dtype=dtype)
-    m = np.asarray(mask)
+        return xp.ones(shape, dtype=dtype)
+    m = xp.asarray(mask)
     if m.shape != tuple(shape):
         raise ValueError(f"{name} has shape {m.shape}, expected {tuple(shape)}")
     return (m != 0).astype(dtype)
 
 
 def _check_array(a, name):
-    a = np.asarray(a)
+    """``a`` as an array of its module (CuPy data stay on their device; the finiteness check reads one scalar)."""
+    xp = get_array_module(a)
+    a = xp.asarray(a)
     if a.ndim not in (2, 3):
         raise ValueError(f"{name} must be a 2-D or 3-D array, got shape {a.shape}")
     if a.dtype.kind not in "biuf":
         raise TypeError(f"{name} must be a real numeric array, got dtype {a.dtype}")
-    if not np.all(np.isfinite(a)):
+    if not xp.all(xp.isfinite(a)):
         raise ValueError(f"{name} contains NaN or Inf; fill or mask those voxels first")
     return a
 
@@ -143,7 +147,7 @@ class CrossSimilarityNGF:
         if len(b_shape) != a.ndim:
             raise ValueError(f"b_shape {b_shape} must have as many axes as a {a.shape}")
         workers = thread_count() if workers is None else int(workers)
-        ma = _as_mask_array(a_mask, a.shape, self.dtype, "a_mask")
+        ma = _as_mask_array(a_mask, a.shape, self.dtype, "a_mask", get_array_module(a))
         if not ma.any():
             raise ValueError("a_mask is empty; give a mask with at least one voxel inside")
         na = normalised_gradient_field(a.astype(self.dtype, copy=False), epsilon=self.epsilon,
@@ -165,13 +169,14 @@ class CrossSimilarityNGF:
         b = _check_array(b, "b")
         if b.shape != self.b_shape:
             raise ValueError(f"b must have shape {self.b_shape}, got {b.shape}")
-        mb = _as_mask_array(b_mask, b.shape, self.dtype, "b_mask")
+        xp = get_array_module(b)
+        mb = _as_mask_array(b_mask, b.shape, self.dtype, "b_mask", xp)
         nb = normalised_gradient_field(b.astype(self.dtype, copy=False), epsilon=self.epsilon,
                                        backend=self.backend) * mb[..., None]
         c = self._corr(_channels(nb, self.squared, False))
-        count = np.rint(self._mcorr(mb))
+        count = xp.rint(self._mcorr(mb))
         valid = count >= _overlap_threshold(count, self.overlap)
-        score = c / np.maximum(count, 1e-7)
+        score = c / xp.maximum(count, 1e-7)
         score[~valid] = -1.0
         return SimilarityMap(score, count, valid)
 

@@ -45,11 +45,19 @@ def working_grid(extent, spacing: float, frame: np.ndarray, centre: np.ndarray) 
 
 
 def erode(mask):
-    """Binary erosion by one voxel (face neighbours); the mask itself if erosion would empty it."""
+    """Binary erosion by one voxel (face neighbours); the mask itself if erosion would empty it. A CuPy mask is
+    eroded on its device (``cupyx.scipy.ndimage``; one scalar read)."""
     from scipy import ndimage
 
-    st = ndimage.generate_binary_structure(mask.ndim, 1)
-    out = ndimage.binary_erosion(mask, structure=st, border_value=0)
+    from ...kernels._backend import is_cupy_array
+
+    if is_cupy_array(mask):  # the default structure is the same face-neighbour cross (and needs no upload)
+        from cupyx.scipy import ndimage as cndimage
+
+        out = cndimage.binary_erosion(mask, border_value=0)
+    else:
+        st = ndimage.generate_binary_structure(mask.ndim, 1)
+        out = ndimage.binary_erosion(mask, structure=st, border_value=0)
     return out if out.any() else mask
 
 
@@ -79,6 +87,9 @@ class WorkingPyramid:
         Working spacing (mm) at shrink factor 1.
     dtype, backend
         Working precision and kernel backend.
+    device : {"cpu", "cuda"}
+        Where the level images live: with "cuda" the normalised images and the masks go to the device once, here,
+        and every level is built there.
 
     Attributes
     ----------
@@ -90,12 +101,20 @@ class WorkingPyramid:
         ``perf_counter()`` when each level's images were built (for the per-level times).
     """
 
-    def __init__(self, fixed: Image, moving: Image, fmask, mmask, schedule, spacing: float, dtype, backend):
+    def __init__(self, fixed: Image, moving: Image, fmask, mmask, schedule, spacing: float, dtype, backend, *,
+                 device: str = "cpu"):
+        from ...backend import to_device
+
         self.fixed, self.moving = fixed, moving
-        self.fmask, self.mmask = fmask, mmask
         self.dtype, self.backend = dtype, backend
         self.fixed_n = normalised(fixed, fmask, dtype)
         self.moving_n = normalised(moving, mmask, dtype)
+        self.fmask = np.ones(fixed.shape, dtype=dtype) if fmask is None else np.asarray(fmask, dtype=dtype)
+        self.mmask = mmask
+        if device == "cuda":  # the working data go to the device once; every level is built there
+            self.fixed_n, self.moving_n, self.fmask = (to_device(a, device) for a in (self.fixed_n, self.moving_n,
+                                                                                        self.fmask))
+            self.mmask = None if mmask is None else to_device(np.asarray(mmask, dtype=bool), device)
         frame = fixed.direction_matrix
         self.c_f, self.c_m = physical_centre(fixed), physical_centre(moving)
         ext_f = extent_in_frame(fixed, frame)
@@ -126,8 +145,7 @@ class WorkingPyramid:
         tot = fixed.inverse_affine @ grid_a.affine
         a = warp(self._blur(fixed, self.fixed_n, sigma_mm), None, matrix=tot[:n, :n], offset=tot[:n, n],
                  out_shape=grid_a.shape, order=1, mode="border", backend=backend)
-        fm = np.ones(fixed.shape, dtype=dtype) if self.fmask is None else np.asarray(self.fmask, dtype=dtype)
-        ma = warp(fm, None, matrix=tot[:n, :n], offset=tot[:n, n], out_shape=grid_a.shape, order=1, mode="zero",
+        ma = warp(self.fmask, None, matrix=tot[:n, :n], offset=tot[:n, n], out_shape=grid_a.shape, order=1, mode="zero",
                   backend=backend) > 0.999
         if not ma.any():
             raise ValueError(f"the fixed mask has no voxel on the level-{index} working grid "

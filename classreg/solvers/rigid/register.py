@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from ...backend import thread_count
+from ...backend import placement, thread_count
 from ...image import Image
 from ...options import declared
 from ...progress import Progress, StopRegistration
@@ -150,6 +150,10 @@ def register_rigid(fixed: Image, moving: Image, *, schedule: str = "fast", local
     """
     t_start = time.perf_counter()
     check_pair(fixed, moving)
+    dev, backend = placement(device, backend, fixed.data, moving.data)
+    fixed, moving = fixed.to("cpu"), moving.to("cpu")  # the host sees the inputs once (no copy for numpy data)
+    # the search runs on ``dev``; the host-side steps (the local refinement, the warped image) on the CPU kernels
+    host_backend = None if dev == "cuda" else backend
     memory_mb = check_memory("rigid", fixed, moving, dtype, memory_limit)
     fmask, mmask = check_masks(fixed, moving, fixed_mask, moving_mask)
     dtype = np.dtype(dtype)
@@ -168,7 +172,7 @@ def register_rigid(fixed: Image, moving: Image, *, schedule: str = "fast", local
     schedule_name = "custom" if explicit else schedule
     schedule = resolve_schedule(**entries)
     polish = tuple(float(p) for p in np.atleast_1d(polish))
-    pyramid = WorkingPyramid(fixed, moving, fmask, mmask, schedule, spacing, dtype, backend)
+    pyramid = WorkingPyramid(fixed, moving, fmask, mmask, schedule, spacing, dtype, backend, device=dev)
     workers = thread_count() if workers is None else int(workers)  # small FFTs lose time to threads when busy
     measure = {"backend": backend, "dtype": dtype, "epsilon": float(epsilon), "overlap": float(overlap),
                "squared": bool(squared), "workers": workers}
@@ -179,7 +183,7 @@ def register_rigid(fixed: Image, moving: Image, *, schedule: str = "fast", local
                        smoothing_sigmas=(1.0, 0.5), samples=(3, 2), perturbation=(3.0,), keep=(1,),
                        local_refine="none",
                        epsilon=epsilon, squared=squared, refine=refine, polish=polish[:1], dtype=dtype,
-                       workers=workers, backend=backend)
+                       workers=workers, device=None if dev == "cpu" else dev, backend=backend)
 
     prog = Progress("rigid", callback=callback, progress=progress, time_limit=time_limit,
                     total=schedule.evaluations(len(polish), fixed.ndim), warm_up=warm_up,
@@ -194,8 +198,9 @@ def register_rigid(fixed: Image, moving: Image, *, schedule: str = "fast", local
               "memory_estimate_mb": memory_mb, **common_params(init=None, dtype=dtype, seed=int(seed), backend=backend)}
     local_info = None
     if local == "mi" and completed:
-        transform, local_info = _refine_mi(fixed, moving, transform, fmask, mmask, int(seed), threads, backend)
-    return _result(fixed, moving, transform, refined, record, stopped, params, backend, t_start, prog.history,
+        transform, local_info = _refine_mi(fixed, moving, transform, fmask, mmask, int(seed), threads,
+                                           host_backend)
+    return _result(fixed, moving, transform, refined, record, stopped, params, host_backend, t_start, prog.history,
                    reason=prog.stop_reason, kernel_seconds=prog.timings, local_info=local_info)
 
 

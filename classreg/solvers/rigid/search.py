@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ...kernels._backend import get_array_module
 from ...transforms import rotation_matrix
 from .csngf import CrossSimilarityNGF, SimilarityMap
 from .grids import erode
@@ -54,9 +55,10 @@ class Evaluator:
         n = level.fixed.ndim
         self.grid_b = grid_b
         self.measure = CrossSimilarityNGF(level.fixed.data, grid_b.shape, a_mask=level.fixed_mask, **measure)
+        xp = get_array_module(level.moving.data)  # the level's images live on the search's device
         mm = level.moving_mask
-        mm = np.ones(level.moving.shape, dtype=dtype) if mm is None else np.asarray(mm, dtype=dtype)
-        self.moving = np.ascontiguousarray(np.stack([level.moving.data, mm], axis=-1))
+        mm = xp.ones(level.moving.shape, dtype=dtype) if mm is None else mm.astype(dtype)
+        self.moving = xp.ascontiguousarray(xp.stack([level.moving.data, mm], axis=-1))
         self._inv_m = level.moving.inverse_affine
         aff_a, aff_b = level.fixed.affine, grid_b.affine
         self._lin_b, self._off_b = aff_b[:n, :n], aff_b[:n, n]
@@ -64,8 +66,8 @@ class Evaluator:
         self._lin = aff_a[:n, :n]
         self._delta0 = self._off_b - aff_a[:n, n]  # o_B - o_A
         self._backend = measure["backend"]
-        self._a = np.asarray(level.fixed.data)
-        self._ma = None if level.fixed_mask is None else np.asarray(level.fixed_mask, dtype=bool)
+        self._a = level.fixed.data
+        self._ma = None if level.fixed_mask is None else level.fixed_mask.astype(bool)
         self._last = None
 
     def rotated_moving(self, r):
@@ -144,7 +146,8 @@ class _LevelSearch:
         if smap is None:
             score, chi, idx = -1.0, np.zeros(n), None
         else:
-            idx = np.unravel_index(int(np.argmax(smap.score)), smap.score.shape)
+            xp = get_array_module(smap.score)
+            idx = np.unravel_index(int(xp.argmax(smap.score)), smap.score.shape)
             score = float(smap.score[idx])
             chi = ev.measure.shift_of(idx)
         t = ev.translation(r, chi)
