@@ -133,6 +133,8 @@ def estep(x, y, b, sigma2, c, *, lx=None, ly=None, U=None, truncation=0.0, backe
         return _estep_numba(np.ascontiguousarray(x, dtype=np.float64), np.ascontiguousarray(y, dtype=np.float64),
                             np.ascontiguousarray(b, dtype=np.float64), float(sigma2), float(c), lx_h, ly_h,
                             np.ascontiguousarray(U_h), cut2, int(block), precision)
+    if lx is None and ly is None and U is None:  # no labels: the factor U[lx, ly] is 1 (and nothing is uploaded)
+        lx_h = ly_h = U_h = None
     return _estep_ref(xp, x, y, b, float(sigma2), float(c), lx_h, ly_h, U_h, cut2, int(block_bytes))
 
 
@@ -141,16 +143,17 @@ def _backend_to_host(a):
 
 
 def _estep_ref(xp, x, y, b, sigma2, c, lx, ly, U, cut2, block_bytes):
-    """Array reference: blocks of target columns, each block an (M, chunk) matrix of at most ``block_bytes``."""
+    """Array reference: blocks of target columns, each block an (M, chunk) matrix of at most ``block_bytes``;
+    ``lx = ly = U = None``: no label factor."""
     x = xp.asarray(x, dtype=xp.float64)
     y = xp.asarray(y, dtype=xp.float64)
     b = xp.asarray(b, dtype=xp.float64)
     n, d = x.shape
     m = y.shape[0]
     chunk = max(1, int(block_bytes // (8 * 4 * max(m, 1))))
-    lx_d = xp.asarray(lx)
-    ly_d = xp.asarray(ly)
-    U_d = xp.asarray(U)
+    labelled = U is not None
+    if labelled:
+        lx_d, ly_d, U_d = xp.asarray(lx), xp.asarray(ly), xp.asarray(U)
     nu = xp.zeros(m)
     px = xp.zeros((m, d))
     nu_x = xp.zeros(n)
@@ -159,7 +162,10 @@ def _estep_ref(xp, x, y, b, sigma2, c, lx, ly, U, cut2, block_bytes):
         xs = x[s:s + chunk]
         d2 = yy[:, None] + (xs * xs).sum(1)[None, :] - 2.0 * (y @ xs.T)
         d2 = xp.maximum(d2, 0.0)
-        phi = xp.exp(-d2 / (2.0 * sigma2)) * U_d[lx_d[s:s + chunk][None, :], ly_d[:, None]] * b[:, None]
+        phi = xp.exp(-d2 / (2.0 * sigma2))
+        if labelled:
+            phi = phi * U_d[lx_d[s:s + chunk][None, :], ly_d[:, None]]
+        phi = phi * b[:, None]
         phi = xp.where(d2 <= cut2, phi, 0.0)
         den = xp.maximum(phi.sum(0) + c, DEN_FLOOR)
         p = phi / den[None, :]

@@ -287,7 +287,8 @@ def installed(monkeypatch):
     mod = StandinCupy()
     mp = monkeypatch
     mp.setitem(sys.modules, "cupy", mod)
-    for name, host in (("cupyx", None), ("cupyx.scipy", None), ("cupyx.scipy.ndimage", "scipy.ndimage")):
+    for name, host in (("cupyx", None), ("cupyx.scipy", None), ("cupyx.scipy.ndimage", "scipy.ndimage"),
+                       ("cupyx.scipy.linalg", "scipy.linalg"), ("cupyx.scipy.special", "scipy.special")):
         sub = _Namespace(name, importlib.import_module(host) if host else types.SimpleNamespace(), mod.transfers)
         mp.setitem(sys.modules, name, sub)
         if "." in name:

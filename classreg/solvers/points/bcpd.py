@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...backend import to_device, to_numpy
+from ...kernels._backend import get_array_module
 from ...kernels import points as kp
 from .lowrank import estep_nystrom_checked
 
@@ -111,6 +112,8 @@ class EStep:
                        np.sort(self.rng.choice(M, min(N_PROBES, M), replace=False)))
         self.n_nystrom = 0
         self.x_dev = to_device(x, "cuda") if backend == "cuda" else x
+        # one organ and no transition: the label gather of the E-step is a factor 1 and is skipped on the device
+        self.no_labels = U is None or (np.shape(U) == (1, 1) and float(np.asarray(U)[0, 0]) == 1.0)
 
     def dev(self, a):
         """``a`` on the E-step's device (the target points are uploaded once)."""
@@ -123,7 +126,8 @@ class EStep:
         D = self.x.shape[1]
         sigma2, omega = st.sigma2, self.omega
         c = (2 * math.pi * sigma2) ** (D / 2) * omega / (self.volume * (1 - omega)) if omega > 0 else 0.0
-        b = st.alpha * np.exp(-(D / 2) * st.s**2 * st.sig_m2 / sigma2)
+        xp = get_array_module(st.alpha)
+        b = st.alpha * xp.exp(-(D / 2) * st.s**2 * st.sig_m2 / sigma2)
         est = self._nystrom(st.yhat, b, sigma2, c, it) if self.nystrom_on else None
         if est is None:
             est, used = self._exact(st.yhat, b, sigma2, c), "exact"
@@ -131,7 +135,7 @@ class EStep:
             used = "nystrom"
             self.n_nystrom += 1
         nu, nu_x, px = est
-        return np.maximum(nu, 1e-20), nu_x, px, used
+        return xp.maximum(nu, 1e-20), nu_x, px, used
 
     def _nystrom(self, yhat, b, sigma2, c, it):
         est, err = estep_nystrom_checked(self.x, yhat, b, sigma2, c, self.lx, self.ly, self.U, self.J, self.probes,
@@ -148,10 +152,12 @@ class EStep:
         # pruning); see docs/notes/points.md
         blk = 64 if 2.0 * sigma2 * -math.log(max(self.truncation, 1e-300)) > 0.0625 else 32
         dev = self.dev
-        est = kp.estep(dev(self.x), dev(yhat), dev(b), sigma2, c, lx=self.lx, ly=self.ly, U=self.U,
+        resident = get_array_module(yhat) is not np  # the device-resident loop: the sums stay on the device
+        labels = (None, None, None) if resident and self.no_labels else (self.lx, self.ly, self.U)
+        est = kp.estep(dev(self.x), dev(yhat), dev(b), sigma2, c, lx=labels[0], ly=labels[1], U=labels[2],
                        truncation=self.truncation, backend=self.backend, block=blk, block_bytes=self.block_bytes,
                        precision=self.precision)
-        return tuple(to_numpy(a) for a in est)
+        return est if resident else tuple(to_numpy(a) for a in est)
 
 
 def vb_iteration(st: State, estep: EStep, blocks, x, y, *, mode, kappa, posterior_covariance, it) -> str:
@@ -174,7 +180,7 @@ def v_update(st: State, blocks, xhat, y, nu, posterior_covariance: bool) -> None
     E = xt - y
     cv = st.sigma2 / st.s**2
     for bi, kb in enumerate(blocks):
-        idx = kb["idx"]
+        idx = kb.get("idx_dev", kb["idx"])  # the device copy in the device-resident loop
         vb, sm, W = v_update_block(kb, E[idx], nu[idx], cv, posterior_covariance, math.sqrt(st.sigma2))
         st.vhat[idx] = vb
         st.sig_m2[idx] = sm
@@ -236,16 +242,17 @@ def _to_spectral(kb) -> None:
     constant to 1e-13 and its rounding error exceeds c_v): the discarded modes carry a prior variance below the
     kernel's float64 rounding, i.e. none that float64 can represent."""
     G = kb.pop("G")
-    if not np.all(np.isfinite(G)):
+    xp = get_array_module(G)
+    if not xp.all(xp.isfinite(G)):
         raise ValueError("register_points: the kernel block is not finite; check deformation (mm²) and bandwidth (mm)")
-    lam, Q = np.linalg.eigh(G)
-    order = np.argsort(lam)[::-1]
+    lam, Q = xp.linalg.eigh(G)
+    order = xp.argsort(lam)[::-1]
     lam, Q = lam[order], Q[:, order]
-    keep = lam > SPECTRAL_CUTOFF * lam[0] if lam[0] > 0 else np.zeros(len(lam), dtype=bool)
-    if not np.any(keep):
+    keep = lam > SPECTRAL_CUTOFF * lam[0] if lam[0] > 0 else xp.zeros(len(lam), dtype=bool)
+    if not xp.any(keep):
         raise ValueError("register_points: the kernel block has no positive eigenvalue; check deformation (mm²) and "
                          "bandwidth (mm)")
-    Q = np.ascontiguousarray(Q[:, keep])
+    Q = xp.ascontiguousarray(Q[:, keep])
     kb.update(kind="eigh", Q=Q, Q32=Q.astype(np.float32), lam=lam[keep], K=int(keep.sum()))
     logger.debug("register_points: a full-rank kernel block is numerically singular against σ²; solved through its "
                  "top %d of %d eigenpairs from now on", kb["K"], len(lam))
@@ -255,6 +262,8 @@ def _v_full(G, E, nu, cv, postcov):
     """The full-rank v-update, or None when ``G + c_v diag(ν)⁻¹`` is not numerically positive definite."""
     from scipy.linalg import LinAlgError, cho_factor, cho_solve
 
+    if get_array_module(G) is not np:
+        return _v_full_device(G, E, nu, cv, postcov)
     A = G + np.diag(cv / nu)
     try:
         cf = cho_factor(A, lower=True, check_finite=False)
@@ -273,6 +282,27 @@ def _v_full(G, E, nu, cv, postcov):
     return v, sm, W
 
 
+def _v_full_device(G, E, nu, cv, postcov):
+    """:func:`_v_full` on CuPy arrays: the Cholesky factor by ``cupy.linalg`` (which returns NaN instead of raising
+    where A is not positive definite: one scalar read checks it), the solves by ``cupyx.scipy.linalg``."""
+    from cupyx.scipy.linalg import solve_triangular
+
+    xp = get_array_module(G)
+    L = xp.linalg.cholesky(G + xp.diag(cv / nu))
+    if not xp.all(xp.isfinite(xp.diagonal(L))):
+        if not xp.all(xp.isfinite(G)) or not xp.all(xp.isfinite(nu)):
+            _not_finite("G + c_v diag(ν)⁻¹", cv)
+        return None
+    solve = lambda rhs: solve_triangular(L, solve_triangular(L, rhs, lower=True), lower=True, trans="T")  # noqa: E731
+    W = solve(E)
+    v = G @ W
+    if postcov:
+        sm = xp.maximum(cv * xp.diagonal(solve(G)) / nu, 0.0)
+    else:
+        sm = xp.zeros(len(nu))
+    return v, sm, W
+
+
 def _v_woodbury(kb, E, nu, cv, postcov):
     """Low-rank block ``G ≈ Q Λ Qᵀ`` by the Woodbury identity: ``B = c_v Λ⁻¹ + Qᵀ N Q`` (N = diag ν),
     ``v̂ = Q B⁻¹ Qᵀ N E``, ``σ_m² = c_v |L⁻¹ q_m|²`` (B = L Lᵀ) and ``Qᵀ W = Λ⁻¹ B⁻¹ Qᵀ N E``.
@@ -285,6 +315,8 @@ def _v_woodbury(kb, E, nu, cv, postcov):
     from scipy.linalg import cho_solve, solve_triangular
 
     Q, lam = kb["Q"], kb["lam"]
+    if get_array_module(Q) is not np:
+        return _v_woodbury_device(kb, E, nu, cv, postcov)
     K = len(lam)
     NQ = Q * nu[:, None]
     B = NQ.T @ Q
@@ -301,6 +333,50 @@ def _v_woodbury(kb, E, nu, cv, postcov):
     else:
         sm = np.zeros(len(nu))
     return v, sm, BiQtNE / lam[:, None]
+
+
+def _v_woodbury_device(kb, E, nu, cv, postcov):
+    """:func:`_v_woodbury` on CuPy arrays (``cupy.linalg`` Cholesky with the jitters of :func:`_cholesky`,
+    ``cupyx.scipy.linalg`` solves)."""
+    from cupyx.scipy.linalg import solve_triangular
+
+    xp = get_array_module(kb["Q"])
+    Q, lam = kb["Q"], kb["lam"]
+    K = len(lam)
+    NQ = Q * nu[:, None]
+    B = NQ.T @ Q + xp.diag(cv / lam)
+    L = _cholesky_device(B, "c_v Λ⁻¹ + Qᵀ diag(ν) Q", cv)
+    BiQtNE = solve_triangular(L, solve_triangular(L, Q.T @ (E * nu[:, None]), lower=True), lower=True, trans="T")
+    v = Q @ BiQtNE
+    if postcov:
+        Q32 = kb["Q32"] if "Q32" in kb else Q.astype(xp.float32)
+        Linv = solve_triangular(L, xp.eye(K), lower=True)
+        Z = Q32 @ Linv.T.astype(xp.float32)
+        sm = xp.maximum(cv * xp.einsum("ij,ij->i", Z, Z).astype(xp.float64), 0.0)
+    else:
+        sm = xp.zeros(len(nu))
+    return v, sm, BiQtNE / lam[:, None]
+
+
+def _cholesky_device(A, what, cv):
+    """:func:`_cholesky` on CuPy arrays: the lower factor, retried with the jitters while it is not finite."""
+    xp = get_array_module(A)
+    L = xp.linalg.cholesky(A)
+    if xp.all(xp.isfinite(xp.diagonal(L))):
+        return L
+    if not xp.all(xp.isfinite(A)):
+        _not_finite(what, cv)
+    d = float(xp.abs(xp.diagonal(A)).max())
+    eye = xp.eye(len(A))
+    for rel in CHOLESKY_JITTERS:
+        L = xp.linalg.cholesky(A + (rel * d) * eye)
+        if xp.all(xp.isfinite(xp.diagonal(L))):
+            logger.debug("register_points: %s not positive definite; factorised with diagonal jitter %.3g", what,
+                         rel * d)
+            return L
+    raise ValueError(f"register_points: the v-update matrix {what} is not positive definite even with a diagonal "
+                     f"jitter of {CHOLESKY_JITTERS[-1]:g} × its largest entry (c_v = {cv:.3g}); check that "
+                     "deformation (mm²) and bandwidth (mm) suit the point sets' size, or use mode='similarity'")
 
 
 #: relative diagonal jitters (× the largest diagonal entry) tried, in order, when a v-update matrix is not
@@ -351,32 +427,37 @@ def _finite_factor(cf, what, cv):
 def alpha_update(st: State, nu, n_hat: float, kappa: float) -> None:
     """``α_m = exp(ψ(κ + ν_m) - ψ(κM + N̂))``; nothing for κ = ∞ (α stays 1/M)."""
     if math.isfinite(kappa):
-        from scipy.special import digamma
+        xp = get_array_module(nu)
+        if xp is np:
+            from scipy.special import digamma
+        else:
+            from cupyx.scipy.special import digamma
 
-        st.alpha = np.exp(digamma(kappa + nu) - digamma(kappa * len(nu) + n_hat))
+        st.alpha = xp.exp(digamma(kappa + nu) - digamma(xp.asarray(kappa * len(nu) + n_hat)))
 
 
 def similarity_update(st: State, xhat, nu, n_hat: float, mode: str) -> float:
     """q₃: ``s, R, t`` by weighted Procrustes of û onto x̂ (s = 1 for "rigid"), then ``ŷ = s R û + t``; returns
     ``σ̄² = Σ ν_m σ_m² / N̂``."""
     D = xhat.shape[1]
+    xp = get_array_module(xhat)
     sig_bar2 = float(nu @ st.sig_m2 / n_hat)
     xb = nu @ xhat / n_hat
     ub = nu @ st.uhat / n_hat
     xc = xhat - xb
     uc = st.uhat - ub
     Sxu = (xc * nu[:, None]).T @ uc
-    if not np.all(np.isfinite(Sxu)):
+    if not xp.all(xp.isfinite(Sxu)):
         raise ValueError("register_points diverged: the similarity update got non-finite correspondences; check "
                          "that deformation (mm²), bandwidth (mm) and gamma suit the point sets' size")
-    Phi, _, PsiT = np.linalg.svd(Sxu)
-    C = np.eye(D)
-    C[-1, -1] = np.sign(np.linalg.det(Phi @ PsiT)) or 1.0
+    Phi, _, PsiT = xp.linalg.svd(Sxu)
+    C = xp.eye(D)
+    C[-1, -1] = np.sign(float(xp.linalg.det(Phi @ PsiT))) or 1.0
     R = Phi @ C @ PsiT
     if mode == "rigid":
         s = 1.0
     else:
-        s = float(np.sum(R * Sxu) / (np.sum(nu * (uc**2).sum(1)) + n_hat * D * sig_bar2))
+        s = float(xp.sum(R * Sxu) / (xp.sum(nu * (uc**2).sum(1)) + n_hat * D * sig_bar2))
     st.s, st.R, st.t = s, R, xb - s * R @ ub
     st.yhat = (s * st.uhat) @ R.T + st.t
     return sig_bar2
@@ -386,7 +467,7 @@ def sigma_update(st: State, x, nu, nu_x, px, n_hat: float, sig_bar2: float) -> N
     """``σ² = (Σ ν'_n |x_n|² - 2 Σ_m ν_m x̂_mᵀ ŷ_m + Σ ν_m |ŷ_m|²) / (N̂ D) + s² σ̄²`` (``ν_m x̂_m = Σ_n p_mn x_n``)."""
     D = x.shape[1]
     yhat = st.yhat
-    sigma2 = (float(nu_x @ (x**2).sum(1)) - 2.0 * float(np.sum(px * yhat)) + float(nu @ (yhat**2).sum(1))) \
+    sigma2 = (float(nu_x @ (x**2).sum(1)) - 2.0 * float((px * yhat).sum()) + float(nu @ (yhat**2).sum(1))) \
         / (n_hat * D) + st.s**2 * sig_bar2
     sigma2 = abs(sigma2)  # rounding can make it slightly negative (github.com/ohirose/bcpd issue #16)
     st.sigma2 = max(sigma2, st.sigma2_floor)
@@ -395,5 +476,5 @@ def sigma_update(st: State, x, nu, nu_x, px, n_hat: float, sig_bar2: float) -> N
 def rotation_angle(R) -> float:
     """Rotation angle of R in radians (2-D: signed, 3-D: about the rotation axis)."""
     if R.shape[0] == 2:
-        return math.atan2(R[1, 0], R[0, 0])
-    return math.acos(max(-1.0, min(1.0, (np.trace(R) - 1) / 2)))
+        return math.atan2(float(R[1, 0]), float(R[0, 0]))
+    return math.acos(max(-1.0, min(1.0, (float(R.trace()) - 1) / 2)))

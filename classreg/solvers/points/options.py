@@ -103,7 +103,8 @@ OPTIONS = Declaration(
                             "start vector): same inputs + seed ⇒ the same output, for any thread count"),
         shared("threads"),
         shared("time_limit"),
-        shared("device", help="where the E-step sums run: 'cpu', 'cuda' or 'cuda:N' (the M-step stays on the host)"),
+        shared("device", help="where the VB loop runs: 'cpu', 'cuda' or 'cuda:N' (E- and M-step on the device, "
+                              "the posterior copied back once)"),
         shared("backend", help="E-step kernel implementation"),
         shared("progress"),
         shared("callback", help="receives classreg.Event objects, one per VB iteration (metric: σ in mm); raise "

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...backend import versions
+from ...backend import placement, to_device, to_numpy, versions
 from ...image import Image
 from ...kernels import points as kp
+from ...kernels._backend import is_cupy_array
 from ...options import declared
 from ...progress import Progress, StopRegistration, similarity
 from ...result import Result
@@ -154,12 +155,16 @@ def register_points(source, target, *, source_labels=None, target_labels=None, m
         Seconds of wall-clock time; the first iteration past it stops the run, which returns its current estimate
         with ``stop_reason`` "time limit of ... s reached".
     device : {None, "cpu", "cuda", "cuda:N"}
-        Where the E-step sums run ("cuda" selects ``backend="cuda"``).
+        Where the VB loop runs. "cuda" (also CuPy ``source``/``target`` with ``device=None``, or ``backend="cuda"``
+        on a machine with a GPU): the point sets, the posterior and the kernel blocks go to the GPU once and stay
+        there for every iteration — the exact E-step (the blocked float64 array code, CuPy), the v-update
+        (``cupy.linalg`` Cholesky / eigh, ``cupyx.scipy.linalg`` solves), the α, similarity and σ² updates — with
+        only scalars read back; the posterior comes back once at the end, where the transform is built. Not on the
+        device: the Nyström E-step (the exact one runs instead) and the fine scale of low-rank blocks (point sets
+        above the full-rank size with the two-scale kernel); organ labels cost an upload of the label indices per
+        iteration. Needs the ``gpu`` extra and a CUDA device.
     backend : {None, "numpy", "numba", "cuda"}
-        E-step backend (default numba when installed). ``"cuda"`` computes the E-step sums (exact: the blocked
-        array reference; Nyström: its array code) on the GPU with CuPy, float64; the target points are uploaded
-        once, the deformed source points each iteration, and the sums come back to the host, where the M-step
-        (O(M·K) with the low-rank kernel) runs. Needs the ``gpu`` extra and a CUDA device.
+        E-step backend (default numba when installed). ``"cuda"`` computes the E-step sums with CuPy in float64.
     progress : bool
         tqdm progress bar.
     callback : callable, optional
@@ -202,6 +207,9 @@ def register_points(source, target, *, source_labels=None, target_labels=None, m
                         f"{type(callback).__name__}")
     with _one_blas_thread():
         t_start = time.perf_counter()
+        dev, backend = placement(device, backend, source, target)
+        # the host sees CuPy inputs once (anything else is checked as given)
+        source, target = (to_numpy(a) if is_cupy_array(a) else a for a in (source, target))
         fr = _frame(source, target, source_labels, target_labels, reference, normalize, tol, mode)
         n_org = len(fr.values)
         two_scale = _two_scale(mode, deformation, bandwidth, fine_deformation)
@@ -247,10 +255,12 @@ def register_points(source, target, *, source_labels=None, target_labels=None, m
         e_step = EStep(fr.x, fr.lx_s, fr.ly_s, U, omega=omega, volume=fr.volume, truncation=truncation,
                        precision=estep_precision, mode=estep, landmarks=estep_landmarks, tol=estep_tol, seed=seed,
                        backend=be, budget=budget)
+        if dev == "cuda":
+            e_step.nystrom_on = False  # the device-resident loop runs the exact E-step (the Nyström one is not ported)
         t_loop = time.perf_counter()
         it, converged, stop_reason = _vb_loop(st, e_step, blocks, fr, prog, params["method"], mode=mode, kappa=kappa,
                                               posterior_covariance=posterior_covariance, max_iter=max_iter,
-                                              min_iter=min_iter)
+                                              min_iter=min_iter, device=dev)
         t_loop = time.perf_counter() - t_loop
         if converged:
             _warn_if_collapsed(st, fr)
@@ -575,27 +585,35 @@ def _params(fr: _Frame, lam, bw, S, U, st, **resolved) -> dict:
 
 
 # ================================================================================================ the VB loop
-def _vb_loop(st, estep, blocks, fr: _Frame, prog, method, *, mode, kappa, posterior_covariance, max_iter, min_iter):
+def _vb_loop(st, estep, blocks, fr: _Frame, prog, method, *, mode, kappa, posterior_covariance, max_iter, min_iter,
+             device="cpu"):
     """Iterate :func:`.bcpd.vb_iteration` until σ or |Δσ| falls below the tolerance (after ``min_iter``), σ or s
     stop being finite, ``max_iter`` or the callback's StopRegistration. Returns ``(iterations, converged,
-    stop_reason)``; ``st`` holds the posterior."""
+    stop_reason)``; ``st`` holds the posterior (on the host).
+
+    ``device="cuda"``: the point sets, the posterior and the kernel blocks go to the device once, before the first
+    iteration, and the posterior and the blocks come back once, after the last; in between only scalars are read."""
     converged = False
     stop_reason = f"max_iter={max_iter} reached"
     r, tol_n = fr.r, fr.tol_n
     sigma = math.sqrt(st.sigma2)
-    near = _NearestTarget(fr.x, len(fr.y))
+    x, y, c0 = fr.x, fr.y, fr.c0
+    if device == "cuda":
+        x, y, c0 = estep.x_dev, to_device(y, device), to_device(c0, device)
+        _state_to(st, blocks, device)
+    near = _NearestTarget(fr.x, len(fr.y), x)
     it = 0
     try:
         prog.emit("start", extra={"n_source": len(fr.y), "n_target": len(fr.x), "method": method})
         prog.emit("level_start", level=0)
         for it in range(1, int(max_iter) + 1):
-            used = vb_iteration(st, estep, blocks, fr.x, fr.y, mode=mode, kappa=kappa,
+            used = vb_iteration(st, estep, blocks, x, y, mode=mode, kappa=kappa,
                                 posterior_covariance=posterior_covariance, it=it)
             old, sigma = sigma, math.sqrt(st.sigma2)
             diff = abs(sigma - old)
             sim = near.similarity(st.yhat)
             prog.emit("iteration", level=0, iteration=it, metric=sigma * r, similarity=sim, step=diff * r,
-                      extra=_record(st, fr, sigma, diff, used))
+                      extra=_record(st, fr, sigma, diff, used, c0))
             if st.s == 0:
                 raise ValueError(f"register_points diverged at iteration {it}: the scale collapsed to 0 (no source "
                                  "point kept a correspondence). Check that source and target overlap (they are "
@@ -613,7 +631,33 @@ def _vb_loop(st, estep, blocks, fr: _Frame, prog, method, *, mode, kappa, poster
     except StopRegistration:
         stop_reason = prog.stop_reason
         converged = False
+    finally:
+        if device == "cuda":  # the result once
+            _state_to(st, blocks, "cpu")
     return it, converged, stop_reason
+
+
+#: the array-valued entries of the State and of a kernel block the VB loop updates or reads
+_STATE_ARRAYS = ("R", "t", "yhat", "uhat", "vhat", "alpha", "sig_m2")
+_BLOCK_ARRAYS = ("G", "Gf", "Q", "Q32", "lam")
+
+
+def _state_to(st, blocks, device) -> None:
+    """Move the posterior and the kernel blocks to ``device`` ("cuda": each array up once, the blocks' point
+    indices as ``idx_dev``; "cpu": each array down once), in place."""
+    move = (lambda a: to_device(a, "cuda")) if device == "cuda" else to_numpy
+    for name in _STATE_ARRAYS:
+        setattr(st, name, move(getattr(st, name)))
+    st.coef = [None if W is None else (tuple(move(w) for w in W) if isinstance(W, tuple) else move(W))
+               for W in st.coef]
+    for kb in blocks:
+        for name in _BLOCK_ARRAYS:
+            if name in kb:
+                kb[name] = move(kb[name])
+        if device == "cuda":
+            kb["idx_dev"] = move(kb["idx"])
+        else:
+            kb.pop("idx_dev", None)
 
 
 class _NearestTarget:
@@ -622,18 +666,36 @@ class _NearestTarget:
     counterpart of the NCC of fixed and warped intensities. Evaluated on at most :data:`SIMILARITY_POINTS` source
     points spread over the (spatially ordered) set, against a k-d tree of all targets built once."""
 
-    def __init__(self, x, m):
+    def __init__(self, x, m, x_dev=None):
         from scipy.spatial import cKDTree
 
         self.x = x
-        self.tree = cKDTree(x)
         self.sub = np.unique(np.linspace(0, m - 1, min(m, SIMILARITY_POINTS)).astype(np.intp))
+        if x_dev is None or x_dev is x:
+            self.tree = cKDTree(x)
+        else:  # on the device: brute-force nearest targets, in blocks (no tree, nothing copied)
+            self.tree, self.x = None, x_dev
+            self.sub = to_device(self.sub, "cuda")
+            self.xx = (x_dev * x_dev).sum(1)
 
     def similarity(self, yhat) -> float:
         y = yhat[self.sub]
+        if self.tree is None:
+            return self._similarity_device(y)
         if not np.all(np.isfinite(y)):
             return float("nan")
         _, nn = self.tree.query(y)
+        return similarity(y, self.x[nn], columns=True)
+
+    def _similarity_device(self, y) -> float:
+        from ...kernels._backend import get_array_module
+
+        xp = get_array_module(y)
+        if not xp.all(xp.isfinite(y)):
+            return float("nan")
+        step = max(1, (1 << 22) // max(len(self.x), 1))  # (step × N) distances per block
+        nn = xp.concatenate([xp.argmin(self.xx[None, :] - 2.0 * (y[i:i + step] @ self.x.T), axis=1)
+                             for i in range(0, len(y), step)])
         return similarity(y, self.x[nn], columns=True)
 
 
@@ -660,9 +722,9 @@ WIDE_BANDWIDTH = 1e3
 COLLAPSE_SIGMA = 0.25
 
 
-def _record(st, fr: _Frame, sigma, diff, used) -> dict:
-    """The history entry of one iteration (lengths in mm)."""
-    r, c0 = fr.r, fr.c0
+def _record(st, fr: _Frame, sigma, diff, used, c0=None) -> dict:
+    """The history entry of one iteration (lengths in mm; ``c0``: the frame's centre on the posterior's device)."""
+    r, c0 = fr.r, fr.c0 if c0 is None else c0
     return {"sigma": sigma * r, "sigma_change": diff * r, "scale": st.s, "n_hat": st.n_hat, "estep": used,
             "rotation_deg": float(np.degrees(rotation_angle(st.R))),
             "mean_displacement": float(np.sqrt((st.vhat**2).sum(1)).mean() * r),
