@@ -23,7 +23,6 @@ References
 """
 from __future__ import annotations
 
-
 import numpy as np
 
 from . import _backend

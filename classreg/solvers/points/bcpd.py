@@ -33,8 +33,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...backend import to_device, to_numpy
-from ...kernels._backend import get_array_module
 from ...kernels import points as kp
+from ...kernels._backend import get_array_module
 from .lowrank import estep_nystrom_checked
 
 __all__ = ["EStep", "State", "alpha_update", "initial_state", "rotation_angle", "sigma_update", "similarity_update",

@@ -25,7 +25,14 @@ from ...progress import Progress, StopRegistration
 from ...pyramid import multiresolution
 from ...result import Result
 from ...transforms import Affine
-from .._common import check_masks, check_memory, check_pair, common_params, tiny_like, warm_key
+from .._common import (
+    check_masks,
+    check_memory,
+    check_pair,
+    common_params,
+    tiny_like,
+    warm_key,
+)
 from .grids import WorkingPyramid
 from .options import OPTIONS, PAPER_SCHEDULE, fast_schedule
 from .rotations import euler_angles
