@@ -386,3 +386,51 @@ def test_points_estep_on_device_arrays_without_transfers(monkeypatch):
         for r, o in zip(ref, out):
             assert isinstance(o, DeviceArray)
             np.testing.assert_array_equal(o.get(), r)
+
+
+@pytest.mark.cudasim
+def test_cli_device_cuda_runs_rigid_on_the_device(monkeypatch, tmp_path):
+    from classreg.cli import main
+
+    fixed, moving = _rotated_pair()
+    cr.save(fixed, tmp_path / "f.nii.gz")
+    cr.save(moving, tmp_path / "m.nii.gz")
+    args = ["register", "rigid", str(tmp_path / "f.nii.gz"), str(tmp_path / "m.nii.gz"), "--shrink-factors", "2",
+            "1", "--smoothing-sigmas", "1", "0.5", "--samples", "12", "4", "--perturbation", "5", "--keep", "2",
+            "--local-refine", "none", "--quiet", "--no-qc"]
+    assert main(args + ["-o", str(tmp_path / "cpu")]) == 0
+    with installed(monkeypatch) as cp:
+        assert main(args + ["-o", str(tmp_path / "gpu"), "--device", "cuda"]) == 0
+        assert not cp.transfers.between(0, kinds=("implicit", "kernel_host_arg"))
+        assert cp.transfers.between(0, kinds=("upload",))  # it did run on the stand-in device
+    cpu, gpu = cr.load_result(tmp_path / "cpu"), cr.load_result(tmp_path / "gpu")
+    assert gpu.params["device"] == "cuda" and gpu.params["backend"] == "cuda" and cpu.params["backend"] != "cuda"
+    # as in test_rigid_stays_on_device: the same candidates win, the sub-voxel fit moves by far less than 1e-3 mm
+    np.testing.assert_allclose(gpu.transform.matrix, cpu.transform.matrix, atol=1e-6)
+    np.testing.assert_allclose(gpu.transform.translation, cpu.transform.translation, atol=1e-3)
+
+
+@pytest.mark.cudasim
+def test_cli_device_cuda_runs_points_on_the_device(monkeypatch, tmp_path):
+    from classreg.cli import main
+
+    source, target, _ = _point_pair()
+    np.savetxt(tmp_path / "s.csv", source, delimiter=",")
+    np.savetxt(tmp_path / "t.csv", target, delimiter=",")
+    args = ["register", "points", str(tmp_path / "s.csv"), str(tmp_path / "t.csv"), "--max-iter", "10",
+            "--min-iter", "10", "--estep", "exact", "--backend", "numpy", "--quiet", "--no-qc"]
+    with installed(monkeypatch) as cp:
+        assert main(args + ["-o", str(tmp_path / "gpu"), "--device", "cuda"]) == 1  # the numpy backend is refused
+        assert main(args[:-4] + ["--quiet", "--no-qc", "-o", str(tmp_path / "gpu"), "--device", "cuda"]) == 0
+        assert not cp.transfers.between(0, kinds=("implicit", "kernel_host_arg"))
+        assert cp.transfers.between(0, kinds=("upload",))  # it did run on the stand-in device
+    assert main(args + ["-o", str(tmp_path / "cpu")]) == 0
+    import json
+
+    cpu, gpu = ({k: json.loads((tmp_path / d / "params.json").read_text())[k] for k in ("device", "backend")}
+                for d in ("cpu", "gpu"))
+    assert gpu == {"device": "cuda", "backend": "cuda"} and cpu["backend"] == "numpy", (gpu, cpu)
+    # as in test_points_stay_on_device: the same float64 array code as the numpy backend (the CSV holds 9 digits)
+    moved = [np.loadtxt(tmp_path / d / "moved_source.csv", delimiter=",") for d in ("cpu", "gpu")]
+    diff = np.abs(moved[0] - moved[1]).max()
+    assert moved[0].shape == source.shape and diff <= 1e-6, diff
