@@ -434,3 +434,20 @@ def test_cli_device_cuda_runs_points_on_the_device(monkeypatch, tmp_path):
     moved = [np.loadtxt(tmp_path / d / "moved_source.csv", delimiter=",") for d in ("cpu", "gpu")]
     diff = np.abs(moved[0] - moved[1]).max()
     assert moved[0].shape == source.shape and diff <= 1e-6, diff
+
+
+@pytest.mark.cudasim
+def test_points_low_rank_fine_scale_falls_back_to_the_host_loop(monkeypatch, caplog):
+    # a low-rank kernel with the fine scale (rank=20 here; large point sets by default) has no device path: the VB
+    # loop runs on the host with the E-step sums on the device (uploads every iteration), said in a log line, and
+    # computes the numpy-backend result (the same float64 code; a rank-20 Nyström kernel from the same seed)
+    source, target, _ = _point_pair()
+    kw = dict(POINTS, rank=20, max_iter=5, min_iter=5)
+    cpu = cr.register_points(source, target, backend="numpy", **kw)
+    with installed(monkeypatch) as cp, caplog.at_level("INFO", logger="classreg"):
+        res = cr.register_points(source, target, device="cuda", **kw)
+    assert "no device path yet" in caplog.text
+    assert len(cp.transfers.between(0, kinds=("upload",))) >= kw["max_iter"]
+    assert not cp.transfers.between(0, kinds=("implicit", "kernel_host_arg"))
+    diff = np.abs(res.inverse.map_points(source) - cpu.inverse.map_points(source)).max()
+    assert diff <= 1e-6, diff

@@ -161,8 +161,9 @@ def register_points(source, target, *, source_labels=None, target_labels=None, m
         (``cupy.linalg`` Cholesky / eigh, ``cupyx.scipy.linalg`` solves), the α, similarity and σ² updates — with
         only scalars read back; the posterior comes back once at the end, where the transform is built. Not on the
         device: the Nyström E-step (the exact one runs instead) and the fine scale of low-rank blocks (point sets
-        above the full-rank size with the two-scale kernel); organ labels cost an upload of the label indices per
-        iteration. Needs the ``gpu`` extra and a CUDA device.
+        above the full-rank size with the two-scale kernel: the loop then runs on the host, the E-step sums on the
+        device); organ labels cost an upload of the label indices per iteration. Needs the ``gpu`` extra and a CUDA
+        device.
     backend : {None, "numpy", "numba", "cuda"}
         E-step backend (default numba when installed). ``"cuda"`` computes the E-step sums with CuPy in float64.
     progress : bool
@@ -255,6 +256,10 @@ def register_points(source, target, *, source_labels=None, target_labels=None, m
         e_step = EStep(fr.x, fr.lx_s, fr.ly_s, U, omega=omega, volume=fr.volume, truncation=truncation,
                        precision=estep_precision, mode=estep, landmarks=estep_landmarks, tol=estep_tol, seed=seed,
                        backend=be, budget=budget)
+        if dev == "cuda" and any("fine" in kb for kb in blocks):
+            logger.info("register_points: the fine scale of low-rank kernel blocks has no device path yet; the VB "
+                        "loop runs on the host, the E-step sums on the device")
+            dev = "cpu"
         if dev == "cuda":
             e_step.nystrom_on = False  # the device-resident loop runs the exact E-step (the Nyström one is not ported)
         t_loop = time.perf_counter()
