@@ -259,10 +259,18 @@ RIGID = dict(shrink_factors=(2, 1), smoothing_sigmas=(1.0, 0.5), samples=(24, 6)
 
 
 @pytest.mark.cudasim
-@pytest.mark.parametrize("how,local_refine", [("device", "none"), ("cupy_image", "mi")])
-def test_rigid_stays_on_device(monkeypatch, how, local_refine):
+@pytest.mark.parametrize("how,local_refine,masks", [
+    ("device", "none", False),
+    ("cupy_image", "mi", False),
+    pytest.param("device", "none", True, marks=pytest.mark.slow),  # ~10 s more in the simulator
+])
+def test_rigid_stays_on_device(monkeypatch, how, local_refine, masks):
     fixed, moving = _rotated_pair()
     kw = dict(RIGID, local_refine=local_refine)
+    if masks:
+        mask = np.ones(fixed.shape, dtype=bool)
+        mask[:3] = False
+        kw.update(fixed_mask=mask, moving_mask=mask[::-1].copy())
     cpu = cr.register_rigid(fixed, moving, **kw)
     with installed(monkeypatch) as cp:
         if how == "device":
@@ -281,13 +289,13 @@ def test_rigid_stays_on_device(monkeypatch, how, local_refine):
     # the overlap maximum, the arg-max and its score, and the NCC of a new best candidate (its sums, ~5 reads)
     per_iteration = len([r for r in inside if r[0] == "scalar"]) / (len(marks) - 1)
     assert per_iteration <= 12, per_iteration
-    # the inputs once: the normalised images and the fixed mask go up (CuPy images come down once first); the other
-    # uploads before the loop are Gaussian taps
+    # the inputs once: the normalised images and the fixed mask (and a moving mask) go up (CuPy images come down
+    # once first); the other uploads before the loop are Gaussian taps
     voxels = fixed.data.size
     before = log.between(0, marks[0], kinds=("upload", "download"))
     images = [r[0] for r in before if r[1] >= voxels]
-    assert images == {"device": ["upload"] * 3,
-                      "cupy_image": ["upload"] * 2 + ["download"] * 2 + ["upload"] * 3}[how], before
+    ups = ["upload"] * (4 if masks else 3)
+    assert images == {"device": ups, "cupy_image": ["upload"] * 2 + ["download"] * 2 + ups}[how], before
     assert all("kernels/smooth.py" in r[2] for r in before if r[1] < voxels), before
     # the result: the search's answer is a few numbers (scalar reads: the sub-voxel peak fit); the local refinement
     # and the warped image run on the host copies of the inputs, so nothing else crosses
