@@ -19,8 +19,8 @@ coordinates the value equals the sample exactly.
 
 The numpy functions are the references (test oracles); the ``"numba"`` paths compile the same arithmetic (gathers
 parallel over the first axis; the scatter is a sequential loop, so there are no write races and the result does not
-depend on the thread count). No numba.cuda path yet: ``backend="cuda"`` is rejected (the GPU port would use atomics
-for the scatter, where several samples add into the same voxel).
+depend on the thread count). :func:`sample_linear` and :func:`splat_linear` also have a numba.cuda path (one thread
+per point, the same per-point bodies; the scatter adds atomically); the other kernels here reject ``backend="cuda"``.
 """
 from __future__ import annotations
 
@@ -39,15 +39,16 @@ __all__ = ["sample_linear", "splat_linear", "gradient_transpose", "det_cofactor"
 # ----------------------------------------------------------------------------------------------------------------
 # argument handling
 # ----------------------------------------------------------------------------------------------------------------
-def _backend_for(backend, *arrays):
+def _backend_for(backend, *arrays, cuda=False):
     b = _backend.resolve_backend(backend, *arrays)
-    if b == "cuda":
-        raise ValueError("kernels.adjoint has no CUDA path yet; use backend='numpy' or 'numba'")
+    if b == "cuda" and not cuda:
+        raise ValueError("this kernel of kernels.adjoint has no CUDA path yet; use backend='numpy' or 'numba'")
     return b
 
 
 def _float(a, name):
-    a = np.asarray(a)
+    if not _backend.is_cupy_array(a):
+        a = np.asarray(a)
     if a.dtype.kind not in "biuf":
         raise TypeError(f"{name} must be a real numeric array, got dtype {a.dtype}")
     return a
@@ -147,97 +148,124 @@ def _axis_scalar(c, n):
 
 
 _ax = _axis_scalar
+_at = None  # the per-point body a driver loops over (rebound when compiling)
+cuda = None  # numba.cuda in the GPU drivers (rebound when compiling; the simulator swaps in its own module)
+
+
+def _add_cpu(out, idx, x):
+    out[idx] += x
+
+
+def _add_cuda(out, idx, x):
+    cuda.atomic.add(out, idx, x)
+
+
+_add = _add_cpu
+
+
+def _sample2_at(img, pts, val, grd, want, p):
+    n0, n1, C = img.shape
+    j0, t0, i0 = _ax(pts[p, 0], n0)
+    j1, t1, i1 = _ax(pts[p, 1], n1)
+    s0 = 1 - t0
+    s1 = 1 - t1
+    for c in range(C):
+        v00 = img[j0, j1, c]
+        v01 = img[j0, j1 + 1, c]
+        v10 = img[j0 + 1, j1, c]
+        v11 = img[j0 + 1, j1 + 1, c]
+        val[p, c] = s0 * (s1 * v00 + t1 * v01) + t0 * (s1 * v10 + t1 * v11)
+        if want:
+            grd[p, c, 0] = (s1 * (v10 - v00) + t1 * (v11 - v01)) if i0 else 0.0
+            grd[p, c, 1] = (s0 * (v01 - v00) + t0 * (v11 - v10)) if i1 else 0.0
 
 
 def _sample2(img, pts, val, grd, want):
-    n0, n1, C = img.shape
-    N = pts.shape[0]
-    for p in prange(N):
-        j0, t0, i0 = _ax(pts[p, 0], n0)
-        j1, t1, i1 = _ax(pts[p, 1], n1)
-        s0 = 1 - t0
-        s1 = 1 - t1
-        for c in range(C):
-            v00 = img[j0, j1, c]
-            v01 = img[j0, j1 + 1, c]
-            v10 = img[j0 + 1, j1, c]
-            v11 = img[j0 + 1, j1 + 1, c]
-            val[p, c] = s0 * (s1 * v00 + t1 * v01) + t0 * (s1 * v10 + t1 * v11)
-            if want:
-                grd[p, c, 0] = (s1 * (v10 - v00) + t1 * (v11 - v01)) if i0 else 0.0
-                grd[p, c, 1] = (s0 * (v01 - v00) + t0 * (v11 - v10)) if i1 else 0.0
+    for p in prange(pts.shape[0]):
+        _at(img, pts, val, grd, want, p)
+
+
+def _sample3_at(img, pts, val, grd, want, p):
+    n0, n1, n2, C = img.shape
+    j0, t0, i0 = _ax(pts[p, 0], n0)
+    j1, t1, i1 = _ax(pts[p, 1], n1)
+    j2, t2, i2 = _ax(pts[p, 2], n2)
+    s0 = 1 - t0
+    s1 = 1 - t1
+    s2 = 1 - t2
+    for c in range(C):
+        v000 = img[j0, j1, j2, c]
+        v001 = img[j0, j1, j2 + 1, c]
+        v010 = img[j0, j1 + 1, j2, c]
+        v011 = img[j0, j1 + 1, j2 + 1, c]
+        v100 = img[j0 + 1, j1, j2, c]
+        v101 = img[j0 + 1, j1, j2 + 1, c]
+        v110 = img[j0 + 1, j1 + 1, j2, c]
+        v111 = img[j0 + 1, j1 + 1, j2 + 1, c]
+        a0 = s1 * (s2 * v000 + t2 * v001) + t1 * (s2 * v010 + t2 * v011)
+        a1 = s1 * (s2 * v100 + t2 * v101) + t1 * (s2 * v110 + t2 * v111)
+        val[p, c] = s0 * a0 + t0 * a1
+        if want:
+            grd[p, c, 0] = (a1 - a0) if i0 else 0.0
+            b0 = s2 * v000 + t2 * v001
+            b1 = s2 * v010 + t2 * v011
+            b2 = s2 * v100 + t2 * v101
+            b3 = s2 * v110 + t2 * v111
+            grd[p, c, 1] = (s0 * (b1 - b0) + t0 * (b3 - b2)) if i1 else 0.0
+            e0 = s1 * v000 + t1 * v010
+            e1 = s1 * v001 + t1 * v011
+            e2 = s1 * v100 + t1 * v110
+            e3 = s1 * v101 + t1 * v111
+            grd[p, c, 2] = (s0 * (e1 - e0) + t0 * (e3 - e2)) if i2 else 0.0
 
 
 def _sample3(img, pts, val, grd, want):
-    n0, n1, n2, C = img.shape
-    N = pts.shape[0]
-    for p in prange(N):
-        j0, t0, i0 = _ax(pts[p, 0], n0)
-        j1, t1, i1 = _ax(pts[p, 1], n1)
-        j2, t2, i2 = _ax(pts[p, 2], n2)
-        s0 = 1 - t0
-        s1 = 1 - t1
-        s2 = 1 - t2
-        for c in range(C):
-            v000 = img[j0, j1, j2, c]
-            v001 = img[j0, j1, j2 + 1, c]
-            v010 = img[j0, j1 + 1, j2, c]
-            v011 = img[j0, j1 + 1, j2 + 1, c]
-            v100 = img[j0 + 1, j1, j2, c]
-            v101 = img[j0 + 1, j1, j2 + 1, c]
-            v110 = img[j0 + 1, j1 + 1, j2, c]
-            v111 = img[j0 + 1, j1 + 1, j2 + 1, c]
-            a0 = s1 * (s2 * v000 + t2 * v001) + t1 * (s2 * v010 + t2 * v011)
-            a1 = s1 * (s2 * v100 + t2 * v101) + t1 * (s2 * v110 + t2 * v111)
-            val[p, c] = s0 * a0 + t0 * a1
-            if want:
-                grd[p, c, 0] = (a1 - a0) if i0 else 0.0
-                b0 = s2 * v000 + t2 * v001
-                b1 = s2 * v010 + t2 * v011
-                b2 = s2 * v100 + t2 * v101
-                b3 = s2 * v110 + t2 * v111
-                grd[p, c, 1] = (s0 * (b1 - b0) + t0 * (b3 - b2)) if i1 else 0.0
-                e0 = s1 * v000 + t1 * v010
-                e1 = s1 * v001 + t1 * v011
-                e2 = s1 * v100 + t1 * v110
-                e3 = s1 * v101 + t1 * v111
-                grd[p, c, 2] = (s0 * (e1 - e0) + t0 * (e3 - e2)) if i2 else 0.0
+    for p in prange(pts.shape[0]):
+        _at(img, pts, val, grd, want, p)
+
+
+def _splat2_at(vals, pts, out, p):
+    n0, n1, C = out.shape
+    j0, t0, i0 = _ax(pts[p, 0], n0)
+    j1, t1, i1 = _ax(pts[p, 1], n1)
+    s0 = 1 - t0
+    s1 = 1 - t1
+    for c in range(C):
+        a = vals[p, c]
+        _add(out, (j0, j1, c), s0 * s1 * a)
+        _add(out, (j0, j1 + 1, c), s0 * t1 * a)
+        _add(out, (j0 + 1, j1, c), t0 * s1 * a)
+        _add(out, (j0 + 1, j1 + 1, c), t0 * t1 * a)
 
 
 def _splat2(vals, pts, out):
-    n0, n1, C = out.shape
     for p in range(pts.shape[0]):
-        j0, t0, i0 = _ax(pts[p, 0], n0)
-        j1, t1, i1 = _ax(pts[p, 1], n1)
-        s0 = 1 - t0
-        s1 = 1 - t1
-        for c in range(C):
-            a = vals[p, c]
-            out[j0, j1, c] += s0 * s1 * a
-            out[j0, j1 + 1, c] += s0 * t1 * a
-            out[j0 + 1, j1, c] += t0 * s1 * a
-            out[j0 + 1, j1 + 1, c] += t0 * t1 * a
+        _at(vals, pts, out, p)
+
+
+def _splat3_at(vals, pts, out, p):
+    n0, n1, n2, C = out.shape
+    j0, t0, i0 = _ax(pts[p, 0], n0)
+    j1, t1, i1 = _ax(pts[p, 1], n1)
+    j2, t2, i2 = _ax(pts[p, 2], n2)
+    s0 = 1 - t0
+    s1 = 1 - t1
+    s2 = 1 - t2
+    for c in range(C):
+        a = vals[p, c]
+        _add(out, (j0, j1, j2, c), s0 * s1 * s2 * a)
+        _add(out, (j0, j1, j2 + 1, c), s0 * s1 * t2 * a)
+        _add(out, (j0, j1 + 1, j2, c), s0 * t1 * s2 * a)
+        _add(out, (j0, j1 + 1, j2 + 1, c), s0 * t1 * t2 * a)
+        _add(out, (j0 + 1, j1, j2, c), t0 * s1 * s2 * a)
+        _add(out, (j0 + 1, j1, j2 + 1, c), t0 * s1 * t2 * a)
+        _add(out, (j0 + 1, j1 + 1, j2, c), t0 * t1 * s2 * a)
+        _add(out, (j0 + 1, j1 + 1, j2 + 1, c), t0 * t1 * t2 * a)
 
 
 def _splat3(vals, pts, out):
-    n0, n1, n2, C = out.shape
     for p in range(pts.shape[0]):
-        j0, t0, i0 = _ax(pts[p, 0], n0)
-        j1, t1, i1 = _ax(pts[p, 1], n1)
-        j2, t2, i2 = _ax(pts[p, 2], n2)
-        s0 = 1 - t0
-        s1 = 1 - t1
-        s2 = 1 - t2
-        for c in range(C):
-            a = vals[p, c]
-            out[j0, j1, j2, c] += s0 * s1 * s2 * a
-            out[j0, j1, j2 + 1, c] += s0 * s1 * t2 * a
-            out[j0, j1 + 1, j2, c] += s0 * t1 * s2 * a
-            out[j0, j1 + 1, j2 + 1, c] += s0 * t1 * t2 * a
-            out[j0 + 1, j1, j2, c] += t0 * s1 * s2 * a
-            out[j0 + 1, j1, j2 + 1, c] += t0 * s1 * t2 * a
-            out[j0 + 1, j1 + 1, j2, c] += t0 * t1 * s2 * a
-            out[j0 + 1, j1 + 1, j2 + 1, c] += t0 * t1 * t2 * a
+        _at(vals, pts, out, p)
 
 
 def _nb_idx(i, n):
@@ -474,11 +502,14 @@ def _numba_kernels(parallel=True):
     ax = _backend.njit(inline="always")(_axis_scalar)
     nb = _backend.njit(inline="always")(_nb_idx)
     par = dict(parallel=True, prange=numba.prange) if parallel else dict(_suffix="_serial")
+    add = _backend.njit(inline="always")(_add_cpu)
+    at = {name: _numba_compile(fn, inline="always", _ax=ax, _add=add)
+          for name, fn in (("s2", _sample2_at), ("s3", _sample3_at), ("p2", _splat2_at), ("p3", _splat3_at))}
     return types.SimpleNamespace(
-        sample2=_numba_compile(_sample2, _ax=ax, **par),
-        sample3=_numba_compile(_sample3, _ax=ax, **par),
-        splat2=_numba_compile(_splat2, _ax=ax),
-        splat3=_numba_compile(_splat3, _ax=ax),
+        sample2=_numba_compile(_sample2, _at=at["s2"], **par),
+        sample3=_numba_compile(_sample3, _at=at["s3"], **par),
+        splat2=_numba_compile(_splat2, _at=at["p2"]),
+        splat3=_numba_compile(_splat3, _at=at["p3"]),
         jnorm2=_numba_compile(_jnorm2, _nb=nb, **par),
         jnorm3=_numba_compile(_jnorm3, _nb=nb, **par),
         gradT2=_numba_compile(_gradT2, **par),
@@ -488,6 +519,34 @@ def _numba_kernels(parallel=True):
         vbar=_numba_compile(_vbar_k, **par),
         pbar=_numba_compile(_pbar_k, **par),
         ubar=_numba_compile(_ubar_k, **par),
+    )
+
+
+def _sample_cuda(img, pts, val, grd, want):
+    p = cuda.grid(1)
+    if p < pts.shape[0]:
+        _at(img, pts, val, grd, want, p)
+
+
+def _splat_cuda(vals, pts, out):
+    p = cuda.grid(1)
+    if p < pts.shape[0]:
+        _at(vals, pts, out, p)
+
+
+@functools.cache
+def _cuda_kernels():
+    """The numba.cuda drivers: one thread per sample point, the same per-point bodies as the CPU kernels; the
+    scatter adds with ``cuda.atomic.add`` (the order of the additions into a voxel, hence the rounding, varies)."""
+    from .smooth import _cuda_device, _cuda_kernel
+
+    ax = _cuda_device(_axis_scalar)
+    add = _cuda_device(_add_cuda)
+    return types.SimpleNamespace(
+        sample2=_cuda_kernel(_sample_cuda, _at=_cuda_device(_sample2_at, _ax=ax)),
+        sample3=_cuda_kernel(_sample_cuda, _at=_cuda_device(_sample3_at, _ax=ax)),
+        splat2=_cuda_kernel(_splat_cuda, _at=_cuda_device(_splat2_at, _ax=ax, _add=add)),
+        splat3=_cuda_kernel(_splat_cuda, _at=_cuda_device(_splat3_at, _ax=ax, _add=add)),
     )
 
 
@@ -511,7 +570,7 @@ def sample_linear(image, coords, *, gradient=False, backend=None):
         Continuous indices in array-axis order (index k = centre of voxel k).
     gradient : bool
         Also return ``∂ value / ∂ coords`` (per index unit).
-    backend : {None, "numpy", "numba"}
+    backend : {None, "numpy", "numba", "cuda"}
 
     Returns
     -------
@@ -521,7 +580,8 @@ def sample_linear(image, coords, *, gradient=False, backend=None):
     """
     image = _float(image, "image")
     coords = _float(coords, "coords")
-    b = _backend_for(backend, image, coords)
+    b = _backend_for(backend, image, coords, cuda=True)
+    xp = _backend.get_array_module(image, coords) if b == "cuda" else np
     nd = coords.shape[-1] if coords.ndim >= 2 else -1
     if nd not in (2, 3) or image.ndim not in (nd, nd + 1):
         raise ValueError(f"image must have shape (*spatial) or (*spatial, C) with nd = coords.shape[-1] in (2, 3) "
@@ -530,15 +590,21 @@ def sample_linear(image, coords, *, gradient=False, backend=None):
     _check_coords(coords, spatial)
     dt = _dtype(image, coords)
     scalar = image.ndim == nd
-    img = np.ascontiguousarray(image, dtype=dt)
+    img = xp.ascontiguousarray(image, dtype=dt)
     if scalar:
         img = img[..., None]
     C = img.shape[-1]
     out_shape = coords.shape[:-1]
-    pts = np.ascontiguousarray(coords, dtype=dt).reshape(-1, nd)
+    pts = xp.ascontiguousarray(coords, dtype=dt).reshape(-1, nd)
     if b == "numpy":
         val, grd = _sample_np(img, pts, gradient)
         val = val.astype(dt, copy=False)
+    elif b == "cuda":
+        val = xp.empty((pts.shape[0], C), dtype=dt)
+        grd = xp.empty((pts.shape[0], C, nd) if gradient else (1, 1, nd), dtype=dt)
+        blocks, threads = _backend.gpu_launch(pts.shape[0])
+        k = _cuda_kernels()
+        (k.sample2 if nd == 2 else k.sample3)[blocks, threads](img, pts, val, grd, bool(gradient))
     else:
         nk = _kern(pts.shape[0])
         val = np.empty((pts.shape[0], C), dtype=dt)
@@ -566,7 +632,9 @@ def splat_linear(values, coords, shape, *, backend=None):
     coords : ndarray, shape ``(*out_shape, nd)``
     shape : tuple of int
         Spatial shape of the image (nd entries, each ≥ 2).
-    backend : {None, "numpy", "numba"}
+    backend : {None, "numpy", "numba", "cuda"}
+        "cuda" scatters with atomic additions: the order of the additions into a voxel varies, so the result
+        agrees with the CPU paths to rounding, not bit for bit.
 
     Returns
     -------
@@ -575,7 +643,8 @@ def splat_linear(values, coords, shape, *, backend=None):
     """
     values = _float(values, "values")
     coords = _float(coords, "coords")
-    b = _backend_for(backend, values, coords)
+    b = _backend_for(backend, values, coords, cuda=True)
+    xp = _backend.get_array_module(values, coords) if b == "cuda" else np
     shape = tuple(int(n) for n in shape)
     nd = len(shape)
     if nd not in (2, 3):
@@ -589,10 +658,15 @@ def splat_linear(values, coords, shape, *, backend=None):
     else:
         raise ValueError(f"values must have shape {out_shape} or {out_shape + ('C',)}, got {values.shape}")
     dt = _dtype(values, coords)
-    vals = np.ascontiguousarray(values, dtype=dt).reshape(int(np.prod(out_shape)), -1)
-    pts = np.ascontiguousarray(coords, dtype=dt).reshape(-1, nd)
+    vals = xp.ascontiguousarray(values, dtype=dt).reshape(int(np.prod(out_shape)), -1)
+    pts = xp.ascontiguousarray(coords, dtype=dt).reshape(-1, nd)
     if b == "numpy":
         out = _splat_np(vals, pts, shape)
+    elif b == "cuda":
+        out = xp.zeros(shape + (vals.shape[1],), dtype=dt)
+        blocks, threads = _backend.gpu_launch(pts.shape[0])
+        k = _cuda_kernels()
+        (k.splat2 if nd == 2 else k.splat3)[blocks, threads](vals, pts, out)
     else:
         nk = _kern(pts.shape[0])
         out = np.zeros(shape + (vals.shape[1],), dtype=dt)

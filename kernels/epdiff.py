@@ -14,7 +14,8 @@ time steps, ``φ₁⁻¹ = (id − δt w₀)∘…∘(id − δt w_{n−1})``.
 
 Arrays: velocity stacks ``(n_t, *M, d)`` channels-last in index units of the grid ``M``, points ``(*P, d)``. The
 numpy functions are the references (test oracles). The reverse sweep scatters, so its numba kernel is a sequential
-loop (no write races; the result does not depend on the thread count).
+loop (no write races; the result does not depend on the thread count). On the GPU (``backend="cuda"``) both run as a
+loop over the steps of the CUDA sampling and scattering kernels of :mod:`classreg.kernels.adjoint`.
 """
 from __future__ import annotations
 
@@ -30,10 +31,7 @@ __all__ = ["trace_back", "trace_back_adjoint"]
 
 
 def _backend_for(backend, *arrays):
-    b = _backend.resolve_backend(backend, *arrays)
-    if b == "cuda":
-        raise ValueError("kernels.epdiff has no CUDA path; use backend='numpy' or 'numba'")
-    return b
+    return _backend.resolve_backend(backend, *arrays)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -50,13 +48,15 @@ def _trace_back(w, pts, dt, zs, backend):
     return Z
 
 
-def _trace_back_adjoint_np(w, zs, zbar, dt):
+def _trace_back_adjoint_np(w, zs, zbar, dt, backend="numpy", xp=np):
+    # also the CUDA path (backend "cuda", xp the device module): per step one gather with the gradient and one
+    # atomic scatter, the cotangent update an array expression (the fused sequential numba loop has no parallel form)
     n, M = w.shape[0], w.shape[1:-1]
-    wbar = np.empty_like(w)
+    wbar = xp.empty_like(w)
     for k in range(n):  # the reverse of the tracing loop k = n−1..0
-        _, dw = sample_linear(w[k], zs[k], gradient=True, backend="numpy")
-        np.multiply(splat_linear(zbar, zs[k], M, backend="numpy"), -dt, out=wbar[k])
-        zbar = zbar - dt * np.einsum("pc,pcj->pj", zbar, dw)
+        _, dw = sample_linear(w[k], zs[k], gradient=True, backend=backend)
+        xp.multiply(splat_linear(zbar, zs[k], M, backend=backend), -dt, out=wbar[k])
+        zbar = zbar - dt * xp.einsum("pc,pcj->pj", zbar, dw)
     return wbar
 
 
@@ -168,7 +168,7 @@ def trace_back(w, points, dt, *, positions=False, backend=None):
         The time step δt.
     positions : bool
         Also return where each ``w_k`` was sampled (what :func:`trace_back_adjoint` needs).
-    backend : {None, "numpy", "numba"}
+    backend : {None, "numpy", "numba", "cuda"}
 
     Returns
     -------
@@ -178,10 +178,11 @@ def trace_back(w, points, dt, *, positions=False, backend=None):
         ``zs[k]`` = the points before step k was applied (the sample positions of ``w_k``).
     """
     b = _backend_for(backend, w, points)
+    xp = _backend.get_array_module(w, points) if b == "cuda" else np
     d = w.shape[-1]
     P = points.shape[:-1]
-    pts = np.ascontiguousarray(points, dtype=w.dtype).reshape(-1, d)
-    zs = np.empty((w.shape[0], pts.shape[0], d), dtype=w.dtype) if positions else None
+    pts = xp.ascontiguousarray(points, dtype=w.dtype).reshape(-1, d)
+    zs = xp.empty((w.shape[0], pts.shape[0], d), dtype=w.dtype) if positions else None
     Z = _trace_back(w, pts, w.dtype.type(dt), zs, b)
     Z = Z.reshape(*P, d)
     return (Z, zs.reshape(w.shape[0], *P, d)) if positions else Z
@@ -198,7 +199,9 @@ def trace_back_adjoint(w, zs, zbar, dt, *, backend=None):
         The sample positions returned by ``trace_back(..., positions=True)``.
     zbar : ndarray, shape ``(*P, d)``
     dt : float
-    backend : {None, "numpy", "numba"}
+    backend : {None, "numpy", "numba", "cuda"}
+        "cuda": per step :func:`~classreg.kernels.adjoint.sample_linear` and the atomic
+        :func:`~classreg.kernels.adjoint.splat_linear` on the device (agrees with the CPU paths to rounding).
 
     Returns
     -------
@@ -206,12 +209,13 @@ def trace_back_adjoint(w, zs, zbar, dt, *, backend=None):
         ``Σ_p ∂⟨zbar, Z⟩/∂w_k`` (``<trace_back(w + εδ) − trace_back(w), zbar> / ε → <δ, result>``).
     """
     b = _backend_for(backend, w, zs, zbar)
+    xp = _backend.get_array_module(w, zs, zbar) if b == "cuda" else np
     d = w.shape[-1]
     dt = w.dtype.type(dt)
-    zs = np.ascontiguousarray(zs, dtype=w.dtype).reshape(w.shape[0], -1, d)
-    zb = np.array(zbar, dtype=w.dtype).reshape(-1, d)  # a copy: the kernel updates it in place
-    if b == "numpy":
-        return _trace_back_adjoint_np(w, zs, zb, dt)
+    zs = xp.ascontiguousarray(zs, dtype=w.dtype).reshape(w.shape[0], -1, d)
+    zb = xp.array(zbar, dtype=w.dtype).reshape(-1, d)  # a copy: the kernel updates it in place
+    if b != "numba":
+        return _trace_back_adjoint_np(w, zs, zb, dt, b, xp)
     wbar = np.zeros_like(w)
     k = _numba_kernels()
     (k.trace_adj2 if d == 2 else k.trace_adj3)(np.ascontiguousarray(w), zs, zb, dt, wbar)
