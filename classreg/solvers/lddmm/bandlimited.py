@@ -35,6 +35,7 @@ import numpy as np
 import scipy.fft as sfft
 
 from ...backend import thread_count
+from ...kernels._backend import get_array_module
 from ...kernels.epdiff import trace_back, trace_back_adjoint
 
 try:  # pocketfft's transforms without scipy.fft's per-call argument handling (~50 µs, 15 % of a 2-D evaluation)
@@ -45,13 +46,18 @@ except ImportError:  # pragma: no cover - other scipy layouts: the public API
 __all__ = ["BandLimitedShooting", "SpectralDomain", "resize_coefficients"]
 
 
-def _dirichlet(t, n, kmax):
+def _dirichlet(t, n, kmax, xp=np):
     """Trigonometric interpolation weight of sample l at ``t = s − l`` for ``n`` periodic samples of a field whose
     frequencies are |k| ≤ ``kmax`` < n/2: ``(1/n) Σ_{|k|≤kmax} e^{2πikt/n} = sin(π(2kmax+1)t/n) / (n sin(πt/n))``."""
-    s = np.sin(np.pi * t / n)
-    near = np.abs(s) < 1e-12
-    return np.where(near, (2 * kmax + 1) / n, np.sin(np.pi * (2 * kmax + 1) * t / n)
-                    / (n * np.where(near, 1.0, s)))
+    s = xp.sin(np.pi * t / n)
+    near = xp.abs(s) < 1e-12
+    return xp.where(near, (2 * kmax + 1) / n, xp.sin(np.pi * (2 * kmax + 1) * t / n)
+                    / (n * xp.where(near, 1.0, s)))
+
+
+def _band_index(k, n=None, xp=np):
+    """Frequency indices 0..k, −k..−1 (or, with the grid size ``n``, their positions 0..k, n−k..n−1)."""
+    return xp.concatenate((xp.arange(0, k + 1), xp.arange(-k if n is None else n - k, 0 if n is None else n)))
 
 
 #: FFT calls on fewer elements than this run on one thread: pocketfft starts its threads per call, which cost more
@@ -64,24 +70,30 @@ def _threads(a, nthreads):
     return nthreads if a.size >= FFT_PARALLEL_MIN else 1
 
 
-def _r2c(a, axis, nthreads):
-    """Real → complex FFT along ``axis`` (unnormalised)."""
+def _r2c(a, axis, nthreads, xp=np):
+    """Real → complex FFT along ``axis`` (unnormalised); ``xp`` a device module: its FFT."""
+    if xp is not np:
+        return xp.fft.rfft(a, axis=axis)
     nthreads = _threads(a, nthreads)
     if _pocketfft is not None:
         return _pocketfft.r2c(a, axes=[axis], forward=True, inorm=0, nthreads=nthreads)
     return sfft.rfft(a, axis=axis, workers=nthreads)
 
 
-def _c2c(a, axis, forward, nthreads):
+def _c2c(a, axis, forward, nthreads, xp=np):
     """Complex FFT along ``axis``, in place where possible; the inverse divides by the axis length."""
+    if xp is not np:
+        return (xp.fft.fft if forward else xp.fft.ifft)(a, axis=axis)
     nthreads = _threads(a, nthreads)
     if _pocketfft is not None:
         return _pocketfft.c2c(a, axes=[axis], forward=forward, inorm=0 if forward else 2, out=a, nthreads=nthreads)
     return (sfft.fft if forward else sfft.ifft)(a, axis=axis, workers=nthreads)
 
 
-def _c2r(a, axis, n, nthreads):
+def _c2r(a, axis, n, nthreads, xp=np):
     """Complex → real inverse FFT along ``axis`` (output length ``n``, divided by ``n``)."""
+    if xp is not np:
+        return xp.fft.irfft(a, n=n, axis=axis)
     nthreads = _threads(a, nthreads)
     if _pocketfft is not None:
         return _pocketfft.c2r(a, axes=[axis], lastsize=n, forward=False, inorm=2, nthreads=nthreads)
@@ -122,9 +134,9 @@ class SpectralDomain:
         self.length = (np.asarray(self.shape) - 1) * self.h + 2.0 * self.pad
 
     def khat(self, xi2):
-        """K̂ at squared frequencies ``xi2`` (cycles/mm)²."""
+        """K̂ at squared frequencies ``xi2`` (cycles/mm)², on the host or the device (``xi2``'s array module)."""
         if self.kernel == "gaussian":
-            return np.exp(-2.0 * math.pi ** 2 * self.sigma ** 2 * xi2)
+            return get_array_module(xi2).exp(-2.0 * math.pi ** 2 * self.sigma ** 2 * xi2)
         return (1.0 + 4.0 * math.pi ** 2 * self.alpha * xi2) ** (-self.order)
 
     def band(self, level_spacing=None) -> tuple:
@@ -146,16 +158,18 @@ def resize_coefficients(z, n_new):
     n_old = z.shape[1:]
     if tuple(n_old) == tuple(n_new):
         return z
+    xp = get_array_module(z)
+    fftn, ifftn = (sfft.fftn, sfft.ifftn) if xp is np else (xp.fft.fftn, xp.fft.ifftn)
     axes = tuple(range(1, z.ndim))
-    Z = sfft.fftn(z, axes=axes) / float(np.prod(n_old))
-    out = np.zeros((z.shape[0], *n_new), dtype=Z.dtype)
+    Z = fftn(z, axes=axes) / float(np.prod(n_old))
+    out = xp.zeros((z.shape[0], *n_new), dtype=Z.dtype)
     src, dst = [slice(None)], [slice(None)]
     for a, b in zip(n_old, n_new):
         k = (min(a, b) - 1) // 2  # frequencies -k..k are kept
-        src.append(np.r_[0:k + 1, a - k:a])
-        dst.append(np.r_[0:k + 1, b - k:b])
-    out[np.ix_(*[np.arange(z.shape[0])] + dst[1:])] = Z[np.ix_(*[np.arange(z.shape[0])] + src[1:])]
-    return np.real(sfft.ifftn(out * float(np.prod(n_new)), axes=axes)).astype(z.dtype)
+        src.append(_band_index(k, a, xp))
+        dst.append(_band_index(k, b, xp))
+    out[xp.ix_(*[xp.arange(z.shape[0])] + dst[1:])] = Z[xp.ix_(*[xp.arange(z.shape[0])] + src[1:])]
+    return xp.real(ifftn(out * float(np.prod(n_new)), axes=axes)).astype(z.dtype)
 
 
 class _Path:
@@ -193,13 +207,18 @@ class BandLimitedShooting:
         Spacing of the map grid (mm; default the level spacing). The map grid covers the level grid exactly.
     dtype, backend
         Working precision, kernel implementation of the interpolation.
+
+    Everything runs on the array module of ``template``: with a CuPy template (``backend="cuda"``) the constants are
+    built on the device, the transforms are cupy.fft's and the only host reads are scalars (the stability number of a
+    shot, its smallest Jacobian determinant, the energy terms).
     """
 
     def __init__(self, domain, template, spacing, offset, n_steps, *, band=None, map_spacing=None,
                  dtype=np.float32, backend=None):
         self.domain = domain
         self.dtype = np.dtype(dtype)
-        self.I0 = np.ascontiguousarray(template, dtype=self.dtype)
+        self.xp = xp = get_array_module(template)
+        self.I0 = xp.ascontiguousarray(template, dtype=self.dtype)
         self.shape = self.I0.shape
         self.nd = self.I0.ndim
         self.h = np.asarray(spacing, dtype=float)
@@ -214,19 +233,19 @@ class BandLimitedShooting:
         self.cell = float(np.prod(self.H))
         # spectra are stored as the band block only (every spectrum of the method is band-limited): frequency
         # indices 0..k, −k..−1 on the leading axes and 0..k on the last (real-FFT half) axis
-        idx = [np.r_[0:k + 1, -k:0] for k in self.band[:-1]] + [np.arange(self.band[-1] + 1)]
-        grids = np.meshgrid(*[i / L for i, L in zip(idx, domain.length)], indexing="ij", sparse=True)
+        idx = [_band_index(k, xp=xp) for k in self.band[:-1]] + [xp.arange(self.band[-1] + 1)]
+        grids = xp.meshgrid(*[i / float(L) for i, L in zip(idx, domain.length)], indexing="ij", sparse=True)
         xi2 = sum(g ** 2 for g in grids)
         K = domain.khat(xi2)
         real = self.dtype  # symbols in the working precision, so that spectra stay complex64 for float32
         cplx = np.result_type(real, np.complex64)
         self.cdtype = cplx
         self.K = K.astype(real)
-        self.sqrtK = np.sqrt(self.K)
+        self.sqrtK = xp.sqrt(self.K)
         self.L = (1.0 / K).astype(real)
         self.ik = [(2j * np.pi * g).astype(cplx) for g in grids]
         self.block = tuple(2 * k + 1 for k in self.band[:-1]) + (self.band[-1] + 1,)
-        self._take = [np.r_[0:k + 1, n - k:n] for k, n in zip(self.band[:-1], self.nc[:-1])]
+        self._take = [_band_index(k, n, xp) for k, n in zip(self.band[:-1], self.nc[:-1])]
         # the map grid: covers the level grid, ends on its last voxel
         ext = (np.asarray(self.shape) - 1) * self.h
         hm = self.h if map_spacing is None else np.maximum(self.h, float(map_spacing))
@@ -235,29 +254,31 @@ class BandLimitedShooting:
         self.same_grid = self.M == self.shape
         self.B = []
         for j in range(self.nd):
-            p = self.offset[j] + self.Hm[j] * np.arange(self.M[j])
+            p = self.offset[j] + self.Hm[j] * xp.arange(self.M[j])
             s = (p - domain.origin[j]) / self.H[j]
-            self.B.append(_dirichlet(s[:, None] - np.arange(self.nc[j])[None, :], self.nc[j],
-                                     self.band[j]).astype(self.dtype))
-        self.BT = [np.ascontiguousarray(b.T) for b in self.B]
-        self.zgrid = np.ascontiguousarray(np.stack(np.indices(self.M, dtype=self.dtype), axis=-1))
-        self.x = np.ascontiguousarray(np.stack(np.indices(self.shape, dtype=self.dtype), axis=-1))
+            self.B.append(_dirichlet(s[:, None] - xp.arange(self.nc[j])[None, :], self.nc[j],
+                                     self.band[j], xp).astype(self.dtype))
+        self.BT = [xp.ascontiguousarray(b.T) for b in self.B]
+        self.zgrid = xp.ascontiguousarray(xp.stack(xp.indices(self.M, dtype=self.dtype), axis=-1))
+        self.x = xp.ascontiguousarray(xp.stack(xp.indices(self.shape, dtype=self.dtype), axis=-1))
+        # per-axis spacings as arrays of the working module (a few numbers: scalar uploads on a device)
+        self._h, self._hm = (xp.asarray(a.astype(self.dtype)) for a in (self.h, self.Hm))
         self.Q = None
         self.S = self.ST = None
         if not self.same_grid:  # voxel centres in map-grid index units
-            self.Q = np.ascontiguousarray(self.x * (self.h / self.Hm).astype(self.dtype))
+            self.Q = xp.ascontiguousarray(self.x * xp.asarray((self.h / self.Hm).astype(self.dtype)))
             # linear interpolation from the map grid to the voxel centres, a tensor product of 2-tap rows (the
             # weights of kernels.adjoint.sample_linear): applied and transposed as separable matrix products
             self.S = []
             for j in range(self.nd):
-                q = np.arange(self.shape[j]) * (self.h[j] / self.Hm[j])
-                q = np.clip(q, 0.0, self.M[j] - 1.0)
-                i = np.minimum(np.floor(q), self.M[j] - 2).astype(int)
-                S = np.zeros((self.shape[j], self.M[j]), dtype=self.dtype)
-                S[np.arange(self.shape[j]), i] = 1.0 - (q - i)
-                S[np.arange(self.shape[j]), i + 1] += q - i
+                q = xp.arange(self.shape[j]) * (self.h[j] / self.Hm[j])
+                q = xp.clip(q, 0.0, self.M[j] - 1.0)
+                i = xp.minimum(xp.floor(q), self.M[j] - 2).astype(int)
+                S = xp.zeros((self.shape[j], self.M[j]), dtype=self.dtype)
+                S[xp.arange(self.shape[j]), i] = 1.0 - (q - i)
+                S[xp.arange(self.shape[j]), i + 1] += q - i
                 self.S.append(S)
-            self.ST = [np.ascontiguousarray(S.T) for S in self.S]
+            self.ST = [xp.ascontiguousarray(S.T) for S in self.S]
         self._pad = {}
 
     # ------------------------------------------------------------------ spectral helpers
@@ -265,13 +286,13 @@ class BandLimitedShooting:
         """Band block of the real FFT of a coarse field ``(C, *n)``: the full transform restricted to the band,
         computed axis by axis so that each complex pass runs only on the lines the band needs (in 3-D ~30 % fewer
         operations than ``rfftn`` followed by the restriction; the same linear map)."""
-        nd = self.nd
-        a = np.ascontiguousarray(a, dtype=self.dtype)
-        X = _r2c(a, a.ndim - 1, self.workers)[..., :self.band[-1] + 1]
+        nd, xp = self.nd, self.xp
+        a = xp.ascontiguousarray(a, dtype=self.dtype)
+        X = _r2c(a, a.ndim - 1, self.workers, xp)[..., :self.band[-1] + 1]
         for j in range(nd - 2, -1, -1):
             ax = a.ndim - nd + j
-            X = _c2c(np.ascontiguousarray(X) if j == nd - 2 else X, ax, True, self.workers)
-            X = np.take(X, self._take[j], axis=ax)
+            X = _c2c(xp.ascontiguousarray(X) if j == nd - 2 else X, ax, True, self.workers, xp)
+            X = xp.take(X, self._take[j], axis=ax)
         return X
 
     def ifft(self, X):
@@ -291,19 +312,19 @@ class BandLimitedShooting:
             pre = (slice(None),) * ax
             tail = (slice(None),) * (nd - 1 - j - 1) + (slice(0, self.band[-1] + 1),)
             if P is None:  # zero outside the band; the rows between the band's halves are re-zeroed below
-                P = self._pad[key] = np.zeros(shape, dtype=self.cdtype)
+                P = self._pad[key] = self.xp.zeros(shape, dtype=self.cdtype)
             else:
                 P[pre + (slice(k + 1, n - k),) + tail] = 0
             P[pre + (slice(0, k + 1),) + tail] = X[pre + (slice(0, k + 1),)]
             P[pre + (slice(n - k, n),) + tail] = X[pre + (slice(k + 1, 2 * k + 1),)]
             view = P[pre + (slice(None),) + tail]
-            out = _c2c(view, ax, False, self.workers)
+            out = _c2c(view, ax, False, self.workers, self.xp)
             if out is not view:  # the public scipy.fft fallback does not transform in place
                 view[...] = out
             X = P if j == nd - 2 else view
         if nd == 1:  # pragma: no cover - 2-D and 3-D only
             raise ValueError("2-D or 3-D fields only")
-        return _c2r(X, X.ndim - 1, self.nc[-1], self.workers).astype(self.dtype, copy=False)
+        return _c2r(X, X.ndim - 1, self.nc[-1], self.workers, self.xp).astype(self.dtype, copy=False)
 
     def apply(self, symbol, a):
         """A Fourier multiplier applied to a coarse field ``(C, *n)``."""
@@ -314,59 +335,60 @@ class BandLimitedShooting:
         return self.apply(self.sqrtK, z)
 
     def zeros(self):
-        return np.zeros((self.nd, *self.nc), dtype=self.dtype)
+        return self.xp.zeros((self.nd, *self.nc), dtype=self.dtype)
 
     def _separable(self, a, mats):
         """``a`` (C, *n) with ``mats[j]`` applied along spatial axis j (BLAS matrix products)."""
-        a = np.asarray(a, dtype=self.dtype)
-        a = np.matmul(a, mats[-1].T)  # last axis
+        xp = self.xp
+        a = xp.asarray(a, dtype=self.dtype)
+        a = xp.matmul(a, mats[-1].T)  # last axis
         if self.nd == 3:
-            a = np.matmul(mats[1], a)  # (M1, n1) @ (C, n0, n1, M2)
+            a = xp.matmul(mats[1], a)  # (M1, n1) @ (C, n0, n1, M2)
         c, n0 = a.shape[:2]
         rest = a.shape[2:]
-        a = np.matmul(mats[0], a.reshape(c, n0, -1))
+        a = xp.matmul(mats[0], a.reshape(c, n0, -1))
         return a.reshape(c, mats[0].shape[0], *rest)
 
     def to_map(self, v):
         """Coarse field ``(C, *n)`` → map grid, channels-last, mm → map index units per axis. A stack ``(S, C, *n)``
         (e.g. the velocities of all time steps) is transferred by one set of matrix products, giving
         ``(S, *M, C)``."""
-        nd = self.nd
+        nd, xp = self.nd, self.xp
         if v.ndim == nd + 2:
             S, C = v.shape[:2]
-            a = self._separable(np.reshape(v, (S * C, *v.shape[2:])), self.B).reshape(S, C, *self.M)
-            w = np.moveaxis(a, 1, -1) / self.Hm.astype(self.dtype)
+            a = self._separable(xp.reshape(v, (S * C, *v.shape[2:])), self.B).reshape(S, C, *self.M)
+            w = xp.moveaxis(a, 1, -1) / self._hm
         else:
-            w = np.moveaxis(self._separable(v, self.B), 0, -1) / self.Hm.astype(self.dtype)
-        return np.ascontiguousarray(w, dtype=self.dtype)
+            w = xp.moveaxis(self._separable(v, self.B), 0, -1) / self._hm
+        return xp.ascontiguousarray(w, dtype=self.dtype)
 
     def from_map_adjoint(self, wbar):
         """Transpose of :meth:`to_map` (also for a stack ``(S, *M, C)`` → ``(S, C, *n)``)."""
-        nd = self.nd
+        nd, xp = self.nd, self.xp
         if wbar.ndim == nd + 2:
             S, C = wbar.shape[0], wbar.shape[-1]
-            a = np.moveaxis(wbar / self.Hm.astype(self.dtype), -1, 1).reshape(S * C, *self.M)
-            return np.ascontiguousarray(self._separable(a, self.BT).reshape(S, C, *self.nc), dtype=self.dtype)
-        a = np.moveaxis(wbar / self.Hm.astype(self.dtype), -1, 0)
-        return np.ascontiguousarray(self._separable(a, self.BT), dtype=self.dtype)
+            a = xp.moveaxis(wbar / self._hm, -1, 1).reshape(S * C, *self.M)
+            return xp.ascontiguousarray(self._separable(a, self.BT).reshape(S, C, *self.nc), dtype=self.dtype)
+        a = xp.moveaxis(wbar / self._hm, -1, 0)
+        return xp.ascontiguousarray(self._separable(a, self.BT), dtype=self.dtype)
 
     def map_to_voxels(self, f):
         """A map-grid field (channels-last) linearly interpolated at the voxel centres (separable products; equal
         to ``sample_linear(f, self.Q)``)."""
-        a = np.moveaxis(f, -1, 0)
-        return np.ascontiguousarray(np.moveaxis(self._separable(a, self.S), 0, -1))
+        xp = self.xp
+        return xp.ascontiguousarray(xp.moveaxis(self._separable(xp.moveaxis(f, -1, 0), self.S), 0, -1))
 
     def map_to_voxels_adjoint(self, g):
         """Transpose of :meth:`map_to_voxels` (equal to ``splat_linear(g, self.Q, self.M)``)."""
-        a = np.moveaxis(g, -1, 0)
-        return np.ascontiguousarray(np.moveaxis(self._separable(a, self.ST), 0, -1))
+        xp = self.xp
+        return xp.ascontiguousarray(xp.moveaxis(self._separable(xp.moveaxis(g, -1, 0), self.ST), 0, -1))
 
     # ------------------------------------------------------------------ EPDiff
     def _state(self, V):
         """``(v, m, Dv, Dm)`` from the spectrum V of v (one stacked inverse FFT); ``Dv[j, c] = ∂_j v_c``."""
         nd = self.nd
         Mh = self.L * V
-        spec = np.concatenate([V, Mh] + [ik * V for ik in self.ik] + [ik * Mh for ik in self.ik])
+        spec = self.xp.concatenate([V, Mh] + [ik * V for ik in self.ik] + [ik * Mh for ik in self.ik])
         out = self.ifft(spec)
         q = nd * nd
         v, m = out[:nd], out[nd:2 * nd]
@@ -383,19 +405,25 @@ class BandLimitedShooting:
     def geodesic(self, z):
         """Coarse velocities v_k (k = 0..n_t−1), the states ``(v, m, Dv, Dm)`` of every step (for the adjoint)
         and the stability number."""
+        xp = self.xp
         V = self.sqrtK * self.fft(z)  # the spectrum of v₀ = K^½ z
-        vs, Vs = [], []
+        vs, Vs, peaks = [], [], []
         stab = 0.0
         dt = self.dt
         for k in range(self.n):
             v, m, Dv, Dm = self._state(V)
-            stab = max(stab, dt * math.sqrt(float(np.max((Dv * Dv).sum(axis=(0, 1))))))
+            if xp is np:
+                stab = max(stab, dt * math.sqrt(float(np.max((Dv * Dv).sum(axis=(0, 1))))))
+            else:  # on a device: the peaks stay there, one read after the loop (no early exit on a blow-up)
+                peaks.append(xp.max((Dv * Dv).sum(axis=(0, 1))))
             vs.append(v.copy())  # not a view: it would keep the whole stacked state alive
             Vs.append((v, m, Dv, Dm))
             if k < self.n - 1:
                 if not math.isfinite(stab):
                     break
                 V = V - dt * self.K * self.fft(self._ad_star(v, m, Dv, Dm))
+        if peaks:  # dt·sqrt(max_k p_k) = max_k dt·sqrt(p_k): both monotone
+            stab = dt * math.sqrt(float(xp.max(xp.stack(peaks))))
         if not math.isfinite(stab):
             stab = math.inf
         return vs, Vs, stab
@@ -415,16 +443,16 @@ class BandLimitedShooting:
         same 2/3 rule as the forward step); the result is the exact transpose of the discrete forward step. λ stays
         spectral between steps, so a step costs one inverse transform of ``(μ, Dμ)`` and one forward transform of
         ``(A, B, r)``."""
-        nd = self.nd
+        nd, xp = self.nd, self.xp
         v, m, Dv, Dm = state
         Mu = self.K * Lam
-        out = self.ifft(np.concatenate([Mu] + [ik * Mu for ik in self.ik]))
+        out = self.ifft(xp.concatenate([Mu] + [ik * Mu for ik in self.ik]))
         mu = out[:nd]
         Dmu = out[nd:].reshape(nd, nd, *self.nc)  # Dmu[i, j] = ∂_i μ_j
-        buf = np.empty((3 * nd, *self.nc), dtype=self.dtype)
+        buf = xp.empty((3 * nd, *self.nc), dtype=self.dtype)
         A, B = buf[:nd], buf[nd:2 * nd]
-        np.multiply(sum(Dmu[j, j] for j in range(nd)), m, out=A)
-        np.negative(A, out=A)
+        xp.multiply(sum(Dmu[j, j] for j in range(nd)), m, out=A)
+        xp.negative(A, out=A)
         B[...] = 0
         for i in range(nd):
             A -= mu[i] * Dm[i]
@@ -446,16 +474,16 @@ class BandLimitedShooting:
 
         path = _Path()
         with np.errstate(over="ignore", invalid="ignore"):  # an exploding trial shot is detected just below
-            path.v, path.states, path.stability = self.geodesic(np.asarray(z, dtype=self.dtype))
+            path.v, path.states, path.stability = self.geodesic(self.xp.asarray(z, dtype=self.dtype))
         self._pad.clear()  # the padding buffers live for one sweep (peak memory)
         if not math.isfinite(path.stability) or (stability_limit is not None and path.stability > stability_limit):
             return None
-        path.w = self.to_map(np.stack(path.v))  # one transfer for all steps
+        path.w = self.to_map(self.xp.stack(path.v))  # one transfer for all steps
         Z, path.Z = trace_back(path.w, self.zgrid, self.dt, positions=True, backend=self.backend)
-        u_map = (Z - self.zgrid) * self.Hm.astype(self.dtype)  # mm
+        u_map = (Z - self.zgrid) * self._hm  # mm
         u = u_map if self.same_grid else self.map_to_voxels(u_map)
-        path.X = self.x + u / self.h.astype(self.dtype)
-        path.min_det = float(np.min(jacobian_determinant(u, spacing=tuple(self.h), backend=self.backend)))
+        path.X = self.x + u / self._h
+        path.min_det = float(self.xp.min(jacobian_determinant(u, spacing=tuple(self.h), backend=self.backend)))
         if det_floor is not None and not path.min_det > det_floor:
             return None
         path.gI = None
@@ -467,8 +495,9 @@ class BandLimitedShooting:
 
     def regularization(self, z) -> float:
         """½‖v₀‖²_V = ½ Π H Σ z² (physical integral over the periodic box)."""
-        z = np.asarray(z, dtype=np.float64)
-        return 0.5 * self.cell * float(np.sum(z * z))
+        xp = self.xp
+        z = xp.asarray(z, dtype=np.float64)
+        return 0.5 * self.cell * float(xp.sum(z * z))
 
     def evaluate(self, z, data, *, gradient=True, stability_limit=None, det_floor=None):
         """``(E, regularisation, data term, path, seed)``; ``E = inf`` for an unstable, folded (see :meth:`forward`)
@@ -496,10 +525,10 @@ class BandLimitedShooting:
         del gI
         if dX1 is not None:
             Xbar = Xbar + dX1
-        ubar = Xbar / self.h.astype(self.dtype)  # per mm of the voxel-grid displacement
+        ubar = Xbar / self._h  # per mm of the voxel-grid displacement
         if not self.same_grid:
             ubar = self.map_to_voxels_adjoint(ubar)
-        wbar = trace_back_adjoint(path.w, path.Z, ubar * self.Hm.astype(self.dtype), self.dt, backend=self.backend)
+        wbar = trace_back_adjoint(path.w, path.Z, ubar * self._hm, self.dt, backend=self.backend)
         r = self.from_map_adjoint(wbar)  # all steps by one transposed transfer
         Lam = self.fft(r[self.n - 1])
         states, path.states = path.states, None
@@ -508,7 +537,8 @@ class BandLimitedShooting:
             states[k] = None
         zbar = self.ifft(self.sqrtK * Lam)
         self._pad.clear()
-        return (zbar + self.dtype.type(self.cell) * np.asarray(z, dtype=self.dtype)).astype(self.dtype, copy=False)
+        return (zbar + self.dtype.type(self.cell) * self.xp.asarray(z, dtype=self.dtype)).astype(self.dtype,
+                                                                                                    copy=False)
 
     # ------------------------------------------------------------------ results
     def trace_inverse(self, path, points):
@@ -526,7 +556,7 @@ class BandLimitedShooting:
             Yk = Y + dt * sample_linear(path.w[k], Y, backend=self.backend)
             for _ in range(50):
                 Yn = Y + dt * sample_linear(path.w[k], Yk, backend=self.backend)
-                done = float(np.max(np.abs(Yn - Yk))) < tol
+                done = float(self.xp.max(self.xp.abs(Yn - Yk))) < tol
                 Yk = Yn
                 if done:
                     break
@@ -543,13 +573,13 @@ class BandLimitedShooting:
             path = self.forward(z)
         start = self.zgrid if self.same_grid else self.Q
         inv = self.inverse_map(path) if inverse is None else inverse
-        fwd = (self.trace_forward(path, start, tol=1e-3) - start) * self.Hm.astype(self.dtype)
+        fwd = (self.trace_forward(path, start, tol=1e-3) - start) * self._hm
         return inv, fwd.astype(self.dtype)
 
     def inverse_map(self, path):
         """φ₁⁻¹ − id on the voxel grid (array-frame mm), traced from every voxel centre (:meth:`trace_inverse`)."""
         start = self.zgrid if self.same_grid else self.Q
-        return ((self.trace_inverse(path, start) - start) * self.Hm.astype(self.dtype)).astype(self.dtype)
+        return ((self.trace_inverse(path, start) - start) * self._hm).astype(self.dtype)
 
     def trajectory(self, z):
         """The geodesic on the voxel grid: ``(maps, velocities)`` with ``maps[k]`` = φ_{t_k}⁻¹ − id (mm, k = 0..n_t)

@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 
+from ...kernels._backend import get_array_module
 from ...optimise import Restart, minimise
 from ...progress import similarity
 from .bandlimited import (
@@ -129,7 +130,7 @@ def unfolded(shooter, z, data, res):
         return z, res, inv
     lo, hi = 0.0, 1.0
     best = (shooter.evaluate(z * z.dtype.type(0), data, gradient=False),
-            np.zeros(shooter.shape + (shooter.nd,), dtype=shooter.dtype))
+            shooter.xp.zeros(shooter.shape + (shooter.nd,), dtype=shooter.dtype))
     for _ in range(10):
         c = 0.5 * (lo + hi)
         r = shooter.evaluate(z * z.dtype.type(c), data, gradient=False)
@@ -146,8 +147,9 @@ def level_step_bandlimited(level, state, progress, opts, fixed):
     iterate and ``state["n_steps"]``. Returns the level's summary."""
     t0 = time.perf_counter()
     dtype = opts["dtype"]
-    F = np.asarray(level.fixed.data, dtype=dtype)
-    M = np.asarray(level.moving.data, dtype=dtype)
+    xp = get_array_module(level.fixed.data)
+    F = xp.asarray(level.fixed.data, dtype=dtype)
+    M = xp.asarray(level.moving.data, dtype=dtype)
     h = tuple(level.fixed.spacing_array_order)
     data = data_term(opts, F, level.fixed_mask, level.moving_mask, h)
     n_max = opts["max_steps"]

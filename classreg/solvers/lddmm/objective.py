@@ -111,7 +111,7 @@ class LNCCTerm:
                 mask = self.mask
         n = I1.size if mask is None else int(np.count_nonzero(mask))
         scale = n * self.cell / self.sigma2
-        if self.backend in (None, "auto", "numba") and I1.dtype == np.float32:
+        if self.backend in (None, "auto", "numba", "cuda") and I1.dtype == np.float32:
             # the fused kernel (float32 sums in float64, parity with the reference: tests/test_kernels_lncc.py)
             from ...kernels.lncc import lncc_gradient, window_radius
 
@@ -130,9 +130,12 @@ def data_term(opts, target, fixed_mask, moving_mask, spacing):
     """The data term of ``opts["metric"]`` on one pyramid level: ``target`` the fixed image, the masks on its grid
     (the moving one already brought onto it, as a weight), ``spacing`` mm per array axis. The LNCC window is at
     least one voxel of the level."""
+    from ...kernels._backend import get_array_module
+
+    xp = get_array_module(target)  # the masks live with the images (on the device for backend "cuda")
     cell = float(np.prod(spacing))
-    fm = None if fixed_mask is None else np.asarray(fixed_mask)
-    W = None if moving_mask is None else np.asarray(moving_mask, dtype=opts["dtype"])
+    fm = None if fixed_mask is None else xp.asarray(fixed_mask)
+    W = None if moving_mask is None else xp.asarray(moving_mask, dtype=opts["dtype"])
     if opts["metric"] == "ssd":
         return SSDTerm(target, opts["sigma2"], cell, fixed_weight=None if fm is None else fm.astype(opts["dtype"]),
                        moving_weight=W, backend=opts["backend"])

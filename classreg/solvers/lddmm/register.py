@@ -16,7 +16,9 @@ import time
 
 import numpy as np
 
+from ...backend import placement, to_device, to_numpy
 from ...image import Image, as_mask
+from ...kernels._backend import get_array_module
 from ...options import declared
 from ...progress import Progress, StopRegistration
 from ...pyramid import check_schedule, multiresolution
@@ -144,10 +146,12 @@ def register_lddmm(fixed: Image, moving: Image, *, init: Transform | None = None
     memory_limit, time_limit : float, optional
         MB the call may use (default: the memory available now; a larger estimate is refused before any work and
         recorded in ``Result.params["memory_estimate_mb"]``); seconds after which the run stops with its estimate.
-    device : {None, "cpu"}
-        Where to compute; the LDDMM kernels run on the CPU only.
-    backend : {None, "numpy", "numba"}
-        Kernel implementation (default numba when installed).
+    device : {None, "cpu", "cuda", "cuda:N"}
+        Where to compute (default: from the data). On the GPU (``method="bandlimited"`` only) the normalised
+        images go to the device once, the pyramid, shootings, adjoint sweeps, FFTs (cupy.fft), data terms, L-BFGS
+        vectors and fold checks stay there, and the result comes back once (docs/gpu.md).
+    backend : {None, "numpy", "numba", "cuda"}
+        Kernel implementation (default: from the data; numba on the CPU when installed).
     progress : bool
         Show a tqdm bar.
     callback : callable, optional
@@ -183,6 +187,11 @@ def register_lddmm(fixed: Image, moving: Image, *, init: Transform | None = None
     """
     t_start = time.perf_counter()
     check_pair(fixed, moving)
+    dev, backend = placement(device, backend, fixed.data, moving.data)
+    if dev == "cuda" and (method != "bandlimited" or return_trajectory):
+        raise ValueError("register_lddmm runs on the GPU with method='bandlimited' and without return_trajectory "
+                         "only; use device='cpu' for the others")
+    fixed, moving = fixed.to("cpu"), moving.to("cpu")  # the host sees the inputs once (no copy for numpy data)
     init = check_init(init, fixed.ndim)
     check_overlap(fixed, moving, init)
     memory_mb = check_memory("lddmm" if method == "bandlimited" else "lddmm_full", fixed, moving, dtype, memory_limit,
@@ -196,23 +205,30 @@ def register_lddmm(fixed: Image, moving: Image, *, init: Transform | None = None
     fmask = as_mask(fixed_mask, fixed, "fixed_mask")
     mmask = as_mask(moving_mask, moving, "moving_mask")
     intensity_used = _resolve_intensity(intensity, fixed, moving, fmask, mmask)
-    fixed_n, template, mmask_t = _template(fixed, moving, init, fmask, mmask, intensity_used, dtype, backend)
+    fixed_n, template, mmask_t = _template(fixed, moving, init, fmask, mmask, intensity_used, dtype,
+                                           None if dev == "cuda" else backend)
+    ssd_before = mean_sq(fixed_n.data, template.data, fmask)
+    if dev == "cuda":  # the working images go to the device once; the levels and the final shot keep them there
+        fixed_n, template = fixed_n.to(dev), template.to(dev)
+        fmask = None if fmask is None else to_device(fmask, dev)
+        mmask_t = None if mmask_t is None else to_device(mmask_t, dev)
+
     def warm_up():  # the same kernels on a tiny pair, before the bar (progress=True only)
         f, m, fm, mm = tiny_like(fixed, moving)
         register_lddmm(f, m, fixed_mask=None if fixed_mask is None else fm,
                        moving_mask=None if moving_mask is None else mm, metric=metric, kernel=kernel, method=method,
                        intensity=intensity, dtype=dtype, backend=backend, shrink_factors=(2, 1), iterations=(2, 2),
-                       n_steps=4)
+                       n_steps=4, device=None if dev == "cpu" else dev)
 
     prog = Progress("lddmm", callback=callback, progress=progress, time_limit=time_limit,
                     total=int(sum(schedule["iterations"])), warm_up=warm_up,
                     warm_key=warm_key(fixed, moving, metric, kernel, method, intensity, dtype.name, backend,
                                       fixed_mask is None, moving_mask is None))
-    ssd_before = mean_sq(fixed_n.data, template.data, fmask)
     with _blas_single_thread():
         run = _run_levels(fixed_n, template, fmask, mmask_t, schedule, opts, prog, ssd_before)
         t_fin = time.perf_counter()
         shooter, inv_mm, fwd_mm, metrics = _final_shooting(fixed, fixed_n, template, fmask, mmask_t, run, opts)
+    inv_mm, fwd_mm, run["P0"] = to_numpy(inv_mm), to_numpy(fwd_mm), to_numpy(run["P0"])  # the result, once
     metrics["ssd_before"] = ssd_before
     extras = {"velocity_coefficients" if opts["method"] == "bandlimited" else "P0": run["P0"]}
     if return_trajectory and opts["method"] == "bandlimited":
@@ -249,8 +265,6 @@ def _blas_single_thread():
 def _resolve(fixed: Image, moving: Image, *, metric, kernel, kernel_sigma, alpha, order, data_sigma, n_steps,
              max_steps, tol, lncc_radius, dtype, backend, method="full", cutoff=0.2, map_spacing=None) -> dict:
     """The options that depend on each other or on the images, resolved (lengths in mm, σ² of the data term)."""
-    if backend == "cuda":
-        raise ValueError("register_lddmm runs on the CPU only (backend 'numpy' or 'numba'; device 'cpu')")
     if n_steps is None:
         n_steps = 5 if method == "bandlimited" else 10
     if max_steps is None:
@@ -343,7 +357,7 @@ def _run_levels(fixed_n, template, fmask, mmask_t, schedule, opts, prog, ssd_bef
         P0 = state["z"].z if state.get("z") is not None else None
     elif P0 is None or P0.shape != fixed_n.shape:
         P0 = np.zeros(fixed_n.shape, dtype=opts["dtype"])
-    return {"P0": P0 if P0 is None else np.asarray(P0, dtype=opts["dtype"]),
+    return {"P0": P0 if P0 is None else get_array_module(P0).asarray(P0, dtype=opts["dtype"]),
             "n_steps": int(state.get("n_steps", opts["n_steps"])),
             "levels": levels, "stopped": stopped, "converged": converged, "stop_reason": stop_reason}
 
@@ -377,10 +391,11 @@ def result_metrics(fixed_n, fmask, I1, inv_mm, fwd_mm, h, energy, reg, dat, n_st
     from ...kernels.fields import compose
 
     back = compose(fwd_mm, inv_mm, spacing=np.asarray(h), backend=backend)  # φ₁∘φ₁⁻¹ − id
+    xp = get_array_module(back)
     return {"geodesic_length": math.sqrt(max(0.0, 2.0 * reg)), "energy": energy, "data_term": dat,
             "regularization": reg, "ssd_after": mean_sq(fixed_n.data, I1, fmask),
             "min_det": float(np.min(jacobian_determinant(inv_mm, spacing=h, backend=backend))),
-            "inverse_error_voxels": float(np.max(np.sqrt(np.sum((back / np.asarray(h)) ** 2, axis=-1)))),
+            "inverse_error_voxels": float(xp.max(xp.sqrt(xp.sum((back / xp.asarray(h)) ** 2, axis=-1)))),
             "time_steps": int(n_steps), "stability": float(stability), "max_step_voxels": float(max_step),
             "evaluations": int(sum(i["evaluations"] for i in levels)),
             "iterations": int(sum(i["iterations"] for i in levels))}
@@ -407,7 +422,7 @@ def _final_bandlimited(fixed, fixed_n, template, fmask, mmask_t, run, opts):
     z, (energy, reg, dat, path, _), inv_mm = unfolded(shooter, z, data, res)
     run["P0"] = z
     inv_mm, fwd_mm = shooter.maps(z, path, inverse=inv_mm)
-    I1 = sample_linear(template.data.astype(dtype), shooter.x + inv_mm / np.asarray(h, dtype=dtype), backend=backend)
+    I1 = sample_linear(template.data.astype(dtype), shooter.x + inv_mm / shooter._h, backend=backend)
     step = max(float(np.max(np.abs(w))) for w in path.w) / n_final
     metrics = result_metrics(fixed_n, fmask, I1, inv_mm, fwd_mm, h, energy, reg, dat, n_final, path.stability, step,
                              run["levels"], backend)
