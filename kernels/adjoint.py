@@ -20,7 +20,8 @@ coordinates the value equals the sample exactly.
 The numpy functions are the references (test oracles); the ``"numba"`` paths compile the same arithmetic (gathers
 parallel over the first axis; the scatter is a sequential loop, so there are no write races and the result does not
 depend on the thread count). :func:`sample_linear` and :func:`splat_linear` also have a numba.cuda path (one thread
-per point, the same per-point bodies; the scatter adds atomically); the other kernels here reject ``backend="cuda"``.
+per point, the same per-point bodies; the scatter adds atomically); on the GPU the other kernels here run their
+numpy reference as array-module (CuPy) code.
 """
 from __future__ import annotations
 
@@ -39,11 +40,8 @@ __all__ = ["sample_linear", "splat_linear", "gradient_transpose", "det_cofactor"
 # ----------------------------------------------------------------------------------------------------------------
 # argument handling
 # ----------------------------------------------------------------------------------------------------------------
-def _backend_for(backend, *arrays, cuda=False):
-    b = _backend.resolve_backend(backend, *arrays)
-    if b == "cuda" and not cuda:
-        raise ValueError("this kernel of kernels.adjoint has no CUDA path yet; use backend='numpy' or 'numba'")
-    return b
+def _backend_for(backend, *arrays):
+    return _backend.resolve_backend(backend, *arrays)
 
 
 def _float(a, name):
@@ -580,7 +578,7 @@ def sample_linear(image, coords, *, gradient=False, backend=None):
     """
     image = _float(image, "image")
     coords = _float(coords, "coords")
-    b = _backend_for(backend, image, coords, cuda=True)
+    b = _backend_for(backend, image, coords)
     xp = _backend.get_array_module(image, coords) if b == "cuda" else np
     nd = coords.shape[-1] if coords.ndim >= 2 else -1
     if nd not in (2, 3) or image.ndim not in (nd, nd + 1):
@@ -643,7 +641,7 @@ def splat_linear(values, coords, shape, *, backend=None):
     """
     values = _float(values, "values")
     coords = _float(coords, "coords")
-    b = _backend_for(backend, values, coords, cuda=True)
+    b = _backend_for(backend, values, coords)
     xp = _backend.get_array_module(values, coords) if b == "cuda" else np
     shape = tuple(int(n) for n in shape)
     nd = len(shape)
@@ -676,9 +674,10 @@ def splat_linear(values, coords, shape, *, backend=None):
 
 def _gradT_axis(g, axis, h):
     """Transpose of the numpy.gradient stencil (edge_order=1, spacing h) along ``axis``."""
+    xp = _backend.get_array_module(g)
     n = g.shape[axis]
-    g = np.moveaxis(g, axis, 0)
-    out = np.zeros_like(g)
+    g = xp.moveaxis(g, axis, 0)
+    out = xp.zeros_like(g)
     if n >= 3:
         half = g[1:-1] * g.dtype.type(0.5)
         out[2:] += half
@@ -689,7 +688,7 @@ def _gradT_axis(g, axis, h):
     out[n - 2] -= g[n - 1]
     if h != 1.0:
         out *= g.dtype.type(1.0 / h)
-    return np.moveaxis(out, 0, axis)
+    return xp.moveaxis(out, 0, axis)
 
 
 def gradient_transpose(g, *, spacing=1.0, ndim=None, weight=None, backend=None):
@@ -706,7 +705,7 @@ def gradient_transpose(g, *, spacing=1.0, ndim=None, weight=None, backend=None):
         Number of spatial axes: ``g.ndim - 1`` (default; scalar result) or ``g.ndim - 2`` (channels).
     weight : ndarray, shape ``(*spatial)``, optional
         Transpose ``weight · g`` instead of ``g`` (fused, no temporary).
-    backend : {None, "numpy", "numba"}
+    backend : {None, "numpy", "numba", "cuda"}
 
     Returns
     -------
@@ -742,9 +741,9 @@ def gradient_transpose(g, *, spacing=1.0, ndim=None, weight=None, backend=None):
         return out if chan else out[..., 0]
     if weight is not None:
         g = g * (weight.astype(dt, copy=False)[..., None, None] if chan else weight.astype(dt, copy=False)[..., None])
-    if chan:
-        return np.stack([gradient_transpose(g[..., c, :], spacing=spacing, backend="numpy")
-                         for c in range(g.shape[-2])], axis=-1)
+    if chan:  # the reference, also the CUDA path (array-module code on the device)
+        return _backend.get_array_module(g).stack([gradient_transpose(g[..., c, :], spacing=spacing, backend=b)
+                                                   for c in range(g.shape[-2])], axis=-1)
     out = _gradT_axis(g[..., 0], 0, float(h[0]))
     for d in range(1, nd):
         out += _gradT_axis(g[..., d], d, float(h[d]))
@@ -760,7 +759,7 @@ def det_cofactor(u, *, backend=None):
     Parameters
     ----------
     u : ndarray, shape ``(*spatial, nd)``, nd = 2 or 3
-    backend : {None, "numpy", "numba"}
+    backend : {None, "numpy", "numba", "cuda"}
 
     Returns
     -------
@@ -775,29 +774,31 @@ def det_cofactor(u, *, backend=None):
     if any(n < 2 for n in u.shape[:nd]):
         raise ValueError(f"every spatial axis needs at least 2 samples, got {u.shape}")
     b = _backend_for(backend, u)
+    xp = _backend.get_array_module(u) if b == "cuda" else np
     dt = _dtype(u)
-    u = np.ascontiguousarray(u, dtype=dt)
+    u = xp.ascontiguousarray(u, dtype=dt)
     if b == "numba":
         nk = _kern(int(np.prod(u.shape[:nd])))
         det = np.empty(u.shape[:nd], dtype=dt)
         cof = np.empty(u.shape[:nd] + (nd, nd), dtype=dt)
         (nk.detcof2 if nd == 2 else nk.detcof3)(u, det, cof)
         return det, cof
-    A = np.stack([np.stack(np.gradient(u[..., i], axis=tuple(range(nd))), axis=-1) for i in range(nd)], axis=-2)
+    # the reference, also the CUDA path (array-module code on the device)
+    A = xp.stack([xp.stack(xp.gradient(u[..., i], axis=tuple(range(nd))), axis=-1) for i in range(nd)], axis=-2)
     A = A.astype(dt, copy=False)
     for r in range(nd):
         A[..., r, r] += dt.type(1)
     if nd == 2:
         det = A[..., 0, 0] * A[..., 1, 1] - A[..., 0, 1] * A[..., 1, 0]
-        cof = np.empty_like(A)
+        cof = xp.empty_like(A)
         cof[..., 0, 0] = A[..., 1, 1]
         cof[..., 0, 1] = -A[..., 1, 0]
         cof[..., 1, 0] = -A[..., 0, 1]
         cof[..., 1, 1] = A[..., 0, 0]
         return det, cof
     a0, a1, a2 = A[..., 0, :], A[..., 1, :], A[..., 2, :]
-    cof = np.stack([np.cross(a1, a2), np.cross(a2, a0), np.cross(a0, a1)], axis=-2)
-    det = np.sum(a0 * cof[..., 0, :], axis=-1)
+    cof = xp.stack([xp.cross(a1, a2), xp.cross(a2, a0), xp.cross(a0, a1)], axis=-2)
+    det = xp.sum(a0 * cof[..., 0, :], axis=-1)
     return det, cof
 
 
@@ -814,7 +815,7 @@ def jacobian_norm_max(v, *, spacing=1.0, backend=None):
         Channels-last field with 2 or 3 spatial axes (each ≥ 2 samples); C components (usually C = nd).
     spacing : float or sequence of float
         Spacing per spatial axis.
-    backend : {None, "numpy", "numba"}
+    backend : {None, "numpy", "numba", "cuda"}
 
     Returns
     -------
@@ -830,15 +831,16 @@ def jacobian_norm_max(v, *, spacing=1.0, backend=None):
     if not np.all(np.isfinite(h)) or np.any(h <= 0):
         raise ValueError(f"spacing must be positive and finite, got {spacing!r}")
     b = _backend_for(backend, v)
+    xp = _backend.get_array_module(v) if b == "cuda" else np
     dt = _dtype(v)
-    v = np.ascontiguousarray(v, dtype=dt)
-    if b == "numpy":
-        acc = np.zeros(v.shape[:nd], dtype=np.float64)
+    v = xp.ascontiguousarray(v, dtype=dt)
+    if b != "numba":  # the reference, also the CUDA path (array-module code on the device; one scalar read)
+        acc = xp.zeros(v.shape[:nd], dtype=np.float64)
         for c in range(v.shape[-1]):
-            for a, g in enumerate(np.gradient(v[..., c], *[float(x) for x in h], axis=tuple(range(nd)))
-                                  if nd > 1 else [np.gradient(v[..., c], float(h[0]))]):
+            for a, g in enumerate(xp.gradient(v[..., c], *[float(x) for x in h], axis=tuple(range(nd)))
+                                  if nd > 1 else [xp.gradient(v[..., c], float(h[0]))]):
                 acc += g.astype(np.float64) ** 2
-        return float(np.sqrt(acc.max()))
+        return float(xp.sqrt(acc.max()))
     nk = _kern(int(np.prod(v.shape[:nd])))
     out = np.zeros(v.shape[0], dtype=np.float64)
     (nk.jnorm2 if nd == 2 else nk.jnorm3)(v, np.asarray(1.0 / h, dtype=np.float64), out)
@@ -863,7 +865,7 @@ def velocity_adjoint(ubar, du, coef, *, backend=None):
     du : ndarray, shape ``(*spatial, d, d)``
         ``∂u_c/∂Y_j`` (the gradient output of :func:`sample_linear` for the field u).
     coef : sequence of d floats
-    backend : {None, "numpy", "numba"}
+    backend : {None, "numpy", "numba", "cuda"}
 
     Returns
     -------
@@ -872,6 +874,9 @@ def velocity_adjoint(ubar, du, coef, *, backend=None):
     b = _backend_for(backend, ubar, du)
     d = ubar.shape[-1]
     dt = _dtype(ubar, du)
+    if b == "cuda":  # array-module code on the device (d coefficients go up as scalars)
+        xp = _backend.get_array_module(ubar, du)
+        return (ubar + xp.einsum("...c,...cj->...j", ubar, du)) * xp.asarray(np.asarray(coef, dtype=dt))
     c = np.asarray(coef, dtype=dt)
     if b == "numpy":
         return (ubar + np.einsum("...c,...cj->...j", ubar, du)) * c
@@ -888,7 +893,7 @@ def momentum_adjoint(g, mbar, det, Q, *, backend=None):
     ----------
     g, mbar : ndarray, shape ``(*spatial, d)``
     det, Q : ndarray, shape ``(*spatial)``
-    backend : {None, "numpy", "numba"}
+    backend : {None, "numpy", "numba", "cuda"}
 
     Returns
     -------
@@ -896,8 +901,8 @@ def momentum_adjoint(g, mbar, det, Q, *, backend=None):
     """
     b = _backend_for(backend, g, mbar)
     dt = _dtype(g, mbar, det, Q)
-    if b == "numpy":
-        Pbar = np.sum(g * mbar, axis=-1)
+    if b != "numba":  # the reference, also the CUDA path (array-module code on the device)
+        Pbar = (g * mbar).sum(axis=-1)
         return Pbar, Pbar * det, Pbar * Q
     d = g.shape[-1]
     shp = g.shape[:-1]
@@ -915,7 +920,7 @@ def add_sample_adjoint(ubar, Qbar, Ibar, ds, *, backend=None):
     ``ubar`` must be a C-contiguous ``(*spatial, d)`` array of the working dtype.
     """
     b = _backend_for(backend, ubar, ds)
-    if b == "numpy" or not ubar.flags.c_contiguous:
+    if b != "numba" or not ubar.flags.c_contiguous:  # the reference, also the CUDA path (array-module code)
         ubar += Qbar[..., None] * ds[..., 1, :] + Ibar[..., None] * ds[..., 0, :]
         return ubar
     d = ubar.shape[-1]
