@@ -876,7 +876,8 @@ def velocity_adjoint(ubar, du, coef, *, backend=None):
     dt = _dtype(ubar, du)
     if b == "cuda":  # array-module code on the device (d coefficients go up as scalars)
         xp = _backend.get_array_module(ubar, du)
-        return (ubar + xp.einsum("...c,...cj->...j", ubar, du)) * xp.asarray(np.asarray(coef, dtype=dt))
+        c = coef.astype(dt) if _backend.is_cupy_array(coef) else xp.asarray(np.asarray(coef, dtype=dt))
+        return (ubar + xp.einsum("...c,...cj->...j", ubar, du)) * c
     c = np.asarray(coef, dtype=dt)
     if b == "numpy":
         return (ubar + np.einsum("...c,...cj->...j", ubar, du)) * c

@@ -64,7 +64,9 @@ class GaussianKernel:
         """K⋆v for a scalar ``shape`` array or a channels-last ``shape + (C,)`` field."""
         from ...kernels.smooth import gaussian
 
-        if self.backend == "numba" and not self.small:
+        if self.backend == "cuda" or (self.backend == "numba" and not self.small):
+            # on the GPU the FIR too: its taps (a few dozen numbers, once per σ) are the only upload, where the FFT
+            # operator would upload its grid-sized symbol on every new level
             return gaussian(v, self.sigma, spacing=self.spacing, ndim=len(self.shape), mode="constant",
-                            backend="numba")
+                            backend=self.backend)
         return self.fourier.apply(v, workers=1 if self.small else None)

@@ -65,7 +65,7 @@ OPTIONS = Declaration(
         shared("threads"),
         shared("memory_limit"),
         shared("time_limit"),
-        shared("device", help="where to compute ('cuda': method 'bandlimited' only, the data stay on the GPU)"),
+        shared("device", help="where to compute ('cuda': the data stay on the GPU)"),
         shared("backend"),
         shared("progress"),
         shared("callback"),

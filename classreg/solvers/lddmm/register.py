@@ -147,9 +147,9 @@ def register_lddmm(fixed: Image, moving: Image, *, init: Transform | None = None
         MB the call may use (default: the memory available now; a larger estimate is refused before any work and
         recorded in ``Result.params["memory_estimate_mb"]``); seconds after which the run stops with its estimate.
     device : {None, "cpu", "cuda", "cuda:N"}
-        Where to compute (default: from the data). On the GPU (``method="bandlimited"`` only) the normalised
-        images go to the device once, the pyramid, shootings, adjoint sweeps, FFTs (cupy.fft), data terms, L-BFGS
-        vectors and fold checks stay there, and the result comes back once (docs/gpu.md).
+        Where to compute (default: from the data). On the GPU the normalised images go to the device once, the
+        pyramid, shootings, adjoint sweeps, FFTs (cupy.fft), data terms, L-BFGS vectors and fold checks stay there,
+        and the result comes back once (docs/gpu.md); ``return_trajectory`` is CPU-only.
     backend : {None, "numpy", "numba", "cuda"}
         Kernel implementation (default: from the data; numba on the CPU when installed).
     progress : bool
@@ -188,9 +188,8 @@ def register_lddmm(fixed: Image, moving: Image, *, init: Transform | None = None
     t_start = time.perf_counter()
     check_pair(fixed, moving)
     dev, backend = placement(device, backend, fixed.data, moving.data)
-    if dev == "cuda" and (method != "bandlimited" or return_trajectory):
-        raise ValueError("register_lddmm runs on the GPU with method='bandlimited' and without return_trajectory "
-                         "only; use device='cpu' for the others")
+    if dev == "cuda" and return_trajectory:
+        raise ValueError("register_lddmm: return_trajectory runs on the CPU only; use device='cpu'")
     fixed, moving = fixed.to("cpu"), moving.to("cpu")  # the host sees the inputs once (no copy for numpy data)
     init = check_init(init, fixed.ndim)
     check_overlap(fixed, moving, init)
@@ -356,7 +355,7 @@ def _run_levels(fixed_n, template, fmask, mmask_t, schedule, opts, prog, ssd_bef
     if opts["method"] == "bandlimited":
         P0 = state["z"].z if state.get("z") is not None else None
     elif P0 is None or P0.shape != fixed_n.shape:
-        P0 = np.zeros(fixed_n.shape, dtype=opts["dtype"])
+        P0 = get_array_module(fixed_n.data).zeros(fixed_n.shape, dtype=opts["dtype"])
     return {"P0": P0 if P0 is None else get_array_module(P0).asarray(P0, dtype=opts["dtype"]),
             "n_steps": int(state.get("n_steps", opts["n_steps"])),
             "levels": levels, "stopped": stopped, "converged": converged, "stop_reason": stop_reason}

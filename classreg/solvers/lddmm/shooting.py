@@ -93,10 +93,12 @@ class GeodesicShooting:
 
     def __init__(self, template, spacing, operator, n_steps, *, dtype=np.float64, backend=None, source_mu=0.0,
                  source_weights=None):
+        from ...kernels._backend import get_array_module
         from ...kernels.diff import gradient
 
         self.dtype = np.dtype(dtype)
-        self.I0 = np.ascontiguousarray(template, dtype=self.dtype)
+        self.xp = xp = get_array_module(template)  # everything below stays on the template's device
+        self.I0 = xp.ascontiguousarray(template, dtype=self.dtype)
         self.nd = self.I0.ndim
         if self.nd not in (2, 3):
             raise ValueError(f"template must be 2-D or 3-D, got shape {self.I0.shape}")
@@ -113,18 +115,18 @@ class GeodesicShooting:
         self.backend = backend
         # stencils (gradient, Jacobian determinant) of kernels.diff: numpy on small grids (see _small)
         self.stencil_backend = "numpy" if backend in (None, "auto", "numba") and small_grid(self.shape) else backend
-        self.hv = np.asarray(self.h, dtype=self.dtype)
-        self.x = np.ascontiguousarray(np.stack(np.indices(self.shape, dtype=self.dtype), axis=-1))
+        self.hv = xp.asarray(np.asarray(self.h, dtype=self.dtype))  # d numbers (scalar uploads on a device)
+        self.x = xp.ascontiguousarray(xp.stack(xp.indices(self.shape, dtype=self.dtype), axis=-1))
         self.g0 = gradient(self.I0, spacing=self.h, backend=self.stencil_backend)
         self.mu = float(source_mu)
         self.W = None
         if self.mu != 0.0:
             if source_weights is None:
                 raise ValueError("source_weights is required when source_mu != 0")
-            if isinstance(source_weights, np.ndarray) and source_weights.shape == self.shape:
-                self.W = [np.asarray(source_weights, dtype=self.dtype)] * self.n
+            if hasattr(source_weights, "shape") and source_weights.shape == self.shape:
+                self.W = [xp.asarray(source_weights, dtype=self.dtype)] * self.n
             else:
-                self.W = [np.asarray(w, dtype=self.dtype) for w in source_weights]
+                self.W = [xp.asarray(w, dtype=self.dtype) for w in source_weights]
                 if len(self.W) != self.n or any(w.shape != self.shape for w in self.W):
                     raise ValueError(f"source_weights must be one array of shape {self.shape} or {self.n} of them")
 
@@ -137,10 +139,10 @@ class GeodesicShooting:
         return -self.K.apply(m), m, g
 
     def _check_P0(self, P0):
-        P0 = np.asarray(P0)
+        P0 = self.xp.asarray(P0)
         if P0.shape != self.shape:
             raise ValueError(f"P0 must have shape {self.shape}, got {P0.shape}")
-        return np.ascontiguousarray(P0, dtype=self.dtype)
+        return self.xp.ascontiguousarray(P0, dtype=self.dtype)
 
     def forward(self, P0, *, end_velocity=False, stability_limit=None) -> _Path:
         """Shoot ``P0``; returns the stored path (maps, velocities, final image, stability numbers).
@@ -151,12 +153,13 @@ class GeodesicShooting:
         from ...kernels.adjoint import jacobian_norm_max, sample_linear
         from ...kernels.diff import jacobian_determinant
 
+        xp = self.xp
         P0 = self._check_P0(P0)
-        src = np.ascontiguousarray(np.stack([self.I0, P0], axis=-1))
+        src = xp.ascontiguousarray(xp.stack([self.I0, P0], axis=-1))
         path = _Path()
         dt = self.dtype.type(self.dt)
-        u = np.zeros(self.shape + (self.nd,), dtype=self.dtype)
-        R = np.zeros(self.shape, dtype=self.dtype) if self.W is not None else None
+        u = xp.zeros(self.shape + (self.nd,), dtype=self.dtype)
+        R = xp.zeros(self.shape, dtype=self.dtype) if self.W is not None else None
         for k in range(self.n + (1 if end_velocity else 0)):
             if k == 0:
                 Ik, Qk, det = self.I0, P0, None
@@ -172,7 +175,7 @@ class GeodesicShooting:
                 path.v_end = v
                 break
             step = v * (dt / self.hv)
-            mstep = float(np.max(np.abs(step)))
+            mstep = float(xp.max(xp.abs(step)))
             stab = self.dt * jacobian_norm_max(v, spacing=self.h, backend=self.backend)
             if not (math.isfinite(stab) and math.isfinite(mstep)):
                 stab = math.inf
@@ -189,7 +192,7 @@ class GeodesicShooting:
                 u_new = sample_linear(u, self.x - step, backend=self.backend) - step
             if R is not None:
                 path.R.append(R)
-                R_new = sample_linear(R, self.x - step, backend=self.backend) if k > 0 else np.zeros_like(R)
+                R_new = sample_linear(R, self.x - step, backend=self.backend) if k > 0 else xp.zeros_like(R)
                 R = R_new + (dt * self.dtype.type(self.mu)) * self.W[k] * Pk
             u = u_new
         path.u.append(u)
@@ -213,8 +216,8 @@ class GeodesicShooting:
         """½ ν ⟨P₀, W₀ P₀⟩ (physical integral): the cost of the intensity source (0 without one)."""
         if self.W is None:
             return 0.0
-        P = np.asarray(P0, dtype=np.float64)
-        return 0.5 * self.mu * self.cell * float(np.sum(self.W[0] * P * P))
+        P = self.xp.asarray(P0, dtype=np.float64)
+        return 0.5 * self.mu * self.cell * float(self.xp.sum(self.W[0] * P * P))
 
     def geodesic_length(self, P0) -> float:
         """‖v₀‖_V = ⟨P₀∇I₀, K⋆(P₀∇I₀)⟩^½ (physical integral): the length of the geodesic, a distance I₀ → I₁
@@ -258,18 +261,19 @@ class GeodesicShooting:
         ``(∂E/∂I₁, ∂E/∂X₁)`` returned by :meth:`evaluate`."""
         from ...kernels.adjoint import sample_linear
 
+        xp = self.xp
         P0 = self._check_P0(P0)
         dI1, dX1 = seed
-        src = np.ascontiguousarray(np.stack([self.I0, P0], axis=-1))
+        src = xp.ascontiguousarray(xp.stack([self.I0, P0], axis=-1))
         _, dI0 = sample_linear(self.I0, path.X1, gradient=True, backend=self.backend)
         ubar = dI1[..., None] * dI0
         if dX1 is not None:
             ubar = ubar + dX1
         Rbar = dI1 if self.W is not None else None
-        P0bar = np.zeros(self.shape, dtype=self.dtype)
+        P0bar = xp.zeros(self.shape, dtype=self.dtype)
         for k in range(self.n - 1, -1, -1):
             ubar, Rbar = self._reverse_step(k, P0, src, path, ubar, Rbar, P0bar)
-        P0bar -= self.dtype.type(self.cell) * np.sum(self.g0 * path.v[0], axis=-1)
+        P0bar -= self.dtype.type(self.cell) * xp.sum(self.g0 * path.v[0], axis=-1)
         if self.W is not None:
             P0bar += self.dtype.type(self.mu * self.cell) * self.W[0] * P0
         return P0bar
@@ -327,7 +331,7 @@ class GeodesicShooting:
         if self.W is None:
             return velocity_adjoint(ubar, du, coef, backend=be)
         _, dR = sample_linear(path.R[k], Y, gradient=True, backend=be)
-        return (ubar + np.einsum("...c,...cj->...j", ubar, du) + Rbar[..., None] * dR) * coef
+        return (ubar + self.xp.einsum("...c,...cj->...j", ubar, du) + Rbar[..., None] * dR) * coef
 
     def _momentum_bar(self, k, g, mbar, det, Qk, Rbar):
         """``(Q̄_k, dēt_k)`` from m̄_k through ``m_k = P_k g_k``, ``P_k = det_k Q_k`` [and the source term]."""
@@ -336,7 +340,7 @@ class GeodesicShooting:
         if self.W is None and det is not None:
             _, Qbar, detbar = momentum_adjoint(g, mbar, det, Qk, backend=self.backend)
             return Qbar, detbar
-        Pbar = np.sum(g * mbar, axis=-1)
+        Pbar = self.xp.sum(g * mbar, axis=-1)
         if self.W is not None:
             Pbar += (self.dtype.type(self.dt) * self.dtype.type(self.mu)) * self.W[k] * Rbar
         return (Pbar if det is None else Pbar * det), (None if det is None else Pbar * Qk)
@@ -354,7 +358,7 @@ class GeodesicShooting:
                 from ...kernels.adjoint import sample_linear
                 from ...kernels.diff import jacobian_determinant
 
-                s = sample_linear(np.stack([self.I0, P0], -1), self.x + u, backend=self.backend)
+                s = sample_linear(self.xp.stack([self.I0, P0], -1), self.x + u, backend=self.backend)
                 Ik = s[..., 0] + (path.R[k] if self.W is not None else 0)
                 P = jacobian_determinant(u, spacing=1.0, backend=self.backend) * s[..., 1]
             _, m, _ = self._velocity(P, Ik)
@@ -374,7 +378,7 @@ class GeodesicShooting:
             path = self.forward(P0)
         h = np.asarray(self.h)
         inv_mm = path.u[-1] * self.hv
-        fwd = np.zeros_like(inv_mm)
+        fwd = self.xp.zeros_like(inv_mm)
         for v in path.v:
             s, _ = invert(-self.dt * v, spacing=h, tol=1e-6, max_iter=50, backend=self.backend)
             fwd = compose(s.astype(self.dtype), fwd, spacing=h, backend=self.backend)

@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 
+from ...kernels._backend import get_array_module
 from ...optimise import Restart, minimise
 from ...progress import similarity
 from .objective import data_term
@@ -126,8 +127,9 @@ def level_step(level, state, progress, opts, source=None):
     """
     t0 = time.perf_counter()
     dtype = opts["dtype"]
-    F = np.asarray(level.fixed.data, dtype=dtype)
-    M = np.asarray(level.moving.data, dtype=dtype)
+    xp = get_array_module(level.fixed.data)  # the level's images are on the device for backend "cuda"
+    F = xp.asarray(level.fixed.data, dtype=dtype)
+    M = xp.asarray(level.moving.data, dtype=dtype)
     h = tuple(level.fixed.spacing_array_order)
     op = kernel_operator(F.shape, h, kernel=opts["kernel"], kernel_sigma=opts["kernel_sigma"], alpha=opts["alpha"],
                          order=opts["order"], backend=opts["backend"])
@@ -139,8 +141,8 @@ def level_step(level, state, progress, opts, source=None):
     data = data_term(opts, F, level.fixed_mask, level.moving_mask, h)
     P0 = state.get("P0")
     if P0 is None or P0.shape != F.shape:
-        P0 = np.zeros(F.shape, dtype=dtype)
-    state["P0"] = P0 = np.asarray(P0, dtype=dtype)
+        P0 = xp.zeros(F.shape, dtype=dtype)
+    state["P0"] = P0 = xp.asarray(P0, dtype=dtype)
     n_max = opts["max_steps"]
     n_min = opts["n_steps"] if level.is_finest else max(2, (opts["n_steps"] + 1) // 2)
     n = min(n_max, max(n_min, int(state.get("n_steps", 0))))
@@ -179,7 +181,7 @@ def _start(make, P0, data, n, n_max, state, info, index):
     if not math.isfinite(res[0]):  # the transferred momentum does not shoot: restart this level from P₀ = 0
         _log.warning("lddmm level %d: the momentum from the coarser level gives a non-finite energy; restarting "
                      "from P0 = 0", index)
-        state["P0"] = P0 = np.zeros_like(P0)
+        state["P0"] = P0 = get_array_module(P0).zeros_like(P0)
         shooter, n, res, ev = stable_start(make, P0, data, n, n_max)
         info["evaluations"] += ev
         if not math.isfinite(res[0]):

@@ -136,17 +136,28 @@ class MaskSchedule:
         raise ValueError("pass either mask (with mask_evolution 'grow' or 'constant') or a sequence of masks as "
                          "mask_evolution, not both")
 
+    def to(self, device) -> "MaskSchedule":
+        """The schedule with its frames on ``device`` ("cpu" or "cuda"): uploaded once; the levels' frames and the
+        weights are then computed there."""
+        from ...backend import to_device
+
+        out = MaskSchedule([], self.fixed)
+        out.frames = [to_device(f, device) for f in self.frames]
+        return out
+
     def weights(self, level_fixed: Image, shrink: float, n: int, dtype) -> list:
         """``W_k = M(k/n)``, k = 0..n−1, on ``level_fixed``'s grid: the pyramid level of the fixed image shrunk by
         ``shrink`` (the frames are resampled as the pyramid resamples the image, without smoothing)."""
+        from ...kernels._backend import get_array_module
         from ...pyramid import downsample
 
+        xp = get_array_module(self.frames[0])  # on the frames' device (resampled there, no upload)
         key = (level_fixed.shape, tuple(level_fixed.spacing))
         if key not in self._levels:
             if level_fixed.same_grid(self.fixed):
                 self._levels[key] = self.frames
             else:
-                self._levels[key] = [np.clip(np.asarray(downsample(self.fixed.like(f.astype(np.float32)), shrink,
+                self._levels[key] = [xp.clip(xp.asarray(downsample(self.fixed.like(f.astype(np.float32)), shrink,
                                                                     0.0).data, dtype=np.float64), 0.0, 1.0)
                                      for f in self.frames]
                 if self._levels[key][0].shape != level_fixed.shape:  # pragma: no cover - the pyramid's own geometry

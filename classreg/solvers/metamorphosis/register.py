@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 
+from ...backend import placement, to_device, to_numpy
 from ...image import Image, as_mask
 from ...options import declared
 from ...progress import Progress, StopRegistration
@@ -117,7 +118,10 @@ def register_metamorphosis(fixed: Image, moving: Image, *, init: Transform | Non
     return_trajectory : bool
         Also keep ``I_t`` (t = k/n_t, normalised intensities) in ``extras["trajectory_images"]``.
     dtype, seed, threads, memory_limit, time_limit, device, backend, progress, callback
-        As in ``register_lddmm`` (CPU only; deterministic).
+        As in ``register_lddmm`` (deterministic on the CPU). With ``device="cuda"`` (or CuPy images) the mask
+        schedule is built on the host, its frames go to the device once with the normalised images, and the
+        pyramid, shootings with the source, adjoint sweeps and L-BFGS stay there (docs/gpu.md);
+        ``return_trajectory`` is CPU-only.
 
     Returns
     -------
@@ -144,6 +148,11 @@ def register_metamorphosis(fixed: Image, moving: Image, *, init: Transform | Non
     """
     t_start = time.perf_counter()
     check_pair(fixed, moving)
+    dev, backend = placement(device, backend, fixed.data, moving.data)
+    if dev == "cuda" and return_trajectory:
+        raise ValueError("register_metamorphosis: return_trajectory runs on the CPU only; use device='cpu'")
+    fixed, moving = fixed.to("cpu"), moving.to("cpu")  # the host sees the inputs once (no copy for numpy data)
+    host_backend = None if dev == "cuda" else backend  # what runs before the loop (the mask schedule, I₀)
     init = check_init(init, fixed.ndim)
     check_overlap(fixed, moving, init)
     memory_mb = check_memory("metamorphosis", fixed, moving, dtype, memory_limit,
@@ -159,11 +168,17 @@ def register_metamorphosis(fixed: Image, moving: Image, *, init: Transform | Non
     fmask = as_mask(fixed_mask, fixed, "fixed_mask")
     mmask = as_mask(moving_mask, moving, "moving_mask")
     t_mask = time.perf_counter()
-    masks = MaskSchedule.build(mask, mask_evolution, fixed, dtype=dtype, backend=backend)
+    masks = MaskSchedule.build(mask, mask_evolution, fixed, dtype=dtype, backend=host_backend)
     t_mask = time.perf_counter() - t_mask
     nu = float(mu) ** 2 / float(rho)
     intensity_used = _resolve_intensity(intensity, fixed, moving, fmask, mmask)
-    fixed_n, template, mmask_t = _template(fixed, moving, init, fmask, mmask, intensity_used, dtype, backend)
+    fixed_n, template, mmask_t = _template(fixed, moving, init, fmask, mmask, intensity_used, dtype, host_backend)
+    ssd_before = mean_sq(fixed_n.data, template.data, fmask)
+    host_masks = masks
+    if dev == "cuda":  # the working images and the mask frames go to the device once; the loop keeps them there
+        fixed_n, template, masks = fixed_n.to(dev), template.to(dev), masks.to(dev)
+        fmask = None if fmask is None else to_device(fmask, dev)
+        mmask_t = None if mmask_t is None else to_device(mmask_t, dev)
 
     def source(level, n):
         if nu == 0.0:
@@ -174,21 +189,23 @@ def register_metamorphosis(fixed: Image, moving: Image, *, init: Transform | Non
         f, m, fm, mm = tiny_like(fixed, moving)
         register_metamorphosis(f, m, mu=mu, rho=rho, fixed_mask=None if fixed_mask is None else fm,
                                moving_mask=None if moving_mask is None else mm, metric=metric, intensity=intensity,
-                               dtype=dtype, backend=backend, shrink_factors=(2, 1), iterations=(2, 2), n_steps=4)
+                               dtype=dtype, backend=backend, shrink_factors=(2, 1), iterations=(2, 2), n_steps=4,
+                               device=None if dev == "cpu" else dev)
 
     prog = Progress("metamorphosis", callback=callback, progress=progress, time_limit=time_limit,
                     total=int(sum(schedule["iterations"])), warm_up=warm_up,
                     warm_key=warm_key(fixed, moving, metric, intensity, dtype.name, backend, fixed_mask is None,
                                       moving_mask is None))
-    ssd_before = mean_sq(fixed_n.data, template.data, fmask)
     run = _run_levels(fixed_n, template, fmask, mmask_t, schedule, opts, prog, ssd_before, source=source)
     t_fin = time.perf_counter()
     shooter, path, inv_mm, fwd_mm, metrics = _final(fixed, fixed_n, template, fmask, mmask_t, run, opts, masks, nu)
     metrics["ssd_before"] = ssd_before
-    extras = _outputs(shooter, path, run["P0"], fixed, fixed_n, masks, mu, rho, return_trajectory)
+    extras = _outputs(shooter, path, run["P0"], fixed, fixed_n, host_masks, mu, rho, return_trajectory)
+    inv_mm, fwd_mm = to_numpy(inv_mm), to_numpy(fwd_mm)  # the result comes to the host once
+    xp = shooter.xp  # the added-intensity metrics where R is (scalar reads)
     outside = masks.at(1.0) < 0.05
-    absR = np.abs(np.asarray(path.R[-1], dtype=np.float64)) if path.R else np.zeros(fixed.shape)
-    metrics["added_intensity"] = float(np.sqrt(np.mean(absR ** 2)))
+    absR = xp.abs(xp.asarray(path.R[-1], dtype=np.float64)) if path.R else xp.zeros(fixed.shape)
+    metrics["added_intensity"] = float(xp.sqrt(xp.mean(absR ** 2)))
     metrics["added_outside_mask"] = float(absR[outside].sum() / absR.sum()) if absR.sum() > 0 else 0.0
     timings = {"total": time.perf_counter() - t_start, "mask_schedule": t_mask,
                "final_shooting": time.perf_counter() - t_fin, "levels": [i["seconds"] for i in run["levels"]],
@@ -239,33 +256,34 @@ def _outputs(shooter, path, P0, fixed, fixed_n, masks, mu, rho, return_trajector
     from ...kernels.adjoint import sample_linear
     from ...kernels.diff import jacobian_determinant
 
+    xp = shooter.xp  # the path is on the shooter's device: each extra comes to the host once, as it is stored
     f = np.asarray(fixed.numpy(), dtype=np.float64)
-    fn = np.asarray(fixed_n.data, dtype=np.float64)
-    span = float(np.ptp(f)) / float(np.ptp(fn))  # original units per normalised unit
+    fn = xp.asarray(fixed_n.data, dtype=np.float64)
+    span = float(np.ptp(f)) / float(xp.ptp(fn))  # original units per normalised unit
     lo = float(f.min()) - float(fn.min()) * span
     dtype = shooter.dtype
-    R1 = path.R[-1] if path.R else np.zeros(fixed.shape, dtype=dtype)
+    R1 = path.R[-1] if path.R else xp.zeros(fixed.shape, dtype=dtype)
     residuals = []
     for k, u in enumerate(path.u):
         if k == 0:
-            P = np.asarray(P0, dtype=dtype)
+            P = xp.asarray(P0, dtype=dtype)
         else:
             det = jacobian_determinant(u, spacing=1.0, backend=shooter.backend)
-            P = det * sample_linear(np.asarray(P0, dtype=dtype), shooter.x + u, backend=shooter.backend)
+            P = det * sample_linear(xp.asarray(P0, dtype=dtype), shooter.x + u, backend=shooter.backend)
         residuals.append((float(mu) / float(rho)) * span * P)
-    out = {"final_image": fixed.like((np.asarray(path.I1, np.float64) * span + lo).astype(np.float32)),
-           "added_intensity": fixed.like((np.asarray(R1, np.float64) * span).astype(np.float32)),
-           "residuals": fixed.like(np.stack(residuals, axis=-1).astype(np.float32), vector=True),
+    out = {"final_image": fixed.like((np.asarray(to_numpy(path.I1), np.float64) * span + lo).astype(np.float32)),
+           "added_intensity": fixed.like((np.asarray(to_numpy(R1), np.float64) * span).astype(np.float32)),
+           "residuals": fixed.like(to_numpy(xp.stack(residuals, axis=-1)).astype(np.float32), vector=True),
            "mask_frames": fixed.like(np.stack(masks.frames, axis=-1).astype(np.float32), vector=True),
-           "P0": np.asarray(P0)}
+           "P0": to_numpy(P0)}
     def image_at(k):  # I_{t_k} = I₀∘φ_{t_k}⁻¹ + R_{t_k}, normalised units
         Ik = sample_linear(shooter.I0, shooter.x + path.u[k], backend=shooter.backend)
         return Ik + path.R[k] if path.R else Ik
 
     n_t = len(path.u) - 1
     picks = sorted({int(round(q * n_t)) for q in TRAJECTORY_TIMES})
-    out["trajectory"] = fixed.like(np.stack([np.asarray(image_at(k), np.float64) * span + lo for k in picks],
-                                            axis=-1).astype(np.float32), vector=True)
+    out["trajectory"] = fixed.like(np.stack([np.asarray(to_numpy(image_at(k)), np.float64) * span + lo
+                                             for k in picks], axis=-1).astype(np.float32), vector=True)
     if return_trajectory:
         out["trajectory_images"] = [image_at(k) for k in range(n_t + 1)]
     return out
