@@ -252,7 +252,7 @@ _WARM_UP_MAP = {
     "Resampler": '"DefaultResampler"', "FixedImagePyramid": '"FixedSmoothingImagePyramid"',
     "MovingImagePyramid": '"MovingSmoothingImagePyramid"', "FixedInternalImagePixelType": '"float"',
     "MovingInternalImagePixelType": '"float"', "NumberOfResolutions": "2", "MaximumNumberOfIterations": "3",
-    "NumberOfSpatialSamples": "256", "NewSamplesEveryIteration": '"true"', "NumberOfHistogramBins": "32",
+    "NewSamplesEveryIteration": '"true"', "NumberOfHistogramBins": "32",
     "AutomaticTransformInitialization": '"true"', "AutomaticScalesEstimation": '"true"',
     "FinalGridSpacingInVoxels": "8", "WriteResultImage": '"true"', "ResultImagePixelType": '"float"',
 }
@@ -285,7 +285,10 @@ def _warm_up() -> None:
                 os.mkdir(out)
                 pfile = os.path.join(out, "p.txt")
                 with open(pfile, "w") as fh:
-                    fh.write("".join(f"({k} {v})\n" for k, v in dict(_WARM_UP_MAP, Transform=f'"{transform}"').items()))
+                    # elastix's usual sample counts, so that the kernels chosen by the draw size (the parallel 3-D
+                    # affine iteration) are the ones real jobs use
+                    pmap = dict(_WARM_UP_MAP, Transform=f'"{transform}"', NumberOfSpatialSamples=str(512 << ndim))
+                    fh.write("".join(f"({k} {v})\n" for k, v in pmap.items()))
                 sink = io.StringIO()
                 code = registration.main(["-f", os.path.join(tmp, f"f{ndim}.nii.gz"), "-m",
                                           os.path.join(tmp, f"m{ndim}.nii.gz"), "-p", pfile, "-out", out],

@@ -153,11 +153,13 @@ class LevelObjective:
         to_y = fixed.affine if pre is None else np.asarray(pre.homogeneous, dtype=float) @ fixed.affine
         self._y_lin, self._y_off = np.ascontiguousarray(to_y[:-1, :-1].T), to_y[:-1, -1].copy()
         m = np.asarray(moving.numpy(), dtype=np.float64)
-        channels = [m[..., None], np.asarray(gradient(m, spacing=1.0, backend=backend), dtype=np.float64)]
+        # float32: the scattered reads of an iteration are memory-bound (values and sums stay float64); filled
+        # channel by channel (no float64 stack of the image's size)
+        self.stack = np.empty(m.shape + (1 + n + (moving_mask is not None),), dtype=np.float32)
+        self.stack[..., 0] = m
+        self.stack[..., 1:1 + n] = gradient(m, spacing=1.0, backend=backend)
         if moving_mask is not None:
-            channels.append(np.asarray(moving_mask, dtype=np.float64)[..., None])
-        # float32: the scattered reads of an iteration are memory-bound (values and sums stay float64)
-        self.stack = np.ascontiguousarray(np.concatenate(channels, axis=-1), dtype=np.float32)
+            self.stack[..., -1] = np.asarray(moving_mask, dtype=np.float32)
         self.has_mmask = moving_mask is not None
         if interpolation not in INTERPOLATIONS:
             raise ValueError(f"unknown interpolation {interpolation!r}; valid: {', '.join(INTERPOLATIONS)}")

@@ -526,8 +526,9 @@ def _center_of_mass(img: Image, mask) -> np.ndarray:
     total = float(w.sum())
     if not total > 0:
         raise ValueError("init='moments': the image is constant (inside its mask); use init='geometry'")
-    idx = np.stack(np.meshgrid(*[np.arange(s, dtype=float) for s in a.shape], indexing="ij"), -1)
-    c_idx = (idx * w[..., None]).reshape(-1, a.ndim).sum(0) / total
+    # axis by axis: the weight profile along each axis against its indices (no index grid of the image's size)
+    c_idx = np.array([np.arange(a.shape[k], dtype=float) @ w.sum(axis=tuple(j for j in range(a.ndim) if j != k))
+                      for k in range(a.ndim)]) / total
     return img.index_to_world(c_idx[None])[0]
 
 
