@@ -296,16 +296,20 @@ class LevelObjective:
         self._sampled_work = None
         return affine_mi_sampled_kernel(self.ndim)
 
+    def _affine_setup(self, p):
+        """The fused kernels' per-iteration inputs: sample point → moving index ``B y + b``, the model's centre and
+        the two chain-rule sums ``G``, ``g`` to fill."""
+        a, t = self.model.matrix(p)
+        c = self.model.center
+        n = self.ndim
+        return self.m_lin @ a, self.m_lin @ (c + t - a @ c) + self.m_off, c, np.empty((n, n)), np.empty(n)
+
     def _evaluate_sampled(self, p, idx):
         """:meth:`evaluate` of the fixed indices ``idx`` (a random-coordinate draw) in one parallel kernel call."""
         n, N = self.ndim, len(idx)
         if self._sampled_work is None or len(self._sampled_work[1]) < N:
             self._sampled_work = (np.empty((N, 6 + 2 * n)), np.empty(N, dtype=np.bool_))
-        a, t = self.model.matrix(p)
-        c = self.model.center
-        B = self.m_lin @ a
-        b = self.m_lin @ (c + t - a @ c) + self.m_off
-        G, g = np.empty((n, n)), np.empty(n)
+        B, b, c, G, g = self._affine_setup(p)
         name, weight = self.terms[0]
         count, value, ncc = self._sampled(self.stack, self.fdata, np.ascontiguousarray(idx, dtype=np.float64),
                                           self._y_lin, self._y_off, B, b, self.has_mmask, self.m_lin, c,
@@ -320,11 +324,7 @@ class LevelObjective:
         if self._buffers is None or len(self._buffers[0]) < N:
             self._buffers = (np.empty(N), np.empty(N), np.empty((N, n)), np.empty((N, n)))
         mv, fv, gv, yv = self._buffers
-        a, t = self.model.matrix(p)
-        c = self.model.center
-        B = self.m_lin @ a
-        b = self.m_lin @ (c + t - a @ c) + self.m_off
-        G, g = np.empty((n, n)), np.empty(n)
+        B, b, c, G, g = self._affine_setup(p)
         name, weight = self.terms[0]
         count, value, ncc = self._fused(self.stack, np.ascontiguousarray(y, dtype=np.float64),
                                         np.ascontiguousarray(f, dtype=np.float64), B, b, self.has_mmask, self.m_lin,
