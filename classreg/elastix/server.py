@@ -334,6 +334,7 @@ def _probe_body(a):
 def serve(path: str, idle: float, after: int | None = None) -> int:
     """The server loop (see the module docstring); returns when idle for ``idle`` seconds or told to stop. The
     warm-up waits for process ``after`` (the command that started the server) to end, so as not to slow it."""
+    os.chdir("/")  # hold no caller's folder (each job changes to its own)
     sys.stderr.write(f"numba threading layer: {_fork_safe_threading()}\n")
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     marker = path + ".starting"
