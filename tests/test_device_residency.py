@@ -222,15 +222,16 @@ def test_demons_device_cpu_brings_cupy_images_to_the_host(monkeypatch):
         assert res.metrics[key] == ref.metrics[key]
 
 
-@pytest.mark.cudasim
-def test_cli_device_cuda_runs_demons_on_the_device(monkeypatch, tmp_path):
+def _cli_on_cpu_and_device(monkeypatch, tmp_path, solver, fixed, moving, options):
+    """``classreg register <solver>`` on the CPU and with ``--device cuda`` on the stand-in device: no implicit
+    conversion and no host array handed to a kernel, something uploaded (it ran there), the recorded placement.
+    Returns the two loaded results."""
     from classreg.cli import main
 
-    fixed, moving = _phantom(2, 12)
     cr.save(fixed, tmp_path / "f.nii.gz")
     cr.save(moving, tmp_path / "m.nii.gz")
-    args = ["register", "demons", str(tmp_path / "f.nii.gz"), str(tmp_path / "m.nii.gz"), "--shrink-factors", "2",
-            "1", "--iterations", "2", "1", "--max-pieces", "1", "--intensity", "joint", "--quiet", "--no-qc"]
+    args = ["register", solver, str(tmp_path / "f.nii.gz"), str(tmp_path / "m.nii.gz"), *options, "--quiet",
+            "--no-qc"]
     assert main(args + ["-o", str(tmp_path / "cpu")]) == 0
     with installed(monkeypatch) as cp:
         assert main(args + ["-o", str(tmp_path / "gpu"), "--device", "cuda"]) == 0
@@ -238,6 +239,14 @@ def test_cli_device_cuda_runs_demons_on_the_device(monkeypatch, tmp_path):
         assert cp.transfers.between(0, kinds=("upload",))  # it did run on the stand-in device
     cpu, gpu = cr.load_result(tmp_path / "cpu"), cr.load_result(tmp_path / "gpu")
     assert gpu.params["device"] == "cuda" and gpu.params["backend"] == "cuda" and cpu.params["backend"] != "cuda"
+    return cpu, gpu
+
+
+@pytest.mark.cudasim
+def test_cli_device_cuda_runs_demons_on_the_device(monkeypatch, tmp_path):
+    cpu, gpu = _cli_on_cpu_and_device(monkeypatch, tmp_path, "demons", *_phantom(2, 12),
+                                      ["--shrink-factors", "2", "1", "--iterations", "2", "1", "--max-pieces", "1",
+                                       "--intensity", "joint"])
     diff = np.abs(gpu.transform.image.numpy() - cpu.transform.image.numpy()).max()
     assert diff <= 1e-4, diff  # as in test_demons_stays_on_device
 
@@ -398,21 +407,9 @@ def test_points_estep_on_device_arrays_without_transfers(monkeypatch):
 
 @pytest.mark.cudasim
 def test_cli_device_cuda_runs_rigid_on_the_device(monkeypatch, tmp_path):
-    from classreg.cli import main
-
-    fixed, moving = _rotated_pair()
-    cr.save(fixed, tmp_path / "f.nii.gz")
-    cr.save(moving, tmp_path / "m.nii.gz")
-    args = ["register", "rigid", str(tmp_path / "f.nii.gz"), str(tmp_path / "m.nii.gz"), "--shrink-factors", "2",
-            "1", "--smoothing-sigmas", "1", "0.5", "--samples", "12", "4", "--perturbation", "5", "--keep", "2",
-            "--local-refine", "none", "--quiet", "--no-qc"]
-    assert main(args + ["-o", str(tmp_path / "cpu")]) == 0
-    with installed(monkeypatch) as cp:
-        assert main(args + ["-o", str(tmp_path / "gpu"), "--device", "cuda"]) == 0
-        assert not cp.transfers.between(0, kinds=("implicit", "kernel_host_arg"))
-        assert cp.transfers.between(0, kinds=("upload",))  # it did run on the stand-in device
-    cpu, gpu = cr.load_result(tmp_path / "cpu"), cr.load_result(tmp_path / "gpu")
-    assert gpu.params["device"] == "cuda" and gpu.params["backend"] == "cuda" and cpu.params["backend"] != "cuda"
+    cpu, gpu = _cli_on_cpu_and_device(monkeypatch, tmp_path, "rigid", *_rotated_pair(),
+                                      ["--shrink-factors", "2", "1", "--smoothing-sigmas", "1", "0.5", "--samples",
+                                       "12", "4", "--perturbation", "5", "--keep", "2", "--local-refine", "none"])
     # as in test_rigid_stays_on_device: the same candidates win, the sub-voxel fit moves by far less than 1e-3 mm
     np.testing.assert_allclose(gpu.transform.matrix, cpu.transform.matrix, atol=1e-6)
     np.testing.assert_allclose(gpu.transform.translation, cpu.transform.translation, atol=1e-3)
@@ -636,20 +633,9 @@ def test_lddmm_device_cpu_brings_cupy_images_to_the_host_and_trajectories_are_re
 
 @pytest.mark.cudasim
 def test_cli_device_cuda_runs_lddmm_on_the_device(monkeypatch, tmp_path):
-    from classreg.cli import main
-
-    fixed, moving = _phantom(2, 12)
-    cr.save(fixed, tmp_path / "f.nii.gz")
-    cr.save(moving, tmp_path / "m.nii.gz")
-    args = ["register", "lddmm", str(tmp_path / "f.nii.gz"), str(tmp_path / "m.nii.gz"), "--shrink-factors", "2",
-            "1", "--iterations", "2", "1", "--metric", "ssd", "--intensity", "joint", "--quiet", "--no-qc"]
-    assert main(args + ["-o", str(tmp_path / "cpu")]) == 0
-    with installed(monkeypatch) as cp:
-        assert main(args + ["-o", str(tmp_path / "gpu"), "--device", "cuda"]) == 0
-        assert not cp.transfers.between(0, kinds=("implicit", "kernel_host_arg"))
-        assert cp.transfers.between(0, kinds=("upload",))  # it did run on the stand-in device
-    cpu, gpu = cr.load_result(tmp_path / "cpu"), cr.load_result(tmp_path / "gpu")
-    assert gpu.params["device"] == "cuda" and gpu.params["backend"] == "cuda" and cpu.params["backend"] != "cuda"
+    cpu, gpu = _cli_on_cpu_and_device(monkeypatch, tmp_path, "lddmm", *_phantom(2, 12),
+                                      ["--shrink-factors", "2", "1", "--iterations", "2", "1", "--metric", "ssd",
+                                       "--intensity", "joint"])
     diff = np.abs(gpu.transform.image.numpy() - cpu.transform.image.numpy()).max()
     assert diff <= 1e-4, diff  # as in test_lddmm_stays_on_device
 
