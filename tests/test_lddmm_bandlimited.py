@@ -208,13 +208,13 @@ def test_a_result_whose_traced_map_folds_is_scaled_until_it_does_not():
     strong, mild = (_smooth_z(sh, a, seed=6).astype(np.float32) for a in (12.0, 6.0))
     res = sh.evaluate(strong, data, gradient=False)
     assert np.min(jacobian_determinant(sh.inverse_map(res[3]))) <= 0.0
-    z, res2, inv = unfolded(sh, strong, data, res)
+    z, res2, inv = unfolded(sh, strong, data, res, 0.0)
     c = float(np.max(np.abs(z)) / np.max(np.abs(strong)))
     assert 0.3 < c < 1.0
     assert np.min(jacobian_determinant(inv)) > 0.0
     assert np.array_equal(inv, sh.inverse_map(res2[3])) and res2[0] == sh.evaluate(z, data, gradient=False)[0]
     res = sh.evaluate(mild, data, gradient=False)
-    z, res2, inv = unfolded(sh, mild, data, res)
+    z, res2, inv = unfolded(sh, mild, data, res, 0.0)
     assert z is mild and res2 is res and np.min(jacobian_determinant(inv)) > 0.0
 
 
@@ -265,3 +265,31 @@ def test_bandlimited_is_the_default_and_recovers_a_smooth_deformation():
     epe0 = np.linalg.norm(truth, axis=-1)[inner].mean()
     assert epe < 0.5 * epe0
     assert r.metrics["min_det"] > 0 and r.metrics["inverse_error_voxels"] < 0.3  # measured 0.22 (full grid: 0.14)
+
+
+def test_the_det_j_floor_is_a_user_option():
+    """min_det_j: a disc of radius 14 voxels registered onto one of radius 4 needs det J ~(4/14)² ≈ 0.08 inside and
+    less at the rim. Without a floor (0: only no folding) the default kernel reaches det J 0.029 (measured); the
+    default floor 0.05 and a floor of 0.3 are kept by the result's map (central differences, the operator of
+    classreg.evaluate), each run still improves the match, and a floor of 1 is refused."""
+    from classreg import evaluate
+
+    idx = np.indices((40, 40)).astype(float)
+    r = np.sqrt(((idx - 20.0) ** 2).sum(axis=0))
+
+    def disc(radius):
+        return cr.Image((1.0 / (1.0 + np.exp(r - radius))).astype(np.float32), (1.0, 1.0))
+
+    fixed, moving = disc(14.0), disc(4.0)
+    runs = {f: cr.register_lddmm(fixed, moving, metric="ssd", shrink_factors=(2, 1), iterations=(30, 30),
+                                 **({} if f is None else {"min_det_j": f})) for f in (None, 0.0, 0.3)}
+    assert runs[None].params["min_det_j"] == 0.05
+    det = {f: evaluate.jacobian_stats(res.transform)["min_det"] for f, res in runs.items()}
+    assert 0.0 < det[0.0] < 0.05  # measured 0.029: what the default floor rejects
+    assert det[None] >= 0.05 and det[0.3] >= 0.3  # measured 0.050, 0.300
+    for res in runs.values():
+        assert res.metrics["ssd_after"] < 0.9 * res.metrics["ssd_before"]  # measured 0.014-0.23 of 0.28
+        assert res.metrics["min_det"] == pytest.approx(evaluate.jacobian_stats(res.transform)["min_det"], abs=1e-5)
+    assert runs[0.0].metrics["ssd_after"] < runs[None].metrics["ssd_after"] < runs[0.3].metrics["ssd_after"]
+    with pytest.raises(ValueError, match="min_det_j"):
+        cr.register_lddmm(fixed, moving, min_det_j=1.0)

@@ -3,8 +3,8 @@
 The same control as the full-grid solver (:mod:`.step`): monotone L-BFGS with backtracking and a trust region on the
 change of the initial velocity (voxels of the level), trial shots whose stability number ``δt·max‖Dv_k‖_F`` exceeds
 :data:`STABILITY_LIMIT` rejected, and more time steps when an accepted shot exceeds :data:`STABILITY_TARGET`. Trial
-shots whose voxel-grid map has det J at or below :data:`DET_FLOOR` are rejected too: every step ``id − δt v_k`` is
-invertible when ``δt·Lip(v_k) < 1``, but the map is traced on the coarser map grid and interpolated linearly to the
+shots whose voxel-grid map has det J at or below the floor ``min_det_j`` (default 0.05) are rejected too: every
+step ``id − δt v_k`` is invertible when ``δt·Lip(v_k) < 1``, but the map is traced on the coarser map grid and interpolated linearly to the
 voxels, and where the flow compresses strongly that interpolant can fold although the continuous flow does not; the
 data term would then be evaluated through a non-invertible map, which the optimiser can exploit. ``z`` is carried
 between levels through its Fourier coefficients (the coarse grids of all levels sample one periodic box), so no
@@ -35,11 +35,6 @@ __all__ = ["STABILITY_LIMIT", "STABILITY_TARGET", "level_step_bandlimited", "mak
 STABILITY_TARGET = 0.3
 #: trial shots above this stability number are rejected by the line search
 STABILITY_LIMIT = 0.6
-#: trial shots whose voxel-grid map φ₁⁻¹ (the one the data term samples through) has a Jacobian determinant at or
-#: below this anywhere are rejected: the discrete map must stay invertible, and no voxel may be compressed more than
-#: 20-fold (the plausibility floor of issue #22, the same as register_demons' ``min_det_j`` default; with 0 the
-#: default left min det J 0.027 on brain2d and 0.004 on circle2d, docs/notes/tradeoff.md)
-DET_FLOOR = 0.05
 
 
 def make_shooter(opts, fixed, level_fixed, template, n_steps, *, finest=True):
@@ -52,13 +47,14 @@ def make_shooter(opts, fixed, level_fixed, template, n_steps, *, finest=True):
 
 
 class _Problem:
-    def __init__(self, shooter, data, scale, hmin):
-        self.shooter, self.data, self.scale, self.hmin = shooter, data, scale, hmin
+    def __init__(self, shooter, data, scale, hmin, det_floor):
+        self.shooter, self.data, self.scale, self.hmin, self.det_floor = shooter, data, scale, hmin, det_floor
         self.limited = False
 
     def value(self, x):
         s = self.shooter
-        res = s.evaluate(x.reshape((s.nd, *s.nc)), self.data, stability_limit=STABILITY_LIMIT, det_floor=DET_FLOOR)
+        res = s.evaluate(x.reshape((s.nd, *s.nc)), self.data, stability_limit=STABILITY_LIMIT,
+                         det_floor=self.det_floor)
         if res[3] is None:
             self.limited = True
         return res[0] * self.scale, res
@@ -75,9 +71,10 @@ class _Problem:
         return float(np.max(np.abs(s.velocity(d.reshape((s.nd, *s.nc)))))) / self.hmin
 
 
-def _stable(make, z, data, n, n_max):
+def _stable(make, z, data, n, n_max, det_floor):
     """Shoot ``z`` with ``n`` steps, raising ``n`` until the path is stable (or ``n_max``); a ``z`` that even
-    ``n_max`` cannot shoot is scaled down (v is linear in z) by bisection. Returns ``(shooter, n, z, result,
+    ``n_max`` cannot shoot, or whose voxel-grid map has det J ≤ ``det_floor`` somewhere, is scaled down (v is linear
+    in z) by bisection. Returns ``(shooter, n, z, result,
     evaluations)``."""
     evals = 0
     while True:
@@ -89,12 +86,12 @@ def _stable(make, z, data, n, n_max):
         if n_new == n:
             break
         n = n_new
-    if not (res[3] is not None and res[3].stability <= STABILITY_LIMIT and res[3].min_det > DET_FLOOR
+    if not (res[3] is not None and res[3].stability <= STABILITY_LIMIT and res[3].min_det > det_floor
             and math.isfinite(res[0])):
         lo, hi = 0.0, 1.0
         for _ in range(10):
             c = 0.5 * (lo + hi)
-            if shooter.forward(z * z.dtype.type(c), stability_limit=STABILITY_LIMIT, det_floor=DET_FLOOR) is None:
+            if shooter.forward(z * z.dtype.type(c), stability_limit=STABILITY_LIMIT, det_floor=det_floor) is None:
                 hi = c
             else:
                 lo = c
@@ -105,15 +102,16 @@ def _stable(make, z, data, n, n_max):
     return shooter, n, z, res, evals
 
 
-def unfolded(shooter, z, data, res):
-    """The result's φ₁⁻¹ for ``z`` (shot as ``res``), traced at every voxel, and ``(z, res)`` scaled down if it folds.
+def unfolded(shooter, z, data, res, det_floor):
+    """The result's φ₁⁻¹ for ``z`` (shot as ``res``), traced at every voxel, and ``(z, res)`` scaled down if its
+    det J is at or below ``det_floor`` somewhere.
 
     The optimisation sees the map traced on the map grid and interpolated to the voxels, which the line search
-    keeps free of folds (:data:`DET_FLOOR`); the result's map is the same flow traced from every voxel centre
+    keeps above ``det_floor``; the result's map is the same flow traced from every voxel centre
     (:meth:`.BandLimitedShooting.inverse_map`). Where the flow compresses a region ~100× the two differ at the voxel
     scale and the traced one can fold although the interpolated one does not (brain2d with ``cutoff=0.3``: one voxel,
     det J −0.16). Then ``z`` is replaced by its largest multiple (bisection, 10 halvings) whose traced map has
-    det J > :data:`DET_FLOOR` everywhere. Returns ``(z, res, φ₁⁻¹)``."""
+    det J > ``det_floor`` everywhere. Returns ``(z, res, φ₁⁻¹)``."""
     from ...kernels.diff import jacobian_determinant
 
     h = tuple(shooter.h)
@@ -122,7 +120,7 @@ def unfolded(shooter, z, data, res):
         if r[3] is None:
             return None
         inv = shooter.inverse_map(r[3])
-        return inv if float(np.min(jacobian_determinant(inv, spacing=h, backend=shooter.backend))) > DET_FLOOR \
+        return inv if float(np.min(jacobian_determinant(inv, spacing=h, backend=shooter.backend))) > det_floor \
             else None
 
     inv = ok(res)
@@ -169,7 +167,7 @@ def level_step_bandlimited(level, state, progress, opts, fixed):
     if level.iterations <= 0:
         state["n_steps"] = n
         return info
-    shooter, n, z, res, ev = _stable(make, z, data, n, n_max)
+    shooter, n, z, res, ev = _stable(make, z, data, n, n_max, opts["min_det_j"])
     info["evaluations"] += ev
     state["z"] = Coefficients(z)
     E = res[0]
@@ -177,7 +175,7 @@ def level_step_bandlimited(level, state, progress, opts, fixed):
         info.update(converged=False, message="non-finite energy at the starting velocity", n_steps=n)
         state["n_steps"] = n
         return info
-    problem = _Problem(shooter, data, 1.0 / abs(E) if E != 0 else 1.0, min(h))
+    problem = _Problem(shooter, data, 1.0 / abs(E) if E != 0 else 1.0, min(h), opts["min_det_j"])
     shape = z.shape
 
     def accepted(it):
@@ -190,7 +188,7 @@ def level_step_bandlimited(level, state, progress, opts, fixed):
         n_new = refined_steps(problem.shooter.n, patht.stability, n_max, STABILITY_TARGET)
         if n_new == problem.shooter.n:
             return None
-        sh, _, zr, r, ev2 = _stable(make, zt, data, n_new, n_max)
+        sh, _, zr, r, ev2 = _stable(make, zt, data, n_new, n_max, opts["min_det_j"])
         info["refinements"] += 1
         problem.shooter = sh
         state["z"] = Coefficients(zr)

@@ -58,6 +58,9 @@ OPTIONS = Declaration(
                                "of its peak are dropped", low=0, high=1, low_open=True, high_open=True),
         Option("map_spacing", None, "bandlimited: spacing of the grid on which the map is traced", unit="mm", low=0,
                low_open=True, default_text="kernel_sigma (Gaussian), √alpha (Sobolev); never below the voxel"),
+        Option("min_det_j", 0.05, "bandlimited: floor of the det J of the map on the voxel grid: trial shots that "
+                                  "go below it are rejected by the line search, a result below it is scaled down "
+                                  "(0: only no folding)", low=0, high=1, high_open=True),
         Option("return_trajectory", False, "keep the geodesic I_t and v_t (t = k/n_t) in the result's extras",
                kind="bool"),
         shared("dtype"),

@@ -56,8 +56,8 @@ def register_lddmm(fixed: Image, moving: Image, *, init: Transform | None = None
                    order: float = 2.0, data_sigma: float = 0.05, n_steps: int | None = None, max_steps: int | None = None,
                    tol: float = 1e-5, lncc_radius: float | None = None, intensity: str = "auto",
                    method: str = "bandlimited", cutoff: float = 0.2, map_spacing: float | None = None,
-                   return_trajectory: bool = False, dtype=np.float32, seed: int = 0, threads: int | None = None,
-                    memory_limit: float | None = None, time_limit: float | None = None,
+                   min_det_j: float = 0.05, return_trajectory: bool = False, dtype=np.float32, seed: int = 0,
+                   threads: int | None = None, memory_limit: float | None = None, time_limit: float | None = None,
                    device: str | None = None, backend=None, progress: bool = False, callback=None) -> Result:
     """Register ``moving`` to ``fixed`` by LDDMM geodesic shooting.
 
@@ -134,6 +134,14 @@ def register_lddmm(fixed: Image, moving: Image, *, init: Transform | None = None
     map_spacing : float, optional
         "bandlimited": spacing (mm) of the grid on which the map is traced (default ``kernel_sigma`` for the
         Gaussian kernel, √alpha for the Sobolev one; never finer than the voxels); voxels interpolate it linearly.
+    min_det_j : float
+        "bandlimited": floor of the Jacobian determinant of φ₁⁻¹ on the voxel grid (central differences), in
+        [0, 1). The line search rejects trial shots whose map (traced on the map grid, interpolated to the voxels)
+        goes below it, a start or carried velocity below it is scaled down by bisection, and so is the result if
+        its map traced from every voxel goes below it. Default 0.05: no voxel compressed more than 20-fold, the
+        plausibility floor of the benchmark page (issue #22; docs/notes/tradeoff.md), as ``register_demons``'
+        ``min_det_j``; 0 keeps only the diffeomorphism on the grid (det J > 0). Not used by "full" (no det J check:
+        its semi-Lagrangian shooting is limited by the stability number only).
     return_trajectory : bool
         Store the geodesic ``I_t`` (moving intensities, t = k/n_t, k = 0..n_t) and ``v_t`` (array frame, mm per
         unit time) in ``extras["trajectory_images"]`` / ``extras["trajectory_velocities"]``.
@@ -198,7 +206,8 @@ def register_lddmm(fixed: Image, moving: Image, *, init: Transform | None = None
     dtype = np.dtype(dtype)
     opts = _resolve(fixed, moving, metric=metric, kernel=kernel, kernel_sigma=kernel_sigma, alpha=alpha, order=order,
                     data_sigma=data_sigma, n_steps=n_steps, max_steps=max_steps, tol=tol, lncc_radius=lncc_radius,
-                    dtype=dtype, backend=backend, method=method, cutoff=cutoff, map_spacing=map_spacing)
+                    dtype=dtype, backend=backend, method=method, cutoff=cutoff, map_spacing=map_spacing,
+                    min_det_j=min_det_j)
     schedule = dict(zip(("shrink_factors", "smoothing_sigmas", "iterations"),
                         check_schedule(shrink_factors, smoothing_sigmas, iterations, fixed.spacing)))
     fmask = as_mask(fixed_mask, fixed, "fixed_mask")
@@ -262,7 +271,8 @@ def _blas_single_thread():
 
 
 def _resolve(fixed: Image, moving: Image, *, metric, kernel, kernel_sigma, alpha, order, data_sigma, n_steps,
-             max_steps, tol, lncc_radius, dtype, backend, method="full", cutoff=0.2, map_spacing=None) -> dict:
+             max_steps, tol, lncc_radius, dtype, backend, method="full", cutoff=0.2, map_spacing=None,
+             min_det_j=None) -> dict:
     """The options that depend on each other or on the images, resolved (lengths in mm, σ² of the data term)."""
     if n_steps is None:
         n_steps = 5 if method == "bandlimited" else 10
@@ -281,7 +291,7 @@ def _resolve(fixed: Image, moving: Image, *, metric, kernel, kernel_sigma, alpha
             "data_sigma": float(data_sigma), "sigma2": float(data_sigma) ** 2, "n_steps": int(n_steps),
             "max_steps": int(max_steps), "tol": float(tol),
             "lncc_radius": 2.0 * h_max if lncc_radius is None else float(lncc_radius), "dtype": dtype,
-            "backend": backend}
+            "backend": backend, "min_det_j": None if min_det_j is None else float(min_det_j)}
     if method == "bandlimited":
         from .bandlimited import SpectralDomain
 
@@ -417,8 +427,8 @@ def _final_bandlimited(fixed, fixed_n, template, fmask, mmask_t, run, opts):
     probe = make(opts["n_steps"])
     z = probe.zeros() if z is None else resize_coefficients(z, probe.nc)
     n_final = min(opts["max_steps"], max(opts["n_steps"], run["n_steps"]))
-    shooter, n_final, z, res, _ = _stable(make, z, data, n_final, opts["max_steps"])
-    z, (energy, reg, dat, path, _), inv_mm = unfolded(shooter, z, data, res)
+    shooter, n_final, z, res, _ = _stable(make, z, data, n_final, opts["max_steps"], opts["min_det_j"])
+    z, (energy, reg, dat, path, _), inv_mm = unfolded(shooter, z, data, res, opts["min_det_j"])
     run["P0"] = z
     inv_mm, fwd_mm = shooter.maps(z, path, inverse=inv_mm)
     I1 = sample_linear(template.data.astype(dtype), shooter.x + inv_mm / shooter._h, backend=backend)
@@ -459,7 +469,7 @@ def _params(opts, schedule, levels, *, intensity, intensity_used, return_traject
                 alpha=opts["alpha"] if sobolev else None, order=opts["order"] if sobolev else None,
                 data_sigma=opts["data_sigma"], n_steps=opts["n_steps"], max_steps=opts["max_steps"],
                 method=opts["method"], cutoff=opts["cutoff"] if band else None,
-                map_spacing=opts["map_spacing"] if band else None,
+                map_spacing=opts["map_spacing"] if band else None, min_det_j=opts["min_det_j"] if band else None,
                 frequencies=[i.get("band") for i in levels] if band else None,
                 time_steps=[int(i["n_steps"]) for i in levels], **schedule, tol=opts["tol"],
                 lncc_radius=opts["lncc_radius"] if opts["metric"] == "lncc" else None, intensity=intensity,
