@@ -307,12 +307,15 @@ def render_markdown(payload: dict, figure: str | None) -> str:
         lines += ["## Accuracy against smoothness (classreg defaults)", "",
                   f"A default is dominated when a peer has both better accuracy (higher mean Dice; lower EPE where "
                   f"the deformation is known) and a lower SDlogJ on the same case; min det J must stay ≥ "
-                  f"{DET_FLOOR:g}. Sweeps of the one regularisation parameter per solver (`--sweep`) are drawn "
+                  f"{DET_FLOOR:g}, and where the deformation is known the EPE must not exceed "
+                  f"{TOOLS[EPE_REFERENCE].label}'s. Each dominating peer is listed with the margins by which it is "
+                  "better on both. Sweeps of the one regularisation parameter per solver (`--sweep`) are drawn "
                   "with the peers in the trade-off figure.", "",
                   _table(payload["dominance"], [("case", "case"), ("label", "classreg default"),
                                                 ("quality", "accuracy"), ("sdlogj", "SDlogJ"),
                                                 ("min_det", "min det J"), ("dominated_by", "dominated by"),
-                                                ("floor_ok", f"min det J ≥ {DET_FLOOR:g}")]), ""]
+                                                ("floor_ok", f"min det J ≥ {DET_FLOOR:g}"),
+                                                ("epe_ok", f"EPE ≤ {TOOLS[EPE_REFERENCE].label}")]), ""]
         if payload.get("tradeoff_figure"):
             lines += [f"![accuracy against SDlogJ and min det J, sweeps and peers]({payload['tradeoff_figure']})",
                       ""]
@@ -408,25 +411,34 @@ def _accuracy(row) -> tuple:
     return row.get("mean_dice"), True, "mean Dice"
 
 
+#: the peer whose EPE a default must not exceed where the deformation is known (issue #22)
+EPE_REFERENCE = "ants_syn"
+
+
 def dominance(rows: list[dict]) -> list[dict]:
-    """Per deformable case and classreg default (not sweep points): the peers that dominate it on (accuracy, SDlogJ)
-    and whether its min det J is above :data:`DET_FLOOR`."""
+    """Per deformable case and classreg default (not sweep points): the peers that dominate it on (accuracy, SDlogJ),
+    each with the margins by which it is better on both (``"ANTs SyN (Dice +0.009, SDlogJ −0.014)"``), whether its
+    min det J is above :data:`DET_FLOOR`, and where the case knows its deformation whether its EPE is at most
+    :data:`EPE_REFERENCE`'s (``epe_ok``; None elsewhere or without that peer's row)."""
     out = []
     for case in dict.fromkeys(r["case"] for r in rows):
         rs = [r for r in rows if r["case"] == case and r.get("seconds") and r["kind"] == "deformable"
               and r.get("sdlogj") is not None and _accuracy(r)[0] is not None]
         peers = [r for r in rs if not TOOLS[r["tool"]].classreg]
+        ref = next((p for p in peers if p["tool"] == EPE_REFERENCE and p.get("epe_mm") is not None), None)
         for c in (r for r in rs if TOOLS[r["tool"]].classreg and not TOOLS[r["tool"]].sweep_of):
             q, higher, name = _accuracy(c)
-
-            def better(p):
-                pq = _accuracy(p)[0]
-                return pq > q if higher else pq < q
-
-            dom = [p["label"] for p in peers if better(p) and p["sdlogj"] < c["sdlogj"]]
+            short = "Dice" if higher else "EPE"
+            dom = []
+            for p in peers:
+                gain = (_accuracy(p)[0] - q) * (1 if higher else -1)
+                if gain > 0 and p["sdlogj"] < c["sdlogj"]:
+                    dom.append(f"{p['label']} ({short} {'+' if higher else '−'}{gain:.3f}, "
+                               f"SDlogJ −{c['sdlogj'] - p['sdlogj']:.3f})")
+            epe_ok = None if ref is None or c.get("epe_mm") is None else bool(c["epe_mm"] <= ref["epe_mm"])
             out.append({"case": case, "tool": c["tool"], "label": c["label"], "quality": f"{name} {_fmt(q)}",
                         "sdlogj": c["sdlogj"], "min_det": c.get("min_det"), "dominated_by": ", ".join(dom) or "none",
-                        "floor_ok": c.get("min_det") is not None and c["min_det"] >= DET_FLOOR})
+                        "floor_ok": c.get("min_det") is not None and c["min_det"] >= DET_FLOOR, "epe_ok": epe_ok})
     return out
 
 

@@ -376,8 +376,9 @@ def test_failed_run_note_is_the_exception_line():
 
 def test_dominance_and_tradeoff_figure(tmp_path):
     """The accuracy-against-smoothness summary: a default is dominated only by a peer better on both axes (Dice
-    higher and SDlogJ lower; EPE lower where known), the min det J floor is checked, sweep points are not judged,
-    and the figure draws every case."""
+    higher and SDlogJ lower; EPE lower where known), listed with both margins, the min det J floor and (where the
+    deformation is known) the EPE against ANTs SyN's are checked, sweep points are not judged, and the figure draws
+    every case."""
     from benchmarks import run as R
 
     sweep = next(t for t in T.TOOLS if t.startswith("classreg_demons@"))
@@ -390,12 +391,17 @@ def test_dominance_and_tradeoff_figure(tmp_path):
             row("a", "ants_syn", mean_dice=0.82, sdlogj=0.05, min_det=0.40),      # dominates
             row("a", "dipy_syn_cc", mean_dice=0.85, sdlogj=0.20, min_det=0.10),   # more accurate, rougher: no
             row("b", "classreg_demons", mean_dice=0.9, epe_mm=0.5, sdlogj=0.1, min_det=0.01),
-            row("b", "ants_syn", mean_dice=0.95, epe_mm=0.6, sdlogj=0.05, min_det=0.3)]  # EPE decides: no
+            row("b", "ants_syn", mean_dice=0.95, epe_mm=0.6, sdlogj=0.05, min_det=0.3),  # EPE decides: no
+            row("b", "classreg_lddmm", epe_mm=0.7, sdlogj=0.15, min_det=0.3),
+            row("b", "dipy_syn_cc", epe_mm=0.4, sdlogj=0.12, min_det=0.3)]  # dominates lddmm, not demons
     d = {(r["case"], r["tool"]): r for r in R.dominance(rows)}
-    assert set(d) == {("a", "classreg_demons"), ("b", "classreg_demons")}
-    assert d["a", "classreg_demons"]["dominated_by"] == T.TOOLS["ants_syn"].label
-    assert d["a", "classreg_demons"]["floor_ok"] is True
+    assert set(d) == {("a", "classreg_demons"), ("b", "classreg_demons"), ("b", "classreg_lddmm")}
+    assert d["a", "classreg_demons"]["dominated_by"] == T.TOOLS["ants_syn"].label + " (Dice +0.020, SDlogJ −0.050)"
+    assert d["a", "classreg_demons"]["floor_ok"] is True and d["a", "classreg_demons"]["epe_ok"] is None
     assert d["b", "classreg_demons"]["dominated_by"] == "none" and d["b", "classreg_demons"]["floor_ok"] is False
-    assert d["b", "classreg_demons"]["quality"].startswith("EPE")
+    assert d["b", "classreg_demons"]["quality"].startswith("EPE") and d["b", "classreg_demons"]["epe_ok"] is True
+    assert d["b", "classreg_lddmm"]["dominated_by"] == (T.TOOLS["ants_syn"].label + " (EPE −0.100, SDlogJ −0.100), "
+                                                       + T.TOOLS["dipy_syn_cc"].label + " (EPE −0.300, SDlogJ −0.030)")
+    assert d["b", "classreg_lddmm"]["epe_ok"] is False
     if importlib.util.find_spec("matplotlib") is not None:
         assert R.render_tradeoff({"rows": rows}, tmp_path / "t.png") and (tmp_path / "t.png").stat().st_size > 0
