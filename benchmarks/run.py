@@ -417,9 +417,9 @@ EPE_REFERENCE = "ants_syn"
 
 def dominance(rows: list[dict]) -> list[dict]:
     """Per deformable case and classreg default (not sweep points): the peers that dominate it on (accuracy, SDlogJ),
-    each with the margins by which it is better on both (``"ANTs SyN (Dice +0.009, SDlogJ −0.014)"``), whether its
-    min det J is above :data:`DET_FLOOR`, and where the case knows its deformation whether its EPE is at most
-    :data:`EPE_REFERENCE`'s (``epe_ok``; None elsewhere or without that peer's row)."""
+    each with the margins by which it is better on both (``"ANTs SyN (Dice +0.009, SDlogJ −0.014)"``, two
+    significant digits), whether its min det J is above :data:`DET_FLOOR`, and where the case knows its deformation
+    whether its EPE is at most :data:`EPE_REFERENCE`'s (``epe_ok``; None elsewhere or without that peer's row)."""
     out = []
     for case in dict.fromkeys(r["case"] for r in rows):
         rs = [r for r in rows if r["case"] == case and r.get("seconds") and r["kind"] == "deformable"
@@ -433,8 +433,8 @@ def dominance(rows: list[dict]) -> list[dict]:
             for p in peers:
                 gain = (_accuracy(p)[0] - q) * (1 if higher else -1)
                 if gain > 0 and p["sdlogj"] < c["sdlogj"]:
-                    dom.append(f"{p['label']} ({short} {'+' if higher else '−'}{gain:.3f}, "
-                               f"SDlogJ −{c['sdlogj'] - p['sdlogj']:.3f})")
+                    dom.append(f"{p['label']} ({short} {'+' if higher else '−'}{gain:.2g}, "
+                               f"SDlogJ −{c['sdlogj'] - p['sdlogj']:.2g})")
             epe_ok = None if ref is None or c.get("epe_mm") is None else bool(c["epe_mm"] <= ref["epe_mm"])
             out.append({"case": case, "tool": c["tool"], "label": c["label"], "quality": f"{name} {_fmt(q)}",
                         "sdlogj": c["sdlogj"], "min_det": c.get("min_det"), "dominated_by": ", ".join(dom) or "none",

@@ -396,12 +396,12 @@ def test_dominance_and_tradeoff_figure(tmp_path):
             row("b", "dipy_syn_cc", epe_mm=0.4, sdlogj=0.12, min_det=0.3)]  # dominates lddmm, not demons
     d = {(r["case"], r["tool"]): r for r in R.dominance(rows)}
     assert set(d) == {("a", "classreg_demons"), ("b", "classreg_demons"), ("b", "classreg_lddmm")}
-    assert d["a", "classreg_demons"]["dominated_by"] == T.TOOLS["ants_syn"].label + " (Dice +0.020, SDlogJ −0.050)"
+    assert d["a", "classreg_demons"]["dominated_by"] == T.TOOLS["ants_syn"].label + " (Dice +0.02, SDlogJ −0.05)"
     assert d["a", "classreg_demons"]["floor_ok"] is True and d["a", "classreg_demons"]["epe_ok"] is None
     assert d["b", "classreg_demons"]["dominated_by"] == "none" and d["b", "classreg_demons"]["floor_ok"] is False
     assert d["b", "classreg_demons"]["quality"].startswith("EPE") and d["b", "classreg_demons"]["epe_ok"] is True
-    assert d["b", "classreg_lddmm"]["dominated_by"] == (T.TOOLS["ants_syn"].label + " (EPE −0.100, SDlogJ −0.100), "
-                                                       + T.TOOLS["dipy_syn_cc"].label + " (EPE −0.300, SDlogJ −0.030)")
+    assert d["b", "classreg_lddmm"]["dominated_by"] == (T.TOOLS["ants_syn"].label + " (EPE −0.1, SDlogJ −0.1), "
+                                                       + T.TOOLS["dipy_syn_cc"].label + " (EPE −0.3, SDlogJ −0.03)")
     assert d["b", "classreg_lddmm"]["epe_ok"] is False
     if importlib.util.find_spec("matplotlib") is not None:
         assert R.render_tradeoff({"rows": rows}, tmp_path / "t.png") and (tmp_path / "t.png").stat().st_size > 0
