@@ -2,6 +2,7 @@
 
     python -m benchmarks.run [--cases CASE ...] [--tools TOOL ...] [--threads 2] [--repeat 2] [--quick] [--slow]
                              [--sweep] [--out DIR] [--docs PATH | --no-docs]
+    python -m benchmarks.run --judge RESULT.json [RESULT.json ...]
 
 Tools marked slow on 3-D (classreg LDDMM on the full grid, ANTs SyNCC and antsRegistrationSyN[s], the elastix CLI, FireANTs on the
 CPU) run on 3-D cases only with ``--slow``; the page lists them as not run.
@@ -28,7 +29,10 @@ classreg image tool's QC figure into ``qc-<UTC date>/<case>-<tool>.png`` beside 
 ``--sweep`` adds each deformable classreg solver's sweep of its one regularisation parameter
 (``benchmarks.tools.SWEEPS``); the page then lists, per case, the peers that dominate each classreg default on
 (accuracy, SDlogJ) and whether its min det J stays above the floor, with the accuracy-against-smoothness figure
-``<page>-tradeoff.png`` (sweeps as lines, defaults starred, peers as points).
+``<page>-tradeoff.png`` (sweeps as lines, defaults starred, peers as points). ``--judge`` runs nothing: it applies
+that test (and issue #22's EPE ≤ ANTs SyN where the deformation is known) to every default and sweep point of stored
+result JSONs, a later file's rows replacing an earlier one's (a rerun of one case laid over a full run), and prints
+per candidate the cases it meets.
 A peer that is not installed is skipped with a note, never a failure.
 """
 from __future__ import annotations
@@ -415,18 +419,27 @@ def _accuracy(row) -> tuple:
 EPE_REFERENCE = "ants_syn"
 
 
-def dominance(rows: list[dict]) -> list[dict]:
-    """Per deformable case and classreg default (not sweep points): the peers that dominate it on (accuracy, SDlogJ),
-    each with the margins by which it is better on both (``"ANTs SyN (Dice +0.009, SDlogJ −0.014)"``, two
-    significant digits), whether its min det J is above :data:`DET_FLOOR`, and where the case knows its deformation
-    whether its EPE is at most :data:`EPE_REFERENCE`'s (``epe_ok``; None elsewhere or without that peer's row)."""
+def _classreg(name: str) -> tuple[bool, bool]:
+    """(a classreg tool, a sweep point) for a tool name, also one of a stored run that this version no longer has."""
+    tool = TOOLS.get(name)
+    if tool is None:
+        return name.startswith("classreg"), "@" in name
+    return tool.classreg, bool(tool.sweep_of)
+
+
+def dominance(rows: list[dict], *, sweeps: bool = False) -> list[dict]:
+    """Per deformable case and classreg default (and sweep point with ``sweeps``): the peers that dominate it on
+    (accuracy, SDlogJ), each with the margins by which it is better on both (``"ANTs SyN (Dice +0.009, SDlogJ
+    −0.014)"``, two significant digits), whether its min det J is above :data:`DET_FLOOR` (``floor_ok``), where the
+    case knows its deformation whether its EPE is at most :data:`EPE_REFERENCE`'s (``epe_ok``; None elsewhere or
+    without that peer's row), and whether it meets all of these (``ok``)."""
     out = []
     for case in dict.fromkeys(r["case"] for r in rows):
         rs = [r for r in rows if r["case"] == case and r.get("seconds") and r["kind"] == "deformable"
               and r.get("sdlogj") is not None and _accuracy(r)[0] is not None]
-        peers = [r for r in rs if not TOOLS[r["tool"]].classreg]
+        peers = [r for r in rs if not _classreg(r["tool"])[0]]
         ref = next((p for p in peers if p["tool"] == EPE_REFERENCE and p.get("epe_mm") is not None), None)
-        for c in (r for r in rs if TOOLS[r["tool"]].classreg and not TOOLS[r["tool"]].sweep_of):
+        for c in (r for r in rs if _classreg(r["tool"])[0] and (sweeps or not _classreg(r["tool"])[1])):
             q, higher, name = _accuracy(c)
             short = "Dice" if higher else "EPE"
             dom = []
@@ -436,9 +449,31 @@ def dominance(rows: list[dict]) -> list[dict]:
                     dom.append(f"{p['label']} ({short} {'+' if higher else '−'}{gain:.2g}, "
                                f"SDlogJ −{c['sdlogj'] - p['sdlogj']:.2g})")
             epe_ok = None if ref is None or c.get("epe_mm") is None else bool(c["epe_mm"] <= ref["epe_mm"])
+            floor_ok = c.get("min_det") is not None and c["min_det"] >= DET_FLOOR
             out.append({"case": case, "tool": c["tool"], "label": c["label"], "quality": f"{name} {_fmt(q)}",
                         "sdlogj": c["sdlogj"], "min_det": c.get("min_det"), "dominated_by": ", ".join(dom) or "none",
-                        "floor_ok": c.get("min_det") is not None and c["min_det"] >= DET_FLOOR, "epe_ok": epe_ok})
+                        "floor_ok": floor_ok, "epe_ok": epe_ok, "ok": not dom and floor_ok and epe_ok is not False})
+    return out
+
+
+def judge(paths: list, log=print) -> list[dict]:
+    """Issue #22's test of every classreg default and sweep point in stored result JSONs (a later file's row of the
+    same case and tool replaces an earlier one, so a rerun of one case can be laid over a full run), without running
+    anything: the per-case :func:`dominance` rows, then per candidate the cases it meets and the ones it fails."""
+    merged = {}
+    for path in paths:
+        for r in json.loads(Path(path).read_text())["rows"]:
+            merged[r["case"], r["tool"]] = r
+    out = dominance(list(merged.values()), sweeps=True)
+    log(_table(out, [("case", "case"), ("label", "candidate"), ("quality", "accuracy"), ("sdlogj", "SDlogJ"),
+                     ("min_det", "min det J"), ("dominated_by", "dominated by"), ("floor_ok", "floor"),
+                     ("epe_ok", f"EPE ≤ {TOOLS[EPE_REFERENCE].label}")]))
+    summary = []
+    for tool in dict.fromkeys(d["tool"] for d in out):
+        ds = [d for d in out if d["tool"] == tool]
+        summary.append({"label": ds[0]["label"], "met": f"{sum(d['ok'] for d in ds)} of {len(ds)}",
+                        "failed": ", ".join(d["case"] for d in ds if not d["ok"]) or "none"})
+    log("\n" + _table(summary, [("label", "candidate"), ("met", "cases met"), ("failed", "failed on")]))
     return out
 
 
@@ -681,6 +716,9 @@ def main(argv=None) -> int:
                                   "docs/benchmarks.md)")
     p.add_argument("--no-docs", action="store_true")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per tool run")
+    p.add_argument("--judge", nargs="+", metavar="JSON",
+                   help="run nothing: judge every classreg default and sweep point in these stored results (later "
+                        "files' rows replace earlier ones) against issue #22's test and print the tables")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--case-dir", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
@@ -690,6 +728,9 @@ def main(argv=None) -> int:
     if args.worker:
         return _worker(args.worker, Path(args.case_dir), Path(args.result), args.threads, args.quick, args.rep,
                        args.qc_dir)
+    if args.judge:
+        judge(args.judge)
+        return 0
     if args.threads < 1:
         p.error("--threads must be >= 1")
     cases = args.cases or (list(QUICK_CASES) if args.quick else list(CASES))

@@ -405,3 +405,11 @@ def test_dominance_and_tradeoff_figure(tmp_path):
     assert d["b", "classreg_lddmm"]["epe_ok"] is False
     if importlib.util.find_spec("matplotlib") is not None:
         assert R.render_tradeoff({"rows": rows}, tmp_path / "t.png") and (tmp_path / "t.png").stat().st_size > 0
+    # --judge: stored results, a later file's row replacing the earlier one; sweep points judged too
+    (tmp_path / "1.json").write_text(json.dumps({"rows": rows}))
+    (tmp_path / "2.json").write_text(json.dumps({"rows": [row("a", "ants_syn", mean_dice=0.78, sdlogj=0.05)]}))
+    lines = []
+    j = {(r["case"], r["tool"]): r for r in R.judge([tmp_path / "1.json", tmp_path / "2.json"], log=lines.append)}
+    assert j["a", "classreg_demons"]["ok"] and j["a", "classreg_demons"]["dominated_by"] == "none"  # replaced
+    assert j["a", sweep]["ok"] and not j["b", "classreg_demons"]["ok"] and not j["b", "classreg_lddmm"]["ok"]
+    assert "| classreg demons (SSD) | 1 of 2 | b |" in lines[-1]
