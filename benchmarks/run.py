@@ -432,7 +432,9 @@ def dominance(rows: list[dict], *, sweeps: bool = False) -> list[dict]:
     (accuracy, SDlogJ), each with the margins by which it is better on both (``"ANTs SyN (Dice +0.009, SDlogJ
     −0.014)"``, two significant digits), whether its min det J is above :data:`DET_FLOOR` (``floor_ok``), where the
     case knows its deformation whether its EPE is at most :data:`EPE_REFERENCE`'s (``epe_ok``; None elsewhere or
-    without that peer's row), and whether it meets all of these (``ok``)."""
+    without that peer's row), and whether it meets all of these (``ok``). ``below_all_peers``: its accuracy is worse
+    than every peer's, which the test does not catch (a smooth enough map, the identity at the limit, is never
+    dominated)."""
     out = []
     for case in dict.fromkeys(r["case"] for r in rows):
         rs = [r for r in rows if r["case"] == case and r.get("seconds") and r["kind"] == "deformable"
@@ -450,9 +452,11 @@ def dominance(rows: list[dict], *, sweeps: bool = False) -> list[dict]:
                                f"SDlogJ −{c['sdlogj'] - p['sdlogj']:.2g})")
             epe_ok = None if ref is None or c.get("epe_mm") is None else bool(c["epe_mm"] <= ref["epe_mm"])
             floor_ok = c.get("min_det") is not None and c["min_det"] >= DET_FLOOR
+            lowest = bool(peers) and all((_accuracy(p)[0] - q) * (1 if higher else -1) > 0 for p in peers)
             out.append({"case": case, "tool": c["tool"], "label": c["label"], "quality": f"{name} {_fmt(q)}",
                         "sdlogj": c["sdlogj"], "min_det": c.get("min_det"), "dominated_by": ", ".join(dom) or "none",
-                        "floor_ok": floor_ok, "epe_ok": epe_ok, "ok": not dom and floor_ok and epe_ok is not False})
+                        "floor_ok": floor_ok, "epe_ok": epe_ok, "ok": not dom and floor_ok and epe_ok is not False,
+                        "below_all_peers": lowest})
     return out
 
 
@@ -467,13 +471,15 @@ def judge(paths: list, log=print) -> list[dict]:
     out = dominance(list(merged.values()), sweeps=True)
     log(_table(out, [("case", "case"), ("label", "candidate"), ("quality", "accuracy"), ("sdlogj", "SDlogJ"),
                      ("min_det", "min det J"), ("dominated_by", "dominated by"), ("floor_ok", "floor"),
-                     ("epe_ok", f"EPE ≤ {TOOLS[EPE_REFERENCE].label}")]))
+                     ("epe_ok", f"EPE ≤ {TOOLS[EPE_REFERENCE].label}"), ("below_all_peers", "below every peer")]))
     summary = []
     for tool in dict.fromkeys(d["tool"] for d in out):
         ds = [d for d in out if d["tool"] == tool]
         summary.append({"label": ds[0]["label"], "met": f"{sum(d['ok'] for d in ds)} of {len(ds)}",
-                        "failed": ", ".join(d["case"] for d in ds if not d["ok"]) or "none"})
-    log("\n" + _table(summary, [("label", "candidate"), ("met", "cases met"), ("failed", "failed on")]))
+                        "failed": ", ".join(d["case"] for d in ds if not d["ok"]) or "none",
+                        "lowest": ", ".join(d["case"] for d in ds if d["below_all_peers"]) or "none"})
+    log("\n" + _table(summary, [("label", "candidate"), ("met", "cases met"), ("failed", "failed on"),
+                                 ("lowest", "accuracy below every peer on")]))
     return out
 
 

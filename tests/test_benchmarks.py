@@ -412,4 +412,5 @@ def test_dominance_and_tradeoff_figure(tmp_path):
     j = {(r["case"], r["tool"]): r for r in R.judge([tmp_path / "1.json", tmp_path / "2.json"], log=lines.append)}
     assert j["a", "classreg_demons"]["ok"] and j["a", "classreg_demons"]["dominated_by"] == "none"  # replaced
     assert j["a", sweep]["ok"] and not j["b", "classreg_demons"]["ok"] and not j["b", "classreg_lddmm"]["ok"]
-    assert "| classreg demons (SSD) | 1 of 2 | b |" in lines[-1]
+    assert "| classreg demons (SSD) | 1 of 2 | b | none |" in lines[-1]
+    assert j["a", sweep]["below_all_peers"] and not j["a", "classreg_demons"]["below_all_peers"]
