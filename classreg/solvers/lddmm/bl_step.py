@@ -4,9 +4,10 @@ The same control as the full-grid solver (:mod:`.step`): monotone L-BFGS with ba
 change of the initial velocity (voxels of the level), trial shots whose stability number ``δt·max‖Dv_k‖_F`` exceeds
 :data:`STABILITY_LIMIT` rejected, and more time steps when an accepted shot exceeds :data:`STABILITY_TARGET`. Trial
 shots whose voxel-grid map has det J at or below the floor ``min_det_j`` (default 0.05) are rejected too: every
-step ``id − δt v_k`` is invertible when ``δt·Lip(v_k) < 1``, but the map is traced on the coarser map grid and interpolated linearly to the
-voxels, and where the flow compresses strongly that interpolant can fold although the continuous flow does not; the
-data term would then be evaluated through a non-invertible map, which the optimiser can exploit. ``z`` is carried
+step ``id − δt v_k`` is invertible when ``δt·Lip(v_k) < 1``, but the map is traced on the coarser map grid and
+interpolated linearly to the voxels, and where the flow compresses strongly that interpolant can fold although the
+continuous flow does not; the data term would then be evaluated through a non-invertible map, which the optimiser
+can exploit. ``z`` is carried
 between levels through its Fourier coefficients (the coarse grids of all levels sample one periodic box), so no
 interpolation error is introduced.
 """
@@ -74,8 +75,7 @@ class _Problem:
 def _stable(make, z, data, n, n_max, det_floor):
     """Shoot ``z`` with ``n`` steps, raising ``n`` until the path is stable (or ``n_max``); a ``z`` that even
     ``n_max`` cannot shoot, or whose voxel-grid map has det J ≤ ``det_floor`` somewhere, is scaled down (v is linear
-    in z) by bisection. Returns ``(shooter, n, z, result,
-    evaluations)``."""
+    in z) by bisection. Returns ``(shooter, n, z, result, evaluations)``."""
     evals = 0
     while True:
         shooter = make(n)
