@@ -131,9 +131,10 @@ def evaluate_before(case) -> dict:
 
 
 def evaluate_image(case, field, valid, *, jacobian: bool = True) -> dict:
+    from scipy import ndimage
+
     import classreg as cr
     from classreg import evaluate as ev
-    from scipy import ndimage
 
     fixed, moving = case["fixed"], case["moving"]
     flab, mlab = case["fixed_labels"], case["moving_labels"]
