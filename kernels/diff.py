@@ -602,14 +602,14 @@ def poisson_dirichlet(r, *, spacing=1.0, ndim=None, include_boundary=True, worke
         if any(n < 1 for n in r.shape[:nd]):
             raise ValueError(f"r must have at least one interior node per axis, got {r.shape}")
         rin = r
-    lam = np.zeros(rin.shape[:nd], dtype=np.float64)
+    lam = xp.zeros(rin.shape[:nd], dtype=np.float64)  # built where r lives (no grid-sized upload per solve)
     for j in range(nd):
         n = rin.shape[j]
-        k = np.arange(1, n + 1)
+        k = xp.arange(1, n + 1)
         shp = [1] * nd
         shp[j] = n
-        lam = lam + ((2.0 * np.cos(np.pi * k / (n + 1)) - 2.0) / h[j] ** 2).reshape(shp)
-    lam = xp.asarray(lam.astype(r.dtype).reshape(lam.shape + (1,) * (r.ndim - nd)))
+        lam = lam + ((2.0 * xp.cos(np.pi * k / (n + 1)) - 2.0) / h[j] ** 2).reshape(shp)
+    lam = lam.astype(r.dtype).reshape(lam.shape + (1,) * (r.ndim - nd))
     axes = tuple(range(nd))
     w = -1 if workers is None else workers
     coef = _dstn(rin, axes, xp, w)

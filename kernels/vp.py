@@ -20,6 +20,7 @@ import functools
 
 import numpy as np
 
+from ._backend import get_array_module, is_cupy_array
 from .diff import poisson_dirichlet
 
 __all__ = ["vp_field", "vp_adjoint", "warp_linear_grad", "vp_loss_grad", "curl_terms", "invert_newton",
@@ -37,7 +38,7 @@ def curl_terms(nd: int):
 
 def _dc(a, ax, h):
     """Central difference along ``ax`` on nodes interior along ``ax`` (0 on the two end slices)."""
-    out = np.zeros_like(a)
+    out = get_array_module(a).zeros_like(a)
     n = a.shape[ax]
     sl = lambda s: tuple(s if d == ax else slice(None) for d in range(a.ndim))  # noqa: E731
     out[sl(slice(1, n - 1))] = (a[sl(slice(2, n))] - a[sl(slice(0, n - 2))]) / (2 * h)
@@ -50,7 +51,7 @@ def _dc_adj(b, ax, h):
     n = b.shape[ax]
     pad = [(0, 0)] * b.ndim
     pad[ax] = (1, 1)
-    e = np.pad(b, pad)
+    e = get_array_module(b).pad(b, pad)
     sl = lambda s: tuple(s if d == ax else slice(None) for d in range(b.ndim))  # noqa: E731
     return (e[sl(slice(0, n))] - e[sl(slice(2, n + 2))]) / (2 * h)
 
@@ -61,14 +62,15 @@ def _gvec(g, nd):
 
 def vp_field(f, g, spacing):
     """``F = ∇f − ∇×g`` (central differences, interior nodes; 0 on the boundary ring), shape ``(*f.shape, nd)``."""
-    f = np.asarray(f)
+    xp = get_array_module(f)
+    f = xp.asarray(f)
     nd = f.ndim
     h = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (nd,))
-    gv = _gvec(np.asarray(g), nd)
-    F = np.stack([_dc(f, j, h[j]) for j in range(nd)], axis=-1)
+    gv = _gvec(xp.asarray(g), nd)
+    F = xp.stack([_dc(f, j, h[j]) for j in range(nd)], axis=-1)
     for o, c, ax, s in curl_terms(nd):
         F[..., o] -= s * _dc(gv[..., c], ax, h[ax])
-    ring = np.ones(f.shape, dtype=bool)
+    ring = xp.ones(f.shape, dtype=bool)
     ring[tuple(slice(1, n - 1) for n in f.shape)] = False
     F[ring] = 0
     return F
@@ -78,11 +80,12 @@ def vp_adjoint(b, spacing):
     """The transpose of :func:`vp_field` applied to ``b`` (0 on the boundary ring): ``(−∇·b, −∇×b)`` on every node
     (zero-extended central differences); in 2-D the second is the scalar ``−(∂_1 b_0 − ∂_0 b_1) = ∂_0 b_1 − ∂_1 b_0``
     (minus the physical-convention curl of b)."""
-    b = np.asarray(b)
+    xp = get_array_module(b)
+    b = xp.asarray(b)
     nd = b.ndim - 1
     h = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (nd,))
     df = sum(_dc_adj(b[..., j], j, h[j]) for j in range(nd))  # = −∇·b
-    dg = np.zeros(b.shape[:nd] + ((1,) if nd == 2 else (3,)), dtype=b.dtype)
+    dg = xp.zeros(b.shape[:nd] + ((1,) if nd == 2 else (3,)), dtype=b.dtype)
     for o, c, ax, s in curl_terms(nd):
         dg[..., c] -= s * _dc_adj(b[..., o], ax, h[ax])
     return df, (dg[..., 0] if nd == 2 else dg)
@@ -92,9 +95,10 @@ def vp_adjoint(b, spacing):
 # multilinear warp with the derivative of its interpolant
 # ----------------------------------------------------------------------------------------------------------------
 def _coords(u, h):
+    xp = get_array_module(u)
     nd = u.shape[-1]
     shape = u.shape[:nd]
-    grids = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij")
+    grids = xp.meshgrid(*[xp.arange(n, dtype=np.float64) for n in shape], indexing="ij")
     return [grids[j] + u[..., j].astype(np.float64) / h[j] for j in range(nd)]
 
 
@@ -103,25 +107,27 @@ def _warp_linear_grad_numpy(img, u, h):
 
 
 def _interp_numpy(img, c, h):
+    """The array-module path (numpy reference; CuPy data stay on the device)."""
+    xp = get_array_module(img)
     nd = img.ndim
     i0, t, inside = [], [], []
     for j in range(nd):
         n = img.shape[j]
-        cj = np.clip(c[j], 0.0, n - 1.0)
+        cj = xp.clip(c[j], 0.0, n - 1.0)
         inside.append((c[j] >= 0.0) & (c[j] <= n - 1.0))
-        ij = np.minimum(np.floor(cj).astype(np.intp), n - 2)
+        ij = xp.minimum(xp.floor(cj).astype(np.intp), n - 2)
         i0.append(ij)
         t.append(cj - ij)
-    val = np.zeros(c[0].shape, dtype=np.float64)
-    der = np.zeros(c[0].shape + (nd,), dtype=np.float64)
+    val = xp.zeros(c[0].shape, dtype=np.float64)
+    der = xp.zeros(c[0].shape + (nd,), dtype=np.float64)
     im = img.astype(np.float64)
     for corner in range(2 ** nd):
         bits = [(corner >> (nd - 1 - j)) & 1 for j in range(nd)]
         v = im[tuple(i0[j] + bits[j] for j in range(nd))]
         w = [t[j] if bits[j] else 1.0 - t[j] for j in range(nd)]
-        val += functools.reduce(np.multiply, w) * v
+        val += functools.reduce(xp.multiply, w) * v
         for d in range(nd):
-            wd = functools.reduce(np.multiply, [w[j] for j in range(nd) if j != d], 1.0)
+            wd = functools.reduce(xp.multiply, [w[j] for j in range(nd) if j != d], 1.0)
             der[..., d] += (1.0 if bits[d] else -1.0) * wd * v
     for d in range(nd):
         der[..., d] *= inside[d] / h[d]
@@ -182,8 +188,14 @@ def _numba_warp_cached():
 def warp_linear_grad(img, u, *, spacing=1.0, backend=None):
     """``(I∘φ, (∂I/∂x)∘φ)`` for ``φ = id + u`` with the bi/trilinear interpolant of ``img`` and its exact derivative
     (per physical axis, 1/mm): in the cell containing φ(x), the one-sided differences blended linearly in the other
-    coordinates (§6.1 (ii)). float64 out. ``backend``: "numpy" (reference) or "numba" (default when installed)."""
-    img = np.asarray(img)
+    coordinates (§6.1 (ii)). float64 out. ``backend``: "numpy" (reference) or "numba" (default when installed);
+    CuPy data run the numpy reference as array-module code on their device (``backend`` None or "cuda")."""
+    if is_cupy_array(img):
+        if backend not in (None, "cuda"):
+            raise ValueError(f"backend={backend!r} runs on the CPU but img is a CuPy array")
+        backend = "numpy"
+    else:
+        img = np.asarray(img)
     nd = img.ndim
     if nd not in (2, 3) or u.shape != img.shape + (nd,):
         raise ValueError(f"img must be 2-D/3-D and u of shape {img.shape + (nd,)}, got {img.shape}, {u.shape}")
@@ -228,7 +240,7 @@ def vp_loss_grad(fhat, g, fixed, moving, j_min, spacing, *, weight=None, backend
     r = warped - fixed
     if weight is not None:
         r = r * weight
-    loss = 0.5 * vol * float(np.sum(r * (warped - fixed)))
+    loss = 0.5 * vol * float(get_array_module(r).sum(r * (warped - fixed)))
     force = r[..., None] * dI
     b = poisson_dirichlet(force.astype(fhat.dtype, copy=False), spacing=tuple(h), ndim=nd, workers=workers)
     df, dg = vp_adjoint(b, h)
@@ -310,28 +322,29 @@ def vp_grid_loss_grad(fhat, g, jd, curl, j_min, spacing, *, weight=None, curl_we
 # ----------------------------------------------------------------------------------------------------------------
 def _solve_small(J, r):
     """``J⁻¹ r`` per node for ``(…, n, n)`` matrices (n = 2, 3) by cofactors; ``None`` where ``|det J|`` is tiny."""
+    xp = get_array_module(J)
     nd = r.shape[-1]
     if nd == 2:
         a, b, c, d = J[..., 0, 0], J[..., 0, 1], J[..., 1, 0], J[..., 1, 1]
         det = a * d - b * c
-        x = np.stack([d * r[..., 0] - b * r[..., 1], a * r[..., 1] - c * r[..., 0]], axis=-1)
+        x = xp.stack([d * r[..., 0] - b * r[..., 1], a * r[..., 1] - c * r[..., 0]], axis=-1)
     else:
-        C = np.empty_like(J)  # adjugate: C[i, j] = cofactor(j, i)
+        C = xp.empty_like(J)  # adjugate: C[i, j] = cofactor(j, i)
         for i in range(3):
             for j in range(3):
                 i1, i2 = [k for k in range(3) if k != j]
                 j1, j2 = [k for k in range(3) if k != i]
                 C[..., i, j] = (-1.0) ** (i + j) * (J[..., i1, j1] * J[..., i2, j2] - J[..., i1, j2] * J[..., i2, j1])
         det = J[..., 0, 0] * C[..., 0, 0] + J[..., 0, 1] * C[..., 1, 0] + J[..., 0, 2] * C[..., 2, 0]
-        x = np.einsum("...ij,...j->...i", C, r)
-    ok = np.abs(det) > 1e-8
-    return x / np.where(ok, det, 1.0)[..., None], ok
+        x = xp.einsum("...ij,...j->...i", C, r)
+    ok = xp.abs(det) > 1e-8
+    return x / xp.where(ok, det, 1.0)[..., None], ok
 
 
 def _interp_points(img, c, h, backend):
     """Multilinear interpolant of ``img`` and its exact derivative (1/mm) at index coordinates ``c`` (N, nd)."""
     nd = img.ndim
-    if backend == "numpy":
+    if backend == "numpy" or is_cupy_array(img):
         return _interp_numpy(img, [c[:, j] for j in range(nd)], h)
     im = np.ascontiguousarray(img, dtype=np.float64)
     hh = np.asarray(h, dtype=np.float64)
@@ -348,11 +361,12 @@ def _interp_points(img, c, h, backend):
 def _map_residual(u, nodes, w, h, backend):
     """At the nodes ``nodes`` (N, nd; index coordinates) with inverse guesses ``w`` (N, nd; mm): ``r = w + u(x + w)``
     (mm) and ``J = I + Du(x + w)`` (N, nd, nd) with the exact derivative of the multilinear interpolant."""
+    xp = get_array_module(u)
     nd = u.shape[-1]
-    c = nodes + w / h
+    c = nodes + w / (h if xp is np else xp.asarray(h))
     vals, ders = zip(*(_interp_points(u[..., k], c, h, backend) for k in range(nd)))
-    r = w + np.stack(vals, axis=-1)
-    J = np.stack(ders, axis=-2)  # J[:, k, d] = ∂u_k/∂x_d
+    r = w + xp.stack(vals, axis=-1)
+    J = xp.stack(ders, axis=-2)  # J[:, k, d] = ∂u_k/∂x_d
     for k in range(nd):
         J[:, k, k] += 1.0
     return r, J
@@ -385,8 +399,10 @@ def invert_newton(u, *, spacing=1.0, at=None, init=None, max_iter=30, tol=1e-4, 
         Stop when ``max |r / h|`` (voxels, per-node Euclidean norm) is ``≤ tol``.
     max_halvings : int
         Step halvings per iteration for nodes whose residual grows.
-    backend : {None, "numpy", "numba"}
-        Kernel of :func:`warp_linear_grad`.
+    backend : {None, "numpy", "numba", "cuda"}
+        Kernel of :func:`warp_linear_grad`. CuPy data (``u``, ``at``, ``init``) run the array-module path on their
+        device; the loop then reads one number per iteration and halving (the active-set sizes are array shapes,
+        which CuPy learns by a synchronisation) and two at the end.
 
     Returns
     -------
@@ -395,11 +411,16 @@ def invert_newton(u, *, spacing=1.0, at=None, init=None, max_iter=30, tol=1e-4, 
     info : dict
         ``max_error``, ``mean_error`` (voxels) of the final residual, ``iterations``.
     """
-    u = np.asarray(u, dtype=np.float64)
+    xp = get_array_module(u)
+    u = xp.asarray(u, dtype=np.float64)
     nd = u.shape[-1]
     if nd not in (2, 3) or u.ndim != nd + 1:
         raise ValueError(f"u must have shape (*spatial, ndim) with ndim 2 or 3, got {u.shape}")
     h = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (nd,)).copy()
+    if xp is not np:
+        if backend not in (None, "cuda"):
+            raise ValueError(f"backend={backend!r} runs on the CPU but u is a CuPy array")
+        backend = "numpy"  # the array-module path, on the device
     if backend is None:
         try:
             import numba  # noqa: F401
@@ -408,38 +429,39 @@ def invert_newton(u, *, spacing=1.0, at=None, init=None, max_iter=30, tol=1e-4, 
             backend = "numpy"
     if at is None:
         out_shape = u.shape
-        nodes = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in u.shape[:nd]], indexing="ij"), -1)
-        w = -u if init is None else np.asarray(init, dtype=np.float64)
+        nodes = xp.stack(xp.meshgrid(*[xp.arange(n, dtype=np.float64) for n in u.shape[:nd]], indexing="ij"), -1)
+        w = -u if init is None else xp.asarray(init, dtype=np.float64)
     else:
-        nodes = np.asarray(at, dtype=np.float64)
+        nodes = xp.asarray(at, dtype=np.float64)
         out_shape = nodes.shape
-        w = np.zeros(out_shape) if init is None else np.asarray(init, dtype=np.float64)
+        w = xp.zeros(out_shape) if init is None else xp.asarray(init, dtype=np.float64)
     if w.shape != out_shape or out_shape[-1] != nd:
         raise ValueError(f"init (and at) must have shape {out_shape} with {nd} components, got {w.shape}")
     nodes = nodes.reshape(-1, nd)
     w = w.reshape(-1, nd).copy()
+    hx = h if xp is np else xp.asarray(h)
     r, J = _map_residual(u, nodes, w, h, backend)
-    err = np.linalg.norm(r / h, axis=-1)
-    act = np.flatnonzero(err > tol)  # the nodes still iterating
+    err = xp.linalg.norm(r / hx, axis=-1)
+    act = xp.flatnonzero(err > tol)  # the nodes still iterating
     r, J = r[act], J[act]
     it = 0
     while act.size and it < max_iter:
         it += 1
         delta, ok = _solve_small(J, -r)
-        delta = np.where(ok[:, None], delta, -r)  # a singular Jacobian: fall back to the fixed-point step
+        delta = xp.where(ok[:, None], delta, -r)  # a singular Jacobian: fall back to the fixed-point step
         w0, e0 = w[act], err[act]
-        lam = np.ones(act.size)
+        lam = xp.ones(act.size)
         w_new = w0 + delta
         r_new, J_new = _map_residual(u, nodes[act], w_new, h, backend)
-        e_new = np.linalg.norm(r_new / h, axis=-1)
+        e_new = xp.linalg.norm(r_new / hx, axis=-1)
         for _ in range(max_halvings):
-            bad = np.flatnonzero(e_new > e0)
+            bad = xp.flatnonzero(e_new > e0)
             if not bad.size:
                 break
             lam[bad] *= 0.5
             w_new[bad] = w0[bad] + lam[bad, None] * delta[bad]
             r_new[bad], J_new[bad] = _map_residual(u, nodes[act[bad]], w_new[bad], h, backend)
-            e_new[bad] = np.linalg.norm(r_new[bad] / h, axis=-1)
+            e_new[bad] = xp.linalg.norm(r_new[bad] / hx, axis=-1)
         better = e_new <= e0  # a node that still got worse keeps its value and leaves the iteration
         w[act[better]] = w_new[better]
         err[act[better]] = e_new[better]

@@ -45,7 +45,7 @@ OPTIONS = Declaration(
         shared("threads"),
         shared("memory_limit"),
         shared("time_limit"),
-        shared("device", help="'cpu' only for now (no CUDA kernels for VP yet)"),
+        shared("device"),
         shared("backend"),
         shared("progress"),
         shared("callback"),

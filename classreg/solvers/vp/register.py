@@ -11,6 +11,10 @@ larger than the current one, so the search shrinks the step. A round ends when m
 the controls are reset (METHODS.md §6.2 step 7). Coarse-to-fine on :func:`classreg.pyramid.multiresolution`.
 ``Φ_total`` is kept on the padded grid of the level, where every round's map is a bijection of the padded box.
 
+On the GPU (``device="cuda"`` or CuPy images) the same code runs as array-module code on the device, with the
+shared L-BFGS of :func:`classreg.optimise.minimise` in place of scipy's (whose iterate lives on the host); only
+scalars cross inside the loop (docs/gpu.md).
+
 Inverse: each round's map is inverted on its padded box by damped Newton iteration
 (:func:`classreg.kernels.vp.invert_newton`), composed into ``Ψ ← φ_r⁻¹ ∘ Ψ`` and Newton-corrected against
 ``Φ_total`` (docs/solvers/vp.md says why this and not the paper's VP construction of the inverse, §6.2 step 9).
@@ -21,7 +25,9 @@ import time
 
 import numpy as np
 
+from ...backend import placement, to_device, to_numpy
 from ...image import Image, as_mask
+from ...kernels._backend import get_array_module
 from ...options import declared
 from ...progress import Progress, StopRegistration, similarity
 from ...pyramid import check_schedule, multiresolution
@@ -56,8 +62,35 @@ VP_INVERSE_ITERATIONS = 150
 INVERSE_TOL = 1e-3
 
 
+#: The L-BFGS of host (numpy) data: "scipy" (L-BFGS-B, the default) or "shared" (:func:`classreg.optimise.minimise`,
+#: what device data always use: scipy's needs the iterate on the host). "shared" on the CPU computes what the device
+#: computes (the residency tests compare the two).
+HOST_OPTIMISER = "scipy"
+
+#: Initial trust radius (largest change of a control f̂ or g in one step) of the shared L-BFGS.
+SHARED_RADIUS = 0.25
+
+
 def _vp_backend(backend):
     return "numpy" if backend == "numpy" else None
+
+
+def _ndimage(xp):
+    """scipy.ndimage for numpy data, cupyx.scipy.ndimage for CuPy data."""
+    if xp is np:
+        import scipy.ndimage as ndi
+    else:
+        import cupyx.scipy.ndimage as ndi
+    return ndi
+
+
+def _host(value):
+    """``value`` with every CuPy array in it (dicts and lists included) copied to the host."""
+    if isinstance(value, dict):
+        return {k: _host(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_host(v) for v in value]
+    return value if value is None or isinstance(value, (int, float, str, tuple)) else to_numpy(value)
 
 
 def _compose_inverse(psi, v_pad, h, pad):
@@ -119,9 +152,13 @@ def register_vp(fixed: Image, moving: Image, *, init: Transform | None = None, f
         digits than float32 holds).
     seed : int
         Recorded (the algorithm is deterministic).
-    threads, memory_limit, time_limit, device, backend, progress, callback
-        As for the other solvers; ``backend`` selects the warp kernel ("numpy" or "numba"). CPU only: a CUDA
-        device or backend is refused (no GPU kernels for VP yet).
+    device : {None, "cpu", "cuda", "cuda:N"}
+        Where the registration runs (docs/gpu.md): "cuda", or CuPy-backed images with None, keep every field on the
+        GPU (array-module code; the L-BFGS is then :func:`classreg.optimise.minimise` instead of scipy's L-BFGS-B,
+        so the result differs from the CPU run by what the two optimisers do differently); the final inverse
+        correction and the metrics are computed on the host from the result.
+    threads, memory_limit, time_limit, backend, progress, callback
+        As for the other solvers; ``backend`` selects the warp kernel ("numpy" or "numba"; "cuda" with a GPU).
 
     Returns
     -------
@@ -148,8 +185,9 @@ def register_vp(fixed: Image, moving: Image, *, init: Transform | None = None, f
     check_pair(fixed, moving)
     if fixed.ndim not in (2, 3):
         raise ValueError(f"register_vp needs 2-D or 3-D images, got {fixed.ndim}-D")
-    if backend == "cuda" or (device is not None and str(device).startswith("cuda")):
-        raise ValueError("register_vp runs on the CPU only for now (no CUDA kernels for VP yet); use device='cpu'")
+    dev, backend = placement(device, backend, fixed.data, moving.data)
+    fixed, moving = fixed.to("cpu"), moving.to("cpu")  # the host sees the inputs once (no copy for numpy data)
+    host_backend = None if dev == "cuda" else backend  # after the loop: the result is built on the host
     if inverse not in ("newton", "vp"):
         raise ValueError(f"inverse must be 'newton' or 'vp', got {inverse!r}")
     if not 0.0 <= float(j_min) < 1.0:
@@ -163,7 +201,12 @@ def register_vp(fixed: Image, moving: Image, *, init: Transform | None = None, f
                         check_schedule(shrink_factors, smoothing_sigmas, its, fixed.spacing)))
     fmask = as_mask(fixed_mask, fixed, "fixed_mask")
     fixed_n, moving_n = normalise_intensities(fixed, moving, fmask, intensity, dtype)
-    moving_on_fixed = fixed_n.like(np.asarray(warp_through(moving_n, fixed_n, init, None, backend), dtype=dtype))
+    moving_on_fixed = fixed_n.like(np.asarray(warp_through(moving_n, fixed_n, init, None, host_backend),
+                                              dtype=dtype))
+    fixed_w, moving_w, fmask_w = fixed_n, moving_on_fixed, fmask
+    if dev == "cuda":  # the working images go to the device once; the loop keeps everything there
+        fixed_w, moving_w = fixed_n.to(dev), moving_on_fixed.to(dev)
+        fmask_w = None if fmask is None else to_device(fmask, dev)
     opts = dict(j_min=float(j_min), regrid_det=float(regrid_det), det_floor=float(det_floor), inverse=inverse,
                 max_regrids=int(max_regrids), pad=int(pad), tol=float(tol), backend=backend,
                 full_shape=tuple(fixed.shape))
@@ -179,7 +222,7 @@ def register_vp(fixed: Image, moving: Image, *, init: Transform | None = None, f
         def step(level, state, progress):
             return _level_step(level, state, progress, opts, dtype, acc)
 
-        state, stopped = multiresolution(fixed_n, moving_on_fixed, step, fixed_mask=fmask, progress=prog,
+        state, stopped = multiresolution(fixed_w, moving_w, step, fixed_mask=fmask_w, progress=prog,
                                          backend=backend, **schedule)
         if stopped:
             stop_reason = prog.stop_reason
@@ -189,6 +232,12 @@ def register_vp(fixed: Image, moving: Image, *, init: Transform | None = None, f
         state, stopped, stop_reason = acc.get("state", {}), True, prog.stop_reason
     finally:
         prog.close()
+    # the result comes to the host once (numpy data: no copy); the final inverse and the metrics are built there
+    keys = ["phi", "phi_inv", "vp_pad"]
+    if state.get("vp_pad") is None or tuple(state["vp_pad"]["shape"]) != tuple(fixed.shape):
+        keys.append("vp_rounds")  # the schedule ended above full resolution: the rounds make the result
+    state = _host({k: state[k] for k in keys if k in state})
+    acc["f"], acc["g"] = _host(acc.get("f")), _host(acc.get("g"))
     phi = state.get("phi")
     if phi is None or phi.shape[:fixed.ndim] != fixed.shape:
         phi = np.zeros((*fixed.shape, fixed.ndim), dtype=dtype)
@@ -200,7 +249,7 @@ def register_vp(fixed: Image, moving: Image, *, init: Transform | None = None, f
         phi_full, shift = np.asarray(saved["phi"], dtype=np.float64), int(saved["pad"])  # Φ_total, padded grid
     elif state.get("vp_rounds"):  # the schedule ended above full resolution: transferred to the input grid
         phi_full, psi, kept = _transfer(state["vp_rounds"], saved, psi, fixed_n, opts["pad"], opts["det_floor"],
-                                        backend)
+                                        host_backend)
         acc["dropped_rounds"] += len(state["vp_rounds"]) - kept
         shift = opts["pad"]
         phi = phi_full[tuple(slice(shift, shift + n) for n in fixed.shape)]
@@ -214,7 +263,7 @@ def register_vp(fixed: Image, moving: Image, *, init: Transform | None = None, f
         phi_inv = _vp_inverse(phi_full, h, opts["j_min"], opts["det_floor"])[crop]
     else:
         phi_inv, _ = invert_newton(phi_full, spacing=h, at=nodes + shift, init=np.asarray(psi, dtype=np.float64),
-                                   tol=INVERSE_TOL, backend=_vp_backend(backend))
+                                   tol=INVERSE_TOL, backend=_vp_backend(host_backend))
     phi = np.asarray(phi, dtype=dtype)
     phi_inv = np.asarray(phi_inv, dtype=dtype)
     psi64, phi64 = phi_inv.astype(np.float64), phi.astype(np.float64)
@@ -226,8 +275,8 @@ def register_vp(fixed: Image, moving: Image, *, init: Transform | None = None, f
     ic_left = np.linalg.norm(_sample(psi64, phi64, h, 0) + phi64, axis=-1)[inside]
     if ic_left.size == 0:
         ic_left = np.zeros(1)
-    det = np.asarray(jacobian_determinant(phi, spacing=h, backend=backend), dtype=np.float64)
-    warped = warp_through(moving_n, fixed_n, init, phi, backend)
+    det = np.asarray(jacobian_determinant(phi, spacing=h, backend=host_backend), dtype=np.float64)
+    warped = warp_through(moving_n, fixed_n, init, phi, host_backend)
     before = mean_sq(fixed_n.data, moving_on_fixed.data, fmask)
     after = mean_sq(fixed_n.data, warped, fmask)
     logj = np.log(np.clip(det, 1e-12, None))
@@ -252,78 +301,83 @@ def register_vp(fixed: Image, moving: Image, *, init: Transform | None = None, f
 
 
 def _level_step(level, state, progress, opts, dtype, acc):
-    """L-BFGS rounds with regridding on one level; keeps ``state["phi"]`` (Φ_total, array frame, mm) current."""
-    from scipy.optimize import minimize
+    """L-BFGS rounds with regridding on one level; keeps ``state["phi"]`` (Φ_total, array frame, mm) current.
+
+    Array-module code: with CuPy level images every field stays on their device and only scalars are read (the
+    loss, min det J, the optimiser's inner products, the progress similarity, the Newton inversions' active-set
+    sizes)."""
+    from scipy.optimize import OptimizeResult
 
     from ...kernels.diff import jacobian_determinant
     from ...kernels.fields import compose
     from ...kernels.vp import invert_newton, vp_loss_grad
 
     backend = opts["backend"]
-    Fi = np.asarray(level.fixed.data, dtype=np.float64)
-    M = np.asarray(level.moving.data, dtype=np.float64)  # the moving image, on the fixed level grid
+    xp = get_array_module(level.fixed.data)  # numpy, or cupy for data on the GPU
+    Fi = xp.asarray(level.fixed.data, dtype=np.float64)
+    M = xp.asarray(level.moving.data, dtype=np.float64)  # the moving image, on the fixed level grid
     nd = Fi.ndim
     h = tuple(float(x) for x in level.fixed.spacing_array_order)
     p = opts["pad"]
     phi = state.get("phi")
     if phi is None or phi.shape[:nd] != Fi.shape:
-        phi = np.zeros((*Fi.shape, nd), dtype=dtype)
-    phi = np.asarray(phi, dtype=np.float64)
+        phi = xp.zeros((*Fi.shape, nd), dtype=dtype)
+    phi = xp.asarray(phi, dtype=np.float64)
     psi = state.get("phi_inv")
-    psi = np.zeros_like(phi) if psi is None or psi.shape != phi.shape else np.asarray(psi, dtype=np.float64)
+    psi = xp.zeros_like(phi) if psi is None or psi.shape != phi.shape else xp.asarray(psi, dtype=np.float64)
     inner = tuple(slice(p, p + n) for n in Fi.shape)
     # Φ_total is kept on the padded grid: each round's φ is a bijection of the padded box (u = 0 on its ring), so
     # Φ_total ∘ φ needs Φ_total where φ sends the image's nodes, which may be in the padding (large moves at a coarse
     # level); the edge-extended cropped map would make Φ_total differ from the composition of the rounds there.
-    nodes = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in Fi.shape], indexing="ij"), -1)
+    nodes = xp.stack(xp.meshgrid(*[xp.arange(n, dtype=np.float64) for n in Fi.shape], indexing="ij"), -1)
     rounds = list(state.get("vp_rounds", ()))
     saved = state.get("vp_pad")
     if saved is not None and tuple(saved["shape"]) == Fi.shape and np.allclose(saved["affine"], level.fixed.affine):
-        phi_p = np.asarray(saved["phi"], dtype=np.float64)
+        phi_p = xp.asarray(saved["phi"], dtype=np.float64)
     elif rounds:  # a finer level: the coarser levels' map, or the longest prefix of their rounds, that does not fold
         phi_p, psi, kept = _transfer(rounds, saved, psi, level.fixed, p, opts["det_floor"], backend)
         acc["dropped_rounds"] += len(rounds) - kept
         rounds = rounds[:kept]
         phi = phi_p[inner]
     else:
-        phi_p = np.pad(phi, [(p, p)] * nd + [(0, 0)], mode="edge")
+        phi_p = xp.pad(phi, [(p, p)] * nd + [(0, 0)], mode="edge")
     keep_rounds = not (level.is_finest and Fi.shape == opts["full_shape"])  # needed by a finer grid later
-    weight = np.zeros(tuple(n + 2 * p for n in Fi.shape))
-    weight[inner] = 1.0 if level.fixed_mask is None else np.asarray(level.fixed_mask, dtype=np.float64)
-    Fp = np.pad(Fi, p, mode="edge")
+    weight = xp.zeros(tuple(n + 2 * p for n in Fi.shape))
+    weight[inner] = 1.0 if level.fixed_mask is None else xp.asarray(level.fixed_mask, dtype=np.float64)
+    Fp = xp.pad(Fi, p, mode="edge")
     shape_p = Fp.shape
     n_ctl = Fp.size
     g_shape = shape_p if nd == 2 else shape_p + (3,)
     fhat0 = np.sqrt(1.0 - opts["j_min"])
     kw = dict(weight=weight, backend="numpy" if backend == "numpy" else None)
     budget = level.iterations
-    sim_mask = None if level.fixed_mask is None else np.asarray(level.fixed_mask, dtype=bool)
+    sim_mask = None if level.fixed_mask is None else xp.asarray(level.fixed_mask, dtype=bool)
     it_total = 0
     last_ratio = 1.0
     floor = opts["det_floor"]
     for rnd in range(opts["max_regrids"] + 1):
-        Mp = _sample(M, phi_p, h, -p) if np.any(phi_p) else np.pad(M, p, mode="edge")  # M ∘ Φ_total, clamped
-        loss0 = vp_loss_grad(np.full(shape_p, fhat0), np.zeros(g_shape), Fp, Mp, opts["j_min"], h, **kw)[0]
+        has_phi = bool(xp.any(phi_p))
+        Mp = _sample(M, phi_p, h, -p) if has_phi else xp.pad(M, p, mode="edge")  # M ∘ Φ_total, clamped
+        loss0 = vp_loss_grad(xp.full(shape_p, fhat0), xp.zeros(g_shape), Fp, Mp, opts["j_min"], h, **kw)[0]
         if loss0 <= 0 or budget - it_total <= 0:
             break
         cache = {}
-        has_phi = bool(np.any(phi_p))
 
         def fun(x):
             fh = x[:n_ctl].reshape(shape_p)
             g = x[n_ctl:].reshape(g_shape)
             loss, gf, gg, u, warped = vp_loss_grad(fh, g, Fp, Mp, opts["j_min"], h, **kw)
-            mdet = float(np.min(jacobian_determinant(u, spacing=h)))
+            mdet = float(xp.min(jacobian_determinant(u, spacing=h)))
             total = mdet
             if has_phi and mdet > 0:  # the composed map Φ_total ∘ φ must not fold on the grid either
-                total = float(np.min(jacobian_determinant(compose(phi_p, u, spacing=h)[inner], spacing=h)))
+                total = float(xp.min(jacobian_determinant(compose(phi_p, u, spacing=h)[inner], spacing=h)))
             vol = float(np.prod(h))
-            grad = np.concatenate([gf.ravel(), gg.ravel()]) * (vol / loss0)
+            grad = xp.concatenate([gf.ravel(), gg.ravel()]) * (vol / loss0)
             val = loss / loss0
             if min(mdet, total) <= floor:  # a (nearly) folding trial point: larger than any accepted loss,
                 val = 1.0 + abs(val) + 1e3 * (floor - min(mdet, total) + 1e-3)  # so the line search backtracks
             cache["x"], cache["u"], cache["mdet"], cache["val"] = x.copy(), u, mdet, val
-            cache["warped"] = warped[inner]
+            cache["warped"], cache["x_seen"] = warped[inner], x
             return val, grad
 
         rec = {"mdet": 1.0}
@@ -331,7 +385,10 @@ def _level_step(level, state, progress, opts, dtype, acc):
         def cb(intermediate_result):
             nonlocal it_total
             x = intermediate_result.x
-            if cache.get("x") is None or not np.array_equal(cache["x"], x):
+            if not isinstance(intermediate_result, OptimizeResult):  # the shared L-BFGS: the point it evaluated last
+                if cache.get("x_seen") is not x:
+                    fun(x)
+            elif cache.get("x") is None or not np.array_equal(cache["x"], x):
                 fun(x)
             rec["x"], rec["u"], rec["mdet"], rec["val"] = x.copy(), cache["u"], cache["mdet"], cache["val"]
             progress.emit("iteration", level=level.index, iteration=it_total, metric=rec["val"] * last_ratio,
@@ -341,12 +398,11 @@ def _level_step(level, state, progress, opts, dtype, acc):
             if rec["mdet"] < opts["regrid_det"] or it_total >= budget:
                 raise StopIteration
 
-        x0 = np.concatenate([np.full(n_ctl, fhat0), np.zeros(int(np.prod(g_shape)))])
-        minimize(fun, x0, jac=True, method="L-BFGS-B", callback=cb,
-                 options=dict(maxiter=max(1, budget - it_total), ftol=opts["tol"], gtol=1e-12, maxcor=10))
+        x0 = xp.concatenate([xp.full(n_ctl, fhat0), xp.zeros(int(np.prod(g_shape)))])
+        _lbfgs_round(fun, x0, cb, iterations=max(1, budget - it_total), tol=opts["tol"])
         if "u" not in rec or rec["val"] > 1.0:  # no accepted step, or only folding ones
             break
-        phi_p = np.asarray(compose(phi_p, rec["u"], spacing=h), dtype=np.float64) if has_phi else rec["u"].copy()
+        phi_p = xp.asarray(compose(phi_p, rec["u"], spacing=h), dtype=np.float64) if has_phi else rec["u"].copy()
         phi = phi_p[inner]
         # the inverse of this round's VP map on its own (padded) box, where it is a bijection (u = 0 on the
         # boundary), then Ψ ← φ_r⁻¹ ∘ Ψ, so that Ψ stays the inverse of Φ_total = Φ_total ∘ φ_r
@@ -361,8 +417,8 @@ def _level_step(level, state, progress, opts, dtype, acc):
         acc["regrids"] += 1 if rnd > 0 else 0
         last_ratio *= rec["val"]
         x = rec["x"]
-        acc["f"] = np.asarray(opts["j_min"] + x[:n_ctl].reshape(shape_p) ** 2, dtype=dtype)
-        acc["g"] = np.asarray(x[n_ctl:].reshape(g_shape), dtype=dtype)
+        acc["f"] = xp.asarray(opts["j_min"] + x[:n_ctl].reshape(shape_p) ** 2, dtype=dtype)
+        acc["g"] = xp.asarray(x[n_ctl:].reshape(g_shape), dtype=dtype)
         state["phi"] = phi.astype(dtype)
         state["phi_inv"] = psi.astype(dtype)
         state["vp_pad"] = dict(phi=phi_p.astype(dtype), affine=level.fixed.affine, pad=p, shape=Fi.shape, h=h)
@@ -378,38 +434,94 @@ def _level_step(level, state, progress, opts, dtype, acc):
     return last_ratio
 
 
+class _Evaluations:
+    """The problem :func:`classreg.optimise.minimise` expects, around ``fun(x) -> (value, gradient)``."""
+
+    def __init__(self, fun):
+        self.fun = fun
+
+    def value(self, x):
+        return self.fun(x)
+
+    def gradient(self, x, payload):
+        return payload
+
+
+def _lbfgs_round(fun, x0, callback, *, iterations, tol):
+    """One L-BFGS round on ``fun(x) -> (value, gradient)`` from ``x0``; ``callback(iterate)`` (with ``.x``) after every
+    iteration, which may raise StopIteration to end the round.
+
+    numpy ``x0`` (with ``HOST_OPTIMISER = "scipy"``): scipy's L-BFGS-B (``maxcor=10``). CuPy ``x0``: the monotone
+    L-BFGS of :func:`classreg.optimise.minimise` (Nocedal & Wright 2006, Algorithms 7.4 and 3.1: memory 10,
+    backtracking Armijo search, trust radius ``SHARED_RADIUS`` on the largest control change), whose vectors stay on
+    the device; its stopping test on the relative decrease is scipy's ``ftol``. Both reject a folding trial point
+    through its larger value (see :func:`_level_step`).
+    """
+    if get_array_module(x0) is np and HOST_OPTIMISER == "scipy":
+        from scipy.optimize import minimize
+
+        minimize(fun, x0, jac=True, method="L-BFGS-B", callback=callback,
+                 options=dict(maxiter=iterations, ftol=tol, gtol=1e-12, maxcor=10))
+        return
+    from ...optimise import minimise
+
+    f0, g0 = fun(x0)
+    try:
+        minimise(_Evaluations(fun), x0, f0, g0, iterations=iterations, tol=tol, evaluations=1, memory=10,
+                 radius=SHARED_RADIUS, on_accept=callback)
+    except StopIteration:
+        pass
+
+
 def _sample(img, disp, h, shift, at=None):
     """``img`` (on its own grid, edge-extended) at index ``at + shift + disp / h`` (``at``: the nodes of ``disp``'s
     grid by default); multilinear, as the warp; vector images per component."""
-    from scipy.ndimage import map_coordinates
-
+    xp = get_array_module(disp)
+    map_coordinates = _ndimage(xp).map_coordinates
     nd = disp.shape[-1]
     if at is None:
-        at = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in disp.shape[:nd]], indexing="ij"), -1)
-    coords = np.stack([at[..., j] + shift + disp[..., j] / h[j] for j in range(nd)])
+        at = xp.stack(xp.meshgrid(*[xp.arange(n, dtype=np.float64) for n in disp.shape[:nd]], indexing="ij"), -1)
+    coords = xp.stack([at[..., j] + shift + disp[..., j] / h[j] for j in range(nd)])
     if img.ndim == nd:
         return map_coordinates(img, coords, order=1, mode="nearest")
-    return np.stack([map_coordinates(img[..., c], coords, order=1, mode="nearest") for c in range(nd)], -1)
+    return xp.stack([map_coordinates(img[..., c], coords, order=1, mode="nearest") for c in range(nd)], -1)
+
+
+def _affine_points(y, total, shift):
+    """``y @ A.T + t + shift`` for index points ``y`` (…, nd) and the host matrix ``total`` = [A t]; on the device
+    with the matrix's entries as Python numbers (nothing to upload)."""
+    xp = get_array_module(y)
+    nd = y.shape[-1]
+    if xp is np:
+        return y @ total[:nd, :nd].T + total[:nd, nd] + shift
+    return xp.stack([sum(y[..., j] * float(total[i, j]) for j in range(nd)) + (float(total[i, nd]) + shift)
+                     for i in range(nd)], -1)
+
+
+def _mm(h, like):
+    """The per-axis spacing ``h`` as an array next to ``like`` (numpy, or on ``like``'s device)."""
+    xp = get_array_module(like)
+    return np.asarray(h) if xp is np else xp.asarray(h, dtype=np.float64)
 
 
 def _push(rounds, pts, affine, h, key, reverse):
     """Send index points ``pts`` of the grid ``affine`` (spacing ``h``) through the rounds' maps ``id + r[key]``,
     each the multilinear interpolant on its own padded grid (the map the round optimised, or its inverse; u = 0 on
     and beyond that grid's ring, so the edge extension is exact), the last round first when ``reverse``."""
-    from scipy.ndimage import map_coordinates
-
+    xp = get_array_module(pts)
+    map_coordinates = _ndimage(xp).map_coordinates
     nd = pts.shape[-1]
-    y = np.array(pts, dtype=np.float64)
+    y = xp.array(pts, dtype=np.float64)
     for r in (reversed(rounds) if reverse else rounds):
         total = np.linalg.inv(r["affine"]) @ affine  # this grid's index → the round's level index
-        c = np.moveaxis(y @ total[:nd, :nd].T + total[:nd, nd] + r["pad"], -1, 0)
-        y = y + np.stack([map_coordinates(np.asarray(r[key][..., k], dtype=np.float64), c, order=1, mode="nearest")
-                          for k in range(nd)], -1) / np.asarray(h)
+        c = xp.moveaxis(_affine_points(y, total, r["pad"]), -1, 0)
+        y = y + xp.stack([map_coordinates(xp.asarray(r[key][..., k], dtype=np.float64), c, order=1, mode="nearest")
+                          for k in range(nd)], -1) / _mm(h, y)
     return y
 
 
-def _padded_nodes(shape, pad):
-    return np.stack(np.meshgrid(*[np.arange(n + 2 * pad, dtype=np.float64) - pad for n in shape], indexing="ij"), -1)
+def _padded_nodes(shape, pad, xp=np):
+    return xp.stack(xp.meshgrid(*[xp.arange(n + 2 * pad, dtype=np.float64) - pad for n in shape], indexing="ij"), -1)
 
 
 def _transfer(rounds, saved, psi, fixed_level, pad, floor, backend):
@@ -428,32 +540,34 @@ def _transfer(rounds, saved, psi, fixed_level, pad, floor, backend):
     from ...kernels.diff import jacobian_determinant
     from ...kernels.vp import invert_newton
 
+    xp = get_array_module(saved["phi"])
     nd = fixed_level.ndim
     h = tuple(float(x) for x in fixed_level.spacing_array_order)
     shape = tuple(fixed_level.shape)
-    nodes_p = _padded_nodes(shape, pad)
+    nodes_p = _padded_nodes(shape, pad, xp)
     inner = tuple(slice(pad, pad + n) for n in shape)
-    coarse_nodes = _padded_nodes(saved["shape"], saved["pad"])
+    coarse_nodes = _padded_nodes(saved["shape"], saved["pad"], xp)
     chosen = None
     for k in range(len(rounds), 0, -1):
         coarse = saved["phi"] if k == len(rounds) else \
-            (_push(rounds[:k], coarse_nodes, saved["affine"], saved["h"], "u", True) - coarse_nodes) * saved["h"]
+            (_push(rounds[:k], coarse_nodes, saved["affine"], saved["h"], "u", True) - coarse_nodes) \
+            * _mm(saved["h"], coarse_nodes)
         resampled = _padded_map(dict(saved, phi=coarse), shape, fixed_level.affine, pad)
         for kind, make in (("resampled", lambda: resampled),
                            ("composed", lambda: (_push(rounds[:k], nodes_p, fixed_level.affine, h, "u", True)
-                                                 - nodes_p) * np.asarray(h))):
+                                                 - nodes_p) * _mm(h, nodes_p))):
             phi_p = make()
-            if float(np.min(jacobian_determinant(phi_p[inner], spacing=h))) > floor:
+            if float(xp.min(jacobian_determinant(phi_p[inner], spacing=h))) > floor:
                 chosen = kind
                 break
         if chosen:
             break
     else:
-        return np.zeros(nodes_p.shape), np.zeros((*shape, nd)), 0
+        return xp.zeros(nodes_p.shape), xp.zeros((*shape, nd)), 0
     nodes = nodes_p[inner]
     if not (chosen == "resampled" and k == len(rounds) and psi is not None and psi.shape == nodes.shape):
-        psi = (_push(rounds[:k], nodes, fixed_level.affine, h, "v", False) - nodes) * np.asarray(h)
-    psi, _ = invert_newton(phi_p, spacing=h, at=nodes + pad, init=np.asarray(psi, dtype=np.float64),
+        psi = (_push(rounds[:k], nodes, fixed_level.affine, h, "v", False) - nodes) * _mm(h, nodes)
+    psi, _ = invert_newton(phi_p, spacing=h, at=nodes + pad, init=xp.asarray(psi, dtype=np.float64),
                            tol=INVERSE_TOL, backend=_vp_backend(backend))
     return phi_p, psi, k
 
@@ -461,11 +575,12 @@ def _transfer(rounds, saved, psi, fixed_level, pad, floor, backend):
 def _padded_map(saved, shape, affine, pad):
     """The padded map ``saved["phi"]`` of a coarser level resampled (multilinear) onto the padded grid of the level
     ``shape``, ``affine`` (its padded box contains this one when the pad is counted in nodes and levels get finer)."""
+    xp = get_array_module(saved["phi"])
     nd = len(shape)
     total = np.linalg.inv(saved["affine"]) @ affine  # this level's index → the saved level's index
-    idx = _padded_nodes(shape, pad)
-    src = idx @ total[:nd, :nd].T + total[:nd, nd] + saved["pad"]
-    return _sample(np.asarray(saved["phi"], dtype=np.float64), np.zeros(idx.shape), np.ones(nd), 0.0, src)
+    idx = _padded_nodes(shape, pad, xp)
+    src = _affine_points(idx, total, saved["pad"])
+    return _sample(xp.asarray(saved["phi"], dtype=np.float64), xp.zeros(idx.shape), np.ones(nd), 0.0, src)
 
 
 def _vp_inverse(phi_p, h, j_min, floor, init=None):
