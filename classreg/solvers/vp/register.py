@@ -68,7 +68,7 @@ INVERSE_TOL = 1e-3
 HOST_OPTIMISER = "scipy"
 
 #: Initial trust radius (largest change of a control f̂ or g in one step) of the shared L-BFGS.
-SHARED_RADIUS = 0.25
+SHARED_RADIUS = 0.05
 
 
 def _vp_backend(backend):
