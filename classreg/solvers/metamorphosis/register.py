@@ -296,7 +296,8 @@ def _params(opts, schedule, levels, masks, *, mask, mask_evolution, mu, rho, nu,
     evolution = mask_evolution if isinstance(mask_evolution, str) else f"sequence of {len(masks.frames)} masks"
     return dict(mask="given" if mask is not None else None,
                 mask_evolution=evolution if (mask is not None or not isinstance(mask_evolution, str)) else None,
-                mask_frames=len(masks.frames), mu=float(mu), rho=float(rho), source_weight=nu,
+                mask_frames=len(masks.frames), mask_growth_coverage=masks.coverage, mu=float(mu), rho=float(rho),
+                source_weight=nu,
                 method="weighted metamorphosis" if (mask is not None or not isinstance(mask_evolution, str))
                 else "classical metamorphosis", metric=opts["metric"], kernel="gaussian",
                 kernel_sigma=opts["kernel_sigma"], data_sigma=opts["data_sigma"], n_steps=opts["n_steps"],
