@@ -21,7 +21,8 @@ Cases (everything from shipped data or synthetic with a fixed seed):
 
 Runs: ``lddmm`` = weighted metamorphosis' engine with μ = 0 (register_lddmm(method="full"), the paper's baseline),
 ``lddmm_default`` = register_lddmm's default method (band-limited), ``cm`` = classical metamorphosis (no mask),
-``wm`` = weighted metamorphosis (mask grown from a ball, the default). Every run uses the solvers' defaults.
+``wm`` = weighted metamorphosis (mask grown from a ball, the default). Every run uses the solvers' defaults, except
+``--rho`` (cm, wm) and ``--data-sigma`` (every run).
 """
 from __future__ import annotations
 
@@ -167,20 +168,22 @@ def _dice(a, b) -> float:
     return float(2 * np.sum(a & b) / max(1, a.sum() + b.sum()))
 
 
-def _solvers(case: dict, which, rhos=(None,)):
-    """The runs, keyed ``run`` or ``run rho=R`` when ``rhos`` sweeps metamorphosis' ρ (mm²; None = the default)."""
+def _solvers(case: dict, which, rhos=(None,), data_sigma=None):
+    """The runs, keyed ``run`` or ``run rho=R`` when ``rhos`` sweeps metamorphosis' ρ (mm²; None = the default);
+    ``data_sigma`` (None = the solvers' default) is given to every run."""
     import classreg as cr
 
     f, m, mask = case["fixed"], case["moving"], case["mask"]
+    common = {} if data_sigma is None else {"data_sigma": data_sigma}
     out = {}
     for k in which:
         if k == "lddmm":
-            out[k] = lambda: cr.register_metamorphosis(f, m, mu=0.0)
+            out[k] = lambda: cr.register_metamorphosis(f, m, mu=0.0, **common)
         elif k == "lddmm_default":
-            out[k] = lambda: cr.register_lddmm(f, m)
+            out[k] = lambda: cr.register_lddmm(f, m, **common)
         else:
             for rho in rhos:
-                kw = {} if rho is None else {"rho": rho}
+                kw = dict(common) if rho is None else {"rho": rho, **common}
                 if k == "wm":
                     kw["mask"] = mask
                 out[k if rho is None else f"{k} rho={rho:g}"] = (lambda kw=kw: cr.register_metamorphosis(f, m, **kw))
@@ -201,12 +204,13 @@ def _row(name, run, res, seconds, case, extra) -> dict:
                ssd_final=float(np.mean((fn(final) - fn(case["fixed"].data)) ** 2)),
                ssd_deformation=float(np.mean((fn(res.warped.data) - fn(case["fixed"].data)) ** 2)),
                min_det=m.get("min_det", m.get("min_det_j")), added_outside_mask=m.get("added_outside_mask"),
+               mask_coverage=res.params.get("mask_growth_coverage"),
                time_steps=m.get("time_steps"), stop=res.stop_reason, peak_rss_mb=round(peak_rss_mb()))
     row.update(extra(res))
     return row
 
 
-def run_toy(size: int, which, rhos=(None,)) -> list[dict]:
+def run_toy(size: int, which, rhos=(None,), data_sigma=None) -> list[dict]:
     fixed, moving, tri = toy(size, push=0.08 * size)
     mask = ndimage.binary_dilation(tri, iterations=2)
     case = {"fixed": fixed, "moving": moving, "mask": mask.astype(np.float32),
@@ -214,7 +218,7 @@ def run_toy(size: int, which, rhos=(None,)) -> list[dict]:
     T = fixed.data
     before = oval_centroid_error(moving.data, T, tri)
     rows = []
-    for run, fn in _solvers(case, which, rhos).items():
+    for run, fn in _solvers(case, which, rhos, data_sigma).items():
         t0 = time.perf_counter()
         res = fn()
         sec = time.perf_counter() - t0
@@ -227,11 +231,11 @@ def run_toy(size: int, which, rhos=(None,)) -> list[dict]:
     return rows
 
 
-def run_mni(ndim: int, which, seeds, rhos=(None,)) -> list[dict]:
+def run_mni(ndim: int, which, seeds, rhos=(None,), data_sigma=None) -> list[dict]:
     rows = []
     for seed in seeds:
         case = tumour_case(ndim, seed=seed)
-        for run, fn in _solvers(case, which, rhos).items():
+        for run, fn in _solvers(case, which, rhos, data_sigma).items():
             t0 = time.perf_counter()
             res = fn()
             sec = time.perf_counter() - t0
@@ -257,6 +261,8 @@ def main(argv=None) -> int:
     p.add_argument("--toy-size", type=int, default=300)
     p.add_argument("--rho", type=float, nargs="+", default=None,
                    help="sweep metamorphosis' rho (mm²) for the cm and wm runs (default: the solver's default)")
+    p.add_argument("--data-sigma", type=float, default=None,
+                   help="σ of the SSD for every run (normalised intensities; default: the solvers' default 0.05)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
                    help="tumours drawn for mni2d (mni3d uses the first)")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
@@ -265,11 +271,12 @@ def main(argv=None) -> int:
     for c in a.cases:
         which = a.runs or (["lddmm", "lddmm_default", "cm", "wm"] if c == "mni3d" else ["lddmm", "cm", "wm"])
         rhos = a.rho or (None,)
-        rows += (run_toy(a.toy_size, which, rhos) if c == "toy" else
-                 run_mni(int(c[3]), which, a.seeds if c == "mni2d" else a.seeds[:1], rhos))
+        rows += (run_toy(a.toy_size, which, rhos, a.data_sigma) if c == "toy" else
+                 run_mni(int(c[3]), which, a.seeds if c == "mni2d" else a.seeds[:1], rhos, a.data_sigma))
     cols = [("case", "case"), ("run", "run"), ("dice_before", "ventricle Dice before"), ("dice", "Dice after"),
             ("oval_error_px", "oval error (px)"), ("ssd_final", "SSD final"),
             ("ssd_deformation", "SSD deformation only"), ("added_outside_mask", "added outside mask"),
+            ("mask_coverage", "grown mask coverage"),
             ("min_det", "min det J"), ("seconds", "time (s)"), ("peak_rss_mb", "peak RSS (MB)")]
     table = markdown_table(rows, cols)
     print(table)
