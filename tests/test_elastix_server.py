@@ -5,6 +5,7 @@ a final name; ``--stop`` ends the server. Also the switches that keep it off."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -65,6 +66,20 @@ def _elastix(args, env, **kw):
 def _status(env) -> str:
     return subprocess.run([sys.executable, "-m", "classreg.elastix.server", "--status"], env=env,
                           capture_output=True, text=True).stdout
+
+
+def _long_job(pair, out, env):
+    """A long elastix command through the server, returned once its job iterates (its staging folder exists)."""
+    out.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "classreg.elastix", "-f", str(pair / "f.nii.gz"), "-m",
+                             str(pair / "m.nii.gz"), "-p", str(pair / "long.txt"), "-out", str(out)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for _ in range(300):
+        if any(p.name.startswith(".classreg-elastix-") for p in out.iterdir()):
+            break
+        time.sleep(0.05)
+    time.sleep(0.5)
+    return proc
 
 
 @pytest.fixture
@@ -143,19 +158,26 @@ def test_commands_through_the_server(pair, tmp_path, run_dir):
         assert r.returncode == 0, r.stderr
         assert list((tmp_path / "t").glob("deformationField.*"))
         # 3. Ctrl-C reaches the job: the command ends by SIGINT and no output appears under a final name
-        (tmp_path / "o2").mkdir()
-        proc = subprocess.Popen([sys.executable, "-m", "classreg.elastix", "-f", str(pair / "f.nii.gz"), "-m",
-                                 str(pair / "m.nii.gz"), "-p", str(pair / "long.txt"), "-out",
-                                 str(tmp_path / "o2")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        for _ in range(300):  # until the job has started iterating (its staging folder exists)
-            if any(p.name.startswith(".classreg-elastix-") for p in (tmp_path / "o2").iterdir()):
-                break
-            time.sleep(0.05)
-        time.sleep(0.5)
+        proc = _long_job(pair, tmp_path / "o2", env)
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=60)
         assert proc.returncode in (-signal.SIGINT, 130, 1)
         assert not list((tmp_path / "o2").glob("TransformParameters*")) and not list((tmp_path / "o2").glob("result*"))
+        # 4. a caller killed outright: the server sees its connection close and stops the job
+        proc = _long_job(pair, tmp_path / "o3", env)
+        proc.kill()
+        proc.communicate(timeout=60)
+        log = next(run_dir.rglob("elastix-*.sock.log")).read_text()
+        job = int(re.findall(r"job (\d+): elastix .*o3", log)[-1])
+        for _ in range(200):
+            try:
+                os.kill(job, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail(f"the job {job} of a killed caller still runs")
+        assert not list((tmp_path / "o3").glob("TransformParameters*"))
     finally:
         stop = subprocess.run([sys.executable, "-m", "classreg.elastix.server", "--stop"], env=env,
                               capture_output=True, text=True)
