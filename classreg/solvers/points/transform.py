@@ -158,9 +158,10 @@ class PointDeformation(Transform):
 class PointDeformationInverse(Transform):
     """``T⁻¹``: **target** (fixed) space → **source** (moving) space, the pull-back used by ``Result.apply``.
 
-    Solved per point by the fixed-point iteration ``y ← A⁻¹(x - t) - v(y)`` (converges where ``|∇v| < 1``), with
-    the organ label of the nearest deformed source point unless ``labels`` are given. After each call,
-    ``last_error`` holds ``{"max_error", "mean_error"}`` = residual ``|T(y) - x|`` in mm and the iteration count.
+    Solved per point by the fixed-point iteration ``y ← A⁻¹(x - t) - v(y)`` (converges where ``|∇v| < 1``; a point
+    stops once its own step is at most ``tol`` mm, the others go on up to ``max_iter`` steps), with the organ label
+    of the nearest deformed source point unless ``labels`` are given. After each call, ``last_error`` holds
+    ``{"max_error", "mean_error"}`` = residual ``|T(y) - x|`` in mm and the iteration count.
     """
 
     def __init__(self, forward: PointDeformation, *, max_iter: int = 50, tol: float = 1e-6):
@@ -179,12 +180,13 @@ class PointDeformationInverse(Transform):
         y = base.copy()
         it = 0
         err = np.zeros(len(x))
+        live = np.arange(len(x))  # points whose last step exceeded tol: only these are iterated further
         for it in range(1, self.max_iter + 1):
-            v = f.displacement(y, _index=li)
-            y_new = base - v
-            step = np.sqrt(((y_new - y) ** 2).sum(1))
-            y = y_new
-            if step.size == 0 or step.max() <= self.tol:
+            y_new = base[live] - f.displacement(y[live], _index=li[live])
+            step = np.sqrt(((y_new - y[live]) ** 2).sum(1))
+            y[live] = y_new
+            live = live[step > self.tol]
+            if live.size == 0:
                 break
         if len(x):
             res = (y + f.displacement(y, _index=li)) @ f.matrix.T + f.translation - x
