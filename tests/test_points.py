@@ -321,6 +321,47 @@ def test_nystrom_estep_then_exact_matches_exact_registration():
         register_points(Y, X, estep="nystrom")
 
 
+@pytest.mark.parametrize("labelled", [False, True])
+def test_estep_grid_against_reference(labelled):
+    # splat, blur, slice (kernels.points.estep_grid) at 2 cells per σ: the composite B-spline kernel has the
+    # Gaussian's mass and variance, and the sums come within ~2e-3 of their largest value (measured 0.6-2e-3 here,
+    # 1.4-2.4e-3 on fsaverage5); x̂ within 1e-2 σ (measured < 4e-3) where ν is not tiny. register_points checks
+    # every grid E-step on probes against estep_tol = 1e-2.
+    x, y, b, lx, ly, U = _estep_case(labelled)
+    for d in (3, 2):
+        xx, yy = np.ascontiguousarray(x[:, :d]), np.ascontiguousarray(y[:, :d])
+        for sigma2 in (4.0, 1.0):
+            ref = kp.estep(xx, yy, b, sigma2, 1e-3, lx=lx, ly=ly, U=U, backend="numpy")
+            nu, nu_x, px, den = kp.estep_grid(xx, yy, b, sigma2, 1e-3, lx=lx, ly=ly, U=U)
+            assert np.abs(nu - ref[0]).max() < 3e-3 * ref[0].max()
+            assert np.abs(nu_x - ref[1]).max() < 3e-3 * ref[1].max()
+            np.testing.assert_allclose(nu_x, den / (den + 1e-3))
+            ok = ref[0] > 0.1 * np.median(ref[0])
+            dx = np.linalg.norm(px[ok] / nu[ok, None] - ref[2][ok] / ref[0][ok, None], axis=1)
+            assert dx.max() < 1e-2 * np.sqrt(sigma2), (d, sigma2, dx.max())
+    # its cost falls with σ (cells ∝ σ^-D) and stays ~ (M + N) 3^D for large σ
+    costs = [kp.estep_grid_cost(x, y, s2) for s2 in (0.05, 1.0, 100.0)]
+    assert costs[0] > costs[1] > costs[2] > 27 * (len(x) + len(y))
+
+
+def test_grid_estep_then_exact_matches_exact_registration():
+    # estep="auto" on 1200 points: grid E-steps while σ is large (each checked on probe points), exact ones once the
+    # grid costs more than a quarter of the exact sums; the result stays within a small fraction of the point
+    # spacing (~1.7 mm) of the all-exact registration
+    rng = np.random.default_rng(18)
+    Y = _ellipsoid_surface(0, 1200, rng)
+    X = _ellipsoid_surface(0, 1200, rng)
+    X = X + 2.0 * np.sin(X / 12.0) + [2.0, -1.0, 1.0]
+    kw = {"bandwidth": 15.0, "rank": 60, "max_iter": 60, "tol": 1e-3, "seed": 3}  # low rank: a fast v-update
+    auto = register_points(Y, X, **kw)
+    exact = register_points(Y, X, estep="exact", **kw)
+    used = [h["estep"] for h in auto.history]
+    assert used[0] == "grid" and used[-1] == "exact", used
+    assert auto.metrics["grid_estep_iterations"] == used.count("grid") >= 1
+    d = np.linalg.norm(auto.apply_points(Y) - exact.apply_points(Y), axis=1)
+    assert d.mean() < 0.05 and d.max() < 0.5, (d.mean(), d.max())
+
+
 def _points_case(n=300, seed=21):
     rng = np.random.default_rng(seed)
     Y = _ellipsoid_surface(0, n, rng)

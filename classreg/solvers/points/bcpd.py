@@ -35,7 +35,7 @@ import numpy as np
 from ...backend import to_device, to_numpy
 from ...kernels import points as kp
 from ...kernels._backend import get_array_module
-from .lowrank import estep_nystrom_checked
+from .lowrank import estep_nystrom_checked, probe_error
 
 __all__ = ["EStep", "State", "alpha_update", "initial_state", "rotation_angle", "sigma_update", "similarity_update",
            "v_update", "v_update_block", "vb_iteration"]
@@ -92,10 +92,12 @@ class EStep:
     """The E-step sums ``(ν, ν', Σ_n p_mn x_n)`` of each iteration.
 
     ``mode="exact"``: the truncated sums over all pairs (:func:`classreg.kernels.points.estep`). ``mode="auto"``:
-    while accurate, the Nyström estimate of BCPD's acceleration (``landmarks`` random landmarks from X ∪ Ŷ, redrawn
-    every iteration), checked against the exact sums on :data:`N_PROBES` probe targets and sources; from the first
-    iteration whose error exceeds ``tol`` on, the exact sums. Only used where it is at least 4× cheaper
-    (M N ≥ 4 J (M + N)). With ``backend="cuda"`` the target points are uploaded once, the deformed source points and
+    while σ is large, the grid estimate (:func:`classreg.kernels.points.estep_grid`, host only) in the iterations
+    where it is at least 4× cheaper than the exact sums (its cost falls with σ³), else the Nyström estimate of
+    BCPD's acceleration (``landmarks`` random landmarks from X ∪ Ŷ, redrawn every iteration; only used where
+    M N ≥ 4 J (M + N)), each checked against the exact sums on :data:`N_PROBES` probe targets and sources; from the
+    first iteration whose error exceeds ``tol`` on, that estimate is not used again, and once neither is, the exact
+    sums. With ``backend="cuda"`` the target points are uploaded once, the deformed source points and
     weights every iteration, and the sums come back to the host.
     """
 
@@ -107,10 +109,12 @@ class EStep:
         self.J, self.tol, self.backend = int(landmarks), tol, backend
         self.block_bytes = min(budget, 256 * 2**20)
         self.nystrom_on = mode == "auto" and M * N >= 4 * self.J * (M + N) and self.J < M + N
+        self.grid_on = mode == "auto" and backend != "cuda"
         self.rng = np.random.default_rng([int(seed), 1])
         self.probes = (np.sort(self.rng.choice(N, min(N_PROBES, N), replace=False)),
                        np.sort(self.rng.choice(M, min(N_PROBES, M), replace=False)))
         self.n_nystrom = 0
+        self.n_grid = 0
         self.x_dev = to_device(x, "cuda") if backend == "cuda" else x
         # one organ and no transition: the label gather of the E-step is a factor 1 and is skipped on the device
         self.no_labels = U is None or (np.shape(U) == (1, 1) and float(np.asarray(U)[0, 0]) == 1.0)
@@ -122,20 +126,34 @@ class EStep:
         return self.x_dev if a is self.x else to_device(a, "cuda")
 
     def __call__(self, st: State, it: int):
-        """``(ν (floored at 1e-20), ν', Σ_n p_mn x_n, "nystrom" or "exact")`` for the current posterior."""
+        """``(ν (floored at 1e-20), ν', Σ_n p_mn x_n, "grid", "nystrom" or "exact")`` for the current posterior."""
         D = self.x.shape[1]
         sigma2, omega = st.sigma2, self.omega
         c = (2 * math.pi * sigma2) ** (D / 2) * omega / (self.volume * (1 - omega)) if omega > 0 else 0.0
         xp = get_array_module(st.alpha)
         b = st.alpha * xp.exp(-(D / 2) * st.s**2 * st.sig_m2 / sigma2)
-        est = self._nystrom(st.yhat, b, sigma2, c, it) if self.nystrom_on else None
+        est, used = (self._grid(st.yhat, b, sigma2, c, it) if self.grid_on else None), "grid"
+        if est is None:
+            est, used = (self._nystrom(st.yhat, b, sigma2, c, it) if self.nystrom_on else None), "nystrom"
         if est is None:
             est, used = self._exact(st.yhat, b, sigma2, c), "exact"
-        else:
-            used = "nystrom"
-            self.n_nystrom += 1
+        self.n_grid += used == "grid"
+        self.n_nystrom += used == "nystrom"
         nu, nu_x, px = est
         return xp.maximum(nu, 1e-20), nu_x, px, used
+
+    def _grid(self, yhat, b, sigma2, c, it):
+        n_labels = len(self.U) if self.U is not None else 1
+        if 4.0 * kp.estep_grid_cost(self.x, yhat, sigma2, n_labels) > 2.0 * len(self.x) * len(yhat):
+            return None  # not worth it at this σ (it is again if σ grows)
+        est = kp.estep_grid(self.x, yhat, b, sigma2, c, lx=self.lx, ly=self.ly, U=self.U)
+        err = probe_error(self.x, yhat, b, sigma2, c, self.lx, self.ly, self.U, est, self.probes, self.backend)
+        if err > self.tol:
+            self.grid_on = False
+            logger.debug("register_points: grid E-step error %.3g > %.3g at iteration %d; not used from now",
+                         err, self.tol, it)
+            return None
+        return est[:3]
 
     def _nystrom(self, yhat, b, sigma2, c, it):
         est, err = estep_nystrom_checked(self.x, yhat, b, sigma2, c, self.lx, self.ly, self.U, self.J, self.probes,

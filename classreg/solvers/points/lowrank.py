@@ -13,7 +13,7 @@ import numpy as np
 from ...backend import to_numpy
 from ...kernels import points as kp
 
-__all__ = ["estep_nystrom_checked", "lowrank_eigenpairs"]
+__all__ = ["estep_nystrom_checked", "lowrank_eigenpairs", "probe_error"]
 
 #: a dense block of mb points with K ≥ mb / EIGH_RATIO wanted eigenpairs is decomposed with eigh, not Lanczos
 EIGH_RATIO = 10
@@ -111,22 +111,27 @@ def _nystrom_pairs(kern, yb, lb, K, nys, rng, pd_guard):
 
 
 def estep_nystrom_checked(x, yhat, b, sigma2, c, lx, ly, U, J, probes, rng, be, dev=lambda a: a):
-    """Nyström E-step (``J`` fresh random landmarks from X ∪ Ŷ) and its error on the probe points.
-
-    The error is the largest of the relative errors of the denominators Σ_m φ_mn (probe targets) and of ν_m
-    (probe sources, given the Nyström q_n), and of the x̂_m error in units of σ. ``probes`` = (target indices,
-    source indices); ``dev`` moves an array to the E-step's device. Returns ``((nu, nu_x, px), error)``.
+    """Nyström E-step (``J`` fresh random landmarks from X ∪ Ŷ) and its error on the probe points
+    (:func:`probe_error`). ``dev`` moves an array to the E-step's device. Returns ``((nu, nu_x, px), error)``.
     """
     N, M = len(x), len(yhat)
     sel = rng.choice(M + N, J, replace=False)
     Z = np.concatenate([x[sel[sel < N]], yhat[sel[sel >= N] - N]])
     est = kp.estep_nystrom(dev(x), dev(yhat), dev(b), sigma2, c, dev(Z), lx=lx, ly=ly, U=U, backend=be,
                            return_denominator=True)
-    nu, nu_x, px, den_raw = (to_numpy(a) for a in est)
+    est = tuple(to_numpy(a) for a in est)
+    return est[:3], probe_error(x, yhat, b, sigma2, c, lx, ly, U, est, probes, be)
+
+
+def probe_error(x, yhat, b, sigma2, c, lx, ly, U, est, probes, be) -> float:
+    """Error of approximate E-step sums ``est = (nu, nu_x, px, den_raw)`` (host arrays) on the probe points: the
+    largest of the relative errors of the denominators Σ_m φ_mn (probe targets) and of ν_m (probe sources, given the
+    approximate q_n), and of the x̂_m error in units of σ. ``probes`` = (target indices, source indices)."""
+    nu, _, px, den_raw = est
     pt, ps = probes
     err_den = _denominator_error(x, yhat, b, sigma2, c, lx, ly, U, den_raw, pt, be)
     err_src = _source_errors(x, yhat, b, sigma2, c, lx, ly, U, den_raw, nu, px, ps, be)
-    return (nu, nu_x, px), max(err_den, *err_src)
+    return max(err_den, *err_src)
 
 
 def _denominator_error(x, yhat, b, sigma2, c, lx, ly, U, den_raw, pt, be) -> float:

@@ -83,10 +83,11 @@ OPTIONS = Declaration(
                kind="bool"),
         Option("truncation", 1e-12, "E-step Gaussian factors below this count as zero (0: exact)", low=0, high=1,
                high_open=True),
-        Option("estep", "auto", "E-step sums: 'exact' (truncated, all pairs) or 'auto' (checked Nyström estimates "
-                                "while σ is large, exact afterwards)", kind="str", choices=("auto", "exact")),
+        Option("estep", "auto", "E-step sums: 'exact' (truncated, all pairs) or 'auto' (checked grid or Nyström "
+                                "estimates while σ is large, exact afterwards)", kind="str", choices=("auto", "exact")),
         Option("estep_landmarks", 300, "J, landmarks of the Nyström E-step (BCPD's -J)", kind="int", low=1),
-        Option("estep_tol", 1e-2, "largest probe error accepted from a Nyström E-step", low=0, low_open=True),
+        Option("estep_tol", 1e-2, "largest probe error accepted from a grid or Nyström E-step", low=0,
+               low_open=True),
         Option("estep_precision", "float32", "arithmetic of the exact E-step's pair loop (sums in float64)",
                kind="str", choices=("float32", "float64")),
         Option("pd_guard", "jitter", "a kernel that is not positive semi-definite gets the smallest diagonal "

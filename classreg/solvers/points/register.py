@@ -119,18 +119,19 @@ def register_points(source, target, *, source_labels=None, target_labels=None, m
         ``σ sqrt(2 ln(1/truncation))`` (7.4σ for the default) are summed.
     estep : {"auto", "exact"}
         How the E-step sums are computed. "exact": the truncated sums over all pairs (numba, spatially blocked,
-        deterministic). "auto" (default): while σ is large, the Nyström estimate of the sums used by BCPD's
-        acceleration (Hirose 2021, Sec. 5; the C code's ``-J`` option;
-        :func:`classreg.kernels.points.estep_nystrom`) with ``estep_landmarks`` random landmarks from X ∪ Ŷ redrawn
-        every iteration, checked every iteration against the exact sums on 64 random probe target and source
-        points; once its error exceeds ``estep_tol`` (relative error of the denominators Σ_m φ_mn and of ν_m, and
-        error of x̂_m in units of σ), that iteration and all later ones use the exact truncated sums (BCPD's ``-A``
-        likewise switches to a KD-tree neighbour search once σ is small). Used only where it is at least 4× cheaper
-        than the exact sums (M N ≥ 4 J (M + N)).
+        deterministic). "auto" (default): while σ is large, an approximation checked every iteration against the
+        exact sums on 64 random probe target and source points; once its error exceeds ``estep_tol`` (relative
+        error of the denominators Σ_m φ_mn and of ν_m, and error of x̂_m in units of σ), that iteration and all
+        later ones do without it (BCPD's ``-A`` likewise switches to a KD-tree neighbour search once σ is small).
+        First choice, in every iteration where it costs less than a quarter of the exact sums (its cost falls with
+        σ^D): the grid estimate :func:`classreg.kernels.points.estep_grid` (splat onto cells of σ/2, Gaussian
+        filter, interpolate; relative errors ~2e-3). Else, where M N ≥ 4 J (M + N), the Nyström estimate of BCPD's
+        acceleration (Hirose 2021, Sec. 5; the C code's ``-J`` option; :func:`classreg.kernels.points.estep_nystrom`)
+        with ``estep_landmarks`` random landmarks from X ∪ Ŷ redrawn every iteration. Else the exact sums.
     estep_landmarks : int
         J, Nyström landmarks of the E-step (BCPD's ``-J``, default 300).
     estep_tol : float
-        Largest probe error accepted from the Nyström E-step (default 0.01).
+        Largest probe error accepted from the grid or Nyström E-step (default 0.01).
     estep_precision : {"float32", "float64"}
         Arithmetic of the exact E-step's pair loop (sums across blocks are float64 either way). float32 (default)
         is faster; its Gaussian factors have relative error < 3e-5 and the E-step outputs agree with
@@ -160,7 +161,7 @@ def register_points(source, target, *, source_labels=None, target_labels=None, m
         there for every iteration — the exact E-step (the blocked float64 array code, CuPy), the v-update
         (``cupy.linalg`` Cholesky / eigh, ``cupyx.scipy.linalg`` solves), the α, similarity and σ² updates — with
         only scalars read back; the posterior comes back once at the end, where the transform is built. Not on the
-        device: the Nyström E-step (the exact one runs instead) and the fine scale of low-rank blocks (point sets
+        device: the grid and Nyström E-steps (the exact one runs instead) and the fine scale of low-rank blocks (point sets
         above the full-rank size with the two-scale kernel: the loop then runs on the host, the E-step sums on the
         device); organ labels cost an upload of the label indices per iteration. Needs the ``gpu`` extra and a CUDA
         device.
@@ -261,7 +262,8 @@ def register_points(source, target, *, source_labels=None, target_labels=None, m
                         "loop runs on the host, the E-step sums on the device")
             dev = "cpu"
         if dev == "cuda":
-            e_step.nystrom_on = False  # the device-resident loop runs the exact E-step (the Nyström one is not ported)
+            # the device-resident loop runs the exact E-step (the Nyström and grid ones are not ported)
+            e_step.nystrom_on = e_step.grid_on = False
         t_loop = time.perf_counter()
         it, converged, stop_reason = _vb_loop(st, e_step, blocks, fr, prog, params["method"], mode=mode, kappa=kappa,
                                               posterior_covariance=posterior_covariance, max_iter=max_iter,
@@ -273,6 +275,7 @@ def register_points(source, target, *, source_labels=None, target_labels=None, m
         fwd, inv, interp = _transforms(fr, blocks, st, kern_mm, mode, seed)
         t_fin = time.perf_counter() - t_fin
         metrics = _metrics(fr, st, it, e_step.n_nystrom, interp, inv)
+        metrics["grid_estep_iterations"] = e_step.n_grid
         metrics["fine_cg_steps"] = int(sum(kb.get("cg_steps", 0) for kb in blocks))
         timings = {"total": time.perf_counter() - t_start, "kernel_setup": t_setup, "vb_loop": t_loop,
                    "finalize": t_fin, "per_iteration": t_loop / max(it, 1), **prog.timings}
