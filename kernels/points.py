@@ -42,7 +42,7 @@ import numpy as np
 
 from . import _backend
 
-__all__ = ["estep", "estep_grid", "estep_grid_cost", "estep_nystrom", "gauss_matrix", "kernel_matrix", "kernel_apply", "spatial_order"]
+__all__ = ["estep", "estep_grid", "estep_grid_cost", "estep_nystrom", "gauss_matrix", "kernel_matrix", "kernel_apply", "spatial_order", "taper_apply"]
 
 #: Smallest denominator of the E-step (keeps p finite when ω = 0 and a target point is far from every source).
 DEN_FLOOR = 1e-300
@@ -328,37 +328,46 @@ def _grid_transform(src, values, dst, shape, sb, rad):
 
 
 def _grid_splat(i0, w, strides, values, grid):
-    """``grid[k, node] += weight × values[p, k]`` over the 3^D nodes around every point p (serial, deterministic)."""
+    """``grid[k, node] += weight × values[p, k]`` over the 3^D nodes around every point p (serial, deterministic;
+    D = 2 is the D = 3 loop with one node along the last axis)."""
     d = i0.shape[1]
+    n3 = 3 if d == 3 else 1
     for p in range(i0.shape[0]):
-        for c in range(3**d):
-            flat = 0
-            wc = 1.0
-            r = c
-            for a in range(d):
-                o = r % 3
-                r //= 3
-                flat += (i0[p, a] + o - 1) * strides[a]
-                wc *= w[p, a, o]
-            for k in range(values.shape[1]):
-                grid[k, flat] += wc * values[p, k]
+        for o0 in range(3):
+            f0 = (i0[p, 0] + o0 - 1) * strides[0]
+            w0 = w[p, 0, o0]
+            for o1 in range(3):
+                f1 = f0 + (i0[p, 1] + o1 - 1) * strides[1]
+                w1 = w0 * w[p, 1, o1]
+                for o2 in range(n3):
+                    flat = f1
+                    wc = w1
+                    if d == 3:
+                        flat += (i0[p, 2] + o2 - 1) * strides[2]
+                        wc *= w[p, 2, o2]
+                    for k in range(values.shape[1]):
+                        grid[k, flat] += wc * values[p, k]
 
 
 def _grid_slice(grid, i0, w, strides, out):
     """``out[p, k] = Σ weight × grid[k, node]`` over the 3^D nodes around every point p."""
     d = i0.shape[1]
+    n3 = 3 if d == 3 else 1
     for p in range(i0.shape[0]):
-        for c in range(3**d):
-            flat = 0
-            wc = 1.0
-            r = c
-            for a in range(d):
-                o = r % 3
-                r //= 3
-                flat += (i0[p, a] + o - 1) * strides[a]
-                wc *= w[p, a, o]
-            for k in range(grid.shape[0]):
-                out[p, k] += wc * grid[k, flat]
+        for o0 in range(3):
+            f0 = (i0[p, 0] + o0 - 1) * strides[0]
+            w0 = w[p, 0, o0]
+            for o1 in range(3):
+                f1 = f0 + (i0[p, 1] + o1 - 1) * strides[1]
+                w1 = w0 * w[p, 1, o1]
+                for o2 in range(n3):
+                    flat = f1
+                    wc = w1
+                    if d == 3:
+                        flat += (i0[p, 2] + o2 - 1) * strides[2]
+                        wc *= w[p, 2, o2]
+                    for k in range(grid.shape[0]):
+                        out[p, k] += wc * grid[k, flat]
 
 
 @functools.cache
@@ -889,7 +898,86 @@ def _numba_misc():
     ns["prange"] = numba.prange
     ns["_fexp"] = njit(inline="always", fastmath=True)(_rebind(_fexp64, ns))
     return {"apply": njit(parallel=True, fastmath=True)(_rebind(_kernel_apply_body, ns)),
-            "gauss": njit(parallel=True, fastmath=True)(_rebind(_gauss_body, ns))}
+            "gauss": njit(parallel=True, fastmath=True)(_rebind(_gauss_body, ns)),
+            "taper": njit(parallel=True)(_rebind(_taper_body, ns))}
+
+
+def taper_apply(q, lq, z, lz, coef, amp, den, theta):
+    """``out_i = Σ_j amp[lq_i, lz_j] exp(-d²/den[lq_i, lz_j]) ψ(d/θ) coef_j`` over the anchors ``z`` closer than
+    ``theta`` to each query (``d = |q_i - z_j|``, Wendland ``ψ(r) = (1 - r)⁴ (4r + 1)``): the GP interpolation with
+    a compactly supported kernel. numba: the anchors are binned into cubic cells of side θ (sorted by cell), each
+    query scans the 3^D cells around its own, parallel over queries (deterministic). Returns (P, C) or None when
+    numba is not installed (the caller then uses a k-d tree)."""
+    if not _backend.HAVE_NUMBA:
+        return None
+    q = np.asarray(q, dtype=np.float64)
+    z = np.asarray(z, dtype=np.float64)
+    coef = np.asarray(coef, dtype=np.float64)
+    d = q.shape[1]
+    out = np.zeros((q.shape[0], coef.shape[1]))
+    if len(q) == 0 or len(z) == 0:
+        return out
+    lo = z.min(0)
+    zc = np.floor((z - lo) / theta).astype(np.int64)
+    dims = np.ones(3, dtype=np.int64)
+    dims[:d] = zc.max(0) + 1
+    zc3 = np.zeros((len(z), 3), dtype=np.int64)
+    zc3[:, :d] = zc
+    key = (zc3[:, 0] * dims[1] + zc3[:, 1]) * dims[2] + zc3[:, 2]
+    order = np.argsort(key, kind="stable")
+    cells, start = np.unique(key[order], return_index=True)
+    stop = np.append(start[1:], len(z)).astype(np.int64)
+    zt = np.zeros((3, len(z)))
+    zt[:d] = (z[order] - lo).T
+    qt = np.zeros((3, len(q)))
+    qt[:d] = (q - lo).T
+    with _threads_for(len(q) * 64):
+        _numba_misc()["taper"](qt, np.ascontiguousarray(_labels(lq, len(q), "lq")), zt,
+                               np.ascontiguousarray(_labels(lz, len(z), "lz")[order]),
+                               np.ascontiguousarray(coef[order]), np.ascontiguousarray(amp, dtype=np.float64),
+                               np.ascontiguousarray(1.0 / np.asarray(den, dtype=np.float64)), float(theta), dims,
+                               cells, start.astype(np.int64), stop, out)
+    return out
+
+
+def _taper_body(qt, lq, zt, lz, coef, amp, iden, theta, dims, cells, start, stop, out):
+    """Numba body of :func:`taper_apply` (coordinates relative to the anchors' minimum corner)."""
+    t2 = theta * theta
+    dz_hi = 2 if dims[2] > 1 else 1
+    dz_lo = -1 if dims[2] > 1 else 0
+    for i in prange(qt.shape[1]):
+        c0 = int(math.floor(qt[0, i] / theta))
+        c1 = int(math.floor(qt[1, i] / theta))
+        c2 = int(math.floor(qt[2, i] / theta))
+        li = lq[i]
+        for a in range(-1, 2):
+            x0 = c0 + a
+            if x0 < 0 or x0 >= dims[0]:
+                continue
+            for bb in range(-1, 2):
+                x1 = c1 + bb
+                if x1 < 0 or x1 >= dims[1]:
+                    continue
+                for cc in range(dz_lo, dz_hi):
+                    x2 = c2 + cc
+                    if x2 < 0 or x2 >= dims[2]:
+                        continue
+                    key = (x0 * dims[1] + x1) * dims[2] + x2
+                    pos = np.searchsorted(cells, key)
+                    if pos >= cells.shape[0] or cells[pos] != key:
+                        continue
+                    for j in range(start[pos], stop[pos]):
+                        e0 = zt[0, j] - qt[0, i]
+                        e1 = zt[1, j] - qt[1, i]
+                        e2 = zt[2, j] - qt[2, i]
+                        d2 = e0 * e0 + e1 * e1 + e2 * e2
+                        if d2 >= t2:
+                            continue
+                        r = math.sqrt(d2) / theta
+                        lj = lz[j]
+                        w = amp[li, lj] * math.exp(-d2 * iden[li, lj]) * (1.0 - r) ** 4 * (4.0 * r + 1.0)
+                        for k in range(coef.shape[1]):
+                            out[i, k] += w * coef[j, k]
 
 
 # ---------------------------------------------------------------------------------------------- ordering

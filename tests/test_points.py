@@ -530,6 +530,26 @@ def test_fine_scale_kernels_match_reference():
     np.testing.assert_allclose(got, ref, rtol=1e-9, atol=1e-12)
 
 
+def test_fine_apply_cell_list_matches_kdtree(monkeypatch):
+    # the numba cell list (kernels.points.taper_apply) and the k-d tree path give the same sums, with organ labels,
+    # in 2-D and 3-D, for queries inside and outside the anchors' box
+    from classreg.solvers.points import sparse
+
+    if not _backend.HAVE_NUMBA:
+        pytest.skip("needs numba")
+    rng = np.random.default_rng(7)
+    amp, den = np.array([[1.0, 0.3], [0.3, 2.0]]), np.array([[50.0, 60.0], [60.0, 70.0]])
+    for d in (3, 2):
+        z, q = rng.normal(size=(800, d)) * 20, rng.normal(size=(120, d)) * 30
+        lz, lq, coef = rng.integers(0, 2, 800), rng.integers(0, 2, 120), rng.normal(size=(800, d))
+        fast = sparse.fine_apply(q, lq, z, lz, coef, amp, den, 12.0)
+        with monkeypatch.context() as m:
+            m.setattr(_backend, "HAVE_NUMBA", False)
+            ref = sparse.fine_apply(q, lq, z, lz, coef, amp, den, 12.0)
+        assert np.abs(ref).max() > 1.0 and np.count_nonzero(ref.any(1)) < len(q)  # some queries beyond θ of all
+        np.testing.assert_allclose(fast, ref, rtol=1e-12, atol=1e-12 * np.abs(ref).max())
+
+
 def test_two_scale_transform_save_load(tmp_path):
     # points on a sphere (a surface, like the cases the defaults are measured on), a smooth warp and a shift
     rng = np.random.default_rng(6)

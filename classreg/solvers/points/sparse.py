@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ...kernels import points as kp
 from ...kernels.cg import pcg_csr
 
 __all__ = ["TAPER", "fine_apply", "fine_matrix", "fine_solve"]
@@ -77,13 +78,17 @@ def fine_solve(G, E, nu, cv, v_prev):
 def fine_apply(q, lq, z, lz, coef, amp, den, theta, tree=None):
     """GP interpolation with the fine kernel: ``Σ_j G^f(q_i, z_j) coef_j`` (P, C), in the units of the inputs.
 
-    Only the anchor-query pairs closer than the taper radius θ contribute; they are found with a k-d tree of the
-    anchors (``tree``: a ``scipy.spatial.cKDTree`` of ``z`` to reuse)."""
+    Only the anchor-query pairs closer than the taper radius θ contribute: with numba a cell list of the anchors
+    (:func:`classreg.kernels.points.taper_apply`), else a k-d tree of the anchors (``tree``: a
+    ``scipy.spatial.cKDTree`` of ``z`` to reuse)."""
     from scipy.spatial import cKDTree
 
     q = np.asarray(q, dtype=np.float64)
     z = np.asarray(z, dtype=np.float64)
     coef = np.asarray(coef, dtype=np.float64)
+    out = kp.taper_apply(q, lq, z, lz, coef, amp, den, theta)
+    if out is not None:
+        return out
     out = np.zeros((len(q), coef.shape[1]))
     if len(q) == 0 or len(z) == 0:
         return out
