@@ -18,7 +18,8 @@ warm-up run. probreg (CPD rigid+nonrigid, CPD nonrigid, BCPD) runs on the same P
 coordinates normalised by the target centroid and RMS radius (as in DATA.md), with errors reported in mm.
 
 Run ``python -m benchmarks.points [--n 2000] [--repeat 5] [--probreg-maxiter 500] [--skip-probreg-bcpd]
-[--only-t5k] [--t5k-repeat 5]``.
+[--skip-probreg] [--only-t5k] [--t5k-repeat 5]``. classreg rows also give the median process CPU time of the
+timed calls (less affected than wall time by other processes on a shared machine).
 """
 from __future__ import annotations
 
@@ -71,12 +72,17 @@ def _err(moved, truth):
     return float(np.linalg.norm(moved - truth, axis=1).mean())
 
 
-def _run_classreg(src, tgt, **kw):
+def _run_classreg(src, tgt, cpu=None, **kw):
+    """``(result, wall s)``; the process CPU time of the call is appended to the list ``cpu`` when given (the
+    machine is shared: CPU time is less affected by other processes than wall time)."""
     from classreg import register_points
 
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     res = register_points(src, tgt, **kw)
-    return res, time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    if cpu is not None:
+        cpu.append(time.process_time() - c0)
+    return res, wall
 
 
 def _probreg_runs(src, tgt, maxiter, skip_bcpd):
@@ -113,7 +119,7 @@ def _probreg_runs(src, tgt, maxiter, skip_bcpd):
 
 
 _T5K_COLS = [("case", "case"), ("n", "N"), ("method", "method"), ("wall_s", "wall s (median)"),
-             ("wall_min_s", "wall s (min)"), ("runs", "runs"), ("load_avg", "load avg"),
+             ("wall_min_s", "wall s (min)"), ("cpu_s", "CPU s (median)"), ("runs", "runs"), ("load_avg", "load avg"),
              ("per_iter_s", "s / iteration"), ("iterations", "iters"), ("nystrom_estep_iterations", "Nyström E-steps"),
              ("before_mm", "err before mm"), ("after_mm", "err after mm"), ("call_peak_mb", "call peak MB (traced)"),
              ("peak_rss_mb", "process peak RSS MB")]
@@ -129,9 +135,9 @@ def _t5k_rows(repeat):
                         ("classreg BCPD (defaults), estep='exact'", dict(estep="exact"))):
         kw = dict(kw5, **extra)
         _run_classreg(p5, w5, **kw)  # warm-up (JIT cache load, first-touch allocations)
-        walls, loads = [], []
+        walls, loads, cpu = [], [], []
         for _ in range(repeat):
-            res5, wall = _run_classreg(p5, w5, **kw)
+            res5, wall = _run_classreg(p5, w5, cpu, **kw)
             walls.append(wall)
             loads.append(os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"))
         tracemalloc.start()
@@ -139,7 +145,7 @@ def _t5k_rows(repeat):
         traced_peak = tracemalloc.get_traced_memory()[1] / 2**20
         tracemalloc.stop()
         rows.append(dict(case="T5k pial→white", n=5000, method=name, wall_s=statistics.median(walls),
-                         wall_min_s=min(walls), runs=repeat, load_avg=max(loads), before_mm=_err(p5, w5),
+                         wall_min_s=min(walls), cpu_s=statistics.median(cpu), runs=repeat, load_avg=max(loads), before_mm=_err(p5, w5),
                          after_mm=_err(res5.apply_points(p5), w5), iterations=res5.metrics["iterations"],
                          nystrom_estep_iterations=res5.metrics["nystrom_estep_iterations"],
                          per_iter_s=res5.timings["per_iteration"], call_peak_mb=traced_peak,
@@ -152,6 +158,7 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=2000, help="points per side for P1/P2 (DATA.md: 2000)")
     ap.add_argument("--probreg-maxiter", type=int, default=500)
     ap.add_argument("--skip-probreg-bcpd", action="store_true", help="probreg BCPD takes minutes at N=2000")
+    ap.add_argument("--skip-probreg", action="store_true", help="classreg only (probreg takes minutes at N=2000)")
     ap.add_argument("--only-t5k", action="store_true", help="run only the T5k timing case")
     ap.add_argument("--t5k-repeat", type=int, default=5, help="timed T5k runs (median and minimum reported)")
     ap.add_argument("--repeat", type=int, default=5, help="timed classreg runs per P1/P1r/P2 case (median reported)")
@@ -166,7 +173,7 @@ def main(argv=None):
         return
 
     rows, payload = [], {"cases": {}}
-    have_probreg, note = _probreg_available()
+    have_probreg, note = (False, "probreg skipped (--skip-probreg)") if args.skip_probreg else _probreg_available()
     pial, white = _fsaverage(args.n)
     warped = _p2(pial)
     ckw = {}  # register_points' defaults
@@ -174,15 +181,16 @@ def main(argv=None):
                            ("P2 pial→warped pial", pial, warped)):
         before = _err(src, tgt)
         _run_classreg(src, tgt, **ckw)  # warm-up (JIT cache load, first-touch allocations)
-        walls, loads = [], []
+        walls, loads, cpu = [], [], []
         for _ in range(max(1, args.repeat)):
-            res, wall = _run_classreg(src, tgt, **ckw)
+            res, wall = _run_classreg(src, tgt, cpu, **ckw)
             walls.append(wall)
             loads.append(os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"))
         wall = statistics.median(walls)
         mem = peak_rss_mb()
         base = dict(case=case, n=args.n, before_mm=before)
-        rows.append(dict(base, method="classreg BCPD (defaults)", wall_s=wall, wall_min_s=min(walls), runs=len(walls),
+        rows.append(dict(base, method="classreg BCPD (defaults)", wall_s=wall, wall_min_s=min(walls),
+                         cpu_s=statistics.median(cpu), runs=len(walls),
                          load_avg=max(loads), after_mm=_err(res.apply_points(src), tgt),
                          iterations=res.metrics["iterations"], ratio=1.0, peak_rss_mb=mem))
         if have_probreg:
@@ -215,7 +223,8 @@ def main(argv=None):
     # 5000 points, low-rank kernel
     t5k, kw5 = _t5k_rows(args.t5k_repeat)
     cols = [("case", "case"), ("n", "N"), ("method", "method"), ("wall_s", "wall s (classreg: median)"),
-            ("wall_min_s", "wall s (min)"), ("runs", "runs"), ("ratio", "time / classreg"), ("load_avg", "load avg"),
+            ("wall_min_s", "wall s (min)"), ("cpu_s", "CPU s (median)"), ("runs", "runs"),
+            ("ratio", "time / classreg"), ("load_avg", "load avg"),
             ("before_mm", "err before mm"), ("after_mm", "err after mm"), ("iterations", "iters"),
             ("peak_rss_mb", "peak RSS MB")]
     table = markdown_table(rows, cols) + "\n\n" + markdown_table(t5k, _T5K_COLS)
