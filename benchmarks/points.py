@@ -120,7 +120,8 @@ def _probreg_runs(src, tgt, maxiter, skip_bcpd):
 
 _T5K_COLS = [("case", "case"), ("n", "N"), ("method", "method"), ("wall_s", "wall s (median)"),
              ("wall_min_s", "wall s (min)"), ("cpu_s", "CPU s (median)"), ("runs", "runs"), ("load_avg", "load avg"),
-             ("per_iter_s", "s / iteration"), ("iterations", "iters"), ("nystrom_estep_iterations", "Nyström E-steps"),
+             ("per_iter_s", "s / iteration"), ("iterations", "iters"), ("grid_estep_iterations", "grid E-steps"),
+             ("nystrom_estep_iterations", "Nyström E-steps"),
              ("before_mm", "err before mm"), ("after_mm", "err after mm"), ("call_peak_mb", "call peak MB (traced)"),
              ("peak_rss_mb", "process peak RSS MB")]
 
@@ -145,9 +146,11 @@ def _t5k_rows(repeat):
         traced_peak = tracemalloc.get_traced_memory()[1] / 2**20
         tracemalloc.stop()
         rows.append(dict(case="T5k pial→white", n=5000, method=name, wall_s=statistics.median(walls),
-                         wall_min_s=min(walls), cpu_s=statistics.median(cpu), runs=repeat, load_avg=max(loads), before_mm=_err(p5, w5),
-                         after_mm=_err(res5.apply_points(p5), w5), iterations=res5.metrics["iterations"],
+                         wall_min_s=min(walls), cpu_s=statistics.median(cpu), runs=repeat, load_avg=max(loads),
+                         before_mm=_err(p5, w5), after_mm=_err(res5.apply_points(p5), w5),
+                         iterations=res5.metrics["iterations"],
                          nystrom_estep_iterations=res5.metrics["nystrom_estep_iterations"],
+                         grid_estep_iterations=res5.metrics["grid_estep_iterations"],
                          per_iter_s=res5.timings["per_iteration"], call_peak_mb=traced_peak,
                          peak_rss_mb=peak_rss_mb()))
     return rows, kw5

@@ -16,11 +16,15 @@ Plain arrays in, arrays out; nothing here knows about transforms or solvers.
   by one thread in a fixed order).
 * :func:`estep_nystrom` -- the Nyström estimate of the same sums with J landmark points (BCPD's ``-J``
   acceleration), O((M + N) J); array-namespace code (numpy or CuPy).
+* :func:`estep_grid` -- a grid estimate of the same sums for large σ (splat with quadratic B-spline weights onto
+  σ/2 cells, separable Gaussian filter, interpolate), O((M + N) 3^D + cells × taps); host only.
 * :func:`gauss_matrix` -- dense Gaussian affinities to a small point set (landmarks, probes).
 * :func:`kernel_matrix` -- the multi-organ Gaussian kernel ``G_ij = amp[l_i, l_j] exp(-|a_i - b_j|² / den[l_i, l_j])``
   (dense, for one block).
 * :func:`kernel_apply` -- ``out_i = Σ_j G(q_i, z_j) coef_j`` in blocks (Gaussian-process interpolation, eq. 5 of [2]_),
   numpy reference and numba parallel path.
+* :func:`taper_apply` -- the same sum for the compactly supported (Wendland-tapered) Gaussian of the fine scale, over
+  the anchors within the taper radius (a cell list; numba).
 
 numba kernels are plain module-level functions compiled lazily with ``cache=True`` (their globals rebound to the
 compiled helpers, so the on-disk cache key is stable across processes); small calls run on one thread
@@ -42,7 +46,8 @@ import numpy as np
 
 from . import _backend
 
-__all__ = ["estep", "estep_grid", "estep_grid_cost", "estep_nystrom", "gauss_matrix", "kernel_matrix", "kernel_apply", "spatial_order", "taper_apply"]
+__all__ = ["estep", "estep_grid", "estep_grid_cost", "estep_nystrom", "gauss_matrix", "kernel_matrix", "kernel_apply",
+           "spatial_order", "taper_apply"]
 
 #: Smallest denominator of the E-step (keeps p finite when ω = 0 and a target point is far from every source).
 DEN_FLOOR = 1e-300
@@ -286,19 +291,21 @@ def _grid_geometry(x, y, sigma2, cells_per_sigma):
     return lo, h, shape[:d], sb, int(GRID_TRUNCATE * sb + 0.5)
 
 
-def estep_grid_cost(x, y, sigma2, n_labels=1, cells_per_sigma=GRID_CELLS_PER_SIGMA) -> float:
-    """Operations of :func:`estep_grid` (filter taps over the grid's cells and columns, plus the points' corners),
-    to compare with the ``2 M N`` pair evaluations of the exact E-step."""
+def estep_grid_cost(x, y, sigma2, n_labels=1, cells_per_sigma=GRID_CELLS_PER_SIGMA):
+    """``(operations, bytes)`` of :func:`estep_grid`: filter taps over the grid's cells and columns plus the points'
+    3^D nodes, to compare with the ``2 M N`` pair evaluations of the exact E-step, and the size of its largest
+    grid (the filter's input and output, float64)."""
     d = x.shape[1]
     _, _, shape, _, rad = _grid_geometry(x, y, sigma2, cells_per_sigma)
     cells = float(np.prod(np.asarray(shape, dtype=np.float64)))
-    return cells * (2 * rad + 1) * d * n_labels * (d + 2) + 3.0**d * (x.shape[0] + y.shape[0]) * (d + 2)
+    ops = cells * (2 * rad + 1) * d * n_labels * (d + 2) + 3.0**d * (x.shape[0] + y.shape[0]) * (d + 2)
+    return ops, 2.0 * 8.0 * cells * n_labels * (d + 1)
 
 
 def _grid_corners(p, lo, h, shape):
     """Per point and axis the nearest grid node i (P, D) and the quadratic B-spline weights (P, D, 3) of nodes
-    i - 1, i, i + 1: ``(½ - t)²/2, ¾ - t², (½ + t)²/2`` (t = offset from node i, in cells), whose second moment about
-    the point is ¼ cell² wherever the point lies. Also the C-order strides of the grid (D,)."""
+    i - 1, i, i + 1: ``(½ - t)²/2, ¾ - t², (½ + t)²/2`` (t = offset from node i, in cells), whose second moment
+    about the point is ¼ cell² wherever the point lies. Also the C-order strides of the grid (D,)."""
     g = (p - lo) / h + 1.0
     i0 = np.floor(g + 0.5).astype(np.int64)
     t = g - i0

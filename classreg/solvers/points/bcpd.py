@@ -93,7 +93,8 @@ class EStep:
 
     ``mode="exact"``: the truncated sums over all pairs (:func:`classreg.kernels.points.estep`). ``mode="auto"``:
     while σ is large, the grid estimate (:func:`classreg.kernels.points.estep_grid`, host only) in the iterations
-    where it is at least 4× cheaper than the exact sums (its cost falls with σ³), else the Nyström estimate of
+    where it is at least 4× cheaper than the exact sums (its cost falls with σ^D) and its grid fits the E-step's
+    block memory (``min(memory_budget_mb, 256 MB)``), else the Nyström estimate of
     BCPD's acceleration (``landmarks`` random landmarks from X ∪ Ŷ, redrawn every iteration; only used where
     M N ≥ 4 J (M + N)), each checked against the exact sums on :data:`N_PROBES` probe targets and sources; from the
     first iteration whose error exceeds ``tol`` on, that estimate is not used again, and once neither is, the exact
@@ -143,9 +144,9 @@ class EStep:
         return xp.maximum(nu, 1e-20), nu_x, px, used
 
     def _grid(self, yhat, b, sigma2, c, it):
-        n_labels = len(self.U) if self.U is not None else 1
-        if 4.0 * kp.estep_grid_cost(self.x, yhat, sigma2, n_labels) > 2.0 * len(self.x) * len(yhat):
-            return None  # not worth it at this σ (it is again if σ grows)
+        ops, nbytes = kp.estep_grid_cost(self.x, yhat, sigma2, len(self.U) if self.U is not None else 1)
+        if 4.0 * ops > 2.0 * len(self.x) * len(yhat) or nbytes > self.block_bytes:
+            return None  # not worth it (or too large) at this σ; it may be again if σ grows
         est = kp.estep_grid(self.x, yhat, b, sigma2, c, lx=self.lx, ly=self.ly, U=self.U)
         err = probe_error(self.x, yhat, b, sigma2, c, self.lx, self.ly, self.U, est, self.probes, self.backend)
         if err > self.tol:

@@ -161,10 +161,10 @@ def register_points(source, target, *, source_labels=None, target_labels=None, m
         there for every iteration — the exact E-step (the blocked float64 array code, CuPy), the v-update
         (``cupy.linalg`` Cholesky / eigh, ``cupyx.scipy.linalg`` solves), the α, similarity and σ² updates — with
         only scalars read back; the posterior comes back once at the end, where the transform is built. Not on the
-        device: the grid and Nyström E-steps (the exact one runs instead) and the fine scale of low-rank blocks (point sets
-        above the full-rank size with the two-scale kernel: the loop then runs on the host, the E-step sums on the
-        device); organ labels cost an upload of the label indices per iteration. Needs the ``gpu`` extra and a CUDA
-        device.
+        device: the grid and Nyström E-steps (the exact one runs instead) and the fine scale of low-rank blocks
+        (point sets above the full-rank size with the two-scale kernel: the loop then runs on the host, the E-step
+        sums on the device); organ labels cost an upload of the label indices per iteration. Needs the ``gpu``
+        extra and a CUDA device.
     backend : {None, "numpy", "numba", "cuda"}
         E-step backend (default numba when installed). ``"cuda"`` computes the E-step sums with CuPy in float64.
     progress : bool
