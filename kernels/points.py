@@ -47,7 +47,7 @@ import numpy as np
 from . import _backend
 
 __all__ = ["estep", "estep_grid", "estep_grid_cost", "estep_nystrom", "gauss_matrix", "kernel_matrix", "kernel_apply",
-           "spatial_order", "taper_apply"]
+           "spatial_order", "taper_apply", "taper_cells"]
 
 #: Smallest denominator of the E-step (keeps p finite when ω = 0 and a target point is far from every source).
 DEN_FLOOR = 1e-300
@@ -912,45 +912,61 @@ def _numba_misc():
             "taper": njit(parallel=True)(_rebind(_taper_body, ns))}
 
 
-def taper_apply(q, lq, z, lz, coef, amp, den, theta):
-    """``out_i = Σ_j amp[lq_i, lz_j] exp(-d²/den[lq_i, lz_j]) ψ(d/θ) coef_j`` over the anchors ``z`` closer than
-    ``theta`` to each query (``d = |q_i - z_j|``, Wendland ``ψ(r) = (1 - r)⁴ (4r + 1)``): the GP interpolation with
-    a compactly supported kernel. numba: the anchors are binned into cubic cells of side θ (sorted by cell), each
-    query scans the 3^D cells around its own, parallel over queries (deterministic); queries beyond θ of the
-    anchors' box (or not finite) get 0. Returns (P, C), or None when numba is not installed or the cell keys
-    would overflow (the caller then uses a k-d tree)."""
+def taper_cells(z, lz, coef, theta):
+    """The cell list of :func:`taper_apply` for the anchors ``z`` (labels ``lz``, coefficients ``coef``) and taper
+    radius ``theta``: the anchors binned into cubic cells of side θ and sorted by cell. Build it once to apply the
+    same anchors to many query sets. None when numba is not installed or the cell keys would overflow int64."""
     if not _backend.HAVE_NUMBA:
         return None
-    q = np.asarray(q, dtype=np.float64)
     z = np.asarray(z, dtype=np.float64)
-    coef = np.asarray(coef, dtype=np.float64)
-    d = q.shape[1]
-    out = np.zeros((q.shape[0], coef.shape[1]))
-    if len(q) == 0 or len(z) == 0:
-        return out
-    lo = z.min(0)
-    span = (z.max(0) - lo) / theta
-    if float(np.prod(span + 1.0)) > 2.0**60:  # the cell keys would overflow int64
-        return None
+    d = z.shape[1]
+    if len(z) == 0:
+        lo = np.zeros(d)
+    else:
+        lo = z.min(0)
+        if float(np.prod((z.max(0) - lo) / theta + 1.0)) > 2.0**60:
+            return None
     zc = np.floor((z - lo) / theta).astype(np.int64)
     dims = np.ones(3, dtype=np.int64)
-    dims[:d] = zc.max(0) + 1
+    if len(z):
+        dims[:d] = zc.max(0) + 1
     zc3 = np.zeros((len(z), 3), dtype=np.int64)
     zc3[:, :d] = zc
     key = (zc3[:, 0] * dims[1] + zc3[:, 1]) * dims[2] + zc3[:, 2]
     order = np.argsort(key, kind="stable")
     cells, start = np.unique(key[order], return_index=True)
-    stop = np.append(start[1:], len(z)).astype(np.int64)
     zt = np.zeros((3, len(z)))
     zt[:d] = (z[order] - lo).T
+    return {"lo": lo, "theta": float(theta), "dims": dims, "cells": cells, "start": start.astype(np.int64),
+            "stop": np.append(start[1:], len(z)).astype(np.int64), "zt": zt,
+            "lz": np.ascontiguousarray(_labels(lz, len(z), "lz")[order]),
+            "coef": np.ascontiguousarray(np.asarray(coef, dtype=np.float64)[order])}
+
+
+def taper_apply(q, lq, z, lz, coef, amp, den, theta, cells=None):
+    """``out_i = Σ_j amp[lq_i, lz_j] exp(-d²/den[lq_i, lz_j]) ψ(d/θ) coef_j`` over the anchors ``z`` closer than
+    ``theta`` to each query (``d = |q_i - z_j|``, Wendland ``ψ(r) = (1 - r)⁴ (4r + 1)``): the GP interpolation with
+    a compactly supported kernel. numba: the anchors are binned into cubic cells of side θ (``cells``: the
+    :func:`taper_cells` of these anchors, built here when not given), each query scans the 3^D cells around its
+    own, parallel over queries (deterministic); queries beyond θ of the anchors' box (or not finite) get 0.
+    Returns (P, C), or None when numba is not installed or the cell keys would overflow (the caller then uses a
+    k-d tree)."""
+    if cells is None:
+        cells = taper_cells(z, lz, coef, theta)
+    if cells is None:
+        return None
+    q = np.asarray(q, dtype=np.float64)
+    d = q.shape[1]
+    out = np.zeros((q.shape[0], cells["coef"].shape[1]))
+    if len(q) == 0 or cells["zt"].shape[1] == 0:
+        return out
     qt = np.zeros((3, len(q)))
-    qt[:d] = (q - lo).T
+    qt[:d] = (q - cells["lo"]).T
     with _threads_for(len(q) * 64):
-        _numba_misc()["taper"](qt, np.ascontiguousarray(_labels(lq, len(q), "lq")), zt,
-                               np.ascontiguousarray(_labels(lz, len(z), "lz")[order]),
-                               np.ascontiguousarray(coef[order]), np.ascontiguousarray(amp, dtype=np.float64),
-                               np.ascontiguousarray(1.0 / np.asarray(den, dtype=np.float64)), float(theta), dims,
-                               cells, start.astype(np.int64), stop, out)
+        _numba_misc()["taper"](qt, np.ascontiguousarray(_labels(lq, len(q), "lq")), cells["zt"], cells["lz"],
+                               cells["coef"], np.ascontiguousarray(amp, dtype=np.float64),
+                               np.ascontiguousarray(1.0 / np.asarray(den, dtype=np.float64)), cells["theta"],
+                               cells["dims"], cells["cells"], cells["start"], cells["stop"], out)
     return out
 
 

@@ -25,7 +25,7 @@ import numpy as np
 from ...kernels import points as kp
 from ...kernels.cg import pcg_csr
 
-__all__ = ["TAPER", "fine_apply", "fine_matrix", "fine_solve"]
+__all__ = ["TAPER", "fine_apply", "fine_index", "fine_matrix", "fine_solve"]
 
 #: taper radius θ of the fine kernel in units of its bandwidth β_f: the Gaussian is below 3.4e-4 of its peak there
 TAPER = 4.0
@@ -75,26 +75,36 @@ def fine_solve(G, E, nu, cv, v_prev):
     return G @ W, W, int(steps)
 
 
-def fine_apply(q, lq, z, lz, coef, amp, den, theta, tree=None):
-    """GP interpolation with the fine kernel: ``Σ_j G^f(q_i, z_j) coef_j`` (P, C), in the units of the inputs.
-
-    Only the anchor-query pairs closer than the taper radius θ contribute: with numba a cell list of the anchors
-    (:func:`classreg.kernels.points.taper_apply`), else a k-d tree of the anchors (``tree``: a
-    ``scipy.spatial.cKDTree`` of ``z`` to reuse)."""
+def fine_index(z, lz, coef, theta):
+    """The neighbour index of the anchors ``z`` for :func:`fine_apply` (build it once to apply the same anchors to
+    many query sets): the cell list of :func:`classreg.kernels.points.taper_cells` (numba), else a
+    ``scipy.spatial.cKDTree`` of the anchors."""
+    cells = kp.taper_cells(z, lz, coef, theta)
+    if cells is not None:
+        return cells
     from scipy.spatial import cKDTree
 
+    return cKDTree(np.asarray(z, dtype=np.float64))
+
+
+def fine_apply(q, lq, z, lz, coef, amp, den, theta, index=None):
+    """GP interpolation with the fine kernel: ``Σ_j G^f(q_i, z_j) coef_j`` (P, C), in the units of the inputs.
+
+    Only the anchor-query pairs closer than the taper radius θ contribute: with numba they are found through a cell
+    list of the anchors (:func:`classreg.kernels.points.taper_apply`), else through a k-d tree of the anchors;
+    ``index``: the :func:`fine_index` of these anchors, coefficients and θ to reuse."""
+    from scipy.spatial import cKDTree
+
+    if index is None:
+        index = fine_index(z, lz, coef, theta)
     q = np.asarray(q, dtype=np.float64)
-    z = np.asarray(z, dtype=np.float64)
+    if isinstance(index, dict):
+        return kp.taper_apply(q, lq, z, lz, coef, amp, den, theta, cells=index)
     coef = np.asarray(coef, dtype=np.float64)
-    out = kp.taper_apply(q, lq, z, lz, coef, amp, den, theta)
-    if out is not None:
-        return out
     out = np.zeros((len(q), coef.shape[1]))
     if len(q) == 0 or len(z) == 0:
         return out
-    if tree is None:
-        tree = cKDTree(z)
-    pairs = cKDTree(q).sparse_distance_matrix(tree, theta, output_type="ndarray")
+    pairs = cKDTree(q).sparse_distance_matrix(index, theta, output_type="ndarray")
     i, j, d = pairs["i"], pairs["j"], pairs["v"]
     li, lj = np.asarray(lq, dtype=np.int64)[i], np.asarray(lz, dtype=np.int64)[j]
     w = amp[li, lj] * np.exp(-d * d / den[li, lj]) * wendland(d / theta)

@@ -61,7 +61,7 @@ class PointDeformation(Transform):
         self.fine_den = np.ones_like(self.den) if fine_den is None else np.asarray(fine_den, dtype=float)
         self._tree = None
         self._tree_def = None
-        self._fine_tree = None
+        self._fine_index = None
 
     # -- labels
     def _label_index(self, labels, n):
@@ -101,14 +101,13 @@ class PointDeformation(Transform):
         if self.coef.size and np.any(self.coef):
             out = kp.kernel_apply(p, li, self.anchors, self.anchor_labels, self.coef, self.amp, self.den)
         if self.fine_taper > 0 and self.fine_coef.size and np.any(self.fine_coef):
-            from .sparse import fine_apply
+            from .sparse import fine_apply, fine_index
 
-            if self._fine_tree is None:
-                from scipy.spatial import cKDTree
-
-                self._fine_tree = cKDTree(self.fine_anchors)
+            if self._fine_index is None:  # built once: the inverse evaluates the map up to 50 times per call
+                self._fine_index = fine_index(self.fine_anchors, self.fine_anchor_labels, self.fine_coef,
+                                              self.fine_taper)
             out += fine_apply(p, li, self.fine_anchors, self.fine_anchor_labels, self.fine_coef, self.fine_amp,
-                              self.fine_den, self.fine_taper, tree=self._fine_tree)
+                              self.fine_den, self.fine_taper, index=self._fine_index)
         return out
 
     def map_points(self, points, labels=None) -> np.ndarray:
