@@ -92,14 +92,14 @@ class EStep:
     """The E-step sums ``(ν, ν', Σ_n p_mn x_n)`` of each iteration.
 
     ``mode="exact"``: the truncated sums over all pairs (:func:`classreg.kernels.points.estep`). ``mode="auto"``:
-    while σ is large, the grid estimate (:func:`classreg.kernels.points.estep_grid`, host only) in the iterations
-    where it is at least 4× cheaper than the exact sums (its cost falls with σ^D) and its grid fits the E-step's
-    block memory (``min(memory_budget_mb, 256 MB)``), else the Nyström estimate of
-    BCPD's acceleration (``landmarks`` random landmarks from X ∪ Ŷ, redrawn every iteration; only used where
-    M N ≥ 4 J (M + N)), each checked against the exact sums on :data:`N_PROBES` probe targets and sources; from the
-    first iteration whose error exceeds ``tol`` on, that estimate is not used again, and once neither is, the exact
-    sums. With ``backend="cuda"`` the target points are uploaded once, the deformed source points and
-    weights every iteration, and the sums come back to the host.
+    while σ is large, the grid estimate (:func:`classreg.kernels.points.estep_grid`; numba backend only) in the
+    iterations where it is at least 4× cheaper than the exact sums (its cost falls with σ^D) and its grid fits the
+    E-step's block memory (``min(memory_budget_mb, 256 MB)``), else the Nyström estimate of BCPD's acceleration
+    (``landmarks`` random landmarks from X ∪ Ŷ, redrawn every iteration; only used where M N ≥ 4 J (M + N)), each
+    checked against the exact sums on :data:`N_PROBES` probe targets and sources; from the first iteration whose
+    error exceeds ``tol`` on, that estimate is not used again, and once neither is, the exact sums. With
+    ``backend="cuda"`` the target points are uploaded once, the deformed source points and weights every iteration,
+    and the sums come back to the host.
     """
 
     def __init__(self, x, lx, ly, U, *, omega, volume, truncation, precision, mode, landmarks, tol, seed, backend,
@@ -110,7 +110,7 @@ class EStep:
         self.J, self.tol, self.backend = int(landmarks), tol, backend
         self.block_bytes = min(budget, 256 * 2**20)
         self.nystrom_on = mode == "auto" and M * N >= 4 * self.J * (M + N) and self.J < M + N
-        self.grid_on = mode == "auto" and backend != "cuda"
+        self.grid_on = mode == "auto" and backend == "numba"  # its loops are numba kernels
         self.rng = np.random.default_rng([int(seed), 1])
         self.probes = (np.sort(self.rng.choice(N, min(N_PROBES, N), replace=False)),
                        np.sort(self.rng.choice(M, min(N_PROBES, M), replace=False)))

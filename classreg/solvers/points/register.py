@@ -125,7 +125,7 @@ def register_points(source, target, *, source_labels=None, target_labels=None, m
         later ones do without it (BCPD's ``-A`` likewise switches to a KD-tree neighbour search once σ is small).
         First choice, in every iteration where it costs less than a quarter of the exact sums (its cost falls with
         σ^D): the grid estimate :func:`classreg.kernels.points.estep_grid` (splat onto cells of σ/2, Gaussian
-        filter, interpolate; relative errors ~2e-3). Else, where M N ≥ 4 J (M + N), the Nyström estimate of BCPD's
+        filter, interpolate; relative errors ~2e-3; numba backend only). Else, where M N ≥ 4 J (M + N), the Nyström estimate of BCPD's
         acceleration (Hirose 2021, Sec. 5; the C code's ``-J`` option; :func:`classreg.kernels.points.estep_nystrom`)
         with ``estep_landmarks`` random landmarks from X ∪ Ŷ redrawn every iteration. Else the exact sums.
     estep_landmarks : int
