@@ -1,5 +1,5 @@
 """Weighted metamorphosis (François et al., WBIR 2022) next to classical metamorphosis and LDDMM:
-``python -m benchmarks.metamorphosis [--cases toy mni2d mni3d] [--toy-size 300]``.
+``python -m benchmarks.metamorphosis [--cases toy mni2d inter2d mni3d] [--toy-size 300]``.
 
 Cases (everything from shipped data or synthetic with a fixed seed):
 
@@ -16,6 +16,14 @@ Cases (everything from shipped data or synthetic with a fixed seed):
   weighted metamorphosis = the lesion (blob > 0.05) dilated by 2 mm. Reported: ventricle Dice after warping the
   moving labels by the *deformation only*, SSD(final), SSD(deformation-only), min det J, time; five seeded lesions
   (``--seeds``), each row and their mean.
+* ``inter2d``: the inter-subject version of ``mni2d`` (:func:`inter_case`), as in the paper (SRI24 template →
+  BraTS patient). Moving: the healthy MNI152 slice of ``mni2d``. Fixed: **another subject** -- ITK's T1 subject
+  (KmeansTest_T1UCharRaw, skull-stripped with its shipped mask) affinely registered to the template
+  (``register_affine``, MI, defaults), intensities scaled so that its white-matter median is the template's, the
+  same axial slice, with the same seeded lesion and mass effect as ``mni2d`` (:func:`_lesion`, placed by the same
+  rule beside the subject's own ventricles). Ventricle labels: the template's as in ``mni2d``; the subject's from
+  its shipped k-means CSF label (3×3×3 majority vote against the label's noise) restricted the same way
+  (:func:`_ventricles`), pushed by the same map.
 * ``mni3d``: the same in 3-D on the whole 2 mm template (a ball, first seed), with register_lddmm's default
   (band-limited) timed in the same run.
 
@@ -27,6 +35,7 @@ Runs: ``lddmm`` = weighted metamorphosis' engine with μ = 0 (register_lddmm(met
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 
@@ -92,32 +101,18 @@ def _ventricles(csf: np.ndarray, brain: np.ndarray, h: float) -> np.ndarray:
     return np.isin(lab, keep)
 
 
-def tumour_case(ndim: int = 2, *, seed: int = 0, resolution: float = 2.0) -> dict:
-    """The MNI152 tumour pair (module docstring): ``fixed`` (tumour, mass effect), ``moving`` (healthy), their
-    ventricle labels, the tumour ``mask`` (fixed grid), ``provenance``.
+def _lesion(t: np.ndarray, vent: np.ndarray, gm: np.ndarray, wm: np.ndarray, h: float, *, seed: int) -> dict:
+    """Paste a seeded glioblastoma-like lesion with its mass effect into the healthy image ``t`` (2-D or 3-D, pixels
+    of ``h`` mm) beside its ventricles ``vent``; ``gm``, ``wm``: boolean masks of ``t``'s grey and white matter.
 
-    The seed draws a glioblastoma-like lesion (BraTS: periventricular, necrotic core, enhancing rim, oedema): the
-    side, a direction within ±40° of lateral, the radius of the tumour R ~ U(10, 18) mm, an oedema ring of
-    U(3, 7) mm and the gap between the oedema and the ventricle U(2, 10) mm. Intensities (T1): core at the ventricles'
-    median, rim at 0.85 × grey matter's, oedema halfway between grey and white matter, ±8 % smooth texture.
+    The seed draws (BraTS: periventricular, necrotic core, enhancing rim, oedema) the side, a direction within ±40°
+    of lateral, the radius of the tumour R ~ U(10, 18) mm, an oedema ring of U(3, 7) mm and the gap between the
+    oedema and the ventricle U(2, 10) mm; the lesion is placed along that direction from the centroid of the
+    ventricle on that side, past its edge. Intensities (T1): core at the ventricles' median, rim at 0.85 × grey
+    matter's, oedema halfway between grey and white matter, ±8 % smooth texture. Returns ``fixed`` (the lesion over
+    the pushed tissue), ``fixed_labels`` (``vent`` pushed by the same map), ``mask`` (lesion dilated by 2 mm) and
+    ``description``.
     """
-    import classreg as cr
-    from classreg.data import mni152, mni152_file
-
-    t1 = mni152("t1", resolution=resolution)
-    gm = mni152("gm", resolution=resolution).data / 255.0
-    wm = mni152("wm", resolution=resolution).data / 255.0
-    t = t1.data.astype(np.float64)
-    brain = t > 0.02 * t.max()
-    csf = np.where(brain, 1.0 - gm - wm, 0.0)
-    h = float(t1.spacing[0])
-    vent3 = _ventricles(csf, brain, h)
-    if ndim == 2:
-        # the axial slice at MNI z = +18 mm: the bodies of the lateral ventricles
-        z = int(round((18.0 - float(t1.origin[2])) / float(t1.spacing[2])))
-        t, brain, gmap, wmap, vent = t[z], brain[z], gm[z], wm[z], vent3[z]
-    else:
-        gmap, wmap, vent = gm, wm, vent3
     n = t.ndim
     rng = np.random.default_rng(seed)
     side = 1.0 if rng.random() < 0.5 else -1.0
@@ -143,7 +138,7 @@ def tumour_case(ndim: int = 2, *, seed: int = 0, resolution: float = 2.0) -> dic
     src = grid - s * d / np.maximum(r, 1e-6)
     pushed = ndimage.map_coordinates(t, src / h, order=1, mode="nearest")
     vent_f = ndimage.map_coordinates(vent.astype(float), src / h, order=0, mode="nearest") > 0.5
-    level = {k: float(np.median(t[m])) for k, m in (("csf", vent), ("gm", gmap > 0.7), ("wm", wmap > 0.9))}
+    level = {k: float(np.median(t[m])) for k, m in (("csf", vent), ("gm", gm), ("wm", wm))}
     texture = ndimage.gaussian_filter(rng.normal(size=t.shape), 1.5)
     texture /= np.abs(texture).max()
     soft = lambda edge: 1.0 / (1.0 + np.exp((r - edge) / (0.5 * h)))  # noqa: E731
@@ -153,13 +148,99 @@ def tumour_case(ndim: int = 2, *, seed: int = 0, resolution: float = 2.0) -> dic
     blob = soft(outer)
     fixed = (1.0 - blob) * pushed + blob * inten
     mask = ndimage.binary_dilation(blob > 0.05, iterations=max(1, int(round(2.0 / h))))
-    where = ", axial slice z=%d" % z if ndim == 2 else ""
-    prov = (f"nilearn {mni152_file('t1').name} ({resolution} mm{where}); seed {seed}: tumour radius {radius:.1f} mm, "
-            f"oedema {oedema:.1f} mm, gap to the ventricle {gap:.1f} mm, side {'+x' if side > 0 else '-x'}, "
-            f"{np.rad2deg(ang):+.0f}° from lateral")
-    sp = (h,) * n
-    return {"fixed": cr.Image(fixed.astype(np.float32), sp), "moving": cr.Image(t.astype(np.float32), sp),
-            "fixed_labels": vent_f, "moving_labels": vent, "mask": mask.astype(np.float32), "provenance": prov}
+    desc = (f"seed {seed}: tumour radius {radius:.1f} mm, oedema {oedema:.1f} mm, gap to the ventricle {gap:.1f} mm, "
+            f"side {'+x' if side > 0 else '-x'}, {np.rad2deg(ang):+.0f}° from lateral")
+    return {"fixed": fixed, "fixed_labels": vent_f, "mask": mask, "description": desc}
+
+
+def _template(resolution: float) -> dict:
+    """The MNI152 2009a T1 at ``resolution`` mm (float64 array ``t``), its brain, CSF map (1 − GM − WM), ventricles
+    (:func:`_ventricles`), grey/white matter masks (GM > 0.7, WM > 0.9), pixel size ``h`` and ``origin``."""
+    from classreg.data import mni152
+
+    t1 = mni152("t1", resolution=resolution)
+    gm = mni152("gm", resolution=resolution).data / 255.0
+    wm = mni152("wm", resolution=resolution).data / 255.0
+    t = t1.data.astype(np.float64)
+    brain = t > 0.02 * t.max()
+    csf = np.where(brain, 1.0 - gm - wm, 0.0)
+    h = float(t1.spacing[0])
+    return {"image": t1, "t": t, "brain": brain, "vent": _ventricles(csf, brain, h), "gm": gm > 0.7, "wm": wm > 0.9,
+            "h": h}
+
+
+def _axial(image, z_mm: float = 18.0) -> int:
+    """Index (first array axis) of the axial slice at MNI z = ``z_mm`` (+18 mm: the bodies of the lateral
+    ventricles)."""
+    return round((z_mm - float(image.origin[2])) / float(image.spacing[2]))
+
+
+def tumour_case(ndim: int = 2, *, seed: int = 0, resolution: float = 2.0) -> dict:
+    """The MNI152 tumour pair (module docstring): ``fixed`` (tumour, mass effect), ``moving`` (healthy), their
+    ventricle labels, the tumour ``mask`` (fixed grid), ``provenance``. The lesion: :func:`_lesion`."""
+    import classreg as cr
+    from classreg.data import mni152_file
+
+    tp = _template(resolution)
+    t, vent, gm, wm, h = tp["t"], tp["vent"], tp["gm"], tp["wm"], tp["h"]
+    if ndim == 2:
+        z = _axial(tp["image"])
+        t, vent, gm, wm = t[z], vent[z], gm[z], wm[z]
+    les = _lesion(t, vent, gm, wm, h, seed=seed)
+    where = f", axial slice z={z}" if ndim == 2 else ""
+    prov = f"nilearn {mni152_file('t1').name} ({resolution} mm{where}); {les['description']}"
+    sp = (h,) * t.ndim
+    return {"fixed": cr.Image(les["fixed"].astype(np.float32), sp), "moving": cr.Image(t.astype(np.float32), sp),
+            "fixed_labels": les["fixed_labels"], "moving_labels": vent, "mask": les["mask"].astype(np.float32),
+            "provenance": prov}
+
+
+@functools.lru_cache(maxsize=2)
+def _subject_on_template(resolution: float = 2.0) -> dict:
+    """ITK's T1 subject (``classreg.data.brain_pair_3d``: KmeansTest_T1UCharRaw skull-stripped with its shipped
+    mask, k-means labels 4/5/6 → CSF/GM/WM) brought onto the MNI152 grid by ``register_affine`` (Mattes MI, its
+    defaults; template fixed, subject moving), with the template's arrays (:func:`_template`). The subject's
+    intensities are scaled by one factor so that its white-matter median equals the template's; its ventricles are
+    its CSF label (3×3×3 majority vote) restricted by :func:`_ventricles` within its own brain mask; its grey and
+    white matter masks are the GM and WM labels. Cached per process (the affine registration takes a few CPU
+    seconds)."""
+    import classreg as cr
+    from classreg.data import brain_pair_3d
+
+    c = brain_pair_3d(resolution=resolution)
+    tp = _template(resolution)
+    aff = cr.register_affine(c["fixed"], c["moving"])
+    moved = cr.resample(c["moving"], aff.transform, reference=c["fixed"]).data.astype(np.float64)
+    lab = cr.resample(c["moving_labels"], aff.transform, reference=c["fixed"], interpolation="label").data
+    brain = cr.resample(c["moving_mask"], aff.transform, reference=c["fixed"], interpolation="label").data > 0
+    gm, wm = (lab == 2) & brain, (lab == 3) & brain
+    moved = np.where(brain, moved, 0.0) * (np.median(tp["t"][tp["wm"]]) / np.median(moved[wm]))
+    # the shipped k-means CSF label is noisy: a 3×3×3 majority vote first, else sulcal and fissure CSF connect to the
+    # ventricles through isolated voxels (largest deep component 7121 voxels against the template's 4517 ventricle
+    # voxels, the interhemispheric fissure included; 4893 after the vote)
+    csf = ndimage.median_filter(((lab == 1) & brain).astype(np.uint8), size=3) > 0
+    vent = _ventricles(csf.astype(float), brain, tp["h"])
+    return {"template": tp, "t": moved, "brain": brain, "vent": vent, "gm": gm, "wm": wm,
+            "affine": aff.transform, "provenance": c["provenance"]}
+
+
+def inter_case(*, seed: int = 0, resolution: float = 2.0) -> dict:
+    """The inter-subject tumour pair (module docstring, ``inter2d``): ``moving`` = the healthy MNI152 slice,
+    ``fixed`` = the same axial slice of another subject (:func:`_subject_on_template`) with :func:`_lesion`'s seeded
+    lesion and mass effect; ventricle labels of both, the tumour ``mask`` (fixed grid), ``provenance``."""
+    import classreg as cr
+
+    sub = _subject_on_template(resolution)
+    tp = sub["template"]
+    z = _axial(tp["image"])
+    les = _lesion(sub["t"][z], sub["vent"][z], sub["gm"][z], sub["wm"][z], tp["h"], seed=seed)
+    sp = (tp["h"],) * 2
+    prov = (f"moving: MNI152 2009a T1 {resolution} mm, axial slice z={z}; fixed: the same slice of "
+            f"{sub['provenance'].split('moving: ')[1].split(';')[0]}, affinely registered to the template "
+            f"(register_affine, MI, defaults), white-matter median matched; {les['description']}")
+    return {"fixed": cr.Image(les["fixed"].astype(np.float32), sp),
+            "moving": cr.Image(tp["t"][z].astype(np.float32), sp), "fixed_labels": les["fixed_labels"],
+            "moving_labels": tp["vent"][z], "mask": les["mask"].astype(np.float32), "provenance": prov}
 
 
 # ------------------------------------------------------------------------------------------------ runs
@@ -231,15 +312,16 @@ def run_toy(size: int, which, rhos=(None,), data_sigma=None) -> list[dict]:
     return rows
 
 
-def run_mni(ndim: int, which, seeds, rhos=(None,), data_sigma=None) -> list[dict]:
+def run_mni(name: str, which, seeds, rhos=(None,), data_sigma=None) -> list[dict]:
+    """The tumour cases ``mni2d``, ``mni3d`` (:func:`tumour_case`) and ``inter2d`` (:func:`inter_case`)."""
     rows = []
     for seed in seeds:
-        case = tumour_case(ndim, seed=seed)
+        case = inter_case(seed=seed) if name == "inter2d" else tumour_case(int(name[3]), seed=seed)
         for run, fn in _solvers(case, which, rhos, data_sigma).items():
             t0 = time.perf_counter()
             res = fn()
             sec = time.perf_counter() - t0
-            row = _row(f"mni{ndim}d seed {seed}", run, res, sec, case, lambda r: {})
+            row = _row(f"{name} seed {seed}", run, res, sec, case, lambda r: {})
             row["provenance"] = case["provenance"]
             print(json.dumps(row), flush=True)
             rows.append(row)
@@ -247,7 +329,7 @@ def run_mni(ndim: int, which, seeds, rhos=(None,), data_sigma=None) -> list[dict
         keys = ("dice_before", "dice", "ssd_final", "ssd_deformation", "min_det", "seconds")
         for run in dict.fromkeys(r["run"] for r in rows):
             mine = [r for r in rows if r["run"] == run]
-            rows.append(dict(case=f"mni{ndim}d mean of {len(seeds)}", run=run,
+            rows.append(dict(case=f"{name} mean of {len(seeds)}", run=run,
                              **{k: float(np.mean([r[k] for r in mine])) for k in keys},
                              min_det_worst=float(np.min([r["min_det"] for r in mine]))))
     return rows
@@ -255,7 +337,8 @@ def run_mni(ndim: int, which, seeds, rhos=(None,), data_sigma=None) -> list[dict
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--cases", nargs="+", default=["toy", "mni2d", "mni3d"], choices=["toy", "mni2d", "mni3d"])
+    p.add_argument("--cases", nargs="+", default=["toy", "mni2d", "mni3d"],
+                   choices=["toy", "mni2d", "inter2d", "mni3d"])
     p.add_argument("--runs", nargs="+", default=None, choices=["lddmm", "lddmm_default", "cm", "wm"],
                    help="default: lddmm, cm, wm (and lddmm_default on mni3d)")
     p.add_argument("--toy-size", type=int, default=300)
@@ -264,7 +347,7 @@ def main(argv=None) -> int:
     p.add_argument("--data-sigma", type=float, default=None,
                    help="σ of the SSD for every run (normalised intensities; default: the solvers' default 0.05)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
-                   help="tumours drawn for mni2d (mni3d uses the first)")
+                   help="tumours drawn for mni2d and inter2d (mni3d uses the first)")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     a = p.parse_args(argv)
     rows = []
@@ -272,7 +355,7 @@ def main(argv=None) -> int:
         which = a.runs or (["lddmm", "lddmm_default", "cm", "wm"] if c == "mni3d" else ["lddmm", "cm", "wm"])
         rhos = a.rho or (None,)
         rows += (run_toy(a.toy_size, which, rhos, a.data_sigma) if c == "toy" else
-                 run_mni(int(c[3]), which, a.seeds if c == "mni2d" else a.seeds[:1], rhos, a.data_sigma))
+                 run_mni(c, which, a.seeds[:1] if c == "mni3d" else a.seeds, rhos, a.data_sigma))
     cols = [("case", "case"), ("run", "run"), ("dice_before", "ventricle Dice before"), ("dice", "Dice after"),
             ("oval_error_px", "oval error (px)"), ("ssd_final", "SSD final"),
             ("ssd_deformation", "SSD deformation only"), ("added_outside_mask", "added outside mask"),
