@@ -154,8 +154,8 @@ def _lesion(t: np.ndarray, vent: np.ndarray, gm: np.ndarray, wm: np.ndarray, h: 
 
 
 def _template(resolution: float) -> dict:
-    """The MNI152 2009a T1 at ``resolution`` mm (float64 array ``t``), its brain, CSF map (1 − GM − WM), ventricles
-    (:func:`_ventricles`), grey/white matter masks (GM > 0.7, WM > 0.9), pixel size ``h`` and ``origin``."""
+    """The MNI152 2009a T1 at ``resolution`` mm (``image``; float64 array ``t``), its ventricles (:func:`_ventricles`
+    of the CSF map 1 − GM − WM), grey/white matter masks (GM > 0.7, WM > 0.9) and pixel size ``h``."""
     from classreg.data import mni152
 
     t1 = mni152("t1", resolution=resolution)
@@ -165,8 +165,7 @@ def _template(resolution: float) -> dict:
     brain = t > 0.02 * t.max()
     csf = np.where(brain, 1.0 - gm - wm, 0.0)
     h = float(t1.spacing[0])
-    return {"image": t1, "t": t, "brain": brain, "vent": _ventricles(csf, brain, h), "gm": gm > 0.7, "wm": wm > 0.9,
-            "h": h}
+    return {"image": t1, "t": t, "vent": _ventricles(csf, brain, h), "gm": gm > 0.7, "wm": wm > 0.9, "h": h}
 
 
 def _axial(image, z_mm: float = 18.0) -> int:
@@ -220,8 +219,7 @@ def _subject_on_template(resolution: float = 2.0) -> dict:
     # voxels, the interhemispheric fissure included; 4893 after the vote)
     csf = ndimage.median_filter(((lab == 1) & brain).astype(np.uint8), size=3) > 0
     vent = _ventricles(csf.astype(float), brain, tp["h"])
-    return {"template": tp, "t": moved, "brain": brain, "vent": vent, "gm": gm, "wm": wm,
-            "affine": aff.transform, "provenance": c["provenance"]}
+    return {"template": tp, "t": moved, "vent": vent, "gm": gm, "wm": wm, "provenance": c["provenance"]}
 
 
 def inter_case(*, seed: int = 0, resolution: float = 2.0) -> dict:
