@@ -334,47 +334,46 @@ def _grid_transform(src, values, dst, shape, sb, rad):
     return out
 
 
-def _grid_splat(i0, w, strides, values, grid):
-    """``grid[k, node] += weight × values[p, k]`` over the 3^D nodes around every point p (serial, deterministic;
-    D = 2 is the D = 3 loop with one node along the last axis)."""
+def _grid_nodes(i0, w, strides, p, flat, wt):
+    """The flat indices and weights of the 3^D grid nodes around point ``p`` into ``flat``, ``wt``; returns their count
+    (D = 2 is the D = 3 loop with one node along the last axis)."""
     d = i0.shape[1]
     n3 = 3 if d == 3 else 1
+    m = 0
+    for o0 in range(3):
+        f0 = (i0[p, 0] + o0 - 1) * strides[0]
+        w0 = w[p, 0, o0]
+        for o1 in range(3):
+            f1 = f0 + (i0[p, 1] + o1 - 1) * strides[1]
+            w1 = w0 * w[p, 1, o1]
+            for o2 in range(n3):
+                flat[m] = f1
+                wt[m] = w1
+                if d == 3:
+                    flat[m] += (i0[p, 2] + o2 - 1) * strides[2]
+                    wt[m] *= w[p, 2, o2]
+                m += 1
+    return m
+
+
+def _grid_splat(i0, w, strides, values, grid):
+    """``grid[k, node] += weight × values[p, k]`` over the 3^D nodes around every point p (serial, deterministic)."""
+    flat = np.empty(27, dtype=np.int64)
+    wt = np.empty(27)
     for p in range(i0.shape[0]):
-        for o0 in range(3):
-            f0 = (i0[p, 0] + o0 - 1) * strides[0]
-            w0 = w[p, 0, o0]
-            for o1 in range(3):
-                f1 = f0 + (i0[p, 1] + o1 - 1) * strides[1]
-                w1 = w0 * w[p, 1, o1]
-                for o2 in range(n3):
-                    flat = f1
-                    wc = w1
-                    if d == 3:
-                        flat += (i0[p, 2] + o2 - 1) * strides[2]
-                        wc *= w[p, 2, o2]
-                    for k in range(values.shape[1]):
-                        grid[k, flat] += wc * values[p, k]
+        for j in range(_grid_nodes(i0, w, strides, p, flat, wt)):
+            for k in range(values.shape[1]):
+                grid[k, flat[j]] += wt[j] * values[p, k]
 
 
 def _grid_slice(grid, i0, w, strides, out):
     """``out[p, k] = Σ weight × grid[k, node]`` over the 3^D nodes around every point p."""
-    d = i0.shape[1]
-    n3 = 3 if d == 3 else 1
+    flat = np.empty(27, dtype=np.int64)
+    wt = np.empty(27)
     for p in range(i0.shape[0]):
-        for o0 in range(3):
-            f0 = (i0[p, 0] + o0 - 1) * strides[0]
-            w0 = w[p, 0, o0]
-            for o1 in range(3):
-                f1 = f0 + (i0[p, 1] + o1 - 1) * strides[1]
-                w1 = w0 * w[p, 1, o1]
-                for o2 in range(n3):
-                    flat = f1
-                    wc = w1
-                    if d == 3:
-                        flat += (i0[p, 2] + o2 - 1) * strides[2]
-                        wc *= w[p, 2, o2]
-                    for k in range(grid.shape[0]):
-                        out[p, k] += wc * grid[k, flat]
+        for j in range(_grid_nodes(i0, w, strides, p, flat, wt)):
+            for k in range(grid.shape[0]):
+                out[p, k] += wt[j] * grid[k, flat[j]]
 
 
 @functools.cache
@@ -382,6 +381,7 @@ def _numba_grid():
     """Compile (lazily, cached on disk) the splatting and interpolation loops of :func:`estep_grid`."""
     njit = _backend.njit
     ns = dict(globals())
+    ns["_grid_nodes"] = njit(inline="always")(_rebind(_grid_nodes, ns))
     return {"splat": njit(_rebind(_grid_splat, ns)), "slice": njit(_rebind(_grid_slice, ns))}
 
 
