@@ -119,6 +119,11 @@ class LevelObjective:
         Draw new samples at every iteration (elastix ``NewSamplesEveryIteration``).
     backend : str or None
         Kernel backend of the interpolation.
+    device : {"cpu", "cuda"}
+        ``"cuda"``: the level's moving stack goes to the GPU once and each evaluation runs there
+        (:class:`.device.DeviceAffineMI`) when the level is on the fused path's ground (linear interpolation, an
+        affine-family model, one Mattes MI term; :meth:`device_covers`); the samples go up once per level
+        (:meth:`predraw`) or per explicit draw. Otherwise, and on ``"cpu"``, the host path.
     interpolation : str
         See :data:`INTERPOLATIONS`. ``linear``: value and central-difference gradient channels interpolated
         linearly (the fused B-spline iteration, :meth:`_bspline_setup`, takes the exact gradient of the linear
@@ -130,7 +135,7 @@ class LevelObjective:
 
     def __init__(self, fixed, moving, fixed_mask, moving_mask, *, model, pre, metric, sampler: Sampler, rng,
                  bins=32, min_valid=0.25, new_samples=True, backend=None,
-                 interpolation="linear"):
+                 interpolation="linear", device="cpu"):
         from ...kernels._backend import HAVE_NUMBA
         from ...kernels.diff import gradient
         from ...terms.measures import LIMIT_RANGE_RATIO, _bins
@@ -191,6 +196,16 @@ class LevelObjective:
         self.parallel_work = sampler.size * (4 ** n if hasattr(model, "grid_map") else 2 ** n * self.stack.shape[-1])
         self._sampled = self._sampled_setup()
         self._bspline_step = self._bspline_setup(model, to_y, minv)
+        self._device = None
+        from .models import AffineModel
+
+        if device == "cuda" and isinstance(model, AffineModel) and self.device_covers(self.order, self.terms):
+            from .device import DeviceAffineMI
+
+            self._device = DeviceAffineMI(self.stack, has_mask=self.has_mmask, m_lin=self.m_lin,
+                                          mi_args=self._mi_args["mi"])
+            self._sampled = None  # the host kernels are not used on the device
+            self._bank, self._uploaded = {}, (None, None)
         self.last_valid = 1.0
         self.last_similarity = float("nan")
 
@@ -228,6 +243,53 @@ class LevelObjective:
                 self._cached_points = self._points(idx)
             return self._cached_points
         return self._points(idx)
+
+    # ------------------------------------------------------------------ the device path
+    @staticmethod
+    def device_covers(order, terms) -> bool:
+        """Whether :class:`.device.DeviceAffineMI` evaluates an affine-family level with interpolation ``order``
+        and metric ``terms``: linear interpolation and one Mattes MI term."""
+        return order == 1 and len(terms) == 1 and terms[0][0] == "mi"
+
+    @property
+    def on_device(self) -> bool:
+        return self._device is not None
+
+    def predraw(self, keys):
+        """Device path: draw the samples of iterations ``keys`` now, in that order (the order the optimiser asks
+        for them, so the run's random sequence is the CPU's), and upload them at once: the evaluations of those
+        iterations then read them on the device (nothing crosses per iteration but the result's numbers)."""
+        if self._device is None or self.sampler.deterministic or not self.new_samples:
+            return
+        keys = list(keys)
+        draws = [self._points(self.sampler.draw(self.rng)) for _ in keys]
+        xp = self._device.xp
+        ys, fs = xp.asarray(np.stack([d[0] for d in draws])), xp.asarray(np.stack([d[1] for d in draws]))
+        self._bank = {k: (ys[i], fs[i]) for i, k in enumerate(keys)}
+
+    def _device_samples(self, k, samples):
+        """The device copy of iteration ``k``'s draw (pre-drawn) or of ``samples`` / an undrawn iteration's draw
+        (uploaded once per draw)."""
+        if samples is None and k in self._bank:
+            return self._bank[k]
+        y, f = self.samples(k) if samples is None else samples
+        last = self._uploaded[0]
+        if last is None or y is not last[0] or f is not last[1]:
+            xp = self._device.xp
+            self._uploaded = ((y, f), (xp.asarray(np.ascontiguousarray(y, dtype=np.float64)),
+                                       xp.asarray(np.ascontiguousarray(f, dtype=np.float64))))
+        return self._uploaded[1]
+
+    def _evaluate_device(self, p, k, samples):
+        """:meth:`evaluate` on the device (:class:`.device.DeviceAffineMI`; the CPU fused kernel's value and sums up
+        to the order of the sums); the parameters and the chain rule's last step stay on the host."""
+        y, f = self._device_samples(k, samples)
+        B, b, c, _, _ = self._affine_setup(p)
+        count, value, ncc, G, g = self._device.evaluate(y, f, B, b, c)
+        self._check_valid(count, len(f))
+        self.last_similarity = ncc
+        weight = self.terms[0][1]
+        return weight * value, weight * self.model.gradient_from_sums(p, G, g)
 
     # ------------------------------------------------------------------ cost
     def moving_at(self, z):
@@ -388,7 +450,9 @@ class LevelObjective:
 
     def evaluate(self, p, k=0, *, samples=None, penalty=True):
         """``(cost, gradient)`` at parameters ``p`` with the samples of iteration ``k`` (or ``samples``)."""
-        if self._bspline_step is not None and samples is None:
+        if self._device is not None:
+            value, grad = self._evaluate_device(p, k, samples)
+        elif self._bspline_step is not None and samples is None:
             value, grad = self._evaluate_bspline(p, self.indices(k), penalty)
         elif self._sampled is not None and samples is None:
             value, grad = self._evaluate_sampled(p, self.indices(k))

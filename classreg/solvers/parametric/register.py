@@ -8,10 +8,12 @@ moves the parameters of a model: an affine family (:mod:`.models`) or a cubic B-
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 
 import numpy as np
 
+from ...backend import placement
 from ...image import Image
 from ...kernels._backend import serial_below
 from ...options import declared
@@ -19,13 +21,23 @@ from ...progress import Progress, StopRegistration
 from ...pyramid import check_schedule, multiresolution
 from ...result import Result
 from ...transforms import Affine, Chain, Transform
-from .._common import check_masks, check_memory, check_overlap, check_pair, common_params, tiny_like, warm_key
-from .engine import LevelObjective, metric_terms
+from .._common import (
+    check_masks,
+    check_memory,
+    check_overlap,
+    check_pair,
+    common_params,
+    tiny_like,
+    warm_key,
+)
+from .engine import INTERPOLATIONS, LevelObjective, metric_terms
 from .models import AffineModel
 from .options import AFFINE_OPTIONS, BSPLINE_OPTIONS
 from .sampling import Sampler
 
 __all__ = ["register_affine", "register_bspline"]
+
+logger = logging.getLogger("classreg")
 
 
 # ================================================================================================ register_affine
@@ -107,6 +119,8 @@ def register_affine(fixed: Image, moving: Image, *, transform: str = "affine", m
     """
     t0 = time.perf_counter()
     check_pair(fixed, moving)
+    dev, backend = _affine_placement(device, backend, fixed, moving, metric, metric_weights, interpolation)
+    fixed, moving = fixed.to("cpu"), moving.to("cpu")  # the host sees the inputs once (no copy for numpy data)
     fmask, mmask = check_masks(fixed, moving, fixed_mask, moving_mask)
     pre, init_name = _initial(fixed, moving, init, fmask, mmask, seed, backend, progress=progress)
     check_overlap(fixed, moving, pre)
@@ -116,7 +130,7 @@ def register_affine(fixed: Image, moving: Image, *, transform: str = "affine", m
     engine = _Engine(fixed, moving, fmask, mmask, pre, metric=metric, samples=samples, sampler=sampler,
                      new_samples=new_samples, optimiser=optimiser, max_step=max_step, bins=bins, seed=seed,
                      interpolation=interpolation, metric_weights=metric_weights, backend=backend, shrink_factors=shrink_factors, smoothing_sigmas=smoothing_sigmas,
-                     iterations=iterations)
+                     iterations=iterations, device=dev)
     def warm_up():  # the same kernels on a tiny pair, before the bar (progress=True only)
         f, m, fm, mm = tiny_like(fixed, moving)
         register_affine(f, m, transform=transform, metric=metric, init="geometry",
@@ -202,6 +216,8 @@ def register_bspline(fixed: Image, moving: Image, *, grid_spacing=8.0, grid_sche
 
     t0 = time.perf_counter()
     check_pair(fixed, moving)
+    dev, backend = _affine_placement(device, backend, fixed, moving, metric, metric_weights, interpolation)
+    fixed, moving = fixed.to("cpu"), moving.to("cpu")  # the host sees the inputs once (no copy for numpy data)
     fmask, mmask = check_masks(fixed, moving, fixed_mask, moving_mask)
     pre, init_name = _initial(fixed, moving, init, fmask, mmask, seed, backend, progress=progress)
     check_overlap(fixed, moving, pre)
@@ -345,14 +361,14 @@ class _Engine:
 
     def __init__(self, fixed, moving, fmask, mmask, pre, *, metric, samples, sampler, new_samples, optimiser,
                  max_step, bins, seed, backend, shrink_factors, smoothing_sigmas, iterations, average=AVERAGE,
-                 interpolation="linear", metric_weights=None):
+                 interpolation="linear", metric_weights=None, device="cpu"):
         if metric_weights is not None:
             metric = metric_terms(metric_weights)  # checked here, before any work
         self.fixed, self.moving, self.fmask, self.mmask, self.pre = fixed, moving, fmask, mmask, pre
         self.metric, self.samples, self.sampler, self.new_samples = metric, int(samples), sampler, new_samples
         self.optimiser, self.max_step, self.bins, self.backend = optimiser, max_step, int(bins), backend
         self.rng = np.random.default_rng(int(seed))
-        self.interpolation = interpolation
+        self.interpolation, self.device = interpolation, device
         self.shrink, self.sigmas, self.iterations = check_schedule(shrink_factors, smoothing_sigmas, iterations,
                                                                    fixed.spacing)
         if any(n in ("mi", "nmi") for n, _ in metric_terms(metric)) and sampler not in ("full", "grid") and self.samples < 4 * self.bins:
@@ -371,7 +387,8 @@ class _Engine:
         smp = Sampler(self.sampler, self.samples, level.fixed.shape, level.fixed_mask)
         return LevelObjective(level.fixed, level.moving, level.fixed_mask, level.moving_mask, model=model,
                               pre=self.pre, metric=self.metric, sampler=smp, rng=self.rng, bins=self.bins,
-                              new_samples=self.new_samples, backend=self.backend, interpolation=self.interpolation)
+                              new_samples=self.new_samples, backend=self.backend, interpolation=self.interpolation,
+                              device=self.device)
 
     def run(self, level_model, state, prog) -> bool:
         """Optimise coarse to fine; returns whether a callback stopped the run."""
@@ -427,6 +444,8 @@ class _Engine:
 
         if level.iterations == 0:
             return float("nan")
+        if obj.on_device and self.optimiser == "asgd":  # the draws asgd below asks for, in its order
+            obj.predraw([-1 - i for i in range(5)] + list(range(level.iterations)))
         project = getattr(model, "project", None)
         displ = obj.displacements(p0, y_est[: 4 * self.samples])
         if self.optimiser == "asgd":
@@ -498,6 +517,21 @@ class _Engine:
         draw = obj.draw(None if obj.sampler.deterministic else min(max(8 * self.samples, 20000), 100000))
         value, _ = obj.evaluate(p, samples=draw, penalty=False)
         return value, obj.last_valid
+
+
+def _affine_placement(device, backend, fixed, moving, metric, metric_weights, interpolation):
+    """``(device, backend)`` of :func:`register_affine`: on "cuda" the per-iteration evaluation runs on the GPU
+    (:meth:`LevelObjective.device_covers`: linear interpolation and one Mattes MI term) and the host-side steps
+    (pyramid, initial transform, result) on the CPU kernels; a configuration the device path does not cover runs on
+    the CPU, with a log line."""
+    dev, backend = placement(device, backend, fixed.data, moving.data)
+    if dev != "cuda":
+        return dev, backend
+    terms = metric_terms(metric if metric_weights is None else metric_weights)
+    if not LevelObjective.device_covers(INTERPOLATIONS.get(interpolation, (-1,))[0], terms):
+        logger.info("register_affine: the GPU path covers linear interpolation with metric='mi'; running on the CPU")
+        return "cpu", None
+    return dev, None
 
 
 def _blas_single_thread():

@@ -159,7 +159,7 @@ def register_rigid(fixed: Image, moving: Image, *, schedule: str = "fast", local
     check_pair(fixed, moving)
     dev, backend = placement(device, backend, fixed.data, moving.data)
     fixed, moving = fixed.to("cpu"), moving.to("cpu")  # the host sees the inputs once (no copy for numpy data)
-    # the search runs on ``dev``; the host-side steps (the local refinement, the warped image) on the CPU kernels
+    # the search and the local refinement's evaluations run on ``dev``; the warped image on the CPU kernels
     host_backend = None if dev == "cuda" else backend
     memory_mb = check_memory("rigid", fixed, moving, dtype, memory_limit)
     fmask, mmask = check_masks(fixed, moving, fixed_mask, moving_mask)
@@ -206,20 +206,21 @@ def register_rigid(fixed: Image, moving: Image, *, schedule: str = "fast", local
     local_info = None
     if local == "mi" and completed:
         transform, local_info = _refine_mi(fixed, moving, transform, fmask, mmask, int(seed), threads,
-                                           host_backend)
+                                           host_backend, dev)
     return _result(fixed, moving, transform, refined, record, stopped, params, host_backend, t_start, prog.history,
                    reason=prog.stop_reason, kernel_seconds=prog.timings, local_info=local_info)
 
 
-def _refine_mi(fixed, moving, start, fmask, mmask, seed, threads, backend):
-    """``register_affine(transform="rigid", metric="mi")`` from the search's transform; returns the refined
-    rigid :class:`Affine` (centre c_F, as the search's) and what the refinement did."""
+def _refine_mi(fixed, moving, start, fmask, mmask, seed, threads, backend, device):
+    """``register_affine(transform="rigid", metric="mi")`` from the search's transform, on ``device`` (its
+    evaluations on the GPU, see :func:`classreg.register_affine`); returns the refined rigid :class:`Affine` (centre
+    c_F, as the search's) and what the refinement did."""
     from ..parametric import register_affine
 
     t0 = time.perf_counter()
     try:
         res = register_affine(fixed, moving, transform="rigid", metric="mi", init=start, fixed_mask=fmask,
-                              moving_mask=mmask, seed=seed, threads=threads, backend=backend)
+                              moving_mask=mmask, seed=seed, threads=threads, backend=backend, device=device)
     except ValueError as exc:  # e.g. too little overlap for the MI samples: the search's result stands
         return start, {"method": "mi", "skipped": str(exc), "seconds": time.perf_counter() - t0}
     t = res.transform
