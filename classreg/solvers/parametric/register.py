@@ -107,6 +107,9 @@ def register_affine(fixed: Image, moving: Image, *, transform: str = "affine", m
         Seeds the sampler (same inputs, seed and threads ⇒ the same result).
     threads, memory_limit, time_limit, device, backend, progress, callback
         As for every solver (memory_limit in MB, refused before any work; time_limit in seconds, stops the run).
+        On ``device="cuda"`` each evaluation runs on the GPU (:mod:`.device`) for linear interpolation and one
+        Mattes MI term (the pyramid, the sample draws and the optimiser stay on the host); other configurations run
+        on the CPU (docs/gpu.md).
 
     Returns
     -------
