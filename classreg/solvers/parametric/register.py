@@ -219,8 +219,6 @@ def register_bspline(fixed: Image, moving: Image, *, grid_spacing=8.0, grid_sche
 
     t0 = time.perf_counter()
     check_pair(fixed, moving)
-    dev, backend = _affine_placement(device, backend, fixed, moving, metric, metric_weights, interpolation)
-    fixed, moving = fixed.to("cpu"), moving.to("cpu")  # the host sees the inputs once (no copy for numpy data)
     fmask, mmask = check_masks(fixed, moving, fixed_mask, moving_mask)
     pre, init_name = _initial(fixed, moving, init, fmask, mmask, seed, backend, progress=progress)
     check_overlap(fixed, moving, pre)
