@@ -159,7 +159,8 @@ def register_affine(fixed: Image, moving: Image, *, transform: str = "affine", m
               "center": center.tolist(), "iterations": list(engine.iterations),
               "shrink_factors": list(engine.shrink), "smoothing_sigmas": list(engine.sigmas),
               "memory_estimate_mb": memory_mb,
-              **common_params(init=None, dtype=np.float64, seed=int(seed), backend=backend)}
+              **common_params(init=None, dtype=np.float64, seed=int(seed),
+                             backend="cuda" if dev == "cuda" else backend)}
     metrics = {"metric": metric_value, "parameters": p.tolist(), "samples": int(samples), "valid_fraction": valid,
                "levels": engine.level_info}
     return _result(fixed, moving, total, total.inverse(), prog, stopped, params, metrics, backend, t0)
