@@ -1,6 +1,7 @@
 """Preconditioned conjugate gradients on ``(S G S + c I) Z = R`` with G a sparse symmetric matrix in CSR arrays and
 S = diag(s): one independent recurrence per column of Z (the columns share each pass over G), Jacobi preconditioner
-``dinv``, a column stopping at its own relative residual. numpy reference (scipy.sparse) and numba kernel.
+``dinv``, a column stopping at its own relative residual. numpy reference (scipy.sparse), numba kernel and a device
+variant (:func:`pcg_csr_device`: array-module code on a ``cupyx.scipy.sparse`` matrix, the numba kernel's recurrences).
 
 Used by register_points' fine-scale v-update (classreg.solvers.points.sparse).
 """
@@ -13,7 +14,7 @@ import numpy as np
 
 from . import _backend
 
-__all__ = ["pcg_csr"]
+__all__ = ["pcg_csr", "pcg_csr_device"]
 
 
 def pcg_csr(indptr, indices, data, s, c, dinv, rhs, Z, *, tol, max_iter, backend=None) -> int:
@@ -43,6 +44,68 @@ def pcg_csr(indptr, indices, data, s, c, dinv, rhs, Z, *, tol, max_iter, backend
     if be != "numpy":
         raise ValueError(f"pcg_csr runs on the CPU (numpy or numba), got backend={be!r}")
     return _pcg_numpy(indptr, indices, data, s, float(c), dinv, rhs, Z, float(tol), int(max_iter))
+
+
+def pcg_csr_device(G, s, c, dinv, rhs, Z, *, tol, max_iter, check_every):
+    """:func:`pcg_csr` on device arrays (CuPy): ``G`` a ``cupyx.scipy.sparse.csr_matrix``, the rest CuPy arrays;
+    solves in place in ``Z`` and returns the number of steps of the slowest column as a 0-d device array (read it
+    when convenient: no synchronisation here).
+
+    The recurrences of the numba kernel, a column stopping at its own tolerance (or at ``rz <= 0``, ``pᵀAp <= 0``):
+    a stopped column's update is masked to zero, so the host only has to learn when *all* columns have stopped.
+    It asks every ``check_every`` steps (one scalar read each, at steps 0, check_every, 2 check_every, ...: at most
+    ``ceil(max_iter / check_every)`` reads per call); the steps in between cost a sparse product each and change
+    nothing once every column has stopped, so the result and the step count are those of checking at every step.
+
+    Parameters
+    ----------
+    G : cupyx.scipy.sparse.csr_matrix
+        The symmetric m × m matrix.
+    s, dinv : cupy.ndarray
+        The diagonal of S and of the inverse preconditioner, (m,).
+    c : float
+        The shift c.
+    rhs, Z : cupy.ndarray
+        Right-hand sides and start (updated), (m, k) float64.
+    tol : float
+        Relative residual ‖r‖ / ‖rhs‖ at which a column stops.
+    max_iter : int
+        Most steps.
+    check_every : int
+        Steps between the synchronising checks for "all columns stopped".
+    """
+    xp = _backend.get_array_module(Z)
+    s2 = s[:, None]
+
+    def op(X):
+        return s2 * (G @ (s2 * X)) + c * X
+
+    r = rhs - op(Z)
+    z = dinv[:, None] * r
+    p = z.copy()
+    rz = (r * z).sum(0)
+    rr = (r * r).sum(0)
+    bn = xp.sqrt((rhs * rhs).sum(0))
+    live = xp.ones(rhs.shape[1], dtype=bool)
+    steps = xp.zeros((), dtype=xp.int64)
+    for k in range(int(max_iter)):
+        live &= ~((xp.sqrt(rr) <= tol * bn) | (rz <= 0.0))  # as the numba kernel (NaN keeps a column live)
+        if k % check_every == 0 and not bool(live.any()):
+            break
+        steps += live.any()
+        Ap = op(p)
+        pap = (p * Ap).sum(0)
+        live &= ~(pap <= 0.0)
+        a = xp.where(live, rz / xp.where(live, pap, 1.0), 0.0)
+        Z += a * p
+        r -= a * Ap
+        z = dinv[:, None] * r
+        rz2 = (r * z).sum(0)
+        beta = xp.where(live, rz2 / xp.where(live, rz, 1.0), 0.0)
+        p = xp.where(live, z + beta * p, p)
+        rz = xp.where(live, rz2, rz)
+        rr = xp.where(live, (r * r).sum(0), rr)
+    return steps
 
 
 def _pcg_numpy(indptr, indices, data, s, c, dinv, rhs, Z, tol, max_iter):

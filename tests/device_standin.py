@@ -3,7 +3,8 @@
 classreg finds device data the way CuPy code does: ``kernels._backend.is_cupy_array`` looks at the array type's
 module, ``get_array_module`` imports ``cupy``, ``classreg.backend.gpu_available`` allocates through it. The
 :func:`installed` context puts :class:`StandinCupy` into ``sys.modules["cupy"]``, so the library's device code paths
-(and ``cupyx.scipy.ndimage``, on scipy's) run unchanged, without a GPU, on :class:`DeviceArray` — a wrapper around a numpy array that behaves like a
+(and ``cupyx.scipy.ndimage``, on scipy's; ``cupyx.scipy.sparse.csr_matrix`` as :class:`CsrMatrix`) run unchanged,
+without a GPU, on :class:`DeviceArray` — a wrapper around a numpy array that behaves like a
 ``cupy.ndarray`` where it matters for residency:
 
 * implicit conversion to numpy (``numpy.asarray(x)``, ``x.__array__``, a numpy ufunc mixing device and host arrays)
@@ -31,7 +32,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["DeviceArray", "StandinCupy", "Transfers", "installed", "run_counted", "SCALAR_ELEMENTS"]
+__all__ = ["CsrMatrix", "DeviceArray", "StandinCupy", "Transfers", "installed", "run_counted", "SCALAR_ELEMENTS"]
 
 #: A download of at most this many elements counts as a scalar read (a synchronisation returning a few numbers,
 #: e.g. an energy, a voxel count and a largest step), not as an array transfer.
@@ -264,6 +265,40 @@ class StandinCupy(_Namespace):
         return self if any(isinstance(a, DeviceArray) for a in args) else np
 
 
+class CsrMatrix:
+    """The stand-in ``cupyx.scipy.sparse.csr_matrix``: a scipy CSR matrix on the stand-in device. Built from a host
+    matrix it counts one upload (data, indices, indptr); ``get()`` counts one download; ``G @ x`` takes and returns
+    device arrays (a host operand is refused, as by CuPy)."""
+
+    __module__ = "cupyx.scipy.sparse"
+
+    def __init__(self, arg, transfers: Transfers):
+        import scipy.sparse
+
+        if isinstance(arg, CsrMatrix):
+            self._m = arg._m.copy()
+        else:
+            self._m = scipy.sparse.csr_matrix(arg)
+            size = 2 * self._m.nnz + len(self._m.indptr)
+            transfers.record("upload" if size > SCALAR_ELEMENTS else "scalar", size)
+        self._t = transfers
+
+    shape = property(lambda self: self._m.shape)
+    nnz = property(lambda self: self._m.nnz)
+    dtype = property(lambda self: self._m.dtype)
+
+    def diagonal(self, k=0):
+        return DeviceArray(self._m.diagonal(k), self._t)
+
+    def __matmul__(self, other):
+        return _wrap(self._m @ _unwrap(other, self._t), self._t)
+
+    def get(self, stream=None):
+        """Explicit download (counted): a scipy CSR matrix."""
+        self._t.record("download", 2 * self._m.nnz + len(self._m.indptr))
+        return self._m.copy()
+
+
 class _Device:
     def __init__(self, index=0):
         self.id = int(index)
@@ -294,6 +329,10 @@ def installed(monkeypatch):
         if "." in name:
             parent, leaf = name.rsplit(".", 1)
             setattr(sys.modules[parent], leaf, sub)
+    sparse = types.ModuleType("cupyx.scipy.sparse")
+    sparse.csr_matrix = lambda arg, **kwargs: CsrMatrix(arg, mod.transfers)
+    mp.setitem(sys.modules, "cupyx.scipy.sparse", sparse)
+    mp.setattr(sys.modules["cupyx.scipy"], "sparse", sparse, raising=False)
     if _backend.cuda_simulator():
         from numba.cuda.args import ArgHint
         from numba.cuda.simulator.kernel import FakeCUDAKernel

@@ -235,9 +235,9 @@ def v_update_block(kb, E, nu, cv, postcov, sigma=0.0):
 
     vf = kb["vf"]
     vc, sm, Wc = _v_woodbury(kb, E if vf is None else E - vf, nu, cv, postcov)
-    vf, Wf, steps = fine_solve(kb["fine"], E - vc, nu, cv, vf)
+    vf, Wf, steps = fine_solve(kb.get("fine_dev", kb["fine"]), E - vc, nu, cv, vf)  # the device copy on the device
     kb["vf"] = vf
-    kb["cg_steps"] = kb.get("cg_steps", 0) + steps
+    kb["cg_steps"] = kb.get("cg_steps", 0) + steps  # a device scalar in the device loop (read after it)
     return vc + vf, sm, (Wc, Wf)
 
 

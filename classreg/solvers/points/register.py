@@ -160,11 +160,11 @@ def register_points(source, target, *, source_labels=None, target_labels=None, m
         on a machine with a GPU): the point sets, the posterior and the kernel blocks go to the GPU once and stay
         there for every iteration — the exact E-step (the blocked float64 array code, CuPy), the v-update
         (``cupy.linalg`` Cholesky / eigh, ``cupyx.scipy.linalg`` solves), the α, similarity and σ² updates — with
-        only scalars read back; the posterior comes back once at the end, where the transform is built. Not on the
-        device: the grid and Nyström E-steps (the exact one runs instead) and the fine scale of low-rank blocks
-        (point sets above the full-rank size with the two-scale kernel: the loop then runs on the host, the E-step
-        sums on the device); organ labels cost an upload of the label indices per iteration. Needs the ``gpu``
-        extra and a CUDA device.
+        only scalars read back; the posterior comes back once at the end, where the transform is built. The fine
+        scale of low-rank blocks (point sets above the full-rank size with the two-scale kernel) runs there too: its
+        CSR matrix goes up once (``cupyx.scipy.sparse``), its conjugate gradients read one scalar every few steps.
+        Not on the device: the grid and Nyström E-steps (the exact one runs instead); organ labels cost an upload
+        of the label indices per iteration. Needs the ``gpu`` extra and a CUDA device.
     backend : {None, "numpy", "numba", "cuda"}
         E-step backend (default numba when installed). ``"cuda"`` computes the E-step sums with CuPy in float64.
     progress : bool
@@ -257,10 +257,6 @@ def register_points(source, target, *, source_labels=None, target_labels=None, m
         e_step = EStep(fr.x, fr.lx_s, fr.ly_s, U, omega=omega, volume=fr.volume, truncation=truncation,
                        precision=estep_precision, mode=estep, landmarks=estep_landmarks, tol=estep_tol, seed=seed,
                        backend=be, budget=budget)
-        if dev == "cuda" and any("fine" in kb for kb in blocks):
-            logger.info("register_points: the fine scale of low-rank kernel blocks has no device path yet; the VB "
-                        "loop runs on the host, the E-step sums on the device")
-            dev = "cpu"
         if dev == "cuda":
             # the device-resident loop runs the exact E-step (the Nyström and grid ones are not ported)
             e_step.nystrom_on = e_step.grid_on = False
@@ -652,7 +648,9 @@ _BLOCK_ARRAYS = ("G", "Gf", "Q", "Q32", "lam")
 
 def _state_to(st, blocks, device) -> None:
     """Move the posterior and the kernel blocks to ``device`` ("cuda": each array up once, the blocks' point
-    indices as ``idx_dev``; "cpu": each array down once), in place."""
+    indices as ``idx_dev``, a fine-scale CSR matrix as ``fine_dev``, a ``cupyx.scipy.sparse.csr_matrix``; "cpu":
+    each array down once, the device copies of the indices and the fine matrix dropped, the CG step count read), in
+    place."""
     move = (lambda a: to_device(a, "cuda")) if device == "cuda" else to_numpy
     for name in _STATE_ARRAYS:
         setattr(st, name, move(getattr(st, name)))
@@ -662,10 +660,19 @@ def _state_to(st, blocks, device) -> None:
         for name in _BLOCK_ARRAYS:
             if name in kb:
                 kb[name] = move(kb[name])
+        if kb.get("vf") is not None:
+            kb["vf"] = move(kb["vf"])
         if device == "cuda":
             kb["idx_dev"] = move(kb["idx"])
+            if "fine" in kb:
+                from cupyx.scipy.sparse import csr_matrix
+
+                kb["fine_dev"] = csr_matrix(kb["fine"])
         else:
             kb.pop("idx_dev", None)
+            kb.pop("fine_dev", None)
+            if "cg_steps" in kb:
+                kb["cg_steps"] = int(kb["cg_steps"])
 
 
 class _NearestTarget:

@@ -23,7 +23,8 @@ from __future__ import annotations
 import numpy as np
 
 from ...kernels import points as kp
-from ...kernels.cg import pcg_csr
+from ...kernels._backend import get_array_module
+from ...kernels.cg import pcg_csr, pcg_csr_device
 
 __all__ = ["TAPER", "fine_apply", "fine_index", "fine_matrix", "fine_solve"]
 
@@ -33,6 +34,9 @@ TAPER = 4.0
 CG_TOL = 1e-4
 #: most conjugate-gradient steps per fine v-update (warm-started; an inexact M-step)
 CG_MAX_ITER = 50
+#: on the device, CG steps between the scalar reads that ask whether every column has stopped (at most
+#: ceil(CG_MAX_ITER / CG_CHECK_EVERY) = 10 reads per fine v-update; the result does not depend on it)
+CG_CHECK_EVERY = 5
 
 
 def wendland(r):
@@ -65,14 +69,21 @@ def fine_matrix(y, ly, amp, den, theta):
 
 def fine_solve(G, E, nu, cv, v_prev):
     """The fine v-update: ``(v̂_f, W, cg_steps)`` with ``(G + c_v diag(ν)⁻¹) W = E``, ``v̂_f = G W`` (G the CSR fine
-    kernel), by preconditioned CG in the symmetric form of the module docstring, warm-started from ``v_prev``."""
-    s = np.sqrt(nu)
+    kernel), by preconditioned CG in the symmetric form of the module docstring, warm-started from ``v_prev``.
+
+    On the device (CuPy ``E``, ``nu``, ``v_prev`` and G a ``cupyx.scipy.sparse.csr_matrix``) the same solve runs
+    through :func:`classreg.kernels.cg.pcg_csr_device`; ``cg_steps`` is then a 0-d device array (not read here)."""
+    xp = get_array_module(E)
+    s = xp.sqrt(nu)
     rhs = s[:, None] * E
-    Z = np.ascontiguousarray(s[:, None] * (E - v_prev) / cv if v_prev is not None else np.zeros(E.shape))
+    Z = xp.ascontiguousarray(s[:, None] * (E - v_prev) / cv if v_prev is not None else xp.zeros(E.shape))
     dinv = 1.0 / (nu * G.diagonal() + cv)
-    steps = pcg_csr(G.indptr, G.indices, G.data, s, cv, dinv, rhs, Z, tol=CG_TOL, max_iter=CG_MAX_ITER)
+    if xp is np:
+        steps = int(pcg_csr(G.indptr, G.indices, G.data, s, cv, dinv, rhs, Z, tol=CG_TOL, max_iter=CG_MAX_ITER))
+    else:
+        steps = pcg_csr_device(G, s, cv, dinv, rhs, Z, tol=CG_TOL, max_iter=CG_MAX_ITER, check_every=CG_CHECK_EVERY)
     W = s[:, None] * Z
-    return G @ W, W, int(steps)
+    return G @ W, W, steps
 
 
 def fine_index(z, lz, coef, theta):
