@@ -401,6 +401,22 @@ def test_affine_on_the_device_or_the_cpu(monkeypatch, caplog, metric):
         np.testing.assert_allclose(res.transform.homogeneous, cpu.transform.homogeneous, atol=1e-9)
 
 
+@pytest.mark.cudasim
+def test_bspline_says_it_runs_on_the_cpu(monkeypatch, caplog):
+    """register_bspline has no device path: device="cuda" (or CuPy images) logs that and is the CPU run."""
+    fixed, moving = _rotated_pair(16, 4.0)
+    kw = dict(grid_spacing=6.0, shrink_factors=(1,), smoothing_sigmas=(0.0,), iterations=(10,), samples=256)
+    cpu = cr.register_bspline(fixed, moving, **kw)
+    with installed(monkeypatch) as cp, caplog.at_level("INFO", logger="classreg"):
+        res = cr.register_bspline(fixed, moving, device="cuda", **kw)
+        on_device = cr.register_bspline(fixed.to("cuda"), moving.to("cuda"), **kw)
+    assert caplog.text.count("register_bspline has no GPU path yet; running on the CPU") == 2
+    assert res.params["backend"] != "cuda"
+    for r in (res, on_device):
+        np.testing.assert_array_equal(np.asarray(r.warped.data), np.asarray(cpu.warped.data))
+    assert [r[0] for r in cp.transfers.log if r[0] != "scalar"].count("download") == 2  # the CuPy images, once
+
+
 def _counting_device_evaluations(monkeypatch, transfers):
     """Record every device evaluation of the parametric engine: ``(objective, k, drawn, start, stop)`` (the
     objective itself, which keeps it alive: an id could be reused by the next level's)."""

@@ -220,6 +220,10 @@ def register_bspline(fixed: Image, moving: Image, *, grid_spacing=8.0, grid_sche
 
     t0 = time.perf_counter()
     check_pair(fixed, moving)
+    if placement(device, None if backend == "cuda" else backend, fixed.data, moving.data)[0] == "cuda":
+        logger.info("register_bspline has no GPU path yet; running on the CPU")
+        backend = None if backend == "cuda" else backend
+    fixed, moving = fixed.to("cpu"), moving.to("cpu")  # CuPy images: one copy to the host
     fmask, mmask = check_masks(fixed, moving, fixed_mask, moving_mask)
     pre, init_name = _initial(fixed, moving, init, fmask, mmask, seed, backend, progress=progress)
     check_overlap(fixed, moving, pre)
