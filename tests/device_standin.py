@@ -365,3 +365,16 @@ def run_counted(transfers: Transfers, solver, *args, **kwargs):
             marks.append(transfers.mark())
 
     return solver(*args, callback=callback, **kwargs), marks
+
+
+def only_scalar_reads(transfers: Transfers, marks, bound: float, allowed=lambda record: False) -> float:
+    """Assert that inside the iteration loop of a :func:`run_counted` run (between its first and last mark) only
+    scalar reads crossed, besides the records ``allowed`` accepts, at most ``bound`` of them per iteration on average,
+    and that nowhere in the run an array was converted implicitly or a host array handed to a kernel. Returns the
+    scalar reads per iteration."""
+    inside = transfers.between(marks[0], marks[-1])
+    assert not [r for r in inside if r[0] != "scalar" and not allowed(r)], inside
+    assert not transfers.between(0, kinds=("implicit", "kernel_host_arg")), transfers.between(0, kinds=("implicit",))
+    per_iteration = len([r for r in inside if r[0] == "scalar"]) / (len(marks) - 1)
+    assert per_iteration <= bound, per_iteration
+    return per_iteration

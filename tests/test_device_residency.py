@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from classreg.kernels._backend import get_array_module, is_cupy_array
-from device_standin import DeviceArray, installed, run_counted
+from device_standin import DeviceArray, installed, only_scalar_reads, run_counted
 
 import classreg as cr
 from classreg.backend import placement, resolve_device
@@ -96,17 +96,12 @@ def test_demons_stays_on_device(monkeypatch, how, ndim, n, metric):
     log = cp.transfers
     assert res.params["backend"] == "cuda"
     assert len(marks) == len(res.history) >= sum(kw["iterations"])  # at least the first piece's two levels ran
-    inside = log.between(marks[0], marks[-1])
-    kinds = [r[0] for r in inside]
     # nothing but scalar reads inside the loop (a synchronisation returning a few numbers, no array); no implicit
     # conversion anywhere. Per iteration (measured 5.9 for SSD, 13.9 for LNCC in 2-D): one read per force
     # evaluation (energy, valid count, largest step; forward and backward), one for the similarity, one for the
     # squaring count of exp(v), plus per level and piece the Image checks, the fold check and the piece's energy;
     # LNCC's array-module force (kernels/lncc.py, the reference on CuPy) reads 7 numbers per evaluation
-    assert not [r for r in inside if r[0] != "scalar"], inside
-    assert not log.between(0, kinds=("implicit", "kernel_host_arg")), log.between(0, kinds=("implicit",))
-    per_iteration = len(kinds) / (len(marks) - 1)
-    assert per_iteration <= {"ssd": 8, "lncc": 16}[metric], per_iteration
+    only_scalar_reads(log, marks, {"ssd": 8, "lncc": 16}[metric])
     # the inputs once: the normalised images and the masks go up (CuPy images went up in the test's .to("cuda") and
     # come down once, for the intensity normalisation); the only other uploads are the smoothing taps, once per σ
     voxels = fixed.data.size
@@ -290,15 +285,11 @@ def test_rigid_stays_on_device(monkeypatch, how, local_refine, masks):
     log = cp.transfers
     assert res.params["backend"] == "cuda"
     assert len(marks) == len(res.history) == sum(RIGID["samples"]) + RIGID["keep"][0]
-    inside = log.between(marks[0], marks[-1])
     # inside the search only scalar reads, and at the level change the Gaussian taps of the new σ (kernels/smooth.py,
-    # a few numbers per σ); no implicit conversion, no host array handed to a kernel anywhere
-    assert not [r for r in inside if r[0] != "scalar" and "kernels/smooth.py" not in r[2]], inside
-    assert not log.between(0, kinds=("implicit", "kernel_host_arg")), log.between(0, kinds=("implicit",))
-    # per evaluated rotation (measured 7.4): the moving-mask checks (2), the finiteness check of the rotated image,
-    # the overlap maximum, the arg-max and its score, and the NCC of a new best candidate (its sums, ~5 reads)
-    per_iteration = len([r for r in inside if r[0] == "scalar"]) / (len(marks) - 1)
-    assert per_iteration <= 12, per_iteration
+    # a few numbers per σ); no implicit conversion, no host array handed to a kernel anywhere. Per evaluated rotation
+    # (measured 7.4): the moving-mask checks (2), the finiteness check of the rotated image, the overlap maximum, the
+    # arg-max and its score, and the NCC of a new best candidate (its sums, ~5 reads)
+    only_scalar_reads(log, marks, 12, allowed=lambda r: "kernels/smooth.py" in r[2])
     # the inputs once: the normalised images and the fixed mask (and a moving mask) go up (CuPy images come down
     # once first); the other uploads before the loop are Gaussian taps
     voxels = fixed.data.size
@@ -489,14 +480,10 @@ def test_points_stay_on_device(monkeypatch, how):
     log = cp.transfers
     assert res.params["backend"] == "cuda"
     assert len(marks) == len(res.history) == POINTS["max_iter"]
-    inside = log.between(marks[0], marks[-1])
-    assert not [r for r in inside if r[0] != "scalar"], inside
-    assert not log.between(0, kinds=("implicit", "kernel_host_arg")), log.between(0, kinds=("implicit",))
     # per VB iteration (measured 15): N̂, σ̄², det of the Procrustes rotation, the scale, the three σ² sums, the
     # Cholesky check, the Procrustes finiteness check, the similarity figure (finiteness, 4 sums), the history's
     # rotation (2), mean displacement and translation
-    per_iteration = len(inside) / (len(marks) - 1)
-    assert per_iteration <= 20, per_iteration
+    only_scalar_reads(log, marks, 20)
     # the inputs once (CuPy points come down once, for the frame); before the loop the working sets x, y, the
     # posterior (ŷ, û, v̂, α, σ_m²), the kernel block and its fine part, the block's indices and the similarity's
     # subset go up once (measured 11 point-sized uploads); the result comes down once: ŷ, û, v̂, α, σ_m², the GP
@@ -625,13 +612,9 @@ def test_points_low_rank_fine_scale_stays_on_device(monkeypatch):
     log = cp.transfers
     assert res.params["backend"] == "cuda" and "fine sparse" in res.params["rank"][0], res.params["rank"]
     assert res.metrics["fine_cg_steps"] > 0  # the fine scale was active (from iteration 14 here; 155 CG steps)
-    inside = log.between(marks[0], marks[-1])
-    assert not [r for r in inside if r[0] != "scalar"], inside
-    assert not log.between(0, kinds=("implicit", "kernel_host_arg")), log.between(0, kinds=("implicit",))
     # per VB iteration: the ≤ 20 of test_points_stay_on_device and the CG's "all columns stopped" checks, at most
     # ceil(CG_MAX_ITER / CG_CHECK_EVERY) = 10 per fine v-update (measured 16.6 on average, 38 CG checks in all)
-    per_iteration = len(inside) / (len(marks) - 1)
-    assert per_iteration <= 30, per_iteration
+    only_scalar_reads(log, marks, 30)
     # before the loop, point-sized uploads only: x, y, the posterior, the Nyström factor Q (and Q32), the indices,
     # the similarity's subset and the fine CSR matrix once (measured 12); after it the posterior, the coefficients
     # (coarse and fine) and Q come down once (measured 11); the fine matrix stays (its host copy is kept)
@@ -772,17 +755,13 @@ def test_lddmm_stays_on_device(monkeypatch, how, metric):
     log = cp.transfers
     assert res.params["backend"] == "cuda"
     assert len(marks) == len(res.history) == sum(kw["iterations"])  # both levels ran all their iterations
-    inside = log.between(marks[0], marks[-1])
     # nothing but scalar reads inside the loop, no implicit conversion anywhere. Per iteration: the L-BFGS two-loop
     # recursion reads ~2 numbers per stored pair (memory 10) plus the directional derivatives; each evaluation
     # (1-3 per iteration with the backtracking) reads the stability number (one read for all time steps), the
     # smallest det J, ½‖v₀‖² and the data term (LNCC: the mask's voxel count, the moving-mask test and the kernel's
     # sums too), and the progress event the similarity. Measured 17.2 (SSD) and 25.2 (LNCC) on this phantom; the
     # bound 48 leaves room for iterations with more backtracking steps; an array copy of even 9 values fails
-    assert not [r for r in inside if r[0] != "scalar"], inside
-    assert not log.between(0, kinds=("implicit", "kernel_host_arg")), log.between(0, kinds=("implicit",))
-    per_iteration = len(inside) / (len(marks) - 1)
-    assert per_iteration <= 48, per_iteration
+    only_scalar_reads(log, marks, 48)
     # the inputs once: the normalised fixed image, I₀ (and the masks) go up before the loop (CuPy images come down
     # once first, for the intensity normalisation); the only other uploads are the pyramid's smoothing taps (once per
     # σ, as for demons); the shooters' constants are built on the device
@@ -868,10 +847,7 @@ def test_full_grid_engine_stays_on_device(monkeypatch, solver, how):
     # term, plus L-BFGS's inner products and the similarity; measured 25.0 (LDDMM) and 26.7 (metamorphosis), bound 48
     taps = [r for r in inside if r[0] == "upload" and "kernels/smooth.py" in r[2] and r[1] <= 64]
     assert len(taps) <= 2 * fixed.ndim, taps
-    assert not [r for r in inside if r[0] != "scalar" and r not in taps], inside
-    assert not log.between(0, kinds=("implicit", "kernel_host_arg")), log.between(0, kinds=("implicit",))
-    per_iteration = (len(inside) - len(taps)) / (len(marks) - 1)
-    assert per_iteration <= 48, per_iteration
+    only_scalar_reads(log, marks, 48, allowed=lambda r: r in taps)
     # the inputs once: the normalised images (and the mask schedule's frames) before the loop
     voxels = fixed.data.size
     before = log.between(0, marks[0], kinds=("upload", "download"))
@@ -936,7 +912,6 @@ def test_vp_stays_on_device(monkeypatch, how, masked):
     log = cp.transfers
     assert res.params["backend"] == "cuda"
     assert len(marks) == len(res.history) == sum(kw["iterations"]) and res.metrics["regrids"] >= 1
-    inside = log.between(marks[0], marks[-1])
     # nothing but scalar reads inside the loop (the regrids, the per-round Newton inverses and the level transfer
     # included), no implicit conversion anywhere. Per iteration: the two-loop recursion's inner products (~2 per
     # stored pair), per evaluation the loss, min det J of the round's map and of the composed one, per iteration
@@ -944,10 +919,7 @@ def test_vp_stays_on_device(monkeypatch, how, masked):
     # reads (the two inversions of each round and of the level transfer, ~20 reads each, spread over the 7
     # iterations here). Measured 31.3 (device) and 31.0 (masked); bound 48 as for LDDMM. (On a GPU the Newton
     # iterations' active-set sizes are one more synchronisation each, which the stand-in does not count.)
-    assert not [r for r in inside if r[0] != "scalar"], inside
-    assert not log.between(0, kinds=("implicit", "kernel_host_arg")), log.between(0, kinds=("implicit",))
-    per_iteration = len(inside) / (len(marks) - 1)
-    assert per_iteration <= 48, per_iteration
+    only_scalar_reads(log, marks, 48)
     # the inputs once: the normalised fixed image and the moving image on the fixed grid (and the mask) go up
     # (CuPy images come down once first, for the intensity normalisation); the rest before the loop is the
     # pyramid's smoothing taps
