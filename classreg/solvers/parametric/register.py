@@ -39,6 +39,10 @@ __all__ = ["register_affine", "register_bspline"]
 
 logger = logging.getLogger("classreg")
 
+#: gradients at the start of a level from which ASGD's gain is estimated (elastix's automatic parameter estimation
+#: draws a few independent sample sets; one for a deterministic sampler)
+GAIN_DRAWS = 5
+
 
 # ================================================================================================ register_affine
 @declared(AFFINE_OPTIONS)
@@ -450,12 +454,13 @@ class _Engine:
 
         if level.iterations == 0:
             return float("nan")
+        gain_draws = [-1 - i for i in range(1 if obj.sampler.deterministic else GAIN_DRAWS)]
         if obj.on_device and self.optimiser == "asgd":  # the draws asgd below asks for, in its order
-            obj.predraw([-1 - i for i in range(5)] + list(range(level.iterations)))
+            obj.predraw(gain_draws + list(range(level.iterations)))
         project = getattr(model, "project", None)
         displ = obj.displacements(p0, y_est[: 4 * self.samples])
         if self.optimiser == "asgd":
-            grads = [obj.evaluate(p0, -1 - i)[1] for i in range(1 if obj.sampler.deterministic else 5)]
+            grads = [obj.evaluate(p0, k)[1] for k in gain_draws]
             exact = None if obj.sampler.deterministic else obj.evaluate(p0, samples=(y_est, f_est))[1]
             big = (y_est, f_est) if exact is not None else None
             a, omega, fmin = estimate_gain(displ, grads, scales, exact=exact, max_step=delta,
