@@ -96,10 +96,24 @@ def get_array_module(*arrays):
     return np
 
 
+def _numpy_alias_for_numba_cuda() -> None:
+    """Give NumPy back the ``row_stack`` alias that numba-cuda needs to compile any kernel.
+
+    numba-cuda (up to 0.30.4, the newest at the time of writing) registers ``overload(np.row_stack)`` in
+    ``numba/cuda/np/arrayobj.py``, which it imports when it compiles its first kernel; NumPy 2.5 removed that
+    deprecated alias of ``np.vstack``, so every kernel compilation fails with ``AttributeError: module 'numpy' has
+    no attribute 'row_stack'`` (seen on an H200 machine with numpy 2.5.2 and numba 0.68). Only added when missing,
+    only once the GPU is about to be used; the alias is the function NumPy 1.x-2.4 exposed under that name.
+    """
+    if not hasattr(np, "row_stack"):
+        np.row_stack = np.vstack
+
+
 @functools.lru_cache(maxsize=None)
 def _cuda_usable() -> bool:
     if not HAVE_NUMBA:
         return False
+    _numpy_alias_for_numba_cuda()
     if cuda_simulator():
         return True
     try:

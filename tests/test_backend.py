@@ -26,3 +26,19 @@ def test_openmp_wait_settings_on_import_leave_a_users_own_alone(user, expected):
     out = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1]) == expected
+
+
+def test_numpy_row_stack_alias_for_numba_cuda(monkeypatch):
+    # numba-cuda compiles an overload of np.row_stack, which NumPy 2.5 removed: the alias comes back (as np.vstack)
+    # when missing, and an existing one is left alone
+    import numpy as np
+
+    from classreg.kernels import _backend
+
+    monkeypatch.delattr(np, "row_stack", raising=False)
+    _backend._numpy_alias_for_numba_cuda()
+    assert np.row_stack is np.vstack
+    own = object()
+    monkeypatch.setattr(np, "row_stack", own)
+    _backend._numpy_alias_for_numba_cuda()
+    assert np.row_stack is own
