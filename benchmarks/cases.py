@@ -26,6 +26,7 @@ CASES = {
     "inter3d": ("deformable", "3-D inter-subject: MNI152 2 mm ← ITK KmeansTest T1 subject (affine pre-aligned)"),
     "affine3d": ("affine", "3-D inter-subject affine: MNI152 2 mm ← the raw KmeansTest T1 subject (not pre-aligned)"),
     "synth3d": ("deformable", "3-D known deformation: MNI152 2 mm warped by smooth noise (seed 0, max 8 mm)"),
+    "synth3d_1mm": ("deformable", "3-D known deformation at 1 mm: MNI152 1 mm warped by synth3d's deformation"),
     "brain2d": ("deformable", "2-D inter-subject: dipy T1 coronal slice ← MNI152 1 mm coronal slice (affine)"),
     "lung2d": ("deformable", "2-D rat lung: ITK RatLungSlice1 ← RatLungSlice2"),
     "circle2d": ("deformable", "2-D large deformation: dipy circle → C"),
@@ -36,6 +37,13 @@ CASES = {
 }
 #: the cases of ``--quick`` (small, a couple of minutes for every tool together)
 QUICK_CASES = ("lung2d", "mm2d_rot60", "points")
+#: the cases of a run without ``--cases``: all but the 1 mm case (8.7 M voxels: for GPU runs and explicit requests)
+DEFAULT_CASES = tuple(c for c in CASES if c != "synth3d_1mm")
+#: the cases of ``--device cuda`` without ``--cases``: the 3-D deformable ones (issue #26's GPU targets)
+GPU_CASES = ("inter3d", "synth3d", "synth3d_1mm")
+#: synth3d's displacement: Gaussian-smoothed white noise (seed 0) with σ = SYNTH_SIGMA_MM (6 voxels at 2 mm),
+#: scaled to a largest component of SYNTH_MAX_MM
+SYNTH_SIGMA_MM, SYNTH_MAX_MM = 12.0, 8.0
 
 
 def kmeans_labels(values: np.ndarray, mask: np.ndarray, k: int = 3, iterations: int = 50) -> np.ndarray:
@@ -102,10 +110,10 @@ def _build_deformable(name, workdir, quick):
     from classreg.demo import _brain_pair_2d, affine_prealign
 
     truth, prealigned = None, False
-    if name in ("inter3d", "synth3d"):
+    if name in ("inter3d", "synth3d", "synth3d_1mm"):
         from classreg.data import brain_pair_3d
 
-        c = brain_pair_3d(resolution=2.0)
+        c = brain_pair_3d(resolution=1.0 if name == "synth3d_1mm" else 2.0)
         fixed, flab = c["fixed"], c["fixed_labels"]
         mask = c["fixed_mask"]
         if name == "inter3d":
@@ -115,19 +123,20 @@ def _build_deformable(name, workdir, quick):
             prov = c["provenance"] + "; one SimpleITK Mattes-MI affine pre-alignment shared by all tools"
             prealigned = True
         else:
-            from scipy import ndimage
-
-            rng = np.random.default_rng(0)
-            u = np.stack([ndimage.gaussian_filter(rng.normal(size=fixed.shape), 6.0) for _ in range(3)], -1)
-            u *= 8.0 / np.abs(u).max()
-            psi = cr.DisplacementField.from_array_frame(u.astype(np.float32), fixed)
+            psi = synth_deformation(fixed)
             moving = cr.resample(fixed, psi, reference=fixed)
             mlab = cr.resample(flab, psi, reference=fixed, interpolation="label")
             # moving = fixed∘ψ, so the fixed → moving map T with moving∘T = fixed is ψ⁻¹ (fixed-point inversion)
             truth = psi.inverse()
-            prov = ("nilearn MNI152 2009a T1 2 mm warped by ψ = id + u (moving = fixed∘ψ), u = Gaussian-smoothed "
-                    "(σ 6 voxels) white noise, seed 0, max |u_c| = 8 mm; ground truth fixed → moving map ψ⁻¹ "
-                    "(fixed-point inversion); labels CSF/GM/WM from the template's GM/WM maps")
+            if name == "synth3d":
+                prov = ("nilearn MNI152 2009a T1 2 mm warped by ψ = id + u (moving = fixed∘ψ), u = Gaussian-smoothed "
+                        "(σ 6 voxels) white noise, seed 0, max |u_c| = 8 mm; ground truth fixed → moving map ψ⁻¹ "
+                        "(fixed-point inversion); labels CSF/GM/WM from the template's GM/WM maps")
+            else:
+                prov = ("nilearn MNI152 2009a T1 1 mm warped by synth3d's ψ = id + u (moving = fixed∘ψ): u = "
+                        "Gaussian-smoothed (σ 12 mm) white noise drawn on the 2 mm grid, seed 0, max |u_c| = 8 mm, "
+                        "interpolated linearly onto the 1 mm grid; ground truth fixed → moving map ψ⁻¹ (fixed-point "
+                        "inversion on the 1 mm grid); labels CSF/GM/WM from the 1 mm template's GM/WM maps")
     elif name == "brain2d":
         c = _brain_pair_2d()
         aff = affine_prealign(c["fixed"], c["moving"], fixed_mask=c["fixed_mask"])
@@ -170,6 +179,32 @@ def _build_deformable(name, workdir, quick):
         truth.save(workdir / "truth.nii.gz")
     return {"provenance": prov, "ndim": fixed.ndim, "shape": list(fixed.shape), "spacing": list(fixed.spacing),
             "has_truth": truth is not None, "prealigned": prealigned}
+
+
+def synth_deformation(fixed):
+    """synth3d's known deformation ψ = id + u on ``fixed``'s grid (a DisplacementField, float32).
+
+    u is white noise drawn with ``numpy.random.default_rng(0)`` on the 2 mm MNI152 grid, smoothed by a Gaussian of
+    σ = :data:`SYNTH_SIGMA_MM` (6 voxels) and scaled so that its largest component is :data:`SYNTH_MAX_MM`. On the
+    2 mm grid (synth3d) that is ψ itself; on any other grid (synth3d_1mm) it is the same field interpolated linearly
+    (``classreg.evaluate.dense_displacement``): both cases have the same physical deformation.
+    """
+    from scipy import ndimage
+
+    import classreg as cr
+    from classreg.data import mni152
+    from classreg.evaluate import dense_displacement
+
+    grid = mni152("t1", resolution=2.0)
+    rng = np.random.default_rng(0)
+    sigma = SYNTH_SIGMA_MM / min(grid.spacing)
+    u = np.stack([ndimage.gaussian_filter(rng.normal(size=grid.shape), sigma) for _ in range(3)], -1)
+    u *= SYNTH_MAX_MM / np.abs(u).max()
+    psi = cr.DisplacementField.from_array_frame(u.astype(np.float32), grid)
+    if psi.image.same_grid(fixed):
+        return psi
+    u, _ = dense_displacement(psi, fixed)
+    return cr.DisplacementField.from_array_frame(u.astype(np.float32), fixed)
 
 
 #: rigid cases: (angle in degrees, translation in mm) of the ground-truth fixed → moving map about the image centre

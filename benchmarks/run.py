@@ -1,7 +1,7 @@
 """Side-by-side benchmark harness: classreg's solvers against ANTs, elastix, SimpleITK, DIPY, FireANTs and probreg.
 
     python -m benchmarks.run [--cases CASE ...] [--tools TOOL ...] [--threads 2] [--repeat 2] [--quick] [--slow]
-                             [--sweep] [--out DIR] [--docs PATH | --no-docs]
+                             [--sweep] [--device {cpu,cuda}] [--out DIR] [--docs PATH | --no-docs]
     python -m benchmarks.run --judge RESULT.json [RESULT.json ...]
 
 Tools marked slow on 3-D (classreg LDDMM on the full grid, ANTs SyNCC and antsRegistrationSyN[s], the elastix CLI, FireANTs on the
@@ -34,6 +34,15 @@ that test (and issue #22's EPE ≤ ANTs SyN where the deformation is known) to e
 result JSONs, a later file's rows replacing an earlier one's (a rerun of one case laid over a full run), and prints
 per candidate the cases it meets.
 A peer that is not installed is skipped with a note, never a failure.
+
+``--device cuda`` (issue #26) adds a GPU row ``<tool>_cuda`` after every chosen tool with a GPU path
+(``benchmarks.tools.GPU_TOOLS``: classreg demons SSD/LNCC, LDDMM, VP, rigid, points; FireANTs Greedy on torch's GPU):
+the same run with ``device="cuda"``, its warm-up on the device too, the clock stopped after synchronising the device,
+and the allocator's GPU memory high-water mark as ``gpu_peak_mb``. Without ``--cases`` it runs the 3-D deformable
+cases (``inter3d``, ``synth3d`` and ``synth3d_1mm``, synth3d's deformation on the 1 mm template, which no CPU-only
+run includes by default). The page gives each GPU row's time against its CPU row and pairs classreg's GPU rows with
+the peers' GPU rows (CPU rows with CPU peers, as before). Where CuPy or a GPU is missing the GPU rows are skipped with
+the reason (``payload["skipped"]``) and the CPU rows run as usual.
 """
 from __future__ import annotations
 
@@ -52,8 +61,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .cases import CASES, QUICK_CASES, build_case, load_case
-from .tools import SWEEPS, TOOLS
+from .cases import CASES, DEFAULT_CASES, GPU_CASES, QUICK_CASES, build_case, load_case
+from .tools import GPU_TOOLS, SWEEPS, TOOLS
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -76,6 +85,8 @@ def _worker(tool: str, case_dir: Path, result: Path, threads: int, quick: bool, 
     rec = {"tool": tool, "case": case["info"]["name"], "repeat": rep, "seconds": out["seconds"],
            "first_call_s": out.get("first_call_s"), "params": out.get("params", {}),
            "rss_before_mb": rss_before, "peak_rss_mb": T.PEAKS[-1] if T.PEAKS else T.status_mb("VmHWM")}
+    if T.GPU_PEAKS:
+        rec["gpu_peak_mb"] = T.GPU_PEAKS[-1]
     stem = result.with_suffix("")
     if "mapped" in out:
         np.save(f"{stem}-points.npy", np.asarray(out["mapped"], dtype=np.float64))
@@ -89,8 +100,8 @@ def _worker(tool: str, case_dir: Path, result: Path, threads: int, quick: bool, 
         if not (isinstance(tx, cr.DisplacementField) and tx.image.same_grid(fixed)):
             u, _ = dense_displacement(tx, fixed)
             tx = cr.DisplacementField.from_array_frame(u, fixed)
-        tx.save(f"{stem}-field.nii.gz")
-        rec["field"] = f"{stem}-field.nii.gz"
+        tx.save(f"{stem}-field.nii")  # uncompressed: gzip costs seconds at 1 mm (8.7 M voxels); a temporary file
+        rec["field"] = f"{stem}-field.nii"
         if qc_dir is not None and rep == 0 and out.get("result") is not None:
             try:
                 from classreg.qc import qc_figure
@@ -207,13 +218,15 @@ QUALITY = {"deformable": ("mean_dice", "mean Dice", True), "rigid": ("tre_mm", "
 
 
 def ratios(rows: list[dict]) -> list[dict]:
-    """classreg tool vs every peer on the same case: time ratio and quality difference (plus EPE when known)."""
+    """classreg tool vs every peer on the same case and device (CPU rows with CPU peers, GPU rows with GPU peers):
+    time ratio and quality difference (plus EPE when known)."""
     out = []
     for case in dict.fromkeys(r["case"] for r in rows):
         rs = [r for r in rows if r["case"] == case and r.get("seconds")]
         key = QUALITY[rs[0]["kind"]][0] if rs else None
         for c in (r for r in rs if TOOLS[r["tool"]].classreg):
-            for p in (r for r in rs if not TOOLS[r["tool"]].classreg):
+            for p in (r for r in rs if not TOOLS[r["tool"]].classreg
+                      and TOOLS[r["tool"]].device == TOOLS[c["tool"]].device):
                 row = {"case": case, "classreg": c["tool"], "peer": p["tool"],
                        "time_ratio": c["seconds"] / p["seconds"], "metric": QUALITY[c["kind"]][1]}
                 if c.get(key) is not None and p.get(key) is not None:
@@ -223,6 +236,26 @@ def ratios(rows: list[dict]) -> list[dict]:
                 if c.get("peak_rss_mb") and p.get("peak_rss_mb"):
                     row["memory_ratio"] = c["peak_rss_mb"] / p["peak_rss_mb"]
                 out.append(row)
+    return out
+
+
+def device_ratios(rows: list[dict]) -> list[dict]:
+    """Every GPU row against its CPU row on the same case: GPU time / CPU time, quality difference GPU − CPU (plus
+    EPE when known) and the GPU memory high-water mark; CPU time None where the CPU row did not run."""
+    out = []
+    for g in (r for r in rows if r.get("seconds") and TOOLS[r["tool"]].device_of):
+        c = next((r for r in rows if r["case"] == g["case"] and r["tool"] == TOOLS[g["tool"]].device_of
+                  and r.get("seconds")), None)
+        key, metric, _ = QUALITY[g["kind"]]
+        row = {"case": g["case"], "tool": g["tool"], "label": g["label"], "gpu_s": g["seconds"],
+               "gpu_peak_mb": g.get("gpu_peak_mb"), "metric": metric, "cpu_s": c["seconds"] if c else None}
+        if c is not None:
+            row["time_ratio"] = g["seconds"] / c["seconds"]
+            if g.get(key) is not None and c.get(key) is not None:
+                row["quality_diff"] = g[key] - c[key]
+            if g.get("epe_mm") is not None and c.get("epe_mm") is not None:
+                row["epe_diff_mm"] = g["epe_mm"] - c["epe_mm"]
+        out.append(row)
     return out
 
 
@@ -267,8 +300,9 @@ def render_markdown(payload: dict, figure: str | None) -> str:
         "",
         f"*Generated by `{payload['command']}` on {payload['date']} — do not edit by hand; rerun the command.*",
         "",
-        f"Machine: {m.get('cpu_model', m.get('processor', '?'))}, {m['cpu_count']} CPUs; {payload['threads']} threads "
-        f"for every tool; median of {payload['repeat']} run(s) per tool; seeds: cases {SEED}, classreg seed {SEED}, "
+        f"Machine: {m.get('cpu_model', m.get('processor', '?'))}, {m['cpu_count']} CPUs"
+        + ("".join(f", GPU {g['name']} ({g['memory_gib']} GiB)" for g in m["gpus"]) if m.get("gpus") else "")
+        + f"; {payload['threads']} threads for every tool; median of {payload['repeat']} run(s) per tool; seeds: cases {SEED}, classreg seed {SEED}, "
         "ANTs random_seed 1. Versions: " + ", ".join(f"{k} {v}" for k, v in payload["versions"].items()) + ".",
         "",
         "Time is the registration call only (classreg's one-off JIT/cache load is excluded and listed in the JSON as "
@@ -290,7 +324,12 @@ def render_markdown(payload: dict, figure: str | None) -> str:
                      **{k: v for k, v in before.items() if not isinstance(v, dict)},
                      dice_str=_per_label(before.get("dice")))]
         crow += [dict(r, dice_str=_per_label(r.get("dice"))) for r in rows if r["case"] == name and r.get("seconds")]
-        lines += [_table(crow, _COLUMNS[kind]), ""]
+        columns = _COLUMNS[kind]
+        gpu = {d["tool"]: d.get("time_ratio") for d in payload.get("device_ratios", []) if d["case"] == name}
+        if gpu:  # GPU rows: their memory and their time against their CPU row
+            crow = [dict(r, gpu_cpu=gpu.get(r.get("tool"))) for r in crow]
+            columns = columns[:-1] + [("gpu_peak_mb", "GPU MB"), ("gpu_cpu", "GPU/CPU time")] + columns[-1:]
+        lines += [_table(crow, columns), ""]
         for r in rows:
             if r["case"] == name and r.get("seconds") and TOOLS[r["tool"]].show_params and r.get("params"):
                 lines.append(f"* {r['label']} settings: " + ", ".join(f"{k}={_fmt_param(v)}"
@@ -299,11 +338,22 @@ def render_markdown(payload: dict, figure: str | None) -> str:
             if r["case"] == name and not r.get("seconds"):
                 lines.append(f"* {r['label']}: {r['note']}")
         lines.append("")
+    if payload.get("device_ratios"):
+        lines += ["## GPU rows against their CPU rows (per case)", "",
+                  "time ratio = GPU time / CPU time of the same tool (< 1: the GPU is faster; the GPU clock stops "
+                  "after synchronising the device); difference = GPU − CPU; GPU MB = the allocator's device memory "
+                  "high-water mark of the registration call (CuPy's pool, torch's reserved memory).", "",
+                  _table(payload["device_ratios"], [("case", "case"), ("label", "tool"), ("gpu_s", "GPU s"),
+                                                    ("cpu_s", "CPU s"), ("time_ratio", "time ratio"),
+                                                    ("metric", "quality"), ("quality_diff", "difference"),
+                                                    ("epe_diff_mm", "EPE diff mm"), ("gpu_peak_mb", "GPU MB")]),
+                  ""]
     rat = payload["ratios"]
     if rat:
         lines += ["## classreg vs each peer (pairwise, per case)", "",
                   "time ratio = classreg time / peer time (< 1: classreg faster); quality difference = classreg − "
-                  "peer (Dice: higher is better; TRE/error: lower is better).", "",
+                  "peer (Dice: higher is better; TRE/error: lower is better)."
+                  + (" GPU rows are paired with the peers' GPU rows." if payload.get("device_ratios") else ""), "",
                   _table(rat, [("case", "case"), ("classreg", "classreg"), ("peer", "peer"),
                                ("time_ratio", "time ratio"), ("metric", "quality"),
                                ("quality_diff", "difference"), ("epe_diff_mm", "EPE diff mm"),
@@ -545,7 +595,7 @@ def render_tradeoff(payload: dict, path: Path) -> bool:
 def versions() -> dict:
     out = {"python": sys.version.split()[0]}
     for dist in ("classreg", "numpy", "scipy", "numba", "SimpleITK", "antspyx", "dipy", "itk-elastix", "fireants",
-                 "torch", "probreg", "nilearn"):
+                 "torch", "probreg", "nilearn", "cupy", "cupy-cuda12x", "cupy-cuda13x", "numba-cuda"):
         try:
             out[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
@@ -660,6 +710,11 @@ def run(cases, tools, *, threads=2, repeat=2, quick=False, slow=False, out_dir=N
     payload["ratios"] = ratios(payload["rows"])
     payload["dominance"] = dominance(payload["rows"])
     payload["machine"] = machine()
+    if any(TOOLS[t].device == "cuda" for t in tools):
+        from classreg.backend import gpu_devices
+
+        payload["device_ratios"] = device_ratios(payload["rows"])
+        payload["machine"]["gpus"] = gpu_devices()
     out = Path(out_dir) if out_dir is not None else RESULTS
     _atomic_write(out / f"{stamp}.json", json.dumps(payload, indent=1, default=str) + "\n")
     fig_name = None
@@ -686,6 +741,15 @@ def _error_line(lines) -> str:
     return exc[-1] if exc else lines[-1]
 
 
+def with_device_rows(tools) -> list:
+    """``tools`` with each one's GPU row (``<name>_cuda``, benchmarks.tools.device_tools) right after it, for the
+    tools that have a GPU path (benchmarks.tools.GPU_TOOLS)."""
+    out = []
+    for t in tools:
+        out += [t] + ([f"{t}_cuda"] if t in GPU_TOOLS else [])
+    return list(dict.fromkeys(out))
+
+
 def _aggregate(case, kind, tool, runs) -> dict:
     row = {"case": case, "kind": kind, "tool": tool, "label": TOOLS[tool].label}
     good = [r for r in runs if "seconds" in r]
@@ -707,9 +771,31 @@ def _aggregate(case, kind, tool, runs) -> dict:
     return row
 
 
-def main(argv=None) -> int:
+def selection(args) -> tuple[list, list]:
+    """The cases and tools a parsed command line runs, in order: ``--cases`` or the default cases (``--quick``:
+    QUICK_CASES, ``--device cuda``: GPU_CASES, else DEFAULT_CASES); ``--tools`` or the default tools, then the
+    sweep points of the chosen solvers (``--sweep``), then with ``--device cuda`` each one's GPU row after it."""
+    cases = args.cases or list(QUICK_CASES if args.quick else GPU_CASES if args.device == "cuda" else DEFAULT_CASES)
+    if args.tools:
+        tools = args.tools
+    elif args.quick:
+        tools = [t for t, tool in TOOLS.items() if (tool.classreg and tool.quick) or t in QUICK_PEERS]
+    else:
+        tools = [t for t, tool in TOOLS.items() if tool.default]
+    if args.sweep:  # the sweep points of the solvers being run, after them
+        tools = list(tools) + [t for t, tool in TOOLS.items() if tool.sweep_of and tool.sweep_of[0] in tools
+                               and t not in tools]
+    if args.device == "cuda":
+        tools = with_device_rows(tools)
+    return cases, list(tools)
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m benchmarks.run``."""
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
-    p.add_argument("--cases", nargs="+", choices=list(CASES), help="default: all (--quick: %s)" % " ".join(QUICK_CASES))
+    p.add_argument("--cases", nargs="+", choices=list(CASES),
+                   help="default: all but synth3d_1mm (--quick: %s; --device cuda: %s)" % (" ".join(QUICK_CASES),
+                                                                                       " ".join(GPU_CASES)))
     p.add_argument("--tools", nargs="+", choices=list(TOOLS), help="default: every default tool that is installed")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeat", type=int, default=None, help="runs per tool and case (median); default 2, --quick 1")
@@ -718,6 +804,9 @@ def main(argv=None) -> int:
     p.add_argument("--sweep", action="store_true",
                    help="also run each deformable classreg solver's regularisation sweep (benchmarks.tools.SWEEPS) "
                         "for the accuracy-against-smoothness figure")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: also run every chosen tool that has a GPU path on the GPU (a <tool>_cuda row after "
+                        "its CPU row); skipped with a note where no GPU is usable")
     p.add_argument("--out", help="folder for the JSON/markdown results (default benchmarks/results)")
     p.add_argument("--docs", help="markdown page to (re)write, with a figure beside it (default for full runs: "
                                   "docs/benchmarks.md)")
@@ -731,6 +820,11 @@ def main(argv=None) -> int:
     p.add_argument("--result", help=argparse.SUPPRESS)
     p.add_argument("--rep", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--qc-dir", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv=None) -> int:
+    p = parser()
     args = p.parse_args(argv)
     if args.worker:
         return _worker(args.worker, Path(args.case_dir), Path(args.result), args.threads, args.quick, args.rep,
@@ -740,16 +834,7 @@ def main(argv=None) -> int:
         return 0
     if args.threads < 1:
         p.error("--threads must be >= 1")
-    cases = args.cases or (list(QUICK_CASES) if args.quick else list(CASES))
-    if args.tools:
-        tools = args.tools
-    elif args.quick:
-        tools = [t for t, tool in TOOLS.items() if (tool.classreg and tool.quick) or t in QUICK_PEERS]
-    else:
-        tools = [t for t, tool in TOOLS.items() if tool.default]
-    if args.sweep:  # the sweep points of the solvers being run, after them
-        tools = list(tools) + [t for t, tool in TOOLS.items() if tool.sweep_of and tool.sweep_of[0] in tools
-                               and t not in tools]
+    cases, tools = selection(args)
     repeat = args.repeat or (1 if args.quick else 2)
     if repeat < 1:
         p.error("--repeat must be >= 1")

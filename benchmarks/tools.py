@@ -12,6 +12,8 @@ conversion is tested in tests/test_benchmarks.py against known transforms.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import importlib.metadata
 import importlib.util
 import os
@@ -49,6 +51,8 @@ class Tool:
     show_params: bool = False  # list the run's settings under the case's table
     params: dict = field(default_factory=dict)
     sweep_of: tuple = ()  # (base tool, parameter, factor): a point of the base tool's regularisation sweep
+    device: str = "cpu"  # "cuda": a GPU row (device_tools), skipped with a note where no GPU is usable
+    device_of: str = ""  # a GPU row's CPU tool (its time ratio is against that row)
 
     @property
     def kinds(self) -> tuple:
@@ -58,6 +62,10 @@ class Tool:
         return kind in self.kinds
 
     def available(self) -> tuple[bool, str]:
+        if self.device == "cuda":
+            ok, why = gpu_usable("torch" if "torch" in self.requires else "cupy")
+            if not ok:
+                return False, why
         if self.classreg_api:
             import classreg
 
@@ -111,14 +119,67 @@ def status_mb(key: str) -> float:
 
 #: the process's memory high-water mark right after each timed registration call (before any conversion work)
 PEAKS: list = []
+#: each timed GPU call's device memory high-water mark in MB (the ``gpu_peak_mb`` of its record)
+GPU_PEAKS: list = []
 
 
-def _timed(fn):
+def gpu_usable(api: str = "cupy") -> tuple[bool, str]:
+    """(True, "") if ``api`` ("cupy": classreg's device paths, "torch": FireANTs) can compute on a CUDA GPU here, else
+    (False, why)."""
+    if importlib.util.find_spec(api) is None:
+        extra = 'pip install "classreg[gpu]"' if api == "cupy" else "pip install torch"
+        return False, f"no GPU run: python module {api!r} not installed ({extra})"
+    if api == "cupy":
+        from classreg.backend import gpu_available
+
+        if not gpu_available():
+            return False, "no GPU run: CuPy is installed but no CUDA device accepted an allocation"
+        return True, ""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return True, ""
+    except Exception as exc:  # a broken CUDA install
+        return False, f"no GPU run: torch.cuda failed ({exc.__class__.__name__}: {exc})"
+    return False, "no GPU run: torch sees no CUDA device"
+
+
+def _timed(fn, device: str = "cpu", api: str = "cupy"):
+    """``(fn(), wall seconds)``; PEAKS gets the process's VmHWM after it. ``device="cuda"``: the device is
+    synchronised before the clock stops (kernels are asynchronous), and GPU_PEAKS gets the allocator's device memory
+    high-water mark of the call in MB: CuPy's memory pool is emptied before the call and keeps every block it
+    allocates, so the bytes it holds after the call are its high-water mark; torch: ``max_memory_reserved`` after
+    ``empty_cache`` and ``reset_peak_memory_stats`` (the same quantity: memory held by the caching allocator)."""
+    if device == "cuda":
+        if api == "torch":
+            import torch
+
+            sync, peak = torch.cuda.synchronize, torch.cuda.max_memory_reserved
+            sync()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            import cupy
+
+            sync, peak = cupy.cuda.Device().synchronize, cupy.get_default_memory_pool().total_bytes
+            sync()
+            cupy.get_default_memory_pool().free_all_blocks()
     t0 = time.perf_counter()
     out = fn()
+    if device == "cuda":
+        sync()
     sec = time.perf_counter() - t0
     PEAKS.append(status_mb("VmHWM"))
+    if device == "cuda":
+        GPU_PEAKS.append(peak() / 2**20)
     return out, sec
+
+
+def _on(device: str, kw: dict) -> dict:
+    """A classreg solver's keywords on ``device``: a GPU row adds ``device="cuda"``; a CPU row passes no device (the
+    solver's default, as before GPU rows existed)."""
+    return kw if device == "cpu" else dict(kw, device=device)
 
 
 # --------------------------------------------------------------------------------------------- classreg
@@ -135,52 +196,56 @@ def _warm_up(solver, ndim, **kw):
 
 def _classreg_demons(**kw):
     """register_demons with its defaults for ``metric`` (the same settings on every case)."""
-    def run(case, threads, quick):
+    def run(case, threads, quick, device="cpu"):
         import classreg as cr
 
-        warm = _warm_up(cr.register_demons, case["fixed"].ndim, iterations=(2, 2, 2), max_pieces=2, **kw)
-        res, sec = _timed(lambda: cr.register_demons(case["fixed"], case["moving"], **kw))
+        kwd = _on(device, kw)
+        warm = _warm_up(cr.register_demons, case["fixed"].ndim, iterations=(2, 2, 2), max_pieces=2, **kwd)
+        res, sec = _timed(lambda: cr.register_demons(case["fixed"], case["moving"], **kwd), device)
         return {"seconds": sec, "transform": res.transform, "result": res, "first_call_s": warm,
-                "params": dict(kw, defaults=True, pieces=res.metrics["pieces"],
+                "params": dict(kwd, defaults=True, pieces=res.metrics["pieces"],
                                path_length=res.metrics["path_length"])}
     return run
 
 
 def _classreg_vp(**kw):
     """register_vp with its defaults (the same settings on every case)."""
-    def run(case, threads, quick):
+    def run(case, threads, quick, device="cpu"):
         import classreg as cr
 
-        warm = _warm_up(cr.register_vp, case["fixed"].ndim, shrink_factors=(2, 1), iterations=(2, 2), **kw)
-        res, sec = _timed(lambda: cr.register_vp(case["fixed"], case["moving"], **kw))
+        kwd = _on(device, kw)
+        warm = _warm_up(cr.register_vp, case["fixed"].ndim, shrink_factors=(2, 1), iterations=(2, 2), **kwd)
+        res, sec = _timed(lambda: cr.register_vp(case["fixed"], case["moving"], **kwd), device)
         return {"seconds": sec, "transform": res.transform, "result": res, "first_call_s": warm,
-                "params": dict(kw, defaults=True, regrids=res.metrics["regrids"],
+                "params": dict(kwd, defaults=True, regrids=res.metrics["regrids"],
                                min_det_j=res.metrics["min_det_j"], loss_ratio=res.metrics["loss_ratio"])}
     return run
 
 
 def _classreg_lddmm(**kw):
-    def run(case, threads, quick):
+    def run(case, threads, quick, device="cpu"):
         import classreg as cr
 
-        warm = _warm_up(cr.register_lddmm, case["fixed"].ndim, iterations=(2, 2, 2), **kw)
-        res, sec = _timed(lambda: cr.register_lddmm(case["fixed"], case["moving"], **kw))
+        kwd = _on(device, kw)
+        warm = _warm_up(cr.register_lddmm, case["fixed"].ndim, iterations=(2, 2, 2), **kwd)
+        res, sec = _timed(lambda: cr.register_lddmm(case["fixed"], case["moving"], **kwd), device)
         return {"seconds": sec, "transform": res.transform, "result": res, "first_call_s": warm,
-                "params": dict(kw, defaults=not kw, method=res.params["method"],
+                "params": dict(kwd, defaults=not kw, method=res.params["method"],
                                geodesic_length=res.metrics.get("geodesic_length"),
                                time_steps=res.params["time_steps"], iterations=res.metrics["iterations"])}
     return run
 
 
-def run_classreg_rigid(case, threads, quick):
+def run_classreg_rigid(case, threads, quick, device="cpu"):
     """register_rigid with its defaults (schedule="fast": a coarse CSNGF search + the MI local refinement)."""
     import classreg as cr
 
+    kw = _on(device, {})
     # the first call on the case itself (the MI refinement cannot start on _warm_up's random pair: no overlap)
-    warm = _warm_up(lambda f, m: cr.register_rigid(case["fixed"], case["moving"]), case["fixed"].ndim)
-    res, sec = _timed(lambda: cr.register_rigid(case["fixed"], case["moving"]))
+    warm = _warm_up(lambda f, m: cr.register_rigid(case["fixed"], case["moving"], **kw), case["fixed"].ndim)
+    res, sec = _timed(lambda: cr.register_rigid(case["fixed"], case["moving"], **kw), device)
     return {"seconds": sec, "transform": res.transform, "result": res, "first_call_s": warm,
-            "params": {"defaults": True}}
+            "params": dict(kw, defaults=True)}
 
 
 # --------------------------------------------------------------------------------------------- parametric settings
@@ -274,15 +339,15 @@ def run_classreg_bspline(case, threads, quick, **extra):
 POINTS_KW = {}
 
 
-def run_classreg_points(case, threads, quick):
+def run_classreg_points(case, threads, quick, device="cpu"):
     import classreg as cr
 
     src, tgt = case["source"], case["target"]
-    kw = dict(POINTS_KW)
+    kw = _on(device, dict(POINTS_KW))
     t0 = time.perf_counter()
-    cr.register_points(src[:100], tgt[:100], max_iter=2)
+    cr.register_points(src[:100], tgt[:100], max_iter=2, **_on(device, {}))
     warm = time.perf_counter() - t0
-    res, sec = _timed(lambda: cr.register_points(src, tgt, **kw))
+    res, sec = _timed(lambda: cr.register_points(src, tgt, **kw), device)
     return {"seconds": sec, "mapped": res.apply_points(src), "first_call_s": warm,
             "params": dict(kw, iterations=res.metrics["iterations"])}
 
@@ -652,32 +717,43 @@ run_elastix_cli = _elastix_cli("elastix", "bspline")
 
 
 # --------------------------------------------------------------------------------------------- FireANTs (CPU)
-def run_fireants_greedy(case, threads, quick):
-    """FireANTs Greedy on the CPU (torch): CC kernel 5, Adam lr 0.5, scales 4/2/1, iterations 200/100/50 (DATA.md)."""
+def run_fireants_greedy(case, threads, quick, device="cpu"):
+    """FireANTs Greedy (torch): CC kernel 5, Adam lr 0.5, scales 4/2/1, iterations 200/100/50 (DATA.md), on the CPU
+    or (``device="cuda"``) the GPU; there an untimed run of 1 iteration per scale first starts CUDA and loads the
+    kernels, as classreg's warm-up does."""
     import torch
     from fireants.io import BatchedImages, Image as FImage
     from fireants.registration.greedy import GreedyRegistration
 
     torch.set_num_threads(threads)
     fixed, moving = case["fixed"].astype(np.float32), case["moving"].astype(np.float32)
-    fb = BatchedImages([FImage(fixed.to_sitk(), device="cpu")])
-    mb = BatchedImages([FImage(moving.to_sitk(), device="cpu")])
+    fb = BatchedImages([FImage(fixed.to_sitk(), device=device)])
+    mb = BatchedImages([FImage(moving.to_sitk(), device=device)])
 
-    def register():
-        reg = GreedyRegistration(scales=[4, 2, 1], iterations=[200, 100, 50], fixed_images=fb, moving_images=mb,
+    def register(iterations=(200, 100, 50)):
+        reg = GreedyRegistration(scales=[4, 2, 1], iterations=list(iterations), fixed_images=fb, moving_images=mb,
                                  cc_kernel_size=5, optimizer_lr=0.5, loss_type="cc", deformation_type="compositive")
         reg.optimize()
         return reg
 
-    reg, sec = _timed(register)
+    warm = None
+    if device != "cpu":
+        t0 = time.perf_counter()
+        register((1, 1, 1))
+        torch.cuda.synchronize()
+        warm = time.perf_counter() - t0
+    reg, sec = _timed(register, device, api="torch")
     warped = []
     with torch.no_grad():
         for c in coordinate_images(case["moving"], np.float32):
-            cb = BatchedImages([FImage(c.to_sitk(), device="cpu", dtype=torch.float64)])
-            warped.append(reg.evaluate(fb, cb).squeeze().double().numpy())
+            cb = BatchedImages([FImage(c.to_sitk(), device=device, dtype=torch.float64)])
+            warped.append(reg.evaluate(fb, cb).squeeze().double().cpu().numpy())
     tx, valid = field_from_coordinates(case["fixed"], warped)
-    return {"seconds": sec, "transform": tx, "valid": valid,
-            "params": {"scales": [4, 2, 1], "iterations": [200, 100, 50], "cc_kernel_size": 5, "lr": 0.5}}
+    out = {"seconds": sec, "transform": tx, "valid": valid,
+           "params": {"scales": [4, 2, 1], "iterations": [200, 100, 50], "cc_kernel_size": 5, "lr": 0.5}}
+    if warm is not None:
+        out.update(first_call_s=warm, params=dict(out["params"], device=device))
+    return out
 
 
 # --------------------------------------------------------------------------------------------- probreg
@@ -815,4 +891,31 @@ def sweep_tools() -> dict:
 
 
 TOOLS.update(sweep_tools())
+
+
+# --------------------------------------------------------------------------------------------- GPU rows
+#: the tools with a GPU path (their run functions take ``device``) and the array library that path runs on, which
+#: times and measures it (:func:`_timed`); ``--device cuda`` runs each twice: its CPU row and a ``<name>_cuda`` row.
+#: B-spline, affine and the elastix programs compute on the CPU even with ``device="cuda"`` (docs/gpu.md)
+GPU_TOOLS = {"classreg_demons": "cupy", "classreg_demons_cc": "cupy", "classreg_lddmm": "cupy",
+             "classreg_lddmm_full": "cupy", "classreg_vp": "cupy", "classreg_rigid": "cupy",
+             "classreg_points": "cupy", "fireants_greedy": "torch"}
+
+
+def device_tools() -> dict:
+    """The GPU rows, ``<name>_cuda`` for each of :data:`GPU_TOOLS`: the CPU tool's run with ``device="cuda"``
+    (warm-up and timed call on the device), labelled "[GPU]" (FireANTs: "(GPU)"), not in the default list, never
+    gated by ``slow_3d`` (the reasons given there are CPU times)."""
+    out = {}
+    for base, api in GPU_TOOLS.items():
+        t = TOOLS[base]
+        label = t.label.replace("(CPU)", "(GPU)") if t.label.endswith("(CPU)") else f"{t.label} [GPU]"
+        out[f"{base}_cuda"] = dataclasses.replace(
+            t, name=f"{base}_cuda", label=label, run=functools.partial(t.run, device="cuda"),
+            requires=tuple(dict.fromkeys(t.requires + (api,))), default=False, quick=False, slow_3d="",
+            device="cuda", device_of=base)
+    return out
+
+
+TOOLS.update(device_tools())
 
