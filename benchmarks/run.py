@@ -302,7 +302,8 @@ def render_markdown(payload: dict, figure: str | None) -> str:
         "",
         f"Machine: {m.get('cpu_model', m.get('processor', '?'))}, {m['cpu_count']} CPUs"
         + ("".join(f", GPU {g['name']} ({g['memory_gib']} GiB)" for g in m["gpus"]) if m.get("gpus") else "")
-        + f"; {payload['threads']} threads for every tool; median of {payload['repeat']} run(s) per tool; seeds: cases {SEED}, classreg seed {SEED}, "
+        + f"; {payload['threads']} threads for every tool; median of {payload['repeat']} run(s) per tool; seeds: "
+        f"cases {SEED}, classreg seed {SEED}, "
         "ANTs random_seed 1. Versions: " + ", ".join(f"{k} {v}" for k, v in payload["versions"].items()) + ".",
         "",
         "Time is the registration call only (classreg's one-off JIT/cache load is excluded and listed in the JSON as "
