@@ -129,14 +129,15 @@ def _build_deformable(name, workdir, quick):
             # moving = fixed∘ψ, so the fixed → moving map T with moving∘T = fixed is ψ⁻¹ (fixed-point inversion)
             truth = psi.inverse()
             if name == "synth3d":
-                prov = ("nilearn MNI152 2009a T1 2 mm warped by ψ = id + u (moving = fixed∘ψ), u = Gaussian-smoothed "
-                        "(σ 6 voxels) white noise, seed 0, max |u_c| = 8 mm; ground truth fixed → moving map ψ⁻¹ "
-                        "(fixed-point inversion); labels CSF/GM/WM from the template's GM/WM maps")
+                prov = ("nilearn MNI152 2009a T1 2 mm warped by ψ = id + u (moving = fixed∘ψ), u = "
+                        "Gaussian-smoothed (σ 6 voxels) white noise, seed 0, max |u_c| = 8 mm; ground truth fixed → "
+                        "moving map ψ⁻¹ (fixed-point inversion); labels CSF/GM/WM from the template's GM/WM maps")
             else:
                 prov = ("nilearn MNI152 2009a T1 1 mm warped by synth3d's ψ = id + u (moving = fixed∘ψ): u = "
                         "Gaussian-smoothed (σ 12 mm) white noise drawn on the 2 mm grid, seed 0, max |u_c| = 8 mm, "
-                        "interpolated linearly onto the 1 mm grid; ground truth fixed → moving map ψ⁻¹ (fixed-point "
-                        "inversion on the 1 mm grid); labels CSF/GM/WM from the 1 mm template's GM/WM maps")
+                        "interpolated linearly onto the 1 mm grid; ground truth fixed → moving map ψ⁻¹ "
+                        "(fixed-point inversion on the 1 mm grid); labels CSF/GM/WM from the 1 mm template's GM/WM "
+                        "maps")
     elif name == "brain2d":
         c = _brain_pair_2d()
         aff = affine_prealign(c["fixed"], c["moving"], fixed_mask=c["fixed_mask"])

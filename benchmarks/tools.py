@@ -716,13 +716,14 @@ def _elastix_cli(programs: str, kind: str | None):
 run_elastix_cli = _elastix_cli("elastix", "bspline")
 
 
-# --------------------------------------------------------------------------------------------- FireANTs (CPU)
+# --------------------------------------------------------------------------------------- FireANTs (CPU, GPU)
 def run_fireants_greedy(case, threads, quick, device="cpu"):
     """FireANTs Greedy (torch): CC kernel 5, Adam lr 0.5, scales 4/2/1, iterations 200/100/50 (DATA.md), on the CPU
     or (``device="cuda"``) the GPU; there an untimed run of 1 iteration per scale first starts CUDA and loads the
     kernels, as classreg's warm-up does."""
     import torch
-    from fireants.io import BatchedImages, Image as FImage
+    from fireants.io import BatchedImages
+    from fireants.io import Image as FImage
     from fireants.registration.greedy import GreedyRegistration
 
     torch.set_num_threads(threads)
