@@ -651,6 +651,9 @@ def run(cases, tools, *, threads=2, repeat=2, quick=False, slow=False, out_dir=N
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H%M%SZ")
     payload = {"command": command, "date": stamp, "threads": threads, "repeat": repeat, "quick": quick,
                "seed": SEED, "versions": versions(), "cases": {}, "rows": [], "runs": [], "skipped": []}
+    out = Path(out_dir) if out_dir is not None else RESULTS
+    # rewritten after every row, so a run stopped at a time limit keeps what it measured; removed at the end
+    partial = out / f"{stamp}.partial.json"
     avail = {t: TOOLS[t].available() for t in tools}
     for t, (ok, why) in avail.items():
         if not ok:
@@ -708,6 +711,7 @@ def run(cases, tools, *, threads=2, repeat=2, quick=False, slow=False, out_dir=N
                     log(f"  {name}/{tool} run {rep + 1}/{repeat}: {rec['seconds']:.2f} s, {q[1]} "
                         f"{_fmt(rec.get(q[0]))}")
                 payload["rows"].append(_aggregate(name, info["kind"], tool, runs))
+                _atomic_write(partial, json.dumps(payload, indent=1, default=str) + "\n")
     payload["ratios"] = ratios(payload["rows"])
     payload["dominance"] = dominance(payload["rows"])
     payload["machine"] = machine()
@@ -716,8 +720,8 @@ def run(cases, tools, *, threads=2, repeat=2, quick=False, slow=False, out_dir=N
 
         payload["device_ratios"] = device_ratios(payload["rows"])
         payload["machine"]["gpus"] = gpu_devices()
-    out = Path(out_dir) if out_dir is not None else RESULTS
     _atomic_write(out / f"{stamp}.json", json.dumps(payload, indent=1, default=str) + "\n")
+    partial.unlink(missing_ok=True)
     fig_name = None
     if docs is not None:
         docs = Path(docs)

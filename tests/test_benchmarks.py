@@ -365,6 +365,32 @@ def test_sitk_similarity_row_on_sim2d(tmp_path):
     assert "not run" in rows["classreg_rigid"]["note"]
 
 
+def test_a_stopped_run_keeps_its_finished_rows(tmp_path, monkeypatch):
+    """Each finished row is written at once (``<stamp>.partial.json``): a run stopped at a time limit (a device
+    machine's, say) keeps what it measured; a finished run leaves only its final JSON."""
+    from benchmarks import run as R
+
+    _need("BrainT1SliceBorder20.png", "BrainProtonDensitySliceBorder20.png")
+    aggregate, calls = R._aggregate, []
+
+    def stop_at_the_second_row(*args):
+        calls.append(args[2])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return aggregate(*args)
+
+    monkeypatch.setattr(R, "_aggregate", stop_at_the_second_row)
+    with pytest.raises(KeyboardInterrupt):
+        R.run(["sim2d"], ["sitk_mi", "sitk_mi_sampled"], repeat=1, quick=True, out_dir=tmp_path, log=lambda s: None)
+    files = list(tmp_path.glob("*.json"))
+    assert len(files) == 1 and files[0].name.endswith(".partial.json"), files
+    rows = json.loads(files[0].read_text())["rows"]
+    assert [r["tool"] for r in rows] == ["sitk_mi"] and rows[0]["tre_mm"] < 0.5
+    monkeypatch.setattr(R, "_aggregate", aggregate)
+    payload = R.run(["sim2d"], ["sitk_mi"], repeat=1, quick=True, out_dir=tmp_path / "done", log=lambda s: None)
+    assert [p.name for p in (tmp_path / "done").glob("*.json")] == [f"{payload['date']}.json"]
+
+
 def test_failed_run_note_is_the_exception_line():
     from benchmarks.run import _error_line
 
