@@ -104,3 +104,13 @@ def test_inverse_consistency(rng):
     assert bad["mean_mm"] > 1.0
     with pytest.raises(ValueError, match="reference"):
         evaluate.jacobian_stats(t)
+
+
+def test_det_columns_is_numpy_det():
+    # the element-wise cofactor expansion jacobian_stats uses instead of numpy.linalg.det on stacked matrices
+    from classreg.evaluate import _det_columns
+
+    rng = np.random.default_rng(4)
+    for n in (2, 3):
+        cols = [rng.normal(size=(6, 5, 4, n)) for _ in range(n)]
+        np.testing.assert_allclose(_det_columns(cols), np.linalg.det(np.stack(cols, axis=-1)), rtol=1e-12, atol=1e-12)
