@@ -28,6 +28,7 @@ __all__ = [
     "njit",
     "resolve_backend",
     "gpu_launch",
+    "launch",
     "serial_below",
 ]
 
@@ -171,6 +172,42 @@ def gpu_launch(n: int, threads: int = 256):
         threads = min(threads, 32)
     blocks = max(1, (int(n) + threads - 1) // threads)
     return blocks, threads
+
+
+def launch(kernel, n: int, *args, threads: int = 256) -> None:
+    """Launch the ``numba.cuda`` kernel ``kernel`` over ``n`` work items (1-D grid, :func:`gpu_launch`) on CuPy's
+    current stream.
+
+    CuPy arrays among ``args`` are handed to numba as device arrays *without* the stream synchronisation that numba
+    performs by default when it imports a ``__cuda_array_interface__`` naming a stream (CAI v3; CuPy names its
+    current stream): one ``cuStreamSynchronize`` per array argument per launch, which drains the GPU's queue before
+    every kernel and leaves the GPU idle while Python prepares the next one. Launching on the stream the CuPy
+    operations use keeps their order, so nothing needs that synchronisation. Other arguments (scalars, tuples, host
+    arrays, which numba copies) pass unchanged; under the CUDA simulator everything passes unchanged.
+    """
+    blocks, threads = gpu_launch(n, threads)
+    if cuda_simulator() or not any(is_cupy_array(a) for a in args):
+        kernel[blocks, threads](*args)
+        return
+    from numba import cuda
+
+    args = tuple(cuda.as_cuda_array(a, sync=False) if is_cupy_array(a) else a for a in args)
+    kernel[blocks, threads, _numba_stream(_cupy_stream_ptr())](*args)
+
+
+def _cupy_stream_ptr() -> int:
+    import cupy
+
+    return int(cupy.cuda.get_current_stream().ptr)
+
+
+@functools.lru_cache(maxsize=8)
+def _numba_stream(ptr: int):
+    """numba's handle of the CUDA stream ``ptr`` (0, CuPy's null stream, is the legacy default stream: numba's
+    default too)."""
+    from numba import cuda
+
+    return cuda.default_stream() if ptr == 0 else cuda.external_stream(ptr)
 
 
 #: Work sizes (voxels) below which :func:`serial_below` runs numba's parallel kernels on one thread. Waking the

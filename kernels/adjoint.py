@@ -600,9 +600,8 @@ def sample_linear(image, coords, *, gradient=False, backend=None):
     elif b == "cuda":
         val = xp.empty((pts.shape[0], C), dtype=dt)
         grd = xp.empty((pts.shape[0], C, nd) if gradient else (1, 1, nd), dtype=dt)
-        blocks, threads = _backend.gpu_launch(pts.shape[0])
         k = _cuda_kernels()
-        (k.sample2 if nd == 2 else k.sample3)[blocks, threads](img, pts, val, grd, bool(gradient))
+        _backend.launch(k.sample2 if nd == 2 else k.sample3, pts.shape[0], img, pts, val, grd, bool(gradient))
     else:
         nk = _kern(pts.shape[0])
         val = np.empty((pts.shape[0], C), dtype=dt)
@@ -662,9 +661,8 @@ def splat_linear(values, coords, shape, *, backend=None):
         out = _splat_np(vals, pts, shape)
     elif b == "cuda":
         out = xp.zeros(shape + (vals.shape[1],), dtype=dt)
-        blocks, threads = _backend.gpu_launch(pts.shape[0])
         k = _cuda_kernels()
-        (k.splat2 if nd == 2 else k.splat3)[blocks, threads](vals, pts, out)
+        _backend.launch(k.splat2 if nd == 2 else k.splat3, pts.shape[0], vals, pts, out)
     else:
         nk = _kern(pts.shape[0])
         out = np.zeros(shape + (vals.shape[1],), dtype=dt)

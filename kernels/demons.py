@@ -282,8 +282,8 @@ def esm_force(fixed, warped, grad_fixed, grad_warped, disp, *, spacing, max_step
                         u.reshape(-1), rs, rc, rm)
         return u.reshape(shape + (ndim,)), float(np.sum(rs)), int(np.sum(rc)), float(np.sqrt(rm.max()))
     d2 = xp.empty(flat[0].size, dtype=np.float64)
-    blocks, threads = _backend.gpu_launch(flat[0].size)
-    _cuda_kernel()[blocks, threads](*flat, *vec, shape, h, m, mv, use_mask, use_mv, n2, float(threshold), u, d2)
+    _backend.launch(_cuda_kernel(), flat[0].size, *flat, *vec, shape, h, m, mv, use_mask, use_mv, n2,
+                    float(threshold), u, d2)
     valid = d2 >= 0
     nrm = xp.sum(u.astype(np.float64) ** 2, axis=-1)
     # the three numbers in one read: one synchronisation with the GPU instead of three

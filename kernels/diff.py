@@ -303,8 +303,7 @@ def _run(op, backend, xp, a, b, nd, h, p, out_tail):
         _numba_driver(op)(ac, bc, h1, h2, p, one, out)
     else:
         kern = _cuda_driver(op)
-        blocks, threads = _backend.gpu_launch(ac.shape[0] * ac.shape[1] * ac.shape[2])
-        kern[blocks, threads](ac, bc, h1, h2, p, one, out)
+        _backend.launch(kern, ac.shape[0] * ac.shape[1] * ac.shape[2], ac, bc, h1, h2, p, one, out)
     return out.reshape(tuple(a.shape[:nd]) + tuple(out_tail))
 
 

@@ -347,8 +347,7 @@ def _gaussian_cuda(a, sig_vox, truncate, mode):
         inner = int(np.prod(src.shape[ax + 1 :], dtype=np.int64))
         wd = w.astype(src.dtype) if xp is np else _device_taps(xp, device, float(sig_vox[ax]), truncate,
                                                                  src.dtype.str)
-        blocks, threads = _backend.gpu_launch(src.size)
-        lines[blocks, threads](src.reshape(outer, n, inner), dst.reshape(outer, n, inner), wd, m)
+        _backend.launch(lines, src.size, src.reshape(outer, n, inner), dst.reshape(outer, n, inner), wd, m)
         src = dst
     return src
 

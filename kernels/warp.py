@@ -1061,10 +1061,8 @@ def _warp_cuda(img, disp, out_shape, m, off, dm, order, mode, cval):
     has_disp = disp is not None
     if not has_disp:
         disp = xp.zeros((1, ndim), dtype=img.dtype)
-    blocks, threads = _backend.gpu_launch(n)
-    kern[blocks, threads](
-        img, disp, out, *out_shape, _flat(m), _flat(off), _flat(dm), has_disp, order, mode, float(cval)
-    )
+    _backend.launch(kern, n, img, disp, out, *out_shape, _flat(m), _flat(off), _flat(dm), has_disp, order, mode,
+                    float(cval))
     return out
 
 
@@ -1074,8 +1072,7 @@ def _interpolate_cuda(img, pts, off, order, mode, cval):
     kern = _cuda_kernels()[f"_interp{pts.shape[1]}_gpu"]
     out = xp.empty((n, img.shape[-1]), dtype=img.dtype)
     if n:
-        blocks, threads = _backend.gpu_launch(n)
-        kern[blocks, threads](img, pts, out, _flat(off), order, mode, float(cval))
+        _backend.launch(kern, n, img, pts, out, _flat(off), order, mode, float(cval))
     return out
 
 

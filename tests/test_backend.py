@@ -42,3 +42,34 @@ def test_numpy_row_stack_alias_for_numba_cuda(monkeypatch):
     monkeypatch.setattr(np, "row_stack", own)
     _backend._numpy_alias_for_numba_cuda()
     assert np.row_stack is own
+
+
+def test_launch_hands_cupy_arrays_to_numba_without_stream_syncs(monkeypatch):
+    # numba synchronises the stream a __cuda_array_interface__ names (CuPy names its current one) for every array
+    # argument of every launch unless asked not to: _backend.launch converts CuPy arrays with sync=False and launches
+    # on CuPy's current stream (the mechanics, with numba.cuda and CuPy replaced by recorders; a real GPU runs it in
+    # tests/test_gpu.py through every solver)
+    import numpy as np
+    from numba import cuda
+
+    from classreg.kernels import _backend
+
+    DeviceLike = type("ndarray", (), {"__module__": "cupy"})  # what is_cupy_array looks at
+    dev, host = DeviceLike(), np.zeros(3)
+    converted = []
+    monkeypatch.setattr(cuda, "as_cuda_array", lambda a, sync=True: converted.append((a, sync)) or ("view", a),
+                        raising=False)
+    monkeypatch.setattr(_backend, "cuda_simulator", lambda: False)
+    monkeypatch.setattr(_backend, "_cupy_stream_ptr", lambda: 1234)
+    monkeypatch.setattr(_backend, "_numba_stream", lambda ptr: f"stream {ptr}")
+    launched = []
+
+    class Kernel:
+        def __getitem__(self, config):
+            return lambda *args: launched.append((config, args))
+
+    _backend.launch(Kernel(), 1000, dev, host, 2.0, (1, 2))
+    assert converted == [(dev, False)]
+    assert launched == [((4, 256, "stream 1234"), (("view", dev), host, 2.0, (1, 2)))]
+    _backend.launch(Kernel(), 10, host, 3)  # no device array: numba's own launch, default stream
+    assert launched[-1] == ((1, 256), (host, 3)) and len(converted) == 1
