@@ -2,9 +2,8 @@
 affine) with linear interpolation and Mattes MI / normalised MI.
 
 One call maps the iteration's samples ``y`` (mm) through the current affine map and the moving image's
-world → index matrix, reads the moving value and index-space gradient (linear interpolation of the value/gradient
-stack by the kernel behind :func:`classreg.kernels.sampling.linear_at`), drops the samples that fall outside the moving image or its
-mask, evaluates Mattes MI with its per-sample derivative (the kernel behind
+world → index matrix, reads the moving value and index-space gradient, drops the samples that fall outside the
+moving image or its mask, evaluates Mattes MI with its per-sample derivative (the kernel behind
 :func:`classreg.kernels.sampling.mattes_mi_fused`) and contracts the derivative with the world-space gradient into
 the two sums the affine chain rule needs:
 
@@ -13,9 +12,15 @@ the two sums the affine chain rule needs:
 so that ``∂C/∂p = Σ_ab ∂A_ab/∂p G_ab + ∂t/∂p · g`` (see ``AffineModel.gradient_from_sums``). It also returns the
 Pearson correlation of the valid pairs (the normalised similarity every solver reports).
 
+The moving gradient is one of two (the engine's ``image_gradient`` option): the linear interpolation of
+central-difference gradient channels (a value/gradient (/mask) stack read by the kernel behind
+:func:`classreg.kernels.sampling.linear_at`), or, with ``exact_gradient``, the exact gradient of the linear
+interpolant of a value (/mask) stack (the kernel behind :func:`classreg.kernels.sampling.linear_grad_at`, the
+derivative elastix's ``LinearInterpolator`` returns; its scattered reads touch a quarter of the memory in 3-D).
+
 The numpy reference is the engine's unfused path, ``LevelObjective.evaluate`` with ``backend="numpy"`` (sampling,
-MI and the model's chain rule as separate numpy steps); ``tests/test_kernels_affine.py`` checks the fused call against
-it. Serial, like the other per-sample kernels: a few thousand samples per iteration cost less than a thread launch.
+MI and the model's chain rule as separate numpy steps, with the same image gradient); ``tests/test_kernels_affine.py``
+checks the fused call against it. Serial, like the other per-sample kernels: a few thousand samples per iteration cost less than a thread launch.
 What it saves is the Python between the steps, which dominates an iteration of a few thousand samples
 (docs/notes/parametric.md).
 """
@@ -29,8 +34,9 @@ __all__ = ["affine_mi_kernel", "affine_mi_sampled_kernel"]
 
 
 def _gather(stack, y, f, B, b, has_mask, mv, fv, gv, yv):
-    """Samples ``y`` mapped to moving indices ``B y + b``, read by the linear-interpolation kernel; the valid ones
-    (inside, and inside the mask channel when ``has_mask``) are packed into ``mv``, ``gv``, ``fv``, ``yv``."""
+    """Samples ``y`` mapped to moving indices ``B y + b``, read by the moving image's kernel (rows: value, index
+    gradient, mask); the valid ones (inside, and inside the mask when ``has_mask``) are packed into ``mv``, ``gv``,
+    ``fv``, ``yv``."""
     npts, n = y.shape
     idx = np.empty((npts, n))
     for j in range(npts):
@@ -39,9 +45,9 @@ def _gather(stack, y, f, B, b, has_mask, mv, fv, gv, yv):
             for k in range(n):
                 s += B[a, k] * y[j, k]
             idx[j, a] = s
-    vals = np.empty((npts, stack.shape[-1]))
+    vals = np.empty((npts, 2 + n))  # value, n gradient components, mask (when has_mask)
     inside = np.empty(npts, dtype=np.bool_)
-    _lin(stack, idx, vals, inside)
+    _lin_moving(stack, idx, vals, inside)
     row = 0
     count = 0
     for j in range(npts):
@@ -59,7 +65,8 @@ def _gather(stack, y, f, B, b, has_mask, mv, fv, gv, yv):
     return count
 
 
-_lin = None  # rebound per dimension to the compiled linear-interpolation kernel in affine_mi_kernel
+_lin = None  # rebound per dimension to the compiled linear-interpolation kernel (the fixed image's samples)
+_lin_moving = None  # rebound to linear_kernel (value/gradient stack) or linear_grad_kernel (value stack, exact)
 _mi = None  # rebound to the compiled Mattes MI kernel in affine_mi_kernel
 prange = range  # rebound to numba.prange (and the MI helpers below to their compiled versions) by the builders
 _mi_setup = _mi_add = _mi_table = _mi_grad = None
@@ -140,9 +147,9 @@ def _affine_mi_par(stack, fdata, fidx, ylin, yoff, B, b, has_mask, m_lin, center
         fv = np.empty((m, 1))
         fin = np.empty(m, dtype=np.bool_)
         _lin(fdata, fidx[lo:hi], fv, fin)  # the draw lies inside the fixed grid: every row is filled
-        vals = np.empty((m, stack.shape[-1]))
+        vals = np.empty((m, 2 + n))  # value, n gradient components, mask (when has_mask)
         inside = np.empty(m, dtype=np.bool_)
-        _lin(stack, zidx, vals, inside)
+        _lin_moving(stack, zidx, vals, inside)
         row = 0
         for j in range(m):
             ok[lo + j] = False
@@ -229,14 +236,24 @@ def _affine_mi_par(stack, fdata, fidx, ylin, yoff, B, b, has_mask, m_lin, center
 _COMPILED = {}
 
 
-def affine_mi_kernel(ndim: int):
+def _moving_reader(ndim, exact_gradient):
+    """The moving image's interpolation kernel and the compiled copies' name suffix."""
+    from .sampling import linear_grad_kernel, linear_kernel
+
+    if exact_gradient:
+        return linear_grad_kernel(ndim), f"_{ndim}d_exact"
+    return linear_kernel(ndim), f"_{ndim}d"
+
+
+def affine_mi_kernel(ndim: int, *, exact_gradient: bool = False):
     """The compiled fused kernel for ``ndim`` spatial axes (needs numba)::
 
         fn(stack, y, f, B, b, has_mask, m_lin, center, nbf, nbm, lof, hif, lom, him, tlo, thi, normalised, tiny,
            mv, fv, gv, yv, G, g) -> (count, value, ncc)
 
     ``stack``: C-contiguous (*spatial, C) float32, channels value, index gradient (ndim) and, with ``has_mask``, the
-    mask; ``y`` (N, ndim) float64 sample points (mm) and ``f`` (N,) their fixed values; ``B``, ``b``: sample point →
+    mask; with ``exact_gradient``, value and (with ``has_mask``) mask, the gradient being that of the linear
+    interpolant (see the module docstring); ``y`` (N, ndim) float64 sample points (mm) and ``f`` (N,) their fixed values; ``B``, ``b``: sample point →
     moving index (the affine map followed by the moving image's world → index map); ``m_lin``: the moving image's
     world → index matrix; ``center``: the model's centre; the MI arguments as
     :func:`classreg.kernels.sampling.mattes_mi_kernel`; ``mv``, ``fv`` (N,), ``gv``, ``yv`` (N, ndim) scratch
@@ -244,17 +261,19 @@ def affine_mi_kernel(ndim: int):
     samples (the metric is not evaluated below 2: ``value`` 0, ``ncc`` NaN). No checks here: the engine validates
     its arrays once per level.
     """
-    if ndim not in _COMPILED:
-        from .sampling import linear_kernel, mattes_mi_kernel
+    key = (ndim, bool(exact_gradient))
+    if key not in _COMPILED:
+        from .sampling import mattes_mi_kernel
 
-        ns = {"np": np, "_lin": linear_kernel(ndim), "_mi": mattes_mi_kernel()}
-        gather = _backend.njit(cache=True, fastmath=False)(_backend.rebind(_gather, ns, f"_{ndim}d"))
-        body = _backend.rebind(_affine_mi, dict(ns, _gather=gather), f"_{ndim}d")
-        _COMPILED[ndim] = _backend.njit(cache=True, fastmath=False)(body)
-    return _COMPILED[ndim]
+        reader, suffix = _moving_reader(ndim, exact_gradient)
+        ns = {"np": np, "_lin_moving": reader, "_mi": mattes_mi_kernel()}
+        gather = _backend.njit(cache=True, fastmath=False)(_backend.rebind(_gather, ns, suffix))
+        body = _backend.rebind(_affine_mi, dict(ns, _gather=gather), suffix)
+        _COMPILED[key] = _backend.njit(cache=True, fastmath=False)(body)
+    return _COMPILED[key]
 
 
-def affine_mi_sampled_kernel(ndim: int):
+def affine_mi_sampled_kernel(ndim: int, *, exact_gradient: bool = False):
     """The compiled parallel kernel that also draws the fixed values (needs numba)::
 
         fn(stack, fdata, fidx, ylin, yoff, B, b, has_mask, m_lin, center, nbf, nbm, lof, hif, lom, him, tlo, thi,
@@ -263,18 +282,20 @@ def affine_mi_sampled_kernel(ndim: int):
     ``fdata``: the fixed image as a C-contiguous (*spatial, 1) stack; ``fidx`` (N, ndim): continuous fixed indices
     inside its grid (a random-coordinate draw); ``ylin``, ``yoff``: fixed index → sample point (mm), ``y = fidx ylin
     + yoff``; ``work`` (N, 6 + 2 ndim) float64, ``ok`` (N,) bool and ``hist`` (NCHUNK, nbf, nbm) scratch; the other
-    arguments as :func:`affine_mi_kernel`, which is its reference (the same value, gradient sums and correlation up
+    arguments (and ``exact_gradient``) as :func:`affine_mi_kernel`, which is its reference (the same value, gradient sums and correlation up
     to the order of the sums; ``tests/test_kernels_affine.py``). The samples are split into ``NCHUNK`` fixed
     slices, so the result does not depend on the number of threads.
     """
-    key = f"par{ndim}"
+    key = ("par", ndim, bool(exact_gradient))
     if key not in _COMPILED:
         import numba
 
         from .sampling import MI_HELPERS, linear_kernel, mi_namespace
 
-        ns = mi_namespace({"np": np, "_lin": linear_kernel(ndim), "prange": numba.prange, "NCHUNK": NCHUNK})
+        reader, suffix = _moving_reader(ndim, exact_gradient)
+        ns = mi_namespace({"np": np, "_lin": linear_kernel(ndim), "_lin_moving": reader, "prange": numba.prange,
+                           "NCHUNK": NCHUNK})
         assert all(h in ns for h in MI_HELPERS)
-        body = _backend.rebind(_affine_mi_par, ns, f"_{ndim}d")
+        body = _backend.rebind(_affine_mi_par, ns, suffix)
         _COMPILED[key] = _backend.njit(cache=True, fastmath=False, parallel=True)(body)
     return _COMPILED[key]

@@ -45,6 +45,7 @@ import numpy as np
 from . import _backend
 from .sampling import (
     _linear_at_numpy,
+    _linear_gradient_numpy,
     _mi_add,
     _mi_fused_numba,
     _mi_grad,
@@ -1385,7 +1386,7 @@ def _mi_step2_body(fdata, idx, maps, prior, coeffs, stack, flags, par, work, gra
         if not (c0 >= 0.0 and c0 <= s0 - 1.0 and c1 >= 0.0 and c1 <= s1 - 1.0):
             continue
         i0, i1, j0, j1, t0, t1 = _lin2(stack, c0, c1)
-        if has_mask and _at2(stack, i0, i1, j0, j1, t0, t1, 3) < 0.5:
+        if has_mask and _at2(stack, i0, i1, j0, j1, t0, t1, stack.shape[2] - 1) < 0.5:
             continue
         m = _at2(stack, i0, i1, j0, j1, t0, t1, 0)
         # the exact gradient of the bilinear interpolant (ITK/elastix's linear interpolators), not the interpolated
@@ -1509,7 +1510,7 @@ def _mi_step3_body(fdata, idx, maps, prior, coeffs, stack, flags, par, work, gra
                 and c2 <= s2 - 1.0):
             continue
         i0, i1, i2, j0, j1, j2, t0, t1, t2 = _lin3(stack, c0, c1, c2)
-        if has_mask and _at3(stack, i0, i1, i2, j0, j1, j2, t0, t1, t2, 4) < 0.5:
+        if has_mask and _at3(stack, i0, i1, i2, j0, j1, j2, t0, t1, t2, stack.shape[3] - 1) < 0.5:
             continue
         m = _at3(stack, i0, i1, i2, j0, j1, j2, t0, t1, t2, 0)
         a000 = 1.0 * stack[i0, i1, i2, 0]  # the exact gradient of the trilinear interpolant (see the 2-D body)
@@ -1654,27 +1655,6 @@ def scatter_samples(q, use, values, gshape, *, backend=None):
     return out
 
 
-def _linear_gradient_numpy(image, points):
-    """The exact gradient (index units) of the multilinear interpolant of ``image`` (*shape) at ``points`` (M, ndim)
-    inside its voxel-centre box, with :func:`classreg.kernels.sampling.linear_at`'s cells (the last cell holds the
-    far edge): piecewise constant along each axis, as ITK/elastix's linear interpolators differentiate."""
-    n = points.shape[1]
-    shape = np.asarray(image.shape)
-    base = np.clip(np.floor(points).astype(np.intp), 0, np.maximum(shape - 2, 0))
-    t = points - base
-    g = np.zeros((len(points), n))
-    for corner in range(2 ** n):
-        bits = [(corner >> (n - 1 - d)) & 1 for d in range(n)]
-        v = image[tuple(np.minimum(base[:, d] + b, shape[d] - 1) for d, b in enumerate(bits))]
-        for d in range(n):
-            w = np.full(len(points), 1.0 if bits[d] else -1.0)
-            for e, b in enumerate(bits):
-                if e != d:
-                    w = w * (t[:, e] if b else 1.0 - t[:, e])
-            g[:, d] += w * v
-    return g
-
-
 def mi_step_workspace(n: int, ndim: int) -> np.ndarray:
     """The per-sample workspace of :func:`mi_step_kernel` for ``n`` samples (float64, (n, 7 + 2 ndim))."""
     return np.empty((n, _WORK_HEAD + 2 * ndim + 1))
@@ -1718,8 +1698,8 @@ def mi_step(fixed, points, maps, coeffs, moving, *, prior=None, moving_mask=Fals
     coeffs : ndarray (*gshape, ndim)
         FFD coefficients (float64).
     moving : ndarray (*mshape, C)
-        Moving value in channel 0; with ``moving_mask``, the mask in channel ``ndim + 1`` (the engine's stack:
-        value, ``ndim`` gradient channels, mask).
+        Moving value in channel 0; with ``moving_mask``, the mask in the last channel (the engine's stack: value and
+        mask; channels between them are not read).
     prior : ndarray (*pshape, ndim), optional
         Dense prior displacement.
     bins, fixed_limits, moving_limits, thresholds, normalised, tiny

@@ -324,9 +324,11 @@ def test_rigid_stays_on_device(monkeypatch, how, local_refine, masks):
 
 @pytest.mark.cudasim
 @pytest.mark.parametrize("ndim,masked", [(2, False), (2, True), (3, True)])
-def test_device_affine_mi_matches_the_cpu_kernel(monkeypatch, ndim, masked):
+@pytest.mark.parametrize("image_gradient", ["smoothed", "exact"])
+def test_device_affine_mi_matches_the_cpu_kernel(monkeypatch, ndim, masked, image_gradient):
     """One evaluation of the parametric engine's device path (classreg/solvers/parametric/device.py) against the CPU
-    fused kernel (kernels/affine.py) on the same samples: value, gradient, correlation and valid fraction."""
+    fused kernel (kernels/affine.py) on the same samples, with either image gradient: value, gradient, correlation
+    and valid fraction."""
     from scipy import ndimage
 
     from classreg.solvers.parametric.engine import LevelObjective
@@ -347,7 +349,7 @@ def test_device_affine_mi_matches_the_cpu_kernel(monkeypatch, ndim, masked):
     def objective(device):
         return LevelObjective(fixed, moving, None, mask, model=AffineModel("rigid", ndim, center), pre=None,
                               metric="mi", sampler=Sampler("random_coordinate", 512, shape),
-                              rng=np.random.default_rng(1), device=device)
+                              rng=np.random.default_rng(1), device=device, image_gradient=image_gradient)
 
     cpu = objective("cpu")
     assert cpu._fused is not None  # the reference is the fused kernel the CPU run uses
@@ -370,13 +372,14 @@ def test_device_affine_mi_matches_the_cpu_kernel(monkeypatch, ndim, masked):
 
 
 @pytest.mark.cudasim
-@pytest.mark.parametrize("metric", ["mi", "ncc"])
-def test_affine_on_the_device_or_the_cpu(monkeypatch, caplog, metric):
-    """register_affine(device="cuda"): Mattes MI runs its evaluations on the device (the CPU result to rounding);
-    a metric the device path does not cover (NCC) logs a line and is the CPU run, with nothing crossing."""
+@pytest.mark.parametrize("metric,image_gradient", [("mi", "smoothed"), ("mi", "exact"), ("ncc", "smoothed")])
+def test_affine_on_the_device_or_the_cpu(monkeypatch, caplog, metric, image_gradient):
+    """register_affine(device="cuda"): Mattes MI runs its evaluations on the device (the CPU result to rounding),
+    with either image gradient; a metric the device path does not cover (NCC) logs a line and is the CPU run, with
+    nothing crossing."""
     fixed, moving = _rotated_pair(16, 10.0)
     kw = dict(transform="affine", metric=metric, shrink_factors=(1,), smoothing_sigmas=(0.0,), iterations=(20,),
-              samples=256)
+              samples=256, image_gradient=image_gradient)
     cpu = cr.register_affine(fixed, moving, **kw)
     with installed(monkeypatch) as cp, caplog.at_level("INFO", logger="classreg"):
         res = cr.register_affine(fixed, moving, device="cuda", **kw)

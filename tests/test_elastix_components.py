@@ -180,24 +180,30 @@ def test_classreg_solver_from_a_parameter_file():
         plan('(Registration "classreg:nosuch")')
 
 
-@pytest.mark.parametrize("lines, expected", [
-    ("", "linear"),                                                         # RIGID_MI: BSplineInterpolator, order 1
-    ('(Interpolator "BSplineInterpolator")\n(BSplineInterpolationOrder 3)', "bspline3"),
-    ('(Interpolator "BSplineInterpolator")\n(BSplineInterpolationOrder 2)', "bspline2"),
-    ('(Interpolator "BSplineInterpolator")\n(BSplineInterpolationOrder 0)', "nearest"),
-    ('(Interpolator "LinearInterpolator")', "linear"),
-    ('(Interpolator "NearestNeighborInterpolator")', "nearest"),
+@pytest.mark.parametrize("lines, expected, gradient", [
+    ("", "linear", None),                                                   # RIGID_MI: BSplineInterpolator, order 1
+    ('(Interpolator "BSplineInterpolator")\n(BSplineInterpolationOrder 3)', "bspline3", None),
+    ('(Interpolator "BSplineInterpolator")\n(BSplineInterpolationOrder 2)', "bspline2", None),
+    ('(Interpolator "BSplineInterpolator")\n(BSplineInterpolationOrder 0)', "nearest", None),
+    ('(Interpolator "LinearInterpolator")', "linear", "exact"),  # elastix's: the gradient of the interpolant
+    ('(Interpolator "NearestNeighborInterpolator")', "nearest", None),
 ])
-def test_registration_interpolator_maps_onto_the_engine(lines, expected):
+def test_registration_interpolator_maps_onto_the_engine(lines, expected, gradient):
+    """Interpolator (and BSplineInterpolationOrder) -> the engine's interpolation; LinearInterpolator also sets
+    image_gradient="exact" (elastix's returns the gradient of the linear interpolant); the others leave the solver's
+    default image_gradient."""
     text = "\n".join(ln for ln in RIGID_MI.splitlines()
                      if not ln.startswith(("(Interpolator", "(BSplineInterpolationOrder")) or not lines)
     st = plan(text + "\n" + lines)
     assert st.options["interpolation"] == expected
+    assert st.options.get("image_gradient") == gradient
     assert not any("nterpolat" in w for w in st.warnings)
     # the engine accepts what the mapping gives
     from classreg.solvers.parametric.options import AFFINE_OPTIONS
 
-    assert expected in {o.name: o for o in AFFINE_OPTIONS.options}["interpolation"].choices
+    opts = {o.name: o for o in AFFINE_OPTIONS.options}
+    assert expected in opts["interpolation"].choices
+    assert gradient is None or gradient in opts["image_gradient"].choices
 
 
 def test_interpolation_orders_above_three_are_refused():
@@ -218,3 +224,29 @@ def test_mask_erosion_follows_the_interpolators_support():
     radii = {INTERPOLATION_ORDERS[o]: erode_radius(INTERPOLATION_ORDERS[o]) for o in INTERPOLATION_ORDERS}
     assert radii == {"nearest": 1, "linear": 1, "bspline2": 2, "bspline3": 2}
     assert erode_mask(mask, 1).sum() == 9 * 9 and erode_mask(mask, 2).sum() == 7 * 7
+
+
+@pytest.mark.parametrize("transform, interpolator, expected", [
+    ("EulerTransform", "LinearInterpolator", "exact"),
+    ("EulerTransform", "BSplineInterpolator", "smoothed"),    # order 1: register_affine's default
+    ("BSplineTransform", "BSplineInterpolator", "exact"),     # register_bspline's default
+])
+def test_the_runs_recorded_image_gradient(transform, interpolator, expected):
+    """A parameter file run end to end records the image gradient it used in its Result.params: "exact" for
+    (Interpolator "LinearInterpolator"), the solver's default otherwise."""
+    import numpy as np
+    from phantoms import smooth_image
+
+    import classreg as cr
+    from classreg.elastix.registration import run_elastix
+
+    rng = np.random.default_rng(0)
+    a = smooth_image((40, 44), rng, sigma=3.0).astype(np.float32)
+    fixed, moving = cr.Image(a, 1.0), cr.Image(np.roll(a, 2, axis=1), 1.0)
+    text = "\n".join(ln for ln in RIGID_MI.splitlines() if not ln.startswith(
+        ("(Interpolator", "(Transform", "(NumberOfResolutions", "(MaximumNumberOfIterations", "(NumberOfSpatial")))
+    text += (f'\n(Interpolator "{interpolator}")\n(Transform "{transform}")\n(NumberOfResolutions 1)\n'
+             "(MaximumNumberOfIterations 5)\n(NumberOfSpatialSamples 512)\n(FinalGridSpacingInPhysicalUnits 10)")
+    (stage,) = run_elastix(fixed, moving, [parse_parameter_text(text)], None)
+    assert stage.result.params["image_gradient"] == expected
+    assert stage.result.params["interpolation"] == "linear"

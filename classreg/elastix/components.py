@@ -280,6 +280,8 @@ def plan_stage(parameters, *, ndim: int, spacing, has_fixed_mask: bool, has_init
         raise ComponentError(f"ERROR: BSplineInterpolationOrder {order} is not supported by classreg yet "
                              f"(0, 1, 2 and 3 are)")
     options["interpolation"] = INTERPOLATION_ORDERS[order]
+    if interp == "LinearInterpolator":  # elastix's returns the gradient of the linear interpolant itself
+        options["image_gradient"] = "exact"
     shrink, sigmas = _pyramid(lookup, levels, ndim, spacing, warnings)
     options["shrink_factors"] = tuple(shrink)
     options["smoothing_sigmas"] = tuple(sigmas)

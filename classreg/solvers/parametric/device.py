@@ -2,7 +2,8 @@
 
 What :func:`classreg.kernels.affine.affine_mi_kernel` computes on the CPU, written as whole-array operations on the
 device: the samples ``y`` (mm) mapped to moving indices ``B y + b``, the moving value/gradient stack interpolated
-linearly there (2ⁿ corner gathers), the samples outside the moving image or its mask weighted 0, the Parzen joint
+linearly there (2ⁿ corner gathers; with the exact gradient, the value (/mask) stack and the gradient of its linear
+interpolant), the samples outside the moving image or its mask weighted 0, the Parzen joint
 histogram (box fixed window × cubic B-spline moving window, P. Mattes et al., "PET-CT image registration in the
 chest using free-form deformations", IEEE TMI 22(1):120-128, 2003, eqs. 3-5; elastix's limiters) by one weighted
 ``bincount``, the log-ratio table, the per-sample derivative gathered from it (Mattes eq. 12) and the two chain-rule
@@ -28,9 +29,13 @@ class DeviceAffineMI:
     Parameters
     ----------
     stack : ndarray, shape (*spatial, C)
-        The host value / index-gradient (/ mask) stack of ``LevelObjective`` (float32); uploaded once, here.
+        The host value / index-gradient (/ mask) stack of ``LevelObjective`` (float32), or its value (/ mask) stack
+        with ``exact_gradient``; uploaded once, here.
     has_mask : bool
         Whether the last channel is the moving mask (a sample is valid where it is >= 0.5).
+    exact_gradient : bool
+        Take the gradient of the linear interpolant of the value channel (as
+        :func:`classreg.kernels.sampling.linear_grad_at`) instead of interpolating gradient channels.
     m_lin : ndarray, shape (n, n)
         The moving image's world → index matrix (∇_z M = m_linᵀ ∇_idx M).
     mi_args : tuple
@@ -38,7 +43,7 @@ class DeviceAffineMI:
         :func:`classreg.kernels.sampling.mattes_mi_kernel` (``normalised`` must be False: Mattes MI only).
     """
 
-    def __init__(self, stack, *, has_mask, m_lin, mi_args):
+    def __init__(self, stack, *, has_mask, m_lin, mi_args, exact_gradient=False):
         import cupy
 
         self.xp = cupy
@@ -46,7 +51,7 @@ class DeviceAffineMI:
         self.ndim, self.shape, self.channels = n, tuple(int(s) for s in stack.shape[:n]), int(stack.shape[-1])
         self.flat = cupy.asarray(np.ascontiguousarray(stack, dtype=np.float32)).reshape(-1, self.channels)
         self.strides = tuple(int(np.prod(self.shape[a + 1:])) for a in range(n))
-        self.has_mask = bool(has_mask)
+        self.has_mask, self.exact = bool(has_mask), bool(exact_gradient)
         self.m_lin = [[float(v) for v in row] for row in np.asarray(m_lin, dtype=float)]
         nbf, nbm, lof, hif, lom, him, tlo, thi, normalised, tiny = mi_args
         if normalised:
@@ -58,8 +63,10 @@ class DeviceAffineMI:
                                                                  self.him)
 
     def _interpolate(self, y, B, b):
-        """Linear interpolation of the stack at ``B y + b``: ``(vals (N, C), inside (N,))`` (as ``_linear_at2/3``;
-        points outside are clamped for the gathers and flagged)."""
+        """The value, index gradient and mask at ``B y + b``: ``(vals (N, 1 + n [+ 1]), inside (N,))`` (as
+        :func:`classreg.kernels.sampling.linear_at` of the value/gradient stack, or with the exact gradient as
+        :func:`classreg.kernels.sampling.linear_grad_at`; points outside are clamped for the gathers and
+        flagged)."""
         xp, n = self.xp, self.ndim
         inside = None
         base, frac = [], []
@@ -72,14 +79,25 @@ class DeviceAffineMI:
             i = xp.minimum(xp.floor(c).astype(xp.int64), max(self.shape[a] - 2, 0))
             base.append(i)
             frac.append(c - i)
-        vals = 0.0
+        vals, grad = 0.0, [0.0] * n
         for corner in range(2 ** n):
+            bits = [(corner >> (n - 1 - a)) & 1 for a in range(n)]
+            factors = [frac[a] if bits[a] else 1.0 - frac[a] for a in range(n)]
             w, flat = 1.0, 0
             for a in range(n):
-                bit = (corner >> (n - 1 - a)) & 1
-                w = w * (frac[a] if bit else 1.0 - frac[a])
-                flat = flat + xp.minimum(base[a] + bit, self.shape[a] - 1) * self.strides[a]
-            vals = vals + w[:, None] * self.flat[flat]
+                w = w * factors[a]
+                flat = flat + xp.minimum(base[a] + bits[a], self.shape[a] - 1) * self.strides[a]
+            v = self.flat[flat]
+            vals = vals + w[:, None] * v
+            if self.exact:
+                for a in range(n):  # ∂/∂c_a of the corner's weight: the other axes' factors, ±1 along a
+                    wa = 1.0 if bits[a] else -1.0
+                    for k in range(n):
+                        if k != a:
+                            wa = wa * factors[k]
+                    grad[a] = grad[a] + wa * v[:, 0]
+        if self.exact:  # value, gradient, mask: the column layout of the value/gradient stack
+            vals = xp.stack([vals[:, 0], *grad] + ([vals[:, 1]] if self.has_mask else []), axis=1)
         return vals, inside
 
     def _limit(self, x):

@@ -2,8 +2,8 @@
 per-level optimisation shared by ``register_affine`` and ``register_bspline``.
 
 At every iteration the sampler draws positions ``x_j`` on the fixed level image; ``y_j = pre(x_j)`` (the initial
-transform, elastix's ``Compose``), ``z_j = T_p(y_j)``. The moving image and its gradient (central differences on its
-own grid) are interpolated linearly at ``z_j`` in one pass (:func:`classreg.kernels.sampling.linear_at`, numba);
+transform, elastix's ``Compose``), ``z_j = T_p(y_j)``. The moving image and its gradient are read at ``z_j`` in one
+pass (:data:`INTERPOLATIONS`; with linear interpolation the gradient is one of :data:`IMAGE_GRADIENTS`);
 samples that leave the moving image or its mask are dropped (elastix: "Too many samples map outside moving image
 buffer" below ``min_valid`` of them). With the metric's per-sample derivative ``∂C/∂m_j`` the gradient is the chain
 rule ``∂C/∂p = Σ_j ∂C/∂m_j ∇M(z_j)ᵀ ∂T/∂p(y_j)``, done by the model (an affine family in closed form, the B-spline
@@ -14,17 +14,21 @@ from __future__ import annotations
 import numpy as np
 
 from ...kernels.bspline import mi_step_kernel, mi_step_workspace
-from ...kernels.sampling import linear_at
+from ...kernels.sampling import linear_at, linear_grad_at
 from ...progress import similarity
 from ...terms.measures import intensity_limits, mattes_mi_samples
 from .sampling import Sampler
 
-__all__ = ["INTERPOLATIONS", "METRICS", "LevelObjective", "metric_terms", "sample_metric"]
+__all__ = ["IMAGE_GRADIENTS", "INTERPOLATIONS", "METRICS", "LevelObjective", "metric_terms", "sample_metric"]
 
 #: registration-time interpolation of the moving image -> (B-spline order, elastix Interpolator)
 INTERPOLATIONS = {"nearest": (0, "NearestNeighborInterpolator"), "linear": (1, "LinearInterpolator"),
                   "bspline2": (2, "BSplineInterpolator, BSplineInterpolationOrder 2"),
                   "bspline3": (3, "BSplineInterpolator, BSplineInterpolationOrder 3")}
+
+#: the moving image's gradient with linear interpolation -> what it is
+IMAGE_GRADIENTS = {"smoothed": "central differences on the moving grid, interpolated linearly",
+                   "exact": "the gradient of the linear interpolant (elastix LinearInterpolator)"}
 
 #: metric name -> what it is (elastix name)
 METRICS = {"mi": "AdvancedMattesMutualInformation", "nmi": "NormalizedMutualInformation",
@@ -125,17 +129,22 @@ class LevelObjective:
         affine-family model, one Mattes MI term; :meth:`device_covers`); the samples go up once per level
         (:meth:`predraw`) or per explicit draw. Otherwise, and on ``"cpu"``, the host path.
     interpolation : str
-        See :data:`INTERPOLATIONS`. ``linear``: value and central-difference gradient channels interpolated
-        linearly (the fused B-spline iteration, :meth:`_bspline_setup`, takes the exact gradient of the linear
-        interpolant instead, as elastix does); ``bspline2``/``bspline3``: value and the exact gradient of the
+        See :data:`INTERPOLATIONS`. ``linear``: the value interpolated linearly and the gradient as
+        ``image_gradient`` says; ``bspline2``/``bspline3``: value and the exact gradient of the
         B-spline interpolant (:func:`classreg.kernels.sampling.bspline_at`, coefficients once per level, mirror
         boundary as ITK); ``nearest``: the nearest voxel's value and central-difference gradient (elastix's non-B-spline
         interpolators take the gradient from the gradient image at the nearest voxel).
+    image_gradient : str
+        See :data:`IMAGE_GRADIENTS`; read with ``linear`` interpolation only. ``smoothed``: the stack holds the
+        value, the central-difference gradient (index units) and the mask, all interpolated linearly
+        (:func:`classreg.kernels.sampling.linear_at`); ``exact``: the stack holds the value and the mask, the
+        gradient is that of the linear interpolant (:func:`classreg.kernels.sampling.linear_grad_at`; the fused
+        B-spline iteration, :meth:`_bspline_setup`, computes only this one).
     """
 
     def __init__(self, fixed, moving, fixed_mask, moving_mask, *, model, pre, metric, sampler: Sampler, rng,
                  bins=32, min_valid=0.25, new_samples=True, backend=None,
-                 interpolation="linear", device="cpu"):
+                 interpolation="linear", image_gradient="smoothed", device="cpu"):
         from ...kernels._backend import HAVE_NUMBA
         from ...kernels.diff import gradient
         from ...terms.measures import LIMIT_RANGE_RATIO, _bins
@@ -158,17 +167,23 @@ class LevelObjective:
         to_y = fixed.affine if pre is None else np.asarray(pre.homogeneous, dtype=float) @ fixed.affine
         self._y_lin, self._y_off = np.ascontiguousarray(to_y[:-1, :-1].T), to_y[:-1, -1].copy()
         m = np.asarray(moving.numpy(), dtype=np.float64)
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"unknown interpolation {interpolation!r}; valid: {', '.join(INTERPOLATIONS)}")
+        if image_gradient not in IMAGE_GRADIENTS:
+            raise ValueError(f"unknown image_gradient {image_gradient!r}; valid: {', '.join(IMAGE_GRADIENTS)}")
+        self.order = INTERPOLATIONS[interpolation][0]
+        #: the gradient of the linear interpolant, from a value (/mask) stack (linear interpolation only)
+        self.exact = self.order == 1 and image_gradient == "exact"
         # float32: the scattered reads of an iteration are memory-bound (values and sums stay float64); filled
         # channel by channel (no float64 stack of the image's size)
-        self.stack = np.empty(m.shape + (1 + n + (moving_mask is not None),), dtype=np.float32)
+        ngrad = 0 if self.exact else n
+        self.stack = np.empty(m.shape + (1 + ngrad + (moving_mask is not None),), dtype=np.float32)
         self.stack[..., 0] = m
-        self.stack[..., 1:1 + n] = gradient(m, spacing=1.0, backend=backend)
+        if ngrad:
+            self.stack[..., 1:1 + n] = gradient(m, spacing=1.0, backend=backend)
         if moving_mask is not None:
             self.stack[..., -1] = np.asarray(moving_mask, dtype=np.float32)
         self.has_mmask = moving_mask is not None
-        if interpolation not in INTERPOLATIONS:
-            raise ValueError(f"unknown interpolation {interpolation!r}; valid: {', '.join(INTERPOLATIONS)}")
-        self.order = INTERPOLATIONS[interpolation][0]
         if self.order >= 2:
             from ...kernels.sampling import bspline_coefficients
 
@@ -192,8 +207,10 @@ class LevelObjective:
         self._buffers = None
         self._fused = self._fused_setup()
         #: the scattered reads of one iteration, which decide whether its kernels get more than one thread
-        #: (:func:`classreg.kernels._backend.serial_below`): B-spline taps, or linear corners × channels
-        self.parallel_work = sampler.size * (4 ** n if hasattr(model, "grid_map") else 2 ** n * self.stack.shape[-1])
+        #: (:func:`classreg.kernels._backend.serial_below`): B-spline taps, or linear corners × interpolated values
+        #: (value, gradient, mask: read from channels or, with the exact gradient, computed from the value's corners)
+        self.parallel_work = sampler.size * (4 ** n if hasattr(model, "grid_map") else
+                                             2 ** n * (1 + n + self.has_mmask))
         self._sampled = self._sampled_setup()
         self._bspline_step = self._bspline_setup(model, to_y, minv)
         self._device = None
@@ -202,8 +219,8 @@ class LevelObjective:
         if device == "cuda" and isinstance(model, AffineModel) and self.device_covers(self.order, self.terms):
             from .device import DeviceAffineMI
 
-            self._device = DeviceAffineMI(self.stack, has_mask=self.has_mmask, m_lin=self.m_lin,
-                                          mi_args=self._mi_args["mi"])
+            self._device = DeviceAffineMI(self.stack, has_mask=self.has_mmask, exact_gradient=self.exact,
+                                          m_lin=self.m_lin, mi_args=self._mi_args["mi"])
             self._sampled = None  # the host kernels are not used on the device
             self._bank, self._uploaded = {}, (None, None)
         self.last_valid = 1.0
@@ -299,7 +316,9 @@ class LevelObjective:
             return self._moving_bspline(idx)
         if self.order == 0:
             idx = np.floor(idx + 0.5)  # the nearest voxel (ties upwards); inside when it is in the image
-        if self._fast:
+        if self.exact:
+            vals, inside = linear_grad_at(self.stack, idx, backend=self._host_backend)
+        elif self._fast:
             vals = np.empty((len(idx), self.stack.shape[-1]))
             inside = np.empty(len(idx), dtype=np.bool_)
             vals = vals[: self._lin(self.stack, idx, vals, inside)]
@@ -340,7 +359,7 @@ class LevelObjective:
             return None
         from ...kernels.affine import affine_mi_kernel
 
-        return affine_mi_kernel(self.ndim)
+        return affine_mi_kernel(self.ndim, exact_gradient=self.exact)
 
     def _sampled_setup(self):
         """The parallel fused kernel that also samples the fixed image
@@ -356,7 +375,7 @@ class LevelObjective:
         nbf, nbm = self._mi_args[self.terms[0][0]][:2]
         self._hist = np.empty((NCHUNK, nbf, nbm))
         self._sampled_work = None
-        return affine_mi_sampled_kernel(self.ndim)
+        return affine_mi_sampled_kernel(self.ndim, exact_gradient=self.exact)
 
     def _affine_setup(self, p):
         """The fused kernels' per-iteration inputs: sample point → moving index ``B y + b``, the model's centre and
@@ -397,8 +416,9 @@ class LevelObjective:
 
     def _bspline_setup(self, model, to_y, minv):
         """The fused B-spline iteration (:func:`classreg.kernels.bspline.mi_step_kernel`) when it covers this level:
-        numba, linear interpolation, a B-spline model and one MI/NMI term; else None. Sets its constant inputs."""
-        if not (self._fast and self.order == 1 and hasattr(model, "grid_map") and len(self.terms) == 1
+        numba, linear interpolation with its exact gradient, a B-spline model and one MI/NMI term; else None. Sets
+        its constant inputs."""
+        if not (self._fast and self.exact and hasattr(model, "grid_map") and len(self.terms) == 1
                 and self.terms[0][0] in ("mi", "nmi")):
             return None
         n = self.ndim
@@ -414,8 +434,8 @@ class LevelObjective:
         return mi_step_kernel(n)
 
     def _evaluate_bspline(self, p, idx, penalty):
-        """:meth:`evaluate` in one kernel call (the step-by-step path's value; the gradient with the exact derivative
-        of the linear interpolant instead of interpolated central differences), plus the model's penalty."""
+        """:meth:`evaluate` in one kernel call (the step-by-step path's value and gradient with the exact gradient of
+        the linear interpolant, up to rounding), plus the model's penalty."""
         mdl, n = self.model, self.ndim
         flags, prior = self._flags, self._no_prior
         if mdl.prior is not None:  # the earlier fold-free pieces (may change inside a level)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ...options import Declaration, Option, shared
-from .engine import INTERPOLATIONS, METRICS
+from .engine import IMAGE_GRADIENTS, INTERPOLATIONS, METRICS
 from .models import MODELS
 from .sampling import SAMPLERS
 
@@ -42,8 +42,9 @@ def _report(kind):
     return report
 
 
-def _engine_options(iterations):
-    """Options shared by both solvers of the engine (after the transform-specific ones)."""
+def _engine_options(iterations, image_gradient):
+    """Options shared by both solvers of the engine (after the transform-specific ones); ``iterations`` and
+    ``image_gradient`` are the solver's defaults."""
     return (
         shared("init", default="geometry", kind="transform", cli_parse=parse_init,
                help="initial fixed → moving transform, composed before the estimated one: 'geometry' (image "
@@ -75,6 +76,15 @@ def _engine_options(iterations):
                                           "exact gradient of the interpolant (BSplineInterpolator with "
                                           "BSplineInterpolationOrder 2/3)", kind="str",
                choices=tuple(INTERPOLATIONS)),
+        Option("image_gradient", image_gradient, "the moving image's gradient with linear interpolation: "
+                                                 "'smoothed' = central differences on the moving grid, interpolated "
+                                                 "linearly (a smoother derivative); 'exact' = the gradient of the "
+                                                 "linear interpolant itself, the derivative of the sampled cost "
+                                                 "(what elastix's LinearInterpolator computes; one value channel "
+                                                 "is read instead of value and gradient channels, so an iteration "
+                                                 "costs less on large 3-D images). Other interpolations ignore it: "
+                                                 "B-splines use their exact gradient, nearest the central "
+                                                 "differences", kind="str", choices=tuple(IMAGE_GRADIENTS)),
         Option("metric_weights", None, "a weighted sum of image metrics instead of `metric`, e.g. {'mi': 1.0, "
                                        "'ncc': 0.5} (elastix Metric with Metric<i>Weight): values and gradients "
                                        "add up over the same samples; on the command line mi=1,ncc=0.5",
@@ -105,7 +115,7 @@ AFFINE_OPTIONS = Declaration(
                kind="str", choices=tuple(MODELS)),
         shared("metric", default="mi", choices=tuple(METRICS),
                help="similarity: Mattes mutual information, normalised MI, normalised correlation, mean squares"),
-        *_engine_options((100, 100, 150)),
+        *_engine_options((100, 100, 150), "smoothed"),
     ),
 )
 
@@ -131,7 +141,7 @@ BSPLINE_OPTIONS = Declaration(
         Option("fold_free", True, "one new B-spline per level composed on the previous ones, each kept injective "
                                   "(Choi-Lee bound): det J > 0 everywhere; off: elastix's single grid refined "
                                   "level to level", kind="bool"),
-        *_engine_options((500, 500, 500)),
+        *_engine_options((500, 500, 500), "exact"),
     ),
 )
 
