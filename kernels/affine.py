@@ -20,8 +20,8 @@ derivative elastix's ``LinearInterpolator`` returns; its scattered reads touch a
 
 The numpy reference is the engine's unfused path, ``LevelObjective.evaluate`` with ``backend="numpy"`` (sampling,
 MI and the model's chain rule as separate numpy steps, with the same image gradient); ``tests/test_kernels_affine.py``
-checks the fused call against it. Serial, like the other per-sample kernels: a few thousand samples per iteration cost less than a thread launch.
-What it saves is the Python between the steps, which dominates an iteration of a few thousand samples
+checks the fused call against it. Serial, like the other per-sample kernels: a few thousand samples per iteration
+cost less than a thread launch. What it saves is the Python between the steps, which dominates an iteration of a few thousand samples
 (docs/notes/parametric.md).
 """
 from __future__ import annotations
@@ -253,8 +253,8 @@ def affine_mi_kernel(ndim: int, *, exact_gradient: bool = False):
 
     ``stack``: C-contiguous (*spatial, C) float32, channels value, index gradient (ndim) and, with ``has_mask``, the
     mask; with ``exact_gradient``, value and (with ``has_mask``) mask, the gradient being that of the linear
-    interpolant (see the module docstring); ``y`` (N, ndim) float64 sample points (mm) and ``f`` (N,) their fixed values; ``B``, ``b``: sample point →
-    moving index (the affine map followed by the moving image's world → index map); ``m_lin``: the moving image's
+    interpolant (see the module docstring); ``y`` (N, ndim) float64 sample points (mm) and ``f`` (N,) their fixed
+    values; ``B``, ``b``: sample point → moving index (the affine map followed by the moving image's world → index map); ``m_lin``: the moving image's
     world → index matrix; ``center``: the model's centre; the MI arguments as
     :func:`classreg.kernels.sampling.mattes_mi_kernel`; ``mv``, ``fv`` (N,), ``gv``, ``yv`` (N, ndim) scratch
     buffers; ``G`` (ndim, ndim) and ``g`` (ndim,) receive the sums of the module docstring. ``count``: the valid
@@ -282,8 +282,8 @@ def affine_mi_sampled_kernel(ndim: int, *, exact_gradient: bool = False):
     ``fdata``: the fixed image as a C-contiguous (*spatial, 1) stack; ``fidx`` (N, ndim): continuous fixed indices
     inside its grid (a random-coordinate draw); ``ylin``, ``yoff``: fixed index → sample point (mm), ``y = fidx ylin
     + yoff``; ``work`` (N, 6 + 2 ndim) float64, ``ok`` (N,) bool and ``hist`` (NCHUNK, nbf, nbm) scratch; the other
-    arguments (and ``exact_gradient``) as :func:`affine_mi_kernel`, which is its reference (the same value, gradient sums and correlation up
-    to the order of the sums; ``tests/test_kernels_affine.py``). The samples are split into ``NCHUNK`` fixed
+    arguments (and ``exact_gradient``) as :func:`affine_mi_kernel`, which is its reference (the same value, gradient
+    sums and correlation up to the order of the sums; ``tests/test_kernels_affine.py``). The samples are split into ``NCHUNK`` fixed
     slices, so the result does not depend on the number of threads.
     """
     key = ("par", ndim, bool(exact_gradient))

@@ -318,7 +318,8 @@ def register_bspline(fixed: Image, moving: Image, *, grid_spacing=8.0, grid_sche
         det = _det_stats(total, fixed, fmask, backend)
         params = {"grid_spacing": spacing.tolist(), "grid_schedule": list(schedule),
                   "metric": _metric_name(metric, metric_weights),
-                  "interpolation": interpolation, "image_gradient": image_gradient, "bending_weight": float(bending_weight), "fold_free": bool(fold_free), "init": init_name,
+                  "interpolation": interpolation, "image_gradient": image_gradient,
+                  "bending_weight": float(bending_weight), "fold_free": bool(fold_free), "init": init_name,
                   "init_matrix": pre.homogeneous.tolist(),
                   "iterations": list(engine.iterations), "shrink_factors": list(engine.shrink),
                   "smoothing_sigmas": list(engine.sigmas),
