@@ -19,6 +19,7 @@ import os
 import numpy as np
 import pytest
 from classreg.kernels._backend import cuda_simulator
+from test_device_residency import _point_pair  # the 2-D contour pair of the stand-in tests, any size
 
 import classreg as cr
 from classreg.backend import gpu_available
@@ -224,18 +225,6 @@ def test_affine_mi_on_the_gpu_matches_the_cpu_in_3d():
 
 
 # ------------------------------------------------------------------------------------------------ register_points
-def _point_pair(m: int):
-    rng = np.random.default_rng(3)
-    th = np.linspace(0.0, 2.0 * np.pi, m, endpoint=False)
-    rad = 8.0 + 2.5 * np.cos(3.0 * th) + 1.5 * np.sin(th)
-    y = np.stack([rad * np.cos(th), 0.7 * rad * np.sin(th)], axis=1)
-    a = np.deg2rad(12.0)
-    rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
-    x = 1.05 * y @ rot.T + np.array([1.5, -0.8])
-    x[:, 1] += 0.8 * np.sin(x[:, 0] / 4.0)
-    return y, x[::-1] + 0.05 * rng.standard_normal(x.shape), x
-
-
 @pytest.mark.parametrize("m,rank", [(400, None), (1500, 40)])
 def test_points_on_the_gpu_match_the_numpy_backend(m, rank):
     source, target, truth = _point_pair(m)
