@@ -233,19 +233,7 @@ def linear_at(stack, points, *, backend=None):
     inside : ndarray of bool, shape (N,)
         Which points those are.
     """
-    stack = np.ascontiguousarray(stack, dtype=stack.dtype if stack.dtype in (np.float32, np.float64) else np.float64)
-    points = np.ascontiguousarray(points, dtype=np.float64)
-    n = points.shape[1] if points.ndim == 2 else -1
-    if n not in (2, 3) or stack.ndim != n + 1:
-        raise ValueError(f"points must be (N, 2|3) and stack (*spatial, C) with that many spatial axes, got "
-                         f"points {points.shape}, stack {stack.shape}")
-    bk = _backend.resolve_backend(backend, stack, points)
-    if bk == "numpy" or not _backend.HAVE_NUMBA:
-        return _linear_at_numpy(stack, points)
-    out = np.empty((points.shape[0], stack.shape[-1]))
-    inside = np.empty(points.shape[0], dtype=np.bool_)
-    count = linear_kernel(n)(stack, points, out, inside)
-    return out[:count], inside
+    return _scattered(stack, points, backend, gradient=False)
 
 
 def linear_grad_at(stack, points, *, backend=None):
@@ -272,18 +260,24 @@ def linear_grad_at(stack, points, *, backend=None):
     inside : ndarray of bool, shape (N,)
         Which points those are.
     """
+    return _scattered(stack, points, backend, gradient=True)
+
+
+def _scattered(stack, points, backend, *, gradient: bool):
+    """:func:`linear_at` (``gradient=False``) or :func:`linear_grad_at`: checks, then the numpy reference or the
+    compiled kernel."""
     stack = np.ascontiguousarray(stack, dtype=stack.dtype if stack.dtype in (np.float32, np.float64) else np.float64)
     points = np.ascontiguousarray(points, dtype=np.float64)
     n = points.shape[1] if points.ndim == 2 else -1
-    if n not in (2, 3) or stack.ndim != n + 1 or stack.shape[-1] not in (1, 2):
-        raise ValueError(f"points must be (N, 2|3) and stack (*spatial, 1|2) with that many spatial axes, got "
-                         f"points {points.shape}, stack {stack.shape}")
+    if n not in (2, 3) or stack.ndim != n + 1 or (gradient and stack.shape[-1] not in (1, 2)):
+        raise ValueError(f"points must be (N, 2|3) and stack (*spatial, {'1|2' if gradient else 'C'}) with that many "
+                         f"spatial axes, got points {points.shape}, stack {stack.shape}")
     bk = _backend.resolve_backend(backend, stack, points)
     if bk == "numpy" or not _backend.HAVE_NUMBA:
-        return _linear_grad_at_numpy(stack, points)
-    out = np.empty((points.shape[0], n + stack.shape[-1]))
+        return (_linear_grad_at_numpy if gradient else _linear_at_numpy)(stack, points)
+    out = np.empty((points.shape[0], (n if gradient else 0) + stack.shape[-1]))
     inside = np.empty(points.shape[0], dtype=np.bool_)
-    count = linear_grad_kernel(n)(stack, points, out, inside)
+    count = (linear_grad_kernel if gradient else linear_kernel)(n)(stack, points, out, inside)
     return out[:count], inside
 
 
