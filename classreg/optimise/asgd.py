@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..kernels._backend import get_array_module
+
 __all__ = ["SGDResult", "asgd", "estimate_gain", "regular_step_gd", "sigmoid", "standard_gd"]
 
 #: elastix defaults (ELASTIX.md §5)
@@ -116,17 +118,21 @@ def asgd(evaluate, x0, *, scales, iterations, a, omega, A=SP_A, alpha=SP_ALPHA_A
     to continue from another point (it returns the new point, or None): a model that re-parameterises itself (a
     B-spline composed onto the map so far) continues with the same gain schedule and a fresh average.
     ``on_iteration(k, x, value, gain)`` is called after every update (``value`` at the point before it).
+
+    ``x0`` may be a CuPy array (``evaluate`` then returns device gradients): the iterates stay on the device, the
+    host reads one number per iteration (the inner product of successive gradients, for the adaptive time).
     """
-    x = np.array(x0, dtype=float)
-    scales = np.asarray(scales, dtype=float)
+    xp = get_array_module(x0)
+    x = xp.array(x0, dtype=float)
+    scales = xp.asarray(scales, dtype=float)
     t, g_prev, value = 0.0, None, float("nan")
     n_it = int(iterations)
     start = n_it - int(round(float(average) * n_it)) if average > 0 else n_it
-    total, count = np.zeros_like(x), 0
+    total, count = xp.zeros_like(x), 0
     for k in range(n_it):
         value, g = evaluate(x, k)
         if g_prev is not None:
-            t = max(0.0, t + sigmoid(-float(np.dot(g, g_prev / scales)), fmax=fmax, fmin=fmin, omega=omega))
+            t = max(0.0, t + sigmoid(-float(xp.dot(g, g_prev / scales)), fmax=fmax, fmin=fmin, omega=omega))
         gain = a / (t + A) ** alpha
         x = x - gain * g / scales
         if project is not None:
@@ -135,7 +141,7 @@ def asgd(evaluate, x0, *, scales, iterations, a, omega, A=SP_A, alpha=SP_ALPHA_A
         if restart is not None:
             new = restart(k, x)
             if new is not None:
-                x, g_prev = np.array(new, dtype=float), None
+                x, g_prev = xp.array(new, dtype=float), None
                 total[:], count = 0.0, 0
         if k >= start:
             total += x

@@ -20,6 +20,7 @@ import math
 
 import numpy as np
 
+from ...kernels._backend import get_array_module, is_cupy_array
 from ...transforms import BSplineTransform
 
 __all__ = ["BSplineModel"]
@@ -92,19 +93,35 @@ class BSplineModel:
         return out
 
     def saturation(self, p) -> float:
-        """Fraction of coefficient components within 5 % of the injectivity bound (0 without one)."""
+        """Fraction of coefficient components within 5 % of the injectivity bound (0 without one; device
+        coefficients: one scalar read)."""
         if self._limit is None:
             return 0.0
+        if is_cupy_array(p):
+            near = sum((abs(c) >= 0.95 * lim).sum() for c, lim in zip(self._along_grid(p), self._limit))
+            return float(near) / p.size
         c = np.abs(np.asarray(p).reshape(-1, self.ndim) @ self._frame)
         return float(np.mean(c >= 0.95 * self._limit))
 
     def project(self, p) -> np.ndarray:
-        """``p`` with every coefficient inside the injectivity box (fold-free mode; unchanged otherwise)."""
+        """``p`` with every coefficient inside the injectivity box (fold-free mode; unchanged otherwise; device
+        coefficients stay on the device)."""
         if self._limit is None:
             return p
+        if is_cupy_array(p):
+            xp, n, f = get_array_module(p), self.ndim, self._frame
+            c = [xp.clip(c, -float(lim), float(lim)) for c, lim in zip(self._along_grid(p), self._limit)]
+            return xp.stack([sum(c[k] * float(f[j, k]) for k in range(n)) for j in range(n)], axis=1).ravel()
         c = np.asarray(p).reshape(-1, self.ndim) @ self._frame  # components along the grid axes
         np.clip(c, -self._limit, self._limit, out=c)
         return (c @ self._frame.T).ravel()
+
+    def _along_grid(self, p):
+        """The components of device coefficients along the grid axes (one array per axis; the frame's entries enter
+        as scalars, so nothing is uploaded)."""
+        n, f = self.ndim, self._frame
+        c = p.reshape(-1, n)
+        return [sum(c[:, j] * float(f[j, k]) for j in range(n)) for k in range(n)]
 
     @classmethod
     def over(cls, fixed, pre, spacing, *, margin: float = 0.0, **kwargs) -> "BSplineModel":

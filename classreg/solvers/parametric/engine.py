@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ...kernels._backend import is_cupy_array
 from ...kernels.bspline import mi_step_kernel, mi_step_workspace
 from ...kernels.sampling import linear_at, linear_grad_at
 from ...progress import similarity
@@ -125,9 +126,11 @@ class LevelObjective:
         Kernel backend of the interpolation.
     device : {"cpu", "cuda"}
         ``"cuda"``: the level's moving stack goes to the GPU once and each evaluation runs there
-        (:class:`.device.DeviceAffineMI`) when the level is on the fused path's ground (linear interpolation, an
-        affine-family model, one Mattes MI term; :meth:`device_covers`); the samples go up once per level
-        (:meth:`predraw`) or per explicit draw. Otherwise, and on ``"cpu"``, the host path.
+        (:class:`.device.DeviceAffineMI` for an affine-family model, :class:`.device.DeviceBSplineMI` for a
+        B-spline one) when the level is on the device path's ground (linear interpolation, one Mattes MI term;
+        :meth:`device_covers`); the samples go up once per level (:meth:`predraw`) or per explicit draw. A B-spline
+        level's coefficients and gradients are device arrays there (:meth:`resident`). Otherwise, and on ``"cpu"``,
+        the host path.
     interpolation : str
         See :data:`INTERPOLATIONS`. ``linear``: the value interpolated linearly and the gradient as
         ``image_gradient`` says; ``bspline2``/``bspline3``: value and the exact gradient of the
@@ -216,13 +219,22 @@ class LevelObjective:
         self._device = None
         from .models import AffineModel
 
-        if device == "cuda" and isinstance(model, AffineModel) and self.device_covers(self.order, self.terms):
-            from .device import DeviceAffineMI
+        if device == "cuda" and self.device_covers(self.order, self.terms):
+            from .device import DeviceAffineMI, DeviceBSplineMI
 
-            self._device = DeviceAffineMI(self.stack, has_mask=self.has_mmask, exact_gradient=self.exact,
-                                          m_lin=self.m_lin, mi_args=self._mi_args["mi"])
-            self._sampled = None  # the host kernels are not used on the device
+            kw = dict(has_mask=self.has_mmask, exact_gradient=self.exact, m_lin=self.m_lin, mi_args=self._mi_args["mi"])
+            if isinstance(model, AffineModel):
+                self._device = DeviceAffineMI(self.stack, **kw)
+            elif hasattr(model, "grid_map"):
+                bending = None if model.bending_weight <= 0 else (model.bending_weight,
+                                                                   tuple(reversed(model.grid.grid_spacing)))
+                self._device = DeviceBSplineMI(self.stack, m_off=self.m_off, grid_map=model.grid_map(),
+                                               grid_shape=model.shape[:-1], bending=bending, **kw)
+        if self._device is not None:
+            self._sampled = self._bspline_step = None  # the host kernels are not used on the device
             self._bank, self._uploaded = {}, (None, None)
+        #: the Euclidean norm of the last device gradient (read with the evaluation's numbers)
+        self.last_gradient_norm = float("nan")
         self.last_valid = 1.0
         self.last_similarity = float("nan")
 
@@ -264,13 +276,22 @@ class LevelObjective:
     # ------------------------------------------------------------------ the device path
     @staticmethod
     def device_covers(order, terms) -> bool:
-        """Whether :class:`.device.DeviceAffineMI` evaluates an affine-family level with interpolation ``order``
-        and metric ``terms``: linear interpolation and one Mattes MI term."""
+        """Whether :class:`.device.DeviceAffineMI` (an affine-family level) or :class:`.device.DeviceBSplineMI` (a
+        B-spline level) evaluates a level with interpolation ``order`` and metric ``terms``: linear interpolation
+        (either image gradient) and one Mattes MI term."""
         return order == 1 and len(terms) == 1 and terms[0][0] == "mi"
 
     @property
     def on_device(self) -> bool:
         return self._device is not None
+
+    def resident(self, p):
+        """``p`` where the optimiser keeps it: on the device for a B-spline level evaluated there (its thousands
+        of coefficients then never cross inside the level), else ``p`` itself (the affine family's few parameters
+        enter the device evaluation as scalars)."""
+        if self._device is not None and hasattr(self._device, "use_prior") and not is_cupy_array(p):
+            return self._device.xp.asarray(np.ascontiguousarray(p, dtype=np.float64))
+        return p
 
     def predraw(self, keys):
         """Device path: draw the samples of iterations ``keys`` now, in that order (the order the optimiser asks
@@ -297,16 +318,30 @@ class LevelObjective:
                                        xp.asarray(np.ascontiguousarray(f, dtype=np.float64))))
         return self._uploaded[1]
 
-    def _evaluate_device(self, p, k, samples):
-        """:meth:`evaluate` on the device (:class:`.device.DeviceAffineMI`; the CPU fused kernel's value and sums up
-        to the order of the sums); the parameters and the chain rule's last step stay on the host."""
+    def _evaluate_device(self, p, k, samples, penalty):
+        """:meth:`evaluate` on the device: ``(value, gradient, finite)``. Affine family
+        (:class:`.device.DeviceAffineMI`): the parameters and the chain rule's last step stay on the host, the
+        gradient is a host array. B-spline (:class:`.device.DeviceBSplineMI`): the coefficients (``p``, uploaded
+        if given on the host) and the gradient are device arrays; the host gets the value, the count, the
+        correlation, the gradient's norm and whether it is finite. Both are the CPU fused kernels' value and
+        gradient up to the order of the sums."""
         y, f = self._device_samples(k, samples)
+        weight = self.terms[0][1]
+        if hasattr(self._device, "use_prior"):
+            mdl = self.model
+            if mdl.prior is not None:  # the earlier fold-free pieces (may change inside a level)
+                self._device.use_prior(mdl.prior[0], mdl.prior_map)
+            count, value, ncc, grad, norm, finite = self._device.evaluate(
+                y, f, self.resident(p).reshape(mdl.shape), weight=weight, penalty=penalty)
+            self._check_valid(count, len(f))
+            self.last_similarity, self.last_gradient_norm = ncc, norm
+            return value, grad, finite
         B, b, c, _, _ = self._affine_setup(p)
         count, value, ncc, G, g = self._device.evaluate(y, f, B, b, c)
         self._check_valid(count, len(f))
         self.last_similarity = ncc
-        weight = self.terms[0][1]
-        return weight * value, weight * self.model.gradient_from_sums(p, G, g)
+        grad = weight * self.model.gradient_from_sums(p, G, g)
+        return weight * value, grad, np.all(np.isfinite(grad))
 
     # ------------------------------------------------------------------ cost
     def moving_at(self, z):
@@ -469,20 +504,23 @@ class LevelObjective:
                 "init='global'")
 
     def evaluate(self, p, k=0, *, samples=None, penalty=True):
-        """``(cost, gradient)`` at parameters ``p`` with the samples of iteration ``k`` (or ``samples``)."""
+        """``(cost, gradient)`` at parameters ``p`` with the samples of iteration ``k`` (or ``samples``); on a
+        device B-spline level the gradient is a device array (``p`` may be either)."""
         if self._device is not None:
-            value, grad = self._evaluate_device(p, k, samples)
-        elif self._bspline_step is not None and samples is None:
-            value, grad = self._evaluate_bspline(p, self.indices(k), penalty)
-        elif self._sampled is not None and samples is None:
-            value, grad = self._evaluate_sampled(p, self.indices(k))
+            value, grad, finite = self._evaluate_device(p, k, samples, penalty)
         else:
-            y, f = self.samples(k) if samples is None else samples
-            if self._fused is not None:
-                value, grad = self._evaluate_fused(p, y, f)
+            if self._bspline_step is not None and samples is None:
+                value, grad = self._evaluate_bspline(p, self.indices(k), penalty)
+            elif self._sampled is not None and samples is None:
+                value, grad = self._evaluate_sampled(p, self.indices(k))
             else:
-                value, grad = self._evaluate_steps(p, y, f, penalty)
-        if not np.all(np.isfinite(grad)) or not np.isfinite(value):
+                y, f = self.samples(k) if samples is None else samples
+                if self._fused is not None:
+                    value, grad = self._evaluate_fused(p, y, f)
+                else:
+                    value, grad = self._evaluate_steps(p, y, f, penalty)
+            finite = np.all(np.isfinite(grad))
+        if not finite or not np.isfinite(value):
             raise FloatingPointError("the metric gradient is not finite (NaN/Inf in the images or an overflow); "
                                      "check the inputs")
         return float(value), grad

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from ...backend import placement
+from ...backend import placement, to_numpy
 from ...image import Image
 from ...kernels._backend import serial_below
 from ...options import declared
@@ -135,7 +135,8 @@ def register_affine(fixed: Image, moving: Image, *, transform: str = "affine", m
     """
     t0 = time.perf_counter()
     check_pair(fixed, moving)
-    dev, backend = _affine_placement(device, backend, fixed, moving, metric, metric_weights, interpolation)
+    dev, backend = _placement("register_affine", device, backend, fixed, moving, metric, metric_weights,
+                              interpolation)
     fixed, moving = fixed.to("cpu"), moving.to("cpu")  # the host sees the inputs once (no copy for numpy data)
     fmask, mmask = check_masks(fixed, moving, fixed_mask, moving_mask)
     pre, init_name = _initial(fixed, moving, init, fmask, mmask, seed, backend, progress=progress)
@@ -223,7 +224,11 @@ def register_bspline(fixed: Image, moving: Image, *, grid_spacing=8.0, grid_sche
     init, fixed_mask, moving_mask, shrink_factors, smoothing_sigmas, iterations, samples, sampler, new_samples,
     optimiser, max_step, bins, interpolation, metric_weights, seed, threads, memory_limit, time_limit, device, backend, progress,
     callback
-        As in :func:`register_affine`.
+        As in :func:`register_affine`. On ``device="cuda"`` with linear interpolation, one Mattes MI term and ASGD
+        each evaluation (B-spline map, moving value and gradient, histogram, gradient in the coefficients, bending
+        energy) runs on the GPU and the coefficients stay there within a level (:class:`.device.DeviceBSplineMI`;
+        the pyramid, the sample draws, the gain estimation and the composition of fold-free pieces run on the
+        host); other configurations run on the CPU, with a log line (docs/gpu.md).
 
     Returns
     -------
@@ -239,9 +244,8 @@ def register_bspline(fixed: Image, moving: Image, *, grid_spacing=8.0, grid_sche
 
     t0 = time.perf_counter()
     check_pair(fixed, moving)
-    if placement(device, None if backend == "cuda" else backend, fixed.data, moving.data)[0] == "cuda":
-        logger.info("register_bspline has no GPU path yet; running on the CPU")
-        backend = None if backend == "cuda" else backend
+    dev, backend = _placement("register_bspline", device, backend, fixed, moving, metric, metric_weights,
+                              interpolation, optimiser=optimiser)
     fixed, moving = fixed.to("cpu"), moving.to("cpu")  # CuPy images: one copy to the host
     fmask, mmask = check_masks(fixed, moving, fixed_mask, moving_mask)
     pre, init_name = _initial(fixed, moving, init, fmask, mmask, seed, backend, progress=progress)
@@ -252,7 +256,7 @@ def register_bspline(fixed: Image, moving: Image, *, grid_spacing=8.0, grid_sche
                      new_samples=new_samples, optimiser=optimiser, max_step=max_step, bins=bins, seed=seed,
                      interpolation=interpolation, image_gradient=image_gradient, metric_weights=metric_weights,
                      backend=backend, shrink_factors=shrink_factors, smoothing_sigmas=smoothing_sigmas,
-                     iterations=iterations, average=0.0)
+                     iterations=iterations, average=0.0, device=dev)
     levels = len(engine.shrink)
     schedule = _grid_schedule(grid_schedule, levels)
     spacing = np.broadcast_to(np.asarray(grid_spacing, dtype=float), (fixed.ndim,)).astype(float)
@@ -298,6 +302,7 @@ def register_bspline(fixed: Image, moving: Image, *, grid_spacing=8.0, grid_sche
         mdl = models[state["model"]]
         if (k + 1) % RESTART_EVERY or mdl.saturation(p) < RESTART_SATURATION:
             return None
+        p = to_numpy(p)  # on the device: the composition onto the map runs on the host (a rare event)
         done.append((mdl, p))
         _set_prior(mdl, mdl, p, fixed, pre)
         return mdl.identity()
@@ -307,7 +312,7 @@ def register_bspline(fixed: Image, moving: Image, *, grid_spacing=8.0, grid_sche
     with _blas_single_thread():  # the run and the dense maps of the result (see _blas_single_thread)
         stopped = engine.run(level_model, state, prog)
         mdl = models[state["model"]]
-        p = state["p"]
+        p = to_numpy(state["p"])  # a device iterate when a callback or the time limit stopped a device level
         pieces = [*done, (mdl, p)] if fold_free else [(mdl, p)]
         parts = [m.to_transform(c) for m, c in pieces]
         if not np.allclose(pre.homogeneous, np.eye(fixed.ndim + 1)):
@@ -324,7 +329,8 @@ def register_bspline(fixed: Image, moving: Image, *, grid_spacing=8.0, grid_sche
                   "iterations": list(engine.iterations), "shrink_factors": list(engine.shrink),
                   "smoothing_sigmas": list(engine.sigmas),
                   "memory_estimate_mb": memory_mb,
-                  **common_params(init=None, dtype=np.float64, seed=int(seed), backend=backend)}
+                  **common_params(init=None, dtype=np.float64, seed=int(seed),
+                                 backend="cuda" if dev == "cuda" else backend)}
         metrics = {"metric": metric_value, "bending_energy": energy, "grid_size": [list(m.grid_size) for m in models],
                    "pieces": len(pieces), **det, "samples": int(samples), "valid_fraction": valid,
                    "levels": engine.level_info}
@@ -463,7 +469,8 @@ class _Engine:
 
         def evaluate(x, k):
             value, grad = obj.evaluate(x, k)
-            last["gradient"] = float(np.linalg.norm(grad))
+            # a device gradient's norm came with the evaluation's one read
+            last["gradient"] = float(np.linalg.norm(grad)) if isinstance(grad, np.ndarray) else obj.last_gradient_norm
             return value, grad
 
         def on_iteration(k, x, value, gain):
@@ -479,13 +486,16 @@ class _Engine:
         project = getattr(model, "project", None)
         displ = obj.displacements(p0, y_est[: 4 * self.samples])
         if self.optimiser == "asgd":
-            grads = [obj.evaluate(p0, k)[1] for k in gain_draws]
-            exact = None if obj.sampler.deterministic else obj.evaluate(p0, samples=(y_est, f_est))[1]
+            # the gain estimation runs on the host, once per level: a device B-spline level's few gradients here
+            # come down (to_numpy), its iterations then keep the coefficients on the device (obj.resident)
+            x0 = obj.resident(p0)
+            grads = [to_numpy(obj.evaluate(x0, k)[1]) for k in gain_draws]
+            exact = None if obj.sampler.deterministic else to_numpy(obj.evaluate(x0, samples=(y_est, f_est))[1])
             big = (y_est, f_est) if exact is not None else None
             a, omega, fmin = estimate_gain(displ, grads, scales, exact=exact, max_step=delta,
-                                           exact_at=lambda s: obj.evaluate(p0 + s, 0, samples=big)[1])
-            res = asgd(evaluate, p0, scales=scales, iterations=level.iterations, a=a, omega=omega, fmin=fmin,
-                       average=self.average if not obj.sampler.deterministic else 0.0, project=project,
+                                           exact_at=lambda s: to_numpy(obj.evaluate(p0 + s, 0, samples=big)[1]))
+            res = asgd(evaluate, x0, scales=scales, iterations=level.iterations, a=a, omega=omega,
+                       fmin=fmin, average=self.average if not obj.sampler.deterministic else 0.0, project=project,
                        restart=self.restart, on_iteration=on_iteration)
         elif self.optimiser == "gd":
             res = standard_gd(evaluate, p0, scales=scales, iterations=level.iterations, project=project,
@@ -496,7 +506,7 @@ class _Engine:
                                   on_iteration=on_iteration)
         else:
             return self._lbfgs(obj, p0, scales, delta, level, state, progress)
-        state["p"] = res.x
+        state["p"] = to_numpy(res.x)  # a device level's coefficients, once per level (the next level's setup)
         return res.value
 
     def _lbfgs(self, obj, p0, scales, delta, level, state, progress):
@@ -549,17 +559,21 @@ class _Engine:
         return value, obj.last_valid
 
 
-def _affine_placement(device, backend, fixed, moving, metric, metric_weights, interpolation):
-    """``(device, backend)`` of :func:`register_affine`: on "cuda" the per-iteration evaluation runs on the GPU
-    (:meth:`LevelObjective.device_covers`: linear interpolation and one Mattes MI term) and the host-side steps
-    (pyramid, initial transform, result) on the CPU kernels; a configuration the device path does not cover runs on
-    the CPU, with a log line."""
+def _placement(solver, device, backend, fixed, moving, metric, metric_weights, interpolation, optimiser=None):
+    """``(device, backend)`` of :func:`register_affine` and :func:`register_bspline` (``optimiser`` given: ASGD
+    only, whose iterates the B-spline path keeps on the device): on "cuda" the per-iteration evaluation runs on the
+    GPU (:meth:`LevelObjective.device_covers`: linear interpolation and one Mattes MI term) and the host-side steps
+    (pyramid, initial transform, gain estimation, result) on the CPU kernels; a configuration the device path does
+    not cover runs on the CPU, with a log line."""
     dev, backend = placement(device, backend, fixed.data, moving.data)
     if dev != "cuda":
         return dev, backend
     terms = metric_terms(metric if metric_weights is None else metric_weights)
     if not LevelObjective.device_covers(INTERPOLATIONS.get(interpolation, (-1,))[0], terms):
-        logger.info("register_affine: the GPU path covers linear interpolation with metric='mi'; running on the CPU")
+        logger.info(f"{solver}: the GPU path covers linear interpolation with metric='mi'; running on the CPU")
+        return "cpu", None
+    if optimiser not in (None, "asgd"):
+        logger.info(f"{solver}: the GPU path covers optimiser='asgd'; running on the CPU")
         return "cpu", None
     return dev, None
 
