@@ -484,8 +484,9 @@ def test_bspline_stays_on_device(monkeypatch, how, restart):
                                      **BSPLINE)
     log = cp.transfers
     assert res.params["backend"] == "cuda"
+    n_it = BSPLINE["iterations"][0]
     levels = [h["level"] if isinstance(h, dict) else h.level for h in res.history]
-    assert levels == [0] * 60 + [1] * 60 and len(marks) == len(levels)
+    assert levels == [0] * n_it + [1] * n_it and len(marks) == len(levels)
     assert res.metrics["pieces"] == cpu.metrics["pieces"] == (4 if restart else 2)
     for level in (0, 1):
         level_marks = [marks[i] for i, lv in enumerate(levels) if lv == level]
@@ -498,9 +499,9 @@ def test_bspline_stays_on_device(monkeypatch, how, restart):
             f in r[2] for f in ("classreg/backend.py", "optimise/asgd.py", "parametric/device.py"))
         per_iteration = only_scalar_reads(log, level_marks, 2 + 1.0 / (RESTART_EVERY - 1),
                                           allowed=piece if restart else lambda r: False)
-        # exactly: 59 evaluations and inner products between the level's first and last event, one saturation
-        # check (after iteration 49), no inner product in the iteration after a restart
-        assert per_iteration == (2 * 59 + 1 - restart) / 59
+        # exactly: n_it - 1 evaluations and inner products between the level's first and last event, one
+        # saturation check (after iteration RESTART_EVERY - 1), no inner product in the iteration after a restart
+        assert per_iteration == (2 * (n_it - 1) + 1 - restart) / (n_it - 1)
         inside = log.between(level_marks[0], level_marks[-1], kinds=("upload", "download"))
         assert len(inside) == (3 if restart else 0), inside
     # outside the loops, per level: the moving stack, the ASGD scales, the pre-drawn samples (y, f), the gain
