@@ -505,12 +505,15 @@ def test_bspline_stays_on_device(monkeypatch, how, restart):
         inside = log.between(level_marks[0], level_marks[-1], kinds=("upload", "download"))
         assert len(inside) == (3 if restart else 0), inside
     # outside the loops, per level: the moving stack, the ASGD scales, the pre-drawn samples (y, f), the gain
-    # estimation's large draw (y, f), the level's starting coefficients and (a later fold-free level) the prior go
-    # up; the gain estimation's gradients (GAIN_DRAWS stochastic, one on the large draw, one at a trial step) and
-    # the level's final coefficients come down; at the end the final metric's draw and coefficients go up
+    # estimation's large draw (y, f), the level's starting coefficients and those of the gain's trial step (8), and
+    # on the second fold-free level the prior go up; at the end the final metric's draw and coefficients (3); a
+    # restart sends the new piece's coefficients and prior (2). The gain estimation's gradients (GAIN_DRAWS
+    # stochastic, one on the large draw, one at the trial step) and the level's final coefficients come down (and
+    # CuPy images come down once after their upload by Image.to)
+    images = [fixed.data.size] * 2 if how == "cupy_image" else []
+    assert len(log.between(0, kinds=("upload",))) == len(images) + 2 * 8 + 1 + 3 + 2 * 2 * restart
     sizes = [int(np.prod(g)) * 2 for g in res.metrics["grid_size"]]  # coefficients per level
     downloads = sorted(r[1] for r in log.between(0, kinds=("download",)))
-    images = [fixed.data.size] * 2 if how == "cupy_image" else []
     assert downloads == sorted(images + [n for n in sizes for _ in range(GAIN_DRAWS + 3 + restart)]), downloads
     # the same samples and formulas as on the CPU; each evaluation agrees to ~1e-15
     # (test_device_bspline_mi_matches_the_cpu_kernel) and 2 × 60 ASGD iterations amplify that: measured 2.2e-10 mm
