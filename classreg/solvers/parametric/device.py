@@ -85,11 +85,12 @@ class _DeviceMI:
     def _linear(self, flat, shape, coords, exact):
         """Linear interpolation of the channels ``flat`` (voxels, C) of an image of ``shape`` at the index
         coordinates ``coords`` (one (N,) array per axis): ``(vals, inside)``; with ``exact`` the columns are the
-        value, its index gradient (that of the interpolant) and the remaining channels."""
+        value, its index gradient (that of the interpolant) and the remaining channels. The 2ⁿ corners of every
+        point are gathered at once (corner weights and indices built axis by axis as outer products), so the number
+        of array operations grows with n, not 2ⁿ."""
         xp, n = self.xp, len(shape)
-        strides = [int(np.prod(shape[a + 1:])) for a in range(n)]
-        inside = None
-        base, frac = [], []
+        inside = weights = index = None
+        dweights = []  # ∂(corner weight)/∂c_a: the other axes' factors, ±1 along a
         for a in range(n):
             c = coords[a]
             hi = shape[a] - 1.0
@@ -97,26 +98,26 @@ class _DeviceMI:
             inside = ok if inside is None else inside & ok
             c = xp.clip(c, 0.0, hi)
             i = xp.minimum(xp.floor(c).astype(xp.int64), max(shape[a] - 2, 0))
-            base.append(i)
-            frac.append(c - i)
-        vals, grad = 0.0, [0.0] * n
-        for corner in range(2 ** n):
-            bits = [(corner >> (n - 1 - a)) & 1 for a in range(n)]
-            factors = [frac[a] if bits[a] else 1.0 - frac[a] for a in range(n)]
-            w, index = 1.0, 0
-            for a in range(n):
-                w = w * factors[a]
-                index = index + xp.minimum(base[a] + bits[a], shape[a] - 1) * strides[a]
-            v = flat[index]
-            vals = vals + w[:, None] * v
+            t = c - i
+            wa = xp.stack([1.0 - t, t], axis=1)
+            ia = xp.stack([i, xp.minimum(i + 1, shape[a] - 1)], axis=1) * int(np.prod(shape[a + 1:]))
+            if weights is None:
+                weights, index = wa, ia
+                if exact:
+                    one = xp.ones_like(t)
+                    dweights = [xp.stack([-one, one], axis=1)]
+                continue
+            outer = (len(t), -1)
             if exact:
-                for a in range(n):  # ∂/∂c_a of the corner's weight: the other axes' factors, ±1 along a
-                    wa = 1.0 if bits[a] else -1.0
-                    for k in range(n):
-                        if k != a:
-                            wa = wa * factors[k]
-                    grad[a] = grad[a] + wa * v[:, 0]
+                one = xp.ones_like(t)
+                dweights = [(d[:, :, None] * wa[:, None, :]).reshape(outer) for d in dweights]
+                dweights.append((weights[:, :, None] * xp.stack([-one, one], axis=1)[:, None, :]).reshape(outer))
+            weights = (weights[:, :, None] * wa[:, None, :]).reshape(outer)
+            index = (index[:, :, None] + ia[:, None, :]).reshape(outer)
+        v = flat[index]  # (N, 2ⁿ, C)
+        vals = (weights[:, :, None] * v).sum(axis=1)
         if exact:  # value, gradient, other channels (the mask): the column layout of the value/gradient stack
+            grad = [(d * v[:, :, 0]).sum(axis=1) for d in dweights]
             vals = xp.stack([vals[:, 0], *grad] + [vals[:, c] for c in range(1, flat.shape[1])], axis=1)
         return vals, inside
 
