@@ -239,11 +239,11 @@ def test_bspline_mi_on_the_gpu_matches_the_cpu_in_3d():
     # each evaluation equals the CPU's to float64 rounding, but the gradient's and the histogram's bincounts add
     # with GPU atomics (another order on every run), and this run is that sensitive to rounding itself: the CPU run
     # with every gradient scaled by 1 + 2⁻⁵² ends 0.016 mm away (the first steps of the middle level oscillate and
-    # amplify any change), the stand-in device run (numpy's sums) 0.017 mm (docs/notes/gpu.md); 0.1 mm, a tenth of
-    # a voxel, bounds that with room
+    # amplify any change), the stand-in device run (numpy's sums) 0.017-0.024 mm (docs/notes/gpu.md); 0.1 mm, a
+    # tenth of a voxel, bounds that with room
     assert diff <= 0.1 and rediff <= 0.1, (diff, rediff)
     assert dev.metrics["min_det"] > 0 and dev.metrics["percent_det_nonpositive"] == 0  # fold-free, as on the CPU
-    np.testing.assert_allclose(dev.metrics["metric"], cpu.metrics["metric"], rtol=1e-3)  # measured 1.5e-4
+    np.testing.assert_allclose(dev.metrics["metric"], cpu.metrics["metric"], rtol=1e-3)  # stand-in: 0.9e-4 to 1.5e-4
 
 
 # ------------------------------------------------------------------------------------------------ register_points
