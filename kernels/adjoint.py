@@ -133,16 +133,19 @@ def _splat_np(vals, pts, spatial):
 # `prange` and `_ax` are rebound to numba.prange and the compiled axis helper when compiling.
 # ----------------------------------------------------------------------------------------------------------------
 prange = range
+# Float type of the per-point bodies: float64 on the CPU (its arithmetic for float32 data too), the data's type in the
+# numba.cuda kernels (`_cuda_kernels`).
+ft = np.float64
 
 
 def _axis_scalar(c, n):
-    inside = (c > 0.0) and (c < n - 1.0)
-    cc = c if c > 0.0 else 0.0
-    cc = cc if cc < n - 1.0 else n - 1.0
+    inside = (c > ft(0.0)) and (c < ft(n) - ft(1.0))
+    cc = c if c > ft(0.0) else ft(0.0)
+    cc = cc if cc < ft(n) - ft(1.0) else ft(n) - ft(1.0)
     j = int(math.floor(cc))
     if j > n - 2:
         j = n - 2
-    return j, cc - j, inside
+    return j, cc - ft(j), inside
 
 
 _ax = _axis_scalar
@@ -165,8 +168,8 @@ def _sample2_at(img, pts, val, grd, want, p):
     n0, n1, C = img.shape
     j0, t0, i0 = _ax(pts[p, 0], n0)
     j1, t1, i1 = _ax(pts[p, 1], n1)
-    s0 = 1 - t0
-    s1 = 1 - t1
+    s0 = ft(1) - t0
+    s1 = ft(1) - t1
     for c in range(C):
         v00 = img[j0, j1, c]
         v01 = img[j0, j1 + 1, c]
@@ -174,8 +177,8 @@ def _sample2_at(img, pts, val, grd, want, p):
         v11 = img[j0 + 1, j1 + 1, c]
         val[p, c] = s0 * (s1 * v00 + t1 * v01) + t0 * (s1 * v10 + t1 * v11)
         if want:
-            grd[p, c, 0] = (s1 * (v10 - v00) + t1 * (v11 - v01)) if i0 else 0.0
-            grd[p, c, 1] = (s0 * (v01 - v00) + t0 * (v11 - v10)) if i1 else 0.0
+            grd[p, c, 0] = (s1 * (v10 - v00) + t1 * (v11 - v01)) if i0 else ft(0.0)
+            grd[p, c, 1] = (s0 * (v01 - v00) + t0 * (v11 - v10)) if i1 else ft(0.0)
 
 
 def _sample2(img, pts, val, grd, want):
@@ -188,9 +191,9 @@ def _sample3_at(img, pts, val, grd, want, p):
     j0, t0, i0 = _ax(pts[p, 0], n0)
     j1, t1, i1 = _ax(pts[p, 1], n1)
     j2, t2, i2 = _ax(pts[p, 2], n2)
-    s0 = 1 - t0
-    s1 = 1 - t1
-    s2 = 1 - t2
+    s0 = ft(1) - t0
+    s1 = ft(1) - t1
+    s2 = ft(1) - t2
     for c in range(C):
         v000 = img[j0, j1, j2, c]
         v001 = img[j0, j1, j2 + 1, c]
@@ -204,17 +207,17 @@ def _sample3_at(img, pts, val, grd, want, p):
         a1 = s1 * (s2 * v100 + t2 * v101) + t1 * (s2 * v110 + t2 * v111)
         val[p, c] = s0 * a0 + t0 * a1
         if want:
-            grd[p, c, 0] = (a1 - a0) if i0 else 0.0
+            grd[p, c, 0] = (a1 - a0) if i0 else ft(0.0)
             b0 = s2 * v000 + t2 * v001
             b1 = s2 * v010 + t2 * v011
             b2 = s2 * v100 + t2 * v101
             b3 = s2 * v110 + t2 * v111
-            grd[p, c, 1] = (s0 * (b1 - b0) + t0 * (b3 - b2)) if i1 else 0.0
+            grd[p, c, 1] = (s0 * (b1 - b0) + t0 * (b3 - b2)) if i1 else ft(0.0)
             e0 = s1 * v000 + t1 * v010
             e1 = s1 * v001 + t1 * v011
             e2 = s1 * v100 + t1 * v110
             e3 = s1 * v101 + t1 * v111
-            grd[p, c, 2] = (s0 * (e1 - e0) + t0 * (e3 - e2)) if i2 else 0.0
+            grd[p, c, 2] = (s0 * (e1 - e0) + t0 * (e3 - e2)) if i2 else ft(0.0)
 
 
 def _sample3(img, pts, val, grd, want):
@@ -226,8 +229,8 @@ def _splat2_at(vals, pts, out, p):
     n0, n1, C = out.shape
     j0, t0, i0 = _ax(pts[p, 0], n0)
     j1, t1, i1 = _ax(pts[p, 1], n1)
-    s0 = 1 - t0
-    s1 = 1 - t1
+    s0 = ft(1) - t0
+    s1 = ft(1) - t1
     for c in range(C):
         a = vals[p, c]
         _add(out, (j0, j1, c), s0 * s1 * a)
@@ -246,9 +249,9 @@ def _splat3_at(vals, pts, out, p):
     j0, t0, i0 = _ax(pts[p, 0], n0)
     j1, t1, i1 = _ax(pts[p, 1], n1)
     j2, t2, i2 = _ax(pts[p, 2], n2)
-    s0 = 1 - t0
-    s1 = 1 - t1
-    s2 = 1 - t2
+    s0 = ft(1) - t0
+    s1 = ft(1) - t1
+    s2 = ft(1) - t2
     for c in range(C):
         a = vals[p, c]
         _add(out, (j0, j1, j2, c), s0 * s1 * s2 * a)
@@ -533,18 +536,21 @@ def _splat_cuda(vals, pts, out):
 
 
 @functools.cache
-def _cuda_kernels():
-    """The numba.cuda drivers: one thread per sample point, the same per-point bodies as the CPU kernels; the
-    scatter adds with ``cuda.atomic.add`` (the order of the additions into a voxel, hence the rounding, varies)."""
+def _cuda_kernels(dtype="float64"):
+    """The numba.cuda drivers for data of ``dtype``: one thread per sample point, the same per-point bodies as the
+    CPU kernels with arithmetic in ``dtype`` (the CPU computes positions and weights in float64 for float32 data
+    too); the scatter adds with ``cuda.atomic.add`` (the order of the additions into a voxel, hence the rounding,
+    varies)."""
     from .smooth import _cuda_device, _cuda_kernel
 
-    ax = _cuda_device(_axis_scalar)
+    ft = np.dtype(dtype).type
+    ax = _cuda_device(_axis_scalar, ft=ft)
     add = _cuda_device(_add_cuda)
     return types.SimpleNamespace(
-        sample2=_cuda_kernel(_sample_cuda, _at=_cuda_device(_sample2_at, _ax=ax)),
-        sample3=_cuda_kernel(_sample_cuda, _at=_cuda_device(_sample3_at, _ax=ax)),
-        splat2=_cuda_kernel(_splat_cuda, _at=_cuda_device(_splat2_at, _ax=ax, _add=add)),
-        splat3=_cuda_kernel(_splat_cuda, _at=_cuda_device(_splat3_at, _ax=ax, _add=add)),
+        sample2=_cuda_kernel(_sample_cuda, _at=_cuda_device(_sample2_at, _ax=ax, ft=ft)),
+        sample3=_cuda_kernel(_sample_cuda, _at=_cuda_device(_sample3_at, _ax=ax, ft=ft)),
+        splat2=_cuda_kernel(_splat_cuda, _at=_cuda_device(_splat2_at, _ax=ax, _add=add, ft=ft)),
+        splat3=_cuda_kernel(_splat_cuda, _at=_cuda_device(_splat3_at, _ax=ax, _add=add, ft=ft)),
     )
 
 
@@ -600,7 +606,7 @@ def sample_linear(image, coords, *, gradient=False, backend=None):
     elif b == "cuda":
         val = xp.empty((pts.shape[0], C), dtype=dt)
         grd = xp.empty((pts.shape[0], C, nd) if gradient else (1, 1, nd), dtype=dt)
-        k = _cuda_kernels()
+        k = _cuda_kernels(np.dtype(dt).name)
         _backend.launch(k.sample2 if nd == 2 else k.sample3, pts.shape[0], img, pts, val, grd, bool(gradient))
     else:
         nk = _kern(pts.shape[0])
@@ -661,7 +667,7 @@ def splat_linear(values, coords, shape, *, backend=None):
         out = _splat_np(vals, pts, shape)
     elif b == "cuda":
         out = xp.zeros(shape + (vals.shape[1],), dtype=dt)
-        k = _cuda_kernels()
+        k = _cuda_kernels(np.dtype(dt).name)
         _backend.launch(k.splat2 if nd == 2 else k.splat3, pts.shape[0], vals, pts, out)
     else:
         nk = _kern(pts.shape[0])

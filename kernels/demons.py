@@ -25,18 +25,19 @@ __all__ = ["esm_force"]
 
 prange = range
 cuda = None
+ft = np.float64  # float type of the GPU body (``_cuda_kernel``); the CPU loop keeps its float64 arithmetic
 
 
 def _esm_body(p, c0, c1, c2, ndim, F, Mw, gF, gM, disp, s0, s1, s2, h0, h1, h2, mask, mvalid, use_mask,
               use_mvalid, n2, thr, u):
     """Force at flat voxel ``p`` with index (c0, c1[, c2]); writes ``u[p, :]``; returns d² if valid, else -1.
     The GPU body; the CPU loop ``_esm_cpu`` computes the same arithmetic row by row."""
-    x0 = c0 + disp[p, 0] / h0
-    x1 = c1 + disp[p, 1] / h1
-    inside = (x0 >= -0.5) & (x0 < s0 - 0.5) & (x1 >= -0.5) & (x1 < s1 - 0.5)
+    x0 = ft(c0) + disp[p, 0] / h0
+    x1 = ft(c1) + disp[p, 1] / h1
+    inside = (x0 >= ft(-0.5)) & (x0 < ft(s0) - ft(0.5)) & (x1 >= ft(-0.5)) & (x1 < ft(s1) - ft(0.5))
     if ndim == 3:
-        x2 = c2 + disp[p, 2] / h2
-        inside = inside & (x2 >= -0.5) & (x2 < s2 - 0.5)
+        x2 = ft(c2) + disp[p, 2] / h2
+        inside = inside & (x2 >= ft(-0.5)) & (x2 < ft(s2) - ft(0.5))
     valid = inside
     if use_mask:
         valid = valid & mask[p]
@@ -45,17 +46,17 @@ def _esm_body(p, c0, c1, c2, ndim, F, Mw, gF, gM, disp, s0, s1, s2, h0, h1, h2, 
     d = F[p] - Mw[p]
     g0 = gF[p, 0] + gM[p, 0]
     g1 = gF[p, 1] + gM[p, 1]
-    g2 = 0.0
+    g2 = ft(0.0)
     if ndim == 3:
         g2 = gF[p, 2] + gM[p, 2]
     den = g0 * g0 + g1 * g1 + g2 * g2 + d * d / n2
-    ok = valid & (abs(d) >= thr) & (den >= 1e-9)
-    s = 2.0 * d / den if ok else 0.0
+    ok = valid & (abs(d) >= thr) & (den >= ft(1e-9))
+    s = ft(2.0) * d / den if ok else ft(0.0)
     u[p, 0] = s * g0
     u[p, 1] = s * g1
     if ndim == 3:
         u[p, 2] = s * g2
-    return d * d if valid else -1.0
+    return d * d if valid else ft(-1.0)
 
 
 def _esm_cpu(F, Mw, gF, gM, disp, shape, h, mask, mvalid, use_mask, use_mvalid, n2, thr, u, row_sum, row_cnt,
@@ -157,7 +158,7 @@ def _esm_gpu(F, Mw, gF, gM, disp, shape, h, mask, mvalid, use_mask, use_mvalid, 
         c1 = q % s1
         c0 = q // s1
         d2out[p] = _esm_body(p, c0, c1, c2, ndim, F, Mw, gF, gM, disp, s0, s1, s2, h[0], h[1],
-                             h[2] if ndim == 3 else 1.0, mask, mvalid, use_mask, use_mvalid, n2, thr, u)
+                             h[2] if ndim == 3 else ft(1.0), mask, mvalid, use_mask, use_mvalid, n2, thr, u)
 
 
 _rebind = _backend.rebind
@@ -173,13 +174,16 @@ def _numba_kernel():
 
 
 @functools.cache
-def _cuda_kernel():
+def _cuda_kernel(dtype="float64"):
+    """The numba.cuda kernel for data of ``dtype``: arithmetic in ``dtype`` (the float32 variant takes ``spacing``,
+    ``max_step²`` and ``threshold`` as float32 scalars and writes float32 squared differences, which the caller sums
+    in float64, as the CPU loop sums its float32 ``d * d``)."""
     from numba import cuda as nb_cuda
 
-    ns = dict(globals())
-    ns["cuda"] = nb_cuda
-    ns["_esm_body"] = nb_cuda.jit(device=True)(_rebind(_esm_body, ns))
-    return nb_cuda.jit(_rebind(_esm_gpu, ns))
+    ns = dict(globals(), cuda=nb_cuda, ft=np.dtype(dtype).type)
+    sfx = "" if dtype == "float64" else "_" + dtype
+    ns["_esm_body"] = nb_cuda.jit(device=True)(_rebind(_esm_body, ns, sfx))
+    return nb_cuda.jit(_rebind(_esm_gpu, ns, sfx))
 
 
 def _esm_numpy(F, Mw, gF, gM, disp, shape, h, mask, mvalid, n2, thr):
@@ -281,12 +285,13 @@ def esm_force(fixed, warped, grad_fixed, grad_warped, disp, *, spacing, max_step
         _numba_kernel()(*flat, *(a.reshape(-1) for a in vec), shape, h, m, mv, use_mask, use_mv, n2, float(threshold),
                         u.reshape(-1), rs, rc, rm)
         return u.reshape(shape + (ndim,)), float(np.sum(rs)), int(np.sum(rc)), float(np.sqrt(rm.max()))
-    d2 = xp.empty(flat[0].size, dtype=np.float64)
-    _backend.launch(_cuda_kernel(), flat[0].size, *flat, *vec, shape, h, m, mv, use_mask, use_mv, n2,
-                    float(threshold), u, d2)
+    ft = np.float32 if dt == np.float32 else np.float64
+    d2 = xp.empty(flat[0].size, dtype=ft)
+    _backend.launch(_cuda_kernel(np.dtype(ft).name), flat[0].size, *flat, *vec, shape, tuple(ft(x) for x in h), m, mv,
+                    use_mask, use_mv, ft(n2), ft(threshold), u, d2)
     valid = d2 >= 0
     nrm = xp.sum(u.astype(np.float64) ** 2, axis=-1)
     # the three numbers in one read: one synchronisation with the GPU instead of three
-    total, count, top = xp.stack([xp.sum(xp.where(valid, d2, 0.0)), xp.sum(valid).astype(np.float64),
+    total, count, top = xp.stack([xp.sum(xp.where(valid, d2, 0), dtype=np.float64), xp.sum(valid).astype(np.float64),
                                   xp.max(nrm)]).tolist()
     return u.reshape(shape + (ndim,)), total, int(count), math.sqrt(top)
