@@ -1256,15 +1256,16 @@ def warp(
 
     Notes
     -----
-    Coordinates, weights and sums are computed in float64 (float32 data are converted on load and rounded once on
-    store), except on the numba CPU path for ``order=1`` with a scalar 3-D image in mode "border" or "itk" (the
-    solvers' warp) or with a displacement field in mode "border" (composition): there they are computed in the
-    image's precision, which for float32 is about twice as fast and differs from the float64 result by the float32
-    rounding of coordinates and weights (~1e-6 relative). The result does not depend on the thread count. For order
-    3 without
-    ``prefiltered``, coefficients are computed with ``scipy.ndimage.spline_filter1d`` along the spatial axes:
-    mode "itk" filters with mirror boundaries (ITK's ``BSplineDecompositionImageFilter``); modes "zero" and
-    "border" first pad 12 voxels (``cval`` / edge), exactly as ``scipy.ndimage.map_coordinates`` does, so the
+    On the numpy and numba CPU paths coordinates, weights and sums are computed in float64 (float32 data are
+    converted on load and rounded once on store), except on the numba CPU path for ``order=1`` with a scalar 3-D
+    image in mode "border" or "itk" (the solvers' warp) or with a displacement field in mode "border"
+    (composition): there they are computed in the image's precision, which for float32 is about twice as fast and
+    differs from the float64 result by the float32 rounding of coordinates and weights (~1e-6 relative). The
+    "cuda" path computes in the image's precision throughout (float32 coordinates, weights and sums for float32
+    data, as PyTorch's ``grid_sample``; docs/gpu.md, "Precision"). The result does not depend on the thread count.
+    For order 3 without ``prefiltered``, coefficients are computed with ``scipy.ndimage.spline_filter1d`` along the
+    spatial axes: mode "itk" filters with mirror boundaries (ITK's ``BSplineDecompositionImageFilter``); modes "zero"
+    and "border" first pad 12 voxels (``cval`` / edge), exactly as ``scipy.ndimage.map_coordinates`` does, so the
     result matches scipy's ``grid-constant`` / ``nearest`` modes.
 
     References
@@ -1368,7 +1369,9 @@ def interpolate(image, points, *, order=1, mode="zero", cval=0.0, prefiltered=Fa
 
     Notes
     -----
-    Points are used in float64. See :func:`warp` for the boundary modes and the B-spline prefilter.
+    Points are used in float64, except on the "cuda" path with a float32 image, which rounds them to float32 and
+    computes in float32 (:func:`warp`'s Notes). See :func:`warp` for the boundary modes and the B-spline
+    prefilter.
     """
     backend = _backend.resolve_backend(backend, image, points)
     image = _as_array(image, "image")

@@ -9,6 +9,13 @@ from __future__ import annotations
 
 import os
 
+if os.environ.get("CLASSREG_TEST_NUMBA_CUDA", "0") not in ("", "0"):
+    # Opt-in: run the CUDA tests on the numba-cuda package (what a GPU machine installs: its simulator under
+    # NUMBA_ENABLE_CUDASIM=1, its PTX compiler for tests/test_ptx.py) instead of numba's built-in numba.cuda. A pip
+    # install of numba-cuda does this itself through a .pth file; a copy on PYTHONPATH needs this import before
+    # numba.cuda is first imported. tests/test_cudasim.py passes the variable on to its subprocess.
+    import _numba_cuda_redirector  # noqa: F401
+
 import numpy as np
 import pytest
 

@@ -341,9 +341,13 @@ def installed(monkeypatch):
     mp.setattr(sys.modules["cupyx.scipy"], "sparse", sparse, raising=False)
     if _backend.cuda_simulator():
         from numba.cuda.args import ArgHint
+        from numba.cuda.simulator import kernel as sim_kernel
         from numba.cuda.simulator.kernel import FakeCUDAKernel
 
-        ArgHint.register(DeviceArray)
+        if hasattr(ArgHint, "register"):  # numba's numba.cuda: an abstract base class
+            ArgHint.register(DeviceArray)
+        else:  # numba-cuda (0.30): a plain class; the simulator's isinstance check is given the stand-in too
+            mp.setattr(sim_kernel, "ArgHint", (ArgHint, DeviceArray))
         launch = FakeCUDAKernel.__call__
 
         def counted_launch(kernel, *args):

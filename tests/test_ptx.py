@@ -1,0 +1,155 @@
+"""The numba.cuda kernels compute float32 data in float32: their PTX, compiled without a GPU, has no float64.
+
+Every numba.cuda kernel of classreg.kernels (warp, smooth, demons, diff, adjoint) is compiled to PTX for
+compute capability 8.0 with the argument types the library launches it with: the public functions run with
+``backend="cuda"`` on host arrays while ``_backend.launch`` is replaced by a recorder that compiles instead of
+launching. For float32 data no PTX instruction may carry the ``.f64`` type (arithmetic, comparisons, selects,
+conversions, loads, stores, parameters); for float64 data every kernel must contain float64 arithmetic, so the scan
+can fail. Needs numba's CUDA target with NVVM (numba's own ``numba.cuda`` with a CUDA toolkit, or numba-cuda with
+its NVVM wheels), not a GPU; skipped without them and under the simulator.
+"""
+from __future__ import annotations
+
+import importlib
+import re
+import types
+import warnings
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.ptx
+numba = pytest.importorskip("numba")
+
+MODULES = ("warp", "smooth", "demons", "diff", "adjoint")
+CC = (8, 0)
+_F64 = re.compile(r"\.f64\b")
+_F64_ARITH = re.compile(r"^\s*(add|sub|mul|fma|div|rcp|sqrt)(\.[a-z]+)*\.f64\b", re.M)
+
+
+def _mods():
+    return types.SimpleNamespace(**{m: importlib.import_module("classreg.kernels." + m) for m in MODULES})
+
+
+def _builders(k):
+    return (k.warp._cuda_kernels, k.smooth._cuda_gaussian, k.demons._cuda_kernel, k.diff._cuda_driver,
+            k.adjoint._cuda_kernels)
+
+
+@pytest.fixture(scope="module")
+def ptx_compile():
+    """``compile(pyfunc, signature) -> ptx`` for CC 8.0, or skip where numba's CUDA target or NVVM is missing."""
+    from classreg.kernels import _backend
+
+    if _backend.cuda_simulator():
+        pytest.skip("the CUDA simulator compiles no PTX")
+    try:
+        from numba import cuda
+        from numba.cuda import dispatcher
+    except Exception as exc:  # pragma: no cover - depends on the installation
+        pytest.skip(f"numba's CUDA target does not import: {exc}")
+
+    def compile_ptx(pyfunc, sig):
+        # Device functions are compiled for the current device's compute capability; there is none here, so the
+        # dispatchers get CC 8.0 too, for this compilation only.
+        saved = dispatcher.get_current_device
+        dispatcher.get_current_device = lambda: types.SimpleNamespace(compute_capability=CC)
+        try:
+            return cuda.compile_ptx(pyfunc, sig, device=False, cc=CC)[0]
+        finally:
+            dispatcher.get_current_device = saved
+
+    def probe(a, x):
+        a[0] = x * 2.0
+
+    try:
+        compile_ptx(probe, "void(float32[::1], float32)")
+    except Exception as exc:  # pragma: no cover - depends on the installation
+        pytest.skip(f"cannot compile PTX (NVVM missing?): {type(exc).__name__}: {exc}")
+    return compile_ptx
+
+
+def _run_all(k, dtype, shapes):
+    """Call every public function that launches a numba.cuda kernel with ``dtype`` data of each shape."""
+    rng = np.random.default_rng(0)
+    for shp in shapes:
+        nd = len(shp)
+        img = rng.normal(size=shp).astype(dtype)
+        disp = rng.normal(size=shp + (nd,)).astype(dtype)
+        k.warp.warp(img, disp, order=1, backend="cuda")
+        k.warp.interpolate(img, rng.normal(size=(7, nd)).astype(dtype), order=3, backend="cuda")
+        k.smooth.gaussian(img, 1.0, backend="cuda")
+        k.demons.esm_force(img, img, disp, disp, disp, spacing=1.0, max_step=1.0, mask=np.ones(shp, bool),
+                           backend="cuda")
+        k.diff.gradient(img, spacing=1.0, backend="cuda")
+        for f in (k.diff.divergence, k.diff.jacobian_matrix, k.diff.jacobian_determinant, k.diff.curl):
+            f(disp, spacing=1.0, backend="cuda")
+        k.diff.lie_bracket(disp, disp, spacing=1.0, backend="cuda")
+        k.adjoint.sample_linear(img, disp, gradient=True, backend="cuda")
+        k.adjoint.splat_linear(img, disp, shp, backend="cuda")
+
+
+def _kernels_built(k, dtype):
+    """Every numba.cuda kernel the library builds for ``dtype`` data."""
+    name = np.dtype(dtype).name
+    return ({*k.warp._cuda_kernels(name).values(), k.smooth._cuda_gaussian(), k.demons._cuda_kernel(name),
+             *(k.diff._cuda_driver(op) for op in k.diff._BODIES), *vars(k.adjoint._cuda_kernels(name)).values()})
+
+
+@pytest.fixture
+def launched(monkeypatch, ptx_compile):
+    """``collect(dtype) -> {kernel: [ptx, ...]}``: the PTX of every launch of the library's kernels for ``dtype``
+    data (one per argument signature), compiled instead of launched."""
+    from classreg.kernels import _backend
+
+    k = _mods()
+    for b in _builders(k):  # fresh dispatchers: nothing compiled here for CC 8.0 stays in the library's caches
+        b.cache_clear()
+    monkeypatch.setattr(_backend, "_cuda_usable", lambda: True)
+    monkeypatch.setattr(_backend, "cuda_simulator", lambda: True)  # host arrays in, no CuPy
+    seen = {}
+
+    def record(kernel, n, *args, threads=256):
+        sig = numba.types.void(*(numba.typeof(a) for a in args))
+        if sig not in seen.setdefault(kernel, {}):
+            seen[kernel][sig] = ptx_compile(kernel.py_func, sig)
+
+    monkeypatch.setattr(_backend, "launch", record)
+
+    def collect(dtype, shapes=((6, 5), (4, 5, 6))):
+        seen.clear()
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # nothing ran: the outputs are uninitialised memory
+            _run_all(k, dtype, shapes)
+        if len(shapes) == 2:
+            missing = _kernels_built(k, dtype) - set(seen)
+            assert not missing, f"kernels never launched: {[m.py_func.__qualname__ for m in missing]}"
+        return {kern: list(v.values()) for kern, v in seen.items()}
+
+    yield collect
+    for b in _builders(k):
+        b.cache_clear()
+
+
+def _f64_lines(ptx):
+    return [ln.strip() for ln in ptx.splitlines() if _F64.search(ln) and not ln.strip().startswith("//")]
+
+
+def test_float32_kernels_have_no_float64_instructions(launched):
+    bad = {}
+    for kern, ptxs in launched(np.float32).items():
+        for ptx in ptxs:
+            lines = _f64_lines(ptx)
+            if lines:
+                bad[kern.py_func.__qualname__] = lines[:5]
+    assert not bad, bad
+
+
+def test_float64_kernels_compute_in_float64(launched):
+    """The control: the same scan finds float64 arithmetic in every float64 kernel (2-D calls: every module, half
+    the compilation time)."""
+    kernels = launched(np.float64, shapes=((6, 5),))
+    assert len(kernels) >= 12  # warp 2, gaussian 1, ESM 1, diff 6 (one driver each), adjoint 2
+    for kern, ptxs in kernels.items():
+        for ptx in ptxs:
+            assert _F64_ARITH.search(ptx), kern.py_func.__qualname__
