@@ -31,7 +31,8 @@ ft = np.float64  # float type of the GPU body (``_cuda_kernel``); the CPU loop k
 def _esm_body(p, c0, c1, c2, ndim, F, Mw, gF, gM, disp, s0, s1, s2, h0, h1, h2, mask, mvalid, use_mask,
               use_mvalid, n2, thr, u):
     """Force at flat voxel ``p`` with index (c0, c1[, c2]); writes ``u[p, :]``; returns d² if valid, else -1.
-    The GPU body; the CPU loop ``_esm_cpu`` computes the same arithmetic row by row."""
+    The GPU body, in the float type ``ft`` (the data's, see ``_cuda_kernel``); the CPU loop ``_esm_cpu`` computes the
+    same arithmetic row by row, for float32 data with float64 positions, denominator and step."""
     x0 = ft(c0) + disp[p, 0] / h0
     x1 = ft(c1) + disp[p, 1] / h1
     inside = (x0 >= ft(-0.5)) & (x0 < ft(s0) - ft(0.5)) & (x1 >= ft(-0.5)) & (x1 < ft(s1) - ft(0.5))

@@ -888,10 +888,11 @@ def _cuda_kernels(dtype="float64"):
     The float type ``ft`` of the scalar bodies is ``dtype``: for float32 data every literal, coordinate, weight and
     sum is float32 (the kernels take ``matrix``, ``offset``, ``disp_matrix`` and ``cval`` as float32 scalars, see
     :func:`_params`), as PyTorch's ``grid_sample`` and FireANTs compute; consumer GPUs run float64 at 1/32-1/64 of
-    the float32 rate. A float32 coordinate carries a rounding error of up to half an ulp of its magnitude, 3e-5
-    voxel at index 1000 and 5e-4 at 16000, below the interpolation error of linear or cubic B-spline interpolation
-    on any image that needs that many voxels per axis; the displacement it adds is float32 data anyway. Index
-    arithmetic stays integer.
+    the float32 rate. Each float32 operation on a coordinate rounds it by up to half an ulp of its magnitude:
+    3.8e-6 voxel below index 128, 3e-5 at index 1000, 5e-4 at 16000 (a handful of such roundings per point; the
+    displacement it adds is float32 data anyway). That is far below the sub-voxel accuracy of registration on the
+    grids classreg handles (a few hundred voxels per axis: < 1e-4 voxel, tests/test_gpu_float32.py), so float64
+    coordinates are not kept. Index arithmetic stays integer.
     """
     from numba import cuda as nb_cuda
 
