@@ -1263,11 +1263,11 @@ def warp(
     (composition): there they are computed in the image's precision, which for float32 is about twice as fast and
     differs from the float64 result by the float32 rounding of coordinates and weights (~1e-6 relative). The
     "cuda" path computes in the image's precision throughout (float32 coordinates, weights and sums for float32
-    data, as PyTorch's ``grid_sample``; docs/gpu.md, "Precision"). The result does not depend on the thread count.
-    For order 3 without ``prefiltered``, coefficients are computed with ``scipy.ndimage.spline_filter1d`` along the
-    spatial axes: mode "itk" filters with mirror boundaries (ITK's ``BSplineDecompositionImageFilter``); modes "zero"
-    and "border" first pad 12 voxels (``cval`` / edge), exactly as ``scipy.ndimage.map_coordinates`` does, so the
-    result matches scipy's ``grid-constant`` / ``nearest`` modes.
+    data, as PyTorch's ``grid_sample``; docs/gpu.md, "Precision on the GPU"). The result does not depend on the
+    thread count. For order 3 without ``prefiltered``, coefficients are computed with
+    ``scipy.ndimage.spline_filter1d`` along the spatial axes: mode "itk" filters with mirror boundaries (ITK's
+    ``BSplineDecompositionImageFilter``); modes "zero" and "border" first pad 12 voxels (``cval`` / edge), exactly
+    as ``scipy.ndimage.map_coordinates`` does, so the result matches scipy's ``grid-constant`` / ``nearest`` modes.
 
     References
     ----------

@@ -1,5 +1,6 @@
 """Accuracy of the float32 numba.cuda kernel variants: float32 data are computed in float32 on the GPU (coordinates,
-weights, sums; docs/gpu.md "Precision"), checked against the float64 numpy reference at task-level tolerances.
+weights, sums; docs/gpu.md "Precision on the GPU"), checked against the float64 numpy reference at task-level
+tolerances.
 tests/test_ptx.py checks that the compiled float32 kernels contain no float64 instruction (the simulator, running the
 kernels on NumPy scalars, cannot: NumPy's promotion is not numba's)."""
 import numpy as np

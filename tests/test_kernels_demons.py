@@ -5,6 +5,8 @@ from conftest import backend_params
 
 from classreg.kernels import demons as kd
 
+# float32, relative to the largest value: the "cuda" path computes float32 data in float32 (position, denominator,
+# step: a few roundings of 6e-8 relative each), the CPU loop in float64 before rounding the update to float32
 TOL = {np.float32: 1e-5, np.float64: 1e-10}
 SHAPES = [(7, 9), (33, 20), (5, 6, 7), (20, 17, 31)]
 
