@@ -51,6 +51,7 @@ _STARTING_STALE = 120.0  # seconds after which a server that never came up is as
 _FORWARDED = ("SIGINT", "SIGTERM", "SIGHUP")
 FORK_SAFE = ("tbb", "workqueue")  # numba threading layers a forked job can use
 _MAX_BASE = 60  # a Unix socket path holds 107 bytes at most; the socket's own name takes 35
+_PROBE = None  # the server's compiled parallel probe kernel (_fork_safe_threading)
 
 
 # ---------------------------------------------------------------------------------------------------------- client
@@ -258,6 +259,32 @@ _WARM_UP_MAP = {
 }
 
 
+def _write_pair(folder, ndim: int, n: int, rng) -> tuple[str, str]:
+    """A tiny fixed/moving pair (a noisy blob and its shift by one voxel), ``f<ndim>.nii.gz`` and ``m<ndim>.nii.gz``
+    in ``folder``; returns their paths."""
+    import numpy as np
+
+    import classreg as cr
+
+    g = np.indices((n,) * ndim, dtype=np.float32)
+    r2 = sum((gi - n / 2) ** 2 for gi in g)
+    f = (np.exp(-r2 / (0.1 * n * n)) + 0.05 * rng.random(r2.shape)).astype(np.float32)
+    paths = []
+    for name, img in (("f", f), ("m", np.roll(f, 1, axis=0))):
+        paths.append(os.path.join(folder, f"{name}{ndim}.nii.gz"))
+        cr.save(cr.Image(img, 1.0), paths[-1])
+    return paths[0], paths[1]
+
+
+def _write_map(path, transform: str, ndim: int) -> str:
+    """The warm-up's parameter file for ``transform`` with elastix's usual sample count for ``ndim`` (so that the
+    kernels chosen by the draw size, such as the parallel 3-D affine iteration, are the ones real jobs use)."""
+    pmap = dict(_WARM_UP_MAP, Transform=f'"{transform}"', NumberOfSpatialSamples=str(512 << ndim))
+    with open(path, "w") as fh:
+        fh.write("".join(f"({k} {v})\n" for k, v in pmap.items()))
+    return path
+
+
 def _warm_up() -> None:
     """Load what typical jobs use: tiny 2-D and 3-D Euler, affine and B-spline registrations (Mattes MI, ASGD,
     random coordinates) and transformix on their results, in a scratch folder. Runs in the server process itself, so
@@ -267,38 +294,63 @@ def _warm_up() -> None:
 
     import numpy as np
 
-    import classreg as cr
-
     from . import registration, transformix
 
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory(prefix="classreg-server-") as tmp:
         for ndim, n in ((2, 48), (3, 20)):
-            g = np.indices((n,) * ndim, dtype=np.float32)
-            r2 = sum((gi - n / 2) ** 2 for gi in g)
-            f = (np.exp(-r2 / (0.1 * n * n)) + 0.05 * rng.random(r2.shape)).astype(np.float32)
-            m = np.roll(f, 1, axis=0)
-            for name, img in (("f", f), ("m", m)):
-                cr.save(cr.Image(img, 1.0), os.path.join(tmp, f"{name}{ndim}.nii.gz"))
+            fixed, moving = _write_pair(tmp, ndim, n, rng)
             for transform in ("EulerTransform", "AffineTransform", "BSplineTransform"):
                 out = os.path.join(tmp, f"{ndim}{transform}")
                 os.mkdir(out)
-                pfile = os.path.join(out, "p.txt")
-                with open(pfile, "w") as fh:
-                    # elastix's usual sample counts, so that the kernels chosen by the draw size (the parallel 3-D
-                    # affine iteration) are the ones real jobs use
-                    pmap = dict(_WARM_UP_MAP, Transform=f'"{transform}"', NumberOfSpatialSamples=str(512 << ndim))
-                    fh.write("".join(f"({k} {v})\n" for k, v in pmap.items()))
+                pfile = _write_map(os.path.join(out, "p.txt"), transform, ndim)
                 sink = io.StringIO()
-                code = registration.main(["-f", os.path.join(tmp, f"f{ndim}.nii.gz"), "-m",
-                                          os.path.join(tmp, f"m{ndim}.nii.gz"), "-p", pfile, "-out", out],
-                                         stdout=sink, stderr=sink)
+                code = registration.main(["-f", fixed, "-m", moving, "-p", pfile, "-out", out], stdout=sink,
+                                         stderr=sink)
                 if code == 0:
                     with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-                        code = transformix.main(["-in", os.path.join(tmp, f"m{ndim}.nii.gz"), "-tp",
+                        code = transformix.main(["-in", moving, "-tp",
                                                  os.path.join(out, "TransformParameters.0.txt"), "-out", out])
                 if code != 0:  # the server still serves (imports done); the log says what was not loaded
                     sys.stderr.write(f"warm-up {ndim}-D {transform} exited with {code}:\n{sink.getvalue()[-2000:]}\n")
+
+
+def _prime_inputs(folder) -> list:
+    """The spare job's priming command (:func:`_prime`) on a tiny 2-D pair written into ``folder``: its arguments
+    without ``-out``."""
+    import numpy as np
+
+    fixed, moving = _write_pair(folder, 2, 48, np.random.default_rng(0))
+    return ["-f", fixed, "-m", moving, "-p", _write_map(os.path.join(folder, "p.txt"), "EulerTransform", 2)]
+
+
+def _prime(folder, argv) -> None:
+    """Make a freshly forked spare job process ready for work before its request comes: run the priming command
+    (a tiny 2-D Euler registration with elastix's outputs) and launch numba's parallel layer once.
+
+    A forked process shares its memory with the server until it writes to it: every page the job writes first (the
+    reference counts of the objects it uses, the allocator's free lists, the arrays it fills) is copied then, a page
+    fault each. On the 2-core test machine (a virtual machine) such a fault costs ~20-45 us, and an mm2d job made
+    ~3 300 of them (~0.07 s of 0.25 s). The process also starts without the worker threads of numba's TBB layer and
+    of OpenBLAS (threadpoolctl's limit re-creates OpenBLAS's, which then spin ~0.1 s). The priming run makes those
+    pages private and starts those threads here, while no caller waits (docs/notes/elastix.md, session 17)."""
+    import io
+    import shutil
+
+    import numpy as np
+
+    from . import registration
+
+    if _PROBE is not None:
+        _PROBE(np.ones(4))
+    out = tempfile.mkdtemp(prefix="prime-", dir=folder)
+    try:
+        sink = io.StringIO()
+        code = registration.main([*argv, "-out", out], stdout=sink, stderr=sink)
+        if code != 0:
+            sys.stderr.write(f"spare priming exited with {code}:\n{sink.getvalue()[-2000:]}\n")
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def _fork_safe_threading() -> str:
@@ -311,6 +363,7 @@ def _fork_safe_threading() -> str:
 
     from ..kernels._backend import njit, rebind
 
+    global _PROBE
     probe = njit(parallel=True)(rebind(_probe_body, {"prange": numba.prange}))
     layers = ["workqueue"] if os.environ.get("NUMBA_THREADING_LAYER") == "workqueue" else ["tbb", "workqueue"]
     for layer in layers:
@@ -320,6 +373,7 @@ def _fork_safe_threading() -> str:
             probe(np.ones(4))
         except (ValueError, ImportError, OSError):  # numba: "No threading layer could be loaded"
             continue
+        _PROBE = probe
         return numba.threading_layer()
     raise RuntimeError("no fork-safe numba threading layer could be loaded")
 
@@ -333,48 +387,67 @@ def _probe_body(a):
 
 def serve(path: str, idle: float, after: int | None = None) -> int:
     """The server loop (see the module docstring); returns when idle for ``idle`` seconds or told to stop. The
-    warm-up waits for process ``after`` (the command that started the server) to end, so as not to slow it."""
+    warm-up waits for process ``after`` (the command that started the server) to end, so as not to slow it.
+
+    While no job runs the server keeps a *spare*: a monitor process forked ahead of the next request, whose job
+    process is forked and primed too (:func:`_prime`), so that a request finds a process ready to run it. A request
+    that comes while the spare still primes waits for the rest of the priming (at most the ~0.1 s of a tiny
+    registration; a job forked then would cost about as much again, and compete with the priming for the CPU); one
+    that comes while another job runs gets a monitor and a job forked then, as the spare is only made when no job
+    runs (its priming would slow the running job)."""
+    import shutil
+
     os.chdir("/")  # hold no caller's folder (each job changes to its own)
     sys.stderr.write(f"numba threading layer: {_fork_safe_threading()}\n")
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     marker = path + ".starting"
+    scratch = tempfile.mkdtemp(prefix="classreg-server-")
+    listener = spare = inode = None
+    children = {}  # job monitors: pid -> a process descriptor (None where the kernel has none)
+    spares = True  # False after a spare ended unused (then no more: never a loop of failing spares)
     try:
-        while after is not None and _running(after):
-            time.sleep(0.05)
-        _warm_up()
-        import numba
+        try:
+            while after is not None and _running(after):
+                time.sleep(0.05)
+            _warm_up()
+            prime = _prime_inputs(scratch)
+            import numba
 
-        if numba.threading_layer() not in FORK_SAFE:  # never fork a process running GNU OpenMP
-            sys.stderr.write(f"numba runs the {numba.threading_layer()} layer, which cannot fork: not serving\n")
-            return 1
-        if _alive(path):
-            return 0  # another server is already up
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(path)
-        listener.listen(64)
-        inode = os.stat(path).st_ino
-    finally:
-        try:
-            os.unlink(marker)
-        except FileNotFoundError:
-            pass
-    children = set()
-    last = time.monotonic()
-    try:
+            if numba.threading_layer() not in FORK_SAFE:  # never fork a process running GNU OpenMP
+                sys.stderr.write(f"numba runs the {numba.threading_layer()} layer, which cannot fork: not serving\n")
+                return 1
+            if _alive(path):
+                return 0  # another server is already up
+            spare = _Spare(None, scratch, prime)  # primed before the socket appears: the first job finds it ready
+            if select.select([spare.sock], [], [], _STARTING_STALE)[0] and not spare.sock.recv(1):
+                _ended_unused(spare, children)
+                spare, spares = None, False
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(path)
+            listener.listen(64)
+            inode = os.stat(path).st_ino
+        finally:
+            try:
+                os.unlink(marker)
+            except FileNotFoundError:
+                pass
+        last = time.monotonic()
         while True:
-            ready, _, _ = select.select([listener], [], [], 1.0)
-            while children:  # reap finished job monitors
-                pid, _ = os.waitpid(-1, os.WNOHANG)
-                if pid == 0:
-                    break
-                children.discard(pid)
+            if spare is None and spares and not children:
+                spare = _Spare(listener, scratch, prime)
+            waits = [listener] + [fd for fd in children.values() if fd is not None]
+            ready, _, _ = select.select(waits + ([spare.sock] if spare is not None else []), [], [], 1.0)
+            _reap(children)
+            if spare is not None and spare.sock in ready and not spare.sock.recv(1):  # (else "R": primed)
+                _ended_unused(spare, children)
+                spare, spares = None, False
             if children:
                 last = time.monotonic()
-            if ready:
+            if listener in ready:
                 conn, _ = listener.accept()
                 if hasattr(socket, "SO_PEERCRED"):  # elsewhere the 0700 folder alone keeps other users out
                     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
@@ -382,15 +455,21 @@ def serve(path: str, idle: float, after: int | None = None) -> int:
                         conn.close()
                         continue
                 last = time.monotonic()
+                waiting = _request_waiting(conn) if spare is not None else None
+                if waiting is False:  # closed without a request (a --status probe): nothing to run
+                    conn.close()
+                    continue
+                if waiting and spare.take(conn):
+                    children[spare.pid] = _pidfd(spare.pid)
+                    spare = None
+                    conn.close()
+                    continue
                 pid = os.fork()
                 if pid == 0:
                     listener.close()
                     os._exit(_monitor(conn))
-                if pid < 0:
-                    conn.close()
-                    continue
                 conn.close()
-                children.add(pid)
+                children[pid] = _pidfd(pid)
                 continue
             try:
                 if os.stat(path).st_ino != inode:
@@ -400,51 +479,206 @@ def serve(path: str, idle: float, after: int | None = None) -> int:
             if not children and time.monotonic() - last > idle:
                 break
     finally:
-        listener.close()
-        try:
-            if os.stat(path).st_ino == inode:
-                os.unlink(path)
-        except FileNotFoundError:
-            pass
+        if spare is not None:
+            spare.sock.close()  # its monitor and job process end on this
+        if listener is not None:
+            listener.close()
+            try:
+                if os.stat(path).st_ino == inode:
+                    os.unlink(path)
+            except FileNotFoundError:
+                pass
+        shutil.rmtree(scratch, ignore_errors=True)
     return 0
 
 
-def _monitor(conn) -> int:
-    """One connection, in a child of the server: read the request, fork the job, forward signals, report its end."""
+def _ended_unused(spare, children) -> None:
+    sys.stderr.write("the spare process ended before it was used; no more spares\n")
+    children[spare.pid] = _pidfd(spare.pid)  # reaped with the job monitors
+    spare.sock.close()
+
+
+def _pidfd(pid: int):
+    """A process descriptor of ``pid`` (readable when it ends), or None where the kernel offers none (Linux < 5.3,
+    other systems: the server then notices a job's end at its next one-second wake-up)."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+
+
+def _reap(children: dict) -> None:
+    """Collect the job monitors that ended (each by its pid: the spare, also a child, is not one of them)."""
+    for pid in list(children):
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            done = pid
+        if done:
+            fd = children.pop(pid)
+            if fd is not None:
+                os.close(fd)
+
+
+def _request_waiting(conn, timeout: float = 0.2):
+    """Whether a request is waiting on a new connection: True (data), False (closed without one, as a ``--status``
+    probe does) or None (nothing within ``timeout`` seconds: the caller forks a monitor for it, as without spare)."""
+    ready, _, _ = select.select([conn], [], [], timeout)
+    if not ready:
+        return None
+    try:
+        return bool(conn.recv(1, socket.MSG_PEEK))
+    except OSError:
+        return False
+
+
+class _Spare:
+    """The server's side of a spare (see :func:`serve`): a monitor process forked ahead of a request, which forks
+    and primes its job process at once. ``sock`` reads "R" once the job process is primed, and the end of the file
+    if the spare ended; :meth:`take` hands it a connection."""
+
+    def __init__(self, listener, scratch, prime):
+        self.sock, theirs = socket.socketpair()
+        self.pid = os.fork()
+        if self.pid == 0:
+            if listener is not None:
+                listener.close()
+            self.sock.close()
+            code = 1
+            try:
+                code = _spare_monitor(theirs, scratch, prime)
+            finally:  # never back into the server's loop
+                os._exit(code)
+        theirs.close()
+
+    def take(self, conn) -> bool:
+        """Hand ``conn`` to the spare's monitor; False when it could not be handed over."""
+        try:
+            socket.send_fds(self.sock, [b"c"], [conn.fileno()])
+        except OSError:
+            return False
+        self.sock.close()
+        return True
+
+
+def _spare_monitor(server, scratch, prime) -> int:
+    """A spare's monitor (a child of the server): fork the spare job process, which primes itself and then waits for
+    its request; wait for the connection from the server and monitor the job as :func:`_monitor` does. When the
+    server ends first (the end of ``server``), end the spare job process too."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    mine, theirs = socket.socketpair()
+    job = os.fork()
+    if job == 0:
+        mine.close()
+        _spare_job(theirs, server, scratch, prime)  # never returns
+    theirs.close()
+    try:
+        _, fds, _, _ = socket.recv_fds(server, 16, 1)
+    except OSError:
+        fds = []
+    server.close()
+    if len(fds) != 1:
+        for fd in fds:
+            os.close(fd)
+        mine.close()  # the spare job process reads the end of its socket and exits
+        os.waitpid(job, 0)
+        return 0
+    return _monitor(socket.socket(fileno=fds[0]), spare=(job, mine))
+
+
+def _spare_job(sock, server, scratch, prime) -> None:
+    """A spare's job process: prime (:func:`_prime`), tell the server it is ready, then run the request its monitor
+    forwards (:func:`_job`); exit when the monitor closes the socket instead."""
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)  # a signal before the request ends it as it would end the job
+    try:
+        _prime(scratch, prime)
+    except Exception as exc:  # noqa: BLE001 - a failed priming costs time, not the job: it still serves
+        sys.stderr.write(f"spare priming failed: {exc!r}\n")
+    try:
+        server.sendall(b"R")
+    except OSError:
+        pass
+    server.close()
+    try:
+        request = _read_request(sock)
+    except OSError:
+        request = None
+    sock.close()
+    if request is None:
+        os._exit(0)
+    _job(*request)
+
+
+def _read_request(conn):
+    """``(request, fds)`` from a connection (the length-prefixed JSON request with the caller's three descriptors),
+    ``("stop", [])`` for a stop request, or None when the connection ends or carries no valid request."""
+    msg, fds, _, _ = socket.recv_fds(conn, 1 << 16, 3)
+    if len(msg) < 4:
+        for fd in fds:
+            os.close(fd)
+        return None
+    size = struct.unpack("!I", msg[:4])[0]
+    body = msg[4:]
+    while len(body) < size:
+        chunk = conn.recv(1 << 16)
+        if not chunk:
+            break
+        body += chunk
+    if body == b"stop":
+        for fd in fds:
+            os.close(fd)
+        return "stop", []
+    try:
+        request = json.loads(body)
+    except ValueError:
+        request = None
+    if len(body) != size or not isinstance(request, dict) or request.get("program") not in PROGRAMS or len(fds) != 3:
+        for fd in fds:
+            os.close(fd)
+        return None
+    return request, fds
+
+
+def _monitor(conn, spare=None) -> int:
+    """One connection, in a child of the server: read the request, start the job (fork it, or hand it to the
+    ``spare`` job process ``(pid, socket)``), forward signals, report its end."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
-        msg, fds, _, _ = socket.recv_fds(conn, 1 << 16, 3)
-        if len(msg) < 4:
+        try:
+            request = _read_request(conn)
+        except OSError:
+            request = None
+        if request is None or request[0] == "stop":
+            if request is not None:
+                os.kill(os.getppid(), signal.SIGTERM)
+                conn.sendall(b"x 0\n")
             return 0
-        size = struct.unpack("!I", msg[:4])[0]
-        body = msg[4:]
-        while len(body) < size:
-            chunk = conn.recv(1 << 16)
-            if not chunk:
-                return 0
-            body += chunk
-        if body == b"stop":
-            os.kill(os.getppid(), signal.SIGTERM)
-            conn.sendall(b"x 0\n")
-            return 0
-        request = json.loads(body)
-        if request.get("program") not in PROGRAMS or len(fds) != 3:
-            return 0
-        job = os.fork()
-        if job == 0:
-            conn.close()
-            _job(request, fds)  # never returns
+        request, fds = request
+        primed = spare is not None
+        if spare is not None:
+            job, sock = spare
+            body = json.dumps(request).encode()
+            message = struct.pack("!I", len(body)) + body
+            sent = socket.send_fds(sock, [message], fds)
+            if sent < len(message):  # (never an empty sendall: the job may have read it all and closed already)
+                sock.sendall(message[sent:])
+            sock.close()
+            spare = None
+        else:
+            job = os.fork()
+            if job == 0:
+                conn.close()
+                _job(request, fds)  # never returns
         for fd in fds:
             os.close(fd)
         os.write(2, f"{time.strftime('%Y-%m-%d %H:%M:%S')} job {job}: {request['program']} "
-                    f"{' '.join(request['argv'])} (in {request['cwd']})\n".encode())
+                    f"{' '.join(request['argv'])} (in {request['cwd']}){' [primed]' if primed else ''}\n".encode())
         conn.sendall(b"r %d\n" % job)
         # woken by the job's end itself where the kernel offers a process descriptor (Linux ≥ 5.3), else by polling
         # every 50 ms (up to 50 ms added to every job's time)
-        try:
-            ended = [os.pidfd_open(job)]
-        except (AttributeError, OSError):
-            ended = []
+        pidfd = _pidfd(job)
+        ended = [] if pidfd is None else [pidfd]
         caller = [conn]
         while True:
             pid, status = os.waitpid(job, os.WNOHANG)
@@ -466,6 +700,11 @@ def _monitor(conn) -> int:
             conn.sendall(b"x %d\n" % os.waitstatus_to_exitcode(status))
     except OSError:
         pass
+    finally:
+        if spare is not None:  # not used: its job process exits on the end of its socket
+            job, sock = spare
+            sock.close()
+            os.waitpid(job, 0)
     return 0
 
 
