@@ -166,6 +166,33 @@ def njit(*args, **kwargs):
     return numba.njit(*args, **kwargs)
 
 
+def cuda_jit(func, *, device: bool = False):
+    """``numba.cuda.jit`` of ``func``; kernels (not device functions, which are compiled into them) are cached on disk
+    (``cache=True``), as :func:`njit` caches the CPU kernels: a new process loads their code instead of compiling it
+    again (~7 s for a solver's kernels on first use). numba keys the cache by the function's qualified name, source
+    line, bytecode and argument types, not by its globals: every kernel the builders bind to other helpers or float
+    types carries a distinct suffix in its ``__qualname__`` (:func:`variant_suffix`), checked by
+    tests/test_ptx.py. Must only be called when numba is installed."""
+    from numba import cuda
+
+    return cuda.jit(device=True)(func) if device else cuda.jit(cache=True)(func)
+
+
+def variant_suffix(deps: dict) -> str:
+    """A ``__qualname__`` suffix naming what ``deps`` binds, the same in every process: the qualified names of the
+    compiled helpers (which carry their own suffixes), the names of types and modules, the ``repr`` of other values.
+    Copies of one body bound to different helpers or float types thereby get distinct on-disk cache entries."""
+    import hashlib
+
+    parts = []
+    for k in sorted(deps):
+        v = deps[k]
+        f = getattr(v, "py_func", None) or getattr(v, "fn", None)  # a numba.cuda dispatcher / simulator kernel
+        name = getattr(f, "__qualname__", None) or getattr(v, "__name__", None) or repr(v)
+        parts.append(f"{k}={name}")
+    return "_" + hashlib.sha1(";".join(parts).encode()).hexdigest()[:12]
+
+
 def gpu_launch(n: int, threads: int = 256):
     """1-D launch configuration ``(blocks, threads)`` covering ``n`` work items."""
     if cuda_simulator():

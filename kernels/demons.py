@@ -183,8 +183,8 @@ def _cuda_kernel(dtype="float64"):
 
     ns = dict(globals(), cuda=nb_cuda, ft=np.dtype(dtype).type)
     sfx = "" if dtype == "float64" else "_" + dtype
-    ns["_esm_body"] = nb_cuda.jit(device=True)(_rebind(_esm_body, ns, sfx))
-    return nb_cuda.jit(_rebind(_esm_gpu, ns, sfx))
+    ns["_esm_body"] = _backend.cuda_jit(_rebind(_esm_body, ns, sfx), device=True)
+    return _backend.cuda_jit(_rebind(_esm_gpu, ns, sfx))
 
 
 def _esm_numpy(F, Mw, gF, gM, disp, shape, h, mask, mvalid, n2, thr):

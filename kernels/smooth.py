@@ -158,7 +158,7 @@ def _cuda_device(fn, **deps):
     """``numba.cuda.jit(device=True)`` of the scalar body ``fn`` with its helper names rebound to ``deps``."""
     from numba import cuda
 
-    return cuda.jit(device=True)(_rebind(fn, cuda=cuda, **deps))
+    return _backend.cuda_jit(_rebind(fn, _backend.variant_suffix(deps), cuda=cuda, **deps), device=True)
 
 
 def _numba_compile(fn, _suffix="", parallel=False, inline="never", **deps):
@@ -171,7 +171,7 @@ def _cuda_kernel(fn, **deps):
     simulator swaps for its fake module; helper names rebound to the device functions in ``deps``)."""
     from numba import cuda
 
-    return cuda.jit(_rebind(fn, cuda=cuda, **deps))
+    return _backend.cuda_jit(_rebind(fn, _backend.variant_suffix(deps), cuda=cuda, **deps))
 
 
 # Templates of the numba CPU passes: module-level functions (numba caches them on disk; a closure over compiled

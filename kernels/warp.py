@@ -899,8 +899,8 @@ def _cuda_kernels(dtype="float64"):
     ns = dict(globals(), cuda=nb_cuda, ft=np.dtype(dtype).type)
     sfx = "" if dtype == "float64" else "_" + dtype
     for f in _BODIES:
-        ns[f.__name__] = nb_cuda.jit(device=True)(_rebind(f, ns, sfx))
-    return {f.__name__: nb_cuda.jit(_rebind(f, ns, sfx)) for f in _GPU_LOOPS}
+        ns[f.__name__] = _backend.cuda_jit(_rebind(f, ns, sfx), device=True)
+    return {f.__name__: _backend.cuda_jit(_rebind(f, ns, sfx)) for f in _GPU_LOOPS}
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -285,3 +285,27 @@ def test_cli_device_cuda(tmp_path):
     cpu, gpu = cr.load_result(tmp_path / "cpu"), cr.load_result(tmp_path / "gpu")
     diff = np.abs(gpu.transform.image.numpy() - cpu.transform.image.numpy()).max()
     assert gpu.params["backend"] == "cuda" and diff <= 1e-3, diff
+
+
+_CACHE_PROBE = """
+import cupy, numpy as np
+from classreg.kernels import warp
+img = cupy.asarray(np.random.default_rng(0).random((16, 17), dtype=np.float32))
+warp.warp(img, cupy.zeros((16, 17, 2), np.float32), backend="cuda")
+k = warp._cuda_kernels("float32")["_warp2_gpu"]
+print(sum(k.stats.cache_hits.values()), sum(k.stats.cache_misses.values()))
+"""
+
+
+def test_kernels_load_from_the_disk_cache_in_a_new_process(tmp_path):
+    """The second process loads the warp kernel from numba's disk cache instead of compiling it (the ~7 s first call
+    of every process before ``_backend.cuda_jit`` cached kernels)."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    counts = [subprocess.run([sys.executable, "-c", _CACHE_PROBE], env=env, capture_output=True, text=True,
+                             check=True).stdout.split() for _ in range(2)]
+    report("kernel_disk_cache", hits_first=counts[0][0], hits_second=counts[1][0])
+    assert counts[0] == ["0", "1"], counts  # compiled and saved
+    assert counts[1] == ["1", "0"], counts  # loaded

@@ -153,3 +153,24 @@ def test_float64_kernels_compute_in_float64(launched):
     for kern, ptxs in kernels.items():
         for ptx in ptxs:
             assert _F64_ARITH.search(ptx), kern.py_func.__qualname__
+
+
+def test_every_kernel_has_its_own_disk_cache_entry():
+    """numba caches a kernel on disk under its qualified name, source line, bytecode and argument types, not its
+    globals (``_backend.cuda_jit``): two kernels built from one template with different helpers or float types and
+    the same argument types would load each other's code in the next process. Every kernel the builders make, for
+    both float types, must be cached and have a qualified name of its own. Needs numba's CUDA target (not a GPU)."""
+    from classreg.kernels import _backend
+
+    if _backend.cuda_simulator():
+        pytest.skip("the CUDA simulator compiles and caches nothing")
+    try:
+        from numba import cuda  # noqa: F401
+    except Exception as exc:  # pragma: no cover - depends on the installation
+        pytest.skip(f"numba's CUDA target does not import: {exc}")
+    k = _mods()
+    kernels = _kernels_built(k, np.float32) | _kernels_built(k, np.float64)
+    names = [kern.py_func.__qualname__ for kern in kernels]
+    assert len(kernels) >= 24, names  # warp 4 + ESM 1 + adjoint 4 per float type, gaussian 1, diff 6
+    assert len(set(names)) == len(names), sorted(names)
+    assert all(type(kern._cache).__name__ != "NullCache" for kern in kernels), names
