@@ -21,6 +21,12 @@ its gradient (the separable quadratic form of :func:`classreg.kernels.bspline.be
 coefficients and the gradient stay on the device; one evaluation reads 5 numbers (count, cost, correlation, the
 gradient's norm and finiteness).
 
+On a GPU (numba.cuda usable, not its simulator: :func:`fused_available`) both classes do the per-sample work in two
+fused numba.cuda kernels instead (:mod:`classreg.kernels.mattes_cuda`: the map, interpolation, validity and
+histogram in one; the derivative and the chain-rule scatter in the other, atomic float64 additions), with the small
+table between them in CuPy: ~40 launches per evaluation instead of ~400-600 (docs/gpu.md). The array-module code
+stays the reference and the path under the simulator (where the kernels run each thread in Python).
+
 The CPU kernels are the reference: the same formulas; the sums are taken in another order (``bincount``, tree
 reductions, the 4ⁿ taps summed at once), so the two agree to rounding, not bit for bit
 (``tests/test_device_residency.py``).
@@ -29,9 +35,29 @@ from __future__ import annotations
 
 import numpy as np
 
+from ...kernels import _backend
 from ...kernels.sampling import _mi_setup
 
-__all__ = ["DeviceAffineMI", "DeviceBSplineMI"]
+__all__ = ["DeviceAffineMI", "DeviceBSplineMI", "fused_available"]
+
+
+def fused_available() -> bool:
+    """Whether the evaluations use the fused numba.cuda kernels (:mod:`classreg.kernels.mattes_cuda`): numba.cuda
+    usable on a real GPU. Under numba's CUDA simulator the array-module path is used (the simulator runs every
+    thread in Python: the kernels are checked there on small draws, not run for whole registrations)."""
+    return _backend._cuda_usable() and not _backend.cuda_simulator()
+
+
+def _rows4(rows):
+    """An (n, n + 1) matrix ``[A | o]`` as the kernels' flat tuple of three rows of 4 (padded with 0)."""
+    out = [0.0] * 12
+    for a, row in enumerate(rows):
+        out[4 * a:4 * a + len(row)] = [float(v) for v in row]
+    return tuple(out)
+
+
+def _pad3(shape):
+    return tuple(int(s) for s in shape) + (1,) * (3 - len(shape))
 
 
 class _DeviceMI:
@@ -72,6 +98,15 @@ class _DeviceMI:
         self.tlo, self.thi, self.tiny = float(tlo), float(thi), float(tiny)
         self.smallf, self.smallm, self.bsf, self.bsm = _mi_setup(self.nbf, self.nbm, self.lof, self.hif, self.lom,
                                                                  self.him)
+        #: whether :meth:`_fused` does the per-sample work (:func:`fused_available`)
+        self.fused = fused_available()
+        mlin = [0.0] * 9  # the kernels' arguments
+        for k in range(n):
+            mlin[3 * k:3 * k + n] = self.m_lin[k]
+        self._mlin, self._mshape = tuple(mlin), _pad3(self.shape)
+        self._mi = (self.lof, self.hif, self.lom, self.him, self.tlo, self.thi, self.smallf, self.smallm, self.bsf,
+                    self.bsm)
+        self._none = cupy.zeros((1, n))  # the unused prior / coefficient arguments
 
     def _interpolate(self, y, B, b):
         """The value, index gradient and mask at ``B y + b``: ``(vals (N, 1 + n [+ 1]), inside (N,))`` (as
@@ -167,12 +202,7 @@ class _DeviceMI:
         hist = xp.bincount(xp.concatenate([cell + k for k in range(4)]),
                            weights=xp.concatenate([w * wk for wk in win]), minlength=nbf * nbm)
         # the table (kernels.sampling._mi_table, Mattes MI) and the per-sample derivative (_mi_grad)
-        p = (hist / cnt).reshape(nbf, nbm)
-        q = p.sum(axis=1)[:, None] * p.sum(axis=0)[None, :]
-        ok = (p > self.tiny) & (q > self.tiny)
-        table = xp.where(ok, xp.log(xp.where(ok, p, 1.0) / xp.where(ok, q, 1.0)), 0.0)
-        value = -(p * table).sum()
-        flat_table = table.reshape(-1)
+        value, flat_table = self._table(hist, cnt)
         scale = -1.0 / (cnt * self.bsm)
         dm = scale * dlim * (-0.5 * s * s * flat_table[cell] + (-2.0 * t + 1.5 * t2) * flat_table[cell + 1]
                              + (0.5 + t - 1.5 * t2) * flat_table[cell + 2] + 0.5 * t2 * flat_table[cell + 3])
@@ -180,11 +210,50 @@ class _DeviceMI:
         # the correlation of the valid pairs
         da = f - (w * f).sum() / cnt
         db = mv - (w * mv).sum() / cnt
-        sab, saa, sbb = (w * da * db).sum(), (w * da * da).sum(), (w * db * db).sum()
-        ncc = xp.where((saa > 0.0) & (sbb > 0.0), xp.clip(sab / xp.sqrt(xp.maximum(saa * sbb, 1e-300)), -1.0, 1.0),
-                       xp.nan)
+        ncc = self._ncc((w * da * db).sum(), (w * da * da).sum(), (w * db * db).sum())
         g_world = [sum(self.m_lin[k][a] * vals[:, 1 + k] for k in range(n)) for a in range(n)]  # m_linᵀ ∇_idx M
         return count, value, ncc, dm, g_world
+
+    def _table(self, hist, cnt):
+        """Mattes MI of the joint histogram ``hist`` (flat, nbf × nbm) of ``cnt`` samples and the flat log-ratio
+        table ``log(p / (p_F p_M))`` (0 where either is below ``tiny``; kernels.sampling._mi_table): ``(value,
+        table)``."""
+        xp = self.xp
+        p = (hist / cnt).reshape(self.nbf, self.nbm)
+        q = p.sum(axis=1)[:, None] * p.sum(axis=0)[None, :]
+        ok = (p > self.tiny) & (q > self.tiny)
+        table = xp.where(ok, xp.log(xp.where(ok, p, 1.0) / xp.where(ok, q, 1.0)), 0.0)
+        return -(p * table).sum(), table.reshape(-1)
+
+    def _ncc(self, sab, saa, sbb):
+        """The Pearson correlation from the centred sums (NaN when either variance vanishes)."""
+        xp = self.xp
+        return xp.where((saa > 0.0) & (sbb > 0.0), xp.clip(sab / xp.sqrt(xp.maximum(saa * sbb, 1e-300)), -1.0, 1.0),
+                        xp.nan)
+
+    def _fused(self, y, f, rows, *, prior=None, grid=None, center=(0.0, 0.0, 0.0)):
+        """The per-sample work in the two kernels of :mod:`classreg.kernels.mattes_cuda` (one launch each), the
+        table between them in CuPy. ``rows``: world point (after the B-spline) → moving index, (n, n + 1);
+        ``prior``: ``(flat, shape, rows)`` of :meth:`DeviceBSplineMI.use_prior` or None; ``grid``: ``(cflat,
+        gshape, grid rows)`` or None (affine: the sums ``g``, ``G`` about ``center`` instead of a gradient in
+        coefficients). Returns device ``(acc, value, ncc, grad)``: the accumulator (count at ``ACC_COUNT``, affine
+        sums at ``ACC_AFFINE``), the cost, the correlation and the coefficient gradient (flat; None for affine)."""
+        from ...kernels import mattes_cuda as mc
+
+        xp, n, count = self.xp, self.ndim, int(y.shape[0])
+        kernels = mc.cuda_kernels(n)
+        acc = xp.zeros(mc.ACC_HIST + self.nbf * self.nbm)
+        work = xp.empty((count, mc.work_columns(n)))
+        pflat, pshape, prows = (self._none, (1, 1, 1), ()) if prior is None else prior
+        cflat, gshape, grows = (self._none, (1, 1, 1), ()) if grid is None else grid
+        _backend.launch(kernels["pass1"], count, y, f, pflat, _pad3(pshape), _rows4(prows), prior is not None, cflat,
+                        _pad3(gshape), _rows4(grows), grid is not None, self.flat, self._mshape, _rows4(rows),
+                        self.exact, self.has_mask, self._mlin, self.nbf, self.nbm, self._mi, work, acc)
+        value, table = self._table(acc[mc.ACC_HIST:], xp.maximum(acc[mc.ACC_COUNT], 1.0))
+        grad = None if grid is None else xp.zeros(cflat.size)
+        _backend.launch(kernels["pass2"], count, y, f, work, table, self.bsm, _pad3(gshape), grid is not None,
+                        tuple(float(c) for c in center) + (0.0,) * (3 - n), acc, self._none if grad is None else grad)
+        return acc, value, self._ncc(acc[mc.ACC_CORR], acc[mc.ACC_CORR + 1], acc[mc.ACC_CORR + 2]), grad
 
     def _valid(self, vals, inside):
         """The samples inside the moving image and, with a mask, where it interpolates to >= 0.5."""
@@ -202,15 +271,23 @@ class DeviceAffineMI(_DeviceMI):
         (one read of ``3 + n + n²`` numbers).
         """
         xp, n = self.xp, self.ndim
-        vals, inside = self._interpolate(y, B, b)
-        count, value, ncc, dm, g_world = self._mattes(f, vals, self._valid(vals, inside))
-        # the chain-rule sums
-        g, G = [], []
-        for a in range(n):
-            gw = dm * g_world[a]
-            g.append(gw.sum())
-            G.extend((gw * (y[:, c] - float(center[c]))).sum() for c in range(n))
-        out = xp.stack([count, value, ncc, *g, *G]).get()  # the one read of the evaluation
+        if self.fused:
+            from ...kernels import mattes_cuda as mc
+
+            rows = [[*(float(v) for v in B[a]), float(b[a])] for a in range(n)]
+            acc, value, ncc, _ = self._fused(y, f, rows, center=center)
+            out = xp.concatenate([acc[mc.ACC_COUNT:mc.ACC_COUNT + 1], xp.stack([value, ncc]),
+                                  acc[mc.ACC_AFFINE:mc.ACC_AFFINE + n + n * n]]).get()  # the one read
+        else:
+            vals, inside = self._interpolate(y, B, b)
+            count, value, ncc, dm, g_world = self._mattes(f, vals, self._valid(vals, inside))
+            # the chain-rule sums
+            g, G = [], []
+            for a in range(n):
+                gw = dm * g_world[a]
+                g.append(gw.sum())
+                G.extend((gw * (y[:, c] - float(center[c]))).sum() for c in range(n))
+            out = xp.stack([count, value, ncc, *g, *G]).get()  # the one read of the evaluation
         count = int(out[0])
         if count < 2:  # as the CPU kernel: no metric below 2 samples
             return count, 0.0, float("nan"), np.zeros((n, n)), np.zeros(n)
@@ -321,25 +398,31 @@ class DeviceBSplineMI(_DeviceMI):
         transform) and fixed values ``f`` (N,), with device coefficients ``coeffs`` (*gshape, n).
 
         ``y`` → (the prior, when :meth:`use_prior` gave one) → ``z = y + u(q)`` → the moving value and
-        gradient → Mattes MI → ``∂C/∂c_k = Σ_j ∂C/∂m_j ∇M(z_j) β³(q_j − k)`` scattered to the control points by
-        one weighted ``bincount``; times ``weight``, plus the bending energy with ``penalty``. Returns ``(count, value, ncc,
-        grad, norm, finite)``: the gradient (a flat device array) and host numbers from one read (count, value,
+        gradient → Mattes MI → ``∂C/∂c_k = Σ_j ∂C/∂m_j ∇M(z_j) β³(q_j − k)`` scattered to the control points (one
+        weighted ``bincount``, or the fused kernels' atomic additions); times ``weight``, plus the bending energy
+        with ``penalty``. Returns ``(count, value, ncc, grad, norm, finite)``: the gradient (a flat device array) and host numbers from one read (count, value,
         correlation, the gradient's Euclidean norm and whether it is finite).
         """
         xp, n = self.xp, self.ndim
-        if self._prior is not None:  # linear, zero outside (kernels.sampling.linear_at)
-            _, flat, shape, rows = self._prior
-            vals, inside = self._linear(flat, shape, self._coords(y, rows), False)
-            y = y + xp.where(inside[:, None], vals, 0.0)
-        index, weights = self._taps(y)
         cflat = coeffs.reshape(-1, n)
-        z = y + (weights[:, :, None] * cflat[index]).sum(axis=1)
-        vals, inside = self._linear(self.flat, self.shape, self._coords(z, self.m_rows), self.exact)
-        count, value, ncc, dm, g_world = self._mattes(f, vals, self._valid(vals, inside))
-        # the adjoint: each sample's dm ∇M to its 4ⁿ control points, per channel (flat index × n + channel)
-        contrib = weights[:, :, None] * xp.stack([dm * g for g in g_world], axis=1)[:, None, :]
-        slots = index[:, :, None] * n + xp.arange(n)
-        grad = xp.bincount(slots.reshape(-1), weights=contrib.reshape(-1), minlength=cflat.size)
+        if self.fused:
+            prior = None if self._prior is None else self._prior[1:]
+            acc, value, ncc, grad = self._fused(y, f, self.m_rows, prior=prior,
+                                                grid=(cflat, self.grid_shape, self.g_rows))
+            count = acc[0]  # mattes_cuda.ACC_COUNT
+        else:
+            if self._prior is not None:  # linear, zero outside (kernels.sampling.linear_at)
+                _, flat, shape, rows = self._prior
+                vals, inside = self._linear(flat, shape, self._coords(y, rows), False)
+                y = y + xp.where(inside[:, None], vals, 0.0)
+            index, weights = self._taps(y)
+            z = y + (weights[:, :, None] * cflat[index]).sum(axis=1)
+            vals, inside = self._linear(self.flat, self.shape, self._coords(z, self.m_rows), self.exact)
+            count, value, ncc, dm, g_world = self._mattes(f, vals, self._valid(vals, inside))
+            # the adjoint: each sample's dm ∇M to its 4ⁿ control points, per channel (flat index × n + channel)
+            contrib = weights[:, :, None] * xp.stack([dm * g for g in g_world], axis=1)[:, None, :]
+            slots = index[:, :, None] * n + xp.arange(n)
+            grad = xp.bincount(slots.reshape(-1), weights=contrib.reshape(-1), minlength=cflat.size)
         value, grad = weight * value, weight * grad
         if penalty and self._bending is not None:
             pv, pg = self.bending(coeffs)
