@@ -23,8 +23,9 @@ the array-module evaluation to rounding (``tests/test_device_residency.py``: 1e-
 
 The accumulator ``acc`` (float64) holds, at the offsets below: the valid count, Σ f and Σ m of the valid samples,
 the correlation sums Σ δf δm, Σ δf², Σ δm², the affine sums ``g`` (n) and ``G`` (n × n, row-major), then the
-histogram (nbf × nbm). Work rows (``work``, (N, :func:`work_columns`) float64): valid flag, moving value, histogram cell
-``fi·nbm + first``, window offset ``t``, the limiter's derivative, ``∇_z M`` (n), the grid coordinates ``q`` (n).
+histogram (nbf × nbm). Work rows (``work``, (N, :func:`work_columns`) float64): valid flag, moving value,
+histogram cell ``fi·nbm + first``, window offset ``t``, the limiter's derivative, ``∇_z M`` (n), the grid
+coordinates ``q`` (n; 0 for the affine family).
 Matrices enter as flat tuples: rows of 4 (``[A | o]`` padded to 3 × 4), the moving image's world → index matrix as
 3 × 3; shapes padded to 3 with 1.
 """
@@ -46,8 +47,7 @@ def work_columns(n):
 
 
 # Rebound by the builder: numba.cuda, numba's float64 / int64 types (local arrays) and the number of spatial axes (a
-# compile-time constant per variant, so that the loops over axes, corners and taps unroll and the small local
-# arrays can live in registers).
+# compile-time constant per variant: the loops over axes, corners and taps have constant trip counts).
 cuda = None
 f8 = None
 i8 = None
@@ -55,6 +55,16 @@ NDIM = 3
 
 
 # ------------------------------------------------------------------------------------------- scalar device bodies
+# (``_lo``/``_hi`` instead of the builtins ``min``/``max``: numba's own CUDA target, which numba 0.68 still ships,
+# fails to compile their float overload; numba-cuda compiles both)
+def _lo(a, b):
+    return a if a < b else b
+
+
+def _hi(a, b):
+    return a if a > b else b
+
+
 def _affine_row(rows, a, p, n):
     """``rows[a] · [p; 1]`` (rows flat, 4 per row), summed left to right then the offset."""
     s = 0.0
@@ -75,8 +85,8 @@ def _linear(flat, shape, c, n, exact, base, tt, out):
         if not (ca >= 0.0 and ca <= hi):
             inside = False
         ca = ca if ca == ca else 0.0
-        ca = min(max(ca, 0.0), hi)
-        i = min(int(math.floor(ca)), max(shape[a] - 2, 0))
+        ca = _lo(_hi(ca, 0.0), hi)
+        i = _lo(int(math.floor(ca)), _hi(shape[a] - 2, 0))
         base[a] = i
         tt[a] = ca - i
     nch = flat.shape[1]
@@ -89,7 +99,7 @@ def _linear(flat, shape, c, n, exact, base, tt, out):
         stride = 1
         for a in range(n - 1, -1, -1):
             bit = (corner >> (n - 1 - a)) & 1
-            idx += min(base[a] + bit, shape[a] - 1) * stride
+            idx += _lo(base[a] + bit, shape[a] - 1) * stride
             stride *= shape[a]
             w *= tt[a] if bit else 1.0 - tt[a]
         if exact:
@@ -132,7 +142,7 @@ def _taps(q, gshape, n, start, wq):
         if not (q[a] >= 1.0 and q[a] <= gshape[a] - 2.0):
             return False
     for a in range(n):
-        r = min(int(math.floor(q[a])), gshape[a] - 3)
+        r = _lo(int(math.floor(q[a])), gshape[a] - 3)
         start[a] = r - 1
         _w4(q[a] - r, wq[a])
     return True
@@ -186,6 +196,7 @@ def _pass1_cuda(y, f, pflat, pshape, prows, has_prior, cflat, gshape, grows, has
     wq = cuda.local.array((3, 4), f8)
     for a in range(n):
         z[a] = y[j, a]
+        q[a] = 0.0  # stays 0 without a grid (affine)
     if has_prior:  # the earlier pieces' displacement, linear, zero outside
         for a in range(n):
             c[a] = _affine_row(prows, a, z, n)
@@ -214,12 +225,12 @@ def _pass1_cuda(y, f, pflat, pshape, prows, has_prior, cflat, gshape, grows, has
         return
     lof, hif, lom, him, tlo, thi, smallf, smallm, bsf, bsm = mi
     mv = vals[0]
-    fc = min(max(f[j], lof), hif)
-    fi = min(max(int(math.floor((fc - (lof - smallf)) / bsf + 0.5)), 0), nbf - 1)
+    fc = _lo(_hi(f[j], lof), hif)
+    fi = _lo(_hi(int(math.floor((fc - (lof - smallf)) / bsf + 0.5)), 0), nbf - 1)
     m, dlim = _limit(mv, tlo, thi, lom, him)
     xim = (m - (lom - smallm)) / bsm + 1.0
-    first = min(max(int(math.floor(xim)) - 1, 0), nbm - 4)
-    t = min(max(xim - (first + 1), 0.0), 1.0)
+    first = _lo(_hi(int(math.floor(xim)) - 1, 0), nbm - 4)
+    t = _lo(_hi(xim - (first + 1), 0.0), 1.0)
     s = 1.0 - t
     t2 = t * t
     t3 = t2 * t
@@ -252,7 +263,7 @@ def _pass2_cuda(y, f, work, table, bsm, gshape, has_grid, center, acc, grad):
     if j >= y.shape[0] or work[j, 0] == 0.0:
         return
     n = NDIM
-    cnt = max(acc[ACC_COUNT], 1.0)
+    cnt = _hi(acc[ACC_COUNT], 1.0)
     mv = work[j, 1]
     cell = int(work[j, 2])
     t = work[j, 3]
@@ -284,7 +295,7 @@ def _pass2_cuda(y, f, work, table, bsm, gshape, has_grid, center, acc, grad):
             cuda.atomic.add(acc, ACC_AFFINE + n + n * a + k, gw * (y[j, k] - center[k]))
 
 
-_BODIES = (_affine_row, _linear, _w4, _taps, _tap, _limit)
+_BODIES = (_lo, _hi, _affine_row, _linear, _w4, _taps, _tap, _limit)
 _KERNELS = (_pass1_cuda, _pass2_cuda)
 
 

@@ -536,17 +536,25 @@ BSPLINE = dict(grid_spacing=6.0, shrink_factors=(2, 1), smoothing_sigmas=(1.0, 0
 
 
 @pytest.mark.cudasim
-@pytest.mark.parametrize("how,restart", [("device", False), ("cupy_image", False), ("device", True)])
+@pytest.mark.parametrize("how,restart", [
+    ("device", False), ("cupy_image", False), ("device", True),
+    # the fused kernels of a GPU run (kernels/mattes_cuda.py), each thread in Python: 113 s in the simulator
+    pytest.param("fused", False, marks=pytest.mark.slow),
+])
 def test_bspline_stays_on_device(monkeypatch, how, restart):
     """register_bspline(device="cuda") in its default configuration (Mattes MI, linear interpolation with the exact
     image gradient, fold-free pieces, ASGD): inside each level's iterations only scalar reads cross (the
     coefficients and gradients stay on the device), and it computes the CPU run. With ``restart`` every
-    saturation check starts a new fold-free piece, which composes the map on the host."""
-    from classreg.solvers.parametric import register
+    saturation check starts a new fold-free piece, which composes the map on the host. ``fused``: the evaluations
+    in the fused numba.cuda kernels, as on a GPU (the simulator's default is the array-module path)."""
+    from classreg.solvers.parametric import device, register
     from classreg.solvers.parametric.register import GAIN_DRAWS, RESTART_EVERY
 
     if restart:
         monkeypatch.setattr(register, "RESTART_SATURATION", 0.0)
+    if how == "fused":
+        monkeypatch.setattr(device, "fused_available", lambda: True)
+        how = "device"
     fixed, moving = _rotated_pair(24, 6.0)
     cpu = cr.register_bspline(fixed, moving, **BSPLINE)
     with installed(monkeypatch) as cp:

@@ -252,7 +252,8 @@ class _DeviceMI:
         value, table = self._table(acc[mc.ACC_HIST:], xp.maximum(acc[mc.ACC_COUNT], 1.0))
         grad = None if grid is None else xp.zeros(cflat.size)
         _backend.launch(kernels["pass2"], count, y, f, work, table, self.bsm, _pad3(gshape), grid is not None,
-                        tuple(float(c) for c in center) + (0.0,) * (3 - n), acc, self._none if grad is None else grad)
+                        tuple(float(c) for c in center) + (0.0,) * (3 - n), acc,
+                        self._none.reshape(-1) if grad is None else grad)
         return acc, value, self._ncc(acc[mc.ACC_CORR], acc[mc.ACC_CORR + 1], acc[mc.ACC_CORR + 2]), grad
 
     def _valid(self, vals, inside):
@@ -400,8 +401,9 @@ class DeviceBSplineMI(_DeviceMI):
         ``y`` → (the prior, when :meth:`use_prior` gave one) → ``z = y + u(q)`` → the moving value and
         gradient → Mattes MI → ``∂C/∂c_k = Σ_j ∂C/∂m_j ∇M(z_j) β³(q_j − k)`` scattered to the control points (one
         weighted ``bincount``, or the fused kernels' atomic additions); times ``weight``, plus the bending energy
-        with ``penalty``. Returns ``(count, value, ncc, grad, norm, finite)``: the gradient (a flat device array) and host numbers from one read (count, value,
-        correlation, the gradient's Euclidean norm and whether it is finite).
+        with ``penalty``. Returns ``(count, value, ncc, grad, norm, finite)``: the gradient (a flat device array) and
+        host numbers from one read (count, value, correlation, the gradient's Euclidean norm and whether it is
+        finite).
         """
         xp, n = self.xp, self.ndim
         cflat = coeffs.reshape(-1, n)
