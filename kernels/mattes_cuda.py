@@ -302,12 +302,13 @@ _KERNELS = (_pass1_cuda, _pass2_cuda)
 @functools.cache
 def cuda_kernels(ndim: int):
     """Compile (lazily) the two passes for ``ndim`` (2 or 3) spatial axes; returns ``{"pass1": kernel, "pass2":
-    kernel}``."""
+    kernel}``. The kernels are cached on disk (:func:`classreg.kernels._backend.cuda_jit`) under names that carry
+    ``ndim`` (the only thing the variants bind differently)."""
     import numba
     from numba import cuda as nb_cuda
 
     ns = dict(globals(), cuda=nb_cuda, f8=numba.float64, i8=numba.int64, NDIM=int(ndim))
     sfx = f"_{int(ndim)}d"
     for fn in _BODIES:
-        ns[fn.__name__] = nb_cuda.jit(device=True)(_backend.rebind(fn, ns, sfx))
-    return {fn.__name__[1:6]: nb_cuda.jit(_backend.rebind(fn, ns, sfx)) for fn in _KERNELS}
+        ns[fn.__name__] = _backend.cuda_jit(_backend.rebind(fn, ns, sfx), device=True)
+    return {fn.__name__[1:6]: _backend.cuda_jit(_backend.rebind(fn, ns, sfx)) for fn in _KERNELS}

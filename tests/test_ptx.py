@@ -5,7 +5,9 @@ compute capability 8.0 with the argument types the library launches it with: the
 ``backend="cuda"`` on host arrays while ``_backend.launch`` is replaced by a recorder that compiles instead of
 launching. For float32 data no PTX instruction may carry the ``.f64`` type (arithmetic, comparisons, selects,
 conversions, loads, stores, parameters); for float64 data every kernel must contain float64 arithmetic, so the scan
-can fail. Needs numba's CUDA target with NVVM (numba's own ``numba.cuda`` with a CUDA toolkit, or numba-cuda with
+can fail. The fused passes of the parametric Mattes-MI evaluation (``mattes_cuda``, float64 by design) are compiled
+with the signatures the device evaluations launch them with (on the stand-in device of tests/device_standin.py).
+Needs numba's CUDA target with NVVM (numba's own ``numba.cuda`` with a CUDA toolkit, or numba-cuda with
 its NVVM wheels), not a GPU; skipped without them and under the simulator.
 """
 from __future__ import annotations
@@ -174,3 +176,62 @@ def test_every_kernel_has_its_own_disk_cache_entry():
     assert len(kernels) >= 24, names  # warp 4 + ESM 1 + adjoint 4 per float type, gaussian 1, diff 6
     assert len(set(names)) == len(names), sorted(names)
     assert all(type(kern._cache).__name__ != "NullCache" for kern in kernels), names
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_fused_mi_kernels_compile_to_ptx(monkeypatch, ptx_compile, ndim):
+    """kernels/mattes_cuda.py: both passes compile for the B-spline (prior, mask, either image gradient) and affine
+    evaluations of DeviceBSplineMI / DeviceAffineMI, run on the stand-in with the launches recorded; they compute
+    in float64 with float64 atomics (the simulator cannot show that they compile: it runs Python), and each ndim
+    variant is cached on disk under its own name."""
+    from classreg.kernels import _backend
+    from classreg.kernels import mattes_cuda as mc
+    from device_standin import installed
+    from scipy import ndimage
+
+    import classreg as cr
+    from classreg.solvers.parametric.bspline import BSplineModel
+    from classreg.solvers.parametric.engine import LevelObjective
+    from classreg.solvers.parametric.models import AffineModel
+    from classreg.solvers.parametric.sampling import Sampler
+
+    rng = np.random.default_rng(0)
+    shape = (10, 11, 9)[:ndim]
+    fixed = cr.Image(ndimage.gaussian_filter(rng.random(shape), 1.0).astype(np.float32), 1.0)
+    moving = cr.Image(ndimage.gaussian_filter(rng.random(shape), 1.0).astype(np.float32), 1.0)
+    bspline = BSplineModel.over(fixed, None, 4.0, bending_weight=0.0, bound=0.4)
+    bspline.set_prior(np.zeros(shape + (ndim,)), fixed.inverse_affine)
+    affine = AffineModel("rigid", ndim, (np.asarray(shape) - 1.0) / 2.0)
+    mc.cuda_kernels.cache_clear()  # fresh dispatchers: nothing compiled here for CC 8.0 stays in the cache
+    ptx, kernels = {}, set()
+
+    def record(kernel, n, *args, threads=256):
+        host = [a._a if type(a).__module__ == "cupy" else a for a in args]  # the stand-in's numpy memory
+        sig = numba.types.void(*(numba.typeof(a) for a in host))
+        ptx.setdefault(kernel.py_func.__name__, {})[sig] = ptx_compile(kernel.py_func, sig)
+        kernels.add(kernel)
+
+    monkeypatch.setattr(_backend, "launch", record)
+    with installed(monkeypatch):
+        for model, mask, gradient in ((bspline, True, "exact"), (bspline, False, "smoothed"), (affine, False, "exact")):
+            obj = LevelObjective(fixed, moving, None, np.ones(shape, bool) if mask else None, model=model, pre=None,
+                                 metric="mi", sampler=Sampler("random_coordinate", 16, shape),
+                                 rng=np.random.default_rng(1), device="cuda", image_gradient=gradient)
+            dev = obj._device
+            dev.fused = True
+            y, f = obj._device_samples(0, None)
+            with np.errstate(all="ignore"):  # nothing ran: the accumulators hold zeros
+                if model is bspline:
+                    dev.use_prior(bspline.prior[0], bspline.prior_map)
+                    dev.evaluate(y, f, obj.resident(np.zeros(bspline.size)).reshape(bspline.shape))
+                else:
+                    dev.evaluate(y, f, np.eye(ndim), np.zeros(ndim), affine.center)
+    mc.cuda_kernels.cache_clear()
+    assert set(ptx) == {"_pass1_cuda", "_pass2_cuda"} and len(kernels) == 2
+    assert {k.py_func.__qualname__ for k in kernels} == {f"_pass1_cuda_{ndim}d", f"_pass2_cuda_{ndim}d"}
+    assert all(type(k._cache).__name__ != "NullCache" for k in kernels)
+    for name, by_sig in ptx.items():
+        for code in by_sig.values():
+            # float64 atomics (histogram, sums, gradient) and float64 arithmetic, as documented
+            assert "atom.global.add.f64" in code, name
+            assert ".f64" in code and "fma.rn.f64" in code, name
