@@ -24,8 +24,9 @@ gradient's norm and finiteness).
 On a GPU (numba.cuda usable, not its simulator: :func:`fused_available`) both classes do the per-sample work in two
 fused numba.cuda kernels instead (:mod:`classreg.kernels.mattes_cuda`: the map, interpolation, validity and
 histogram in one; the derivative and the chain-rule scatter in the other, atomic float64 additions), with the small
-table between them in CuPy: ~40 launches per evaluation instead of ~400-600 (docs/gpu.md). The array-module code
-stays the reference and the path under the simulator (where the kernels run each thread in Python).
+table between them in CuPy: 2 kernels and ~50 array operations per evaluation instead of 414-584 (docs/gpu.md).
+The array-module code stays the reference and the path under the simulator (where the kernels run each thread in
+Python).
 
 The CPU kernels are the reference: the same formulas; the sums are taken in another order (``bincount``, tree
 reductions, the 4ⁿ taps summed at once), so the two agree to rounding, not bit for bit
