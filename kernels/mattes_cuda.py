@@ -36,6 +36,9 @@ import math
 
 from . import _backend
 
+# elastix's exponential limiter: one scalar body compiled for the CPU (kernels.sampling) and the GPU (here)
+from .sampling import _limit_numba
+
 __all__ = ["ACC_COUNT", "ACC_FM", "ACC_CORR", "ACC_AFFINE", "ACC_HIST", "work_columns", "cuda_kernels"]
 
 ACC_COUNT, ACC_FM, ACC_CORR, ACC_AFFINE, ACC_HIST = 0, 1, 3, 6, 18
@@ -161,23 +164,6 @@ def _tap(k, n, gshape, start, wq):
     return idx, w
 
 
-def _limit(x, lo_thr, hi_thr, lo_bnd, hi_bnd):
-    """elastix's exponential limiter and its derivative (``kernels.sampling._limit_numba``)."""
-    if x > hi_thr:
-        k = hi_thr - hi_bnd
-        if k < -1e-10:
-            e = math.exp((x - hi_thr) / k)
-            return hi_bnd + k * e, e
-        return hi_bnd, 0.0
-    if x < lo_thr:
-        k = lo_thr - lo_bnd
-        if k > 1e-10:
-            e = math.exp((x - lo_thr) / k)
-            return lo_bnd + k * e, e
-        return lo_bnd, 0.0
-    return x, 1.0
-
-
 # ------------------------------------------------------------------------------------------------------- kernels
 def _pass1_cuda(y, f, pflat, pshape, prows, has_prior, cflat, gshape, grows, has_grid, mflat, mshape, mrows, exact,
                 has_mask, mlin, nbf, nbm, mi, work, acc):
@@ -227,7 +213,7 @@ def _pass1_cuda(y, f, pflat, pshape, prows, has_prior, cflat, gshape, grows, has
     mv = vals[0]
     fc = _lo(_hi(f[j], lof), hif)
     fi = _lo(_hi(int(math.floor((fc - (lof - smallf)) / bsf + 0.5)), 0), nbf - 1)
-    m, dlim = _limit(mv, tlo, thi, lom, him)
+    m, dlim = _limit_numba(mv, tlo, thi, lom, him)
     xim = (m - (lom - smallm)) / bsm + 1.0
     first = _lo(_hi(int(math.floor(xim)) - 1, 0), nbm - 4)
     t = _lo(_hi(xim - (first + 1), 0.0), 1.0)
@@ -295,7 +281,7 @@ def _pass2_cuda(y, f, work, table, bsm, gshape, has_grid, center, acc, grad):
             cuda.atomic.add(acc, ACC_AFFINE + n + n * a + k, gw * (y[j, k] - center[k]))
 
 
-_BODIES = (_lo, _hi, _affine_row, _linear, _w4, _taps, _tap, _limit)
+_BODIES = (_lo, _hi, _affine_row, _linear, _w4, _taps, _tap, _limit_numba)
 _KERNELS = (_pass1_cuda, _pass2_cuda)
 
 

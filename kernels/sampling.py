@@ -9,6 +9,8 @@ the work (measured on 2 cores: ~0.2 ms per parallel launch against ~20 µs of wo
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from . import _backend
@@ -324,17 +326,18 @@ def parzen_mi(fidx, xi_m, nbf, nbm):
 
 # ------------------------------------------------------------------------------------------- fused Mattes MI
 def _limit_numba(x, lo_thr, hi_thr, lo_bnd, hi_bnd):
-    """elastix's exponential limiter and its derivative (see classreg.terms.measures._exponential_limiter)."""
+    """elastix's exponential limiter and its derivative (see classreg.terms.measures._exponential_limiter); a scalar
+    body compiled for the CPU here and for the GPU by :mod:`.mattes_cuda` (``math``, not numpy)."""
     if x > hi_thr:
         k = hi_thr - hi_bnd
         if k < -1e-10:
-            e = np.exp((x - hi_thr) / k)
+            e = math.exp((x - hi_thr) / k)
             return hi_bnd + k * e, e
         return hi_bnd, 0.0
     if x < lo_thr:
         k = lo_thr - lo_bnd
         if k > 1e-10:
-            e = np.exp((x - lo_thr) / k)
+            e = math.exp((x - lo_thr) / k)
             return lo_bnd + k * e, e
         return lo_bnd, 0.0
     return x, 1.0
