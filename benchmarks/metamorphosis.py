@@ -30,7 +30,7 @@ Cases (everything from shipped data or synthetic with a fixed seed):
 Runs: ``lddmm`` = weighted metamorphosis' engine with μ = 0 (register_lddmm(method="full"), the paper's baseline),
 ``lddmm_default`` = register_lddmm's default method (band-limited), ``cm`` = classical metamorphosis (no mask),
 ``wm`` = weighted metamorphosis (mask grown from a ball, the default). Every run uses the solvers' defaults, except
-``--rho`` (cm, wm) and ``--data-sigma`` (every run).
+``--rho`` (cm, wm), ``--data-sigma`` (every run) and ``--kernel-sigma`` (every run but ``lddmm_default``).
 """
 from __future__ import annotations
 
@@ -247,22 +247,24 @@ def _dice(a, b) -> float:
     return float(2 * np.sum(a & b) / max(1, a.sum() + b.sum()))
 
 
-def _solvers(case: dict, which, rhos=(None,), data_sigma=None):
+def _solvers(case: dict, which, rhos=(None,), data_sigma=None, kernel_sigma=None):
     """The runs, keyed ``run`` or ``run rho=R`` when ``rhos`` sweeps metamorphosis' ρ (mm²; None = the default);
-    ``data_sigma`` (None = the solvers' default) is given to every run."""
+    ``data_sigma`` (None = the solvers' default) is given to every run, ``kernel_sigma`` (mm, one σ or several:
+    the multi-scale kernel) to every run of the full-grid engine (all but ``lddmm_default``)."""
     import classreg as cr
 
     f, m, mask = case["fixed"], case["moving"], case["mask"]
     common = {} if data_sigma is None else {"data_sigma": data_sigma}
+    full = dict(common) if kernel_sigma is None else {**common, "kernel_sigma": tuple(kernel_sigma)}
     out = {}
     for k in which:
         if k == "lddmm":
-            out[k] = lambda: cr.register_metamorphosis(f, m, mu=0.0, **common)
+            out[k] = lambda: cr.register_metamorphosis(f, m, mu=0.0, **full)
         elif k == "lddmm_default":
             out[k] = lambda: cr.register_lddmm(f, m, **common)
         else:
             for rho in rhos:
-                kw = dict(common) if rho is None else {"rho": rho, **common}
+                kw = dict(full) if rho is None else {"rho": rho, **full}
                 if k == "wm":
                     kw["mask"] = mask
                 out[k if rho is None else f"{k} rho={rho:g}"] = (lambda kw=kw: cr.register_metamorphosis(f, m, **kw))
@@ -289,7 +291,7 @@ def _row(name, run, res, seconds, case, extra) -> dict:
     return row
 
 
-def run_toy(size: int, which, rhos=(None,), data_sigma=None) -> list[dict]:
+def run_toy(size: int, which, rhos=(None,), data_sigma=None, kernel_sigma=None) -> list[dict]:
     fixed, moving, tri = toy(size, push=0.08 * size)
     mask = ndimage.binary_dilation(tri, iterations=2)
     case = {"fixed": fixed, "moving": moving, "mask": mask.astype(np.float32),
@@ -297,7 +299,7 @@ def run_toy(size: int, which, rhos=(None,), data_sigma=None) -> list[dict]:
     T = fixed.data
     before = oval_centroid_error(moving.data, T, tri)
     rows = []
-    for run, fn in _solvers(case, which, rhos, data_sigma).items():
+    for run, fn in _solvers(case, which, rhos, data_sigma, kernel_sigma).items():
         t0 = time.perf_counter()
         res = fn()
         sec = time.perf_counter() - t0
@@ -310,12 +312,12 @@ def run_toy(size: int, which, rhos=(None,), data_sigma=None) -> list[dict]:
     return rows
 
 
-def run_mni(name: str, which, seeds, rhos=(None,), data_sigma=None) -> list[dict]:
+def run_mni(name: str, which, seeds, rhos=(None,), data_sigma=None, kernel_sigma=None) -> list[dict]:
     """The tumour cases ``mni2d``, ``mni3d`` (:func:`tumour_case`) and ``inter2d`` (:func:`inter_case`)."""
     rows = []
     for seed in seeds:
         case = inter_case(seed=seed) if name == "inter2d" else tumour_case(int(name[3]), seed=seed)
-        for run, fn in _solvers(case, which, rhos, data_sigma).items():
+        for run, fn in _solvers(case, which, rhos, data_sigma, kernel_sigma).items():
             t0 = time.perf_counter()
             res = fn()
             sec = time.perf_counter() - t0
@@ -344,6 +346,9 @@ def main(argv=None) -> int:
                    help="sweep metamorphosis' rho (mm²) for the cm and wm runs (default: the solver's default)")
     p.add_argument("--data-sigma", type=float, default=None,
                    help="σ of the SSD for every run (normalised intensities; default: the solvers' default 0.05)")
+    p.add_argument("--kernel-sigma", type=float, nargs="+", default=None,
+                   help="kernel σ (mm) of every full-grid run (not lddmm_default); several: the multi-scale kernel "
+                        "(default: the solvers' default)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
                    help="tumours drawn for mni2d and inter2d (mni3d uses the first)")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
@@ -352,8 +357,8 @@ def main(argv=None) -> int:
     for c in a.cases:
         which = a.runs or (["lddmm", "lddmm_default", "cm", "wm"] if c == "mni3d" else ["lddmm", "cm", "wm"])
         rhos = a.rho or (None,)
-        rows += (run_toy(a.toy_size, which, rhos, a.data_sigma) if c == "toy" else
-                 run_mni(c, which, a.seeds[:1] if c == "mni3d" else a.seeds, rhos, a.data_sigma))
+        rows += (run_toy(a.toy_size, which, rhos, a.data_sigma, a.kernel_sigma) if c == "toy" else
+                 run_mni(c, which, a.seeds[:1] if c == "mni3d" else a.seeds, rhos, a.data_sigma, a.kernel_sigma))
     cols = [("case", "case"), ("run", "run"), ("dice_before", "ventricle Dice before"), ("dice", "Dice after"),
             ("oval_error_px", "oval error (px)"), ("ssd_final", "SSD final"),
             ("ssd_deformation", "SSD deformation only"), ("added_outside_mask", "added outside mask"),

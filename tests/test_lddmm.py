@@ -1,4 +1,5 @@
 """register_lddmm: adjoint gradient, geodesic property, recovery of a shot target, outputs, determinism, errors."""
+import functools
 import importlib
 import itertools
 import math
@@ -143,6 +144,44 @@ def test_reverse_sweep_kernels_match_numpy(backend, shape):
     ds = rng.normal(size=shape + (2, nd))
     out = add_sample_adjoint(g.copy(), f, w, ds, backend=backend)
     np.testing.assert_allclose(out, g + f[..., None] * ds[..., 1, :] + w[..., None] * ds[..., 0, :], atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", _CPU)
+def test_multiscale_gaussian_kernel(backend):
+    """K = (1/n) Σ G_σᵢ (Risser et al. 2011): the mean of the single Gaussians, symmetric (the adjoint needs
+    Kᵀ = K), unit sum in the interior; one σ (a number or a one-element list) is the single Gaussian itself."""
+    from classreg.solvers.lddmm import GaussianKernel, MultiGaussianKernel
+
+    rng = np.random.default_rng(3)
+    shape, h = (48, 36), (1.0, 1.5)
+    u, w = rng.normal(size=shape + (2,)), rng.normal(size=shape + (2,))
+    K = kernel_operator(shape, h, kernel_sigma=(2.0, 5.0), backend=backend)
+    assert isinstance(K, MultiGaussianKernel) and K.sigmas == (2.0, 5.0)
+    singles = [GaussianKernel(shape, h, s, backend=backend).apply(u) for s in (2.0, 5.0)]
+    np.testing.assert_allclose(K.apply(u), 0.5 * (singles[0] + singles[1]), rtol=1e-12, atol=1e-12)
+    assert abs(np.sum(K.apply(u) * w) - np.sum(u * K.apply(w))) < 1e-9 * np.abs(u).sum()
+    delta = np.zeros(shape)
+    delta[24, 18] = 1.0
+    assert abs(K.apply(delta).sum() - 1.0) < 1e-6  # 4σ of the largest σ fits inside the grid around the impulse
+    for one in (3.0, [3.0], np.array([3.0])):
+        assert type(kernel_operator(shape, h, kernel_sigma=one, backend=backend)) is GaussianKernel
+
+
+@pytest.mark.parametrize("value, error, match", [
+    ((2.0, 0.0), ValueError, "> 0"), ((2.0, -1.0), ValueError, "> 0"), ((2.0, np.inf), ValueError, "finite"),
+    ((2.0, np.nan), ValueError, "finite"), ((), ValueError, "empty"), (("a",), TypeError, "numbers")])
+def test_kernel_sigma_is_validated(value, error, match):
+    fixed, moving = cr.Image(np.zeros((8, 8), np.float32), (1.0, 1.0)), cr.Image(np.zeros((8, 8), np.float32), (1.0, 1.0))
+    for solver in (cr.register_metamorphosis, functools.partial(cr.register_lddmm, method="full")):
+        with pytest.raises(error, match=match):
+            solver(fixed, moving, kernel_sigma=value, iterations=(1, 1, 1))
+
+
+def test_multiscale_kernel_needs_the_full_grid_gaussian_engine():
+    fixed, moving = cr.Image(np.zeros((8, 8), np.float32), (1.0, 1.0)), cr.Image(np.zeros((8, 8), np.float32), (1.0, 1.0))
+    for kw in ({}, {"method": "bandlimited"}, {"method": "full", "kernel": "sobolev"}):
+        with pytest.raises(ValueError, match="method='full'"):
+            cr.register_lddmm(fixed, moving, kernel_sigma=(2.0, 4.0), iterations=(1, 1, 1), **kw)
 
 
 # ------------------------------------------------------------------------------------------------ gradient check

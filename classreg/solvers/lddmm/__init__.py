@@ -7,10 +7,10 @@ declared once (:mod:`.options`).
 for the metamorphosis solver and the tests.
 """
 from .objective import LNCCTerm, SSDTerm
-from .operators import GaussianKernel, kernel_operator
+from .operators import GaussianKernel, MultiGaussianKernel, kernel_operator
 from .options import OPTIONS
 from .register import register_lddmm
 from .shooting import GeodesicShooting
 
-__all__ = ["OPTIONS", "GaussianKernel", "GeodesicShooting", "LNCCTerm", "SSDTerm", "kernel_operator",
-           "register_lddmm"]
+__all__ = ["OPTIONS", "GaussianKernel", "GeodesicShooting", "LNCCTerm", "MultiGaussianKernel", "SSDTerm",
+           "kernel_operator", "register_lddmm"]

@@ -31,7 +31,9 @@ OPTIONS = Declaration(
         shared("iterations", default=(40, 30, 20), help="L-BFGS iterations per pyramid level"),
         Option("kernel", "gaussian", "RKHS kernel K: unit-sum Gaussian of kernel_sigma, or the Sobolev kernel "
                                      "(Id − alpha Δ)^(−order)", kind="str", choices=("gaussian", "sobolev")),
-        Option("kernel_sigma", None, "σ of the Gaussian kernel", unit="mm", low=0, low_open=True,
+        Option("kernel_sigma", None, "σ of the Gaussian kernel; several σ (method 'full' only): the multi-scale "
+                                     "kernel, their equally weighted sum (Risser et al. 2011)", unit="mm",
+               kind="floats", low=0, low_open=True,
                default_text="4.5 × the largest spacing ('bandlimited'), 3 × ('full')"),
         Option("alpha", None, "α of the Sobolev kernel", unit="mm²", low=0, low_open=True,
                default_text="(2 × the largest spacing)²"),

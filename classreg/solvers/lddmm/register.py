@@ -39,7 +39,7 @@ from .._common import (
 )
 from .bl_step import level_step_bandlimited
 from .objective import data_term
-from .operators import kernel_operator
+from .operators import check_kernel_sigma, kernel_operator
 from .options import OPTIONS
 from .shooting import GeodesicShooting
 from .step import STABILITY_TARGET, level_step, stable_start
@@ -52,7 +52,7 @@ _log = logging.getLogger("classreg")
 @declared(OPTIONS)
 def register_lddmm(fixed: Image, moving: Image, *, init: Transform | None = None, fixed_mask=None, moving_mask=None,
                    metric: str = "lncc", shrink_factors=(4, 2, 1), smoothing_sigmas=None, iterations=(40, 30, 20),
-                   kernel: str = "gaussian", kernel_sigma: float | None = None, alpha: float | None = None,
+                   kernel: str = "gaussian", kernel_sigma=None, alpha: float | None = None,
                    order: float = 2.0, data_sigma: float = 0.05, n_steps: int | None = None, max_steps: int | None = None,
                    tol: float = 1e-5, lncc_radius: float | None = None, intensity: str = "auto",
                    method: str = "bandlimited", cutoff: float = 0.2, map_spacing: float | None = None,
@@ -92,11 +92,14 @@ def register_lddmm(fixed: Image, moving: Image, *, init: Transform | None = None
     kernel : {"gaussian", "sobolev"}
         RKHS kernel K: unit-sum Gaussian of ``kernel_sigma`` mm, or ``(Id − αΔ)^{-order}`` (α in mm²); both with
         zero extension (no wrap-around).
-    kernel_sigma : float, optional
+    kernel_sigma : float or sequence of float, optional
         Gaussian kernel σ in mm (default 4.5 × the largest spacing of ``fixed`` for "bandlimited", 3 × for "full"):
         the band-limited default is the smallest σ of the benchmark sweep whose maps keep min det J ≥ 0.05 on every
         benchmark case and are not dominated on (Dice or EPE, SDlogJ) by the peers on most of them
         (docs/notes/tradeoff.md).
+        With ``method="full"``, a sequence of σ gives the multi-scale kernel K = (1/n) Σᵢ G_σᵢ (L. Risser et al.,
+        IEEE TMI 30(10):1746-1759, 2011; :class:`.operators.MultiGaussianKernel`); the band-limited engine takes
+        one σ and rejects a sequence.
     alpha : float, optional
         Sobolev α in mm² (default (2 × the largest spacing)²).
     order : float
@@ -284,9 +287,14 @@ def _resolve(fixed: Image, moving: Image, *, metric, kernel, kernel_sigma, alpha
         if min(img.shape) < 4:
             raise ValueError(f"{name} must have at least 4 voxels along every axis, got shape {img.shape}")
     h_max = max(fixed.spacing)
+    if kernel_sigma is not None:
+        kernel_sigma = check_kernel_sigma(kernel_sigma)
+        if isinstance(kernel_sigma, tuple) and (method == "bandlimited" or kernel != "gaussian"):
+            raise ValueError(f"kernel_sigma: a sequence of σ {kernel_sigma} (the multi-scale Gaussian kernel) needs "
+                             "kernel='gaussian' and method='full'; the band-limited engine takes one σ")
     opts = {"metric": metric, "kernel": kernel, "method": method, "cutoff": float(cutoff),
             "kernel_sigma": (4.5 if method == "bandlimited" else 3.0) * h_max if kernel_sigma is None
-            else float(kernel_sigma),
+            else kernel_sigma,
             "alpha": (2.0 * h_max) ** 2 if alpha is None else float(alpha), "order": float(order),
             "data_sigma": float(data_sigma), "sigma2": float(data_sigma) ** 2, "n_steps": int(n_steps),
             "max_steps": int(max_steps), "tol": float(tol),

@@ -41,8 +41,9 @@ OPTIONS = Declaration(
         shared("shrink_factors"),
         shared("smoothing_sigmas"),
         shared("iterations", default=(40, 40, 30), help="L-BFGS iterations per pyramid level"),
-        Option("kernel_sigma", None, "σ of the Gaussian kernel K of the velocity", unit="mm", low=0, low_open=True,
-               default_text="3 × the largest spacing"),
+        Option("kernel_sigma", None, "σ of the Gaussian kernel K of the velocity; several σ: the multi-scale "
+                                     "kernel, their equally weighted sum (Risser et al. 2011; the paper's toy: 5 15)",
+               unit="mm", kind="floats", low=0, low_open=True, default_text="3 × the largest spacing"),
         Option("data_sigma", 0.05, "σ of the data term (ssd: normalised intensities); smaller: closer matching",
                low=0, low_open=True),
         Option("n_steps", 10, "time steps of the geodesic at the finest level (the minimum: raised while "

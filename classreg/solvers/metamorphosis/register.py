@@ -59,7 +59,7 @@ TRAJECTORY_TIMES = (0.0, 0.25, 0.5, 0.75, 1.0)
 def register_metamorphosis(fixed: Image, moving: Image, *, init: Transform | None = None, mask=None,
                            mask_evolution="grow", mu: float = 0.2, rho: float = 1.0, fixed_mask=None,
                            moving_mask=None, metric: str = "ssd", shrink_factors=(4, 2, 1), smoothing_sigmas=None,
-                           iterations=(40, 40, 30), kernel_sigma: float | None = None, data_sigma: float = 0.05,
+                           iterations=(40, 40, 30), kernel_sigma=None, data_sigma: float = 0.05,
                            n_steps: int = 10, max_steps: int | None = None, tol: float = 1e-5,
                            intensity: str = "auto", return_trajectory: bool = False, dtype=np.float32, seed: int = 0,
                            threads: int | None = None, memory_limit: float | None = None,
@@ -104,8 +104,11 @@ def register_metamorphosis(fixed: Image, moving: Image, *, init: Transform | Non
         Data term (the method's is SSD).
     shrink_factors, smoothing_sigmas, iterations
         Pyramid (coarsest first) and L-BFGS iterations per level. The mask schedule is resampled on each level.
-    kernel_sigma : float, optional
-        σ of the Gaussian kernel K in mm (default 3 × the largest spacing of ``fixed``).
+    kernel_sigma : float or sequence of float, optional
+        σ of the Gaussian kernel K in mm (default 3 × the largest spacing of ``fixed``). A sequence of σ gives the
+        multi-scale kernel K = (1/n) Σᵢ G_σᵢ, an equally weighted sum of unit-sum Gaussians (L. Risser et al.,
+        "Simultaneous multi-scale registration using large deformation diffeomorphic metric mapping", IEEE TMI
+        30(10):1746-1759, 2011; the weights of François et al.'s code, whose 2-D toy uses σ ∈ {5, 15} px).
     data_sigma : float
         σ of the SSD in normalised intensity units ([0, 1] over the fixed image's 0.5-99.5 percentiles).
     n_steps, max_steps : int
