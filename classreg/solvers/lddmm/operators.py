@@ -109,10 +109,10 @@ class MultiGaussianKernel:
 
     The multi-scale kernel of L. Risser, F.-X. Vialard, R. Wolz, M. Murgasova, D. D. Holm and D. Rueckert,
     "Simultaneous multi-scale registration using large deformation diffeomorphic metric mapping", IEEE TMI 30(10),
-    1746-1759, 2011 (eq. 5, K = Σᵢ cᵢ K_σᵢ), with the weights cᵢ = 1/n of the multi-scale Gaussian RKHS of
-    François et al.'s weighted metamorphosis code (Demeter, ``Multi_scale_GaussianRKHS``): a sum of unit-sum
-    Gaussians, so K keeps unit sum. A sum of symmetric positive-definite operators, so K is again symmetric and
-    positive definite (an RKHS kernel). Small σ let the flow match fine detail, large σ move whole structures.
+    1746-1759, 2011 (K = Σᵢ cᵢ K_σᵢ), with the weights cᵢ = 1/n of the multi-scale Gaussian RKHS of François et
+    al.'s weighted metamorphosis code (Demeter, ``Multi_scale_GaussianRKHS``): a sum of unit-sum Gaussians, so K
+    keeps unit sum, and a sum of symmetric operators, so ``Kᵀ = K`` as the adjoint needs. Small σ let the flow match
+    fine detail, large σ move whole structures. Costs n Gaussian blurs per application.
     """
 
     def __init__(self, shape, spacing, sigmas, *, backend=None):
