@@ -171,14 +171,14 @@ def test_multiscale_gaussian_kernel(backend):
     ((2.0, 0.0), ValueError, "> 0"), ((2.0, -1.0), ValueError, "> 0"), ((2.0, np.inf), ValueError, "finite"),
     ((2.0, np.nan), ValueError, "finite"), ((), ValueError, "empty"), (("a",), TypeError, "numbers")])
 def test_kernel_sigma_is_validated(value, error, match):
-    fixed, moving = cr.Image(np.zeros((8, 8), np.float32), (1.0, 1.0)), cr.Image(np.zeros((8, 8), np.float32), (1.0, 1.0))
+    fixed = moving = cr.Image(np.zeros((8, 8), np.float32), (1.0, 1.0))  # refused before any work
     for solver in (cr.register_metamorphosis, functools.partial(cr.register_lddmm, method="full")):
         with pytest.raises(error, match=match):
             solver(fixed, moving, kernel_sigma=value, iterations=(1, 1, 1))
 
 
 def test_multiscale_kernel_needs_the_full_grid_gaussian_engine():
-    fixed, moving = cr.Image(np.zeros((8, 8), np.float32), (1.0, 1.0)), cr.Image(np.zeros((8, 8), np.float32), (1.0, 1.0))
+    fixed = moving = cr.Image(np.zeros((8, 8), np.float32), (1.0, 1.0))  # refused before any work
     for kw in ({}, {"method": "bandlimited"}, {"method": "full", "kernel": "sobolev"}):
         with pytest.raises(ValueError, match="method='full'"):
             cr.register_lddmm(fixed, moving, kernel_sigma=(2.0, 4.0), iterations=(1, 1, 1), **kw)

@@ -40,7 +40,7 @@ def kernel_operator(shape, spacing, *, kernel="gaussian", kernel_sigma=None, alp
     return sobolev_operator(shape, spacing, alpha, order, pad=True)
 
 
-def check_kernel_sigma(kernel_sigma, name="kernel_sigma"):
+def check_kernel_sigma(kernel_sigma):
     """The Gaussian kernel's σ (mm) as given: a positive finite number, or a sequence of them.
 
     Returns a float for a number or a one-element sequence (the single Gaussian, bit-identical either way) and a
@@ -52,14 +52,14 @@ def check_kernel_sigma(kernel_sigma, name="kernel_sigma"):
     else:
         values = list(np.ravel(np.asarray(kernel_sigma, dtype=object)))
         if not values:
-            raise ValueError(f"{name} must be a positive number (mm) or a non-empty sequence of them, got "
+            raise ValueError("kernel_sigma must be a positive number (mm) or a non-empty sequence of them, got "
                              f"{kernel_sigma!r}")
     out = []
     for v in values:
         if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
-            raise TypeError(f"{name} must be a positive number (mm) or a sequence of them, got {kernel_sigma!r}")
+            raise TypeError(f"kernel_sigma must be a positive number (mm) or a sequence of them, got {kernel_sigma!r}")
         if not (math.isfinite(float(v)) and float(v) > 0):
-            raise ValueError(f"{name} must be positive and finite (mm), got {kernel_sigma!r}")
+            raise ValueError(f"kernel_sigma must be positive and finite (mm), got {kernel_sigma!r}")
         out.append(float(v))
     return out[0] if len(out) == 1 else tuple(out)
 

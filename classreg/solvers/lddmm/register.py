@@ -291,7 +291,7 @@ def _resolve(fixed: Image, moving: Image, *, metric, kernel, kernel_sigma, alpha
         kernel_sigma = check_kernel_sigma(kernel_sigma)
         if isinstance(kernel_sigma, tuple) and (method == "bandlimited" or kernel != "gaussian"):
             raise ValueError(f"kernel_sigma: a sequence of σ {kernel_sigma} (the multi-scale Gaussian kernel) needs "
-                             "kernel='gaussian' and method='full'; the band-limited engine takes one σ")
+                             "kernel='gaussian' and method='full' (the band-limited method takes one σ)")
     opts = {"metric": metric, "kernel": kernel, "method": method, "cutoff": float(cutoff),
             "kernel_sigma": (4.5 if method == "bandlimited" else 3.0) * h_max if kernel_sigma is None
             else kernel_sigma,
