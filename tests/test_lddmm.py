@@ -249,6 +249,30 @@ def test_registration_recovers_a_shot_target_and_its_geodesic_length():
     assert r.extras["P0"].shape == fixed.shape
 
 
+def test_mutual_information_registers_a_non_monotone_intensity_pair():
+    """metric="mi": the moving image is the shot pair's source through a non-monotone intensity map g (dark and
+    bright both become bright), so no linear relation, local or global, links it to the target. Mattes MI brings
+    the warped image close to g(target) — mean squared error 0.00074 against 0.0051 unregistered, measured — while
+    LNCC (0.0098) and SSD (0.35) move it away: the case needs MI. Bound: ≤ ¼ of the unregistered error."""
+    h = (1.5, 1.25)
+    I0, P0, sh = _shot_pair(h=h, n_steps=10)
+    J = sh.forward(P0).I1
+
+    def g(img):
+        return 4.0 * (img - 0.5) ** 2
+
+    fixed, moving = cr.Image(J.astype(np.float32), h[::-1]), cr.Image(g(I0).astype(np.float32), h[::-1])
+    before = float(np.mean((g(I0) - g(J)) ** 2))
+    errors = {}
+    for metric in ("mi", "lncc"):
+        r = cr.register_lddmm(fixed, moving, metric=metric, shrink_factors=(2, 1), iterations=(30, 60))
+        errors[metric] = float(np.mean((r.warped.data - g(J)) ** 2))
+        assert r.metrics["min_det"] > 0
+    assert r.params["metric"] == "lncc"
+    assert errors["mi"] <= 0.25 * before
+    assert errors["lncc"] > 0.5 * before  # the control: a correlation does not explain g
+
+
 # ------------------------------------------------------------------------------------------------ stability
 def test_unstable_momentum_is_rejected_and_more_steps_restore_it():
     """A momentum too large for n_t steps: the explicit momentum update blows up (the velocity grows along a path
@@ -428,7 +452,7 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match="dimension mismatch"):
         cr.register_lddmm(fixed, cr.Image(np.ones((8, 8, 8), np.float32), (1, 1, 1)))
     with pytest.raises(ValueError, match="metric"):
-        cr.register_lddmm(fixed, moving, metric="mi")
+        cr.register_lddmm(fixed, moving, metric="nmi")
     with pytest.raises(ValueError, match="kernel"):
         cr.register_lddmm(fixed, moving, kernel="cauchy")
     with pytest.raises(ValueError, match="kernel_sigma"):

@@ -14,7 +14,7 @@ from classreg.solvers.lddmm.bandlimited import (
     SpectralDomain,
     resize_coefficients,
 )
-from classreg.solvers.lddmm.objective import LNCCTerm, SSDTerm
+from classreg.solvers.lddmm.objective import LNCCTerm, MITerm, SSDTerm
 
 
 def _blob(shape, centre_shift=0.0, width=5.0):
@@ -39,6 +39,7 @@ def _smooth_z(sh, amplitude, seed=0):
     ((40, 36), (1.0, 1.2), None, "ssd"),      # map grid = voxel grid
     ((40, 36), (1.0, 1.2), 2.5, "ssd"),       # coarser map grid, linear interpolation to the voxels
     ((40, 36), (1.0, 1.2), 2.5, "lncc"),
+    ((40, 36), (1.0, 1.2), 2.5, "mi"),
     ((18, 20, 16), (1.0, 1.2, 0.9), 2.0, "ssd"),
 ])
 def test_gradient_matches_central_differences(shape, h, map_spacing, metric):
@@ -51,7 +52,8 @@ def test_gradient_matches_central_differences(shape, h, map_spacing, metric):
     J = _blob(shape, centre_shift=1.5, width=4.5)
     cell = float(np.prod(h))
     data = (SSDTerm(J, 0.01, cell) if metric == "ssd" else
-            LNCCTerm(J, 0.01, cell, radius=2.0, spacing=h))
+            LNCCTerm(J, 0.01, cell, radius=2.0, spacing=h) if metric == "lncc" else
+            MITerm(J, 0.01, cell, template=_blob(shape), bins=16))
     rng = np.random.default_rng(1)
     z = _smooth_z(sh, 3.0 if len(shape) == 2 else 1.5)
     E, _, _, path, seed = sh.evaluate(z, data)

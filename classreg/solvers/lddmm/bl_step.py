@@ -149,7 +149,7 @@ def level_step_bandlimited(level, state, progress, opts, fixed):
     F = xp.asarray(level.fixed.data, dtype=dtype)
     M = xp.asarray(level.moving.data, dtype=dtype)
     h = tuple(level.fixed.spacing_array_order)
-    data = data_term(opts, F, level.fixed_mask, level.moving_mask, h)
+    data = data_term(opts, F, level.fixed_mask, level.moving_mask, h, template=M)
     n_max = opts["max_steps"]
     n_min = opts["n_steps"] if level.is_finest else max(2, (opts["n_steps"] + 1) // 2)
     n = min(n_max, max(n_min, int(state.get("n_steps", 0))))

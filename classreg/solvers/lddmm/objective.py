@@ -13,7 +13,13 @@ that with the regulariser (a physical integral too) the energy does not depend o
 * :class:`LNCCTerm`: ``D = (vol / σ²) · C_lncc(J, I₁)`` with ``C_lncc`` the local normalised correlation cost of
   :class:`classreg.terms.LNCC` (B. B. Avants, C. L. Epstein, M. Grossman, J. C. Gee, "Symmetric diffeomorphic image
   registration with cross-correlation", Med. Image Anal. 12(1):26-41, 2008, doi:10.1016/j.media.2007.06.004) and
-  ``vol`` the physical volume of the mask.
+  ``vol`` the physical volume of the mask;
+* :class:`MITerm`: ``D = (vol / σ²) · (−MI(J, I₁))``, Mattes mutual information (D. Mattes et al., "PET-CT image
+  registration in the chest using free-form deformations", IEEE TMI 22(1):120-128, 2003; elastix's Parzen
+  windows, :func:`classreg.terms.mattes_mi`) over every mask voxel, its histogram limits fixed for the level
+  from the fixed and the template image (as elastix fixes them per resolution), so that the cost is one smooth
+  function of ``I₁`` and its gradient exact. MI, like LNCC, is in nats of order one, so ``data_sigma`` weighs both
+  on a comparable scale.
 
 The SSD term keeps its own weighted form: :mod:`classreg.terms` takes boolean masks only, while here the moving
 mask is a continuous weight sampled through the map and differentiated, and the residual is formed in the working
@@ -25,7 +31,7 @@ import numpy as np
 
 from ... import terms
 
-__all__ = ["LNCCTerm", "SSDTerm", "data_term"]
+__all__ = ["LNCCTerm", "MITerm", "SSDTerm", "data_term"]
 
 
 class SSDTerm:
@@ -126,10 +132,58 @@ class LNCCTerm:
         return scale * val, (scale * g).astype(I1.dtype, copy=False), None
 
 
-def data_term(opts, target, fixed_mask, moving_mask, spacing):
+class MITerm:
+    """``D = (vol / σ²) · (−MI(J, I₁))``: Mattes mutual information (:func:`classreg.terms.mattes_mi`, ``bins``
+    bins) over the mask, times the physical volume of the mask over σ².
+
+    The histogram limits are computed once, from ``target`` inside the fixed mask and from ``template`` (the moving
+    image of the level), and held for every evaluation: recomputing them from ``I₁`` would change the cost under
+    the line search (its gradient treats them as constants). The moving mask restricts the mask as in
+    :class:`LNCCTerm`. The sums run on the host (a device ``I₁`` is copied there and the derivative back).
+    """
+
+    def __init__(self, target, sigma2, cell, *, template, bins=32, fixed_mask=None, moving_weight=None,
+                 backend=None):
+        from ...backend import to_numpy
+
+        self.J = to_numpy(target)
+        self.sigma2 = float(sigma2)
+        self.cell = float(cell)
+        self.bins = int(bins)
+        self.mask = fixed_mask
+        self.W = moving_weight
+        self.backend = backend
+        fm = None if fixed_mask is None else to_numpy(fixed_mask).astype(bool)
+        self.limits = (terms.intensity_limits(self.J, mask=fm), terms.intensity_limits(to_numpy(template)))
+
+    def __call__(self, I1, X, gradient=True):
+        """``(D, ∂D/∂I₁, None)`` (derivative None without ``gradient``)."""
+        from ...backend import to_numpy
+        from ...kernels._backend import get_array_module
+        from ...kernels.adjoint import sample_linear
+
+        mask = self.mask
+        if self.W is not None:
+            mw = sample_linear(self.W, X, backend=self.backend) > 0.5
+            mask = mw if mask is None else (mask & mw)
+            if not mask.any():
+                mask = self.mask
+        n = I1.size if mask is None else int(np.count_nonzero(to_numpy(mask)))
+        scale = n * self.cell / self.sigma2
+        out = terms.mattes_mi(self.J, to_numpy(I1), bins=self.bins, mask=None if mask is None else to_numpy(mask),
+                              gradient=gradient, fixed_limits=self.limits[0], moving_limits=self.limits[1])
+        if not gradient:
+            return scale * float(out), None, None
+        val, g = out
+        xp = get_array_module(I1)
+        return scale * float(val), xp.asarray(scale * g, dtype=I1.dtype), None
+
+
+def data_term(opts, target, fixed_mask, moving_mask, spacing, template=None):
     """The data term of ``opts["metric"]`` on one pyramid level: ``target`` the fixed image, the masks on its grid
-    (the moving one already brought onto it, as a weight), ``spacing`` mm per array axis. The LNCC window is at
-    least one voxel of the level."""
+    (the moving one already brought onto it, as a weight), ``spacing`` mm per array axis, ``template`` the moving
+    image of the level (MI's histogram limits; default ``target``). The LNCC window is at least one voxel of the
+    level."""
     from ...kernels._backend import get_array_module
 
     xp = get_array_module(target)  # the masks live with the images (on the device for backend "cuda")
@@ -139,5 +193,8 @@ def data_term(opts, target, fixed_mask, moving_mask, spacing):
     if opts["metric"] == "ssd":
         return SSDTerm(target, opts["sigma2"], cell, fixed_weight=None if fm is None else fm.astype(opts["dtype"]),
                        moving_weight=W, backend=opts["backend"])
+    if opts["metric"] == "mi":
+        return MITerm(target, opts["sigma2"], cell, template=target if template is None else template,
+                      bins=opts.get("bins", 32), fixed_mask=fm, moving_weight=W, backend=opts["backend"])
     return LNCCTerm(target, opts["sigma2"], cell, radius=max(opts["lncc_radius"], max(spacing)), spacing=spacing,
                     fixed_mask=fm, moving_weight=W, backend=opts["backend"])

@@ -68,8 +68,8 @@ def register_lddmm(fixed: Image, moving: Image, *, init: Transform | None = None
     energy is ``E(z) = ½ ‖v₀‖²_V + D(I₁)`` with ``v₀ = K^½ z``. "full": the scalar momentum on the voxel grid, as
     follows. Along the geodesic (t ∈ [0, 1]) ``m_t = P_t ∇I_t``, ``v_t = −K⋆m_t``, ``I_t = I₀∘φ_t⁻¹``,
     ``P_t = |Dφ_t⁻¹| (P₀∘φ_t⁻¹)``, with I₀ the moving image (through ``init``) on the fixed grid. The energy
-    minimised over P₀ is ``E(P₀) = ½ ⟨P₀∇I₀, K⋆(P₀∇I₀)⟩ + D(I₁)`` with ``D = (1/2σ²) ‖I₁ − J‖²`` ("ssd") or
-    ``(vol/σ²) · C_lncc(J, I₁)`` ("lncc"), J the fixed image and every inner product a physical integral (voxel sums
+    minimised over P₀ is ``E(P₀) = ½ ⟨P₀∇I₀, K⋆(P₀∇I₀)⟩ + D(I₁)`` with ``D = (1/2σ²) ‖I₁ − J‖²`` ("ssd"),
+    ``(vol/σ²) · C_lncc(J, I₁)`` ("lncc") or ``(vol/σ²) · (−MI(J, I₁))`` ("mi"), J the fixed image and every inner product a physical integral (voxel sums
     times Π h), so that neither E nor P₀ depends on the grid.
 
     Parameters
@@ -81,10 +81,12 @@ def register_lddmm(fixed: Image, moving: Image, *, init: Transform | None = None
     fixed_mask, moving_mask : Image or array, optional
         The data term counts only inside the fixed mask and where the moving mask, sampled through the current map,
         is set (with "ssd" a weight whose dependence on the map is differentiated).
-    metric : {"lncc", "ssd"}
+    metric : {"lncc", "ssd", "mi"}
         Data term: local normalised correlation (:class:`classreg.terms.LNCC`, window ``lncc_radius`` mm; B. B.
-        Avants et al. 2008), the default, suited to pairs whose contrasts differ locally; or the sum of squared
-        differences (Vialard et al. 2012) for same-contrast pairs.
+        Avants et al. 2008), the default, suited to pairs whose contrasts differ locally; the sum of squared
+        differences (Vialard et al. 2012) for same-contrast pairs; or Mattes mutual information (32 bins, elastix's
+        Parzen windows, histogram limits fixed per pyramid level; D. Mattes et al., IEEE TMI 22(1):120-128, 2003)
+        for pairs whose intensities relate by any one-to-one or many-to-one mapping (other modalities).
     shrink_factors, smoothing_sigmas, iterations
         Pyramid (coarsest first): shrink factors relative to the smallest spacing, Gaussian σ in mm (default: half
         the shrink factor in voxels, 0 at full resolution), L-BFGS iterations per level. P₀ is carried to the next
@@ -389,7 +391,7 @@ def _final_shooting(fixed, fixed_n, template, fmask, mmask_t, run, opts):
         return _final_bandlimited(fixed, fixed_n, template, fmask, mmask_t, run, opts)
     op = kernel_operator(fixed.shape, h, kernel=opts["kernel"], kernel_sigma=opts["kernel_sigma"], alpha=opts["alpha"],
                          order=opts["order"], backend=backend)
-    data = data_term(opts, fixed_n.data.astype(dtype), fmask, mmask_t, h)
+    data = data_term(opts, fixed_n.data.astype(dtype), fmask, mmask_t, h, template=template.data)
     n_final = min(opts["max_steps"], max(opts["n_steps"], run["n_steps"]))
     shooter, n_final, (energy, reg, dat, path, _), _ = stable_start(
         lambda n: GeodesicShooting(template.data, h, op, n, dtype=dtype, backend=backend), P0, data, n_final,
@@ -426,7 +428,7 @@ def _final_bandlimited(fixed, fixed_n, template, fmask, mmask_t, run, opts):
 
     dtype, backend = opts["dtype"], opts["backend"]
     h = tuple(fixed.spacing_array_order)
-    data = data_term(opts, fixed_n.data.astype(dtype), fmask, mmask_t, h)
+    data = data_term(opts, fixed_n.data.astype(dtype), fmask, mmask_t, h, template=template.data)
 
     def make(n):
         return make_shooter(opts, fixed_n, fixed_n, template.data, n)

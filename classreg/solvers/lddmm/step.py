@@ -138,7 +138,7 @@ def level_step(level, state, progress, opts, source=None):
         extra = {} if source is None else source(level, n)
         return GeodesicShooting(M, h, op, n, dtype=dtype, backend=opts["backend"], **extra)
 
-    data = data_term(opts, F, level.fixed_mask, level.moving_mask, h)
+    data = data_term(opts, F, level.fixed_mask, level.moving_mask, h, template=M)
     P0 = state.get("P0")
     if P0 is None or P0.shape != F.shape:
         P0 = xp.zeros(F.shape, dtype=dtype)
