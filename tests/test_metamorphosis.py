@@ -114,6 +114,26 @@ def test_source_cost_enters_energy_and_gradient():
     assert float(np.sum(g * d)) == pytest.approx(fd, rel=1e-5)
 
 
+def test_zero_weight_source_is_lddmm():
+    """A source whose weights are all zero (weighted metamorphosis with an empty mask) shoots, costs and
+    differentiates as LDDMM: the source path of the shooting (R_k, its adjoint) adds nothing. float64, so the
+    gradient agrees to rounding (float32 differs by ~1e-7 through the other summation order of the adjoint)."""
+    rng = np.random.default_rng(5)
+    shape, h = (18, 15), (1.2, 0.8)
+    I0 = ndimage.gaussian_filter(rng.normal(size=shape), 2.0)
+    J = ndimage.gaussian_filter(rng.normal(size=shape), 2.0)
+    op = kernel_operator(shape, h, kernel_sigma=2.0)
+    plain = GeodesicShooting(I0, h, op, 6)
+    zero = GeodesicShooting(I0, h, op, 6, source_mu=0.04, source_weights=np.zeros(shape))
+    P0 = ndimage.gaussian_filter(rng.normal(size=shape), 1.0) * 20.0
+    data = SSDTerm(J, 0.01, np.prod(h))
+    Ea, ga, reg_a, _ = plain.energy_and_gradient(P0, data)
+    Eb, gb, reg_b, _ = zero.energy_and_gradient(P0, data)
+    assert Eb == Ea and reg_b == reg_a
+    np.testing.assert_array_equal(zero.forward(P0).I1, plain.forward(P0).I1)
+    np.testing.assert_allclose(gb, ga, rtol=0, atol=1e-12 * np.abs(ga).max())
+
+
 def test_deterministic_and_constant_mask():
     fixed, moving, tri = _toy(n=32, push=3.0)
     kw = dict(mask=tri.astype(np.float32), mask_evolution="constant", shrink_factors=(1,), iterations=(5,))
