@@ -33,6 +33,8 @@ Runs: ``lddmm`` = weighted metamorphosis' engine with μ = 0 (register_lddmm(met
 ``lddmm_default`` = register_lddmm's default method (band-limited), ``cm`` = classical metamorphosis (no mask),
 ``wm`` = weighted metamorphosis (mask grown from a ball, the default). Every run uses the solvers' defaults, except
 ``--rho`` (cm, wm), ``--data-sigma`` (every run) and ``--kernel-sigma`` (every run but ``lddmm_default``).
+``--paper-settings`` instead gives each run the settings of the paper's brain notebook mapped to classreg's cost
+(:data:`PAPER_SETTINGS`); ``--iterations`` sets the L-BFGS iterations per level of every run.
 """
 from __future__ import annotations
 
@@ -249,14 +251,37 @@ def _dice(a, b) -> float:
     return float(2 * np.sum(a & b) / max(1, a.sum() + b.sum()))
 
 
-def _solvers(case: dict, which, rhos=(None,), data_sigma=None, kernel_sigma=None):
+#: the paper's brain settings (Demeter@6164e83, ``brains_weightedMetamorphosis.ipynb``, the notebook of the paper's
+#: BraTS figure): LDDMM σ 6 px, λ 1e-4; metamorphosis μ 1, ρ 30, σ 6 px, λ 1e-4; weighted metamorphosis μ 1, ρ 20,
+#: σ 12 px, λ 1e-4 (1 mm pixels). Their cost is ½Σ(I₁ − T)² + λ[Σ (z₀∇S)·K⋆(z₀∇S) + ρ mean(M₀z₀²)] while their path
+#: has v = −(ρ/μ)K⋆(z∇I): with classreg's momentum P = (ρ/μ)z it is λ(μ/ρ)²[⟨P₀∇S, K⋆(P₀∇S)⟩ + ...], so the exact
+#: correspondence with classreg's (1/2σ²)∫(I₁ − T)² + ½‖v₀‖²_V is σ = (μ/ρ)√(2λ) (LDDMM: √(2λ)); the kernel's px are
+#: mm; ν = μ²/ρ is the path's (their cost prices the residual with ρ/N instead, which classreg's consistent cost
+#: cannot represent). docs/notes/metamorphosis.md, session 18.
+PAPER_SETTINGS = {"lddmm": dict(mu=0.0, kernel_sigma=6.0, data_sigma=(2e-4) ** 0.5),
+                  "cm": dict(mu=1.0, rho=30.0, kernel_sigma=6.0, data_sigma=(2e-4) ** 0.5 / 30.0),
+                  "wm": dict(mu=1.0, rho=20.0, kernel_sigma=12.0, data_sigma=(2e-4) ** 0.5 / 20.0)}
+
+
+def _solvers(case: dict, which, rhos=(None,), data_sigma=None, kernel_sigma=None, paper=False, iterations=None):
     """The runs, keyed ``run`` or ``run rho=R`` when ``rhos`` sweeps metamorphosis' ρ (mm²; None = the default);
     ``data_sigma`` (None = the solvers' default) is given to every run, ``kernel_sigma`` (mm, one σ or several:
-    the multi-scale kernel) to every run of the full-grid engine (all but ``lddmm_default``)."""
+    the multi-scale kernel) to every run of the full-grid engine (all but ``lddmm_default``). ``paper``: each run
+    with :data:`PAPER_SETTINGS` instead (``rhos``, ``data_sigma``, ``kernel_sigma`` must then be unset).
+    ``iterations`` (per pyramid level; None = the solvers' default) is given to every run."""
     import classreg as cr
 
     f, m, mask = case["fixed"], case["moving"], case["mask"]
+    if paper:
+        if rhos != (None,) or data_sigma is not None or kernel_sigma is not None or "lddmm_default" in which:
+            raise ValueError("--paper-settings sets ρ, μ, data σ and kernel σ per run: no --rho, --data-sigma, "
+                             "--kernel-sigma or lddmm_default with it")
+        its = {} if iterations is None else {"iterations": tuple(iterations)}
+        return {k: (lambda kw=dict(PAPER_SETTINGS[k], **its, **({"mask": mask} if k == "wm" else {})):
+                    cr.register_metamorphosis(f, m, **kw)) for k in which}
     common = {} if data_sigma is None else {"data_sigma": data_sigma}
+    if iterations is not None:
+        common["iterations"] = tuple(iterations)
     full = dict(common) if kernel_sigma is None else {**common, "kernel_sigma": tuple(kernel_sigma)}
     out = {}
     for k in which:
@@ -293,7 +318,8 @@ def _row(name, run, res, seconds, case, extra) -> dict:
     return row
 
 
-def run_toy(size: int, which, rhos=(None,), data_sigma=None, kernel_sigma=None) -> list[dict]:
+def run_toy(size: int, which, rhos=(None,), data_sigma=None, kernel_sigma=None, paper=False,
+            iterations=None) -> list[dict]:
     fixed, moving, tri = toy(size, push=0.08 * size)
     mask = ndimage.binary_dilation(tri, iterations=2)
     case = {"fixed": fixed, "moving": moving, "mask": mask.astype(np.float32),
@@ -301,7 +327,7 @@ def run_toy(size: int, which, rhos=(None,), data_sigma=None, kernel_sigma=None) 
     T = fixed.data
     before = oval_centroid_error(moving.data, T, tri)
     rows = []
-    for run, fn in _solvers(case, which, rhos, data_sigma, kernel_sigma).items():
+    for run, fn in _solvers(case, which, rhos, data_sigma, kernel_sigma, paper, iterations).items():
         t0 = time.perf_counter()
         res = fn()
         sec = time.perf_counter() - t0
@@ -314,12 +340,13 @@ def run_toy(size: int, which, rhos=(None,), data_sigma=None, kernel_sigma=None) 
     return rows
 
 
-def run_mni(name: str, which, seeds, rhos=(None,), data_sigma=None, kernel_sigma=None) -> list[dict]:
+def run_mni(name: str, which, seeds, rhos=(None,), data_sigma=None, kernel_sigma=None, paper=False,
+            iterations=None) -> list[dict]:
     """The tumour cases ``mni2d``, ``mni3d`` (:func:`tumour_case`) and ``inter2d`` (:func:`inter_case`)."""
     rows = []
     for seed in seeds:
         case = inter_case(seed=seed) if name == "inter2d" else tumour_case(int(name[3]), seed=seed)
-        for run, fn in _solvers(case, which, rhos, data_sigma, kernel_sigma).items():
+        for run, fn in _solvers(case, which, rhos, data_sigma, kernel_sigma, paper, iterations).items():
             t0 = time.perf_counter()
             res = fn()
             sec = time.perf_counter() - t0
@@ -351,6 +378,13 @@ def main(argv=None) -> int:
     p.add_argument("--kernel-sigma", type=float, nargs="+", default=None,
                    help="kernel σ (mm) of every full-grid run (not lddmm_default); several: the multi-scale kernel "
                         "(default: the solvers' default)")
+    p.add_argument("--paper-settings", action="store_true",
+                   help="each run with the paper's brain settings mapped to classreg (PAPER_SETTINGS: LDDMM σ_K 6 "
+                        "mm, data σ 0.0141; CM μ 1, ρ 30, σ_K 6, data σ 4.7e-4; WM μ 1, ρ 20, σ_K 12, data σ "
+                        "7.1e-4)")
+    p.add_argument("--iterations", type=int, nargs="+", default=None,
+                   help="iterations per pyramid level of every run (default: the solvers' defaults; 40 40 1000 "
+                        "runs the finest level to its tolerance on inter2d)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
                    help="tumours drawn for mni2d and inter2d (mni3d uses the first)")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
@@ -359,8 +393,10 @@ def main(argv=None) -> int:
     for c in a.cases:
         which = a.runs or (["lddmm", "lddmm_default", "cm", "wm"] if c == "mni3d" else ["lddmm", "cm", "wm"])
         rhos = a.rho or (None,)
-        rows += (run_toy(a.toy_size, which, rhos, a.data_sigma, a.kernel_sigma) if c == "toy" else
-                 run_mni(c, which, a.seeds[:1] if c == "mni3d" else a.seeds, rhos, a.data_sigma, a.kernel_sigma))
+        rows += (run_toy(a.toy_size, which, rhos, a.data_sigma, a.kernel_sigma, a.paper_settings, a.iterations)
+                 if c == "toy" else
+                 run_mni(c, which, a.seeds[:1] if c == "mni3d" else a.seeds, rhos, a.data_sigma, a.kernel_sigma,
+                         a.paper_settings, a.iterations))
     cols = [("case", "case"), ("run", "run"), ("dice_before", "ventricle Dice before"), ("dice", "Dice after"),
             ("oval_error_px", "oval error (px)"), ("ssd_final", "SSD final"),
             ("ssd_deformation", "SSD deformation only"), ("added_outside_mask", "added outside mask"),
