@@ -787,6 +787,8 @@ TOOLS = {t.name: t for t in [
     Tool("classreg_demons", "deformable", "classreg demons (SSD)", _classreg_demons(), classreg=True),
     Tool("classreg_demons_cc", "deformable", "classreg demons (LNCC)", _classreg_demons(metric="lncc"),
          classreg=True),
+    Tool("classreg_demons_mi", "deformable", "classreg demons (MI)", _classreg_demons(metric="mi"),
+         classreg=True),
     Tool("classreg_lddmm", "deformable", "classreg LDDMM (band-limited)", _classreg_lddmm(), classreg=True),
     Tool("classreg_lddmm_full", "deformable", "classreg LDDMM (full grid, the earlier default)",
          _classreg_lddmm(method="full"), classreg=True, quick=False,
@@ -859,6 +861,7 @@ TOOLS = {t.name: t for t in [
 #: the defaults.
 SWEEPS = {
     "classreg_demons": ("velocity_sigma", "min", (0.5, 1.0, 1.5, 2.25, 3.0, 6.0), 4.5),
+    "classreg_demons_mi": ("velocity_sigma", "min", (0.5, 1.0, 1.5, 3.0, 4.5), 2.0),
     "classreg_lddmm": ("kernel_sigma", "max", (1.5, 2.0, 3.0, 6.0), 4.5),
     "classreg_bspline": ("bending_weight", "mm2", (30.0, 100.0, 300.0, 1000.0), 0.0),
 }
@@ -867,7 +870,8 @@ SWEEPS = {
 def _swept(base: str, param: str, which: str, factor: float):
     """``base``'s run with ``param`` = factor × the case's smallest/largest spacing (mm), or = factor ("mm2")."""
     factories = {"classreg_demons": _classreg_demons, "classreg_lddmm": _classreg_lddmm,
-                 "classreg_bspline": _classreg_bspline}
+                 "classreg_bspline": _classreg_bspline,
+                 "classreg_demons_mi": lambda **kw: _classreg_demons(metric="mi", **kw)}
 
     def run(case, threads, quick):
         sp = case["fixed"].spacing

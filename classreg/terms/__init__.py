@@ -80,15 +80,24 @@ class DataTerm:
 
         ``grad_fixed``/``grad_warped`` are the images' gradients (physical units, array frame); ``disp`` is the
         displacement through which ``warped`` was sampled (array frame, mm; only the validity test reads it).
-        The default is the descent direction ``−∂cost/∂W · ∇W`` scaled so that its longest vector is ``max_step``.
+        The default is :meth:`descent` scaled so that its longest vector is ``max_step``.
+        """
+        u, cost = self.descent(fixed, warped, grad_warped, spacing=spacing, mask=mask, moving_valid=moving_valid)
+        norm = float(np.sqrt(np.max(np.sum(u * u, axis=-1)))) if u.size else 0.0
+        if norm > 0:
+            u *= max_step / norm
+        return u, cost, max_step if norm > 0 else 0.0
+
+    def descent(self, fixed, warped, grad_warped, *, spacing, mask=None, moving_valid=None):
+        """The unscaled steepest-descent direction ``(−∂cost/∂W · ∇W, cost)`` over ``mask & moving_valid``
+        (array frame, units of the cost per mm; zero outside): the first variation of the cost under
+        ``W = M∘(id + disp)`` is ``Σ ∂cost/∂W · ∇W · δdisp``, so this field is its negative gradient per voxel.
+        A solver scales it (:meth:`force` by its largest vector; ``register_demons(metric="mi")`` after smoothing).
         """
         valid = mask if moving_valid is None else (moving_valid if mask is None else mask & moving_valid)
         cost, d = self.gradient(fixed, warped, mask=valid, spacing=spacing)
         u = -np.asarray(d)[..., None] * grad_warped
-        norm = float(np.sqrt(np.max(np.sum(u * u, axis=-1)))) if u.size else 0.0
-        if norm > 0:
-            u *= max_step / norm
-        return u.astype(np.asarray(warped).dtype, copy=False), float(cost), max_step if norm > 0 else 0.0
+        return u.astype(np.asarray(warped).dtype, copy=False), float(cost)
 
 
 class SSD(DataTerm):

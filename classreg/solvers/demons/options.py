@@ -20,23 +20,25 @@ OPTIONS = Declaration(
         shared("init"),
         shared("fixed_mask", help="forces are computed only inside this mask of the fixed image"),
         shared("moving_mask", help="forces are computed only where the warped moving mask is set"),
-        shared("metric", help="data term: 'ssd' (ESM demons force on intensities scaled to [0, 1]) or 'lncc' "
-                              "(local normalised correlation, for pairs whose intensities differ locally)"),
+        shared("metric", choices=("ssd", "lncc", "mi"),
+               help="data term: 'ssd' (ESM demons force on intensities scaled to [0, 1]), 'lncc' (local normalised "
+                    "correlation, for pairs whose intensities differ locally) or 'mi' (Mattes mutual information, "
+                    "32 bins, for any monotone or multimodal intensity relation; CPU only)"),
         shared("shrink_factors"),
         shared("smoothing_sigmas"),
         shared("iterations", help="iteration cap per pyramid level and piece",
-               default_text="ssd: 15 10 5; lncc: 30 20 10"),
+               default_text="ssd: 15 10 5; lncc, mi: 30 20 10"),
         Option("velocity_sigma", None, "σ of the Gaussian smoothing of the velocity after each update "
                                        "(diffusion-like); scales with the level's shrink factor", unit="mm", low=0,
-               default_text="ssd: 4.5 × the smallest spacing; lncc: 0.5 mm"),
+               default_text="ssd: 4.5 × the smallest spacing; lncc: 0.5 mm; mi: 2 × the smallest spacing"),
         Option("update_sigma", None, "σ of the smoothing of each update (fluid-like); scales with the shrink factor",
-               unit="mm", low=0, default_text="ssd: 0; lncc: 2 mm"),
+               unit="mm", low=0, default_text="ssd: 0; lncc: 2 mm; mi: the smallest spacing"),
         Option("max_step", None, "largest update length; scales with the shrink factor", unit="mm", low=0,
-               low_open=True, default_text="2 × the smallest spacing"),
+               low_open=True, default_text="ssd, lncc: 2 × the smallest spacing; mi: the smallest spacing"),
         Option("bch_terms", 2, "terms of the Baker-Campbell-Hausdorff approximation (2: v + u; 3: + ½[v, u]; "
                                "4: + 1/12 [v, [v, u]])", kind="int", choices=(2, 3, 4)),
         Option("symmetric", None, "symmetric forward/backward update (False: the forward force only, half the cost "
-                                  "per iteration)", kind="bool", default_text="ssd: yes; lncc: no"),
+                                  "per iteration)", kind="bool", default_text="ssd: yes; lncc, mi: no"),
         Option("max_pieces", 5, "stationary-velocity pieces of the broken geodesic (1: plain log-demons)",
                kind="int", low=1),
         Option("piece_tol", 0.01, "a further piece is kept only if it lowers the energy by more than this fraction",

@@ -41,6 +41,11 @@ from .step import one_piece, velocity_norm
 
 __all__ = ["register_demons"]
 
+#: metric="mi": histogram bins of the Mattes MI (elastix's and ANTs' usual 32) and the default velocity σ in
+#: multiples of the smallest spacing (chosen from the benchmark sweep: docs/notes/demons.md, session 18)
+MI_BINS = 32
+MI_VELOCITY_SIGMA = 2.0
+
 
 @declared(OPTIONS)
 def register_demons(fixed: Image, moving: Image, *, init: Transform | None = None, fixed_mask=None,
@@ -154,6 +159,9 @@ def register_demons(fixed: Image, moving: Image, *, init: Transform | None = Non
     t_start = time.perf_counter()
     check_pair(fixed, moving)
     dev, backend = placement(device, backend, fixed.data, moving.data)
+    if metric == "mi" and dev == "cuda":
+        raise ValueError("metric='mi' runs on the CPU only (the Mattes MI gradient is a host kernel); use "
+                         "device='cpu', or metric='ssd' or 'lncc' on the GPU")
     fixed, moving = fixed.to("cpu"), moving.to("cpu")  # the host sees the inputs once (no copy for numpy data)
     init = check_init(init, fixed.ndim)
     check_overlap(fixed, moving, init)
@@ -189,10 +197,12 @@ def register_demons(fixed: Image, moving: Image, *, init: Transform | None = Non
     out["velocities"] = [to_numpy(v) for v in out["velocities"]]
     h = np.asarray(fixed.spacing_array_order)
     # the resolved entries (defaults that depend on the metric or the spacing); the declaration records the rest
-    params = dict(**schedule, **{k: v for k, v in opts.items() if k not in ("term", "backend")},
+    params = dict(**schedule, **{k: v for k, v in opts.items() if k not in ("term", "backend", "scale_smoothed")},
                   memory_estimate_mb=memory_mb, **common_params(init=init, dtype=dtype, seed=seed, backend=backend))
-    metrics = dict(path_length=out["path_length"], pieces=len(out["velocities"]), ssd_before=out["energy0"],
-                   ssd_after=out["energy"], piece_norms=[velocity_norm(v, h) for v in out["velocities"]])
+    metrics = dict(path_length=out["path_length"], pieces=len(out["velocities"]), ssd_before=out["ssd0"],
+                   ssd_after=out["ssd"], piece_norms=[velocity_norm(v, h) for v in out["velocities"]])
+    if metric == "mi":
+        metrics.update(mi_before=-out["energy0"], mi_after=-out["energy"])
     return field_result(fixed, moving, init, out["phi"], out["phi_inv"], history=prog.history,
                         converged=out["converged"], stop_reason=out["stop_reason"], params=params, metrics=metrics,
                         timings={"total": time.perf_counter() - t_start, **prog.timings},
@@ -203,16 +213,22 @@ def _resolve(fixed: Image, metric, iterations, velocity_sigma, update_sigma, max
              **rest) -> dict:
     """The options whose defaults depend on the metric or the spacing, resolved (lengths in mm)."""
     h_min = min(fixed.spacing)
-    fluid = metric == "lncc"
-    opts = dict(symmetric=(not fluid) if symmetric is None else bool(symmetric),
-                iterations=((30, 20, 10) if fluid else (15, 10, 5)) if iterations is None else iterations,
-                velocity_sigma=float((0.5 if fluid else 4.5 * h_min) if velocity_sigma is None else velocity_sigma),
-                update_sigma=float((2.0 if fluid else 0.0) if update_sigma is None else update_sigma),
-                max_step=2.0 * h_min if max_step is None else float(max_step),
+    ssd = metric == "ssd"
+    # metric: (velocity σ, update σ, max_step) in mm
+    lengths = {"ssd": (4.5 * h_min, 0.0, 2.0 * h_min), "lncc": (0.5, 2.0, 2.0 * h_min),
+               "mi": (MI_VELOCITY_SIGMA * h_min, h_min, h_min)}[metric]
+    opts = dict(symmetric=ssd if symmetric is None else bool(symmetric),
+                iterations=((15, 10, 5) if ssd else (30, 20, 10)) if iterations is None else iterations,
+                velocity_sigma=float(lengths[0] if velocity_sigma is None else velocity_sigma),
+                update_sigma=float(lengths[1] if update_sigma is None else update_sigma),
+                max_step=float(lengths[2] if max_step is None else max_step),
                 lncc_radius=4.0 if lncc_radius is None else float(lncc_radius), **rest)
-    if fluid:  # the window stays constant in voxels across levels, at least one voxel
+    opts["scale_smoothed"] = metric == "mi"
+    if metric == "lncc":  # the window stays constant in voxels across levels, at least one voxel
         radius = opts["lncc_radius"]
         opts["term"] = lambda scale, h: terms.LNCC(radius=max(radius * scale, max(h)))
+    elif metric == "mi":
+        opts["term"] = lambda scale, h: terms.MattesMI(bins=MI_BINS)
     else:
         opts["term"] = lambda scale, h: terms.SSD()
     return opts
@@ -236,8 +252,14 @@ def _broken_geodesic(fixed_n: Image, moving_n: Image, fmask, mmask_img, init, sc
     def warp_moving(disp):
         return warp_through(moving_n, ref, init, disp, backend)
 
+    def energy_of(warped):  # what a piece must lower: the MI cost for "mi", else the mean squared difference
+        if opts["scale_smoothed"]:
+            return opts["term"](1.0, tuple(h)).value(fixed_n.data, warped, mask=fmask)
+        return mean_sq(fixed_n.data, warped, fmask)
+
     warped_prev = warp_moving(phi)  # S_{i-1}: kept from the acceptance test of the previous piece
-    energy0 = energy = mean_sq(fixed_n.data, warped_prev, fmask)
+    warped0 = warped_prev
+    energy0 = energy = energy_of(warped_prev)
     stop_reason = f"reached max_pieces={max_pieces}"
     converged = True
     stopped = False
@@ -259,7 +281,7 @@ def _broken_geodesic(fixed_n: Image, moving_n: Image, fmask, mmask_img, init, sc
                                f"kept {piece - 1} piece(s)")
                 break
             warped_new = warp_moving(new_phi)
-            new_energy = mean_sq(fixed_n.data, warped_new, fmask)
+            new_energy = energy_of(warped_new)
             if piece > 1 and new_energy > energy * (1.0 - piece_tol):
                 stop_reason = (f"piece {piece} lowered the energy by less than piece_tol={piece_tol} "
                                f"({energy:.4g} -> {new_energy:.4g}); kept {piece - 1} piece(s)")
@@ -280,8 +302,11 @@ def _broken_geodesic(fixed_n: Image, moving_n: Image, fmask, mmask_img, init, sc
         stop_reason, converged = prog.stop_reason, False
     finally:
         prog.close()
+    ssd0, ssd = energy0, energy
+    if opts["scale_smoothed"]:
+        ssd0, ssd = mean_sq(fixed_n.data, warped0, fmask), mean_sq(fixed_n.data, warped_prev, fmask)
     return dict(phi=phi, phi_inv=phi_inv, velocities=velocities, path_length=path_length, energy0=energy0,
-                energy=energy, stop_reason=stop_reason, converged=converged)
+                energy=energy, ssd0=ssd0, ssd=ssd, stop_reason=stop_reason, converged=converged)
 
 
 def _compose_floored(phi, v, h, backend, floor, steps=6):

@@ -64,7 +64,8 @@ def _level_step(level, state, progress, opts, piece, dtype, best):
         v = xp.zeros((*F.shape, n), dtype=dtype)
     side = dict(F=F, M=M, gF=gradient(F, spacing=h, backend=backend), h=h, max_step=opts["max_step"] * scale,
                 fmask=level.fixed_mask, mmask=level.moving_mask, term=opts["term"](scale, h), backend=backend,
-                gM=gradient(M, spacing=h, backend=backend) if opts["symmetric"] else None)
+                gM=gradient(M, spacing=h, backend=backend) if opts["symmetric"] else None,
+                descent=opts["scale_smoothed"])
     energies, bests = [], []
     best_v, best_e = v, math.inf
     sim_mask = None if level.fixed_mask is None else xp.asarray(level.fixed_mask, dtype=bool)
@@ -106,13 +107,16 @@ def _update(v, u_f, n_sq, side, opts, scale, dtype):
     h, backend, n = side["h"], side["backend"], v.ndim - 1
     sig_u = opts["update_sigma"] * scale
     sig_v = opts["velocity_sigma"] * scale
-    if sig_u > 0:
-        u_f = gaussian(u_f, sig_u, spacing=h, ndim=n, backend=backend)
+
+    def fluid(u):  # the update smoothing; a descent direction is scaled after it (ANTs SyN's order)
+        if sig_u > 0:
+            u = gaussian(u, sig_u, spacing=h, ndim=n, backend=backend)
+        return _to_max_step(u, side["max_step"]) if side["descent"] else u
+
+    u_f = fluid(u_f)
     if opts["symmetric"]:
         e_m, _ = expmap(-v, spacing=h, n_squarings=n_sq, backend=backend)  # |−v| = |v|: same count
-        u_b, _, _ = _force(side, e_m, forward=False)
-        if sig_u > 0:
-            u_b = gaussian(u_b, sig_u, spacing=h, ndim=n, backend=backend)
+        u_b = fluid(_force(side, e_m, forward=False)[0])
         if opts["bch_terms"] == 2:  # ½[(v + u_f) − (−v + u_b)] = v + ½(u_f − u_b), in place
             z = np.subtract(u_f, u_b, out=u_f)
             z *= 0.5
@@ -150,8 +154,38 @@ def _force(side, disp, *, forward):
     if forward:
         side["seen"] = (warped, other_valid)
     g_warped = gradient(warped, spacing=h, backend=backend)
+    if side["descent"]:  # the unscaled descent direction, over the samples inside the moving grid
+        inside = _inside(disp, h)
+        other_valid = inside if other_valid is None else other_valid & inside
+        u, cost = side["term"].descent(target, warped, g_warped, spacing=h, mask=own_mask, moving_valid=other_valid)
+        xp = get_array_module(u)
+        return u, cost, side["max_step"] if bool(xp.any(u != 0)) else 0.0
     return side["term"].force(target, warped, g_target, g_warped, disp, spacing=h, max_step=side["max_step"],
                               mask=own_mask, moving_valid=other_valid, backend=backend)
+
+
+def _to_max_step(u, max_step):
+    """``u`` scaled so that its longest vector is ``max_step`` (unchanged if zero): ANTs SyN's update scaling,
+    applied after the update smoothing (B. Avants et al., Med. Image Anal. 12(1):26-41, 2008, §2.4; ITK
+    ``SyNImageRegistrationMethod``, whose update field is smoothed, then scaled to the learning rate)."""
+    xp = get_array_module(u)
+    norm = float(xp.sqrt(xp.max(xp.sum(u * u, axis=-1)))) if u.size else 0.0
+    if norm > 0:
+        u *= max_step / norm
+    return u
+
+
+def _inside(disp, h):
+    """Voxels whose sample ``index + disp/h`` lies inside the grid (within half a voxel of it, ITK's
+    ``IsInsideBuffer``, as the ESM kernel tests it)."""
+    xp = get_array_module(disp)
+    shape = disp.shape[:-1]
+    ok = xp.ones(shape, dtype=bool)
+    for k, n in enumerate(shape):
+        idx = xp.arange(n, dtype=disp.dtype).reshape((n,) + (1,) * (len(shape) - 1 - k))
+        x = idx + disp[..., k] / disp.dtype.type(h[k])
+        ok &= (x >= -0.5) & (x < n - 0.5)
+    return ok
 
 
 def _bch(v, u, terms, h, backend):
