@@ -67,36 +67,42 @@ def register_demons(fixed: Image, moving: Image, *, init: Transform | None = Non
         top of it, ``T = init ∘ exp(v_1) ∘ … ∘ exp(v_N)``.
     fixed_mask, moving_mask : Image or array, optional
         Forces are computed only inside the fixed mask and where the warped moving mask is set (every level).
-    metric : {"ssd", "lncc"}
+    metric : {"ssd", "lncc", "mi"}
         "ssd": the ESM demons force (Vercauteren et al. 2008, eq. 8) on intensities scaled to [0, 1];
         "lncc": the gradient of local normalised correlation (ANTs "CC", window radius ``lncc_radius`` mm),
-        scaled so that its largest step is ``max_step`` — for pairs whose intensities differ locally. Both are
-        :mod:`classreg.terms` data terms.
+        scaled so that its largest step is ``max_step`` — for pairs whose intensities differ locally;
+        "mi": the descent direction ``−∂C/∂W ∇W`` of the Mattes MI cost ``C = −MI`` (32 bins), smoothed by
+        ``update_sigma`` and then scaled so that its largest step is ``max_step`` (the order of ANTs SyN: Avants
+        et al., Med. Image Anal. 12(1):26-41, 2008), pieces accepted on the MI cost — for any intensity relation;
+        CPU only. All three are :mod:`classreg.terms` data terms.
     shrink_factors, smoothing_sigmas, iterations
         The pyramid (coarsest first): shrink factors relative to the smallest spacing, Gaussian σ in mm
         (default: half the shrink factor in voxels), iteration cap per level and piece (default for "ssd": 15, 10,
         5, ITK LogDomainDemons'; for "lncc": 30, 20, 10, see ``symmetric``).
     velocity_sigma : float, optional
         σ (mm) of the Gaussian smoothing of the velocity after each update ("diffusion-like"); default 4.5 ×
-        the smallest spacing for "ssd", 0.5 mm for "lncc". The "ssd" default is the smallest σ of the benchmark
+        the smallest spacing for "ssd", 0.5 mm for "lncc", 2 × the smallest spacing for "mi". The "ssd" default is the smallest σ of the benchmark
         sweep (0.5-6 ×) whose maps are not dominated on (Dice or EPE, SDlogJ) by the peers on most benchmark cases
         (ITK LogDomainDemons' 1.5 voxels reached min det J 0.0006 on brain2d; docs/notes/tradeoff.md). Like
         ``update_sigma`` and ``max_step`` it is given at full resolution and scales with the level's shrink factor
         (constant in voxels, as in ITK and ANTs).
     update_sigma : float, optional
-        σ (mm) of the "fluid-like" smoothing of each update; default 0 for "ssd" (ITK's default), 2 mm for "lncc"
+        σ (mm) of the "fluid-like" smoothing of each update; default 0 for "ssd" (ITK's default), the smallest
+        spacing for "mi", 2 mm for "lncc"
         (mostly fluid, like ANTs SyN's update-field smoothing and DIPY's ``sigma_diff``; the choice is measured in
         docs/solvers/demons.md).
     max_step : float, optional
-        Largest update length (mm); default 2 × the smallest spacing (ITK LogDomainDemons: 2 voxels).
+        Largest update length (mm); default 2 × the smallest spacing (ITK LogDomainDemons: 2 voxels), the
+        smallest spacing for "mi" (a normalised gradient step: it sets the resolution the iteration can reach).
     bch_terms : {2, 3, 4}
         Terms of the BCH approximation (eq. 5): 2 → ``v + u``; 3 adds ``½[v, u]``; 4 adds ``1/12 [v, [v, u]]``.
     symmetric : bool, optional
         Symmetric forward/backward update ``v ← ½ (Z(v, u_f) − Z(−v, u_b))`` (Vercauteren 2008 §3); False uses the
-        forward force only, at half the cost per iteration. Default True for "ssd", False for "lncc": the ESM force
-        is a Gauss–Newton step that converges in a few iterations, the LNCC force a normalised gradient step whose
-        cost keeps falling at a near-constant rate per iteration, so for LNCC twice the iterations of the one-sided
-        force (30, 20, 10) beat the symmetric update at the same cost (docs/solvers/demons.md).
+        forward force only, at half the cost per iteration. Default True for "ssd", False for "lncc" and "mi": the
+        ESM force is a Gauss–Newton step that converges in a few iterations, the LNCC and MI forces normalised
+        gradient steps whose cost keeps falling at a near-constant rate per iteration, so twice the iterations of
+        the one-sided force (30, 20, 10) beat the symmetric update at the same cost (docs/solvers/demons.md; for MI
+        the symmetric update measured the same accuracy against smoothness, docs/notes/demons.md).
     max_pieces : int
         Maximal number of stationary-velocity pieces of the broken geodesic (1 = plain log-demons).
     piece_tol : float
@@ -142,11 +148,11 @@ def register_demons(fixed: Image, moving: Image, *, init: Transform | None = Non
     Result
         ``transform`` (fixed → moving: ``Chain([field, init])`` or the field), ``inverse`` (from ``exp(−v)``, no
         numerical inversion), ``warped``, per-iteration ``history`` (piece, level, iteration, metric = the energy
-        (mean squared difference of the normalised intensities, or the LNCC cost) before the update, similarity =
+        (mean squared difference of the normalised intensities, or the LNCC or MI cost) before the update, similarity =
         NCC of the level's fixed and warped moving images, step),
         ``metrics`` with ``path_length`` (Σ‖v_i‖, mm·mm^{d/2}: the L² norm ``sqrt(Σ_x |v(x)|² Π h)``),
-        ``ssd_before``/``ssd_after`` (normalised intensities), ``pieces``; ``extras["velocities"]`` (array-frame
-        velocity per piece, mm).
+        ``ssd_before``/``ssd_after`` (normalised intensities), ``pieces``, for "mi" also ``mi_before``/``mi_after``
+        (nats); ``extras["velocities"]`` (array-frame velocity per piece, mm).
 
     References
     ----------
