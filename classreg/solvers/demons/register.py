@@ -78,12 +78,13 @@ def register_demons(fixed: Image, moving: Image, *, init: Transform | None = Non
     shrink_factors, smoothing_sigmas, iterations
         The pyramid (coarsest first): shrink factors relative to the smallest spacing, Gaussian σ in mm
         (default: half the shrink factor in voxels), iteration cap per level and piece (default for "ssd": 15, 10,
-        5, ITK LogDomainDemons'; for "lncc": 30, 20, 10, see ``symmetric``).
+        5, ITK LogDomainDemons'; for "lncc" and "mi": 30, 20, 10, see ``symmetric``).
     velocity_sigma : float, optional
         σ (mm) of the Gaussian smoothing of the velocity after each update ("diffusion-like"); default 4.5 ×
-        the smallest spacing for "ssd", 0.5 mm for "lncc", 2 × the smallest spacing for "mi". The "ssd" default is the smallest σ of the benchmark
-        sweep (0.5-6 ×) whose maps are not dominated on (Dice or EPE, SDlogJ) by the peers on most benchmark cases
-        (ITK LogDomainDemons' 1.5 voxels reached min det J 0.0006 on brain2d; docs/notes/tradeoff.md). Like
+        the smallest spacing for "ssd", 0.5 mm for "lncc", 2 × the smallest spacing for "mi". The "ssd" and "mi"
+        defaults are the σ of the benchmark sweep whose maps are not dominated on (Dice or EPE, SDlogJ) by the
+        peers on the most benchmark cases (ITK LogDomainDemons' 1.5 voxels reached min det J 0.0006 on brain2d;
+        docs/notes/tradeoff.md, docs/notes/demons.md). Like
         ``update_sigma`` and ``max_step`` it is given at full resolution and scales with the level's shrink factor
         (constant in voxels, as in ITK and ANTs).
     update_sigma : float, optional
@@ -148,8 +149,8 @@ def register_demons(fixed: Image, moving: Image, *, init: Transform | None = Non
     Result
         ``transform`` (fixed → moving: ``Chain([field, init])`` or the field), ``inverse`` (from ``exp(−v)``, no
         numerical inversion), ``warped``, per-iteration ``history`` (piece, level, iteration, metric = the energy
-        (mean squared difference of the normalised intensities, or the LNCC or MI cost) before the update, similarity =
-        NCC of the level's fixed and warped moving images, step),
+        (mean squared difference of the normalised intensities, or the LNCC or MI cost) before the update,
+        similarity = NCC of the level's fixed and warped moving images, step),
         ``metrics`` with ``path_length`` (Σ‖v_i‖, mm·mm^{d/2}: the L² norm ``sqrt(Σ_x |v(x)|² Π h)``),
         ``ssd_before``/``ssd_after`` (normalised intensities), ``pieces``, for "mi" also ``mi_before``/``mi_after``
         (nats); ``extras["velocities"]`` (array-frame velocity per piece, mm).
