@@ -453,6 +453,12 @@ def test_bad_input_errors():
         cr.register_lddmm(fixed, cr.Image(np.ones((8, 8, 8), np.float32), (1, 1, 1)))
     with pytest.raises(ValueError, match="metric"):
         cr.register_lddmm(fixed, moving, metric="nmi")
+    import classreg.solvers.lddmm.register as reg
+
+    with pytest.MonkeyPatch.context() as mp:  # a device run: MI's histogram is host code, refused there
+        mp.setattr(reg, "placement", lambda *a: ("cuda", "cuda"))
+        with pytest.raises(ValueError, match="metric='mi' runs on the CPU only"):
+            cr.register_lddmm(fixed, moving, metric="mi")
     with pytest.raises(ValueError, match="kernel"):
         cr.register_lddmm(fixed, moving, kernel="cauchy")
     with pytest.raises(ValueError, match="kernel_sigma"):

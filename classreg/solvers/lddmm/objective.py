@@ -139,7 +139,7 @@ class MITerm:
     The histogram limits are computed once, from ``target`` inside the fixed mask and from ``template`` (the moving
     image of the level), and held for every evaluation: recomputing them from ``I₁`` would change the cost under
     the line search (its gradient treats them as constants). The moving mask restricts the mask as in
-    :class:`LNCCTerm`. The sums run on the host (a device ``I₁`` is copied there and the derivative back).
+    :class:`LNCCTerm`. The sums run on the host (``register_lddmm`` refuses "mi" on the device).
     """
 
     def __init__(self, target, sigma2, cell, *, template, bins=32, fixed_mask=None, moving_weight=None,

@@ -26,7 +26,7 @@ OPTIONS = Declaration(
                                    "the map, is set (differentiated with ssd)"),
         shared("metric", default="lncc", choices=("lncc", "ssd", "mi"),
                help="data term: 'lncc' (local normalised correlation, (vol/σ²)·cost), 'ssd' ((1/2σ²)‖I₁ − J‖², "
-                    "same-contrast pairs) or 'mi' (Mattes mutual information, (vol/σ²)·(−MI), any contrasts)"),
+                    "same-contrast pairs) or 'mi' (Mattes mutual information, (vol/σ²)·(−MI), any contrasts; CPU only)"),
         shared("shrink_factors"),
         shared("smoothing_sigmas"),
         shared("iterations", default=(40, 30, 20), help="L-BFGS iterations per pyramid level"),

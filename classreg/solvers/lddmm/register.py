@@ -203,6 +203,9 @@ def register_lddmm(fixed: Image, moving: Image, *, init: Transform | None = None
     dev, backend = placement(device, backend, fixed.data, moving.data)
     if dev == "cuda" and return_trajectory:
         raise ValueError("register_lddmm: return_trajectory runs on the CPU only; use device='cpu'")
+    if dev == "cuda" and metric == "mi":
+        raise ValueError("register_lddmm: metric='mi' runs on the CPU only (the Mattes MI histogram is a host "
+                         "computation); use device='cpu', or metric='lncc' or 'ssd' on the GPU")
     fixed, moving = fixed.to("cpu"), moving.to("cpu")  # the host sees the inputs once (no copy for numpy data)
     init = check_init(init, fixed.ndim)
     check_overlap(fixed, moving, init)
