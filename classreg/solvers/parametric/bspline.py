@@ -66,6 +66,7 @@ class BSplineModel:
         if bound is not None:  # |c| along each grid axis (x first) below bound × spacing
             self._limit = float(bound) * np.asarray(self.grid.grid_spacing)
             self._frame = self.grid.grid_direction  # columns: grid axes in the world
+            self._aligned = bool(np.array_equal(self._frame, np.eye(self.ndim)))
 
     def set_prior(self, stack, world_to_index) -> None:
         """The composition of the earlier levels as a dense displacement ``stack`` (*shape, ndim; world mm) on a
@@ -112,6 +113,8 @@ class BSplineModel:
             xp, n, f = get_array_module(p), self.ndim, self._frame
             c = [xp.clip(c, -float(lim), float(lim)) for c, lim in zip(self._along_grid(p), self._limit)]
             return xp.stack([sum(c[k] * float(f[j, k]) for k in range(n)) for j in range(n)], axis=1).ravel()
+        if self._aligned:  # the grid axes are the world's: the components themselves (two products fewer)
+            return np.clip(np.asarray(p).reshape(-1, self.ndim), -self._limit, self._limit).ravel()
         c = np.asarray(p).reshape(-1, self.ndim) @ self._frame  # components along the grid axes
         np.clip(c, -self._limit, self._limit, out=c)
         return (c @ self._frame.T).ravel()
@@ -172,6 +175,21 @@ class BSplineModel:
                                    backend=self.backend)
         self._last = (y, y1, q, inside)
         return y1, u, q, inside
+
+    def map_nodes(self, p, y) -> np.ndarray:
+        """:meth:`map` at the prior's grid nodes ``y`` ((N, ndim), in the order of its stack; any points when there
+        is no prior): the prior is read at its nodes (no interpolation), the B-spline by the sample kernel, and the
+        step cache of :meth:`_eval` is left alone."""
+        from ...kernels.bspline import samples
+
+        y1 = y if self.prior is None else y + self.prior[0].reshape(-1, self.ndim)
+        if self._kernels is None:
+            u = samples(np.asarray(p).reshape(self.shape), y1, self._w2i, self._off, backend=self.backend)[0]
+        else:
+            u, q, inside = np.empty_like(y1), np.empty_like(y1), np.empty(len(y1), dtype=np.bool_)
+            self._kernels[0](np.ascontiguousarray(p, dtype=np.float64).reshape(self.shape), y1, self._w2i, self._off,
+                             u, q, inside)
+        return y1 + u
 
     def map(self, p, points) -> np.ndarray:
         """``B_p(prior(points))``."""

@@ -20,7 +20,7 @@ from ...options import declared
 from ...progress import Progress, StopRegistration
 from ...pyramid import check_schedule, multiresolution
 from ...result import Result
-from ...transforms import Affine, Chain, Transform
+from ...transforms import Affine, Chain, DisplacementField, Transform
 from .._common import (
     check_masks,
     check_memory,
@@ -282,6 +282,14 @@ def register_bspline(fixed: Image, moving: Image, *, grid_spacing=8.0, grid_sche
                                       moving_mask is None))
     state = {"p": models[0].identity(), "model": 0}
     done = []  # fold-free: (model, coefficients) of the B-splines composed so far
+    cache = {}
+
+    def grid_y():
+        """The fixed grid's points mapped by ``pre`` ((N, ndim), array order), computed once: the nodes of every
+        fold-free prior and of the final map."""
+        if "y" not in cache:
+            cache["y"] = pre.map_points(fixed.grid_points().reshape(-1, fixed.ndim))
+        return cache["y"]
 
     def level_model(level):
         k = level.index
@@ -289,7 +297,7 @@ def register_bspline(fixed: Image, moving: Image, *, grid_spacing=8.0, grid_sche
             prev = models[state["model"]]
             if fold_free:  # compose: a new B-spline on top of the previous levels' maps
                 done.append((prev, state["p"]))
-                _set_prior(models[k], prev, state["p"], fixed, pre)
+                _set_prior(models[k], prev, state["p"], fixed, pre, grid_y())
                 state["p"] = models[k].identity()
             else:  # elastix: refine the grid, keep the map
                 state["p"] = models[k].refined_from(prev, state["p"])
@@ -304,7 +312,7 @@ def register_bspline(fixed: Image, moving: Image, *, grid_spacing=8.0, grid_sche
             return None
         p = to_numpy(p)  # on the device: the composition onto the map runs on the host (a rare event)
         done.append((mdl, p))
-        _set_prior(mdl, mdl, p, fixed, pre)
+        _set_prior(mdl, mdl, p, fixed, pre, grid_y())
         return mdl.identity()
 
     if fold_free:
@@ -320,7 +328,12 @@ def register_bspline(fixed: Image, moving: Image, *, grid_spacing=8.0, grid_sche
         total = parts[0] if len(parts) == 1 else Chain(parts)
         metric_value, valid = engine.final_metric(mdl, p)
         energy = float(sum(m.bending_energy(c) for m, c in pieces))
-        det = _det_stats(total, fixed, fmask, backend)
+        # the whole map on the fixed grid, once, for its det J and the warped image: the last model's prior holds
+        # the earlier pieces' composition at these very points, so it is one B-spline evaluation (not one per piece)
+        x = fixed.grid_points().reshape(-1, fixed.ndim)
+        field = DisplacementField.from_array((mdl.map_nodes(p, grid_y()) - x).reshape(*fixed.shape, fixed.ndim),
+                                             fixed)
+        det = _det_stats(field, fixed, fmask, backend)
         params = {"grid_spacing": spacing.tolist(), "grid_schedule": list(schedule),
                   "metric": _metric_name(metric, metric_weights),
                   "interpolation": interpolation, "image_gradient": image_gradient,
@@ -334,15 +347,15 @@ def register_bspline(fixed: Image, moving: Image, *, grid_spacing=8.0, grid_sche
         metrics = {"metric": metric_value, "bending_energy": energy, "grid_size": [list(m.grid_size) for m in models],
                    "pieces": len(pieces), **det, "samples": int(samples), "valid_fraction": valid,
                    "levels": engine.level_info}
-        return _result(fixed, moving, total, None, prog, stopped, params, metrics, backend, t0)
+        return _result(fixed, moving, total, None, prog, stopped, params, metrics, backend, t0, through=field)
 
 
-def _det_stats(transform, fixed, fmask, backend) -> dict:
-    """det ∇T of the whole map on the fixed grid (inside the fixed mask): min, max and % ≤ 0."""
-    from ...evaluate import dense_displacement
+def _det_stats(field, fixed, fmask, backend) -> dict:
+    """det ∇T of the map given as a displacement field on the fixed grid (inside the fixed mask): min, max and
+    % ≤ 0."""
     from ...kernels.diff import jacobian_determinant
 
-    u, _ = dense_displacement(transform, fixed)
+    u = np.asarray(field.displacement_array_frame(), dtype=np.float64)
     det = np.asarray(jacobian_determinant(u, spacing=fixed.spacing_array_order, backend=backend))
     if fmask is not None:
         det = det[np.asarray(fmask, dtype=bool)]
@@ -359,12 +372,10 @@ RESTART_SATURATION = 0.001
 CHOI_LEE_K = {2: 2.046392675, 3: 2.479472335}
 
 
-def _set_prior(model, prev, p_prev, fixed, pre) -> None:
+def _set_prior(model, prev, p_prev, fixed, pre, y) -> None:
     """Give ``model`` the composition of the earlier levels (``prev`` with ``p_prev``, itself on top of its prior)
-    as a dense displacement on ``fixed``'s grid (points ``y = pre(x)``)."""
-    y = fixed.grid_points().reshape(-1, fixed.ndim)
-    y = pre.map_points(y)
-    disp = prev.map(p_prev, y) - y
+    as a dense displacement on ``fixed``'s grid (``y``: its points mapped by ``pre``, the nodes of every prior)."""
+    disp = prev.map_nodes(p_prev, y) - y
     world_to_index = fixed.inverse_affine @ np.linalg.inv(pre.homogeneous)
     model.set_prior(disp.reshape(*fixed.shape, fixed.ndim), world_to_index)
 
@@ -639,10 +650,12 @@ def _initial(fixed, moving, init, fmask, mmask, seed, backend, *, progress=False
     return init, "transform"
 
 
-def _result(fixed, moving, transform, inverse, prog, stopped, params, metrics, backend, t0) -> Result:
+def _result(fixed, moving, transform, inverse, prog, stopped, params, metrics, backend, t0, through=None) -> Result:
+    """The Result; ``warped`` is resampled through ``through`` (``transform`` as a displacement field on the fixed
+    grid) when given."""
     from ...resample import resample
 
-    warped = resample(moving, transform, reference=fixed, backend=backend)
+    warped = resample(moving, transform if through is None else through, reference=fixed, backend=backend)
     return Result(transform=transform, inverse=inverse, warped=warped, history=prog.history, converged=not stopped,
                   stop_reason=prog.stop_reason if stopped else "completed the schedule", params=params,
                   metrics=metrics, timings={"total": time.perf_counter() - t0, **prog.timings}, reference=fixed)
