@@ -203,7 +203,8 @@ def register_bspline(fixed: Image, moving: Image, *, grid_spacing=8.0, grid_sche
     ``|c_d| < h_d / K`` (Graph. Models 62(6):411-427, 2000): each piece is injective, so ``det ∇T > 0`` everywhere
     (Rueckert et al., MICCAI 2006, LNCS 4191:702-709). A new piece within a level is a new parameterisation: ASGD
     estimates its gain there as at a level's start (Klein et al. 2009, §4). Without it, one grid is refined level to
-    level by B-spline subdivision (elastix; folds possible). Optimiser, samplers and pyramid as in :func:`register_affine`.
+    level by B-spline subdivision (elastix; folds possible). Optimiser, samplers and pyramid as in
+    :func:`register_affine`.
 
     Parameters
     ----------
