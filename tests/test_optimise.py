@@ -55,36 +55,3 @@ def test_shared_lbfgs_minimises_a_quadratic_and_restarts():
     r4 = minimise(q4, x0, q4.value(x0)[0], q4.gradient(x0, None), iterations=100, radius=100.0)
     assert q4.rejected >= 1 and np.isfinite(r4.f)
     np.testing.assert_allclose(r4.x, b / a, rtol=1e-6)
-
-
-def test_asgd_restart_reestimates_the_gain_for_the_new_point():
-    """asgd's restart: the new point continues with the gain ``regain`` estimates there and the adaptive time back
-    at 0 (a new fold-free B-spline piece is started as a level is); without ``regain`` the schedule goes on."""
-    from classreg.optimise.asgd import SP_A, asgd
-
-    target = np.array([3.0, -2.0])
-
-    def evaluate(x, k):  # a quadratic whose gradient flips sign along the path: the adaptive time t grows
-        return float(np.sum((x - target) ** 2)), 2.0 * (x - target)
-
-    def run(regain):
-        gains, calls = [], []
-
-        def restart(k, x):
-            return np.zeros(2) if k == 9 else None
-
-        def regain_logged(x):
-            calls.append(np.array(x))
-            return regain(x)
-
-        asgd(evaluate, np.zeros(2), scales=np.ones(2), iterations=12, a=30.0, omega=1.0, restart=restart,
-             regain=None if regain is None else regain_logged, on_iteration=lambda k, x, v, g: gains.append(g))
-        return gains, calls
-
-    plain, _ = run(None)
-    regained, calls = run(lambda x: (7.0, 1.0, -0.8))
-    assert plain[:10] == regained[:10]  # identical up to the restart
-    assert plain[10] < plain[0]  # the schedule went on: t > 0 after oscillating steps (gain 30/A > 30/(t + A))
-    # the iteration after the restart: no inner product with a previous gradient (t stays 0), so the new a over A
-    assert len(calls) == 1 and np.array_equal(calls[0], np.zeros(2))
-    assert regained[10] == 7.0 / SP_A

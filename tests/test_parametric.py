@@ -551,8 +551,7 @@ def test_register_bspline_same_seed_same_bits(fold_free):
 
 
 def test_fold_free_restarts_compose_pieces_and_report_the_whole_chain(monkeypatch):
-    """Fold-free restarts (forced: every saturation check starts a new piece, each with its gain estimated anew):
-    the pieces are composed, the map stays fold-free, the same seed gives the same bits, and the result's det J
+    """Fold-free restarts (forced: every saturation check starts a new piece): the pieces are composed, the map stays fold-free, the same seed gives the same bits, and the result's det J
     statistics and warped image — computed from one dense evaluation on the fixed grid (the last prior plus the
     last piece) — are those of the returned Chain itself."""
     from classreg.kernels.diff import jacobian_determinant

@@ -107,7 +107,7 @@ def estimate_gain(displacements, gradients, scales, *, exact=None, exact_at=None
 
 
 def asgd(evaluate, x0, *, scales, iterations, a, omega, A=SP_A, alpha=SP_ALPHA_AUTO, fmax=SIGMOID_MAX,
-         fmin=SIGMOID_MIN, average=0.0, project=None, restart=None, regain=None, on_iteration=None) -> SGDResult:
+         fmin=SIGMOID_MIN, average=0.0, project=None, restart=None, on_iteration=None) -> SGDResult:
     """Adaptive stochastic gradient descent (Klein et al. 2009); see the module docstring.
 
     ``average`` > 0 returns the mean of the iterates of the last ``average`` fraction of the iterations instead of
@@ -116,9 +116,7 @@ def asgd(evaluate, x0, *, scales, iterations, a, omega, A=SP_A, alpha=SP_ALPHA_A
     ``project(x)`` (optional) maps every update back onto a convex feasible set (projected gradient descent; the
     average of projected iterates stays feasible). ``restart(k, x)`` (optional) is asked after every update whether
     to continue from another point (it returns the new point, or None): a model that re-parameterises itself (a
-    B-spline composed onto the map so far) continues with a fresh average, and with ``regain(x) -> (a, ω, f_min)``
-    (optional) with the gain estimated anew at the new point and the adaptive time back at 0 — the new point is a new
-    parameterisation, started as a level is (:func:`estimate_gain`); without ``regain`` the gain schedule goes on.
+    B-spline composed onto the map so far) continues with the same gain schedule and a fresh average.
     ``on_iteration(k, x, value, gain)`` is called after every update (``value`` at the point before it).
 
     ``x0`` may be a CuPy array (``evaluate`` then returns device gradients): the iterates stay on the device, the
@@ -145,8 +143,6 @@ def asgd(evaluate, x0, *, scales, iterations, a, omega, A=SP_A, alpha=SP_ALPHA_A
             if new is not None:
                 x, g_prev = xp.array(new, dtype=float), None
                 total[:], count = 0.0, 0
-                if regain is not None:  # at the point as restart gave it (a device run: on the host)
-                    (a, omega, fmin), t = regain(new), 0.0
         if k >= start:
             total += x
             count += 1

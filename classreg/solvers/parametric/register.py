@@ -201,10 +201,9 @@ def register_bspline(fixed: Image, moving: Image, *, grid_spacing=8.0, grid_sche
     grid). With ``fold_free`` (default) each level — and each time 0.1 % of the coefficients reach the bound — starts
     a new B-spline composed after the previous ones, every coefficient held within Choi & Lee's injectivity bound
     ``|c_d| < h_d / K`` (Graph. Models 62(6):411-427, 2000): each piece is injective, so ``det ∇T > 0`` everywhere
-    (Rueckert et al., MICCAI 2006, LNCS 4191:702-709). A new piece within a level is a new parameterisation: ASGD
-    estimates its gain there as at a level's start (Klein et al. 2009, §4). Without it, one grid is refined level to
-    level by B-spline subdivision (elastix; folds possible). Optimiser, samplers and pyramid as in
-    :func:`register_affine`.
+    (Rueckert et al., MICCAI 2006, LNCS 4191:702-709). A new piece within a level continues the level's ASGD gain
+    schedule. Without it, one grid is refined level to level by B-spline subdivision (elastix; folds possible).
+    Optimiser, samplers and pyramid as in :func:`register_affine`.
 
     Parameters
     ----------
@@ -308,7 +307,7 @@ def register_bspline(fixed: Image, moving: Image, *, grid_spacing=8.0, grid_sche
 
     def restart(k, p):
         """Fold-free: once 0.1 % of the coefficients sit on the injectivity bound, compose the B-spline onto the map
-        and continue with a new one (checked every RESTART_EVERY iterations; asgd then estimates its gain anew)."""
+        and continue with a new one (checked every RESTART_EVERY iterations)."""
         mdl = models[state["model"]]
         if (k + 1) % RESTART_EVERY or mdl.saturation(p) < RESTART_SATURATION:
             return None
@@ -507,29 +506,9 @@ class _Engine:
             big = (y_est, f_est) if exact is not None else None
             a, omega, fmin = estimate_gain(displ, grads, scales, exact=exact, max_step=delta,
                                            exact_at=lambda s: to_numpy(obj.evaluate(p0 + s, 0, samples=big)[1]))
-
-            def regain(x):
-                """The gain of a new fold-free piece (a restart): estimated as at the level's start, with the large
-                draw for the exact gradient and its first GAIN_DRAWS × samples points as the stochastic ones (no
-                new draw, so the run's random sequence is that of the level)."""
-                x = to_numpy(x)
-                if obj.sampler.deterministic:
-                    draws, full = [None], None
-                else:
-                    n = self.samples
-                    draws = [(y_est[i * n:(i + 1) * n], f_est[i * n:(i + 1) * n])
-                             for i in range(max(1, min(GAIN_DRAWS, len(f_est) // n)))]
-                    full = (y_est, f_est)
-                g = [to_numpy(obj.evaluate(x, -1, samples=d)[1]) for d in draws]
-                g_exact = None if full is None else to_numpy(obj.evaluate(x, samples=full)[1])
-                return estimate_gain(obj.displacements(x, y_est[: 4 * self.samples]), g, scales, exact=g_exact,
-                                     max_step=delta,
-                                     exact_at=lambda s: to_numpy(obj.evaluate(x + s, 0, samples=full)[1]))
-
             res = asgd(evaluate, x0, scales=scales, iterations=level.iterations, a=a, omega=omega,
                        fmin=fmin, average=self.average if not obj.sampler.deterministic else 0.0, project=project,
-                       restart=self.restart, regain=None if self.restart is None else regain,
-                       on_iteration=on_iteration)
+                       restart=self.restart, on_iteration=on_iteration)
         elif self.optimiser == "gd":
             res = standard_gd(evaluate, p0, scales=scales, iterations=level.iterations, project=project,
                               on_iteration=on_iteration)
