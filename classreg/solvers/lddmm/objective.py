@@ -107,16 +107,7 @@ class LNCCTerm:
 
     def __call__(self, I1, X, gradient=True):
         """``(D, ∂D/∂I₁, None)`` (derivative None without ``gradient``)."""
-        from ...kernels.adjoint import sample_linear
-
-        mask = self.mask
-        if self.W is not None:
-            mw = sample_linear(self.W, X, backend=self.backend) > 0.5
-            mask = mw if mask is None else (mask & mw)
-            if not mask.any():
-                mask = self.mask
-        n = I1.size if mask is None else int(np.count_nonzero(mask))
-        scale = n * self.cell / self.sigma2
+        mask, scale = _mask_and_scale(self, I1, X)
         if self.backend in (None, "auto", "numba", "cuda") and I1.dtype == np.float32:
             # the fused kernel (float32 sums in float64, parity with the reference: tests/test_kernels_lncc.py)
             from ...kernels.lncc import lncc_gradient, window_radius
@@ -144,39 +135,39 @@ class MITerm:
 
     def __init__(self, target, sigma2, cell, *, template, bins=32, fixed_mask=None, moving_weight=None,
                  backend=None):
-        from ...backend import to_numpy
-
-        self.J = to_numpy(target)
+        self.J = target
         self.sigma2 = float(sigma2)
         self.cell = float(cell)
         self.bins = int(bins)
         self.mask = fixed_mask
         self.W = moving_weight
         self.backend = backend
-        fm = None if fixed_mask is None else to_numpy(fixed_mask).astype(bool)
-        self.limits = (terms.intensity_limits(self.J, mask=fm), terms.intensity_limits(to_numpy(template)))
+        self.limits = (terms.intensity_limits(target, mask=fixed_mask), terms.intensity_limits(template))
 
     def __call__(self, I1, X, gradient=True):
         """``(D, ∂D/∂I₁, None)`` (derivative None without ``gradient``)."""
-        from ...backend import to_numpy
-        from ...kernels._backend import get_array_module
-        from ...kernels.adjoint import sample_linear
-
-        mask = self.mask
-        if self.W is not None:
-            mw = sample_linear(self.W, X, backend=self.backend) > 0.5
-            mask = mw if mask is None else (mask & mw)
-            if not mask.any():
-                mask = self.mask
-        n = I1.size if mask is None else int(np.count_nonzero(to_numpy(mask)))
-        scale = n * self.cell / self.sigma2
-        out = terms.mattes_mi(self.J, to_numpy(I1), bins=self.bins, mask=None if mask is None else to_numpy(mask),
-                              gradient=gradient, fixed_limits=self.limits[0], moving_limits=self.limits[1])
+        mask, scale = _mask_and_scale(self, I1, X)
+        out = terms.mattes_mi(self.J, I1, bins=self.bins, mask=mask, gradient=gradient, fixed_limits=self.limits[0],
+                              moving_limits=self.limits[1])
         if not gradient:
             return scale * float(out), None, None
         val, g = out
-        xp = get_array_module(I1)
-        return scale * float(val), xp.asarray(scale * g, dtype=I1.dtype), None
+        return scale * float(val), (scale * g).astype(I1.dtype, copy=False), None
+
+
+def _mask_and_scale(term, I1, X):
+    """The voxels ``term`` counts — its fixed mask restricted (not differentiated) to where its moving weight,
+    sampled through the map ``X``, exceeds 0.5, unless that leaves no voxel — and its factor vol / σ²."""
+    from ...kernels.adjoint import sample_linear
+
+    mask = term.mask
+    if term.W is not None:
+        mw = sample_linear(term.W, X, backend=term.backend) > 0.5
+        mask = mw if mask is None else (mask & mw)
+        if not mask.any():
+            mask = term.mask
+    n = I1.size if mask is None else int(np.count_nonzero(mask))
+    return mask, n * term.cell / term.sigma2
 
 
 def data_term(opts, target, fixed_mask, moving_mask, spacing, template=None):
