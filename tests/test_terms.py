@@ -92,6 +92,22 @@ def test_mi_gradient_with_default_limits():
     fd_check(mt.mattes_mi, F, M, mask, {}, rng, voxels=voxels)
 
 
+def test_smoothed_mi_gradient_and_limit():
+    """eps > 0 (the smoothed MI, H(q) = −Σ q log(q + eps)): exact gradient through the limiter and a mask, elastix's
+    MI as eps → 0, bad values refused."""
+    rng, F, M, mask = make_pair(9, 2, True)
+    lo, hi = np.percentile(M[mask], [5, 95])
+    kw = {"moving_limits": (lo, hi), "fixed_limits": (float(F.min()), float(F.max())), "eps": 1e-4}
+    fd_check(mt.mattes_mi, F, M, mask, kw, rng)
+    plain = mt.mattes_mi(F, M, mask=mask, moving_limits=kw["moving_limits"], fixed_limits=kw["fixed_limits"])
+    tiny = mt.mattes_mi(F, M, mask=mask, **dict(kw, eps=1e-14))
+    assert tiny == pytest.approx(plain, abs=1e-8)
+    with pytest.raises(ValueError, match="eps"):
+        mt.mattes_mi(F, M, eps=-1.0)
+    with pytest.raises(ValueError, match="eps"):
+        mt.mattes_mi_samples(F.ravel(), M.ravel(), eps=1e-4, normalised=True)
+
+
 def test_mi_gradient_through_exponential_limiter():
     # moving limits narrower than the data: the elastix exponential limiter is active on the tails
     rng, F, M, _ = make_pair(8, 2, False)

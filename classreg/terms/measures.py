@@ -410,7 +410,7 @@ def _bins(bins):
 
 
 def mattes_mi(fixed, moving, *, bins=32, mask=None, gradient=False, fixed_limits=None, moving_limits=None,
-              limit_range_ratio=LIMIT_RANGE_RATIO, spacing=1.0):
+              limit_range_ratio=LIMIT_RANGE_RATIO, spacing=1.0, eps=0.0):
     r"""Negative Mattes mutual information, reproducing elastix's ``AdvancedMattesMutualInformation``.
 
     Joint histogram by Parzen windowing (Mattes et al., IEEE TMI 22(1):120-128, 2003, eqs. 6-9; Thevenaz & Unser
@@ -465,6 +465,9 @@ def mattes_mi(fixed, moving, *, bins=32, mask=None, gradient=False, fixed_limits
         elastix ``Fixed/MovingLimitRangeRatio`` (default 0.01).
     spacing : float or sequence, optional
         Accepted (and checked) for a uniform calling convention; MI involves no lengths.
+    eps : float
+        0 (default): elastix's MI. ``eps > 0``: the smoothed MI of :func:`mattes_mi_samples` (every entropy
+        ``H(q) = −Σ q log(q + eps)``).
 
     Returns
     -------
@@ -484,7 +487,7 @@ def mattes_mi(fixed, moving, *, bins=32, mask=None, gradient=False, fixed_limits
     F, M, w, odt = _prepare(fixed, moving, mask)
     _check_spacing(spacing, F.ndim)
     out = mattes_mi_samples(F[w], M[w], bins=bins, gradient=gradient, fixed_limits=fixed_limits,
-                            moving_limits=moving_limits, limit_range_ratio=limit_range_ratio)
+                            moving_limits=moving_limits, limit_range_ratio=limit_range_ratio, eps=eps)
     if not gradient:
         return out
     value, gs = out
@@ -500,7 +503,8 @@ def _use_fused(backend) -> bool:
 
 
 def mattes_mi_samples(fixed_values, moving_values, *, bins=32, gradient=False, fixed_limits=None,
-                      moving_limits=None, limit_range_ratio=LIMIT_RANGE_RATIO, normalised=False, backend=None):
+                      moving_limits=None, limit_range_ratio=LIMIT_RANGE_RATIO, normalised=False, backend=None,
+                      eps=0.0):
     r"""Negative Mattes mutual information of paired samples: the core of :func:`mattes_mi`.
 
     ``fixed_values[j]`` and ``moving_values[j]`` are the two images' intensities at sample ``j`` (any 1-D arrays of
@@ -512,6 +516,11 @@ def mattes_mi_samples(fixed_values, moving_values, *, bins=32, gradient=False, f
     ``NormalizedMutualInformation``; optimum ``-2`` for identical images, ``-1`` for independent ones), whose
     gradient follows from ``dH_M/dp_ik = -(log p_M(k) + 1)``, ``dH_FM/dp_ik = -(log p(i,k) + 1)`` and the same
     Parzen-window derivative.
+
+    With ``eps > 0`` the cost is a smoothed MI, ``H_FM − H_F − H_M`` with every entropy ``H(q) = −Σ q log(q + eps)``
+    over all bins: elastix's form skips empty bins, so a bin that empties or fills changes the gradient without
+    bound (``d(p log p)/dp = log p + 1``); with ``eps`` the derivative ``−log(q + eps) − q/(q + eps)`` stays bounded
+    and the cost is smooth enough for a line search (``register_lddmm(metric="mi")``). Not with ``normalised``.
 
     With numba (``backend`` None or "numba") the whole computation is one compiled pass,
     :func:`classreg.kernels.sampling.mattes_mi_fused`; ``backend="numpy"`` is this function's numpy code, the
@@ -550,7 +559,11 @@ def mattes_mi_samples(fixed_values, moving_values, *, bins=32, gradient=False, f
         d = r * (hiM - loM) / (1.0 + 2.0 * r)
         tlo, thi = loM + d, hiM - d
 
-    if _use_fused(backend):
+    if not (isinstance(eps, numbers.Real) and np.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    if eps > 0 and normalised:
+        raise ValueError("eps (the smoothed MI) is not defined for the normalised MI")
+    if _use_fused(backend) and eps == 0:
         from ..kernels.sampling import mattes_mi_fused
 
         value, grad = mattes_mi_fused(fv, mv, nbF, nbM, (loF, hiF), (loM, hiM), (tlo, thi), normalised=normalised,
@@ -589,6 +602,14 @@ def mattes_mi_samples(fixed_values, moving_values, *, bins=32, gradient=False, f
         # dcost/dp(i, k) = -(dH_M/dp (H_FM) - (H_F + H_M) dH_FM/dp) / H_FM^2 (constants cancel: sum of dp is 0)
         dcost_dp = -(-(lgM[None, :]) * hFM + (hF + hM) * lgFM) / (hFM * hFM)
         return value, (dlim / (N * bsM)) * gather(dcost_dp)
+    if eps > 0:  # −MI = H_FM − H_F − H_M, H(q) = −Σ q log(q + eps); pF does not move with the moving values
+        value = float(np.sum(pF * np.log(pF + eps)) + np.sum(pM * np.log(pM + eps)) - np.sum(p * np.log(p + eps)))
+        if not gradient:
+            return value
+
+        def d_entropy(q):
+            return -np.log(q + eps) - q / (q + eps)
+        return value, (dlim / (N * bsM)) * gather(d_entropy(p) - d_entropy(pM)[None, :])
     pFpM = pF[:, None] * pM[None, :]
     ok = (p > _PDF_TINY) & (pFpM > _PDF_TINY)
     pratio = np.zeros_like(p)
