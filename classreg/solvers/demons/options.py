@@ -6,8 +6,11 @@ from ...options import Declaration, Option, shared
 
 def _report(res) -> str:
     m = res.metrics
-    return (f"demons: {m['pieces']} piece(s), SSD {m['ssd_before']:.4g} → {m['ssd_after']:.4g}, path length "
-            f"{m['path_length']:.4g}, {res.timings['total']:.1f} s; {res.stop_reason}")
+    # the cost the pieces lowered: MI for metric "mi" (its SSD may rise where the contrasts differ), else the SSD
+    data = (f"MI {m['mi_before']:.4g} → {m['mi_after']:.4g} nats" if "mi_after" in m
+            else f"SSD {m['ssd_before']:.4g} → {m['ssd_after']:.4g}")
+    return (f"demons: {m['pieces']} piece(s), {data}, path length {m['path_length']:.4g}, "
+            f"{res.timings['total']:.1f} s; {res.stop_reason}")
 
 
 OPTIONS = Declaration(
