@@ -16,10 +16,10 @@ that with the regulariser (a physical integral too) the energy does not depend o
   ``vol`` the physical volume of the mask;
 * :class:`MITerm`: ``D = (vol / σ²) · (−MI(J, I₁))``, Mattes mutual information (D. Mattes et al., "PET-CT image
   registration in the chest using free-form deformations", IEEE TMI 22(1):120-128, 2003; elastix's Parzen
-  windows, :func:`classreg.terms.mattes_mi`) over every mask voxel, its histogram limits fixed for the level
-  from the fixed and the template image (as elastix fixes them per resolution), so that the cost is one smooth
-  function of ``I₁`` and its gradient exact. MI, like LNCC, is in nats of order one, so ``data_sigma`` weighs both
-  on a comparable scale.
+  windows, :func:`classreg.terms.mattes_mi`, its entropies smoothed) over every mask voxel, its histogram limits
+  fixed for the level from the fixed and the template image (as elastix fixes them per resolution), so that the
+  cost is one smooth function of ``I₁`` and its gradient exact. Like the LNCC cost, −MI is of order one, so
+  ``data_sigma`` weighs both on a comparable scale.
 
 The SSD term keeps its own weighted form: :mod:`classreg.terms` takes boolean masks only, while here the moving
 mask is a continuous weight sampled through the map and differentiated, and the residual is formed in the working
@@ -133,9 +133,8 @@ class MITerm:
     bins) over the mask, times the physical volume of the mask over σ².
 
     The MI is the smoothed one (``eps`` = :data:`MI_EPS`, :func:`classreg.terms.measures.mattes_mi_samples`):
-    with elastix's form, whose empty bins are skipped, the L-BFGS path was chaotic (brain2d: Dice 0.762 vs 0.800
-    for data σ 0.12 vs 0.1199999; with eps 1e-4: 0.8008 vs 0.8007, docs/notes/tradeoff.md). The histogram limits
-    are computed once, from ``target`` inside the fixed mask and from ``template`` (the moving
+    elastix's form, whose empty bins are skipped, has an unbounded derivative as a bin empties or fills, which made
+    the L-BFGS path chaotic (docs/notes/tradeoff.md). The histogram limits are computed once, from ``target`` inside the fixed mask and from ``template`` (the moving
     image of the level), and held for every evaluation: recomputing them from ``I₁`` would change the cost under
     the line search (its gradient treats them as constants). The moving mask restricts the mask as in
     :class:`LNCCTerm`. The sums run on the host (``register_lddmm`` refuses "mi" on the device).
@@ -194,6 +193,6 @@ def data_term(opts, target, fixed_mask, moving_mask, spacing, template=None):
                        moving_weight=W, backend=opts["backend"])
     if opts["metric"] == "mi":
         return MITerm(target, opts["sigma2"], cell, template=target if template is None else template,
-                      bins=opts.get("bins", 32), fixed_mask=fm, moving_weight=W, backend=opts["backend"])
+                      fixed_mask=fm, moving_weight=W, backend=opts["backend"])
     return LNCCTerm(target, opts["sigma2"], cell, radius=max(opts["lncc_radius"], max(spacing)), spacing=spacing,
                     fixed_mask=fm, moving_weight=W, backend=opts["backend"])
