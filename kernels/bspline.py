@@ -14,9 +14,9 @@ Grid convention (plain arrays; nothing here knows about images or physical space
 * The region where every contributing control point exists is ``Ω = Π_d [1, gshape_d − 2]`` (ITK's "valid region"
   of a ``BSplineTransform``); there the FFD reproduces cubic polynomials.
 
-Every public function has a numpy reference (the test oracle) and, except :func:`weights` and
-:func:`bending_energy` (small, O(grid) work), a numba CPU path (``parallel=True``, on-disk cache, float64
-accumulation whatever the input precision). The numba bodies are plain module-level functions compiled lazily
+Every public function has a numpy reference (the test oracle) and, except :func:`weights`, :func:`bending_energy`
+(small, O(grid) work) and :func:`det_gradient` (the few points near a fold), a numba CPU path (``parallel=True``,
+on-disk cache, float64 accumulation whatever the input precision). The numba bodies are plain module-level functions compiled lazily
 with their globals rebound to the compiled helpers (:func:`classreg.kernels._backend.rebind`), so the cache key is
 stable across processes. All paths give the same result for any numba thread count: evaluation is independent
 per point, and :func:`adjoint` groups the points by grid cell (a stable counting sort) and visits the cells in
@@ -54,7 +54,8 @@ from .sampling import (
     mi_namespace,
 )
 
-__all__ = ["weights", "evaluate", "evaluate_with_jacobian", "adjoint", "dense", "bending_energy", "refine", "samples",
+__all__ = ["weights", "evaluate", "evaluate_with_jacobian", "adjoint", "dense", "dense_jacobian", "det_of", "taps", "det_gradient",
+           "bending_energy", "refine", "samples",
            "scatter_samples", "sample_kernels", "mi_step", "mi_step_kernel", "mi_step_workspace"]
 
 #: Voxels per block of the numpy reference of :func:`dense` for a non-diagonal matrix (bounds its memory).
@@ -237,12 +238,13 @@ def _adjoint_numpy(q, values, gshape):
     return out.reshape(*gshape, nc)
 
 
-def _axis_table(n_out, scale, shift, g):
+def _axis_table(n_out, scale, shift, g, derivative=False):
     """Separable weight table of one axis for ``q = scale · i + shift``: clipped tap indices (n_out, 4) int64 and
-    weights (n_out, 4) with 0 for taps outside ``[0, g − 1]``."""
+    weights (n_out, 4) with 0 for taps outside ``[0, g − 1]`` (with ``derivative``: the weights' derivatives with
+    respect to ``q``)."""
     c = _clamp_np((scale * np.arange(n_out, dtype=np.float64) + shift)[:, None], (g,))[:, 0]
     f = np.floor(c)
-    w = np.stack(_w4(c - f), axis=-1)
+    w = np.stack((_dw4 if derivative else _w4)(c - f), axis=-1)
     idx = f.astype(np.int64)[:, None] - 1 + np.arange(4)
     valid = (idx >= 0) & (idx < g)
     return np.ascontiguousarray(np.clip(idx, 0, g - 1)), np.ascontiguousarray(np.where(valid, w, 0.0))
@@ -479,6 +481,28 @@ def _contract_body(inp, idx, w, out):
             out[p, i, r] = v0 * inp[p, k0, r] + v1 * inp[p, k1, r] + v2 * inp[p, k2, r] + v3 * inp[p, k3, r]
 
 
+def _det_body(du, frame, out):
+    """``out[p] = det(I + du[p] @ frame)`` for du (N, n, n), n = 2 or 3."""
+    n = du.shape[1]
+    for p in prange(du.shape[0]):
+        if n == 2:
+            a00 = 1.0 + du[p, 0, 0] * frame[0, 0] + du[p, 0, 1] * frame[1, 0]
+            a01 = du[p, 0, 0] * frame[0, 1] + du[p, 0, 1] * frame[1, 1]
+            a10 = du[p, 1, 0] * frame[0, 0] + du[p, 1, 1] * frame[1, 0]
+            a11 = 1.0 + du[p, 1, 0] * frame[0, 1] + du[p, 1, 1] * frame[1, 1]
+            out[p] = a00 * a11 - a01 * a10
+        else:
+            a = np.empty((3, 3))
+            for c in range(3):
+                for l in range(3):
+                    v = 1.0 if c == l else 0.0
+                    for d in range(3):
+                        v += du[p, c, d] * frame[d, l]
+                    a[c, l] = v
+            out[p] = (a[0, 0] * (a[1, 1] * a[2, 2] - a[1, 2] * a[2, 1]) - a[0, 1] * (a[1, 0] * a[2, 2] - a[1, 2] * a[2, 0])
+                      + a[0, 2] * (a[1, 0] * a[2, 1] - a[1, 1] * a[2, 0]))
+
+
 def _cell_ids(q, gshape, cell):
     """Cell id per point: ``floor(q_d) + 2`` raveled over cells ``(gshape_d + 3)``; points that reach no control
     point (a ``floor(q_d)`` outside ``[−2, gshape_d]``) get the id ``Π (gshape_d + 3)``."""
@@ -699,7 +723,7 @@ def _numba():
                  "_scatter_cell3"):
         ns[name] = njit(rb(globals()[name], ns))
     bodies = ("_eval2_body", "_eval3_body", "_jac2_body", "_jac3_body", "_dense_gen2_body", "_dense_gen3_body",
-              "_contract_body", "_cell_ids", "_adj2_body", "_adj3_body")
+              "_contract_body", "_cell_ids", "_adj2_body", "_adj3_body", "_det_body")
     kernels = {name: njit(parallel=True)(rb(globals()[name], ns)) for name in bodies}
     kernels["_cellsort"] = ns["_cellsort"]
     for name in ("_pts2_body", "_pts3_body"):
@@ -865,23 +889,9 @@ def dense(coeffs, out_shape, matrix, offset, *, backend=None):
     be = _resolve(backend, coeffs)
     dt = _out_dtype(coeffs)
     nc = coeffs.shape[-1]
-    gshape = coeffs.shape[:-1]
     npts = int(np.prod(shape))
     if _is_diagonal(m):
-        cur = _f64(coeffs)
-        for d in reversed(range(nd)):  # contract the last axis first
-            idx, w = _axis_table(shape[d], m[d, d], o[d], gshape[d])
-            pre = int(np.prod(cur.shape[:d]))
-            post = int(np.prod(cur.shape[d + 1:]))
-            inp = cur.reshape(pre, cur.shape[d], post)
-            if be == "numba":
-                res = np.empty((pre, shape[d], post))
-                with _backend.serial_below(res.size * 4):
-                    _numba()["_contract_body"](inp, idx, w, res)
-            else:
-                res = _contract_numpy(inp, idx, w)
-            cur = res.reshape(*cur.shape[:d], shape[d], *cur.shape[d + 1:])
-        return cur.astype(dt, copy=False)
+        return _separable(_f64(coeffs), shape, m, o, be).astype(dt, copy=False)
     if be == "numba":
         out = np.zeros((npts, nc))
         with _backend.serial_below(npts * 4 ** nd):
@@ -896,6 +906,143 @@ def dense(coeffs, out_shape, matrix, offset, *, backend=None):
         i_cols = [c.astype(np.float64) for c in np.unravel_index(lin, shape)]
         out[lin] = _evaluate_numpy(coeffs, _grid_coords(i_cols, m, o), False)[0]
     return out.reshape(*shape, nc).astype(dt, copy=False)
+
+
+def _separable(coeffs, shape, m, o, be, derivative=None):
+    """:func:`dense` for a diagonal ``m``: one 4-tap contraction per axis, the last axis first (the derivative
+    weights along axis ``derivative``, if given)."""
+    cur = coeffs
+    gshape = coeffs.shape[:-1]
+    for d in reversed(range(len(shape))):
+        idx, w = _axis_table(shape[d], m[d, d], o[d], gshape[d], derivative=d == derivative)
+        pre = int(np.prod(cur.shape[:d]))
+        post = int(np.prod(cur.shape[d + 1:]))
+        inp = cur.reshape(pre, cur.shape[d], post)
+        if be == "numba":
+            res = np.empty((pre, shape[d], post))
+            with _backend.serial_below(res.size * 4):
+                _numba()["_contract_body"](inp, idx, w, res)
+        else:
+            res = _contract_numpy(inp, idx, w)
+        cur = res.reshape(*cur.shape[:d], shape[d], *cur.shape[d + 1:])
+    return cur
+
+
+def dense_jacobian(coeffs, out_shape, matrix, offset, *, backend=None):
+    """The FFD's derivatives ``∂u_c/∂q_d`` (grid-index units) at every voxel ``i`` of an image grid,
+    ``q = matrix @ i + offset``.
+
+    Parameters
+    ----------
+    coeffs, out_shape, matrix, offset, backend
+        As in :func:`dense` (a diagonal ``matrix`` takes the separable path: ``ndim`` separable evaluations, each
+        with the derivative weights along one axis).
+
+    Returns
+    -------
+    ndarray (*out_shape, C, ndim), float64
+    """
+    coeffs = _check_coeffs(coeffs)
+    nd = coeffs.ndim - 1
+    shape = _check_gshape(out_shape, "out_shape")
+    if len(shape) != nd:
+        raise ValueError(f"out_shape must have {nd} entries (the control grid is {nd}-D), got {out_shape!r}")
+    m, o = _check_affine(matrix, offset, nd)
+    be = _resolve(backend, coeffs)
+    c = _f64(coeffs)
+    if _is_diagonal(m):
+        return np.stack([_separable(c, shape, m, o, be, derivative=d) for d in range(nd)], axis=-1)
+    npts = int(np.prod(shape))
+    out = np.empty((npts, c.shape[-1], nd))
+    for s in range(0, npts, _DENSE_BLOCK):
+        lin = np.arange(s, min(npts, s + _DENSE_BLOCK))
+        q = _grid_coords([i.astype(np.float64) for i in np.unravel_index(lin, shape)], m, o)
+        out[lin] = evaluate_with_jacobian(c, q, backend=be)[1]
+    return out.reshape(*shape, c.shape[-1], nd)
+
+
+def det_of(du, frame, *, backend=None):
+    """``det(I + du @ frame)`` per point: the Jacobian determinant of ``y ↦ y + u(q(y))`` from the FFD's derivatives
+    ``du`` (N, ndim, ndim) in grid-index units (:func:`dense_jacobian`, flattened) and ``frame[d, l] = ∂q_d/∂y_l``.
+
+    Returns
+    -------
+    ndarray (N,), float64
+    """
+    du = np.ascontiguousarray(du, dtype=np.float64)
+    if du.ndim != 3 or du.shape[1] != du.shape[2] or du.shape[1] not in (2, 3):
+        raise ValueError(f"du must have shape (N, ndim, ndim) with ndim 2 or 3, got {du.shape}")
+    frame = _f64(frame)
+    if _resolve(backend, du) == "numba":
+        out = np.empty(du.shape[0])
+        with _backend.serial_below(du.shape[0]):
+            _numba()["_det_body"](du, frame, out)
+        return out
+    jac = du @ frame
+    for d in range(du.shape[1]):
+        jac[:, d, d] += 1.0
+    return np.linalg.det(jac)
+
+
+def taps(q, gshape):
+    """The taps of points ``q`` (N, ndim) on a grid of shape ``gshape``, for :func:`det_gradient`: flat control-point
+    index ``lin`` (N, 4^ndim) (clipped), ``valid`` (N, 4^ndim) and the weights' derivatives ``der`` (N, 4^ndim, ndim)
+    with ``der[j, t, d] = ∂(Π_e β3(q_je − k_e))/∂q_d`` for tap ``t``'s control point ``k``."""
+    lins, valids, ders = [], [], []
+    for lin, valid, _, dps in _taps_numpy(_check_points(q, len(gshape)), tuple(gshape), True):
+        lins.append(lin)
+        valids.append(valid)
+        ders.append(np.stack(dps, axis=-1))
+    return np.stack(lins, 1), np.stack(valids, 1), np.stack(ders, 1)
+
+
+def det_gradient(coeffs, q, frame, *, tap_table=None):
+    """``det(I + ∂u/∂q · frame)`` at points ``q`` and its derivatives with respect to the coefficients, per tap
+    (numpy: meant for the few points near a fold, see :mod:`classreg.solvers.parametric.folds`).
+
+    With ``frame`` = ∂q/∂y (grid index per mm), ``I + ∂u/∂q · frame`` is the Jacobian of ``y ↦ y + u(q(y))``.
+
+    Parameters
+    ----------
+    coeffs : ndarray (*gshape, ndim)
+        Coefficients whose components are the displacement's (as many as spatial axes).
+    q : ndarray (N, ndim)
+        Points in grid-index coordinates (array axis order).
+    frame : ndarray (ndim, ndim)
+        ``frame[d, l] = ∂q_d/∂y_l``.
+    tap_table : tuple, optional
+        :func:`taps` of ``q`` (computed once when the same points are evaluated for many coefficients).
+
+    Returns
+    -------
+    det : ndarray (N,)
+    lin : ndarray (N, 4^ndim) int
+        Flat control-point index of each tap (clipped; see ``grad``).
+    grad : ndarray (N, 4^ndim, ndim)
+        ``∂det_j / ∂coeffs[lin[j, t], c]`` (0 for taps outside the grid).
+    """
+    coeffs = _check_coeffs(coeffs)
+    gshape = coeffs.shape[:-1]
+    nd = len(gshape)
+    if coeffs.shape[-1] != nd:
+        raise ValueError(f"coeffs must have {nd} components (one per axis), got {coeffs.shape[-1]}")
+    lin, valid, der = taps(q, gshape) if tap_table is None else tap_table
+    frame = np.asarray(frame, dtype=np.float64)
+    cv = np.where(valid[..., None], coeffs.reshape(-1, nd)[lin], 0.0)  # (N, T, c)
+    jac = np.matmul(np.swapaxes(cv, 1, 2), der) @ frame  # (N, c, l) = Σ_t cv[t, c] der[t, d] frame[d, l]
+    for d in range(nd):
+        jac[:, d, d] += 1.0
+    # ∂det/∂J = the cofactor matrix; J[c, l] depends on coeffs[k, c] through der[k, d] frame[d, l]
+    if nd == 2:
+        det = jac[:, 0, 0] * jac[:, 1, 1] - jac[:, 0, 1] * jac[:, 1, 0]
+        cof = np.stack([np.stack([jac[:, 1, 1], -jac[:, 1, 0]], -1), np.stack([-jac[:, 0, 1], jac[:, 0, 0]], -1)], 1)
+    else:
+        r0, r1, r2 = jac[:, 0], jac[:, 1], jac[:, 2]
+        cof = np.stack([np.cross(r1, r2), np.cross(r2, r0), np.cross(r0, r1)], 1)
+        det = np.einsum("nl,nl->n", r0, cof[:, 0])
+    grad = np.matmul(der @ frame, np.swapaxes(cof, 1, 2))  # (N, T, c) = Σ_l (der frame)[t, l] cof[c, l]
+    grad *= valid[..., None]
+    return det, lin, grad
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -392,3 +392,44 @@ def test_mi_step_numba_matches_the_reference(nd, with_prior, mask):
     # bitwise repeatable
     v2, g2, _, _ = bs.mi_step(fixed, pts, maps, c, moving, backend="numba", **kw)
     assert v2 == v and np.array_equal(g2, g)
+
+
+# ---------------------------------------------------------------------------------------------------- fold projection
+@pytest.mark.parametrize("nd", [2, 3])
+@pytest.mark.parametrize("diagonal", [True, False])
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_dense_jacobian_matches_the_pointwise_jacobian(nd, diagonal, backend):
+    """The separable (diagonal matrix) and general paths of dense_jacobian against evaluate_with_jacobian at the same
+    points (same arithmetic up to summation order: 1e-12)."""
+    rng = np.random.default_rng(nd)
+    c = rng.normal(size=(7,) * nd + (nd,))
+    shape = (9, 8, 6)[:nd]
+    m = np.diag(rng.uniform(0.3, 0.6, nd)) + (0.0 if diagonal else 0.05 * rng.normal(size=(nd, nd)))
+    o = rng.uniform(0.5, 1.5, nd)
+    got = bs.dense_jacobian(c, shape, m, o, backend=backend)
+    idx = np.stack(np.unravel_index(np.arange(int(np.prod(shape))), shape), axis=1).astype(float)
+    ref = bs.evaluate_with_jacobian(c, idx @ m.T + o, backend="numpy")[1].reshape(*shape, nd, nd)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("nd", [2, 3])
+def test_det_of_and_det_gradient(nd):
+    """det_of (numba and numpy) and det_gradient's determinant against numpy.linalg.det of I + ∂u/∂q · frame, and
+    det_gradient's coefficient gradient against central differences (a cubic polynomial in the coefficients: the
+    differences are exact up to rounding, 1e-6 relative)."""
+    rng = np.random.default_rng(10 + nd)
+    c = rng.normal(size=(7,) * nd + (nd,))
+    q = rng.uniform(1.0, 5.0, size=(60, nd))
+    frame = rng.normal(size=(nd, nd))
+    du = bs.evaluate_with_jacobian(c, q, backend="numpy")[1]
+    ref = np.linalg.det(np.eye(nd) + du @ frame)
+    for backend in ("numpy", "numba"):
+        np.testing.assert_allclose(bs.det_of(du, frame, backend=backend), ref, rtol=0, atol=1e-12)
+    det, lin, grad = bs.det_gradient(c, q, frame)
+    np.testing.assert_allclose(det, ref, rtol=0, atol=1e-12)
+    w, d, h = rng.normal(size=len(q)), rng.normal(size=c.shape), 1e-6
+    fd = (w @ bs.det_gradient(c + h * d, q, frame)[0] - w @ bs.det_gradient(c - h * d, q, frame)[0]) / (2 * h)
+    analytic = np.sum(w[:, None, None] * grad * d.reshape(-1, nd)[lin])
+    assert abs(analytic - fd) <= 1e-6 * abs(fd), (analytic, fd)
+    with pytest.raises(ValueError, match="components"):
+        bs.det_gradient(c[..., :1], q, frame)
