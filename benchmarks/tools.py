@@ -331,7 +331,7 @@ def run_classreg_bspline(case, threads, quick, **extra):
     warm = _warm_up(cr.register_bspline, ndim, **dict(kw, **_WARM))
     res, sec = _timed(lambda: cr.register_bspline(case["fixed"], case["moving"], **kw))
     return {"seconds": sec, "transform": res.transform, "result": res, "first_call_s": warm,
-            "params": dict(kw, **_resolved(res, ("bending_weight", "fold_free", "grid_schedule", "smoothing_sigmas",
+            "params": dict(kw, **_resolved(res, ("bending_weight", "folds", "min_det_j", "grid_schedule", "smoothing_sigmas",
                                                  "optimiser", "sampler")))}
 
 
@@ -806,10 +806,13 @@ TOOLS = {t.name: t for t in [
     Tool("sitk_fastsym_demons", "deformable", "SimpleITK FastSymmetricForcesDemons",
          _sitk_demons("FastSymmetricForcesDemonsRegistrationFilter"), requires=("SimpleITK",)),
     Tool("dipy_syn_cc", "deformable", "DIPY SyN (CC)", run_dipy_syn_cc, requires=("dipy",)),
-    Tool("classreg_bspline", "deformable", "classreg B-spline (MI, fold-free)", _classreg_bspline(), classreg=True,
-         classreg_api=("register_bspline",), quick=False, show_params=True),
+    Tool("classreg_bspline", "deformable", "classreg B-spline (MI, folds projected)", _classreg_bspline(),
+         classreg=True, classreg_api=("register_bspline",), quick=False, show_params=True),
+    Tool("classreg_bspline_compose", "deformable", "classreg B-spline (MI, injective pieces composed)",
+         _classreg_bspline(folds="compose"), classreg=True, classreg_api=("register_bspline",), quick=False,
+         show_params=True),
     Tool("classreg_bspline_grid", "deformable", "classreg B-spline (MI, elastix's refined grid)",
-         _classreg_bspline(fold_free=False), classreg=True, classreg_api=("register_bspline",), quick=False,
+         _classreg_bspline(folds="allow"), classreg=True, classreg_api=("register_bspline",), quick=False,
          show_params=True),
     Tool("elastix_bspline", "deformable", "itk-elastix B-spline (MI)", _itk_elastix("bspline"),
          requires=("itk",), distributions=("itk-elastix",)),

@@ -532,7 +532,8 @@ def test_fused_device_mi_matches_the_array_module_path(monkeypatch, kind, ndim, 
     np.testing.assert_allclose(ncc_f, ncc, rtol=1e-12)
 
 
-BSPLINE = dict(grid_spacing=6.0, shrink_factors=(2, 1), smoothing_sigmas=(1.0, 0.0), iterations=(60, 60), samples=256)
+BSPLINE = dict(grid_spacing=6.0, shrink_factors=(2, 1), smoothing_sigmas=(1.0, 0.0), iterations=(60, 60), samples=256,
+               folds="compose")
 
 
 @pytest.mark.cudasim
@@ -542,8 +543,8 @@ BSPLINE = dict(grid_spacing=6.0, shrink_factors=(2, 1), smoothing_sigmas=(1.0, 0
     pytest.param("fused", False, marks=pytest.mark.slow),
 ])
 def test_bspline_stays_on_device(monkeypatch, how, restart):
-    """register_bspline(device="cuda") in its default configuration (Mattes MI, linear interpolation with the exact
-    image gradient, fold-free pieces, ASGD): inside each level's iterations only scalar reads cross (the
+    """register_bspline(device="cuda") with fold-free pieces (Mattes MI, linear interpolation with the exact
+    image gradient, ASGD): inside each level's iterations only scalar reads cross (the
     coefficients and gradients stay on the device), and it computes the CPU run. With ``restart`` every
     saturation check starts a new fold-free piece, which composes the map on the host. ``fused``: the evaluations
     in the fused numba.cuda kernels, as on a GPU (the simulator's default is the array-module path)."""
@@ -606,6 +607,36 @@ def test_bspline_stays_on_device(monkeypatch, how, restart):
     np.testing.assert_allclose(np.asarray(res.warped.data), np.asarray(cpu.warped.data), rtol=0, atol=1e-5)
     np.testing.assert_allclose(res.metrics["metric"], cpu.metrics["metric"], rtol=1e-9)
     assert res.metrics["min_det"] > 0 and res.metrics["percent_det_nonpositive"] == 0
+
+
+@pytest.mark.cudasim
+def test_bspline_projected_folds_on_device(monkeypatch):
+    """The default folds="project" on the device: between projections only scalar reads cross; each projection
+    (every PROJECT_EVERY iterations) downloads the coefficients and, when it moved them, uploads the projected
+    ones; the run is the CPU run and keeps the floor. The plain run's min det J is 0.77: a floor of 0.9 makes the
+    projections act (large first steps that fold the grid make this tiny run chaotic: device and CPU part by
+    millimetres even without projections)."""
+    from classreg.solvers.parametric.folds import PROJECT_EVERY
+
+    fixed, moving = _rotated_pair(24, 6.0)
+    kw = dict(BSPLINE, folds="project", min_det_j=0.9, grid_spacing=3.0)
+    cpu = cr.register_bspline(fixed, moving, **kw)
+    assert cpu.metrics["fold_projections"] > 0
+    with installed(monkeypatch) as cp:
+        res, marks = run_counted(cp.transfers, cr.register_bspline, fixed, moving, device="cuda", **kw)
+    assert res.params["backend"] == "cuda" and res.metrics["fold_projections"] == cpu.metrics["fold_projections"]
+    n_it = kw["iterations"][0]
+    levels = [h["level"] if isinstance(h, dict) else h.level for h in res.history]
+    for level in (0, 1):
+        level_marks = [marks[i] for i, lv in enumerate(levels) if lv == level]
+        inside = cp.transfers.between(level_marks[0], level_marks[-1], kinds=("upload", "download"))
+        downloads = [r for r in inside if r[0] == "download"]
+        # one coefficient download per projection inside the level's iterations, an upload only when it moved them
+        assert len(downloads) == (n_it - 1) // PROJECT_EVERY, inside
+        assert len(inside) - len(downloads) <= len(downloads)
+    for a, b in zip(_bspline_coefficients(res), _bspline_coefficients(cpu), strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    assert res.metrics["min_det"] >= 0.9 and cpu.metrics["min_det"] >= 0.9
 
 
 def _bspline_coefficients(res):

@@ -88,7 +88,7 @@ def test_automatic_initialisation_is_skipped_after_an_initial_transform():
 def test_bspline_with_bending_penalty_and_smoothing_pyramid():
     st = plan(BSPLINE_BE, spacing=(0.5, 0.5))
     o = st.options
-    assert st.solver == "bspline" and o["fold_free"] is False
+    assert st.solver == "bspline" and o["folds"] == "allow"
     assert o["grid_spacing"] == (8.0, 8.0)                      # 16 voxels × 0.5 mm
     assert o["grid_schedule"] == (4.0, 2.0, 1.0)
     assert o["bending_weight"] == pytest.approx(50.0)

@@ -227,7 +227,7 @@ def test_bspline_mi_on_the_gpu_matches_the_cpu_in_3d():
     from classreg.evaluate import dense_displacement
 
     fixed, moving = _phantom(3, 32)
-    kw = dict(seed=0)  # the default configuration: Mattes MI, exact image gradient, fold-free pieces, ASGD
+    kw = dict(seed=0)  # the default configuration: Mattes MI, exact image gradient, projected folds, ASGD
     cpu = cr.register_bspline(fixed, moving, **kw)
     dev = cr.register_bspline(fixed, moving, device="cuda", **kw)
     rerun = cr.register_bspline(fixed, moving, device="cuda", **kw)
@@ -242,7 +242,7 @@ def test_bspline_mi_on_the_gpu_matches_the_cpu_in_3d():
     # amplify any change), the stand-in device run (numpy's sums) 0.017-0.024 mm (docs/notes/gpu.md); 0.1 mm, a
     # tenth of a voxel, bounds that with room
     assert diff <= 0.1 and rediff <= 0.1, (diff, rediff)
-    assert dev.metrics["min_det"] > 0 and dev.metrics["percent_det_nonpositive"] == 0  # fold-free, as on the CPU
+    assert dev.metrics["min_det"] >= 0.05 and dev.metrics["percent_det_nonpositive"] == 0  # the floor, as on the CPU
     np.testing.assert_allclose(dev.metrics["metric"], cpu.metrics["metric"], rtol=1e-3)  # stand-in: 0.9e-4 to 1.5e-4
 
 

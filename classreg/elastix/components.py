@@ -347,7 +347,7 @@ def plan_stage(parameters, *, ndim: int, spacing, has_fixed_mask: bool, has_init
                 raise ParameterFileError(f"ERROR: GridSpacingSchedule needs {levels} or {levels * ndim} values, got "
                                          f"{len(sched)}")
             options["grid_schedule"] = tuple(per)
-        options["fold_free"] = False  # one grid refined level to level, as elastix (one BSplineTransform stage)
+        options["folds"] = "allow"  # one grid refined level to level, nothing against folds: elastix's method
         if penalty:
             pi = penalty[0][0]
             options["bending_weight"] = weights[pi] / weights[mi]
@@ -413,8 +413,8 @@ def _plan_classreg(lookup: ParameterLookup, solver: str, *, warnings) -> Stage:
         transform = {"translation": "TranslationTransform", "rigid": "EulerTransform",
                      "similarity": "SimilarityTransform"}.get(opts.get("transform", "affine"), "AffineTransform")
     if solver == "bspline":
-        opts.setdefault("fold_free", False)
-        if opts["fold_free"]:
+        opts.setdefault("folds", "allow")
+        if opts["folds"] == "compose":  # a chain of B-splines: written as a displacement field
             transform = "DeformationFieldTransform"
     return Stage(solver=solver, options=opts, transform=transform, init_method=None, erode_masks=(False, False),
                  output=out, warnings=warnings, lookup=lookup)

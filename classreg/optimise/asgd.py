@@ -116,7 +116,8 @@ def asgd(evaluate, x0, *, scales, iterations, a, omega, A=SP_A, alpha=SP_ALPHA_A
     ``project(x)`` (optional) maps every update back onto a convex feasible set (projected gradient descent; the
     average of projected iterates stays feasible). ``restart(k, x)`` (optional) is asked after every update whether
     to continue from another point (it returns the new point, or None): a model that re-parameterises itself (a
-    B-spline composed onto the map so far) continues with the same gain schedule and a fresh average.
+    B-spline composed onto the map so far), or a projection too costly for every update (register_bspline's fold
+    projection every few iterations), continues with the same gain schedule and a fresh average.
     ``on_iteration(k, x, value, gain)`` is called after every update (``value`` at the point before it).
 
     ``x0`` may be a CuPy array (``evaluate`` then returns device gradients): the iterates stay on the device, the

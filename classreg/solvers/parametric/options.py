@@ -138,9 +138,13 @@ BSPLINE_OPTIONS = Declaration(
                help="similarity: Mattes mutual information, normalised MI, normalised correlation, mean squares"),
         Option("bending_weight", 0.0, "weight of the bending-energy penalty (elastix TransformBendingEnergyPenalty "
                                       "with Metric1Weight), added to the metric", unit="mm²", low=0),
-        Option("fold_free", True, "one new B-spline per level composed on the previous ones, each kept injective "
-                                  "(Choi-Lee bound): det J > 0 everywhere; off: elastix's single grid refined "
-                                  "level to level", kind="bool"),
+        Option("folds", "project", "how folding is prevented: 'project' (the coefficients projected onto det J >= "
+                                   "min_det_j at every voxel centre along the optimisation), 'compose' (one "
+                                   "injective B-spline per level composed on the previous ones, Choi-Lee bound: "
+                                   "det J > 0 everywhere), 'allow' (elastix: nothing)",
+               kind="str", choices=("project", "compose", "allow")),
+        Option("min_det_j", 0.05, "folds='project': floor of det J at the fixed image's voxel centres", low=0,
+               high=1, low_open=True, high_open=True),
         *_engine_options((500, 500, 500), "exact"),
     ),
 )

@@ -31,6 +31,7 @@ from .._common import (
     warm_key,
 )
 from .engine import INTERPOLATIONS, LevelObjective, metric_terms
+from .folds import PROJECT_EVERY, PROJECT_STRIDE, FoldProjection
 from .models import AffineModel
 from .options import AFFINE_OPTIONS, BSPLINE_OPTIONS
 from .sampling import Sampler
@@ -184,7 +185,8 @@ def register_affine(fixed: Image, moving: Image, *, transform: str = "affine", m
 # ================================================================================================ register_bspline
 @declared(BSPLINE_OPTIONS)
 def register_bspline(fixed: Image, moving: Image, *, grid_spacing=8.0, grid_schedule=None, metric: str = "mi",
-                     bending_weight: float = 0.0, fold_free: bool = True, init="geometry", fixed_mask=None,
+                     bending_weight: float = 0.0, folds: str = "project", min_det_j: float = 0.05,
+                     init="geometry", fixed_mask=None,
                      moving_mask=None, shrink_factors=(4, 2, 1), smoothing_sigmas=None, iterations=(500, 500, 500),
                      samples: int = 2048, sampler: str = "random_coordinate", new_samples: bool = True,
                      optimiser: str = "asgd", max_step=None, bins: int = 32,
@@ -198,11 +200,22 @@ def register_bspline(fixed: Image, moving: Image, *, grid_spacing=8.0, grid_sche
     (``grid_spacing`` × the level's ``grid_schedule`` entry) laid over the fixed image's extent mapped by ``init``
     (elastix's ``GridScheduleComputer``). The cost is the sampled metric plus ``bending_weight`` × the bending
     energy of ``B − id`` (Rueckert et al., IEEE TMI 18(8):712-721, 1999, eq. 6; computed exactly on the control
-    grid). With ``fold_free`` (default) each level — and each time 0.1 % of the coefficients reach the bound — starts
-    a new B-spline composed after the previous ones, every coefficient held within Choi & Lee's injectivity bound
-    ``|c_d| < h_d / K`` (Graph. Models 62(6):411-427, 2000): each piece is injective, so ``det ∇T > 0`` everywhere
-    (Rueckert et al., MICCAI 2006, LNCS 4191:702-709). A new piece within a level continues the level's ASGD gain
-    schedule. Without it, one grid is refined level to level by B-spline subdivision (elastix; folds possible).
+    grid). One grid is refined level to level by B-spline subdivision (elastix), and ``folds`` says how folding is
+    prevented:
+
+    * ``"project"`` (default): every :data:`~classreg.solvers.parametric.folds.PROJECT_EVERY` ASGD iterations and at
+      the end (other optimisers: at the end only), the coefficients are projected (nearest in the Euclidean norm) onto
+      ``det ∇T ≥ min_det_j`` at the voxel centres of the level's fixed image, every voxel of the fixed image at the
+      end — projected stochastic gradient descent
+      (:mod:`~classreg.solvers.parametric.folds`; folding corrected around the folded voxels as in NiftyReg, Modat
+      et al., Comput. Methods Programs Biomed. 98(3):278-284, 2010);
+    * ``"compose"``: each level — and each time 0.1 % of the coefficients reach the bound — starts a new B-spline
+      composed after the previous ones, every coefficient held within Choi & Lee's injectivity bound
+      ``|c_d| < h_d / K`` (Graph. Models 62(6):411-427, 2000): each piece is injective, so ``det ∇T > 0``
+      everywhere, not only at voxel centres (Rueckert et al., MICCAI 2006, LNCS 4191:702-709). A new piece within a
+      level continues the level's ASGD gain schedule; it converges more slowly than one grid;
+    * ``"allow"``: nothing (elastix; folds possible).
+
     Optimiser, samplers and pyramid as in :func:`register_affine`.
 
     Parameters
@@ -216,8 +229,10 @@ def register_bspline(fixed: Image, moving: Image, *, grid_spacing=8.0, grid_sche
     metric, bending_weight
         The similarity and the weight of the bending-energy penalty (0: none, elastix's default file; realistic
         maps have 1e-4 to 1e-3 mm⁻² of bending energy, so weights of 100-10 000 balance MI).
-    fold_free : bool
-        Compose Choi-Lee-bounded B-splines (no folding, by construction) or refine one grid (elastix).
+    folds : {"project", "compose", "allow"}
+        How folding is prevented (above).
+    min_det_j : float
+        ``folds="project"``: the floor of ``det ∇T`` at the voxel centres (0 < floor < 1).
     image_gradient : {"exact", "smoothed"}
         As in :func:`register_affine`; here ``"exact"`` is the default: with one Mattes MI (or NMI) term the whole
         iteration is one fused pass (:func:`classreg.kernels.bspline.mi_step`) that computes this gradient only;
@@ -261,15 +276,20 @@ def register_bspline(fixed: Image, moving: Image, *, grid_spacing=8.0, grid_sche
     levels = len(engine.shrink)
     schedule = _grid_schedule(grid_schedule, levels)
     spacing = np.broadcast_to(np.asarray(grid_spacing, dtype=float), (fixed.ndim,)).astype(float)
-    bound = 0.99 / CHOI_LEE_K[fixed.ndim] if fold_free else None
+    if folds not in FOLDS:
+        raise ValueError(f"folds must be one of {', '.join(map(repr, FOLDS))}, got {folds!r}")
+    if folds == "project" and not 0.0 < float(min_det_j) < 1.0:
+        raise ValueError(f"min_det_j must be in (0, 1) (a floor of det J below the identity's 1), got {min_det_j!r}")
+    compose = folds == "compose"
+    bound = 0.99 / CHOI_LEE_K[fixed.ndim] if compose else None
     # fold-free pieces move points by < bound × spacing each: later grids reach that far beyond the image
-    margins = [float(np.max(spacing)) * sum(schedule[: k + 1]) * 0.5 if fold_free else 0.0
+    margins = [float(np.max(spacing)) * sum(schedule[: k + 1]) * 0.5 if compose else 0.0
                for k in range(len(schedule))]
     models = [BSplineModel.over(fixed, pre, spacing * s, margin=m, bending_weight=float(bending_weight),
                                 bound=bound, backend=backend) for s, m in zip(schedule, margins)]
     def warm_up():  # the same kernels on a tiny pair, before the bar (progress=True only)
         f, m, fm, mm = tiny_like(fixed, moving)
-        register_bspline(f, m, grid_spacing=4.0, metric=metric, bending_weight=bending_weight, fold_free=fold_free,
+        register_bspline(f, m, grid_spacing=4.0, metric=metric, bending_weight=bending_weight, folds=folds,
                          init="geometry", fixed_mask=None if fixed_mask is None else fm,
                          moving_mask=None if moving_mask is None else mm, shrink_factors=(2, 1), iterations=(2, 2),
                          samples=max(4 * int(bins), 128), sampler=sampler, new_samples=new_samples,
@@ -279,7 +299,7 @@ def register_bspline(fixed: Image, moving: Image, *, grid_spacing=8.0, grid_sche
     prog = Progress("bspline", callback=callback, progress=progress, total=sum(engine.iterations),
                     time_limit=time_limit, warm_up=warm_up,
                     warm_key=warm_key(fixed, moving, "bspline", metric, image_gradient, bool(bending_weight),
-                                      bool(fold_free), sampler, optimiser, backend, fixed_mask is None,
+                                      folds, sampler, optimiser, backend, fixed_mask is None,
                                       moving_mask is None))
     state = {"p": models[0].identity(), "model": 0}
     done = []  # fold-free: (model, coefficients) of the B-splines composed so far
@@ -294,9 +314,10 @@ def register_bspline(fixed: Image, moving: Image, *, grid_spacing=8.0, grid_sche
 
     def level_model(level):
         k = level.index
+        state["level"] = level
         if state["model"] != k:
             prev = models[state["model"]]
-            if fold_free:  # compose: a new B-spline on top of the previous levels' maps
+            if compose:  # a new B-spline on top of the previous levels' maps
                 done.append((prev, state["p"]))
                 _set_prior(models[k], prev, state["p"], fixed, pre, grid_y())
                 state["p"] = models[k].identity()
@@ -316,29 +337,63 @@ def register_bspline(fixed: Image, moving: Image, *, grid_spacing=8.0, grid_sche
         _set_prior(mdl, mdl, p, fixed, pre, grid_y())
         return mdl.identity()
 
-    if fold_free:
+    projections = {}  # folds="project": one projection per level (its fixed grid), then the final one
+
+    def project(k, p):
+        """folds="project": every PROJECT_EVERY iterations, the coefficients onto det ∇T ≥ min_det_j at the
+        level's voxel centres (None: already there)."""
+        if (k + 1) % PROJECT_EVERY:
+            return None
+        level = state["level"]
+        if level.index not in projections:  # on every PROJECT_STRIDE-th voxel of the full-resolution level
+            stride = PROJECT_STRIDE if level.fixed.same_grid(fixed) else 1
+            projections[level.index] = FoldProjection(models[state["model"]], level.fixed, pre, min_det_j,
+                                                      stride=stride)
+        return projections[level.index](to_numpy(p), exact=False)
+
+    if compose:
         engine.restart = restart
+    elif folds == "project":
+        engine.restart = project
     with _blas_single_thread():  # the run and the dense maps of the result (see _blas_single_thread)
         stopped = engine.run(level_model, state, prog)
         mdl = models[state["model"]]
         p = to_numpy(state["p"])  # a device iterate when a callback or the time limit stopped a device level
-        pieces = [*done, (mdl, p)] if fold_free else [(mdl, p)]
+        x = fixed.grid_points().reshape(-1, fixed.ndim)
+
+        def dense_field(p):
+            """The whole map on the fixed grid, once, for its det J and the warped image: the last model's prior
+            holds the earlier pieces' composition at these very points, so it is one B-spline evaluation (not one
+            per piece)."""
+            u = (mdl.map_nodes(p, grid_y()) - x).reshape(*fixed.shape, fixed.ndim)
+            return DisplacementField.from_array(u, fixed)
+
+        if folds == "project":  # the guarantee: the floor at every voxel centre of the fixed image
+            final = projections["final"] = FoldProjection(mdl, fixed, pre, min_det_j)
+            for _ in range(1 + FD_RETRIES):
+                projected = final(p)
+                p = p if projected is None else projected
+                field = dense_field(p)
+                # det J is reported from central differences of the field, which can sit below the analytic det at
+                # a voxel centre where the map bends sharply: then the analytic floor is raised until both hold
+                if _det_stats(field, fixed, None, backend)["min_det"] >= min_det_j:
+                    break
+                final.raise_floor(FD_RAISE)
+        else:
+            field = dense_field(p)
+        pieces = [*done, (mdl, p)] if compose else [(mdl, p)]
         parts = [m.to_transform(c) for m, c in pieces]
         if not np.allclose(pre.homogeneous, np.eye(fixed.ndim + 1)):
             parts.insert(0, pre)
         total = parts[0] if len(parts) == 1 else Chain(parts)
         metric_value, valid = engine.final_metric(mdl, p)
         energy = float(sum(m.bending_energy(c) for m, c in pieces))
-        # the whole map on the fixed grid, once, for its det J and the warped image: the last model's prior holds
-        # the earlier pieces' composition at these very points, so it is one B-spline evaluation (not one per piece)
-        x = fixed.grid_points().reshape(-1, fixed.ndim)
-        field = DisplacementField.from_array((mdl.map_nodes(p, grid_y()) - x).reshape(*fixed.shape, fixed.ndim),
-                                             fixed)
         det = _det_stats(field, fixed, fmask, backend)
         params = {"grid_spacing": spacing.tolist(), "grid_schedule": list(schedule),
                   "metric": _metric_name(metric, metric_weights),
                   "interpolation": interpolation, "image_gradient": image_gradient,
-                  "bending_weight": float(bending_weight), "fold_free": bool(fold_free), "init": init_name,
+                  "bending_weight": float(bending_weight), "folds": folds, "min_det_j": float(min_det_j),
+                  "init": init_name,
                   "init_matrix": pre.homogeneous.tolist(),
                   "iterations": list(engine.iterations), "shrink_factors": list(engine.shrink),
                   "smoothing_sigmas": list(engine.sigmas),
@@ -347,6 +402,7 @@ def register_bspline(fixed: Image, moving: Image, *, grid_spacing=8.0, grid_sche
                                  backend="cuda" if dev == "cuda" else backend)}
         metrics = {"metric": metric_value, "bending_energy": energy, "grid_size": [list(m.grid_size) for m in models],
                    "pieces": len(pieces), **det, "samples": int(samples), "valid_fraction": valid,
+                   "fold_projections": sum(fp.projections for fp in projections.values()),
                    "levels": engine.level_info}
         return _result(fixed, moving, total, None, prog, stopped, params, metrics, backend, t0, through=field)
 
@@ -364,6 +420,11 @@ def _det_stats(field, fixed, fmask, backend) -> dict:
             "percent_det_nonpositive": float(100.0 * np.mean(det <= 0))}
 
 
+#: how register_bspline prevents folding (see its docstring)
+FOLDS = ("project", "compose", "allow")
+#: folds="project": times the analytic floor is raised (by FD_RAISE) when the central-difference det J of the final
+#: map is still below min_det_j
+FD_RETRIES, FD_RAISE = 3, 1.5
 #: fold-free B-splines: how often (iterations) the saturation of the injectivity bound is checked
 RESTART_EVERY = 50
 #: fold-free B-splines: the fraction of coefficients near the bound that starts a new piece (a larger fraction leaves
