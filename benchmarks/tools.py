@@ -905,8 +905,8 @@ TOOLS.update(sweep_tools())
 #: the tools with a GPU path (their run functions take ``device``) and the array library that path runs on, which
 #: times and measures it (:func:`_timed`); ``--device cuda`` runs each twice: its CPU row and a ``<name>_cuda`` row.
 #: B-spline, affine and the elastix programs compute on the CPU even with ``device="cuda"`` (docs/gpu.md)
-GPU_TOOLS = {"classreg_demons": "cupy", "classreg_demons_cc": "cupy", "classreg_lddmm": "cupy",
-             "classreg_lddmm_full": "cupy", "classreg_vp": "cupy", "classreg_rigid": "cupy",
+GPU_TOOLS = {"classreg_demons": "cupy", "classreg_demons_cc": "cupy", "classreg_demons_mi": "cupy",
+             "classreg_lddmm": "cupy", "classreg_lddmm_full": "cupy", "classreg_vp": "cupy", "classreg_rigid": "cupy",
              "classreg_points": "cupy", "fireants_greedy": "torch"}
 
 

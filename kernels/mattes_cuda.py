@@ -34,12 +34,16 @@ from __future__ import annotations
 import functools
 import math
 
+import numpy as np
+
 from . import _backend
 
-# elastix's exponential limiter: one scalar body compiled for the CPU (kernels.sampling) and the GPU (here)
-from .sampling import _limit_numba
+# the per-sample formula of Mattes MI (elastix's limiters, the Parzen window, the gather of the derivative): one
+# scalar body each, compiled for the CPU there and as device functions here (:func:`_namespace`)
+from .sampling import _limit_numba, _mi_grad, _mi_setup, _mi_weights, _mi_window
 
-__all__ = ["ACC_COUNT", "ACC_FM", "ACC_CORR", "ACC_AFFINE", "ACC_HIST", "work_columns", "cuda_kernels"]
+__all__ = ["ACC_COUNT", "ACC_FM", "ACC_CORR", "ACC_AFFINE", "ACC_HIST", "work_columns", "cuda_kernels", "dense_kernels",
+           "dense_mattes_mi", "mi_table"]
 
 ACC_COUNT, ACC_FM, ACC_CORR, ACC_AFFINE, ACC_HIST = 0, 1, 3, 6, 18
 
@@ -55,6 +59,10 @@ cuda = None
 f8 = None
 i8 = None
 NDIM = 3
+# ... and, for the voxel-wise kernels, the float type of the descent direction and the bin counts
+ft = np.float64
+NBF = NBM = 32
+NBINS = NBF * NBM
 
 
 # ------------------------------------------------------------------------------------------- scalar device bodies
@@ -211,21 +219,9 @@ def _pass1_cuda(y, f, pflat, pshape, prows, has_prior, cflat, gshape, grows, has
         return
     lof, hif, lom, him, tlo, thi, smallf, smallm, bsf, bsm = mi
     mv = vals[0]
-    fc = _lo(_hi(f[j], lof), hif)
-    fi = _lo(_hi(int(math.floor((fc - (lof - smallf)) / bsf + 0.5)), 0), nbf - 1)
-    m, dlim = _limit_numba(mv, tlo, thi, lom, him)
-    xim = (m - (lom - smallm)) / bsm + 1.0
-    first = _lo(_hi(int(math.floor(xim)) - 1, 0), nbm - 4)
-    t = _lo(_hi(xim - (first + 1), 0.0), 1.0)
-    s = 1.0 - t
-    t2 = t * t
-    t3 = t2 * t
-    sixth = 1.0 / 6.0
+    fi, first, t, dlim = _mi_window(f[j], mv, nbf, nbm, lof, hif, lom, him, tlo, thi, smallf, smallm, bsf, bsm)
     cell = fi * nbm + first
-    cuda.atomic.add(acc, ACC_HIST + cell, s * s * s * sixth)
-    cuda.atomic.add(acc, ACC_HIST + cell + 1, (4.0 - 6.0 * t2 + 3.0 * t3) * sixth)
-    cuda.atomic.add(acc, ACC_HIST + cell + 2, (1.0 + 3.0 * t + 3.0 * t2 - 3.0 * t3) * sixth)
-    cuda.atomic.add(acc, ACC_HIST + cell + 3, t3 * sixth)
+    _add_window(acc, ACC_HIST + cell, t)
     cuda.atomic.add(acc, ACC_COUNT, 1.0)
     cuda.atomic.add(acc, ACC_FM, f[j])
     cuda.atomic.add(acc, ACC_FM + 1, mv)
@@ -252,11 +248,8 @@ def _pass2_cuda(y, f, work, table, bsm, gshape, has_grid, center, acc, grad):
     cnt = _hi(acc[ACC_COUNT], 1.0)
     mv = work[j, 1]
     cell = int(work[j, 2])
-    t = work[j, 3]
-    s = 1.0 - t
-    t2 = t * t
-    dm = (-1.0 / (cnt * bsm)) * work[j, 4] * (-0.5 * s * s * table[cell] + (-2.0 * t + 1.5 * t2) * table[cell + 1]
-                                               + (0.5 + t - 1.5 * t2) * table[cell + 2] + 0.5 * t2 * table[cell + 3])
+    fi = cell // table.shape[1]
+    dm = _mi_grad(table, fi, cell - fi * table.shape[1], work[j, 3], work[j, 4], -1.0 / (cnt * bsm))
     da = f[j] - acc[ACC_FM] / cnt
     db = mv - acc[ACC_FM + 1] / cnt
     cuda.atomic.add(acc, ACC_CORR, da * db)
@@ -281,8 +274,94 @@ def _pass2_cuda(y, f, work, table, bsm, gshape, has_grid, center, acc, grad):
             cuda.atomic.add(acc, ACC_AFFINE + n + n * a + k, gw * (y[j, k] - center[k]))
 
 
-_BODIES = (_lo, _hi, _affine_row, _linear, _w4, _taps, _tap, _limit_numba)
+def _add_window(hist, cell, t):
+    """A sample's four moving-bin weights (:func:`classreg.kernels.sampling._mi_weights`) added atomically to
+    ``hist[cell … cell + 3]``."""
+    w0, w1, w2, w3 = _mi_weights(t)
+    cuda.atomic.add(hist, cell, w0)
+    cuda.atomic.add(hist, cell + 1, w1)
+    cuda.atomic.add(hist, cell + 2, w2)
+    cuda.atomic.add(hist, cell + 3, w3)
+
+
+# ------------------------------------------------------------------------- Mattes MI over the voxels of an image
+# (register_demons(metric="mi")): every voxel of the fixed image F and the warped moving image W is a sample. The
+# histogram limits come from the counted voxels (elastix's limits: classreg.terms.intensity_limits), so they are a
+# device array ``lim`` = (lof, hif, lom, him, tlo, thi) computed by the caller and read by every thread.
+def _dense_hist_cuda(f, w, valid, use_valid, lim, scale, hist):
+    """The Parzen joint histogram of the counted voxels (``valid``, or all), in the ``(nbf, nbm)`` bins of the
+    builder, into ``hist`` (flat int64, zeroed) in fixed point: each window weight (in [0, 1]) is rounded to an
+    integer multiple of ``1 / scale`` (a power of two chosen by the caller so that no bin can overflow), so the
+    additions are exact and their order does not matter: the histogram, hence the cost and the direction, are the
+    same on every run, as the other demons kernels are (float atomics would sum in another order each run, and a
+    piece that leaves the map unchanged could then be accepted or rejected at random). A grid-stride loop
+    accumulates each block's histogram in shared memory, then adds it to ``hist`` (one atomic addition per bin and
+    block instead of four per voxel on the same few addresses)."""
+    sh = cuda.shared.array(NBINS, i8)
+    tid = cuda.threadIdx.x
+    for k in range(tid, NBINS, cuda.blockDim.x):
+        sh[k] = 0
+    cuda.syncthreads()
+    smallf, smallm, bsf, bsm = _mi_setup(NBF, NBM, lim[0], lim[1], lim[2], lim[3])
+    for p in range(cuda.grid(1), f.shape[0], cuda.gridsize(1)):
+        if use_valid and not valid[p]:
+            continue
+        fi, b, t, d = _mi_window(f8(f[p]), f8(w[p]), NBF, NBM, lim[0], lim[1], lim[2], lim[3], lim[4], lim[5],
+                                 smallf, smallm, bsf, bsm)
+        w0, w1, w2, w3 = _mi_weights(t)
+        cell = fi * NBM + b
+        cuda.atomic.add(sh, cell, i8(w0 * scale + 0.5))
+        cuda.atomic.add(sh, cell + 1, i8(w1 * scale + 0.5))
+        cuda.atomic.add(sh, cell + 2, i8(w2 * scale + 0.5))
+        cuda.atomic.add(sh, cell + 3, i8(w3 * scale + 0.5))
+    cuda.syncthreads()
+    for k in range(tid, NBINS, cuda.blockDim.x):
+        if sh[k] != 0:
+            cuda.atomic.add(hist, k, sh[k])
+
+
+def _dense_descent_cuda(f, w, valid, use_valid, lim, table, cnt, gw, u):
+    """Per voxel: ``∂C/∂W`` gathered from the log-ratio ``table`` (nbf, nbm) of ``cnt[0]`` counted voxels
+    (:func:`classreg.kernels.sampling._mi_grad`), rounded to the images' float type as the host's ``mattes_mi``
+    returns it, and the descent direction ``u = −∂C/∂W ∇W`` (0 at voxels that do not count)."""
+    p = cuda.grid(1)
+    if p >= f.shape[0]:
+        return
+    nd = gw.shape[1]
+    if use_valid and not valid[p]:
+        for a in range(nd):
+            u[p, a] = ft(0.0)
+        return
+    smallf, smallm, bsf, bsm = _mi_setup(NBF, NBM, lim[0], lim[1], lim[2], lim[3])
+    fi, b, t, d = _mi_window(f8(f[p]), f8(w[p]), NBF, NBM, lim[0], lim[1], lim[2], lim[3], lim[4], lim[5], smallf,
+                             smallm, bsf, bsm)
+    dm = ft(_mi_grad(table, fi, b, t, d, -1.0 / (cnt[0] * bsm)))
+    for a in range(nd):
+        u[p, a] = -dm * gw[p, a]
+
+
+_BODIES = (_lo, _hi, _affine_row, _linear, _w4, _taps, _tap)
+#: the per-sample formula of Mattes MI, one body each for the CPU kernels (kernels.sampling) and these
+_MI_BODIES = (_limit_numba, _mi_setup, _mi_window, _mi_weights, _mi_grad)
 _KERNELS = (_pass1_cuda, _pass2_cuda)
+_DENSE_KERNELS = (_dense_hist_cuda, _dense_descent_cuda)
+
+
+def _namespace(sfx, **consts):
+    """This module's globals with numba.cuda, its types, ``consts`` and every scalar body compiled as a device
+    function; the sampling helpers see ``_lo``/``_hi`` as ``min``/``max`` (numba's own CUDA target does not
+    compile the builtins' float overload) and the limiter as ``_limit``."""
+    import numba
+    from numba import cuda as nb_cuda
+
+    ns = dict(globals(), cuda=nb_cuda, f8=numba.float64, i8=numba.int64, math=math, **consts)
+    for fn in _BODIES + (_add_window,):
+        ns[fn.__name__] = _backend.cuda_jit(_backend.rebind(fn, ns, sfx), device=True)
+    ns["min"], ns["max"] = ns["_lo"], ns["_hi"]
+    for fn in _MI_BODIES:
+        ns[fn.__name__] = _backend.cuda_jit(_backend.rebind(fn, ns, sfx), device=True)
+    ns["_limit"] = ns["_limit_numba"]
+    return ns
 
 
 @functools.cache
@@ -290,11 +369,109 @@ def cuda_kernels(ndim: int):
     """Compile (lazily) the two passes for ``ndim`` (2 or 3) spatial axes; returns ``{"pass1": kernel, "pass2":
     kernel}``. The kernels are cached on disk (:func:`classreg.kernels._backend.cuda_jit`) under names that carry
     ``ndim`` (the only thing the variants bind differently)."""
-    import numba
-    from numba import cuda as nb_cuda
-
-    ns = dict(globals(), cuda=nb_cuda, f8=numba.float64, i8=numba.int64, NDIM=int(ndim))
     sfx = f"_{int(ndim)}d"
-    for fn in _BODIES:
-        ns[fn.__name__] = _backend.cuda_jit(_backend.rebind(fn, ns, sfx), device=True)
+    ns = _namespace(sfx, NDIM=int(ndim))
     return {fn.__name__[1:6]: _backend.cuda_jit(_backend.rebind(fn, ns, sfx)) for fn in _KERNELS}
+
+
+@functools.cache
+def dense_kernels(dtype: str, nbf: int, nbm: int):
+    """Compile (lazily) the voxel-wise histogram and descent kernels for images of ``dtype`` ("float32" or
+    "float64", the float type of the descent direction) and ``nbf`` × ``nbm`` bins (compile-time constants: the
+    shared-memory histogram); returns ``{"hist": kernel, "descent": kernel}``, cached on disk under names carrying
+    all three."""
+    sfx = f"_{dtype}_{int(nbf)}x{int(nbm)}"
+    ns = _namespace(sfx, ft=np.dtype(dtype).type, NBF=int(nbf), NBM=int(nbm), NBINS=int(nbf) * int(nbm))
+    return {fn.__name__[7:-5]: _backend.cuda_jit(_backend.rebind(fn, ns, sfx)) for fn in _DENSE_KERNELS}
+
+
+def mi_table(hist, cnt, nbf, nbm, tiny):
+    """Mattes MI of the joint histogram ``hist`` (flat, ``nbf × nbm``) of ``cnt`` samples and the log-ratio table
+    ``log(p / (p_F p_M))`` (0 where ``p`` or ``p_F p_M`` is at most ``tiny``; :func:`classreg.kernels.sampling.
+    _mi_table`), in the array module of ``hist``: ``(−MI, table (nbf, nbm))``, the cost a 0-d array."""
+    from ._backend import get_array_module
+
+    xp = get_array_module(hist)
+    p = (hist / cnt).reshape(nbf, nbm)
+    q = p.sum(axis=1)[:, None] * p.sum(axis=0)[None, :]
+    ok = (p > tiny) & (q > tiny)
+    table = xp.where(ok, xp.log(xp.where(ok, p, 1.0) / xp.where(ok, q, 1.0)), 0.0)
+    return -(p * table).sum(), table
+
+
+#: threads of the histogram's grid-stride loop (at most): 256 blocks of 256 threads
+DENSE_HIST_THREADS = 1 << 16
+
+
+def dense_mattes_mi(fixed, warped, *, bins, limit_range_ratio, tiny, mask=None, grad_warped=None):
+    """Mattes MI of the voxels of ``fixed`` and ``warped`` (``mask``, or all) and, with ``grad_warped``, its descent
+    direction ``−∂C/∂W ∇W``, on the arrays' device (CuPy; numpy arrays under numba's CUDA simulator).
+
+    What :meth:`classreg.terms.MattesMI.descent` computes on the host (:func:`classreg.terms.mattes_mi` with its
+    default limits, elastix's, from the counted voxels): the minima and maxima by array reductions, the histogram
+    and the per-voxel derivative by the two kernels of :func:`dense_kernels` (the per-sample formula of the CPU
+    kernels, :func:`classreg.kernels.sampling._mi_window` and ``_mi_grad``), the table between them by
+    :func:`mi_table`.
+
+    Parameters
+    ----------
+    fixed, warped : array (*spatial)
+        The fixed image and the moving image on its grid, one float type.
+    bins : (int, int)
+        Fixed and moving bin counts.
+    limit_range_ratio : float
+        elastix's ``LimitRangeRatio`` of both histograms' limits.
+    tiny : float
+        Probabilities at most this are skipped in the sum (elastix's 1e-16).
+    mask : bool array (*spatial), optional
+        The voxels that count.
+    grad_warped : array (*spatial, ndim), optional
+        ``∇W`` (array frame, physical units).
+
+    Returns
+    -------
+    cost : float
+        ``−MI`` (nats); one synchronising read (the cost and the count together).
+    u : array (*spatial, ndim)
+        Only with ``grad_warped``: the descent direction, ``warped``'s float type, 0 where a voxel does not count.
+    """
+    from ._backend import get_array_module, launch
+
+    xp = get_array_module(fixed, warped)
+    nbf, nbm = (int(b) for b in bins)
+    shape = tuple(warped.shape)
+    dt = np.dtype(warped.dtype)
+    F = xp.ascontiguousarray(fixed, dtype=dt).reshape(-1)
+    W = xp.ascontiguousarray(warped).reshape(-1)
+    use_valid = mask is not None
+    if use_valid:
+        valid = xp.ascontiguousarray(mask, dtype=bool).reshape(-1)
+        inf = dt.type(np.inf)
+        ext = [op(xp.where(valid, a, s * inf)) for a in (F, W) for op, s in ((xp.min, 1), (xp.max, -1))]
+        cnt = xp.sum(valid, dtype=np.float64)
+    else:
+        valid = xp.zeros(1, dtype=bool)
+        ext = [op(a) for a in (F, W) for op in (xp.min, xp.max)]
+        cnt = xp.asarray(float(F.size))
+    lo, hi = xp.stack(ext).astype(np.float64).reshape(2, 2).T  # (fixed, moving) minima and maxima
+    d = limit_range_ratio * (hi - lo)  # classreg.terms.intensity_limits: [min − r·range, max + r·range]
+    lim = xp.stack([lo[0] - d[0], hi[0] + d[0], lo[1] - d[1], hi[1] + d[1], lo[1], hi[1]])
+    kernels = dense_kernels(dt.name, nbf, nbm)
+    hist = xp.zeros(nbf * nbm, dtype=np.int64)
+    # the fixed-point unit: the four weights of a voxel sum to 1, so a bin holds at most F.size / scale ≤ 2^62
+    # units; the rounding of each weight, at most 2^-(63 - bits(F.size)) (1.1e-13 for a million voxels), is below
+    # what float64 sums of that many terms carry (~1e-16 · N)
+    scale = 2.0 ** (62 - int(F.size).bit_length())
+    launch(kernels["hist"], min(F.size, DENSE_HIST_THREADS), F, W, valid, use_valid, lim, scale, hist)
+    value, table = mi_table(hist * (1.0 / scale), xp.maximum(cnt, 1.0), nbf, nbm, tiny)
+    u = None
+    if grad_warped is not None:
+        gw = xp.ascontiguousarray(grad_warped, dtype=dt).reshape(F.size, len(shape))
+        u = xp.empty_like(gw)
+        launch(kernels["descent"], F.size, F, W, valid, use_valid, lim, table, xp.reshape(cnt, (1,)), gw, u)
+        u = u.reshape(shape + (len(shape),))
+    value, count = (float(v) for v in xp.stack([value, cnt]).tolist())  # the one read
+    if count == 0:
+        raise ValueError("no voxel counts for mutual information (the mask and the warped moving image's valid "
+                         "region do not overlap)")
+    return value if u is None else (value, u)

@@ -355,26 +355,40 @@ def _mi_setup(nbf, nbm, lof, hif, lom, him):
     return smallf, smallm, bsf, bsm
 
 
-def _mi_add(hist, fv, mv, nbf, nbm, lof, hif, lom, him, tlo, thi, smallf, smallm, bsf, bsm):
-    """One sample into the Parzen histogram: returns its fixed bin, first moving bin, window offset ``t`` and the
-    limiter's derivative."""
+def _mi_window(fv, mv, nbf, nbm, lof, hif, lom, him, tlo, thi, smallf, smallm, bsf, bsm):
+    """One sample's Parzen window (the per-sample formula of Mattes MI, shared by the CPU kernels and the numba.cuda
+    kernels of :mod:`.mattes_cuda`): its fixed bin ``fi`` (box window on the hard-limited fixed value), the first of
+    its four moving bins ``b``, the window offset ``t`` in [0, 1] and the moving limiter's derivative ``d``."""
     f = min(max(fv, lof), hif)
-    xif = (f - (lof - smallf)) / bsf
-    fi = int(np.floor(xif + 0.5))
+    fi = int(math.floor((f - (lof - smallf)) / bsf + 0.5))
     fi = min(max(fi, 0), nbf - 1)
     m, d = _limit(mv, tlo, thi, lom, him)
     xim = (m - (lom - smallm)) / bsm + 1.0
-    b = int(np.floor(xim)) - 1
+    b = int(math.floor(xim)) - 1
     b = min(max(b, 0), nbm - 4)
     t = min(max(xim - (b + 1), 0.0), 1.0)
+    return fi, b, t, d
+
+
+def _mi_weights(t):
+    """The cubic B-spline weights of the four moving bins ``b … b + 3`` at window offset ``t``."""
     s = 1.0 - t
     t2 = t * t
     t3 = t2 * t
     sixth = 1.0 / 6.0
-    hist[fi, b] += s * s * s * sixth
-    hist[fi, b + 1] += (4.0 - 6.0 * t2 + 3.0 * t3) * sixth
-    hist[fi, b + 2] += (1.0 + 3.0 * t + 3.0 * t2 - 3.0 * t3) * sixth
-    hist[fi, b + 3] += t3 * sixth
+    return (s * s * s * sixth, (4.0 - 6.0 * t2 + 3.0 * t3) * sixth, (1.0 + 3.0 * t + 3.0 * t2 - 3.0 * t3) * sixth,
+            t3 * sixth)
+
+
+def _mi_add(hist, fv, mv, nbf, nbm, lof, hif, lom, him, tlo, thi, smallf, smallm, bsf, bsm):
+    """One sample into the Parzen histogram: returns its fixed bin, first moving bin, window offset ``t`` and the
+    limiter's derivative."""
+    fi, b, t, d = _mi_window(fv, mv, nbf, nbm, lof, hif, lom, him, tlo, thi, smallf, smallm, bsf, bsm)
+    w0, w1, w2, w3 = _mi_weights(t)
+    hist[fi, b] += w0
+    hist[fi, b + 1] += w1
+    hist[fi, b + 2] += w2
+    hist[fi, b + 3] += w3
     return fi, b, t, d
 
 
@@ -452,13 +466,14 @@ def _mi_fused_numba(fv, mv, nbf, nbm, lof, hif, lom, him, tlo, thi, normalised, 
 
 
 #: the Mattes MI helpers, compiled inline into the fused kernels (here and in classreg.kernels.bspline)
-MI_HELPERS = ("_limit", "_mi_setup", "_mi_add", "_mi_table", "_mi_grad")
+MI_HELPERS = ("_limit", "_mi_setup", "_mi_window", "_mi_weights", "_mi_add", "_mi_table", "_mi_grad")
 
 
 def mi_namespace(ns):
     """``ns`` with the Mattes MI helpers bound to their compiled versions (for bodies that use them)."""
     ns = dict(ns)
     ns["np"] = np
+    ns["math"] = math
     ns["_limit"] = _compiled("limit", _limit_numba)
     for name in MI_HELPERS[1:]:
         ns[name] = _backend.njit(inline="always")(_backend.rebind(globals()[name], ns))

@@ -160,8 +160,9 @@ class _FakeResult:
 
 
 _SOLVERS = {"classreg_demons": "register_demons", "classreg_demons_cc": "register_demons",
-            "classreg_lddmm": "register_lddmm", "classreg_lddmm_full": "register_lddmm", "classreg_vp": "register_vp",
-            "classreg_rigid": "register_rigid", "classreg_points": "register_points"}
+            "classreg_demons_mi": "register_demons", "classreg_lddmm": "register_lddmm",
+            "classreg_lddmm_full": "register_lddmm", "classreg_vp": "register_vp", "classreg_rigid": "register_rigid",
+            "classreg_points": "register_points"}
 
 
 @pytest.mark.parametrize("base", list(_SOLVERS))

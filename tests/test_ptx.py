@@ -235,3 +235,45 @@ def test_fused_mi_kernels_compile_to_ptx(monkeypatch, ptx_compile, ndim):
             # float64 atomics (histogram, sums, gradient) and float64 arithmetic, as documented
             assert "atom.global.add.f64" in code, name
             assert ".f64" in code and "fma.rn.f64" in code, name
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_dense_mi_kernels_compile_to_ptx(monkeypatch, ptx_compile, dtype):
+    """kernels/mattes_cuda.py's voxel-wise Mattes MI (register_demons(metric="mi") on the GPU): the histogram and the
+    descent kernels compile with the signatures ``dense_mattes_mi`` launches (2-D and 3-D, with and without a mask):
+    the CPU's per-sample bodies (``kernels.sampling._mi_window``, ``_mi_grad``, with ``min``/``max`` bound to the
+    device helpers), the shared-memory histogram with 64-bit integer atomics (fixed point), and each variant cached
+    on disk under its own name."""
+    from classreg.kernels import _backend
+    from classreg.kernels import mattes_cuda as mc
+
+    mc.dense_kernels.cache_clear()
+    monkeypatch.setattr(_backend, "_cuda_usable", lambda: True)
+    monkeypatch.setattr(_backend, "cuda_simulator", lambda: True)  # host arrays in
+    ptx, kernels = {}, set()
+
+    def record(kernel, n, *args, threads=256):
+        sig = numba.types.void(*(numba.typeof(a) for a in args))
+        ptx.setdefault(kernel.py_func.__name__, {})[sig] = ptx_compile(kernel.py_func, sig)
+        kernels.add(kernel)
+
+    monkeypatch.setattr(_backend, "launch", record)
+    rng = np.random.default_rng(0)
+    for shape in ((6, 5), (4, 5, 3)):
+        f, w = rng.random(shape).astype(dtype), rng.random(shape).astype(dtype)
+        g = rng.random(shape + (len(shape),)).astype(dtype)
+        for mask in (None, rng.random(shape) > 0.3):
+            with np.errstate(all="ignore"):  # nothing ran: the histogram holds zeros
+                mc.dense_mattes_mi(f, w, bins=(32, 32), limit_range_ratio=0.01, tiny=1e-16, mask=mask,
+                                   grad_warped=g)
+    mc.dense_kernels.cache_clear()
+    name = np.dtype(dtype).name
+    assert {k.py_func.__qualname__ for k in kernels} == {f"_dense_hist_cuda_{name}_32x32",
+                                                         f"_dense_descent_cuda_{name}_32x32"}
+    assert all(type(k._cache).__name__ != "NullCache" for k in kernels)
+    # one signature each: the kernels take flat voxel arrays (2-D or 3-D) and a bool array with or without a mask
+    assert all(len(by_sig) == 1 for by_sig in ptx.values())
+    for code in ptx["_dense_hist_cuda"].values():  # the fixed-point histogram: 64-bit integer atomics only
+        assert "atom.shared.add.u64" in code and "atom.global.add.u64" in code and "atom.global.add.f" not in code
+    for code in ptx["_dense_descent_cuda"].values():  # the derivative in float64, u stored in the images' type
+        assert "fma.rn.f64" in code and f"st.global.{'f32' if dtype == np.float32 else 'f64'}" in code

@@ -94,8 +94,7 @@ class DataTerm:
         ``W = M∘(id + disp)`` is ``Σ ∂cost/∂W · ∇W · δdisp``, so this field is its negative gradient per voxel.
         A solver scales it (:meth:`force` by its largest vector; ``register_demons(metric="mi")`` after smoothing).
         """
-        valid = mask if moving_valid is None else (moving_valid if mask is None else mask & moving_valid)
-        cost, d = self.gradient(fixed, warped, mask=valid, spacing=spacing)
+        cost, d = self.gradient(fixed, warped, mask=_counted(mask, moving_valid), spacing=spacing)
         u = -np.asarray(d)[..., None] * grad_warped
         return u.astype(np.asarray(warped).dtype, copy=False), float(cost)
 
@@ -150,10 +149,40 @@ class LNCC(DataTerm):
 
 
 class MattesMI(DataTerm):
-    """Negative Mattes mutual information (elastix's ``AdvancedMattesMutualInformation``)."""
+    """Negative Mattes mutual information (elastix's ``AdvancedMattesMutualInformation``).
+
+    :meth:`value` and :meth:`descent` also take CuPy arrays (``register_demons(metric="mi", device="cuda")``): then
+    :func:`classreg.kernels.mattes_cuda.dense_mattes_mi` computes the same cost and direction on the device (the
+    numba.cuda kernels compile the per-sample formula of the CPU's fused kernel), for the measure's default limits
+    (from the counted voxels), any ``bins`` and ``limit_range_ratio``; other parameters are refused there.
+    """
 
     name = "mi"
     _measure = staticmethod(mattes_mi)
+
+    def value(self, fixed, warped, *, mask=None, spacing=1.0) -> float:
+        if not _on_device(fixed, warped):
+            return super().value(fixed, warped, mask=mask, spacing=spacing)
+        return self._device(fixed, warped, mask)
+
+    def descent(self, fixed, warped, grad_warped, *, spacing, mask=None, moving_valid=None):
+        if not _on_device(fixed, warped):
+            return super().descent(fixed, warped, grad_warped, spacing=spacing, mask=mask,
+                                   moving_valid=moving_valid)
+        cost, u = self._device(fixed, warped, _counted(mask, moving_valid), grad_warped)
+        return u, cost
+
+    def _device(self, fixed, warped, mask, grad_warped=None):
+        from ..kernels.mattes_cuda import dense_mattes_mi
+
+        other = sorted(set(self.params) - {"bins", "limit_range_ratio"})
+        if other:
+            raise ValueError(f"MattesMI on the GPU takes bins and limit_range_ratio only, not {', '.join(other)}; "
+                             "use host (numpy) arrays for the others")
+        ratio = self.params.get("limit_range_ratio", measures.LIMIT_RANGE_RATIO)
+        return dense_mattes_mi(fixed, warped, bins=measures._bins(self.params.get("bins", 32)),
+                               limit_range_ratio=float(ratio), tiny=measures._PDF_TINY, mask=mask,
+                               grad_warped=grad_warped)
 
 
 class NGF(DataTerm):
@@ -161,6 +190,17 @@ class NGF(DataTerm):
 
     name = "ngf"
     _measure = staticmethod(ngf)
+
+
+def _counted(mask, moving_valid):
+    """The voxels a term counts: the fixed ``mask`` and ``moving_valid`` (either may be None: all voxels)."""
+    return mask if moving_valid is None else (moving_valid if mask is None else mask & moving_valid)
+
+
+def _on_device(*arrays) -> bool:
+    from ..kernels._backend import is_cupy_array
+
+    return any(is_cupy_array(a) for a in arrays)
 
 
 #: name -> term class

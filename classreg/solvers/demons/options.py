@@ -26,7 +26,7 @@ OPTIONS = Declaration(
         shared("metric", choices=("ssd", "lncc", "mi"),
                help="data term: 'ssd' (ESM demons force on intensities scaled to [0, 1]), 'lncc' (local normalised "
                     "correlation, for pairs whose intensities differ locally) or 'mi' (Mattes mutual information, "
-                    "32 bins, for any monotone or multimodal intensity relation; CPU only)"),
+                    "32 bins, for any monotone or multimodal intensity relation)"),
         shared("shrink_factors"),
         shared("smoothing_sigmas"),
         shared("iterations", help="iteration cap per pyramid level and piece",

@@ -217,14 +217,11 @@ class _DeviceMI:
 
     def _table(self, hist, cnt):
         """Mattes MI of the joint histogram ``hist`` (flat, nbf × nbm) of ``cnt`` samples and the flat log-ratio
-        table ``log(p / (p_F p_M))`` (0 where either is below ``tiny``; kernels.sampling._mi_table): ``(value,
-        table)``."""
-        xp = self.xp
-        p = (hist / cnt).reshape(self.nbf, self.nbm)
-        q = p.sum(axis=1)[:, None] * p.sum(axis=0)[None, :]
-        ok = (p > self.tiny) & (q > self.tiny)
-        table = xp.where(ok, xp.log(xp.where(ok, p, 1.0) / xp.where(ok, q, 1.0)), 0.0)
-        return -(p * table).sum(), table.reshape(-1)
+        table (:func:`classreg.kernels.mattes_cuda.mi_table`): ``(value, table)``."""
+        from ...kernels.mattes_cuda import mi_table
+
+        value, table = mi_table(hist, cnt, self.nbf, self.nbm, self.tiny)
+        return value, table.reshape(-1)
 
     def _ncc(self, sab, saa, sbb):
         """The Pearson correlation from the centred sums (NaN when either variance vanishes)."""
@@ -250,7 +247,7 @@ class _DeviceMI:
         _backend.launch(kernels["pass1"], count, y, f, pflat, _pad3(pshape), _rows4(prows), prior is not None, cflat,
                         _pad3(gshape), _rows4(grows), grid is not None, self.flat, self._mshape, _rows4(rows),
                         self.exact, self.has_mask, self._mlin, self.nbf, self.nbm, self._mi, work, acc)
-        value, table = self._table(acc[mc.ACC_HIST:], xp.maximum(acc[mc.ACC_COUNT], 1.0))
+        value, table = mc.mi_table(acc[mc.ACC_HIST:], xp.maximum(acc[mc.ACC_COUNT], 1.0), self.nbf, self.nbm, self.tiny)
         grad = None if grid is None else xp.zeros(cflat.size)
         _backend.launch(kernels["pass2"], count, y, f, work, table, self.bsm, _pad3(gshape), grid is not None,
                         tuple(float(c) for c in center) + (0.0,) * (3 - n), acc,
