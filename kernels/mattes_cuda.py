@@ -1,4 +1,11 @@
-"""Fused numba.cuda passes of one parametric Mattes-MI evaluation on the GPU (issue #26): one thread per sample.
+"""Mattes MI on the GPU in numba.cuda kernels: the fused passes of one parametric evaluation (issue #26), and the
+voxel-wise cost and descent direction of ``register_demons(metric="mi")`` (:func:`dense_mattes_mi`, issue #22).
+
+Both compile the per-sample formula of the CPU kernels (``kernels.sampling``: ``_mi_window``, ``_mi_weights``,
+``_mi_grad``, ``_mi_setup``, the limiter) as device functions; the numpy reference of all of them is
+``classreg.terms.measures.mattes_mi_samples(backend="numpy")``.
+
+The parametric passes (one thread per sample):
 
 :class:`classreg.solvers.parametric.device.DeviceBSplineMI` and ``DeviceAffineMI`` evaluate the cost and its
 gradient as whole-array CuPy operations (the reference, and the path under the simulator); each operation is one

@@ -247,7 +247,8 @@ class _DeviceMI:
         _backend.launch(kernels["pass1"], count, y, f, pflat, _pad3(pshape), _rows4(prows), prior is not None, cflat,
                         _pad3(gshape), _rows4(grows), grid is not None, self.flat, self._mshape, _rows4(rows),
                         self.exact, self.has_mask, self._mlin, self.nbf, self.nbm, self._mi, work, acc)
-        value, table = mc.mi_table(acc[mc.ACC_HIST:], xp.maximum(acc[mc.ACC_COUNT], 1.0), self.nbf, self.nbm, self.tiny)
+        value, table = mc.mi_table(acc[mc.ACC_HIST:], xp.maximum(acc[mc.ACC_COUNT], 1.0), self.nbf, self.nbm,
+                                   self.tiny)
         grad = None if grid is None else xp.zeros(cflat.size)
         _backend.launch(kernels["pass2"], count, y, f, work, table, self.bsm, _pad3(gshape), grid is not None,
                         tuple(float(c) for c in center) + (0.0,) * (3 - n), acc,
