@@ -408,6 +408,8 @@ def mi_table(hist, cnt, nbf, nbm, tiny):
 
 #: threads of the histogram's grid-stride loop (at most): 256 blocks of 256 threads
 DENSE_HIST_THREADS = 1 << 16
+#: the most bins (fixed × moving) of the voxel-wise histogram: a block's int64 copy fits 48 KiB of shared memory
+MAX_DENSE_BINS = 6144
 
 
 def dense_mattes_mi(fixed, warped, *, bins, limit_range_ratio, tiny, mask=None, grad_warped=None):
@@ -446,6 +448,9 @@ def dense_mattes_mi(fixed, warped, *, bins, limit_range_ratio, tiny, mask=None, 
 
     xp = get_array_module(fixed, warped)
     nbf, nbm = (int(b) for b in bins)
+    if nbf * nbm > MAX_DENSE_BINS:
+        raise ValueError(f"bins={nbf}x{nbm}: the device histogram holds at most {MAX_DENSE_BINS} bins (a block's "
+                         "copy lives in 48 KiB of shared memory); use fewer bins or host (numpy) arrays")
     shape = tuple(warped.shape)
     dt = np.dtype(warped.dtype)
     F = xp.ascontiguousarray(fixed, dtype=dt).reshape(-1)

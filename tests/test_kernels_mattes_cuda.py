@@ -108,6 +108,8 @@ def test_dense_mattes_mi_with_other_bins_and_an_empty_mask():
     np.testing.assert_allclose(-u[mask][:, 0], d, rtol=0, atol=1e-12 * np.abs(d).max())
     with pytest.raises(ValueError, match="no voxel counts"):
         dense_mattes_mi(F, W, mask=np.zeros(F.shape, bool), **kw)
+    with pytest.raises(ValueError, match="at most 6144 bins"):
+        dense_mattes_mi(F, W, **dict(kw, bins=(64, 128)))
 
 
 def test_mattes_mi_on_the_device_refuses_what_it_does_not_cover(monkeypatch):
