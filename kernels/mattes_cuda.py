@@ -392,14 +392,21 @@ def dense_kernels(dtype: str, nbf: int, nbm: int):
     return {fn.__name__[7:-5]: _backend.cuda_jit(_backend.rebind(fn, ns, sfx)) for fn in _DENSE_KERNELS}
 
 
-def mi_table(hist, cnt, nbf, nbm, tiny):
-    """Mattes MI of the joint histogram ``hist`` (flat, ``nbf × nbm``) of ``cnt`` samples and the log-ratio table
+def mi_table(hist, cnt, nbf, nbm, tiny, eps=0.0):
+    """Mattes MI of the joint histogram ``hist`` (flat, ``nbf × nbm``) of ``cnt`` samples and the table of
+    ``−∂cost/∂p`` that the kernels gather with the scale ``−1 / (cnt · binsize_M)`` (``_mi_grad``), in the array
+    module of ``hist``: ``(cost, table (nbf, nbm))``, the cost a 0-d array. ``eps = 0``: elastix's MI, the table
     ``log(p / (p_F p_M))`` (0 where ``p`` or ``p_F p_M`` is at most ``tiny``; :func:`classreg.kernels.sampling.
-    _mi_table`), in the array module of ``hist``: ``(−MI, table (nbf, nbm))``, the cost a 0-d array."""
+    _mi_table`); ``eps > 0``: the smoothed MI of :func:`classreg.terms.measures.mattes_mi_samples`, every entropy
+    ``H(q) = −Σ q log(q + eps)``, the table ``−(H'(p) − H'(p_M))`` with ``H'(q) = −log(q + eps) − q / (q + eps)``."""
     from ._backend import get_array_module
 
     xp = get_array_module(hist)
     p = (hist / cnt).reshape(nbf, nbm)
+    if eps > 0:  # p_F does not move with the moving values
+        pf, pm = p.sum(axis=1), p.sum(axis=0)
+        value = (pf * xp.log(pf + eps)).sum() + (pm * xp.log(pm + eps)).sum() - (p * xp.log(p + eps)).sum()
+        return value, xp.log(p + eps) + p / (p + eps) - (xp.log(pm + eps) + pm / (pm + eps))[None, :]
     q = p.sum(axis=1)[:, None] * p.sum(axis=0)[None, :]
     ok = (p > tiny) & (q > tiny)
     table = xp.where(ok, xp.log(xp.where(ok, p, 1.0) / xp.where(ok, q, 1.0)), 0.0)
@@ -412,9 +419,10 @@ DENSE_HIST_THREADS = 1 << 16
 MAX_DENSE_BINS = 6144
 
 
-def dense_mattes_mi(fixed, warped, *, bins, limit_range_ratio, tiny, mask=None, grad_warped=None):
-    """Mattes MI of the voxels of ``fixed`` and ``warped`` (``mask``, or all) and, with ``grad_warped``, its descent
-    direction ``−∂C/∂W ∇W``, on the arrays' device (CuPy; numpy arrays under numba's CUDA simulator).
+def dense_mattes_mi(fixed, warped, *, bins, limit_range_ratio, tiny, eps=0.0, mask=None, grad_warped=None):
+    """The Mattes MI cost ``C = −MI`` of the voxels of ``fixed`` and ``warped`` (``mask``, or all) and, with
+    ``grad_warped``, its descent direction ``−∂C/∂W ∇W``, on the arrays' device (CuPy; numpy arrays under numba's
+    CUDA simulator).
 
     What :meth:`classreg.terms.MattesMI.descent` computes on the host (:func:`classreg.terms.mattes_mi` with its
     default limits, elastix's, from the counted voxels): the minima and maxima by array reductions, the histogram
@@ -432,6 +440,8 @@ def dense_mattes_mi(fixed, warped, *, bins, limit_range_ratio, tiny, mask=None, 
         elastix's ``LimitRangeRatio`` of both histograms' limits.
     tiny : float
         Probabilities at most this are skipped in the sum (elastix's 1e-16).
+    eps : float
+        0: elastix's MI; > 0: the smoothed MI of ``mattes_mi_samples`` (:func:`mi_table`).
     mask : bool array (*spatial), optional
         The voxels that count.
     grad_warped : array (*spatial, ndim), optional
@@ -475,7 +485,7 @@ def dense_mattes_mi(fixed, warped, *, bins, limit_range_ratio, tiny, mask=None, 
     # what float64 sums of that many terms carry (~1e-16 · N)
     scale = 2.0 ** (62 - int(F.size).bit_length())
     launch(kernels["hist"], min(F.size, DENSE_HIST_THREADS), F, W, valid, use_valid, lim, scale, hist)
-    value, table = mi_table(hist * (1.0 / scale), xp.maximum(cnt, 1.0), nbf, nbm, tiny)
+    value, table = mi_table(hist * (1.0 / scale), xp.maximum(cnt, 1.0), nbf, nbm, tiny, eps)
     u = None
     if grad_warped is not None:
         gw = xp.ascontiguousarray(grad_warped, dtype=dt).reshape(F.size, len(shape))

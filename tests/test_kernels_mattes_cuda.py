@@ -92,7 +92,7 @@ def test_dense_mattes_mi_does_not_depend_on_the_summation_order():
 
 
 @pytest.mark.cudasim
-def test_dense_mattes_mi_with_other_bins_and_an_empty_mask():
+def test_dense_mattes_mi_with_other_bins_the_smoothed_mi_and_an_empty_mask():
     from classreg.kernels.mattes_cuda import dense_mattes_mi
 
     from classreg.terms.measures import _PDF_TINY, mattes_mi_samples
@@ -103,6 +103,12 @@ def test_dense_mattes_mi_with_other_bins_and_an_empty_mask():
     kw = dict(bins=(24, 30), limit_range_ratio=0.05, tiny=_PDF_TINY)
     cost, u = dense_mattes_mi(F, W, mask=mask, grad_warped=np.ones(F.shape + (2,)), **kw)
     ref, d = mattes_mi_samples(F[mask], W[mask], bins=(24, 30), gradient=True, limit_range_ratio=0.05,
+                               backend="numpy")
+    assert abs(cost - ref) <= 1e-12 * abs(ref)
+    np.testing.assert_allclose(-u[mask][:, 0], d, rtol=0, atol=1e-12 * np.abs(d).max())
+    # the smoothed MI (eps > 0, register_lddmm's): another table, the same kernels
+    cost, u = dense_mattes_mi(F, W, mask=mask, grad_warped=np.ones(F.shape + (2,)), **dict(kw, eps=1e-4))
+    ref, d = mattes_mi_samples(F[mask], W[mask], bins=(24, 30), gradient=True, limit_range_ratio=0.05, eps=1e-4,
                                backend="numpy")
     assert abs(cost - ref) <= 1e-12 * abs(ref)
     np.testing.assert_allclose(-u[mask][:, 0], d, rtol=0, atol=1e-12 * np.abs(d).max())
@@ -118,6 +124,8 @@ def test_mattes_mi_on_the_device_refuses_what_it_does_not_cover(monkeypatch):
     F, W = _pair((8, 9), np.float32)
     with installed(monkeypatch) as cp:
         f, w = cp.asarray(F), cp.asarray(W)
-        for params in (dict(eps=0.1), dict(fixed_limits=(0.0, 1.0)), dict(moving_limits=(0.0, 1.0))):
-            with pytest.raises(ValueError, match="bins and limit_range_ratio only"):
+        for params in (dict(fixed_limits=(0.0, 1.0)), dict(moving_limits=(0.0, 1.0))):
+            with pytest.raises(ValueError, match="bins, limit_range_ratio and eps only"):
                 MattesMI(**params).value(f, w)
+        with pytest.raises(ValueError, match="eps must be"):
+            MattesMI(eps=-1.0).value(f, w)

@@ -154,7 +154,8 @@ class MattesMI(DataTerm):
     :meth:`value` and :meth:`descent` also take CuPy arrays (``register_demons(metric="mi", device="cuda")``): then
     :func:`classreg.kernels.mattes_cuda.dense_mattes_mi` computes the same cost and direction on the device (the
     numba.cuda kernels compile the per-sample formula of the CPU's fused kernel), for the measure's default limits
-    (from the counted voxels), any ``bins`` and ``limit_range_ratio``; other parameters are refused there.
+    (from the counted voxels), any ``bins``, ``limit_range_ratio`` and ``eps`` (the smoothed MI); given limits are
+    refused there.
     """
 
     name = "mi"
@@ -175,13 +176,16 @@ class MattesMI(DataTerm):
     def _device(self, fixed, warped, mask, grad_warped=None):
         from ..kernels.mattes_cuda import dense_mattes_mi
 
-        other = sorted(set(self.params) - {"bins", "limit_range_ratio"})
+        other = sorted(set(self.params) - {"bins", "limit_range_ratio", "eps"})
         if other:
-            raise ValueError(f"MattesMI on the GPU takes bins and limit_range_ratio only, not {', '.join(other)}; "
-                             "use host (numpy) arrays for the others")
+            raise ValueError(f"MattesMI on the GPU takes bins, limit_range_ratio and eps only, not "
+                             f"{', '.join(other)}; use host (numpy) arrays for the others")
         ratio = self.params.get("limit_range_ratio", measures.LIMIT_RANGE_RATIO)
+        eps = self.params.get("eps", 0.0)
+        if not (np.isfinite(eps) and eps >= 0):
+            raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
         return dense_mattes_mi(fixed, warped, bins=measures._bins(self.params.get("bins", 32)),
-                               limit_range_ratio=float(ratio), tiny=measures._PDF_TINY, mask=mask,
+                               limit_range_ratio=float(ratio), tiny=measures._PDF_TINY, eps=float(eps), mask=mask,
                                grad_warped=grad_warped)
 
 
