@@ -338,3 +338,13 @@ def test_demo_2d_runs_on_shipped_data(tmp_path):
         pytest.skip(str(exc))
     assert s["case"] == "2-D inter-subject" and (tmp_path / "demo" / "qc.png").is_file()
     assert s["ncc_demons"] > s["ncc_affine"] and s["percent_det_j_nonpositive"] == 0.0
+
+
+def test_a_further_piece_must_lower_negative_energies_too():
+    """piece_tol is a fraction of the energy's size: the MI cost (−MI) is negative, and a piece that raises it —
+    even by less than piece_tol — is not kept (the rule used to be ``new > old · (1 − tol)``, which accepted that)."""
+    from classreg.solvers.demons.register import _lowers
+
+    assert _lowers(0.98, 1.0, 0.01) and not _lowers(0.995, 1.0, 0.01)  # SSD: > 1 % lower, < 1 % lower
+    assert _lowers(-0.203, -0.2, 0.01) and not _lowers(-0.201, -0.2, 0.01)  # −MI: 1.5 % lower, 0.5 % lower
+    assert not _lowers(-0.199, -0.2, 0.01)  # −MI raised by 0.5 %: refused (accepted by the old rule)

@@ -286,7 +286,7 @@ def _broken_geodesic(fixed_n: Image, moving_n: Image, fmask, mmask_img, init, sc
                 break
             warped_new = warp_moving(new_phi)
             new_energy = energy_of(warped_new)
-            if piece > 1 and new_energy > energy * (1.0 - piece_tol):
+            if piece > 1 and not _lowers(new_energy, energy, piece_tol):
                 stop_reason = (f"piece {piece} lowered the energy by less than piece_tol={piece_tol} "
                                f"({energy:.4g} -> {new_energy:.4g}); kept {piece - 1} piece(s)")
                 break
@@ -338,3 +338,9 @@ def _compose_floored(phi, v, h, backend, floor, steps=6):
         else:
             hi = mid
     return best if best is not None else (phi, 0.0 * v, 0, 0.0)
+
+
+def _lowers(new: float, old: float, tol: float) -> bool:
+    """Whether ``new`` lowers the energy ``old`` by more than the fraction ``tol`` of its size (MI costs are
+    negative: ``old · (1 − tol)`` would accept a piece that raises them)."""
+    return new <= old - tol * abs(old)
