@@ -16,12 +16,12 @@ Grid convention (plain arrays; nothing here knows about images or physical space
 
 Every public function has a numpy reference (the test oracle) and, except :func:`weights`, :func:`bending_energy`
 (small, O(grid) work) and :func:`det_gradient` (the few points near a fold), a numba CPU path (``parallel=True``,
-on-disk cache, float64 accumulation whatever the input precision). The numba bodies are plain module-level functions compiled lazily
-with their globals rebound to the compiled helpers (:func:`classreg.kernels._backend.rebind`), so the cache key is
-stable across processes. All paths give the same result for any numba thread count: evaluation is independent
-per point, and :func:`adjoint` groups the points by grid cell (a stable counting sort) and visits the cells in
-4^ndim colour classes whose control-point supports are disjoint, so every coefficient is accumulated by one thread,
-in a fixed order.
+on-disk cache, float64 accumulation whatever the input precision). The numba bodies are plain module-level functions
+compiled lazily with their globals rebound to the compiled helpers (:func:`classreg.kernels._backend.rebind`), so the
+cache key is stable across processes. All paths give the same result for any numba thread count: evaluation is
+independent per point, and :func:`adjoint` groups the points by grid cell (a stable counting sort) and visits the
+cells in 4^ndim colour classes whose control-point supports are disjoint, so every coefficient is accumulated by one
+thread, in a fixed order.
 
 Outputs are float32 for float32 coefficients (values) and float64 otherwise; points are always used in float64.
 
@@ -54,8 +54,8 @@ from .sampling import (
     mi_namespace,
 )
 
-__all__ = ["weights", "evaluate", "evaluate_with_jacobian", "adjoint", "dense", "dense_jacobian", "det_of", "taps", "det_gradient",
-           "bending_energy", "refine", "samples",
+__all__ = ["weights", "evaluate", "evaluate_with_jacobian", "adjoint", "dense", "dense_jacobian", "det_of", "taps",
+           "det_gradient", "bending_energy", "refine", "samples",
            "scatter_samples", "sample_kernels", "mi_step", "mi_step_kernel", "mi_step_workspace"]
 
 #: Voxels per block of the numpy reference of :func:`dense` for a non-diagonal matrix (bounds its memory).
@@ -499,7 +499,8 @@ def _det_body(du, frame, out):
                     for d in range(3):
                         v += du[p, c, d] * frame[d, l]
                     a[c, l] = v
-            out[p] = (a[0, 0] * (a[1, 1] * a[2, 2] - a[1, 2] * a[2, 1]) - a[0, 1] * (a[1, 0] * a[2, 2] - a[1, 2] * a[2, 0])
+            out[p] = (a[0, 0] * (a[1, 1] * a[2, 2] - a[1, 2] * a[2, 1])
+                      - a[0, 1] * (a[1, 0] * a[2, 2] - a[1, 2] * a[2, 0])
                       + a[0, 2] * (a[1, 0] * a[2, 1] - a[1, 1] * a[2, 0]))
 
 

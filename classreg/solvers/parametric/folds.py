@@ -25,6 +25,7 @@ voxel centres (where det J is reported and evaluated), not between them; ``folds
 from __future__ import annotations
 
 import numpy as np
+from scipy.ndimage import binary_dilation
 from scipy.optimize import minimize
 
 from ...kernels.bspline import dense_jacobian, det_gradient, det_of, taps
@@ -42,8 +43,8 @@ MARGIN = 0.1
 BAND = 3.0
 #: projection rounds (check, solve) before giving up; the result's min det J then reports the shortfall
 ROUNDS = 10
-#: the penalty weight's first value and growth factor, and L-BFGS's relative decrease tolerance
-MU_START, MU_GROWTH, FTOL = 100.0, 10.0, 1e-6
+#: the penalty weight's first value, growth factor and last value, and L-BFGS's relative decrease tolerance
+MU_START, MU_GROWTH, MU_MAX, FTOL = 100.0, 10.0, 1e8, 1e-6
 
 
 class FoldProjection:
@@ -55,12 +56,12 @@ class FoldProjection:
         The control grid (no prior: one refined grid, not fold-free pieces).
     image : Image
         The grid whose voxel centres carry the constraint (a pyramid level's fixed image or the fixed image).
-    stride : int
-        Every ``stride``-th voxel along each axis only (a cheaper check along the optimisation).
     pre : Affine
         The initial transform (``T = B ∘ pre``).
     min_det_j : float
         The floor of ``det ∇T``.
+    stride : int
+        Every ``stride``-th voxel along each axis only (a cheaper check along the optimisation).
     """
 
     def __init__(self, model, image, pre, min_det_j: float, *, stride: int = 1):
@@ -79,7 +80,6 @@ class FoldProjection:
         if not np.all((q >= 1.0) & (q <= np.asarray(model.shape[:-1], dtype=float) - 2.0)):
             raise ValueError("the B-spline grid does not cover the image: fold projection needs a grid laid over it")
         self.projections = 0  # projections that changed the coefficients
-        self.rounds = 0
 
     def raise_floor(self, factor: float) -> None:
         """Multiply the floor (and the target above it) by ``factor``."""
@@ -107,7 +107,6 @@ class FoldProjection:
             return None
         for _ in range(ROUNDS):
             c = self._solve(c, det)
-            self.rounds += 1
             if not exact:
                 break
             det = self.dets(c)
@@ -126,8 +125,6 @@ class FoldProjection:
         # voxels that depend on a freed control point: within 2 grid cells of one (the cubic support)
         near = np.zeros(gshape, dtype=bool)
         near[np.unravel_index(free, gshape)] = True
-        from scipy.ndimage import binary_dilation
-
         near = binary_dilation(near, iterations=2, structure=np.ones((3,) * n, dtype=bool))
         cand = np.flatnonzero(det < BAND * self.target)
         q = self._points(cand)
@@ -155,14 +152,12 @@ class FoldProjection:
             return 0.5 * float(dx @ dx) + mu * float(short @ short), dx + g.ravel()
 
         x, mu = x0.copy(), MU_START
-        while mu <= 1e8:
+        while True:
             x = minimize(objective, x, jac=True, method="L-BFGS-B",
                          options={"maxiter": 1000, "gtol": 1e-10, "ftol": FTOL}).x
-            trial = flat.copy()
-            trial[free] = x.reshape(-1, n)
-            if det_gradient(trial.reshape(self.model.shape), q, self.frame, tap_table=table)[0].min() * self.scale >= self.floor:
-                break
+            out = flat.copy()
+            out[free] = x.reshape(-1, n)
+            d = det_gradient(out.reshape(self.model.shape), q, self.frame, tap_table=table)[0]
+            if d.min() * self.scale >= self.floor or mu >= MU_MAX:
+                return out.ravel()
             mu *= MU_GROWTH
-        out = flat.copy()
-        out[free] = x.reshape(-1, n)
-        return out.ravel()

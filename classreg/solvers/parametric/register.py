@@ -379,6 +379,9 @@ def register_bspline(fixed: Image, moving: Image, *, grid_spacing=8.0, grid_sche
                 if _det_stats(field, fixed, None, backend)["min_det"] >= min_det_j:
                     break
                 final.raise_floor(FD_RAISE)
+            else:
+                logger.warning("register_bspline: the fold projection did not bring det J to min_det_j=%g "
+                               "everywhere; metrics['min_det'] reports the result", min_det_j)
         else:
             field = dense_field(p)
         pieces = [*done, (mdl, p)] if compose else [(mdl, p)]
