@@ -1030,7 +1030,8 @@ def det_gradient(coeffs, q, frame, *, tap_table=None):
     lin, valid, der = taps(q, gshape) if tap_table is None else tap_table
     frame = np.asarray(frame, dtype=np.float64)
     cv = np.where(valid[..., None], coeffs.reshape(-1, nd)[lin], 0.0)  # (N, T, c)
-    jac = np.matmul(np.swapaxes(cv, 1, 2), der) @ frame  # (N, c, l) = Σ_t cv[t, c] der[t, d] frame[d, l]
+    derf = der @ frame  # (N, T, l): ∂β_t/∂y_l
+    jac = np.matmul(np.swapaxes(cv, 1, 2), derf)  # (N, c, l) = Σ_t cv[t, c] derf[t, l]
     for d in range(nd):
         jac[:, d, d] += 1.0
     # ∂det/∂J = the cofactor matrix; J[c, l] depends on coeffs[k, c] through der[k, d] frame[d, l]
@@ -1041,7 +1042,7 @@ def det_gradient(coeffs, q, frame, *, tap_table=None):
         r0, r1, r2 = jac[:, 0], jac[:, 1], jac[:, 2]
         cof = np.stack([np.cross(r1, r2), np.cross(r2, r0), np.cross(r0, r1)], 1)
         det = np.einsum("nl,nl->n", r0, cof[:, 0])
-    grad = np.matmul(der @ frame, np.swapaxes(cof, 1, 2))  # (N, T, c) = Σ_l (der frame)[t, l] cof[c, l]
+    grad = np.matmul(derf, np.swapaxes(cof, 1, 2))  # (N, T, c) = Σ_l derf[t, l] cof[c, l]
     grad *= valid[..., None]
     return det, lin, grad
 

@@ -80,6 +80,7 @@ class FoldProjection:
         if not np.all((q >= 1.0) & (q <= np.asarray(model.shape[:-1], dtype=float) - 2.0)):
             raise ValueError("the B-spline grid does not cover the image: fold projection needs a grid laid over it")
         self.projections = 0  # projections that changed the coefficients
+        self.mu = MU_START
 
     def raise_floor(self, factor: float) -> None:
         """Multiply the floor (and the target above it) by ``factor``."""
@@ -151,7 +152,7 @@ class FoldProjection:
             dx = x - x0
             return 0.5 * float(dx @ dx) + mu * float(short @ short), dx + g.ravel()
 
-        x, mu = x0.copy(), MU_START
+        x, mu = x0.copy(), self.mu
         while True:
             x = minimize(objective, x, jac=True, method="L-BFGS-B",
                          options={"maxiter": 1000, "gtol": 1e-10, "ftol": FTOL}).x
@@ -159,5 +160,6 @@ class FoldProjection:
             out[free] = x.reshape(-1, n)
             d = det_gradient(out.reshape(self.model.shape), q, self.frame, tap_table=table)[0]
             if d.min() * self.scale >= self.floor or mu >= MU_MAX:
+                self.mu = mu  # the next projection starts from the weight this one needed
                 return out.ravel()
             mu *= MU_GROWTH
