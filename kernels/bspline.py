@@ -863,6 +863,18 @@ def adjoint(q, values, gshape, *, backend=None):
     return out.astype(dt, copy=False)
 
 
+def _dense_args(coeffs, out_shape, matrix, offset, backend):
+    """The checked arguments of :func:`dense` and :func:`dense_jacobian`: coefficients, dimension, output shape,
+    matrix, offset and backend."""
+    coeffs = _check_coeffs(coeffs)
+    nd = coeffs.ndim - 1
+    shape = _check_gshape(out_shape, "out_shape")
+    if len(shape) != nd:
+        raise ValueError(f"out_shape must have {nd} entries (the control grid is {nd}-D), got {out_shape!r}")
+    m, o = _check_affine(matrix, offset, nd)
+    return coeffs, nd, shape, m, o, _resolve(backend, coeffs)
+
+
 def dense(coeffs, out_shape, matrix, offset, *, backend=None):
     """The FFD at every voxel ``i`` of an image grid, ``q = matrix @ i + offset``.
 
@@ -881,13 +893,7 @@ def dense(coeffs, out_shape, matrix, offset, *, backend=None):
     -------
     ndarray (*out_shape, C)
     """
-    coeffs = _check_coeffs(coeffs)
-    nd = coeffs.ndim - 1
-    shape = _check_gshape(out_shape, "out_shape")
-    if len(shape) != nd:
-        raise ValueError(f"out_shape must have {nd} entries (the control grid is {nd}-D), got {out_shape!r}")
-    m, o = _check_affine(matrix, offset, nd)
-    be = _resolve(backend, coeffs)
+    coeffs, nd, shape, m, o, be = _dense_args(coeffs, out_shape, matrix, offset, backend)
     dt = _out_dtype(coeffs)
     nc = coeffs.shape[-1]
     npts = int(np.prod(shape))
@@ -943,13 +949,7 @@ def dense_jacobian(coeffs, out_shape, matrix, offset, *, backend=None):
     -------
     ndarray (*out_shape, C, ndim), float64
     """
-    coeffs = _check_coeffs(coeffs)
-    nd = coeffs.ndim - 1
-    shape = _check_gshape(out_shape, "out_shape")
-    if len(shape) != nd:
-        raise ValueError(f"out_shape must have {nd} entries (the control grid is {nd}-D), got {out_shape!r}")
-    m, o = _check_affine(matrix, offset, nd)
-    be = _resolve(backend, coeffs)
+    coeffs, nd, shape, m, o, be = _dense_args(coeffs, out_shape, matrix, offset, backend)
     c = _f64(coeffs)
     if _is_diagonal(m):
         return np.stack([_separable(c, shape, m, o, be, derivative=d) for d in range(nd)], axis=-1)
