@@ -427,7 +427,7 @@ def test_registry_and_term_interface():
     assert terms.get(t) is t
     with pytest.raises(ValueError, match="ssd, ncc, lncc, mi, ngf"):
         terms.get("cc")
-    rng, F, M, mask = make_pair(97, 2, True)
+    _, F, M, mask = make_pair(97, 2, True)
     for name in NAMES:
         kw = {"radius": 2.0} if name == "lncc" else {}
         term = terms.get(name, **kw)
