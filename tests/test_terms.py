@@ -131,9 +131,9 @@ def test_lncc_gradient_without_regulariser_on_textured_image():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_float32_and_integer_inputs(name):
-    rng, F, M, _ = make_pair(11, 2, False)
+    _, F, M, _ = make_pair(11, 2, False)
     kw = kwargs_for(name, 2)
-    v64, g64 = MEASURE[name](F, M, gradient=True, **kw)
+    v64, _g64 = MEASURE[name](F, M, gradient=True, **kw)
     v32, g32 = MEASURE[name](F.astype(np.float32), M.astype(np.float32), gradient=True, **kw)
     assert g32.dtype == np.float32 and isinstance(v32, float)
     assert v32 == pytest.approx(v64, rel=1e-4, abs=1e-5)
@@ -154,10 +154,10 @@ def test_identical_images_give_the_optimum(ndim):
     shape = (24, 26) if ndim == 2 else (10, 11, 12)
     F = smooth(rng, shape, 0.8)  # textured: every window has contrast
     assert mt.ssd(F, F) == 0.0
-    v, g = mt.ssd(F, F, gradient=True)
+    _, g = mt.ssd(F, F, gradient=True)
     assert np.all(g == 0)
     assert mt.ncc(F, F) == pytest.approx(-1.0, abs=1e-12)
-    v, g = mt.ncc(F, F, gradient=True)
+    _v, g = mt.ncc(F, F, gradient=True)
     assert np.abs(g).max() < 1e-12  # stationary point
     assert -1.0 <= mt.lncc(F, F, radius=2.0) < -0.999
     assert mt.lncc(F, F, radius=2.0, eps=0.0) == pytest.approx(-1.0, abs=1e-9)
@@ -231,7 +231,7 @@ def test_lncc_matches_brute_force_and_converts_radius_per_axis(masked):
     # a radius smaller than a voxel still gives at least one voxel
     v = mt.lncc(F, M, radius=0.1, spacing=(1.0, 2.0), mask=mask)
     assert v == pytest.approx(_lncc_reference(F, M, mask, (1, 1), mt.LNCC_EPS), rel=1e-10)
-    rng, F, M, mask = make_pair(31, 3, masked)
+    _, F, M, mask = make_pair(31, 3, masked)
     v = mt.lncc(F, M, radius=(1.0, 2.0, 3.0), mask=mask)
     assert v == pytest.approx(_lncc_reference(F, M, mask, (1, 2, 3), mt.LNCC_EPS), rel=1e-10)
 
@@ -398,14 +398,14 @@ def test_mask_really_restricts(name, ndim):
 
 @pytest.mark.parametrize("name", ["ncc", "lncc", "mi", "ngf"])
 def test_invariant_to_positive_affine_intensity_change_of_moving(name):
-    rng, F, M, mask = make_pair(90, 2, True)
+    _, F, M, mask = make_pair(90, 2, True)
     fn = MEASURE[name]
     assert fn(F, 4.0 * M + 3.0, mask=mask) == pytest.approx(fn(F, M, mask=mask), rel=1e-9)
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_inputs_not_modified_and_gradient_flag(name):
-    rng, F, M, mask = make_pair(95, 3, True)
+    _, F, M, mask = make_pair(95, 3, True)
     F32 = F.astype(np.float32)
     copies = (F32.copy(), M.copy(), mask.copy())
     fn = MEASURE[name]
