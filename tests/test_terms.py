@@ -157,7 +157,7 @@ def test_identical_images_give_the_optimum(ndim):
     _, g = mt.ssd(F, F, gradient=True)
     assert np.all(g == 0)
     assert mt.ncc(F, F) == pytest.approx(-1.0, abs=1e-12)
-    _v, g = mt.ncc(F, F, gradient=True)
+    _, g = mt.ncc(F, F, gradient=True)
     assert np.abs(g).max() < 1e-12  # stationary point
     assert -1.0 <= mt.lncc(F, F, radius=2.0) < -0.999
     assert mt.lncc(F, F, radius=2.0, eps=0.0) == pytest.approx(-1.0, abs=1e-9)
@@ -224,7 +224,7 @@ def _lncc_reference(F, M, mask, r, eps):
 
 @pytest.mark.parametrize("masked", [False, True])
 def test_lncc_matches_brute_force_and_converts_radius_per_axis(masked):
-    rng, F, M, mask = make_pair(30, 2, masked)
+    _, F, M, mask = make_pair(30, 2, masked)
     # radius 2 mm with spacing (1, 2) mm -> half-widths (2, 1) voxels
     v = mt.lncc(F, M, radius=2.0, spacing=(1.0, 2.0), mask=mask)
     assert v == pytest.approx(_lncc_reference(F, M, mask, (2, 1), mt.LNCC_EPS), rel=1e-10)
