@@ -283,15 +283,15 @@ def bspline_settings(ndim: int) -> dict:
     """register_bspline with elastix's B-spline settings (``elastix_parameters("bspline", ndim)``): 3 levels, final
     grid 8 mm (2-D) / 10 mm (3-D) (coarser levels ×4/×2, elastix's default grid schedule, which is also
     register_bspline's), 500 iterations per level, 2048/4096 random samples drawn anew every iteration, Mattes MI
-    with 32 bins, no bending penalty (elastix's map has none; register_bspline's default weight 0 is recorded from the
-    result), started from the identity (the deformable cases are pre-aligned; elastix's
+    with 32 bins, no bending penalty (elastix's map has none; register_bspline's default is a weight > 0, which the
+    ``classreg_bspline`` row uses), started from the identity (the deformable cases are pre-aligned; elastix's
     ``AutomaticTransformInitialization`` is off)."""
     p = elastix_parameters("bspline", ndim)
     levels = int(p["NumberOfResolutions"])
     return {"grid_spacing": float(p["FinalGridSpacingInPhysicalUnits"]), "metric": "mi", "init": "identity",
             "shrink_factors": tuple(2 ** k for k in reversed(range(levels))),
             "iterations": int(p["MaximumNumberOfIterations"]), "samples": int(p["NumberOfSpatialSamples"]),
-            "bins": int(p["NumberOfHistogramBins"]), "seed": 0}
+            "bins": int(p["NumberOfHistogramBins"]), "bending_weight": 0.0, "seed": 0}
 
 
 def _resolved(res, keys) -> dict:
@@ -806,8 +806,11 @@ TOOLS = {t.name: t for t in [
     Tool("sitk_fastsym_demons", "deformable", "SimpleITK FastSymmetricForcesDemons",
          _sitk_demons("FastSymmetricForcesDemonsRegistrationFilter"), requires=("SimpleITK",)),
     Tool("dipy_syn_cc", "deformable", "DIPY SyN (CC)", run_dipy_syn_cc, requires=("dipy",)),
-    Tool("classreg_bspline", "deformable", "classreg B-spline (MI, folds projected)", _classreg_bspline(),
-         classreg=True, classreg_api=("register_bspline",), quick=False, show_params=True),
+    Tool("classreg_bspline", "deformable", "classreg B-spline (MI, default bending 30 mm², folds projected)",
+         _classreg_bspline(bending_weight=None), classreg=True, classreg_api=("register_bspline",), quick=False,
+         show_params=True),
+    Tool("classreg_bspline_nobending", "deformable", "classreg B-spline (MI, no bending penalty, folds projected)",
+         _classreg_bspline(), classreg=True, classreg_api=("register_bspline",), quick=False, show_params=True),
     Tool("classreg_bspline_compose", "deformable", "classreg B-spline (MI, injective pieces composed)",
          _classreg_bspline(folds="compose"), classreg=True, classreg_api=("register_bspline",), quick=False,
          show_params=True),
@@ -860,13 +863,13 @@ TOOLS = {t.name: t for t in [
 #: smoothness): (parameter, unit, values, the default's value, which the base tool's own row gives). Units: "min" /
 #: "max": multiples of the case's smallest / largest spacing (demons' velocity σ, default 4.5 × the smallest; LDDMM's
 #: kernel σ, default 4.5 × the largest; the earlier defaults 1.5 × and 3 × are sweep points); "mm2": the value itself
-#: (the B-spline bending weight, default 0). docs/notes/tradeoff.md has the measured sweeps and the rule that chose
+#: (the B-spline bending weight, default 30 for MI). docs/notes/tradeoff.md has the measured sweeps and the rule that chose
 #: the defaults.
 SWEEPS = {
     "classreg_demons": ("velocity_sigma", "min", (0.5, 1.0, 1.5, 2.25, 3.0, 6.0), 4.5),
     "classreg_demons_mi": ("velocity_sigma", "min", (0.5, 1.0, 1.5, 3.0, 4.5), 2.0),
     "classreg_lddmm": ("kernel_sigma", "max", (1.5, 2.0, 3.0, 6.0), 4.5),
-    "classreg_bspline": ("bending_weight", "mm2", (30.0, 100.0, 300.0, 1000.0), 0.0),
+    "classreg_bspline": ("bending_weight", "mm2", (0.0, 10.0, 100.0, 300.0), 30.0),
 }
 
 

@@ -125,7 +125,7 @@ def test_time_limit_stops_every_solver_with_its_reason(solver):
     ("demons", "velocity_sigma", "big"), ("demons", "shrink_factors", None), ("demons", "max_pieces", 2.5),
     ("lddmm", "alpha", "big"), ("lddmm", "shrink_factors", None), ("lddmm", "n_steps", "10"),
     ("affine", "samples", "big"), ("affine", "iterations", None), ("affine", "transform", 3),
-    ("bspline", "grid_spacing", "x"), ("bspline", "bending_weight", None), ("bspline", "samples", 1.5),
+    ("bspline", "grid_spacing", "x"), ("bspline", "bending_weight", "stiff"), ("bspline", "samples", 1.5),
     ("rigid", "samples", "big"), ("rigid", "max_angle", None), ("rigid", "keep", 2.5),
 ])
 def test_wrong_option_types_name_the_option(solver, option, value):

@@ -98,6 +98,14 @@ def test_bspline_with_bending_penalty_and_smoothing_pyramid():
     assert st.erode_masks == (True, True)                       # elastix's default ErodeMask "true"
 
 
+def test_bspline_without_penalty_maps_to_no_bending():
+    """elastix adds no penalty unless the file lists one; register_bspline's own default weight is > 0."""
+    text = BSPLINE_BE.replace(' "TransformBendingEnergyPenalty"', "").replace(
+        '"MultiMetricMultiResolutionRegistration"', '"MultiResolutionRegistration"').replace("(Metric1Weight 50.0)\n", "")
+    o = plan(text).options
+    assert o["metric"] == "mi" and o["bending_weight"] == 0.0
+
+
 def test_per_level_sample_counts_are_reported_not_dropped():
     st = plan(RIGID_MI.replace("(NumberOfSpatialSamples 2048)", "(NumberOfSpatialSamples 1000 2000 3000 4000)"))
     assert st.options["samples"] == 4000

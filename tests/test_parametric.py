@@ -366,9 +366,33 @@ def test_register_bspline_rejects_bad_fold_options():
 def test_bending_penalty_smooths_the_map():
     fixed, moving, _ = _bspline_pair(seed=2)
     kw = dict(grid_spacing=8.0, shrink_factors=(2, 1), iterations=(80, 100), samples=1024, folds="allow")
-    free = cr.register_bspline(fixed, moving, **kw)
+    free = cr.register_bspline(fixed, moving, bending_weight=0.0, **kw)
     stiff = cr.register_bspline(fixed, moving, bending_weight=2000.0, **kw)  # BE here ~4e-4 mm⁻²: MI-sized at 2000
     assert stiff.metrics["bending_energy"] < 0.5 * free.metrics["bending_energy"]
+
+
+def test_default_bending_weight_per_metric():
+    """None resolves per metric (BENDING_DEFAULTS), SSD's in units of the fixed intensities' variance (inside the
+    mask), a weighted sum to the weighted sum; the resolved weight is what the run used and records."""
+    from classreg.solvers.parametric.register import BENDING_DEFAULTS, default_bending_weight
+
+    fixed, moving, _ = _bspline_pair(seed=2)
+    a = fixed.numpy().astype(np.float64)
+    mask = np.zeros(fixed.shape, bool)
+    mask[8:40, 10:50] = True
+    assert default_bending_weight("mi", fixed) == BENDING_DEFAULTS["mi"] == 30.0
+    assert default_bending_weight("ssd", fixed) == pytest.approx(BENDING_DEFAULTS["ssd"] * a.var())
+    assert default_bending_weight("ssd", fixed, mask) == pytest.approx(BENDING_DEFAULTS["ssd"] * a[mask].var())
+    scaled = cr.Image.from_array(10.0 * a, spacing=fixed.spacing, origin=fixed.origin)
+    assert default_bending_weight("ssd", scaled) == pytest.approx(100 * default_bending_weight("ssd", fixed))
+    assert default_bending_weight({"mi": 1.0, "nmi": 0.5}, fixed) == pytest.approx(30.0 + 0.5 * 10.0)
+    kw = dict(grid_spacing=8.0, shrink_factors=(2, 1), iterations=(20, 20), samples=512)
+    res = cr.register_bspline(fixed, moving, **kw)
+    same = cr.register_bspline(fixed, moving, bending_weight=30.0, **kw)
+    assert res.params["bending_weight"] == 30.0
+    np.testing.assert_array_equal(res.transform.parameters, same.transform.parameters)
+    with pytest.raises(ValueError, match="unknown metric"):
+        default_bending_weight("cc", fixed)
 
 
 def test_command_line_affine_and_bspline(tmp_path):

@@ -348,9 +348,8 @@ def plan_stage(parameters, *, ndim: int, spacing, has_fixed_mask: bool, has_init
                                          f"{len(sched)}")
             options["grid_schedule"] = tuple(per)
         options["folds"] = "allow"  # one grid refined level to level, nothing against folds: elastix's method
-        if penalty:
-            pi = penalty[0][0]
-            options["bending_weight"] = weights[pi] / weights[mi]
+        # elastix adds a penalty only where the file asks for one (register_bspline's own default is a weight > 0)
+        options["bending_weight"] = weights[penalty[0][0]] / weights[mi] if penalty else 0.0
         if init_method is not None:
             warnings.append("WARNING: AutomaticTransformInitialization has no effect on a B-spline transform.")
             init_method = None

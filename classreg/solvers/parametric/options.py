@@ -136,8 +136,9 @@ BSPLINE_OPTIONS = Declaration(
                default_text="2^(levels-1-level): 4 2 1 for three levels"),
         shared("metric", default="mi", choices=tuple(METRICS),
                help="similarity: Mattes mutual information, normalised MI, normalised correlation, mean squares"),
-        Option("bending_weight", 0.0, "weight of the bending-energy penalty (elastix TransformBendingEnergyPenalty "
-                                      "with Metric1Weight), added to the metric", unit="mm²", low=0),
+        Option("bending_weight", None, "weight of the bending-energy penalty (elastix TransformBendingEnergyPenalty "
+                                       "with Metric1Weight), added to the metric; 0: none", unit="mm²", low=0,
+               default_text="per metric: mi 30, nmi 10, ncc 0, ssd 1 x the fixed image's intensity variance"),
         Option("folds", "project", "how folding is prevented: 'project' (the coefficients projected onto det J >= "
                                    "min_det_j at every voxel centre along the optimisation), 'compose' (one "
                                    "injective B-spline per level composed on the previous ones, Choi-Lee bound: "

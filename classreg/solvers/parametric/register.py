@@ -183,9 +183,34 @@ def register_affine(fixed: Image, moving: Image, *, transform: str = "affine", m
 
 
 # ================================================================================================ register_bspline
+#: register_bspline's default bending weight (mm²) per unit weight of each metric; "ssd" per unit of the fixed
+#: image's intensity variance. Chosen on the benchmark cases (brain2d, lung2d, circle2d, synth3d, inter3d; elastix's
+#: grid, iterations and samples) as the smallest weight of the sweep that no peer dominates on (accuracy, SDlogJ)
+#: on the most cases without falling below every peer (docs/notes/tradeoff.md, session 20). The metrics' gradients
+#: differ in scale (NMI's is about MI's divided by the joint entropy), hence one value each.
+BENDING_DEFAULTS = {"mi": 30.0, "nmi": 10.0, "ncc": 0.0, "ssd": 1.0}
+
+
+def default_bending_weight(metric, fixed: Image, fixed_mask=None) -> float:
+    """register_bspline's default ``bending_weight`` (mm²) for ``metric`` (a name or a weighted sum, as
+    :func:`~classreg.solvers.parametric.engine.metric_terms` reads it): Σ term weight × :data:`BENDING_DEFAULTS`,
+    the ``"ssd"`` term also × the variance of ``fixed``'s intensities (inside ``fixed_mask``, a boolean array of
+    its grid, when given)."""
+    total = 0.0
+    for name, weight in metric_terms(metric):
+        scale = 1.0
+        if name == "ssd":
+            values = np.asarray(to_numpy(fixed.data), dtype=np.float64)
+            if fixed_mask is not None:
+                values = values[np.asarray(to_numpy(fixed_mask), dtype=bool)]
+            scale = float(np.var(values))
+        total += weight * BENDING_DEFAULTS[name] * scale
+    return total
+
+
 @declared(BSPLINE_OPTIONS)
 def register_bspline(fixed: Image, moving: Image, *, grid_spacing=8.0, grid_schedule=None, metric: str = "mi",
-                     bending_weight: float = 0.0, folds: str = "project", min_det_j: float = 0.05,
+                     bending_weight: float | None = None, folds: str = "project", min_det_j: float = 0.05,
                      init="geometry", fixed_mask=None,
                      moving_mask=None, shrink_factors=(4, 2, 1), smoothing_sigmas=None, iterations=(500, 500, 500),
                      samples: int = 2048, sampler: str = "random_coordinate", new_samples: bool = True,
@@ -227,8 +252,11 @@ def register_bspline(fixed: Image, moving: Image, *, grid_spacing=8.0, grid_sche
     grid_schedule : sequence of float, optional
         Multiplier of ``grid_spacing`` per level (default ``2^(levels−1−level)``).
     metric, bending_weight
-        The similarity and the weight of the bending-energy penalty (0: none, elastix's default file; realistic
-        maps have 1e-4 to 1e-3 mm⁻² of bending energy, so weights of 100-10 000 balance MI).
+        The similarity and the weight of the bending-energy penalty in mm² (0: none, as in elastix's default file).
+        The default (None) is the sum over the metric's terms of term weight × :data:`BENDING_DEFAULTS` (mm² per
+        unit of the metric; for ``"ssd"`` per unit of the fixed image's intensity variance inside its mask, so that
+        it does not depend on the intensity scale), chosen on the benchmark cases by issue #22's rule: the smallest
+        weight whose maps no peer beats on both accuracy and smoothness (docs/notes/tradeoff.md).
     folds : {"project", "compose", "allow"}
         How folding is prevented (above).
     min_det_j : float
@@ -266,6 +294,8 @@ def register_bspline(fixed: Image, moving: Image, *, grid_spacing=8.0, grid_sche
     fmask, mmask = check_masks(fixed, moving, fixed_mask, moving_mask)
     pre, init_name = _initial(fixed, moving, init, fmask, mmask, seed, backend, progress=progress)
     check_overlap(fixed, moving, pre)
+    if bending_weight is None:
+        bending_weight = default_bending_weight(metric if metric_weights is None else metric_weights, fixed, fmask)
     memory_mb = check_memory("bspline", fixed, moving, np.float32, memory_limit)
     # no iterate averaging: many slowly converging coefficients, the average lags (measured: lower Dice)
     engine = _Engine(fixed, moving, fmask, mmask, pre, metric=metric, samples=samples, sampler=sampler,
