@@ -330,10 +330,10 @@ def test_parametric_tools_are_wired_to_the_cases():
         "Euler2DTransform", "Similarity2DTransform", "AffineTransform"]
     assert T.ANTS_MODEL[T.case_model(case("sim2d"))] == "Similarity"
     # classreg B-spline: elastix's B-spline settings
-    for ndim, grid, samples in ((2, 8.0, 2048), (3, 10.0, 4096)):
+    for ndim, grid in ((2, 8.0), (3, 10.0)):
         b = T.bspline_settings(ndim)
         assert b == {"grid_spacing": grid, "metric": "mi", "init": "identity", "shrink_factors": (4, 2, 1),
-                     "iterations": 500, "samples": samples, "bins": 32, "bending_weight": 0.0, "seed": 0}
+                     "iterations": 500, "bins": 32, "bending_weight": 0.0, "seed": 0}
     # the classreg settings are the solvers' keywords
     for fn, kw in ((getattr(cr, "register_affine", None), settings["affine3d"]), (getattr(cr, "register_bspline", None), T.bspline_settings(2))):
         if fn is not None:
