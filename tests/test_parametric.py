@@ -371,6 +371,24 @@ def test_bending_penalty_smooths_the_map():
     assert stiff.metrics["bending_energy"] < 0.5 * free.metrics["bending_energy"]
 
 
+def test_ssd_on_images_of_different_intensity_scales_warns(caplog):
+    """Mean squares on a pair whose intensity spreads differ 100× logs a warning naming both; MI, or SSD on a pair of
+    one scale, does not."""
+    fixed, moving, _ = _bspline_pair(seed=2)
+    bright = cr.Image.from_array(100.0 * moving.numpy(), spacing=moving.spacing, origin=moving.origin)
+    kw = dict(shrink_factors=(1,), iterations=(2,), samples=256)
+    with caplog.at_level("WARNING", logger="classreg"):
+        cr.register_affine(fixed, moving, metric="ssd", **kw)
+        cr.register_affine(fixed, bright, metric="mi", **kw)
+        assert "ssd" not in caplog.text
+        cr.register_affine(fixed, bright, metric="ssd", **kw)
+        cr.register_bspline(fixed, bright, metric_weights={"mi": 1.0, "ssd": 0.1}, **kw)
+    warned = [r.getMessage() for r in caplog.records if "metric 'ssd' compares raw intensities" in r.getMessage()]
+    assert len(warned) == 2 and "register_affine" in warned[0] and "register_bspline" in warned[1]
+    ratio = 100.0 * moving.numpy().std() / fixed.numpy().std()
+    assert f"differ by {ratio:.0f}×" in warned[0]
+
+
 def test_default_bending_weight_per_metric():
     """None resolves per metric (BENDING_DEFAULTS), SSD's in units of the fixed intensities' variance (inside the
     mask), a weighted sum to the weighted sum; the resolved weight is what the run used and records."""

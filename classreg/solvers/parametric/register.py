@@ -142,6 +142,8 @@ def register_affine(fixed: Image, moving: Image, *, transform: str = "affine", m
     fmask, mmask = check_masks(fixed, moving, fixed_mask, moving_mask)
     pre, init_name = _initial(fixed, moving, init, fmask, mmask, seed, backend, progress=progress)
     check_overlap(fixed, moving, pre)
+    _warn_ssd_scales("register_affine", metric if metric_weights is None else metric_weights, fixed, moving, fmask,
+                     mmask)
     memory_mb = check_memory("affine", fixed, moving, np.float32, memory_limit)
     center = pre.map_points(_center(fixed)[None])[0]
     mdl = AffineModel(transform, fixed.ndim, center)
@@ -301,6 +303,8 @@ def register_bspline(fixed: Image, moving: Image, *, grid_spacing=8.0, grid_sche
     fmask, mmask = check_masks(fixed, moving, fixed_mask, moving_mask)
     pre, init_name = _initial(fixed, moving, init, fmask, mmask, seed, backend, progress=progress)
     check_overlap(fixed, moving, pre)
+    _warn_ssd_scales("register_bspline", metric if metric_weights is None else metric_weights, fixed, moving, fmask,
+                     mmask)
     if samples is None:
         samples = BSPLINE_SAMPLES[fixed.ndim]
     if bending_weight is None:
@@ -497,6 +501,25 @@ def _grid_schedule(schedule, levels):
 # ================================================================================================ shared machinery
 #: fraction of the last ASGD iterations averaged into a level's estimate (affine family, random samplers)
 AVERAGE = 0.3
+
+
+def _warn_ssd_scales(solver, metric, fixed, moving, fmask, mmask):
+    """A warning when a mean-squares term compares images whose intensity spreads differ by more than 10× (inside
+    the masks): mean squares assumes equal intensities for equal tissue, and on such a pair its minimum is a map
+    that moves the darker image's bright parts onto the other's dark ones (measured: a T1 slice in [0, 1] against one
+    in [0, 227], register_bspline's Dice 0.003)."""
+    if "ssd" not in {n for n, _ in metric_terms(metric)}:
+        return
+    spreads = []
+    for img, mask in ((fixed, fmask), (moving, mmask)):
+        v = np.asarray(to_numpy(img.data), dtype=np.float64)
+        v = v[np.asarray(mask, dtype=bool)] if mask is not None else v
+        spreads.append(float(np.std(v)))
+    lo, hi = sorted(spreads)
+    if hi > 10.0 * lo:
+        logger.warning("%s: metric 'ssd' compares raw intensities, but the intensity spreads (standard deviations) "
+                       "of fixed (%.4g) and moving (%.4g) differ by %.0f×; rescale one image onto the other, or use "
+                       "'mi' or 'ncc'", solver, spreads[0], spreads[1], hi / max(lo, 1e-300))
 
 
 def _metric_name(metric, weights):
