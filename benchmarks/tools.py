@@ -214,10 +214,10 @@ def _classreg_vp(**kw):
         import classreg as cr
 
         kwd = _on(device, kw)
-        warm = _warm_up(cr.register_vp, case["fixed"].ndim, shrink_factors=(2, 1), iterations=(2, 2), **kwd)
+        warm = _warm_up(cr.register_vp, case["fixed"].ndim, **dict(kwd, shrink_factors=(2, 1), iterations=(2, 2)))
         res, sec = _timed(lambda: cr.register_vp(case["fixed"], case["moving"], **kwd), device)
         return {"seconds": sec, "transform": res.transform, "result": res, "first_call_s": warm,
-                "params": dict(kwd, defaults=True, regrids=res.metrics["regrids"],
+                "params": dict(kwd, defaults=not kw, regrids=res.metrics["regrids"],
                                min_det_j=res.metrics["min_det_j"], loss_ratio=res.metrics["loss_ratio"])}
     return run
 
@@ -864,25 +864,31 @@ TOOLS = {t.name: t for t in [
 #: smoothness): (parameter, unit, values, the default's value, which the base tool's own row gives). Units: "min" /
 #: "max": multiples of the case's smallest / largest spacing (demons' velocity σ, default 4.5 × the smallest; LDDMM's
 #: kernel σ, default 4.5 × the largest; the earlier defaults 1.5 × and 3 × are sweep points); "mm2": the value itself
-#: (the B-spline bending weight, default 30 for MI). docs/notes/tradeoff.md has the measured sweeps and the rule that chose
-#: the defaults.
+#: (the B-spline bending weight, default 30 for MI); "count": an iteration count per pyramid level (register_vp has no
+#: smoothness term: its L-BFGS iteration cap, default 100 per level, is what limits the map's roughness).
+#: docs/notes/tradeoff.md has the measured sweeps and the rule that chose the defaults.
 SWEEPS = {
     "classreg_demons": ("velocity_sigma", "min", (0.5, 1.0, 1.5, 2.25, 3.0, 6.0), 4.5),
     "classreg_demons_mi": ("velocity_sigma", "min", (0.5, 1.0, 1.5, 3.0, 4.5), 2.0),
     "classreg_lddmm": ("kernel_sigma", "max", (1.5, 2.0, 3.0, 6.0), 4.5),
     "classreg_bspline": ("bending_weight", "mm2", (0.0, 10.0, 100.0, 300.0), 30.0),
+    "classreg_vp": ("iterations", "count", (10, 20, 40), 100),
 }
 
 
 def _swept(base: str, param: str, which: str, factor: float):
-    """``base``'s run with ``param`` = factor × the case's smallest/largest spacing (mm), or = factor ("mm2")."""
+    """``base``'s run with ``param`` = factor × the case's smallest/largest spacing (mm), = factor ("mm2"), or
+    = factor on every pyramid level ("count")."""
     factories = {"classreg_demons": _classreg_demons, "classreg_lddmm": _classreg_lddmm,
-                 "classreg_bspline": _classreg_bspline,
+                 "classreg_bspline": _classreg_bspline, "classreg_vp": _classreg_vp,
                  "classreg_demons_mi": lambda **kw: _classreg_demons(metric="mi", **kw)}
 
     def run(case, threads, quick):
         sp = case["fixed"].spacing
-        value = float(factor) * (1.0 if which == "mm2" else float(min(sp) if which == "min" else max(sp)))
+        if which == "count":
+            value = int(factor)
+        else:
+            value = float(factor) * (1.0 if which == "mm2" else float(min(sp) if which == "min" else max(sp)))
         out = factories[base](**{param: value})(case, threads, quick)
         out["params"] = dict(out.get("params") or {}, sweep_factor=float(factor))
         return out
@@ -893,7 +899,7 @@ def sweep_tools() -> dict:
     """The sweep points as tools (not in the default list; ``python -m benchmarks.run --sweep`` adds them)."""
     out = {}
     for base, (param, which, factors, _default) in SWEEPS.items():
-        unit = "mm²" if which == "mm2" else "× spacing"
+        unit = {"mm2": "mm²", "count": "per level"}.get(which, "× spacing")
         for f in factors:
             name = f"{base}@{param}={f:g}"
             out[name] = Tool(name, "deformable", f"{TOOLS[base].label}, {param} {f:g} {unit}",
