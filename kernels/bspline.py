@@ -54,8 +54,8 @@ from .sampling import (
     mi_namespace,
 )
 
-__all__ = ["weights", "evaluate", "evaluate_with_jacobian", "adjoint", "dense", "dense_jacobian", "det_of", "taps",
-           "det_gradient", "bending_energy", "refine", "samples",
+__all__ = ["weights", "evaluate", "evaluate_with_jacobian", "adjoint", "dense", "dense_jacobian", "dense_det", "det_of",
+           "taps", "det_gradient", "bending_energy", "refine", "samples",
            "scatter_samples", "sample_kernels", "mi_step", "mi_step_kernel", "mi_step_workspace"]
 
 #: Voxels per block of the numpy reference of :func:`dense` for a non-diagonal matrix (bounds its memory).
@@ -504,6 +504,34 @@ def _det_body(du, frame, out):
                       + a[0, 2] * (a[1, 0] * a[2, 1] - a[1, 1] * a[2, 0]))
 
 
+def _det_parts_body(p0, p1, p2, frame, out):
+    """``out[p] = det(I + du_p @ frame)`` with ``du_p[c, d] = p_d[p, c]``, for the per-axis derivatives p_d (N, n),
+    n = 2 (``p2`` unused) or 3: :func:`_det_body` on the separable path's output as it comes (no interleaved copy)."""
+    n = p0.shape[1]
+    for p in prange(p0.shape[0]):
+        if n == 2:
+            a00 = 1.0 + p0[p, 0] * frame[0, 0] + p1[p, 0] * frame[1, 0]
+            a01 = p0[p, 0] * frame[0, 1] + p1[p, 0] * frame[1, 1]
+            a10 = p0[p, 1] * frame[0, 0] + p1[p, 1] * frame[1, 0]
+            a11 = 1.0 + p0[p, 1] * frame[0, 1] + p1[p, 1] * frame[1, 1]
+            out[p] = a00 * a11 - a01 * a10
+        else:
+            u00, u01, u02 = p0[p, 0], p1[p, 0], p2[p, 0]
+            u10, u11, u12 = p0[p, 1], p1[p, 1], p2[p, 1]
+            u20, u21, u22 = p0[p, 2], p1[p, 2], p2[p, 2]
+            a00 = 1.0 + u00 * frame[0, 0] + u01 * frame[1, 0] + u02 * frame[2, 0]
+            a01 = u00 * frame[0, 1] + u01 * frame[1, 1] + u02 * frame[2, 1]
+            a02 = u00 * frame[0, 2] + u01 * frame[1, 2] + u02 * frame[2, 2]
+            a10 = u10 * frame[0, 0] + u11 * frame[1, 0] + u12 * frame[2, 0]
+            a11 = 1.0 + u10 * frame[0, 1] + u11 * frame[1, 1] + u12 * frame[2, 1]
+            a12 = u10 * frame[0, 2] + u11 * frame[1, 2] + u12 * frame[2, 2]
+            a20 = u20 * frame[0, 0] + u21 * frame[1, 0] + u22 * frame[2, 0]
+            a21 = u20 * frame[0, 1] + u21 * frame[1, 1] + u22 * frame[2, 1]
+            a22 = 1.0 + u20 * frame[0, 2] + u21 * frame[1, 2] + u22 * frame[2, 2]
+            out[p] = (a00 * (a11 * a22 - a12 * a21) - a01 * (a10 * a22 - a12 * a20)
+                      + a02 * (a10 * a21 - a11 * a20))
+
+
 def _cell_ids(q, gshape, cell):
     """Cell id per point: ``floor(q_d) + 2`` raveled over cells ``(gshape_d + 3)``; points that reach no control
     point (a ``floor(q_d)`` outside ``[−2, gshape_d]``) get the id ``Π (gshape_d + 3)``."""
@@ -724,7 +752,7 @@ def _numba():
                  "_scatter_cell3"):
         ns[name] = njit(rb(globals()[name], ns))
     bodies = ("_eval2_body", "_eval3_body", "_jac2_body", "_jac3_body", "_dense_gen2_body", "_dense_gen3_body",
-              "_contract_body", "_cell_ids", "_adj2_body", "_adj3_body", "_det_body")
+              "_contract_body", "_cell_ids", "_adj2_body", "_adj3_body", "_det_body", "_det_parts_body")
     kernels = {name: njit(parallel=True)(rb(globals()[name], ns)) for name in bodies}
     kernels["_cellsort"] = ns["_cellsort"]
     for name in ("_pts2_body", "_pts3_body"):
@@ -962,6 +990,29 @@ def dense_jacobian(coeffs, out_shape, matrix, offset, *, backend=None):
     return out.reshape(*shape, c.shape[-1], nd)
 
 
+def dense_det(coeffs, out_shape, matrix, offset, frame, *, backend=None):
+    """``det(I + ∂u/∂q · frame)`` at every voxel ``i`` of an image grid, ``q = matrix @ i + offset``: the Jacobian
+    determinant of ``y ↦ y + u(q(y))`` with ``frame[d, l] = ∂q_d/∂y_l``, as :func:`det_of` of
+    :func:`dense_jacobian`; on the separable numba path the per-axis derivatives go to the determinant as they are,
+    without the interleaved (N, C, ndim) copy (on a 1 mm brain, most of the time of the two calls).
+
+    Returns
+    -------
+    ndarray (prod(out_shape),), float64, flat voxel order
+    """
+    coeffs, nd, shape, m, o, be = _dense_args(coeffs, out_shape, matrix, offset, backend)
+    c = _f64(coeffs)
+    frame = _f64(frame)
+    if not (_is_diagonal(m) and be == "numba" and c.shape[-1] == nd):
+        return det_of(dense_jacobian(c, shape, m, o, backend=be).reshape(-1, c.shape[-1], nd), frame, backend=be)
+    npts = int(np.prod(shape))
+    parts = [_separable(c, shape, m, o, be, derivative=d).reshape(npts, nd) for d in range(nd)]
+    out = np.empty(npts)
+    with _backend.serial_below(npts):
+        _numba()["_det_parts_body"](parts[0], parts[1], parts[-1], frame, out)
+    return out
+
+
 def det_of(du, frame, *, backend=None):
     """``det(I + du @ frame)`` per point: the Jacobian determinant of ``y ↦ y + u(q(y))`` from the FFD's derivatives
     ``du`` (N, ndim, ndim) in grid-index units (:func:`dense_jacobian`, flattened) and ``frame[d, l] = ∂q_d/∂y_l``.
@@ -1092,13 +1143,6 @@ def _gram(n, r):
     return g
 
 
-def _apply_separable(c, mats):
-    """Apply ``mats[d]`` (n_d, n_d) along spatial axis d of ``c`` (*gshape, C)."""
-    for d, g in enumerate(mats):
-        c = np.moveaxis(np.tensordot(g, c, axes=([1], [d])), 0, d)
-    return c
-
-
 def bending_energy(coeffs, spacing, *, gradient=False):
     """Thin-plate bending energy of the FFD, exactly, as a quadratic form in the coefficients.
 
@@ -1136,17 +1180,41 @@ def bending_energy(coeffs, spacing, *, gradient=False):
         raise ValueError(f"spacing must be positive and finite (mm, array axis order), got {spacing!r}")
     c = coeffs.astype(np.float64)
     inv_vol = 1.0 / float(np.prod([g - 3 for g in gshape]))  # (1/V) ∫ dx = (1/Π(g-3)) ∫ dq
-    energy = 0.0
-    grad = np.zeros_like(c) if gradient else None
+    # H c = Σ_{i≤j} w_ij (⊗_d G_d^(r_d)) c, factorised axis by axis: the terms share their first axes' products
+    # (3-D: 3 + 6 + 3 matrix products instead of 6 × 3; they dominate an ASGD iteration's penalty)
+    terms = {}
     for i in range(nd):
         for j in range(i, nd):
-            r = [int(d == i) + int(d == j) for d in range(nd)]
-            weight = (1.0 if i == j else 2.0) * inv_vol / (h[i] ** 2 * h[j] ** 2)
-            gc = _apply_separable(c, [_gram(gshape[d], r[d]) for d in range(nd)])
-            energy += weight * float(np.sum(c * gc))
-            if gradient:
-                grad += (2.0 * weight) * gc
-    return (energy, grad) if gradient else energy
+            r = tuple(int(d == i) + int(d == j) for d in range(nd))
+            terms[r] = (1.0 if i == j else 2.0) * inv_vol / (h[i] ** 2 * h[j] ** 2)
+    hc = _gram_sum(c, terms, gshape)
+    energy = float(np.sum(c * hc))
+    return (energy, 2.0 * hc) if gradient else energy
+
+
+def _along(g, x, d):
+    """``g`` (n, n) applied along axis ``d`` of ``x`` (*gshape, C), as one (batched) matrix product."""
+    shape = x.shape
+    pre = int(np.prod(shape[:d]))
+    if d == len(shape) - 2:  # the last spatial axis: one product over (points × components) rows, not tiny ones
+        xt = np.ascontiguousarray(x.reshape(pre, shape[d], shape[-1]).transpose(0, 2, 1)).reshape(-1, shape[d])
+        return (xt @ g.T).reshape(pre, shape[-1], shape[d]).transpose(0, 2, 1).reshape(shape)
+    return np.matmul(g, x.reshape(pre, shape[d], -1)).reshape(shape)
+
+
+def _gram_sum(c, terms, gshape):
+    """``Σ_r w_r (⊗_d G_d^(r_d)) c`` for ``terms`` {r: w_r}: the partial products over the leading axes are computed
+    once per distinct prefix of r, and the weights enter before the last axis's product."""
+    nd = len(gshape)
+    partial = {(): c}
+    for d in range(nd - 1):
+        prefixes = {r[:d + 1] for r in terms}
+        partial = {p: _along(_gram(gshape[d], p[-1]), partial[p[:-1]], d) for p in sorted(prefixes)}
+    out = np.zeros_like(c)
+    for last in sorted({r[-1] for r in terms}):
+        mix = sum(w * partial[r[:-1]] for r, w in terms.items() if r[-1] == last)
+        out += _along(_gram(gshape[-1], last), mix, nd - 1)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------

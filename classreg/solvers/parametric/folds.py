@@ -5,7 +5,7 @@
 determinant is at least the floor at every voxel centre of the level's fixed image (the full-resolution grid at the
 end): projected stochastic gradient descent. The projection is computed where it is needed only:
 
-1. ``det ∇T`` at every voxel (:func:`classreg.kernels.bspline.dense_jacobian`; separable when the grid and the
+1. ``det ∇T`` at every voxel (:func:`classreg.kernels.bspline.dense_det`; separable when the grid and the
    initial transform are axis-aligned);
 2. if some voxel is below ``target = (1 + MARGIN) · min_det_j``, the control points whose support holds one are
    freed, and the voxels that depend on them with ``det`` below ``BAND · target`` are the constraints;
@@ -28,7 +28,7 @@ import numpy as np
 from scipy.ndimage import binary_dilation
 from scipy.optimize import minimize
 
-from ...kernels.bspline import dense_jacobian, det_gradient, det_of, taps
+from ...kernels.bspline import dense_det, det_gradient, taps
 
 __all__ = ["PROJECT_EVERY", "PROJECT_STRIDE", "FoldProjection"]
 
@@ -89,11 +89,9 @@ class FoldProjection:
 
     def dets(self, p) -> np.ndarray:
         """``det ∇T`` at every voxel centre (the flat voxel order of the image)."""
-        n = self.model.ndim
         backend = "numpy" if self.model.backend == "numpy" else None
-        du = dense_jacobian(np.asarray(p, dtype=np.float64).reshape(self.model.shape), self.shape, self.matrix,
-                            self.offset, backend=backend).reshape(-1, n, n)
-        return det_of(du, self.frame, backend=backend) * self.scale
+        return dense_det(np.asarray(p, dtype=np.float64).reshape(self.model.shape), self.shape, self.matrix,
+                         self.offset, self.frame, backend=backend) * self.scale
 
     def _points(self, flat) -> np.ndarray:
         idx = np.stack(np.unravel_index(flat, self.shape), axis=1).astype(np.float64)

@@ -402,13 +402,15 @@ def register_bspline(fixed: Image, moving: Image, *, grid_spacing=8.0, grid_sche
         stopped = engine.run(level_model, state, prog)
         mdl = models[state["model"]]
         p = to_numpy(state["p"])  # a device iterate when a callback or the time limit stopped a device level
-        x = fixed.grid_points().reshape(-1, fixed.ndim)
 
         def dense_field(p):
-            """The whole map on the fixed grid, once, for its det J and the warped image: the last model's prior
-            holds the earlier pieces' composition at these very points, so it is one B-spline evaluation (not one
-            per piece)."""
-            u = (mdl.map_nodes(p, grid_y()) - x).reshape(*fixed.shape, fixed.ndim)
+            """The whole map on the fixed grid, once, for its det J and the warped image: one B-spline on the voxel
+            grid (:func:`_dense_map`), or, with fold-free pieces, the last model's prior holds the earlier pieces'
+            composition at these very points, so it is one B-spline evaluation (not one per piece)."""
+            u = _dense_map(mdl, p, fixed, pre) if mdl.prior is None else None
+            if u is None:
+                x = fixed.grid_points().reshape(-1, fixed.ndim)
+                u = (mdl.map_nodes(p, grid_y()) - x).reshape(*fixed.shape, fixed.ndim)
             return DisplacementField.from_array(u, fixed)
 
         if folds == "project":  # the guarantee: the floor at every voxel centre of the fixed image
@@ -452,6 +454,30 @@ def register_bspline(fixed: Image, moving: Image, *, grid_spacing=8.0, grid_sche
                    "fold_projections": sum(fp.projections for fp in projections.values()),
                    "levels": engine.level_info}
         return _result(fixed, moving, total, None, prog, stopped, params, metrics, backend, t0, through=field)
+
+
+def _dense_map(model, p, fixed, pre):
+    """``T(x) − x`` (mm, components x, y[, z]) at every voxel of ``fixed`` for ``T = B_p ∘ pre`` without a prior,
+    by the grid kernel (:func:`classreg.kernels.bspline.dense`: separable when the grid and ``pre`` are
+    axis-aligned) plus the affine part by broadcasting over the index axes — no (N, ndim) point arrays (on a 1 mm
+    brain those took most of the final map's time). None when a voxel centre lies outside the grid's valid region
+    (then the caller evaluates points)."""
+    from ...kernels.bspline import dense
+
+    n = fixed.ndim
+    g = model.grid_map() @ pre.homogeneous @ fixed.affine  # voxel index (array order) -> grid index
+    m, o = g[:, :n], g[:, n]
+    corners = np.array([[(s - 1.0) * ((c >> k) & 1) for k, s in enumerate(fixed.shape)] for c in range(2 ** n)])
+    q = corners @ m.T + o
+    if not np.all((q >= 1.0) & (q <= np.asarray(model.shape[:-1], dtype=float) - 2.0)):
+        return None  # the valid region is a box and the map affine: inside at the corners = inside everywhere
+    u = dense(np.asarray(p, dtype=np.float64).reshape(model.shape), fixed.shape, m, o,
+              backend="numpy" if model.backend == "numpy" else None)
+    a = (pre.homogeneous - np.eye(n + 1)) @ fixed.affine  # pre(x) − x, per voxel index
+    idx = np.ogrid[tuple(slice(0, s) for s in fixed.shape)]
+    for c in range(n):
+        u[..., c] += sum(a[c, d] * idx[d] for d in range(n)) + a[c, n]
+    return u
 
 
 def _det_stats(field, fixed, fmask, backend) -> dict:
