@@ -1178,7 +1178,7 @@ def bending_energy(coeffs, spacing, *, gradient=False):
     h = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (nd,))
     if not np.all(np.isfinite(h)) or np.any(h <= 0):
         raise ValueError(f"spacing must be positive and finite (mm, array axis order), got {spacing!r}")
-    c = coeffs.astype(np.float64)
+    c = np.asarray(coeffs, dtype=np.float64)  # read only: no copy needed
     inv_vol = 1.0 / float(np.prod([g - 3 for g in gshape]))  # (1/V) ∫ dx = (1/Π(g-3)) ∫ dq
     # H c = Σ_{i≤j} w_ij (⊗_d G_d^(r_d)) c, factorised axis by axis: the terms share their first axes' products
     # (3-D: 3 + 6 + 3 matrix products instead of 6 × 3; they dominate an ASGD iteration's penalty)
@@ -1210,10 +1210,11 @@ def _gram_sum(c, terms, gshape):
     for d in range(nd - 1):
         prefixes = {r[:d + 1] for r in terms}
         partial = {p: _along(_gram(gshape[d], p[-1]), partial[p[:-1]], d) for p in sorted(prefixes)}
-    out = np.zeros_like(c)
+    out = None
     for last in sorted({r[-1] for r in terms}):
         mix = sum(w * partial[r[:-1]] for r, w in terms.items() if r[-1] == last)
-        out += _along(_gram(gshape[-1], last), mix, nd - 1)
+        part = _along(_gram(gshape[-1], last), mix, nd - 1)
+        out = part if out is None else out + part
     return out
 
 
