@@ -481,32 +481,10 @@ def _contract_body(inp, idx, w, out):
             out[p, i, r] = v0 * inp[p, k0, r] + v1 * inp[p, k1, r] + v2 * inp[p, k2, r] + v3 * inp[p, k3, r]
 
 
-def _det_body(du, frame, out):
-    """``out[p] = det(I + du[p] @ frame)`` for du (N, n, n), n = 2 or 3."""
-    n = du.shape[1]
-    for p in prange(du.shape[0]):
-        if n == 2:
-            a00 = 1.0 + du[p, 0, 0] * frame[0, 0] + du[p, 0, 1] * frame[1, 0]
-            a01 = du[p, 0, 0] * frame[0, 1] + du[p, 0, 1] * frame[1, 1]
-            a10 = du[p, 1, 0] * frame[0, 0] + du[p, 1, 1] * frame[1, 0]
-            a11 = 1.0 + du[p, 1, 0] * frame[0, 1] + du[p, 1, 1] * frame[1, 1]
-            out[p] = a00 * a11 - a01 * a10
-        else:
-            a = np.empty((3, 3))
-            for c in range(3):
-                for l in range(3):
-                    v = 1.0 if c == l else 0.0
-                    for d in range(3):
-                        v += du[p, c, d] * frame[d, l]
-                    a[c, l] = v
-            out[p] = (a[0, 0] * (a[1, 1] * a[2, 2] - a[1, 2] * a[2, 1])
-                      - a[0, 1] * (a[1, 0] * a[2, 2] - a[1, 2] * a[2, 0])
-                      + a[0, 2] * (a[1, 0] * a[2, 1] - a[1, 1] * a[2, 0]))
-
-
-def _det_parts_body(p0, p1, p2, frame, out):
-    """``out[p] = det(I + du_p @ frame)`` with ``du_p[c, d] = p_d[p, c]``, for the per-axis derivatives p_d (N, n),
-    n = 2 (``p2`` unused) or 3: :func:`_det_body` on the separable path's output as it comes (no interleaved copy)."""
+def _det_body(p0, p1, p2, frame, out):
+    """``out[p] = det(I + du_p @ frame)`` with ``du_p[c, d] = p_d[p, c]``, for the derivatives along each grid axis
+    p_d (N, n), n = 2 (``p2`` unused) or 3: the separable path's per-axis outputs as they come, or the axis-d
+    views ``du[:, :, d]`` of an (N, n, n) array."""
     n = p0.shape[1]
     for p in prange(p0.shape[0]):
         if n == 2:
@@ -752,7 +730,7 @@ def _numba():
                  "_scatter_cell3"):
         ns[name] = njit(rb(globals()[name], ns))
     bodies = ("_eval2_body", "_eval3_body", "_jac2_body", "_jac3_body", "_dense_gen2_body", "_dense_gen3_body",
-              "_contract_body", "_cell_ids", "_adj2_body", "_adj3_body", "_det_body", "_det_parts_body")
+              "_contract_body", "_cell_ids", "_adj2_body", "_adj3_body", "_det_body")
     kernels = {name: njit(parallel=True)(rb(globals()[name], ns)) for name in bodies}
     kernels["_cellsort"] = ns["_cellsort"]
     for name in ("_pts2_body", "_pts3_body"):
@@ -1009,7 +987,7 @@ def dense_det(coeffs, out_shape, matrix, offset, frame, *, backend=None):
     parts = [_separable(c, shape, m, o, be, derivative=d).reshape(npts, nd) for d in range(nd)]
     out = np.empty(npts)
     with _backend.serial_below(npts):
-        _numba()["_det_parts_body"](parts[0], parts[1], parts[-1], frame, out)
+        _numba()["_det_body"](parts[0], parts[1], parts[-1], frame, out)
     return out
 
 
@@ -1028,7 +1006,7 @@ def det_of(du, frame, *, backend=None):
     if _resolve(backend, du) == "numba":
         out = np.empty(du.shape[0])
         with _backend.serial_below(du.shape[0]):
-            _numba()["_det_body"](du, frame, out)
+            _numba()["_det_body"](du[:, :, 0], du[:, :, 1], du[:, :, -1], frame, out)
         return out
     jac = du @ frame
     for d in range(du.shape[1]):

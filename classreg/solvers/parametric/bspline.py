@@ -81,6 +81,19 @@ class BSplineModel:
         """``[M | o]`` (ndim, ndim + 1): world point → continuous control-grid index (array axis order)."""
         return np.concatenate([self._w2i, self._off[:, None]], axis=1)
 
+    def voxel_map(self, image, pre, stride: int = 1):
+        """``(matrix, offset, covered)``: every ``stride``-th voxel index of ``image`` (array order) → continuous
+        grid index of ``B ∘ pre`` (``q = matrix @ i + offset``), and whether every such voxel centre lies in the
+        grid's valid region ``[1, g − 2]`` (a box, and the map affine: checked at the image's corners)."""
+        n = image.ndim
+        g = self.grid_map() @ pre.homogeneous @ image.affine
+        matrix, offset = g[:, :n] * float(stride), g[:, n]
+        shape = [-(-s // int(stride)) for s in image.shape]
+        corners = np.array([[(s - 1.0) * ((c >> k) & 1) for k, s in enumerate(shape)] for c in range(2 ** n)])
+        q = corners @ matrix.T + offset
+        covered = bool(np.all((q >= 1.0) & (q <= np.asarray(self.shape[:-1], dtype=float) - 2.0)))
+        return matrix, offset, covered
+
     def _prior_map(self, y):
         y = np.asarray(y, dtype=float)
         if self.prior is None:

@@ -66,19 +66,16 @@ class FoldProjection:
 
     def __init__(self, model, image, pre, min_det_j: float, *, stride: int = 1):
         n = image.ndim
-        g = model.grid_map() @ pre.homogeneous @ image.affine  # voxel index -> grid index (array order)
         self.model, self.shape = model, tuple(-(-s // int(stride)) for s in image.shape)
-        self.matrix, self.offset = g[:, :n] * float(stride), g[:, n]
+        # voxel index -> grid index (array order); every voxel centre lies in the grid's valid region
+        # (BSplineModel.over lays the grid over the mapped image extent), so det ∇T is the B-spline's everywhere
+        self.matrix, self.offset, covered = model.voxel_map(image, pre, stride)
+        if not covered:
+            raise ValueError("the B-spline grid does not cover the image: fold projection needs a grid laid over it")
         self.frame = np.asarray(model._w2i)  # ∂q/∂y
         self.scale = float(np.linalg.det(pre.homogeneous[:n, :n]))  # det ∇T = det ∇B · det(pre)
         self.floor = float(min_det_j)
         self.target = (1.0 + MARGIN) * self.floor
-        # every voxel centre lies in the grid's valid region (BSplineModel.over lays the grid over the mapped image
-        # extent), so det ∇T is the B-spline's everywhere; checked at the image corners (the region is a box)
-        corners = np.array([[(s - 1.0) * ((c >> k) & 1) for k, s in enumerate(self.shape)] for c in range(2 ** n)])
-        q = corners @ self.matrix.T + self.offset
-        if not np.all((q >= 1.0) & (q <= np.asarray(model.shape[:-1], dtype=float) - 2.0)):
-            raise ValueError("the B-spline grid does not cover the image: fold projection needs a grid laid over it")
         self.projections = 0  # projections that changed the coefficients
         self.mu = MU_START
 

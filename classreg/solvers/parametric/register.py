@@ -207,10 +207,7 @@ def default_bending_weight(metric, fixed: Image, fixed_mask=None) -> float:
     for name, weight in metric_terms(metric):
         scale = 1.0
         if name == "ssd":
-            values = np.asarray(to_numpy(fixed.data), dtype=np.float64)
-            if fixed_mask is not None:
-                values = values[np.asarray(to_numpy(fixed_mask), dtype=bool)]
-            scale = float(np.var(values))
+            scale = float(np.var(_intensities(fixed, fixed_mask)))
         total += weight * BENDING_DEFAULTS[name] * scale
     return total
 
@@ -303,12 +300,12 @@ def register_bspline(fixed: Image, moving: Image, *, grid_spacing=8.0, grid_sche
     fmask, mmask = check_masks(fixed, moving, fixed_mask, moving_mask)
     pre, init_name = _initial(fixed, moving, init, fmask, mmask, seed, backend, progress=progress)
     check_overlap(fixed, moving, pre)
-    _warn_ssd_scales("register_bspline", metric if metric_weights is None else metric_weights, fixed, moving, fmask,
-                     mmask)
+    terms = metric if metric_weights is None else metric_weights
+    _warn_ssd_scales("register_bspline", terms, fixed, moving, fmask, mmask)
     if samples is None:
         samples = BSPLINE_SAMPLES[fixed.ndim]
     if bending_weight is None:
-        bending_weight = default_bending_weight(metric if metric_weights is None else metric_weights, fixed, fmask)
+        bending_weight = default_bending_weight(terms, fixed, fmask)
     memory_mb = check_memory("bspline", fixed, moving, np.float32, memory_limit)
     # no iterate averaging: many slowly converging coefficients, the average lags (measured: lower Dice)
     engine = _Engine(fixed, moving, fmask, mmask, pre, metric=metric, samples=samples, sampler=sampler,
@@ -465,12 +462,9 @@ def _dense_map(model, p, fixed, pre):
     from ...kernels.bspline import dense
 
     n = fixed.ndim
-    g = model.grid_map() @ pre.homogeneous @ fixed.affine  # voxel index (array order) -> grid index
-    m, o = g[:, :n], g[:, n]
-    corners = np.array([[(s - 1.0) * ((c >> k) & 1) for k, s in enumerate(fixed.shape)] for c in range(2 ** n)])
-    q = corners @ m.T + o
-    if not np.all((q >= 1.0) & (q <= np.asarray(model.shape[:-1], dtype=float) - 2.0)):
-        return None  # the valid region is a box and the map affine: inside at the corners = inside everywhere
+    m, o, covered = model.voxel_map(fixed, pre)
+    if not covered:
+        return None
     u = dense(np.asarray(p, dtype=np.float64).reshape(model.shape), fixed.shape, m, o,
               backend="numpy" if model.backend == "numpy" else None)
     a = (pre.homogeneous - np.eye(n + 1)) @ fixed.affine  # pre(x) − x, per voxel index
@@ -529,6 +523,12 @@ def _grid_schedule(schedule, levels):
 AVERAGE = 0.3
 
 
+def _intensities(image, mask=None) -> np.ndarray:
+    """``image``'s values (float64), inside ``mask`` (a boolean array of its grid) when given."""
+    values = np.asarray(to_numpy(image.data), dtype=np.float64)
+    return values if mask is None else values[np.asarray(to_numpy(mask), dtype=bool)]
+
+
 def _warn_ssd_scales(solver, metric, fixed, moving, fmask, mmask):
     """A warning when a mean-squares term compares images whose intensity spreads differ by more than 10× (inside
     the masks): mean squares assumes equal intensities for equal tissue, and on such a pair its minimum is a map
@@ -536,11 +536,7 @@ def _warn_ssd_scales(solver, metric, fixed, moving, fmask, mmask):
     in [0, 227], register_bspline's Dice 0.003)."""
     if "ssd" not in {n for n, _ in metric_terms(metric)}:
         return
-    spreads = []
-    for img, mask in ((fixed, fmask), (moving, mmask)):
-        v = np.asarray(to_numpy(img.data), dtype=np.float64)
-        v = v[np.asarray(mask, dtype=bool)] if mask is not None else v
-        spreads.append(float(np.std(v)))
+    spreads = [float(np.std(_intensities(fixed, fmask))), float(np.std(_intensities(moving, mmask)))]
     lo, hi = sorted(spreads)
     if hi > 10.0 * lo:
         logger.warning("%s: metric 'ssd' compares raw intensities, but the intensity spreads (standard deviations) "
