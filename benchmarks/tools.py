@@ -795,7 +795,8 @@ TOOLS = {t.name: t for t in [
          _classreg_lddmm(method="full"), classreg=True, quick=False,
          slow_3d="minutes per 3-D pair on 2 cores (the band-limited default replaced it)"),
     Tool("classreg_vp", "deformable", "classreg VP (prescribed det J and curl)", _classreg_vp(), classreg=True,
-         slow_3d="~5 min per 3-D pair on 2 idle cores (synth3d 312 s), 25-30 min under load; docs/notes/vp.md"),
+         slow_3d="35-50 s per 3-D pair on 2 idle cores at 10 iterations per level (inter3d 34 s, synth3d "
+                 "50 s; docs/notes/vp.md)"),
     Tool("ants_syn", "deformable", "ANTs SyN", _ants("SyN"), requires=("ants",)),
     Tool("ants_synonly", "deformable", "ANTs SyNOnly", _ants("SyNOnly"), requires=("ants",)),
     Tool("ants_syncc", "deformable", "ANTs SyNCC", _ants("SyNCC"), requires=("ants",),
@@ -865,14 +866,15 @@ TOOLS = {t.name: t for t in [
 #: "max": multiples of the case's smallest / largest spacing (demons' velocity σ, default 4.5 × the smallest; LDDMM's
 #: kernel σ, default 4.5 × the largest; the earlier defaults 1.5 × and 3 × are sweep points); "mm2": the value itself
 #: (the B-spline bending weight, default 30 for MI); "count": an iteration count per pyramid level (register_vp has no
-#: smoothness term: its L-BFGS iteration cap, default 100 per level, is what limits the map's roughness).
+#: smoothness term: its L-BFGS iteration cap, default 10 per level, is what limits the map's roughness; 100 was the
+#: default before session 21).
 #: docs/notes/tradeoff.md has the measured sweeps and the rule that chose the defaults.
 SWEEPS = {
     "classreg_demons": ("velocity_sigma", "min", (0.5, 1.0, 1.5, 2.25, 3.0, 6.0), 4.5),
     "classreg_demons_mi": ("velocity_sigma", "min", (0.5, 1.0, 1.5, 3.0, 4.5), 2.0),
     "classreg_lddmm": ("kernel_sigma", "max", (1.5, 2.0, 3.0, 6.0), 4.5),
     "classreg_bspline": ("bending_weight", "mm2", (0.0, 10.0, 100.0, 300.0), 30.0),
-    "classreg_vp": ("iterations", "count", (10, 20, 40), 100),
+    "classreg_vp": ("iterations", "count", (20, 40, 100), 10),
 }
 
 

@@ -1202,7 +1202,7 @@ def test_vp_stays_on_device(monkeypatch, how, masked):
     # and against the default CPU run (scipy's L-BFGS-B): a different line search, so a different path, but as
     # good a registration (measured loss ratio 0.051 vs 0.063, masked 0.049 vs 0.055) and no folds
     assert res.metrics["loss_ratio"] <= 1.2 * scipy_cpu.metrics["loss_ratio"] < 0.1
-    assert res.metrics["min_det_j"] > kw.get("det_floor", 0.02) and res.metrics["pct_det_j_nonpositive"] == 0
+    assert res.metrics["min_det_j"] > kw.get("det_floor", vp.DET_FLOOR) and res.metrics["pct_det_j_nonpositive"] == 0
 
 
 def test_vp_kernels_on_device_match_the_reference(monkeypatch):

@@ -22,12 +22,12 @@ OPTIONS = Declaration(
         shared("shrink_factors"),
         shared("smoothing_sigmas"),
         shared("iterations", help="L-BFGS iteration cap per pyramid level (over all regridding rounds)",
-               default_text="100 100 100"),
+               default_text="10 10 10"),
         Option("j_min", 0.5, "lower bound of the Jacobian-determinant control f = j_min + f̂² (not of det J itself)",
                low=0),
         Option("regrid_det", 0.5, "regrid (compose the map, reset the controls) when min det J of the current "
                                   "round falls below this", low=0, low_open=True),
-        Option("det_floor", 0.02, "min det J (central differences) the result keeps: a trial step or a level "
+        Option("det_floor", 0.05, "min det J (central differences) the result keeps: a trial step or a level "
                                   "transfer whose composed map has min det J at or below this is rejected",
                low=0, low_open=True),
         Option("inverse", "newton", "how the inverse is built: 'newton' (per-round Newton inverses, corrected "

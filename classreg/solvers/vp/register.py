@@ -49,9 +49,16 @@ from .options import OPTIONS
 __all__ = ["register_vp"]
 
 #: Default ``det_floor``: trial points whose map (this round's or the composed one) has min det J at or below this
-#: are rejected, a margin above 0 so that the float32 result keeps det J > 0 (with a floor of 0 the J-to-V benchmark
-#: ended with two nodes at det J = -6e-6, docs/notes/vp.md).
-DET_FLOOR = 0.02
+#: are rejected. 0.05 is the plausibility floor of issue #22 (no voxel compressed more than 20-fold), the floor of
+#: register_demons and register_lddmm too; any floor > 0 also keeps the float32 result at det J > 0 (with a floor of 0
+#: the J-to-V benchmark ended with two nodes at det J = -6e-6, docs/notes/vp.md).
+DET_FLOOR = 0.05
+
+#: Default L-BFGS iterations per pyramid level. VP has no smoothness term: the iteration count is what bounds the
+#: roughness of its map, and 10 per level is the value of the benchmark's sweep (10 / 20 / 40 / 100) that is not
+#: dominated on the most cases (docs/notes/tradeoff.md, session 21); the paper's experiments (benchmarks/vp.py) give
+#: their own, longer schedules.
+ITERATIONS = 10
 
 #: Fixed-point passes of the VP-constructed inverse (``inverse="vp"``): the prescribed det and curl are evaluated at
 #: the previous pass's inverse estimate; and the L-BFGS iterations of the grid generator per pass.
@@ -118,7 +125,7 @@ def register_vp(fixed: Image, moving: Image, *, init: Transform | None = None, f
         The loss is summed only inside this mask (every level).
     shrink_factors, smoothing_sigmas, iterations
         The pyramid (coarsest first); ``iterations``: L-BFGS iterations per level over all its regridding rounds
-        (default 100 per level).
+        (default ``ITERATIONS`` = 10 per level: early stopping is VP's only regularisation).
     j_min : float
         Lower bound of the control ``f = j_min + f̂²`` (0 ≤ j_min < 1; the paper's 0.5). It bounds ∇·φ's control,
         not det J itself (METHODS.md §6.6), so det J is monitored and the map regridded.
@@ -146,7 +153,7 @@ def register_vp(fixed: Image, moving: Image, *, init: Transform | None = None, f
         "match" (default, as register_demons): histogram matching of the moving image first, then both scaled by the
         fixed image's 0.5-99.5 percentiles to [0, 1]; "joint": only that common scaling (images already on one
         scale). With "joint" on a pair whose brightness differs, SSD is lowered by shrinking the brighter structures
-        (det J down to the 0.02 floor), not by aligning them.
+        (det J down to the floor), not by aligning them.
     dtype : {numpy.float32, numpy.float64}
         Storage precision of the fields; the optimisation runs in float64 (the line search needs the loss to more
         digits than float32 holds).
@@ -196,7 +203,7 @@ def register_vp(fixed: Image, moving: Image, *, init: Transform | None = None, f
     check_overlap(fixed, moving, init)
     memory_mb = check_memory("vp", fixed, moving, dtype, memory_limit)
     dtype = np.dtype(dtype)
-    its = (100,) * len(tuple(shrink_factors)) if iterations is None else iterations
+    its = (ITERATIONS,) * len(tuple(shrink_factors)) if iterations is None else iterations
     schedule = dict(zip(("shrink_factors", "smoothing_sigmas", "iterations"),
                         check_schedule(shrink_factors, smoothing_sigmas, its, fixed.spacing)))
     fmask = as_mask(fixed_mask, fixed, "fixed_mask")
