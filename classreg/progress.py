@@ -82,11 +82,17 @@ class Event:
     extra: dict = field(default_factory=dict)
 
 
+#: arrays of at least this many entries go through the numba kernel (kernels.sampling.pearson_sums) when it is
+#: installed: below it numpy's own passes cost less than the call
+_KERNEL_SIZE = 65536
+
+
 def similarity(a, b, *, mask=None, weights=None, columns: bool = False) -> float:
     """The normalised similarity every solver reports: the Pearson correlation (NCC) of paired values.
 
     ``Σ (a - ā)(b - b̄) / sqrt(Σ (a - ā)² Σ (b - b̄)²)``, accumulated in float64 (float32 arrays are centred in
-    float32 and their products summed by BLAS). 1: identical up to brightness and contrast; 0: unrelated;
+    float32 and their products summed by BLAS; large host arrays go through one parallel numba pass,
+    :func:`classreg.kernels.sampling.pearson_sums`, with float64 sums throughout). 1: identical up to brightness and contrast; 0: unrelated;
     -1: inverted.
 
     Parameters
@@ -116,6 +122,17 @@ def similarity(a, b, *, mask=None, weights=None, columns: bool = False) -> float
     if a.dtype.kind != "f" or b.dtype.kind != "f" or a.dtype != b.dtype:
         a, b = a.astype(xp.float64), b.astype(xp.float64)
     w = None if weights is None else xp.asarray(weights, dtype=xp.float64).reshape(-1)
+    if (xp is np and w is None and not columns and a.size >= _KERNEL_SIZE and a.dtype.kind == "f"
+            and (mask is None or np.size(mask) == a.size)):
+        from .kernels._backend import HAVE_NUMBA
+
+        if HAVE_NUMBA:  # the per-iteration similarity of a 3-D solver: one parallel pass, no masked copies
+            from .kernels.sampling import pearson_sums
+
+            count, sab, saa, sbb = pearson_sums(a, b, mask)
+            if count < 2 or not (saa > 0 and sbb > 0 and np.isfinite(sab)):
+                return float("nan")
+            return float(np.clip(sab / np.sqrt(saa * sbb), -1.0, 1.0))
     if columns:
         a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
     else:

@@ -142,6 +142,57 @@ def _max_voxel_norm(v, h, xp, backend):
     return float(xp.max(_voxel_norm(v, h, xp)))
 
 
+def _inside_cpu(disp, h, shape, out):
+    """``out[p]``: voxel ``p``'s sample ``index + disp / h`` lies within half a voxel of the grid (template for
+    numba; ``shape`` and ``h`` tuples of 2 or 3, flat channels-last ``disp``)."""
+    n0 = shape[0]
+    n1 = shape[1]
+    if len(shape) == 2:
+        for i in prange(n0):
+            for j in range(n1):
+                p = i * n1 + j
+                x0 = i + disp[2 * p] / h[0]
+                x1 = j + disp[2 * p + 1] / h[1]
+                out[p] = -0.5 <= x0 < n0 - 0.5 and -0.5 <= x1 < n1 - 0.5
+    else:
+        n2 = shape[-1]
+        for i in prange(n0):
+            for j in range(n1):
+                for k in range(n2):
+                    p = (i * n1 + j) * n2 + k
+                    x0 = i + disp[3 * p] / h[0]
+                    x1 = j + disp[3 * p + 1] / h[1]
+                    x2 = k + disp[3 * p + 2] / h[-1]
+                    out[p] = -0.5 <= x0 < n0 - 0.5 and -0.5 <= x1 < n1 - 0.5 and -0.5 <= x2 < n2 - 0.5
+
+
+@functools.cache
+def _numba_inside():
+    import numba
+
+    ns = dict(globals())
+    ns["prange"] = numba.prange
+    return _backend.njit(parallel=True)(_backend.rebind(_inside_cpu, ns))
+
+
+def inside_grid(disp, h, *, backend=None):
+    """Where ``index + disp / h`` lies inside the grid, within half a voxel of it (ITK's ``IsInsideBuffer``):
+    a boolean array of the field's spatial shape. ``disp`` channels-last (array frame, mm), ``h`` the spacing."""
+    xp = _backend.get_array_module(disp)
+    shape = disp.shape[:-1]
+    if xp is np and _backend.resolve_backend(backend, disp) == "numba":
+        out = np.empty(int(np.prod(shape)), dtype=np.bool_)
+        _numba_inside()(np.ascontiguousarray(disp).reshape(-1), tuple(float(x) for x in h),
+                        tuple(int(x) for x in shape), out)
+        return out.reshape(shape)
+    ok = xp.ones(shape, dtype=bool)
+    for k, n in enumerate(shape):
+        idx = xp.arange(n, dtype=disp.dtype).reshape((n,) + (1,) * (len(shape) - 1 - k))
+        x = idx + disp[..., k] / disp.dtype.type(h[k])
+        ok &= (x >= -0.5) & (x < n - 0.5)
+    return ok
+
+
 def expmap(v, *, spacing=1.0, n_squarings=None, max_squarings=20, max_voxel_norm=0.5, backend=None):
     """Exponential of a stationary velocity field by scaling and squaring.
 

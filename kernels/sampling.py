@@ -522,6 +522,206 @@ def mattes_mi_fused(fv, mv, nbf, nbm, fixed_limits, moving_limits, thresholds, *
     return float(value), grad
 
 
+#: voxels per block of the dense Mattes MI kernel: its per-block minima, maxima and histograms are combined in block
+#: order, so the result does not depend on the thread count
+DENSE_MI_BLOCK = 16384
+
+prange = range  # numba.prange when compiled (_compiled_dense_mi)
+
+
+def _mi_dense_numba(f, w, g, mask, nbf, nbm, ratio, normalised, tiny, out):
+    """Mattes MI of two flat images and the steepest-descent field ``out = −∂cost/∂W · g`` (``g`` the flat,
+    channels-last gradient of ``w``; 0 where ``mask`` is 0), in three passes over blocks of voxels: the limits
+    (:func:`classreg.terms.measures.intensity_limits` of each image over the mask, the moving limiter's thresholds
+    at the true moving min/max), the Parzen histogram, and the gather. Returns ``(value, count)``; ``count = 0``
+    when no voxel is counted (``out`` untouched). ``mask`` of length 0 counts every voxel."""
+    n = f.shape[0]
+    nd = g.shape[0] // n if n else 1
+    use_mask = mask.shape[0] == n
+    blk = DENSE_MI_BLOCK
+    nblk = (n + blk - 1) // blk
+    part = np.empty((nblk, 4))
+    cnt = np.zeros(nblk, dtype=np.int64)
+    for b in prange(nblk):
+        lf, hf, lw, hw = np.inf, -np.inf, np.inf, -np.inf
+        c = 0
+        for p in range(b * blk, min(n, (b + 1) * blk)):
+            if use_mask and mask[p] == 0:
+                continue
+            fv = f[p]
+            wv = w[p]
+            lf = fv if fv < lf else lf
+            hf = fv if fv > hf else hf
+            lw = wv if wv < lw else lw
+            hw = wv if wv > hw else hw
+            c += 1
+        part[b, 0], part[b, 1], part[b, 2], part[b, 3] = lf, hf, lw, hw
+        cnt[b] = c
+    count = 0
+    lf, hf, lw, hw = np.inf, -np.inf, np.inf, -np.inf
+    for b in range(nblk):
+        count += cnt[b]
+        lf = min(lf, part[b, 0])
+        hf = max(hf, part[b, 1])
+        lw = min(lw, part[b, 2])
+        hw = max(hw, part[b, 3])
+    if count == 0:
+        return 0.0, 0
+    lof, hif = lf - ratio * (hf - lf), hf + ratio * (hf - lf)
+    lom, him = lw - ratio * (hw - lw), hw + ratio * (hw - lw)
+    smallf, smallm, bsf, bsm = _mi_setup(nbf, nbm, lof, hif, lom, him)
+    hists = np.zeros((nblk, nbf, nbm))
+    for b in prange(nblk):
+        hb = hists[b]
+        for p in range(b * blk, min(n, (b + 1) * blk)):
+            if use_mask and mask[p] == 0:
+                continue
+            _mi_add(hb, f[p], w[p], nbf, nbm, lof, hif, lom, him, lw, hw, smallf, smallm, bsf, bsm)
+    hist = np.zeros((nbf, nbm))
+    for b in range(nblk):
+        hist += hists[b]
+    table = np.empty((nbf, nbm))
+    value, scale = _mi_table(hist, count, nbf, nbm, normalised, tiny, bsm, table)
+    for b in prange(nblk):
+        for p in range(b * blk, min(n, (b + 1) * blk)):
+            q = p * nd
+            if use_mask and mask[p] == 0:
+                for k in range(nd):
+                    out[q + k] = 0.0
+                continue
+            fi, first, t, d = _mi_window(f[p], w[p], nbf, nbm, lof, hif, lom, him, lw, hw, smallf, smallm, bsf, bsm)
+            gr = _mi_grad(table, fi, first, t, d, scale)
+            for k in range(nd):
+                out[q + k] = -gr * g[q + k]
+    return value, count
+
+
+def _compiled_dense_mi():
+    if "dense_mi" not in _COMPILED:
+        import numba
+
+        ns = mi_namespace(globals())
+        ns["prange"] = numba.prange
+        ns["DENSE_MI_BLOCK"] = DENSE_MI_BLOCK
+        _COMPILED["dense_mi"] = _backend.njit(parallel=True, cache=True)(_backend.rebind(_mi_dense_numba, ns))
+    return _COMPILED["dense_mi"]
+
+
+def dense_mi_descent(fixed, warped, grad_warped, *, mask=None, bins=(32, 32), limit_range_ratio=0.01,
+                     normalised=False, tiny=1e-16):
+    """Negative Mattes (or normalised) MI of two images over ``mask`` and its steepest-descent field
+    ``−∂cost/∂W · ∇W``, in one parallel numba kernel: the dense form of :func:`mattes_mi_fused` for
+    ``register_demons(metric="mi")``, with the default limits of :func:`classreg.terms.measures.mattes_mi` (each
+    image's min/max over the mask, widened by ``limit_range_ratio``). The numpy reference is
+    :meth:`classreg.terms.DataTerm.descent` with :func:`classreg.terms.measures.mattes_mi`; the histogram is summed
+    per block of :data:`DENSE_MI_BLOCK` voxels in block order (equal to the reference to rounding, independent of
+    the thread count).
+
+    Parameters
+    ----------
+    fixed, warped : ndarray
+        Real arrays of one shape (2-D or 3-D).
+    grad_warped : ndarray, shape (*fixed.shape, ndim)
+        The gradient of ``warped`` (array frame, per mm).
+    mask : ndarray of bool, optional
+        Voxels that count (all if None); the field is 0 elsewhere.
+    bins : (int, int)
+        Fixed and moving bin counts (>= 4).
+
+    Returns
+    -------
+    (float, ndarray)
+        The cost (nats) and the field, of ``warped``'s dtype (float64 unless ``warped`` is float32).
+    """
+    f = np.ascontiguousarray(fixed).reshape(-1)
+    w = np.ascontiguousarray(warped).reshape(-1)
+    g = np.ascontiguousarray(grad_warped).reshape(-1)
+    if f.size != w.size or g.size != w.size * np.ndim(warped):
+        raise ValueError(f"fixed, warped and grad_warped do not match: {np.shape(fixed)}, {np.shape(warped)}, "
+                         f"{np.shape(grad_warped)}")
+    m = np.empty(0, dtype=np.uint8) if mask is None else np.ascontiguousarray(mask, dtype=bool).reshape(-1).view(
+        np.uint8)
+    if m.size not in (0, f.size):
+        raise ValueError(f"mask must have the images' shape {np.shape(fixed)}, got {np.shape(mask)}")
+    dtype = np.float32 if np.asarray(warped).dtype == np.float32 else np.float64
+    out = np.empty(g.size, dtype=dtype)
+    value, count = _compiled_dense_mi()(f, w, g, m, int(bins[0]), int(bins[1]), float(limit_range_ratio),
+                                        bool(normalised), float(tiny), out)
+    if count == 0:
+        raise ValueError("mask is empty (no voxel is True): pass mask=None to use every voxel")
+    if not np.isfinite(value):
+        raise ValueError("image contains NaN or Inf values; replace them (e.g. numpy.nan_to_num) or mask them out")
+    return float(value), out.reshape(np.shape(grad_warped))
+
+
+def _pearson_numba(a, b, mask):
+    """``(n, Σ a_c b_c, Σ a_c², Σ b_c²)`` of the centred pairs over ``mask`` (length 0: every entry), two passes over
+    blocks of :data:`DENSE_MI_BLOCK` entries in float64, partial sums combined in block order."""
+    n = a.shape[0]
+    use_mask = mask.shape[0] == n
+    blk = DENSE_MI_BLOCK
+    nblk = (n + blk - 1) // blk
+    part = np.zeros((nblk, 3))
+    for b_ in prange(nblk):
+        sa = 0.0
+        sb = 0.0
+        c = 0.0
+        for p in range(b_ * blk, min(n, (b_ + 1) * blk)):
+            if use_mask and mask[p] == 0:
+                continue
+            sa += a[p]
+            sb += b[p]
+            c += 1.0
+        part[b_, 0], part[b_, 1], part[b_, 2] = sa, sb, c
+    sa = 0.0
+    sb = 0.0
+    cnt = 0.0
+    for b_ in range(nblk):
+        sa += part[b_, 0]
+        sb += part[b_, 1]
+        cnt += part[b_, 2]
+    if cnt == 0:
+        return 0, 0.0, 0.0, 0.0
+    ma = sa / cnt
+    mb = sb / cnt
+    for b_ in prange(nblk):
+        sab = 0.0
+        saa = 0.0
+        sbb = 0.0
+        for p in range(b_ * blk, min(n, (b_ + 1) * blk)):
+            if use_mask and mask[p] == 0:
+                continue
+            x = a[p] - ma
+            y = b[p] - mb
+            sab += x * y
+            saa += x * x
+            sbb += y * y
+        part[b_, 0], part[b_, 1], part[b_, 2] = sab, saa, sbb
+    sab = 0.0
+    saa = 0.0
+    sbb = 0.0
+    for b_ in range(nblk):
+        sab += part[b_, 0]
+        saa += part[b_, 1]
+        sbb += part[b_, 2]
+    return int(cnt), sab, saa, sbb
+
+
+def pearson_sums(a, b, mask=None):
+    """``(n, Σ (a − ā)(b − b̄), Σ (a − ā)², Σ (b − b̄)²)`` over the entries where ``mask`` is set (all if None), for
+    :func:`classreg.progress.similarity` on large host arrays: one parallel numba kernel, float64 sums, independent
+    of the thread count."""
+    if "pearson" not in _COMPILED:
+        import numba
+
+        ns = dict(globals())
+        ns["prange"] = numba.prange
+        _COMPILED["pearson"] = _backend.njit(parallel=True, cache=True)(_backend.rebind(_pearson_numba, ns))
+    m = np.empty(0, dtype=np.uint8) if mask is None else np.ascontiguousarray(mask, dtype=bool).reshape(-1).view(
+        np.uint8)
+    return _COMPILED["pearson"](np.ascontiguousarray(a).reshape(-1), np.ascontiguousarray(b).reshape(-1), m)
+
+
 # ------------------------------------------------------------------------------------------- B-spline interpolation
 # Moving-image interpolation of B-spline order 2 or 3 at scattered points: value and the exact gradient of the
 # interpolant (elastix BSplineInterpolator / ITK BSplineInterpolateImageFunction::EvaluateValueAndDerivative). The

@@ -180,3 +180,22 @@ def test_invert_options_and_errors():
         invert(u, max_iter=-2)
     with pytest.raises(TypeError, match="u must be"):
         invert(u.astype(complex))
+
+
+@pytest.mark.skipif(not _backend.HAVE_NUMBA, reason="numba not installed")
+@pytest.mark.parametrize("shape,h", [((30, 41), (2.0, 1.5)), ((20, 31, 17), (2.0, 1.5, 1.0))])
+def test_inside_grid_numba_matches_numpy(shape, h):
+    """register_demons' "sample inside the grid" test (ITK IsInsideBuffer, half a voxel): numba against numpy, with
+    samples placed exactly on the half-voxel edges of the first axis."""
+    from classreg.kernels.fields import inside_grid
+
+    rng = np.random.default_rng(len(shape))
+    d = (rng.normal(size=(*shape, len(shape))) * 8).astype(np.float32)
+    d[0, ..., 0] = -0.5 * h[0]  # index 0 - 0.5: inside along axis 0
+    d[0, ..., 1:] = 0.0
+    d[-1, ..., 0] = 0.5 * h[0]  # index n-1 + 0.5: outside
+    ref = inside_grid(d, h, backend="numpy")
+    out = inside_grid(d, h, backend="numba")
+    assert out.dtype == bool and out.shape == shape
+    assert np.array_equal(out, ref) and 0.2 < ref.mean() < 0.95
+    assert ref[0].all() and not ref[-1].any()

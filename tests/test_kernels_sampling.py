@@ -63,6 +63,79 @@ def test_fused_mattes_mi_matches_the_reference(normalised):
     np.testing.assert_allclose(g, g_ref, rtol=1e-9, atol=1e-15 * np.abs(g_ref).max())
 
 
+@needs_numba
+@pytest.mark.parametrize("shape", [(37, 41), (30, 29, 27)])  # the 3-D case spans two blocks of the kernel
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("masked", [False, True])
+def test_dense_mi_descent_matches_the_reference(monkeypatch, shape, dtype, masked):
+    """register_demons(metric="mi")'s dense kernel against DataTerm.descent with the numpy mattes_mi."""
+    import numba
+
+    from classreg import terms
+    from classreg.kernels.sampling import dense_mi_descent
+    from classreg.terms import measures
+
+    rng = np.random.default_rng(len(shape))
+    f = (100.0 * rng.random(shape)).astype(dtype)
+    w = (np.sin(f / 30.0) + 0.3 * rng.random(shape)).astype(dtype)
+    g = rng.normal(size=(*shape, len(shape))).astype(dtype)
+    mask = rng.random(shape) > 0.3 if masked else None
+    monkeypatch.setattr(measures, "_use_fused", lambda backend: False)
+    u_ref, v_ref = terms.DataTerm.descent(terms.MattesMI(bins=(24, 30)), f, w, g, spacing=1.0, mask=mask)
+    monkeypatch.undo()
+    v, u = dense_mi_descent(f, w, g, mask=mask, bins=(24, 30))
+    assert u.dtype == dtype and u.shape == g.shape
+    assert abs(v - v_ref) <= 1e-12 * abs(v_ref)
+    tol = 1e-6 if dtype == np.float32 else 1e-10  # float32: the product with g rounded once more
+    np.testing.assert_allclose(u, u_ref, rtol=tol, atol=tol * np.abs(u_ref).max())
+    if masked:
+        assert not u[~mask].any()
+    # the MattesMI term takes this path on host arrays; the result does not depend on the thread count
+    u_term, v_term = terms.MattesMI().descent(f, w, g, spacing=1.0, mask=mask)
+    threads = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        u_one, v_one = terms.MattesMI().descent(f, w, g, spacing=1.0, mask=mask)
+    finally:
+        numba.set_num_threads(threads)
+    assert v_one == v_term and np.array_equal(u_one, u_term)
+
+
+@needs_numba
+def test_dense_mi_descent_refuses_an_empty_mask_and_nan():
+    from classreg import terms
+
+    f = np.random.default_rng(0).random((20, 20))
+    g = np.zeros((20, 20, 2))
+    with pytest.raises(ValueError, match="mask is empty"):
+        terms.MattesMI().descent(f, f, g, spacing=1.0, mask=np.zeros((20, 20), bool))
+    bad = f.copy()
+    bad[3, 4] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        terms.MattesMI().descent(f, bad, g, spacing=1.0)
+
+
+@needs_numba
+def test_similarity_kernel_path_matches_numpy(monkeypatch):
+    """progress.similarity on arrays of at least _KERNEL_SIZE entries (numba pearson_sums) against numpy's passes."""
+    import classreg.progress as progress
+
+    rng = np.random.default_rng(3)
+    a = rng.random((300, 250)).astype(np.float32)
+    b = (0.7 * a + rng.random(a.shape)).astype(np.float32)
+    mask = rng.random(a.shape) > 0.4
+    assert a.size >= progress._KERNEL_SIZE
+    fast = [progress.similarity(a, b), progress.similarity(a, b, mask=mask)]
+    monkeypatch.setattr(progress, "_KERNEL_SIZE", np.inf)
+    slow = [progress.similarity(a, b), progress.similarity(a, b, mask=mask)]
+    ref = [np.corrcoef(a.ravel(), b.ravel())[0, 1], np.corrcoef(a[mask], b[mask])[0, 1]]
+    np.testing.assert_allclose(fast, ref, rtol=1e-12)
+    np.testing.assert_allclose(slow, ref, rtol=1e-5)  # float32 centring and sums
+    monkeypatch.undo()
+    assert np.isnan(progress.similarity(a, np.ones_like(a), mask=mask))
+    assert np.isnan(progress.similarity(a, b, mask=np.zeros(a.shape, bool)))
+
+
 # ------------------------------------------------------------------------------------------- B-spline order 2/3
 @needs_numba
 @pytest.mark.parametrize("ndim", [2, 3])

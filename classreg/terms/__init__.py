@@ -167,11 +167,21 @@ class MattesMI(DataTerm):
         return self._device(fixed, warped, mask)
 
     def descent(self, fixed, warped, grad_warped, *, spacing, mask=None, moving_valid=None):
-        if not _on_device(fixed, warped):
-            return super().descent(fixed, warped, grad_warped, spacing=spacing, mask=mask,
-                                   moving_valid=moving_valid)
-        cost, u = self._device(fixed, warped, _counted(mask, moving_valid), grad_warped)
-        return u, cost
+        if _on_device(fixed, warped):
+            cost, u = self._device(fixed, warped, _counted(mask, moving_valid), grad_warped)
+            return u, cost
+        if measures._use_fused(None) and set(self.params) <= {"bins", "limit_range_ratio"}:
+            # the default limits, elastix's MI: one parallel numba kernel (kernels.sampling.dense_mi_descent)
+            from ..kernels.sampling import dense_mi_descent
+
+            measures._check_spacing(spacing, np.ndim(fixed))
+            ratio = self.params.get("limit_range_ratio", measures.LIMIT_RANGE_RATIO)
+            cost, u = dense_mi_descent(measures._as_image(fixed, "fixed"), measures._as_image(warped, "warped"),
+                                       grad_warped, mask=_counted(mask, moving_valid),
+                                       bins=measures._bins(self.params.get("bins", 32)), limit_range_ratio=ratio,
+                                       tiny=measures._PDF_TINY)
+            return u, cost
+        return super().descent(fixed, warped, grad_warped, spacing=spacing, mask=mask, moving_valid=moving_valid)
 
     def _device(self, fixed, warped, mask, grad_warped=None):
         from ..kernels.mattes_cuda import dense_mattes_mi

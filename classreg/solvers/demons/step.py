@@ -155,7 +155,7 @@ def _force(side, disp, *, forward):
         side["seen"] = (warped, other_valid)
     g_warped = gradient(warped, spacing=h, backend=backend)
     if side["descent"]:  # the unscaled descent direction, over the samples inside the moving grid
-        inside = _inside(disp, h)
+        inside = _inside(disp, h, backend)
         other_valid = inside if other_valid is None else other_valid & inside
         u, cost = side["term"].descent(target, warped, g_warped, spacing=h, mask=own_mask, moving_valid=other_valid)
         xp = get_array_module(u)
@@ -168,24 +168,20 @@ def _to_max_step(u, max_step):
     """``u`` scaled so that its longest vector is ``max_step`` (unchanged if zero): ANTs SyN's update scaling,
     applied after the update smoothing (B. Avants et al., Med. Image Anal. 12(1):26-41, 2008, §2.4; ITK
     ``SyNImageRegistrationMethod``, whose update field is smoothed, then scaled to the learning rate)."""
-    xp = get_array_module(u)
-    norm = float(xp.sqrt(xp.max(xp.sum(u * u, axis=-1)))) if u.size else 0.0
+    from ...kernels.fields import _max_voxel_norm
+
+    norm = _max_voxel_norm(u, (1.0,) * (u.ndim - 1), get_array_module(u), None) if u.size else 0.0
     if norm > 0:
         u *= max_step / norm
     return u
 
 
-def _inside(disp, h):
+def _inside(disp, h, backend=None):
     """Voxels whose sample ``index + disp/h`` lies inside the grid (within half a voxel of it, ITK's
     ``IsInsideBuffer``, as the ESM kernel tests it)."""
-    xp = get_array_module(disp)
-    shape = disp.shape[:-1]
-    ok = xp.ones(shape, dtype=bool)
-    for k, n in enumerate(shape):
-        idx = xp.arange(n, dtype=disp.dtype).reshape((n,) + (1,) * (len(shape) - 1 - k))
-        x = idx + disp[..., k] / disp.dtype.type(h[k])
-        ok &= (x >= -0.5) & (x < n - 0.5)
-    return ok
+    from ...kernels.fields import inside_grid
+
+    return inside_grid(disp, h, backend=backend)
 
 
 def _bch(v, u, terms, h, backend):
