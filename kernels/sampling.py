@@ -529,6 +529,17 @@ DENSE_MI_BLOCK = 16384
 prange = range  # numba.prange when compiled (_compiled_dense_mi)
 
 
+def _dense_window(fv, wv, nbf, nbm, offf, invf, offm, invm):
+    """:func:`_mi_window` for the dense kernel, whose limits come from the counted voxels themselves: every value lies
+    between the limiters' thresholds (no clamp, no limiter, ``d = 1``), and the bin widths enter by their reciprocals
+    (``invf``, ``invm``; ``off*`` = lower limit − small). Returns ``(fi, b, t)``."""
+    fi = min(max(int((fv - offf) * invf + 0.5), 0), nbf - 1)
+    xim = (wv - offm) * invm + 1.0
+    b = min(max(int(xim) - 1, 0), nbm - 4)
+    t = min(max(xim - (b + 1), 0.0), 1.0)
+    return fi, b, t
+
+
 def _mi_dense_numba(f, w, g, mask, nbf, nbm, ratio, normalised, tiny, out):
     """Mattes MI of two flat images and the steepest-descent field ``out = −∂cost/∂W · g`` (``g`` the flat,
     channels-last gradient of ``w``; 0 where ``mask`` is 0), in three passes over blocks of voxels: the limits
@@ -570,13 +581,19 @@ def _mi_dense_numba(f, w, g, mask, nbf, nbm, ratio, normalised, tiny, out):
     lof, hif = lf - ratio * (hf - lf), hf + ratio * (hf - lf)
     lom, him = lw - ratio * (hw - lw), hw + ratio * (hw - lw)
     smallf, smallm, bsf, bsm = _mi_setup(nbf, nbm, lof, hif, lom, him)
+    offf, invf, offm, invm = lof - smallf, 1.0 / bsf, lom - smallm, 1.0 / bsm
     hists = np.zeros((nblk, nbf, nbm))
     for b in prange(nblk):
         hb = hists[b]
         for p in range(b * blk, min(n, (b + 1) * blk)):
             if use_mask and mask[p] == 0:
                 continue
-            _mi_add(hb, f[p], w[p], nbf, nbm, lof, hif, lom, him, lw, hw, smallf, smallm, bsf, bsm)
+            fi, first, t = _dense_window(f[p], w[p], nbf, nbm, offf, invf, offm, invm)
+            w0, w1, w2, w3 = _mi_weights(t)
+            hb[fi, first] += w0
+            hb[fi, first + 1] += w1
+            hb[fi, first + 2] += w2
+            hb[fi, first + 3] += w3
     hist = np.zeros((nbf, nbm))
     for b in range(nblk):
         hist += hists[b]
@@ -589,8 +606,8 @@ def _mi_dense_numba(f, w, g, mask, nbf, nbm, ratio, normalised, tiny, out):
                 for k in range(nd):
                     out[q + k] = 0.0
                 continue
-            fi, first, t, d = _mi_window(f[p], w[p], nbf, nbm, lof, hif, lom, him, lw, hw, smallf, smallm, bsf, bsm)
-            gr = _mi_grad(table, fi, first, t, d, scale)
+            fi, first, t = _dense_window(f[p], w[p], nbf, nbm, offf, invf, offm, invm)
+            gr = _mi_grad(table, fi, first, t, 1.0, scale)
             for k in range(nd):
                 out[q + k] = -gr * g[q + k]
     return value, count
@@ -603,6 +620,7 @@ def _compiled_dense_mi():
         ns = mi_namespace(globals())
         ns["prange"] = numba.prange
         ns["DENSE_MI_BLOCK"] = DENSE_MI_BLOCK
+        ns["_dense_window"] = _backend.njit(inline="always")(_dense_window)
         _COMPILED["dense_mi"] = _backend.njit(parallel=True, cache=True)(_backend.rebind(_mi_dense_numba, ns))
     return _COMPILED["dense_mi"]
 
