@@ -785,7 +785,10 @@ def _probreg(method):
 
 
 TOOLS = {t.name: t for t in [
-    Tool("classreg_demons", "deformable", "classreg demons (SSD)", _classreg_demons(), classreg=True),
+    Tool("classreg_demons", "deformable", "classreg demons (default: SSD, MI across intensity scales)",
+         _classreg_demons(), classreg=True),
+    Tool("classreg_demons_ssd", "deformable", "classreg demons (SSD)", _classreg_demons(metric="ssd"),
+         classreg=True, quick=False),
     Tool("classreg_demons_cc", "deformable", "classreg demons (LNCC)", _classreg_demons(metric="lncc"),
          classreg=True),
     Tool("classreg_demons_mi", "deformable", "classreg demons (MI)", _classreg_demons(metric="mi"),
@@ -863,14 +866,14 @@ TOOLS = {t.name: t for t in [
 # --------------------------------------------------------------------------------------------- regularisation sweeps
 #: the one regularisation parameter that matters per deformable classreg solver (issue #22: accuracy against
 #: smoothness): (parameter, unit, values, the default's value, which the base tool's own row gives). Units: "min" /
-#: "max": multiples of the case's smallest / largest spacing (demons' velocity σ, default 4.5 × the smallest; LDDMM's
+#: "max": multiples of the case's smallest / largest spacing (demons SSD's velocity σ, default 4.5 × the smallest; LDDMM's
 #: kernel σ, default 4.5 × the largest; the earlier defaults 1.5 × and 3 × are sweep points); "mm2": the value itself
 #: (the B-spline bending weight, default 30 for MI); "count": an iteration count per pyramid level (register_vp has no
 #: smoothness term: its L-BFGS iteration cap, default 10 per level, is what limits the map's roughness; 100 was the
 #: default before session 21).
 #: docs/notes/tradeoff.md has the measured sweeps and the rule that chose the defaults.
 SWEEPS = {
-    "classreg_demons": ("velocity_sigma", "min", (0.5, 1.0, 1.5, 2.25, 3.0, 6.0), 4.5),
+    "classreg_demons_ssd": ("velocity_sigma", "min", (0.5, 1.0, 1.5, 2.25, 3.0, 6.0), 4.5),
     "classreg_demons_mi": ("velocity_sigma", "min", (0.5, 1.0, 1.5, 3.0, 4.5), 2.0),
     "classreg_lddmm": ("kernel_sigma", "max", (1.5, 2.0, 3.0, 6.0), 4.5),
     "classreg_bspline": ("bending_weight", "mm2", (0.0, 10.0, 100.0, 300.0), 30.0),
@@ -881,8 +884,8 @@ SWEEPS = {
 def _swept(base: str, param: str, which: str, factor: float):
     """``base``'s run with ``param`` = factor × the case's smallest/largest spacing (mm), = factor ("mm2"), or
     = factor on every pyramid level ("count")."""
-    factories = {"classreg_demons": _classreg_demons, "classreg_lddmm": _classreg_lddmm,
-                 "classreg_bspline": _classreg_bspline, "classreg_vp": _classreg_vp,
+    factories = {"classreg_lddmm": _classreg_lddmm, "classreg_bspline": _classreg_bspline, "classreg_vp": _classreg_vp,
+                 "classreg_demons_ssd": lambda **kw: _classreg_demons(metric="ssd", **kw),
                  "classreg_demons_mi": lambda **kw: _classreg_demons(metric="mi", **kw)}
 
     def run(case, threads, quick):

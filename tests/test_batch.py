@@ -215,7 +215,7 @@ def test_bad_cells_are_refused_before_any_work(pairs_dir, tmp_path, count_calls)
     assert "bad.csv row 2 (id 'r2'), column 'iterations': register_demons: iterations must be integers" in msg
     assert "row 3 (id 'r3'), column 'iteratons'" in msg and "did you mean 'iterations'" in msg
     assert "row 4 (id 'r4'), column 'solver'" in msg and "only rigid and affine can come before" in msg
-    assert "row 5 (id 'r5'), column 'metric': register_demons: metric must be one of 'ssd', 'lncc'" in msg
+    assert "row 5 (id 'r5'), column 'metric': register_demons: metric must be one of 'auto', 'ssd', 'lncc'" in msg
     assert "row 6 (id 'r6'), column 'callback'" in msg and "Python-only" in msg
     assert "row 7 (id 'r7'), column 'demons.init'" in msg
     assert "row 8 (id 'r8'), column 'fixed_labels'" in msg

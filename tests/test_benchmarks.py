@@ -144,7 +144,7 @@ def test_quick_run_smoke(tmp_path):
     assert ratio["quality_diff"] == pytest.approx(demons["mean_dice"] - peer["mean_dice"])
     assert payload["threads"] == 2 and "numpy" in payload["versions"] and payload["machine"]["cpu_count"]
     text = docs.read_text()
-    assert "## lung2d" in text and "| classreg demons (SSD) |" in text and "classreg vs each peer" in text
+    assert "## lung2d" in text and f"| {T.TOOLS['classreg_demons'].label} |" in text and "classreg vs each peer" in text
     if importlib.util.find_spec("matplotlib") is not None:
         assert docs.with_suffix(".png").stat().st_size > 1000
 
@@ -407,7 +407,7 @@ def test_dominance_and_tradeoff_figure(tmp_path):
     every case."""
     from benchmarks import run as R
 
-    sweep = next(t for t in T.TOOLS if t.startswith("classreg_demons@"))
+    sweep = next(t for t in T.TOOLS if t.startswith("classreg_demons_ssd@"))
 
     def row(case, tool, **kw):
         return {"case": case, "kind": "deformable", "tool": tool, "label": T.TOOLS[tool].label, "seconds": 1.0, **kw}
@@ -438,5 +438,5 @@ def test_dominance_and_tradeoff_figure(tmp_path):
     j = {(r["case"], r["tool"]): r for r in R.judge([tmp_path / "1.json", tmp_path / "2.json"], log=lines.append)}
     assert j["a", "classreg_demons"]["ok"] and j["a", "classreg_demons"]["dominated_by"] == "none"  # replaced
     assert j["a", sweep]["ok"] and not j["b", "classreg_demons"]["ok"] and not j["b", "classreg_lddmm"]["ok"]
-    assert "| classreg demons (SSD) | 1 of 2 | b | none |" in lines[-1]
+    assert f"| {T.TOOLS['classreg_demons'].label} | 1 of 2 | b | none |" in lines[-1]
     assert j["a", sweep]["below_all_peers"] and not j["a", "classreg_demons"]["below_all_peers"]

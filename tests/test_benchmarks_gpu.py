@@ -89,7 +89,8 @@ def test_gpu_rows_are_skipped_with_the_reason_and_the_run_completes(tmp_path, mo
                         out_dir=tmp_path, log=lambda s: None)
     except DataNotFoundError as exc:  # pragma: no cover - dipy data
         pytest.skip(str(exc))
-    assert payload["skipped"] == ["classreg demons (SSD) [GPU] (classreg_demons_cuda): no GPU run: test (cupy)",
+    demons = T.TOOLS["classreg_demons"].label
+    assert payload["skipped"] == [f"{demons} [GPU] (classreg_demons_cuda): no GPU run: test (cupy)",
                                   "FireANTs Greedy (GPU) (fireants_greedy_cuda): no GPU run: test (torch)"]
     assert payload["rows"] == [] and payload["device_ratios"] == []
     assert "gpus" in payload["machine"]

@@ -218,6 +218,23 @@ def check_init(init, ndim: int) -> Affine:
     return init
 
 
+def same_intensity_scale(fixed: Image, moving: Image, fmask=None, mmask=None):
+    """Whether the two images are on one intensity scale: the moving image's 0.5 and 99.5 percentiles (inside its
+    mask) lie within half the fixed image's percentile range of the fixed ones. Returns ``(same, (lo_m, hi_m),
+    (lo_f, hi_f))``. The rule behind ``intensity="auto"`` (register_lddmm) and ``metric="auto"`` (register_demons):
+    two scans of one protocol pass it, a pair from different scanners or file conventions (0-255 against raw
+    units) does not. It looks at ranges only: two modalities stored on one scale (T1 and T2 both in 0-255) pass."""
+    f = np.asarray(fixed.numpy(), dtype=np.float64)
+    m = np.asarray(moving.numpy(), dtype=np.float64)
+    f = f[np.asarray(fmask)] if fmask is not None else f
+    m = m[np.asarray(mmask)] if mmask is not None else m
+    lo_f, hi_f = (float(x) for x in np.percentile(f, [0.5, 99.5]))
+    lo_m, hi_m = (float(x) for x in np.percentile(m, [0.5, 99.5]))
+    span = hi_f - lo_f if hi_f > lo_f else max(float(np.ptp(f)), 1e-30)
+    same = abs(lo_m - lo_f) <= 0.5 * span and abs(hi_m - hi_f) <= 0.5 * span
+    return bool(same), (lo_m, hi_m), (lo_f, hi_f)
+
+
 def normalise_intensities(fixed: Image, moving: Image, fmask, intensity: str, dtype):
     """Both images on one intensity scale: [0, 1] by the fixed image's 0.5-99.5 percentiles (inside its mask),
     after histogram matching of the moving image when ``intensity == "match"`` (SimpleITK ``HistogramMatching``,

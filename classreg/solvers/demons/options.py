@@ -23,10 +23,11 @@ OPTIONS = Declaration(
         shared("init"),
         shared("fixed_mask", help="forces are computed only inside this mask of the fixed image"),
         shared("moving_mask", help="forces are computed only where the warped moving mask is set"),
-        shared("metric", choices=("ssd", "lncc", "mi"),
-               help="data term: 'ssd' (ESM demons force on intensities scaled to [0, 1]), 'lncc' (local normalised "
-                    "correlation, for pairs whose intensities differ locally) or 'mi' (Mattes mutual information, "
-                    "32 bins, for any monotone or multimodal intensity relation)"),
+        shared("metric", default="auto", choices=("auto", "ssd", "lncc", "mi"),
+               help="data term: 'auto' ('ssd' when both images are on one intensity scale, else 'mi'), 'ssd' (ESM "
+                    "demons force on intensities scaled to [0, 1]), 'lncc' (local normalised correlation, for pairs "
+                    "whose intensities differ locally) or 'mi' (Mattes mutual information, 32 bins, for any "
+                    "monotone or multimodal intensity relation)"),
         shared("shrink_factors"),
         shared("smoothing_sigmas"),
         shared("iterations", help="iteration cap per pyramid level and piece",

@@ -10,6 +10,7 @@ lowers the energy. The registration metric is the path length ``Σ_i ‖v_i‖``
 """
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
@@ -32,6 +33,7 @@ from .._common import (
     field_result,
     mean_sq,
     normalise_intensities,
+    same_intensity_scale,
     tiny_like,
     warm_key,
     warp_through,
@@ -41,6 +43,8 @@ from .step import one_piece, velocity_norm
 
 __all__ = ["register_demons"]
 
+_log = logging.getLogger("classreg")
+
 #: metric="mi": histogram bins of the Mattes MI (elastix's and ANTs' usual 32) and the default velocity σ in
 #: multiples of the smallest spacing (chosen from the benchmark sweep: docs/notes/demons.md, session 18)
 MI_BINS = 32
@@ -49,7 +53,7 @@ MI_VELOCITY_SIGMA = 2.0
 
 @declared(OPTIONS)
 def register_demons(fixed: Image, moving: Image, *, init: Transform | None = None, fixed_mask=None,
-                    moving_mask=None, metric: str = "ssd", shrink_factors=(4, 2, 1), smoothing_sigmas=None,
+                    moving_mask=None, metric: str = "auto", shrink_factors=(4, 2, 1), smoothing_sigmas=None,
                     iterations=None, velocity_sigma: float | None = None, update_sigma: float | None = None,
                     max_step: float | None = None, bch_terms: int = 2, symmetric: bool | None = None,
                     max_pieces: int = 5, piece_tol: float = 0.01, min_det_j: float = 0.05, tol: float = 1e-3,
@@ -67,7 +71,13 @@ def register_demons(fixed: Image, moving: Image, *, init: Transform | None = Non
         top of it, ``T = init ∘ exp(v_1) ∘ … ∘ exp(v_N)``.
     fixed_mask, moving_mask : Image or array, optional
         Forces are computed only inside the fixed mask and where the warped moving mask is set (every level).
-    metric : {"ssd", "lncc", "mi"}
+    metric : {"auto", "ssd", "lncc", "mi"}
+        "auto" (default): "ssd" when the two images are on one intensity scale, "mi" when they are not
+        (:func:`classreg.solvers._common.same_intensity_scale`: the moving image's 0.5-99.5 percentiles within half
+        the fixed image's range of the fixed ones; the choice is logged and recorded in ``Result.params["metric"]``).
+        SSD, even after histogram matching, assumes that equal tissue has equal intensity; a pair from different
+        scanners or file conventions breaks that, and MI does not need it (docs/notes/tradeoff.md, session 21).
+        The rule looks at ranges only: for two modalities stored on one scale (T1 and T2 both in 0-255) pass "mi".
         "ssd": the ESM demons force (Vercauteren et al. 2008, eq. 8) on intensities scaled to [0, 1];
         "lncc": the gradient of local normalised correlation (ANTs "CC", window radius ``lncc_radius`` mm),
         scaled so that its largest step is ``max_step`` — for pairs whose intensities differ locally;
@@ -171,12 +181,13 @@ def register_demons(fixed: Image, moving: Image, *, init: Transform | None = Non
     check_overlap(fixed, moving, init)
     memory_mb = check_memory("demons", fixed, moving, dtype, memory_limit, fix=", use fewer pieces (max_pieces)")
     dtype = np.dtype(dtype)
+    fmask = as_mask(fixed_mask, fixed, "fixed_mask")
+    mmask = as_mask(moving_mask, moving, "moving_mask")
+    metric = _resolve_metric(metric, fixed, moving, fmask, mmask)
     opts = _resolve(fixed, metric, iterations, velocity_sigma, update_sigma, max_step, symmetric, lncc_radius,
                     bch_terms=int(bch_terms), tol=float(tol), backend=backend)
     schedule = dict(zip(("shrink_factors", "smoothing_sigmas", "iterations"),
                         check_schedule(shrink_factors, smoothing_sigmas, opts.pop("iterations"), fixed.spacing)))
-    fmask = as_mask(fixed_mask, fixed, "fixed_mask")
-    mmask = as_mask(moving_mask, moving, "moving_mask")
     fixed_n, moving_n = normalise_intensities(fixed, moving, fmask, intensity, dtype)
     mmask_img = None if mmask is None else moving.like(np.asarray(mmask, dtype=dtype))
     if dev == "cuda":  # the working images go to the device once; the loop keeps everything there
@@ -201,7 +212,8 @@ def register_demons(fixed: Image, moving: Image, *, init: Transform | None = Non
     out["velocities"] = [to_numpy(v) for v in out["velocities"]]
     h = np.asarray(fixed.spacing_array_order)
     # the resolved entries (defaults that depend on the metric or the spacing); the declaration records the rest
-    params = dict(**schedule, **{k: v for k, v in opts.items() if k not in ("term", "backend", "scale_smoothed")},
+    params = dict(**schedule, metric=metric,
+                  **{k: v for k, v in opts.items() if k not in ("term", "backend", "scale_smoothed")},
                   memory_estimate_mb=memory_mb, **common_params(init=init, dtype=dtype, seed=seed, backend=backend))
     metrics = dict(path_length=out["path_length"], pieces=len(out["velocities"]), ssd_before=out["ssd0"],
                    ssd_after=out["ssd"], piece_norms=[velocity_norm(v, h) for v in out["velocities"]])
@@ -211,6 +223,16 @@ def register_demons(fixed: Image, moving: Image, *, init: Transform | None = Non
                         converged=out["converged"], stop_reason=out["stop_reason"], params=params, metrics=metrics,
                         timings={"total": time.perf_counter() - t_start, **prog.timings},
                         extras={"velocities": out["velocities"]})
+
+
+def _resolve_metric(metric, fixed, moving, fmask, mmask) -> str:
+    """``"auto"``: "ssd" when the images are on one intensity scale, else "mi" (logged)."""
+    if metric != "auto":
+        return metric
+    same, (lo_m, hi_m), (lo_f, hi_f) = same_intensity_scale(fixed, moving, fmask, mmask)
+    _log.info("demons: metric='auto' -> '%s' (moving 0.5-99.5 %% range [%.4g, %.4g], fixed [%.4g, %.4g])",
+              "ssd" if same else "mi", lo_m, hi_m, lo_f, hi_f)
+    return "ssd" if same else "mi"
 
 
 def _resolve(fixed: Image, metric, iterations, velocity_sigma, update_sigma, max_step, symmetric, lncc_radius,

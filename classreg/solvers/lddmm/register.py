@@ -33,6 +33,7 @@ from .._common import (
     field_result,
     mean_sq,
     normalise_intensities,
+    same_intensity_scale,
     tiny_like,
     warm_key,
     warp_through,
@@ -316,18 +317,11 @@ def _resolve(fixed: Image, moving: Image, *, metric, kernel, kernel_sigma, alpha
 
 
 def _resolve_intensity(intensity, fixed, moving, fmask, mmask) -> str:
-    """``"auto"``: ``"joint"`` when the two images are on one intensity scale -- the moving image's 0.5 and 99.5
-    percentiles lie within half the fixed image's percentile range of the fixed ones --, else ``"match"``."""
+    """``"auto"``: ``"joint"`` when the two images are on one intensity scale
+    (:func:`classreg.solvers._common.same_intensity_scale`), else ``"match"``."""
     if intensity != "auto":
         return intensity
-    f = np.asarray(fixed.numpy(), dtype=np.float64)
-    m = np.asarray(moving.numpy(), dtype=np.float64)
-    f = f[np.asarray(fmask)] if fmask is not None else f
-    m = m[np.asarray(mmask)] if mmask is not None else m
-    lo_f, hi_f = np.percentile(f, [0.5, 99.5])
-    lo_m, hi_m = np.percentile(m, [0.5, 99.5])
-    span = hi_f - lo_f if hi_f > lo_f else max(float(np.ptp(f)), 1e-30)
-    same = abs(lo_m - lo_f) <= 0.5 * span and abs(hi_m - hi_f) <= 0.5 * span
+    same, (lo_m, hi_m), (lo_f, hi_f) = same_intensity_scale(fixed, moving, fmask, mmask)
     if not same:
         _log.info("lddmm: intensity='auto' -> 'match' (moving 0.5-99.5 %% range [%.4g, %.4g], fixed [%.4g, %.4g])",
                   lo_m, hi_m, lo_f, hi_f)
