@@ -868,9 +868,9 @@ TOOLS = {t.name: t for t in [
 #: smoothness): (parameter, unit, values, the default's value, which the base tool's own row gives). Units: "min" /
 #: "max": multiples of the case's smallest / largest spacing (demons SSD's velocity σ, default 4.5 × the smallest;
 #: LDDMM's kernel σ, default 4.5 × the largest; the earlier defaults 1.5 × and 3 × are sweep points); "mm2": the value
-#: itself (the B-spline bending weight, default 30 for MI); "count": an iteration count per pyramid level (register_vp has no
-#: smoothness term: its L-BFGS iteration cap, default 10 per level, is what limits the map's roughness; 100 was the
-#: default before session 21).
+#: itself (the B-spline bending weight, default 30 for MI); "count": an iteration count per pyramid level
+#: (register_vp has no smoothness term: its L-BFGS iteration cap, default 10 per level, is what limits the map's
+#: roughness; 100 was the default before session 21).
 #: docs/notes/tradeoff.md has the measured sweeps and the rule that chose the defaults.
 SWEEPS = {
     "classreg_demons_ssd": ("velocity_sigma", "min", (0.5, 1.0, 1.5, 2.25, 3.0, 6.0), 4.5),
