@@ -92,8 +92,8 @@ def similarity(a, b, *, mask=None, weights=None, columns: bool = False) -> float
 
     ``Σ (a - ā)(b - b̄) / sqrt(Σ (a - ā)² Σ (b - b̄)²)``, accumulated in float64 (float32 arrays are centred in
     float32 and their products summed by BLAS; large host arrays go through one parallel numba pass,
-    :func:`classreg.kernels.sampling.pearson_sums`, with float64 sums throughout). 1: identical up to brightness and contrast; 0: unrelated;
-    -1: inverted.
+    :func:`classreg.kernels.sampling.pearson_sums`, with float64 sums throughout). 1: identical up to brightness and
+    contrast; 0: unrelated; -1: inverted.
 
     Parameters
     ----------
