@@ -691,17 +691,14 @@ def _pearson_numba(a, b, mask):
             sb += b[p]
             c += 1.0
         part[b_, 0], part[b_, 1], part[b_, 2] = sa, sb, c
-    sa = 0.0
-    sb = 0.0
-    cnt = 0.0
-    for b_ in range(nblk):
-        sa += part[b_, 0]
-        sb += part[b_, 1]
-        cnt += part[b_, 2]
+    tot = np.zeros(3)
+    for b_ in range(nblk):  # in block order: the sums do not depend on the thread count
+        tot += part[b_]
+    cnt = tot[2]
     if cnt == 0:
         return 0, 0.0, 0.0, 0.0
-    ma = sa / cnt
-    mb = sb / cnt
+    ma = tot[0] / cnt
+    mb = tot[1] / cnt
     for b_ in prange(nblk):
         sab = 0.0
         saa = 0.0
@@ -715,14 +712,10 @@ def _pearson_numba(a, b, mask):
             saa += x * x
             sbb += y * y
         part[b_, 0], part[b_, 1], part[b_, 2] = sab, saa, sbb
-    sab = 0.0
-    saa = 0.0
-    sbb = 0.0
+    tot[:] = 0.0
     for b_ in range(nblk):
-        sab += part[b_, 0]
-        saa += part[b_, 1]
-        sbb += part[b_, 2]
-    return int(cnt), sab, saa, sbb
+        tot += part[b_]
+    return int(cnt), tot[0], tot[1], tot[2]
 
 
 def pearson_sums(a, b, mask=None):
