@@ -234,9 +234,32 @@ def test_mi_registers_a_multimodal_pair_deterministically(rng):
     assert epe < 0.2 * epe0  # mm; measured 0.084 of 1.15 mm (SSD: 7.5 mm, it diverges)
     assert a.metrics["mi_after"] > a.metrics["mi_before"]
     assert evaluate.jacobian_stats(a.transform)["min_det"] >= 0.05
-    ssd = cr.register_demons(fixed, moving, intensity="joint")  # the SSD force cannot use this relation
+    ssd = cr.register_demons(fixed, moving, metric="ssd", intensity="joint")  # the SSD force cannot use this relation
     epe_ssd = np.linalg.norm(ssd.transform.map_points(pts) - truth.map_points(pts), axis=1).mean()
     assert epe < 0.5 * epe_ssd
+
+
+def test_auto_metric_picks_ssd_on_one_scale_and_mi_across_scales(rng, caplog):
+    """metric="auto" (the default): SSD for a pair on one intensity scale, MI for the same pair with the moving image
+    stored in other units (×250 + 40, as a 0-255 file against a [0, 1] one); the choice is logged and recorded, an
+    explicit metric is kept, and the MI run is the explicit MI run."""
+    import logging
+
+    from classreg.solvers._common import same_intensity_scale
+
+    fixed, moving, _ = _known_pair(rng, shape=(40, 44), amplitude=2.0)
+    other_units = moving.like((250.0 * moving.data + 40.0).astype(np.float32))
+    assert same_intensity_scale(fixed, moving)[0] and not same_intensity_scale(fixed, other_units)[0]
+    kw = dict(iterations=(4, 4, 4), max_pieces=2)
+    with caplog.at_level(logging.INFO, logger="classreg"):
+        same = cr.register_demons(fixed, moving, **kw)
+        across = cr.register_demons(fixed, other_units, **kw)
+    assert same.params["metric"] == "ssd" and across.params["metric"] == "mi"
+    assert "metric='auto' -> 'ssd'" in caplog.text and "metric='auto' -> 'mi'" in caplog.text
+    assert across.params["velocity_sigma"] == 2.0 and across.params["symmetric"] is False  # MI's own defaults
+    mi = cr.register_demons(fixed, other_units, metric="mi", **kw)
+    np.testing.assert_array_equal(mi.transform.displacement, across.transform.displacement)
+    assert cr.register_demons(fixed, other_units, metric="ssd", **kw).params["metric"] == "ssd"
 
 
 def test_mi_masks(rng):
