@@ -155,7 +155,9 @@ def _force(side, disp, *, forward):
         side["seen"] = (warped, other_valid)
     g_warped = gradient(warped, spacing=h, backend=backend)
     if side["descent"]:  # the unscaled descent direction, over the samples inside the moving grid
-        inside = _inside(disp, h, backend)
+        from ...kernels.fields import inside_grid
+
+        inside = inside_grid(disp, h, backend=backend)  # ITK's IsInsideBuffer, as the ESM kernel tests it
         other_valid = inside if other_valid is None else other_valid & inside
         u, cost = side["term"].descent(target, warped, g_warped, spacing=h, mask=own_mask, moving_valid=other_valid)
         xp = get_array_module(u)
@@ -174,14 +176,6 @@ def _to_max_step(u, max_step):
     if norm > 0:
         u *= max_step / norm
     return u
-
-
-def _inside(disp, h, backend=None):
-    """Voxels whose sample ``index + disp/h`` lies inside the grid (within half a voxel of it, ITK's
-    ``IsInsideBuffer``, as the ESM kernel tests it)."""
-    from ...kernels.fields import inside_grid
-
-    return inside_grid(disp, h, backend=backend)
 
 
 def _bch(v, u, terms, h, backend):
