@@ -16,7 +16,8 @@ Grid convention (plain arrays; nothing here knows about images or physical space
 
 Every public function has a numpy reference (the test oracle) and, except :func:`weights`, :func:`bending_energy`
 (small, O(grid) work) and :func:`det_gradient` (the few points near a fold), a numba CPU path (``parallel=True``,
-on-disk cache, float64 accumulation whatever the input precision). The numba bodies are plain module-level functions
+on-disk cache, float64 accumulation whatever the input precision; :func:`taps` and :func:`det_shortfall`, for the few
+points near a fold, and the per-iteration sample kernels are serial loops). The numba bodies are plain module-level functions
 compiled lazily with their globals rebound to the compiled helpers (:func:`classreg.kernels._backend.rebind`), so the
 cache key is stable across processes. All paths give the same result for any numba thread count: evaluation is
 independent per point, and :func:`adjoint` groups the points by grid cell (a stable counting sort) and visits the
@@ -55,7 +56,7 @@ from .sampling import (
 )
 
 __all__ = ["weights", "evaluate", "evaluate_with_jacobian", "adjoint", "dense", "dense_jacobian", "dense_det", "det_of",
-           "taps", "det_gradient", "bending_energy", "refine", "samples",
+           "taps", "det_gradient", "det_shortfall", "bending_energy", "refine", "samples",
            "scatter_samples", "sample_kernels", "mi_step", "mi_step_kernel", "mi_step_workspace"]
 
 #: Voxels per block of the numpy reference of :func:`dense` for a non-diagonal matrix (bounds its memory).
@@ -238,16 +239,20 @@ def _adjoint_numpy(q, values, gshape):
     return out.reshape(*gshape, nc)
 
 
+@functools.lru_cache(maxsize=64)
 def _axis_table(n_out, scale, shift, g, derivative=False):
     """Separable weight table of one axis for ``q = scale · i + shift``: clipped tap indices (n_out, 4) int64 and
     weights (n_out, 4) with 0 for taps outside ``[0, g − 1]`` (with ``derivative``: the weights' derivatives with
-    respect to ``q``)."""
+    respect to ``q``). Cached (read-only): a registration evaluates the same grids again and again."""
     c = _clamp_np((scale * np.arange(n_out, dtype=np.float64) + shift)[:, None], (g,))[:, 0]
     f = np.floor(c)
     w = np.stack((_dw4 if derivative else _w4)(c - f), axis=-1)
     idx = f.astype(np.int64)[:, None] - 1 + np.arange(4)
     valid = (idx >= 0) & (idx < g)
-    return np.ascontiguousarray(np.clip(idx, 0, g - 1)), np.ascontiguousarray(np.where(valid, w, 0.0))
+    idx, w = np.ascontiguousarray(np.clip(idx, 0, g - 1)), np.ascontiguousarray(np.where(valid, w, 0.0))
+    idx.setflags(write=False)
+    w.setflags(write=False)
+    return idx, w
 
 
 def _contract_numpy(inp, idx, w):
@@ -713,6 +718,36 @@ def _pts3_body(coeffs, q, values, out, adjoint):
                             values[p, ch] += wabc * coeffs[j0, j1, j2, ch]
 
 
+def _taps_body(q, gshape, lin, valid, der):
+    """Serial :func:`taps`: per point the clamped taps in lexicographic order (last axis fastest)."""
+    n = q.shape[1]
+    start = np.empty(n, dtype=np.int64)
+    w = np.empty((n, 4))
+    dw = np.empty((n, 4))
+    for j in range(q.shape[0]):
+        for d in range(n):
+            c = _clampc(q[j, d], gshape[d])
+            f = math.floor(c)
+            start[d] = int(f) - 1
+            w[d, 0], w[d, 1], w[d, 2], w[d, 3] = _w4(c - f)
+            dw[d, 0], dw[d, 1], dw[d, 2], dw[d, 3] = _dw4(c - f)
+        for t in range(lin.shape[1]):
+            flat = 0
+            ok = True
+            for d in range(n):
+                i = start[d] + ((t >> (2 * (n - 1 - d))) & 3)
+                ok = ok and 0 <= i < gshape[d]
+                flat = flat * gshape[d] + min(max(i, 0), gshape[d] - 1)
+            lin[j, t] = flat
+            valid[j, t] = ok
+            for d in range(n):
+                p = 1.0
+                for e in range(n):
+                    a = (t >> (2 * (n - 1 - e))) & 3
+                    p *= dw[e, a] if e == d else w[e, a]
+                der[j, t, d] = p
+
+
 #: below this many point-taps (N × 4^ndim) evaluate/adjoint run the serial loops :func:`_pts2_body`/`_pts3_body`
 SERIAL_TAPS = 1 << 20
 
@@ -733,7 +768,7 @@ def _numba():
               "_contract_body", "_cell_ids", "_adj2_body", "_adj3_body", "_det_body")
     kernels = {name: njit(parallel=True)(rb(globals()[name], ns)) for name in bodies}
     kernels["_cellsort"] = ns["_cellsort"]
-    for name in ("_pts2_body", "_pts3_body"):
+    for name in ("_pts2_body", "_pts3_body", "_taps_body"):
         kernels[name] = njit(rb(globals()[name], ns))
     return kernels
 
@@ -1014,12 +1049,22 @@ def det_of(du, frame, *, backend=None):
     return np.linalg.det(jac)
 
 
-def taps(q, gshape):
+def taps(q, gshape, *, backend=None):
     """The taps of points ``q`` (N, ndim) on a grid of shape ``gshape``, for :func:`det_gradient`: flat control-point
     index ``lin`` (N, 4^ndim) (clipped), ``valid`` (N, 4^ndim) and the weights' derivatives ``der`` (N, 4^ndim, ndim)
-    with ``der[j, t, d] = ∂(Π_e β3(q_je − k_e))/∂q_d`` for tap ``t``'s control point ``k``."""
+    with ``der[j, t, d] = ∂(Π_e β3(q_je − k_e))/∂q_d`` for tap ``t``'s control point ``k`` (taps in lexicographic
+    order of their offsets, the last axis fastest; numba: one serial loop, for the few points near a fold)."""
+    gshape = _check_gshape(gshape)
+    q = _check_points(q, len(gshape))
+    if _resolve(backend, q) == "numba":
+        ntap = 4 ** len(gshape)
+        lin = np.empty((len(q), ntap), dtype=np.int64)
+        valid = np.empty((len(q), ntap), dtype=np.bool_)
+        der = np.empty((len(q), ntap, len(gshape)))
+        _numba()["_taps_body"](_f64(q), np.asarray(gshape, dtype=np.int64), lin, valid, der)
+        return lin, valid, der
     lins, valids, ders = [], [], []
-    for lin, valid, _, dps in _taps_numpy(_check_points(q, len(gshape)), tuple(gshape), True):
+    for lin, valid, _, dps in _taps_numpy(q, gshape, True):
         lins.append(lin)
         valids.append(valid)
         ders.append(np.stack(dps, axis=-1))
@@ -1075,6 +1120,122 @@ def det_gradient(coeffs, q, frame, *, tap_table=None):
     grad *= valid[..., None]
     return det, lin, grad
 
+
+def _shortfall_body(cflat, lin, valid, der, frame, target, scale, det, grad):
+    """Serial: ``det[j] = det(I + Σ_t c[lin_jt] ⊗ der_jt · frame)``, the value ``Σ_j (target − scale det_j)₊²`` and
+    its gradient accumulated into the zeroed ``grad`` (G, n), point by point in order."""
+    n = frame.shape[0]
+    jac = np.empty((3, 3))
+    cof = np.empty((3, 3))
+    dl = np.empty(3)
+    value = 0.0
+    for j in range(lin.shape[0]):
+        for a in range(n):
+            for b in range(n):
+                jac[a, b] = 1.0 if a == b else 0.0
+        for t in range(lin.shape[1]):
+            if not valid[j, t]:
+                continue
+            k = lin[j, t]
+            for b in range(n):
+                s = 0.0
+                for d in range(n):
+                    s += der[j, t, d] * frame[d, b]
+                dl[b] = s
+            for a in range(n):
+                ca = cflat[k, a]
+                for b in range(n):
+                    jac[a, b] += ca * dl[b]
+        if n == 2:
+            dj = jac[0, 0] * jac[1, 1] - jac[0, 1] * jac[1, 0]
+            cof[0, 0] = jac[1, 1]
+            cof[0, 1] = -jac[1, 0]
+            cof[1, 0] = -jac[0, 1]
+            cof[1, 1] = jac[0, 0]
+        else:
+            for a in range(3):
+                a1 = (a + 1) % 3
+                a2 = (a + 2) % 3
+                for b in range(3):
+                    b1 = (b + 1) % 3
+                    b2 = (b + 2) % 3
+                    cof[a, b] = jac[a1, b1] * jac[a2, b2] - jac[a1, b2] * jac[a2, b1]
+            dj = jac[0, 0] * cof[0, 0] + jac[0, 1] * cof[0, 1] + jac[0, 2] * cof[0, 2]
+        det[j] = dj
+        short = target - scale * dj
+        if short <= 0.0:
+            continue
+        value += short * short
+        f = -2.0 * scale * short
+        for t in range(lin.shape[1]):
+            if not valid[j, t]:
+                continue
+            k = lin[j, t]
+            for b in range(n):
+                s = 0.0
+                for d in range(n):
+                    s += der[j, t, d] * frame[d, b]
+                dl[b] = s
+            for a in range(n):
+                s = 0.0
+                for b in range(n):
+                    s += dl[b] * cof[a, b]
+                grad[k, a] += f * s
+    return value
+
+
+@functools.cache
+def _shortfall_kernel():
+    return _backend.njit(_shortfall_body)
+
+
+def det_shortfall(coeffs, q, frame, target, *, scale=1.0, tap_table=None, backend=None):
+    """The fold penalty ``Σ_j (target − scale · det_j)₊²`` at points ``q`` and its gradient with respect to the
+    coefficients, with ``det_j`` the determinant of :func:`det_gradient` (the objective of a fold projection,
+    :mod:`classreg.solvers.parametric.folds`; serial, in point order: deterministic).
+
+    Parameters
+    ----------
+    coeffs : ndarray (*gshape, ndim)
+    q : ndarray (N, ndim)
+        Points in grid-index coordinates.
+    frame : ndarray (ndim, ndim)
+        ``frame[d, l] = ∂q_d/∂y_l``.
+    target : float
+        The value below which ``scale · det`` is penalised.
+    scale : float
+        A constant factor of the determinant (``det ∇T = det ∇B · det(pre)`` for an initial affine ``pre``).
+    tap_table : tuple, optional
+        :func:`taps` of ``q``.
+    backend : {None, "numpy", "numba"}
+
+    Returns
+    -------
+    value : float
+    det : ndarray (N,)
+        ``det(I + ∂u/∂q · frame)`` (without ``scale``).
+    grad : ndarray (*gshape, ndim)
+        ``∂value/∂coeffs``.
+    """
+    coeffs = _check_coeffs(coeffs)
+    gshape = coeffs.shape[:-1]
+    nd = len(gshape)
+    if coeffs.shape[-1] != nd:
+        raise ValueError(f"coeffs must have {nd} components (one per axis), got {coeffs.shape[-1]}")
+    lin, valid, der = taps(q, gshape, backend=backend) if tap_table is None else tap_table
+    target, scale = float(target), float(scale)
+    if _resolve(backend, coeffs) == "numpy":
+        det, lin, g = det_gradient(coeffs, q, frame, tap_table=(lin, valid, der))
+        short = np.maximum(0.0, target - scale * det)
+        g = g * (-2.0 * scale * short)[:, None, None]
+        grad = np.stack([np.bincount(lin.ravel(), weights=g[..., c].ravel(), minlength=int(np.prod(gshape)))
+                         for c in range(nd)], axis=-1)
+        return float(short @ short), det, grad.reshape(coeffs.shape)
+    det = np.empty(lin.shape[0])
+    grad = np.zeros((int(np.prod(gshape)), nd))
+    value = _shortfall_kernel()(_f64(coeffs).reshape(-1, nd), np.ascontiguousarray(lin, dtype=np.int64),
+                                np.ascontiguousarray(valid), _f64(der), _f64(frame), target, scale, det, grad)
+    return float(value), det, grad.reshape(coeffs.shape)
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Bending energy

@@ -452,3 +452,44 @@ def test_det_of_and_det_gradient(nd):
     assert abs(analytic - fd) <= 1e-6 * abs(fd), (analytic, fd)
     with pytest.raises(ValueError, match="components"):
         bs.det_gradient(c[..., :1], q, frame)
+
+
+@pytest.mark.parametrize("nd", [2, 3])
+def test_taps_numba_matches_the_reference(nd):
+    """taps: the numba loop gives the numpy reference's tap indices and validity exactly and its weight derivatives
+    to rounding, for points inside, near and beyond the grid and a NaN (treated as far outside)."""
+    rng = np.random.default_rng(20 + nd)
+    gshape = (7, 8, 6)[:nd]
+    q = rng.uniform(-4.0, 10.0, size=(300, nd))
+    q[0, 0] = np.nan
+    ref = bs.taps(q, gshape, backend="numpy")
+    got = bs.taps(q, gshape, backend="numba")
+    assert np.array_equal(got[0], ref[0]) and np.array_equal(got[1], ref[1])
+    assert got[1].any() and not got[1].all()
+    np.testing.assert_allclose(got[2], ref[2], rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("nd", [2, 3])
+def test_det_shortfall_value_gradient_and_backends(nd):
+    """det_shortfall: its determinant is det_gradient's; its value Σ (t − s·det)₊² and its gradient agree between the
+    numba loop and the numpy reference (1e-12) and with central differences of the value (a piecewise polynomial
+    of the coefficients; 1e-5 relative with h = 1e-6, away from the kink of (·)₊ for these random points)."""
+    rng = np.random.default_rng(30 + nd)
+    c = rng.normal(scale=0.6, size=(7,) * nd + (nd,))
+    q = rng.uniform(1.0, 5.0, size=(120, nd))
+    frame = rng.normal(size=(nd, nd))
+    target, scale = 0.4, 1.3
+    det = bs.det_gradient(c, q, frame)[0]
+    short = scale * det < target
+    assert 0.1 < short.mean() < 0.9  # both sides of the kink occur
+    out = {be: bs.det_shortfall(c, q, frame, target, scale=scale, backend=be) for be in ("numpy", "numba")}
+    for value, d, grad in out.values():
+        np.testing.assert_allclose(d, det, rtol=0, atol=1e-12)
+        assert value == pytest.approx(float(np.sum((target - scale * det[short]) ** 2)), rel=1e-12)
+        assert grad.shape == c.shape
+    close(out["numba"][2], out["numpy"][2])
+    d, h = rng.normal(size=c.shape), 1e-6
+    fd = (bs.det_shortfall(c + h * d, q, frame, target, scale=scale)[0]
+          - bs.det_shortfall(c - h * d, q, frame, target, scale=scale)[0]) / (2 * h)
+    analytic = float(np.sum(out["numba"][2] * d))
+    assert abs(analytic - fd) <= 1e-5 * abs(fd), (analytic, fd)

@@ -12,7 +12,7 @@ end): projected stochastic gradient descent. The projection is computed where it
 3. the nearest coefficients (Euclidean norm of the change, mm) that meet them, by a quadratic penalty
    ``½‖c − c₀‖² + μ Σ (target − det)₊²`` minimised with L-BFGS for μ = 100, 1000, … (a penalty method: J. Nocedal,
    S. J. Wright, *Numerical Optimization*, 2nd ed., 2006, §17.1), with the exact gradient of ``det`` in the
-   coefficients (:func:`classreg.kernels.bspline.det_gradient`);
+   coefficients (:func:`classreg.kernels.bspline.det_shortfall`);
 4. again from 1 until every voxel is at or above ``min_det_j`` (at most :data:`ROUNDS` rounds; along the
    optimisation one round, unchecked: only the final projection must meet the floor).
 
@@ -28,7 +28,7 @@ import numpy as np
 from scipy.ndimage import binary_dilation
 from scipy.optimize import minimize
 
-from ...kernels.bspline import dense_det, det_gradient, taps
+from ...kernels.bspline import dense_det, det_shortfall, taps
 
 __all__ = ["PROJECT_EVERY", "PROJECT_STRIDE", "FoldProjection"]
 
@@ -76,6 +76,7 @@ class FoldProjection:
         self.scale = float(np.linalg.det(pre.homogeneous[:n, :n]))  # det ∇T = det ∇B · det(pre)
         self.floor = float(min_det_j)
         self.target = (1.0 + MARGIN) * self.floor
+        self.backend = "numpy" if model.backend == "numpy" else None  # the kernels' numpy reference, or numba
         self.projections = 0  # projections that changed the coefficients
         self.mu = MU_START
 
@@ -86,9 +87,8 @@ class FoldProjection:
 
     def dets(self, p) -> np.ndarray:
         """``det ∇T`` at every voxel centre (the flat voxel order of the image)."""
-        backend = "numpy" if self.model.backend == "numpy" else None
         return dense_det(np.asarray(p, dtype=np.float64).reshape(self.model.shape), self.shape, self.matrix,
-                         self.offset, self.frame, backend=backend) * self.scale
+                         self.offset, self.frame, backend=self.backend) * self.scale
 
     def _points(self, flat) -> np.ndarray:
         idx = np.stack(np.unravel_index(flat, self.shape), axis=1).astype(np.float64)
@@ -116,7 +116,7 @@ class FoldProjection:
         n = self.model.ndim
         gshape = self.model.shape[:-1]
         low = np.flatnonzero(det < self.target)
-        lin, valid, _ = taps(self._points(low), gshape)
+        lin, valid, _ = taps(self._points(low), gshape, backend=self.backend)
         free = np.unique(lin[valid])  # the control points whose support holds a voxel below the target
         # voxels that depend on a freed control point: within 2 grid cells of one (the cubic support)
         near = np.zeros(gshape, dtype=bool)
@@ -127,25 +127,18 @@ class FoldProjection:
         cell = np.clip(np.round(q).astype(int), 0, np.asarray(gshape) - 1)
         keep = near[tuple(cell.T)]
         q = q[keep]
-        table = taps(q, gshape)
-        pos = np.full(int(np.prod(gshape)), -1)
-        pos[free] = np.arange(len(free))
+        table = taps(q, gshape, backend=self.backend)
         flat = c.reshape(-1, n)
         x0 = flat[free].ravel()
+        trial = flat.copy()
+        backend = self.backend
 
         def objective(x):
-            trial = flat.copy()
             trial[free] = x.reshape(-1, n)
-            d, ln, gr = det_gradient(trial.reshape(self.model.shape), q, self.frame, tap_table=table)
-            short = np.maximum(0.0, self.target - d * self.scale)
-            k = pos[ln]
-            use = k >= 0
-            gr = gr * (-2.0 * mu * self.scale * short)[:, None, None]  # ∂(μ Σ short²)/∂c per tap
-            g = np.zeros((len(free), n))
-            for comp in range(n):
-                g[:, comp] = np.bincount(k[use], weights=gr[..., comp][use], minlength=len(free))
+            value, _, g = det_shortfall(trial.reshape(self.model.shape), q, self.frame, self.target, scale=self.scale,
+                                        tap_table=table, backend=backend)
             dx = x - x0
-            return 0.5 * float(dx @ dx) + mu * float(short @ short), dx + g.ravel()
+            return 0.5 * float(dx @ dx) + mu * value, dx + mu * g.reshape(-1, n)[free].ravel()
 
         x, mu = x0.copy(), self.mu
         while True:
@@ -153,7 +146,8 @@ class FoldProjection:
                          options={"maxiter": 1000, "gtol": 1e-10, "ftol": FTOL}).x
             out = flat.copy()
             out[free] = x.reshape(-1, n)
-            d = det_gradient(out.reshape(self.model.shape), q, self.frame, tap_table=table)[0]
+            d = det_shortfall(out.reshape(self.model.shape), q, self.frame, self.target, tap_table=table,
+                              backend=backend)[1]
             if d.min() * self.scale >= self.floor or mu >= MU_MAX:
                 self.mu = mu  # the next projection starts from the weight this one needed
                 return out.ravel()
