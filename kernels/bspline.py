@@ -1127,7 +1127,7 @@ def _shortfall_body(cflat, lin, valid, der, frame, target, scale, det, grad):
     n = frame.shape[0]
     jac = np.empty((3, 3))
     cof = np.empty((3, 3))
-    dl = np.empty(3)
+    dl = np.empty((lin.shape[1], 3))  # per tap: its weight derivative along the physical axes
     value = 0.0
     for j in range(lin.shape[0]):
         for a in range(n):
@@ -1141,11 +1141,11 @@ def _shortfall_body(cflat, lin, valid, der, frame, target, scale, det, grad):
                 s = 0.0
                 for d in range(n):
                     s += der[j, t, d] * frame[d, b]
-                dl[b] = s
+                dl[t, b] = s
             for a in range(n):
                 ca = cflat[k, a]
                 for b in range(n):
-                    jac[a, b] += ca * dl[b]
+                    jac[a, b] += ca * dl[t, b]
         if n == 2:
             dj = jac[0, 0] * jac[1, 1] - jac[0, 1] * jac[1, 0]
             cof[0, 0] = jac[1, 1]
@@ -1168,19 +1168,12 @@ def _shortfall_body(cflat, lin, valid, der, frame, target, scale, det, grad):
         value += short * short
         f = -2.0 * scale * short
         for t in range(lin.shape[1]):
-            if not valid[j, t]:
-                continue
-            k = lin[j, t]
-            for b in range(n):
-                s = 0.0
-                for d in range(n):
-                    s += der[j, t, d] * frame[d, b]
-                dl[b] = s
-            for a in range(n):
-                s = 0.0
-                for b in range(n):
-                    s += dl[b] * cof[a, b]
-                grad[k, a] += f * s
+            if valid[j, t]:
+                for a in range(n):
+                    s = 0.0
+                    for b in range(n):
+                        s += dl[t, b] * cof[a, b]
+                    grad[lin[j, t], a] += f * s
     return value
 
 
