@@ -244,6 +244,18 @@ def _numba_stream(ptr: int):
 SERIAL_BELOW = int(os.environ.get("CLASSREG_SERIAL_BELOW", 1 << 16))
 
 
+#: scipy.fft / pocketfft calls on fewer elements than this run on one thread: pocketfft starts its threads per call,
+#: which costs more than they save on small arrays (measured on 2 cores, one r2c pass: 12 × 60² fields 65 µs with one
+#: thread, 188 µs with two; 12 × 120² 311 vs 536 µs; 3 × 30×36×30 90 vs 355 µs; 3 × 40×48×40 236 vs 225 µs; 12 × 250²
+#: 2.4 vs 0.9 ms; an rfftn of 60×64 float32 16 vs 199 µs, 450×512 613 vs 717 µs)
+FFT_PARALLEL_MIN = 1 << 18
+
+
+def fft_workers(n_elements: int, workers: int | None = None) -> int:
+    """The ``workers`` of a host FFT over ``n_elements`` (all cores for None): 1 below :data:`FFT_PARALLEL_MIN`."""
+    return (-1 if workers is None else int(workers)) if n_elements >= FFT_PARALLEL_MIN else 1
+
+
 @contextlib.contextmanager
 def serial_below(n_items: int, threshold: int | None = None):
     """Context in which numba's parallel kernels use one thread if ``n_items < threshold`` (default

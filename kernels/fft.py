@@ -118,7 +118,8 @@ class CachedCorrelator:
     out_shape : tuple of int, optional
         Grid of the circular correlation (``mode="circular"`` only; default the larger of both shapes).
     workers : int, optional
-        Threads for :mod:`scipy.fft` (None: all cores). Ignored for CuPy arrays.
+        Threads for :mod:`scipy.fft` (None: all cores); FFT grids under
+        :data:`classreg.kernels._backend.FFT_PARALLEL_MIN` elements use one. Ignored for CuPy arrays.
     backend : {None, "numpy", "numba", "cuda"}, optional
         Validated and recorded; the array module follows the arrays (CuPy -> cupy.fft).
 
@@ -147,7 +148,8 @@ class CachedCorrelator:
         self.n_channels = len(chans)
         self.dtype = _result_dtype(*chans)
         self._xp = xp
-        self._workers = -1 if workers is None else workers
+        # small FFTs (the coarse levels of a search) run on one thread: see _backend.FFT_PARALLEL_MIN
+        self._workers = _backend.fft_workers(int(np.prod(self.fft_shape)), workers)
         self._spectra = [self._rfftn(c.astype(self.dtype, copy=False)) for c in chans]
         if xp is not np and self._take is not None:  # the same indices, built on the device (no upload)
             self._take = [(xp.arange(no) - (nb - 1)) % nf

@@ -468,7 +468,7 @@ class FourierOperator:
         if xp is np:
             import scipy.fft as sfft
 
-            w = -1 if workers is None else workers
+            w = _backend.fft_workers(int(np.prod(self.fft_shape)) * (v.shape[-1] if chan else 1), workers)
             f = sfft.rfftn(v, s=self.fft_shape, axes=axes, workers=w)
             f *= sym
             out = sfft.irfftn(f, s=self.fft_shape, axes=axes, workers=w)
@@ -483,7 +483,8 @@ class FourierOperator:
     def apply(self, v, *, workers=None):
         """Apply K (the smoothing operator) to a scalar ``shape`` array or a channels-last ``shape + (C,)`` field.
 
-        ``workers`` is passed to :mod:`scipy.fft` (None: all cores); ignored for CuPy arrays.
+        ``workers`` is passed to :mod:`scipy.fft` (None: all cores; one thread below
+        :data:`classreg.kernels._backend.FFT_PARALLEL_MIN` elements); ignored for CuPy arrays.
         """
         return self._run(v, "fwd", "v", workers)
 

@@ -73,3 +73,12 @@ def test_launch_hands_cupy_arrays_to_numba_without_stream_syncs(monkeypatch):
     assert launched == [((4, 256, "stream 1234"), (("view", dev), host, 2.0, (1, 2)))]
     _backend.launch(Kernel(), 10, host, 3)  # no device array: numba's own launch, default stream
     assert launched[-1] == ((1, 256), (host, 3)) and len(converted) == 1
+
+
+def test_fft_workers_single_thread_below_the_threshold():
+    """Host FFTs below FFT_PARALLEL_MIN elements get one worker (pocketfft starts its threads per call, which costs
+    more than a second thread saves there); at or above it the caller's count, all cores (-1) by default."""
+    from classreg.kernels._backend import FFT_PARALLEL_MIN, fft_workers
+
+    assert fft_workers(60 * 64) == 1 and fft_workers(FFT_PARALLEL_MIN - 1, 4) == 1
+    assert fft_workers(FFT_PARALLEL_MIN) == -1 and fft_workers(4 * FFT_PARALLEL_MIN, 3) == 3

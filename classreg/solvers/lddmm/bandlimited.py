@@ -35,7 +35,7 @@ import numpy as np
 import scipy.fft as sfft
 
 from ...backend import thread_count
-from ...kernels._backend import get_array_module
+from ...kernels._backend import FFT_PARALLEL_MIN, get_array_module
 from ...kernels.epdiff import trace_back, trace_back_adjoint
 
 try:  # pocketfft's transforms without scipy.fft's per-call argument handling (~50 µs, 15 % of a 2-D evaluation)
@@ -60,14 +60,8 @@ def _band_index(k, n=None, xp=np):
     return xp.concatenate((xp.arange(0, k + 1), xp.arange(-k if n is None else n - k, 0 if n is None else n)))
 
 
-#: FFT calls on fewer elements than this run on one thread: pocketfft starts its threads per call, which cost more
-#: than they save on small arrays (measured on 2 cores, one r2c pass: 12 × 60² fields 65 µs with one thread, 188 µs
-#: with two; 12 × 120² 311 vs 536 µs; 3 × 30×36×30 90 vs 355 µs; 3 × 40×48×40 236 vs 225 µs; 12 × 250² 2.4 vs 0.9 ms)
-FFT_PARALLEL_MIN = 1 << 18
-
-
 def _threads(a, nthreads):
-    return nthreads if a.size >= FFT_PARALLEL_MIN else 1
+    return nthreads if a.size >= FFT_PARALLEL_MIN else 1  # see kernels._backend.FFT_PARALLEL_MIN
 
 
 def _r2c(a, axis, nthreads, xp=np):

@@ -95,8 +95,8 @@ OPTIONS = Declaration(
         shared("dtype", help="precision of the similarity measure"),
         shared("seed", help="seed of the rotation sampling and perturbations (same inputs + seed ⇒ the same "
                             "result)"),
-        Option("workers", None, "threads of the FFTs (scipy.fft)", kind="int", low=1,
-               default_text="the numba thread count (NUMBA_NUM_THREADS or all cores)"),
+        Option("workers", None, "threads of the FFTs (scipy.fft; FFT grids under 2^18 elements use one)",
+               kind="int", low=1, default_text="the numba thread count (NUMBA_NUM_THREADS or all cores)"),
         shared("threads"),
         shared("memory_limit"),
         shared("time_limit"),
