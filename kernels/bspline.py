@@ -17,9 +17,9 @@ Grid convention (plain arrays; nothing here knows about images or physical space
 Every public function has a numpy reference (the test oracle) and, except :func:`weights`, :func:`bending_energy`
 (small, O(grid) work) and :func:`det_gradient` (the few points near a fold), a numba CPU path (``parallel=True``,
 on-disk cache, float64 accumulation whatever the input precision; :func:`taps` and :func:`det_shortfall`, for the few
-points near a fold, and the per-iteration sample kernels are serial loops). The numba bodies are plain module-level functions
-compiled lazily with their globals rebound to the compiled helpers (:func:`classreg.kernels._backend.rebind`), so the
-cache key is stable across processes. All paths give the same result for any numba thread count: evaluation is
+points near a fold, and the per-iteration sample kernels are serial loops). The numba bodies are plain module-level
+functions compiled lazily with their globals rebound to the compiled helpers (:func:`classreg.kernels._backend.rebind`),
+so the cache key is stable across processes. All paths give the same result for any numba thread count: evaluation is
 independent per point, and :func:`adjoint` groups the points by grid cell (a stable counting sort) and visits the
 cells in 4^ndim colour classes whose control-point supports are disjoint, so every coefficient is accumulated by one
 thread, in a fixed order.
@@ -1229,6 +1229,7 @@ def det_shortfall(coeffs, q, frame, target, *, scale=1.0, tap_table=None, backen
     value = _shortfall_kernel()(_f64(coeffs).reshape(-1, nd), np.ascontiguousarray(lin, dtype=np.int64),
                                 np.ascontiguousarray(valid), _f64(der), _f64(frame), target, scale, det, grad)
     return float(value), det, grad.reshape(coeffs.shape)
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Bending energy
