@@ -465,8 +465,58 @@ def _mi_fused_numba(fv, mv, nbf, nbm, lof, hif, lom, him, tlo, thi, normalised, 
     return value, grad
 
 
+def _mi_table_smooth(hist, n, nbf, nbm, eps, bsm, table):
+    """:func:`_mi_table` of the smoothed MI, ``−MI = H_FM − H_F − H_M`` with every entropy ``H(q) = −Σ q log(q +
+    eps)`` over all bins (:func:`classreg.terms.measures.mattes_mi_samples` with ``eps > 0``): ``table`` is
+    ``−(H'(p) − H'(p_M))`` with ``H'(q) = −log(q + eps) − q / (q + eps)``, gathered with the scale ``−1 / (n ·
+    binsize_M)`` as :func:`_mi_table`'s (``p_F`` does not move with the moving values; the device twin is
+    :func:`classreg.kernels.mattes_cuda.mi_table`)."""
+    p = hist / n
+    pf = np.zeros(nbf)
+    pm = np.zeros(nbm)
+    for i in range(nbf):
+        for k in range(nbm):
+            pf[i] += p[i, k]
+            pm[k] += p[i, k]
+    value = 0.0
+    dm = np.empty(nbm)
+    for i in range(nbf):
+        value += pf[i] * np.log(pf[i] + eps)
+    for k in range(nbm):
+        value += pm[k] * np.log(pm[k] + eps)
+        dm[k] = np.log(pm[k] + eps) + pm[k] / (pm[k] + eps)
+    for i in range(nbf):
+        for k in range(nbm):
+            q = p[i, k]
+            lg = np.log(q + eps)
+            value -= q * lg
+            table[i, k] = lg + q / (q + eps) - dm[k]
+    return value, -1.0 / (n * bsm)
+
+
+def _mi_smooth_numba(fv, mv, nbf, nbm, lof, hif, lom, him, tlo, thi, eps):
+    """:func:`_mi_fused_numba` of the smoothed MI (:func:`_mi_table_smooth`)."""
+    n = fv.shape[0]
+    smallf, smallm, bsf, bsm = _mi_setup(nbf, nbm, lof, hif, lom, him)
+    fidx = np.empty(n, dtype=np.int64)
+    first = np.empty(n, dtype=np.int64)
+    tt = np.empty(n)
+    dlim = np.empty(n)
+    hist = np.zeros((nbf, nbm))
+    for j in range(n):
+        fidx[j], first[j], tt[j], dlim[j] = _mi_add(hist, fv[j], mv[j], nbf, nbm, lof, hif, lom, him, tlo, thi,
+                                                    smallf, smallm, bsf, bsm)
+    table = np.empty((nbf, nbm))
+    value, scale = _mi_table_smooth(hist, n, nbf, nbm, eps, bsm, table)
+    grad = np.empty(n)
+    for j in range(n):
+        grad[j] = _mi_grad(table, fidx[j], first[j], tt[j], dlim[j], scale)
+    return value, grad
+
+
 #: the Mattes MI helpers, compiled inline into the fused kernels (here and in classreg.kernels.bspline)
-MI_HELPERS = ("_limit", "_mi_setup", "_mi_window", "_mi_weights", "_mi_add", "_mi_table", "_mi_grad")
+MI_HELPERS = ("_limit", "_mi_setup", "_mi_window", "_mi_weights", "_mi_add", "_mi_table", "_mi_table_smooth",
+              "_mi_grad")
 
 
 def mi_namespace(ns):
@@ -480,10 +530,12 @@ def mi_namespace(ns):
     return ns
 
 
-def _compiled_mi():
-    if "mi" not in _COMPILED:
-        _COMPILED["mi"] = _backend.njit(cache=True)(_backend.rebind(_mi_fused_numba, mi_namespace(globals())))
-    return _COMPILED["mi"]
+def _compiled_mi(smooth=False):
+    key = "mi_smooth" if smooth else "mi"
+    if key not in _COMPILED:
+        body = _mi_smooth_numba if smooth else _mi_fused_numba
+        _COMPILED[key] = _backend.njit(cache=True)(_backend.rebind(body, mi_namespace(globals())))
+    return _COMPILED[key]
 
 
 def mattes_mi_kernel():
@@ -492,11 +544,13 @@ def mattes_mi_kernel():
     return _compiled_mi()
 
 
-def mattes_mi_fused(fv, mv, nbf, nbm, fixed_limits, moving_limits, thresholds, *, normalised=False, tiny=1e-16):
+def mattes_mi_fused(fv, mv, nbf, nbm, fixed_limits, moving_limits, thresholds, *, normalised=False, tiny=1e-16,
+                    eps=0.0):
     """Negative Mattes (or normalised) mutual information of paired samples and its per-sample derivative, in one
     numba pass: elastix's limiters, the box x cubic B-spline Parzen histogram, the marginals, the log-ratio table and
     the gather. The numpy reference is :func:`classreg.terms.measures.mattes_mi_samples` with
-    ``backend="numpy"`` (same formulas, documented there).
+    ``backend="numpy"`` (same formulas, documented there); ``eps > 0`` is its smoothed MI (not with
+    ``normalised``).
 
     Parameters
     ----------
@@ -514,11 +568,15 @@ def mattes_mi_fused(fv, mv, nbf, nbm, fixed_limits, moving_limits, thresholds, *
     (float, ndarray)
         The cost and ``∂cost/∂mv``.
     """
-    fn = _compiled_mi()
-    value, grad = fn(np.ascontiguousarray(fv, dtype=np.float64), np.ascontiguousarray(mv, dtype=np.float64),
-                     int(nbf), int(nbm), float(fixed_limits[0]), float(fixed_limits[1]), float(moving_limits[0]),
-                     float(moving_limits[1]), float(thresholds[0]), float(thresholds[1]), bool(normalised),
-                     float(tiny))
+    args = (np.ascontiguousarray(fv, dtype=np.float64), np.ascontiguousarray(mv, dtype=np.float64), int(nbf),
+            int(nbm), float(fixed_limits[0]), float(fixed_limits[1]), float(moving_limits[0]),
+            float(moving_limits[1]), float(thresholds[0]), float(thresholds[1]))
+    if eps > 0:
+        if normalised:
+            raise ValueError("eps (the smoothed MI) is not defined for the normalised MI")
+        value, grad = _compiled_mi(smooth=True)(*args, float(eps))
+    else:
+        value, grad = _compiled_mi()(*args, bool(normalised), float(tiny))
     return float(value), grad
 
 

@@ -47,8 +47,11 @@ def test_parzen_histogram_windows_sum_to_one():
 
 
 @needs_numba
-@pytest.mark.parametrize("normalised", [False, True])
-def test_fused_mattes_mi_matches_the_reference(normalised):
+@pytest.mark.parametrize("normalised,eps", [(False, 0.0), (True, 0.0), (False, 1e-4), (False, 1e-2)],
+                         ids=["mi", "nmi", "smoothed-1e-4", "smoothed-1e-2"])
+def test_fused_mattes_mi_matches_the_reference(normalised, eps):
+    """The one-pass numba kernel against the numpy reference: elastix's MI, the normalised MI and the smoothed MI
+    (eps > 0, register_lddmm's data term)."""
     from classreg.terms.measures import mattes_mi_samples
 
     rng = np.random.default_rng(2)
@@ -56,7 +59,7 @@ def test_fused_mattes_mi_matches_the_reference(normalised):
     m = np.sin(3 * f) + 0.2 * rng.random(2500)
     m[:10] = [-5.0, 5.0, 0, 0, 0, 0, 0, 0, 0, 0]  # outside the limits: the exponential limiter acts
     kw = dict(bins=(24, 30), gradient=True, fixed_limits=(0.0, 1.0), moving_limits=(-1.0, 1.5),
-              normalised=normalised)
+              normalised=normalised, eps=eps)
     v_ref, g_ref = mattes_mi_samples(f, m, backend="numpy", **kw)
     v, g = mattes_mi_samples(f, m, backend="numba", **kw)
     assert abs(v - v_ref) <= 1e-12 * abs(v_ref)

@@ -563,11 +563,11 @@ def mattes_mi_samples(fixed_values, moving_values, *, bins=32, gradient=False, f
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     if eps > 0 and normalised:
         raise ValueError("eps (the smoothed MI) is not defined for the normalised MI")
-    if _use_fused(backend) and eps == 0:
+    if _use_fused(backend):
         from ..kernels.sampling import mattes_mi_fused
 
         value, grad = mattes_mi_fused(fv, mv, nbF, nbM, (loF, hiF), (loM, hiM), (tlo, thi), normalised=normalised,
-                                      tiny=_PDF_TINY)
+                                      tiny=_PDF_TINY, eps=eps)
         return (value, grad) if gradient else value
     fv = np.clip(fv, loF, hiF)  # HardLimiterFunction
     mv, dlim = _exponential_limiter(mv, tlo, thi, loM, hiM)
