@@ -440,3 +440,29 @@ def test_dominance_and_tradeoff_figure(tmp_path):
     assert j["a", sweep]["ok"] and not j["b", "classreg_demons"]["ok"] and not j["b", "classreg_lddmm"]["ok"]
     assert f"| {T.TOOLS['classreg_demons'].label} | 1 of 2 | b | none |" in lines[-1]
     assert j["a", sweep]["below_all_peers"] and not j["a", "classreg_demons"]["below_all_peers"]
+
+
+def test_heldout_slices_keep_every_part_on_one_grid(tmp_path):
+    """benchmarks.heldout cuts each part of a pre-aligned 3-D case at one index of one array axis: the 2-D images are
+    those planes, with the other two axes' spacings (x, y order); a case that is not pre-aligned is refused."""
+    from benchmarks.cases import load_case
+    from benchmarks.heldout import PARTS, slice_case
+
+    rng = np.random.default_rng(0)
+    src = tmp_path / "src"
+    src.mkdir()
+    vols = {k: rng.random((6, 7, 8)).astype(np.float32) if k in ("fixed", "moving")
+            else rng.integers(0, 4, (6, 7, 8)).astype(np.uint8) for k in PARTS}
+    for k, v in vols.items():
+        cr.save(cr.Image(v, spacing=(1.0, 2.0, 3.0)), src / f"{k}.nii.gz")  # (x, y, z): array axes (z, y, x)
+    info = {"name": "toy", "kind": "deformable", "prealigned": True}
+    (src / "case.json").write_text(json.dumps(info))
+    wd = slice_case(src, 1, 0.45, tmp_path)  # index round(0.45 · 7) = 3 of array axis 1 (y)
+    case = load_case(wd)
+    assert case["info"]["name"] == "toy_a1_3" and case["info"]["ndim"] == 2
+    for k in PARTS:
+        np.testing.assert_array_equal(case[k].numpy(), vols[k][:, 3, :])
+        assert case[k].spacing == (1.0, 3.0)  # x kept, z kept
+    (src / "case.json").write_text(json.dumps(dict(info, prealigned=False)))
+    with pytest.raises(ValueError, match="pre-aligned"):
+        slice_case(src, 0, 0.5, tmp_path)

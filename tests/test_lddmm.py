@@ -360,6 +360,35 @@ def test_auto_intensity_matches_histograms_only_for_different_scales():
                              **kw).params["intensity_used"] == "joint"
 
 
+def test_auto_metric_lncc_on_one_scale_mi_across_scales_and_its_data_sigma(caplog):
+    """metric="auto" (the default): LNCC (data σ 0.05) for a pair on one intensity scale, MI (data σ 0.11) when the
+    moving image is stored at half the fixed image's range or in other units; logged, recorded, the same run as the
+    explicit metric; an explicit data_sigma wins; on the device, which has no MI term, "auto" is LNCC."""
+    import logging
+
+    from classreg.solvers._common import same_intensity_scale
+    from classreg.solvers.lddmm.register import _resolve_data
+
+    fixed, moving = _growth_pair((16, 16))
+    kw = {"shrink_factors": (1,), "iterations": (2,)}
+    half = moving.like(moving.data * 0.5)  # inter3d's case: ITK's T1 at half MNI152's range
+    assert same_intensity_scale(fixed, moving)[0] and not same_intensity_scale(fixed, half)[0]
+    with caplog.at_level(logging.INFO, logger="classreg"):
+        same = cr.register_lddmm(fixed, moving, **kw)
+        across = cr.register_lddmm(fixed, half, **kw)
+    assert (same.params["metric"], same.params["data_sigma"], same.params["intensity_used"]) == (
+        "lncc", 0.05, "joint")
+    assert (across.params["metric"], across.params["data_sigma"], across.params["intensity_used"]) == (
+        "mi", 0.11, "match")
+    assert "metric='auto' -> 'lncc'" in caplog.text and "metric='auto' -> 'mi'" in caplog.text
+    explicit = cr.register_lddmm(fixed, half, metric="mi", data_sigma=0.11, **kw)
+    np.testing.assert_array_equal(explicit.transform.displacement, across.transform.displacement)
+    assert cr.register_lddmm(fixed, half, data_sigma=0.2, **kw).params["data_sigma"] == 0.2
+    assert cr.register_lddmm(fixed, moving, metric="ssd", **kw).params["data_sigma"] == 0.05
+    assert _resolve_data("auto", "auto", fixed, half, None, None, "cuda") == ("lncc", "match")
+    assert _resolve_data("ssd", "auto", fixed, half, None, None, "cpu") == ("ssd", "match")
+
+
 # ------------------------------------------------------------------------------------------------ solver behaviour
 def _growth_pair(shape=(48, 48), spacing=(1.0, 1.0)):
     """A disc that grows and pushes two neighbours away (the weighted-metamorphosis toy, small)."""

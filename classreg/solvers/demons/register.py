@@ -73,8 +73,8 @@ def register_demons(fixed: Image, moving: Image, *, init: Transform | None = Non
         Forces are computed only inside the fixed mask and where the warped moving mask is set (every level).
     metric : {"auto", "ssd", "lncc", "mi"}
         "auto" (default): "ssd" when the two images are on one intensity scale, "mi" when they are not
-        (:func:`classreg.solvers._common.same_intensity_scale`: the moving image's 0.5-99.5 percentiles within half
-        the fixed image's range of the fixed ones; the choice is logged and recorded in ``Result.params["metric"]``).
+        (:func:`classreg.solvers._common.same_intensity_scale`: the moving image's 0.5 and 99.5 percentiles
+        within half and a quarter of the fixed image's range of the fixed ones; the choice is logged and recorded in ``Result.params["metric"]``).
         SSD, even after histogram matching, assumes that equal tissue has equal intensity; a pair from different
         scanners or file conventions breaks that, and MI does not need it (docs/notes/tradeoff.md, session 21).
         The rule looks at ranges only: for two modalities stored on one scale (T1 and T2 both in 0-255) pass "mi".

@@ -24,9 +24,11 @@ OPTIONS = Declaration(
         shared("fixed_mask", help="the data term counts only inside this mask of the fixed image"),
         shared("moving_mask", help="the data term counts only where this mask of the moving image, sampled through "
                                    "the map, is set (differentiated with ssd)"),
-        shared("metric", default="lncc", choices=("lncc", "ssd", "mi"),
+        shared("metric", default="auto", choices=("auto", "lncc", "ssd", "mi"),
                help="data term: 'lncc' (local normalised correlation, (vol/σ²)·cost), 'ssd' ((1/2σ²)‖I₁ − J‖², "
-                    "same-contrast pairs) or 'mi' (Mattes mutual information, (vol/σ²)·(−MI), any contrasts; CPU only)"),
+                    "same-contrast pairs), 'mi' (Mattes mutual information, (vol/σ²)·(−MI), any contrasts; CPU only) "
+                    "or 'auto': 'lncc' when both images are on one intensity scale, else 'mi' ('lncc' on the "
+                    "device)"),
         shared("shrink_factors"),
         shared("smoothing_sigmas"),
         shared("iterations", default=(40, 30, 20), help="L-BFGS iterations per pyramid level"),
@@ -39,9 +41,10 @@ OPTIONS = Declaration(
         Option("alpha", None, "α of the Sobolev kernel", unit="mm²", low=0, low_open=True,
                default_text="(2 × the largest spacing)²"),
         Option("order", 2.0, "power s of the Sobolev kernel", low=0, low_open=True),
-        Option("data_sigma", 0.05, "σ of the data term (ssd: normalised intensities; lncc, mi: units of the "
-                                   "correlation cost, of MI in nats); smaller: closer matching, longer geodesic, stiffer flow", low=0,
-               low_open=True),
+        Option("data_sigma", None, "σ of the data term (ssd: normalised intensities; lncc, mi: units of the "
+                                   "correlation cost, of MI in nats); smaller: closer matching, longer geodesic, "
+                                   "stiffer flow", low=0, low_open=True,
+               default_text="per metric: lncc and ssd 0.05, mi 0.11"),
         Option("n_steps", None, "time steps of the geodesic at the finest level (the minimum: raised while "
                                 "δt·max‖Dv‖ exceeds 0.3 ('bandlimited') or 0.1 ('full'); coarse levels start from "
                                 "half)", kind="int", low=1, default_text="5 ('bandlimited'), 10 ('full')"),

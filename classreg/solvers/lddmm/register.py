@@ -52,9 +52,9 @@ _log = logging.getLogger("classreg")
 
 @declared(OPTIONS)
 def register_lddmm(fixed: Image, moving: Image, *, init: Transform | None = None, fixed_mask=None, moving_mask=None,
-                   metric: str = "lncc", shrink_factors=(4, 2, 1), smoothing_sigmas=None, iterations=(40, 30, 20),
+                   metric: str = "auto", shrink_factors=(4, 2, 1), smoothing_sigmas=None, iterations=(40, 30, 20),
                    kernel: str = "gaussian", kernel_sigma=None, alpha: float | None = None,
-                   order: float = 2.0, data_sigma: float = 0.05, n_steps: int | None = None, max_steps: int | None = None,
+                   order: float = 2.0, data_sigma: float | None = None, n_steps: int | None = None, max_steps: int | None = None,
                    tol: float = 1e-5, lncc_radius: float | None = None, intensity: str = "auto",
                    method: str = "bandlimited", cutoff: float = 0.2, map_spacing: float | None = None,
                    min_det_j: float = 0.05, return_trajectory: bool = False, dtype=np.float32, seed: int = 0,
@@ -82,12 +82,15 @@ def register_lddmm(fixed: Image, moving: Image, *, init: Transform | None = None
     fixed_mask, moving_mask : Image or array, optional
         The data term counts only inside the fixed mask and where the moving mask, sampled through the current map,
         is set (with "ssd" a weight whose dependence on the map is differentiated).
-    metric : {"lncc", "ssd", "mi"}
+    metric : {"auto", "lncc", "ssd", "mi"}
         Data term: local normalised correlation (:class:`classreg.terms.LNCC`, window ``lncc_radius`` mm; B. B.
-        Avants et al. 2008), the default, suited to pairs whose contrasts differ locally; the sum of squared
-        differences (Vialard et al. 2012) for same-contrast pairs; or Mattes mutual information (32 bins, elastix's
-        Parzen windows, histogram limits fixed per pyramid level; D. Mattes et al., IEEE TMI 22(1):120-128, 2003)
-        for pairs whose intensities relate by any one-to-one or many-to-one mapping (other modalities).
+        Avants et al. 2008), suited to pairs whose contrasts differ locally; the sum of squared differences (Vialard
+        et al. 2012) for same-contrast pairs; or Mattes mutual information (32 bins, elastix's Parzen windows,
+        histogram limits fixed per pyramid level, every entropy smoothed; D. Mattes et al., IEEE TMI
+        22(1):120-128, 2003) for pairs whose intensities relate by any one-to-one or many-to-one mapping (other
+        modalities, other scanners). "auto" (default): "lncc" when the two images are on one intensity scale (the
+        rule of ``intensity="auto"``), else "mi" — on the device, which has no MI term, "lncc". The choice is
+        recorded in ``params["metric"]``; docs/notes/tradeoff.md has the measurements behind it.
     shrink_factors, smoothing_sigmas, iterations
         Pyramid (coarsest first): shrink factors relative to the smallest spacing, Gaussian σ in mm (default: half
         the shrink factor in voxels, 0 at full resolution), L-BFGS iterations per level. P₀ is carried to the next
@@ -107,10 +110,12 @@ def register_lddmm(fixed: Image, moving: Image, *, init: Transform | None = None
         Sobolev α in mm² (default (2 × the largest spacing)²).
     order : float
         Sobolev power s.
-    data_sigma : float
+    data_sigma : float, optional
         σ of the data term: SSD in units of the normalised intensities ([0, 1] over the fixed image's 0.5-99.5
-        percentile range), LNCC in units of the correlation cost (in [−1, 0]). Smaller: closer matching, longer
-        geodesic, stiffer flow (more time steps).
+        percentile range), LNCC in units of the correlation cost (in [−1, 0]), MI in nats. Smaller: closer
+        matching, longer geodesic, stiffer flow (more time steps). Default per metric (:data:`DATA_SIGMA`): 0.05
+        for "lncc" and "ssd", 0.11 for "mi" (MI's gradient is larger than LNCC's for the same misalignment: at
+        0.05 its maps compress below the det J floor).
     n_steps : int, optional
         Time steps n_t of the geodesic at the finest level (default 5 for "bandlimited", 10 for "full"), the
         minimum: n_t is raised, per level, while a path's stability number ``δt·max‖Dv‖_F`` exceeds 0.3
@@ -127,7 +132,8 @@ def register_lddmm(fixed: Image, moving: Image, *, init: Transform | None = None
     intensity : {"auto", "joint", "match"}
         "joint": both images scaled by the fixed image's 0.5-99.5 percentile range; "match": histogram-match the
         moving image to the fixed one first (SimpleITK, as ``register_demons``); "auto": "joint" when the moving
-        image's 0.5 and 99.5 percentiles lie within half the fixed image's range of the fixed ones, else "match".
+        image's 0.5 and 99.5 percentiles lie within half and a quarter of the fixed image's range of the fixed ones
+        (:func:`classreg.solvers._common.same_intensity_scale`), else "match".
         The choice is recorded in ``params["intensity_used"]``.
     method : {"bandlimited", "full"}
         "bandlimited": velocities on the frequencies with ``K̂ ≥ cutoff`` (EPDiff dealiased by the 2/3 rule, the
@@ -204,24 +210,25 @@ def register_lddmm(fixed: Image, moving: Image, *, init: Transform | None = None
     dev, backend = placement(device, backend, fixed.data, moving.data)
     if dev == "cuda" and return_trajectory:
         raise ValueError("register_lddmm: return_trajectory runs on the CPU only; use device='cpu'")
+    fixed, moving = fixed.to("cpu"), moving.to("cpu")  # the host sees the inputs once (no copy for numpy data)
+    fmask = as_mask(fixed_mask, fixed, "fixed_mask")
+    mmask = as_mask(moving_mask, moving, "moving_mask")
+    metric, intensity_used = _resolve_data(metric, intensity, fixed, moving, fmask, mmask, dev)
     if dev == "cuda" and metric == "mi":
         raise ValueError("register_lddmm: metric='mi' runs on the CPU only (the Mattes MI histogram is a host "
                          "computation); use device='cpu', or metric='lncc' or 'ssd' on the GPU")
-    fixed, moving = fixed.to("cpu"), moving.to("cpu")  # the host sees the inputs once (no copy for numpy data)
     init = check_init(init, fixed.ndim)
     check_overlap(fixed, moving, init)
     memory_mb = check_memory("lddmm" if method == "bandlimited" else "lddmm_full", fixed, moving, dtype, memory_limit,
                              fix=", use fewer time steps (n_steps)" if method == "full" else "")
     dtype = np.dtype(dtype)
     opts = _resolve(fixed, moving, metric=metric, kernel=kernel, kernel_sigma=kernel_sigma, alpha=alpha, order=order,
-                    data_sigma=data_sigma, n_steps=n_steps, max_steps=max_steps, tol=tol, lncc_radius=lncc_radius,
+                    data_sigma=DATA_SIGMA.get(metric) if data_sigma is None else data_sigma, n_steps=n_steps,
+                    max_steps=max_steps, tol=tol, lncc_radius=lncc_radius,
                     dtype=dtype, backend=backend, method=method, cutoff=cutoff, map_spacing=map_spacing,
                     min_det_j=min_det_j)
     schedule = dict(zip(("shrink_factors", "smoothing_sigmas", "iterations"),
                         check_schedule(shrink_factors, smoothing_sigmas, iterations, fixed.spacing)))
-    fmask = as_mask(fixed_mask, fixed, "fixed_mask")
-    mmask = as_mask(moving_mask, moving, "moving_mask")
-    intensity_used = _resolve_intensity(intensity, fixed, moving, fmask, mmask)
     fixed_n, template, mmask_t = _template(fixed, moving, init, fmask, mmask, intensity_used, dtype,
                                            None if dev == "cuda" else backend)
     ssd_before = mean_sq(fixed_n.data, template.data, fmask)
@@ -314,6 +321,24 @@ def _resolve(fixed: Image, moving: Image, *, metric, kernel, kernel_sigma, alpha
         opts["domain"] = SpectralDomain(fixed.shape, fixed.spacing_array_order, kernel=kernel,
                                         sigma=opts["kernel_sigma"], alpha=opts["alpha"], order=order, cutoff=cutoff)
     return opts
+
+
+#: the default ``data_sigma`` per data term (docs/notes/tradeoff.md, session 23)
+DATA_SIGMA = {"lncc": 0.05, "ssd": 0.05, "mi": 0.11}
+
+
+def _resolve_data(metric, intensity, fixed, moving, fmask, mmask, dev):
+    """``(metric, intensity)`` with "auto" resolved (logged): one intensity scale -> "lncc" and "joint", else "mi"
+    (the device: "lncc") and "match"."""
+    if metric != "auto":
+        return metric, _resolve_intensity(intensity, fixed, moving, fmask, mmask)
+    same, (lo_m, hi_m), (lo_f, hi_f) = same_intensity_scale(fixed, moving, fmask, mmask)
+    metric = "lncc" if same or dev == "cuda" else "mi"
+    _log.info("lddmm: metric='auto' -> '%s'%s (moving 0.5-99.5 %% range [%.4g, %.4g], fixed [%.4g, %.4g])", metric,
+              " (the device has no MI term)" if not same and dev == "cuda" else "", lo_m, hi_m, lo_f, hi_f)
+    if intensity == "auto":
+        intensity = "joint" if same else "match"
+    return metric, intensity
 
 
 def _resolve_intensity(intensity, fixed, moving, fmask, mmask) -> str:

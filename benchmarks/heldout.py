@@ -1,0 +1,129 @@
+"""Held-out check of the deformable defaults (issue #22): 2-D slices of inter3d that no default was chosen on.
+
+The defaults of the deformable solvers were chosen on the benchmark page's five cases; "defaults must work on data
+they were not tuned on". This builds six 2-D cases from inter3d (MNI152 2 mm ← ITK's KmeansTest T1 subject, one
+shared affine pre-alignment, real tissue labels on both sides; ``benchmarks.cases``): axial, coronal and sagittal
+slices at two positions each (:data:`SLICES`), every image, label map and mask cut from the pre-aligned volumes on the
+fixed grid. Each tool runs once per slice in the page's worker (``python -m benchmarks.run --worker``, the same thread
+settings), its map is scored like the page's (mean tissue Dice, SDlogJ, min det J of the dense field) and every
+classreg default goes through the page's test (:func:`benchmarks.run.dominance`: not dominated on (Dice, SDlogJ) by
+a peer, min det J ≥ 0.05).
+
+Run ``python -m benchmarks.heldout [--tools ...] [--threads 2] [--out DIR]``; it writes ``heldout-<stamp>.json`` and
+``.md`` into benchmarks/results/ and prints the per-slice table and the summary. About 2 minutes on 2 cores.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ._common import markdown_table, write_outputs
+
+#: (array axis, position as a fraction of that axis) of each held-out slice
+SLICES = ((0, 0.40), (0, 0.60), (1, 0.45), (1, 0.60), (2, 0.45), (2, 0.60))
+#: the classreg defaults under test and the peers of the page's deformable rows (FireANTs and DIPY when installed)
+TOOLS = ("classreg_demons", "classreg_lddmm", "classreg_bspline", "classreg_vp", "ants_syn", "ants_synonly",
+         "ants_syncc", "ants_syn_full", "sitk_diffeo_demons", "sitk_fastsym_demons", "dipy_syn_cc", "elastix_bspline",
+         "fireants_greedy")
+#: the images of a built case that are cut (every one lies on the fixed grid of a pre-aligned case)
+PARTS = ("fixed", "moving", "fixed_labels", "moving_labels", "mask")
+
+
+def slice_case(src: Path, axis: int, frac: float, out_root: Path) -> Path:
+    """Cut the 2-D case ``<source>_a<axis>_<index>`` out of the built 3-D case in ``src`` (all of :data:`PARTS` on
+    one grid, as inter3d's) at ``index = round(frac · n_axis)``; returns its folder."""
+    import classreg as cr
+
+    info = json.loads((src / "case.json").read_text())
+    if not info.get("prealigned"):
+        raise ValueError(f"{src}: slices need a pre-aligned case (every image on the fixed grid)")
+    images = {k: cr.load(src / f"{k}.nii.gz") for k in PARTS}
+    grid = images["fixed"]
+    if any(not im.same_grid(grid) for im in images.values()):
+        raise ValueError(f"{src}: the images are not all on the fixed grid")
+    index = int(round(frac * grid.shape[axis]))
+    name = f"{info['name']}_a{axis}_{index}"
+    wd = out_root / name
+    wd.mkdir(parents=True, exist_ok=True)
+    spacing = [float(s) for d, s in enumerate(grid.spacing_array_order) if d != axis][::-1]  # (x, y) order
+    for key, im in images.items():
+        plane = np.ascontiguousarray(np.take(np.asarray(im.numpy()), index, axis=axis))
+        cr.save(cr.Image.from_array(plane, spacing=spacing), wd / f"{key}.nii.gz")
+    (wd / "case.json").write_text(json.dumps({
+        "name": name, "kind": "deformable", "ndim": 2, "shape": list(plane.shape), "spacing": spacing,
+        "prealigned": True, "has_truth": False, "quick": False,
+        "description": f"held-out 2-D slice of {info['name']}: array axis {axis}, index {index}",
+        "provenance": f"cut from {info['name']} ({info.get('description', '')})"}, indent=1))
+    return wd
+
+
+def run(tools=TOOLS, *, threads=2, out_dir=None, log=print) -> dict:
+    """Build inter3d, cut :data:`SLICES`, run ``tools`` on each slice, judge the classreg defaults; returns the
+    payload that is written."""
+    from . import run as bench
+    from .cases import build_case, load_case
+    from .tools import TOOLS as ALL
+
+    avail = [t for t in tools if ALL[t].available()[0]]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="classreg-heldout-") as tmp:
+        src = Path(tmp) / "inter3d"
+        build_case("inter3d", src)
+        for axis, frac in SLICES:
+            wd = slice_case(src, axis, frac, Path(tmp))
+            case = load_case(wd)
+            for tool in avail:
+                res = wd / f"{tool}.json"
+                cmd = [sys.executable, "-m", "benchmarks.run", "--worker", tool, "--case-dir", str(wd), "--result",
+                       str(res), "--threads", str(threads), "--rep", "0"]
+                proc = subprocess.run(cmd, env=dict(os.environ, **bench._thread_env(threads)), capture_output=True,
+                                      text=True, cwd=bench.ROOT)
+                row = {"case": case["info"]["name"], "kind": "deformable", "tool": tool, "label": ALL[tool].label}
+                if proc.returncode != 0:
+                    row["note"] = f"failed: {bench._error_line((proc.stderr or proc.stdout).splitlines())[:200]}"
+                else:
+                    rec = json.loads(res.read_text())
+                    row.update(bench.evaluate_run(case, rec), seconds=rec["seconds"])
+                rows.append(row)
+                log(f"{row['case']} {tool}: " + (row.get("note") or f"Dice {row['mean_dice']:.4f}, SDlogJ "
+                                                  f"{row['sdlogj']:.4f}, min det J {row['min_det']:.3f}"))
+    verdicts = bench.dominance(rows)
+    per_slice = markdown_table(verdicts, [("case", "slice"), ("label", "default"), ("quality", "accuracy"),
+                                          ("sdlogj", "SDlogJ"), ("min_det", "min det J"),
+                                          ("dominated_by", "dominated by"), ("floor_ok", "floor"),
+                                          ("below_all_peers", "below every peer")])
+    summary = []
+    for tool in dict.fromkeys(v["tool"] for v in verdicts):
+        vs = [v for v in verdicts if v["tool"] == tool]
+        summary.append({"label": vs[0]["label"], "met": f"{sum(v['ok'] for v in vs)} of {len(vs)}",
+                        "failed": ", ".join(v["case"] for v in vs if not v["ok"]) or "none",
+                        "lowest": ", ".join(v["case"] for v in vs if v["below_all_peers"]) or "none"})
+    table = "\n\n".join([per_slice, markdown_table(summary, [("label", "default"), ("met", "slices met"),
+                                                             ("failed", "failed on"),
+                                                             ("lowest", "accuracy below every peer on")])])
+    payload = {"command": "python -m benchmarks.heldout " + " ".join(sys.argv[1:]), "threads": threads,
+               "slices": [list(s) for s in SLICES], "rows": rows, "verdicts": verdicts}
+    jpath, mpath = write_outputs("heldout", payload, table, out_dir)
+    log("\n" + table + f"\n\nwritten: {jpath}, {mpath}")
+    return payload
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.heldout", description=__doc__.split("\n\n")[0])
+    p.add_argument("--tools", nargs="+", default=list(TOOLS), help="tools to run (benchmarks.tools names)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=None, help="folder for the JSON and markdown (default benchmarks/results/)")
+    args = p.parse_args(argv)
+    run(args.tools, threads=args.threads, out_dir=args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
