@@ -798,7 +798,8 @@ TOOLS = {t.name: t for t in [
     Tool("classreg_lddmm_full", "deformable", "classreg LDDMM (full grid, the earlier default)",
          _classreg_lddmm(method="full"), classreg=True, quick=False,
          slow_3d="minutes per 3-D pair on 2 cores (the band-limited default replaced it)"),
-    Tool("classreg_vp", "deformable", "classreg VP (prescribed det J and curl)", _classreg_vp(), classreg=True,
+    Tool("classreg_vp", "deformable", "classreg VP (prescribed det J and curl; default: SSD, MI across intensity "
+                                      "scales)", _classreg_vp(), classreg=True,
          slow_3d="35-50 s per 3-D pair on 2 idle cores at 10 iterations per level (inter3d 34 s, synth3d "
                  "50 s; docs/notes/vp.md)"),
     Tool("ants_syn", "deformable", "ANTs SyN", _ants("SyN"), requires=("ants",)),

@@ -227,8 +227,11 @@ def vp_displacement(fhat, g, j_min, spacing, *, workers=None):
     return poisson_dirichlet(F, spacing=tuple(np.broadcast_to(spacing, (f.ndim,))), ndim=f.ndim, workers=workers)
 
 
-def vp_loss_grad(fhat, g, fixed, moving, j_min, spacing, *, weight=None, backend=None, workers=None):
+def vp_loss_grad(fhat, g, fixed, moving, j_min, spacing, *, weight=None, data=None, backend=None, workers=None):
     """Discrete loss ``½ Π h Σ w (I_m∘φ − I_f)²`` and its exact gradients ``(∂/∂f̂, ∂/∂g)`` w.r.t. ``Π h Σ``.
+
+    ``data(warped) -> (loss, ∂loss/∂warped)``, optional, replaces the SSD loss by another data term of the warped
+    image (``weight`` is then the data term's business: register_vp's mutual information).
 
     Returns ``(loss, grad_fhat, grad_g, u, warped)``; ``u`` the displacement (mm), ``warped`` = I_m∘φ.
     """
@@ -237,10 +240,14 @@ def vp_loss_grad(fhat, g, fixed, moving, j_min, spacing, *, weight=None, backend
     vol = float(np.prod(h))
     u = vp_displacement(fhat, g, j_min, h, workers=workers)
     warped, dI = warp_linear_grad(moving, u, spacing=h, backend=backend)
-    r = warped - fixed
-    if weight is not None:
-        r = r * weight
-    loss = 0.5 * vol * float(get_array_module(r).sum(r * (warped - fixed)))
+    if data is not None:
+        loss, dW = data(warped)
+        r = dW / vol  # the per-voxel factor of the SSD force below, whose loss derivative is vol · r
+    else:
+        r = warped - fixed
+        if weight is not None:
+            r = r * weight
+        loss = 0.5 * vol * float(get_array_module(r).sum(r * (warped - fixed)))
     force = r[..., None] * dI
     b = poisson_dirichlet(force.astype(fhat.dtype, copy=False), spacing=tuple(h), ndim=nd, workers=workers)
     df, dg = vp_adjoint(b, h)

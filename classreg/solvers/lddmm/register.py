@@ -211,16 +211,16 @@ def register_lddmm(fixed: Image, moving: Image, *, init: Transform | None = None
     if dev == "cuda" and return_trajectory:
         raise ValueError("register_lddmm: return_trajectory runs on the CPU only; use device='cpu'")
     fixed, moving = fixed.to("cpu"), moving.to("cpu")  # the host sees the inputs once (no copy for numpy data)
+    init = check_init(init, fixed.ndim)
+    check_overlap(fixed, moving, init)
+    memory_mb = check_memory("lddmm" if method == "bandlimited" else "lddmm_full", fixed, moving, dtype, memory_limit,
+                             fix=", use fewer time steps (n_steps)" if method == "full" else "")
     fmask = as_mask(fixed_mask, fixed, "fixed_mask")
     mmask = as_mask(moving_mask, moving, "moving_mask")
     metric, intensity_used = _resolve_data(metric, intensity, fixed, moving, fmask, mmask, dev)
     if dev == "cuda" and metric == "mi":
         raise ValueError("register_lddmm: metric='mi' runs on the CPU only (the Mattes MI histogram is a host "
                          "computation); use device='cpu', or metric='lncc' or 'ssd' on the GPU")
-    init = check_init(init, fixed.ndim)
-    check_overlap(fixed, moving, init)
-    memory_mb = check_memory("lddmm" if method == "bandlimited" else "lddmm_full", fixed, moving, dtype, memory_limit,
-                             fix=", use fewer time steps (n_steps)" if method == "full" else "")
     dtype = np.dtype(dtype)
     opts = _resolve(fixed, moving, metric=metric, kernel=kernel, kernel_sigma=kernel_sigma, alpha=alpha, order=order,
                     data_sigma=DATA_SIGMA.get(metric) if data_sigma is None else data_sigma, n_steps=n_steps,

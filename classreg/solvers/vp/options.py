@@ -19,6 +19,10 @@ OPTIONS = Declaration(
     options=(
         shared("init"),
         shared("fixed_mask", help="the loss is summed only inside this mask of the fixed image"),
+        shared("metric", default="auto", choices=("auto", "ssd", "mi"),
+               help="data term: 'ssd' (the paper's), 'mi' (Mattes mutual information below its largest value log "
+                    "32; CPU only) or 'auto': 'ssd' when both images are on one intensity scale, else 'mi' ('ssd' "
+                    "on the device)"),
         shared("shrink_factors"),
         shared("smoothing_sigmas"),
         shared("iterations", help="L-BFGS iteration cap per pyramid level (over all regridding rounds)",

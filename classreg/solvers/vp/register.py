@@ -2,7 +2,8 @@
 
 Zhou & Liao (WBIR 2022; METHODS.md §6): the map ``φ = id + u`` solves ``Δu = ∇f − ∇×g`` with ``u = 0`` on the
 boundary (DST-I), ``f = j_min + f̂²`` controls the Jacobian determinant and ``g`` the curl. The discrete loss
-``½ Π h Σ w (I_m∘φ − I_f)²`` and its exact gradient w.r.t. ``(f̂, g)`` are :func:`classreg.kernels.vp.vp_loss_grad`.
+``½ Π h Σ w (I_m∘φ − I_f)²`` and its exact gradient w.r.t. ``(f̂, g)`` are :func:`classreg.kernels.vp.vp_loss_grad`;
+across intensity scales (``metric="auto"``) the data term is mutual information instead (:class:`_MIData`).
 
 Optimiser: L-BFGS (scipy's L-BFGS-B without bounds) on ``(f̂, g)`` with the exact gradient; its line search
 (Moré-Thuente) is a safeguarded backtracking search, and a trial point whose map folds on the grid is given a loss
@@ -21,6 +22,7 @@ Inverse: each round's map is inverted on its padded box by damped Newton iterati
 """
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
@@ -42,11 +44,14 @@ from .._common import (
     field_result,
     mean_sq,
     normalise_intensities,
+    same_intensity_scale,
     warp_through,
 )
 from .options import OPTIONS
 
 __all__ = ["register_vp"]
+
+_log = logging.getLogger("classreg")
 
 #: Default ``det_floor``: trial points whose map (this round's or the composed one) has min det J at or below this
 #: are rejected. 0.05 is the plausibility floor of issue #22 (no voxel compressed more than 20-fold), the floor of
@@ -63,6 +68,8 @@ ITERATIONS = 10
 #: Fixed-point passes of the VP-constructed inverse (``inverse="vp"``): the prescribed det and curl are evaluated at
 #: the previous pass's inverse estimate; and the L-BFGS iterations of the grid generator per pass.
 VP_INVERSE_PASSES = 4
+#: Parzen bins and entropy smoothing of the "mi" data term (as register_lddmm's: its MI_EPS)
+MI_BINS, MI_EPS = 32, 1e-4
 VP_INVERSE_ITERATIONS = 150
 
 #: Newton tolerance (voxels, per-node residual |φ(x + w) − x| / h) of the per-round and the final inversions.
@@ -107,7 +114,8 @@ def _compose_inverse(psi, v_pad, h, pad):
 
 @declared(OPTIONS)
 def register_vp(fixed: Image, moving: Image, *, init: Transform | None = None, fixed_mask=None,
-                shrink_factors=(4, 2, 1), smoothing_sigmas=None, iterations=None, j_min: float = 0.5,
+                metric: str = "auto", shrink_factors=(4, 2, 1), smoothing_sigmas=None, iterations=None,
+                j_min: float = 0.5,
                 regrid_det: float = 0.5, det_floor: float = DET_FLOOR, inverse: str = "newton",
                 max_regrids: int = 30, pad: int = 8, tol: float = 1e-6,
                 intensity: str = "match", dtype=np.float32, seed: int = 0, threads: int | None = None,
@@ -123,6 +131,14 @@ def register_vp(fixed: Image, moving: Image, *, init: Transform | None = None, f
         Initial fixed → moving transform; the deformation is estimated on top of it.
     fixed_mask : Image or array, optional
         The loss is summed only inside this mask (every level).
+    metric : {"auto", "ssd", "mi"}
+        Data term: "ssd", the paper's ``½ Π h Σ (I_m∘φ − I_f)²`` of the normalised images; "mi", ``Π h N (log B −
+        MI(I_f, I_m∘φ))``, Mattes mutual information (``B`` = 32 bins, elastix's Parzen windows, histogram limits
+        fixed per regridding round, entropies smoothed as register_lddmm's; D. Mattes et al., IEEE TMI
+        22(1):120-128, 2003) below its largest possible value ``log B``, so the loss stays ≥ 0 as the SSD's;
+        "auto" (default): "ssd" when the two images are on one intensity scale
+        (:func:`classreg.solvers._common.same_intensity_scale`), else "mi"; on the device, which has no MI term,
+        "ssd". VP has no data weight to set: each round minimises the loss relative to its start.
     shrink_factors, smoothing_sigmas, iterations
         The pyramid (coarsest first); ``iterations``: L-BFGS iterations per level over all its regridding rounds
         (default ``ITERATIONS`` = 10 per level: early stopping is VP's only regularisation).
@@ -207,6 +223,7 @@ def register_vp(fixed: Image, moving: Image, *, init: Transform | None = None, f
     schedule = dict(zip(("shrink_factors", "smoothing_sigmas", "iterations"),
                         check_schedule(shrink_factors, smoothing_sigmas, its, fixed.spacing)))
     fmask = as_mask(fixed_mask, fixed, "fixed_mask")
+    metric = _resolve_metric(metric, fixed, moving, fmask, dev)
     fixed_n, moving_n = normalise_intensities(fixed, moving, fmask, intensity, dtype)
     moving_on_fixed = fixed_n.like(np.asarray(warp_through(moving_n, fixed_n, init, None, host_backend),
                                               dtype=dtype))
@@ -214,7 +231,7 @@ def register_vp(fixed: Image, moving: Image, *, init: Transform | None = None, f
     if dev == "cuda":  # the working images go to the device once; the loop keeps everything there
         fixed_w, moving_w = fixed_n.to(dev), moving_on_fixed.to(dev)
         fmask_w = None if fmask is None else to_device(fmask, dev)
-    opts = dict(j_min=float(j_min), regrid_det=float(regrid_det), det_floor=float(det_floor), inverse=inverse,
+    opts = dict(metric=metric, j_min=float(j_min), regrid_det=float(regrid_det), det_floor=float(det_floor), inverse=inverse,
                 max_regrids=int(max_regrids), pad=int(pad), tol=float(tol), backend=backend,
                 full_shape=tuple(fixed.shape))
     prog = Progress("vp", callback=callback, progress=progress, time_limit=time_limit,
@@ -307,6 +324,44 @@ def register_vp(fixed: Image, moving: Image, *, init: Transform | None = None, f
                         timings={"total": time.perf_counter() - t_start, **prog.timings}, extras=extras)
 
 
+def _resolve_metric(metric, fixed, moving, fmask, dev) -> str:
+    """``"auto"``: "ssd" when the images are on one intensity scale, else "mi" ("ssd" on the device; logged);
+    "mi" on the device is refused."""
+    if metric not in ("auto", "ssd", "mi"):
+        raise ValueError(f"register_vp: metric must be 'auto', 'ssd' or 'mi', got {metric!r}")
+    if metric == "auto":
+        same, (lo_m, hi_m), (lo_f, hi_f) = same_intensity_scale(fixed, moving, fmask)
+        metric = "ssd" if same or dev == "cuda" else "mi"
+        _log.info("vp: metric='auto' -> '%s'%s (moving 0.5-99.5 %% range [%.4g, %.4g], fixed [%.4g, %.4g])", metric,
+                  " (the device has no MI term)" if not same and dev == "cuda" else "", lo_m, hi_m, lo_f, hi_f)
+    elif metric == "mi" and dev == "cuda":
+        raise ValueError("register_vp: metric='mi' runs on the CPU only (the Mattes MI histogram is a host "
+                         "computation); use device='cpu', or metric='ssd' on the GPU")
+    return metric
+
+
+class _MIData:
+    """register_vp's "mi" data term on one regridding round: ``Π h N (log B − MI(F, W))`` over the voxels of weight
+    > 0 (``N`` of them), the smoothed Mattes MI of :func:`classreg.terms.mattes_mi` with histogram limits fixed from
+    the fixed image and the round's moving image (as elastix fixes them per resolution: constant under the line
+    search). ``__call__(warped) -> (loss, ∂loss/∂warped)``, the ``data`` of :func:`classreg.kernels.vp.vp_loss_grad`."""
+
+    def __init__(self, fixed, moving, weight, spacing):
+        from ...terms import intensity_limits
+
+        self.fixed = fixed
+        self.mask = weight > 0
+        self.scale = float(np.prod(spacing)) * int(self.mask.sum())
+        self.limits = (intensity_limits(fixed[self.mask]), intensity_limits(moving[self.mask]))
+
+    def __call__(self, warped):
+        from ...terms import mattes_mi
+
+        value, grad = mattes_mi(self.fixed, warped, bins=MI_BINS, mask=self.mask, gradient=True,
+                                fixed_limits=self.limits[0], moving_limits=self.limits[1], eps=MI_EPS)
+        return self.scale * (float(value) + np.log(MI_BINS)), self.scale * grad
+
+
 def _level_step(level, state, progress, opts, dtype, acc):
     """L-BFGS rounds with regridding on one level; keeps ``state["phi"]`` (Φ_total, array frame, mm) current.
 
@@ -365,6 +420,8 @@ def _level_step(level, state, progress, opts, dtype, acc):
     for rnd in range(opts["max_regrids"] + 1):
         has_phi = bool(xp.any(phi_p))
         Mp = _sample(M, phi_p, h, -p) if has_phi else xp.pad(M, p, mode="edge")  # M ∘ Φ_total, clamped
+        if opts["metric"] == "mi":
+            kw["data"] = _MIData(Fp, Mp, weight, h)
         loss0 = vp_loss_grad(xp.full(shape_p, fhat0), xp.zeros(g_shape), Fp, Mp, opts["j_min"], h, **kw)[0]
         if loss0 <= 0 or budget - it_total <= 0:
             break
