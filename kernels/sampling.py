@@ -446,7 +446,8 @@ def _mi_grad(table, fi, b, t, d, scale):
                         + (0.5 + t - 1.5 * t2) * table[fi, b + 2] + 0.5 * t2 * table[fi, b + 3])
 
 
-def _mi_fused_numba(fv, mv, nbf, nbm, lof, hif, lom, him, tlo, thi, normalised, tiny):
+def _mi_pass(fv, mv, nbf, nbm, lof, hif, lom, him, tlo, thi):
+    """The Parzen histogram of the samples and each sample's window: ``(hist, fidx, first, t, dlim, bsm)``."""
     n = fv.shape[0]
     smallf, smallm, bsf, bsm = _mi_setup(nbf, nbm, lof, hif, lom, him)
     fidx = np.empty(n, dtype=np.int64)
@@ -457,12 +458,23 @@ def _mi_fused_numba(fv, mv, nbf, nbm, lof, hif, lom, him, tlo, thi, normalised, 
     for j in range(n):
         fidx[j], first[j], tt[j], dlim[j] = _mi_add(hist, fv[j], mv[j], nbf, nbm, lof, hif, lom, him, tlo, thi,
                                                     smallf, smallm, bsf, bsm)
-    table = np.empty((nbf, nbm))
-    value, scale = _mi_table(hist, n, nbf, nbm, normalised, tiny, bsm, table)
+    return hist, fidx, first, tt, dlim, bsm
+
+
+def _mi_gather(table, fidx, first, tt, dlim, scale):
+    """Every sample's ``∂cost/∂m`` (:func:`_mi_grad`)."""
+    n = fidx.shape[0]
     grad = np.empty(n)
     for j in range(n):
         grad[j] = _mi_grad(table, fidx[j], first[j], tt[j], dlim[j], scale)
-    return value, grad
+    return grad
+
+
+def _mi_fused_numba(fv, mv, nbf, nbm, lof, hif, lom, him, tlo, thi, normalised, tiny):
+    hist, fidx, first, tt, dlim, bsm = _mi_pass(fv, mv, nbf, nbm, lof, hif, lom, him, tlo, thi)
+    table = np.empty((nbf, nbm))
+    value, scale = _mi_table(hist, fv.shape[0], nbf, nbm, normalised, tiny, bsm, table)
+    return value, _mi_gather(table, fidx, first, tt, dlim, scale)
 
 
 def _mi_table_smooth(hist, n, nbf, nbm, eps, bsm, table):
@@ -496,27 +508,15 @@ def _mi_table_smooth(hist, n, nbf, nbm, eps, bsm, table):
 
 def _mi_smooth_numba(fv, mv, nbf, nbm, lof, hif, lom, him, tlo, thi, eps):
     """:func:`_mi_fused_numba` of the smoothed MI (:func:`_mi_table_smooth`)."""
-    n = fv.shape[0]
-    smallf, smallm, bsf, bsm = _mi_setup(nbf, nbm, lof, hif, lom, him)
-    fidx = np.empty(n, dtype=np.int64)
-    first = np.empty(n, dtype=np.int64)
-    tt = np.empty(n)
-    dlim = np.empty(n)
-    hist = np.zeros((nbf, nbm))
-    for j in range(n):
-        fidx[j], first[j], tt[j], dlim[j] = _mi_add(hist, fv[j], mv[j], nbf, nbm, lof, hif, lom, him, tlo, thi,
-                                                    smallf, smallm, bsf, bsm)
+    hist, fidx, first, tt, dlim, bsm = _mi_pass(fv, mv, nbf, nbm, lof, hif, lom, him, tlo, thi)
     table = np.empty((nbf, nbm))
-    value, scale = _mi_table_smooth(hist, n, nbf, nbm, eps, bsm, table)
-    grad = np.empty(n)
-    for j in range(n):
-        grad[j] = _mi_grad(table, fidx[j], first[j], tt[j], dlim[j], scale)
-    return value, grad
+    value, scale = _mi_table_smooth(hist, fv.shape[0], nbf, nbm, eps, bsm, table)
+    return value, _mi_gather(table, fidx, first, tt, dlim, scale)
 
 
 #: the Mattes MI helpers, compiled inline into the fused kernels (here and in classreg.kernels.bspline)
 MI_HELPERS = ("_limit", "_mi_setup", "_mi_window", "_mi_weights", "_mi_add", "_mi_table", "_mi_table_smooth",
-              "_mi_grad")
+              "_mi_grad", "_mi_pass", "_mi_gather")
 
 
 def mi_namespace(ns):
