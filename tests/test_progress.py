@@ -132,7 +132,9 @@ def test_every_solver_records_the_same_similarity(solver):
         kw = {"demons": dict(max_pieces=1), "lddmm": dict(iterations=(10, 10, 10)), "affine": dict(iterations=(30, 30, 30)),
               "bspline": dict(iterations=(30, 30, 30)),
               "rigid": dict(samples=(60, 20, 5, 0), max_angle=20.0, workers=1),
-              "vp": dict(iterations=(10, 10, 10)), "metamorphosis": dict(iterations=(10, 10, 10))}[solver]
+              # the pair is on two intensity scales (× 150), where VP's auto metric is MI, which does not raise the
+              # NCC monotonically (full resolution 0.985 after 0.993 on the coarsest level); SSD here, as the paper's
+              "vp": dict(iterations=(10, 10, 10), metric="ssd"), "metamorphosis": dict(iterations=(10, 10, 10))}[solver]
         res = getattr(cr, f"register_{solver}")(f, m, **kw)
     sims = [h["similarity"] for h in res.history]
     assert all(s is not None and -1.0 <= s <= 1.0 for s in sims)
