@@ -99,15 +99,9 @@ def run(tools=TOOLS, *, threads=2, out_dir=None, log=print) -> dict:
                                           ("sdlogj", "SDlogJ"), ("min_det", "min det J"),
                                           ("dominated_by", "dominated by"), ("floor_ok", "floor"),
                                           ("below_all_peers", "below every peer")])
-    summary = []
-    for tool in dict.fromkeys(v["tool"] for v in verdicts):
-        vs = [v for v in verdicts if v["tool"] == tool]
-        summary.append({"label": vs[0]["label"], "met": f"{sum(v['ok'] for v in vs)} of {len(vs)}",
-                        "failed": ", ".join(v["case"] for v in vs if not v["ok"]) or "none",
-                        "lowest": ", ".join(v["case"] for v in vs if v["below_all_peers"]) or "none"})
-    table = "\n\n".join([per_slice, markdown_table(summary, [("label", "default"), ("met", "slices met"),
-                                                             ("failed", "failed on"),
-                                                             ("lowest", "accuracy below every peer on")])])
+    table = "\n\n".join([per_slice, markdown_table(bench.summarise(verdicts), [
+        ("label", "default"), ("met", "slices met"), ("failed", "failed on"),
+        ("lowest", "accuracy below every peer on")])])
     payload = {"command": "python -m benchmarks.heldout " + " ".join(sys.argv[1:]), "threads": threads,
                "slices": [list(s) for s in SLICES], "rows": rows, "verdicts": verdicts}
     jpath, mpath = write_outputs("heldout", payload, table, out_dir)

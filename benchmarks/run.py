@@ -524,15 +524,21 @@ def judge(paths: list, log=print) -> list[dict]:
     log(_table(out, [("case", "case"), ("label", "candidate"), ("quality", "accuracy"), ("sdlogj", "SDlogJ"),
                      ("min_det", "min det J"), ("dominated_by", "dominated by"), ("floor_ok", "floor"),
                      ("epe_ok", f"EPE ≤ {TOOLS[EPE_REFERENCE].label}"), ("below_all_peers", "below every peer")]))
+    log("\n" + _table(summarise(out), [("label", "candidate"), ("met", "cases met"), ("failed", "failed on"),
+                                        ("lowest", "accuracy below every peer on")]))
+    return out
+
+
+def summarise(verdicts: list[dict]) -> list[dict]:
+    """Per candidate of :func:`dominance`'s rows: its label, the cases it meets (``"3 of 5"``), the ones it fails and
+    the ones where its accuracy is below every peer's."""
     summary = []
-    for tool in dict.fromkeys(d["tool"] for d in out):
-        ds = [d for d in out if d["tool"] == tool]
+    for tool in dict.fromkeys(d["tool"] for d in verdicts):
+        ds = [d for d in verdicts if d["tool"] == tool]
         summary.append({"label": ds[0]["label"], "met": f"{sum(d['ok'] for d in ds)} of {len(ds)}",
                         "failed": ", ".join(d["case"] for d in ds if not d["ok"]) or "none",
                         "lowest": ", ".join(d["case"] for d in ds if d["below_all_peers"]) or "none"})
-    log("\n" + _table(summary, [("label", "candidate"), ("met", "cases met"), ("failed", "failed on"),
-                                 ("lowest", "accuracy below every peer on")]))
-    return out
+    return summary
 
 
 def render_tradeoff(payload: dict, path: Path) -> bool:

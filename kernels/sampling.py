@@ -392,9 +392,8 @@ def _mi_add(hist, fv, mv, nbf, nbm, lof, hif, lom, him, tlo, thi, smallf, smallm
     return fi, b, t, d
 
 
-def _mi_table(hist, n, nbf, nbm, normalised, tiny, bsm, table):
-    """The cost of the histogram of ``n`` samples and the table of ``∂cost/∂hist`` gathered by :func:`_mi_grad`
-    (filled into ``table``); returns ``(value, scale)``, ``scale = 0`` when the joint entropy vanishes (NMI)."""
+def _mi_marginals(hist, n, nbf, nbm):
+    """The joint histogram of ``n`` samples normalised, ``p``, and its marginals ``(p, p_F, p_M)``."""
     p = hist / n
     pf = np.zeros(nbf)
     pm = np.zeros(nbm)
@@ -402,6 +401,13 @@ def _mi_table(hist, n, nbf, nbm, normalised, tiny, bsm, table):
         for k in range(nbm):
             pf[i] += p[i, k]
             pm[k] += p[i, k]
+    return p, pf, pm
+
+
+def _mi_table(hist, n, nbf, nbm, normalised, tiny, bsm, table):
+    """The cost of the histogram of ``n`` samples and the table of ``∂cost/∂hist`` gathered by :func:`_mi_grad`
+    (filled into ``table``); returns ``(value, scale)``, ``scale = 0`` when the joint entropy vanishes (NMI)."""
+    p, pf, pm = _mi_marginals(hist, n, nbf, nbm)
     table[:, :] = 0.0
     if normalised:
         hf = 0.0
@@ -483,13 +489,7 @@ def _mi_table_smooth(hist, n, nbf, nbm, eps, bsm, table):
     ``−(H'(p) − H'(p_M))`` with ``H'(q) = −log(q + eps) − q / (q + eps)``, gathered with the scale ``−1 / (n ·
     binsize_M)`` as :func:`_mi_table`'s (``p_F`` does not move with the moving values; the device twin is
     :func:`classreg.kernels.mattes_cuda.mi_table`)."""
-    p = hist / n
-    pf = np.zeros(nbf)
-    pm = np.zeros(nbm)
-    for i in range(nbf):
-        for k in range(nbm):
-            pf[i] += p[i, k]
-            pm[k] += p[i, k]
+    p, pf, pm = _mi_marginals(hist, n, nbf, nbm)
     value = 0.0
     dm = np.empty(nbm)
     for i in range(nbf):
@@ -515,8 +515,8 @@ def _mi_smooth_numba(fv, mv, nbf, nbm, lof, hif, lom, him, tlo, thi, eps):
 
 
 #: the Mattes MI helpers, compiled inline into the fused kernels (here and in classreg.kernels.bspline)
-MI_HELPERS = ("_limit", "_mi_setup", "_mi_window", "_mi_weights", "_mi_add", "_mi_table", "_mi_table_smooth",
-              "_mi_grad", "_mi_pass", "_mi_gather")
+MI_HELPERS = ("_limit", "_mi_setup", "_mi_window", "_mi_weights", "_mi_add", "_mi_marginals", "_mi_table",
+              "_mi_table_smooth", "_mi_grad", "_mi_pass", "_mi_gather")
 
 
 def mi_namespace(ns):
