@@ -83,7 +83,7 @@ def test_register_vp_auto_metric(caplog):
 
     fixed, moving = _ellipses(24)
     half = moving.like(moving.data * 0.5)
-    kw = dict(shrink_factors=(1,), iterations=(4,))
+    kw = {"shrink_factors": (1,), "iterations": (4,)}
     with caplog.at_level(logging.INFO, logger="classreg"):
         same = cr.register_vp(fixed, moving, **kw)
         across = cr.register_vp(fixed, half, **kw)
@@ -373,7 +373,7 @@ def test_register_vp_vp_inverse_is_deterministic_and_checked():
     import classreg as cr
 
     fixed, moving = _ellipses(24)
-    kw = dict(shrink_factors=(1,), iterations=(10,), inverse="vp")
+    kw = {"shrink_factors": (1,), "iterations": (10,), "inverse": "vp"}
     a, b = cr.register_vp(fixed, moving, **kw), cr.register_vp(fixed, moving, **kw)
     np.testing.assert_array_equal(a.inverse.displacement_array_frame(), b.inverse.displacement_array_frame())
     assert a.params["inverse"] == "vp"
