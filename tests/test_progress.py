@@ -154,7 +154,7 @@ def test_every_solver_records_the_same_similarity(solver):
 
 
 def test_solver_shows_its_kernel_step_before_the_bar(monkeypatch, capsys):
-    import classreg.progress as progress
+    from classreg import progress
 
     pytest.importorskip("tqdm")
     monkeypatch.setattr(progress, "_WARMED", set())
