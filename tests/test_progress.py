@@ -9,14 +9,13 @@ from classreg.progress import Progress
 
 def test_events_history_and_logging(caplog):
     seen = []
-    with caplog.at_level(logging.DEBUG, logger="classreg"):
-        with Progress("demo", callback=seen.append) as p:
-            p.emit("start")
-            p.emit("level_start", level=0)
-            for i in range(3):
-                p.emit("iteration", level=0, iteration=i, metric=np.float32(3 - i), step=0.1, piece=2)
-            p.emit("level_end", level=0, metric=1.0)
-            p.emit("done", metric=1.0)
+    with caplog.at_level(logging.DEBUG, logger="classreg"), Progress("demo", callback=seen.append) as p:
+        p.emit("start")
+        p.emit("level_start", level=0)
+        for i in range(3):
+            p.emit("iteration", level=0, iteration=i, metric=np.float32(3 - i), step=0.1, piece=2)
+        p.emit("level_end", level=0, metric=1.0)
+        p.emit("done", metric=1.0)
     assert [e.stage for e in seen] == ["start", "level_start", "iteration", "iteration", "iteration", "level_end",
                                        "done"]
     assert isinstance(seen[2], cr.Event) and seen[2].extra == {"piece": 2} and seen[2].metric == 3.0
@@ -77,7 +76,7 @@ def test_warm_up_runs_before_the_bar_once_per_key(monkeypatch, capsys):
     against time_limit."""
     import time
 
-    import classreg.progress as progress
+    from classreg import progress
 
     monkeypatch.setattr(progress, "_WARMED", set())
     calls = []
@@ -129,12 +128,13 @@ def test_every_solver_records_the_same_similarity(solver):
         res = cr.register_points(y, y @ np.array([[0.96, -0.28, 0], [0.28, 0.96, 0], [0, 0, 1]]).T + 3.0,
                                  max_iter=40, min_iter=5)
     else:
-        kw = {"demons": dict(max_pieces=1), "lddmm": dict(iterations=(10, 10, 10)), "affine": dict(iterations=(30, 30, 30)),
-              "bspline": dict(iterations=(30, 30, 30)),
-              "rigid": dict(samples=(60, 20, 5, 0), max_angle=20.0, workers=1),
+        kw = {"demons": {"max_pieces": 1}, "lddmm": {"iterations": (10, 10, 10)},
+              "affine": {"iterations": (30, 30, 30)}, "bspline": {"iterations": (30, 30, 30)},
+              "rigid": {"samples": (60, 20, 5, 0), "max_angle": 20.0, "workers": 1},
               # the pair is on two intensity scales (× 150), where VP's auto metric is MI, which does not raise the
               # NCC monotonically (full resolution 0.985 after 0.993 on the coarsest level); SSD here, as the paper's
-              "vp": dict(iterations=(10, 10, 10), metric="ssd"), "metamorphosis": dict(iterations=(10, 10, 10))}[solver]
+              "vp": {"iterations": (10, 10, 10), "metric": "ssd"},
+              "metamorphosis": {"iterations": (10, 10, 10)}}[solver]
         res = getattr(cr, f"register_{solver}")(f, m, **kw)
     sims = [h["similarity"] for h in res.history]
     assert all(s is not None and -1.0 <= s <= 1.0 for s in sims)
