@@ -239,6 +239,25 @@ def test_mi_registers_a_multimodal_pair_deterministically(rng):
     assert epe < 0.5 * epe_ssd
 
 
+def test_same_intensity_scale_bounds():
+    """The rule behind every "auto" choice: the 99.5 percentiles within a quarter of the fixed range (a moving image at
+    0.8 × the fixed intensities passes, at 0.7 × or 0.5 × — inter3d's case — it does not), the 0.5 percentiles within
+    half (zeros padded into a copy of a fixed image whose low end is 0.3, 44 % of its range, pass)."""
+    from classreg.solvers._common import SAME_SCALE_TOLERANCE, same_intensity_scale
+
+    assert SAME_SCALE_TOLERANCE == {"low": 0.5, "high": 0.25}
+    ramp = np.linspace(0.0, 1.0, 4000, dtype=np.float32).reshape(40, 100)
+    fixed = cr.Image(ramp, (1.0, 1.0))
+    assert [same_intensity_scale(fixed, fixed.like(ramp * s))[0] for s in (1.0, 0.8, 0.7, 0.5, 3.0)] == [
+        True, True, False, False, False]
+    lifted = 0.3 + 0.7 * ramp  # percentiles 0.3035 and 0.9965
+    padded = lifted.copy()
+    padded[:, :5] = 0.0  # 5 % of the voxels: the moving 0.5 percentile is 0
+    fixed = cr.Image(lifted, (1.0, 1.0))
+    assert same_intensity_scale(fixed, fixed.like(padded))[0]
+    assert not same_intensity_scale(fixed, fixed.like(0.5 * padded))[0]
+
+
 def test_auto_metric_picks_ssd_on_one_scale_and_mi_across_scales(rng, caplog):
     """metric="auto" (the default): SSD for a pair on one intensity scale, MI for the same pair with the moving image
     stored in other units (×250 + 40, as a 0-255 file against a [0, 1] one); the choice is logged and recorded, an
