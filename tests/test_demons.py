@@ -42,7 +42,7 @@ def test_broken_geodesic_beats_a_single_piece_on_circle_to_c():
     default velocity σ (1.5 voxels, 3 mm here) and no det J floor (the match compresses the C's gap to det J ~0.01,
     measured 0.0098; with the defaults, min_det_j 0.05 stops it earlier: test_the_det_j_floor_holds)."""
     fixed, moving = _dipy_pair()
-    kw = dict(velocity_sigma=3.0, min_det_j=0.0)
+    kw = {"velocity_sigma": 3.0, "min_det_j": 0.0}
     one = cr.register_demons(fixed, moving, max_pieces=1, **kw)
     five = cr.register_demons(fixed, moving, max_pieces=5, **kw)
     assert one.metrics["pieces"] == 1 and five.metrics["pieces"] >= 2
@@ -269,7 +269,7 @@ def test_auto_metric_picks_ssd_on_one_scale_and_mi_across_scales(rng, caplog):
     fixed, moving, _ = _known_pair(rng, shape=(40, 44), amplitude=2.0)
     other_units = moving.like((250.0 * moving.data + 40.0).astype(np.float32))
     assert same_intensity_scale(fixed, moving)[0] and not same_intensity_scale(fixed, other_units)[0]
-    kw = dict(iterations=(4, 4, 4), max_pieces=2)
+    kw = {"iterations": (4, 4, 4), "max_pieces": 2}
     with caplog.at_level(logging.INFO, logger="classreg"):
         same = cr.register_demons(fixed, moving, **kw)
         across = cr.register_demons(fixed, other_units, **kw)
