@@ -182,10 +182,11 @@ def _build_deformable(name, workdir, quick):
             "has_truth": truth is not None, "prealigned": prealigned}
 
 
-def synth_deformation(fixed):
+def synth_deformation(fixed, seed=0):
     """synth3d's known deformation ψ = id + u on ``fixed``'s grid (a DisplacementField, float32).
 
-    u is white noise drawn with ``numpy.random.default_rng(0)`` on the 2 mm MNI152 grid, smoothed by a Gaussian of
+    u is white noise drawn with ``numpy.random.default_rng(seed)`` (synth3d: 0; other seeds give the held-out
+    deformations of benchmarks.heldout) on the 2 mm MNI152 grid, smoothed by a Gaussian of
     σ = :data:`SYNTH_SIGMA_MM` (6 voxels) and scaled so that its largest component is :data:`SYNTH_MAX_MM`. On the
     2 mm grid (synth3d) that is ψ itself; on any other grid (synth3d_1mm) it is the same field interpolated linearly
     (``classreg.evaluate.dense_displacement``): both cases have the same physical deformation.
@@ -197,7 +198,7 @@ def synth_deformation(fixed):
     from classreg.evaluate import dense_displacement
 
     grid = mni152("t1", resolution=2.0)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     sigma = SYNTH_SIGMA_MM / min(grid.spacing)
     u = np.stack([ndimage.gaussian_filter(rng.normal(size=grid.shape), sigma) for _ in range(3)], -1)
     u *= SYNTH_MAX_MM / np.abs(u).max()
