@@ -152,9 +152,9 @@ def test_quick_run_smoke(tmp_path):
 def test_kernel_targets_are_checked_against_the_rows():
     from benchmarks.kernels import target_lines
 
-    rows = [dict(kernel="warp linear 3-D (disp)", size=128, speedup=4.9, x_copy_bound=6.5),
-            dict(kernel="warp linear 3-D (disp)", size=192, speedup=5.1, x_copy_bound=4.3),
-            dict(kernel="gaussian σ=2 vox", size=128, speedup=2.0)]
+    rows = [{"kernel": "warp linear 3-D (disp)", "size": 128, "speedup": 4.9, "x_copy_bound": 6.5},
+            {"kernel": "warp linear 3-D (disp)", "size": 192, "speedup": 5.1, "x_copy_bound": 4.3},
+            {"kernel": "gaussian σ=2 vox", "size": 128, "speedup": 2.0}]
     lines = target_lines(rows)
     assert len(lines) == 5
     assert "map_coordinates" in lines[0] and lines[0].endswith("**not met**")  # 4.9 < 5
