@@ -103,9 +103,10 @@ def warped_case(src: Path, seed: int, out_root: Path) -> Path:
     return wd
 
 
-def run(tools=TOOLS, *, threads=2, out_dir=None, docs=None, log=print) -> dict:
+def run(tools=TOOLS, *, threads=2, out_dir=None, docs=None, slow=False, log=print) -> dict:
     """Build inter3d, cut :data:`SLICES`, run ``tools`` on each slice, judge the classreg defaults; returns the
-    payload that is written (and rendered into ``docs``, a markdown path, when given)."""
+    payload that is written (and rendered into ``docs``, a markdown path, when given). Peers that take minutes per
+    3-D pair run on the 3-D cases only with ``slow`` (the page's ``--slow``); the classreg defaults always run."""
     from . import run as bench
     from .cases import build_case, load_case
     from .tools import TOOLS as ALL
@@ -120,6 +121,8 @@ def run(tools=TOOLS, *, threads=2, out_dir=None, docs=None, log=print) -> dict:
         for wd in dirs:
             case = load_case(wd)
             for tool in avail:
+                if ALL[tool].slow_3d and not ALL[tool].classreg and case["info"]["ndim"] == 3 and not slow:
+                    continue  # as the page: peers that take minutes per 3-D pair (ANTs SyNCC, FireANTs) need --slow
                 res = wd / f"{tool}.json"
                 cmd = [sys.executable, "-m", "benchmarks.run", "--worker", tool, "--case-dir", str(wd), "--result",
                        str(res), "--threads", str(threads), "--rep", "0"]
@@ -192,8 +195,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None, help="folder for the JSON and markdown (default benchmarks/results/)")
     p.add_argument("--docs", default=None, help="also render the generated page here (docs/benchmarks-heldout.md)")
+    p.add_argument("--slow", action="store_true", help="also run the peers that take minutes per 3-D pair there")
     args = p.parse_args(argv)
-    run(args.tools, threads=args.threads, out_dir=args.out, docs=args.docs)
+    run(args.tools, threads=args.threads, out_dir=args.out, docs=args.docs, slow=args.slow)
     return 0
 
 
