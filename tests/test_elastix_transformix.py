@@ -608,8 +608,11 @@ def test_cli_module_entry_point(tmp_path, affine_tp):
 def _run_real(tp, out, *args):
     out = Path(out)
     out.mkdir()
-    r = subprocess.run(["transformix", "-tp", str(tp), "-out", str(out), *map(str, args)], capture_output=True, check=False,
-                       text=True)
+    cmd = ["transformix", "-tp", str(tp), "-out", str(out), *map(str, args)]
+    r = subprocess.run(cmd, capture_output=True, check=False, text=True)
+    if r.returncode < 0:  # killed by a signal: Debian's transformix 5.0.1 once died of SIGSEGV after printing
+        # "transformix has finished" (CI, 2026-12-05, under load; 6 of 6 reruns passed): one retry, not more
+        r = subprocess.run(cmd, capture_output=True, check=False, text=True)
     assert r.returncode == 0, r.stdout[-3000:]
     return out
 
