@@ -104,7 +104,8 @@ def warped_case(src: Path, seed: int, out_root: Path) -> Path:
 
 
 def run(tools=TOOLS, *, threads=2, out_dir=None, docs=None, slow=False, log=print) -> dict:
-    """Build inter3d, cut :data:`SLICES`, run ``tools`` on each slice, judge the classreg defaults; returns the
+    """Build inter3d and the held-out cases (:data:`SLICES`, :data:`WARP_SEEDS`), run ``tools`` on each, judge the
+    classreg defaults; returns the
     payload that is written (and rendered into ``docs``, a markdown path, when given). Peers that take minutes per
     3-D pair run on the 3-D cases only with ``slow`` (the page's ``--slow``); the classreg defaults always run."""
     from . import run as bench
@@ -141,15 +142,16 @@ def run(tools=TOOLS, *, threads=2, out_dir=None, docs=None, slow=False, log=prin
                                                   f"{row['min_det']:.3f}"))
     verdicts = bench.dominance(rows)
     per_case = markdown_table(verdicts, [("case", "case"), ("label", "default"), ("quality", "accuracy"),
-                                          ("sdlogj", "SDlogJ"), ("min_det", "min det J"),
-                                          ("dominated_by", "dominated by"), ("floor_ok", "floor"),
-                                          ("epe_ok", "EPE ≤ ANTs SyN's"), ("below_all_peers", "below every peer")])
+                                         ("sdlogj", "SDlogJ"), ("min_det", "min det J"),
+                                         ("dominated_by", "dominated by"), ("floor_ok", "floor"),
+                                         ("epe_ok", "EPE ≤ ANTs SyN's"), ("below_all_peers", "below every peer")])
     table = "\n\n".join([per_case, markdown_table(bench.summarise(verdicts), [
         ("label", "default"), ("met", "cases met"), ("failed", "failed on"),
         ("lowest", "accuracy below every peer on")])])
     command = "python -m benchmarks.heldout " + " ".join(sys.argv[1:])
     payload = {"command": command.strip(), "commit": bench._git_commit(), "threads": threads,
-               "slices": [list(s) for s in SLICES], "rows": rows, "verdicts": verdicts}
+               "slices": [list(s) for s in SLICES], "warp_seeds": list(WARP_SEEDS), "rows": rows,
+               "verdicts": verdicts}
     jpath, mpath = write_outputs("heldout", payload, table, out_dir)
     log("\n" + table + f"\n\nwritten: {jpath}, {mpath}")
     if docs is not None:
