@@ -105,9 +105,9 @@ def warped_case(src: Path, seed: int, out_root: Path) -> Path:
 
 def run(tools=TOOLS, *, threads=2, out_dir=None, docs=None, slow=False, log=print) -> dict:
     """Build inter3d and the held-out cases (:data:`SLICES`, :data:`WARP_SEEDS`), run ``tools`` on each, judge the
-    classreg defaults; returns the
-    payload that is written (and rendered into ``docs``, a markdown path, when given). Peers that take minutes per
-    3-D pair run on the 3-D cases only with ``slow`` (the page's ``--slow``); the classreg defaults always run."""
+    classreg defaults; returns the payload that is written (and rendered into ``docs``, a markdown path, when given).
+    Peers that take minutes per 3-D pair run on the 3-D cases only with ``slow`` (the page's ``--slow``); the classreg
+    defaults always run."""
     from . import run as bench
     from .cases import build_case, load_case
     from .tools import TOOLS as ALL
