@@ -2,6 +2,8 @@
 every Result records, and the one finalisation of a dense map (field + inverse + chain with ``init`` + warped image)."""
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from ..image import Image
@@ -244,6 +246,20 @@ def same_intensity_scale(fixed: Image, moving: Image, fmask=None, mmask=None):
     tol = SAME_SCALE_TOLERANCE
     same = abs(lo_m - lo_f) <= tol["low"] * span and abs(hi_m - hi_f) <= tol["high"] * span
     return bool(same), (lo_m, hi_m), (lo_f, hi_f)
+
+
+def resolve_auto_metric(solver, metric, one_scale, across, fixed, moving, fmask=None, mmask=None, device="cpu"):
+    """``metric``, or for ``"auto"`` ``one_scale`` when the images are on one intensity scale
+    (:func:`same_intensity_scale`) and ``across`` when not — ``one_scale`` on the device, which has no MI term —,
+    logged as ``"<solver>: metric='auto' -> ..."``. Returns ``(metric, same)``, ``same`` None when not ``"auto"``."""
+    if metric != "auto":
+        return metric, None
+    same, (lo_m, hi_m), (lo_f, hi_f) = same_intensity_scale(fixed, moving, fmask, mmask)
+    chosen = one_scale if same or device == "cuda" else across
+    logging.getLogger("classreg").info(
+        "%s: metric='auto' -> '%s'%s (moving 0.5-99.5 %% range [%.4g, %.4g], fixed [%.4g, %.4g])", solver, chosen,
+        " (the device has no MI term)" if not same and device == "cuda" else "", lo_m, hi_m, lo_f, hi_f)
+    return chosen, same
 
 
 def normalise_intensities(fixed: Image, moving: Image, fmask, intensity: str, dtype):

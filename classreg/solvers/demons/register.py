@@ -10,7 +10,6 @@ lowers the energy. The registration metric is the path length ``Σ_i ‖v_i‖``
 """
 from __future__ import annotations
 
-import logging
 import time
 
 import numpy as np
@@ -33,7 +32,7 @@ from .._common import (
     field_result,
     mean_sq,
     normalise_intensities,
-    same_intensity_scale,
+    resolve_auto_metric,
     tiny_like,
     warm_key,
     warp_through,
@@ -43,7 +42,6 @@ from .step import one_piece, velocity_norm
 
 __all__ = ["register_demons"]
 
-_log = logging.getLogger("classreg")
 
 #: metric="mi": histogram bins of the Mattes MI (elastix's and ANTs' usual 32) and the default velocity σ in
 #: multiples of the smallest spacing (chosen from the benchmark sweep: docs/notes/demons.md, session 18)
@@ -74,7 +72,8 @@ def register_demons(fixed: Image, moving: Image, *, init: Transform | None = Non
     metric : {"auto", "ssd", "lncc", "mi"}
         "auto" (default): "ssd" when the two images are on one intensity scale, "mi" when they are not
         (:func:`classreg.solvers._common.same_intensity_scale`: the moving image's 0.5 and 99.5 percentiles
-        within half and a quarter of the fixed image's range of the fixed ones; the choice is logged and recorded in ``Result.params["metric"]``).
+        within half and a quarter of the fixed image's range of the fixed ones; the choice is logged and recorded
+        in ``Result.params["metric"]``).
         SSD, even after histogram matching, assumes that equal tissue has equal intensity; a pair from different
         scanners or file conventions breaks that, and MI does not need it (docs/notes/tradeoff.md, session 21).
         The rule looks at ranges only: for two modalities stored on one scale (T1 and T2 both in 0-255) pass "mi".
@@ -183,7 +182,7 @@ def register_demons(fixed: Image, moving: Image, *, init: Transform | None = Non
     dtype = np.dtype(dtype)
     fmask = as_mask(fixed_mask, fixed, "fixed_mask")
     mmask = as_mask(moving_mask, moving, "moving_mask")
-    metric = _resolve_metric(metric, fixed, moving, fmask, mmask)
+    metric = resolve_auto_metric("demons", metric, "ssd", "mi", fixed, moving, fmask, mmask)[0]
     opts = _resolve(fixed, metric, iterations, velocity_sigma, update_sigma, max_step, symmetric, lncc_radius,
                     bch_terms=int(bch_terms), tol=float(tol), backend=backend)
     schedule = dict(zip(("shrink_factors", "smoothing_sigmas", "iterations"),
@@ -223,16 +222,6 @@ def register_demons(fixed: Image, moving: Image, *, init: Transform | None = Non
                         converged=out["converged"], stop_reason=out["stop_reason"], params=params, metrics=metrics,
                         timings={"total": time.perf_counter() - t_start, **prog.timings},
                         extras={"velocities": out["velocities"]})
-
-
-def _resolve_metric(metric, fixed, moving, fmask, mmask) -> str:
-    """``"auto"``: "ssd" when the images are on one intensity scale, else "mi" (logged)."""
-    if metric != "auto":
-        return metric
-    same, (lo_m, hi_m), (lo_f, hi_f) = same_intensity_scale(fixed, moving, fmask, mmask)
-    _log.info("demons: metric='auto' -> '%s' (moving 0.5-99.5 %% range [%.4g, %.4g], fixed [%.4g, %.4g])",
-              "ssd" if same else "mi", lo_m, hi_m, lo_f, hi_f)
-    return "ssd" if same else "mi"
 
 
 def _resolve(fixed: Image, metric, iterations, velocity_sigma, update_sigma, max_step, symmetric, lncc_radius,

@@ -33,6 +33,7 @@ from .._common import (
     field_result,
     mean_sq,
     normalise_intensities,
+    resolve_auto_metric,
     same_intensity_scale,
     tiny_like,
     warm_key,
@@ -331,15 +332,10 @@ DATA_SIGMA = {"lncc": 0.05, "ssd": 0.05, "mi": 0.11}
 def _resolve_data(metric, intensity, fixed, moving, fmask, mmask, dev):
     """``(metric, intensity)`` with "auto" resolved (logged): one intensity scale -> "lncc" and "joint", else "mi"
     (the device: "lncc") and "match"."""
-    if metric != "auto":
+    metric, same = resolve_auto_metric("lddmm", metric, "lncc", "mi", fixed, moving, fmask, mmask, dev)
+    if same is None or intensity != "auto":
         return metric, _resolve_intensity(intensity, fixed, moving, fmask, mmask)
-    same, (lo_m, hi_m), (lo_f, hi_f) = same_intensity_scale(fixed, moving, fmask, mmask)
-    metric = "lncc" if same or dev == "cuda" else "mi"
-    _log.info("lddmm: metric='auto' -> '%s'%s (moving 0.5-99.5 %% range [%.4g, %.4g], fixed [%.4g, %.4g])", metric,
-              " (the device has no MI term)" if not same and dev == "cuda" else "", lo_m, hi_m, lo_f, hi_f)
-    if intensity == "auto":
-        intensity = "joint" if same else "match"
-    return metric, intensity
+    return metric, "joint" if same else "match"
 
 
 def _resolve_intensity(intensity, fixed, moving, fmask, mmask) -> str:

@@ -22,7 +22,6 @@ Inverse: each round's map is inverted on its padded box by damped Newton iterati
 """
 from __future__ import annotations
 
-import logging
 import time
 
 import numpy as np
@@ -44,14 +43,13 @@ from .._common import (
     field_result,
     mean_sq,
     normalise_intensities,
-    same_intensity_scale,
+    resolve_auto_metric,
     warp_through,
 )
+from ..lddmm.objective import MI_EPS
 from .options import OPTIONS
 
 __all__ = ["register_vp"]
-
-_log = logging.getLogger("classreg")
 
 #: Default ``det_floor``: trial points whose map (this round's or the composed one) has min det J at or below this
 #: are rejected. 0.05 is the plausibility floor of issue #22 (no voxel compressed more than 20-fold), the floor of
@@ -68,8 +66,8 @@ ITERATIONS = 10
 #: Fixed-point passes of the VP-constructed inverse (``inverse="vp"``): the prescribed det and curl are evaluated at
 #: the previous pass's inverse estimate; and the L-BFGS iterations of the grid generator per pass.
 VP_INVERSE_PASSES = 4
-#: Parzen bins and entropy smoothing of the "mi" data term (as register_lddmm's: its MI_EPS)
-MI_BINS, MI_EPS = 32, 1e-4
+#: Parzen bins of the "mi" data term (its entropy smoothing is register_lddmm's MI_EPS)
+MI_BINS = 32
 VP_INVERSE_ITERATIONS = 150
 
 #: Newton tolerance (voxels, per-node residual |φ(x + w) − x| / h) of the per-round and the final inversions.
@@ -325,19 +323,14 @@ def register_vp(fixed: Image, moving: Image, *, init: Transform | None = None, f
 
 
 def _resolve_metric(metric, fixed, moving, fmask, dev) -> str:
-    """``"auto"``: "ssd" when the images are on one intensity scale, else "mi" ("ssd" on the device; logged);
-    "mi" on the device is refused."""
+    """``"auto"``: "ssd" on one intensity scale, else "mi" (:func:`resolve_auto_metric`); "mi" on the device is
+    refused."""
     if metric not in ("auto", "ssd", "mi"):
         raise ValueError(f"register_vp: metric must be 'auto', 'ssd' or 'mi', got {metric!r}")
-    if metric == "auto":
-        same, (lo_m, hi_m), (lo_f, hi_f) = same_intensity_scale(fixed, moving, fmask)
-        metric = "ssd" if same or dev == "cuda" else "mi"
-        _log.info("vp: metric='auto' -> '%s'%s (moving 0.5-99.5 %% range [%.4g, %.4g], fixed [%.4g, %.4g])", metric,
-                  " (the device has no MI term)" if not same and dev == "cuda" else "", lo_m, hi_m, lo_f, hi_f)
-    elif metric == "mi" and dev == "cuda":
+    if metric == "mi" and dev == "cuda":
         raise ValueError("register_vp: metric='mi' runs on the CPU only (the Mattes MI histogram is a host "
                          "computation); use device='cpu', or metric='ssd' on the GPU")
-    return metric
+    return resolve_auto_metric("vp", metric, "ssd", "mi", fixed, moving, fmask, device=dev)[0]
 
 
 class _MIData:
