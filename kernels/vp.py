@@ -129,6 +129,20 @@ def _interp_numpy(img, c, h):
         for d in range(nd):
             wd = functools.reduce(xp.multiply, [w[j] for j in range(nd) if j != d], 1.0)
             der[..., d] += (1.0 if bits[d] else -1.0) * wd * v
+    for d in range(nd):  # on a node (t = 0, not the first): the mean of the two cells' one-sided differences
+        on = (t[d] == 0.0) & (i0[d] > 0)
+        if not bool(xp.any(on)):
+            continue
+        back = xp.zeros(c[0].shape, dtype=np.float64)
+        for corner in range(2 ** nd):
+            bits = [(corner >> (nd - 1 - j)) & 1 for j in range(nd)]
+            if bits[d]:
+                continue
+            wd = functools.reduce(xp.multiply, [t[j] if bits[j] else 1.0 - t[j] for j in range(nd) if j != d], 1.0)
+            hi = tuple(i0[j] + bits[j] for j in range(nd))
+            lo = tuple(i0[j] - 1 if j == d else i0[j] + bits[j] for j in range(nd))  # -1 only where not `on`
+            back += wd * (im[hi] - im[lo])
+        der[..., d] = xp.where(on, 0.5 * (der[..., d] + back), der[..., d])
     for d in range(nd):
         der[..., d] *= inside[d] / h[d]
     return val, der
@@ -172,6 +186,32 @@ def _numba_warp():
                         d0 += s0 * w1 * w2 * a
                         d1 += w0 * s1 * w2 * a
                         d2 += w0 * w1 * s2 * a
+            # on a node (t = 0, not the first): the mean of the two cells' one-sided differences
+            if t[0] == 0.0 and i0[0] > 0:
+                bk = 0.0
+                for b1 in range(2):
+                    for b2 in range(2):
+                        w = (t[1] if b1 else 1.0 - t[1]) * (t[2] if b2 else 1.0 - t[2])
+                        bk += w * (img[i0[0], i0[1] + b1, i0[2] + b2] - img[i0[0] - 1, i0[1] + b1, i0[2] + b2])
+                d0 = 0.5 * (d0 + bk)
+            if t[1] == 0.0 and i0[1] > 0:
+                bk = 0.0
+                for b0 in range(2):
+                    if b0 == 1 and img.shape[0] == 1:
+                        continue
+                    for b2 in range(2):
+                        w = (t[0] if b0 else 1.0 - t[0]) * (t[2] if b2 else 1.0 - t[2])
+                        bk += w * (img[i0[0] + b0, i0[1], i0[2] + b2] - img[i0[0] + b0, i0[1] - 1, i0[2] + b2])
+                d1 = 0.5 * (d1 + bk)
+            if t[2] == 0.0 and i0[2] > 0:
+                bk = 0.0
+                for b0 in range(2):
+                    if b0 == 1 and img.shape[0] == 1:
+                        continue
+                    for b1 in range(2):
+                        w = (t[0] if b0 else 1.0 - t[0]) * (t[1] if b1 else 1.0 - t[1])
+                        bk += w * (img[i0[0] + b0, i0[1] + b1, i0[2]] - img[i0[0] + b0, i0[1] + b1, i0[2] - 1])
+                d2 = 0.5 * (d2 + bk)
             val[p] = v
             der[p, 0] = d0 * ins[0] / h[0]
             der[p, 1] = d1 * ins[1] / h[1]

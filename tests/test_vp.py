@@ -170,6 +170,43 @@ def test_warp_derivative_is_the_interpolants():
         np.testing.assert_allclose((vp_ - vm) / 2e-7, d[..., k], atol=1e-6)  # exact for a linear-in-u cell
 
 
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+@pytest.mark.parametrize("nd", [2, 3])
+def test_warp_derivative_on_nodes_is_the_central_difference(nd, backend):
+    """On a node the interpolant has a kink; there the derivative is the mean of the two cells' one-sided differences
+    (the central difference), not the forward one. Every regridding round and every level starts with all points
+    on nodes (u = 0), and with the forward difference alone the first L-BFGS direction was not a descent direction on
+    synth3d's finest level, which then ended without a step (docs/notes/vp.md, session 24)."""
+    if backend == "numba":
+        pytest.importorskip("numba")
+    rng = np.random.default_rng(4)
+    shape = (9, 11) if nd == 2 else (7, 8, 9)
+    h = (0.7, 1.1, 1.3)[:nd]
+    img = rng.standard_normal(shape)
+    u = np.zeros(shape + (nd,))
+    u[..., 0] = h[0] * rng.integers(-1, 2, size=shape)  # whole-voxel moves along axis 0: still on nodes
+    u[..., -1] = np.where(rng.random(shape) < 0.5, 0.0, 0.4 * h[-1])  # half the points off the nodes along the last
+    val, d = vp.warp_linear_grad(img, u, spacing=h, backend=backend)
+    c = [np.clip(np.arange(n).reshape([-1 if j == k else 1 for j in range(nd)]) + u[..., k] / h[k], 0, n - 1)
+         for k, n in enumerate(shape)]
+    central = np.gradient(img, *h)
+    np.testing.assert_allclose(val, _multilinear(img, c), atol=1e-12)
+    for k in range(nd):
+        expect = _multilinear(central[k], c)
+        one_sided = _multilinear(np.diff(img, axis=k, append=np.take(img, [-1], axis=k)) / h[k], c)
+        on = np.isclose(c[k], np.round(c[k]), atol=0) & (c[k] > 0) & (c[k] < shape[k] - 1)
+        if k == 0:
+            assert on.mean() > 0.5
+        np.testing.assert_allclose(d[..., k][on], expect[on], atol=1e-12)
+        assert np.abs(one_sided[on] - expect[on]).max() > 0.1  # the forward difference would differ
+
+
+def _multilinear(a, c):
+    from scipy.ndimage import map_coordinates
+
+    return map_coordinates(a, np.stack(c), order=1, mode="nearest")
+
+
 def test_identity_controls_give_identity():
     """f ≡ const (any J_min) and g = 0: F = 0, u = 0 (METHODS.md §6.2 step 1)."""
     fhat = np.full((10, 12), np.sqrt(0.5))
