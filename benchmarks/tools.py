@@ -870,32 +870,28 @@ TOOLS = {t.name: t for t in [
 #: smoothness): (parameter, unit, values, the default's value, which the base tool's own row gives). Units: "min" /
 #: "max": multiples of the case's smallest / largest spacing (demons SSD's velocity σ, default 4.5 × the smallest;
 #: LDDMM's kernel σ, default 4.5 × the largest; the earlier defaults 1.5 × and 3 × are sweep points); "mm2": the value
-#: itself (the B-spline bending weight, default 30 for MI); "count": an iteration count per pyramid level
-#: (register_vp has no smoothness term: its L-BFGS iteration cap, default 10 per level, is what limits the map's
-#: roughness; 100 was the default before session 21).
+#: itself (the B-spline bending weight, default 30 for MI).
+#: register_vp's loss has no smoothness term: the σ of the Gaussian preconditioning of its controls (× the smallest
+#: spacing; default 3 with SSD, 0 with MI, where the 0 point is the default's) sets the smoothness of its updates.
 #: docs/notes/tradeoff.md has the measured sweeps and the rule that chose the defaults.
 SWEEPS = {
     "classreg_demons_ssd": ("velocity_sigma", "min", (0.5, 1.0, 1.5, 2.25, 3.0, 6.0), 4.5),
     "classreg_demons_mi": ("velocity_sigma", "min", (0.5, 1.0, 1.5, 3.0, 4.5), 2.0),
     "classreg_lddmm": ("kernel_sigma", "max", (1.5, 2.0, 3.0, 6.0), 4.5),
     "classreg_bspline": ("bending_weight", "mm2", (0.0, 10.0, 100.0, 300.0), 30.0),
-    "classreg_vp": ("iterations", "count", (20, 40, 100), 10),
+    "classreg_vp": ("control_sigma", "min", (0.0, 1.0, 2.0, 6.0), 3.0),
 }
 
 
 def _swept(base: str, param: str, which: str, factor: float):
-    """``base``'s run with ``param`` = factor × the case's smallest/largest spacing (mm), = factor ("mm2"), or
-    = factor on every pyramid level ("count")."""
+    """``base``'s run with ``param`` = factor × the case's smallest/largest spacing (mm), or = factor ("mm2")."""
     factories = {"classreg_lddmm": _classreg_lddmm, "classreg_bspline": _classreg_bspline, "classreg_vp": _classreg_vp,
                  "classreg_demons_ssd": lambda **kw: _classreg_demons(metric="ssd", **kw),
                  "classreg_demons_mi": lambda **kw: _classreg_demons(metric="mi", **kw)}
 
     def run(case, threads, quick):
         sp = case["fixed"].spacing
-        if which == "count":
-            value = int(factor)
-        else:
-            value = float(factor) * (1.0 if which == "mm2" else float(min(sp) if which == "min" else max(sp)))
+        value = float(factor) * (1.0 if which == "mm2" else float(min(sp) if which == "min" else max(sp)))
         out = factories[base](**{param: value})(case, threads, quick)
         out["params"] = dict(out.get("params") or {}, sweep_factor=float(factor))
         return out
@@ -906,7 +902,7 @@ def sweep_tools() -> dict:
     """The sweep points as tools (not in the default list; ``python -m benchmarks.run --sweep`` adds them)."""
     out = {}
     for base, (param, which, factors, _default) in SWEEPS.items():
-        unit = {"mm2": "mm²", "count": "per level"}.get(which, "× spacing")
+        unit = {"mm2": "mm²"}.get(which, "× spacing")
         for f in factors:
             name = f"{base}@{param}={f:g}"
             out[name] = Tool(name, "deformable", f"{TOOLS[base].label}, {param} {f:g} {unit}",

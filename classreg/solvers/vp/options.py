@@ -26,7 +26,7 @@ OPTIONS = Declaration(
         shared("shrink_factors"),
         shared("smoothing_sigmas"),
         shared("iterations", help="L-BFGS iteration cap per pyramid level (over all regridding rounds)",
-               default_text="10 10 10"),
+               default_text="ssd: 15 15 15; mi: 10 10 10"),
         Option("j_min", 0.5, "lower bound of the Jacobian-determinant control f = j_min + f̂² (not of det J itself)",
                low=0),
         Option("regrid_det", 0.5, "regrid (compose the map, reset the controls) when min det J of the current "
@@ -34,6 +34,10 @@ OPTIONS = Declaration(
         Option("det_floor", 0.05, "min det J (central differences) the result keeps: a trial step or a level "
                                   "transfer whose composed map has min det J at or below this is rejected",
                low=0, low_open=True),
+        Option("control_sigma", None, "σ of the Gaussian K that preconditions the controls (f̂ = f̂₀ + K c_f, "
+                                      "g = K c_g; the optimiser works on c): the smoothness of the map; 0 turns "
+                                      "it off; scales with the level's shrink factor", unit="mm", low=0,
+               default_text="ssd: 3 × the smallest spacing; mi: 0"),
         Option("inverse", "newton", "how the inverse is built: 'newton' (per-round Newton inverses, corrected "
                                     "against the final map) or 'vp' (the paper's VP grid generator on the "
                                     "prescribed det J and curl of the inverse)", kind="str", choices=("newton", "vp")),

@@ -57,11 +57,15 @@ __all__ = ["register_vp"]
 #: the J-to-V benchmark ended with two nodes at det J = -6e-6, docs/notes/vp.md).
 DET_FLOOR = 0.05
 
-#: Default L-BFGS iterations per pyramid level. VP has no smoothness term: the iteration count is what bounds the
-#: roughness of its map, and 10 per level is the value of the benchmark's sweep (10 / 20 / 40 / 100) that is not
-#: dominated on the most cases (docs/notes/tradeoff.md, session 21); the paper's experiments (benchmarks/vp.py) give
-#: their own, longer schedules.
-ITERATIONS = 10
+#: Default L-BFGS iterations per pyramid level and ``control_sigma`` (in units of the smallest input spacing), per
+#: data term. VP's loss has no smoothness term: the Gaussian preconditioning of the controls sets the scale of each
+#: update and the iteration count how far the map goes. These are the settings of the sweep in
+#: docs/notes/tradeoff.md (session 24) that no peer dominates on any of the page's cases: SSD (the one-scale cases,
+#: synth3d's smooth known deformation among them) needs the smoothing; MI (the inter-subject cases across intensity
+#: scales) loses Dice with it (inter3d 0.661 at 0 against 0.650 at 3 × the spacing). The paper's experiments
+#: (benchmarks/vp.py) give their own, longer schedules.
+ITERATIONS = {"ssd": 15, "mi": 10}
+CONTROL_SIGMA = {"ssd": 3.0, "mi": 0.0}
 
 #: Fixed-point passes of the VP-constructed inverse (``inverse="vp"``): the prescribed det and curl are evaluated at
 #: the previous pass's inverse estimate; and the L-BFGS iterations of the grid generator per pass.
@@ -114,7 +118,8 @@ def _compose_inverse(psi, v_pad, h, pad):
 def register_vp(fixed: Image, moving: Image, *, init: Transform | None = None, fixed_mask=None,
                 metric: str = "auto", shrink_factors=(4, 2, 1), smoothing_sigmas=None, iterations=None,
                 j_min: float = 0.5,
-                regrid_det: float = 0.5, det_floor: float = DET_FLOOR, inverse: str = "newton",
+                regrid_det: float = 0.5, det_floor: float = DET_FLOOR, control_sigma: float | None = None,
+                inverse: str = "newton",
                 max_regrids: int = 30, pad: int = 8, tol: float = 1e-6,
                 intensity: str = "match", dtype=np.float32, seed: int = 0, threads: int | None = None,
                 memory_limit: float | None = None, time_limit: float | None = None, device: str | None = None,
@@ -139,7 +144,13 @@ def register_vp(fixed: Image, moving: Image, *, init: Transform | None = None, f
         "ssd". VP has no data weight to set: each round minimises the loss relative to its start.
     shrink_factors, smoothing_sigmas, iterations
         The pyramid (coarsest first); ``iterations``: L-BFGS iterations per level over all its regridding rounds
-        (default ``ITERATIONS`` = 10 per level: early stopping is VP's only regularisation).
+        (default ``ITERATIONS``: 15 per level with "ssd", 10 with "mi").
+    control_sigma : float, optional
+        σ (mm at full resolution; scales with the level's shrink factor) of the Gaussian ``K`` that preconditions
+        the controls: the optimiser works on ``c`` with ``f̂ = f̂₀ + K c_f`` and ``g = K c_g``, so every update of
+        the controls is smooth on the scale σ (a Sobolev-type gradient, the exact gradient w.r.t. ``c`` being ``K``
+        times the controls' gradient; ``K`` is symmetric, zero extension). Default ``CONTROL_SIGMA`` × the
+        smallest spacing: 3 with "ssd", 0 with "mi"; 0 optimises the controls themselves (the paper's).
     j_min : float
         Lower bound of the control ``f = j_min + f̂²`` (0 ≤ j_min < 1; the paper's 0.5). It bounds ∇·φ's control,
         not det J itself (METHODS.md §6.6), so det J is monitored and the map regridded.
@@ -217,11 +228,14 @@ def register_vp(fixed: Image, moving: Image, *, init: Transform | None = None, f
     check_overlap(fixed, moving, init)
     memory_mb = check_memory("vp", fixed, moving, dtype, memory_limit)
     dtype = np.dtype(dtype)
-    its = (ITERATIONS,) * len(tuple(shrink_factors)) if iterations is None else iterations
-    schedule = dict(zip(("shrink_factors", "smoothing_sigmas", "iterations"),
-                        check_schedule(shrink_factors, smoothing_sigmas, its, fixed.spacing)))
+    if control_sigma is not None and not float(control_sigma) >= 0:
+        raise ValueError(f"control_sigma must be >= 0 (mm), got {control_sigma!r}")
     fmask = as_mask(fixed_mask, fixed, "fixed_mask")
     metric = _resolve_metric(metric, fixed, moving, fmask, dev)
+    sigma_mm = CONTROL_SIGMA[metric] * min(fixed.spacing) if control_sigma is None else float(control_sigma)
+    its = (ITERATIONS[metric],) * len(tuple(shrink_factors)) if iterations is None else iterations
+    schedule = dict(zip(("shrink_factors", "smoothing_sigmas", "iterations"),
+                        check_schedule(shrink_factors, smoothing_sigmas, its, fixed.spacing)))
     fixed_n, moving_n = normalise_intensities(fixed, moving, fmask, intensity, dtype)
     moving_on_fixed = fixed_n.like(np.asarray(warp_through(moving_n, fixed_n, init, None, host_backend),
                                               dtype=dtype))
@@ -231,7 +245,8 @@ def register_vp(fixed: Image, moving: Image, *, init: Transform | None = None, f
         fmask_w = None if fmask is None else to_device(fmask, dev)
     opts = dict(metric=metric, j_min=float(j_min), regrid_det=float(regrid_det), det_floor=float(det_floor), inverse=inverse,
                 max_regrids=int(max_regrids), pad=int(pad), tol=float(tol), backend=backend,
-                full_shape=tuple(fixed.shape))
+                full_shape=tuple(fixed.shape), control_sigma=sigma_mm,
+                control_sigma_vox=tuple(sigma_mm / float(x) for x in fixed.spacing_array_order))
     prog = Progress("vp", callback=callback, progress=progress, time_limit=time_limit,
                     total=int(sum(schedule["iterations"])))
     acc = {"regrids": 0, "dropped_rounds": 0}
@@ -312,7 +327,8 @@ def register_vp(fixed: Image, moving: Image, *, init: Transform | None = None, f
                    inverse_left_consistency_mm=dict(mean=float(ic_left.mean()), max=float(ic_left.max()),
                                                     pct_nodes=100.0 * float(np.mean(inside))),
                    similarity_after=similarity(fixed_n.data, warped, mask=fmask))
-    params = dict(**schedule, **{k: v for k, v in opts.items() if k not in ("backend", "full_shape")},
+    params = dict(**schedule, **{k: v for k, v in opts.items()
+                                  if k not in ("backend", "full_shape", "control_sigma_vox")},
                   memory_estimate_mb=memory_mb,
                   **common_params(init=init, dtype=dtype, seed=seed, backend=backend))
     extras = {"f": acc.get("f"), "g": acc.get("g"),
@@ -410,6 +426,10 @@ def _level_step(level, state, progress, opts, dtype, acc):
     it_total = 0
     last_ratio = 1.0
     floor = opts["det_floor"]
+
+    def precondition(c):
+        return _precondition(c, shape_p, g_shape, opts["control_sigma_vox"], kw["backend"])
+
     for rnd in range(opts["max_regrids"] + 1):
         has_phi = bool(xp.any(phi_p))
         Mp = _sample(M, phi_p, h, -p) if has_phi else xp.pad(M, p, mode="edge")  # M ∘ Φ_total, clamped
@@ -420,7 +440,8 @@ def _level_step(level, state, progress, opts, dtype, acc):
             break
         cache = {}
 
-        def fun(x):
+        def fun(c):
+            x = x0 + precondition(c)  # the controls (f̂, g); c are the optimiser's variables
             fh = x[:n_ctl].reshape(shape_p)
             g = x[n_ctl:].reshape(g_shape)
             loss, gf, gg, u, warped = vp_loss_grad(fh, g, Fp, Mp, opts["j_min"], h, **kw)
@@ -429,12 +450,12 @@ def _level_step(level, state, progress, opts, dtype, acc):
             if has_phi and mdet > 0:  # the composed map Φ_total ∘ φ must not fold on the grid either
                 total = float(xp.min(jacobian_determinant(compose(phi_p, u, spacing=h)[inner], spacing=h)))
             vol = float(np.prod(h))
-            grad = xp.concatenate([gf.ravel(), gg.ravel()]) * (vol / loss0)
+            grad = precondition(xp.concatenate([gf.ravel(), gg.ravel()])) * (vol / loss0)  # K self-adjoint
             val = loss / loss0
             if min(mdet, total) <= floor:  # a (nearly) folding trial point: larger than any accepted loss,
                 val = 1.0 + abs(val) + 1e3 * (floor - min(mdet, total) + 1e-3)  # so the line search backtracks
-            cache["x"], cache["u"], cache["mdet"], cache["val"] = x.copy(), u, mdet, val
-            cache["warped"], cache["x_seen"] = warped[inner], x
+            cache["x"], cache["u"], cache["mdet"], cache["val"] = c.copy(), u, mdet, val
+            cache["warped"], cache["x_seen"], cache["ctl"] = warped[inner], c, x
             return val, grad
 
         rec = {"mdet": 1.0}
@@ -447,7 +468,7 @@ def _level_step(level, state, progress, opts, dtype, acc):
                     fun(x)
             elif cache.get("x") is None or not np.array_equal(cache["x"], x):
                 fun(x)
-            rec["x"], rec["u"], rec["mdet"], rec["val"] = x.copy(), cache["u"], cache["mdet"], cache["val"]
+            rec["x"], rec["u"], rec["mdet"], rec["val"] = cache["ctl"], cache["u"], cache["mdet"], cache["val"]
             progress.emit("iteration", level=level.index, iteration=it_total, metric=rec["val"] * last_ratio,
                           similarity=similarity(Fi, cache["warped"], mask=sim_mask), step=rec["mdet"],
                           extra={"round": rnd})
@@ -456,7 +477,7 @@ def _level_step(level, state, progress, opts, dtype, acc):
                 raise StopIteration
 
         x0 = xp.concatenate([xp.full(n_ctl, fhat0), xp.zeros(int(np.prod(g_shape)))])
-        _lbfgs_round(fun, x0, cb, iterations=max(1, budget - it_total), tol=opts["tol"])
+        _lbfgs_round(fun, xp.zeros_like(x0), cb, iterations=max(1, budget - it_total), tol=opts["tol"])
         if "u" not in rec or rec["val"] > 1.0:  # no accepted step, or only folding ones
             break
         phi_p = xp.asarray(compose(phi_p, rec["u"], spacing=h), dtype=np.float64) if has_phi else rec["u"].copy()
@@ -489,6 +510,21 @@ def _level_step(level, state, progress, opts, dtype, acc):
     state["vp_pad"] = dict(phi=phi_p.astype(dtype), affine=level.fixed.affine, pad=p, shape=Fi.shape, h=h)
     state["vp_rounds"] = rounds
     return last_ratio
+
+
+def _precondition(c, shape, g_shape, sigma_vox, backend=None):
+    """``K c`` for the stacked controls ``c = (f̂ on shape, g on g_shape)``: each field smoothed by the Gaussian of
+    ``sigma_vox`` (voxels per axis) with zero extension, so that K is symmetric and the gradient w.r.t. the
+    optimiser's variables is K times the gradient w.r.t. the controls; the identity when every σ is 0."""
+    from ...kernels.smooth import gaussian
+
+    if not any(sigma_vox):
+        return c
+    xp = get_array_module(c)
+    n = int(np.prod(shape))
+    smooth = [gaussian(part.reshape(s), sigma_vox, ndim=len(shape), mode="constant", backend=backend).ravel()
+              for part, s in ((c[:n], shape), (c[n:], g_shape))]
+    return xp.concatenate(smooth)
 
 
 class _Evaluations:
