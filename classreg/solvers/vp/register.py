@@ -62,8 +62,7 @@ DET_FLOOR = 0.05
 #: update and the iteration count how far the map goes. These are the settings of the sweep in
 #: docs/notes/tradeoff.md (session 24) that no peer dominates on any of the page's cases: SSD (the one-scale cases,
 #: synth3d's smooth known deformation among them) needs the smoothing; MI (the inter-subject cases across intensity
-#: scales) loses Dice with it (inter3d 0.661 at 0 against 0.650 at 3 × the spacing). The paper's experiments
-#: (benchmarks/vp.py) give their own, longer schedules.
+#: scales) loses Dice with it. The paper's experiments (benchmarks/vp.py) give their own, longer schedules.
 ITERATIONS = {"ssd": 15, "mi": 10}
 CONTROL_SIGMA = {"ssd": 3.0, "mi": 0.0}
 
