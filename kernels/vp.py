@@ -158,6 +158,7 @@ def _numba_warp():
             i0 = np.empty(3, np.int64)
             t = np.empty(3, np.float64)
             ins = np.empty(3, np.float64)
+            dv = np.empty(3, np.float64)
             for j in range(3):
                 n = img.shape[j]
                 x = c[p, j]
@@ -187,31 +188,23 @@ def _numba_warp():
                         d1 += w0 * s1 * w2 * a
                         d2 += w0 * w1 * s2 * a
             # on a node (t = 0, not the first): the mean of the two cells' one-sided differences
-            if t[0] == 0.0 and i0[0] > 0:
+            dv[0], dv[1], dv[2] = d0, d1, d2
+            for d in range(3):
+                if t[d] != 0.0 or i0[d] == 0:
+                    continue
                 bk = 0.0
-                for b1 in range(2):
-                    for b2 in range(2):
-                        w = (t[1] if b1 else 1.0 - t[1]) * (t[2] if b2 else 1.0 - t[2])
-                        bk += w * (img[i0[0], i0[1] + b1, i0[2] + b2] - img[i0[0] - 1, i0[1] + b1, i0[2] + b2])
-                d0 = 0.5 * (d0 + bk)
-            if t[1] == 0.0 and i0[1] > 0:
-                bk = 0.0
-                for b0 in range(2):
-                    if b0 == 1 and img.shape[0] == 1:
+                for corner in range(8):
+                    b = (corner >> 2, (corner >> 1) & 1, corner & 1)
+                    if b[d] == 1 or (b[0] == 1 and img.shape[0] == 1):
                         continue
-                    for b2 in range(2):
-                        w = (t[0] if b0 else 1.0 - t[0]) * (t[2] if b2 else 1.0 - t[2])
-                        bk += w * (img[i0[0] + b0, i0[1], i0[2] + b2] - img[i0[0] + b0, i0[1] - 1, i0[2] + b2])
-                d1 = 0.5 * (d1 + bk)
-            if t[2] == 0.0 and i0[2] > 0:
-                bk = 0.0
-                for b0 in range(2):
-                    if b0 == 1 and img.shape[0] == 1:
-                        continue
-                    for b1 in range(2):
-                        w = (t[0] if b0 else 1.0 - t[0]) * (t[1] if b1 else 1.0 - t[1])
-                        bk += w * (img[i0[0] + b0, i0[1] + b1, i0[2]] - img[i0[0] + b0, i0[1] + b1, i0[2] - 1])
-                d2 = 0.5 * (d2 + bk)
+                    w = 1.0
+                    for j in range(3):
+                        if j != d:
+                            w *= t[j] if b[j] else 1.0 - t[j]
+                    hi0, hi1, hi2 = i0[0] + b[0], i0[1] + b[1], i0[2] + b[2]
+                    bk += w * (img[hi0, hi1, hi2] - img[hi0 - (d == 0), hi1 - (d == 1), hi2 - (d == 2)])
+                dv[d] = 0.5 * (dv[d] + bk)
+            d0, d1, d2 = dv[0], dv[1], dv[2]
             val[p] = v
             der[p, 0] = d0 * ins[0] / h[0]
             der[p, 1] = d1 * ins[1] / h[1]
