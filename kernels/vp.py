@@ -507,4 +507,4 @@ def invert_newton(u, *, spacing=1.0, at=None, init=None, max_iter=30, tol=1e-4, 
         err[act[better]] = e_new[better]
         keep = better & (e_new > tol)
         act, r, J = act[keep], r_new[keep], J_new[keep]
-    return w.reshape(out_shape), dict(max_error=float(err.max()), mean_error=float(err.mean()), iterations=it)
+    return w.reshape(out_shape), {"max_error": float(err.max()), "mean_error": float(err.mean()), "iterations": it}

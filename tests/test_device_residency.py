@@ -68,7 +68,7 @@ def test_placement_rules(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------ register_demons
-DEMONS = dict(shrink_factors=(2, 1), max_pieces=2, piece_tol=0.0, intensity="joint")
+DEMONS = {"shrink_factors": (2, 1), "max_pieces": 2, "piece_tol": 0.0, "intensity": "joint"}
 
 
 @pytest.mark.cudasim
@@ -146,7 +146,7 @@ def _kernel_calls(rng):
     mask = rng.random(shape) > 0.2
     inv_h = np.diag(1.0 / np.asarray(h))
     mat, off = np.array([[1.0, 0.1, 0.0], [0.0, 0.9, 0.05], [0.02, 0.0, 1.1]]), np.array([0.3, -0.2, 0.1])
-    be = dict(backend="cuda")
+    be = {"backend": "cuda"}
     return [
         ("warp", lambda a, d: warp(a, d, matrix=mat, offset=off, disp_matrix=inv_h, order=1, mode="itk", **be),
          (img, u)),
@@ -263,7 +263,8 @@ def _rotated_pair(n: int = 24, angle_deg: float = 30.0):
     return cr.Image(img.astype(np.float32), 1.0), cr.Image(moving.astype(np.float32), 1.0)
 
 
-RIGID = dict(shrink_factors=(2, 1), smoothing_sigmas=(1.0, 0.5), samples=(24, 6), perturbation=(5.0,), keep=(2,))
+RIGID = {"shrink_factors": (2, 1), "smoothing_sigmas": (1.0, 0.5), "samples": (24, 6), "perturbation": (5.0,),
+         "keep": (2,)}
 
 
 @pytest.mark.cudasim
@@ -382,8 +383,8 @@ def test_affine_on_the_device_or_the_cpu(monkeypatch, caplog, metric, image_grad
     with either image gradient; a metric the device path does not cover (NCC) logs a line and is the CPU run, with
     nothing crossing."""
     fixed, moving = _rotated_pair(16, 10.0)
-    kw = dict(transform="affine", metric=metric, shrink_factors=(1,), smoothing_sigmas=(0.0,), iterations=(20,),
-              samples=256, image_gradient=image_gradient)
+    kw = {"transform": "affine", "metric": metric, "shrink_factors": (1,), "smoothing_sigmas": (0.0,),
+          "iterations": (20,), "samples": 256, "image_gradient": image_gradient}
     cpu = cr.register_affine(fixed, moving, **kw)
     with installed(monkeypatch) as cp, caplog.at_level("INFO", logger="classreg"):
         res = cr.register_affine(fixed, moving, device="cuda", **kw)
@@ -536,8 +537,8 @@ def test_fused_device_mi_matches_the_array_module_path(monkeypatch, kind, ndim, 
     np.testing.assert_allclose(ncc_f, ncc, rtol=1e-12)
 
 
-BSPLINE = dict(grid_spacing=6.0, shrink_factors=(2, 1), smoothing_sigmas=(1.0, 0.0), iterations=(60, 60), samples=256,
-               folds="compose", bending_weight=0.0)  # no penalty: its Gram matrices would add uploads
+BSPLINE = {"grid_spacing": 6.0, "shrink_factors": (2, 1), "smoothing_sigmas": (1.0, 0.0), "iterations": (60, 60),
+           "samples": 256, "folds": "compose", "bending_weight": 0.0}  # no penalty: its Gram matrices would add uploads
 
 
 @pytest.mark.cudasim
@@ -649,7 +650,7 @@ def _bspline_coefficients(res):
 
 
 @pytest.mark.cudasim
-@pytest.mark.parametrize("kw", [dict(metric="ncc"), dict(optimiser="rsgd"), dict(interpolation="bspline3")])
+@pytest.mark.parametrize("kw", [{"metric": "ncc"}, {"optimiser": "rsgd"}, {"interpolation": "bspline3"}])
 def test_bspline_not_covered_runs_on_the_cpu(monkeypatch, caplog, kw):
     """A register_bspline configuration the device path does not cover: device="cuda" (or CuPy images) logs one
     line and is the CPU run, bit for bit."""
@@ -722,7 +723,7 @@ def _point_pair(m: int = 200):
     return y, x[::-1] + 0.05 * rng.standard_normal(x.shape), x  # source, target (reordered, noisy), truth
 
 
-POINTS = dict(max_iter=25, min_iter=25, estep="exact")
+POINTS = {"max_iter": 25, "min_iter": 25, "estep": "exact"}
 
 
 @pytest.mark.cudasim
@@ -987,7 +988,7 @@ def test_lddmm_kernels_on_device_match_the_reference(monkeypatch, nd):
 
 
 # ------------------------------------------------------------------------------------ register_lddmm (gpu-a, issue #26)
-LDDMM = dict(shrink_factors=(2, 1), iterations=(3, 3), intensity="joint")
+LDDMM = {"shrink_factors": (2, 1), "iterations": (3, 3), "intensity": "joint"}
 
 
 @pytest.mark.cudasim
@@ -1136,7 +1137,7 @@ def test_full_grid_engine_stays_on_device(monkeypatch, solver, how):
 # regrid_det 0.9 makes the coarse level regrid (rounds composed, Newton inverses per round) and the fine level start
 # from the coarse rounds' transfer: every part of the VP loop runs (with the paper's controls, control_sigma 0; the
 # smoothed controls' updates keep det J above 0.9 here, so the preconditioned run is checked without regrids)
-VP = dict(shrink_factors=(2, 1), iterations=(4, 3), regrid_det=0.9, control_sigma=0.0)
+VP = {"shrink_factors": (2, 1), "iterations": (4, 3), "regrid_det": 0.9, "control_sigma": 0.0}
 
 
 @pytest.fixture
@@ -1240,7 +1241,7 @@ def test_vp_kernels_on_device_match_the_reference(monkeypatch):
 
 def test_vp_device_cpu_brings_cupy_images_to_the_host(monkeypatch):
     fixed, moving = _phantom(2, 12)
-    kw = dict(shrink_factors=(1,), iterations=(3,))
+    kw = {"shrink_factors": (1,), "iterations": (3,)}
     ref = cr.register_vp(fixed, moving, **kw)
     with installed(monkeypatch) as cp:
         f_dev, m_dev = fixed.to("cuda"), moving.to("cuda")

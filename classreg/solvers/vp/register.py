@@ -242,10 +242,10 @@ def register_vp(fixed: Image, moving: Image, *, init: Transform | None = None, f
     if dev == "cuda":  # the working images go to the device once; the loop keeps everything there
         fixed_w, moving_w = fixed_n.to(dev), moving_on_fixed.to(dev)
         fmask_w = None if fmask is None else to_device(fmask, dev)
-    opts = dict(metric=metric, j_min=float(j_min), regrid_det=float(regrid_det), det_floor=float(det_floor), inverse=inverse,
-                max_regrids=int(max_regrids), pad=int(pad), tol=float(tol), backend=backend,
-                full_shape=tuple(fixed.shape), control_sigma=sigma_mm,
-                control_sigma_vox=tuple(sigma_mm / float(x) for x in fixed.spacing_array_order))
+    opts = {"metric": metric, "j_min": float(j_min), "regrid_det": float(regrid_det), "det_floor": float(det_floor),
+            "inverse": inverse, "max_regrids": int(max_regrids), "pad": int(pad), "tol": float(tol), "backend": backend,
+            "full_shape": tuple(fixed.shape), "control_sigma": sigma_mm,
+            "control_sigma_vox": tuple(sigma_mm / float(x) for x in fixed.spacing_array_order)}
     prog = Progress("vp", callback=callback, progress=progress, time_limit=time_limit,
                     total=int(sum(schedule["iterations"])))
     acc = {"regrids": 0, "dropped_rounds": 0}
@@ -316,16 +316,16 @@ def register_vp(fixed: Image, moving: Image, *, init: Transform | None = None, f
     before = mean_sq(fixed_n.data, moving_on_fixed.data, fmask)
     after = mean_sq(fixed_n.data, warped, fmask)
     logj = np.log(np.clip(det, 1e-12, None))
-    metrics = dict(loss_ratio=after / before if before > 0 else 0.0, ssd_before=before, ssd_after=after,
-                   min_det_j=float(det.min()), max_det_j=float(det.max()),
-                   pct_det_j_nonpositive=100.0 * float(np.mean(det <= 0)),
-                   sd_log_j=float(np.std(logj[det > 0])) if np.any(det > 0) else float("nan"),
-                   regrids=acc["regrids"], dropped_rounds=acc["dropped_rounds"],
-                   inverse_consistency_mm=dict(mean=float(ic.mean()), p99=float(np.percentile(ic, 99)),
-                                               max=float(ic.max())),
-                   inverse_left_consistency_mm=dict(mean=float(ic_left.mean()), max=float(ic_left.max()),
-                                                    pct_nodes=100.0 * float(np.mean(inside))),
-                   similarity_after=similarity(fixed_n.data, warped, mask=fmask))
+    metrics = {"loss_ratio": after / before if before > 0 else 0.0, "ssd_before": before, "ssd_after": after,
+               "min_det_j": float(det.min()), "max_det_j": float(det.max()),
+               "pct_det_j_nonpositive": 100.0 * float(np.mean(det <= 0)),
+               "sd_log_j": float(np.std(logj[det > 0])) if np.any(det > 0) else float("nan"),
+               "regrids": acc["regrids"], "dropped_rounds": acc["dropped_rounds"],
+               "inverse_consistency_mm": {"mean": float(ic.mean()), "p99": float(np.percentile(ic, 99)),
+                                          "max": float(ic.max())},
+               "inverse_left_consistency_mm": {"mean": float(ic_left.mean()), "max": float(ic_left.max()),
+                                               "pct_nodes": 100.0 * float(np.mean(inside))},
+               "similarity_after": similarity(fixed_n.data, warped, mask=fmask)}
     params = dict(**schedule, **{k: v for k, v in opts.items()
                                   if k not in ("backend", "full_shape", "control_sigma_vox")},
                   memory_estimate_mb=memory_mb,
@@ -419,7 +419,7 @@ def _level_step(level, state, progress, opts, dtype, acc):
     n_ctl = Fp.size
     g_shape = shape_p if nd == 2 else shape_p + (3,)
     fhat0 = np.sqrt(1.0 - opts["j_min"])
-    kw = dict(weight=weight, backend="numpy" if backend == "numpy" else None)
+    kw = {"weight": weight, "backend": "numpy" if backend == "numpy" else None}
     budget = level.iterations
     sim_mask = None if level.fixed_mask is None else xp.asarray(level.fixed_mask, dtype=bool)
     it_total = 0
@@ -490,7 +490,8 @@ def _level_step(level, state, progress, opts, dtype, acc):
         psi, _ = invert_newton(phi_p, spacing=h, at=nodes + p, init=psi, tol=INVERSE_TOL,
                                backend=_vp_backend(backend))
         if keep_rounds:
-            rounds.append(dict(u=rec["u"].astype(dtype), v=v_pad.astype(dtype), affine=level.fixed.affine, pad=p))
+            rounds.append({"u": rec["u"].astype(dtype), "v": v_pad.astype(dtype), "affine": level.fixed.affine,
+                           "pad": p})
         acc["regrids"] += 1 if rnd > 0 else 0
         last_ratio *= rec["val"]
         x = rec["x"]
@@ -498,7 +499,8 @@ def _level_step(level, state, progress, opts, dtype, acc):
         acc["g"] = xp.asarray(x[n_ctl:].reshape(g_shape), dtype=dtype)
         state["phi"] = phi.astype(dtype)
         state["phi_inv"] = psi.astype(dtype)
-        state["vp_pad"] = dict(phi=phi_p.astype(dtype), affine=level.fixed.affine, pad=p, shape=Fi.shape, h=h)
+        state["vp_pad"] = {"phi": phi_p.astype(dtype), "affine": level.fixed.affine, "pad": p, "shape": Fi.shape,
+                           "h": h}
         state["vp_rounds"] = list(rounds)
         acc["state"] = dict(state)
         acc["last_ratio"] = last_ratio
@@ -506,7 +508,8 @@ def _level_step(level, state, progress, opts, dtype, acc):
             break  # the round converged (or ran out of iterations) without needing a regrid
     state["phi"] = phi.astype(dtype)
     state["phi_inv"] = psi.astype(dtype)
-    state["vp_pad"] = dict(phi=phi_p.astype(dtype), affine=level.fixed.affine, pad=p, shape=Fi.shape, h=h)
+    state["vp_pad"] = {"phi": phi_p.astype(dtype), "affine": level.fixed.affine, "pad": p, "shape": Fi.shape,
+                       "h": h}
     state["vp_rounds"] = rounds
     return last_ratio
 
@@ -553,7 +556,7 @@ def _lbfgs_round(fun, x0, callback, *, iterations, tol):
         from scipy.optimize import minimize
 
         minimize(fun, x0, jac=True, method="L-BFGS-B", callback=callback,
-                 options=dict(maxiter=iterations, ftol=tol, gtol=1e-12, maxcor=10))
+                 options={"maxiter": iterations, "ftol": tol, "gtol": 1e-12, "maxcor": 10})
         return
     from ...optimise import minimise
 
@@ -724,7 +727,7 @@ def _vp_inverse(phi_p, h, j_min, floor, init=None):
             return val, np.concatenate([gf.ravel(), gg.ravel()]) * (float(np.prod(h)) / loss0)
 
         minimize(fun, x, jac=True, method="L-BFGS-B",
-                 options=dict(maxiter=VP_INVERSE_ITERATIONS, ftol=1e-9, gtol=1e-12, maxcor=10))
+                 options={"maxiter": VP_INVERSE_ITERATIONS, "ftol": 1e-9, "gtol": 1e-12, "maxcor": 10})
         if "x" not in best:
             break
         x, w = best["x"], best["u"]
