@@ -582,7 +582,7 @@ def test_bspline_stays_on_device(monkeypatch, how, restart):
         # injectivity bound. A restart (a rare event: 0.1 % of the coefficients on the bound) brings the
         # coefficients down, composes the piece onto the map on the host and sends the new piece's zero
         # coefficients and the composed prior displacement up.
-        piece = lambda r: r[0] in ("upload", "download") and any(  # noqa: E731
+        piece = lambda r: r[0] in ("upload", "download") and any(
             f in r[2] for f in ("classreg/backend.py", "optimise/asgd.py", "parametric/device.py"))
         per_iteration = only_scalar_reads(log, level_marks, 2 + 1.0 / (RESTART_EVERY - 1),
                                           allowed=piece if restart else lambda r: False)
