@@ -2,6 +2,7 @@
 every Result records, and the one finalisation of a dense map (field + inverse + chain with ``init`` + warped image)."""
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import numpy as np
@@ -21,11 +22,38 @@ __all__ = [
     "index_map",
     "mean_sq",
     "normalise_intensities",
+    "one_blas_thread",
     "tiny_like",
     "tiny_pair",
     "warm_key",
     "warp_through",
 ]
+
+
+@contextlib.contextmanager
+def one_blas_thread():
+    """The BLAS thread pool limited to one thread (threadpoolctl, when installed) for the duration.
+
+    The solvers' BLAS calls are small (an optimiser's vector products, LDDMM's band-limited matrix products, BCPD's
+    M×K by K×K products, the (N, ndim) point maps of a result) and alternate with numba-parallel kernels; a
+    multi-threaded OpenBLAS then competes with numba's OpenMP workers, which spin after every parallel region, and
+    the small products become several times slower (measured: 0.3 ms → 7-46 ms per band-limited product on 2 cores;
+    docs/notes/points.md, docs/notes/parametric.md). One thread also makes the sums independent of the thread count.
+    The controller (which lists the loaded libraries, ~1 ms) is made once per process.
+    """
+    try:
+        if not _BLAS_CONTROLLER:
+            from threadpoolctl import ThreadpoolController
+
+            _BLAS_CONTROLLER.append(ThreadpoolController())
+        ctx = _BLAS_CONTROLLER[0].limit(limits=1, user_api="blas")
+    except Exception:  # noqa: BLE001 - threadpoolctl missing or failing (any error): run unchanged
+        ctx = contextlib.nullcontext()
+    with ctx:
+        yield
+
+
+_BLAS_CONTROLLER = []
 
 
 def backend_name(backend) -> str:

@@ -9,7 +9,6 @@ resolution and builds the :class:`~classreg.Result`.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -33,6 +32,7 @@ from .._common import (
     field_result,
     mean_sq,
     normalise_intensities,
+    one_blas_thread,
     resolve_auto_metric,
     same_intensity_scale,
     tiny_like,
@@ -250,7 +250,7 @@ def register_lddmm(fixed: Image, moving: Image, *, init: Transform | None = None
                     total=int(sum(schedule["iterations"])), warm_up=warm_up,
                     warm_key=warm_key(fixed, moving, metric, kernel, method, intensity, dtype.name, backend,
                                       fixed_mask is None, moving_mask is None))
-    with _blas_single_thread():
+    with one_blas_thread():
         run = _run_levels(fixed_n, template, fmask, mmask_t, schedule, opts, prog, ssd_before)
         t_fin = time.perf_counter()
         shooter, inv_mm, fwd_mm, metrics = _final_shooting(fixed, fixed_n, template, fmask, mmask_t, run, opts)
@@ -276,16 +276,6 @@ def register_lddmm(fixed: Image, moving: Image, *, init: Transform | None = None
     return field_result(fixed, moving, init, inv_mm, fwd_mm, history=prog.history, converged=run["converged"],
                         stop_reason=run["stop_reason"], params=params, metrics=metrics, timings=timings,
                         extras=extras)
-
-
-def _blas_single_thread():
-    """BLAS limited to one thread for the run (threadpoolctl): the band-limited method's small matrix products
-    would otherwise spin OpenBLAS threads against numba's (measured: 0.3 ms → 7-46 ms per product on 2 cores)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - a dependency
-        return contextlib.nullcontext()
-    return threadpool_limits(1, user_api="blas")
 
 
 def _resolve(fixed: Image, moving: Image, *, metric, kernel, kernel_sigma, alpha, order, data_sigma, n_steps,

@@ -7,7 +7,6 @@ moves the parameters of a model: an affine family (:mod:`.models`) or a cubic B-
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 
@@ -27,6 +26,7 @@ from .._common import (
     check_overlap,
     check_pair,
     common_params,
+    one_blas_thread,
     tiny_like,
     warm_key,
 )
@@ -395,7 +395,7 @@ def register_bspline(fixed: Image, moving: Image, *, grid_spacing=8.0, grid_sche
         engine.restart = restart
     elif folds == "project":
         engine.restart = project
-    with _blas_single_thread():  # the run and the dense maps of the result (see _blas_single_thread)
+    with one_blas_thread():  # the run and the dense maps of the result (see one_blas_thread)
         stopped = engine.run(level_model, state, prog)
         mdl = models[state["model"]]
         p = to_numpy(state["p"])  # a device iterate when a callback or the time limit stopped a device level
@@ -603,7 +603,7 @@ class _Engine:
 
         try:
             prog.emit("start", extra={"levels": len(self.shrink)})
-            with _blas_single_thread():
+            with one_blas_thread():
                 _, stopped = multiresolution(self.fixed, self.moving, step, shrink_factors=self.shrink,
                                              smoothing_sigmas=self.sigmas, iterations=self.iterations,
                                              fixed_mask=self.fmask, moving_mask=self.mmask, state=state,
@@ -737,19 +737,6 @@ def _placement(solver, device, backend, fixed, moving, metric, metric_weights, i
         logger.info(f"{solver}: the GPU path covers optimiser='asgd'; running on the CPU")
         return "cpu", None
     return dev, None
-
-
-def _blas_single_thread():
-    """BLAS limited to one thread for the run (threadpoolctl), as register_lddmm and register_points do. The
-    optimiser's vector products (a gradient of thousands of coefficients per iteration) and the result's (N, ndim)
-    point maps are too small for threads: a multi-threaded OpenBLAS then competes with numba's OpenMP workers and
-    is many times slower on a busy machine (docs/notes/parametric.md). One thread also makes the sums independent
-    of the thread count."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - a dependency
-        return contextlib.nullcontext()
-    return threadpool_limits(1, user_api="blas")
 
 
 def _center(img: Image) -> np.ndarray:

@@ -6,7 +6,6 @@ turns the posterior into transforms in mm (:func:`_transforms`) and a :class:`~c
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -21,7 +20,7 @@ from ...kernels._backend import is_cupy_array
 from ...options import declared
 from ...progress import Progress, StopRegistration, similarity
 from ...result import Result
-from .._common import backend_name
+from .._common import backend_name, one_blas_thread
 from .bcpd import EStep, initial_state, rotation_angle, vb_iteration
 from .kernel import Kernel, interp_coef, kernel_blocks
 from .labels import coherence_matrix, organ_indices, per_label, transition_matrix
@@ -207,7 +206,7 @@ def register_points(source, target, *, source_labels=None, target_labels=None, m
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable (it receives classreg.Event objects), got "
                         f"{type(callback).__name__}")
-    with _one_blas_thread():
+    with one_blas_thread():
         t_start = time.perf_counter()
         dev, backend = placement(device, backend, source, target)
         # the host sees CuPy inputs once (anything else is checked as given)
@@ -541,29 +540,6 @@ def _check_points(a, name):
         raise ValueError(f"{name}: all {arr.shape[0]} points coincide (zero extent); register_points needs at least "
                          "2 distinct points in each set")
     return arr
-
-
-@contextlib.contextmanager
-def _one_blas_thread():
-    """The BLAS thread pool limited to one thread (threadpoolctl, when installed) for the duration.
-
-    The VB loop alternates numba-parallel E-steps with small BLAS calls (M×K by K×K products); a multi-threaded
-    OpenBLAS then competes with numba's OpenMP workers, which spin after every parallel region, and the small
-    products become several times slower (docs/notes/points.md). One BLAS thread is as fast for these sizes.
-    """
-    try:
-        if not _BLAS_CONTROLLER:
-            from threadpoolctl import ThreadpoolController
-
-            _BLAS_CONTROLLER.append(ThreadpoolController())
-        ctx = _BLAS_CONTROLLER[0].limit(limits=1, user_api="blas")
-    except Exception:  # noqa: BLE001 - threadpoolctl missing or failing (any error): run unchanged
-        ctx = contextlib.nullcontext()
-    with ctx:
-        yield
-
-
-_BLAS_CONTROLLER = []
 
 
 def _params(fr: _Frame, lam, bw, S, U, st, **resolved) -> dict:
