@@ -273,8 +273,8 @@ def affine_mi_kernel(ndim: int, *, exact_gradient: bool = False):
     return _COMPILED[key]
 
 
-def affine_mi_sampled_kernel(ndim: int, *, exact_gradient: bool = False):
-    """The compiled parallel kernel that also draws the fixed values (needs numba)::
+def affine_mi_sampled_kernel(ndim: int, *, exact_gradient: bool = False, parallel: bool = True):
+    """The compiled kernel that also draws the fixed values (needs numba)::
 
         fn(stack, fdata, fidx, ylin, yoff, B, b, has_mask, m_lin, center, nbf, nbm, lof, hif, lom, him, tlo, thi,
            normalised, tiny, work, ok, hist, G, g) -> (count, value, ncc)
@@ -283,19 +283,22 @@ def affine_mi_sampled_kernel(ndim: int, *, exact_gradient: bool = False):
     inside its grid (a random-coordinate draw); ``ylin``, ``yoff``: fixed index → sample point (mm), ``y = fidx ylin
     + yoff``; ``work`` (N, 6 + 2 ndim) float64, ``ok`` (N,) bool and ``hist`` (NCHUNK, nbf, nbm) scratch; the other
     arguments (and ``exact_gradient``) as :func:`affine_mi_kernel`, which is its reference (the same value, gradient
-    sums and correlation up to the order of the sums; ``tests/test_kernels_affine.py``). The samples are split into ``NCHUNK`` fixed
-    slices, so the result does not depend on the number of threads.
+    sums and correlation up to the order of the sums; ``tests/test_kernels_affine.py``). The samples are split into
+    ``NCHUNK`` fixed slices, so the result does not depend on the number of threads — nor on ``parallel``: with
+    ``parallel=False`` the slices run one after the other on the calling thread (the same sums in the same order,
+    bit for bit). That serial build is the engine's path for a few thousand samples, where it saves the Python of
+    a separate fixed-image read (:meth:`classreg.solvers.parametric.engine.LevelObjective._sampled_setup`).
     """
-    key = ("par", ndim, bool(exact_gradient))
+    key = ("par" if parallel else "serial", ndim, bool(exact_gradient))
     if key not in _COMPILED:
         import numba
 
         from .sampling import MI_HELPERS, linear_kernel, mi_namespace
 
         reader, suffix = _moving_reader(ndim, exact_gradient)
-        ns = mi_namespace({"np": np, "_lin": linear_kernel(ndim), "_lin_moving": reader, "prange": numba.prange,
-                           "NCHUNK": NCHUNK})
+        ns = mi_namespace({"np": np, "_lin": linear_kernel(ndim), "_lin_moving": reader,
+                           "prange": numba.prange if parallel else range, "NCHUNK": NCHUNK})
         assert all(h in ns for h in MI_HELPERS)
-        body = _backend.rebind(_affine_mi_par, ns, suffix)
-        _COMPILED[key] = _backend.njit(cache=True, fastmath=False, parallel=True)(body)
+        body = _backend.rebind(_affine_mi_par, ns, suffix + ("" if parallel else "_serial"))
+        _COMPILED[key] = _backend.njit(cache=True, fastmath=False, parallel=parallel)(body)
     return _COMPILED[key]

@@ -336,11 +336,11 @@ class LevelObjective:
             self._check_valid(count, len(f))
             self.last_similarity, self.last_gradient_norm = ncc, norm
             return value, grad, finite
-        B, b, c, _, _ = self._affine_setup(p)
+        B, b, c, _, _, d = self._affine_setup(p)
         count, value, ncc, G, g = self._device.evaluate(y, f, B, b, c)
         self._check_valid(count, len(f))
         self.last_similarity = ncc
-        grad = weight * self.model.gradient_from_sums(p, G, g)
+        grad = weight * self.model.gradient_from_sums(p, G, g, derivatives=d)
         return weight * value, grad, np.all(np.isfinite(grad))
 
     # ------------------------------------------------------------------ cost
@@ -397,42 +397,46 @@ class LevelObjective:
         return affine_mi_kernel(self.ndim, exact_gradient=self.exact)
 
     def _sampled_setup(self):
-        """The parallel fused kernel that also samples the fixed image
-        (:func:`classreg.kernels.affine.affine_mi_sampled_kernel`) for random-coordinate draws on the fused path."""
+        """The fused kernel that also samples the fixed image
+        (:func:`classreg.kernels.affine.affine_mi_sampled_kernel`) for random-coordinate draws on the fused path:
+        its parallel build on numba's TBB layer for enough work (see :func:`_tbb_layer`; below ``SERIAL_BELOW`` one
+        thread is as fast, docs/notes/elastix.md), else its serial build, which saves the Python of a separate
+        fixed-image read per iteration."""
         from ...kernels._backend import SERIAL_BELOW
 
-        if self._fused is None or self.sampler.kind != "random_coordinate" or self.parallel_work < SERIAL_BELOW:
-            return None  # on one thread the serial kernel is as fast (2-D: 2048 samples, docs/notes/elastix.md)
-        if not _tbb_layer():
-            return None  # see _tbb_layer
+        if self._fused is None or self.sampler.kind != "random_coordinate":
+            return None
         from ...kernels.affine import NCHUNK, affine_mi_sampled_kernel
 
         nbf, nbm = self._mi_args[self.terms[0][0]][:2]
         self._hist = np.empty((NCHUNK, nbf, nbm))
         self._sampled_work = None
-        return affine_mi_sampled_kernel(self.ndim, exact_gradient=self.exact)
+        parallel = self.parallel_work >= SERIAL_BELOW and _tbb_layer()
+        return affine_mi_sampled_kernel(self.ndim, exact_gradient=self.exact, parallel=parallel)
 
     def _affine_setup(self, p):
-        """The fused kernels' per-iteration inputs: sample point → moving index ``B y + b``, the model's centre and
-        the two chain-rule sums ``G``, ``g`` to fill."""
-        a, t = self.model.matrix(p)
+        """The fused kernels' per-iteration inputs: sample point → moving index ``B y + b``, the model's centre,
+        the two chain-rule sums ``G``, ``g`` to fill, and the model's derivatives at ``p`` (for
+        ``gradient_from_sums``)."""
+        a, t, dA, dt = self.model.matrix(p, derivatives=True)
         c = self.model.center
         n = self.ndim
-        return self.m_lin @ a, self.m_lin @ (c + t - a @ c) + self.m_off, c, np.empty((n, n)), np.empty(n)
+        return (self.m_lin @ a, self.m_lin @ (c + t - a @ c) + self.m_off, c, np.empty((n, n)), np.empty(n),
+                (dA, dt))
 
     def _evaluate_sampled(self, p, idx):
-        """:meth:`evaluate` of the fixed indices ``idx`` (a random-coordinate draw) in one parallel kernel call."""
+        """:meth:`evaluate` of the fixed indices ``idx`` (a random-coordinate draw) in one kernel call."""
         n, N = self.ndim, len(idx)
         if self._sampled_work is None or len(self._sampled_work[1]) < N:
             self._sampled_work = (np.empty((N, 6 + 2 * n)), np.empty(N, dtype=np.bool_))
-        B, b, c, G, g = self._affine_setup(p)
+        B, b, c, G, g, d = self._affine_setup(p)
         name, weight = self.terms[0]
         count, value, ncc = self._sampled(self.stack, self.fdata, np.ascontiguousarray(idx, dtype=np.float64),
                                           self._y_lin, self._y_off, B, b, self.has_mmask, self.m_lin, c,
                                           *self._mi_args[name], *(w[:N] for w in self._sampled_work), self._hist, G, g)
         self._check_valid(count, N)
         self.last_similarity = float(ncc)
-        return weight * value, weight * self.model.gradient_from_sums(p, G, g)
+        return weight * value, weight * self.model.gradient_from_sums(p, G, g, derivatives=d)
 
     def _evaluate_fused(self, p, y, f):
         """:meth:`evaluate` in one kernel call (same value and gradient up to rounding; see ``_fused_setup``)."""
@@ -440,14 +444,14 @@ class LevelObjective:
         if self._buffers is None or len(self._buffers[0]) < N:
             self._buffers = (np.empty(N), np.empty(N), np.empty((N, n)), np.empty((N, n)))
         mv, fv, gv, yv = self._buffers
-        B, b, c, G, g = self._affine_setup(p)
+        B, b, c, G, g, d = self._affine_setup(p)
         name, weight = self.terms[0]
         count, value, ncc = self._fused(self.stack, np.ascontiguousarray(y, dtype=np.float64),
                                         np.ascontiguousarray(f, dtype=np.float64), B, b, self.has_mmask, self.m_lin,
                                         c, *self._mi_args[name], mv, fv, gv, yv, G, g)
         self._check_valid(count, N)
         self.last_similarity = float(ncc)
-        return weight * value, weight * self.model.gradient_from_sums(p, G, g)
+        return weight * value, weight * self.model.gradient_from_sums(p, G, g, derivatives=d)
 
     def _bspline_setup(self, model, to_y, minv):
         """The fused B-spline iteration (:func:`classreg.kernels.bspline.mi_step_kernel`) when it covers this level:

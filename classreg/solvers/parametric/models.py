@@ -161,10 +161,11 @@ class AffineModel:
         y = np.asarray(points if valid is None else points[valid], dtype=float) - self.center
         return self.gradient_from_sums(p, weights.T @ y, weights.sum(axis=0))
 
-    def gradient_from_sums(self, p, g_mat, g_vec) -> np.ndarray:
+    def gradient_from_sums(self, p, g_mat, g_vec, *, derivatives=None) -> np.ndarray:
         """The chain rule from the two sums ``g_mat = Σ_j w_j (y_j − c)ᵀ`` (n, n) and ``g_vec = Σ_j w_j`` (n,):
-        ``Σ_ab ∂A_ab/∂p g_mat_ab + ∂t/∂p · g_vec`` (what :func:`classreg.kernels.affine.affine_mi_kernel` returns)."""
-        _, _, dA, dt = self.matrix(p, derivatives=True)
+        ``Σ_ab ∂A_ab/∂p g_mat_ab + ∂t/∂p · g_vec`` (what :func:`classreg.kernels.affine.affine_mi_kernel` returns).
+        ``derivatives``: ``(dA/dp, dt/dp)`` at ``p`` when the caller has them (:meth:`matrix`)."""
+        dA, dt = self.matrix(p, derivatives=True)[2:] if derivatives is None else derivatives
         return dA.reshape(self.size, -1) @ np.asarray(g_mat).ravel() + dt @ g_vec
 
     def displacement(self, p, dp, points) -> np.ndarray:
