@@ -116,7 +116,7 @@ AFFINE_OPTIONS = Declaration(
                kind="str", choices=tuple(MODELS)),
         shared("metric", default="mi", choices=tuple(METRICS),
                help="similarity: Mattes mutual information, normalised MI, normalised correlation, mean squares"),
-        *_engine_options((100, 100, 150), "smoothed"),
+        *_engine_options((50, 50, 150), "smoothed"),
     ),
 )
 

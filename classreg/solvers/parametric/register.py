@@ -49,7 +49,7 @@ GAIN_DRAWS = 5
 @declared(AFFINE_OPTIONS)
 def register_affine(fixed: Image, moving: Image, *, transform: str = "affine", metric: str = "mi",
                     init="geometry", fixed_mask=None, moving_mask=None, shrink_factors=(4, 2, 1),
-                    smoothing_sigmas=None, iterations=(100, 100, 150), samples: int = 2048,
+                    smoothing_sigmas=None, iterations=(50, 50, 150), samples: int = 2048,
                     sampler: str = "random_coordinate", new_samples: bool = True, optimiser: str = "asgd",
                     max_step=None, bins: int = 32, interpolation: str = "linear", image_gradient: str = "smoothed",
                     metric_weights=None, seed: int = 0,
