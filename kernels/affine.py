@@ -284,10 +284,11 @@ def affine_mi_sampled_kernel(ndim: int, *, exact_gradient: bool = False, paralle
     + yoff``; ``work`` (N, 6 + 2 ndim) float64, ``ok`` (N,) bool and ``hist`` (NCHUNK, nbf, nbm) scratch; the other
     arguments (and ``exact_gradient``) as :func:`affine_mi_kernel`, which is its reference (the same value, gradient
     sums and correlation up to the order of the sums; ``tests/test_kernels_affine.py``). The samples are split into
-    ``NCHUNK`` fixed slices, so the result does not depend on the number of threads — nor on ``parallel``: with
-    ``parallel=False`` the slices run one after the other on the calling thread (the same sums in the same order,
-    bit for bit). That serial build is the engine's path for a few thousand samples, where it saves the Python of
-    a separate fixed-image read (:meth:`classreg.solvers.parametric.engine.LevelObjective._sampled_setup`).
+    ``NCHUNK`` fixed slices, so the result does not depend on the number of threads (``hist`` has ``NCHUNK``
+    histograms). ``parallel=False``: one slice on the calling thread (``hist`` (1, nbf, nbm)); the same value and
+    gradient up to the order of the sums, 10 % faster than eight serial slices on 2048 2-D samples. That serial build
+    is the engine's path for a few thousand samples, where it saves the Python of a separate fixed-image read
+    (:meth:`classreg.solvers.parametric.engine.LevelObjective._sampled_setup`).
     """
     key = ("par" if parallel else "serial", ndim, bool(exact_gradient))
     if key not in _COMPILED:
@@ -297,7 +298,7 @@ def affine_mi_sampled_kernel(ndim: int, *, exact_gradient: bool = False, paralle
 
         reader, suffix = _moving_reader(ndim, exact_gradient)
         ns = mi_namespace({"np": np, "_lin": linear_kernel(ndim), "_lin_moving": reader,
-                           "prange": numba.prange if parallel else range, "NCHUNK": NCHUNK})
+                           "prange": numba.prange if parallel else range, "NCHUNK": NCHUNK if parallel else 1})
         assert all(h in ns for h in MI_HELPERS)
         body = _backend.rebind(_affine_mi_par, ns, suffix + ("" if parallel else "_serial"))
         _COMPILED[key] = _backend.njit(cache=True, fastmath=False, parallel=parallel)(body)

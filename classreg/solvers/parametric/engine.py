@@ -409,9 +409,9 @@ class LevelObjective:
         from ...kernels.affine import NCHUNK, affine_mi_sampled_kernel
 
         nbf, nbm = self._mi_args[self.terms[0][0]][:2]
-        self._hist = np.empty((NCHUNK, nbf, nbm))
-        self._sampled_work = None
         parallel = self.parallel_work >= SERIAL_BELOW and _tbb_layer()
+        self._hist = np.empty((NCHUNK if parallel else 1, nbf, nbm))
+        self._sampled_work = None
         return affine_mi_sampled_kernel(self.ndim, exact_gradient=self.exact, parallel=parallel)
 
     def _affine_setup(self, p):

@@ -54,6 +54,7 @@ class Sampler:
             raise ValueError("the fixed mask is empty on this pyramid level; give a mask with voxels inside")
         self.deterministic = kind in ("full", "grid")
         self._hi = np.asarray(self.shape, dtype=float) - 1.0  # the voxel-centre box of random coordinates
+        self._hi_rows = self._hi[None]
         self._fixed_points = None
         if kind in ("full", "grid", "random_sparse_mask"):
             sel = np.ones(self.shape, dtype=bool) if self.mask is None else self.mask.copy()
@@ -86,7 +87,11 @@ class Sampler:
             return self._fixed_points[pick]
         hi = self._hi
         if self.mask is None and self.kind == "random_coordinate":  # the hot path: one draw, nothing rejected
-            return rng.random((n, len(self.shape))) * hi
+            u = rng.random((n, len(self.shape)))
+            if n != len(self._hi_rows):  # hi repeated per row: one flat product, not n inner loops of ndim
+                self._hi_rows = np.broadcast_to(hi, u.shape).copy()
+            u *= self._hi_rows
+            return u
         out = np.empty((0, len(self.shape)))
         for _ in range(100):  # masks: redraw the rejected positions (elastix MaximumNumberOfSamplingAttempts)
             need = n - len(out)
