@@ -114,7 +114,7 @@ def test_samplers_are_seeded_and_respect_the_mask():
 def test_random_coordinate_draws_and_the_large_draw_size():
     """The hot draw scales in place by a per-row copy of the box (rebuilt when the count changes): the same numbers
     as ``rng.random((n, ndim)) * hi``. The level's large draw (gain estimation, final metric) takes ten iterations'
-    samples within [20 000, 100 000], at most the level's voxels (in the mask), at least one iteration's."""
+    samples within [20 000, 100 000]."""
     from types import SimpleNamespace
 
     from classreg.solvers.parametric.register import _Engine
@@ -125,16 +125,10 @@ def test_random_coordinate_draws_and_the_large_draw_size():
     for n in (None, 2000, None, 7, 7):
         got = smp.draw(rng, n)
         assert np.array_equal(got, ref.random((500 if n is None else n, 2)) * (np.asarray(shape) - 1.0))
-    mask = np.zeros(shape, bool)
-    mask[5:20, 10:25] = True
-    assert Sampler("random", 10, shape).voxels == 1200 and Sampler("random", 10, shape, mask).voxels == 225
+    def count(samples):
+        return _Engine.exact_count(SimpleNamespace(samples=samples))
 
-    def count(samples, voxels):
-        return _Engine.exact_count(SimpleNamespace(samples=samples),
-                                   SimpleNamespace(sampler=SimpleNamespace(voxels=voxels)))
-
-    assert count(2048, 10**6) == 20480 and count(1000, 10**6) == 20000 and count(20000, 10**6) == 100000
-    assert count(2048, 3520) == 3520 and count(2048, 1200) == 2048
+    assert count(2048) == 20480 and count(1000) == 20000 and count(20000) == 100000
 
 
 # ------------------------------------------------------------------------------------------------ recovery

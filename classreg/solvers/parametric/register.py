@@ -621,7 +621,7 @@ class _Engine:
         from ...optimise.asgd import asgd, estimate_gain, regular_step_gd, standard_gd
 
         p0 = state["p"]
-        y_est, f_est = obj.draw(self.exact_count(obj))
+        y_est, f_est = obj.draw(self.exact_count())
         scales = model.scales(y_est)
         delta = float(np.mean(level.fixed.spacing)) if self.max_step is None else float(self.max_step)
         k_level = level.index
@@ -710,19 +710,20 @@ class _Engine:
         state["p"] = project(p) if project is not None else p
         return float(res.f)
 
-    def exact_count(self, obj) -> int:
+    def exact_count(self) -> int:
         """Samples of the level's large draw (the gain estimation's "exact" gradient, the final metric): ten
-        iterations' worth, 20 000 to 100 000 (elastix NumberOfSamplesForExactGradient: 100 000), but no more than
-        the level has voxels (elastix samples a level smaller than that count fully) and no fewer than one
-        iteration's draw."""
-        return max(self.samples, min(max(10 * self.samples, 20000), 100000, obj.sampler.voxels))
+        iterations' worth, 20 000 to 100 000 (elastix NumberOfSamplesForExactGradient: 100 000). Not capped at a
+        small level's voxel count: random coordinates that many are far from the exact gradient (elastix samples
+        such a level fully), and the gain estimation then starts with steps that oscillate (docs/notes/parametric.md,
+        session 25)."""
+        return min(max(10 * self.samples, 20000), 100000)
 
     def final_metric(self, model, p):
         """The cost (without penalty) on one fixed large draw at the last level run, and the valid fraction."""
         if self.last is None:
             return float("nan"), float("nan")
         _, obj = self.last
-        draw = obj.draw(None if obj.sampler.deterministic else self.exact_count(obj))
+        draw = obj.draw(None if obj.sampler.deterministic else self.exact_count())
         value, _ = obj.evaluate(p, samples=draw, penalty=False)
         return value, obj.last_valid
 

@@ -68,11 +68,6 @@ class Sampler:
             self._fixed_points = np.argwhere(sel).astype(np.float64)
 
     @property
-    def voxels(self) -> int:
-        """Voxels the sampler draws from: the fixed mask's, else the image's."""
-        return int(self.mask.sum()) if self.mask is not None else int(np.prod(self.shape))
-
-    @property
     def size(self) -> int:
         """Samples per draw."""
         return len(self._fixed_points) if self.deterministic else self.count
