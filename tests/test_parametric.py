@@ -132,7 +132,7 @@ def test_random_coordinate_draws_and_the_large_draw_size():
 
 
 # ------------------------------------------------------------------------------------------------ recovery
-FAST = dict(shrink_factors=(2, 1), iterations=(80, 120), samples=1024)
+FAST = {"shrink_factors": (2, 1), "iterations": (80, 120), "samples": 1024}
 
 
 @pytest.mark.parametrize("kind", ["translation", "rigid", "similarity", "affine"])
@@ -306,8 +306,8 @@ def test_fold_free_keeps_every_piece_injective_where_the_plain_grid_folds():
     from classreg.solvers.parametric.register import CHOI_LEE_K
 
     fixed, moving, _ = _bspline_pair(seed=3, amplitude=8.0)
-    kw = dict(grid_spacing=8.0, metric="ssd", shrink_factors=(2, 1), iterations=(100, 150), samples=1024,
-              max_step=6.0)  # long first steps: the plain grid overshoots into folds (3 % of the image)
+    kw = {"grid_spacing": 8.0, "metric": "ssd", "shrink_factors": (2, 1), "iterations": (100, 150), "samples": 1024,
+              "max_step": 6.0}  # long first steps: the plain grid overshoots into folds (3 % of the image)
     plain = cr.register_bspline(fixed, moving, folds="allow", **kw)
     safe = cr.register_bspline(fixed, moving, folds="compose", **kw)
     assert plain.metrics["percent_det_nonpositive"] > 0.0
@@ -327,7 +327,7 @@ def test_projected_folds_keep_the_floor_where_the_plain_grid_folds():
     from classreg.solvers.parametric.folds import FoldProjection
 
     fixed, moving, truth = _bspline_pair(seed=1, amplitude=6.0)
-    kw = dict(grid_spacing=8.0, metric="ssd", shrink_factors=(2, 1), iterations=(100, 150), samples=1024)
+    kw = {"grid_spacing": 8.0, "metric": "ssd", "shrink_factors": (2, 1), "iterations": (100, 150), "samples": 1024}
     plain = cr.register_bspline(fixed, moving, folds="allow", **kw)
     res = cr.register_bspline(fixed, moving, folds="project", min_det_j=0.05, **kw)
     assert plain.metrics["percent_det_nonpositive"] > 0.5
@@ -385,7 +385,7 @@ def test_register_bspline_rejects_bad_fold_options():
 
 def test_bending_penalty_smooths_the_map():
     fixed, moving, _ = _bspline_pair(seed=2)
-    kw = dict(grid_spacing=8.0, shrink_factors=(2, 1), iterations=(80, 100), samples=1024, folds="allow")
+    kw = {"grid_spacing": 8.0, "shrink_factors": (2, 1), "iterations": (80, 100), "samples": 1024, "folds": "allow"}
     free = cr.register_bspline(fixed, moving, bending_weight=0.0, **kw)
     stiff = cr.register_bspline(fixed, moving, bending_weight=2000.0, **kw)  # BE here ~4e-4 mm⁻²: MI-sized at 2000
     assert stiff.metrics["bending_energy"] < 0.5 * free.metrics["bending_energy"]
@@ -425,7 +425,7 @@ def test_ssd_on_images_of_different_intensity_scales_warns(caplog):
     one scale, does not."""
     fixed, moving, _ = _bspline_pair(seed=2)
     bright = cr.Image.from_array(100.0 * moving.numpy(), spacing=moving.spacing, origin=moving.origin)
-    kw = dict(shrink_factors=(1,), iterations=(2,), samples=256)
+    kw = {"shrink_factors": (1,), "iterations": (2,), "samples": 256}
     with caplog.at_level("WARNING", logger="classreg"):
         cr.register_affine(fixed, moving, metric="ssd", **kw)
         cr.register_affine(fixed, bright, metric="mi", **kw)
@@ -453,7 +453,7 @@ def test_default_bending_weight_per_metric():
     scaled = cr.Image.from_array(10.0 * a, spacing=fixed.spacing, origin=fixed.origin)
     assert default_bending_weight("ssd", scaled) == pytest.approx(100 * default_bending_weight("ssd", fixed))
     assert default_bending_weight({"mi": 1.0, "nmi": 0.5}, fixed) == pytest.approx(30.0 + 0.5 * 10.0)
-    kw = dict(grid_spacing=8.0, shrink_factors=(2, 1), iterations=(20, 20), samples=512)
+    kw = {"grid_spacing": 8.0, "shrink_factors": (2, 1), "iterations": (20, 20), "samples": 512}
     res = cr.register_bspline(fixed, moving, **kw)
     same = cr.register_bspline(fixed, moving, bending_weight=30.0, **kw)
     assert res.params["bending_weight"] == 30.0
@@ -657,9 +657,9 @@ def test_fused_bspline_mi_step_is_the_generic_path(ndim, metric):
     for backend in (None, "numpy"):
         mdl = BSplineModel.over(fixed, cr.Affine.identity(ndim), 10.0, backend=backend)
         mdl.set_prior(prior, fixed.inverse_affine)
-        kw = dict(model=mdl, pre=cr.Affine.from_translation([0.3] * ndim), metric=metric,
-                  sampler=Sampler("random_coordinate", 1500, fixed.shape), bins=16, new_samples=False,
-                  backend=backend)
+        kw = {"model": mdl, "pre": cr.Affine.from_translation([0.3] * ndim), "metric": metric,
+                  "sampler": Sampler("random_coordinate", 1500, fixed.shape), "bins": 16, "new_samples": False,
+                  "backend": backend}
         obj = LevelObjective(fixed, moving, None, mmask, rng=np.random.default_rng(0), image_gradient="exact", **kw)
         assert (obj._bspline_step is not None) == (backend is None)
         assert LevelObjective(fixed, moving, None, mmask, rng=np.random.default_rng(0), image_gradient="smoothed",
@@ -696,7 +696,7 @@ def test_register_bspline_same_seed_same_bits(folds):
     """The fused B-spline iterations are serial and seeded: the same seed gives the same coefficients bit for bit,
     another seed other ones."""
     fixed, moving, _ = _bspline_pair()
-    kw = dict(grid_spacing=16.0, shrink_factors=(2, 1), iterations=(30, 30), samples=512, folds=folds)
+    kw = {"grid_spacing": 16.0, "shrink_factors": (2, 1), "iterations": (30, 30), "samples": 512, "folds": folds}
     runs = [cr.register_bspline(fixed, moving, seed=s, **kw) for s in (5, 5, 6)]
     pieces = [r.transform.transforms if isinstance(r.transform, cr.Chain) else [r.transform] for r in runs]
     assert len(pieces[0]) == (2 if folds == "compose" else 1)  # one B-spline per level when composed
@@ -716,7 +716,7 @@ def test_fold_free_restarts_compose_pieces_and_report_the_whole_chain(monkeypatc
 
     monkeypatch.setattr(register, "RESTART_SATURATION", 0.0)
     fixed, moving, _ = _bspline_pair(seed=2)
-    kw = dict(grid_spacing=16.0, shrink_factors=(2, 1), iterations=(60, 60), samples=512, folds="compose")
+    kw = {"grid_spacing": 16.0, "shrink_factors": (2, 1), "iterations": (60, 60), "samples": 512, "folds": "compose"}
     res = cr.register_bspline(fixed, moving, **kw)
     assert res.metrics["pieces"] == 4  # one per level and one restart per level (after iteration RESTART_EVERY)
     u, _ = dense_displacement(res.transform, fixed)  # the Chain, piece by piece

@@ -68,7 +68,7 @@ def common_params(*, init: Affine | None, dtype, seed, backend) -> dict:
     matrix, omitted for a solver that takes none)."""
     from ..backend import versions
 
-    out = dict(dtype=str(np.dtype(dtype)), seed=seed, backend=backend_name(backend), versions=versions())
+    out = {"dtype": str(np.dtype(dtype)), "seed": seed, "backend": backend_name(backend), "versions": versions()}
     if init is not None:
         out["init"] = init.homogeneous.tolist()
     return out

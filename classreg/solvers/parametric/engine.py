@@ -222,7 +222,8 @@ class LevelObjective:
         if device == "cuda" and self.device_covers(self.order, self.terms):
             from .device import DeviceAffineMI, DeviceBSplineMI
 
-            kw = dict(has_mask=self.has_mmask, exact_gradient=self.exact, m_lin=self.m_lin, mi_args=self._mi_args["mi"])
+            kw = {"has_mask": self.has_mmask, "exact_gradient": self.exact, "m_lin": self.m_lin,
+                  "mi_args": self._mi_args["mi"]}
             if isinstance(model, AffineModel):
                 self._device = DeviceAffineMI(self.stack, **kw)
             elif hasattr(model, "grid_map"):
