@@ -63,10 +63,13 @@ def _cmd_demo(args) -> int:
 
     print(f"classreg demo ({s['case']})")
     print(f"  data: {s['provenance']}")
-    print(f"  Dice after affine : {fmt(s['dice_affine'])}  (mean {s['mean_dice_affine']:.3f}); NCC {s['ncc_affine']:.3f}")
-    print(f"  Dice after demons : {fmt(s['dice_demons'])}  (mean {s['mean_dice_demons']:.3f}); NCC {s['ncc_demons']:.3f}")
-    print(f"  time: affine {s['seconds_affine']:.1f} s, demons {s['seconds_demons']:.1f} s ({s['pieces']} piece(s)); "
-          f"min det J {s['min_det_j']:.3f}, det J <= 0: {s['percent_det_j_nonpositive']:.4f} %")
+    # NCC and det J over the fixed image's mask (qc.png's figures are over its whole grid)
+    print(f"  Dice after affine : {fmt(s['dice_affine'])}  (mean {s['mean_dice_affine']:.3f}); "
+          f"NCC in the {s['mask']} {s['ncc_affine']:.3f}")
+    print(f"  Dice after demons : {fmt(s['dice_demons'])}  (mean {s['mean_dice_demons']:.3f}); "
+          f"NCC in the {s['mask']} {s['ncc_demons']:.3f}")
+    print(f"  det J in the {s['mask']}: min {s['min_det_j']:.3f}, <= 0: {s['percent_det_j_nonpositive']:.4f} %")
+    print(f"  time: affine {s['seconds_affine']:.1f} s, demons {s['seconds_demons']:.1f} s ({s['pieces']} piece(s))")
     print(f"  outputs: {s['outputs']}/ (qc.png, warped.nii.gz, transform.*, params.json, history.csv)")
     return 0
 
@@ -221,7 +224,7 @@ def _add_solver(subparsers, declaration, func) -> None:
     for o in declaration:
         if not o.cli:
             continue
-        kw = dict(dest=o.name, default=o.default, help=_help(o))
+        kw = {"dest": o.name, "default": o.default, "help": _help(o)}
         if o.cli_parse is not None:
             kw.update(type=o.cli_parse, metavar=o.name.upper())
         elif o.kind == "bool":
@@ -369,9 +372,9 @@ def _run_points(declaration, func, source, target, out, kw, *, progress, no_labe
                 qc_points(res, src, tgt, d / "qc.png", title=f"points: {Path(source).name} → {Path(target).name}")
             except ImportError as exc:
                 print(f"classreg: note: {exc}; no qc.png written", file=sys.stderr)
-        _write_text(d / "result.json", json.dumps(_jsonable(dict(
-            converged=res.converged, stop_reason=res.stop_reason, metrics=res.metrics, timings=res.timings)),
-            indent=2, sort_keys=True))
+        _write_text(d / "result.json", json.dumps(_jsonable({
+            "converged": res.converged, "stop_reason": res.stop_reason, "metrics": res.metrics,
+            "timings": res.timings}), indent=2, sort_keys=True))
 
     publish_folder(out, fill, overwrite=overwrite)
     _report(declaration, res, out)

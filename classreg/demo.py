@@ -160,6 +160,7 @@ def run_demo(out_dir, *, prefer_3d: bool = True, progress: bool = True, max_piec
         "mean_dice_affine": float(np.nanmean(list(dice_aff.values()))),
         "mean_dice_demons": float(np.nanmean(list(dice_def.values()))),
         "ncc_affine": float(ncc_aff), "ncc_demons": float(ncc_def),
+        "mask": "brain mask" if fixed.ndim == 3 else "head's foreground",  # where NCC and det J are measured
         "seconds_affine": t_aff, "seconds_demons": t_def,
         "pieces": res.metrics["pieces"], "path_length": res.metrics["path_length"],
         "min_det_j": jac["min_det"], "percent_det_j_nonpositive": jac["percent_nonpositive"],

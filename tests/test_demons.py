@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -380,6 +382,24 @@ def test_demo_2d_runs_on_shipped_data(tmp_path):
         pytest.skip(str(exc))
     assert s["case"] == "2-D inter-subject" and (tmp_path / "demo" / "qc.png").is_file()
     assert s["ncc_demons"] > s["ncc_affine"] and s["percent_det_j_nonpositive"] == 0.0
+
+
+def test_demo_command_names_where_it_measures(tmp_path, capsys):
+    """``classreg demo`` prints NCC and det J over the fixed image's mask; qc.png shows them over the whole grid, so
+    the printed lines name the region (the two figures differ and both are right)."""
+    pytest.importorskip("matplotlib")
+    from classreg.cli import main
+    from classreg.data import DataNotFoundError
+
+    try:
+        rc = main(["demo", "--2d", "--quiet", "-o", str(tmp_path / "demo")])
+    except DataNotFoundError as exc:
+        pytest.skip(str(exc))
+    out = capsys.readouterr().out
+    s = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
+    assert rc == 0 and s["mask"] == "head's foreground"
+    assert f"NCC in the head's foreground {s['ncc_demons']:.3f}" in out
+    assert f"det J in the head's foreground: min {s['min_det_j']:.3f}" in out
 
 
 def test_a_further_piece_must_lower_negative_energies_too():
