@@ -363,7 +363,10 @@ SHARED = {o.name: o for o in (
 
 
 def shared(name: str, **changes) -> Option:
-    """The shared option ``name``, with solver-specific ``changes`` (a default, choices, help)."""
+    """The shared option ``name``, with solver-specific ``changes`` (a default, choices, help). A new ``default``
+    without a ``default_text`` drops the shared one (the help then shows the solver's own default)."""
+    if "default" in changes:
+        changes.setdefault("default_text", "")
     return dataclasses.replace(SHARED[name], **changes)
 
 

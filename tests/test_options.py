@@ -54,6 +54,9 @@ def test_cli_offers_every_option_with_the_same_default(name, capsys):
         assert o.flag in help_text
         if o.unit:
             assert f"[{o.unit}]" in help_text, o.name
+        if isinstance(o.default, str):  # the help states that default (a shared text must not override it)
+            assert o.describe_default().startswith(o.default), (o.name, o.describe_default())
+            assert f"(default: {o.default}" in help_text, o.name
 
 
 def test_shared_options_mean_the_same_everywhere():
