@@ -298,8 +298,33 @@ def _split(transform, fixed: Image):
     return transform, None
 
 
-def _summary(result, f3, m3, w3, det, *, dice=None, point=None) -> str:
-    """The text panel: similarity before/after, Dice, plausibility, time, stop reason."""
+def _affine_lines(transform, fixed: Image) -> list:
+    """For an affine map (fixed → moving): its rotation (ITK Euler angles), principal stretches (singular values of
+    the matrix) and where it moves the fixed image's centre, from the polar decomposition A = R S."""
+    from .transforms import Affine, euler_angles
+
+    if not isinstance(transform, Affine):
+        return []
+    a = transform.matrix
+    u, stretch, vt = np.linalg.svd(a)
+    r = u @ vt
+    lines = ["", "affine map (fixed → moving)"]
+    if np.linalg.det(r) < 0:
+        lines.append("  with a reflection (det < 0)")
+    else:
+        ang = np.rad2deg(euler_angles(r))
+        lines.append(f"  rotation {ang[0]:.2f}°" if a.shape[0] == 2 else
+                     "  rotation x {:.2f}° y {:.2f}° z {:.2f}°".format(*ang))
+    lines.append("  stretches " + " ".join(f"{v:.4f}" for v in stretch))
+    c = fixed.index_to_world(((np.asarray(fixed.shape, float) - 1.0) / 2.0)[None])[0]
+    shift = transform.map_points(c[None])[0] - c
+    lines.append("  centre shift (" + ", ".join(f"{v:.2f}" for v in shift) + ") mm")
+    return lines
+
+
+def _summary(result, f3, m3, w3, det, *, fixed: Image, dice=None, point=None) -> str:
+    """The text panel: similarity before/after, Dice, the affine map's parameters when the result is one,
+    plausibility, time, stop reason."""
     from .progress import similarity
 
     lines = ["similarity (NCC over the fixed grid)", f"  before  {similarity(f3, m3):.3f}",
@@ -311,6 +336,7 @@ def _summary(result, f3, m3, w3, det, *, dice=None, point=None) -> str:
         lines += ["", f"Dice (mean of {len(after)} labels)", f"  before  {mb:.3f}", f"  after   {ma:.3f}"]
         for lab in list(after)[:6]:
             lines.append(f"  label {lab}: {before.get(lab, float('nan')):.3f} → {after[lab]:.3f}")
+    lines += _affine_lines(result.transform, fixed)
     lines += ["", f"det J min {det.min():.3g}, max {det.max():.3g}",
               f"  ≤ 0: {100.0 * np.mean(det <= 0):.3g} %   < 0.1: {100.0 * np.mean(det < 0.1):.3g} %"]
     timings = result.timings or {}
@@ -345,7 +371,8 @@ def qc_figure(result, moving: Image | None, path, *, fixed: Image | None = None,
     grid and log det J (det J ≤ 0 in black; min, max, % ≤ 0 and % < 0.1 of the whole grid in the title) of the
     deformable part; the differences to fixed before and after; a summary (similarity before and after —
     :func:`classreg.progress.similarity` over the fixed grid, and the first and last values of the history's
-    ``similarity`` —, Dice when labels are given, det J figures, time, stop reason). A metamorphosis result
+    ``similarity`` —, Dice when labels are given, an affine map's rotation, stretches and centre shift, det J
+    figures, time, stop reason). A metamorphosis result
     (:func:`classreg.register_metamorphosis`) adds two rows: the path's images I_t at t = 0, ½, 1 with the contour of
     the weight M_t, then M₁, the added intensity and the final image's difference to fixed.
 
@@ -443,7 +470,7 @@ def qc_figure(result, moving: Image | None, path, *, fixed: Image | None = None,
     if curl:
         _curl_panel(axes[len(names)], lay, u, fixed, det3)
         names.append(["curl", "", ""])
-    grey = dict(cmap="gray", vmin=0, vmax=1)
+    grey = {"cmap": "gray", "vmin": 0, "vmax": 1}
     m_title = ("moving: not given" if m3 is None else
                "moving after the initial transform" if initial is not None else "moving (on the fixed grid)")
     for ax, views, name in zip(axes[0], (nf, nm, nw), ("fixed", m_title, "warped moving")):
@@ -465,7 +492,7 @@ def qc_figure(result, moving: Image | None, path, *, fixed: Image | None = None,
     ax.add_collection(LineCollection(segments, colors="tab:cyan", linewidths=0.5))
     ax.set_title("deformation grid (in-plane part)")
     ax = axes[1, 2]
-    logdet, lim = log_jacobian(np.concatenate([d.ravel() for d in dets]))
+    _, lim = log_jacobian(np.concatenate([d.ravel() for d in dets]))
     ims = lay.show(ax, [log_jacobian(d)[0] for d in dets], cmap="RdBu_r", vmin=-lim, vmax=lim)
     lay.show(ax, [np.ma.masked_where(d > 0, np.ones_like(d)) for d in dets], cmap="Greys", vmin=0, vmax=1)
     ax.set_title(jacobian_title(det3), fontsize=9)
@@ -482,7 +509,7 @@ def qc_figure(result, moving: Image | None, path, *, fixed: Image | None = None,
                 lay.frame(ax)
     ax = axes[2, 2]
     ax.axis("off")
-    text = _summary(result, f3, m3 if m3 is not None else np.zeros_like(f3), w3, det3, dice=dice_pair,
+    text = _summary(result, f3, m3 if m3 is not None else np.zeros_like(f3), w3, det3, fixed=fixed, dice=dice_pair,
                     point=lay.point_mm if fixed.ndim == 3 else None)
     ax.text(0.0, 1.0, text, va="top", ha="left", family="monospace", fontsize=8.5, transform=ax.transAxes)
     sup = title or ""
@@ -529,7 +556,7 @@ def _draw_path(axes, lay, pv, nf) -> list:
     """Two rows for a metamorphosis result: the images I_t along the path (t = 0, ½, 1) with the contour of the
     weight M_t = 0.5, then M₁ with the contours of M₀ and M_½, the added intensity R₁ and I₁ − fixed. Returns the
     rows' panel names."""
-    grey = dict(cmap="gray", vmin=0, vmax=1)
+    grey = {"cmap": "gray", "vmin": 0, "vmax": 1}
     lim = _limits(np.concatenate([a.ravel() for a in pv["images"]]))
 
     def contour(ax, m, colour, style="solid"):

@@ -8,6 +8,7 @@ moving-image physical points** — the pull-back used to resample the moving ima
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -645,6 +646,29 @@ def rotation_matrix(angles) -> np.ndarray:
         rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
         return rz @ rx @ ry
     raise ValueError(f"angles must hold 1 (2-D) or 3 (3-D) Euler angles in radians, got {a.size}")
+
+
+def euler_angles(matrix, *, zyx: bool = False) -> np.ndarray:
+    """Euler angles (radians) of a rotation matrix, the inverse of :func:`rotation_matrix`: 2-D one angle; 3-D
+    ``(θx, θy, θz)`` with ITK's ``R = Rz · Rx · Ry`` (``Euler3DTransform``), or ``R = Rz · Ry · Rx`` with ``zyx``
+    (its ``ComputeZYX``). At gimbal lock (cos θx = 0; cos θy = 0 with ``zyx``) the angle about y (x) is 0 and θz
+    takes the rest."""
+    r = np.asarray(matrix, dtype=float)
+    if r.shape == (2, 2):
+        return np.array([math.atan2(r[1, 0], r[0, 0])])
+    if r.shape != (3, 3):
+        raise ValueError(f"matrix must be 2x2 or 3x3, got shape {r.shape}")
+    if zyx:  # R[2,0] = -sin θy, R[2,1] = cos θy sin θx, R[2,2] = cos θy cos θx, R[1,0] = sin θz cos θy
+        ay = math.asin(max(-1.0, min(1.0, -r[2, 0])))
+        if abs(math.cos(ay)) > 1e-9:
+            return np.array([math.atan2(r[2, 1], r[2, 2]), ay, math.atan2(r[1, 0], r[0, 0])])
+        return np.array([0.0, ay, math.atan2(-r[0, 1], r[1, 1])])
+    # R[2,1] = sin θx, R[2,0] = -cos θx sin θy, R[2,2] = cos θx cos θy, R[0,1] = -sin θz cos θx,
+    # R[1,1] = cos θz cos θx
+    ax = math.asin(max(-1.0, min(1.0, r[2, 1])))
+    if abs(math.cos(ax)) > 1e-9:
+        return np.array([ax, math.atan2(-r[2, 0], r[2, 2]), math.atan2(-r[0, 1], r[1, 1])])
+    return np.array([ax, 0.0, math.atan2(r[1, 0], r[0, 0])])
 
 
 def _rotation(rotation) -> np.ndarray:

@@ -20,6 +20,7 @@ from classreg.qc import (
     read_layout,
     window,
 )
+from classreg.transforms import rotation_matrix
 
 #: 2-D: index x points to the patient's right (array column 0 is the patient's left), index y posterior
 DIR_2D = (-1.0, 0.0, 0.0, 1.0)
@@ -139,11 +140,43 @@ def test_dice_and_similarity_in_the_summary_text():
 
     class R:
         history, timings, stop_reason = [], {"total": 1.5, "kernels": 0.4}, "completed the schedule"
+        transform = None
 
     f = np.arange(24.0).reshape(4, 6)
-    text = _summary(R(), f, f[::-1], f, np.ones((4, 6)), dice=({1: 0.5, 2: 0.7}, {1: 0.8, 2: 0.9}))
+    text = _summary(R(), f, f[::-1], f, np.ones((4, 6)), fixed=cr.Image(f, (1.0, 1.0)),
+                    dice=({1: 0.5, 2: 0.7}, {1: 0.8, 2: 0.9}))
     assert "after   1.000" in text and "Dice (mean of 2 labels)" in text and "0.600" in text and "0.850" in text
-    assert "time 1.50 s (kernels 0.4 s)" in text
+    assert "time 1.50 s (kernels 0.4 s)" in text and "affine map" not in text
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_an_affine_result_shows_its_rotation_stretches_and_centre_shift(ndim):
+    """The summary of an affine result reads its parameters back: the Euler angles of R and the singular values
+    of A = R S, and where the map sends the fixed image's centre (mm); a reflection is named, not given angles."""
+    from classreg.qc import _summary
+
+    angles = [np.deg2rad(12.5)] if ndim == 2 else np.deg2rad([5.0, -20.0, 33.0])
+    stretch = np.array([1.2, 0.9, 1.05][:ndim])
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.normal(size=(ndim, ndim)))  # S = Q diag(stretch) Qᵀ: a stretch along oblique axes
+    a = rotation_matrix(angles) @ q @ np.diag(stretch) @ q.T
+    fixed = cr.Image(np.zeros((20,) * ndim), spacing=(2.0,) * ndim, origin=(-5.0,) * ndim)
+    centre = fixed.index_to_world(np.full((1, ndim), 9.5))[0]
+    tx = cr.Affine(a, translation=[3.0, -4.0, 7.0][:ndim], center=centre)
+
+    class R:
+        history, timings, stop_reason, transform = [], {}, "completed the schedule", tx
+
+    f = np.zeros((20,) * ndim)
+    text = _summary(R(), f, f, f, np.ones(f.shape), fixed=fixed)
+    want = ("rotation 12.50°" if ndim == 2 else "rotation x 5.00° y -20.00° z 33.00°")
+    assert want in text, text
+    assert "stretches " + " ".join(f"{v:.4f}" for v in sorted(stretch, reverse=True)) in text
+    assert "centre shift (" + ", ".join(f"{v:.2f}" for v in [3.0, -4.0, 7.0][:ndim]) + ") mm" in text
+
+    R.transform = cr.Affine(np.diag([-1.0] + [1.0] * (ndim - 1)))
+    text = _summary(R(), f, f, f, np.ones(f.shape), fixed=fixed)
+    assert "with a reflection" in text and "rotation" not in text
 
 
 def test_orientation_letters_follow_the_direction_matrix():

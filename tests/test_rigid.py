@@ -143,6 +143,30 @@ def test_euler_angles_roundtrip_itk_convention():
     np.testing.assert_allclose(euler_angles(rotation_matrix([2.5])), [2.5])
 
 
+@pytest.mark.parametrize("zyx", [False, True])
+def test_euler_angles_rebuild_the_matrix_in_both_orders_and_at_gimbal_lock(zyx):
+    """classreg.transforms.euler_angles (ITK's Rz·Rx·Ry, or Rz·Ry·Rx as Euler3DTransform's ComputeZYX): the angles
+    rebuild the matrix, also where the middle angle is ±90° (gimbal lock: one of the outer angles is then free)."""
+    import SimpleITK as sitk
+
+    def build(ang):
+        tx = sitk.Euler3DTransform()
+        tx.SetComputeZYX(zyx)
+        tx.SetRotation(*ang)
+        return np.reshape(tx.GetMatrix(), (3, 3))
+
+    rng = np.random.default_rng(3)
+    mid = 1 if zyx else 0  # the angle whose cosine vanishes at gimbal lock
+    for k in range(24):
+        ang = rng.uniform(-np.pi, np.pi, 3)
+        ang[mid] = rng.uniform(-1.5, 1.5) if k < 20 else (-1) ** k * np.pi / 2
+        r = build(ang)
+        got = euler_angles(r, zyx=zyx)
+        np.testing.assert_allclose(build(got), r, atol=1e-12)
+        if k < 20:
+            np.testing.assert_allclose(got, ang, atol=1e-10)
+
+
 def test_sample_rotations_deterministic_and_uniform():
     r1 = sample_rotations(512, 3, seed=4)
     r2 = sample_rotations(512, 3, seed=4)

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..image import Image
-from ..transforms import Affine, BSplineTransform, Chain, DisplacementField, Transform
+from ..transforms import Affine, BSplineTransform, Chain, DisplacementField, Transform, euler_angles
 from .parameters import (
     ParameterFileError,
     ParameterLookup,
@@ -807,19 +807,6 @@ def _matrix_versor(r) -> np.ndarray:
     return q[1:]
 
 
-def _euler_angles(r, zyx: bool) -> np.ndarray:
-    """Angles (θx, θy, θz) of R = Rz·Rx·Ry (ITK default) or R = Rz·Ry·Rx (``ComputeZYX``)."""
-    if not zyx:
-        ax = np.arcsin(np.clip(r[2, 1], -1.0, 1.0))
-        ay = np.arctan2(-r[2, 0], r[2, 2])
-        az = np.arctan2(-r[0, 1], r[1, 1])
-    else:
-        ay = np.arcsin(np.clip(-r[2, 0], -1.0, 1.0))
-        ax = np.arctan2(r[2, 1], r[2, 2])
-        az = np.arctan2(r[1, 0], r[0, 0])
-    return np.array([ax, ay, az])
-
-
 def elastix_parameters_to_affine(kind: str, parameters, center, *, compute_zyx: bool = False) -> Affine:
     """The :class:`~classreg.Affine` of elastix parameters of ``kind`` about ``center``.
 
@@ -887,7 +874,7 @@ def affine_to_elastix_parameters(affine: Affine, kind: str, *, center=None, atol
             theta = float(np.arctan2(r[1, 0], r[0, 0]))
             p = np.array([theta, *t]) if kind == "rigid" else np.array([s, theta, *t])
         elif kind == "rigid":
-            p = np.concatenate([_euler_angles(r, compute_zyx), t])
+            p = np.concatenate([euler_angles(r, zyx=compute_zyx), t])
         else:
             p = np.concatenate([_matrix_versor(r), t, [s]])
     back = elastix_parameters_to_affine(kind, p, c, compute_zyx=compute_zyx)

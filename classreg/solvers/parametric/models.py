@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...transforms import Affine
+from ...transforms import Affine, euler_angles
 
 __all__ = ["MODELS", "AffineModel", "model"]
 
@@ -133,7 +133,7 @@ class AffineModel:
             if np.linalg.det(r) < 0:
                 u[:, -1] *= -1
                 r = u @ vt
-            angles = _euler_angles(r)
+            angles = euler_angles(r)
             if n == 2:
                 if self.kind == "rigid":
                     p[0] = angles[0]
@@ -184,18 +184,6 @@ class AffineModel:
         """No regulariser on an affine map: ``(0, 0)``."""
         return 0.0, None
 
-
-
-def _euler_angles(r) -> np.ndarray:
-    """Euler angles of a rotation matrix with :func:`classreg.transforms.rotation_matrix`'s conventions."""
-    if r.shape == (2, 2):
-        return np.array([np.arctan2(r[1, 0], r[0, 0])])
-    # R = Rz Rx Ry: R[2,1] = sin θx, R[2,0] = -cos θx sin θy, R[2,2] = cos θx cos θy, R[0,1] = -sin θz cos θx,
-    # R[1,1] = cos θz cos θx
-    ax = np.arcsin(np.clip(r[2, 1], -1.0, 1.0))
-    ay = np.arctan2(-r[2, 0], r[2, 2])
-    az = np.arctan2(-r[0, 1], r[1, 1])
-    return np.array([ax, ay, az])
 
 
 def model(kind: str, ndim: int, center) -> AffineModel:

@@ -5,31 +5,13 @@ angle) and ``Euler3DTransform`` (``R = Rz · Rx · Ry``), in radians.
 """
 from __future__ import annotations
 
-import math
 import warnings
 
 import numpy as np
 
-from ...transforms import rotation_matrix
+from ...transforms import euler_angles, rotation_matrix
 
 __all__ = ["euler_angles", "perturb_rotation", "sample_rotations"]
-
-
-def euler_angles(matrix) -> np.ndarray:
-    """ITK Euler angles (radians) of a rotation matrix: 2-D one angle; 3-D (θx, θy, θz) with R = Rz · Rx · Ry."""
-    r = np.asarray(matrix, dtype=float)
-    if r.shape == (2, 2):
-        return np.array([math.atan2(r[1, 0], r[0, 0])])
-    if r.shape == (3, 3):
-        ax = math.asin(max(-1.0, min(1.0, r[2, 1])))
-        if abs(math.cos(ax)) > 1e-9:
-            ay = math.atan2(-r[2, 0], r[2, 2])
-            az = math.atan2(-r[0, 1], r[1, 1])
-        else:  # gimbal lock: put everything into θz
-            ay = 0.0
-            az = math.atan2(r[1, 0], r[0, 0])
-        return np.array([ax, ay, az])
-    raise ValueError(f"matrix must be 2x2 or 3x3, got shape {r.shape}")
 
 
 def sample_rotations(n: int, ndim: int, *, max_angle: float = 180.0, seed=0) -> np.ndarray:
