@@ -16,13 +16,13 @@ def _pair(offset_mm, shape=(24, 28), moving_shape=None, rng=None):
 
 
 SOLVERS = [
-    ("demons", lambda f, m: cr.register_demons(f, m, iterations=2, shrink_factors=(1,))),
-    ("lddmm", lambda f, m: cr.register_lddmm(f, m, iterations=2, shrink_factors=(1,))),
-    ("affine", lambda f, m: cr.register_affine(f, m, init="identity", iterations=2, shrink_factors=(1,))),
-    ("bspline", lambda f, m: cr.register_bspline(f, m, init="identity", iterations=2, shrink_factors=(1,),
-                                                 grid_spacing=8.0)),
-    ("vp", lambda f, m: cr.register_vp(f, m, iterations=2, shrink_factors=(1,))),
-    ("metamorphosis", lambda f, m: cr.register_metamorphosis(f, m, iterations=2, shrink_factors=(1,))),
+    ("demons", lambda f, m, **kw: cr.register_demons(f, m, iterations=2, shrink_factors=(1,), **kw)),
+    ("lddmm", lambda f, m, **kw: cr.register_lddmm(f, m, iterations=2, shrink_factors=(1,), **kw)),
+    ("affine", lambda f, m, **kw: cr.register_affine(f, m, init="identity", iterations=2, shrink_factors=(1,), **kw)),
+    ("bspline", lambda f, m, **kw: cr.register_bspline(f, m, init="identity", iterations=2, shrink_factors=(1,),
+                                                       grid_spacing=8.0, **kw)),
+    ("vp", lambda f, m, **kw: cr.register_vp(f, m, iterations=2, shrink_factors=(1,), **kw)),
+    ("metamorphosis", lambda f, m, **kw: cr.register_metamorphosis(f, m, iterations=2, shrink_factors=(1,), **kw)),
 ]
 
 
@@ -33,6 +33,35 @@ def test_no_physical_overlap_is_refused_with_both_extents(name, run):
         run(fixed, moving)
     msg = str(info.value)
     assert "fixed" in msg and "moving spans [10000.0, 10027.0]" in msg
+
+
+CONSTANT_CASES = [("moving", None, r"moving is a constant image; there is nothing"),
+                  ("fixed", None, r"fixed is a constant image; there is nothing"),
+                  ("fixed", "mask", r"fixed is a constant image inside fixed_mask; there is nothing")]
+
+
+@pytest.mark.parametrize("name, run", [*SOLVERS, ("rigid", lambda f, m, **kw: cr.register_rigid(f, m, **kw))],
+                         ids=[s[0] for s in SOLVERS] + ["rigid"])
+@pytest.mark.parametrize("which, mask, message", CONSTANT_CASES, ids=["moving", "fixed", "fixed_in_mask"])
+def test_a_constant_image_is_refused_by_every_solver(name, run, which, mask, message):
+    """A constant image (or a fixed image constant inside its mask) leaves every metric flat: each solver says so
+    instead of returning its start as a result (register_affine and register_bspline used to "complete")."""
+    fixed, moving = _pair(0.0)
+    kw = {}
+    if mask == "mask":
+        inside = np.zeros(fixed.shape, bool)
+        inside[4:16, 4:16] = True
+        fixed = fixed.like(np.where(inside, 0.5, fixed.data).astype(np.float32))
+        kw["fixed_mask"] = inside
+    elif which == "moving":
+        moving = moving.like(np.full(moving.shape, 3.0, np.float32))
+    else:
+        fixed = fixed.like(np.full(fixed.shape, 3.0, np.float32))
+    before = (fixed.data.copy(), moving.data.copy())
+    with pytest.raises(ValueError, match=message):
+        run(fixed, moving, **kw)
+    np.testing.assert_array_equal(fixed.data, before[0])  # inputs untouched
+    np.testing.assert_array_equal(moving.data, before[1])
 
 
 def test_init_is_taken_into_account():

@@ -15,6 +15,7 @@ __all__ = [
     "check_init",
     "check_masks",
     "check_memory",
+    "check_not_constant",
     "check_overlap",
     "check_pair",
     "common_params",
@@ -235,6 +236,16 @@ def check_masks(fixed: Image, moving: Image, fixed_mask, moving_mask):
     return fmask, mmask
 
 
+def check_not_constant(image: Image, name: str, mask=None) -> None:
+    """``image`` takes more than one value (inside ``mask``, a boolean array on its grid, when given): a constant
+    image has nothing to register; every metric would stay flat and the solver would return its start."""
+    a = np.asarray(image.numpy())
+    values = a[np.asarray(mask, dtype=bool)] if mask is not None else a
+    if not values.size or values.max() <= values.min():
+        where = f" inside {name}_mask" if mask is not None else ""
+        raise ValueError(f"{name} is a constant image{where}; there is nothing to register")
+
+
 def check_init(init, ndim: int) -> Affine:
     """``init`` as one :class:`Affine` (identity if None); a Chain of affines is merged."""
     if init is None:
@@ -294,11 +305,10 @@ def normalise_intensities(fixed: Image, moving: Image, fmask, intensity: str, dt
     """Both images on one intensity scale: [0, 1] by the fixed image's 0.5-99.5 percentiles (inside its mask),
     after histogram matching of the moving image when ``intensity == "match"`` (SimpleITK ``HistogramMatching``,
     1024 levels, 7 match points, thresholded at the mean, as in ITK's demons examples)."""
+    check_not_constant(fixed, "fixed")
+    check_not_constant(moving, "moving")
     f = np.asarray(fixed.numpy(), dtype=np.float64)
     m = np.asarray(moving.numpy(), dtype=np.float64)
-    for name, a in (("fixed", f), ("moving", m)):
-        if a.max() <= a.min():
-            raise ValueError(f"{name} is a constant image; there is nothing to register")
     if intensity == "match":
         import SimpleITK as sitk
 
@@ -311,7 +321,7 @@ def normalise_intensities(fixed: Image, moving: Image, fmask, intensity: str, dt
     if hi <= lo:
         lo, hi = float(sample.min()), float(sample.max())
     if hi <= lo:
-        raise ValueError("fixed is constant inside fixed_mask; there is nothing to register")
+        raise ValueError("fixed is a constant image inside fixed_mask; there is nothing to register")
     scale = 1.0 / (hi - lo)
     return (fixed.like(((f - lo) * scale).astype(dtype)), moving.like(((m - lo) * scale).astype(dtype)))
 

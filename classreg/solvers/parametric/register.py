@@ -23,6 +23,7 @@ from ...transforms import Affine, Chain, DisplacementField, Transform
 from .._common import (
     check_masks,
     check_memory,
+    check_not_constant,
     check_overlap,
     check_pair,
     common_params,
@@ -140,11 +141,13 @@ def register_affine(fixed: Image, moving: Image, *, transform: str = "affine", m
                               interpolation)
     fixed, moving = fixed.to("cpu"), moving.to("cpu")  # the host sees the inputs once (no copy for numpy data)
     fmask, mmask = check_masks(fixed, moving, fixed_mask, moving_mask)
+    memory_mb = check_memory("affine", fixed, moving, np.float32, memory_limit)
+    check_not_constant(fixed, "fixed", fmask)
+    check_not_constant(moving, "moving", mmask)
     pre, init_name = _initial(fixed, moving, init, fmask, mmask, seed, backend, progress=progress)
     check_overlap(fixed, moving, pre)
     _warn_ssd_scales("register_affine", metric if metric_weights is None else metric_weights, fixed, moving, fmask,
                      mmask)
-    memory_mb = check_memory("affine", fixed, moving, np.float32, memory_limit)
     center = pre.map_points(_center(fixed)[None])[0]
     mdl = AffineModel(transform, fixed.ndim, center)
     engine = _Engine(fixed, moving, fmask, mmask, pre, metric=metric, samples=samples, sampler=sampler,
@@ -298,6 +301,9 @@ def register_bspline(fixed: Image, moving: Image, *, grid_spacing=8.0, grid_sche
                               interpolation, optimiser=optimiser)
     fixed, moving = fixed.to("cpu"), moving.to("cpu")  # CuPy images: one copy to the host
     fmask, mmask = check_masks(fixed, moving, fixed_mask, moving_mask)
+    memory_mb = check_memory("bspline", fixed, moving, np.float32, memory_limit)
+    check_not_constant(fixed, "fixed", fmask)
+    check_not_constant(moving, "moving", mmask)
     pre, init_name = _initial(fixed, moving, init, fmask, mmask, seed, backend, progress=progress)
     check_overlap(fixed, moving, pre)
     terms = metric if metric_weights is None else metric_weights
@@ -306,7 +312,6 @@ def register_bspline(fixed: Image, moving: Image, *, grid_spacing=8.0, grid_sche
         samples = BSPLINE_SAMPLES[fixed.ndim]
     if bending_weight is None:
         bending_weight = default_bending_weight(terms, fixed, fmask)
-    memory_mb = check_memory("bspline", fixed, moving, np.float32, memory_limit)
     # no iterate averaging: many slowly converging coefficients, the average lags (measured: lower Dice)
     engine = _Engine(fixed, moving, fmask, mmask, pre, metric=metric, samples=samples, sampler=sampler,
                      new_samples=new_samples, optimiser=optimiser, max_step=max_step, bins=bins, seed=seed,

@@ -28,6 +28,7 @@ from ...transforms import Affine
 from .._common import (
     check_masks,
     check_memory,
+    check_not_constant,
     check_pair,
     common_params,
     tiny_like,
@@ -163,6 +164,8 @@ def register_rigid(fixed: Image, moving: Image, *, schedule: str = "fast", local
     host_backend = None if dev == "cuda" else backend
     memory_mb = check_memory("rigid", fixed, moving, dtype, memory_limit)
     fmask, mmask = check_masks(fixed, moving, fixed_mask, moving_mask)
+    check_not_constant(fixed, "fixed", fmask)
+    check_not_constant(moving, "moving", mmask)
     dtype = np.dtype(dtype)
     spacing = max(min(fixed.spacing), min(moving.spacing)) if spacing is None else float(spacing)
     given = {"shrink_factors": shrink_factors, "smoothing_sigmas": smoothing_sigmas, "samples": samples,
