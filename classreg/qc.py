@@ -298,6 +298,11 @@ def _split(transform, fixed: Image):
     return transform, None
 
 
+def _fixed_centre(fixed: Image) -> np.ndarray:
+    """The physical centre (mm) of the fixed image's voxel grid."""
+    return fixed.index_to_world(((np.asarray(fixed.shape, float) - 1.0) / 2.0)[None])[0]
+
+
 def _affine_lines(transform, fixed: Image) -> list:
     """For an affine map (fixed → moving): its rotation (ITK Euler angles), principal stretches (singular values of
     the matrix) and where it moves the fixed image's centre, from the polar decomposition A = R S."""
@@ -316,7 +321,7 @@ def _affine_lines(transform, fixed: Image) -> list:
         lines.append(f"  rotation {ang[0]:.2f}°" if a.shape[0] == 2 else
                      "  rotation x {:.2f}° y {:.2f}° z {:.2f}°".format(*ang))
     lines.append("  stretches " + " ".join(f"{v:.4f}" for v in stretch))
-    c = fixed.index_to_world(((np.asarray(fixed.shape, float) - 1.0) / 2.0)[None])[0]
+    c = _fixed_centre(fixed)
     shift = transform.map_points(c[None])[0] - c
     lines.append("  centre shift (" + ", ".join(f"{v:.2f}" for v in shift) + ") mm")
     return lines
@@ -415,6 +420,7 @@ def qc_figure(result, moving: Image | None, path, *, fixed: Image | None = None,
     from .evaluate import dense_displacement, dice
     from .kernels.diff import jacobian_determinant
     from .resample import resample
+    from .transforms import Affine
 
     fixed = result.reference if fixed is None else fixed
     if fixed is None:
@@ -454,7 +460,12 @@ def qc_figure(result, moving: Image | None, path, *, fixed: Image | None = None,
         rr, cc = np.indices(a.shape)
         cb = ((((rr + 0.5) * v.pixel[0]) // square + ((cc + 0.5) * v.pixel[1]) // square) % 2).astype(bool)
         boards.append(np.where(cb, a, b))
-    uc = lay.orient.vectors(u)
+    grid_u, grid_title = u, "deformation grid (in-plane part)"
+    if isinstance(deformable, Affine):  # a pure affine map: its linear part about the fixed centre (a shift of
+        # 100 mm would carry the grid out of view; the summary gives the shift)
+        ug, _ = dense_displacement(Affine(deformable.matrix, center=_fixed_centre(fixed)), fixed)
+        grid_u, grid_title = ug, "deformation grid (linear part about the centre)"
+    uc = lay.orient.vectors(grid_u)
     dets = lay.slices(det3)
 
     path_views = _path_views(result, fixed)
@@ -473,6 +484,8 @@ def qc_figure(result, moving: Image | None, path, *, fixed: Image | None = None,
     grey = {"cmap": "gray", "vmin": 0, "vmax": 1}
     m_title = ("moving: not given" if m3 is None else
                "moving after the initial transform" if initial is not None else "moving (on the fixed grid)")
+    if m3 is not None and not any(np.any(v) for v in m):
+        m_title += "\nnot in these slices" if np.any(m3) else "\nnone of it inside the fixed image"
     for ax, views, name in zip(axes[0], (nf, nm, nw), ("fixed", m_title, "warped moving")):
         lay.show(ax, views, **grey)
         ax.set_title(name)
@@ -490,7 +503,7 @@ def qc_figure(result, moving: Image | None, path, *, fixed: Image | None = None,
         segments += [np.column_stack([xx[r], yy[r]]) for r in range(0, rows, step)]
         segments += [np.column_stack([xx[:, c], yy[:, c]]) for c in range(0, cols, step)]
     ax.add_collection(LineCollection(segments, colors="tab:cyan", linewidths=0.5))
-    ax.set_title("deformation grid (in-plane part)")
+    ax.set_title(grid_title)
     ax = axes[1, 2]
     _, lim = log_jacobian(np.concatenate([d.ravel() for d in dets]))
     ims = lay.show(ax, [log_jacobian(d)[0] for d in dets], cmap="RdBu_r", vmin=-lim, vmax=lim)

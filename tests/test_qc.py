@@ -149,6 +149,23 @@ def test_dice_and_similarity_in_the_summary_text():
     assert "time 1.50 s (kernels 0.4 s)" in text and "affine map" not in text
 
 
+def test_an_affine_result_far_from_the_fixed_image_keeps_its_grid_in_view(tmp_path):
+    """A pure affine result draws its linear part about the fixed centre: with a 300 mm shift the full map's grid
+    lay outside every view (an empty panel)."""
+    from PIL import Image as PILImage
+
+    fixed = cr.Image(smooth_image((40, 48), np.random.default_rng(0)).astype(np.float32), spacing=1.0)
+    centre = fixed.index_to_world(np.array([[19.5, 23.5]]))[0]
+    tx = cr.Affine(rotation_matrix([np.deg2rad(15.0)]), translation=[300.0, -200.0], center=centre)
+    moving = cr.Image(fixed.data, spacing=1.0, origin=(300.0, -200.0))
+    res = cr.Result(transform=tx, reference=fixed, warped=fixed)
+    path = qc_figure(res, moving, tmp_path / "qc.png", fixed=fixed)
+    (box,) = read_layout(path)["panels"]["grid"].values()  # 2-D: one view
+    rgb = np.asarray(PILImage.open(path).convert("RGB"), dtype=int)[box[1]:box[3], box[0]:box[2]]
+    cyan = (rgb[..., 2] > 150) & (rgb[..., 1] > 120) & (rgb[..., 0] < 100)
+    assert cyan.mean() > 0.02, cyan.mean()  # measured 0.044 (the full map: 0)
+
+
 @pytest.mark.parametrize("ndim", [2, 3])
 def test_an_affine_result_shows_its_rotation_stretches_and_centre_shift(ndim):
     """The summary of an affine result reads its parameters back: the Euler angles of R and the singular values
