@@ -128,8 +128,64 @@ def build_parser() -> argparse.ArgumentParser:
     solvers = reg.add_subparsers(dest="solver", metavar="SOLVER")
     for declaration, func in _solvers():
         _add_solver(solvers, declaration, func)
+    _add_apply(sub)
     _add_batch(sub)
     return p
+
+
+# ================================================================================================ apply
+def _add_apply(sub) -> None:
+    """``classreg apply MOVING -r REFERENCE -t TRANSFORM [-t ...] -o OUT``: :func:`classreg.resample` through saved
+    transforms (what ``Result.apply`` does in Python, antsApplyTransforms on ANTs's command line)."""
+    a = sub.add_parser(
+        "apply", help="resample an image through saved transforms (a result's transform.h5, any ITK transform file)",
+        description="Resample MOVING onto the grid of REFERENCE through the transforms given with -t, and write it to "
+                    "OUT (written atomically; an existing file is kept unless --overwrite). A registration's "
+                    "transform file maps fixed-image points to moving-image points, so '-r FIXED -t "
+                    "RESULT/transform.h5' brings moving-space data into fixed space, as Result.apply does; with "
+                    "RESULT/inverse.h5 and the roles swapped it goes the other way. Several -t compose in the order a "
+                    "reference point travels: '-t A -t B' maps a point x of REFERENCE to B(A(x)) in MOVING. Label "
+                    "images take --interpolation label. elastix TransformParameters files: classreg-transformix.")
+    a.add_argument("moving", help="image to resample (.nii[.gz], .mha, .mhd, .nrrd, .png)")
+    a.add_argument("-r", "--reference", required=True, help="image whose grid (and geometry) the output takes")
+    a.add_argument("-t", "--transform", action="append", required=True, metavar="FILE",
+                   help="ITK transform file (.tfm, .txt, .mat, .h5: affine, B-spline, displacement field or a "
+                        "composite) or a displacement-field image (mm); repeatable")
+    a.add_argument("-o", "--output", required=True, help="output image file")
+    a.add_argument("--interpolation", choices=("linear", "nearest", "bspline", "label"), default="linear",
+                   help="linear (default), nearest, bspline (cubic), or label (for segmentations: each label's "
+                        "indicator interpolated linearly, the arg-max kept)")
+    a.add_argument("--default-value", type=float, default=0.0,
+                   help="value where REFERENCE's points map outside MOVING (default: 0)")
+    a.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    a.set_defaults(func=_cmd_apply)
+
+
+def _cmd_apply(args) -> int:
+    from pathlib import Path
+
+    from .io import load, save
+    from .resample import resample
+    from .transforms import Chain, load_transform
+
+    out = Path(args.output)
+    inputs = [Path(args.moving), Path(args.reference), *(Path(t) for t in args.transform)]
+    if any(out.resolve() == p.resolve() for p in inputs):
+        raise ValueError(f"the output {str(out)!r} is one of the inputs; choose another file (inputs are never "
+                         "modified)")
+    if out.exists() and not args.overwrite:
+        raise ValueError(f"{str(out)!r} exists; pass --overwrite to replace it")
+    moving, reference = load(args.moving), load(args.reference)
+    transforms = [load_transform(t) for t in args.transform]
+    transform = transforms[0] if len(transforms) == 1 else Chain(transforms)
+    if transform.ndim != reference.ndim or moving.ndim != reference.ndim:
+        raise ValueError(f"dimension mismatch: moving is {moving.ndim}-D, reference {reference.ndim}-D, the "
+                         f"transform {transform.ndim}-D")
+    warped = resample(moving, transform, reference=reference, interpolation=args.interpolation,
+                      default_value=args.default_value)
+    save(warped, out)
+    print(f"Wrote {out}")
+    return 0
 
 
 # ================================================================================================ batch
