@@ -185,7 +185,6 @@ class AffineModel:
         return 0.0, None
 
 
-
 def model(kind: str, ndim: int, center) -> AffineModel:
     """The model ``kind`` about ``center``."""
     return AffineModel(kind, ndim, center)
