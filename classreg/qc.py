@@ -751,7 +751,9 @@ def qc_points(result, source, target, path, *, title: str | None = None) -> Path
         axes[r, -1].axis("off")
     handles, labels = axes[0, 0].get_legend_handles_labels()
     handles2, labels2 = axes[1, 0].get_legend_handles_labels()
-    axes[1, -1].legend(handles + handles2[1:], labels + labels2[1:], loc="upper left", fontsize=8, markerscale=2)
+    # right of the colour bar's label, which runs down the left edge of this column
+    axes[1, -1].legend(handles + handles2[1:], labels + labels2[1:], loc="upper left", bbox_to_anchor=(0.15, 1.0),
+                       fontsize=8, markerscale=2)
     axes[0, -1].text(0.0, 1.0, "\n".join(lines), va="top", ha="left", family="monospace", fontsize=8,
                      transform=axes[0, -1].transAxes)
     if title:
