@@ -127,7 +127,7 @@ def build_pairs(work, *, with_3d: bool = True) -> Path:
         if not (v / "moving.nii.gz").is_file():
             fixed = cr.load(fixed_t1)
             pd = itk_example_image("BrainProtonDensitySliceBorder20.png", dtype=np.float32)
-            centre = fixed.index_to_world((np.asarray(fixed.shape, float) - 1) / 2.0)[0]
+            centre = fixed.center
             angle, scale, shift = similarity_draw(seed)
             truth = cr.Affine.similarity(scale, [np.radians(angle)], translation=shift, center=centre)
             cr.save(cr.resample(pd, truth.inverse(), reference=pd), v / "moving.nii.gz")

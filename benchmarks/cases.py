@@ -233,7 +233,7 @@ def _build_rigid(name, workdir, quick):
     pd = itk_example_image("BrainProtonDensitySliceBorder20.png", dtype=np.float32)
     if quick:
         fixed, pd = _shrink(fixed, 2), _shrink(pd, 2)
-    centre = fixed.index_to_world((np.asarray(fixed.shape, float) - 1) / 2.0)[0]
+    centre = fixed.center
     extra = {}
     if name == "sim2d":
         angle, scale, shift = similarity_draw(0)

@@ -245,6 +245,11 @@ class Image:
         a = self.inverse_affine
         return pts @ a[:-1, :-1].T + a[:-1, -1]
 
+    @property
+    def center(self) -> np.ndarray:
+        """Physical centre (mm) of the voxel-centre box, (x, y[, z]): ITK/elastix's geometric centre."""
+        return self.index_to_world(((np.asarray(self.shape, dtype=float) - 1.0) / 2.0)[None])[0]
+
     def grid_points(self) -> np.ndarray:
         """Physical coordinates of every voxel centre, shape (*spatial, ndim), components (x, y[, z])."""
         axes = [np.arange(n, dtype=float) for n in self.shape]

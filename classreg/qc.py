@@ -298,11 +298,6 @@ def _split(transform, fixed: Image):
     return transform, None
 
 
-def _fixed_centre(fixed: Image) -> np.ndarray:
-    """The physical centre (mm) of the fixed image's voxel grid."""
-    return fixed.index_to_world(((np.asarray(fixed.shape, float) - 1.0) / 2.0)[None])[0]
-
-
 def _affine_lines(transform, fixed: Image) -> list:
     """For an affine map (fixed → moving): its rotation (ITK Euler angles), principal stretches (singular values of
     the matrix) and where it moves the fixed image's centre, from the polar decomposition A = R S."""
@@ -321,7 +316,7 @@ def _affine_lines(transform, fixed: Image) -> list:
         lines.append(f"  rotation {ang[0]:.2f}°" if a.shape[0] == 2 else
                      "  rotation x {:.2f}° y {:.2f}° z {:.2f}°".format(*ang))
     lines.append("  stretches " + " ".join(f"{v:.4f}" for v in stretch))
-    c = _fixed_centre(fixed)
+    c = fixed.center
     shift = transform.map_points(c[None])[0] - c
     lines.append("  centre shift (" + ", ".join(f"{v:.2f}" for v in shift) + ") mm")
     return lines
@@ -463,7 +458,7 @@ def qc_figure(result, moving: Image | None, path, *, fixed: Image | None = None,
     grid_u, grid_title = u, "deformation grid (in-plane part)"
     if isinstance(deformable, Affine):  # a pure affine map: its linear part about the fixed centre (a shift of
         # 100 mm would carry the grid out of view; the summary gives the shift)
-        ug, _ = dense_displacement(Affine(deformable.matrix, center=_fixed_centre(fixed)), fixed)
+        ug, _ = dense_displacement(Affine(deformable.matrix, center=fixed.center), fixed)
         grid_u, grid_title = ug, "deformation grid (linear part about the centre)"
     uc = lay.orient.vectors(grid_u)
     dets = lay.slices(det3)

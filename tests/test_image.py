@@ -22,6 +22,16 @@ def test_index_to_world_matches_simpleitk(rng, shape):
     np.testing.assert_allclose(back, ref_idx, atol=1e-9)
 
 
+@pytest.mark.parametrize("shape", [(7, 10), (5, 6, 9)])
+def test_center_is_the_midpoint_of_the_first_and_last_voxel_centres(rng, shape):
+    """Image.center: ITK's geometric centre (the voxel-centre box's middle), also for an oblique grid."""
+    img = oblique_image(shape, rng)
+    s = img.to_sitk()
+    last = tuple(int(n - 1) for n in shape[::-1])  # SimpleITK index order (x, y[, z])
+    ends = np.array([s.TransformIndexToPhysicalPoint((0,) * len(shape)), s.TransformIndexToPhysicalPoint(last)])
+    np.testing.assert_allclose(img.center, ends.mean(axis=0), rtol=0, atol=1e-9)
+
+
 def test_geometry_is_reported_like_simpleitk(rng):
     img = oblique_image((5, 6, 7), rng)
     s = img.to_sitk()

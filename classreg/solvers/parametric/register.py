@@ -148,7 +148,7 @@ def register_affine(fixed: Image, moving: Image, *, transform: str = "affine", m
     check_overlap(fixed, moving, pre)
     _warn_ssd_scales("register_affine", metric if metric_weights is None else metric_weights, fixed, moving, fmask,
                      mmask)
-    center = pre.map_points(_center(fixed)[None])[0]
+    center = pre.map_points(fixed.center[None])[0]
     mdl = AffineModel(transform, fixed.ndim, center)
     engine = _Engine(fixed, moving, fmask, mmask, pre, metric=metric, samples=samples, sampler=sampler,
                      new_samples=new_samples, optimiser=optimiser, max_step=max_step, bins=bins, seed=seed,
@@ -752,11 +752,6 @@ def _placement(solver, device, backend, fixed, moving, metric, metric_weights, i
     return dev, None
 
 
-def _center(img: Image) -> np.ndarray:
-    """Physical centre of the image's voxel-centre box (elastix/ITK's geometric centre)."""
-    return img.index_to_world(((np.asarray(img.shape, dtype=float) - 1.0) / 2.0)[None])[0]
-
-
 def _center_of_mass(img: Image, mask) -> np.ndarray:
     a = np.asarray(img.numpy(), dtype=np.float64)
     w = a - a.min()
@@ -779,7 +774,7 @@ def _initial(fixed, moving, init, fmask, mmask, seed, backend, *, progress=False
         if init == "identity":
             return Affine.identity(n), init
         if init == "geometry":
-            return Affine.from_translation(_center(moving) - _center(fixed)), init
+            return Affine.from_translation(moving.center - fixed.center), init
         if init == "moments":
             return Affine.from_translation(_center_of_mass(moving, mmask) - _center_of_mass(fixed, fmask)), init
         if init == "global":

@@ -22,12 +22,7 @@ from ...image import Image
 from ...pyramid import LevelImages
 from .._common import backend_name
 
-__all__ = ["WorkingPyramid", "erode", "extent_in_frame", "normalised", "physical_centre", "working_grid"]
-
-
-def physical_centre(img: Image) -> np.ndarray:
-    """Physical point (mm) of the centre of the voxel grid."""
-    return img.index_to_world(np.array([[(s - 1) / 2.0 for s in img.shape]]))[0]
+__all__ = ["WorkingPyramid", "erode", "extent_in_frame", "normalised", "working_grid"]
 
 
 def extent_in_frame(img: Image, frame: np.ndarray) -> np.ndarray:
@@ -116,7 +111,7 @@ class WorkingPyramid:
                                                                                         self.fmask))
             self.mmask = None if mmask is None else to_device(np.asarray(mmask, dtype=bool), device)
         frame = fixed.direction_matrix
-        self.c_f, self.c_m = physical_centre(fixed), physical_centre(moving)
+        self.c_f, self.c_m = fixed.center, moving.center
         ext_f = extent_in_frame(fixed, frame)
         side = float(np.max(extent_in_frame(moving, frame)))
         self.spacings = [spacing * float(f) for f in schedule.shrink_factors]
