@@ -310,7 +310,7 @@ def test_default_on_a_pair_it_was_not_tuned_on_mni152_slice():
 
 
 def test_paper_schedule_is_kept_and_runs_the_search_alone():
-    fixed, moving, truth = _small_pair()
+    fixed, moving, _ = _small_pair()
 
     def stop(event):
         if event.stage == "iteration":
